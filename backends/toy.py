@@ -1,0 +1,110 @@
+"""A toy backend: deterministic next-token distributions, no model.
+
+It exists to show the backend contract in the fewest lines and to give the
+unit tests a fast, exactly reproducible "model". The vocabulary is a few
+dozen characters; the logits after a context are a pure function of that
+context (a bigram table plus a context-hashed perturbation), so different
+preference prefixes give different but related distributions -- like two
+prompted views of one model -- and a rollback followed by re-feeding gives
+bit-identical logits.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from personajudge.core.config import BackendConfig
+from personajudge.core.contract import Backend, Session
+from personajudge.core.errors import ConfigError
+from personajudge.plugins.hookspecs import hookimpl
+
+ALPHABET = " abcdefghijklmnopqrstuvwxyz.,!?'"
+EOS = 0
+
+
+class ToyTokenizer:
+    """Characters of :data:`ALPHABET` are tokens 1..N; token 0 is end-of-sequence."""
+
+    chat_template: str | None = None
+
+    def __init__(self) -> None:
+        self.vocab_size = len(ALPHABET) + 1
+        self.eos_token_ids = frozenset({EOS})
+        self._index = {c: i + 1 for i, c in enumerate(ALPHABET)}
+
+    def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
+        return [self._index.get(c, self._index["?"]) for c in text.lower()]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(ALPHABET[i - 1] for i in ids if 0 < i <= len(ALPHABET))
+
+    def apply_chat_template(self, messages, *, add_generation_prompt: bool = True) -> str:
+        raise ConfigError("the toy model has no chat template")
+
+
+class ToySession(Session):
+    def __init__(self, backend: "ToyBackend", n_views: int):
+        self.backend = backend
+        self.n_views = n_views
+        self._ctx: list[list[int]] = [[] for _ in range(n_views)]
+
+    def forward(self, view: int, tokens: Sequence[int], n_logits: int = 1) -> np.ndarray:
+        tokens = list(tokens)
+        if not 1 <= n_logits <= len(tokens):
+            raise ValueError(f"n_logits must be in 1..{len(tokens)}, got {n_logits}")
+        ctx = self._ctx[view]
+        start = len(ctx)
+        if start + len(tokens) > self.backend.context_length:
+            raise ValueError("context overflow")
+        ctx.extend(tokens)
+        ends = range(start + len(tokens) - n_logits + 1, start + len(tokens) + 1)
+        self.backend.forward_calls += 1
+        return np.stack([self.backend.logits_after(ctx[:e]) for e in ends])
+
+    def truncate(self, view: int, length: int) -> None:
+        del self._ctx[view][length:]
+
+    def length(self, view: int) -> int:
+        return len(self._ctx[view])
+
+
+class ToyBackend(Backend):
+    """Options (``backend.options``): ``seed`` of the bigram table, ``view_strength``."""
+
+    name = "toy"
+
+    def __init__(self, config: BackendConfig | None = None):
+        config = config or BackendConfig(name="toy")
+        opts: dict[str, Any] = dict(config.options)
+        self.seed = int(opts.pop("seed", 0))
+        self.view_strength = float(opts.pop("view_strength", 1.0))
+        if opts:
+            raise ConfigError(f"backend.options: unknown option(s) for toy: {', '.join(sorted(opts))}")
+        self.tokenizer = ToyTokenizer()
+        self.context_length = config.n_ctx or 4096
+        v = self.tokenizer.vocab_size
+        self._bigram = np.random.default_rng(self.seed).normal(0.0, 2.0, size=(v, v)).astype(np.float32)
+        self._bigram[:, EOS] -= 4.0  # keep generations from ending at once
+        self.forward_calls = 0
+
+    def logits_after(self, context: Sequence[int]) -> np.ndarray:
+        """Next-token logits after ``context`` (a pure function of it)."""
+        last = context[-1] if context else EOS
+        h = zlib.crc32(np.asarray(context, dtype=np.int32).tobytes()) ^ self.seed
+        noise = np.random.default_rng(h).normal(0.0, self.view_strength, size=self.tokenizer.vocab_size)
+        return self._bigram[last] + noise.astype(np.float32)
+
+    def open(self, n_views: int) -> ToySession:
+        return ToySession(self, n_views)
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "model": f"toy(seed={self.seed})", "device": "cpu"}
+
+
+@hookimpl
+def register_backends(register):
+    register(ToyBackend)

@@ -1,0 +1,153 @@
+"""Validated configuration for a run.
+
+One pydantic model (:class:`RunConfig`) describes everything a run needs. It is
+loadable from TOML and overridable by CLI flags; any invalid value raises
+:class:`~personajudge.core.errors.ConfigError` naming the field, so mistakes
+surface before a model is loaded.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+#: Defaults of the released Persona-judge code (paper section 5).
+PAPER_DEFAULTS = {"lambda": 4, "temperature": 0.7, "top_k": 20, "top_p": 0.9, "max_new_tokens": 128}
+
+RoleSchedule = Literal["alternate", "fixed", "round-robin"]
+LoopSchedule = Literal["interleaved", "windowed"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+class BackendConfig(_Model):
+    """Which backend runs the model, and its options."""
+
+    name: str = "llama-cpp"
+    model: str | None = Field(None, description="Path or hub id; None means the backend's default model.")
+    device: str | None = Field(None, description="cpu, cuda, cuda:N (hf); ignored by llama-cpp.")
+    dtype: str | None = Field(None, description="float32, float16, bfloat16 or auto (hf).")
+    threads: int | None = Field(None, ge=1)
+    n_ctx: int | None = Field(None, ge=16, description="Context size in tokens.")
+    n_gpu_layers: int | None = Field(None, ge=-1, description="Layers offloaded to the GPU (llama-cpp).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific extra options.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("backend name must not be empty")
+        return v
+
+
+class DecodingConfig(_Model):
+    """Sampling and acceptance settings; defaults are the paper's."""
+
+    lambda_: int = Field(4, alias="lambda", ge=1, le=64, description="Draft window length.")
+    temperature: float = Field(0.7, ge=0.0, le=100.0, description="0 means greedy.")
+    top_k: int = Field(20, ge=0, description="0 disables top-k.")
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(128, ge=1, le=1_000_000)
+    stop: list[str] = Field(default_factory=list, description="Stop strings; text from a stop on is dropped.")
+    seed: int | None = Field(None, ge=0, description="None draws a fresh seed (reported in the stats).")
+    roles: RoleSchedule | None = Field(None, description="Override the method's role schedule.")
+    schedule: LoopSchedule = Field(
+        "interleaved",
+        description="interleaved: judge each draft token in the same batched forward as the next draft "
+        "step (same decisions, less work); windowed: the literal draft-lambda-then-verify loop.",
+    )
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: list[str]) -> list[str]:
+        if any(s == "" for s in v):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+
+class RunConfig(_Model):
+    """Everything a generation run needs."""
+
+    backend: BackendConfig = Field(default_factory=BackendConfig)
+    method: str = "persona-judge"
+    preferences: list[str] = Field(default_factory=list, description="Built-in names or free-text descriptions.")
+    views: list[list[str]] | None = Field(
+        None, description="Optional grouping of preferences into views, e.g. [['concise','humor'],['expert']]."
+    )
+    encoder: str = Field("auto", description="Preference encoder; auto picks chat-turn or plain.")
+    encoder_options: dict[str, Any] = Field(default_factory=dict, description="Options of the encoder.")
+    method_options: dict[str, Any] = Field(default_factory=dict, description="Options of the method.")
+    system: str | None = Field(None, description="Optional system message for chat models.")
+    decoding: DecodingConfig = Field(default_factory=DecodingConfig)
+
+    @field_validator("method", "encoder")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _views(self) -> "RunConfig":
+        if self.views is not None:
+            if not self.views or any(len(v) == 0 for v in self.views):
+                raise ValueError("views: every view needs at least one preference")
+        return self
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if x != "__root__") or "config"
+        parts.append(f"{loc}: {e['msg']}")
+    return "invalid config: " + "; ".join(parts)
+
+
+def build_config(data: dict[str, Any] | None = None, **overrides: Any) -> RunConfig:
+    """Validate ``data`` merged with dotted ``overrides`` (``decoding.top_k=5``).
+
+    Raises :class:`ConfigError` with the field name on any invalid value.
+    """
+    merged: dict[str, Any] = _deep_copy(data or {})
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = merged
+        keys = dotted.split(".")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"invalid config: {dotted}: parent is not a table")
+        node[keys[-1]] = value
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file into a plain dict (validated by :func:`build_config`)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {p}: {err}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {p} is not valid TOML: {err}") from None
+
+
+def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (_deep_copy(v) if isinstance(v, dict) else (list(v) if isinstance(v, list) else v)) for k, v in d.items()}

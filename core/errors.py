@@ -1,0 +1,51 @@
+"""Typed exceptions.
+
+Every mistake a user can make raises a subclass of :class:`PersonaJudgeError`
+whose message says what was wrong and what to do; the CLI turns exactly these
+into a one-line message and exit status 2, so anything else that escapes is a
+bug and keeps its traceback.
+"""
+
+
+class PersonaJudgeError(Exception):
+    """Base class for user-facing errors (bad input, missing model, ...)."""
+
+
+class ConfigError(PersonaJudgeError, ValueError):
+    """A configuration value is invalid or a config file cannot be read."""
+
+
+class UnknownPluginError(PersonaJudgeError, KeyError):
+    """A backend, encoder, method or scorer name is not registered."""
+
+    def __init__(self, kind: str, name: str, registered: list[str]):
+        self.kind, self.name, self.registered = kind, name, sorted(registered)
+        names = ", ".join(self.registered) or "(none)"
+        super().__init__(f"unknown {kind} '{name}'; registered {kind}s: {names}")
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return self.args[0]
+
+
+class PluginError(PersonaJudgeError):
+    """A plugin registered something invalid (duplicate name, wrong type)."""
+
+
+class PreferenceError(PersonaJudgeError, ValueError):
+    """A preference name, description or file is invalid."""
+
+
+class ModelLoadError(PersonaJudgeError):
+    """A model file or id could not be loaded."""
+
+
+class BackendUnavailableError(PersonaJudgeError):
+    """A backend's optional dependency is not installed."""
+
+
+class ContextLengthError(PersonaJudgeError, ValueError):
+    """A prompt (plus prefix) does not fit in the model's context window."""
+
+
+class DeviceError(PersonaJudgeError):
+    """The device ran out of memory or is not available."""

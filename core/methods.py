@@ -1,0 +1,87 @@
+"""Decoding methods: which views to build and which loop to run.
+
+A method turns the user's preference views into the views it actually
+prompts (``plan``) and then decodes (``decode``). The built-in ones are
+registered through the ``register_methods`` hook like any plugin's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
+
+from .contract import Session
+from .decoding import DecodeRequest, decode_persona_judge, decode_plain
+from .nocache import NoCacheSession
+
+#: A view is the list of preferences its prefix carries (opaque to the core).
+View = list[Any]
+
+
+@runtime_checkable
+class Method(Protocol):
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    def plan(self, views: Sequence[View]) -> list[View]:
+        """The views this method prompts, given the user's preference views."""
+        ...
+
+    def decode(self, session: Session, req: DecodeRequest) -> None:
+        """Generate into ``req.emitter``."""
+        ...
+
+
+class PersonaJudge:
+    name = "persona-judge"
+    description = "Views draft and judge each other; roles alternate every iteration."
+    roles = "alternate"
+
+    def plan(self, views: Sequence[View]) -> list[View]:
+        return [list(v) for v in views] or [[]]
+
+    def decode(self, session: Session, req: DecodeRequest) -> None:
+        if req.roles is None:
+            req.roles = self.roles
+        decode_persona_judge(session, req)
+
+
+class PersonaJudgeBase(PersonaJudge):
+    name = "persona-judge-base"
+    description = "Persona-judge with fixed roles: the first view drafts, the second judges."
+    roles = "fixed"
+
+
+class Reference(PersonaJudge):
+    name = "reference"
+    description = "Persona-judge without KV cache, batch size 1, literal window: the correctness oracle (slow)."
+
+    def decode(self, session: Session, req: DecodeRequest) -> None:
+        if req.roles is None:
+            req.roles = self.roles
+        req.schedule = "windowed"
+        decode_persona_judge(NoCacheSession(session), req)
+
+
+class Prompt:
+    name = "prompt"
+    description = "Direct prompting: all preferences in one prompt, plain sampling."
+
+    def plan(self, views: Sequence[View]) -> list[View]:
+        return [[p for v in views for p in v]]
+
+    def decode(self, session: Session, req: DecodeRequest) -> None:
+        decode_plain(session, req)
+
+
+class Base:
+    name = "base"
+    description = "No preferences: the prompt alone, plain sampling."
+
+    def plan(self, views: Sequence[View]) -> list[View]:
+        return [[]]
+
+    def decode(self, session: Session, req: DecodeRequest) -> None:
+        decode_plain(session, req)
+
+
+BUILTIN_METHODS = (PersonaJudge, PersonaJudgeBase, Prompt, Base, Reference)

@@ -1,0 +1,128 @@
+"""The Python API: load a backend once, generate with any method and preferences.
+
+    from personajudge.plugins import PersonaJudge
+
+    pj = PersonaJudge({"backend": {"name": "llama-cpp"}})
+    result = pj.generate("Why is the sky blue?", preferences=["concise", "humor"])
+    print(result.text, result.stats.acceptance_rate)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from personajudge.core.config import BackendConfig, RunConfig, build_config
+from personajudge.core.contract import Backend
+from personajudge.core.errors import ConfigError
+from personajudge.core.decoding import DecodeRequest, run_timed
+from personajudge.core.result import GenerationResult, Stats
+from personajudge.core.stopping import Emitter
+from personajudge.core.transforms import SamplingParams
+from personajudge.preferences import Preference, build_views, encode, normalize_conversation, resolve_encoder
+
+from .manager import get_backend_class, get_method
+
+Prompt = str | list[dict[str, str]]
+
+
+def load_backend(config: BackendConfig) -> Backend:
+    """Instantiate the configured backend (loads the model)."""
+    cls = get_backend_class(config.name)
+    return cls(config)
+
+
+def make_method(cfg: RunConfig):
+    """An instance of the configured method with its options."""
+    cls = get_method(cfg.method)
+    try:
+        return cls(**cfg.method_options)
+    except TypeError as err:
+        raise ConfigError(f"method_options for '{cfg.method}': {err}") from None
+
+
+def fresh_seed() -> int:
+    return int(np.random.SeedSequence().entropy % (2**63))
+
+
+class PersonaJudge:
+    """A loaded model plus a default :class:`RunConfig`.
+
+    The backend (and its weights) is loaded once in the constructor; every
+    ``generate`` call opens a new session with one KV cache per view on the
+    same weights.
+    """
+
+    def __init__(self, config: RunConfig | dict[str, Any] | None = None, *, backend: Backend | None = None):
+        self.config = config if isinstance(config, RunConfig) else build_config(config or {})
+        self.backend = backend if backend is not None else load_backend(self.config.backend)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "PersonaJudge":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run_config(self, **overrides: Any) -> RunConfig:
+        if not any(v is not None for v in overrides.values()):
+            return self.config
+        return build_config(self.config.model_dump(by_alias=True), **overrides)
+
+    def encode_views(self, prompt: Prompt, cfg: RunConfig, method, views: list[list[Preference]]) -> list[list[int]]:
+        """Token contexts of the views ``method`` prompts for the user's ``views``."""
+        conversation = normalize_conversation(prompt)
+        tok = self.backend.tokenizer
+        encoder = resolve_encoder(cfg.encoder, tok)
+        return [encode(encoder, v, conversation, tok, system=cfg.system, options=cfg.encoder_options)
+                for v in method.plan(views)]
+
+    def generate(self, prompt: Prompt, *, preferences: Sequence[str | Preference] | None = None,
+                 views: Sequence[Sequence[str | Preference]] | None = None, method: str | None = None,
+                 on_text: Callable[[str], None] | None = None, **decoding: Any) -> GenerationResult:
+        """Generate one response.
+
+        ``prompt`` is a string or a list of chat messages. ``preferences`` and
+        ``views`` replace the config's (names, descriptions or
+        :class:`Preference` objects). ``decoding`` takes the fields of
+        :class:`DecodingConfig` (``lam`` for the window, ``temperature``,
+        ``top_k``, ``top_p``, ``max_new_tokens``, ``stop``, ``seed``, ``roles``,
+        ``schedule``). ``on_text`` receives text as it is committed.
+        """
+        if "lam" in decoding:
+            decoding["lambda"] = decoding.pop("lam")
+        cfg = self._run_config(method=method, **{f"decoding.{k}": v for k, v in decoding.items()})
+        prefs = list(preferences) if preferences is not None else cfg.preferences
+        groups = [list(v) for v in views] if views is not None else cfg.views
+        meth = make_method(cfg)
+        contexts = self.encode_views(prompt, cfg, meth, build_views(prefs, groups))
+        return self.decode(contexts, cfg, meth, on_text=on_text)
+
+    def decode(self, contexts: list[list[int]], cfg: RunConfig, meth, *,
+               on_text: Callable[[str], None] | None = None) -> GenerationResult:
+        """Run ``meth`` on already-encoded view contexts."""
+        d = cfg.decoding
+        seed = d.seed if d.seed is not None else fresh_seed()
+        tok = self.backend.tokenizer
+        emitter = Emitter(tok, max_new_tokens=d.max_new_tokens, stop=d.stop, on_text=on_text)
+        stats = Stats(method=cfg.method, views=len(contexts), prompt_tokens=[len(c) for c in contexts], seed=seed)
+        req = DecodeRequest(contexts=contexts, params=SamplingParams(d.temperature, d.top_k, d.top_p),
+                            lam=d.lambda_, rng=np.random.default_rng(seed), emitter=emitter,
+                            context_length=self.backend.context_length, roles=d.roles, schedule=d.schedule,
+                            stats=stats)
+        with self.backend.open(len(contexts)) as session:
+            run_timed(meth.decode, session, req)
+        if emitter.finish_reason is None:
+            emitter.finish("length")
+        return GenerationResult(text=emitter.text, tokens=list(emitter.tokens), finish_reason=emitter.finish_reason,
+                                stats=stats)
+
+
+def generate(prompt: Prompt, *, config: RunConfig | dict[str, Any] | None = None, **kwargs: Any) -> GenerationResult:
+    """One-shot helper: load the configured backend, generate, free it."""
+    with PersonaJudge(config) as pj:
+        return pj.generate(prompt, **kwargs)

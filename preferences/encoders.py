@@ -1,0 +1,191 @@
+"""Preference encoders: (a view's preferences, conversation, tokenizer) -> token ids.
+
+Where the preference text goes changes what the model does with it, so the
+placement is a plugin. The built-ins:
+
+- ``chat-turn``: the view's preference text as its own user turn before the
+  conversation, through the model's chat template (what the released
+  Persona-judge code did);
+- ``system``: the preference text as the system message;
+- ``plain``: a plain-text template for base models without a chat template;
+- ``instruction``: the P-Soups form, the preference appended to the last user
+  instruction.
+
+``auto`` picks ``chat-turn`` when the tokenizer has a chat template and
+``plain`` otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from personajudge.core.contract import Tokenizer
+from personajudge.core.errors import ConfigError
+from personajudge.plugins.hookspecs import hookimpl
+
+from .model import Preference, compose
+
+Message = dict[str, str]
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    def render(self, view: list[Preference], conversation: list[Message], tokenizer: Tokenizer, *,
+               system: str | None = None, options: dict[str, Any] | None = None) -> tuple[str, bool]:
+        """The prompt text of one view, and whether the tokenizer should add BOS."""
+        ...
+
+
+def normalize_conversation(prompt: str | list[Message]) -> list[Message]:
+    """A prompt string or a list of ``{"role", "content"}`` messages -> validated messages."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ConfigError("the prompt is empty")
+        return [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt:
+        raise ConfigError("a conversation must be a non-empty list of {role, content} messages")
+    out = []
+    for i, m in enumerate(prompt):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
+                "system", "user", "assistant"):
+            raise ConfigError(f"message {i + 1}: expected {{'role': system|user|assistant, 'content': str}}")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "user":
+        raise ConfigError("the conversation must end with a user message")
+    if not any(m["content"].strip() for m in out if m["role"] == "user"):
+        raise ConfigError("the prompt is empty")
+    return out
+
+
+def encode(encoder: Encoder, view: list[Preference], conversation: list[Message], tokenizer: Tokenizer, *,
+           system: str | None = None, options: dict[str, Any] | None = None) -> list[int]:
+    text, add_bos = encoder.render(view, conversation, tokenizer, system=system, options=options)
+    return tokenizer.encode(text, add_bos=add_bos)
+
+
+def _with_system(conversation: list[Message], system: str | None) -> list[Message]:
+    if not system:
+        return list(conversation)
+    if conversation and conversation[0]["role"] == "system":
+        return [{"role": "system", "content": system + "\n\n" + conversation[0]["content"]}] + conversation[1:]
+    return [{"role": "system", "content": system}] + list(conversation)
+
+
+def _chat(tokenizer: Tokenizer, messages: list[Message]) -> str:
+    if not tokenizer.chat_template:
+        raise ConfigError("this model has no chat template; use --encoder plain (or auto)")
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+class ChatTurnEncoder:
+    name = "chat-turn"
+    description = "Each view's preference text as its own user turn before the prompt (the released code's form)."
+
+    def render(self, view, conversation, tokenizer, *, system=None, options=None):
+        msgs = _with_system(conversation, system)
+        if view:
+            at = 1 if msgs[0]["role"] == "system" else 0
+            turn = {"role": "user", "content": compose(view)}
+            try:
+                return _chat(tokenizer, msgs[:at] + [turn] + msgs[at:]), False
+            except ConfigError:
+                raise
+            except Exception:
+                # Templates that insist on alternating roles (Gemma, Llama 2, Mistral) reject two
+                # user turns in a row; merge the preference into the first user turn instead.
+                first = msgs[at]
+                msgs = msgs[:at] + [{"role": "user", "content": compose(view) + "\n\n" + first["content"]}] + msgs[at + 1:]
+        return _chat(tokenizer, msgs), False
+
+
+class SystemEncoder:
+    name = "system"
+    description = "The view's preference text as the system message."
+
+    def render(self, view, conversation, tokenizer, *, system=None, options=None):
+        text = "\n\n".join(x for x in (system, compose(view) if view else "") if x)
+        msgs = _with_system(conversation, text or None)
+        try:
+            return _chat(tokenizer, msgs), False
+        except ConfigError:
+            raise
+        except Exception:
+            # Some templates (Gemma 2) have no system role; put it in front of the first user turn.
+            msgs = [m for m in msgs if m["role"] != "system"]
+            if text:
+                msgs[0] = {"role": msgs[0]["role"], "content": text + "\n\n" + msgs[0]["content"]}
+            return _chat(tokenizer, msgs), False
+
+
+#: Plain-text templates for base models. ``{header}`` is the preference line (or empty),
+#: turns are rendered with ``user`` / ``assistant`` labels, and the text ends with the
+#: assistant label so the model continues with the answer.
+PLAIN_TEMPLATES: dict[str, dict[str, str]] = {
+    "qa": {"header": "Instructions: {preference}\n\n", "user": "Question: {content}\n",
+           "assistant": "Answer: {content}\n\n", "prompt": "Answer:", "system": "{content}\n\n"},
+    "dialogue": {"header": "The assistant follows this instruction: {preference}\n\n", "user": "User: {content}\n",
+                 "assistant": "Assistant: {content}\n", "prompt": "Assistant:", "system": "{content}\n\n"},
+}
+
+
+class PlainEncoder:
+    name = "plain"
+    description = "A plain-text template for base models without a chat template (options: template=qa|dialogue)."
+
+    def render(self, view, conversation, tokenizer, *, system=None, options=None):
+        options = dict(options or {})
+        name = options.pop("template", "qa")
+        if isinstance(name, dict):
+            tpl = {**PLAIN_TEMPLATES["qa"], **name}
+        elif name in PLAIN_TEMPLATES:
+            tpl = PLAIN_TEMPLATES[name]
+        else:
+            raise ConfigError(f"encoder_options.template: unknown plain template '{name}'; "
+                              f"choose one of {', '.join(PLAIN_TEMPLATES)} or give a table of formats")
+        parts = []
+        for m in _with_system(conversation, system):
+            if m["role"] == "system":
+                parts.append(tpl["system"].format(content=m["content"].strip()))
+        if view:
+            parts.append(tpl["header"].format(preference=compose(view)))
+        for m in conversation:
+            if m["role"] in ("user", "assistant"):
+                parts.append(tpl[m["role"]].format(content=m["content"].strip()))
+        parts.append(tpl["prompt"])
+        return "".join(parts), True
+
+
+class InstructionEncoder:
+    name = "instruction"
+    description = "The P-Soups form: the preference appended to the last user instruction."
+
+    def render(self, view, conversation, tokenizer, *, system=None, options=None):
+        msgs = list(conversation)
+        if view:
+            last = msgs[-1]
+            msgs[-1] = {"role": "user", "content": last["content"].rstrip() + " " + compose(view)}
+        if tokenizer.chat_template:
+            return _chat(tokenizer, _with_system(msgs, system)), False
+        return PlainEncoder().render([], msgs, tokenizer, system=system, options=options)
+
+
+BUILTIN_ENCODERS = (ChatTurnEncoder, SystemEncoder, PlainEncoder, InstructionEncoder)
+
+
+def resolve_encoder(name: str, tokenizer: Tokenizer) -> Encoder:
+    """The encoder named ``name``; ``auto`` picks by whether the model has a chat template."""
+    from personajudge.plugins.manager import get_encoder
+
+    if name == "auto":
+        name = "chat-turn" if tokenizer.chat_template else "plain"
+    enc = get_encoder(name)
+    return enc() if isinstance(enc, type) else enc
+
+
+@hookimpl
+def register_encoders(register):
+    for cls in BUILTIN_ENCODERS:
+        register(cls)
