@@ -7,7 +7,7 @@ it runs on whatever array type the backend returns.
 from .acceptance import accept_mask, count_accepted, judge_token, residual, sample_from, verify_window
 from .config import BackendConfig, DecodingConfig, RunConfig, build_config, load_config_file
 from .contract import Backend, Session, Tokenizer
-from .decoding import DecodeRequest, decode_persona_judge, decode_plain
+from .decoding import DecodeRequest, Forward, Truncate, drive, drive_many, persona_judge_loop, plain_loop
 from .errors import (
     BackendUnavailableError,
     ConfigError,
@@ -28,7 +28,8 @@ from .transforms import SamplingParams, filtered_probs
 __all__ = [
     "accept_mask", "count_accepted", "judge_token", "residual", "sample_from", "verify_window",
     "BackendConfig", "DecodingConfig", "RunConfig", "build_config", "load_config_file",
-    "Backend", "Session", "Tokenizer", "DecodeRequest", "decode_persona_judge", "decode_plain",
+    "Backend", "Session", "Tokenizer", "DecodeRequest", "Forward", "Truncate", "drive",
+    "drive_many", "persona_judge_loop", "plain_loop",
     "BackendUnavailableError", "ConfigError", "ContextLengthError", "DeviceError", "ModelLoadError",
     "PersonaJudgeError", "PluginError", "PreferenceError", "UnknownPluginError",
     "Method", "GenerationResult", "Stats", "RoleScheduler", "Emitter", "SamplingParams", "filtered_probs",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from collections.abc import Generator
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,25 @@ class DecodeRequest:
     stats: Stats = field(default_factory=Stats)
 
 
+@dataclass(frozen=True)
+class Forward:
+    """Op yielded by a loop: run these ``(view, tokens, n_logits)`` calls; send back their logits."""
+
+    calls: list[tuple[int, list[int], int]]
+
+
+@dataclass(frozen=True)
+class Truncate:
+    """Op yielded by a loop: forget ``view`` after ``length`` tokens."""
+
+    view: int
+    length: int
+
+
+Op = Forward | Truncate
+Loop = Generator[Op, Any, None]
+
+
 class Views:
     """Tracks, per view, the committed context and how much of it the session holds.
 
@@ -60,8 +80,7 @@ class Views:
     ``last[v]`` are the logits after the last fed token.
     """
 
-    def __init__(self, session: Session, contexts: list[list[int]], context_length: int, stats: Stats):
-        self.session = session
+    def __init__(self, contexts: list[list[int]], context_length: int, stats: Stats):
         self.contexts = [list(c) for c in contexts]
         self.fed = [0] * len(contexts)
         self.last: list[Array | None] = [None] * len(contexts)
@@ -78,12 +97,12 @@ class Views:
     def pending(self, v: int) -> list[int]:
         return self.contexts[v][self.fed[v]:]
 
-    def sync(self, views: list[int]) -> None:
+    def sync(self, views: list[int]) -> Loop:
         """Feed every pending token of ``views`` in one batched call."""
         calls = [(v, self.pending(v), 1) for v in dict.fromkeys(views) if self.pending(v)]
         if not calls:
             return
-        outs = self.session.forward_many(calls)
+        outs = yield Forward(calls)
         self.stats.forwards += 1
         for (v, toks, _), logits in zip(calls, outs):
             self.fed[v] += len(toks)
@@ -97,34 +116,22 @@ class Views:
         """Whether every view can take ``extra`` more tokens."""
         return max(len(c) for c in self.contexts) + extra <= self.context_length
 
-    def rollback(self, v: int, length: int, last: Array) -> None:
-        if self.session.length(v) > length:
-            self.session.truncate(v, length)
-        self.fed[v] = length
-        self.last[v] = last
-
-
-def _to_host_uniforms(rng: np.random.Generator, n: int) -> np.ndarray:
-    return rng.random(n)
-
 
 def _dev_array(ref: Array, values: np.ndarray) -> Array:
     """Uniforms on the device and dtype of ``ref`` (one tiny copy per iteration)."""
     xp = array_namespace(ref)
-    from array_api_compat import device
-
-    return xp.asarray(values, dtype=ref.dtype, device=device(ref))
+    return xp.asarray(values, dtype=ref.dtype, device=_device(ref))
 
 
-def decode_plain(session: Session, req: DecodeRequest) -> None:
+def plain_loop(req: DecodeRequest) -> Loop:
     """Plain sampling from view 0 (the ``prompt`` and ``base`` methods)."""
-    views = Views(session, req.contexts[:1], req.context_length, req.stats)
+    views = Views(req.contexts[:1], req.context_length, req.stats)
     em = req.emitter
     while True:
         if not views.room(1):
             em.finish("context")
             return
-        views.sync([0])
+        yield from views.sync([0])
         p = filtered_probs(views.last[0], req.params)
         u = _dev_array(p, req.rng.random(1))
         tok = int(sample_from(p, u[0]))
@@ -134,14 +141,14 @@ def decode_plain(session: Session, req: DecodeRequest) -> None:
         views.commit(tok)
 
 
-def decode_persona_judge(session: Session, req: DecodeRequest) -> None:
+def persona_judge_loop(req: DecodeRequest) -> Loop:
     """Persona-judge with the request's role and loop schedules."""
     n = len(req.contexts)
     if n == 1:
-        decode_plain(session, req)
+        yield from plain_loop(req)
         return
     sched = RoleScheduler(n, req.roles or "alternate")  # type: ignore[arg-type]
-    views = Views(session, req.contexts, req.context_length, req.stats)
+    views = Views(req.contexts, req.context_length, req.stats)
     step = _interleaved_iteration if req.schedule == "interleaved" else _windowed_iteration
     it = 0
     while not req.emitter.done:
@@ -149,14 +156,14 @@ def decode_persona_judge(session: Session, req: DecodeRequest) -> None:
             req.emitter.finish("context")
             return
         d, j = sched.roles(it)
-        step(views, req, d, j)
+        yield from step(views, req, d, j)
         it += 1
         req.stats.iterations += 1
 
 
-def _interleaved_iteration(views: Views, req: DecodeRequest, d: int, j: int) -> None:
+def _interleaved_iteration(views: Views, req: DecodeRequest, d: int, j: int) -> Loop:
     lam, params, em, st = req.lam, req.params, req.emitter, req.stats
-    views.sync([d, j])
+    yield from views.sync([d, j])
     u_host = req.rng.random(2 * lam + 1)
     u = None
     for i in range(lam):
@@ -175,18 +182,19 @@ def _interleaved_iteration(views: Views, req: DecodeRequest, d: int, j: int) -> 
         if not em.push(t):
             return
         views.commit(t)
-        views.sync([d, j] if i < lam - 1 else [j])
+        # Both views take every token, so two views stay in lockstep (one batched
+        # row each) and the draft view needs nothing extra next iteration.
+        yield from views.sync([d, j])
     p = filtered_probs(views.last[j], params)
     tok = int(sample_from(p, u[2 * lam]))
     if em.push(tok):
         views.commit(tok)
 
 
-def _windowed_iteration(views: Views, req: DecodeRequest, d: int, j: int) -> None:
+def _windowed_iteration(views: Views, req: DecodeRequest, d: int, j: int) -> Loop:
     lam, params, em, st = req.lam, req.params, req.emitter, req.stats
-    session = views.session
     u_host = req.rng.random(2 * lam + 1)
-    views.sync([d])
+    yield from views.sync([d])
     base_d = views.fed[d]
     raw_q = [views.last[d]]
     q_rows, draft = [], []
@@ -199,25 +207,34 @@ def _windowed_iteration(views: Views, req: DecodeRequest, d: int, j: int) -> Non
         draft.append(t)
         q_rows.append(q)
         if i < lam - 1:
-            raw_q.append(session.forward(d, [t], 1)[-1])
+            out = yield Forward([(d, [t], 1)])
             st.forwards += 1
-    st.drafted += lam
+            raw_q.append(out[0][-1])
     xp = array_namespace(q_rows[0])
     pend = views.pending(j)
-    base_j = len(views.contexts[j])  # judge's length once its pending tokens are in
+    base_j = len(views.contexts[j])  # the judge's length once its pending tokens are in
     if pend:
-        raw_p = session.forward(j, pend + draft, lam + 1)
+        out = yield Forward([(j, pend + draft, lam + 1)])
+        raw_p = out[0]
     else:
-        raw_p = xp.concat([views.last[j][None, :], session.forward(j, draft, lam)], axis=0)
+        out = yield Forward([(j, draft, lam)])
+        raw_p = xp.concat([views.last[j][None, :], out[0]], axis=0)
     st.forwards += 1
     p = filtered_probs(raw_p, params)
     tokens = xp.asarray(draft, dtype=xp.int64, device=_device(p))
     n_acc, emitted = verify_window(p, xp.stack(q_rows), tokens, u[lam:2 * lam], u[2 * lam])
     n_acc, emitted = int(n_acc), int(emitted)
     st.accepted += n_acc
+    st.drafted += min(n_acc + 1, lam)  # judged tokens, as in the interleaved schedule
+    # Roll back what was fed past the accepted prefix; the logits after the
+    # kept prefix are already at hand (draft step m, judge row n_acc).
     m = min(n_acc, lam - 1)
-    views.rollback(d, base_d + m, raw_q[m])
-    views.rollback(j, base_j + n_acc, raw_p[n_acc])
+    if m < lam - 1:
+        yield Truncate(d, base_d + m)
+    views.fed[d], views.last[d] = base_d + m, raw_q[m]
+    if n_acc < lam:
+        yield Truncate(j, base_j + n_acc)
+    views.fed[j], views.last[j] = base_j + n_acc, raw_p[n_acc]
     for t in draft[:n_acc] + [emitted]:
         if not em.push(t):
             return
@@ -228,6 +245,57 @@ def _device(x: Array):
     from array_api_compat import device
 
     return device(x)
+
+
+def drive(session: Session, loop: Loop) -> None:
+    """Run one loop against a session."""
+    try:
+        op = next(loop)
+        while True:
+            if isinstance(op, Forward):
+                res = session.forward_many(op.calls)
+            else:
+                session.truncate(op.view, op.length)
+                res = None
+            op = loop.send(res)
+    except StopIteration:
+        pass
+
+
+def drive_many(session: Session, loops: list[Loop], n_views: int) -> None:
+    """Run several requests' loops in lockstep, one batched forward per step.
+
+    Request ``r``'s view ``v`` is the session's view ``r * n_views + v``; every
+    step gathers the forwards of all unfinished requests into a single
+    ``forward_many`` call, so a backend that batches rows serves many prompts
+    at once. Requests finish at different times; the batch just shrinks.
+    """
+    pending: dict[int, Op] = {}
+    for r, loop in enumerate(loops):
+        try:
+            pending[r] = next(loop)
+        except StopIteration:
+            pass
+    while pending:
+        calls, owners = [], []
+        results: dict[int, Any] = {}
+        for r, op in pending.items():
+            if isinstance(op, Truncate):
+                session.truncate(r * n_views + op.view, op.length)
+                results[r] = None
+            else:
+                for v, toks, n in op.calls:
+                    calls.append((r * n_views + v, toks, n))
+                    owners.append(r)
+        if calls:
+            outs = session.forward_many(calls)
+            for r, out in zip(owners, outs):
+                results.setdefault(r, []).append(out)
+        for r in list(pending):
+            try:
+                pending[r] = loops[r].send(results.get(r))
+            except StopIteration:
+                del pending[r]
 
 
 def run_timed(fn, session: Session, req: DecodeRequest) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
 
 from .contract import Session
-from .decoding import DecodeRequest, decode_persona_judge, decode_plain
+from .decoding import DecodeRequest, Loop, drive, persona_judge_loop, plain_loop
 from .nocache import NoCacheSession
 
 #: A view is the list of preferences its prefix carries (opaque to the core).
@@ -26,12 +26,25 @@ class Method(Protocol):
         """The views this method prompts, given the user's preference views."""
         ...
 
+    def loop(self, req: DecodeRequest) -> Loop:
+        """The decoding loop for one request (a generator of backend ops).
+
+        Loops yield ops instead of calling the session, so one driver can run
+        many requests in lockstep with one batched forward per step.
+        """
+        ...
+
     def decode(self, session: Session, req: DecodeRequest) -> None:
-        """Generate into ``req.emitter``."""
+        """Generate into ``req.emitter`` (usually ``drive(session, self.loop(req))``)."""
         ...
 
 
-class PersonaJudge:
+class _Driven:
+    def decode(self, session: Session, req: DecodeRequest) -> None:
+        drive(session, self.loop(req))
+
+
+class PersonaJudge(_Driven):
     name = "persona-judge"
     description = "Views draft and judge each other; roles alternate every iteration."
     roles = "alternate"
@@ -39,10 +52,10 @@ class PersonaJudge:
     def plan(self, views: Sequence[View]) -> list[View]:
         return [list(v) for v in views] or [[]]
 
-    def decode(self, session: Session, req: DecodeRequest) -> None:
+    def loop(self, req: DecodeRequest) -> Loop:
         if req.roles is None:
             req.roles = self.roles
-        decode_persona_judge(session, req)
+        return persona_judge_loop(req)
 
 
 class PersonaJudgeBase(PersonaJudge):
@@ -55,33 +68,36 @@ class Reference(PersonaJudge):
     name = "reference"
     description = "Persona-judge without KV cache, batch size 1, literal window: the correctness oracle (slow)."
 
-    def decode(self, session: Session, req: DecodeRequest) -> None:
-        if req.roles is None:
-            req.roles = self.roles
+    batchable = False
+
+    def loop(self, req: DecodeRequest) -> Loop:
         req.schedule = "windowed"
-        decode_persona_judge(NoCacheSession(session), req)
+        return super().loop(req)
+
+    def decode(self, session: Session, req: DecodeRequest) -> None:
+        drive(NoCacheSession(session), self.loop(req))
 
 
-class Prompt:
+class Prompt(_Driven):
     name = "prompt"
     description = "Direct prompting: all preferences in one prompt, plain sampling."
 
     def plan(self, views: Sequence[View]) -> list[View]:
         return [[p for v in views for p in v]]
 
-    def decode(self, session: Session, req: DecodeRequest) -> None:
-        decode_plain(session, req)
+    def loop(self, req: DecodeRequest) -> Loop:
+        return plain_loop(req)
 
 
-class Base:
+class Base(_Driven):
     name = "base"
     description = "No preferences: the prompt alone, plain sampling."
 
     def plan(self, views: Sequence[View]) -> list[View]:
         return [[]]
 
-    def decode(self, session: Session, req: DecodeRequest) -> None:
-        decode_plain(session, req)
+    def loop(self, req: DecodeRequest) -> Loop:
+        return plain_loop(req)
 
 
 BUILTIN_METHODS = (PersonaJudge, PersonaJudgeBase, Prompt, Base, Reference)

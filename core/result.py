@@ -10,7 +10,13 @@ FinishReason = Literal["eos", "length", "stop", "context"]
 
 
 class Stats(BaseModel):
-    """Per-run counters. ``acceptance_rate`` is accepted / drafted (None without drafting)."""
+    """Per-run counters.
+
+    ``drafted`` counts draft tokens that were judged (up to and including the
+    first rejection of each window; tokens a literal window drafts past a
+    rejection are waste, not decisions). ``acceptance_rate`` is accepted /
+    drafted, None for methods that do not draft.
+    """
 
     method: str = ""
     views: int = 1

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 from personajudge.core.config import BackendConfig, RunConfig, build_config
 from personajudge.core.contract import Backend
 from personajudge.core.errors import ConfigError
-from personajudge.core.decoding import DecodeRequest, run_timed
+from personajudge.core.decoding import DecodeRequest, drive_many, run_timed
 from personajudge.core.result import GenerationResult, Stats
 from personajudge.core.stopping import Emitter
 from personajudge.core.transforms import SamplingParams
@@ -102,24 +103,76 @@ class PersonaJudge:
         contexts = self.encode_views(prompt, cfg, meth, build_views(prefs, groups))
         return self.decode(contexts, cfg, meth, on_text=on_text)
 
+    def generate_batch(self, prompts: Sequence[Prompt], *, preferences: Sequence[str | Preference] | None = None,
+                       views: Sequence[Sequence[str | Preference]] | None = None, method: str | None = None,
+                       seeds: Sequence[int] | None = None, **decoding: Any) -> list[GenerationResult]:
+        """Generate for many prompts at once, as one batch on the device.
+
+        Every prompt runs its own loop (own seed, own acceptance lengths, own
+        stopping); each step gathers the forwards of all unfinished prompts
+        into one backend call. Row ``i`` gets the same output as
+        ``generate(prompts[i], seed=seeds[i])`` (exactly in greedy mode; in
+        sampling mode up to floating-point differences of batched kernels).
+        ``seeds`` defaults to ``seed + i`` when a seed is configured.
+        """
+        if "lam" in decoding:
+            decoding["lambda"] = decoding.pop("lam")
+        cfg = self._run_config(method=method, **{f"decoding.{k}": v for k, v in decoding.items()})
+        prefs = list(preferences) if preferences is not None else cfg.preferences
+        groups = [list(v) for v in views] if views is not None else cfg.views
+        meth = make_method(cfg)
+        pref_views = build_views(prefs, groups)
+        if not prompts:
+            return []
+        if seeds is None:
+            base = cfg.decoding.seed
+            seeds = [base + i if base is not None else fresh_seed() for i in range(len(prompts))]
+        elif len(seeds) != len(prompts):
+            raise ConfigError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+        contexts = [self.encode_views(p, cfg, meth, pref_views) for p in prompts]
+        reqs = [self._request(c, cfg, s) for c, s in zip(contexts, seeds)]
+        n_views = len(contexts[0])
+        if not getattr(meth, "batchable", True):
+            return [self._run(meth, cfg, r) for r in reqs]
+        t0 = time.perf_counter()
+        with self.backend.open(n_views * len(reqs)) as session:
+            drive_many(session, [meth.loop(r) for r in reqs], n_views)
+        wall = time.perf_counter() - t0
+        out = []
+        for r in reqs:
+            r.stats.wall_time_s = wall
+            r.stats.tokens = len(r.emitter.tokens)
+            out.append(self._result(r))
+        return out
+
+    def _request(self, contexts: list[list[int]], cfg: RunConfig, seed: int | None,
+                 on_text: Callable[[str], None] | None = None) -> DecodeRequest:
+        d = cfg.decoding
+        seed = seed if seed is not None else fresh_seed()
+        emitter = Emitter(self.backend.tokenizer, max_new_tokens=d.max_new_tokens, stop=d.stop, on_text=on_text)
+        stats = Stats(method=cfg.method, views=len(contexts), prompt_tokens=[len(c) for c in contexts], seed=seed)
+        return DecodeRequest(contexts=contexts, params=SamplingParams(d.temperature, d.top_k, d.top_p),
+                             lam=d.lambda_, rng=np.random.default_rng(seed), emitter=emitter,
+                             context_length=self.backend.context_length, roles=d.roles, schedule=d.schedule,
+                             stats=stats)
+
+    @staticmethod
+    def _result(req: DecodeRequest) -> GenerationResult:
+        em = req.emitter
+        if em.finish_reason is None:
+            em.finish("length")
+        return GenerationResult(text=em.text, tokens=list(em.tokens), finish_reason=em.finish_reason,
+                                stats=req.stats)
+
+    def _run(self, meth, cfg: RunConfig, req: DecodeRequest) -> GenerationResult:
+        with self.backend.open(len(req.contexts)) as session:
+            run_timed(meth.decode, session, req)
+        return self._result(req)
+
     def decode(self, contexts: list[list[int]], cfg: RunConfig, meth, *,
                on_text: Callable[[str], None] | None = None) -> GenerationResult:
         """Run ``meth`` on already-encoded view contexts."""
-        d = cfg.decoding
-        seed = d.seed if d.seed is not None else fresh_seed()
-        tok = self.backend.tokenizer
-        emitter = Emitter(tok, max_new_tokens=d.max_new_tokens, stop=d.stop, on_text=on_text)
-        stats = Stats(method=cfg.method, views=len(contexts), prompt_tokens=[len(c) for c in contexts], seed=seed)
-        req = DecodeRequest(contexts=contexts, params=SamplingParams(d.temperature, d.top_k, d.top_p),
-                            lam=d.lambda_, rng=np.random.default_rng(seed), emitter=emitter,
-                            context_length=self.backend.context_length, roles=d.roles, schedule=d.schedule,
-                            stats=stats)
-        with self.backend.open(len(contexts)) as session:
-            run_timed(meth.decode, session, req)
-        if emitter.finish_reason is None:
-            emitter.finish("length")
-        return GenerationResult(text=emitter.text, tokens=list(emitter.tokens), finish_reason=emitter.finish_reason,
-                                stats=stats)
+        return self._run(meth, cfg, self._request(contexts, cfg, cfg.decoding.seed, on_text))
 
 
 def generate(prompt: Prompt, *, config: RunConfig | dict[str, Any] | None = None, **kwargs: Any) -> GenerationResult:
