@@ -47,7 +47,9 @@ class Emitter:
         if self.stop:
             cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
             if cut >= 0:
-                self.tokens.pop()
+                # keep the fewest tokens whose text covers everything before the stop string
+                while self.tokens and len(self.tokenizer.decode(self.tokens[:-1])) >= cut:
+                    self.tokens.pop()
                 self.text = text[:cut]
                 self.finish("stop")
                 return False

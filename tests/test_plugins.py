@@ -1,0 +1,146 @@
+"""Plugins: a backend defined here registers through the public hook and runs."""
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from personajudge.core.config import BackendConfig
+from personajudge.core.contract import Backend, Session
+from personajudge.core.errors import PluginError, UnknownPluginError
+from personajudge.plugins import hookimpl, register_plugin, registry, unregister_plugin
+from personajudge.plugins.api import PersonaJudge
+from personajudge.plugins.cli import main
+
+
+class CycleTokenizer:
+    """Tokens are the letters a..e (ids 1..5); 0 is EOS."""
+
+    vocab_size = 6
+    eos_token_ids = frozenset({0})
+    chat_template = None
+
+    def encode(self, text, *, add_bos=True):
+        return [1 + (ord(c) % 5) for c in text]
+
+    def decode(self, ids):
+        return "".join("abcde"[i - 1] for i in ids if i)
+
+    def apply_chat_template(self, messages, *, add_generation_prompt=True):
+        raise NotImplementedError("no chat template")
+
+
+class CycleSession(Session):
+    """The next token is always (last + 1) mod 5, with certainty."""
+
+    def __init__(self, n_views):
+        self.n_views = n_views
+        self.ctx = [[] for _ in range(n_views)]
+        self.calls = []
+
+    def forward(self, view, tokens, n_logits=1):
+        self.ctx[view].extend(tokens)
+        rows = []
+        for end in range(len(self.ctx[view]) - n_logits, len(self.ctx[view])):
+            logits = np.full(6, -30.0)
+            logits[1 + self.ctx[view][end] % 5] = 0.0
+            rows.append(logits)
+        return np.stack(rows)
+
+    def forward_many(self, calls: Sequence):
+        self.calls.append(len(calls))
+        return super().forward_many(calls)
+
+    def truncate(self, view, length):
+        del self.ctx[view][length:]
+
+    def length(self, view):
+        return len(self.ctx[view])
+
+
+class CycleBackend(Backend):
+    name = "test-cycle"
+    description = "a backend defined inside the tests"
+
+    def __init__(self, config: BackendConfig):
+        self.tokenizer = CycleTokenizer()
+        self.context_length = config.n_ctx or 512
+        self.sessions = []
+
+    def open(self, n_views):
+        s = CycleSession(n_views)
+        self.sessions.append(s)
+        return s
+
+
+class TestPlugin:
+    @hookimpl
+    def register_backends(self, register):
+        register(CycleBackend)
+
+
+@pytest.fixture
+def plugin():
+    p = TestPlugin()
+    register_plugin(p, name="test-plugin")
+    yield p
+    unregister_plugin(p)
+
+
+def test_registered_backend_is_listed_and_used_by_generate(plugin):
+    assert "test-cycle" in registry("backend").names()
+    assert registry("backend").origin("test-cycle") == "test-plugin"
+    pj = PersonaJudge({"backend": {"name": "test-cycle"}})
+    res = pj.generate("abc", preferences=["concise", "humor"], max_new_tokens=12, seed=0)
+    assert isinstance(pj.backend, CycleBackend)
+    # both views agree with certainty: every draft is accepted, and the text cycles
+    assert res.stats.acceptance_rate == 1.0
+    assert len(res.text) == 12 and all(res.text[i + 1] == "abcde"[("abcde".index(res.text[i]) + 1) % 5]
+                                       for i in range(11))
+    assert max(pj.backend.sessions[-1].calls) == 2  # the two views were batched into one call
+
+
+def test_registered_backend_is_usable_from_the_cli(plugin, capsys):
+    assert main(["generate", "abc", "--backend", "test-cycle", "--prefer", "concise", "--max-new-tokens", "5",
+                 "--json"]) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["tokens"]) == 5 and out["stats"]["method"] == "persona-judge"
+
+
+def test_unknown_names_list_the_registered_ones():
+    with pytest.raises(UnknownPluginError) as e:
+        registry("backend").get("nope")
+    assert "unknown backend 'nope'" in str(e.value) and "toy" in str(e.value)
+    with pytest.raises(UnknownPluginError, match="persona-judge-base"):
+        registry("method").get("persona_judge")
+
+
+def test_duplicate_names_are_rejected():
+    class Dup:
+        @hookimpl
+        def register_backends(self, register):
+            class Toy2(CycleBackend):
+                name = "toy"
+
+            register(Toy2)
+
+    d = Dup()
+    register_plugin(d, name="dup")
+    try:
+        with pytest.raises(PluginError, match="registered twice"):
+            registry("backend")
+    finally:
+        unregister_plugin(d)
+    assert "toy" in registry("backend").names()
+
+
+def test_builtins_register_through_the_same_hooks():
+    from personajudge.plugins.manager import get_plugin_manager
+
+    pm = get_plugin_manager()
+    impls = {pm.get_name(i.plugin) for i in pm.hook.register_backends.get_hookimpls()}
+    assert "personajudge.backends.toy" in impls
+    assert {"persona-judge", "persona-judge-base", "prompt", "base", "reference"} <= set(registry("method").names())
+    assert {"chat-turn", "system", "plain", "instruction"} <= set(registry("encoder").names())
