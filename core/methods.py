@@ -100,4 +100,45 @@ class Base(_Driven):
         return plain_loop(req)
 
 
-BUILTIN_METHODS = (PersonaJudge, PersonaJudgeBase, Prompt, Base, Reference)
+class Mod(_Driven):
+    """Options: ``weights`` (one per view; default the preferences' weights)."""
+
+    name = "mod"
+    description = "MOD-style logit mixing: sample from the weighted mixture of the views' log-probabilities."
+
+    def __init__(self, weights: Sequence[float] | None = None):
+        self.weights = list(weights) if weights is not None else None
+
+    def plan(self, views: Sequence[View]) -> list[View]:
+        planned = [list(v) for v in views] or [[]]
+        if self.weights is None:
+            self.weights = [sum(getattr(p, "weight", 1.0) for p in v) or 1.0 for v in planned]
+        return planned
+
+    def loop(self, req: DecodeRequest) -> Loop:
+        from .mod import mod_loop
+
+        return mod_loop(req, self.weights or [1.0] * len(req.contexts))
+
+
+class Pad(_Driven):
+    """Options: ``weight`` (w, default 1.0), ``beta`` (default 1.0), ``k`` (candidates; default: top_k or 10)."""
+
+    name = "pad"
+    description = ("PAD-style reward-guided decoding: re-rank the base view's top-k by a token-level "
+                   "personalized reward (training-free: the preference-prompted view as reward policy).")
+
+    def __init__(self, weight: float = 1.0, beta: float = 1.0, k: int | None = None):
+        self.weight, self.beta, self.k = float(weight), float(beta), k
+
+    def plan(self, views: Sequence[View]) -> list[View]:
+        return [[], [p for v in views for p in v]]
+
+    def loop(self, req: DecodeRequest) -> Loop:
+        from .pad import pad_loop
+
+        k = self.k if self.k is not None else (req.params.top_k or 10)
+        return pad_loop(req, weight=self.weight, beta=self.beta, k=k)
+
+
+BUILTIN_METHODS = (PersonaJudge, PersonaJudgeBase, Prompt, Base, Reference, Mod, Pad)

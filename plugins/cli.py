@@ -55,7 +55,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--encoder", help="preference encoder: auto, chat-turn, system, plain, instruction, ...")
     g.add_argument("--system", help="system message (chat models)")
     g = p.add_argument_group("decoding")
-    g.add_argument("--method", help="persona-judge (default), persona-judge-base, prompt, base, reference, ...")
+    g.add_argument("--method", help="persona-judge (default), persona-judge-base, prompt, base, reference, mod, pad")
+    g.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option (repeatable), e.g. weight=2 for pad, weights=[0.7,0.3] for mod")
     g.add_argument("--lambda", dest="lam", type=_positive_int("--lambda"), help="draft window (default 4)")
     g.add_argument("--temperature", type=float, help="0 = greedy (default 0.7)")
     g.add_argument("--top-k", dest="top_k", type=int, help="default 20; 0 disables")
@@ -67,9 +69,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", choices=["interleaved", "windowed"], help="loop schedule (same decisions)")
 
 
-def _parse_option(item: str) -> tuple[str, Any]:
+def _parse_option(item: str, flag: str = "--backend-option") -> tuple[str, Any]:
     if "=" not in item:
-        raise PersonaJudgeError(f"--backend-option expects KEY=VALUE, got {item!r}")
+        raise PersonaJudgeError(f"{flag} expects KEY=VALUE, got {item!r}")
     k, v = item.split("=", 1)
     try:
         return k.strip(), json.loads(v)
@@ -86,6 +88,10 @@ def config_from_args(args: argparse.Namespace):
         opts = dict(data.get("backend", {}).get("options", {}))
         opts.update(_parse_option(o) for o in args.backend_option)
         data.setdefault("backend", {})["options"] = opts
+    if args.method_option:
+        opts = dict(data.get("method_options", {}))
+        opts.update(_parse_option(o, "--method-option") for o in args.method_option)
+        data["method_options"] = opts
     prefs = None
     if getattr(args, "preferences_file", None):
         prefs = load_file(args.preferences_file)
@@ -187,8 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _register_bench(sub) -> None:
+    from .bench import register_command
+
+    register_command(sub)
+
+
 #: Functions that add subcommands (bench, eval, report) to the parser.
-_EXTRA_COMMANDS: list = []
+_EXTRA_COMMANDS: list = [_register_bench]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
