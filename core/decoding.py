@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace
 
-from .acceptance import judge_token, sample_from, verify_window
+from .acceptance import sample_from, verify_window
+from .sparse import candidates, judge_draft, sample_dist
 from .contract import Session
 from .errors import ContextLengthError
 from .result import Stats
@@ -132,9 +133,7 @@ def plain_loop(req: DecodeRequest) -> Loop:
             em.finish("context")
             return
         yield from views.sync([0])
-        p = filtered_probs(views.last[0], req.params)
-        u = _dev_array(p, req.rng.random(1))
-        tok = int(sample_from(p, u[0]))
+        tok = sample_dist(candidates(views.last[0], req.params), req.rng.random())
         req.stats.iterations += 1
         if not em.push(tok):
             return
@@ -164,16 +163,13 @@ def persona_judge_loop(req: DecodeRequest) -> Loop:
 def _interleaved_iteration(views: Views, req: DecodeRequest, d: int, j: int) -> Loop:
     lam, params, em, st = req.lam, req.params, req.emitter, req.stats
     yield from views.sync([d, j])
-    u_host = req.rng.random(2 * lam + 1)
-    u = None
+    u = req.rng.random(2 * lam + 1)
     for i in range(lam):
-        q = filtered_probs(views.last[d], params)
-        p = filtered_probs(views.last[j], params)
-        if u is None:
-            u = _dev_array(q, u_host)
-        t = int(sample_from(q, u[i]))
+        q = candidates(views.last[d], params)
+        p = candidates(views.last[j], params)
+        t = sample_dist(q, u[i])
         st.drafted += 1
-        ok, emit = judge_token(p, q, t, u[lam + i], u[2 * lam])
+        ok, emit = judge_draft(p, q, t, u[lam + i], u[2 * lam])
         if not ok:
             if em.push(emit):
                 views.commit(emit)
@@ -185,8 +181,7 @@ def _interleaved_iteration(views: Views, req: DecodeRequest, d: int, j: int) -> 
         # Both views take every token, so two views stay in lockstep (one batched
         # row each) and the draft view needs nothing extra next iteration.
         yield from views.sync([d, j])
-    p = filtered_probs(views.last[j], params)
-    tok = int(sample_from(p, u[2 * lam]))
+    tok = sample_dist(candidates(views.last[j], params), u[2 * lam])
     if em.push(tok):
         views.commit(tok)
 
