@@ -110,12 +110,21 @@ class Scorer:
         except ValidationError as err:
             raise ScorerError(f"scorer '{cls.name}': {_format_error(err)}") from None
 
+    @classmethod
+    def config_for(cls, options: ScorerOptions) -> dict[str, Any]:
+        """What determines the values of a scorer with ``options`` (hashed into the run, so a changed
+        scorer never reuses stale scores). Subclasses drop options that only say *where* it runs."""
+        return {"name": cls.name, "options": options.model_dump(mode="json")}
+
+    @classmethod
+    def config_hash_for(cls, options: ScorerOptions) -> str:
+        return hashlib.sha256(json.dumps(cls.config_for(options), sort_keys=True).encode()).hexdigest()[:16]
+
     def config(self) -> dict[str, Any]:
-        """What determines this scorer's values (hashed into the run so stale scores are never reused)."""
-        return {"name": self.name, "options": self.options.model_dump(mode="json")}
+        return self.config_for(self.options)
 
     def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.config(), sort_keys=True).encode()).hexdigest()[:16]
+        return self.config_hash_for(self.options)
 
     def bind(self, context: ScoringContext) -> None:
         """Receive the run's context before scoring (default: ignore it)."""
