@@ -54,8 +54,8 @@ class ToySession(Session):
 
     def forward(self, view: int, tokens: Sequence[int], n_logits: int = 1) -> np.ndarray:
         tokens = list(tokens)
-        if not 1 <= n_logits <= len(tokens):
-            raise ValueError(f"n_logits must be in 1..{len(tokens)}, got {n_logits}")
+        if not 0 <= n_logits <= len(tokens):
+            raise ValueError(f"n_logits must be in 0..{len(tokens)}, got {n_logits}")
         ctx = self._ctx[view]
         start = len(ctx)
         if start + len(tokens) > self.backend.context_length:
@@ -63,7 +63,8 @@ class ToySession(Session):
         ctx.extend(tokens)
         ends = range(start + len(tokens) - n_logits + 1, start + len(tokens) + 1)
         self.backend.forward_calls += 1
-        return np.stack([self.backend.logits_after(ctx[:e]) for e in ends])
+        rows = [self.backend.logits_after(ctx[:e]) for e in ends]
+        return np.stack(rows) if rows else np.empty((0, self.backend.tokenizer.vocab_size), dtype=np.float32)
 
     def truncate(self, view: int, length: int) -> None:
         del self._ctx[view][length:]

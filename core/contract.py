@@ -51,8 +51,10 @@ class Session(ABC):
 
         Row ``i`` holds the next-token logits after the position
         ``len(tokens) - n_logits + i`` of the new tokens, i.e. the rows are the
-        last ``n_logits`` positions. ``n_logits`` must be between 1 and
-        ``len(tokens)``.
+        last ``n_logits`` positions. ``n_logits`` is between 0 and
+        ``len(tokens)``; 0 means "take the tokens, compute no logits" (the
+        output projection over a large vocabulary is much of a small model's
+        cost, and the core skips it where it does not need the row).
         """
 
     def forward_many(self, calls: Sequence[tuple[int, Sequence[int], int]]) -> list[Array]:

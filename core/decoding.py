@@ -98,16 +98,29 @@ class Views:
     def pending(self, v: int) -> list[int]:
         return self.contexts[v][self.fed[v]:]
 
-    def sync(self, views: list[int]) -> Loop:
-        """Feed every pending token of ``views`` in one batched call."""
-        calls = [(v, self.pending(v), 1) for v in dict.fromkeys(views) if self.pending(v)]
+    def sync(self, views: list[int], feed_only: list[int] = ()) -> Loop:
+        """Feed every pending token of ``views`` (and ``feed_only``) in one batched call.
+
+        ``views`` get fresh next-token logits; ``feed_only`` views just take
+        their tokens into the KV cache with no logits (on a large vocabulary
+        the output projection is most of a small model's cost). A view whose
+        logits are stale is re-fed its last token when it needs them.
+        """
+        calls = []
+        for v in dict.fromkeys(views):
+            if not self.pending(v) and self.last[v] is None:
+                yield Truncate(v, self.fed[v] - 1)
+                self.fed[v] -= 1
+            if self.pending(v):
+                calls.append((v, self.pending(v), 1))
+        calls += [(v, self.pending(v), 0) for v in dict.fromkeys(feed_only) if v not in views and self.pending(v)]
         if not calls:
             return
         outs = yield Forward(calls)
         self.stats.forwards += 1
-        for (v, toks, _), logits in zip(calls, outs):
+        for (v, toks, n), logits in zip(calls, outs):
             self.fed[v] += len(toks)
-            self.last[v] = logits[-1]
+            self.last[v] = logits[-1] if n else None
 
     def commit(self, token: int) -> None:
         for c in self.contexts:
@@ -178,9 +191,12 @@ def _interleaved_iteration(views: Views, req: DecodeRequest, d: int, j: int) -> 
         if not em.push(t):
             return
         views.commit(t)
-        # Both views take every token, so two views stay in lockstep (one batched
-        # row each) and the draft view needs nothing extra next iteration.
-        yield from views.sync([d, j])
+        if i < lam - 1:
+            yield from views.sync([d, j])
+        else:
+            # Only the judge's p_{lambda+1} is needed; the drafter takes the token
+            # without logits, so two views stay in lockstep (one batched row each).
+            yield from views.sync([j], feed_only=[d])
     tok = sample_dist(candidates(views.last[j], params), u[2 * lam])
     if em.push(tok):
         views.commit(tok)

@@ -118,9 +118,32 @@ def _stats_line(res) -> str:
             f"{s.views} view(s), seed {s.seed}, finish: {res.finish_reason}")
 
 
+def _generate_jsonl(args: argparse.Namespace) -> int:
+    """``generate --input FILE.jsonl``: every prompt through generate_batch, one JSON line each."""
+    from .api import PersonaJudge
+    from .jsonl import read_records, run_jsonl
+
+    if args.prompt is not None:
+        raise PersonaJudgeError("give either a prompt or --input FILE.jsonl, not both")
+    if args.batch_size < 1:
+        raise PersonaJudgeError("--batch-size must be at least 1")
+    records = read_records(args.input)  # validated before the model loads
+    cfg, prefs = config_from_args(args)
+    with PersonaJudge(cfg) as pj:
+        run_jsonl(pj, records, preferences=prefs, batch_size=args.batch_size, output=args.output,
+                  overwrite=args.overwrite, progress=not args.quiet)
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .api import PersonaJudge
 
+    if args.input is not None:
+        return _generate_jsonl(args)
+    if args.output is not None:
+        raise PersonaJudgeError("--output needs --input FILE.jsonl (a single result goes to stdout; see --json)")
+    if args.prompt is None:
+        raise PersonaJudgeError("give a prompt (or '-' to read it from stdin), or --input FILE.jsonl")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt or not prompt.strip():
         raise PersonaJudgeError("the prompt is empty")
@@ -177,10 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="personajudge", description="Personalize LLM output at decoding time (Persona-judge).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     g = sub.add_parser("generate", help="generate one response")
-    g.add_argument("prompt", help="the prompt ('-' reads it from stdin)")
+    g.add_argument("prompt", nargs="?", help="the prompt ('-' reads it from stdin); omit it with --input")
     add_run_options(g)
     g.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and stats")
     g.add_argument("-q", "--quiet", action="store_true", help="no stats line on stderr")
+    b = g.add_argument_group("batch (JSONL)")
+    b.add_argument("--input", metavar="FILE.jsonl",
+                   help='one JSON object per line: {"prompt": str or chat messages, "id"?, "seed"?}')
+    b.add_argument("--output", metavar="FILE.jsonl", help="results, one JSON line per prompt (default: stdout)")
+    b.add_argument("--batch-size", type=int, default=8, dest="batch_size",
+                   help="prompts decoded together as one batch (default 8)")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     g.set_defaults(func=cmd_generate)
     p = sub.add_parser("plugins", help="list registered backends, encoders, methods, scorers")
     p.add_argument("--json", action="store_true")
@@ -199,8 +229,14 @@ def _register_bench(sub) -> None:
     register_command(sub)
 
 
+def _register_eval(sub) -> None:
+    from .evaluation.commands import register
+
+    register(sub)
+
+
 #: Functions that add subcommands (bench, eval, report) to the parser.
-_EXTRA_COMMANDS: list = [_register_bench]
+_EXTRA_COMMANDS: list = [_register_bench, _register_eval]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

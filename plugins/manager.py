@@ -19,9 +19,16 @@ from . import hookspecs
 
 DEFAULT_PLUGINS = (
     "personajudge.backends.toy",
+    "personajudge.backends.llama_cpp",
+    "personajudge.backends.hf",
     "personajudge.preferences.library",
     "personajudge.preferences.encoders",
     "personajudge.plugins.default_methods",
+    "personajudge.plugins.evaluation.scorers.length",
+    "personajudge.plugins.evaluation.scorers.flesch",
+    "personajudge.plugins.evaluation.scorers.vader",
+    "personajudge.plugins.evaluation.scorers.reward_model",
+    "personajudge.plugins.evaluation.scorers.pairwise_judge",
 )
 
 _lock = threading.Lock()

@@ -45,7 +45,7 @@ class CycleSession(Session):
             logits = np.full(6, -30.0)
             logits[1 + self.ctx[view][end] % 5] = 0.0
             rows.append(logits)
-        return np.stack(rows)
+        return np.stack(rows) if rows else np.empty((0, 6))
 
     def forward_many(self, calls: Sequence):
         self.calls.append(len(calls))

