@@ -249,8 +249,8 @@ class HFSession(Session):
             if v in seen:
                 raise ValueError(f"view {v} appears twice in one forward_many call")
             seen.add(v)
-            if not 1 <= n <= len(toks):
-                raise ValueError(f"n_logits must be in 1..{len(toks)}, got {n}")
+            if not 0 <= n <= len(toks) or not toks:
+                raise ValueError(f"n_logits must be in 0..{len(toks)} (and tokens non-empty), got {n}")
             if self._len[v] + len(toks) > b.context_length:
                 raise ContextLengthError(
                     f"view {v} would hold {self._len[v] + len(toks)} tokens, the context holds {b.context_length}; "
@@ -259,7 +259,7 @@ class HFSession(Session):
         hi = max(v for v, _, _ in calls) + 1
         n_rows = hi - lo
         q = max(len(t) for _, t, _ in calls)
-        keep = max(n for _, _, n in calls)
+        keep = max(1, max(n for _, _, n in calls))  # logits_to_keep=0 would mean "all positions"
         need = max(self._len[v] + len(t) for v, t, _ in calls)
         step = self._step
         if need > step.cap:

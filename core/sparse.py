@@ -40,14 +40,22 @@ def _top_k_ids(xp, z: Array, k: int) -> Array:
         import numpy as np
 
         # A full partition of a 262k vocabulary costs ~2 ms; the top entries sit close to the
-        # maximum, so partition only the entries within `delta` of it, widening until k fit.
+        # maximum, so partition only the entries within `delta` of it: widen while fewer than k
+        # fit, narrow while the band is so wide that partitioning it would cost as much.
         m = float(z.max())
-        delta = 8.0
-        while True:
+        lo, hi, delta = 0.0, math.inf, 4.0
+        for _ in range(40):
             cand = np.flatnonzero(z >= m - delta)
-            if cand.size >= k or not math.isfinite(delta):
+            if cand.size < k:
+                lo = delta
+                delta = delta * 2 if hi == math.inf else (lo + hi) / 2
+            elif cand.size > 64 * k and delta - lo > 1e-3:
+                hi = delta
+                delta = (lo + hi) / 2
+            else:
                 break
-            delta = delta * 4 if delta < 1e6 else math.inf
+        if cand.size < k:
+            cand = np.argpartition(z, n - k)[n - k:]
         vals = z[cand]
         if cand.size > k:
             kth = np.partition(vals, cand.size - k)[cand.size - k]

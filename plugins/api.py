@@ -145,11 +145,19 @@ class PersonaJudge:
             out.append(self._result(r))
         return out
 
+    def stop_strings(self, cfg: RunConfig) -> list[str]:
+        """The user's stop strings plus those the encoder's format implies."""
+        tok = self.backend.tokenizer
+        enc = resolve_encoder(cfg.encoder, tok)
+        extra = enc.stop_strings(tok, cfg.encoder_options) if hasattr(enc, "stop_strings") else []
+        return list(dict.fromkeys([*cfg.decoding.stop, *extra]))
+
     def _request(self, contexts: list[list[int]], cfg: RunConfig, seed: int | None,
                  on_text: Callable[[str], None] | None = None) -> DecodeRequest:
         d = cfg.decoding
         seed = seed if seed is not None else fresh_seed()
-        emitter = Emitter(self.backend.tokenizer, max_new_tokens=d.max_new_tokens, stop=d.stop, on_text=on_text)
+        emitter = Emitter(self.backend.tokenizer, max_new_tokens=d.max_new_tokens, stop=self.stop_strings(cfg),
+                          on_text=on_text)
         stats = Stats(method=cfg.method, views=len(contexts), prompt_tokens=[len(c) for c in contexts], seed=seed)
         return DecodeRequest(contexts=contexts, params=SamplingParams(d.temperature, d.top_k, d.top_p),
                              lam=d.lambda_, rng=np.random.default_rng(seed), emitter=emitter,

@@ -81,6 +81,8 @@ def run_bench(cfg: RunConfig, *, prompt: str = DEFAULT_PROMPT, views: int = 2, r
         for m in unknown:
             get_method(m)  # raises with the registered names
     prefs = _views(cfg, views)
+    # Time a fixed number of tokens: no stop strings implied by the prompt format.
+    cfg = cfg.model_copy(update={"encoder_options": {**cfg.encoder_options, "stop": False}})
     t_load = time.perf_counter()
     pj = PersonaJudge(cfg)
     load_s = time.perf_counter() - t_load

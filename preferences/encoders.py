@@ -38,6 +38,9 @@ class Encoder(Protocol):
         """The prompt text of one view, and whether the tokenizer should add BOS."""
         ...
 
+    # Optional: ``stop_strings(tokenizer, options) -> list[str]``, stop strings the
+    # format implies (added to the user's; e.g. the plain template's next "Question:").
+
 
 def normalize_conversation(prompt: str | list[Message]) -> list[Message]:
     """A prompt string or a list of ``{"role", "content"}`` messages -> validated messages."""
@@ -125,9 +128,11 @@ class SystemEncoder:
 #: assistant label so the model continues with the answer.
 PLAIN_TEMPLATES: dict[str, dict[str, str]] = {
     "qa": {"header": "Instructions: {preference}\n\n", "user": "Question: {content}\n",
-           "assistant": "Answer: {content}\n\n", "prompt": "Answer:", "system": "{content}\n\n"},
+           "assistant": "Answer: {content}\n\n", "prompt": "Answer:", "system": "{content}\n\n",
+           "stop": "\nQuestion:"},
     "dialogue": {"header": "The assistant follows this instruction: {preference}\n\n", "user": "User: {content}\n",
-                 "assistant": "Assistant: {content}\n", "prompt": "Assistant:", "system": "{content}\n\n"},
+                 "assistant": "Assistant: {content}\n", "prompt": "Assistant:", "system": "{content}\n\n",
+                 "stop": "\nUser:"},
 }
 
 
@@ -135,16 +140,29 @@ class PlainEncoder:
     name = "plain"
     description = "A plain-text template for base models without a chat template (options: template=qa|dialogue)."
 
-    def render(self, view, conversation, tokenizer, *, system=None, options=None):
-        options = dict(options or {})
-        name = options.pop("template", "qa")
+    @staticmethod
+    def _template(options) -> dict[str, str]:
+        name = (options or {}).get("template", "qa")
         if isinstance(name, dict):
-            tpl = {**PLAIN_TEMPLATES["qa"], **name}
-        elif name in PLAIN_TEMPLATES:
-            tpl = PLAIN_TEMPLATES[name]
-        else:
-            raise ConfigError(f"encoder_options.template: unknown plain template '{name}'; "
-                              f"choose one of {', '.join(PLAIN_TEMPLATES)} or give a table of formats")
+            return {**PLAIN_TEMPLATES["qa"], **name}
+        if name in PLAIN_TEMPLATES:
+            return PLAIN_TEMPLATES[name]
+        raise ConfigError(f"encoder_options.template: unknown plain template '{name}'; "
+                          f"choose one of {', '.join(PLAIN_TEMPLATES)} or give a table of formats")
+
+    def stop_strings(self, tokenizer, options=None) -> list[str]:
+        """A base model answers and then writes the next question; stop there.
+
+        ``encoder_options.stop = false`` turns this off (the benchmark does, to
+        time a fixed number of tokens).
+        """
+        if (options or {}).get("stop", True) is False:
+            return []
+        stop = self._template(options).get("stop")
+        return [stop] if stop else []
+
+    def render(self, view, conversation, tokenizer, *, system=None, options=None):
+        tpl = self._template(options)
         parts = []
         for m in _with_system(conversation, system):
             if m["role"] == "system":
@@ -170,6 +188,9 @@ class InstructionEncoder:
         if tokenizer.chat_template:
             return _chat(tokenizer, _with_system(msgs, system)), False
         return PlainEncoder().render([], msgs, tokenizer, system=system, options=options)
+
+    def stop_strings(self, tokenizer, options=None) -> list[str]:
+        return [] if tokenizer.chat_template else PlainEncoder().stop_strings(tokenizer, options)
 
 
 BUILTIN_ENCODERS = (ChatTurnEncoder, SystemEncoder, PlainEncoder, InstructionEncoder)

@@ -215,3 +215,15 @@ def test_third_party_encoder_package_installs_and_works_from_the_cli(tmp_path):
     # the toy model's prompt length proves the persona card was the prefix
     card = "# Persona card\n- concise: Be concise and to the point; never be verbose.\n\nUser: Why is the sky blue?\nAssistant:"
     assert res["stats"]["prompt_tokens"][0] == len(card)
+
+
+def test_plain_format_implies_a_stop_string(toy):
+    from personajudge.plugins.api import PersonaJudge
+
+    pj = PersonaJudge({"backend": {"name": "toy"}}, backend=toy)
+    assert pj.stop_strings(pj.config) == ["\nQuestion:"]
+    cfg = pj.config.model_copy(update={"encoder_options": {"template": "dialogue"},
+                                       "decoding": pj.config.decoding.model_copy(update={"stop": ["!"]})})
+    assert pj.stop_strings(cfg) == ["!", "\nUser:"]
+    off = pj.config.model_copy(update={"encoder_options": {"stop": False}})
+    assert pj.stop_strings(off) == []
