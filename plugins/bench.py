@@ -51,6 +51,14 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _current_rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return 0.0
+
+
 def _gpu_peak_mb() -> float | None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
@@ -171,9 +179,15 @@ def memory_probe(cfg: RunConfig, prompt: str, views: int) -> dict[str, Any]:
     prefs = _views(cfg, max(views, 1))
     method = "prompt" if views == 1 else "persona-judge"
     with PersonaJudge(cfg) as pj:
-        pj.generate(prompt, preferences=prefs[:views], method=method, seed=0)
+        loaded = _current_rss_mb()
+        during = [loaded]
+        pj.generate(prompt, preferences=prefs[:views], method=method, seed=0,
+                    on_text=lambda _t: during.append(_current_rss_mb()))
         gpu = _gpu_peak_mb()
-    return {"views": views, "peak_rss_mb": _peak_rss_mb(), "gpu_peak_mb": gpu}
+    # The process peak is usually set while loading the weights; the growth
+    # during generation is what the views themselves cost (KV caches, logits).
+    return {"views": views, "peak_rss_mb": _peak_rss_mb(), "gpu_peak_mb": gpu,
+            "rss_after_load_mb": loaded, "generation_rss_growth_mb": max(during) - loaded}
 
 
 def measure_memory(cfg: RunConfig, prompt: str, views: int) -> dict[str, Any]:
@@ -187,7 +201,9 @@ def measure_memory(cfg: RunConfig, prompt: str, views: int) -> dict[str, Any]:
         out[k] = json.loads(proc.stdout.strip().splitlines()[-1])
     one, many = out[1], out[views]
     res = {"peak_rss_mb_1_view": one["peak_rss_mb"], f"peak_rss_mb_{views}_views": many["peak_rss_mb"],
-           "rss_ratio": many["peak_rss_mb"] / one["peak_rss_mb"]}
+           "rss_ratio": many["peak_rss_mb"] / one["peak_rss_mb"],
+           "generation_rss_growth_mb_1_view": one["generation_rss_growth_mb"],
+           f"generation_rss_growth_mb_{views}_views": many["generation_rss_growth_mb"]}
     if one["gpu_peak_mb"]:
         res.update({"gpu_peak_mb_1_view": one["gpu_peak_mb"], f"gpu_peak_mb_{views}_views": many["gpu_peak_mb"],
                     "gpu_ratio": many["gpu_peak_mb"] / one["gpu_peak_mb"]})
@@ -215,7 +231,9 @@ def format_table(rep: dict[str, Any]) -> str:
     if "rss_ratio" in mem:
         k = s["views"]
         lines.append(f"peak RSS: 1 view {mem['peak_rss_mb_1_view']:.0f} MB, {k} views "
-                     f"{mem[f'peak_rss_mb_{k}_views']:.0f} MB (ratio {mem['rss_ratio']:.2f})")
+                     f"{mem[f'peak_rss_mb_{k}_views']:.0f} MB (ratio {mem['rss_ratio']:.2f}); growth while "
+                     f"generating: 1 view {mem['generation_rss_growth_mb_1_view']:.1f} MB, {k} views "
+                     f"{mem[f'generation_rss_growth_mb_{k}_views']:.1f} MB")
     if "gpu_ratio" in mem:
         k = s["views"]
         lines.append(f"peak GPU memory: 1 view {mem['gpu_peak_mb_1_view']:.0f} MB, {k} views "
