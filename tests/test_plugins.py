@@ -144,3 +144,14 @@ def test_builtins_register_through_the_same_hooks():
     assert "personajudge.backends.toy" in impls
     assert {"persona-judge", "persona-judge-base", "prompt", "base", "reference"} <= set(registry("method").names())
     assert {"chat-turn", "system", "plain", "instruction"} <= set(registry("encoder").names())
+
+
+def test_core_imports_neither_torch_nor_llama_cpp():
+    import subprocess
+    import sys
+
+    code = ("import sys, personajudge.core, personajudge.plugins.manager as m; m.list_plugins(); "
+            "print(sorted(x for x in ('torch', 'llama_cpp', 'transformers') if x in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
