@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .files import read_text
 
 #: Defaults of the released Persona-judge code (paper section 5).
 PAPER_DEFAULTS = {"lambda": 4, "temperature": 0.7, "top_k": 20, "top_p": 0.9, "max_new_tokens": 128}
@@ -137,12 +138,7 @@ def build_config(data: dict[str, Any] | None = None, **overrides: Any) -> RunCon
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML config file into a plain dict (validated by :func:`build_config`)."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"cannot read config file {p}: {err}") from None
+    text = read_text(p, "config file", ConfigError)
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:

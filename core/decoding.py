@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import numpy as np
 from array_api_compat import array_namespace
 
 from .acceptance import sample_from, verify_window
-from .sparse import candidates, judge_draft, sample_dist
+from .sparse import Dist, candidates, judge_draft, sample_dist
 from .contract import Session
 from .errors import ContextLengthError
 from .result import Stats
@@ -137,20 +137,30 @@ def _dev_array(ref: Array, values: np.ndarray) -> Array:
     return xp.asarray(values, dtype=ref.dtype, device=_device(ref))
 
 
-def plain_loop(req: DecodeRequest) -> Loop:
-    """Plain sampling from view 0 (the ``prompt`` and ``base`` methods)."""
-    views = Views(req.contexts[:1], req.context_length, req.stats)
+def token_loop(req: DecodeRequest, active: list[int], next_dist: Callable[[Views], Dist]) -> Loop:
+    """One token per step: feed the ``active`` views, sample ``next_dist(views)`` with one uniform.
+
+    The shape of every method that samples a single distribution per token
+    (plain sampling, logit mixing, reward-guided re-ranking).
+    """
+    views = Views(req.contexts, req.context_length, req.stats)
     em = req.emitter
     while True:
         if not views.room(1):
             em.finish("context")
             return
-        yield from views.sync([0])
-        tok = sample_dist(candidates(views.last[0], req.params), req.rng.random())
+        yield from views.sync(active)
+        tok = sample_dist(next_dist(views), req.rng.random())
         req.stats.iterations += 1
         if not em.push(tok):
             return
         views.commit(tok)
+
+
+def plain_loop(req: DecodeRequest) -> Loop:
+    """Plain sampling from view 0 (the ``prompt`` and ``base`` methods)."""
+    req.contexts = req.contexts[:1]
+    return token_loop(req, [0], lambda views: candidates(views.last[0], req.params))
 
 
 def persona_judge_loop(req: DecodeRequest) -> Loop:

@@ -15,10 +15,9 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
-from .acceptance import sample_from
-from .decoding import DecodeRequest, Loop, Views, _dev_array
+from .decoding import DecodeRequest, Loop, token_loop
 from .errors import ConfigError
-from .transforms import filtered_probs
+from .sparse import Dist, candidates
 
 
 def log_softmax(logits: Any) -> Any:
@@ -45,21 +44,10 @@ def mod_loop(req: DecodeRequest, weights: Sequence[float]) -> Loop:
     """
     w = normalize_weights(weights, len(req.contexts))
     active = [i for i, x in enumerate(w) if x > 0]
-    views = Views(req.contexts, req.context_length, req.stats)
-    em = req.emitter
-    while True:
-        if not views.room(1):
-            em.finish("context")
-            return
-        yield from views.sync(active)
-        mixed = None
-        for i in active:
-            lp = log_softmax(views.last[i]) * w[i] if len(active) > 1 else views.last[i]
-            mixed = lp if mixed is None else mixed + lp
-        p = filtered_probs(mixed, req.params)
-        u = _dev_array(p, req.rng.random(1))
-        tok = int(sample_from(p, u[0]))
-        req.stats.iterations += 1
-        if not em.push(tok):
-            return
-        views.commit(tok)
+
+    def mixture(views) -> Dist:
+        if len(active) == 1:
+            return candidates(views.last[active[0]], req.params)
+        return candidates(sum(log_softmax(views.last[i]) * w[i] for i in active), req.params)
+
+    return token_loop(req, active, mixture)

@@ -17,10 +17,10 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
-from .acceptance import sample_from
-from .decoding import DecodeRequest, Loop, Views, _dev_array
+from .decoding import DecodeRequest, Loop, token_loop
 from .mod import log_softmax
-from .transforms import _top_values, filtered_probs
+from .sparse import Dist, candidates
+from .transforms import _top_values
 
 
 def pad_scores(base_logits: Any, rm_logits: Any, ref_logits: Any, *, weight: float, beta: float, k: int) -> Any:
@@ -36,22 +36,11 @@ def pad_scores(base_logits: Any, rm_logits: Any, ref_logits: Any, *, weight: flo
 
 def pad_loop(req: DecodeRequest, *, weight: float, beta: float, k: int) -> Loop:
     """View 0 is the base (pi_base = pi_ref), view 1 the preference-conditioned pi_rm."""
-    views = Views(req.contexts, req.context_length, req.stats)
-    em = req.emitter
     use_rm = weight != 0 and len(req.contexts) > 1
-    need = [0, 1] if use_rm else [0]
-    while True:
-        if not views.room(1):
-            em.finish("context")
-            return
-        yield from views.sync(need)
+
+    def reranked(views) -> Dist:
         base = views.last[0]
-        score = pad_scores(base, views.last[1] if use_rm else base, base, weight=weight if use_rm else 0.0,
-                           beta=beta, k=k)
-        p = filtered_probs(score, req.params)
-        u = _dev_array(p, req.rng.random(1))
-        tok = int(sample_from(p, u[0]))
-        req.stats.iterations += 1
-        if not em.push(tok):
-            return
-        views.commit(tok)
+        rm = views.last[1] if use_rm else base
+        return candidates(pad_scores(base, rm, base, weight=weight if use_rm else 0.0, beta=beta, k=k), req.params)
+
+    return token_loop(req, [0, 1] if use_rm else [0], reranked)

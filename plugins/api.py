@@ -94,14 +94,18 @@ class PersonaJudge:
         ``top_k``, ``top_p``, ``max_new_tokens``, ``stop``, ``seed``, ``roles``,
         ``schedule``). ``on_text`` receives text as it is committed.
         """
+        cfg, meth, pref_views = self._prepare(preferences, views, method, decoding)
+        contexts = self.encode_views(prompt, cfg, meth, pref_views)
+        return self.decode(contexts, cfg, meth, on_text=on_text)
+
+    def _prepare(self, preferences, views, method, decoding: dict[str, Any]):
+        """The run config with per-call overrides, the method instance and the user's views."""
         if "lam" in decoding:
             decoding["lambda"] = decoding.pop("lam")
         cfg = self._run_config(method=method, **{f"decoding.{k}": v for k, v in decoding.items()})
         prefs = list(preferences) if preferences is not None else cfg.preferences
         groups = [list(v) for v in views] if views is not None else cfg.views
-        meth = make_method(cfg)
-        contexts = self.encode_views(prompt, cfg, meth, build_views(prefs, groups))
-        return self.decode(contexts, cfg, meth, on_text=on_text)
+        return cfg, make_method(cfg), build_views(prefs, groups)
 
     def generate_batch(self, prompts: Sequence[Prompt], *, preferences: Sequence[str | Preference] | None = None,
                        views: Sequence[Sequence[str | Preference]] | None = None, method: str | None = None,
@@ -115,13 +119,7 @@ class PersonaJudge:
         sampling mode up to floating-point differences of batched kernels).
         ``seeds`` defaults to ``seed + i`` when a seed is configured.
         """
-        if "lam" in decoding:
-            decoding["lambda"] = decoding.pop("lam")
-        cfg = self._run_config(method=method, **{f"decoding.{k}": v for k, v in decoding.items()})
-        prefs = list(preferences) if preferences is not None else cfg.preferences
-        groups = [list(v) for v in views] if views is not None else cfg.views
-        meth = make_method(cfg)
-        pref_views = build_views(prefs, groups)
+        cfg, meth, pref_views = self._prepare(preferences, views, method, decoding)
         if not prompts:
             return []
         if seeds is None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from personajudge.core.errors import ConfigError, PersonaJudgeError
+from personajudge.core.files import read_text
 
 
 @dataclass
@@ -39,12 +40,7 @@ def read_records(path: str | os.PathLike[str]) -> list[Record]:
     from personajudge.preferences import normalize_conversation
 
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"input file not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"cannot read input file {p}: {err}") from None
+    text = read_text(p, "input file", ConfigError)
     out: list[Record] = []
     ids: set[str] = set()
     for lineno, line in enumerate(text.splitlines(), 1):

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from personajudge.core.files import read_text
+
 from .errors import DatasetError
 
 #: Name of the built-in dataset (50 Koala prompts used by P-Soups and the Persona-judge paper).
@@ -63,12 +65,7 @@ def builtin_prompts() -> list[PromptItem]:
 def read_prompts(path: str | Path) -> list[PromptItem]:
     """Prompts from a JSONL file (one object per line) or a JSON file (a list of objects)."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DatasetError(f"dataset file not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise DatasetError(f"cannot read dataset file {p}: {err}") from None
+    text = read_text(p, "dataset file", DatasetError)
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
