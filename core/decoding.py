@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace
 
-from .acceptance import sample_from, verify_window
+from .acceptance import verify_window
 from .sparse import Dist, candidates, judge_draft, sample_dist
 from .contract import Session
 from .errors import ContextLengthError
@@ -214,24 +214,20 @@ def _interleaved_iteration(views: Views, req: DecodeRequest, d: int, j: int) -> 
 
 def _windowed_iteration(views: Views, req: DecodeRequest, d: int, j: int) -> Loop:
     lam, params, em, st = req.lam, req.params, req.emitter, req.stats
-    u_host = req.rng.random(2 * lam + 1)
+    u = req.rng.random(2 * lam + 1)
     yield from views.sync([d])
     base_d = views.fed[d]
     raw_q = [views.last[d]]
-    q_rows, draft = [], []
-    u = None
+    q_dists, draft = [], []
     for i in range(lam):
-        q = filtered_probs(raw_q[i], params)
-        if u is None:
-            u = _dev_array(q, u_host)
-        t = int(sample_from(q, u[i]))
-        draft.append(t)
-        q_rows.append(q)
+        q = candidates(raw_q[i], params)
+        draft.append(sample_dist(q, u[i]))
+        q_dists.append(q)
         if i < lam - 1:
-            out = yield Forward([(d, [t], 1)])
+            out = yield Forward([(d, [draft[-1]], 1)])
             st.forwards += 1
             raw_q.append(out[0][-1])
-    xp = array_namespace(q_rows[0])
+    xp = array_namespace(raw_q[0])
     pend = views.pending(j)
     base_j = len(views.contexts[j])  # the judge's length once its pending tokens are in
     if pend:
@@ -241,10 +237,7 @@ def _windowed_iteration(views: Views, req: DecodeRequest, d: int, j: int) -> Loo
         out = yield Forward([(j, draft, lam)])
         raw_p = xp.concat([views.last[j][None, :], out[0]], axis=0)
     st.forwards += 1
-    p = filtered_probs(raw_p, params)
-    tokens = xp.asarray(draft, dtype=xp.int64, device=_device(p))
-    n_acc, emitted = verify_window(p, xp.stack(q_rows), tokens, u[lam:2 * lam], u[2 * lam])
-    n_acc, emitted = int(n_acc), int(emitted)
+    n_acc, emitted = _judge_window(raw_p, raw_q, q_dists, draft, u, req)
     st.accepted += n_acc
     st.drafted += min(n_acc + 1, lam)  # judged tokens, as in the interleaved schedule
     # Roll back what was fed past the accepted prefix; the logits after the
@@ -260,6 +253,31 @@ def _windowed_iteration(views: Views, req: DecodeRequest, d: int, j: int) -> Loo
         if not em.push(t):
             return
         views.commit(t)
+
+
+def _judge_window(raw_p: Array, raw_q: list[Array], q_dists: list[Dist], draft: list[int], u: np.ndarray,
+                  req: DecodeRequest) -> tuple[int, int]:
+    """(accepted count, emitted token) for a drafted window.
+
+    Without top-k the distributions are dense anyway and the whole window is
+    judged in one vectorized call; with top-k each row is judged on its
+    support, row by row up to the first rejection, which on a CPU is far
+    cheaper than filtering lambda+1 dense rows. Same decisions either way.
+    """
+    lam, params = req.lam, req.params
+    if params.greedy or 0 < params.top_k < raw_p.shape[-1]:
+        for i in range(lam):
+            ok, emit = judge_draft(candidates(raw_p[i], params), q_dists[i], draft[i], u[lam + i], u[2 * lam])
+            if not ok:
+                return i, emit
+        return lam, sample_dist(candidates(raw_p[lam], params), u[2 * lam])
+    xp = array_namespace(raw_p)
+    p = filtered_probs(raw_p, params)
+    q = filtered_probs(xp.stack(raw_q), params)
+    ud = _dev_array(p, u)
+    tokens = xp.asarray(draft, dtype=xp.int64, device=_device(p))
+    n_acc, emitted = verify_window(p, q, tokens, ud[lam:2 * lam], ud[2 * lam])
+    return int(n_acc), int(emitted)
 
 
 def _device(x: Array):

@@ -188,3 +188,11 @@ def test_loops_without_the_api(toy):
         with toy.open(2) as s:
             drive(s, loop(req))
         assert len(em.tokens) == 20 and em.finish_reason == "length"
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_windowed_dense_path_without_top_k_agrees(pj, top_p):
+    kw = dict(preferences=["concise", "humor"], max_new_tokens=60, seed=4, top_k=0, top_p=top_p)
+    fast = pj.generate(PROMPT, schedule="interleaved", **kw)
+    windowed = pj.generate(PROMPT, schedule="windowed", **kw)
+    assert fast.tokens == windowed.tokens
