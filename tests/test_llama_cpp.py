@@ -289,7 +289,11 @@ def test_forward_many_matches_separate_forwards(backend, ctxs):
 def test_session_contract_errors(backend, ctxs):
     s = backend.open(2)
     with pytest.raises(ValueError):
-        s.forward(0, ctxs["A"], 0)
+        s.forward(0, ctxs["A"], len(ctxs["A"]) + 1)
+    with pytest.raises(ValueError):
+        s.forward(0, ctxs["A"], -1)
+    fed = s.forward(0, ctxs["A"], 0)  # feed only: the tokens go in, no logits come out
+    assert fed.shape == (0, backend.tokenizer.vocab_size) and s.length(0) == len(ctxs["A"])
     with pytest.raises(ValueError):
         s.forward_many([(0, [5], 1), (0, [6], 1)])
     with pytest.raises(IndexError):
