@@ -55,7 +55,8 @@ from personajudge.core.errors import (BackendUnavailableError, ConfigError, Cont
 from personajudge.plugins.hookspecs import hookimpl
 
 INSTALL_HINT = "pip install 'persona-judge[hf]'"
-_OPTIONS = {"device_map", "attn_implementation", "trust_remote_code", "gguf_file", "revision", "cpu_prepack"}
+_OPTIONS = {"device_map", "attn_implementation", "trust_remote_code", "gguf_file", "revision", "cpu_prepack",
+            "adapter"}
 _DTYPES = ("float32", "float16", "bfloat16", "auto")
 _MASKED_ATTN = ("sdpa", "eager")
 
@@ -316,6 +317,18 @@ class HFSession(Session):
 # --------------------------------------------------------------------------------------------- backend
 
 
+def _merge_adapter(model: Any, adapter: str) -> Any:
+    """Apply a LoRA/PEFT adapter and merge it into the weights (PAD's personalized reward model)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise BackendUnavailableError("backend.options.adapter needs peft: pip install peft") from None
+    try:
+        return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load the adapter {adapter}: {str(err).splitlines()[0]}") from None
+
+
 def _cache_root() -> Path:
     try:
         from personajudge.backends.embedded import cache_dir
@@ -475,6 +488,9 @@ class HFBackend(Backend):
             raise ConfigError(f"backend.dtype must be one of {', '.join(_DTYPES)}, got {config.dtype!r}")
         t0 = time.perf_counter()
         self.model_label, self.model, tok = self._load(config.model, opts.get("gguf_file"))
+        if opts.get("adapter"):
+            self.model = _merge_adapter(self.model, str(opts["adapter"]))
+            self.model_label += f"+{opts['adapter']}"
         self.load_time_s = time.perf_counter() - t0
         self.model.eval()
         mcfg = self.model.config

@@ -122,14 +122,23 @@ class Mod(_Driven):
 
 
 class Pad(_Driven):
-    """Options: ``weight`` (w, default 1.0), ``beta`` (default 1.0), ``k`` (candidates; default: top_k or 10)."""
+    """Options: ``weight`` (w, default 1.0), ``beta`` (default 1.0), ``k`` (candidates; default: top_k or 10).
+
+    The reward policy pi_rm is the preference-prompted view of the same model
+    (training-free) unless a subclass supplies ``reward_session()``: a session
+    of a separate personalized reward model sharing the tokenizer, to which
+    the preference view is then routed.
+    """
 
     name = "pad"
     description = ("PAD-style reward-guided decoding: re-rank the base view's top-k by a token-level "
-                   "personalized reward (training-free: the preference-prompted view as reward policy).")
+                   "personalized reward (default: the preference-prompted view as reward policy).")
 
     def __init__(self, weight: float = 1.0, beta: float = 1.0, k: int | None = None):
         self.weight, self.beta, self.k = float(weight), float(beta), k
+
+    def reward_session(self) -> Session | None:
+        return None
 
     def plan(self, views: Sequence[View]) -> list[View]:
         return [[], [p for v in views for p in v]]
@@ -139,6 +148,16 @@ class Pad(_Driven):
 
         k = self.k if self.k is not None else (req.params.top_k or 10)
         return pad_loop(req, weight=self.weight, beta=self.beta, k=k)
+
+    def decode(self, session: Session, req: DecodeRequest) -> None:
+        rm = self.reward_session() if self.weight != 0 else None
+        if rm is None:
+            drive(session, self.loop(req))
+            return
+        from .routed import RoutedSession
+
+        with rm:
+            drive(RoutedSession(session, rm, routed=[1]), self.loop(req))
 
 
 BUILTIN_METHODS = (PersonaJudge, PersonaJudgeBase, Prompt, Base, Reference, Mod, Pad)
