@@ -132,7 +132,6 @@ def test_stop_string_cuts_text_and_never_emits_after_it(pj):
 
 def test_eos_ends_generation(toy):
     # bias the toy model towards EOS so it is reached quickly
-    from personajudge.core.config import BackendConfig
 
     be = ToyBackend(BackendConfig(name="toy", options={"seed": 3}))
     be._bigram[:, 0] += 9.0
@@ -159,7 +158,6 @@ def test_generate_batch_rows_equal_single_runs(pj):
 
 
 def test_context_overflow_stops_with_reason(toy):
-    from personajudge.core.config import BackendConfig
 
     be = ToyBackend(BackendConfig(name="toy", n_ctx=160))
     pj = PersonaJudge({"backend": {"name": "toy"}}, backend=be)
@@ -168,7 +166,6 @@ def test_context_overflow_stops_with_reason(toy):
 
 
 def test_prompt_longer_than_context_is_a_typed_error(toy):
-    from personajudge.core.config import BackendConfig
     from personajudge.core.errors import ContextLengthError
 
     be = ToyBackend(BackendConfig(name="toy", n_ctx=64))

@@ -12,7 +12,7 @@ from chat_tokenizers import STRICT, ChatTokenizer
 from personajudge.backends.toy import ToyTokenizer
 from personajudge.core.errors import ConfigError, PreferenceError
 from personajudge.plugins.cli import main
-from personajudge.preferences import Preference, build_views, load_file, resolve, resolve_encoder
+from personajudge.preferences import build_views, load_file, resolve, resolve_encoder
 from personajudge.preferences.encoders import normalize_conversation
 from personajudge.preferences.library import builtin_preferences
 
