@@ -193,3 +193,13 @@ def test_windowed_dense_path_without_top_k_agrees(pj, top_p):
     fast = pj.generate(PROMPT, schedule="interleaved", **kw)
     windowed = pj.generate(PROMPT, schedule="windowed", **kw)
     assert fast.tokens == windowed.tokens
+
+
+def test_emitter_text_is_incremental_but_exact(toy):
+    """Long outputs are decoded from a checkpoint, with the same text as a full decode."""
+    from emitter_check import assert_incremental_text_matches
+
+    tok = toy.tokenizer
+    rng = np.random.default_rng(0)
+    text = tok.encode("A long answer, with punctuation; spaces  and\nnewlines. " * 8, add_bos=False)
+    assert_incremental_text_matches(tok, [text, [int(x) for x in rng.integers(0, tok.vocab_size, 300)]])

@@ -123,6 +123,25 @@ def test_registered_and_light_import():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_emitter_text_is_exact_with_a_metaspace_decoder():
+    """A SentencePiece-style decoder drops the space of a text's first piece; decoding from a
+    checkpoint must not drop it mid-text."""
+    from emitter_check import assert_incremental_text_matches
+    from personajudge.backends.hf import HFTokenizer
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<eos>"] + [f"\u2581{w}" for w in "the cat sat on a mat and then it ran".split()] + ["s", "."]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.decoder = decoders.Metaspace()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>")
+    tok = HFTokenizer(hf, len(words), frozenset({1}))
+    assert tok.decode([2, 3]) == "the cat" and tok.decode([3]) == "cat"  # the first space is dropped
+    rng = np.random.default_rng(0)
+    assert_incremental_text_matches(tok, [[int(x) for x in rng.integers(2, len(words), 150)]])
+
+
 def test_tokenizer_adapter(backend_for):
     b = backend_for("llama")
     tok = b.tokenizer

@@ -375,6 +375,19 @@ def test_tokenizer(backend):
 
 
 @pytest.mark.model
+def test_emitter_text_is_exact_on_gemmas_tokenizer(backend):
+    """Incremental decoding matches a full decode on byte-fallback pieces, specials and leading spaces."""
+    from emitter_check import assert_incremental_text_matches
+
+    tok = backend.tokenizer
+    text = ("  Leading spaces, naïve café — 😀 日本語 <end_of_turn> def f(x):\n    return x  # ok\n\n" * 6)
+    rng = np.random.default_rng(0)
+    random_ids = [int(x) for x in rng.integers(0, tok.vocab_size, 200)]
+    emoji_bytes = tok.encode("😀🎉 🧑‍🚀", add_bos=False) * 12
+    assert_incremental_text_matches(tok, [tok.encode(text, add_bos=False), random_ids, emoji_bytes])
+
+
+@pytest.mark.model
 def test_chat_template_rendering(backend, monkeypatch):
     from chat_tokenizers import STRICT
     from jinja2.exceptions import TemplateError
