@@ -74,9 +74,13 @@ def _views(cfg: RunConfig, k: int) -> list[str]:
 
 
 def run_bench(cfg: RunConfig, *, prompt: str = DEFAULT_PROMPT, views: int = 2, repeats: int = 3,
-              methods: list[str] | None = None, progress: bool = True, reference_max_new_tokens: int | None = None
-              ) -> dict[str, Any]:
-    """Time each method; returns the JSON-able report (see :data:`SCHEMA`)."""
+              methods: list[str] | None = None, progress: bool = True, reference_max_new_tokens: int | None = None,
+              steps: bool = True) -> dict[str, Any]:
+    """Time each method; returns the JSON-able report (see :data:`SCHEMA`).
+
+    With ``steps`` (and at least two views), the backend's step costs and the
+    ceiling they imply are measured too (:mod:`personajudge.plugins.steps`).
+    """
     from tqdm.auto import tqdm
 
     from .api import PersonaJudge, make_method
@@ -112,6 +116,7 @@ def run_bench(cfg: RunConfig, *, prompt: str = DEFAULT_PROMPT, views: int = 2, r
                          "acceptance_rate": statistics.mean(acc) if acc else None,
                          "tokens": statistics.median(x["tokens"] for x in timed),
                          "views": timed[0]["views"], "runner": timed[0]["runner"], "runs": timed})
+        costs = _step_costs(pj, cfg, prompt, prefs, make_method) if steps and views >= 2 else None
     finally:
         bar.close()
         pj.close()
@@ -131,6 +136,7 @@ def run_bench(cfg: RunConfig, *, prompt: str = DEFAULT_PROMPT, views: int = 2, r
         "load_time_s": load_s,
         "results": rows,
         "persona_judge_over_reference": (pjr["tokens_per_s"] / ref["tokens_per_s"]) if pjr and ref else None,
+        "steps": costs,
         "memory": {"peak_rss_mb_this_process": _peak_rss_mb(), "gpu_peak_mb": _gpu_peak_mb()},
     }
 
@@ -164,6 +170,15 @@ def _one(pj, cfg: RunConfig, name: str, prompt: str, prefs: list[str], seed: int
     s = res.stats
     return {"seed": seed, "tokens": s.tokens, "wall_time_s": s.wall_time_s, "tokens_per_s": s.tokens_per_s,
             "acceptance_rate": s.acceptance_rate, "views": s.views, "runner": "core"}
+
+
+def _step_costs(pj, cfg: RunConfig, prompt: str, prefs: list[str], make_method) -> dict[str, float]:
+    from .steps import step_costs
+
+    c = cfg.model_copy(update={"method": "persona-judge", "preferences": prefs[:2], "views": None})
+    contexts = pj.encode_views(prompt, c, make_method(c), _build(prefs[:2]))
+    with pj.backend.open(2) as session:
+        return step_costs(session, contexts, lam=cfg.decoding.lambda_)
 
 
 def _build(prefs):
@@ -227,6 +242,10 @@ def format_table(rep: dict[str, Any]) -> str:
                      f"{r['tokens']:>6.0f} | {r['runner']:<6} |")
     if rep.get("persona_judge_over_reference"):
         lines.append(f"\npersona-judge over reference (no KV cache): {rep['persona_judge_over_reference']:.1f}x")
+    if rep.get("steps"):
+        from .steps import format_steps
+
+        lines.append(format_steps(rep["steps"]))
     mem = rep.get("memory", {})
     if "rss_ratio" in mem:
         k = s["views"]
@@ -253,7 +272,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError("--repeats must be at least 1")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     rep = run_bench(cfg, prompt=args.prompt, views=args.views, repeats=args.repeats, methods=methods,
-                    progress=not args.json, reference_max_new_tokens=args.reference_max_new_tokens)
+                    progress=not args.json, reference_max_new_tokens=args.reference_max_new_tokens,
+                    steps=not args.no_steps)
     if not args.no_memory:
         rep["memory"].update(measure_memory(cfg, args.prompt, args.views))
     if args.json:
@@ -275,6 +295,8 @@ def register_command(sub) -> None:
     p.add_argument("--reference-max-new-tokens", type=int, dest="reference_max_new_tokens",
                    help="cap the slow reference method's length (its tokens/s is still comparable)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--no-steps", action="store_true", dest="no_steps",
+                   help="skip timing the backend's single and batched steps (and the ceiling they imply)")
     p.add_argument("--json", action="store_true", help="print the stable JSON report")
     p.set_defaults(func=cmd_bench)
 

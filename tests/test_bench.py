@@ -2,11 +2,14 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from personajudge.core.config import build_config
+from personajudge.core.contract import Session
 from personajudge.plugins.bench import SCHEMA, format_table, run_bench
 from personajudge.plugins.cli import main
+from personajudge.plugins.steps import ceiling, step_costs
 
 
 def test_report_schema_and_ratios():
@@ -25,6 +28,55 @@ def test_report_schema_and_ratios():
     assert rep["persona_judge_over_reference"] == pytest.approx(
         rows["persona-judge"]["tokens_per_s"] / rows["reference"]["tokens_per_s"])
     assert "| persona-judge " in format_table(rep)
+    steps = rep["steps"]
+    assert set(steps) == {"one_view_one_row_ms", "one_view_no_row_ms", "two_views_two_rows_ms",
+                          "two_views_one_row_ms", "ceiling_ratio"}
+    assert all(v > 0 for v in steps.values())
+    assert "ceiling at full acceptance" in format_table(rep)
+    assert run_bench(cfg, views=1, repeats=1, methods=["plain"], progress=False)["steps"] is None
+    assert run_bench(cfg, views=2, repeats=1, methods=["plain"], progress=False, steps=False)["steps"] is None
+
+
+class _Clocked(Session):
+    """A session whose steps advance a fake clock by a fixed cost per call and per logits row,
+    and which checks that every timed step is rolled back."""
+
+    def __init__(self, per_call, per_row, per_token):
+        self.n_views, self.now, self.len = 2, 0.0, [0, 0]
+        self.cost = (per_call, per_row, per_token)
+
+    def forward_many(self, calls):
+        c, r, t = self.cost
+        self.now += c + sum(r * n + t * len(toks) for _, toks, n in calls)
+        for v, toks, _ in calls:
+            self.len[v] += len(toks)
+        return [np.zeros((n, 8), dtype=np.float32) for _, _, n in calls]
+
+    def forward(self, view, tokens, n_logits=1):
+        return self.forward_many([(view, tokens, n_logits)])[0]
+
+    def truncate(self, view, length):
+        assert length <= self.len[view]
+        self.len[view] = length
+
+    def length(self, view):
+        return self.len[view]
+
+
+def test_step_costs_and_the_ceiling_they_imply():
+    """Costs come out of the clock per step; the ceiling is one single step over the interleaved
+    schedule's average step at full acceptance."""
+    s = _Clocked(per_call=0.001, per_row=0.008, per_token=0.002)
+    costs = step_costs(s, [[5] * 10, [6] * 12], lam=4, repeats=3, clock=lambda: s.now)
+    assert costs["one_view_one_row_ms"] == pytest.approx(11.0)
+    assert costs["one_view_no_row_ms"] == pytest.approx(3.0)
+    assert costs["two_views_two_rows_ms"] == pytest.approx(21.0)
+    assert costs["two_views_one_row_ms"] == pytest.approx(13.0)
+    assert costs["ceiling_ratio"] == pytest.approx(11.0 / ((4 * 21.0 + 13.0) / 5))
+    assert s.len == [10, 12]  # the prompts stay, every timed step was rolled back
+    assert ceiling({"one_view_one_row_ms": 1, "two_views_two_rows_ms": 1, "two_views_one_row_ms": 1}, 4) == 1
+    with pytest.raises(ValueError, match="two views"):
+        step_costs(s, [[5] * 10], lam=4)
 
 
 def test_cli_json_with_memory_probes(capsys):

@@ -208,6 +208,24 @@ def test_rollback_equals_fresh_evaluation(backend, ctxs):
 
 
 @pytest.mark.model
+def test_step_cost_probe_leaves_the_session_as_it_found_it(backend, ctxs):
+    """The bench's step timings roll every step back: the next forward sees only the prompts."""
+    from personajudge.plugins.steps import step_costs
+
+    A, B, cont = ctxs["A"], ctxs["B"], ctxs["cont"]
+    with backend.open(2) as s:
+        costs = step_costs(s, [A, B], lam=4, repeats=2)
+        assert s.length(0) == len(A) and s.length(1) == len(B)
+        after = s.forward(1, cont[:3])
+    with backend.open(2) as s:  # the same batch shapes, without the probe
+        s.forward_many([(0, A, 1), (1, B, 1)])
+        expected = s.forward(1, cont[:3])
+    assert all(v > 0 for v in costs.values())
+    assert costs["two_views_two_rows_ms"] > costs["one_view_no_row_ms"]
+    assert_exact(after, expected, "after the step probe vs without it")
+
+
+@pytest.mark.model
 def test_partial_rollback_leaves_no_trace(backend, ctxs):
     """Keep 2 of 5 verified tokens: what the 3 rejected ones were must not matter at all."""
     A, cont = ctxs["A"], ctxs["cont"]
