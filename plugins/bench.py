@@ -147,8 +147,7 @@ def _one(pj, cfg: RunConfig, name: str, prompt: str, prefs: list[str], seed: int
     if name == "plain":
         # The backend's own sampler on one preference-prompted view: the baseline to beat.
         c = cfg.model_copy(update={"method": "prompt", "preferences": prefs[:1], "views": None})
-        meth = make_method(c)
-        ctx = pj.encode_views(prompt, c, meth, _build(prefs[:1]))[0]
+        ctx = _encode(pj, c, prompt, prefs[:1], make_method)[1][0]
         t0 = time.perf_counter()
         toks = pj.backend.native_generate(ctx, temperature=d.temperature, top_k=d.top_k, top_p=d.top_p,
                                           max_new_tokens=d.max_new_tokens, seed=seed)
@@ -164,8 +163,7 @@ def _one(pj, cfg: RunConfig, name: str, prompt: str, prefs: list[str], seed: int
     if name_ == "reference" and ref_tokens:
         dec = dec.model_copy(update={"max_new_tokens": ref_tokens})
     c = cfg.model_copy(update={**upd, "decoding": dec})
-    meth = make_method(c)
-    contexts = pj.encode_views(prompt, c, meth, _build(view_prefs))
+    meth, contexts = _encode(pj, c, prompt, view_prefs, make_method)
     res = pj.decode(contexts, c, meth)
     s = res.stats
     return {"seed": seed, "tokens": s.tokens, "wall_time_s": s.wall_time_s, "tokens_per_s": s.tokens_per_s,
@@ -176,15 +174,17 @@ def _step_costs(pj, cfg: RunConfig, prompt: str, prefs: list[str], make_method) 
     from .steps import step_costs
 
     c = cfg.model_copy(update={"method": "persona-judge", "preferences": prefs[:2], "views": None})
-    contexts = pj.encode_views(prompt, c, make_method(c), _build(prefs[:2]))
+    contexts = _encode(pj, c, prompt, prefs[:2], make_method)[1]
     with pj.backend.open(2) as session:
         return step_costs(session, contexts, lam=cfg.decoding.lambda_)
 
 
-def _build(prefs):
+def _encode(pj, c: RunConfig, prompt: str, prefs: list[str], make_method):
+    """The method ``c`` names, and the token contexts it prompts for ``prefs`` (one view each)."""
     from personajudge.preferences import build_views
 
-    return build_views(prefs)
+    meth = make_method(c)
+    return meth, pj.encode_views(prompt, c, meth, build_views(prefs))
 
 
 def memory_probe(cfg: RunConfig, prompt: str, views: int) -> dict[str, Any]:
