@@ -49,10 +49,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 from personajudge.core.config import BackendConfig
-from personajudge.core.contract import Backend, Session
+from personajudge.core.contract import Backend, ForwardCall, Session
 from personajudge.core.errors import (BackendUnavailableError, ConfigError, ContextLengthError, DeviceError,
                                       ModelLoadError)
-from personajudge.plugins.hookspecs import hookimpl
 
 INSTALL_HINT = "pip install 'persona-judge[hf]'"
 _OPTIONS = {"device_map", "attn_implementation", "trust_remote_code", "gguf_file", "revision", "cpu_prepack",
@@ -212,56 +211,24 @@ class HFSession(Session):
     """One batched KV cache, one row per view (``n_views`` rows)."""
 
     def __init__(self, backend: "HFBackend", n_views: int):
-        if n_views < 1:
-            raise ValueError("a session needs at least one view")
+        super().__init__(n_views, backend.context_length, backend.tokenizer.vocab_size)
         self.backend = backend
-        self.n_views = n_views
-        self._len = [0] * n_views
         self._step = _Step()
         self._cache = _row_cache(self._step, n_views, backend._n_layers)
-        self._closed = False
 
-    def length(self, view: int) -> int:
-        return self._len[view]
+    def _truncate(self, view: int, length: int) -> None:
+        pass  # the slots past ``length`` become stale; the row's next tokens overwrite them
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("this session is closed")
-
-    def truncate(self, view: int, length: int) -> None:
-        if length < 0:
-            raise ValueError(f"length must be >= 0, got {length}")
-        # The slots past ``length`` become stale; the row's next tokens overwrite them.
-        self._len[view] = min(self._len[view], length)
-
-    def forward(self, view: int, tokens: Sequence[int], n_logits: int = 1):
-        return self.forward_many([(view, tokens, n_logits)])[0]
-
-    def forward_many(self, calls: Sequence[tuple[int, Sequence[int], int]]):
-        if not calls:
-            return []
-        self._check_open()
+    def _forward_many(self, calls: list[ForwardCall]):
         b = self.backend
         torch = b.torch
-        seen = set()
-        for v, toks, n in calls:
-            if not 0 <= v < self.n_views:
-                raise ValueError(f"view {v} out of range (session has {self.n_views})")
-            if v in seen:
-                raise ValueError(f"view {v} appears twice in one forward_many call")
-            seen.add(v)
-            if not 0 <= n <= len(toks) or not toks:
-                raise ValueError(f"n_logits must be in 0..{len(toks)} (and tokens non-empty), got {n}")
-            if self._len[v] + len(toks) > b.context_length:
-                raise ContextLengthError(
-                    f"view {v} would hold {self._len[v] + len(toks)} tokens, the context holds {b.context_length}; "
-                    "shorten the prompt or raise --n-ctx (up to the model's maximum)")
+        lengths = self._lengths
         lo = min(v for v, _, _ in calls)
         hi = max(v for v, _, _ in calls) + 1
         n_rows = hi - lo
         q = max(len(t) for _, t, _ in calls)
         keep = max(1, max(n for _, _, n in calls))  # logits_to_keep=0 would mean "all positions"
-        need = max(self._len[v] + len(t) for v, t, _ in calls)
+        need = max(lengths[v] + len(t) for v, t, _ in calls)
         step = self._step
         if need > step.cap:
             step.cap = min(b.context_length, max(need + 64, 2 * step.cap, 256))
@@ -273,11 +240,11 @@ class HFSession(Session):
         slots = [[trash] * q for _ in range(n_rows)]
         kv_len = 1
         for r in range(n_rows):
-            start = self._len[lo + r]
+            start = lengths[lo + r]
             p = max(start - 1, 0)  # pad queries look at the row's existing tokens (always finite)
             pos[r] = [p] * q
         for v, toks, _ in calls:
-            r, start, k = v - lo, self._len[v], len(toks)
+            r, start, k = v - lo, lengths[v], len(toks)
             ids[r][q - k:] = list(toks)
             pos[r][q - k:] = range(start, start + k)
             slots[r][q - k:] = range(start, start + k)
@@ -303,12 +270,9 @@ class HFSession(Session):
         if logits.dtype != torch.float32:
             logits = logits.float()
         logits = logits[:, -keep:, :]
-        for v, toks, _ in calls:
-            self._len[v] += len(toks)
         return [logits[v - lo, keep - n:, :] for v, _, n in calls]
 
-    def close(self) -> None:
-        self._closed = True
+    def _close(self) -> None:
         for layer in getattr(self._cache, "layers", []):
             layer.keys = layer.values = None
         self._step.cap = 0
@@ -791,8 +755,3 @@ class HFBackend(Backend):
         del model
         if getattr(self, "torch", None) is not None and self.torch.cuda.is_available():
             self.torch.cuda.empty_cache()
-
-
-@hookimpl
-def register_backends(register):
-    register(HFBackend)

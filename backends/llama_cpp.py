@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from personajudge.core.config import BackendConfig
-from personajudge.core.contract import Backend, Session
+from personajudge.core.contract import Backend, ForwardCall, Session
 from personajudge.core.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -47,7 +47,6 @@ from personajudge.core.errors import (
     DeviceError,
     ModelLoadError,
 )
-from personajudge.plugins.hookspecs import hookimpl
 
 INSTALL_HINT = "pip install 'persona-judge[llama]'"
 DEFAULT_N_CTX = 4096
@@ -329,68 +328,24 @@ _DECODE_ERRORS = {
 # --------------------------------------------------------------------------- session
 
 class LlamaCppSession(Session):
-    """One KV-cache sequence per view in the backend's single llama.cpp context."""
+    """One KV-cache sequence per view in the backend's single llama.cpp context.
+
+    A backend serves one open session at a time (its sequences are the
+    views); opening another closes this one, and the base class then refuses
+    further calls on it.
+    """
 
     def __init__(self, backend: "LlamaCppBackend", n_views: int):
+        super().__init__(n_views, backend.context_length, backend.n_vocab)
         self.backend = backend
-        self.n_views = n_views
-        self._len = [0] * n_views
-        self._closed = False
 
-    def _check(self) -> None:
-        if self._closed or self.backend._session is not self:
-            raise RuntimeError("this llama-cpp session is closed (a backend serves one open session at a time)")
+    def _forward_many(self, calls: list[ForwardCall]) -> list[np.ndarray]:
+        return self.backend._decode([(c.view, self.length(c.view), c.tokens, c.n_logits) for c in calls])
 
-    def _view(self, view: int) -> int:
-        if not 0 <= view < self.n_views:
-            raise IndexError(f"view {view} out of range (session has {self.n_views} views)")
-        return view
+    def _truncate(self, view: int, length: int) -> None:
+        self.backend._seq_rm(view, length)
 
-    def forward(self, view: int, tokens: Sequence[int], n_logits: int = 1) -> np.ndarray:
-        return self.forward_many([(view, tokens, n_logits)])[0]
-
-    def forward_many(self, calls: Sequence[tuple[int, Sequence[int], int]]) -> list[np.ndarray]:
-        self._check()
-        prepared = []
-        seen = set()
-        for view, tokens, n_logits in calls:
-            v = self._view(int(view))
-            if v in seen:
-                raise ValueError(f"forward_many got view {v} twice; give each view one call")
-            seen.add(v)
-            toks = [int(t) for t in tokens]
-            if toks and not (0 <= min(toks) and max(toks) < self.backend.n_vocab):
-                raise ValueError(f"token ids must be in 0..{self.backend.n_vocab - 1}")
-            if not 0 <= n_logits <= len(toks):
-                raise ValueError(f"n_logits must be in 0..{len(toks)}, got {n_logits}")
-            if self._len[v] + len(toks) > self.backend.context_length:
-                raise ContextLengthError(
-                    f"view {v} would hold {self._len[v] + len(toks)} tokens but the context holds "
-                    f"{self.backend.context_length} per view; raise the context size (--n-ctx) or "
-                    "shorten the prompt")
-            prepared.append((v, toks, int(n_logits)))
-        outs = self.backend._decode([(v, self._len[v], toks, n) for v, toks, n in prepared])
-        for v, toks, _ in prepared:
-            self._len[v] += len(toks)
-        return outs
-
-    def truncate(self, view: int, length: int) -> None:
-        self._check()
-        v = self._view(view)
-        if length < 0:
-            raise ValueError(f"length must be >= 0, got {length}")
-        if length >= self._len[v]:
-            return
-        self.backend._seq_rm(v, length)
-        self._len[v] = length
-
-    def length(self, view: int) -> int:
-        return self._len[self._view(view)]
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    def _close(self) -> None:
         if self.backend._session is self:
             self.backend._session = None
             self.backend._clear_sequences(self.n_views)
@@ -779,8 +734,3 @@ def _hint(errors: list[str]) -> str:
     if "unknown model architecture" in text:
         return " -- this llama-cpp-python is too old for the model; upgrade it"
     return ""
-
-
-@hookimpl
-def register_backends(register):
-    register(LlamaCppBackend)

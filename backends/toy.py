@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 
 from personajudge.core.config import BackendConfig
-from personajudge.core.contract import Backend, Session
+from personajudge.core.contract import Backend, ForwardCall, Session
 from personajudge.core.errors import ConfigError
-from personajudge.plugins.hookspecs import hookimpl
 
 ALPHABET = " abcdefghijklmnopqrstuvwxyz.,!?'"
 EOS = 0
@@ -48,29 +47,24 @@ class ToyTokenizer:
 
 class ToySession(Session):
     def __init__(self, backend: "ToyBackend", n_views: int):
+        super().__init__(n_views, backend.context_length, backend.tokenizer.vocab_size)
         self.backend = backend
-        self.n_views = n_views
         self._ctx: list[list[int]] = [[] for _ in range(n_views)]
 
-    def forward(self, view: int, tokens: Sequence[int], n_logits: int = 1) -> np.ndarray:
-        tokens = list(tokens)
-        if not 0 <= n_logits <= len(tokens):
-            raise ValueError(f"n_logits must be in 0..{len(tokens)}, got {n_logits}")
+    def _forward_many(self, calls: list[ForwardCall]) -> list[np.ndarray]:
+        self.backend.forward_calls += 1
+        return [self._forward(c.view, list(c.tokens), c.n_logits) for c in calls]
+
+    def _forward(self, view: int, tokens: list[int], n_logits: int) -> np.ndarray:
         ctx = self._ctx[view]
         start = len(ctx)
-        if start + len(tokens) > self.backend.context_length:
-            raise ValueError("context overflow")
         ctx.extend(tokens)
         ends = range(start + len(tokens) - n_logits + 1, start + len(tokens) + 1)
-        self.backend.forward_calls += 1
         rows = [self.backend.logits_after(ctx[:e]) for e in ends]
         return np.stack(rows) if rows else np.empty((0, self.backend.tokenizer.vocab_size), dtype=np.float32)
 
-    def truncate(self, view: int, length: int) -> None:
+    def _truncate(self, view: int, length: int) -> None:
         del self._ctx[view][length:]
-
-    def length(self, view: int) -> int:
-        return len(self._ctx[view])
 
 
 class ToyBackend(Backend):
@@ -104,8 +98,3 @@ class ToyBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "model": f"toy(seed={self.seed})", "device": "cpu"}
-
-
-@hookimpl
-def register_backends(register):
-    register(ToyBackend)

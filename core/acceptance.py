@@ -16,9 +16,10 @@ the same decisions on every backend and array library.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from array_api_compat import array_namespace
+from .arrays import array_namespace, device
 
 Array = Any
 
@@ -32,7 +33,7 @@ def sample_from(probs: Array, u: Array) -> Array:
     xp = array_namespace(probs)
     cdf = xp.cumulative_sum(probs, axis=-1)
     total = cdf[..., -1:]
-    u = xp.asarray(u, dtype=probs.dtype, device=_dev(probs))
+    u = xp.asarray(u, dtype=probs.dtype, device=device(probs))
     below = (cdf <= u[..., None] * total) & (cdf < total)
     return xp.sum(xp.astype(below, xp.int64), axis=-1)
 
@@ -46,7 +47,7 @@ def count_accepted(mask: Array) -> Array:
     """Length of the leading run of ``True`` along the last axis (window)."""
     xp = array_namespace(mask)
     k = mask.shape[-1]
-    rejected = xp.concat([~mask, xp.ones(mask.shape[:-1] + (1,), dtype=xp.bool, device=_dev(mask))], axis=-1)
+    rejected = xp.concat([~mask, xp.ones(mask.shape[:-1] + (1,), dtype=xp.bool, device=device(mask))], axis=-1)
     return xp.argmax(xp.astype(rejected, xp.int8), axis=-1) if k else xp.zeros(mask.shape[:-1], dtype=xp.int64)
 
 
@@ -79,9 +80,9 @@ def verify_window(p: Array, q: Array, tokens: Array, u_accept: Array, u_emit: Ar
     idx = xp.astype(tokens, xp.int64)[..., None]
     p_at = xp.take_along_axis(p[..., :k, :], idx, axis=-1)[..., 0]
     q_at = xp.take_along_axis(q, idx, axis=-1)[..., 0]
-    u_accept = xp.asarray(u_accept, dtype=p.dtype, device=_dev(p))
+    u_accept = xp.asarray(u_accept, dtype=p.dtype, device=device(p))
     n = count_accepted(accept_mask(p_at, q_at, u_accept))
-    zero_row = xp.zeros(q.shape[:-2] + (1, q.shape[-1]), dtype=q.dtype, device=_dev(q))
+    zero_row = xp.zeros(q.shape[:-2] + (1, q.shape[-1]), dtype=q.dtype, device=device(q))
     q_pad = xp.concat([q, zero_row], axis=-2)  # q_{k+1} = 0 makes the residual equal p_{k+1}
     row = xp.astype(n, xp.int64)[..., None, None]
     p_n = xp.take_along_axis(p, row, axis=-2)[..., 0, :]
@@ -104,7 +105,62 @@ def judge_token(p: Array, q: Array, token: int, u_accept: float, u_emit: float) 
     return False, int(sample_from(residual(p, q), u_emit))
 
 
-def _dev(x: Array):
-    from array_api_compat import device
+# ------------------------------------------------------------------------------------------------
+# The same rule on sparse distributions: the per-token fast path (see ``sparse.candidates``).
+# After top-k a filtered distribution has a handful of nonzero entries out of a vocabulary of up
+# to 262k, so it is kept as ``(ids, probs)`` with ``ids`` sorted ascending. Summing in id order
+# makes inverse-CDF sampling over the support pick the same token as the dense code above.
 
-    return device(x)
+
+@dataclass(frozen=True)
+class Dist:
+    """A distribution over ``ids`` (sorted ascending); every other token has probability 0."""
+
+    ids: Array
+    probs: Array
+
+
+def prob_of(d: Dist, token: int) -> Array:
+    """d(token), 0 when the token is outside the support."""
+    xp = array_namespace(d.probs)
+    pos = int(xp.searchsorted(d.ids, xp.asarray(token, dtype=d.ids.dtype, device=device(d.ids))))
+    if pos < d.ids.shape[0] and int(d.ids[pos]) == token:
+        return d.probs[pos]
+    return xp.asarray(0.0, dtype=d.probs.dtype, device=device(d.probs))
+
+
+def _on(d: Dist, ids: Array) -> Array:
+    """d's probabilities at the (sorted) ``ids``."""
+    xp = array_namespace(d.probs)
+    n = d.ids.shape[0]
+    pos = xp.searchsorted(d.ids, ids)
+    pos_c = xp.clip(pos, max=n - 1) if hasattr(xp, "clip") else xp.minimum(pos, n - 1)
+    hit = xp.take(d.ids, pos_c) == ids
+    return xp.where(hit, xp.take(d.probs, pos_c), xp.zeros_like(xp.take(d.probs, pos_c)))
+
+
+def residual_dist(p: Dist, q: Dist) -> Dist:
+    """norm(max(0, p - q)) on the union of supports; p itself when the mass is zero."""
+    xp = array_namespace(p.probs)
+    ids = xp.sort(xp.unique_values(xp.concat([p.ids, q.ids])))
+    pu, qu = _on(p, ids), _on(q, ids)
+    r = xp.maximum(pu - qu, xp.zeros_like(pu))
+    mass = float(xp.sum(r))
+    if mass > 0:
+        return Dist(ids, r / mass)
+    return p
+
+
+def sample_dist(d: Dist, u: Array) -> int:
+    """Inverse-CDF sample (same rule as :func:`acceptance.sample_from`)."""
+    return int(d.ids[int(sample_from(d.probs, u))])
+
+
+def judge_draft(p: Dist, q: Dist, token: int, u_accept: Array, u_emit: Array) -> tuple[bool, int]:
+    """The acceptance rule for one draft token on sparse distributions.
+
+    Returns (accepted, token to emit if rejected; -1 when accepted).
+    """
+    if bool(accept_mask(prob_of(p, token), prob_of(q, token), u_accept)):
+        return True, -1
+    return False, sample_dist(residual_dist(p, q), u_emit)

@@ -105,12 +105,28 @@ class RunConfig(_Model):
         return self
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def validation_message(err: Exception) -> str:
+    """A pydantic ``ValidationError`` as one sentence naming each field and its rule.
+
+    pydantic's own ``str()`` ends with a documentation URL and spreads over
+    several lines; users get ``decoding.top_p: Input should be less than or
+    equal to 1 (got 3)`` instead. Other exceptions give their first line.
+    """
+    if not isinstance(err, ValidationError):
+        text = str(err).strip()
+        return text.splitlines()[0] if text else type(err).__name__
     parts = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"] if x != "__root__") or "config"
-        parts.append(f"{loc}: {e['msg']}")
-    return "invalid config: " + "; ".join(parts)
+    for e in err.errors(include_url=False):
+        loc = ".".join(str(x) for x in e["loc"] if x != "__root__") or "value"
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r:.60})"
+        parts.append(f"{loc}: {msg}{shown}")
+    return "; ".join(parts)
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    return "invalid config: " + validation_message(err)
 
 
 def build_config(data: dict[str, Any] | None = None, **overrides: Any) -> RunConfig:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
+
+from .errors import ContextLengthError, SessionError
 
 Array = Any
 
@@ -40,12 +42,40 @@ class Tokenizer(Protocol):
         ...
 
 
+class ForwardCall(NamedTuple):
+    """One view's part of a forward: append ``tokens`` to ``view``, return ``n_logits`` rows."""
+
+    view: int
+    tokens: Sequence[int]
+    n_logits: int = 1
+
+
 class Session(ABC):
-    """Per-request state: one token context and KV cache per view."""
+    """Per-request state: one token context and KV cache per view.
+
+    The public methods are template methods: they check every argument once,
+    here, so that the same misuse raises the same :class:`SessionError` on
+    every backend, keep the per-view lengths, and call the backend's
+    ``_forward_many`` / ``_truncate`` with calls already known to be valid.
+    A backend implements those two (and ``_close`` if it holds resources).
+    """
 
     n_views: int
+    context_length: int
+    #: token ids must lie in ``0..vocab_size-1``; None skips the check
+    vocab_size: int | None
 
-    @abstractmethod
+    def __init__(self, n_views: int, context_length: int, vocab_size: int | None = None):
+        if not isinstance(n_views, int) or n_views < 1:
+            raise SessionError(f"a session needs at least one view, got {n_views!r}")
+        self.n_views = n_views
+        self.context_length = context_length
+        self.vocab_size = vocab_size
+        self._lengths = [0] * n_views
+        self._closed = False
+
+    # -- the contract (callers) -------------------------------------------------------------
+
     def forward(self, view: int, tokens: Sequence[int], n_logits: int = 1) -> Array:
         """Append ``tokens`` to ``view``; return logits of shape (n_logits, V).
 
@@ -56,31 +86,103 @@ class Session(ABC):
         output projection over a large vocabulary is much of a small model's
         cost, and the core skips it where it does not need the row).
         """
+        return self.forward_many([ForwardCall(view, tokens, n_logits)])[0]
 
-    def forward_many(self, calls: Sequence[tuple[int, Sequence[int], int]]) -> list[Array]:
-        """Several ``forward`` calls on *different* views; backends batch them.
+    def forward_many(self, calls: Sequence[ForwardCall | tuple[int, Sequence[int], int]]) -> list[Array]:
+        """Several ``forward`` calls on *different* views, in one model call where the backend can."""
+        checked = self._check_calls(calls)
+        if not checked:
+            return []
+        outs = self._forward_many(checked)
+        for c in checked:
+            self._lengths[c.view] += len(c.tokens)
+        return outs
 
-        The default runs them one by one; a backend overrides it to put all of
-        them into one model call.
-        """
-        return [self.forward(v, toks, n) for v, toks, n in calls]
-
-    @abstractmethod
     def truncate(self, view: int, length: int) -> None:
-        """Forget everything in ``view`` after the first ``length`` tokens."""
+        """Forget everything in ``view`` after the first ``length`` tokens (a no-op past the end)."""
+        self._check_open()
+        v = self._check_view(view)
+        if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+            raise SessionError(f"truncate length must be a non-negative integer, got {length!r}")
+        if length < self._lengths[v]:
+            self._truncate(v, length)
+            self._lengths[v] = length
 
-    @abstractmethod
     def length(self, view: int) -> int:
         """Number of tokens ``view`` holds."""
+        return self._lengths[self._check_view(view)]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
-        """Release per-request resources (KV cache sequences)."""
+        """Release per-request resources (KV cache sequences); idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._close()
 
     def __enter__(self) -> "Session":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- what a backend implements --------------------------------------------------------------
+
+    @abstractmethod
+    def _forward_many(self, calls: list[ForwardCall]) -> list[Array]:
+        """Run checked calls (distinct views, valid ids, room in the context).
+
+        ``self.length(c.view)`` is still each view's length *before* the call;
+        the base class adds the new tokens after this returns.
+        """
+
+    @abstractmethod
+    def _truncate(self, view: int, length: int) -> None:
+        """Drop ``view``'s tokens from ``length`` on (``length`` < its current length)."""
+
+    def _close(self) -> None:
+        """Free what the session holds."""
+
+    # -- the checks, once ---------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SessionError("this session is closed; open a new one with backend.open(n_views)")
+
+    def _check_view(self, view: int) -> int:
+        if isinstance(view, bool) or not isinstance(view, int) or not 0 <= view < self.n_views:
+            raise SessionError(f"view {view!r} is out of range; the session has views 0..{self.n_views - 1}")
+        return view
+
+    def _check_calls(self, calls: Sequence[Any]) -> list[ForwardCall]:
+        self._check_open()
+        out: list[ForwardCall] = []
+        seen: set[int] = set()
+        for call in calls:
+            try:
+                view, tokens, n_logits = call
+            except (TypeError, ValueError):
+                raise SessionError(f"a forward call is (view, tokens, n_logits), got {call!r:.80}") from None
+            v = self._check_view(view)
+            if v in seen:
+                raise SessionError(f"view {v} appears twice in one forward_many call; give each view one call")
+            seen.add(v)
+            toks = [int(t) for t in tokens]
+            if not toks:
+                raise SessionError(f"forward on view {v} got no tokens")
+            if self.vocab_size is not None and not (0 <= min(toks) and max(toks) < self.vocab_size):
+                raise SessionError(f"token ids must be in 0..{self.vocab_size - 1}; view {v} got "
+                                   f"{min(toks) if min(toks) < 0 else max(toks)}")
+            if isinstance(n_logits, bool) or not isinstance(n_logits, int) or not 0 <= n_logits <= len(toks):
+                raise SessionError(f"n_logits must be in 0..{len(toks)} for {len(toks)} token(s), got {n_logits!r}")
+            if self._lengths[v] + len(toks) > self.context_length:
+                raise ContextLengthError(
+                    f"view {v} would hold {self._lengths[v] + len(toks)} tokens but the context holds "
+                    f"{self.context_length} per view; shorten the prompt or raise the context size (--n-ctx)")
+            out.append(ForwardCall(v, toks, n_logits))
+        return out
 
 
 class Backend(ABC):

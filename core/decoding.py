@@ -19,6 +19,7 @@ and every backend -- consume the stream identically.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from collections.abc import Callable, Generator
@@ -27,12 +28,13 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace
 
-from .acceptance import verify_window
-from .sparse import Dist, candidates, judge_draft, sample_dist
-from .contract import Session
+from .acceptance import Dist, judge_draft, sample_dist, verify_window
+from .arrays import like
+from .contract import ForwardCall, Session
 from .errors import ContextLengthError
 from .result import Stats
 from .scheduler import RoleScheduler
+from .sparse import candidates
 from .stopping import Emitter
 from .transforms import SamplingParams, filtered_probs
 
@@ -56,9 +58,9 @@ class DecodeRequest:
 
 @dataclass(frozen=True)
 class Forward:
-    """Op yielded by a loop: run these ``(view, tokens, n_logits)`` calls; send back their logits."""
+    """Op yielded by a loop: run these calls (one per view); send back their logits."""
 
-    calls: list[tuple[int, list[int], int]]
+    calls: list[ForwardCall]
 
 
 @dataclass(frozen=True)
@@ -112,8 +114,8 @@ class Views:
                 yield Truncate(v, self.fed[v] - 1)
                 self.fed[v] -= 1
             if self.pending(v):
-                calls.append((v, self.pending(v), 1))
-        calls += [(v, self.pending(v), 0) for v in dict.fromkeys(feed_only) if v not in views and self.pending(v)]
+                calls.append(ForwardCall(v, self.pending(v), 1))
+        calls += [ForwardCall(v, self.pending(v), 0) for v in dict.fromkeys(feed_only) if v not in views and self.pending(v)]
         if not calls:
             return
         outs = yield Forward(calls)
@@ -129,12 +131,6 @@ class Views:
     def room(self, extra: int) -> bool:
         """Whether every view can take ``extra`` more tokens."""
         return max(len(c) for c in self.contexts) + extra <= self.context_length
-
-
-def _dev_array(ref: Array, values: np.ndarray) -> Array:
-    """Uniforms on the device and dtype of ``ref`` (one tiny copy per iteration)."""
-    xp = array_namespace(ref)
-    return xp.asarray(values, dtype=ref.dtype, device=_device(ref))
 
 
 def token_loop(req: DecodeRequest, active: list[int], next_dist: Callable[[Views], Dist]) -> Loop:
@@ -159,8 +155,8 @@ def token_loop(req: DecodeRequest, active: list[int], next_dist: Callable[[Views
 
 def plain_loop(req: DecodeRequest) -> Loop:
     """Plain sampling from view 0 (the ``prompt`` and ``base`` methods)."""
-    req.contexts = req.contexts[:1]
-    return token_loop(req, [0], lambda views: candidates(views.last[0], req.params))
+    return token_loop(dataclasses.replace(req, contexts=req.contexts[:1]), [0],
+                      lambda views: candidates(views.last[0], req.params))
 
 
 def persona_judge_loop(req: DecodeRequest) -> Loop:
@@ -224,17 +220,17 @@ def _windowed_iteration(views: Views, req: DecodeRequest, d: int, j: int) -> Loo
         draft.append(sample_dist(q, u[i]))
         q_dists.append(q)
         if i < lam - 1:
-            out = yield Forward([(d, [draft[-1]], 1)])
+            out = yield Forward([ForwardCall(d, [draft[-1]], 1)])
             st.forwards += 1
             raw_q.append(out[0][-1])
     xp = array_namespace(raw_q[0])
     pend = views.pending(j)
     base_j = len(views.contexts[j])  # the judge's length once its pending tokens are in
     if pend:
-        out = yield Forward([(j, pend + draft, lam + 1)])
+        out = yield Forward([ForwardCall(j, pend + draft, lam + 1)])
         raw_p = out[0]
     else:
-        out = yield Forward([(j, draft, lam)])
+        out = yield Forward([ForwardCall(j, draft, lam)])
         raw_p = xp.concat([views.last[j][None, :], out[0]], axis=0)
     st.forwards += 1
     n_acc, emitted = _judge_window(raw_p, raw_q, q_dists, draft, u, req)
@@ -274,16 +270,10 @@ def _judge_window(raw_p: Array, raw_q: list[Array], q_dists: list[Dist], draft: 
     xp = array_namespace(raw_p)
     p = filtered_probs(raw_p, params)
     q = filtered_probs(xp.stack(raw_q), params)
-    ud = _dev_array(p, u)
-    tokens = xp.asarray(draft, dtype=xp.int64, device=_device(p))
+    ud = like(p, u)
+    tokens = like(p, draft, xp.int64)
     n_acc, emitted = verify_window(p, q, tokens, ud[lam:2 * lam], ud[2 * lam])
     return int(n_acc), int(emitted)
-
-
-def _device(x: Array):
-    from array_api_compat import device
-
-    return device(x)
 
 
 def drive(session: Session, loop: Loop) -> None:
@@ -324,7 +314,7 @@ def drive_many(session: Session, loops: list[Loop], n_views: int) -> None:
                 results[r] = None
             else:
                 for v, toks, n in op.calls:
-                    calls.append((r * n_views + v, toks, n))
+                    calls.append(ForwardCall(r * n_views + v, toks, n))
                     owners.append(r)
         if calls:
             outs = session.forward_many(calls)

@@ -49,3 +49,20 @@ class ContextLengthError(PersonaJudgeError, ValueError):
 
 class DeviceError(PersonaJudgeError):
     """The device ran out of memory or is not available."""
+
+
+class SessionError(PersonaJudgeError, ValueError):
+    """A backend session was used against its contract (a view that does not
+    exist, ``n_logits`` out of range, a truncation past the end, a closed
+    session). The same misuse raises this on every backend: the checks live
+    once, in :class:`personajudge.core.contract.Session`."""
+
+
+class NumericalError(PersonaJudgeError, FloatingPointError):
+    """The model produced NaN or infinite logits (a broken model file, an
+    overflowing dtype); sampling from them would be silently wrong."""
+
+
+class PersonaJudgeWarning(UserWarning):
+    """Something runs, but not as the user probably meant (a single view, an
+    ignored option). The CLI prints these as one line each."""

@@ -7,6 +7,8 @@ registered through the ``register_methods`` hook like any plugin's.
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
 
 from .contract import Session
@@ -53,9 +55,7 @@ class PersonaJudge(_Driven):
         return [list(v) for v in views] or [[]]
 
     def loop(self, req: DecodeRequest) -> Loop:
-        if req.roles is None:
-            req.roles = self.roles
-        return persona_judge_loop(req)
+        return persona_judge_loop(req if req.roles is not None else dataclasses.replace(req, roles=self.roles))
 
 
 class PersonaJudgeBase(PersonaJudge):
@@ -71,8 +71,7 @@ class Reference(PersonaJudge):
     batchable = False
 
     def loop(self, req: DecodeRequest) -> Loop:
-        req.schedule = "windowed"
-        return super().loop(req)
+        return super().loop(dataclasses.replace(req, schedule="windowed"))
 
     def decode(self, session: Session, req: DecodeRequest) -> None:
         drive(NoCacheSession(session), self.loop(req))

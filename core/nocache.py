@@ -8,30 +8,28 @@ decisions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-from .contract import Session
+from .contract import ForwardCall, Session
 
 
 class NoCacheSession(Session):
     def __init__(self, inner: Session):
+        super().__init__(inner.n_views, inner.context_length, inner.vocab_size)
         self.inner = inner
-        self.n_views = inner.n_views
         self._tokens: list[list[int]] = [[] for _ in range(inner.n_views)]
 
-    def forward(self, view: int, tokens: Sequence[int], n_logits: int = 1) -> Any:
-        ctx = self._tokens[view] + list(tokens)
-        self.inner.truncate(view, 0)
-        out = self.inner.forward(view, ctx, n_logits)
-        self._tokens[view] = ctx
+    def _forward_many(self, calls: list[ForwardCall]) -> list[Any]:
+        out = []
+        for view, tokens, n_logits in calls:  # one row at a time, the whole context each time
+            ctx = self._tokens[view] + list(tokens)
+            self.inner.truncate(view, 0)
+            out.append(self.inner.forward(view, ctx, n_logits))
+            self._tokens[view] = ctx
         return out
 
-    def truncate(self, view: int, length: int) -> None:
+    def _truncate(self, view: int, length: int) -> None:
         self._tokens[view] = self._tokens[view][:length]
 
-    def length(self, view: int) -> int:
-        return len(self._tokens[view])
-
-    def close(self) -> None:
+    def _close(self) -> None:
         self.inner.close()

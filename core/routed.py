@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .contract import Session
+from .contract import ForwardCall, Session
 from .errors import ConfigError
 
 
@@ -18,8 +18,8 @@ class RoutedSession(Session):
     """Views in ``routed`` go to ``other`` (as its views 0, 1, ...); the rest to ``main``."""
 
     def __init__(self, main: Session, other: Session, routed: Sequence[int]):
+        super().__init__(main.n_views, min(main.context_length, other.context_length), main.vocab_size)
         self.main, self.other = main, other
-        self.n_views = main.n_views
         self._map = {v: i for i, v in enumerate(routed)}
 
     def _target(self, view: int) -> tuple[Session, int]:
@@ -27,19 +27,16 @@ class RoutedSession(Session):
             return self.other, self._map[view]
         return self.main, view
 
-    def forward(self, view: int, tokens: Sequence[int], n_logits: int = 1) -> Any:
-        return self.forward_many([(view, tokens, n_logits)])[0]
-
-    def forward_many(self, calls):
+    def _forward_many(self, calls: list[ForwardCall]) -> list[Any]:
         groups: dict[int, list[int]] = {0: [], 1: []}
-        for i, (v, _, _) in enumerate(calls):
-            groups[1 if v in self._map else 0].append(i)
+        for i, c in enumerate(calls):
+            groups[1 if c.view in self._map else 0].append(i)
         out: list[Any] = [None] * len(calls)
         for which, idx in groups.items():
             if not idx:
                 continue
             session = self.other if which else self.main
-            sub = [(self._target(calls[i][0])[1], calls[i][1], calls[i][2]) for i in idx]
+            sub = [ForwardCall(self._target(calls[i].view)[1], calls[i].tokens, calls[i].n_logits) for i in idx]
             for i, res in zip(idx, session.forward_many(sub)):
                 out[i] = res
         widths = {o.shape[-1] for o in out if o is not None and o.shape[0]}
@@ -48,14 +45,10 @@ class RoutedSession(Session):
                               "the model's; PAD needs both to share one tokenizer")
         return out
 
-    def truncate(self, view: int, length: int) -> None:
+    def _truncate(self, view: int, length: int) -> None:
         s, v = self._target(view)
         s.truncate(v, length)
 
-    def length(self, view: int) -> int:
-        s, v = self._target(view)
-        return s.length(v)
-
-    def close(self) -> None:
+    def _close(self) -> None:
         self.other.close()
         self.main.close()

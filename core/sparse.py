@@ -1,4 +1,4 @@
-"""Filtered distributions on their support: the per-token fast path.
+"""Filtering a logits row to its support: the per-token fast path.
 
 After top-k (20 by default) a filtered distribution has a handful of nonzero
 entries, yet a vocabulary can have 262k. Building and scanning the dense
@@ -14,23 +14,14 @@ support is the whole vocabulary and the dense transform is used.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from array_api_compat import array_namespace, device, is_numpy_namespace, is_torch_namespace
 
-from .acceptance import accept_mask, sample_from
+from .acceptance import Dist
 from .transforms import SamplingParams, _softmax, filtered_probs
 
 Array = Any
-
-
-@dataclass(frozen=True)
-class Dist:
-    """A distribution over ``ids`` (sorted ascending); every other token has probability 0."""
-
-    ids: Array
-    probs: Array
 
 
 def _top_k_ids(xp, z: Array, k: int) -> Array:
@@ -90,49 +81,3 @@ def candidates(logits: Array, params: SamplingParams) -> Dist:
         keep = z >= threshold
         ids, z = ids[keep], z[keep]
     return Dist(ids, _softmax(xp, z))
-
-
-def prob_of(d: Dist, token: int) -> Array:
-    """d(token), 0 when the token is outside the support."""
-    xp = array_namespace(d.probs)
-    pos = int(xp.searchsorted(d.ids, xp.asarray(token, dtype=d.ids.dtype, device=device(d.ids))))
-    if pos < d.ids.shape[0] and int(d.ids[pos]) == token:
-        return d.probs[pos]
-    return xp.asarray(0.0, dtype=d.probs.dtype, device=device(d.probs))
-
-
-def _on(d: Dist, ids: Array) -> Array:
-    """d's probabilities at the (sorted) ``ids``."""
-    xp = array_namespace(d.probs)
-    n = d.ids.shape[0]
-    pos = xp.searchsorted(d.ids, ids)
-    pos_c = xp.clip(pos, max=n - 1) if hasattr(xp, "clip") else xp.minimum(pos, n - 1)
-    hit = xp.take(d.ids, pos_c) == ids
-    return xp.where(hit, xp.take(d.probs, pos_c), xp.zeros_like(xp.take(d.probs, pos_c)))
-
-
-def residual_dist(p: Dist, q: Dist) -> Dist:
-    """norm(max(0, p - q)) on the union of supports; p itself when the mass is zero."""
-    xp = array_namespace(p.probs)
-    ids = xp.sort(xp.unique_values(xp.concat([p.ids, q.ids])))
-    pu, qu = _on(p, ids), _on(q, ids)
-    r = xp.maximum(pu - qu, xp.zeros_like(pu))
-    mass = float(xp.sum(r))
-    if mass > 0:
-        return Dist(ids, r / mass)
-    return p
-
-
-def sample_dist(d: Dist, u: Array) -> int:
-    """Inverse-CDF sample (same rule as :func:`acceptance.sample_from`)."""
-    return int(d.ids[int(sample_from(d.probs, u))])
-
-
-def judge_draft(p: Dist, q: Dist, token: int, u_accept: Array, u_emit: Array) -> tuple[bool, int]:
-    """The acceptance rule for one draft token on sparse distributions.
-
-    Returns (accepted, token to emit if rejected; -1 when accepted).
-    """
-    if bool(accept_mask(prob_of(p, token), prob_of(q, token), u_accept)):
-        return True, -1
-    return False, sample_dist(residual_dist(p, q), u_emit)

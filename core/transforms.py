@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from array_api_compat import array_namespace, is_numpy_namespace, is_torch_namespace
+from array_api_compat import array_namespace, device, is_numpy_namespace, is_torch_namespace
 
 Array = Any
 
@@ -73,7 +73,7 @@ def filtered_probs(logits: Array, params: SamplingParams) -> Array:
     n = z.shape[-1]
     if params.greedy:
         idx = xp.argmax(z, axis=-1, keepdims=True)
-        ar = xp.arange(n, device=_device(z))
+        ar = xp.arange(n, device=device(z))
         return xp.astype(ar == idx, z.dtype)
     z = z / params.temperature
     k = params.top_k if 0 < params.top_k < n else n
@@ -88,9 +88,3 @@ def filtered_probs(logits: Array, params: SamplingParams) -> Array:
             threshold = xp.min(xp.where(keep, top, math.inf), axis=-1, keepdims=True)
         z = xp.where(z >= threshold, z, neg_inf)
     return _softmax(xp, z)
-
-
-def _device(x: Array):
-    from array_api_compat import device
-
-    return device(x)

@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 from personajudge.core.config import build_config
-from personajudge.plugins.api import PersonaJudge, make_method
+from personajudge.api import PersonaJudge, make_method
 from personajudge.preferences import build_views
 
 DEFAULT_PROMPT = "Why is the sky blue?"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 
-from personajudge.plugins.evaluation import EvalSpec, pair_experiment, run_eval
+from personajudge.evaluation import EvalSpec, pair_experiment, run_eval
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ only with the prefix length.
 
 import argparse
 
-from personajudge.plugins import PersonaJudge
+from personajudge import PersonaJudge
 
 OBJECTIVES = ["touching", "vivid", "creative"]
 

@@ -9,7 +9,7 @@ one prompt and prints both answers with their statistics.
 
 import argparse
 
-from personajudge.plugins import PersonaJudge
+from personajudge import PersonaJudge
 
 
 def main() -> None:

@@ -1,19 +1,27 @@
-"""Plugin system (pluggy), the high-level API and the CLI.
+"""The plugin system: pluggy hook specifications, the manager and its registries,
+and the registrations of the project's own built-ins.
 
-``hookimpl`` is what a third-party plugin decorates its hooks with;
-:class:`PersonaJudge` and :func:`generate` are the Python entry points.
+A third-party plugin decorates its hooks with :data:`hookimpl` (also exported
+as ``personajudge.hookimpl``) and is found through the ``personajudge``
+entry-point group.
 """
 
 from .hookspecs import hookimpl, hookspec
-from .manager import get_plugin_manager, list_plugins, register_plugin, registry, unregister_plugin
+from .manager import (
+    PluginWarning,
+    get_backend_class,
+    get_encoder,
+    get_method,
+    get_plugin_manager,
+    list_plugins,
+    load_backend,
+    preference_library,
+    register_plugin,
+    registry,
+    resolve_encoder,
+    unregister_plugin,
+)
 
-__all__ = ["hookimpl", "hookspec", "get_plugin_manager", "list_plugins", "register_plugin", "registry",
-           "unregister_plugin", "PersonaJudge", "generate"]
-
-
-def __getattr__(name):  # the API pulls in preferences and backends; load it on first use
-    if name in ("PersonaJudge", "generate"):
-        from . import api
-
-        return getattr(api, name)
-    raise AttributeError(name)
+__all__ = ["hookimpl", "hookspec", "PluginWarning", "get_backend_class", "get_encoder", "get_method",
+           "get_plugin_manager", "list_plugins", "load_backend", "preference_library", "register_plugin",
+           "registry", "resolve_encoder", "unregister_plugin"]

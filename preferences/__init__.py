@@ -1,9 +1,9 @@
 """Preferences: objects, the built-in library, encoders and view composition."""
 
-from .encoders import Encoder, encode, normalize_conversation, resolve_encoder
-from .library import builtin_preferences, load_file, lookup, resolve
+from .encoders import BUILTIN_ENCODERS, Encoder, auto_encoder_name, encode, normalize_conversation
+from .library import Library, builtin_preferences, load_file, lookup, resolve
 from .model import Preference, compose
 from .views import build_views
 
-__all__ = ["Encoder", "encode", "normalize_conversation", "resolve_encoder", "builtin_preferences", "load_file",
-           "lookup", "resolve", "Preference", "compose", "build_views"]
+__all__ = ["BUILTIN_ENCODERS", "Encoder", "auto_encoder_name", "encode", "normalize_conversation", "Library",
+           "builtin_preferences", "load_file", "lookup", "resolve", "Preference", "compose", "build_views"]

@@ -21,7 +21,6 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from personajudge.core.contract import Tokenizer
 from personajudge.core.errors import ConfigError
-from personajudge.plugins.hookspecs import hookimpl
 
 from .model import Preference, compose
 
@@ -196,17 +195,6 @@ class InstructionEncoder:
 BUILTIN_ENCODERS = (ChatTurnEncoder, SystemEncoder, PlainEncoder, InstructionEncoder)
 
 
-def resolve_encoder(name: str, tokenizer: Tokenizer) -> Encoder:
-    """The encoder named ``name``; ``auto`` picks by whether the model has a chat template."""
-    from personajudge.plugins.manager import get_encoder
-
-    if name == "auto":
-        name = "chat-turn" if tokenizer.chat_template else "plain"
-    enc = get_encoder(name)
-    return enc() if isinstance(enc, type) else enc
-
-
-@hookimpl
-def register_encoders(register):
-    for cls in BUILTIN_ENCODERS:
-        register(cls)
+def auto_encoder_name(tokenizer: Tokenizer) -> str:
+    """The encoder ``auto`` stands for: ``chat-turn`` with a chat template, ``plain`` without."""
+    return "chat-turn" if tokenizer.chat_template else "plain"

@@ -11,14 +11,15 @@ way.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import tomllib
 from importlib import resources
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from personajudge.core.errors import PreferenceError
-from personajudge.plugins.hookspecs import hookimpl
 
 from .model import Preference
 
@@ -68,22 +69,23 @@ def builtin_preferences() -> list[Preference]:
     return out
 
 
-@hookimpl
-def register_preferences(register):
-    for pref in builtin_preferences():
-        register(pref)
+#: Name -> preference; the registry of the plugin system is one (built-ins plus plugins').
+Library = Mapping[str, Preference]
 
 
-def _library() -> dict[str, Preference]:
-    from personajudge.plugins.manager import registry
+@functools.cache
+def _builtin_library() -> dict[str, Preference]:
+    return {p.name: p for p in builtin_preferences()}
 
-    return dict(registry("preference").items())
 
+def lookup(name: str, library: Library | None = None) -> Preference | None:
+    """A named preference by name or alias (case-insensitive), or None.
 
-def lookup(name: str) -> Preference | None:
-    """A named preference by name or alias (case-insensitive), or None."""
+    ``library`` defaults to the built-in preferences; the API passes the
+    plugin registry, so names that plugins register resolve too.
+    """
+    lib = _builtin_library() if library is None else library
     key = name.strip().lower()
-    lib = _library()
     if key in lib:
         return lib[key]
     for pref in lib.values():
@@ -92,7 +94,7 @@ def lookup(name: str) -> Preference | None:
     return None
 
 
-def resolve(spec: str | Preference) -> Preference:
+def resolve(spec: str | Preference, library: Library | None = None) -> Preference:
     """A built-in name, an alias, or a free-text description -> Preference.
 
     A single word that is not a known name is an error (with suggestions)
@@ -104,12 +106,12 @@ def resolve(spec: str | Preference) -> Preference:
     if not isinstance(spec, str) or not spec.strip():
         raise PreferenceError("empty preference: give a built-in name (see `personajudge preferences`) "
                               "or a description such as \"explain like I'm five\"")
-    found = lookup(spec)
+    lib = _builtin_library() if library is None else library
+    found = lookup(spec, lib)
     if found is not None:
         return found
     text = spec.strip()
     if len(text.split()) == 1:
-        lib = _library()
         names = list(lib) + [a for p in lib.values() for a in p.aliases]
         close = difflib.get_close_matches(text.lower(), names, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -118,7 +120,7 @@ def resolve(spec: str | Preference) -> Preference:
     return Preference.free_text(text)
 
 
-def load_file(path: str | Path) -> list[Preference]:
+def load_file(path: str | Path, library: Library | None = None) -> list[Preference]:
     """Preferences from a TOML, JSON or YAML file.
 
     The file holds a list whose entries are names / descriptions (strings) or
@@ -152,7 +154,7 @@ def load_file(path: str | Path) -> list[Preference]:
     out = []
     for i, item in enumerate(data):
         if isinstance(item, str):
-            out.append(resolve(item))
+            out.append(resolve(item, library))
         elif isinstance(item, dict):
             try:
                 desc = item.get("description") or ""

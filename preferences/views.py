@@ -6,12 +6,13 @@ from collections.abc import Sequence
 
 from personajudge.core.errors import PreferenceError
 
-from .library import resolve
+from .library import Library, resolve
 from .model import Preference
 
 
 def build_views(preferences: Sequence[str | Preference] = (),
-                views: Sequence[Sequence[str | Preference]] | None = None) -> list[list[Preference]]:
+                views: Sequence[Sequence[str | Preference]] | None = None,
+                library: Library | None = None) -> list[list[Preference]]:
     """The user's views.
 
     - ``views`` given: each inner list is one view carrying all its preferences
@@ -19,6 +20,8 @@ def build_views(preferences: Sequence[str | Preference] = (),
       be one comma-separated string.
     - otherwise: one view per preference, the paper's two-view setting.
     - no preferences at all: a single view with none.
+
+    Names resolve in ``library`` (default: the built-ins).
     """
     if views:
         out = []
@@ -28,7 +31,7 @@ def build_views(preferences: Sequence[str | Preference] = (),
                 items.extend(s.strip() for s in g.split(",") if s.strip()) if isinstance(g, str) else items.append(g)
             if not items:
                 raise PreferenceError(f"view {i + 1} is empty")
-            out.append([resolve(x) for x in items])
+            out.append([resolve(x, library) for x in items])
         return out
-    prefs = [resolve(p) for p in preferences]
+    prefs = [resolve(p, library) for p in preferences]
     return [[p] for p in prefs] or [[]]

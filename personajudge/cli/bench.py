@@ -1,0 +1,50 @@
+"""``personajudge bench``: Persona-judge speed against plain decoding, side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from personajudge.bench import ALL_METHODS, DEFAULT_PROMPT, format_table, measure_memory, run_bench
+from personajudge.core.errors import ConfigError
+
+from .options import add_run_options, config_from_args
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    cfg, prefs = config_from_args(args)
+    if prefs:
+        cfg = cfg.model_copy(update={"preferences": [p if isinstance(p, str) else p.description for p in prefs]})
+    if args.views < 1:
+        raise ConfigError("--views must be at least 1")
+    if args.repeats < 1:
+        raise ConfigError("--repeats must be at least 1")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    rep = run_bench(cfg, prompt=args.prompt, views=args.views, repeats=args.repeats, methods=methods,
+                    progress=not args.json, reference_max_new_tokens=args.reference_max_new_tokens,
+                    steps=not args.no_steps)
+    if not args.no_memory:
+        rep["memory"].update(measure_memory(cfg, args.prompt, args.views))
+    if args.json:
+        print(json.dumps(rep, indent=2))
+    else:
+        print(format_table(rep))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="tokens/s of persona-judge vs plain decoding, side by side")
+    add_run_options(p)
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--views", type=int, default=2, help="number of views K (default 2)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per method, after one warm-up (default 3)")
+    p.add_argument("--methods", help=f"comma-separated subset of {','.join(ALL_METHODS)}")
+    p.add_argument("--reference-max-new-tokens", type=int, dest="reference_max_new_tokens",
+                   help="cap the slow reference method's length (its tokens/s is still comparable)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--no-steps", action="store_true", dest="no_steps",
+                   help="skip timing the backend's single and batched steps (and the ceiling they imply)")
+    p.add_argument("--json", action="store_true", help="print the stable JSON report")
+    p.set_defaults(func=cmd_bench)
+
+

@@ -1,0 +1,200 @@
+"""CLI subcommands ``personajudge eval`` and ``personajudge report``.
+
+    personajudge eval --run-dir runs/psoups --seed 0            # 50 P-Soups prompts, default pairs
+    personajudge eval --run-dir runs/small --limit 3 --max-new-tokens 32
+    personajudge eval --pair concise,informative --methods prompt,persona-judge,persona-judge-base
+    personajudge eval --lambdas 1,2,4,8 --pair vivid,creative
+    personajudge eval --objectives vivid,creative,touching --methods persona-judge --scorers length
+    personajudge report runs/psoups
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from personajudge.core.config import validation_message
+from personajudge.evaluation.dimensions import parse_dimension
+from personajudge.evaluation.errors import EvalError
+from personajudge.evaluation.report import write_report
+from personajudge.evaluation.runner import load_spec, run_eval
+from personajudge.evaluation.spec import (
+    DEFAULT_METHODS,
+    DEFAULT_PAIRS,
+    DEFAULT_SCORERS,
+    EvalSpec,
+    ScorerSpec,
+    objective_experiments,
+    pair_experiment,
+    views_experiment,
+)
+
+from .options import add_run_options, config_from_args
+
+DEFAULT_RUN_DIR = "runs/eval"
+
+
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise EvalError(f"{flag} expects comma-separated integers, got {text!r}") from None
+    if not out:
+        raise EvalError(f"{flag} expects comma-separated integers, got {text!r}")
+    return out
+
+
+def parse_scorers(text: str, options: list[str]):
+    """``length,rm=reward-model`` + ``rm.model=PATH`` -> ScorerSpecs."""
+    specs: list[ScorerSpec] = []
+    if text.strip().lower() not in ("", "none"):
+        for item in text.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            alias, _, name = item.partition("=")
+            alias, name = alias.strip(), (name.strip() or alias.strip())
+            if not alias or "|" in alias or "." in alias:
+                raise EvalError(f"--scorers: bad scorer alias {alias!r} (no '|' or '.')")
+            specs.append(ScorerSpec(alias=alias, name=name))
+    by_alias = {s.alias: s for s in specs}
+    for opt in options:
+        target, eq, value = opt.partition("=")
+        alias, dot, key = target.partition(".")
+        if not eq or not dot or not key.strip():
+            raise EvalError(f"--scorer-option expects ALIAS.KEY=VALUE, got {opt!r}")
+        if alias.strip() not in by_alias:
+            raise EvalError(f"--scorer-option {opt!r}: no scorer '{alias}' in --scorers "
+                            f"({', '.join(by_alias) or 'none'})")
+        try:
+            parsed: Any = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        by_alias[alias.strip()].options[key.strip()] = parsed
+    return specs
+
+
+def spec_from_args(args: argparse.Namespace):
+    if args.method:
+        raise EvalError("eval compares several methods: use --methods A,B (not --method)")
+    if args.preferences_file:
+        raise EvalError("eval takes its preferences from --pair / --objectives / --view, not --preferences-file")
+    run, _ = config_from_args(argparse.Namespace(**{**vars(args), "prefer": None, "preferences_file": None,
+                                                    "view": None, "seed": None}))
+    run = run.model_copy(update={"views": None, "preferences": []})
+    experiments = []
+    for pair in args.pair or []:
+        experiments.append(pair_experiment(pair))
+    if args.prefer:
+        experiments.append(views_experiment([[p] for p in args.prefer]))
+    if args.view:
+        experiments.append(views_experiment([[s.strip() for s in v.split(",") if s.strip()] for v in args.view]))
+    for objs in args.objectives or []:
+        experiments.extend(objective_experiments(objs))
+    if not experiments:
+        experiments = [pair_experiment(p) for p in DEFAULT_PAIRS]
+    unique = {}
+    for e in experiments:  # the same views twice (a pair that is also an objectives step): keep one
+        if e.name in unique:
+            if e.objectives and not unique[e.name].objectives:
+                unique[e.name] = e
+        else:
+            unique[e.name] = e
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    baseline = None if args.baseline.strip().lower() in ("", "none") else args.baseline.strip()
+    seed = args.seed if args.seed is not None else 0
+    if args.samples < 1:
+        raise EvalError("--samples must be at least 1")
+    if args.batch_size < 1:
+        raise EvalError("--batch-size must be at least 1")
+    try:
+        return EvalSpec(
+            dataset=args.dataset or "psoups-koala-50", limit=args.limit, methods=methods, baseline=baseline,
+            experiments=list(unique.values()), lambdas=_int_list("--lambdas", args.lambdas) if args.lambdas else [],
+            seeds=[seed + i for i in range(args.samples)], scorers=parse_scorers(args.scorers, args.scorer_option),
+            dimensions=[parse_dimension(d) for d in args.dimension], batch_size=args.batch_size, run=run)
+    except ValueError as err:  # pydantic
+        raise EvalError(f"invalid evaluation: {validation_message(err)}") from None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.resume:
+        if not (Path(args.run_dir) / "run.json").exists():
+            raise EvalError(f"--resume: {args.run_dir} holds no run to continue (no run.json)")
+        spec = load_spec(args.run_dir)
+    else:
+        spec = spec_from_args(args)
+    try:
+        res = run_eval(spec, args.run_dir, force=args.force, progress=not args.no_progress,
+                       report=not args.no_report)
+    except KeyboardInterrupt:
+        print(f"personajudge: interrupted; finished rows are saved in {args.run_dir}: run the same command "
+              f"(or `personajudge eval --resume --run-dir {args.run_dir}`) to continue", file=sys.stderr)
+        raise
+    print(f"personajudge: {res.generated} generated, {res.reused} reused, {res.failed} failed, "
+          f"{res.scored} scores in {res.run_dir}", file=sys.stderr)
+    if res.report:
+        print(f"personajudge: report: {res.report['markdown']}", file=sys.stderr)
+        if not args.quiet:
+            print(res.report["markdown"].read_text(encoding="utf-8"))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    out = write_report(args.run_dir, plots=not args.no_plots)
+    if not args.quiet:
+        print(out["json" if args.json else "markdown"].read_text(encoding="utf-8"))
+    print("personajudge: wrote " + ", ".join(str(p) for p in out.values()), file=sys.stderr)
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add ``eval`` and ``report`` to the ``personajudge`` parser."""
+    p = sub.add_parser("eval", help="evaluate methods on prompts with scorers (resumable; writes a report)",
+                       description="Generate with each method for every prompt x experiment x seed, score, and "
+                                   "write report.md / report.json / PNG plots. Rows are appended as they are "
+                                   "produced: rerun the same command to continue an interrupted run.")
+    add_run_options(p)
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--dataset", metavar="FILE",
+                   help="JSONL (or JSON list) with a 'prompt' field and optional 'id' (default: the 50 P-Soups prompts)")
+    g.add_argument("--limit", type=int, metavar="N", help="only the first N prompts")
+    g.add_argument("--methods", default=DEFAULT_METHODS, metavar="A,B",
+                   help=f"methods to compare (any registered method; default {DEFAULT_METHODS})")
+    g.add_argument("--baseline", default="prompt", metavar="METHOD",
+                   help="method the win rates compare against; always generated ('none': no win rates)")
+    g.add_argument("--pair", action="append", metavar="A,B",
+                   help="an experiment whose two views are preferences A and B (repeatable; 'A+C,B' puts two in "
+                        "one view); default: " + " and ".join(DEFAULT_PAIRS))
+    g.add_argument("--objectives", action="append", metavar="A,B,C",
+                   help="experiments with 1, 2, 3, ... objectives for the cost table (Table 5)")
+    g.add_argument("--scorers", default=DEFAULT_SCORERS, metavar="NAME|ALIAS=NAME,...",
+                   help=f"scorers (default {DEFAULT_SCORERS}; also reward-model, pairwise-judge; 'none')")
+    g.add_argument("--scorer-option", action="append", default=[], metavar="ALIAS.KEY=VALUE",
+                   help="a scorer option (repeatable), e.g. rm.model=PATH; VALUE is parsed as JSON when it can be")
+    g.add_argument("--dimension", action="append", default=[], metavar="NAME=SCORER:higher|lower",
+                   help="measure dimension NAME with scorer alias SCORER in that direction (repeatable)")
+    g.add_argument("--lambdas", metavar="L1,L2,...", help="draft windows to sweep (Table 3); default: --lambda")
+    g.add_argument("--samples", type=int, default=1, metavar="N",
+                   help="generations per prompt, with seeds --seed, --seed+1, ... (default 1; --seed defaults to 0)")
+    g.add_argument("--batch-size", type=int, default=1, metavar="N",
+                   help="prompts per batched generate call (default 1: per-response timings stay exact)")
+    g.add_argument("--run-dir", default=DEFAULT_RUN_DIR, metavar="DIR", help=f"run directory (default {DEFAULT_RUN_DIR})")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir with its stored configuration (other run flags are ignored)")
+    g.add_argument("--force", action="store_true",
+                   help="reuse --run-dir although it was started with another configuration (still-valid rows are kept)")
+    g.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("-q", "--quiet", action="store_true", help="do not print the report")
+    p.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("report", help="rebuild an evaluation run's report (Markdown, JSON, PNG) from its JSONL files")
+    r.add_argument("run_dir", metavar="RUN_DIR")
+    r.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    r.add_argument("--json", action="store_true", help="print report.json instead of report.md")
+    r.add_argument("-q", "--quiet", action="store_true", help="only write the files")
+    r.set_defaults(func=cmd_report)

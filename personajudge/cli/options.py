@@ -1,0 +1,106 @@
+"""Flags shared by the commands that load a model (generate, bench, eval, serve), and
+how they become a validated :class:`~personajudge.core.config.RunConfig`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, NoReturn
+
+from personajudge.core.config import build_config, load_config_file
+from personajudge.core.errors import PersonaJudgeError
+from personajudge.plugins import preference_library
+from personajudge.preferences import load_file
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not usage + message
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(name: str):
+    def parse(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {v!r}") from None
+        return n
+    return parse
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """Flags shared by generate / bench / eval: backend, preferences, decoding."""
+    g = p.add_argument_group("model")
+    g.add_argument("--config", metavar="FILE", help="TOML config file; flags override it")
+    g.add_argument("--backend", help="backend name (see `personajudge plugins`); default llama-cpp")
+    g.add_argument("--model", help="model path or hub id; default: the backend's default model")
+    g.add_argument("--device", help="cpu, cuda, cuda:N (hf backend)")
+    g.add_argument("--dtype", help="float32, float16, bfloat16 or auto (hf backend)")
+    g.add_argument("--threads", type=int, help="CPU threads")
+    g.add_argument("--n-ctx", type=int, dest="n_ctx", help="context size in tokens")
+    g.add_argument("--n-gpu-layers", type=int, dest="n_gpu_layers", help="layers offloaded to the GPU (llama-cpp)")
+    g.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra backend option (repeatable); VALUE is parsed as JSON when it can be")
+    g = p.add_argument_group("preferences")
+    g.add_argument("--prefer", action="append", default=None, metavar="NAME_OR_TEXT",
+                   help="a built-in preference name or a free-text description (repeatable; one view each)")
+    g.add_argument("--view", action="append", default=None, metavar="A,B",
+                   help="a view carrying several preferences, comma-separated (repeatable)")
+    g.add_argument("--preferences-file", metavar="FILE", help="TOML/JSON/YAML list of preferences")
+    g.add_argument("--encoder", help="preference encoder: auto, chat-turn, system, plain, instruction, ...")
+    g.add_argument("--system", help="system message (chat models)")
+    g = p.add_argument_group("decoding")
+    g.add_argument("--method", help="persona-judge (default), persona-judge-base, prompt, base, reference, mod, pad")
+    g.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option (repeatable), e.g. weight=2 for pad, weights=[0.7,0.3] for mod")
+    g.add_argument("--lambda", dest="lam", type=_positive_int("--lambda"), help="draft window (default 4)")
+    g.add_argument("--temperature", type=float, help="0 = greedy (default 0.7)")
+    g.add_argument("--top-k", dest="top_k", type=int, help="default 20; 0 disables")
+    g.add_argument("--top-p", dest="top_p", type=float, help="default 0.9")
+    g.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, help="default 128")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, help="random seed (default: fresh, reported in the stats)")
+    g.add_argument("--roles", choices=["alternate", "fixed", "round-robin"], help="override the role schedule")
+    g.add_argument("--schedule", choices=["interleaved", "windowed"], help="loop schedule (same decisions)")
+
+
+def _parse_option(item: str, flag: str = "--backend-option") -> tuple[str, Any]:
+    if "=" not in item:
+        raise PersonaJudgeError(f"{flag} expects KEY=VALUE, got {item!r}")
+    k, v = item.split("=", 1)
+    try:
+        return k.strip(), json.loads(v)
+    except json.JSONDecodeError:
+        return k.strip(), v
+
+
+def config_from_args(args: argparse.Namespace):
+    """File config (if any) overridden by the flags that were given."""
+    data = load_config_file(args.config) if args.config else {}
+    if args.backend_option:
+        opts = dict(data.get("backend", {}).get("options", {}))
+        opts.update(_parse_option(o) for o in args.backend_option)
+        data.setdefault("backend", {})["options"] = opts
+    if args.method_option:
+        opts = dict(data.get("method_options", {}))
+        opts.update(_parse_option(o, "--method-option") for o in args.method_option)
+        data["method_options"] = opts
+    prefs = None
+    if getattr(args, "preferences_file", None):
+        prefs = load_file(args.preferences_file, preference_library())
+    if args.prefer is not None:
+        prefs = (prefs or []) + list(args.prefer)
+    cfg = build_config(
+        data,
+        **{"backend.name": args.backend, "backend.model": args.model, "backend.device": args.device,
+           "backend.dtype": args.dtype, "backend.threads": args.threads, "backend.n_ctx": args.n_ctx,
+           "backend.n_gpu_layers": args.n_gpu_layers, "method": args.method, "encoder": args.encoder,
+           "system": args.system,
+           "views": [[s.strip() for s in v.split(",") if s.strip()] for v in args.view] if args.view else None,
+           "decoding.lambda": args.lam, "decoding.temperature": args.temperature, "decoding.top_k": args.top_k,
+           "decoding.top_p": args.top_p, "decoding.max_new_tokens": args.max_new_tokens,
+           "decoding.stop": args.stop, "decoding.seed": args.seed, "decoding.roles": args.roles,
+           "decoding.schedule": args.schedule})
+    return cfg, prefs

@@ -1,0 +1,598 @@
+"""Reports of an evaluation run: Markdown, JSON and PNG plots, rebuilt from the JSONL files.
+
+Questions answered, one table each:
+
+1. **Win rate against the baseline** (the paper's Tables 2/4): per preference
+   dimension, the share of prompts where a method's response is better than
+   the baseline's (``prompt``) response to the same prompt and seed, in the
+   dimension's direction; ties count half; 95% bootstrap interval over prompts.
+2. **Mean scores** of each method per scorer, with 95% bootstrap intervals.
+3. **Cost**: tokens, seconds per response, tokens/s, acceptance rate.
+4. **Lambda sweep** (Table 3), when the run has several ``--lambdas``.
+5. **Inference time vs. number of objectives** (Table 5), for ``--objectives`` runs.
+6. **Judge consistency**, for pairwise scorers: position-consistent verdicts,
+   first-position choices, unparseable answers.
+
+Intervals: percentile bootstrap (2000 resamples, numpy generator seeded with 0)
+over prompts; with several seeds a prompt's value is first averaged over its
+seeds. Cells with fewer than two prompts have no interval.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .scorers import get_scorer_class
+from .spec import _short
+from .store import GENERATIONS, SCORES, load_rows, read_run_file, write_json_atomic
+from .spec import EvalSpec, gen_key, variant_label
+
+BOOTSTRAP = 2000
+#: below this many prompts a bootstrap interval is too rough to call a difference
+MIN_N_BOLD = 10
+PLOTS = {"winrate": "winrate.png", "scores": "scores.png", "lambda": "lambda_sweep.png",
+         "objectives": "objectives_time.png"}
+
+
+# -- statistics ----------------------------------------------------------------------------------
+
+def bootstrap_ci(values: list[float], *, seed: int = 0, n: int = BOOTSTRAP, level: float = 0.95
+                 ) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean (None for fewer than two values)."""
+    x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if len(x) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n, len(x)))].mean(axis=1)
+    a = (1 - level) / 2
+    lo, hi = np.quantile(means, [a, 1 - a])
+    return float(lo), float(hi)
+
+
+def summarize(per_prompt: list[float]) -> dict[str, Any]:
+    vals = [v for v in per_prompt if v is not None and not math.isnan(v)]
+    if not vals:
+        return {"mean": None, "ci": None, "n": 0}
+    return {"mean": float(np.mean(vals)), "ci": bootstrap_ci(vals), "n": len(vals)}
+
+
+def _mean(vals: list[float]) -> float:
+    vals = [v for v in vals if v is not None and not math.isnan(v)]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+class RunData:
+    """The valid rows of a run directory, indexed."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.record = read_run_file(run_dir)
+        self.spec = EvalSpec.model_validate(self.record["spec"])
+        spec = self.spec
+        self.sha = {p["id"]: p["sha"] for p in self.record.get("prompts", [])}
+        self.prompt_ids = list(self.sha)
+        gen_hash = self.record.get("generation_hash") or spec.generation_hash()
+        scorer_hashes = self.record.get("scorer_hashes", {})
+        self.sweep = spec.sweep
+        many = len(self.sweep) > 1
+        exps = {e.name for e in spec.experiments}
+        methods = set(spec.all_methods)
+        raw_gens, raw_scores = load_rows(run_dir)
+        self.gens: dict[str, dict] = {}
+        self.failed = 0
+        for row in raw_gens:
+            pid = row.get("prompt_id")
+            if pid not in self.sha or row.get("fp") != f"{gen_hash}:{self.sha[pid]}":
+                continue
+            if row.get("experiment") not in exps or row.get("method") not in methods or \
+                    row.get("seed") not in spec.seeds:
+                continue
+            lam = row.get("lambda")
+            if lam is not None and lam not in self.sweep:
+                continue
+            if row["key"] in self.gens:
+                continue
+            row = dict(row)
+            row["variant"] = variant_label(row["method"], lam, many)
+            self.gens[row["key"]] = row
+            self.failed += "error" in row
+        self.pointwise: dict[tuple[str, str], float] = {}
+        self.pairwise: dict[tuple[str, str, str], tuple[float, dict]] = {}
+        self.kinds: dict[str, str] = {}
+        for row in raw_scores:
+            g = self.gens.get(row.get("gen"))
+            alias = row.get("scorer")
+            if g is None or "error" in g or alias not in scorer_hashes:
+                continue
+            if row.get("fp") != f"{g['fp']}:{scorer_hashes[alias]}":
+                continue
+            self.kinds[alias] = row.get("kind", "pointwise")
+            value = row.get("value")
+            value = math.nan if value is None else float(value)
+            if row.get("kind") == "pairwise":
+                self.pairwise.setdefault((row["gen"], alias, row.get("dimension", "")), (value, row.get("details") or {}))
+            else:
+                self.pointwise.setdefault((row["gen"], alias), value)
+        kind = {s.alias: self.kinds.get(s.alias) or _scorer_kind(s.name) for s in spec.scorers}
+        self.pointwise_aliases = [a for a, k in kind.items() if k == "pointwise"]
+        self.pairwise_aliases = [a for a, k in kind.items() if k == "pairwise"]
+        # variants in the spec's method order, lambda order
+        seen: dict[str, tuple[str, int | None]] = {}
+        for m in spec.all_methods:
+            lams = sorted({r["lambda"] for r in self.gens.values() if r["method"] == m and r["lambda"] is not None})
+            for lam in (lams or [None]):
+                seen.setdefault(variant_label(m, lam, many), (m, lam))
+        self.variants = seen
+        self.baseline = spec.baseline
+
+    def row(self, pid: str, exp: str, variant: str, seed: int) -> dict | None:
+        m, lam = self.variants[variant]
+        r = self.gens.get(gen_key(pid, exp, m, lam, seed))
+        return None if r is None or "error" in r else r
+
+    def baseline_row(self, pid: str, exp: str, seed: int, lam: int | None) -> dict | None:
+        if not self.baseline:
+            return None
+        for v, (m, vl) in self.variants.items():
+            if m == self.baseline and (vl is None or vl == lam or lam is None):
+                return self.row(pid, exp, v, seed)
+        return None
+
+
+def _scorer_kind(name: str) -> str:
+    try:
+        return get_scorer_class(name).kind
+    except Exception:  # an uninstalled plugin scorer: infer from the rows later
+        return "pointwise"
+
+
+def _dimension_name(pref: str) -> str:
+    return _short(pref)
+
+
+# -- tables --------------------------------------------------------------------------------------
+
+def win_rates(data: RunData) -> list[dict[str, Any]]:
+    spec = data.spec
+    dims = [d for d in data.record.get("dimensions", [])]
+    out = []
+    for exp in spec.experiments:
+        for pref in exp.preferences:
+            dim = _dimension_name(pref)
+            measures = [(d["scorer"], d["direction"]) for d in dims if d["dimension"] == dim]
+            measures += [(a, "judge") for a in data.pairwise_aliases]
+            for alias, direction in measures:
+                for variant, (m, lam) in data.variants.items():
+                    if m == spec.baseline:
+                        continue
+                    per_prompt, wins, ties, losses = [], 0, 0, 0
+                    for pid in data.prompt_ids:
+                        outs = []
+                        for seed in spec.seeds:
+                            r = data.row(pid, exp.name, variant, seed)
+                            b = data.baseline_row(pid, exp.name, seed, lam)
+                            if r is None or b is None:
+                                continue
+                            if direction == "judge":
+                                got = data.pairwise.get((r["key"], alias, dim))
+                                if got is None or math.isnan(got[0]):
+                                    continue
+                                o = got[0]
+                            else:
+                                a, c = data.pointwise.get((r["key"], alias)), data.pointwise.get((b["key"], alias))
+                                if a is None or c is None or math.isnan(a) or math.isnan(c):
+                                    continue
+                                o = 0.5 if a == c else float((a < c) if direction == "lower" else (a > c))
+                            outs.append(o)
+                            wins += o > 0.5
+                            ties += o == 0.5
+                            losses += o < 0.5
+                        if outs:
+                            per_prompt.append(float(np.mean(outs)))
+                    s = summarize(per_prompt)
+                    out.append({"experiment": exp.name, "dimension": dim, "scorer": alias, "direction": direction,
+                                "method": variant, "baseline": spec.baseline, "win_rate": s["mean"],
+                                "ci": s["ci"], "n_prompts": s["n"], "wins": wins, "ties": ties,
+                                "losses": losses})
+    return out
+
+
+def _per_prompt(data: RunData, exp: str, variant: str, value) -> list[float]:
+    out = []
+    for pid in data.prompt_ids:
+        vals = []
+        for seed in data.spec.seeds:
+            r = data.row(pid, exp, variant, seed)
+            if r is not None:
+                v = value(r)
+                if v is not None and not math.isnan(v):
+                    vals.append(v)
+        if vals:
+            out.append(float(np.mean(vals)))
+    return out
+
+
+COST_FIELDS = {"tokens": lambda r: r.get("n_tokens"), "seconds": lambda r: r.get("wall_time_s"),
+               "tokens_per_s": lambda r: r.get("tokens_per_s"), "acceptance": lambda r: r.get("acceptance_rate"),
+               "prefix_tokens": lambda r: float(np.mean(r["prompt_tokens"])) if r.get("prompt_tokens") else None}
+
+
+def method_stats(data: RunData) -> list[dict[str, Any]]:
+    out = []
+    for exp in data.spec.experiments:
+        for variant, (m, lam) in data.variants.items():
+            n_rows = sum(1 for pid in data.prompt_ids for s in data.spec.seeds
+                         if data.row(pid, exp.name, variant, s) is not None)
+            if not n_rows:
+                continue
+            entry: dict[str, Any] = {"experiment": exp.name, "objectives": exp.objectives, "method": variant,
+                                     "base_method": m, "lambda": lam, "n_responses": n_rows, "scores": {},
+                                     "cost": {}}
+            for alias in data.pointwise_aliases:
+                entry["scores"][alias] = summarize(_per_prompt(
+                    data, exp.name, variant, lambda r, a=alias: data.pointwise.get((r["key"], a))))
+            for name, fn in COST_FIELDS.items():
+                entry["cost"][name] = summarize(_per_prompt(data, exp.name, variant, fn))
+            entry["n_prompts"] = max([entry["cost"]["tokens"]["n"]] + [0])
+            out.append(entry)
+    return out
+
+
+def judge_stats(data: RunData) -> list[dict[str, Any]]:
+    out = []
+    for alias in data.pairwise_aliases:
+        items = [d for (g, a, dim), (v, d) in data.pairwise.items() if a == alias]
+        if not items:
+            continue
+        cons = [d["consistent"] for d in items if "consistent" in d]
+        answers = sum(len(d.get("answers", [])) for d in items)
+        out.append({"scorer": alias, "comparisons": len(items),
+                    "consistent": (sum(cons) / len(cons)) if cons else None,
+                    "first_position": (sum(d.get("first_position_wins", 0) for d in items) / answers) if answers else None,
+                    "invalid": (sum(d.get("invalid", 0) for d in items) / answers) if answers else None})
+    return out
+
+
+def build_report(run_dir: str | Path, data: RunData | None = None) -> dict[str, Any]:
+    """The report's numbers (what ``report.json`` holds)."""
+    data = data or RunData(run_dir)
+    spec = data.spec
+    planned = data.record.get("planned_generations")
+    report = {
+        "run_dir": str(Path(run_dir)),
+        "model": data.record.get("model"),
+        "spec": data.record["spec"],
+        "command": data.record.get("command"),
+        "prompts": len(data.prompt_ids),
+        "generations": {"done": len(data.gens), "planned": planned, "failed": data.failed},
+        "baseline": spec.baseline,
+        "scorers": {s.alias: s.name for s in spec.scorers},
+        "dimensions": data.record.get("dimensions", []),
+        "win_rates": win_rates(data) if spec.baseline else [],
+        "methods": method_stats(data),
+        "judges": judge_stats(data),
+        "lambda_sweep": len(spec.sweep) > 1,
+        "objectives": any(e.objectives for e in spec.experiments),
+    }
+    return report
+
+
+# -- markdown ------------------------------------------------------------------------------------
+
+def _num(x: float | None, digits: int | None = None) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if digits is None:
+        ax = abs(x)
+        digits = 0 if ax >= 100 else 1 if ax >= 10 else 2
+    return f"{x:.{digits}f}"
+
+
+def _with_ci(s: dict[str, Any], digits: int | None = None) -> str:
+    if s.get("mean") is None:
+        return "–"
+    out = _num(s["mean"], digits)
+    if s.get("ci"):
+        out += f" ({_num(s['ci'][0], digits)}–{_num(s['ci'][1], digits)})"
+    return out
+
+
+def _pct(s: dict[str, Any]) -> str:
+    if s.get("win_rate") is None:
+        return "–"
+    out = f"{100 * s['win_rate']:.0f}%"
+    if s.get("ci"):
+        lo, hi = s["ci"]
+        out += f" ({100 * lo:.0f}–{100 * hi:.0f})"
+        if (lo > 0.5 or hi < 0.5) and s.get("n_prompts", 0) >= MIN_N_BOLD:
+            out = f"**{out}**"
+    return out
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _arrow(direction: str) -> str:
+    return {"higher": "↑", "lower": "↓", "judge": "judge"}[direction]
+
+
+def _shell_quote(args: list[str]) -> str:
+    import shlex
+
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None) -> str:
+    spec = EvalSpec.model_validate(report["spec"])
+    d = spec.run.decoding
+    model = report.get("model") or {}
+    model_txt = model.get("model") or spec.run.backend.model or "default model"
+    lines = ["# Persona-judge evaluation report", ""]
+    info = [
+        ["model", f"{model_txt} (backend {spec.run.backend.name}{', ' + model['device'] if model.get('device') else ''})"],
+        ["dataset", f"{spec.dataset}, {report['prompts']} prompts"],
+        ["experiments", ", ".join(f"`{e.name}`" for e in spec.experiments)],
+        ["methods", ", ".join(f"`{m}`" for m in spec.all_methods) + (f"; baseline `{spec.baseline}`" if spec.baseline else "")],
+        ["decoding", f"temperature {d.temperature}, top-k {d.top_k}, top-p {d.top_p}, "
+                     f"λ {', '.join(map(str, spec.sweep))}, max {d.max_new_tokens} new tokens, encoder {spec.run.encoder}"],
+        ["seeds", ", ".join(map(str, spec.seeds))],
+        ["scorers", ", ".join(f"`{a}`" + (f" ({n})" if a != n else "") for a, n in report["scorers"].items()) or "none"],
+        ["generations", f"{report['generations']['done']} of {report['generations']['planned']} done"
+                        + (f", {report['generations']['failed']} failed (context too long)" if report['generations']['failed'] else "")],
+    ]
+    if report.get("command"):
+        info.append(["reproduce", f"`{_shell_quote(report['command'])}`"])
+    lines += [_table(["run", ""], info), ""]
+
+    n_seeds = len(spec.seeds)
+    seeds_txt = f" × {n_seeds} seeds (averaged per prompt)" if n_seeds > 1 else ""
+    # 1. win rates
+    wr = report["win_rates"]
+    if spec.baseline:
+        lines += [f"## Win rate against `{spec.baseline}`", "",
+                  f"Share of prompts where the method's response beats the `{spec.baseline}` response to the same "
+                  "prompt and seed in the dimension's direction (↑ higher is better, ↓ lower is better, judge: "
+                  "pairwise judge verdict); ties count half. 50% = no difference. In parentheses: 95% bootstrap "
+                  f"interval over prompts; **bold** when it excludes 50% (and n ≥ {MIN_N_BOLD}).", ""]
+        if not wr:
+            lines += ["No dimension of this run has a scorer: add `--scorers` (e.g. `length`, `vader`, "
+                      "`pairwise-judge`) or `--dimension NAME=SCORER:higher|lower`.", ""]
+        else:
+            cols: list[tuple[str, str, str, str]] = []
+            for w in wr:
+                c = (w["experiment"], w["dimension"], w["scorer"], w["direction"])
+                if c not in cols:
+                    cols.append(c)
+            dim_count = defaultdict(set)
+            for e, dm, _, _ in cols:
+                dim_count[dm].add(e)
+            header = ["method"]
+            for e, dm, sc, dr in cols:
+                label = f"{dm} ({sc} {_arrow(dr)})" if dr != "judge" else f"{dm} ({sc})"
+                if len(dim_count[dm]) > 1:
+                    label = f"{label} in `{e}`"
+                header.append(label)
+            by = {(w["experiment"], w["dimension"], w["scorer"], w["direction"], w["method"]): w for w in wr}
+            methods = [m for m in dict.fromkeys(w["method"] for w in wr)]
+            rows = [[f"`{m}`"] + [_pct(by[c + (m,)]) if c + (m,) in by else "–" for c in cols] for m in methods]
+            lines += [_table(header, rows), ""]
+            ns = {w["n_prompts"] for w in wr}
+            lines += [f"n = {ns.pop()} prompts{seeds_txt} per cell." if len(ns) == 1 else
+                      f"n per cell (prompts): {', '.join(str(w['n_prompts']) for w in wr)}{seeds_txt}.", ""]
+
+    # 2. mean scores
+    ms = report["methods"]
+    aliases = [a for a in report["scorers"] if ms and a in ms[0]["scores"]]
+    if aliases:
+        lines += ["## Mean scores", "", "Mean per response, with a 95% bootstrap interval over prompts.", ""]
+        header = ["experiment", "method", "n"] + [f"`{a}`" for a in aliases]
+        rows = [[f"`{m['experiment']}`", f"`{m['method']}`", str(m["n_prompts"])]
+                + [_with_ci(m["scores"][a]) for a in aliases] for m in ms]
+        lines += [_table(header, rows), ""]
+
+    # 3. cost
+    if ms:
+        lines += ["## Cost", "", "Mean per response: new tokens, decoding seconds, tokens per second, and the "
+                  "share of drafted tokens the judge view accepted (Persona-judge methods).", ""]
+        header = ["experiment", "method", "n", "tokens", "s/response", "tokens/s", "acceptance"]
+        rows = [[f"`{m['experiment']}`", f"`{m['method']}`", str(m["n_prompts"]), _num(m["cost"]["tokens"]["mean"]),
+                 _num(m["cost"]["seconds"]["mean"], 3), _num(m["cost"]["tokens_per_s"]["mean"], 1),
+                 _num(m["cost"]["acceptance"]["mean"], 2)] for m in ms]
+        lines += [_table(header, rows), ""]
+
+    # 4. lambda sweep
+    if report["lambda_sweep"]:
+        sweep = [m for m in ms if m["lambda"] is not None]
+        lines += ["## Lambda sweep", "", "Draft window λ against acceptance, speed and scores (the paper's Table 3).", ""]
+        header = ["experiment", "method", "λ", "n", "acceptance", "tokens/s", "s/response"] + [f"`{a}`" for a in aliases]
+        rows = [[f"`{m['experiment']}`", f"`{m['base_method']}`", str(m["lambda"]), str(m["n_prompts"]),
+                 _with_ci(m["cost"]["acceptance"], 2), _num(m["cost"]["tokens_per_s"]["mean"], 1),
+                 _num(m["cost"]["seconds"]["mean"], 3)] + [_num(m["scores"][a]["mean"]) for a in aliases]
+                for m in sweep]  # experiment, method, then λ: the spec's order
+        lines += [_table(header, rows), ""]
+
+    # 5. objectives
+    if report["objectives"]:
+        obj = [m for m in ms if m["objectives"]]
+        order = list(dict.fromkeys(m["method"] for m in obj))
+        lines += ["## Inference time vs. number of objectives", "",
+                  "Views carrying 1, 2, 3, ... combined preferences (the paper's Table 5): mean decoding seconds "
+                  "per response with a 95% interval, speed, and the mean prompt length of the views in tokens.", ""]
+        header = ["objectives", "views", "method", "n", "s/response", "tokens/s", "prefix tokens"]
+        rows = [[str(m["objectives"]), f"`{m['experiment']}`", f"`{m['method']}`", str(m["n_prompts"]),
+                 _with_ci(m["cost"]["seconds"], 3), _num(m["cost"]["tokens_per_s"]["mean"], 1),
+                 _num(m["cost"]["prefix_tokens"]["mean"], 0)]
+                for m in sorted(obj, key=lambda m: (order.index(m["method"]), m["objectives"]))]
+        lines += [_table(header, rows), ""]
+
+    # 6. judges
+    if report["judges"]:
+        lines += ["## Judge consistency", "", "Pairwise judge verdicts: share that stayed the same when the two "
+                  "responses swapped places, share of answers choosing the first position (0.5 = no position "
+                  "bias), and share of answers with no 0/1/2 (counted as ties).", ""]
+        rows = [[f"`{j['scorer']}`", str(j["comparisons"]), _num(j["consistent"], 2), _num(j["first_position"], 2),
+                 _num(j["invalid"], 2)] for j in report["judges"]]
+        lines += [_table(["scorer", "comparisons", "consistent", "first position", "invalid"], rows), ""]
+
+    if plots:
+        lines += ["## Plots", ""]
+        for name, file in plots.items():
+            lines += [f"![{name}]({file})", ""]
+    lines += ["Rebuild this report with `personajudge report " + report["run_dir"] + "`.", ""]
+    return "\n".join(lines)
+
+
+# -- plots ---------------------------------------------------------------------------------------
+
+def write_plots(report: dict[str, Any], data: RunData, out_dir: Path) -> dict[str, str]:
+    """PNG plots (matplotlib, no pyplot state); {} when matplotlib is not installed."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return {}
+    files: dict[str, str] = {}
+    ms = report["methods"]
+
+    wr = [w for w in report["win_rates"] if w["win_rate"] is not None]
+    if wr:
+        cols = list(dict.fromkeys((w["experiment"], w["dimension"], w["scorer"]) for w in wr))
+        methods = list(dict.fromkeys(w["method"] for w in wr))
+        by = {(w["experiment"], w["dimension"], w["scorer"], w["method"]): w for w in wr}
+        fig = Figure(figsize=(max(6, 1.4 * len(cols) * max(1, len(methods)) ** 0.5 + 2), 4.2))
+        ax = fig.subplots()
+        width = 0.8 / len(methods)
+        x = np.arange(len(cols))
+        for i, m in enumerate(methods):
+            vals, lo, hi = [], [], []
+            for c in cols:
+                w = by.get(c + (m,))
+                v = 100 * w["win_rate"] if w and w["win_rate"] is not None else np.nan
+                vals.append(v)
+                ci = w.get("ci") if w else None
+                lo.append(v - 100 * ci[0] if ci else 0)
+                hi.append(100 * ci[1] - v if ci else 0)
+            bars = ax.bar(x + (i - (len(methods) - 1) / 2) * width, vals, width, yerr=[lo, hi], capsize=3, label=m)
+            ax.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.0f}" for v in vals], fontsize=7,
+                         label_type="center", color="white")
+        ax.axhline(50, color="black", linewidth=0.8, linestyle="--")
+        exps = {}
+        for e, d, _ in cols:
+            exps.setdefault(d, set()).add(e)
+        ax.set_xticks(x, [f"{d}\n({s})" + (f"\n{e}" if len(exps[d]) > 1 else "") for e, d, s in cols], fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel(f"win rate vs {report['baseline']} (%)")
+        ns = sorted({w["n_prompts"] for w in wr})
+        ax.set_title(f"Win rate per preference dimension (95% CI; n = {', '.join(map(str, ns))} prompts)", fontsize=10)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / PLOTS["winrate"], dpi=110)
+        files["win rates"] = PLOTS["winrate"]
+
+    aliases = [a for a in data.pointwise_aliases if any(m["scores"].get(a, {}).get("n") for m in ms)]
+    if aliases:
+        fig = Figure(figsize=(max(6, 0.9 * len(ms) + 2), 3.2 * len(aliases)))
+        axes = fig.subplots(len(aliases), 1, squeeze=False)[:, 0]
+        for ax, a in zip(axes, aliases):
+            series, labels = [], []
+            for m in ms:
+                vals = [data.pointwise.get((r["key"], a)) for r in data.gens.values()
+                        if r["experiment"] == m["experiment"] and r["variant"] == m["method"] and "error" not in r]
+                vals = [v for v in vals if v is not None and not math.isnan(v)]
+                if vals:
+                    series.append(vals)
+                    labels.append(f"{m['method']}\n{m['experiment']}")
+            if series:
+                ax.boxplot(series, showmeans=True)
+                ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=7)
+            name = report["scorers"][a]
+            ax.set_title(a if a == name else f"{a} ({name})", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out_dir / PLOTS["scores"], dpi=110)
+        files["score distributions"] = PLOTS["scores"]
+
+    sweep = [m for m in ms if m["lambda"] is not None]
+    if report["lambda_sweep"] and sweep:
+        fig = Figure(figsize=(9, 3.6))
+        ax1, ax2 = fig.subplots(1, 2)
+        for key in dict.fromkeys((m["experiment"], m["base_method"]) for m in sweep):
+            pts = sorted((m["lambda"], m["cost"]["acceptance"]["mean"], m["cost"]["tokens_per_s"]["mean"])
+                         for m in sweep if (m["experiment"], m["base_method"]) == key)
+            lams = [p[0] for p in pts]
+            ax1.plot(lams, [p[1] if p[1] is not None else np.nan for p in pts], marker="o", label=f"{key[1]} {key[0]}")
+            ax2.plot(lams, [p[2] if p[2] is not None else np.nan for p in pts], marker="o", label=f"{key[1]} {key[0]}")
+        all_lams = sorted({m["lambda"] for m in sweep})
+        for ax in (ax1, ax2):
+            ax.set_xticks(all_lams)
+            ax.set_xlabel("λ (draft window)")
+        ax1.set_ylabel("acceptance rate")
+        ax2.set_ylabel("tokens/s")
+        ax1.legend(fontsize=7)
+        fig.suptitle("Lambda sweep")
+        fig.tight_layout()
+        fig.savefig(out_dir / PLOTS["lambda"], dpi=110)
+        files["lambda sweep"] = PLOTS["lambda"]
+
+    obj = [m for m in ms if m["objectives"]]
+    if report["objectives"] and obj:
+        fig = Figure(figsize=(6, 3.8))
+        ax = fig.subplots()
+        for meth in dict.fromkeys(m["method"] for m in obj):
+            pts = sorted((m["objectives"], m["cost"]["seconds"]) for m in obj if m["method"] == meth)
+            ks = [p[0] for p in pts]
+            ys = [p[1]["mean"] if p[1]["mean"] is not None else np.nan for p in pts]
+            err = [[y - p[1]["ci"][0] if p[1]["ci"] else 0 for y, p in zip(ys, pts)],
+                   [p[1]["ci"][1] - y if p[1]["ci"] else 0 for y, p in zip(ys, pts)]]
+            ax.errorbar(ks, ys, yerr=err, marker="o", capsize=3, label=meth)
+        ax.set_xlabel("number of objectives")
+        ax.set_ylabel("seconds per response")
+        ax.set_xticks(sorted({m["objectives"] for m in obj}))
+        ax.set_title("Inference time vs. number of objectives")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / PLOTS["objectives"], dpi=110)
+        files["inference time vs objectives"] = PLOTS["objectives"]
+    return files
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def write_report(run_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
+    """Write ``report.md``, ``report.json`` and the PNG plots into ``run_dir``; returns their paths."""
+    run_dir = Path(run_dir)
+    for stale in PLOTS.values():  # a plot that no longer applies must not linger
+        (run_dir / stale).unlink(missing_ok=True)
+    data = RunData(run_dir)
+    report = build_report(run_dir, data)
+    files = write_plots(report, data, run_dir) if plots else {}
+    report["plots"] = files
+    out = {"json": run_dir / "report.json", "markdown": run_dir / "report.md"}
+    write_json_atomic(out["json"], _jsonable(report))
+    md = render_markdown(report, files)
+    tmp = out["markdown"].with_suffix(".md.tmp")
+    tmp.write_text(md, encoding="utf-8")
+    tmp.replace(out["markdown"])
+    for name, file in files.items():
+        out[name] = run_dir / file
+    return out
+
+
+__all__ = ["build_report", "render_markdown", "write_report", "write_plots", "bootstrap_ci", "RunData",
+           "GENERATIONS", "SCORES"]

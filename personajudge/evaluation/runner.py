@@ -1,0 +1,411 @@
+"""Resumable evaluation runs.
+
+A run directory holds:
+
+- ``run.json``: the run's :class:`EvalSpec`, prompt ids and hashes, and the
+  command that started it. Starting again with a different spec is an error
+  (:class:`RunMismatchError`) unless ``force``: then ``run.json`` is replaced
+  and every stored row still valid under the new settings is reused.
+- ``generations.jsonl``: one row per (prompt id, experiment, method, lambda,
+  seed), appended (flush + fsync) as soon as it is generated.
+- ``scores.jsonl``: one row per (generation, scorer) -- and per dimension for
+  pairwise scorers -- appended as soon as it is scored.
+- ``report.md``, ``report.json`` and PNG plots, rebuilt from the JSONL files.
+
+Rows carry a fingerprint of what produced them (generation settings + prompt
+text; + scorer options for scores), so a row is reused only where it would be
+reproduced. Interrupted at any instant -- Ctrl-C, an exception, SIGKILL -- the
+same command continues where it stopped: finished rows are skipped, a torn
+last line is dropped, nothing is duplicated.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from personajudge.core.config import build_config
+from personajudge.api import PersonaJudge, make_method
+from personajudge.core.errors import ContextLengthError, PersonaJudgeError
+from personajudge.plugins import get_method, preference_library
+from personajudge.preferences import resolve
+
+from .dataset import PromptItem, load_prompts
+from .dimensions import DimensionScorer, dimension_table
+from .errors import EvalError, RunMismatchError
+from .scorers import PairItem, ScoringContext, get_scorer_class
+from .spec import EvalSpec, Experiment, _short, command_from_spec, diff, gen_key, uses_lambda, variant_label
+from .report import write_report
+from .store import GENERATIONS, RUN_FILE, SCORES, JsonlStore, RunLock, load_rows, read_rows, read_run_file, write_json_atomic
+
+
+
+@dataclass
+class GenJob:
+    prompt: PromptItem
+    experiment: Experiment
+    method: str
+    lam: int | None
+    seed: int
+    key: str
+    variant: str
+    views: list[list[str]]
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    generated: int = 0
+    reused: int = 0
+    failed: int = 0
+    scored: int = 0
+    report: dict[str, Path] = field(default_factory=dict)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def load_spec(run_dir: str | Path) -> EvalSpec:
+    data = read_run_file(run_dir)
+    try:
+        return EvalSpec.model_validate(data["spec"])
+    except Exception as err:  # pydantic error or missing key
+        raise EvalError(f"{Path(run_dir) / RUN_FILE} holds no valid evaluation spec: "
+                        f"{str(err).splitlines()[0]}") from None
+
+
+# -- planning ------------------------------------------------------------------------------------
+
+def aspect_of(pref: str) -> tuple[str, str]:
+    """(dimension name, aspect text for a judge) of a preference in an experiment."""
+    p = resolve(pref, preference_library())
+    name = _short(pref)
+    if p.source == "free text":
+        return name, p.description
+    return name, f"{p.name} ({p.description.rstrip('.')})"
+
+
+def method_views(method: str, experiment: Experiment, spec: EvalSpec) -> list[list[str]]:
+    """The views a method gets: multi-view methods the experiment's views, single-view methods all of
+    the experiment's preferences at once (each once)."""
+    cfg = build_config(spec.run.model_dump(by_alias=True), method=method)
+    planned = make_method(cfg).plan([list(v) for v in experiment.views])
+    return [experiment.preferences] if len(planned) == 1 else [list(v) for v in experiment.views]
+
+
+def plan_generations(spec: EvalSpec, prompts: list[PromptItem]) -> list[GenJob]:
+    """Every generation of the run, prompt-major (an interrupted run has whole prompts done)."""
+    sweep = spec.sweep
+    many = len(sweep) > 1
+    lam_of = {m: (sweep if uses_lambda(m) else [None]) for m in spec.all_methods}
+    views = {(m, e.name): method_views(m, e, spec) for m in spec.all_methods for e in spec.experiments}
+    jobs = []
+    for item in prompts:
+        for exp in spec.experiments:
+            for seed in spec.seeds:
+                for m in spec.all_methods:
+                    for lam in lam_of[m]:
+                        jobs.append(GenJob(item, exp, m, lam, seed, gen_key(item.id, exp.name, m, lam, seed),
+                                           variant_label(m, lam, many), views[(m, exp.name)]))
+    return jobs
+
+
+def baseline_key(spec: EvalSpec, job: GenJob) -> str | None:
+    if not spec.baseline or job.method == spec.baseline:
+        return None
+    lam = None
+    if uses_lambda(spec.baseline):
+        lam = job.lam if job.lam is not None else spec.sweep[0]
+    return gen_key(job.prompt.id, job.experiment.name, spec.baseline, lam, job.seed)
+
+
+def resolved_dimensions(spec: EvalSpec) -> list[DimensionScorer]:
+    return dimension_table(list(spec.dimensions), {s.alias: s.name for s in spec.scorers})
+
+
+def validate_spec(spec: EvalSpec) -> dict[str, str]:
+    """Check methods, scorers and dimensions before anything is loaded; returns scorer alias -> hash."""
+    for m in spec.all_methods:
+        get_method(m)
+    hashes = {}
+    for s in spec.scorers:
+        cls = get_scorer_class(s.name)
+        hashes[s.alias] = cls.config_hash_for(cls.validate(dict(s.options)))
+    resolved_dimensions(spec)
+    for e in spec.experiments:
+        for p in e.preferences:
+            aspect_of(p)
+    return hashes
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+class Runner:
+    """Generates, scores and reports one run directory."""
+
+    def __init__(self, spec: EvalSpec, run_dir: str | Path, *, force: bool = False, progress: bool = True,
+                 pj: Any = None, argv: list[str] | None = None,
+                 on_generation: Callable[[dict], None] | None = None,
+                 on_score: Callable[[dict], None] | None = None):
+        self.spec = spec
+        self.run_dir = Path(run_dir)
+        self.force = force
+        self.progress = progress
+        self.pj = pj
+        self._own_pj = False
+        self.argv = argv
+        self.on_generation = on_generation
+        self.on_score = on_score
+        self.prompts = load_prompts(spec.dataset, spec.limit)
+        self.scorer_hashes = validate_spec(spec)
+        self.gen_hash = spec.generation_hash()
+
+    # run.json -----------------------------------------------------------------------------------
+    def _run_record(self) -> dict[str, Any]:
+        return {"spec": self.spec.dump(), "prompts": [{"id": p.id, "sha": p.sha} for p in self.prompts]}
+
+    def _check_run_file(self) -> dict[str, Any]:
+        path = self.run_dir / RUN_FILE
+        new = self._run_record()
+        if not path.exists():
+            return {**new, "created": _now()}
+        old = read_run_file(self.run_dir)
+        changed = diff({"spec": old.get("spec", {}), "prompts": old.get("prompts")},
+                       {"spec": new["spec"], "prompts": new["prompts"]})
+        if changed and not self.force:
+            shown = ", ".join(c.removeprefix("spec.") for c in changed[:6]) + (" ..." if len(changed) > 6 else "")
+            raise RunMismatchError(
+                f"{self.run_dir} holds a run with a different configuration (changed: {shown}); rerun the "
+                f"original command, continue it with `personajudge eval --resume --run-dir {self.run_dir}`, "
+                "or pass --force to switch this directory to the new configuration (rows that are still "
+                "valid are reused)")
+        return {**new, "created": old.get("created", _now()), "previous": old.get("previous", [])
+                + ([{"spec": old.get("spec"), "replaced": _now()}] if changed else [])}
+
+    def _write_run_file(self, record: dict[str, Any]) -> None:
+        record = dict(record)
+        record.update({
+            "generation_hash": self.gen_hash,
+            "scorer_hashes": self.scorer_hashes,
+            "dimensions": [d.model_dump() for d in resolved_dimensions(self.spec)],
+            "updated": _now(),
+        })
+        if self.argv is not None:
+            record["command"] = self.argv
+        else:
+            record["command"] = command_from_spec(self.spec, str(self.run_dir))
+        write_json_atomic(self.run_dir / RUN_FILE, record)
+
+    # generation ---------------------------------------------------------------------------------
+    def gen_fp(self, job: GenJob) -> str:
+        return f"{self.gen_hash}:{job.prompt.sha}"
+
+    def _load_model(self):
+        if self.pj is None:
+            self.pj = PersonaJudge(self.spec.run)
+            self._own_pj = True
+            try:  # one untimed call, so the first timed response does not pay for warm-up
+                self.pj.generate("Hello.", preferences=[], views=None, method="base", max_new_tokens=2, seed=0)
+            except PersonaJudgeError:
+                pass
+        return self.pj
+
+    def _row(self, job: GenJob, res: Any = None, error: str | None = None, batch: int = 1) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "key": job.key, "fp": self.gen_fp(job), "prompt_id": job.prompt.id, "experiment": job.experiment.name,
+            "method": job.method, "lambda": job.lam, "seed": job.seed, "variant": job.variant,
+        }
+        if error is not None:
+            row.update({"error": error, "text": ""})
+        else:
+            st = res.stats
+            row.update({
+                "text": res.text, "n_tokens": len(res.tokens), "finish_reason": res.finish_reason,
+                "wall_time_s": st.wall_time_s / batch, "tokens_per_s": st.tokens_per_s * batch,
+                "acceptance_rate": st.acceptance_rate, "drafted": st.drafted, "accepted": st.accepted,
+                "prompt_tokens": list(st.prompt_tokens), "views": st.views, "batch": batch,
+            })
+        row["created"] = _now()
+        return row
+
+    def _generate_one(self, pj, job: GenJob) -> dict[str, Any]:
+        kw: dict[str, Any] = {"seed": job.seed}
+        if job.lam is not None:
+            kw["lam"] = job.lam
+        try:
+            res = pj.generate(job.prompt.prompt, views=job.views, method=job.method, **kw)
+        except ContextLengthError as err:
+            return self._row(job, error=str(err))
+        return self._row(job, res)
+
+    def _generate_batch(self, pj, jobs: list[GenJob]) -> list[dict[str, Any]]:
+        j0 = jobs[0]
+        kw: dict[str, Any] = {}
+        if j0.lam is not None:
+            kw["lam"] = j0.lam
+        try:
+            results = pj.generate_batch([j.prompt.prompt for j in jobs], views=j0.views, method=j0.method,
+                                        seeds=[j.seed for j in jobs], **kw)
+        except ContextLengthError:
+            return [self._generate_one(pj, j) for j in jobs]  # find the one that does not fit
+        return [self._row(j, r, batch=len(jobs)) for j, r in zip(jobs, results)]
+
+    def _batches(self, pending: list[GenJob]) -> Iterable[list[GenJob]]:
+        if self.spec.batch_size == 1:
+            for j in pending:
+                yield [j]
+            return
+        groups: dict[tuple, list[GenJob]] = {}
+        for j in pending:  # same experiment/method/lambda/seed: one batched call over prompts
+            groups.setdefault((j.experiment.name, j.method, j.lam, j.seed), []).append(j)
+        for g in groups.values():
+            for i in range(0, len(g), self.spec.batch_size):
+                yield g[i:i + self.spec.batch_size]
+
+    def generate(self, gens: JsonlStore, jobs: list[GenJob], result: RunResult) -> None:
+        pending = [j for j in jobs if (j.key, self.gen_fp(j)) not in gens]
+        result.reused = len(jobs) - len(pending)
+        if not pending:
+            return
+        pj = self._load_model()
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(pending), desc="generate", unit="gen", file=sys.stderr, disable=not self.progress,
+                   initial=0, dynamic_ncols=True)
+        try:
+            for batch in self._batches(pending):
+                bar.set_postfix_str(f"{batch[0].experiment.name} {batch[0].variant}", refresh=False)
+                rows = [self._generate_one(pj, batch[0])] if len(batch) == 1 else self._generate_batch(pj, batch)
+                for row in rows:
+                    if gens.append(row):
+                        result.generated += 1
+                        result.failed += "error" in row
+                        if self.on_generation is not None:
+                            self.on_generation(row)
+                bar.update(len(batch))
+        finally:
+            bar.close()
+
+    # scoring ------------------------------------------------------------------------------------
+    def score(self, gens: JsonlStore, scores: JsonlStore, jobs: list[GenJob], result: RunResult) -> None:
+        done = {}
+        for j in jobs:
+            row = gens.get(j.key, self.gen_fp(j))
+            if row is not None and "error" not in row:
+                done[j.key] = (j, row)
+        context = ScoringContext(seed=self.spec.seeds[0], pj=self.pj, run_config=self.spec.run)
+        for sspec in self.spec.scorers:
+            cls = get_scorer_class(sspec.name)
+            h = self.scorer_hashes[sspec.alias]
+            if cls.kind == "pairwise":
+                work = self._pairwise_work(sspec.alias, h, done, scores)
+            else:
+                work = [(f"{k}|{sspec.alias}", j, row, None) for k, (j, row) in done.items()]
+                work = [w for w in work if (w[0], f"{self.gen_fp(w[1])}:{h}") not in scores]
+            if not work:
+                continue
+            scorer = cls(**sspec.options)
+            if cls.kind == "pairwise" and self.pj is None and getattr(scorer.options, "judge", None) == "backend" \
+                    and getattr(scorer.options, "backend", None) is None and getattr(scorer.options, "model", None) is None:
+                context.pj = self._load_model()  # the run's own model judges; load it once for both
+            scorer.bind(context)
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(work), desc=f"score {sspec.alias}", unit="row", file=sys.stderr,
+                       disable=not self.progress, dynamic_ncols=True)
+            chunk = 8 if cls.kind == "pairwise" else 32
+            try:
+                for i in range(0, len(work), chunk):
+                    part = work[i:i + chunk]
+                    if cls.kind == "pairwise":
+                        outs = scorer.compare_many([w[3] for w in part])
+                        values = [(o.value, o.details) for o in outs]
+                    else:
+                        vals = scorer.score_many([(w[1].prompt.prompt, w[2]["text"]) for w in part])
+                        values = [(v, None) for v in vals]
+                    for (key, job, row, item), (value, details) in zip(part, values):
+                        srow: dict[str, Any] = {"key": key, "fp": f"{self.gen_fp(job)}:{h}", "gen": job.key,
+                                                "scorer": sspec.alias, "kind": cls.kind, "value": float(value)}
+                        if item is not None:
+                            srow["dimension"] = item.aspect_name
+                            srow["baseline"] = item.key.split("@vs@")[1]
+                            srow["details"] = details
+                        srow["created"] = _now()
+                        if scores.append(srow):
+                            result.scored += 1
+                            if self.on_score is not None:
+                                self.on_score(srow)
+                    bar.update(len(part))
+            finally:
+                bar.close()
+                scorer.close()
+
+    def _pairwise_work(self, alias: str, h: str, done: dict, scores: JsonlStore) -> list:
+        work = []
+        for key, (job, row) in done.items():
+            bkey = baseline_key(self.spec, job)
+            if bkey is None or bkey not in done:
+                continue
+            base_row = done[bkey][1]
+            for pref in job.experiment.preferences:
+                dim, aspect = aspect_of(pref)
+                skey = f"{key}|{alias}|{dim}"
+                if (skey, f"{self.gen_fp(job)}:{h}") in scores:
+                    continue
+                item = PairItem(prompt=job.prompt.prompt, response_a=row["text"], response_b=base_row["text"],
+                                aspect=aspect, aspect_name=dim, key=f"{skey}@vs@{bkey}")
+                work.append((skey, job, row, item))
+        return work
+
+    # all ------------------------------------------------------------------------------------------
+    def run(self, *, report: bool = True) -> RunResult:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        result = RunResult(self.run_dir)
+        with RunLock(self.run_dir):
+            record = self._check_run_file()
+            jobs = plan_generations(self.spec, self.prompts)
+            record["planned_generations"] = len(jobs)
+            self._write_run_file(record)
+            try:
+                with JsonlStore(self.run_dir / GENERATIONS) as gens, JsonlStore(self.run_dir / SCORES) as scores:
+                    self.generate(gens, jobs, result)
+                    if self.pj is not None and "model" not in record:
+                        try:
+                            record["model"] = self.pj.backend.describe()
+                        except Exception:  # describe is informative only
+                            pass
+                        self._write_run_file(record)
+                    self.score(gens, scores, jobs, result)
+            finally:
+                if self._own_pj and self.pj is not None:
+                    self.pj.close()
+                    self.pj = None
+            if report:
+                result.report = write_report(self.run_dir)
+        return result
+
+
+def run_eval(spec: EvalSpec, run_dir: str | Path, *, force: bool = False, progress: bool = True, pj: Any = None,
+             argv: list[str] | None = None, report: bool = True,
+             on_generation: Callable[[dict], None] | None = None,
+             on_score: Callable[[dict], None] | None = None) -> RunResult:
+    """Run (or continue) the evaluation ``spec`` in ``run_dir`` and write its report.
+
+    ``pj``: an already loaded :class:`PersonaJudge` to generate with (default:
+    load ``spec.run``'s backend). ``on_generation`` / ``on_score`` are called
+    after each row is durably written (progress hooks; tests use them to
+    interrupt a run).
+    """
+    return Runner(spec, run_dir, force=force, progress=progress, pj=pj, argv=argv, on_generation=on_generation,
+                  on_score=on_score).run(report=report)
+
+
+__all__ = ["run_eval", "Runner", "RunResult", "GenJob", "plan_generations", "load_spec", "read_run_file",
+           "load_rows"]

@@ -1,0 +1,181 @@
+"""Append-only JSONL files that survive being killed at any instant.
+
+- Every row is one ``write`` of one line, then ``flush`` + ``fsync``: a row
+  that was reported finished is on disk.
+- A kill in the middle of a write leaves a last line without its newline (or
+  with half a JSON object). Opening the file for appending detects that torn
+  tail and truncates it away before anything new is written; readers ignore it.
+- A row's identity is ``(key, fingerprint)``: the fingerprint says under which
+  settings it was produced (model, decoding, prompt text, scorer options).
+  :meth:`JsonlStore.append` refuses an identity that is already in the file,
+  so a resumed run never duplicates a finished row; on reading, the first
+  occurrence wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import EvalError, RunLockedError
+
+RUN_FILE = "run.json"
+GENERATIONS = "generations.jsonl"
+SCORES = "scores.jsonl"
+
+
+def _identity(row: dict[str, Any]) -> tuple[str, str]:
+    return str(row.get("key")), str(row.get("fp", ""))
+
+
+def read_rows(path: str | Path, *, repair: bool = False) -> tuple[list[dict[str, Any]], int]:
+    """Rows of ``path`` (missing file: none) and how many bad lines were skipped.
+
+    With ``repair`` a torn last line is cut off the file itself.
+    """
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        return [], 0
+    end = data.rfind(b"\n") + 1  # bytes after the last newline are a torn write
+    if repair and end < len(data):
+        with open(p, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+    rows: list[dict[str, Any]] = []
+    bad = 0
+    for line in data[:end].splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            bad += 1
+            continue
+        if isinstance(row, dict) and "key" in row:
+            rows.append(row)
+        else:
+            bad += 1
+    if bad:
+        print(f"personajudge: warning: {p}: skipped {bad} unreadable line(s)", file=sys.stderr)
+    return rows, bad
+
+
+class JsonlStore:
+    """One JSONL file of rows, indexed by identity; opened for appending with a torn tail repaired."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.rows: dict[tuple[str, str], dict[str, Any]] = {}
+        self._f = None
+
+    def open(self) -> "JsonlStore":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        rows, _ = read_rows(self.path, repair=True)
+        for row in rows:
+            self.rows.setdefault(_identity(row), row)
+        self._f = open(self.path, "a", encoding="utf-8")
+        return self
+
+    def __contains__(self, identity: tuple[str, str]) -> bool:
+        return identity in self.rows
+
+    def get(self, key: str, fp: str) -> dict[str, Any] | None:
+        return self.rows.get((key, fp))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.rows.values())
+
+    def append(self, row: dict[str, Any]) -> bool:
+        """Write ``row`` durably; False (and nothing written) if its identity is already stored."""
+        ident = _identity(row)
+        if ident in self.rows:
+            return False
+        if self._f is None:
+            raise RuntimeError("store is not open")
+        line = json.dumps(row, ensure_ascii=False, allow_nan=True) + "\n"
+        self._f.write(line)
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self.rows[ident] = row
+        return True
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self) -> "JsonlStore":
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RunLock:
+    """An exclusive lock on a run directory, so two processes never append to the same files."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self._f = None
+
+    def __enter__(self) -> "RunLock":
+        self._f = open(self.path, "a")
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks on this platform
+            return self
+        try:
+            fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._f.close()
+            self._f = None
+            raise RunLockedError(f"another evaluation is writing to {self.path.parent}; wait for it to finish "
+                                 "or use another --run-dir") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._f is not None:
+            self._f.close()  # closing releases the lock
+            self._f = None
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file, fsync, rename into place: readers see the old or the new file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def read_run_file(run_dir: str | Path) -> dict[str, Any]:
+    p = Path(run_dir) / RUN_FILE
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EvalError(f"{run_dir} is not an evaluation run directory (no {RUN_FILE}); "
+                        "start one with `personajudge eval --run-dir DIR`") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise EvalError(f"cannot read {p}: {err}") from None
+
+
+def load_rows(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
+    """All readable rows of a run directory's JSONL files (torn tails ignored, files untouched)."""
+    d = Path(run_dir)
+    return read_rows(d / GENERATIONS)[0], read_rows(d / SCORES)[0]

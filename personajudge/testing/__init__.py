@@ -1,0 +1,1 @@
+"""The plugin author's kit (conformance suite); filled in below."""

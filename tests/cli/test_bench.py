@@ -1,0 +1,96 @@
+"""``personajudge bench``: a stable JSON schema and sane numbers (timings are not asserted)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from personajudge.core.config import build_config
+from personajudge.core.contract import Session
+from personajudge.bench import SCHEMA, format_table, run_bench
+from personajudge.cli import main
+from personajudge.bench.steps import ceiling, step_costs
+
+
+def test_report_schema_and_ratios():
+    cfg = build_config({"backend": {"name": "toy"}, "decoding": {"max_new_tokens": 24, "seed": 3}})
+    rep = run_bench(cfg, views=2, repeats=2, progress=False)
+    assert rep["schema"] == SCHEMA
+    assert set(rep) >= {"machine", "backend", "settings", "results", "memory", "persona_judge_over_reference"}
+    rows = {r["method"]: r for r in rep["results"]}
+    assert list(rows) == ["plain", "persona-judge", "persona-judge-base", "reference"]
+    assert rows["plain"]["ratio_to_plain"] == 1.0 and rows["plain"]["runner"] == "core"  # toy has no sampler
+    for r in rows.values():
+        assert len(r["runs"]) == 2 and r["tokens_per_s"] > 0 and r["tokens"] == 24
+        assert {x["seed"] for x in r["runs"]} == {4, 5}  # the warm-up (seed 3) is not timed
+    assert rows["persona-judge"]["views"] == 2 and rows["plain"]["views"] == 1
+    assert 0 <= rows["persona-judge"]["acceptance_rate"] <= 1
+    assert rep["persona_judge_over_reference"] == pytest.approx(
+        rows["persona-judge"]["tokens_per_s"] / rows["reference"]["tokens_per_s"])
+    assert "| persona-judge " in format_table(rep)
+    steps = rep["steps"]
+    assert set(steps) == {"one_view_one_row_ms", "one_view_no_row_ms", "two_views_two_rows_ms",
+                          "two_views_one_row_ms", "ceiling_ratio"}
+    assert all(v > 0 for v in steps.values())
+    assert "ceiling at full acceptance" in format_table(rep)
+    assert run_bench(cfg, views=1, repeats=1, methods=["plain"], progress=False)["steps"] is None
+    assert run_bench(cfg, views=2, repeats=1, methods=["plain"], progress=False, steps=False)["steps"] is None
+
+
+class _Clocked(Session):
+    """A session whose steps advance a fake clock by a fixed cost per call and per logits row,
+    and which checks that every timed step is rolled back."""
+
+    def __init__(self, per_call, per_row, per_token):
+        super().__init__(2, 4096)
+        self.now = 0.0
+        self.cost = (per_call, per_row, per_token)
+
+    @property
+    def len(self):
+        return list(self._lengths)
+
+    def _forward_many(self, calls):
+        c, r, t = self.cost
+        self.now += c + sum(r * n + t * len(toks) for _, toks, n in calls)
+        return [np.zeros((n, 8), dtype=np.float32) for _, _, n in calls]
+
+    def _truncate(self, view, length):
+        assert length <= self.length(view)
+
+
+def test_step_costs_and_the_ceiling_they_imply():
+    """Costs come out of the clock per step; the ceiling is one single step over the interleaved
+    schedule's average step at full acceptance."""
+    s = _Clocked(per_call=0.001, per_row=0.008, per_token=0.002)
+    costs = step_costs(s, [[5] * 10, [6] * 12], lam=4, repeats=3, clock=lambda: s.now)
+    assert costs["one_view_one_row_ms"] == pytest.approx(11.0)
+    assert costs["one_view_no_row_ms"] == pytest.approx(3.0)
+    assert costs["two_views_two_rows_ms"] == pytest.approx(21.0)
+    assert costs["two_views_one_row_ms"] == pytest.approx(13.0)
+    assert costs["ceiling_ratio"] == pytest.approx(11.0 / ((4 * 21.0 + 13.0) / 5))
+    assert s.len == [10, 12]  # the prompts stay, every timed step was rolled back
+    assert ceiling({"one_view_one_row_ms": 1, "two_views_two_rows_ms": 1, "two_views_one_row_ms": 1}, 4) == 1
+    with pytest.raises(ValueError, match="two views"):
+        step_costs(s, [[5] * 10], lam=4)
+
+
+def test_cli_json_with_memory_probes(capsys):
+    assert main(["bench", "--backend", "toy", "--max-new-tokens", "8", "--repeats", "1", "--views", "3",
+                 "--methods", "plain,persona-judge,mod", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in rep["results"]] == ["plain", "persona-judge", "mod"]
+    mem = rep["memory"]
+    assert mem["peak_rss_mb_1_view"] > 0 and mem["peak_rss_mb_3_views"] > 0 and mem["rss_ratio"] > 0
+    assert "generation_rss_growth_mb_3_views" in mem
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--views", "0"], "--views"),
+    (["--repeats", "0"], "--repeats"),
+    (["--methods", "plain,warp"], "unknown method 'warp'"),
+    (["--views", "9"], "preferences"),
+])
+def test_bad_bench_input_exits_2(argv, needle, capsys):
+    assert main(["bench", "--backend", "toy", "--no-memory", *argv]) == 2
+    assert needle in capsys.readouterr().err

@@ -1,0 +1,68 @@
+"""The evaluation harness on the embedded model (llama.cpp): a 3-prompt run and the example program."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def llama_backend():
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed")
+    try:
+        import personajudge.backends.llama_cpp  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"the llama-cpp backend is not available: {err}")
+    from personajudge.plugins.manager import registry
+
+    if "llama-cpp" not in registry("backend"):
+        pytest.skip("the llama-cpp backend is not registered")
+    try:
+        from personajudge.backends.embedded import default_model_path
+
+        default_model_path()
+    except Exception as err:
+        pytest.skip(f"the embedded model is not available: {err}")
+    for m in ("textstat", "vaderSentiment", "matplotlib"):
+        pytest.importorskip(m)
+
+
+def test_eval_on_the_embedded_model_writes_all_report_files(llama_backend, tmp_path, capsys):
+    from personajudge.cli import main
+
+    d = tmp_path / "run"
+    code = main(["eval", "--limit", "3", "--max-new-tokens", "8", "--seed", "0", "--run-dir", str(d),
+                 "--pair", "concise,informative", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    for f in ("run.json", "generations.jsonl", "scores.jsonl", "report.md", "report.json", "winrate.png",
+              "scores.png"):
+        assert (d / f).is_file() and (d / f).stat().st_size > 0, f
+    rep = json.loads((d / "report.json").read_text())
+    assert rep["generations"] == {"done": 6, "planned": 6, "failed": 0}
+    assert rep["model"]["backend"] == "llama-cpp"
+    assert {w["dimension"] for w in rep["win_rates"]} == {"concise", "informative"}
+    assert all(w["n_prompts"] == 3 for w in rep["win_rates"])
+    assert "## Win rate against `prompt`" in out
+
+
+def test_example_evaluate_small(llama_backend, tmp_path):
+    d = tmp_path / "example"
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "evaluate_small.py"), "--run-dir", str(d),
+                           "--max-new-tokens", "16"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"report: {d / 'report.md'}" in proc.stdout and "| `persona-judge` |" in proc.stdout
+    for f in ("run.json", "generations.jsonl", "scores.jsonl", "report.md", "report.json", "winrate.png",
+              "scores.png"):
+        assert (d / f).is_file() and (d / f).stat().st_size > 0, f
+    rep = json.loads((d / "report.json").read_text())
+    assert rep["generations"] == {"done": 12, "planned": 12, "failed": 0} and rep["prompts"] == 3
+    assert {w["dimension"] for w in rep["win_rates"]} == {"concise", "informative", "friendly", "unfriendly"}
