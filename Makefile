@@ -6,9 +6,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # The CPU build of torch: a plain `torch` requirement would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
-EXTRAS ?= llama,hf,eval,dev
+EXTRAS ?= llama,hf,eval,ray,serve,dev
 
-.PHONY: install demo test test-fast test-wheel bench clean
+.PHONY: install demo test test-fast test-wheel lint bench gpu-wheels gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -19,12 +19,20 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
+# The same prompt with no preference, with `prompt` and with Persona-judge (two views), on one screen.
 demo: install
-	$(BIN)/personajudge generate "Why is the sky blue?" --prefer concise --prefer humorous
+	$(BIN)/python examples/demo.py
 
 test: install
+	$(MAKE) lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 	$(MAKE) test-wheel
+
+# ruff (lint and format) and mypy, configured in pyproject.toml.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not model and not hf and not slow"
@@ -37,11 +45,31 @@ test-wheel: install
 	build/wheel-check/venv/bin/python -m pip install -q build/wheel-check/dist/persona_judge-*.whl pytest scipy
 	cd build/wheel-check && venv/bin/personajudge plugins >/dev/null
 	cd build/wheel-check && venv/bin/personajudge generate "hello" --backend toy --prefer concise --prefer humor --max-new-tokens 8 --json >/dev/null
-	cd build/wheel-check && venv/bin/python -c "import personajudge.core, sys; assert 'site-packages' in personajudge.core.__file__, personajudge.core.__file__"
-	cd build/wheel-check && venv/bin/python -m pytest -q -p no:cacheprovider --rootdir=. ../../tests/test_acceptance.py ../../tests/test_decoding.py ../../tests/test_cli.py ../../tests/test_plugins.py ../../tests/test_config.py
+	cd build/wheel-check && venv/bin/personajudge --version
+	cd build/wheel-check && venv/bin/python -c "import personajudge, personajudge.core; assert all('site-packages' in m.__file__ for m in (personajudge, personajudge.core)), personajudge.__file__"
+	cd build/wheel-check && venv/bin/python -m pytest -q -p no:cacheprovider --rootdir=. -o pythonpath=../../tests/helpers ../../tests/core/test_acceptance.py ../../tests/core/test_decoding.py ../../tests/core/test_config.py ../../tests/cli/test_cli.py ../../tests/cli/test_public_face.py ../../tests/plugins/test_plugins.py ../../tests/backends/test_conformance.py
 
 bench: install
 	$(BIN)/personajudge bench
+
+# The prepared GPU check (examples/gpu_check.py). `make gpu-wheels` here, with internet: the wheels the bare
+# GPU image lacks (it has torch, transformers, accelerate, numpy, pluggy, pytest, tqdm), for its Python on
+# x86-64 Linux, into .whl/ (ignored; carried with the working tree). There: `make gpu-check GPU_OUT=DIR`
+# installs them and the project with --no-index, runs the CUDA tests and the benchmark, writes DIR/gpu_check.*.
+GPU_PYTHON     ?= 3.12
+GPU_WHEELS_DIR ?= .whl
+GPU_WHEELS     ?= pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+                  typing-extensions==4.16.0 array-api-compat==1.16.0
+GPU_OUT        ?= runs/gpu-check
+
+gpu-wheels:
+	rm -rf $(GPU_WHEELS_DIR) && mkdir -p $(GPU_WHEELS_DIR)
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d $(GPU_WHEELS_DIR) $(GPU_WHEELS)
+
+gpu-check:
+	$(PYTHON) examples/gpu_check.py $(GPU_OUT)
 
 clean:
 	rm -rf build dist *.egg-info

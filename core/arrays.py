@@ -19,7 +19,13 @@ __all__ = ["Array", "array_namespace", "device", "like"]
 def like(ref: Array, values: Any, dtype: Any = None) -> Array:
     """``values`` as an array on ``ref``'s device (and dtype, unless ``dtype`` is given).
 
-    One small copy (a window's uniforms or draft ids) per call.
+    One small copy (a window's uniforms or draft ids) per call. Onto a CUDA
+    device it goes through pinned memory without blocking: a plain upload
+    would wait for every queued kernel first (a host synchronization).
     """
     xp = array_namespace(ref)
-    return xp.asarray(values, dtype=ref.dtype if dtype is None else dtype, device=device(ref))
+    dt = ref.dtype if dtype is None else dtype
+    dev = device(ref)
+    if getattr(dev, "type", None) == "cuda" and hasattr(ref, "pin_memory"):  # torch tensor methods
+        return xp.asarray(values, dtype=dt, device="cpu").pin_memory().to(dev, non_blocking=True)
+    return xp.asarray(values, dtype=dt, device=dev)

@@ -35,7 +35,8 @@ class BackendConfig(_Model):
     model: str | None = Field(None, description="Path or hub id; None means the backend's default model.")
     device: str | None = Field(None, description="cpu, cuda, cuda:N (hf); ignored by llama-cpp.")
     dtype: str | None = Field(None, description="float32, float16, bfloat16 or auto (hf).")
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=512, description="CPU threads (at most 512: ggml's GGML_MAX_N_THREADS; "
+                                "llama.cpp aborts and torch stalls with far more).")
     n_ctx: int | None = Field(None, ge=16, description="Context size in tokens.")
     n_gpu_layers: int | None = Field(None, ge=-1, description="Layers offloaded to the GPU (llama-cpp).")
     options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific extra options.")
@@ -60,6 +61,12 @@ class DecodingConfig(_Model):
     stop: list[str] = Field(default_factory=list, description="Stop strings; text from a stop on is dropped.")
     seed: int | None = Field(None, ge=0, description="None draws a fresh seed (reported in the stats).")
     roles: RoleSchedule | None = Field(None, description="Override the method's role schedule.")
+    repeat_lines: int = Field(
+        3, ge=0,
+        description="Repetition guard: end the response when this many consecutive lines are the same up to "
+        "digits, case, punctuation and spacing (the repeats are dropped, the first kept); 0 turns it off. It "
+        "only decides where to stop, never which token is sampled; the reference method always runs without it.",
+    )
     schedule: LoopSchedule = Field(
         "interleaved",
         description="interleaved: judge each draft token in the same batched forward as the next draft "
@@ -105,24 +112,63 @@ class RunConfig(_Model):
         return self
 
 
-def validation_message(err: Exception) -> str:
+def validation_message(err: Exception, prefix: str | None = None) -> str:
     """A pydantic ``ValidationError`` as one sentence naming each field and its rule.
 
     pydantic's own ``str()`` ends with a documentation URL and spreads over
     several lines; users get ``decoding.top_p: Input should be less than or
     equal to 1 (got 3)`` instead. Other exceptions give their first line.
+    ``prefix`` is put in front of each field name (``backend.options``).
     """
     if not isinstance(err, ValidationError):
         text = str(err).strip()
         return text.splitlines()[0] if text else type(err).__name__
     parts = []
     for e in err.errors(include_url=False):
-        loc = ".".join(str(x) for x in e["loc"] if x != "__root__") or "value"
+        loc = ".".join(str(x) for x in e["loc"] if x != "__root__") or ("" if prefix else "value")
+        loc = ".".join(x for x in (prefix, loc) if x)
         msg = e["msg"].removeprefix("Value error, ")
         got = e.get("input")
         shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r:.60})"
         parts.append(f"{loc}: {msg}{shown}")
     return "; ".join(parts)
+
+
+class Options(BaseModel):
+    """Base of a backend's (or method's) options: one field per option, with its type, default and
+    bounds. Strict: ``"2"`` is not 2 and ``1`` is not ``true`` (a TOML or ``--backend-option`` value
+    of the wrong type is a mistake, not something to guess at); numbers must be finite. Subclasses
+    put the limits of what the library underneath can do into the fields (``le=``, validators), so
+    a value it would crash or abort on is refused before anything is loaded."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+
+def take_options(config: BackendConfig | dict[str, Any] | None, spec: type[Options], *, owner: str | None = None,
+                 where: str = "backend.options") -> dict[str, Any]:
+    """Validate ``config.options`` (or a plain dict) against ``spec``: every option, defaults filled in.
+
+    Unknown names are refused with the list of known ones; a bad value raises
+    :class:`ConfigError` as one sentence naming the option and the rule
+    (``backend.options.n_batch: Input should be greater than or equal to 1 (got 0)``).
+    The one check that three backends used to write out each on their own.
+    """
+    if isinstance(config, BackendConfig):
+        owner = owner or config.name
+        options: Any = config.options
+    else:
+        options = config or {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where} must be a table of options, got {type(options).__name__}")
+    unknown = sorted(str(k) for k in set(options) - set(spec.model_fields))
+    if unknown:
+        known = ", ".join(spec.model_fields) or "(none)"
+        raise ConfigError(f"{where}: unknown option(s) for {owner or 'this backend'}: {', '.join(unknown)}; "
+                          f"known: {known}")
+    try:
+        return spec.model_validate(options).model_dump()
+    except ValidationError as err:
+        raise ConfigError(validation_message(err, prefix=where)) from None
 
 
 def _format_validation_error(err: ValidationError) -> str:
@@ -159,6 +205,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {p} is not valid TOML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {p} is nested too deeply") from None
 
 
 def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:

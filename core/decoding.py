@@ -22,19 +22,19 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 import numpy as np
 from array_api_compat import array_namespace
 
-from .acceptance import Dist, judge_draft, sample_dist, verify_window
+from .acceptance import Dist, draft_and_judge, judge_draft, sample_dist, verify_window
 from .arrays import like
 from .contract import ForwardCall, Session
 from .errors import ContextLengthError
 from .result import Stats
 from .scheduler import RoleScheduler
-from .sparse import candidates
+from .sparse import candidates, device_candidates, uniforms
 from .stopping import Emitter
 from .transforms import SamplingParams, filtered_probs
 
@@ -156,7 +156,7 @@ def token_loop(req: DecodeRequest, active: list[int], next_dist: Callable[[Views
 def plain_loop(req: DecodeRequest) -> Loop:
     """Plain sampling from view 0 (the ``prompt`` and ``base`` methods)."""
     return token_loop(dataclasses.replace(req, contexts=req.contexts[:1]), [0],
-                      lambda views: candidates(views.last[0], req.params))
+                      lambda views: device_candidates(views.last[0], req.params))
 
 
 def persona_judge_loop(req: DecodeRequest) -> Loop:
@@ -182,13 +182,13 @@ def persona_judge_loop(req: DecodeRequest) -> Loop:
 def _interleaved_iteration(views: Views, req: DecodeRequest, d: int, j: int) -> Loop:
     lam, params, em, st = req.lam, req.params, req.emitter, req.stats
     yield from views.sync([d, j])
-    u = req.rng.random(2 * lam + 1)
+    # One upload of the iteration's uniforms; each step below then reads the host once (t, accept, emit).
+    u = uniforms(views.last[d], req.rng.random(2 * lam + 1))
     for i in range(lam):
-        q = candidates(views.last[d], params)
-        p = candidates(views.last[j], params)
-        t = sample_dist(q, u[i])
+        q = device_candidates(views.last[d], params)
+        p = device_candidates(views.last[j], params)
+        t, ok, emit = draft_and_judge(p, q, u[i], u[lam + i], u[2 * lam])
         st.drafted += 1
-        ok, emit = judge_draft(p, q, t, u[lam + i], u[2 * lam])
         if not ok:
             if em.push(emit):
                 views.commit(emit)
@@ -203,7 +203,7 @@ def _interleaved_iteration(views: Views, req: DecodeRequest, d: int, j: int) -> 
             # Only the judge's p_{lambda+1} is needed; the drafter takes the token
             # without logits, so two views stay in lockstep (one batched row each).
             yield from views.sync([j], feed_only=[d])
-    tok = sample_dist(candidates(views.last[j], params), u[2 * lam])
+    tok = sample_dist(device_candidates(views.last[j], params), u[2 * lam])
     if em.push(tok):
         views.commit(tok)
 
@@ -334,3 +334,113 @@ def run_timed(fn, session: Session, req: DecodeRequest) -> None:
     finally:
         req.stats.wall_time_s = time.perf_counter() - t0
         req.stats.tokens = len(req.emitter.tokens)
+
+
+class StepDriver:
+    """Continuous batching: loops join and leave a long-lived session between steps.
+
+    Where :func:`drive_many` runs a fixed set of requests from start to end,
+    a step driver keeps one session open (sized for the most views it will
+    ever hold at once) and maps each request's views onto free *slots* of it:
+    ``add`` primes a loop on the slots it is given, ``step`` runs one batched
+    ``forward_many`` for every active request and advances each loop by one
+    op, ``remove`` drops a request and empties its slots (``truncate(slot,
+    0)``: the backend frees those KV cells) so the next request can reuse
+    them. Rows of different lengths and different sampling settings share a
+    step: sampling happens in each request's loop, on its own logits rows.
+
+    One request's failure is its own: an exception from its loop fails only
+    it, and a batched forward that raises is retried request by request so
+    that the request whose calls cannot run is the one that fails.
+    """
+
+    def __init__(self, session: Session):
+        self.session = session
+        self._loops: dict[Any, Loop] = {}
+        self._slots: dict[Any, list[int]] = {}
+        self._pending: dict[Any, Op] = {}
+        self.steps = 0
+
+    def __len__(self) -> int:
+        return len(self._loops)
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._loops
+
+    def add(self, key: Any, loop: Loop, slots: Sequence[int]) -> bool:
+        """Start ``loop`` on ``slots`` (its view v is session view ``slots[v]``).
+
+        Primes the loop (its checks, e.g. that the prompt fits, run here and
+        raise here). Returns False when it finished without a single op.
+        """
+        if key in self._loops:
+            raise ValueError(f"request {key!r} is already running")
+        try:
+            op = next(loop)
+        except StopIteration:
+            return False
+        self._loops[key], self._slots[key], self._pending[key] = loop, list(slots), op
+        return True
+
+    def remove(self, key: Any) -> None:
+        """Stop ``key``'s loop (if it still runs) and empty its slots."""
+        loop = self._loops.pop(key, None)
+        self._pending.pop(key, None)
+        slots = self._slots.pop(key, [])
+        if loop is not None:
+            loop.close()
+        if not self.session.closed:
+            for s in slots:
+                self.session.truncate(s, 0)
+
+    def step(self) -> tuple[list[Any], dict[Any, BaseException]]:
+        """One batched forward for every active request.
+
+        Returns the keys that finished and the keys that failed (with their
+        exceptions); both are already removed and their slots emptied.
+        """
+        results: dict[Any, Any] = {}
+        failed: dict[Any, BaseException] = {}
+        calls: dict[Any, list[ForwardCall]] = {}
+        for key, op in self._pending.items():
+            slots = self._slots[key]
+            if isinstance(op, Truncate):
+                try:
+                    self.session.truncate(slots[op.view], op.length)
+                    results[key] = None
+                except Exception as err:
+                    failed[key] = err
+            else:
+                calls[key] = [ForwardCall(slots[v], toks, n) for v, toks, n in op.calls]
+        if calls:
+            flat = [c for cs in calls.values() for c in cs]
+            try:
+                outs = self.session.forward_many(flat)
+            except Exception as err:
+                if len(calls) == 1:
+                    failed[next(iter(calls))] = err
+                else:  # isolate: one request's calls at a time
+                    for key, cs in calls.items():
+                        try:
+                            results[key] = self.session.forward_many(cs)
+                        except Exception as err:
+                            failed[key] = err
+            else:
+                k = 0
+                for key, cs in calls.items():
+                    results[key] = outs[k:k + len(cs)]
+                    k += len(cs)
+        self.steps += 1
+        finished = []
+        for key in list(self._pending):
+            if key in failed:
+                continue
+            try:
+                self._pending[key] = self._loops[key].send(results.get(key))
+            except StopIteration:
+                finished.append(key)
+            except Exception as err:
+                failed[key] = err
+        for key in finished + list(failed):
+            self.remove(key)
+        return finished, failed

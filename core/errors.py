@@ -63,6 +63,19 @@ class NumericalError(PersonaJudgeError, FloatingPointError):
     overflowing dtype); sampling from them would be silently wrong."""
 
 
+class ChatTemplateError(PersonaJudgeError, ValueError):
+    """The model's chat template (code that comes with the model file) failed to compile or to
+    render: a syntax error, its own ``raise_exception(...)``, an error inside it. Not a
+    :class:`ConfigError`, so the encoders may retry once with merged turns (templates that insist on
+    alternating roles raise on purpose)."""
+
+
+class ChatTemplateFatalError(ChatTemplateError, ConfigError):
+    """The chat template cannot be used at all: it does not compile, or the sandbox stopped it at
+    its time or size limit. Also a :class:`ConfigError`, so it is not retried (a runaway template
+    would only spend the limit twice)."""
+
+
 class PersonaJudgeWarning(UserWarning):
     """Something runs, but not as the user probably meant (a single view, an
     ignored option). The CLI prints these as one line each."""

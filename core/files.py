@@ -1,19 +1,327 @@
-"""Reading user-supplied files with errors that say which file and what went wrong."""
+"""Reading user-supplied files and writing outputs safely, with errors that say which file and what
+went wrong (see :func:`atomic_write`, :func:`check_output_path` and :class:`JsonlAppendFile`)."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import stat
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 from .errors import PersonaJudgeError
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no advisory locks, no O_NONBLOCK to clear
+    fcntl = None  # type: ignore[assignment]
 
-def read_text(path: str | os.PathLike[str], what: str, error: type[PersonaJudgeError]) -> str:
-    """The UTF-8 text of ``path``; ``error("<what> not found: ...")`` and the like otherwise."""
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+#: the largest input file or stream read into memory (a prompt set, a config, a preferences file)
+MAX_INPUT_BYTES = 256 << 20
+
+
+def read_text(path: str | os.PathLike[str], what: str, error: type[PersonaJudgeError],
+              max_bytes: int = MAX_INPUT_BYTES) -> str:
+    """The UTF-8 text of ``path``; ``error("<what> not found: ...")`` and the like otherwise.
+
+    Invalid UTF-8 is ``error`` naming the file and the byte offset; more than ``max_bytes`` (a
+    device such as ``/dev/zero`` never ends) is refused rather than read into memory.
+    """
     p = Path(path)
     try:
-        return p.read_text(encoding="utf-8")
+        with open(p, "rb") as f:
+            data = f.read(max_bytes + 1)
     except FileNotFoundError:
         raise error(f"{what} not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as err:
+    except OSError as err:
         raise error(f"cannot read {what} {p}: {getattr(err, 'strerror', None) or err}") from None
+    if len(data) > max_bytes:
+        raise error(f"{what} {p} is larger than {max_bytes >> 20} MiB; split it")
+    return decode_utf8(data, f"{what} {p}", error)
+
+
+def read_stream(stream: IO[bytes], what: str, error: type[PersonaJudgeError],
+                max_bytes: int = MAX_INPUT_BYTES) -> str:
+    """All of a binary stream (standard input) as UTF-8 text, with the same checks as :func:`read_text`."""
+    try:
+        data = stream.read(max_bytes + 1)
+    except OSError as err:
+        raise error(f"cannot read {what}: {getattr(err, 'strerror', None) or err}") from None
+    if len(data) > max_bytes:
+        raise error(f"{what} is larger than {max_bytes >> 20} MiB")
+    return decode_utf8(data, what, error)
+
+
+def decode_utf8(data: bytes, what: str, error: type[PersonaJudgeError]) -> str:
+    """``data`` as UTF-8 (a leading BOM dropped), or ``error`` naming ``what`` and the first bad byte's offset."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        bad = data[err.start:err.start + 1].hex()
+        line = data.count(b"\n", 0, err.start) + 1
+        raise error(f"{what} is not valid UTF-8: byte 0x{bad} at offset {err.start} (line {line}) {err.reason}; "
+                    "save it as UTF-8") from None
+
+
+def check_text(text: str, what: str, error: type[PersonaJudgeError]) -> str:
+    """``text`` unchanged, or ``error`` when it cannot be encoded as UTF-8.
+
+    Python strings may hold lone surrogates (``"\\ud800"`` in JSON, undecodable bytes read with
+    ``surrogateescape``); tokenizers fail on them deep inside (``UnicodeEncodeError``, a
+    ``TypeError`` from a Rust tokenizer), so they are refused where the text comes in.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise error(f"{what} is not valid Unicode: a lone surrogate U+{ord(text[err.start]):04X} at character "
+                    f"{err.start} (invalid UTF-8 in the input, or a \\ud800-style JSON escape)") from None
+    return text
+
+
+# -- writing outputs safely ---------------------------------------------------------------------------
+#
+# Every output the project writes goes through these helpers, so that a result file is never half
+# written (temporary file in the same directory, fsync, atomic rename), is never written *through* a
+# symbolic link or *onto* a FIFO or a device (a FIFO with no reader would block forever, a device is
+# not a file the user meant), and a full disk or a closed pipe is one line, not a traceback.
+
+
+class OutputError(PersonaJudgeError):
+    """An output cannot be written safely (symbolic link, FIFO or device at the path, disk full, closed pipe)."""
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def os_error_text(err: OSError) -> str:
+    """``"No space left on device"`` and the like: the OS's words without the errno and path noise."""
+    return err.strerror or str(err)
+
+
+def check_output_path(path: str | os.PathLike[str], what: str = "output file",
+                      error: type[PersonaJudgeError] = OutputError) -> Path:
+    """Refuse a path that is a symbolic link, a directory or any non-regular file (FIFO, device, socket).
+
+    A missing path or a regular file passes. This is checked before anything is written *and* again
+    just before the final rename (:func:`atomic_write`), so an ``--overwrite`` never replaces a link
+    or a device with a regular file. Standard output is named ``-`` by the caller and never gets here.
+    """
+    p = Path(path)
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        return p
+    except OSError as err:
+        raise error(f"cannot use {what} {p}: {os_error_text(err)}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise error(f"{what} {p} is a symbolic link; refusing to write through it (name the file it points to)")
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+        hint = "" if stat.S_ISDIR(st.st_mode) else "; name '-' to write to standard output"
+        raise error(f"{what} {p} is {kind}; refusing to write to it{hint}")
+    return p
+
+
+def open_regular(path: str | os.PathLike[str], flags: int, what: str = "output file",
+                 error: type[PersonaJudgeError] = OutputError, mode: int = 0o666) -> int:
+    """``os.open`` that never follows a symbolic link and never opens a FIFO or a device.
+
+    ``O_NOFOLLOW`` refuses a link at the last component, ``O_NONBLOCK`` keeps a FIFO without a reader
+    from blocking the open, and ``fstat`` on the opened descriptor (not on the name, which could be
+    swapped in between) makes sure it is a regular file. Returns a blocking descriptor.
+    """
+    p = Path(path)
+    try:
+        fd = os.open(p, flags | _NOFOLLOW | _NONBLOCK | _CLOEXEC, mode)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            check_output_path(p, what, error)  # the precise message (link, FIFO, directory)
+        raise error(f"cannot open {what} {p}: {os_error_text(err)}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise error(f"{what} {p} is not a regular file; refusing to write to it")
+        if fcntl is not None:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename or unlink in ``path`` durable (best effort where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _default_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike[str], mode: str = "w", *, what: str = "output file",
+                 overwrite: bool = True, error: type[PersonaJudgeError] = OutputError,
+                 encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
+    """Write ``path`` all at once or not at all.
+
+    Yields a file object on a temporary file in the same directory; when the block ends without an
+    exception the file is flushed, fsynced and renamed over ``path`` (readers see the old file or the
+    new one, never a part), and the directory entry is fsynced. On an exception the temporary file is
+    removed and ``path`` is untouched. ``path`` must not be a link or a non-regular file (checked
+    before and just before the rename); an existing file is refused unless ``overwrite``. An
+    ``OSError`` while writing (a full disk) becomes ``error`` with the OS's words.
+    """
+    p = check_output_path(path, what, error)
+    if not overwrite and p.exists():
+        raise error(f"{what} {p} already exists")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    except OSError as err:
+        raise error(f"cannot write {what} {p}: {os_error_text(err)}") from None
+    try:
+        try:
+            old_mode = stat.S_IMODE(os.stat(p).st_mode)
+        except OSError:
+            old_mode = _default_mode()
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, old_mode)
+        binary = "b" in mode
+        with os.fdopen(fd, mode, encoding=None if binary else encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        check_output_path(p, what, error)
+        os.replace(tmp, p)
+        fsync_dir(p.parent)
+    except OSError as err:
+        _unlink_quietly(tmp)
+        raise error(f"cannot write {what} {p}: {os_error_text(err)}") from None
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _unlink_quietly(path: str | os.PathLike[str]) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str, **kwargs: Any) -> None:
+    """:func:`atomic_write` of one string."""
+    with atomic_write(path, "w", **kwargs) as f:
+        f.write(text)
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any, **kwargs: Any) -> None:
+    """:func:`atomic_write` of one JSON document (indented, UTF-8, trailing newline)."""
+    with atomic_write(path, "w", **kwargs) as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+class JsonlAppendFile:
+    """An append-only JSONL file that survives being killed at any instant.
+
+    Opened with :func:`open_regular` (no links, FIFOs or devices) and an exclusive ``flock`` (two
+    processes never append to one file). A kill during a write leaves a last line without its
+    newline: :meth:`open` cuts that torn tail off before anything new is written and returns the
+    objects of the complete lines (unreadable lines are counted in ``skipped``, not returned).
+    :meth:`append` writes whole lines in one ``write``, then flush + fsync: what it returned from is
+    on disk.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], what: str = "output file",
+                 error: type[PersonaJudgeError] = OutputError):
+        self.path = Path(path)
+        self.what = what
+        self.error = error
+        self.skipped = 0
+        self._f: IO[bytes] | None = None
+
+    def open(self) -> list[Any]:
+        check_output_path(self.path, self.what, self.error)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise self.error(f"cannot write {self.what} {self.path}: {os_error_text(err)}") from None
+        fd = open_regular(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, self.what, self.error)
+        f = os.fdopen(fd, "a+b")
+        try:
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise self.error(f"another process is writing {self.path}; wait for it to finish "
+                                 "or choose another output") from None
+            f.seek(0)
+            data = f.read()
+            end = data.rfind(b"\n") + 1  # bytes after the last newline are a torn write
+            if end < len(data):
+                f.truncate(end)
+                f.flush()
+                os.fsync(fd)
+        except OSError as err:
+            f.close()
+            raise self.error(f"cannot read {self.what} {self.path}: {os_error_text(err)}") from None
+        except BaseException:
+            f.close()
+            raise
+        self._f = f
+        out = []
+        self.skipped = 0
+        for line in data[:end].splitlines():
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                self.skipped += 1
+        return out
+
+    def append(self, objs: Sequence[Any]) -> None:
+        if self._f is None:
+            raise RuntimeError(f"{self.path} is not open")
+        data = b"".join(json.dumps(o, ensure_ascii=False).encode("utf-8") + b"\n" for o in objs)
+        try:
+            self._f.write(data)
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as err:
+            raise self.error(f"cannot write {self.what} {self.path}: {os_error_text(err)}") from None
+
+    def close(self) -> None:
+        if self._f is not None:
+            try:
+                self._f.close()  # closing releases the lock
+            except OSError:
+                pass
+            self._f = None
+
+    def __enter__(self) -> "JsonlAppendFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

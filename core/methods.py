@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 
-from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
+from typing import Annotated, Any, ClassVar, Protocol, Sequence, runtime_checkable
 
+from pydantic import ConfigDict, Field
+
+from .config import Options, take_options
 from .contract import Session
 from .decoding import DecodeRequest, Loop, drive, persona_judge_loop, plain_loop
+from .mod import mod_loop
 from .nocache import NoCacheSession
+from .pad import pad_loop
+from .routed import RoutedSession
 
 #: A view is the list of preferences its prefix carries (opaque to the core).
 View = list[Any]
@@ -50,6 +56,8 @@ class PersonaJudge(_Driven):
     name = "persona-judge"
     description = "Views draft and judge each other; roles alternate every iteration."
     roles = "alternate"
+    #: below this many views the method degenerates (to plain sampling of the one view)
+    min_views = 2
 
     def plan(self, views: Sequence[View]) -> list[View]:
         return [list(v) for v in views] or [[]]
@@ -91,6 +99,8 @@ class Prompt(_Driven):
 class Base(_Driven):
     name = "base"
     description = "No preferences: the prompt alone, plain sampling."
+    #: the API warns when preferences are given to a method that ignores them
+    uses_preferences = False
 
     def plan(self, views: Sequence[View]) -> list[View]:
         return [[]]
@@ -99,14 +109,28 @@ class Base(_Driven):
         return plain_loop(req)
 
 
+class _ModOptions(Options):
+    model_config = ConfigDict(strict=False)  # a tuple or numpy floats are fine here
+    weights: list[Annotated[float, Field(ge=0.0)]] | None = Field(None, min_length=1)
+
+
+class _PadOptions(Options):
+    # finite and bounded: NaN or an overflowing w * beta would turn every score into NaN
+    weight: float = Field(1.0, ge=-1e6, le=1e6)
+    beta: float = Field(1.0, ge=-1e6, le=1e6)
+    k: int | None = Field(None, ge=1)
+
+
 class Mod(_Driven):
     """Options: ``weights`` (one per view; default the preferences' weights)."""
 
     name = "mod"
     description = "MOD-style logit mixing: sample from the weighted mixture of the views' log-probabilities."
+    min_views = 2
 
     def __init__(self, weights: Sequence[float] | None = None):
-        self.weights = list(weights) if weights is not None else None
+        opts = take_options({"weights": weights}, _ModOptions, owner=self.name, where="method_options")
+        self.weights = opts["weights"]
 
     def plan(self, views: Sequence[View]) -> list[View]:
         planned = [list(v) for v in views] or [[]]
@@ -115,8 +139,6 @@ class Mod(_Driven):
         return planned
 
     def loop(self, req: DecodeRequest) -> Loop:
-        from .mod import mod_loop
-
         return mod_loop(req, self.weights or [1.0] * len(req.contexts))
 
 
@@ -134,7 +156,9 @@ class Pad(_Driven):
                    "personalized reward (default: the preference-prompted view as reward policy).")
 
     def __init__(self, weight: float = 1.0, beta: float = 1.0, k: int | None = None):
-        self.weight, self.beta, self.k = float(weight), float(beta), k
+        opts = take_options({"weight": weight, "beta": beta, "k": k}, _PadOptions, owner=self.name,
+                            where="method_options")
+        self.weight, self.beta, self.k = float(opts["weight"]), float(opts["beta"]), opts["k"]
 
     def reward_session(self) -> Session | None:
         return None
@@ -143,8 +167,6 @@ class Pad(_Driven):
         return [[], [p for v in views for p in v]]
 
     def loop(self, req: DecodeRequest) -> Loop:
-        from .pad import pad_loop
-
         k = self.k if self.k is not None else (req.params.top_k or 10)
         return pad_loop(req, weight=self.weight, beta=self.beta, k=k)
 
@@ -153,8 +175,6 @@ class Pad(_Driven):
         if rm is None:
             drive(session, self.loop(req))
             return
-        from .routed import RoutedSession
-
         with rm:
             drive(RoutedSession(session, rm, routed=[1]), self.loop(req))
 

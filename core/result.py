@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -38,9 +38,12 @@ class Stats(BaseModel):
         return self.tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
 
     def as_dict(self) -> dict:
+        """Plain JSON-able counters, times rounded to what a clock can tell (ms, 0.1 tok/s)."""
         d = self.model_dump()
-        d["acceptance_rate"] = self.acceptance_rate
-        d["tokens_per_s"] = self.tokens_per_s
+        d["wall_time_s"] = round(self.wall_time_s, 3)
+        rate = self.acceptance_rate
+        d["acceptance_rate"] = None if rate is None else round(rate, 4)
+        d["tokens_per_s"] = round(self.tokens_per_s, 1)
         return d
 
 
@@ -49,7 +52,12 @@ class GenerationResult(BaseModel):
     tokens: list[int]
     finish_reason: FinishReason
     stats: Stats
+    #: the effective settings (backend, model, method, views, encoder, decoding), when the API knows them
+    settings: dict[str, Any] | None = None
 
     def as_dict(self) -> dict:
-        return {"text": self.text, "tokens": self.tokens, "finish_reason": self.finish_reason,
-                "stats": self.stats.as_dict()}
+        out = {"text": self.text, "tokens": self.tokens, "finish_reason": self.finish_reason,
+               "stats": self.stats.as_dict()}
+        if self.settings is not None:
+            out["settings"] = self.settings
+        return out

@@ -9,6 +9,15 @@ sampling by inverse CDF over the sorted support picks the same token as the
 dense code for the same uniform (up to float rounding of the normalizers);
 the tests check the two against each other. Without top-k (``top_k = 0``) the
 support is the whole vocabulary and the dense transform is used.
+
+Two faces. :func:`candidates` returns the exact support (every id tied with
+the k-th largest logit is kept, on every array library, as in the dense mask
+and in ``model.generate``) and checks the logits on the host. The decoding
+loops use :func:`device_candidates`: on torch it computes a support of fixed
+size ``top_k + slack`` without reading anything back (no boolean compaction,
+no data-dependent shape), so a step stays queued on the GPU; whether the
+logits were finite and whether the ties fit in the slack are read later, in
+the same transfer as the sampled token (see ``acceptance.Dist.status``).
 """
 
 from __future__ import annotations
@@ -18,8 +27,9 @@ from typing import Any
 
 from array_api_compat import array_namespace, device, is_numpy_namespace, is_torch_namespace
 
-from .acceptance import Dist
-from .transforms import SamplingParams, _softmax, filtered_probs
+from .acceptance import NOT_FINITE, OK, TIES_PAST_SLACK, Dist
+from .arrays import like
+from .transforms import SamplingParams, _softmax, _unchecked_filtered_probs, filtered_probs, not_finite_error
 
 Array = Any
 
@@ -34,6 +44,8 @@ def _top_k_ids(xp, z: Array, k: int) -> Array:
         # maximum, so partition only the entries within `delta` of it: widen while fewer than k
         # fit, narrow while the band is so wide that partitioning it would cost as much.
         m = float(z.max())
+        if not math.isfinite(m):  # NaN propagates through max
+            raise not_finite_error()
         lo, hi, delta = 0.0, math.inf, 4.0
         for _ in range(40):
             cand = np.flatnonzero(z >= m - delta)
@@ -45,17 +57,23 @@ def _top_k_ids(xp, z: Array, k: int) -> Array:
                 delta = (lo + hi) / 2
             else:
                 break
-        if cand.size < k:
-            cand = np.argpartition(z, n - k)[n - k:]
+        if cand.size < k:  # no band held k entries (e.g. -inf logits): the plain partition
+            return np.flatnonzero(z >= np.partition(z, n - k)[n - k])
         vals = z[cand]
         if cand.size > k:
             kth = np.partition(vals, cand.size - k)[cand.size - k]
             cand = cand[vals >= kth]
         return cand
     if is_torch_namespace(xp):
-        return z.topk(k, dim=-1, sorted=False).indices  # a tensor method: the core never imports torch
+        # ``topk`` alone breaks ties at the k-th value arbitrarily; keep every tie instead
+        # (tensor methods: the core never imports torch). Reads the max to check it.
+        top = z.topk(k, dim=-1, sorted=True).values
+        if not math.isfinite(float(top[0])):
+            raise not_finite_error()
+        return xp.nonzero(z >= top[k - 1])[0]
     order = xp.argsort(z, descending=True, stable=True)
-    return order[:k]
+    kth = xp.take(z, order[k - 1 : k])
+    return xp.nonzero(z >= kth)[0]
 
 
 def candidates(logits: Array, params: SamplingParams) -> Dist:
@@ -64,12 +82,14 @@ def candidates(logits: Array, params: SamplingParams) -> Dist:
     dev = device(logits)
     n = logits.shape[-1]
     if params.greedy:
-        i = xp.argmax(logits)
-        return Dist(xp.reshape(xp.astype(i, xp.int64), (1,)), xp.ones((1,), dtype=xp.float64, device=dev))
+        i = xp.reshape(xp.astype(xp.argmax(logits), xp.int64), (1,))
+        if not math.isfinite(float(xp.take(logits, i)[0])):  # argmax finds NaN and +inf first
+            raise not_finite_error()
+        return Dist(i, xp.ones((1,), dtype=xp.float64, device=dev))
     k = params.top_k
     if not 0 < k < n:
         p = filtered_probs(logits, params)
-        return Dist(xp.arange(n, dtype=xp.int64, device=dev), p)
+        return Dist(xp.arange(n, dtype=xp.int64, device=dev), p, full=True)
     ids = xp.astype(_top_k_ids(xp, logits, k), xp.int64)
     ids = xp.sort(ids)
     z = xp.astype(xp.take(logits, ids), xp.float64) / params.temperature
@@ -81,3 +101,65 @@ def candidates(logits: Array, params: SamplingParams) -> Dist:
         keep = z >= threshold
         ids, z = ids[keep], z[keep]
     return Dist(ids, _softmax(xp, z))
+
+
+def device_candidates(logits: Array, params: SamplingParams, *, slack: int | None = None) -> Dist:
+    """The filtered distribution of one position on a support of fixed size, with no host read.
+
+    The same distribution as :func:`candidates`, laid out for a GPU: the
+    ``top_k + slack`` largest logits (``slack`` defaults to ``top_k``), those
+    below the k-th value or outside top-p given probability 0, sorted by id.
+    ``status`` records whether the logits were finite and whether the ties at
+    the k-th value ran past the slack (then ``exact()`` is :func:`candidates`);
+    the one read of the step reads it. Host arrays (numpy) need no such care:
+    they get :func:`candidates` itself.
+    """
+    xp = array_namespace(logits)
+    if not is_torch_namespace(xp):
+        return candidates(logits, params)
+    dev = device(logits)
+    n = logits.shape[-1]
+
+    def exact() -> Dist:
+        return candidates(logits, params)
+
+    def status(bad: Array, overflow: Array | None = None) -> Array:
+        code = xp.where(bad, NOT_FINITE, OK if overflow is None else xp.where(overflow, TIES_PAST_SLACK, OK))
+        return xp.astype(code, xp.int64)
+
+    if params.greedy:
+        i = xp.reshape(xp.astype(xp.argmax(logits), xp.int64), (1,))
+        bad = ~xp.isfinite(xp.take(logits, i)[0])  # argmax finds NaN and +inf first
+        return Dist(i, xp.ones((1,), dtype=xp.float64, device=dev), status(bad), exact)
+    k = params.top_k
+    if not 0 < k < n:
+        p = _unchecked_filtered_probs(logits, params)
+        return Dist(xp.arange(n, dtype=xp.int64, device=dev), p, status(~xp.isfinite(xp.max(logits))), exact, full=True)
+    kk = min(n, k + (k if slack is None else max(slack, 0)))
+    vals, idx = logits.topk(kk, dim=-1, sorted=True)  # a tensor method: the core never imports torch
+    kth = vals[k - 1]
+    keep = vals >= kth  # every tie with the k-th value that fits in the slack
+    z = xp.astype(vals, xp.float64) / params.temperature
+    if params.top_p < 1.0:
+        top = z[:k]  # the k largest, descending, as in the dense transform
+        sp = _softmax(xp, top)
+        before = xp.cumulative_sum(sp) - sp
+        threshold = xp.min(xp.where(before < params.top_p, top, math.inf))
+        keep = keep & (z >= threshold)
+    order = xp.argsort(idx)
+    ids = xp.astype(xp.take(idx, order), xp.int64)
+    z = xp.where(xp.take(keep, order), xp.take(z, order), -math.inf)
+    overflow = (vals[kk - 1] >= kth) if kk < n else xp.zeros((), dtype=xp.bool, device=dev)
+    return Dist(ids, _softmax(xp, z), status(~xp.isfinite(vals[0]), overflow), exact)
+
+
+def uniforms(ref: Array, u: Any) -> Array:
+    """An iteration's uniforms as float64 beside ``ref`` (the logits): one upload per iteration.
+
+    On a GPU the copy is asynchronous from pinned memory, so it does not wait
+    for the device; numpy arrays are returned as they are.
+    """
+    xp = array_namespace(ref)
+    if is_numpy_namespace(xp):
+        return u
+    return like(ref, u, xp.float64)

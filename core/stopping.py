@@ -7,22 +7,56 @@ stop string, and any incomplete UTF-8 sequence.
 
 Text is decoded incrementally: decoding the whole output after every token
 would make a long generation quadratic in its length.
+
+Two rules decide where a response ends besides EOS, length and stop strings
+as given; neither changes which token is sampled, only where the output stops:
+
+- A stop string made only of whitespace (``"\n"``, the end of an answer in
+  the exemplar format) counts only once the response has some text: a
+  response that opens with a newline is not cut to nothing.
+- The **repetition guard** (``repeat_lines``, R): the text is cut into
+  segments at line ends and at sentence ends (``.``, ``!`` or ``?`` followed
+  by whitespace). When R consecutive complete segments are the same up to
+  digits, case, punctuation and spacing ("1. Buy milk" / "2. buy milk." are
+  the same; blank segments and bare numbers such as "2." are skipped), the
+  response ends after the first of them and the repeats are dropped (finish
+  reason ``stop``). A small base model's typical failure -- the same line or
+  sentence over and over -- then costs one copy, not the rest of the token
+  budget; text that merely repeats a phrase is never cut. Streaming holds back a line while it may
+  still turn out to be a repeat, so the streamed pieces always concatenate
+  to the final text. ``repeat_lines=0`` (the default here) turns it off; the
+  API passes ``DecodingConfig.repeat_lines`` (default 3) except for the
+  ``reference`` oracle.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 
 from .contract import Tokenizer
 from .result import FinishReason
 
 
+#: Where a segment of the repetition guard ends: a newline, or whitespace after a sentence's end.
+_BOUNDARY = re.compile(r"\n|(?<=[.!?])\s")
+
+
 class Emitter:
     def __init__(self, tokenizer: Tokenizer, *, max_new_tokens: int, stop: Iterable[str] = (),
-                 eos_token_ids: Iterable[int] | None = None, on_text: Callable[[str], None] | None = None):
+                 eos_token_ids: Iterable[int] | None = None, on_text: Callable[[str], None] | None = None,
+                 repeat_lines: int = 0):
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.stop = [s for s in stop]
+        self.repeat_lines = repeat_lines
+        # repetition guard state: complete lines before _lines_end are scanned; the current run of equal
+        # lines has key _run_key, _run_len lines, and its first line ends (at its newline) at _run_cut
+        self._lines_end = 0
+        self._run_key: str | None = None
+        self._run_len = 0
+        self._run_cut = 0
+        self._last_cut = 0
         self.eos = frozenset(tokenizer.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.on_text = on_text
         self.tokens: list[int] = []
@@ -51,21 +85,66 @@ class Emitter:
             return False
         self.tokens.append(token)
         text = self._decode()
-        if self.stop:
-            cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                # keep the fewest tokens whose text covers everything before the stop string
-                while self.tokens and len(self.tokenizer.decode(self.tokens[:-1])) >= cut:
-                    self.tokens.pop()
-                self.text = text[:cut]
-                self.finish("stop")
-                return False
+        cut = self._stop_at(text) if self.stop else -1
+        if self.repeat_lines > 0 and _BOUNDARY.search(text, self._lines_end):
+            rep = self._repeat_at(text if cut < 0 else text[:cut])
+            if rep >= 0:
+                cut = rep
+        if cut >= 0:
+            # keep the fewest tokens whose text covers everything before the cut
+            while self.tokens and len(self.tokenizer.decode(self.tokens[:-1])) >= cut:
+                self.tokens.pop()
+            self.text = text[:cut]
+            self.finish("stop")
+            return False
         self.text = text
         if len(self.tokens) >= self.max_new_tokens:
             self.finish("length")
             return False
         self._stream(final=False)
         return True
+
+    def _stop_at(self, text: str) -> int:
+        """Where the first stop string starts in ``text`` (-1: none); whitespace-only ones after the first text."""
+        began = len(text) - len(text.lstrip())
+        if began == len(text):  # nothing but whitespace yet
+            began = len(text) + 1
+        found = (text.find(s, began if s.isspace() else 0) for s in self.stop)
+        return min((i for i in found if i >= 0), default=-1)
+
+    @staticmethod
+    def line_key(line: str) -> str:
+        """What the repetition guard compares: the line without digits, punctuation, case and spacing."""
+        return " ".join(re.sub(r"[\W\d_]+", " ", line).split()).casefold()
+
+    def _repeat_at(self, text: str) -> int:
+        """Scan the segments completed since the last call; where to cut when a run reaches ``repeat_lines``."""
+        while (m := _BOUNDARY.search(text, self._lines_end)) is not None:
+            seg = text[self._lines_end:m.start()]
+            self._lines_end = m.end()
+            key = self.line_key(seg)
+            if not key:
+                continue  # blank segments and bare numbers neither count nor break a run
+            self._last_cut = m.start()
+            if key == self._run_key:
+                self._run_len += 1
+                if self._run_len >= self.repeat_lines:
+                    return self._run_cut
+            else:
+                self._run_key, self._run_len, self._run_cut = key, 1, m.start()
+        return -1
+
+    def _held_by_guard(self, end: int) -> int:
+        """Streaming: the end of what can be shown while a line may still become a repeat."""
+        if self.repeat_lines <= 0 or self._run_key is None:
+            return end
+        if self._run_len >= 2:  # segments 2.. of a run that may still reach repeat_lines
+            return min(end, self._run_cut)
+        tail = self.text[self._lines_end:end]
+        if not tail.strip() or self._run_key.startswith(self.line_key(tail)):
+            # the current segment may turn out to equal the last one: hold it, and the boundary before it
+            return min(end, self._last_cut)
+        return end
 
     #: Tokens decoded again in front of the new ones, so that a decoder's rules
     #: at the start of a text (a stripped leading space) do not apply mid-text.
@@ -108,6 +187,7 @@ class Emitter:
         if not final:
             while end > self._streamed and self.text[end - 1] == "\ufffd":
                 end -= 1
+            end = max(self._streamed, self._held_by_guard(end))
             for s in self.stop:  # hold back a tail that may grow into a stop string
                 for n in range(min(len(s) - 1, end - self._streamed), 0, -1):
                     if self.text[end - n:end] == s[:n]:

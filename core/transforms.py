@@ -18,6 +18,8 @@ from typing import Any
 
 from array_api_compat import array_namespace, device, is_numpy_namespace, is_torch_namespace
 
+from .errors import NumericalError
+
 Array = Any
 
 
@@ -54,6 +56,15 @@ def _top_values(xp, z: Array, k: int) -> Array:
     return xp.flip(xp.sort(z, axis=-1), axis=-1)[..., :k]
 
 
+def not_finite_error() -> NumericalError:
+    """The error for NaN or infinite logits, raised wherever they are found, on every backend."""
+    return NumericalError(
+        "the model produced NaN or infinite logits, so no token can be sampled from them; this "
+        "is a broken model file or a dtype that overflows (float16: try --dtype bfloat16 or "
+        "float32)"
+    )
+
+
 def _softmax(xp, z: Array) -> Array:
     m = xp.max(z, axis=-1, keepdims=True)
     e = xp.exp(z - m)
@@ -66,8 +77,17 @@ def filtered_probs(logits: Array, params: SamplingParams) -> Array:
     Temperature 0 gives the one-hot distribution on the first argmax: with the
     acceptance rule this *is* the greedy limit (accept iff the draft equals the
     judge's argmax, else emit that argmax), so greedy needs no special case in
-    the algebra.
+    the algebra. NaN or infinite logits raise
+    :class:`~personajudge.core.errors.NumericalError` (one host read).
     """
+    xp = array_namespace(logits)
+    if not bool(xp.all(xp.isfinite(xp.max(logits, axis=-1)))):  # NaN propagates through max
+        raise not_finite_error()
+    return _unchecked_filtered_probs(logits, params)
+
+
+def _unchecked_filtered_probs(logits: Array, params: SamplingParams) -> Array:
+    """:func:`filtered_probs` without the host-side check of the logits (the caller checks them)."""
     xp = array_namespace(logits)
     z = logits if logits.dtype in (xp.float32, xp.float64) else xp.astype(logits, xp.float32)
     n = z.shape[-1]

@@ -9,23 +9,24 @@
 
 from __future__ import annotations
 
-import queue
+import asyncio
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from personajudge.core.config import RunConfig, build_config
 from personajudge.core.contract import Backend
-from personajudge.core.errors import ConfigError
-from personajudge.core.decoding import DecodeRequest, drive_many, run_timed
+from personajudge.core.errors import ConfigError, PersonaJudgeWarning
+from personajudge.core.decoding import DecodeRequest
 from personajudge.core.result import GenerationResult, Stats
 from personajudge.core.stopping import Emitter
 from personajudge.core.transforms import SamplingParams
+from personajudge.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, Engine, Job, result_of
 from personajudge.plugins import get_method, load_backend, preference_library, resolve_encoder
-from personajudge.preferences import Preference, build_views, encode, normalize_conversation
+from personajudge.preferences import Preference, build_views, normalize_conversation
 
 Prompt = str | list[dict[str, str]]
 
@@ -39,6 +40,21 @@ def make_method(cfg: RunConfig):
         raise ConfigError(f"method_options for '{cfg.method}': {err}") from None
 
 
+def _warn_degenerate(name: str, meth: Any, prefs: Sequence[Any], groups: Any, user_views: list[list[Any]]) -> None:
+    """Say so when a run silently does less than it seems to (one line each; the CLI prints them)."""
+    if groups and prefs:
+        warnings.warn("the preferences given alongside views are ignored; the views decide (put every "
+                      "preference into a view)", PersonaJudgeWarning, stacklevel=4)
+    has_prefs = any(v for v in user_views)
+    if has_prefs and not getattr(meth, "uses_preferences", True):
+        warnings.warn(f"method '{name}' ignores preferences (it is the unpersonalized baseline)",
+                      PersonaJudgeWarning, stacklevel=4)
+    min_views = getattr(meth, "min_views", 1)
+    if len(user_views) < min_views:
+        warnings.warn(f"method '{name}' with a single view is plain sampling from that view; give two or more "
+                      "preferences (one view each) or several --view groups", PersonaJudgeWarning, stacklevel=4)
+
+
 def fresh_seed() -> int:
     return int(np.random.SeedSequence().entropy % (2**63))
 
@@ -46,16 +62,35 @@ def fresh_seed() -> int:
 class PersonaJudge:
     """A loaded model plus a default :class:`RunConfig`.
 
-    The backend (and its weights) is loaded once in the constructor; every
-    ``generate`` call opens a new session with one KV cache per view on the
-    same weights.
+    The backend (and its weights) is loaded once in the constructor. Every
+    request -- ``generate``, ``generate_batch``, ``stream``, ``astream``, from
+    any number of threads -- goes to one :class:`~personajudge.engine.Engine`
+    (started on first use), the only code that touches the backend: it runs
+    up to ``max_batch`` requests together, one batched forward per step, and
+    queues up to ``max_queue`` more. So one object is safe to share between
+    threads: each caller gets the result it would get alone, or a typed error.
     """
 
-    def __init__(self, config: RunConfig | dict[str, Any] | None = None, *, backend: Backend | None = None):
+    def __init__(self, config: RunConfig | dict[str, Any] | None = None, *, backend: Backend | None = None,
+                 max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE):
         self.config = config if isinstance(config, RunConfig) else build_config(config or {})
         self.backend = backend if backend is not None else load_backend(self.config.backend)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self._engine: Engine | None = None
+        self._engine_lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine:
+        """The scheduler that owns the backend (created on first use)."""
+        with self._engine_lock:
+            if self._engine is None:
+                self._engine = Engine(self.backend, max_batch=self.max_batch, max_queue=self.max_queue)
+            return self._engine
 
     def close(self) -> None:
+        """Cancel what is still running, stop the engine, free the model."""
+        if self._engine is not None:
+            self._engine.close()
         self.backend.close()
 
     def __enter__(self) -> "PersonaJudge":
@@ -69,13 +104,45 @@ class PersonaJudge:
             return self.config
         return build_config(self.config.model_dump(by_alias=True), **overrides)
 
-    def encode_views(self, prompt: Prompt, cfg: RunConfig, method, views: list[list[Preference]]) -> list[list[int]]:
-        """Token contexts of the views ``method`` prompts for the user's ``views``."""
+    def settings(self, cfg: RunConfig, views: list[list[Preference]]) -> dict[str, Any]:
+        """The effective settings of a run, as reported by ``--json`` and ``--show-prompt``:
+        backend, model, method, views, encoder and decoding parameters after every default."""
+        d = cfg.decoding
+        tok = self.backend.tokenizer
+        encoder = resolve_encoder(cfg.encoder, tok, views)
+        return {
+            **{k: v for k, v in self.backend.describe().items() if v is not None},
+            "method": cfg.method,
+            "views": [[p.name for p in v] for v in views],
+            "encoder": encoder.name,
+            "decoding": {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p, "lambda": d.lambda_,
+                         "max_new_tokens": d.max_new_tokens, "roles": d.roles, "schedule": d.schedule,
+                         "stop": self.stop_strings(cfg), "seed": d.seed},
+        }
+
+    def render_views(self, prompt: Prompt, cfg: RunConfig, method, views: list[list[Preference]]
+                     ) -> list[tuple[str, bool]]:
+        """The prompt text of each view ``method`` prompts for the user's ``views``, and whether
+        the tokenizer adds BOS to it (what ``--show-prompt`` prints)."""
         conversation = normalize_conversation(prompt)
         tok = self.backend.tokenizer
-        encoder = resolve_encoder(cfg.encoder, tok)
-        return [encode(encoder, v, conversation, tok, system=cfg.system, options=cfg.encoder_options)
+        encoder = resolve_encoder(cfg.encoder, tok, views)
+        return [encoder.render(v, conversation, tok, system=cfg.system, options=cfg.encoder_options)
                 for v in method.plan(views)]
+
+    def resolved_encoder(self, cfg: RunConfig, views: list[list[Preference]] | None = None) -> str:
+        """The name of the encoder a run uses: ``cfg.encoder``, or what ``auto`` stands for on this model
+        and the user's ``views`` (default: the config's preferences/views). ``exemplar`` needs every
+        preference to have examples, so ``auto`` decides on the user's views, before a method plans its own:
+        ``base``, ``prompt`` and Persona-judge of one run are then encoded alike."""
+        if views is None:
+            views = build_views(cfg.preferences, cfg.views, preference_library())
+        return resolve_encoder(cfg.encoder, self.backend.tokenizer, views).name
+
+    def encode_views(self, prompt: Prompt, cfg: RunConfig, method, views: list[list[Preference]]) -> list[list[int]]:
+        """Token contexts of the views ``method`` prompts for the user's ``views``."""
+        tok = self.backend.tokenizer
+        return [tok.encode(text, add_bos=add_bos) for text, add_bos in self.render_views(prompt, cfg, method, views)]
 
     def generate(self, prompt: Prompt, *, preferences: Sequence[str | Preference] | None = None,
                  views: Sequence[Sequence[str | Preference]] | None = None, method: str | None = None,
@@ -91,7 +158,15 @@ class PersonaJudge:
         """
         cfg, meth, pref_views = self._prepare(preferences, views, method, decoding)
         contexts = self.encode_views(prompt, cfg, meth, pref_views)
-        return self.decode(contexts, cfg, meth, on_text=on_text)
+        res = self.decode(contexts, cfg, meth, on_text=on_text)
+        return self._with_settings(res, cfg, pref_views)
+
+    def _with_settings(self, res: GenerationResult, cfg: RunConfig, views: list[list[Preference]]
+                       ) -> GenerationResult:
+        settings = self.settings(cfg, views)
+        settings["decoding"]["seed"] = res.stats.seed  # the seed actually used (drawn when none was given)
+        res.settings = settings
+        return res
 
     def stream(self, prompt: Prompt, **kwargs: Any) -> Iterator[str]:
         """Yield the response's text as it is committed (same arguments as :meth:`generate`).
@@ -100,26 +175,67 @@ class PersonaJudge:
         The finished :class:`GenerationResult` is the generator's return
         value (``StopIteration.value``), for callers that want the stats.
         """
-        pieces: queue.Queue = queue.Queue()
-        done = object()
-        box: dict[str, Any] = {}
+        job, cfg, views = self._submit(prompt, kwargs)
+        try:
+            for ev in job.events():
+                if ev[0] == "text":
+                    yield ev[1]
+                elif ev[0] == "error":
+                    raise ev[1]
+                elif ev[0] == "done":
+                    return self._with_settings(ev[1], cfg, views)
+        finally:
+            job.cancel()  # a caller that stops early frees the request's KV slots at the next step
 
-        def work() -> None:
-            try:
-                box["result"] = self.generate(prompt, on_text=pieces.put, **kwargs)
-            except BaseException as err:  # re-raised in the caller's thread
-                box["error"] = err
-            finally:
-                pieces.put(done)
+    async def astream(self, prompt: Prompt, **kwargs: Any) -> AsyncIterator[str]:
+        """``async for piece in model.astream(...)``: :meth:`stream` for asyncio code.
 
-        worker = threading.Thread(target=work, name="personajudge-stream", daemon=True)
-        worker.start()
-        while (piece := pieces.get()) is not done:
-            yield piece
-        worker.join()
-        if "error" in box:
-            raise box["error"]
-        return box["result"]
+        The event loop is never blocked: encoding runs in a worker thread,
+        decoding in the engine, and pieces arrive on the loop as they are
+        committed. Leaving the loop early (or cancelling the task) cancels
+        the request.
+        """
+        loop = asyncio.get_running_loop()
+        job, _, _ = await asyncio.to_thread(self._submit, prompt, kwargs, loop)
+        try:
+            async for ev in job.aevents():
+                if ev[0] == "text":
+                    yield ev[1]
+                elif ev[0] == "error":
+                    raise ev[1]
+        finally:
+            job.cancel()
+
+    def submit(self, prompt: Prompt, *, loop: asyncio.AbstractEventLoop | None = None, wait: bool = True,
+               **kwargs: Any) -> Job:
+        """Queue one request on the engine; return its :class:`~personajudge.engine.Job` at once.
+
+        Same arguments as :meth:`generate`. Bad arguments raise here, in the
+        caller's thread. The job delivers ``("start",)`` when it joins the
+        batch, ``("text", piece)`` as text is committed, then ``("done",
+        result)`` or ``("error", exception)``: read them with ``job.events()``
+        (or ``job.aevents()`` when ``loop`` is given), or wait with
+        ``job.result()``; ``job.cancel()`` drops the request at the next step.
+        A full queue blocks until there is room, or with ``wait=False``
+        raises :class:`~personajudge.engine.QueueFullError` (the server's 429).
+        ``encoder`` (a name) overrides the config's preference encoder for this request.
+        """
+        return self._submit(prompt, kwargs, loop, wait)[0]
+
+    def _submit(self, prompt: Prompt, kwargs: dict[str, Any], loop: asyncio.AbstractEventLoop | None = None,
+                wait: bool = True):
+        kwargs = dict(kwargs)
+        preferences, views, method = kwargs.pop("preferences", None), kwargs.pop("views", None), kwargs.pop(
+            "method", None)
+        encoder = kwargs.pop("encoder", None)
+        cfg, meth, pref_views = self._prepare(preferences, views, method, kwargs)
+        if encoder is not None:
+            cfg = cfg.model_copy(update={"encoder": encoder})
+            cfg = cfg.model_copy(update={"encoder": self.resolved_encoder(cfg, pref_views)})
+        contexts = self.encode_views(prompt, cfg, meth, pref_views)
+        req = self._request(contexts, cfg, cfg.decoding.seed)
+        job = Job(req, meth) if loop is None else Job.for_asyncio(req, meth, loop)
+        return self.engine.submit(job, wait=wait), cfg, pref_views
 
     def _prepare(self, preferences, views, method, decoding: dict[str, Any]):
         """The run config with per-call overrides, the method instance and the user's views."""
@@ -128,7 +244,12 @@ class PersonaJudge:
         cfg = self._run_config(method=method, **{f"decoding.{k}": v for k, v in decoding.items()})
         prefs = list(preferences) if preferences is not None else cfg.preferences
         groups = [list(v) for v in views] if views is not None else cfg.views
-        return cfg, make_method(cfg), build_views(prefs, groups, preference_library())
+        meth = make_method(cfg)
+        user_views = build_views(prefs, groups, preference_library())
+        if cfg.encoder == "auto":  # fixed here, so the stop strings and the reported settings agree with it
+            cfg = cfg.model_copy(update={"encoder": self.resolved_encoder(cfg, user_views)})
+        _warn_degenerate(cfg.method, meth, prefs, groups, user_views)
+        return cfg, meth, user_views
 
     def generate_batch(self, prompts: Sequence[Prompt], *, preferences: Sequence[str | Preference] | None = None,
                        views: Sequence[Sequence[str | Preference]] | None = None, method: str | None = None,
@@ -152,19 +273,15 @@ class PersonaJudge:
             raise ConfigError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
         contexts = [self.encode_views(p, cfg, meth, pref_views) for p in prompts]
         reqs = [self._request(c, cfg, s) for c, s in zip(contexts, seeds)]
-        n_views = len(contexts[0])
-        if not getattr(meth, "batchable", True):
-            return [self._run(meth, cfg, r) for r in reqs]
-        t0 = time.perf_counter()
-        with self.backend.open(n_views * len(reqs)) as session:
-            drive_many(session, [meth.loop(r) for r in reqs], n_views)
-        wall = time.perf_counter() - t0
-        out = []
-        for r in reqs:
-            r.stats.wall_time_s = wall
-            r.stats.tokens = len(r.emitter.tokens)
-            out.append(self._result(r))
-        return out
+        jobs = [Job(r, meth) for r in reqs]  # each job runs its own loop; the method object only plans
+        engine = self.engine
+        try:
+            for j in jobs:
+                engine.submit(j, wait=True)
+            return [j.result() for j in jobs]
+        finally:
+            for j in jobs:
+                j.cancel()
 
     def stop_strings(self, cfg: RunConfig) -> list[str]:
         """The user's stop strings plus those the encoder's format implies."""
@@ -178,6 +295,7 @@ class PersonaJudge:
         d = cfg.decoding
         seed = seed if seed is not None else fresh_seed()
         emitter = Emitter(self.backend.tokenizer, max_new_tokens=d.max_new_tokens, stop=self.stop_strings(cfg),
+                          repeat_lines=0 if cfg.method == "reference" else d.repeat_lines,  # the oracle: off
                           on_text=on_text)
         stats = Stats(method=cfg.method, views=len(contexts), prompt_tokens=[len(c) for c in contexts], seed=seed)
         return DecodeRequest(contexts=contexts, params=SamplingParams(d.temperature, d.top_k, d.top_p),
@@ -185,23 +303,16 @@ class PersonaJudge:
                              context_length=self.backend.context_length, roles=d.roles, schedule=d.schedule,
                              stats=stats)
 
-    @staticmethod
-    def _result(req: DecodeRequest) -> GenerationResult:
-        em = req.emitter
-        if em.finish_reason is None:
-            em.finish("length")
-        return GenerationResult(text=em.text, tokens=list(em.tokens), finish_reason=em.finish_reason,
-                                stats=req.stats)
-
-    def _run(self, meth, cfg: RunConfig, req: DecodeRequest) -> GenerationResult:
-        with self.backend.open(len(req.contexts)) as session:
-            run_timed(meth.decode, session, req)
-        return self._result(req)
+    _result = staticmethod(result_of)
 
     def decode(self, contexts: list[list[int]], cfg: RunConfig, meth, *,
                on_text: Callable[[str], None] | None = None) -> GenerationResult:
-        """Run ``meth`` on already-encoded view contexts."""
-        return self._run(meth, cfg, self._request(contexts, cfg, cfg.decoding.seed, on_text))
+        """Run ``meth`` on already-encoded view contexts (through the engine; ``on_text`` runs in this thread)."""
+        job = self.engine.submit(Job(self._request(contexts, cfg, cfg.decoding.seed), meth), wait=True)
+        try:
+            return job.result(on_text)
+        finally:
+            job.cancel()  # an exception in on_text (or KeyboardInterrupt) stops the request
 
 
 def generate(prompt: Prompt, *, config: RunConfig | dict[str, Any] | None = None, **kwargs: Any) -> GenerationResult:

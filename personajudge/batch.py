@@ -2,32 +2,54 @@
 
 Each input line is a JSON object with a ``"prompt"`` (a string or a list of
 ``{"role", "content"}`` messages) and optional ``"id"`` and ``"seed"``; blank
-lines are skipped. All prompts run through
-:meth:`~personajudge.PersonaJudge.generate_batch`, ``batch_size`` at
-a time; each prompt gives one output line ``{"id", "prompt", "text", "tokens",
-"finish_reason", "stats"}`` in input order.
+lines are skipped. Prompts run through
+:meth:`~personajudge.PersonaJudge.generate_batch`, ``batch_size`` at a time
+(locally, or on Ray replicas: :mod:`personajudge.distributed`); each prompt
+gives one output line ``{"id", "prompt", "text", "tokens", "finish_reason",
+"stats"}``, in input order.
 
-Output safety: an existing ``--output`` file is never touched unless
-``overwrite`` is set, and even then results go to ``<output>.partial`` first
-(appended and flushed after every chunk, so progress is visible and survives a
-crash) and replace the output only when every prompt is done.
+Resumable and safe (nothing finished is ever lost):
+
+- Results are appended to ``<output>.partial`` as each chunk finishes (one
+  write, flush, fsync; :class:`~personajudge.core.files.JsonlAppendFile`). Its
+  first line records the settings; every row carries ``fp``, a fingerprint of
+  the settings, the prompt and the seed that produced it.
+- Rerunning the same command resumes: rows of the partial file whose id and
+  fingerprint match the input are kept and skipped, a torn last line (a kill
+  during a write) is dropped, a row is never written twice. A partial file
+  made under other settings (or for other prompts) is refused unless
+  ``force``; then the rows that still match are kept and the rest dropped.
+- When every prompt is done the rows are written in input order to
+  ``<output>`` through a temporary file, fsync and an atomic rename, and the
+  partial file is removed. An existing output is replaced only with
+  ``overwrite``; a symbolic link, FIFO or device at either path is never
+  written (``-`` means standard output).
+- Rows without a seed (and no ``--seed``) get a fresh one, recorded in their
+  stats; such a row is kept on resume as it is (it could not be reproduced).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from personajudge.core.config import RunConfig
 from personajudge.core.errors import ConfigError, PersonaJudgeError
-from personajudge.core.files import read_text
+from personajudge.core.files import JsonlAppendFile, OutputError, atomic_write, check_output_path, fsync_dir, read_text, check_text
 from personajudge.preferences import normalize_conversation
 
 from .api import fresh_seed
+
+#: First line of a partial file: ``{"personajudge_batch": FORMAT, "settings": {...}, "settings_hash": ...}``.
+HEADER_KEY = "personajudge_batch"
+FORMAT = 1
 
 
 @dataclass
@@ -52,6 +74,8 @@ def read_records(path: str | os.PathLike[str]) -> list[Record]:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
             raise ConfigError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        except (ValueError, RecursionError) as err:  # an integer too long to convert, or nesting too deep
+            raise ConfigError(f"{where}: not usable JSON ({str(err)[:120] or 'nested too deeply'})") from None
         if not isinstance(obj, dict):
             raise ConfigError(f"{where}: expected a JSON object with a \"prompt\" field")
         if "prompt" not in obj:
@@ -69,6 +93,8 @@ def read_records(path: str | os.PathLike[str]) -> list[Record]:
         rid = obj.get("id", lineno)
         if not isinstance(rid, (str, int)) or isinstance(rid, bool):
             raise ConfigError(f"{where}: \"id\" must be a string or an integer")
+        if isinstance(rid, str):
+            check_text(rid, f"{where}: \"id\"", ConfigError)  # it is written back to the output file
         if str(rid) in ids:
             raise ConfigError(f"{where}: duplicate id {rid!r}")
         ids.add(str(rid))
@@ -78,58 +104,322 @@ def read_records(path: str | os.PathLike[str]) -> list[Record]:
     return out
 
 
-def _open_output(output: str | None, overwrite: bool) -> tuple[IO[str], Path | None, Path | None]:
-    if output is None or output == "-":
-        return sys.stdout, None, None
-    target = Path(output)
-    if target.exists() and not overwrite:
-        raise ConfigError(f"output file {target} already exists; pass --overwrite to replace it, "
-                          "or choose another path")
-    if target.is_dir():
-        raise ConfigError(f"output path {target} is a directory")
-    partial = target.with_name(target.name + ".partial")
+# -- fingerprints ----------------------------------------------------------------------------------
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
+def _jsonable_preferences(preferences: Sequence[Any] | None) -> list[Any] | None:
+    if preferences is None:
+        return None
+    return [p.model_dump(mode="json") if hasattr(p, "model_dump") else p for p in preferences]
+
+
+def batch_settings(config: RunConfig, preferences: Sequence[Any] | None = None) -> dict[str, Any]:
+    """What decides a row's output besides its prompt and seed.
+
+    The base seed is left out (each row's own seed is in its fingerprint), and so are the thread count
+    and the batch size: they change speed, not the rows (``generate_batch`` gives each row what it
+    would get alone).
+    """
+    run = config.model_dump(mode="json", by_alias=True)
+    run["decoding"].pop("seed", None)
+    run["backend"].pop("threads", None)
+    if preferences is not None:  # what generate_batch will use: --prefer replaces the config's list
+        run["preferences"] = _jsonable_preferences(preferences)
+    return run
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+def _changed(old: Any, new: Any) -> list[str]:
+    a, b = _flatten(old if isinstance(old, dict) else {}), _flatten(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, object) != b.get(k, object))
+
+
+# -- the job ---------------------------------------------------------------------------------------
+
+@dataclass
+class Chunk:
+    """Prompts generated together in one ``generate_batch`` call (locally or on one replica)."""
+
+    index: int
+    records: list[Record]
+    positions: list[int]  # each record's index in the input
+    seeds: list[int]
+
+    @property
+    def prompts(self) -> list[Any]:
+        return [r.prompt for r in self.records]
+
+
+#: Runs chunks and yields each with its results (``GenerationResult.as_dict()`` per prompt), in any order.
+Executor = Callable[[list[Chunk]], Iterable[tuple[Chunk, list[dict[str, Any]]]]]
+
+
+def local_executor(pj: Any, preferences: Sequence[Any] | None = None) -> Executor:
+    """Chunks one after another through ``pj.generate_batch`` in this process."""
+    def run(chunks: list[Chunk]) -> Iterator[tuple[Chunk, list[dict[str, Any]]]]:
+        for c in chunks:
+            results = pj.generate_batch(c.prompts, preferences=preferences, seeds=c.seeds)
+            yield c, [r.as_dict() for r in results]
+    return run
+
+
+@dataclass
+class JsonlBatch:
+    """One ``generate --input/--output`` job: validated, resumed from its partial file, run, finished.
+
+    Use it as a context manager around :meth:`run`; :meth:`open` (called on entry) checks the output
+    paths and reads the partial file *before* any model is loaded, so a mistake costs no load time.
+    """
+
+    records: Sequence[Record]
+    config: RunConfig
+    preferences: Sequence[Any] | None = None
+    batch_size: int = 8
+    output: str | None = None
+    overwrite: bool = False
+    force: bool = False
+    progress: bool = True
+    done: dict[str, dict[str, Any]] = field(default_factory=dict)  # str(id) -> row, kept or new
+    written: int = 0  # rows written by this run
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("--batch-size must be at least 1")
+        self.settings = batch_settings(self.config, self.preferences)
+        self.settings_hash = _hash(self.settings)
+        base = self.config.decoding.seed
+        self.seeds: list[int | None] = [r.seed if r.seed is not None else (base + i if base is not None else None)
+                                        for i, r in enumerate(self.records)]
+        self.fps = [f"{self.settings_hash}:{_hash(r.prompt)}:{'fresh' if s is None else s}"
+                    for r, s in zip(self.records, self.seeds)]
+        self.to_stdout = self.output is None or self.output == "-"
+        self.target = None if self.to_stdout else Path(self.output)
+        self.partial = None if self.target is None else self.target.with_name(self.target.name + ".partial")
+        self._file: JsonlAppendFile | None = None
+        self._pending_out: dict[int, dict[str, Any]] = {}  # stdout: rows waiting for earlier ones
+        self._next_out = 0
+
+    # -- opening: paths, partial file, resume ---------------------------------------------------
+    def open(self) -> "JsonlBatch":
+        if self.target is None:
+            return self
+        check_output_path(self.target)
+        if self.target.exists() and not self.overwrite:
+            raise OutputError(f"output file {self.target} already exists; pass --overwrite to replace it, "
+                              "or choose another path")
+        check_output_path(self.partial, "partial results file")
+        self._file = JsonlAppendFile(self.partial, "partial results file")
+        try:
+            objs = self._file.open()
+            self._resume(objs)
+        except BaseException:
+            self._file.close()
+            raise
+        return self
+
+    def _resume(self, objs: list[Any]) -> None:
+        header = objs[0] if objs and isinstance(objs[0], dict) and HEADER_KEY in objs[0] else None
+        rows = [o for o in objs[1 if header else 0:] if isinstance(o, dict) and "id" in o and "fp" in o]
+        bad = len(objs) - len(rows) - (header is not None)
+        if not objs:
+            self._file.append([self._header()])
+            return
+        expected = {str(r.id): fp for r, fp in zip(self.records, self.fps)}
+        keep: dict[str, dict[str, Any]] = {}
+        stale = 0
+        for row in rows:  # the first occurrence wins, as in the eval harness
+            rid = str(row["id"])
+            if rid in keep:
+                continue
+            if expected.get(rid) == row["fp"]:
+                keep[rid] = row
+            else:
+                stale += 1
+        same_settings = header is not None and header.get("settings_hash") == self.settings_hash
+        if (not same_settings or stale or bad) and not self.force:
+            if header is None:
+                why = "it has no settings line (not written by this version of personajudge)"
+            elif not same_settings:
+                changed = _changed(header.get("settings"), self.settings)
+                shown = ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else "")
+                why = f"it was made with other settings (changed: {shown or 'format'})"
+            elif stale:
+                why = f"{stale} of its rows do not match the input (prompt, id or seed changed)"
+            else:
+                why = f"{bad} of its lines are not result rows"
+            raise OutputError(f"cannot resume from {self.partial}: {why}; rerun the original command, pass "
+                              f"--force to keep the {len(keep)} row(s) that still match and redo the rest, "
+                              "or remove the file")
+        if not same_settings or stale or bad:  # --force: rewrite the file with what still matches
+            self._file.close()
+            with atomic_write(self.partial, "wb", what="partial results file") as f:
+                for obj in [self._header(), *keep.values()]:
+                    f.write(json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n")
+            self._file = JsonlAppendFile(self.partial, "partial results file")
+            self._file.open()
+            print(f"personajudge: --force: kept {len(keep)} matching row(s) of {self.partial}, "
+                  f"dropped {len(rows) - len(keep) + bad}", file=sys.stderr)
+        self.done = keep
+        if keep and self.progress:
+            print(f"personajudge: resuming: {len(keep)} of {len(self.records)} row(s) already in {self.partial}",
+                  file=sys.stderr)
+
+    def _header(self) -> dict[str, Any]:
+        return {HEADER_KEY: FORMAT, "settings_hash": self.settings_hash, "settings": self.settings}
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "JsonlBatch":
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- work ------------------------------------------------------------------------------------
+    def chunks(self) -> list[Chunk]:
+        """The prompts still to do, ``batch_size`` at a time, with their seeds (fresh ones drawn here, so
+        every executor runs exactly the same rows)."""
+        todo = [i for i, r in enumerate(self.records) if str(r.id) not in self.done]
+        out = []
+        for k in range(0, len(todo), self.batch_size):
+            pos = todo[k:k + self.batch_size]
+            out.append(Chunk(len(out), [self.records[i] for i in pos], pos,
+                             [s if (s := self.seeds[i]) is not None else fresh_seed() for i in pos]))
+        return out
+
+    def _rows(self, chunk: Chunk, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"id": rec.id, "prompt": rec.prompt, **res, "fp": self.fps[pos]}
+                for rec, pos, res in zip(chunk.records, chunk.positions, results)]
+
+    def _write(self, chunk: Chunk, rows: list[dict[str, Any]]) -> None:
+        if self._file is not None:
+            new = [r for r in rows if str(r["id"]) not in self.done]
+            self._file.append(new)  # durable before it counts as done
+            for r in new:
+                self.done[str(r["id"])] = r
+            self.written += len(new)
+            return
+        for pos, row in zip(chunk.positions, rows):  # stdout: in input order, whatever order chunks come in
+            self._pending_out[pos] = row
+        lines = []
+        while self._next_out in self._pending_out:
+            row = dict(self._pending_out.pop(self._next_out))
+            row.pop("fp", None)
+            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+            self._next_out += 1
+        try:
+            sys.stdout.write("".join(lines))
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _silence_stdout()
+            raise OutputError(f"standard output was closed (broken pipe) after {self.written} of "
+                              f"{len(self.records)} results") from None
+        self.written += len(lines)
+        for row in rows:
+            self.done[str(row["id"])] = row
+
+    def run(self, executor: Executor, *, on_chunk: Callable[[int], None] | None = None) -> int:
+        """Run the pending chunks through ``executor``, write each as it comes, finish the output.
+
+        Returns how many rows this run wrote. ``on_chunk(rows_done)`` is called after each chunk is
+        durably written (a progress hook).
+        """
+        chunks = self.chunks()
+        total = len(self.records)
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=len(self.done), unit="row", desc="generate", file=sys.stderr,
+                   disable=not self.progress, dynamic_ncols=True, smoothing=0.1)
+        t0, tokens = time.perf_counter(), 0
+        try:
+            for chunk, results in executor(chunks):
+                if len(results) != len(chunk.records):
+                    raise RuntimeError(f"chunk {chunk.index}: {len(results)} results for {len(chunk.records)} prompts")
+                self._write(chunk, self._rows(chunk, results))
+                tokens += sum(int(r.get("stats", {}).get("tokens", len(r.get("tokens", [])))) for r in results)
+                bar.update(len(chunk.records))
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix_str(f"{tokens / elapsed:.1f} tok/s" if elapsed > 0 else "", refresh=False)
+                if on_chunk is not None:
+                    on_chunk(len(self.done))
+        except OutputError as err:  # disk full, pipe closed: one line that says what is kept
+            bar.close()
+            kept = self._kept_message()
+            raise (OutputError(f"{err}; {kept}") if kept else err) from None
+        except BaseException:  # Ctrl-C, a model error, a bug: say what is kept, then let it through
+            bar.close()
+            self._say_kept()
+            raise
+        bar.close()
+        self.finish()
+        return self.written
+
+    def _kept_message(self) -> str:
+        if self.partial is None or not self.done:
+            return ""
+        return (f"{len(self.done)} of {len(self.records)} results are kept in {self.partial}: "
+                "rerun the same command to continue")
+
+    def _say_kept(self) -> None:
+        if msg := self._kept_message():
+            print(f"personajudge: {msg}", file=sys.stderr)
+
+    def finish(self) -> None:
+        """All rows done: write them in input order to the output (atomically), remove the partial file."""
+        if self.target is None:
+            return
+        missing = [r.id for r in self.records if str(r.id) not in self.done]
+        if missing:
+            raise RuntimeError(f"rows {missing[:5]} were never generated")
+        try:
+            with atomic_write(self.target, "wb", overwrite=True) as f:
+                for r in self.records:
+                    row = dict(self.done[str(r.id)])
+                    row.pop("fp", None)
+                    f.write(json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n")
+        except OutputError as err:
+            raise OutputError(f"{err}; all {len(self.records)} results are kept in {self.partial}: free some space "
+                              "and rerun the same command to write the output") from None
+        self.close()
+        try:
+            os.unlink(self.partial)
+        except FileNotFoundError:
+            pass
+        fsync_dir(self.partial.parent)
+
+
+def _silence_stdout() -> None:
+    """After EPIPE, point fd 1 at /dev/null so the interpreter's final flush does not raise again."""
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        f = open(partial, "w", encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"cannot write {partial}: {err}") from None
-    return f, target, partial
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def run_jsonl(pj, records: Sequence[Record], *, preferences=None, batch_size: int = 8, output: str | None = None,
-              overwrite: bool = False, progress: bool = True) -> int:
-    """Generate for ``records`` in chunks, writing one JSON line per record. Returns how many were written."""
-    if batch_size < 1:
-        raise ConfigError("--batch-size must be at least 1")
-    base = pj.config.decoding.seed
-    seeds = [r.seed if r.seed is not None else (base + i if base is not None else fresh_seed())
-             for i, r in enumerate(records)]
-    f, target, partial = _open_output(output, overwrite)
-    done = 0
-    ok = False
-    try:
-        for start in range(0, len(records), batch_size):
-            chunk = records[start:start + batch_size]
-            results = pj.generate_batch([r.prompt for r in chunk], preferences=preferences,
-                                        seeds=seeds[start:start + len(chunk)])
-            for rec, res in zip(chunk, results):
-                row = {"id": rec.id, "prompt": rec.prompt, **res.as_dict()}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            done += len(chunk)
-            if progress:
-                tok = sum(r.stats.tokens for r in results)
-                wall = results[0].stats.wall_time_s if results else 0.0
-                print(f"[{done}/{len(records)}] {len(chunk)} prompt(s), {tok} tokens in {wall:.1f}s",
-                      file=sys.stderr)
-        ok = True
-    finally:
-        if target is not None:
-            f.close()
-            if ok:
-                os.replace(partial, target)
-            elif done:
-                print(f"personajudge: {done} of {len(records)} results kept in {partial}", file=sys.stderr)
-            else:
-                partial.unlink(missing_ok=True)
-    return done
+              overwrite: bool = False, force: bool = False, progress: bool = True) -> int:
+    """Generate for ``records`` with a loaded ``pj`` in this process (resuming ``output``'s partial file).
+
+    Returns how many rows this call wrote. For Ray replicas see :class:`JsonlBatch` and
+    :func:`personajudge.distributed.ray_executor`.
+    """
+    job = JsonlBatch(records, pj.config, preferences, batch_size=batch_size, output=output, overwrite=overwrite,
+                     force=force, progress=progress)
+    with job:
+        return job.run(local_executor(pj, preferences))

@@ -237,10 +237,11 @@ def get_encoder(name: str) -> Any:
     return registry("encoder").get(name)
 
 
-def resolve_encoder(name: str, tokenizer: Tokenizer) -> Encoder:
-    """The encoder named ``name`` (an instance); ``auto`` picks by the tokenizer."""
+def resolve_encoder(name: str, tokenizer: Tokenizer, views: list[list[Preference]] | None = None) -> Encoder:
+    """The encoder named ``name`` (an instance); ``auto`` picks by the tokenizer and the user's ``views``
+    (see :func:`personajudge.preferences.auto_encoder_name`)."""
     if name == "auto":
-        name = auto_encoder_name(tokenizer)
+        name = auto_encoder_name(tokenizer, views)
     enc = get_encoder(name)
     return enc() if isinstance(enc, type) else enc
 

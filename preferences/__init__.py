@@ -2,8 +2,8 @@
 
 from .encoders import BUILTIN_ENCODERS, Encoder, auto_encoder_name, encode, normalize_conversation
 from .library import Library, builtin_preferences, load_file, lookup, resolve
-from .model import Preference, compose
+from .model import Example, Preference, compose
 from .views import build_views
 
 __all__ = ["BUILTIN_ENCODERS", "Encoder", "auto_encoder_name", "encode", "normalize_conversation", "Library",
-           "builtin_preferences", "load_file", "lookup", "resolve", "Preference", "compose", "build_views"]
+           "builtin_preferences", "load_file", "lookup", "resolve", "Example", "Preference", "compose", "build_views"]

@@ -9,10 +9,13 @@ placement is a plugin. The built-ins:
 - ``system``: the preference text as the system message;
 - ``plain``: a plain-text template for base models without a chat template;
 - ``instruction``: the P-Soups form, the preference appended to the last user
-  instruction.
+  instruction;
+- ``exemplar``: few-shot demonstrations for base models: each view's
+  preference shown through question/answer exemplars, then the prompt.
 
-``auto`` picks ``chat-turn`` when the tokenizer has a chat template and
-``plain`` otherwise.
+``auto`` picks ``chat-turn`` when the tokenizer has a chat template;
+otherwise ``exemplar`` when every preference of the run has exemplars, and
+``plain`` when one does not.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from personajudge.core.contract import Tokenizer
 from personajudge.core.errors import ConfigError
+from personajudge.core.files import check_text
 
-from .model import Preference, compose
+from .library import builtin_examples, combined_examples, neutral_examples
+from .model import Example, Preference, compose
 
 Message = dict[str, str]
 
@@ -46,7 +51,7 @@ def normalize_conversation(prompt: str | list[Message]) -> list[Message]:
     if isinstance(prompt, str):
         if not prompt.strip():
             raise ConfigError("the prompt is empty")
-        return [{"role": "user", "content": prompt}]
+        return [{"role": "user", "content": check_text(prompt, "the prompt", ConfigError)}]
     if not isinstance(prompt, list) or not prompt:
         raise ConfigError("a conversation must be a non-empty list of {role, content} messages")
     out = []
@@ -54,7 +59,7 @@ def normalize_conversation(prompt: str | list[Message]) -> list[Message]:
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
                 "system", "user", "assistant"):
             raise ConfigError(f"message {i + 1}: expected {{'role': system|user|assistant, 'content': str}}")
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append({"role": m["role"], "content": check_text(m["content"], f"message {i + 1}", ConfigError)})
     if out[-1]["role"] != "user":
         raise ConfigError("the conversation must end with a user message")
     if not any(m["content"].strip() for m in out if m["role"] == "user"):
@@ -192,9 +197,128 @@ class InstructionEncoder:
         return [] if tokenizer.chat_template else PlainEncoder().stop_strings(tokenizer, options)
 
 
-BUILTIN_ENCODERS = (ChatTurnEncoder, SystemEncoder, PlainEncoder, InstructionEncoder)
+class ExemplarEncoder:
+    """Few-shot demonstrations of the view's preferences, for base models.
+
+    A small base model barely follows "Instructions: be concise" but imitates
+    demonstrations closely, so each view's context is::
+
+        Instructions: <the view's instructions>        (option instruction=false drops it)
+
+        Question: <exemplar question 1>
+        Answer: <exemplar answer 1, written the preference's way>
+
+        ... (options.n exemplars, default 3)
+
+        Question: <the user's prompt>                   (earlier turns of a conversation as
+        Answer:                                          Question/Answer pairs before it)
+
+    Which exemplars a view shows:
+
+    - one preference: its own ``examples``;
+    - several preferences: the library's *combined* exemplars for exactly those
+      built-in preferences (``concise+friendly``: answers that are short *and*
+      warm) when they exist and none of the preferences brings its own
+      examples; otherwise the preferences' exemplars interleaved (first of
+      each, then second of each, ...), at least one per preference. Each of
+      those shows one preference only, so the composition is weaker than
+      combined exemplars; write combined ones (a view's preferences in one
+      ``examples`` list of a free-text preference) where it matters;
+    - no preference (the ``base`` method's view): the library's *neutral*
+      exemplars, plain unstyled answers. ``base`` is then prompted in the same
+      Question/Answer format with the same number of demonstrations as the
+      personalized views, so a comparison with ``base`` measures the
+      preference, not the format.
+
+    A preference without examples is an error here (``auto`` falls back to
+    ``plain`` for such runs). A ``system`` message goes first, as in ``plain``.
+    The format ends an answer at the end of its line: :meth:`stop_strings`
+    gives ``"\n"`` (which the emitter applies only once the answer has text)
+    and ``"Question:"``/``"Answer:"``, so an answer never carries an echoed
+    label or the start of the next exemplar.
+    """
+
+    name = "exemplar"
+    description = "Few-shot Question/Answer demonstrations of each view's preferences (base models)."
+
+    #: Stop strings the format implies: an answer is one line, and a label means the model has
+    #: moved on to the next exemplar (or echoes the format) -- nothing after it belongs to the answer.
+    STOP = ("\n", "Question:", "Answer:")
+
+    @staticmethod
+    def _n(options) -> int:
+        n = (options or {}).get("n", 3)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ConfigError(f"encoder_options.n: the number of exemplars per view must be an integer >= 0, "
+                              f"got {n!r}")
+        return n
+
+    @staticmethod
+    def examples(view: list[Preference], n: int = 3) -> list[Example]:
+        """The exemplars a view shows (see the class docstring for the rule)."""
+        if not view:
+            return list(neutral_examples()[:n])
+        missing = [p.name for p in view if not p.examples]
+        if missing:
+            raise ConfigError(f"the exemplar encoder needs examples for every preference; {', '.join(missing)} "
+                              "has none (give `examples = [{q = \"...\", a = \"...\"}]` in a preferences file, "
+                              "or use --encoder plain)")
+        if len(view) == 1:
+            return list(view[0].examples[:n])
+        names = [p.name for p in view]
+        own = any(p.examples != builtin_examples(p.name) for p in view)
+        combined = None if own else combined_examples(names)
+        if combined:
+            return list(combined[:n])
+        out: list[Example] = []
+        for i in range(max(len(p.examples) for p in view)):
+            out.extend(p.examples[i] for p in view if i < len(p.examples))
+        return out[:max(n, len(view))]
+
+    def stop_strings(self, tokenizer, options=None) -> list[str]:
+        if (options or {}).get("stop", True) is False:
+            return []
+        return list(self.STOP)
+
+    def render(self, view, conversation, tokenizer, *, system=None, options=None):
+        options = options or {}
+        parts = []
+        for m in _with_system(conversation, system):
+            if m["role"] == "system":
+                parts.append(m["content"].strip() + "\n\n")
+        if view and options.get("instruction", True):
+            parts.append(f"Instructions: {compose(view)}\n\n")
+        for ex in self.examples(view, self._n(options)):
+            parts.append(f"Question: {ex.q}\nAnswer: {ex.a}\n\n")
+        for m in conversation:
+            if m["role"] == "user":
+                parts.append(f"Question: {_one_line(m['content'])}\n")
+            elif m["role"] == "assistant":
+                parts.append(f"Answer: {_one_line(m['content'])}\n\n")
+        parts.append("Answer:")
+        return "".join(parts), True
 
 
-def auto_encoder_name(tokenizer: Tokenizer) -> str:
-    """The encoder ``auto`` stands for: ``chat-turn`` with a chat template, ``plain`` without."""
-    return "chat-turn" if tokenizer.chat_template else "plain"
+def _one_line(text: str) -> str:
+    """A turn's text on one line: in this format a newline ends a question or an answer."""
+    return " ".join(text.split())
+
+
+BUILTIN_ENCODERS = (ChatTurnEncoder, SystemEncoder, PlainEncoder, InstructionEncoder, ExemplarEncoder)
+
+
+def auto_encoder_name(tokenizer: Tokenizer, views: list[list[Preference]] | None = None) -> str:
+    """The encoder ``auto`` stands for.
+
+    ``chat-turn`` when the model has a chat template. Without one (a base
+    model): ``exemplar`` when ``views`` (the user's views, before a method
+    plans its own) are given and every preference in them has examples --
+    every built-in one does -- since a base model follows demonstrations far
+    better than instructions; ``plain`` otherwise. All methods of a run see the
+    same user views, so ``base``, ``prompt`` and Persona-judge are encoded alike.
+    """
+    if tokenizer.chat_template:
+        return "chat-turn"
+    if views is not None and all(p.examples for v in views for p in v):
+        return "exemplar"
+    return "plain"

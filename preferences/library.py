@@ -6,6 +6,14 @@ P-Soups dimensions (Jang et al. 2023). The working definitions come from
 the instructions are this project's own wording. The library is registered
 through the ``register_preferences`` hook, so plugins can add names the same
 way.
+
+Every built-in preference also carries three question/answer exemplars from
+``data/exemplars.json``, written by this project for the ``exemplar`` encoder
+(short, varied topics, none taken from an evaluation set). The same file holds
+``neutral`` exemplars (plain, unstyled answers) for a view with no preference,
+so ``base`` is prompted in the same format as the personalized views, and
+``combined`` exemplars for compatible pairs (``concise+friendly``), whose
+answers show both preferences at once.
 """
 
 from __future__ import annotations
@@ -15,13 +23,15 @@ import functools
 import json
 import tomllib
 from importlib import resources
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from personajudge.core.config import validation_message
 from personajudge.core.errors import PreferenceError
+from personajudge.core.files import read_text
 
-from .model import Preference
+from .model import Example, Preference
 
 #: name -> (instruction, aliases, dimension key in the data file)
 _BUILTINS: dict[str, tuple[str, tuple[str, ...], str]] = {
@@ -58,6 +68,33 @@ def _dimension_data() -> dict[str, Any]:
     return json.loads(text)
 
 
+@functools.cache
+def _exemplar_data() -> dict[str, Any]:
+    text = resources.files("personajudge.preferences").joinpath("data/exemplars.json").read_text(encoding="utf-8")
+    data = json.loads(text)
+    as_examples = lambda items: tuple(Example.model_validate(x) for x in items)  # noqa: E731
+    return {"single": {k: as_examples(v) for k, v in data["single"].items()},
+            "combined": {k: as_examples(v) for k, v in data["combined"].items()}}
+
+
+def neutral_examples() -> tuple[Example, ...]:
+    """Exemplars with plain, unstyled answers: what a view with no preference is shown."""
+    return _exemplar_data()["single"]["neutral"]
+
+
+def combined_examples(names: Sequence[str]) -> tuple[Example, ...] | None:
+    """Exemplars written to show all of ``names`` at once (built-in names), or None if there are none.
+
+    Keys in the data file join the names in alphabetical order with ``+``.
+    """
+    return _exemplar_data()["combined"].get("+".join(sorted(set(names))))
+
+
+def builtin_examples(name: str) -> tuple[Example, ...]:
+    """The built-in exemplars of a built-in preference name (empty for any other name)."""
+    return _exemplar_data()["single"].get(name, ()) if name != "neutral" else ()
+
+
 def builtin_preferences() -> list[Preference]:
     data = _dimension_data()
     dims = {**data["paper_dimensions"], **data["psoups_dimensions"]}
@@ -65,7 +102,7 @@ def builtin_preferences() -> list[Preference]:
     for name, (instruction, aliases, key) in _BUILTINS.items():
         src = "P-Soups" if key.startswith("P") else "Persona-judge paper"
         out.append(Preference(name=name, description=dims[key], instruction=instruction, aliases=aliases,
-                              source=src))
+                              source=src, examples=builtin_examples(name)))
     return out
 
 
@@ -117,21 +154,25 @@ def resolve(spec: str | Preference, library: Library | None = None) -> Preferenc
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise PreferenceError(f"unknown preference '{text}'{hint} (list them with `personajudge preferences`; "
                               "a description with spaces is used as free text)")
-    return Preference.free_text(text)
+    try:
+        return Preference.free_text(text)
+    except ValueError as err:  # pydantic: e.g. a lone surrogate, which no tokenizer could encode
+        raise PreferenceError(f"preference {text[:40]!r}: {validation_message(err)}") from None
 
 
 def load_file(path: str | Path, library: Library | None = None) -> list[Preference]:
     """Preferences from a TOML, JSON or YAML file.
 
     The file holds a list whose entries are names / descriptions (strings) or
-    tables with ``name``, ``description`` and optional ``instruction`` and
-    ``weight``. TOML keeps the list under ``preferences``.
+    tables with ``name``, ``description`` and optional ``instruction``,
+    ``weight`` and ``examples`` (a list of ``{q = "...", a = "..."}``
+    question/answer demonstrations, one line each, for the ``exemplar``
+    encoder). A table with a library ``name`` and no ``description`` adjusts
+    that preference (its own examples replace the built-in ones). TOML keeps
+    the list under ``preferences`` (``[[preferences]]`` tables).
     """
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as err:
-        raise PreferenceError(f"cannot read preferences file {p}: {err.strerror or err}") from None
+    text = read_text(p, "preferences file", PreferenceError)  # a binary file: one line naming the byte
     suffix = p.suffix.lower()
     try:
         if suffix == ".toml":
@@ -156,14 +197,34 @@ def load_file(path: str | Path, library: Library | None = None) -> list[Preferen
         if isinstance(item, str):
             out.append(resolve(item, library))
         elif isinstance(item, dict):
-            try:
-                desc = item.get("description") or ""
-                out.append(Preference(name=item.get("name") or Preference.free_text(desc).name, description=desc,
-                                      instruction=item.get("instruction") or desc,
-                                      weight=item.get("weight", 1.0), source=str(p)))
-            except Exception as err:
-                raise PreferenceError(f"preferences file {p}, entry {i + 1}: "
-                                      f"{str(err).splitlines()[-1].strip()}") from None
+            out.append(_from_table(item, f"preferences file {p}, entry {i + 1}", str(p), library))
         else:
             raise PreferenceError(f"preferences file {p}, entry {i + 1}: expected a string or a table")
     return out
+
+
+_TABLE_KEYS = ("name", "description", "instruction", "weight", "examples")
+
+
+def _from_table(item: dict[str, Any], where: str, source: str, library: Library | None) -> Preference:
+    """One table of a preferences file -> Preference, with errors that name the entry and the field."""
+    unknown = sorted(set(item) - set(_TABLE_KEYS))
+    if unknown:
+        raise PreferenceError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(_TABLE_KEYS)}")
+    examples = item.get("examples", ())
+    if not isinstance(examples, list | tuple) or not all(isinstance(x, dict) for x in examples):
+        raise PreferenceError(f"{where}: examples must be a list of tables like {{q = \"...\", a = \"...\"}}")
+    for key in ("name", "description", "instruction"):
+        if item.get(key) is not None and not isinstance(item[key], str):
+            raise PreferenceError(f"{where}: {key} must be a string, got {type(item[key]).__name__}")
+    name, desc = item.get("name"), item.get("description") or ""
+    known = lookup(name, library) if isinstance(name, str) and name.strip() and not desc else None
+    try:
+        if known is not None:  # a library preference, adjusted
+            update = {k: item[k] for k in ("instruction", "weight", "examples") if k in item}
+            return Preference.model_validate({**known.model_dump(), **update, "source": source})
+        return Preference(name=name or Preference.free_text(desc).name, description=desc,
+                          instruction=item.get("instruction") or desc, weight=item.get("weight", 1.0),
+                          examples=examples, source=source)
+    except Exception as err:  # pydantic's ValidationError, as one line naming the field
+        raise PreferenceError(f"{where}: {validation_message(err)}") from None

@@ -27,7 +27,7 @@ from personajudge.core.errors import ConfigError
 from personajudge.plugins import get_method, preference_library
 from personajudge.preferences import build_views
 
-from .steps import format_steps, step_costs
+from .steps import device_sync, format_steps, step_costs
 
 SCHEMA = "personajudge.bench/1"
 DEFAULT_PROMPT = "Why is the sky blue?"
@@ -80,8 +80,11 @@ def _views(cfg: RunConfig, k: int) -> list[str]:
 
 def run_bench(cfg: RunConfig, *, prompt: str = DEFAULT_PROMPT, views: int = 2, repeats: int = 3,
               methods: list[str] | None = None, progress: bool = True, reference_max_new_tokens: int | None = None,
-              steps: bool = True) -> dict[str, Any]:
+              steps: bool = True, backend: Any = None) -> dict[str, Any]:
     """Time each method; returns the JSON-able report (see :data:`SCHEMA`).
+
+    ``backend``: an already loaded backend to time (then it is not closed
+    here); by default the one ``cfg`` names is loaded, and closed at the end.
 
     With ``steps`` (and at least two views), the backend's step costs and the
     ceiling they imply are measured too (:mod:`personajudge.bench.steps`).
@@ -96,10 +99,11 @@ def run_bench(cfg: RunConfig, *, prompt: str = DEFAULT_PROMPT, views: int = 2, r
         for m in unknown:
             get_method(m)  # raises with the registered names
     prefs = _views(cfg, views)
-    # Time a fixed number of tokens: no stop strings implied by the prompt format.
-    cfg = cfg.model_copy(update={"encoder_options": {**cfg.encoder_options, "stop": False}})
+    # Time a fixed number of tokens: no stop strings implied by the prompt format, no repetition guard.
+    cfg = cfg.model_copy(update={"encoder_options": {**cfg.encoder_options, "stop": False},
+                                 "decoding": cfg.decoding.model_copy(update={"repeat_lines": 0})})
     t_load = time.perf_counter()
-    pj = PersonaJudge(cfg)
+    pj = PersonaJudge(cfg, backend=backend)
     load_s = time.perf_counter() - t_load
     d = cfg.decoding
     base_seed = d.seed if d.seed is not None else 0
@@ -122,7 +126,11 @@ def run_bench(cfg: RunConfig, *, prompt: str = DEFAULT_PROMPT, views: int = 2, r
         costs = _step_costs(pj, cfg, prompt, prefs, make_method) if steps and views >= 2 else None
     finally:
         bar.close()
-        pj.close()
+        engine = getattr(pj, "_engine", None)
+        if backend is None:
+            pj.close()
+        elif engine is not None:
+            engine.close()  # the caller's backend stays loaded; this run's scheduler thread ends
     plain = next((r["tokens_per_s"] for r in rows if r["method"] == "plain"), None)
     for r in rows:
         r["ratio_to_plain"] = r["tokens_per_s"] / plain if plain else None
@@ -151,6 +159,7 @@ def _one(pj, cfg: RunConfig, name: str, prompt: str, prefs: list[str], seed: int
         # The backend's own sampler on one preference-prompted view: the baseline to beat.
         c = cfg.model_copy(update={"method": "prompt", "preferences": prefs[:1], "views": None})
         ctx = _encode(pj, c, prompt, prefs[:1], make_method)[1][0]
+        device_sync()
         t0 = time.perf_counter()
         toks = pj.backend.native_generate(ctx, temperature=d.temperature, top_k=d.top_k, top_p=d.top_p,
                                           max_new_tokens=d.max_new_tokens, seed=seed)

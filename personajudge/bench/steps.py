@@ -20,6 +20,7 @@ well below 1.
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -35,15 +36,34 @@ STEPS: dict[str, Callable[[int, int], list[tuple[int, list[int], int]]]] = {
 }
 
 
+def device_sync() -> None:
+    """Wait for every queued kernel on the GPU (a no-op without CUDA in use).
+
+    CUDA runs asynchronously: a clock read right after a step returns measures
+    the launches, not the work; and work still queued from before the clock
+    starts would be charged to the step.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _wait(outs: list[Any]) -> None:
-    """Make an asynchronous backend (CUDA) finish the step before the clock stops."""
+    """Make an asynchronous backend finish the step before the clock stops."""
+    device_sync()
     for out in outs:
         if getattr(out, "shape", (0,))[0]:
             float(out[-1][0])
 
 
-def step_costs(session: Session, contexts: Sequence[Sequence[int]], *, lam: int, repeats: int = 20,
-               clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+def step_costs(
+    session: Session,
+    contexts: Sequence[Sequence[int]],
+    *,
+    lam: int,
+    repeats: int = 20,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
     """Median milliseconds of each step in :data:`STEPS`, and the ceiling they imply for ``lam``.
 
     ``contexts`` are the two views' prompts. They are fed once, and every
@@ -60,6 +80,7 @@ def step_costs(session: Session, contexts: Sequence[Sequence[int]], *, lam: int,
         times = []
         for r in range(repeats + 1):
             calls = make(a, b)
+            device_sync()
             t0 = clock()
             _wait(session.forward_many(calls))
             dt = clock() - t0
@@ -79,7 +100,9 @@ def ceiling(costs: dict[str, float], lam: int) -> float:
 
 
 def format_steps(costs: dict[str, float]) -> str:
-    return (f"step costs (ms, median): 1 view 1 logits row {costs['one_view_one_row_ms']:.1f}, "
-            f"1 view no row {costs['one_view_no_row_ms']:.1f}, 2 views 2 rows {costs['two_views_two_rows_ms']:.1f}, "
-            f"2 views 1 row {costs['two_views_one_row_ms']:.1f}; persona-judge ceiling at full acceptance "
-            f"{costs['ceiling_ratio']:.2f} of plain")
+    return (
+        f"step costs (ms, median): 1 view 1 logits row {costs['one_view_one_row_ms']:.1f}, "
+        f"1 view no row {costs['one_view_no_row_ms']:.1f}, 2 views 2 rows {costs['two_views_two_rows_ms']:.1f}, "
+        f"2 views 1 row {costs['two_views_one_row_ms']:.1f}; persona-judge ceiling at full acceptance "
+        f"{costs['ceiling_ratio']:.2f} of plain"
+    )

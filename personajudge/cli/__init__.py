@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from personajudge import __version__
 from personajudge.core.errors import PersonaJudgeError
 
-from . import bench, eval, generate, info
+from . import bench, eval, generate, info, serve
 from .options import EXIT_USAGE, _Parser
 
 #: Modules that add subcommands; each has ``register(subparsers)``.
-COMMANDS = (generate, info, bench, eval)
+COMMANDS = (generate, info, bench, eval, serve)
 
 
 def build_parser() -> _Parser:

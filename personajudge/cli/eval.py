@@ -33,6 +33,7 @@ from personajudge.evaluation.spec import (
 )
 
 from .options import add_run_options, config_from_args
+from .ray_options import add_ray_options, ray_options_from_args
 
 DEFAULT_RUN_DIR = "runs/eval"
 
@@ -71,7 +72,7 @@ def parse_scorers(text: str, options: list[str]):
                             f"({', '.join(by_alias) or 'none'})")
         try:
             parsed: Any = json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON (or past Python's limits): the text itself
             parsed = value
         by_alias[alias.strip()].options[key.strip()] = parsed
     return specs
@@ -127,9 +128,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         spec = load_spec(args.run_dir)
     else:
         spec = spec_from_args(args)
+    ray_opts = ray_options_from_args(args)
     try:
         res = run_eval(spec, args.run_dir, force=args.force, progress=not args.no_progress,
-                       report=not args.no_report)
+                       report=not args.no_report, ray=ray_opts)
     except KeyboardInterrupt:
         print(f"personajudge: interrupted; finished rows are saved in {args.run_dir}: run the same command "
               f"(or `personajudge eval --resume --run-dir {args.run_dir}`) to continue", file=sys.stderr)
@@ -190,6 +192,7 @@ def register(sub: Any) -> None:
     g.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("-q", "--quiet", action="store_true", help="do not print the report")
+    add_ray_options(p)
     p.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("report", help="rebuild an evaluation run's report (Markdown, JSON, PNG) from its JSONL files")

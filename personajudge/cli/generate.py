@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 from personajudge.api import PersonaJudge
-from personajudge.batch import read_records, run_jsonl
-from personajudge.core.errors import PersonaJudgeError
+from personajudge.batch import JsonlBatch, local_executor, read_records
+from personajudge.core.errors import ConfigError, PersonaJudgeError
+from personajudge.core.files import check_text, read_stream
+from personajudge.distributed import ReplicaPool
 
 from .options import add_run_options, config_from_args
+from .ray_options import add_ray_options, ray_options_from_args
 
 
 def _stats_line(res) -> str:
@@ -21,16 +25,29 @@ def _stats_line(res) -> str:
 
 
 def _generate_jsonl(args: argparse.Namespace) -> int:
-    """``generate --input FILE.jsonl``: every prompt through generate_batch, one JSON line each."""
+    """``generate --input FILE.jsonl``: every prompt through generate_batch, one JSON line each.
+
+    Resumable: rerunning the same command continues from ``<output>.partial`` (see personajudge.batch).
+    With ``--ray`` the chunks run on Ray replicas and the driver writes the same files.
+    """
     if args.prompt is not None:
         raise PersonaJudgeError("give either a prompt or --input FILE.jsonl, not both")
     if args.batch_size < 1:
         raise PersonaJudgeError("--batch-size must be at least 1")
+    ray_opts = ray_options_from_args(args)
     records = read_records(args.input)  # validated before the model loads
     cfg, prefs = config_from_args(args)
-    with PersonaJudge(cfg) as pj:
-        run_jsonl(pj, records, preferences=prefs, batch_size=args.batch_size, output=args.output,
-                  overwrite=args.overwrite, progress=not args.quiet)
+    job = JsonlBatch(records, cfg, prefs, batch_size=args.batch_size, output=args.output,
+                     overwrite=args.overwrite, force=args.force, progress=not args.quiet)
+    with job:  # output paths and the partial file are checked before any model loads
+        if ray_opts is None:
+            with PersonaJudge(cfg) as pj:
+                job.run(local_executor(pj, prefs))
+        else:
+            with ReplicaPool(cfg, ray_opts, quiet=args.quiet) as pool:
+                job.run(pool.executor(prefs))
+                if not args.quiet and pool.overhead_line():
+                    print(pool.overhead_line(), file=sys.stderr)
     return 0
 
 
@@ -39,26 +56,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _generate_jsonl(args)
     if args.output is not None:
         raise PersonaJudgeError("--output needs --input FILE.jsonl (a single result goes to stdout; see --json)")
+    if args.ray is not None:
+        raise PersonaJudgeError("--ray needs --input FILE.jsonl (one prompt runs in this process)")
     if args.prompt is None:
         raise PersonaJudgeError("give a prompt (or '-' to read it from stdin), or --input FILE.jsonl")
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    # bytes, decoded here: invalid UTF-8 is one line naming the offset, before any model loads
+    prompt = read_stream(sys.stdin.buffer, "standard input", ConfigError) if args.prompt == "-" else args.prompt
     if not prompt or not prompt.strip():
         raise PersonaJudgeError("the prompt is empty")
+    check_text(prompt, "the prompt", ConfigError)  # an argument with undecodable bytes holds surrogates
     cfg, prefs = config_from_args(args)
-    stream = sys.stdout.isatty() and not args.json
-    on_text = (lambda t: (sys.stdout.write(t), sys.stdout.flush())) if stream else None
+    # Text streams (flushed per committed token) to a terminal and to a pipe alike; --json prints one object.
+    stream = not args.json
+    on_text = _write_flushed if stream else None
     with PersonaJudge(cfg) as pj:
+        if args.show_prompt:
+            _show_prompts(pj, prompt, prefs)
         res = pj.generate(prompt, preferences=prefs, on_text=on_text)
     if args.json:
         print(json.dumps(res.as_dict(), ensure_ascii=False))
     else:
-        if stream:
-            sys.stdout.write("\n")
-        else:
-            print(res.text)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
         if not args.quiet:
             print(_stats_line(res), file=sys.stderr)
     return 0
+
+
+def _write_flushed(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _show_prompts(pj: PersonaJudge, prompt: str, prefs) -> None:
+    """Each view's rendered context on stderr, framed, before generating."""
+    with warnings.catch_warnings():  # generate() says the same right after
+        warnings.simplefilter("ignore")
+        cfg, meth, views = pj._prepare(prefs, None, None, {})
+    settings = pj.settings(cfg, views)
+    rendered = pj.render_views(prompt, cfg, meth, views)
+    planned = meth.plan(views)
+    print(f"# method {cfg.method}, encoder {settings['encoder']}, {len(rendered)} view(s)", file=sys.stderr)
+    for i, ((text, _), view) in enumerate(zip(rendered, planned)):
+        names = ", ".join(p.name for p in view) or "no preference"
+        print(f"# --- view {i} ({names}) ---\n{text}\n# --- end of view {i} ---", file=sys.stderr)
 
 
 def register(sub) -> None:
@@ -67,6 +108,8 @@ def register(sub) -> None:
     add_run_options(g)
     g.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and stats")
     g.add_argument("-q", "--quiet", action="store_true", help="no stats line on stderr")
+    g.add_argument("--show-prompt", action="store_true", dest="show_prompt",
+                   help="print each view's rendered context (on stderr) before generating")
     b = g.add_argument_group("batch (JSONL)")
     b.add_argument("--input", metavar="FILE.jsonl",
                    help='one JSON object per line: {"prompt": str or chat messages, "id"?, "seed"?}')
@@ -74,4 +117,8 @@ def register(sub) -> None:
     b.add_argument("--batch-size", type=int, default=8, dest="batch_size",
                    help="prompts decoded together as one batch (default 8)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    b.add_argument("--force", action="store_true",
+                   help="resume from a partial file made with other settings: rows that still match are kept, "
+                        "the rest are generated again")
+    add_ray_options(g)
     g.set_defaults(func=cmd_generate)

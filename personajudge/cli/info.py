@@ -20,7 +20,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         print(f"{kind}s:")
         width = max((len(r["name"]) for r in rows), default=0)
         for r in rows:
-            print(f"  {r['name']:<{width}}  {r['description']}  [{r['plugin']}]")
+            dist = f"{r['distribution']} {r['version']}".strip() or r["plugin"]
+            where = f"{dist}, entry point {r['entry_point']}" if r["entry_point"] else dist
+            print(f"  {r['name']:<{width}}  {r['description']}  [{where}]")
     return 0
 
 

@@ -8,7 +8,7 @@ import json
 from typing import Any, NoReturn
 
 from personajudge.core.config import build_config, load_config_file
-from personajudge.core.errors import PersonaJudgeError
+from personajudge.core.errors import ConfigError, PersonaJudgeError
 from personajudge.plugins import preference_library
 from personajudge.preferences import load_file
 
@@ -67,12 +67,17 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _parse_option(item: str, flag: str = "--backend-option") -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE parsed as JSON when it is JSON (``2``, ``true``, ``[1, 2]``), else the text."""
     if "=" not in item:
         raise PersonaJudgeError(f"{flag} expects KEY=VALUE, got {item!r}")
     k, v = item.split("=", 1)
+    if not k.strip():
+        raise PersonaJudgeError(f"{flag} expects KEY=VALUE with a non-empty KEY, got {item!r}")
     try:
         return k.strip(), json.loads(v)
-    except json.JSONDecodeError:
+    except RecursionError:
+        raise PersonaJudgeError(f"{flag} {k.strip()}: the value is nested too deeply") from None
+    except ValueError:  # not JSON (JSONDecodeError), or an integer too long to convert
         return k.strip(), v
 
 
@@ -80,10 +85,15 @@ def config_from_args(args: argparse.Namespace):
     """File config (if any) overridden by the flags that were given."""
     data = load_config_file(args.config) if args.config else {}
     if args.backend_option:
-        opts = dict(data.get("backend", {}).get("options", {}))
+        backend = data.get("backend", {})
+        if not isinstance(backend, dict) or not isinstance(backend.get("options", {}), dict):
+            raise ConfigError("invalid config: backend and backend.options must be tables")
+        opts = dict(backend.get("options", {}))
         opts.update(_parse_option(o) for o in args.backend_option)
-        data.setdefault("backend", {})["options"] = opts
+        data["backend"] = {**backend, "options": opts}
     if args.method_option:
+        if not isinstance(data.get("method_options", {}), dict):
+            raise ConfigError("invalid config: method_options must be a table")
         opts = dict(data.get("method_options", {}))
         opts.update(_parse_option(o, "--method-option") for o in args.method_option)
         data["method_options"] = opts

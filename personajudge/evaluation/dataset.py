@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from personajudge.core.files import read_text
+from personajudge.core.files import check_text, read_text
 
 from .errors import DatasetError
 
@@ -42,8 +42,12 @@ def _items(records: list, source: str, *, unescape: bool = False) -> list[Prompt
         text = rec.get("prompt")
         if not isinstance(text, str) or not text.strip():
             raise DatasetError(f"{where}: missing or empty 'prompt' field")
+        check_text(text, f"{where}: 'prompt'", DatasetError)
         pid = rec.get("id", i)
+        if isinstance(pid, (dict, list)):
+            raise DatasetError(f"{where}: id must be a string or a number")
         pid = str(pid).strip() if pid is not None else str(i)
+        check_text(pid, f"{where}: id", DatasetError)
         if not pid or "|" in pid:
             raise DatasetError(f"{where}: id {pid!r} must be non-empty and must not contain '|'")
         if pid in seen:
@@ -72,6 +76,8 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise DatasetError(f"dataset file {p} is not valid JSON: {err}") from None
+        except (ValueError, RecursionError) as err:  # an integer too long to convert, or nesting too deep
+            raise DatasetError(f"dataset file {p} is not usable JSON: {str(err)[:120] or 'nested too deeply'}") from None
         return _items(data, str(p))
     records = []
     for n, line in enumerate(text.splitlines(), 1):
@@ -82,6 +88,8 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
         except json.JSONDecodeError as err:
             raise DatasetError(f"{p}, line {n}: not valid JSON ({err.msg}); "
                                "a JSONL dataset needs one object with a 'prompt' field per line") from None
+        except (ValueError, RecursionError) as err:  # an integer too long to convert, or nesting too deep
+            raise DatasetError(f"{p}, line {n}: not usable JSON ({str(err)[:120] or 'nested too deeply'})") from None
     return _items(records, str(p))
 
 

@@ -10,7 +10,11 @@ Questions answered, one table each:
 3. **Cost**: tokens, seconds per response, tokens/s, acceptance rate.
 4. **Lambda sweep** (Table 3), when the run has several ``--lambdas``.
 5. **Inference time vs. number of objectives** (Table 5), for ``--objectives`` runs.
-6. **Judge consistency**, for pairwise scorers: position-consistent verdicts,
+6. **Paired differences**: each method minus ``base`` (when the run has it)
+   and minus the baseline, per pointwise scorer, computed prompt by prompt on
+   the same seed, with a 95% bootstrap interval over prompts. A win rate says
+   how often a method moves a proxy; this says how far, in the proxy's units.
+7. **Judge consistency**, for pairwise scorers: position-consistent verdicts,
    first-position choices, unparseable answers.
 
 Intervals: percentile bootstrap (2000 resamples, numpy generator seeded with 0)
@@ -20,6 +24,7 @@ seeds. Cells with fewer than two prompts have no interval.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -29,7 +34,8 @@ import numpy as np
 
 from .scorers import get_scorer_class
 from .spec import _short
-from .store import GENERATIONS, SCORES, load_rows, read_run_file, write_json_atomic
+from .errors import EvalError
+from .store import GENERATIONS, SCORES, load_rows, read_run_spec, write_json_atomic
 from .spec import EvalSpec, gen_key, variant_label
 
 BOOTSTRAP = 2000
@@ -73,10 +79,16 @@ class RunData:
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
-        self.record = read_run_file(run_dir)
-        self.spec = EvalSpec.model_validate(self.record["spec"])
+        self.record, self.spec = read_run_spec(run_dir)
         spec = self.spec
-        self.sha = {p["id"]: p["sha"] for p in self.record.get("prompts", [])}
+        prompts = self.record.get("prompts", [])
+        if not isinstance(prompts, list) or not all(isinstance(p, dict) and isinstance(p.get("id"), str)
+                                                    and isinstance(p.get("sha"), str) for p in prompts):
+            raise EvalError(f"{self.run_dir / 'run.json'}: 'prompts' must be a list of {{id, sha}} objects; "
+                            "rerun `personajudge eval` to rewrite it")
+        if not isinstance(self.record.get("scorer_hashes", {}), dict):
+            raise EvalError(f"{self.run_dir / 'run.json'}: 'scorer_hashes' must be an object")
+        self.sha = {p["id"]: p["sha"] for p in prompts}
         self.prompt_ids = list(self.sha)
         gen_hash = self.record.get("generation_hash") or spec.generation_hash()
         scorer_hashes = self.record.get("scorer_hashes", {})
@@ -89,6 +101,8 @@ class RunData:
         self.failed = 0
         for row in raw_gens:
             pid = row.get("prompt_id")
+            if not _well_typed(row, _GEN_TYPES):  # a hand-edited or foreign line: not one of ours
+                continue
             if pid not in self.sha or row.get("fp") != f"{gen_hash}:{self.sha[pid]}":
                 continue
             if row.get("experiment") not in exps or row.get("method") not in methods or \
@@ -107,6 +121,8 @@ class RunData:
         self.pairwise: dict[tuple[str, str, str], tuple[float, dict]] = {}
         self.kinds: dict[str, str] = {}
         for row in raw_scores:
+            if not _well_typed(row, _SCORE_TYPES):
+                continue
             g = self.gens.get(row.get("gen"))
             alias = row.get("scorer")
             if g is None or "error" in g or alias not in scorer_hashes:
@@ -144,6 +160,17 @@ class RunData:
             if m == self.baseline and (vl is None or vl == lam or lam is None):
                 return self.row(pid, exp, v, seed)
         return None
+
+
+#: the types a row's fields must have to be read (None: the field may be missing or null)
+_GEN_TYPES = {"key": (str,), "prompt_id": (str,), "experiment": (str,), "method": (str,), "seed": (int,),
+              "lambda": (int, type(None)), "fp": (str,)}
+_SCORE_TYPES = {"gen": (str,), "scorer": (str,), "fp": (str,), "kind": (str, type(None)),
+                "value": (int, float, type(None)), "dimension": (str, type(None)), "details": (dict, type(None))}
+
+
+def _well_typed(row: dict[str, Any], types: dict[str, tuple[type, ...]]) -> bool:
+    return all(isinstance(row.get(k), t) and not isinstance(row.get(k), bool) for k, t in types.items())
 
 
 def _scorer_kind(name: str) -> str:
@@ -245,6 +272,38 @@ def method_stats(data: RunData) -> list[dict[str, Any]]:
     return out
 
 
+def paired_differences(data: RunData, reference: str) -> list[dict[str, Any]]:
+    """Each method minus ``reference`` per pointwise scorer: per prompt, the mean over seeds of
+    (method's score − reference's score on the same prompt and seed); mean and bootstrap CI over prompts."""
+    ref = [v for v, (m, _) in data.variants.items() if m == reference]
+    if not ref:
+        return []
+    out = []
+    for exp in data.spec.experiments:
+        for variant, (m, lam) in data.variants.items():
+            if m == reference:
+                continue
+            for alias in data.pointwise_aliases:
+                per_prompt = []
+                for pid in data.prompt_ids:
+                    diffs = []
+                    for seed in data.spec.seeds:
+                        r, b = data.row(pid, exp.name, variant, seed), data.row(pid, exp.name, ref[0], seed)
+                        if r is None or b is None:
+                            continue
+                        a, c = data.pointwise.get((r["key"], alias)), data.pointwise.get((b["key"], alias))
+                        if a is None or c is None or math.isnan(a) or math.isnan(c):
+                            continue
+                        diffs.append(a - c)
+                    if diffs:
+                        per_prompt.append(float(np.mean(diffs)))
+                if per_prompt:
+                    s = summarize(per_prompt)
+                    out.append({"experiment": exp.name, "method": variant, "reference": reference, "scorer": alias,
+                                "mean": s["mean"], "ci": s["ci"], "n_prompts": s["n"]})
+    return out
+
+
 def judge_stats(data: RunData) -> list[dict[str, Any]]:
     out = []
     for alias in data.pairwise_aliases:
@@ -278,6 +337,8 @@ def build_report(run_dir: str | Path, data: RunData | None = None) -> dict[str, 
         "win_rates": win_rates(data) if spec.baseline else [],
         "methods": method_stats(data),
         "judges": judge_stats(data),
+        "differences": [d for r in dict.fromkeys(x for x in ("base", spec.baseline) if x in spec.all_methods)
+                        for d in paired_differences(data, r)],
         "lambda_sweep": len(spec.sweep) > 1,
         "objectives": any(e.objectives for e in spec.experiments),
     }
@@ -312,6 +373,21 @@ def _pct(s: dict[str, Any]) -> str:
         lo, hi = s["ci"]
         out += f" ({100 * lo:.0f}–{100 * hi:.0f})"
         if (lo > 0.5 or hi < 0.5) and s.get("n_prompts", 0) >= MIN_N_BOLD:
+            out = f"**{out}**"
+    return out
+
+
+def _diff(x: dict[str, Any] | None) -> str:
+    """A paired difference with its interval, signed, bold when the interval excludes 0."""
+    if x is None or x.get("mean") is None:
+        return "–"
+    m = x["mean"]
+    digits = 1 if max(abs(m), *(abs(c) for c in (x.get("ci") or ()))) >= 1 else 2
+    out = f"{m:+.{digits}f}"
+    if x.get("ci"):
+        lo, hi = x["ci"]
+        out += f" ({lo:+.{digits}f} to {hi:+.{digits}f})"
+        if (lo > 0 or hi < 0) and x.get("n_prompts", 0) >= MIN_N_BOLD:
             out = f"**{out}**"
     return out
 
@@ -435,7 +511,22 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
                 for m in sorted(obj, key=lambda m: (order.index(m["method"]), m["objectives"]))]
         lines += [_table(header, rows), ""]
 
-    # 6. judges
+    # 6. paired differences
+    diffs = report.get("differences") or []
+    for ref in dict.fromkeys(x["reference"] for x in diffs):
+        rows_d = [x for x in diffs if x["reference"] == ref]
+        cols_d = list(dict.fromkeys(x["scorer"] for x in rows_d))
+        lines += [f"## Method minus `{ref}`", "",
+                  f"Mean over prompts of (method's score − `{ref}`'s score on the same prompt and seed), in each "
+                  f"scorer's units, with a 95% bootstrap interval over prompts; **bold** when it excludes 0 (and "
+                  f"n ≥ {MIN_N_BOLD}).", ""]
+        by_d = {(x["experiment"], x["method"], x["scorer"]): x for x in rows_d}
+        keys = list(dict.fromkeys((x["experiment"], x["method"]) for x in rows_d))
+        rows = [[f"`{e}`", f"`{m}`", str(max(by_d[(e, m, c)]["n_prompts"] for c in cols_d if (e, m, c) in by_d))]
+                + [_diff(by_d.get((e, m, c))) for c in cols_d] for e, m in keys]
+        lines += [_table(["experiment", "method", "n"] + [f"`{c}`" for c in cols_d], rows), ""]
+
+    # 7. judges
     if report["judges"]:
         lines += ["## Judge consistency", "", "Pairwise judge verdicts: share that stayed the same when the two "
                   "responses swapped places, share of answers choosing the first position (0.5 = no position "
@@ -547,7 +638,9 @@ def write_plots(report: dict[str, Any], data: RunData, out_dir: Path) -> dict[st
         fig = Figure(figsize=(6, 3.8))
         ax = fig.subplots()
         for meth in dict.fromkeys(m["method"] for m in obj):
-            pts = sorted((m["objectives"], m["cost"]["seconds"]) for m in obj if m["method"] == meth)
+            # by k only: several experiments may share a k (two --objectives lists), and the stats dicts do not order
+            pts = sorted(((m["objectives"], m["cost"]["seconds"]) for m in obj if m["method"] == meth),
+                         key=lambda p: p[0])
             ks = [p[0] for p in pts]
             ys = [p[1]["mean"] if p[1]["mean"] is not None else np.nan for p in pts]
             err = [[y - p[1]["ci"][0] if p[1]["ci"] else 0 for y, p in zip(ys, pts)],
@@ -574,15 +667,28 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+def _plots_written_before(run_dir: Path) -> set[str]:
+    """The plot files the previous ``report.json`` of this run lists: the only files a new report may
+    remove (a file the user put there under the same name is not ours to delete)."""
+    try:
+        old = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return set()
+    listed = old.get("plots") if isinstance(old, dict) else None
+    if not isinstance(listed, dict):
+        return set()
+    return {f for f in listed.values() if isinstance(f, str) and f in PLOTS.values()}
+
+
 def write_report(run_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
     """Write ``report.md``, ``report.json`` and the PNG plots into ``run_dir``; returns their paths."""
     run_dir = Path(run_dir)
-    for stale in PLOTS.values():  # a plot that no longer applies must not linger
-        (run_dir / stale).unlink(missing_ok=True)
-    data = RunData(run_dir)
+    data = RunData(run_dir)  # a directory that is not a readable run is refused before anything is touched
     report = build_report(run_dir, data)
     files = write_plots(report, data, run_dir) if plots else {}
     report["plots"] = files
+    for stale in _plots_written_before(run_dir) - set(files.values()):
+        (run_dir / stale).unlink(missing_ok=True)  # a plot of ours that no longer applies must not linger
     out = {"json": run_dir / "report.json", "markdown": run_dir / "report.md"}
     write_json_atomic(out["json"], _jsonable(report))
     md = render_markdown(report, files)
@@ -594,5 +700,6 @@ def write_report(run_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
     return out
 
 
-__all__ = ["build_report", "render_markdown", "write_report", "write_plots", "bootstrap_ci", "RunData",
+__all__ = ["build_report", "render_markdown", "write_report", "write_plots", "bootstrap_ci", "paired_differences",
+           "RunData",
            "GENERATIONS", "SCORES"]

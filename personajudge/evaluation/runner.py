@@ -32,17 +32,18 @@ from typing import Any
 
 from personajudge.core.config import build_config
 from personajudge.api import PersonaJudge, make_method
+from personajudge.distributed import RayOptions, ReplicaPool, Task
 from personajudge.core.errors import ContextLengthError, PersonaJudgeError
 from personajudge.plugins import get_method, preference_library
 from personajudge.preferences import resolve
 
 from .dataset import PromptItem, load_prompts
 from .dimensions import DimensionScorer, dimension_table
-from .errors import EvalError, RunMismatchError
+from .errors import RunMismatchError
 from .scorers import PairItem, ScoringContext, get_scorer_class
 from .spec import EvalSpec, Experiment, _short, command_from_spec, diff, gen_key, uses_lambda, variant_label
 from .report import write_report
-from .store import GENERATIONS, RUN_FILE, SCORES, JsonlStore, RunLock, load_rows, read_rows, read_run_file, write_json_atomic
+from .store import GENERATIONS, RUN_FILE, SCORES, JsonlStore, RunLock, load_rows, read_rows, read_run_file, read_run_spec, write_json_atomic
 
 
 
@@ -73,12 +74,7 @@ def _now() -> str:
 
 
 def load_spec(run_dir: str | Path) -> EvalSpec:
-    data = read_run_file(run_dir)
-    try:
-        return EvalSpec.model_validate(data["spec"])
-    except Exception as err:  # pydantic error or missing key
-        raise EvalError(f"{Path(run_dir) / RUN_FILE} holds no valid evaluation spec: "
-                        f"{str(err).splitlines()[0]}") from None
+    return read_run_spec(run_dir)[1]
 
 
 # -- planning ------------------------------------------------------------------------------------
@@ -153,8 +149,10 @@ class Runner:
     def __init__(self, spec: EvalSpec, run_dir: str | Path, *, force: bool = False, progress: bool = True,
                  pj: Any = None, argv: list[str] | None = None,
                  on_generation: Callable[[dict], None] | None = None,
-                 on_score: Callable[[dict], None] | None = None):
+                 on_score: Callable[[dict], None] | None = None, ray: RayOptions | None = None):
         self.spec = spec
+        self.ray = ray  # generate on Ray replicas (personajudge.distributed); rows are written here as locally
+        self.model_info: dict | None = None
         self.run_dir = Path(run_dir)
         self.force = force
         self.progress = progress
@@ -274,6 +272,8 @@ class Runner:
         result.reused = len(jobs) - len(pending)
         if not pending:
             return
+        if self.ray is not None:
+            return self._generate_ray(gens, pending, result)
         pj = self._load_model()
         from tqdm import tqdm
 
@@ -290,6 +290,40 @@ class Runner:
                         if self.on_generation is not None:
                             self.on_generation(row)
                 bar.update(len(batch))
+        finally:
+            bar.close()
+
+    def _generate_ray(self, gens: JsonlStore, pending: list[GenJob], result: RunResult) -> None:
+        """The same batches as locally, run on Ray replicas; rows appended here as each batch comes back."""
+        batches = list(self._batches(pending))
+        tasks = []
+        for i, batch in enumerate(batches):
+            j0 = batch[0]
+            opts: dict[str, Any] = {"views": j0.views, "method": j0.method}
+            if j0.lam is not None:
+                opts["lam"] = j0.lam
+            tasks.append(Task(i, [j.prompt.prompt for j in batch], [j.seed for j in batch], opts,
+                              single=len(batch) == 1, isolate_context_errors=True))
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(pending), desc="generate", unit="gen", file=sys.stderr, disable=not self.progress,
+                   dynamic_ncols=True)
+        try:
+            with ReplicaPool(self.spec.run, self.ray, warmup=True, quiet=not self.progress) as pool:
+                self.model_info = pool.model
+                for out in pool.run(tasks):
+                    batch = batches[out.task.key]
+                    n = len(batch) if out.batched else 1
+                    for job, res in zip(batch, out.results):
+                        row = self._row(job, error=res) if isinstance(res, str) else self._row(job, res, batch=n)
+                        if gens.append(row):
+                            result.generated += 1
+                            result.failed += "error" in row
+                            if self.on_generation is not None:
+                                self.on_generation(row)
+                    bar.update(len(batch))
+                if self.progress and pool.overhead_line():
+                    print(pool.overhead_line(), file=sys.stderr)
         finally:
             bar.close()
 
@@ -382,6 +416,9 @@ class Runner:
                         except Exception:  # describe is informative only
                             pass
                         self._write_run_file(record)
+                    elif self.model_info is not None and "model" not in record:  # --ray: from a replica
+                        record["model"] = self.model_info
+                        self._write_run_file(record)
                     self.score(gens, scores, jobs, result)
             finally:
                 if self._own_pj and self.pj is not None:
@@ -395,16 +432,16 @@ class Runner:
 def run_eval(spec: EvalSpec, run_dir: str | Path, *, force: bool = False, progress: bool = True, pj: Any = None,
              argv: list[str] | None = None, report: bool = True,
              on_generation: Callable[[dict], None] | None = None,
-             on_score: Callable[[dict], None] | None = None) -> RunResult:
+             on_score: Callable[[dict], None] | None = None, ray: RayOptions | None = None) -> RunResult:
     """Run (or continue) the evaluation ``spec`` in ``run_dir`` and write its report.
 
     ``pj``: an already loaded :class:`PersonaJudge` to generate with (default:
     load ``spec.run``'s backend). ``on_generation`` / ``on_score`` are called
     after each row is durably written (progress hooks; tests use them to
-    interrupt a run).
+    interrupt a run). ``ray``: generate on Ray replicas instead of in this process (same rows).
     """
     return Runner(spec, run_dir, force=force, progress=progress, pj=pj, argv=argv, on_generation=on_generation,
-                  on_score=on_score).run(report=report)
+                  on_score=on_score, ray=ray).run(report=report)
 
 
 __all__ = ["run_eval", "Runner", "RunResult", "GenJob", "plan_generations", "load_spec", "read_run_file",

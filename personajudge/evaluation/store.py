@@ -21,7 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from personajudge.core.config import validation_message
+
 from .errors import EvalError, RunLockedError
+from .spec import EvalSpec
 
 RUN_FILE = "run.json"
 GENERATIONS = "generations.jsonl"
@@ -55,7 +58,7 @@ def read_rows(path: str | Path, *, repair: bool = False) -> tuple[list[dict[str,
             continue
         try:
             row = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, an integer past int()'s limit, too deep
             bad += 1
             continue
         if isinstance(row, dict) and "key" in row:
@@ -165,14 +168,44 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def read_run_file(run_dir: str | Path) -> dict[str, Any]:
-    p = Path(run_dir) / RUN_FILE
+    """The run record (``run.json``) of ``run_dir``: a JSON object.
+
+    Anything else -- no such directory, a file instead of a directory, unreadable or non-UTF-8
+    bytes, JSON that is not an object -- is an :class:`EvalError` naming the path.
+    """
+    d = Path(run_dir)
+    p = d / RUN_FILE
+    if d.exists() and not d.is_dir():
+        raise EvalError(f"{run_dir} is a file, not an evaluation run directory; give the directory that holds "
+                        f"{RUN_FILE} (the --run-dir of `personajudge eval`)")
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise EvalError(f"{run_dir} is not an evaluation run directory (no {RUN_FILE}); "
                         "start one with `personajudge eval --run-dir DIR`") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise EvalError(f"cannot read {p}: {err}") from None
+    except OSError as err:
+        raise EvalError(f"cannot read {p}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise EvalError(f"{p} is not valid UTF-8 (byte offset {err.start}); it is not a run record") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, or a number or nesting past Python's limits
+        raise EvalError(f"{p} is not valid JSON ({validation_message(err)})") from None
+    if not isinstance(data, dict):
+        raise EvalError(f"{p} is not a run record: it holds JSON {type(data).__name__}, not an object")
+    return data
+
+
+def read_run_spec(run_dir: str | Path) -> tuple[dict[str, Any], Any]:
+    """``(record, EvalSpec)`` of a run directory; an :class:`EvalError` naming the field and the rule
+    when ``run.json`` has no valid ``spec`` (never a traceback, never only a pydantic URL)."""
+    record = read_run_file(run_dir)
+    p = Path(run_dir) / RUN_FILE
+    if not isinstance(record.get("spec"), dict):
+        raise EvalError(f"{p} has no 'spec' table (the run's configuration), so it cannot be reported; "
+                        "rerun `personajudge eval` with --force to start this directory afresh")
+    try:
+        return record, EvalSpec.model_validate(record["spec"])
+    except ValueError as err:  # pydantic's ValidationError
+        raise EvalError(f"{p} holds no valid evaluation spec: {validation_message(err, prefix='spec')}") from None
 
 
 def load_rows(run_dir: str | Path) -> tuple[list[dict], list[dict]]:

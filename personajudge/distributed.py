@@ -1,0 +1,365 @@
+"""Batch generation and evaluation on a Ray cluster (``--ray``; ``pip install "persona-judge[ray]"``).
+
+The driver (the ``personajudge`` process) never loads the model. It starts
+``replicas`` Ray actors (:class:`Replica`), each of which loads the backend
+once, with the resources ``--cpus-per-replica`` / ``--gpus-per-replica`` asked
+of Ray's scheduler. Work goes out in chunks through Ray's
+:class:`~ray.util.actor_pool.ActorPool` (one chunk in flight per replica); a
+replica runs a chunk through ``generate_batch`` and returns the results, which
+stream back to the driver in completion order. The driver writes them to the
+same resumable files as the local path (:class:`personajudge.batch.JsonlBatch`,
+the evaluation harness's JSONL stores), so the file formats, the resume rules
+and the final order are the local ones.
+
+Faults, with Ray's own machinery rather than a scheduler of our own:
+
+- A replica whose process dies is restarted by Ray (``max_restarts``; the new
+  process loads the model again) and the chunk it was running is retried
+  (``max_task_retries``). A replica that is dead for good leaves the pool and
+  its chunk is submitted again to the replicas that remain; with none left the
+  run stops with one line (finished chunks are on disk; rerun to continue).
+  A chunk's rows are written once: the writer skips ids it already has.
+- A model that fails to load is reported by the replica (not raised in its
+  constructor, which Ray would retry) and becomes one :class:`ReplicaError`.
+  Replicas that cannot be placed (too few CPUs/GPUs) are refused up front on
+  a local instance, and time out with a message on a cluster.
+
+Nothing here imports ray at module level: ``import personajudge`` stays light.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from personajudge.api import PersonaJudge
+from personajudge.core.config import RunConfig, build_config
+from personajudge.core.errors import BackendUnavailableError, ConfigError, ContextLengthError, PersonaJudgeError
+
+
+class ReplicaError(PersonaJudgeError):
+    """A replica could not load the model, could not be placed, or every replica died."""
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how many replicas (``--ray [ADDRESS] --replicas N --cpus-per-replica C --gpus-per-replica G``).
+
+    ``address``: None starts a local Ray instance; ``"auto"``, ``"HOST:PORT"`` or ``"ray://HOST:PORT"``
+    joins an existing cluster. ``threads``: the backend's thread count in each replica when the config
+    does not set one (default: ``cpus_per_replica``, so replicas do not fight over cores).
+    """
+
+    address: str | None = None
+    replicas: int = 1
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    max_restarts: int = 2
+    ready_timeout_s: float = 900.0
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or self.replicas < 1:
+            raise ConfigError(f"--replicas must be a positive integer, got {self.replicas!r}")
+        if not self.cpus_per_replica > 0:
+            raise ConfigError(f"--cpus-per-replica must be positive, got {self.cpus_per_replica!r}")
+        if not self.gpus_per_replica >= 0:
+            raise ConfigError(f"--gpus-per-replica must be 0 or more, got {self.gpus_per_replica!r}")
+        if self.max_restarts < 0:
+            raise ConfigError("max_restarts must be 0 or more")
+
+    @property
+    def replica_threads(self) -> int:
+        return self.threads or max(1, int(self.cpus_per_replica))
+
+
+@dataclass
+class Task:
+    """One chunk for one replica: prompts, their seeds and the per-call options of ``generate_batch``.
+
+    ``single``: one prompt through ``generate`` (the evaluation harness's batch size 1).
+    ``isolate_context_errors``: a prompt that does not fit the context is that prompt's error (a
+    string in place of its result) instead of failing the chunk (the evaluation harness's rule).
+    """
+
+    key: Any
+    prompts: list[Any]
+    seeds: list[int]
+    options: dict[str, Any] = field(default_factory=dict)
+    single: bool = False
+    isolate_context_errors: bool = False
+
+
+@dataclass
+class Outcome:
+    """A finished chunk: per prompt a ``GenerationResult`` or an error string."""
+
+    task: Task
+    results: list[Any]
+    batched: bool  # False when a context error made the replica run the prompts one by one
+    replica_pid: int
+    compute_s: float  # inside the replica
+    latency_s: float  # from dispatch to the driver having the result
+
+
+class Replica:
+    """A Ray actor that holds one loaded :class:`PersonaJudge` (made remote by :class:`ReplicaPool`)."""
+
+    def __init__(self, config: dict[str, Any], threads: int | None = None, warmup: bool = False):
+        self.pj: PersonaJudge | None = None
+        self.error: str | None = None
+        try:
+            cfg = build_config(config)
+            if threads and cfg.backend.threads is None:
+                cfg = build_config(cfg.model_dump(by_alias=True), **{"backend.threads": threads})
+            self.pj = PersonaJudge(cfg)
+            if warmup:  # one untimed call, as the local harness does, so timings do not pay for warm-up
+                try:
+                    self.pj.generate("Hello.", preferences=[], views=None, method="base", max_new_tokens=2, seed=0)
+                except PersonaJudgeError:
+                    pass
+        except PersonaJudgeError as err:
+            self.error = str(err)
+        except Exception as err:  # reported by ready(): raising here would make Ray restart the actor
+            self.error = f"{type(err).__name__}: {err}"
+
+    def ready(self) -> dict[str, Any]:
+        model = None
+        if self.pj is not None:
+            try:
+                model = self.pj.backend.describe()
+            except Exception:  # informative only
+                model = None
+        return {"error": self.error, "pid": os.getpid(), "model": model}
+
+    def run(self, task: Task) -> dict[str, Any]:
+        import ray
+
+        t0 = time.perf_counter()
+        me = ray.get_runtime_context().get_actor_id()
+        if self.pj is None:
+            return {"key": task.key, "actor": me, "raise": f"replica has no model: {self.error}"}
+        try:
+            results, batched = self._generate(task)
+        except PersonaJudgeError as err:  # a user-level error: one line at the driver, like locally
+            return {"key": task.key, "actor": me, "raise": str(err)}
+        return {"key": task.key, "actor": me, "results": results, "batched": batched, "pid": os.getpid(),
+                "compute_s": time.perf_counter() - t0}
+
+    def _generate(self, task: Task) -> tuple[list[Any], bool]:
+        pj = self.pj
+        if task.single:
+            return [self._one(p, s, task) for p, s in zip(task.prompts, task.seeds)], False
+        try:
+            return pj.generate_batch(task.prompts, seeds=task.seeds, **task.options), True
+        except ContextLengthError:
+            if not task.isolate_context_errors:
+                raise
+            return [self._one(p, s, task) for p, s in zip(task.prompts, task.seeds)], False
+
+    def _one(self, prompt: Any, seed: int, task: Task) -> Any:
+        try:
+            return self.pj.generate(prompt, seed=seed, **task.options)
+        except ContextLengthError as err:
+            if not task.isolate_context_errors:
+                raise
+            return str(err)
+
+    def close(self) -> None:
+        if self.pj is not None:
+            self.pj.close()
+            self.pj = None
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise BackendUnavailableError('--ray needs Ray: pip install "persona-judge[ray]"') from None
+    return ray
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class ReplicaPool:
+    """``replicas`` Ray actors with one loaded model each; :meth:`run` maps chunks over them.
+
+    A context manager: entering connects to (or starts) Ray and waits until every replica has loaded
+    the model; leaving kills the replicas and shuts down a Ray instance it started.
+    """
+
+    def __init__(self, config: RunConfig, options: RayOptions, *, warmup: bool = False, quiet: bool = False):
+        self.config = config
+        self.options = options
+        self.warmup = warmup
+        self.quiet = quiet
+        self.actors: list[Any] = []
+        self.infos: list[dict[str, Any]] = []
+        self.overheads: list[float] = []  # per chunk: latency minus compute time in the replica
+        self.retried = 0
+        self._started_ray = False
+
+    # -- start -----------------------------------------------------------------------------------
+    def __enter__(self) -> "ReplicaPool":
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        ray = _import_ray()
+        o = self.options
+        if not ray.is_initialized():
+            where = "a local Ray instance" if o.address is None else f"the Ray cluster at {o.address}"
+            try:
+                ray.init(address="local" if o.address is None else o.address, include_dashboard=False,
+                         logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
+            except Exception as err:  # ConnectionError, a missing ray[client], a bad address: one line
+                raise ReplicaError(f"cannot start {where}: {_first_line(err)}") from None
+            self._started_ray = True
+        self._check_resources(ray)
+        remote = ray.remote(Replica).options(
+            num_cpus=o.cpus_per_replica, num_gpus=o.gpus_per_replica,
+            max_restarts=o.max_restarts, max_task_retries=o.max_restarts, max_concurrency=1)
+        cfg = self.config.model_dump(mode="json", by_alias=True)
+        self.actors = [remote.remote(cfg, o.replica_threads, self.warmup) for _ in range(o.replicas)]
+        self._wait_ready(ray)
+
+    def _check_resources(self, ray) -> None:
+        o = self.options
+        have = ray.cluster_resources()
+        need = {"CPU": o.replicas * o.cpus_per_replica, "GPU": o.replicas * o.gpus_per_replica}
+        short = [f"{need[k]:g} {k}s (the cluster has {have.get(k, 0):g})" for k in need
+                 if need[k] > 0 and need[k] > have.get(k, 0) + 1e-9]
+        if not short:
+            return
+        msg = (f"--replicas {o.replicas} x --cpus-per-replica {o.cpus_per_replica:g} / --gpus-per-replica "
+               f"{o.gpus_per_replica:g} needs " + " and ".join(short))
+        if o.address is None:
+            raise ReplicaError(msg + "; ask for fewer replicas or fewer resources per replica")
+        if not self.quiet:
+            print(f"personajudge: warning: {msg}; waiting up to {o.ready_timeout_s:g}s for the cluster to "
+                  "grow", file=sys.stderr)
+
+    def _wait_ready(self, ray) -> None:
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        refs = [a.ready.remote() for a in self.actors]
+        try:
+            infos = ray.get(refs, timeout=self.options.ready_timeout_s)
+        except GetTimeoutError:
+            raise ReplicaError(f"the replicas were not ready after {self.options.ready_timeout_s:g}s (the cluster "
+                               "could not place them or loading is stuck)") from None
+        except RayActorError as err:
+            raise ReplicaError(f"a replica died while loading the model: {_first_line(err)}") from None
+        for i, info in enumerate(infos):
+            if info["error"]:
+                raise ReplicaError(f"replica {i + 1} of {len(infos)} could not load the model: {info['error']}")
+        self.infos = infos
+
+    def close(self) -> None:
+        if not self.actors and not self._started_ray:
+            return
+        try:
+            import ray
+        except ImportError:
+            return
+        for a in self.actors:
+            try:
+                ray.kill(a)
+            except Exception:  # already dead
+                pass
+        self.actors = []
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+
+    @property
+    def model(self) -> dict[str, Any] | None:
+        return self.infos[0]["model"] if self.infos else None
+
+    # -- work ------------------------------------------------------------------------------------
+    def run(self, tasks: Iterable[Task]) -> Iterator[Outcome]:
+        """Run ``tasks`` on the replicas; yield each finished chunk as soon as it is back (any order)."""
+        from ray.exceptions import ActorDiedError, RayActorError
+        from ray.util.actor_pool import ActorPool
+
+        pool = ActorPool(list(self.actors))
+        inflight: dict[Any, tuple[Task, float, str]] = {}  # task key -> (task, dispatch time, actor id)
+        attempts: dict[Any, int] = {}
+        alive = len(self.actors)
+
+        def submit(actor, task: Task):
+            inflight[task.key] = (task, time.perf_counter(), actor._actor_id.hex())
+            return actor.run.remote(task)
+
+        for t in tasks:
+            if t.key in inflight or t.key in attempts:
+                raise ValueError(f"duplicate task key {t.key!r}")
+            attempts[t.key] = 0
+            pool.submit(submit, t)
+        while pool.has_next():
+            try:
+                out = pool.get_next_unordered()
+            except RayActorError as err:
+                # The replica is gone after Ray's own restarts and retries: its chunk goes to another one.
+                # (The oldest chunk dispatched to that actor is the one that failed: the pool may already
+                # have handed the actor a newer one.)
+                dead = getattr(err, "actor_id", None)
+                key = next((k for k, (_, _, a) in inflight.items() if a == dead), None)
+                if isinstance(err, ActorDiedError):
+                    alive -= 1
+                if key is None:
+                    raise ReplicaError(f"a replica failed: {_first_line(err)}; finished results are saved: "
+                                       "rerun the same command to continue") from None
+                task = inflight.pop(key)[0]
+                attempts[key] += 1
+                if alive <= 0 or attempts[key] > len(self.actors):
+                    raise ReplicaError(f"every replica died (last: {_first_line(err)}); finished results are "
+                                       "saved: rerun the same command to continue") from None
+                if not self.quiet:
+                    print(f"personajudge: warning: a replica died; its chunk is retried on another one "
+                          f"({alive} left)", file=sys.stderr)
+                self.retried += 1
+                pool.submit(submit, task)
+                continue
+            if "raise" in out:
+                raise ReplicaError(out["raise"])
+            task, t_sent, _ = inflight.pop(out["key"])
+            latency = time.perf_counter() - t_sent
+            self.overheads.append(max(0.0, latency - out["compute_s"]))
+            yield Outcome(task, out["results"], out["batched"], out["pid"], out["compute_s"], latency)
+
+    def overhead_line(self) -> str:
+        n = len(self.overheads)
+        if not n:
+            return ""
+        mean = sum(self.overheads) / n
+        return (f"personajudge: ray: {len(self.infos)} replica(s), {n} chunk(s), overhead {mean * 1000:.0f} ms "
+                f"per chunk (dispatch to result, minus generation){f', {self.retried} retried' if self.retried else ''}")
+
+    # -- the JSONL batch path --------------------------------------------------------------------
+    def executor(self, preferences: Sequence[Any] | None = None):
+        """An executor for :meth:`personajudge.batch.JsonlBatch.run`: chunks become tasks, results dicts."""
+        def run(chunks):
+            by_key = {c.index: c for c in chunks}
+            tasks = [Task(c.index, c.prompts, c.seeds, {"preferences": preferences}) for c in chunks]
+            for out in self.run(tasks):
+                yield by_key[out.task.key], [r.as_dict() for r in out.results]
+        return run
+
+
+__all__ = ["RayOptions", "ReplicaPool", "Replica", "ReplicaError", "Task", "Outcome"]

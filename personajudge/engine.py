@@ -1,0 +1,527 @@
+"""The one owner of a loaded model: an engine thread that batches every caller's requests.
+
+A backend session is not safe to share: two threads interleaving forwards on
+it corrupt each other's KV cache (or, on llama.cpp, close each other's
+session). So nothing but the engine thread touches the backend once an
+:class:`Engine` runs. Callers -- :class:`~personajudge.PersonaJudge` from any
+thread, the HTTP server, ``stream``/``astream`` -- build a
+:class:`~personajudge.core.decoding.DecodeRequest` in their own thread
+(config, preferences and tokenization are theirs), wrap it in a :class:`Job`
+and :meth:`Engine.submit` it; committed text and the final result come back
+as events on the job.
+
+Continuous batching: the engine keeps one session open while it has work,
+with *slots* (session views) for many requests at once. Each request's views
+are mapped onto free slots; every step is one batched ``forward_many`` for all
+active requests (:class:`~personajudge.core.decoding.StepDriver`). A request
+joins at the next step after it is submitted and leaves the step it finishes,
+is cancelled or fails; its slots are emptied (``truncate(slot, 0)``, which
+frees the KV cells on llama.cpp) and reused. Requests with different sampling
+settings, seeds, methods, window sizes and prompt lengths share steps:
+sampling happens in each request's own loop on its own rows, and each row is
+as it would be alone (exactly on the toy backend; on llama.cpp and
+transformers up to the floating-point differences that batched kernels of
+other shapes can give).
+
+Admission is first come, first served: the head of the queue is admitted when
+enough slots are free and fewer than ``max_batch`` requests run, and nothing
+overtakes it (no starvation of many-view requests). When the session is too
+small for the head it is re-opened larger once the running requests have
+finished. Methods that are not batchable (``reference``, whose point is to
+run without a cache; ``pad`` with a separate reward model; any method that
+says ``batchable = False`` or brings its own ``decode``) run alone between
+steps, after the running requests finish, on a session of their own -- the
+single-caller path, unchanged.
+
+When idle the engine closes its session: a caller that opens its own session
+on the backend (the benchmark's step timings, the exactness kit) never finds
+the engine in the way, and the next request opens a fresh one (on llama.cpp
+that is a cheap memory clear; the context is only re-created to grow).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+from personajudge.core.contract import Backend, Session
+from personajudge.core.decoding import DecodeRequest, StepDriver, run_timed
+from personajudge.core.errors import PersonaJudgeError, SessionError
+from personajudge.core.methods import Base, Pad
+from personajudge.core.result import GenerationResult
+
+DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_QUEUE = 1024
+
+
+class QueueFullError(PersonaJudgeError):
+    """The engine's queue is full; try again after ``retry_after`` seconds (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineClosedError(PersonaJudgeError):
+    """The engine is shutting down or closed and takes no new requests (HTTP 503)."""
+
+
+class RequestCancelled(PersonaJudgeError):
+    """The request was cancelled (its caller went away, timed out or cancelled it)."""
+
+
+def is_batchable(method: Any) -> bool:
+    """Whether ``method`` can share steps with other requests.
+
+    An explicit ``batchable`` attribute decides. Otherwise a method is
+    batchable when its ``decode`` is the plain "drive my loop" one; a method
+    with its own ``decode`` (a session wrapper, a second model) runs alone.
+    """
+    explicit = getattr(method, "batchable", None)
+    if explicit is not None:
+        return bool(explicit)
+    decode = getattr(type(method), "decode", None)
+    if decode is Base.decode:
+        return True
+    if decode is Pad.decode:  # only the training-free variant: a reward model is a second session
+        return type(method).reward_session is Pad.reward_session or getattr(method, "weight", 1.0) == 0
+    return False
+
+
+# Events a job delivers, in order: ("start",) once admitted, ("text", piece)*, then
+# ("done", GenerationResult) or ("error", exception).
+Event = tuple
+
+
+class Job:
+    """One request inside the engine, and its caller's handle on it.
+
+    ``sink`` receives the events in the engine thread; by default they go to
+    a queue that :meth:`events` / :meth:`result` read in the caller's thread
+    (user callbacks never run on the engine thread). :meth:`for_asyncio`
+    builds a job whose events arrive on an asyncio loop instead.
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(self, req: DecodeRequest, method: Any, *, sink: Callable[[Event], None] | None = None):
+        self.id = next(self._ids)
+        self.req = req
+        self.method = method
+        self.n_views = len(req.contexts)
+        self.batchable = is_batchable(method)
+        self._queue: queue.SimpleQueue | None = None
+        if sink is None:
+            self._queue = queue.SimpleQueue()
+            sink = self._queue.put
+        self._sink = sink
+        self.cancelled = False
+        self.engine: Engine | None = None
+        self.t_submit = time.perf_counter()
+        self.t_start: float | None = None
+        self.t_first: float | None = None
+        self.t_end: float | None = None
+        self.result_value: GenerationResult | None = None
+        self.error: BaseException | None = None
+
+    @classmethod
+    def for_asyncio(cls, req: DecodeRequest, method: Any, loop: asyncio.AbstractEventLoop | None = None) -> "Job":
+        """A job whose events go to an ``asyncio.Queue`` (read with :meth:`aevents`)."""
+        loop = loop or asyncio.get_running_loop()
+        aq: asyncio.Queue = asyncio.Queue()
+        job = cls(req, method, sink=lambda ev: loop.call_soon_threadsafe(aq.put_nowait, ev))
+        job._aqueue = aq
+        return job
+
+    # ------------------------------------------------------------------ engine side
+
+    def _emit(self, event: Event) -> None:
+        kind = event[0]
+        now = time.perf_counter()
+        if kind == "start":
+            self.t_start = now
+        elif kind == "text" and self.t_first is None:
+            self.t_first = now
+        elif kind in ("done", "error"):
+            self.t_end = now
+            if kind == "done":
+                self.result_value = event[1]
+            else:
+                self.error = event[1]
+        try:
+            self._sink(event)
+        except RuntimeError:  # the caller's event loop is gone (server shutting down): nobody listens
+            self.cancelled = True
+
+    @property
+    def done(self) -> bool:
+        return self.t_end is not None
+
+    # ------------------------------------------------------------------ caller side
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request at its next step (its slots are freed then)."""
+        if not self.cancelled and not self.done:
+            self.cancelled = True
+            if self.engine is not None:
+                self.engine._wake()
+
+    def events(self) -> Iterator[Event]:
+        """The job's events in the caller's thread, up to and including the final one."""
+        if self._queue is None:
+            raise RuntimeError("this job delivers its events to asyncio; use aevents()")
+        while True:
+            ev = self._queue.get()
+            yield ev
+            if ev[0] in ("done", "error"):
+                return
+
+    async def next_event(self) -> Event:
+        """The next event of a :meth:`for_asyncio` job (safe to cancel, e.g. by a timeout)."""
+        aq = getattr(self, "_aqueue", None)
+        if aq is None:
+            raise RuntimeError("this job was not built with Job.for_asyncio")
+        return await aq.get()
+
+    async def aevents(self) -> AsyncIterator[Event]:
+        aq = getattr(self, "_aqueue", None)
+        if aq is None:
+            raise RuntimeError("this job was not built with Job.for_asyncio")
+        while True:
+            ev = await aq.get()
+            yield ev
+            if ev[0] in ("done", "error"):
+                return
+
+    def result(self, on_text: Callable[[str], None] | None = None) -> GenerationResult:
+        """Wait for the result (calling ``on_text`` with each piece, in this thread); raise its error."""
+        for ev in self.events():
+            if ev[0] == "text" and on_text is not None:
+                on_text(ev[1])
+            elif ev[0] == "error":
+                raise ev[1]
+            elif ev[0] == "done":
+                return ev[1]
+        raise AssertionError("unreachable")
+
+
+def result_of(req: DecodeRequest) -> GenerationResult:
+    """The :class:`GenerationResult` of a finished request."""
+    em = req.emitter
+    if em.finish_reason is None:
+        em.finish("length")
+    req.stats.tokens = len(em.tokens)
+    return GenerationResult(text=em.text, tokens=list(em.tokens), finish_reason=em.finish_reason, stats=req.stats)
+
+
+class Engine:
+    """The scheduler that owns a backend: one thread, one session, continuous batching.
+
+    ``max_batch`` requests run at once at most; ``max_queue`` more may wait
+    beyond the batch's free places (past that :meth:`submit` raises
+    :class:`QueueFullError`, or waits). ``on_step``
+    (optional) is called in the engine thread after every batched step with
+    the number of requests in it and the step's seconds, ``on_finish`` with
+    every job that ends and its error (None on success): metrics.
+    """
+
+    def __init__(self, backend: Backend, *, max_batch: int = DEFAULT_MAX_BATCH,
+                 max_queue: int = DEFAULT_MAX_QUEUE, on_step: Callable[[int, float], None] | None = None,
+                 on_finish: Callable[[Job, BaseException | None], None] | None = None):
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        if max_queue < 0:
+            raise ValueError("max_queue must be at least 0")
+        self.backend = backend
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.on_step = on_step
+        self.on_finish = on_finish
+        self._cv = threading.Condition()
+        self._queue: deque[Job] = deque()
+        self._active: dict[int, Job] = {}
+        self._slots: dict[int, list[int]] = {}
+        self._free: list[int] = []
+        self._capacity = 0          # slots the next session opens with (grows, never shrinks)
+        self._session: Session | None = None
+        self._driver: StepDriver | None = None
+        self._alone: Job | None = None
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._latency = 1.0         # running mean of request seconds, for Retry-After
+        self.steps = 0
+        self.completed = 0
+        self.cancelled = 0
+
+    # ------------------------------------------------------------------ public
+
+    def submit(self, job: Job, *, wait: bool = False) -> Job:
+        """Queue ``job``; it joins the running batch at the next step with room.
+
+        A full queue raises :class:`QueueFullError` (the server's 429), or,
+        with ``wait=True`` (the Python API), blocks until there is room.
+        """
+        job.req.emitter.on_text = lambda piece: self._text(job, piece)
+        with self._cv:
+            while True:
+                if self._closing:
+                    raise EngineClosedError("the engine is shutting down and takes no new requests")
+                # room: max_queue waiting beyond the places the running batch still has
+                if len(self._queue) < self.max_queue + max(0, self.max_batch - len(self._active)):
+                    break
+                if not wait:
+                    raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later",
+                                         retry_after=self.retry_after())
+                self._cv.wait()
+            job.engine = self
+            self._queue.append(job)
+            self._ensure_thread()
+            self._cv.notify_all()
+        return job
+
+    def reserve(self, slots: int) -> None:
+        """Size the session for ``slots`` views up front (the server does this at start-up).
+
+        On llama.cpp this creates the context with that many sequences now,
+        so that the first requests do not wait for it to be re-created.
+        """
+        with self._cv:
+            self._capacity = max(self._capacity, slots)
+            if self._active or self._session is not None or self._alone is not None:
+                return
+            self.backend.open(self._capacity).close()
+
+    def retry_after(self) -> float:
+        """Seconds until a queue slot is likely to free up (for HTTP 429 Retry-After)."""
+        waves = (len(self._queue) + 1) / max(1, self.max_batch)
+        return max(1.0, min(60.0, self._latency * waves))
+
+    def stats(self) -> dict[str, Any]:
+        """Queue depth, running requests and slots in use (for /health and /metrics)."""
+        with self._cv:
+            used = sum(len(s) for s in self._slots.values())
+            return {"queued": len(self._queue), "running": len(self._active) + (self._alone is not None),
+                    "slots_in_use": used + (self._alone.n_views if self._alone else 0),
+                    "slots": self._capacity, "max_batch": self.max_batch, "steps": self.steps,
+                    "completed": self.completed, "cancelled": self.cancelled, "closing": self._closing,
+                    "session_open": self._session is not None and not self._session.closed}
+
+    def close(self, timeout: float | None = None, *, cancel: bool = True) -> None:
+        """Stop taking requests; cancel (or, with ``cancel=False``, finish) the others; join the thread.
+
+        With ``cancel=False`` running and queued requests get up to
+        ``timeout`` seconds to finish, and are cancelled after it.
+        """
+        with self._cv:
+            self._closing = True
+            if cancel:
+                self._cancel_all()
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                with self._cv:
+                    self._cancel_all()
+                    self._cv.notify_all()
+                thread.join()
+        with self._cv:
+            self._thread = None
+
+    # ------------------------------------------------------------------ internals
+
+    def _cancel_all(self) -> None:
+        for job in list(self._queue) + list(self._active.values()) + ([self._alone] if self._alone else []):
+            job.cancelled = True
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="personajudge-engine", daemon=True)
+            self._thread.start()
+
+    def _text(self, job: Job, piece: str) -> None:
+        if job.cancelled and self._alone is job:
+            raise RequestCancelled("cancelled")  # aborts a request running alone at its next token
+        job._emit(("text", piece))
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._active and not self._closing:
+                    self._close_session()
+                    self._cv.wait()
+                if self._closing and not self._queue and not self._active:
+                    self._close_session()
+                    return
+                dropped = [j for j in self._queue if j.cancelled]
+                for j in dropped:
+                    self._queue.remove(j)
+                cancelled = [j for j in self._active.values() if j.cancelled]
+                admit, alone, failed = self._take()
+                if admit or alone or failed or dropped:
+                    self._cv.notify_all()  # room in the queue for blocked submitters
+            for j, err in failed:
+                self._finish(j, err)
+            for j in dropped:
+                j._emit(("error", RequestCancelled("the request was cancelled before it started")))
+            for j in cancelled:
+                self._leave(j, error=RequestCancelled("the request was cancelled"))
+            if alone is not None:
+                self._run_alone(alone)
+                continue
+            for j in admit:
+                self._join(j)
+            if self._active:
+                self._step()
+            elif not admit and not cancelled and not dropped and not failed:
+                with self._cv:  # the head waits for something (cannot happen when idle; be safe)
+                    self._cv.wait(0.05)
+
+    def _take(self) -> tuple[list[Job], Job | None, list[tuple[Job, BaseException]]]:
+        """Pop the jobs to admit now, first come first served (called under the lock).
+
+        Returns the jobs to admit, a job to run alone (or None), and jobs
+        that failed because no session could be opened for them.
+        """
+        admit: list[Job] = []
+        failed: list[tuple[Job, BaseException]] = []
+        while self._queue and len(self._active) + len(admit) < self.max_batch:
+            head = self._queue[0]
+            if not head.batchable:
+                if self._active or admit:
+                    break
+                self._queue.popleft()
+                return [], head, failed
+            if self._session is None or len(self._free) < head.n_views:
+                if self._active or admit:
+                    break
+                # idle (or too small): open a session sized for the waiting batch
+                want = sum(j.n_views for j in itertools.islice(self._queue, self.max_batch) if j.batchable)
+                try:
+                    try:
+                        self._open(max(self._capacity, want, head.n_views))
+                    except PersonaJudgeError:
+                        self._open(max(self._capacity, head.n_views))
+                except Exception as err:  # e.g. more views than the backend can hold
+                    self._close_session()
+                    failed.append((self._queue.popleft(), err))
+                    continue
+            self._queue.popleft()
+            slots = [heapq.heappop(self._free) for _ in range(head.n_views)]
+            self._slots[head.id] = slots
+            self._active[head.id] = head
+            admit.append(head)
+        return admit, None, failed
+
+    def _open(self, capacity: int) -> None:
+        self._close_session()
+        self._capacity = capacity
+        self._session = self.backend.open(capacity)
+        self._driver = StepDriver(self._session)
+        self._free = list(range(capacity))
+
+    def _close_session(self) -> None:
+        if self._session is not None:
+            self._session.close()
+        self._session = None
+        self._driver = None
+        self._free = []
+
+    def _join(self, job: Job) -> None:
+        job.req.stats.wall_time_s = 0.0
+        try:
+            if self._session is None or self._session.closed:
+                raise SessionError("the engine's session was closed by another user of the backend")
+            started = self._driver.add(job.id, job.method.loop(job.req), self._slots[job.id])
+        except Exception as err:
+            self._leave(job, error=err)
+            return
+        job._emit(("start",))
+        if not started:
+            self._leave(job)
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        n = len(self._active)
+        try:
+            finished, failed = self._driver.step()
+        except BaseException as err:  # a bug in the driver: fail everyone, start over with a fresh session
+            for job in list(self._active.values()):
+                self._leave(job, error=err)
+            with self._cv:
+                self._close_session()
+            if not isinstance(err, Exception):
+                raise
+            return
+        self.steps += 1
+        if self.on_step is not None:
+            try:
+                self.on_step(n, time.perf_counter() - t0)
+            except Exception:  # metrics must never stop the engine
+                pass
+        for key in finished:
+            self._leave(self._active[key])
+        for key, err in failed.items():
+            self._leave(self._active[key], error=err)
+
+    def _leave(self, job: Job, error: BaseException | None = None) -> None:
+        """Take ``job`` out of the batch, free its slots, deliver its result or error."""
+        if self._driver is not None and job.id in self._driver:
+            self._driver.remove(job.id)
+        with self._cv:
+            self._active.pop(job.id, None)
+            slots = self._slots.pop(job.id, [])
+            if self._session is not None:
+                for s in slots:
+                    heapq.heappush(self._free, s)
+        self._finish(job, error)
+
+    def _finish(self, job: Job, error: BaseException | None) -> None:
+        now = time.perf_counter()
+        if job.t_start is not None:
+            job.req.stats.wall_time_s = now - job.t_start
+        if job.cancelled and (error is None or isinstance(error, RequestCancelled)):
+            error = RequestCancelled("the server is shutting down; the request was cancelled" if self._closing
+                                     else "the request was cancelled")
+        if error is not None:
+            self.cancelled += isinstance(error, RequestCancelled)
+            job._emit(("error", error))
+        else:
+            res = result_of(job.req)
+            self.completed += 1
+            dt = now - job.t_submit
+            self._latency = dt if self.completed == 1 else 0.9 * self._latency + 0.1 * dt
+            job._emit(("done", res))
+        if self.on_finish is not None:
+            try:
+                self.on_finish(job, error)
+            except Exception:  # metrics must never stop the engine
+                pass
+
+    def _run_alone(self, job: Job) -> None:
+        """A method that cannot share steps: its own session, nothing else running (the single-caller path)."""
+        with self._cv:
+            self._close_session()
+            self._alone = job
+        job._emit(("start",))
+        error: BaseException | None = None
+        try:
+            with self.backend.open(job.n_views) as session:
+                run_timed(job.method.decode, session, job.req)
+        except Exception as err:
+            error = err
+        finally:
+            with self._cv:
+                self._alone = None
+        self._finish(job, error)

@@ -1,0 +1,404 @@
+"""The OpenAI-compatible HTTP server: a thin FastAPI layer over the engine.
+
+Every request is validated here, encoded in a worker thread, and submitted to
+the :class:`~personajudge.engine.Engine` that owns the model (continuous
+batching across requests); its committed text comes back as events on the
+event loop. The server adds no decoding of its own.
+
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``,
+``GET /v1/models``, ``GET /health``, ``GET /metrics``. Errors use OpenAI's
+shape ``{"error": {"message", "type", "param", "code"}}``.
+
+FastAPI is imported when an app is created, not with this module, so the CLI
+lists ``serve`` without the ``serve`` extra installed. (No ``from __future__
+import annotations`` here: FastAPI reads the route functions' annotations,
+and ``Request`` is a local name of :func:`create_app`.)
+"""
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from pydantic import ValidationError
+
+from personajudge.api import PersonaJudge, make_method
+from personajudge.core.config import validation_message
+from personajudge.core.errors import (
+    ConfigError,
+    ContextLengthError,
+    DeviceError,
+    PersonaJudgeError,
+    PreferenceError,
+    UnknownPluginError,
+)
+from personajudge.engine import EngineClosedError, Job, QueueFullError, RequestCancelled
+from personajudge.plugins import preference_library
+from personajudge.preferences import build_views
+
+from .metrics import Metrics
+from .schemas import FINISH_REASONS, ChatCompletionRequest, CompletionRequest, error_body
+
+#: how often a waiting request checks whether its client went away
+DISCONNECT_POLL_S = 0.25
+
+
+class APIError(Exception):
+    """An error response in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def response(self) -> Any:
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse(error_body(self.message, self.type, self.param, self.code), status_code=self.status,
+                            headers=self.headers)
+
+
+def map_error(err: BaseException) -> APIError:
+    """A persona-judge exception as the HTTP error a client should see."""
+    if isinstance(err, APIError):
+        return err
+    msg = str(err)
+    if isinstance(err, QueueFullError):
+        return APIError(429, msg, "rate_limit_error", code="queue_full",
+                        headers={"Retry-After": str(max(1, round(err.retry_after)))})
+    if isinstance(err, EngineClosedError):
+        return APIError(503, msg, "server_error", code="shutting_down")
+    if isinstance(err, RequestCancelled):
+        return APIError(499, msg, "invalid_request_error", code="cancelled")
+    if isinstance(err, ContextLengthError):
+        return APIError(400, msg, param="messages", code="context_length_exceeded")
+    if isinstance(err, PreferenceError):
+        return APIError(400, msg, param="preferences", code="unknown_preference")
+    if isinstance(err, UnknownPluginError):
+        param = {"method": "method", "encoder": "encoder"}.get(err.kind)
+        return APIError(400, msg, param=param, code=f"unknown_{err.kind}")
+    if isinstance(err, ConfigError):
+        return APIError(400, msg, code="invalid_value")
+    if isinstance(err, DeviceError):
+        return APIError(503, msg, "server_error", code="device_error")
+    if isinstance(err, PersonaJudgeError):
+        return APIError(500, msg, "server_error")
+    return APIError(500, f"internal error: {type(err).__name__}: {msg}", "server_error")
+
+
+class Server:
+    """The state behind the app: the model, its engine, the metrics and the limits."""
+
+    def __init__(self, pj: PersonaJudge, *, model_name: str = "persona-judge", api_key: str | None = None,
+                 max_tokens_limit: int | None = None, request_timeout: float = 600.0):
+        self.pj = pj
+        self.engine = pj.engine
+        self.model_name = model_name
+        self.api_key = api_key or None
+        self.max_tokens_limit = max_tokens_limit
+        self.request_timeout = request_timeout
+        self.metrics = Metrics(self.engine)
+        self.engine.on_step = self.metrics.on_step
+        self.engine.on_finish = self.metrics.on_finish
+        self.created = int(time.time())
+        self.shutting_down = False
+
+    def default_views(self) -> int:
+        """Views one request with the configured defaults prompts (sizes the session)."""
+        cfg = self.pj.config
+        try:
+            views = build_views(cfg.preferences, cfg.views, preference_library())
+            return max(2, len(make_method(cfg).plan(views)))
+        except PersonaJudgeError:
+            return 2
+
+    # ---------------------------------------------------------------- checks
+
+    def check_auth(self, request: Any) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}' "
+                                "(see GET /v1/models)", param="model", code="model_not_found")
+
+    def generation_kwargs(self, req: Any, max_tokens: int | None, field: str) -> dict[str, Any]:
+        if (bad := req.unsupported()) is not None:
+            raise APIError(400, bad[1], param=bad[0], code="unsupported")
+        if max_tokens is not None and self.max_tokens_limit is not None and max_tokens > self.max_tokens_limit:
+            raise APIError(400, f"{field} is {max_tokens}; this server allows at most {self.max_tokens_limit}",
+                           param=field, code="invalid_value")
+        kw: dict[str, Any] = {
+            "preferences": req.preference_list(), "views": req.view_groups(), "method": req.method,
+            "encoder": req.encoder, "max_new_tokens": max_tokens, "temperature": req.temperature,
+            "top_p": req.top_p, "top_k": req.top_k, "seed": req.seed, "stop": req.stop_list(),
+            "lambda": req.lambda_, "roles": req.roles, "schedule": req.schedule,
+        }
+        default_max = self.pj.config.decoding.max_new_tokens
+        if max_tokens is None and self.max_tokens_limit is not None and default_max > self.max_tokens_limit:
+            kw["max_new_tokens"] = self.max_tokens_limit
+        return {k: v for k, v in kw.items() if v is not None}
+
+    # ---------------------------------------------------------------- running a job
+
+    async def submit(self, prompt: Any, kwargs: dict[str, Any]) -> Job:
+        if self.shutting_down:
+            raise EngineClosedError("the server is shutting down")
+        loop = asyncio.get_running_loop()
+        return await asyncio.to_thread(lambda: self.pj.submit(prompt, loop=loop, wait=False, **kwargs))
+
+    async def next_event(self, job: Job, deadline: float) -> tuple:
+        """The job's next event; cancels it and raises a 408 when the request's time is up."""
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            return await asyncio.wait_for(job.next_event(), remaining)
+        except asyncio.TimeoutError:
+            job.cancel()
+            raise APIError(408, f"the request did not finish within {self.request_timeout:g}s (--request-timeout)",
+                           "timeout_error", code="timeout") from None
+
+    async def watch(self, request: Any, job: Job) -> None:
+        """Cancel ``job`` when the client disconnects (the engine frees its slots at the next step)."""
+        while not job.done:
+            if await request.is_disconnected():
+                job.cancel()
+                return
+            await asyncio.sleep(DISCONNECT_POLL_S)
+
+
+def _usage(res: Any) -> dict[str, int]:
+    prompt = sum(res.stats.prompt_tokens)
+    return {"prompt_tokens": prompt, "completion_tokens": len(res.tokens),
+            "total_tokens": prompt + len(res.tokens)}
+
+
+def _pj_info(res: Any) -> dict[str, Any]:
+    s = res.stats
+    return {"method": s.method, "views": s.views, "acceptance_rate": s.acceptance_rate, "drafted": s.drafted,
+            "accepted": s.accepted, "seed": s.seed, "prompt_tokens": s.prompt_tokens, "iterations": s.iterations,
+            "finish_reason": res.finish_reason}
+
+
+class _CountRequests:
+    """Counts /v1 requests by status: plain ASGI (Starlette's ``BaseHTTPMiddleware`` would hide
+    client disconnects from the endpoints, and those cancel requests)."""
+
+    def __init__(self, app: Any, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+
+        async def send_status(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.requests.labels(scope["path"], str(status["code"])).inc()
+
+
+def create_app(pj: PersonaJudge, *, model_name: str = "persona-judge", api_key: str | None = None,
+               max_tokens_limit: int | None = None, request_timeout: float = 600.0,
+               reserve: bool = True) -> Any:
+    """The FastAPI app serving ``pj`` (its engine is sized for ``max_batch`` requests up front when ``reserve``)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    srv = Server(pj, model_name=model_name, api_key=api_key, max_tokens_limit=max_tokens_limit,
+                 request_timeout=request_timeout)
+
+    @asynccontextmanager
+    async def lifespan(app: Any):
+        if reserve:
+            await asyncio.to_thread(srv.engine.reserve, srv.engine.max_batch * srv.default_views())
+        yield
+        # uvicorn has stopped accepting and waited (bounded) for in-flight requests; cancel the rest
+        srv.shutting_down = True
+        await asyncio.to_thread(srv.engine.close)
+
+    app = FastAPI(title="persona-judge", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = srv
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError):
+        return err.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        type_ = "invalid_request_error" if err.status_code < 500 else "server_error"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        return JSONResponse(error_body(str(err.detail), type_, None, code), status_code=err.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, err: RequestValidationError):
+        return JSONResponse(error_body(str(err), param=None), status_code=400)
+
+    app.add_middleware(_CountRequests, metrics=srv.metrics)
+
+    async def parse(request: Request, model: type) -> Any:
+        srv.check_auth(request)
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise APIError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        try:
+            req = model.model_validate(body)
+        except ValidationError as err:
+            first = err.errors(include_url=False)[0]
+            param = ".".join(str(x) for x in first["loc"]) or None
+            raise APIError(400, validation_message(err), param=param, code="invalid_value") from None
+        srv.check_model(req.model)
+        return req
+
+    async def run(request: Request, endpoint: str, req: Any, prompt: Any, kwargs: dict[str, Any]) -> Response:
+        deadline = asyncio.get_running_loop().time() + srv.request_timeout
+        try:
+            job = await srv.submit(prompt, kwargs)
+        except Exception as err:
+            raise map_error(err) from None
+        job.endpoint = request.url.path
+        watcher = asyncio.create_task(srv.watch(request, job))
+        rid = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        try:
+            ev = await srv.next_event(job, deadline)  # "start", or the error that kept it from starting
+        except BaseException:
+            job.cancel()
+            watcher.cancel()
+            raise
+        if ev[0] == "error":
+            watcher.cancel()
+            raise map_error(ev[1])
+        if not req.stream:
+            try:
+                text: list[str] = []
+                while ev[0] not in ("done", "error"):
+                    ev = await srv.next_event(job, deadline)
+                    if ev[0] == "text":
+                        text.append(ev[1])
+            finally:
+                job.cancel()
+                watcher.cancel()
+            if ev[0] == "error":
+                raise map_error(ev[1])
+            res = ev[1]
+            fr = FINISH_REASONS[res.finish_reason]
+            if endpoint == "chat":
+                choice = {"index": 0, "message": {"role": "assistant", "content": res.text}, "finish_reason": fr,
+                          "logprobs": None}
+                obj = "chat.completion"
+            else:
+                choice = {"index": 0, "text": res.text, "finish_reason": fr, "logprobs": None}
+                obj = "text_completion"
+            return JSONResponse({"id": rid, "object": obj, "created": created, "model": srv.model_name,
+                                 "choices": [choice], "usage": _usage(res), "persona_judge": _pj_info(res)})
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(stream(job, watcher, endpoint, rid, created, include_usage, deadline),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def stream(job: Job, watcher: asyncio.Task, endpoint: str, rid: str, created: int, include_usage: bool,
+                     deadline: float) -> AsyncIterator[str]:
+        chat = endpoint == "chat"
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+            body = {"id": rid, "object": obj, "created": created, "model": srv.model_name, "choices": choices,
+                    **extra}
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        def piece(text: str, finish: str | None = None) -> dict[str, Any]:
+            if chat:
+                return {"index": 0, "delta": {"content": text} if text or finish is None else {},
+                        "finish_reason": finish, "logprobs": None}
+            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+
+        try:
+            if chat:
+                yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                              "logprobs": None}])
+            while True:
+                try:
+                    ev = await srv.next_event(job, deadline)
+                except APIError as err:
+                    yield f"data: {json.dumps(error_body(err.message, err.type, err.param, err.code))}\n\n"
+                    break
+                if ev[0] == "text":
+                    yield chunk([piece(ev[1])])
+                elif ev[0] == "error":
+                    err = map_error(ev[1])
+                    yield f"data: {json.dumps(error_body(err.message, err.type, err.param, err.code))}\n\n"
+                    break
+                elif ev[0] == "done":
+                    res = ev[1]
+                    yield chunk([piece("", FINISH_REASONS[res.finish_reason])], persona_judge=_pj_info(res))
+                    if include_usage:
+                        yield chunk([], usage=_usage(res))
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()  # a client that went away mid-stream frees its KV slots at the next step
+            watcher.cancel()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        kwargs = srv.generation_kwargs(req, max_tokens, field)
+        try:
+            conversation = req.conversation()
+        except ValueError as err:
+            raise APIError(400, str(err), param="messages", code="invalid_value") from None
+        return await run(request, "chat", req, conversation, kwargs)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req: CompletionRequest = await parse(request, CompletionRequest)
+        kwargs = srv.generation_kwargs(req, req.max_tokens, "max_tokens")
+        return await run(request, "completion", req, req.prompt_text(), kwargs)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        srv.check_auth(request)
+        return {"object": "list", "data": [{"id": srv.model_name, "object": "model", "created": srv.created,
+                                             "owned_by": "persona-judge",
+                                             "backend": {k: v for k, v in srv.pj.backend.describe().items()
+                                                         if isinstance(v, (str, int, float, bool))}}]}
+
+    @app.get("/health")
+    async def health():
+        stats = srv.engine.stats()
+        ok = not (srv.shutting_down or stats["closing"])
+        return JSONResponse({"status": "ok" if ok else "shutting_down", "model": srv.model_name, **stats},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(srv.metrics.render(), media_type=srv.metrics.content_type)
+
+    return app

@@ -1,0 +1,162 @@
+"""Request and response shapes of the OpenAI-compatible API, plus persona-judge's own fields.
+
+Requests accept OpenAI's fields and, beside them, the fields the ``openai``
+client sends through ``extra_body`` (``preferences``, ``views``, ``method``,
+``lambda``, ``top_k``, ``encoder``, ``roles``, ``schedule``). Fields OpenAI
+defines that this server cannot honour (``n`` > 1, ``logprobs``, tools,
+penalties) are refused with a 400 naming the field rather than silently
+ignored; fields it does not know are ignored, as OpenAI-compatible servers do.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from personajudge.core.result import FinishReason
+
+#: persona-judge's finish reasons in OpenAI's vocabulary ("context": the model's window is full)
+FINISH_REASONS: dict[FinishReason, str] = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    model: str = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=100.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = 1
+    user: str | None = None
+    # persona-judge's own (the openai client's extra_body)
+    preferences: list[str] | str | None = None
+    views: list[list[str] | str] | None = None
+    method: str | None = None
+    lambda_: int | None = Field(None, alias="lambda", ge=1, le=64)
+    top_k: int | None = Field(None, ge=0)
+    encoder: str | None = None
+    roles: Literal["alternate", "fixed", "round-robin"] | None = None
+    schedule: Literal["interleaved", "windowed"] | None = None
+    # OpenAI fields that are refused unless left at their defaults
+    logprobs: Any = None
+    top_logprobs: Any = None
+    logit_bias: Any = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    tools: Any = None
+    functions: Any = None
+    tool_choice: Any = None
+    response_format: Any = None
+    best_of: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v: int | None) -> int | None:
+        if v not in (None, 1):
+            raise ValueError("only n=1 is supported: send one request per choice (each with its own seed)")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        items = [v] if isinstance(v, str) else (v or [])
+        if any(s == "" for s in items):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, message) for the first OpenAI feature asked for that this server does not have."""
+        if self.logprobs not in (None, False, 0):
+            return "logprobs", "logprobs are not supported by persona-judge"
+        if self.top_logprobs not in (None, 0):
+            return "top_logprobs", "logprobs are not supported by persona-judge"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported by persona-judge"
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                return name, f"{name} is not supported by persona-judge (leave it at 0)"
+        if self.tools or self.functions or self.tool_choice not in (None, "none"):
+            return "tools", "tool calls are not supported by persona-judge"
+        rf = self.response_format
+        if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
+            return "response_format", "only response_format {\"type\": \"text\"} is supported"
+        if self.best_of not in (None, 1):
+            return "best_of", "only best_of=1 is supported"
+        if self.echo:
+            return "echo", "echo is not supported"
+        if self.suffix:
+            return "suffix", "suffix is not supported"
+        return None
+
+    def stop_list(self) -> list[str] | None:
+        if self.stop is None:
+            return None
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def preference_list(self) -> list[str] | None:
+        if self.preferences is None:
+            return None
+        return [self.preferences] if isinstance(self.preferences, str) else list(self.preferences)
+
+    def view_groups(self) -> list[list[str]] | None:
+        if self.views is None:
+            return None
+        return [[g] if isinstance(g, str) else list(g) for g in self.views]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[Message] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def conversation(self) -> list[dict[str, str]]:
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str]
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and len(v) != 1:
+            raise ValueError("send one prompt per request (a list of prompts is not supported)")
+        return v
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

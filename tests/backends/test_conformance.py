@@ -1,0 +1,51 @@
+"""The project's own backends pass the same conformance suite a plugin author runs."""
+
+import pytest
+
+from personajudge.backends.toy import ToyBackend
+from personajudge.core.config import BackendConfig
+from personajudge.testing import BackendConformance
+
+
+class TestToyConformance(BackendConformance):
+    @pytest.fixture(scope="class")
+    @classmethod
+    def backend(cls):
+        return ToyBackend(BackendConfig(name="toy", n_ctx=256))
+
+
+@pytest.mark.model
+class TestLlamaCppConformance(BackendConformance):
+    # llama.cpp's CPU kernels change logits with the batch shape and the split of a context into
+    # calls (measured on the embedded model: up to 0.56 in a logit, 0.03 in total variation)
+    logits_atol = 1.0
+    batch_tv = 0.05
+    check_exactness = False  # the statistical check runs on the toy backend's exact oracle
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def backend(cls):
+        pytest.importorskip("llama_cpp")
+        from personajudge.backends.llama_cpp import LlamaCppBackend
+
+        b = LlamaCppBackend(BackendConfig(name="llama-cpp", threads=1, n_ctx=256))
+        yield b
+        b.close()
+
+
+@pytest.mark.hf
+class TestHFConformance(BackendConformance):
+    logits_atol = 1e-3
+    batch_tv = 1e-4
+    check_exactness = False
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def backend(cls, tmp_path_factory):
+        pytest.importorskip("torch")
+        pytest.importorskip("transformers")
+        from tiny_hf import build_tiny_backend
+
+        b = build_tiny_backend(tmp_path_factory.mktemp("tiny"), "llama")
+        yield b
+        b.close()

@@ -1,0 +1,102 @@
+"""The public face: `import personajudge as pj`, --version, warnings, --show-prompt, --json settings, pipes."""
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+import personajudge as pj
+from personajudge.cli import main
+
+TOY = {"backend": {"name": "toy"}, "encoder": "plain"}
+
+
+def test_the_top_level_package_exports_the_api():
+    for name in pj.__all__:
+        assert getattr(pj, name) is not None, name
+    assert pj.__version__ == importlib.metadata.version("persona-judge")
+    assert {"PersonaJudge", "generate", "stream", "hookimpl", "Backend", "Session", "Tokenizer", "Preference",
+            "RunConfig", "PersonaJudgeError", "ConfigError", "SessionError"} <= set(pj.__all__)
+    assert issubclass(pj.SessionError, pj.PersonaJudgeError) and issubclass(pj.PluginWarning, pj.PersonaJudgeWarning)
+
+
+def test_one_shot_generate_and_stream_agree():
+    kw = dict(config=TOY, preferences=["concise", "humor"], max_new_tokens=24, seed=5)
+    res = pj.generate("tell me", **kw)
+    pieces = list(pj.stream("tell me", **kw))
+    assert len(pieces) > 1 and "".join(pieces) == res.text
+    assert res.settings["method"] == "persona-judge" and res.settings["views"] == [["concise"], ["humor"]]
+    assert res.settings["decoding"]["seed"] == 5 and res.settings["encoder"] == "plain"
+
+
+def test_stream_errors_surface_in_the_caller():
+    with pj.PersonaJudge(TOY) as model:
+        with pytest.raises(pj.PreferenceError, match="concize"):
+            list(model.stream("hi", preferences=["concize", "humor"]))
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"personajudge {pj.__version__}"
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(preferences=["concise"]), "single view is plain sampling"),
+    (dict(preferences=[]), "single view is plain sampling"),
+    (dict(preferences=["concise", "humor"], method="base"), "'base' ignores preferences"),
+    (dict(preferences=["concise"], views=[["humor"], ["expert"]]), "preferences given alongside views are ignored"),
+])
+def test_silent_degradations_warn(kwargs, needle):
+    with pj.PersonaJudge(TOY) as model:
+        with pytest.warns(pj.PersonaJudgeWarning, match=needle):
+            model.generate("hi", max_new_tokens=2, seed=0, **kwargs)
+
+
+def test_a_proper_run_does_not_warn():
+    with pj.PersonaJudge(TOY) as model, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.generate("hi", preferences=["concise", "humor"], max_new_tokens=2, seed=0)
+
+
+def test_show_prompt_prints_every_view(capsys):
+    assert main(["generate", "why", "--backend", "toy", "--encoder", "plain", "--view", "concise,humor", "--view", "expert",
+                 "--max-new-tokens", "2", "--seed", "1", "--show-prompt"]) == 0
+    err = capsys.readouterr().err
+    assert "# method persona-judge, encoder plain, 2 view(s)" in err
+    assert "# --- view 0 (concise, humor) ---" in err and "# --- view 1 (expert) ---" in err
+    assert "Be concise and to the point" in err and "Question: why" in err
+
+
+def test_json_has_the_effective_settings_and_rounded_numbers(capsys):
+    assert main(["generate", "why", "--backend", "toy", "--encoder", "plain", "--prefer", "concise", "--prefer",
+                 "humor", "--max-new-tokens", "6", "--top-k", "5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    s = out["settings"]
+    assert s["backend"] == "toy" and s["model"] == "toy(seed=0)" and s["method"] == "persona-judge"
+    assert s["views"] == [["concise"], ["humor"]] and s["encoder"] == "plain"
+    assert s["decoding"]["top_k"] == 5 and s["decoding"]["lambda"] == 4
+    assert s["decoding"]["seed"] == out["stats"]["seed"] is not None  # the drawn seed is reported
+    st = out["stats"]
+    assert st["wall_time_s"] == round(st["wall_time_s"], 3) and st["tokens_per_s"] == round(st["tokens_per_s"], 1)
+
+
+def test_text_streams_through_a_pipe_and_matches_json():
+    base = [sys.executable, "-m", "personajudge", "generate", "why", "--backend", "toy", "--prefer", "concise",
+            "--prefer", "humor", "--max-new-tokens", "12", "--seed", "9", "-q"]
+    with subprocess.Popen(base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        out, err = proc.communicate(timeout=120)
+    js = subprocess.run(base + ["--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and err == "", err
+    assert out == json.loads(js.stdout)["text"] + "\n"
+
+
+def test_validation_errors_name_the_field_and_rule(capsys):
+    assert main(["generate", "why", "--backend", "toy", "--top-p", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "decoding.top_p" in err and "less than or equal to 1" in err
+    assert "errors.pydantic.dev" not in err

@@ -1,0 +1,330 @@
+"""The token loop's device discipline: host reads per committed token, one top-k tie rule, NaN logits.
+
+On a GPU every read of a device value to the host (``int(t)``, ``bool(t)``,
+``t.tolist()``, boolean compaction, ``nonzero``) waits for all queued kernels,
+so a decoding step that reads a dozen times runs a dozen times slower than its
+kernels. No GPU runs in CI, so the budget is checked here on the CPU by
+counting, through a ``TorchFunctionMode``, every torch call that would make the
+host wait for device data on CUDA. The algorithm needs one read per step (the
+draft token, the accept flag and the emitted token, read together), which with
+the interleaved schedule is one per committed token; the budget is that.
+On CUDA, ``test_cuda_step_has_no_sync_outside_the_one_read`` runs a step under
+``torch.cuda.set_sync_debug_mode("error")`` for the syncs a Python-level count
+cannot see (inside kernels' launch code).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from torch.overrides import TorchFunctionMode  # noqa: E402
+
+from personajudge.api import PersonaJudge  # noqa: E402
+from personajudge.core import decoding  # noqa: E402
+from personajudge.core.acceptance import (  # noqa: E402
+    TIES_PAST_SLACK,
+    draft_and_judge,
+    judge_arrays,
+    judge_draft,
+    read_ints,
+    sample_dist,
+    sample_token,
+)
+from personajudge.core.errors import NumericalError  # noqa: E402
+from personajudge.core.sparse import candidates, device_candidates, uniforms  # noqa: E402
+from personajudge.core.transforms import SamplingParams, filtered_probs  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+PARAMS = [
+    SamplingParams(),
+    SamplingParams(1.0, 5, 1.0),
+    SamplingParams(0.5, 50, 0.6),
+    SamplingParams(0.0),
+    SamplingParams(1.0, 0, 0.9),
+    SamplingParams(0.8, 0, 1.0),
+]
+
+#: torch functions that read device data to the host (a synchronization on CUDA)
+READS = {
+    "item",
+    "tolist",
+    "__bool__",
+    "__int__",
+    "__float__",
+    "__index__",
+    "__complex__",
+    "cpu",
+    "numpy",
+    "nonzero",
+    "argwhere",
+    "unique",
+    "unique_consecutive",
+    "masked_select",
+    "equal",
+    "allclose",
+    "is_nonzero",
+    "_local_scalar_dense",
+}
+
+
+def _data_dependent_index(index) -> bool:
+    """``t[mask]`` compacts (a read of the mask); ``t[tensor_0d]`` reads the index to the host."""
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, torch.Tensor) and (i.dtype == torch.bool or i.dim() == 0) for i in items)
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the torch calls that would make the host wait for the GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.names: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        hit = name in READS or (name == "__getitem__" and len(args) > 1 and _data_dependent_index(args[1]))
+        if name == "to" and "cpu" in [*args[1:], *kwargs.values()]:
+            hit = True  # an explicit download (``.to(x.device)`` is not one, though on the CPU it names the CPU)
+        if hit:
+            self.count += 1
+            self.names[name] = self.names.get(name, 0) + 1
+        return func(*args, **kwargs)
+
+
+def dense_of(d, n: int) -> np.ndarray:
+    out = np.zeros(n)
+    ids, probs = np.asarray(d.ids), np.asarray(d.probs, dtype=np.float64)
+    np.add.at(out, ids, probs)
+    return out
+
+
+def bf16_logits(g: np.random.Generator, n: int, scale: float = 2.0) -> np.ndarray:
+    """Logits rounded to bfloat16, as a bf16 model's LM head gives them: ties are common."""
+    return torch.from_numpy(g.normal(0, scale, size=n).astype(np.float32)).bfloat16().float().numpy()
+
+
+# ----------------------------------------------------------------------------- the counter itself
+
+
+def test_the_counter_sees_each_kind_of_read():
+    t = torch.tensor([1.0, 2.0, 3.0])
+    with HostReads() as c:
+        bool(t[0] > 1), int(t[1]), float(t[2]), t.tolist(), t[0].item(), t.nonzero(), t[t > 1], t[torch.tensor(1)]
+        t + 1, t[1:], t.topk(2), torch.searchsorted(t, t[:1])  # none of these read
+    assert c.count == 8, c.names
+
+
+# ----------------------------------------------------------------------------- one tie rule everywhere
+
+
+def test_ties_at_the_kth_value_are_kept_on_torch_like_numpy_and_dense():
+    z = np.array([5.0, 3.0, 1.0, 3.0, 3.0, 0.5, 3.0], dtype=np.float32)
+    params = SamplingParams(1.0, 2, 1.0)
+    want = filtered_probs(z, params)
+    assert np.count_nonzero(want) == 5  # the max and all four tied 3.0s
+    roomy = device_candidates(torch.from_numpy(z), params, slack=5)
+    assert read_ints(roomy.status) == [0]
+    for d in (candidates(z, params), candidates(torch.from_numpy(z), params), roomy):
+        assert np.allclose(dense_of(d, len(z)), want)
+    assert candidates(torch.from_numpy(z), params).ids.tolist() == np.asarray(candidates(z, params).ids).tolist()
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=str)
+def test_device_candidates_equal_the_exact_support_on_bf16_logits(params):
+    g = np.random.default_rng(7)
+    for _ in range(40):
+        z = bf16_logits(g, 3000)
+        exact = candidates(z, params)
+        dev = device_candidates(torch.from_numpy(z), params)
+        (code,) = read_ints(dev.status)
+        if code == 0:
+            assert np.allclose(dense_of(dev, 3000), dense_of(exact, 3000), atol=1e-12)
+        u = float(g.random())
+        assert sample_dist(dev, u) == sample_dist(exact, u)
+
+
+def test_ties_past_the_slack_fall_back_to_the_exact_support():
+    """60 logits tied at the k-th value, a slack of 5: the status says so and the exact support decides."""
+    z = np.full(1000, -3.0, dtype=np.float32)
+    z[:3] = [4.0, 3.5, 3.0]
+    z[100:160] = 1.0  # k = 5: the k-th value is 1.0, tied 60 times
+    params = SamplingParams(1.0, 5, 1.0)
+    dev = device_candidates(torch.from_numpy(z), params, slack=5)
+    assert read_ints(dev.status) == [TIES_PAST_SLACK]
+    exact = candidates(z, params)
+    assert len(exact.ids) == 63
+    g = np.random.default_rng(0)
+    drawn = set()
+    for u in g.random(400):
+        tok = sample_dist(dev, float(u))
+        assert tok == sample_dist(exact, float(u))
+        drawn.add(tok)
+    assert max(drawn) > 105  # tokens beyond the fixed-size support were drawn: the exact support decided
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=str)
+def test_draft_and_judge_makes_the_host_paths_decisions(params):
+    """The one-read step equals sampling t then ``judge_draft`` on the exact supports, uniform for uniform."""
+    g = np.random.default_rng(11)
+    for _ in range(60):
+        a = bf16_logits(g, 500)
+        b = a + bf16_logits(g, 500, 1.0)
+        u = g.random(3)
+        pe, qe = candidates(a, params), candidates(b, params)
+        t = sample_dist(qe, u[0])
+        want = (t, *judge_draft(pe, qe, t, u[1], u[2]))
+        ud = uniforms(torch.zeros(1), u)
+        pd, qd = device_candidates(torch.from_numpy(a), params), device_candidates(torch.from_numpy(b), params)
+        t2, ok, emit = draft_and_judge(pd, qd, ud[0], ud[1], ud[2])
+        assert (t2, ok, emit if not ok else -1) == want
+
+
+# ----------------------------------------------------------------------------- NaN and inf
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(0.0), SamplingParams(1.0, 0, 0.9)], ids=str)
+def test_nan_or_inf_logits_raise_a_numerical_error(bad, params):
+    z = np.random.default_rng(0).normal(size=300).astype(np.float32)
+    z[17] = bad
+    zt = torch.from_numpy(z)
+    with pytest.raises(NumericalError, match="NaN or infinite"):
+        candidates(z, params)
+    with pytest.raises(NumericalError):
+        candidates(zt, params)
+    with pytest.raises(NumericalError):
+        sample_dist(device_candidates(zt, params), 0.5)
+    good = device_candidates(torch.from_numpy(np.zeros(300, dtype=np.float32)), params)
+    with pytest.raises(NumericalError):
+        draft_and_judge(device_candidates(zt, params), good, 0.3, 0.3, 0.3)
+    with pytest.raises(NumericalError):
+        filtered_probs(z, params)
+    with pytest.raises(NumericalError):
+        filtered_probs(zt, params)
+
+
+def test_minus_inf_logits_are_fine():
+    z = np.full(50, -math.inf, dtype=np.float32)
+    z[[3, 9]] = [1.0, 0.0]
+    for params in (SamplingParams(), SamplingParams(0.0), SamplingParams(1.0, 0, 1.0)):
+        assert sample_dist(device_candidates(torch.from_numpy(z), params), 0.2) == 3
+        assert sample_dist(candidates(z, params), 0.2) == 3
+
+
+# ----------------------------------------------------------------------------- reads per committed token
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tiny_hf import build_tiny_backend
+
+    backend = build_tiny_backend(tmp_path_factory.mktemp("host-syncs"), "llama")
+    yield backend
+    backend.close()
+
+
+PROMPTS = [
+    "[user] Be concise.\n[user] Why is the sky blue?\n[assistant] ",
+    "[user] Be funny.\n[user] Why is the sky blue?\n[assistant] ",
+    "[user] Be an expert.\n[user] Why is the sky blue?\n[assistant] ",
+]
+
+
+def _count(
+    backend,
+    *,
+    views: int = 2,
+    method: str = "persona-judge",
+    temperature: float = 0.7,
+    top_k: int = 20,
+    schedule: str = "interleaved",
+):
+    """Run a decoding loop on this thread (a ``TorchFunctionMode`` is per thread) and count its reads."""
+    from personajudge.core.decoding import DecodeRequest, drive, persona_judge_loop, plain_loop
+    from personajudge.core.result import Stats
+    from personajudge.core.stopping import Emitter
+
+    tok = backend.tokenizer
+    contexts = [tok.encode(p) for p in PROMPTS[:views]]
+    req = DecodeRequest(
+        contexts=contexts,
+        params=SamplingParams(temperature, top_k, 0.9),
+        lam=4,
+        rng=np.random.default_rng(3),
+        emitter=Emitter(tok, max_new_tokens=40),
+        context_length=backend.context_length,
+        schedule=schedule,
+        stats=Stats(),
+    )
+    loop = plain_loop(req) if method == "plain" else persona_judge_loop(req)
+    with backend.open(views) as session, HostReads() as c:
+        drive(session, loop)
+    return c, req.stats, len(req.emitter.tokens)
+
+
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.0}, {"top_k": 0}, {"method": "plain"}, {"views": 3}], ids=str)
+def test_one_host_read_per_committed_token(tiny, kw):
+    c, stats, n = _count(tiny, **kw)
+    assert n >= 20
+    if not kw or "views" in kw or "top_k" in kw:
+        assert stats.drafted > stats.accepted  # rejections happened: the costlier path ran too
+    # One read per committed token, plus one for a token that ended the run without being committed (EOS).
+    assert c.count <= n + 1, (c.count, n, c.names)
+    assert c.count >= n  # every committed token was read once: the counter is not blind to the loop
+
+
+def test_the_budget_test_has_power(tiny, monkeypatch):
+    """Negative control: the host-side support (``candidates``) in the loop breaks the budget."""
+    monkeypatch.setattr(decoding, "device_candidates", candidates)
+    c, _, n = _count(tiny)
+    assert c.count > 2 * n, (c.count, n)
+
+
+def test_nan_logits_in_a_run_are_a_typed_error(tmp_path):
+    from tiny_hf import build_tiny_backend
+
+    backend = build_tiny_backend(tmp_path, "llama")
+    with torch.no_grad():
+        backend.model.get_output_embeddings().weight[5, 0] = math.nan
+    with PersonaJudge({"backend": {"name": "hf"}, "preferences": ["concise", "humor"]}, backend=backend) as pj:
+        for kw in ({}, {"method": "prompt"}, {"temperature": 0.0}, {"schedule": "windowed"}):
+            with pytest.raises(NumericalError, match="NaN or infinite"):
+                pj.generate("hi", seed=0, max_new_tokens=8, **kw)
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+def test_cuda_step_has_no_sync_outside_the_one_read(tmp_path):
+    """A two-view step (forward, both filtered supports, draft, judge) queues without a sync; then one read."""
+    from tiny_hf import build_tiny_backend
+
+    backend = build_tiny_backend(tmp_path, "gemma3", device="cuda")
+    params = SamplingParams()
+    u = np.random.default_rng(0).random(9)
+    with backend.open(2) as s:
+        outs = s.forward_many([(0, [1, 40, 41, 42], 1), (1, [1, 50, 51], 1)])
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                ud = uniforms(outs[0], u)
+                q, p = device_candidates(outs[0][-1], params), device_candidates(outs[1][-1], params)
+                t = sample_token(q, ud[0])
+                ok, emit = judge_arrays(p, q, t, ud[4], ud[8])
+                outs = s.forward_many([(0, [60], 1), (1, [61], 1)])
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        t, ok, emit = read_ints(t, ok, emit)
+    assert 0 <= t < 256 and 0 <= emit < 256
+    backend.close()

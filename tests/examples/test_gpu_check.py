@@ -1,0 +1,67 @@
+"""examples/gpu_check.py runs end to end on the CPU with tiny shapes, so the prepared GPU run cannot rot.
+
+The GPU run itself (real shapes, bf16, CUDA tests) needs a GPU; here the same
+code paths run on tiny random models: install check, the CUDA test selection
+(skipping without a GPU), build, cache check, bench, 3 views, batch 16 vs 1,
+the memory step, the time budget, and the JSON and Markdown reports.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.hf
+
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "gpu_check.py"
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=900)
+
+
+def test_gpu_check_rehearsal_on_the_cpu(tmp_path):
+    proc = run(str(tmp_path), "--device", "cpu")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rep = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert rep["schema"] == "personajudge.gpu_check/1" and rep["ok"] is True and rep["device"] == "cpu"
+    assert rep["install"]["project"] == "already importable"
+    assert "skipped" in rep["tests"]["summary"] or "passed" in rep["tests"]["summary"]
+    assert [r["shape"] for r in rep["shapes"]] == ["tiny-gemma3", "tiny-qwen2"] and not rep["skipped_shapes"]
+    for row in rep["shapes"]:
+        assert not row["skipped"]
+        # float32 on the CPU: cached and recomputed logits agree to rounding
+        assert row["cache_check"]["argmax_agrees"] and row["cache_check"]["max_abs_diff"] < 1e-3
+        methods = {r["method"]: r for r in row["bench"]["results"]}
+        assert set(methods) == {"plain", "persona-judge", "persona-judge-base"}
+        assert methods["plain"]["runner"] == "native" and methods["persona-judge"]["runner"] == "core"
+        assert all(r["tokens"] == 12 and r["tokens_per_s"] > 0 for r in methods.values())
+        assert row["views_3"]["settings"]["views"] == 3 and row["views_3"]["results"][0]["views"] == 3
+        assert row["bench"]["steps"]["ceiling_ratio"] > 0
+        b = row["batch"]
+        assert b["batch_1"]["prompts"] == 1 and b["batch_16"]["prompts"] == 16
+        assert b["batch_16"]["tokens"] == 16 * 12 and b["speedup"] > 0
+        assert row["memory"] is None  # no GPU: nothing to measure, and nothing pretends
+        assert row["backend"]["device"] == "cpu" and row["backend"]["model"] == f"synthetic:{row['shape']}"
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert md.count("| tiny-") == 2 and "Targets (issue 17)" in md
+
+
+def test_the_time_budget_skips_shapes(tmp_path):
+    proc = run(str(tmp_path), "--device", "cpu", "--no-tests", "--budget-s", "1", "--shapes", "tiny-qwen2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert rep["skipped_shapes"] == ["tiny-qwen2"] and rep["shapes"] == [] and rep["tests"] == {}
+    assert "tiny-qwen2: time budget" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_unknown_shape_is_a_usage_error(tmp_path):
+    proc = run(str(tmp_path), "--device", "cpu", "--shapes", "gpt-5")
+    assert proc.returncode == 2 and "unknown shape" in proc.stderr

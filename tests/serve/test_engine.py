@@ -1,0 +1,234 @@
+"""The engine: one owner of the backend, continuous batching, thread-safe API (toy backend, no server).
+
+The reference output of a request is the core's loop driven alone on a session
+of its own (``drive``), the path every other test of the loops checks; the toy
+backend's logits are a pure function of each row's context, so a request that
+shares steps with others must give exactly that output.
+"""
+
+import asyncio
+import threading
+
+import pytest
+
+from personajudge.api import PersonaJudge
+from personajudge.backends.toy import ToyBackend
+from personajudge.core.config import BackendConfig
+from personajudge.core.decoding import StepDriver, drive
+from personajudge.core.errors import ContextLengthError
+from personajudge.engine import Engine, Job, QueueFullError, RequestCancelled, is_batchable
+
+PROMPTS = ["tell me about owls", "why is the sky blue", "how do bees make honey", "what is a prime number",
+           "describe a sunset", "how do trains work", "what do cats eat", "why do leaves fall"]
+PREFS = ["concise", "humor"]
+KW = dict(max_new_tokens=24, lam=3)
+
+
+def _pj(**kw):
+    return PersonaJudge({"backend": {"name": "toy"}, "encoder": "plain"}, backend=ToyBackend(), **kw)
+
+
+def _alone(pj, prompt, seed, method=None, **kw):
+    """The request run by the core alone, on its own session (no engine)."""
+    cfg, meth, views = pj._prepare(PREFS, None, method, {**KW, "seed": seed, **kw})
+    contexts = pj.encode_views(prompt, cfg, meth, views)
+    req = pj._request(contexts, cfg, seed)
+    with pj.backend.open(len(contexts)) as s:
+        meth.decode(s, req)
+    return req.emitter.tokens, req.emitter.text
+
+
+def test_step_driver_lets_requests_join_and_leave_between_steps():
+    pj = _pj()
+    cfg, meth, views = pj._prepare(PREFS, None, None, {**KW, "seed": 0, "max_new_tokens": 30})
+    reqs = [pj._request(pj.encode_views(p, cfg, meth, views), cfg, seed) for seed, p in enumerate(PROMPTS[:4])]
+    session = pj.backend.open(4)  # room for two requests of two views: the others must reuse freed slots
+    driver = StepDriver(session)
+    waiting = list(enumerate(reqs))
+    free = [0, 1, 2, 3]
+    slots = {}
+    while waiting or len(driver):
+        while waiting and len(free) >= 2:  # join at the next step
+            key, r = waiting.pop(0)
+            slots[key] = [free.pop(0), free.pop(0)]
+            assert driver.add(key, meth.loop(r), slots[key])
+        finished, failed = driver.step()
+        assert not failed
+        for key in finished:  # leave: slots emptied and reusable
+            assert all(session.length(s) == 0 for s in slots[key])
+            free += slots.pop(key)
+    for seed, (p, r) in enumerate(zip(PROMPTS, reqs)):
+        assert r.emitter.tokens == _alone(pj, p, seed, max_new_tokens=30)[0]
+
+
+def test_four_threads_on_one_model_get_their_single_thread_outputs():
+    pj = _pj(max_batch=3)  # fewer places than threads: some requests wait and join later
+    expected = {(t, i): _alone(pj, PROMPTS[(t + i) % 8], 100 * t + i)[1] for t in range(4) for i in range(3)}
+    got, errors = {}, []
+
+    def worker(t):
+        try:
+            for i in range(3):
+                got[(t, i)] = pj.generate(PROMPTS[(t + i) % 8], preferences=PREFS, seed=100 * t + i, **KW).text
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not errors
+    assert got == expected
+    assert pj.engine.stats()["slots_in_use"] == 0
+
+
+def test_generate_batch_beyond_max_batch_equals_each_request_alone():
+    pj = _pj(max_batch=2)
+    res = pj.generate_batch(PROMPTS[:5], preferences=PREFS, seeds=[7, 8, 9, 10, 11], **KW)
+    assert [r.tokens for r in res] == [_alone(pj, p, s)[0] for p, s in zip(PROMPTS[:5], [7, 8, 9, 10, 11])]
+
+
+def test_different_methods_and_settings_share_steps():
+    pj = _pj()
+    calls = [dict(method="persona-judge", seed=1), dict(method="prompt", seed=2), dict(method="mod", seed=3),
+             dict(method="persona-judge", seed=4, temperature=0.0, lam=2), dict(method="reference", seed=5)]
+    jobs = [pj.submit(PROMPTS[i], preferences=PREFS, **{**KW, **c}) for i, c in enumerate(calls)]
+    for i, (c, job) in enumerate(zip(calls, jobs)):
+        kw = {k: v for k, v in c.items() if k not in ("method", "seed")}
+        assert job.result().tokens == _alone(pj, PROMPTS[i], c["seed"], method=c["method"], **kw)[0], c
+
+
+def test_stream_pieces_concatenate_to_the_result_and_astream_matches():
+    pj = _pj()
+    gen = pj.stream(PROMPTS[0], preferences=PREFS, seed=3, **KW)
+    pieces = []
+    while True:
+        try:
+            pieces.append(next(gen))
+        except StopIteration as stop:
+            result = stop.value
+            break
+    assert "".join(pieces) == result.text == _alone(pj, PROMPTS[0], 3)[1]
+    assert result.settings is not None and result.settings["decoding"]["seed"] == 3
+
+    async def collect():
+        return [p async for p in pj.astream(PROMPTS[0], preferences=PREFS, seed=3, **KW)]
+
+    assert asyncio.run(collect()) == pieces
+
+
+def test_a_stream_left_early_is_cancelled_and_frees_its_slots():
+    pj = _pj()
+    gen = pj.stream(PROMPTS[1], preferences=PREFS, seed=1, **{**KW, "max_new_tokens": 2000})
+    next(gen)
+    gen.close()  # the caller walks away
+    other = pj.generate(PROMPTS[2], preferences=PREFS, seed=2, **KW)  # runs after the cancellation took effect
+    assert other.text == _alone(pj, PROMPTS[2], 2)[1]
+    st = pj.engine.stats()
+    assert st["running"] == 0 and st["slots_in_use"] == 0 and st["queued"] == 0
+
+
+def test_a_failing_request_fails_alone_with_its_typed_error():
+    pj = PersonaJudge({"backend": {"name": "toy", "n_ctx": 128}, "encoder": "plain"},
+                      backend=ToyBackend(BackendConfig(name="toy", n_ctx=128)))
+    ok = pj.submit("hi", preferences=PREFS, seed=1, max_new_tokens=10)
+    bad = pj.submit("x" * 300, preferences=PREFS, seed=2, max_new_tokens=10)
+    with pytest.raises(ContextLengthError, match="context"):
+        bad.result()
+    assert len(ok.result().tokens) > 0
+
+
+class GatedToy(ToyBackend):
+    """A toy whose forwards wait for a gate: a request stays 'running' as long as the test wants."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def open(self, n_views):
+        s = super().open(n_views)
+        inner = s._forward_many
+
+        def gated(calls):
+            self.entered.set()
+            assert self.gate.wait(30)
+            return inner(calls)
+
+        s._forward_many = gated
+        return s
+
+
+def test_a_full_queue_raises_queue_full_with_a_retry_hint_or_waits():
+    be = GatedToy()
+    pj = PersonaJudge({"backend": {"name": "toy"}, "encoder": "plain"}, backend=be, max_batch=1, max_queue=1)
+    running = pj.submit("a", preferences=PREFS, seed=1, max_new_tokens=5, wait=False)
+    assert be.entered.wait(10)  # the first request is in its first step
+    queued = pj.submit("b", preferences=PREFS, seed=2, max_new_tokens=5, wait=False)
+    with pytest.raises(QueueFullError) as info:
+        pj.submit("c", preferences=PREFS, seed=3, max_new_tokens=5, wait=False)
+    assert info.value.retry_after >= 1
+    be.gate.set()
+    assert running.result().tokens and queued.result().tokens
+
+
+def test_cancelling_a_queued_request_reports_cancelled():
+    be = GatedToy()
+    pj = PersonaJudge({"backend": {"name": "toy"}, "encoder": "plain"}, backend=be, max_batch=1)
+    first = pj.submit("a", preferences=PREFS, seed=1, max_new_tokens=5)
+    assert be.entered.wait(10)
+    second = pj.submit("b", preferences=PREFS, seed=2, max_new_tokens=5)
+    second.cancel()
+    be.gate.set()
+    with pytest.raises(RequestCancelled):
+        second.result()
+    assert first.result().tokens
+
+
+def test_close_cancels_in_flight_requests_and_refuses_new_ones():
+    be = GatedToy()
+    pj = PersonaJudge({"backend": {"name": "toy"}, "encoder": "plain"}, backend=be)
+    job = pj.submit("a", preferences=PREFS, seed=1, max_new_tokens=50)
+    assert be.entered.wait(10)
+    closer = threading.Thread(target=pj.engine.close)
+    closer.start()
+    be.gate.set()
+    closer.join(30)
+    assert not closer.is_alive()
+    with pytest.raises(RequestCancelled):
+        job.result()
+    from personajudge.engine import EngineClosedError
+
+    with pytest.raises(EngineClosedError):
+        pj.submit("b", preferences=PREFS, seed=1, max_new_tokens=5)
+
+
+def test_which_methods_share_steps():
+    from personajudge.core.methods import Base, Pad, PersonaJudge as PJMethod, Reference
+
+    assert is_batchable(PJMethod()) and is_batchable(Base()) and is_batchable(Pad())
+    assert not is_batchable(Reference())
+
+    class WithRewardModel(Pad):
+        def reward_session(self):
+            return None
+
+    class OwnDecode(Base):
+        def decode(self, session, req):
+            drive(session, self.loop(req))
+
+    assert not is_batchable(WithRewardModel()) and not is_batchable(OwnDecode())
+
+
+def test_engine_without_a_model_object(toy):
+    """The engine is usable on its own: a Job from a DecodeRequest, a result back."""
+    pj = PersonaJudge({"backend": {"name": "toy"}, "encoder": "plain"}, backend=toy)
+    cfg, meth, views = pj._prepare(PREFS, None, None, {**KW, "seed": 5, "max_new_tokens": 12})
+    req = pj._request(pj.encode_views("hello", cfg, meth, views), cfg, 5)
+    engine = Engine(toy, max_batch=2)
+    try:
+        res = engine.submit(Job(req, meth)).result()
+    finally:
+        engine.close()
+    assert res.tokens == _alone(pj, "hello", 5, max_new_tokens=12)[0]
