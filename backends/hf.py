@@ -51,6 +51,7 @@ from urllib.parse import urlparse
 from personajudge.backends.embedded import cache_dir, default_model_path
 from pydantic import Field
 
+from personajudge.core.chat_template import ChatTemplate
 from personajudge.core.config import BackendConfig, Options, take_options
 from personajudge.core.contract import Backend, ForwardCall, Session
 from personajudge.core.errors import (BackendUnavailableError, ConfigError, ContextLengthError, DeviceError,
@@ -92,8 +93,10 @@ def _import_torch():
 class HFTokenizer:
     """Adapts a transformers tokenizer to :class:`personajudge.core.contract.Tokenizer`."""
 
-    def __init__(self, tok: Any, vocab_size: int, eos_token_ids: frozenset[int]):
+    def __init__(self, tok: Any, vocab_size: int, eos_token_ids: frozenset[int], origin: str = "the model"):
         self.hf = tok
+        self.origin = origin  # named in chat-template errors
+        self._compiled: tuple[str, ChatTemplate] | None = None
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
         self.chat_template: str | None = getattr(tok, "chat_template", None) or None
@@ -105,9 +108,15 @@ class HFTokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=True)
 
     def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+        """Render with the model's template in the project's sandbox, under the same time and size
+        limits as llama.cpp's (:mod:`personajudge.core.chat_template`), with the special tokens
+        transformers would pass (``bos_token``, ``eos_token``, ...)."""
         if not self.chat_template:
             raise ConfigError("this model has no chat template; use --encoder plain (or auto)")
-        return self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        if self._compiled is None or self._compiled[0] != self.chat_template:
+            self._compiled = (self.chat_template, ChatTemplate(self.chat_template, self.origin))
+        tokens = {k: v for k, v in getattr(self.hf, "special_tokens_map", {}).items() if isinstance(v, str)}
+        return self._compiled[1].render(messages=messages, add_generation_prompt=add_generation_prompt, **tokens)
 
 
 # --------------------------------------------------------------------------------------------- the cache
@@ -466,7 +475,7 @@ class HFBackend(Backend):
             eos.update([e] if isinstance(e, int) else (e or []))
         if tok.eos_token_id is not None:
             eos.add(int(tok.eos_token_id))
-        self.tokenizer = HFTokenizer(tok, int(vocab), frozenset(int(x) for x in eos))
+        self.tokenizer = HFTokenizer(tok, int(vocab), frozenset(int(x) for x in eos), origin=str(self.model_label))
         pad = tok.pad_token_id
         if pad is None:
             pad = getattr(tcfg, "pad_token_id", None)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -161,9 +162,9 @@ class PersonaJudge:
         res = self.decode(contexts, cfg, meth, on_text=on_text)
         return self._with_settings(res, cfg, pref_views)
 
-    def _with_settings(self, res: GenerationResult, cfg: RunConfig, views: list[list[Preference]]
-                       ) -> GenerationResult:
-        settings = self.settings(cfg, views)
+    def _with_settings(self, res: GenerationResult, cfg: RunConfig, views: list[list[Preference]],
+                       settings: dict[str, Any] | None = None) -> GenerationResult:
+        settings = copy.deepcopy(settings) if settings is not None else self.settings(cfg, views)
         settings["decoding"]["seed"] = res.stats.seed  # the seed actually used (drawn when none was given)
         res.settings = settings
         return res
@@ -278,7 +279,8 @@ class PersonaJudge:
         try:
             for j in jobs:
                 engine.submit(j, wait=True)
-            return [j.result() for j in jobs]
+            shared = self.settings(cfg, pref_views)
+            return [self._with_settings(j.result(), cfg, pref_views, shared) for j in jobs]
         finally:
             for j in jobs:
                 j.cancel()

@@ -7,7 +7,6 @@ import pytest
 from personajudge.backends.toy import ToyBackend
 from personajudge.core.config import BackendConfig
 
-
 #: The tests' own cache (embedded GGUF, converted hf models): inside the repository, git-ignored, never the
 #: user's ~/.cache/personajudge. The embedded model is assembled into it from the PyPI package the first time a
 #: test needs it (and sha256-verified, so a damaged leftover is rebuilt, never trusted).

@@ -215,7 +215,8 @@ def expected_law(backend: Any, contexts: Sequence[Sequence[int]], *, roles: str 
     return law
 
 
-def token_law(step: Callable[[Outcome], dict[int, float]], *, length: int, eos_ids: Iterable[int]) -> dict[Outcome, float]:
+def token_law(step: Callable[[Outcome], dict[int, float]], *, length: int,
+              eos_ids: Iterable[int]) -> dict[Outcome, float]:
     """The law of ``length`` tokens sampled one at a time from ``step(committed) -> {token: prob}``.
 
     For the methods that sample one distribution per token (plain sampling,
@@ -406,6 +407,7 @@ def check_backend_exactness(backend: Any, *, prompt: Any = "hello", preferences:
     contexts = view_contexts(model, prompt, method="persona-judge", preferences=list(preferences))
     eos = model.backend.tokenizer.eos_token_ids
     wrong_roles = expected_law(model.backend, contexts, roles="fixed", length=lam + 2, **settings)
-    sharper = expected_law(model.backend, contexts, roles="alternate", length=lam + 2, **{**settings, "temperature": 0.5})
+    sharper = expected_law(model.backend, contexts, roles="alternate", length=lam + 2,
+                           **{**settings, "temperature": 0.5})
     return res.pvalue, min(chi_square(res.counts, wrong_roles, eos_ids=eos).pvalue,
                            chi_square(res.counts, sharper, eos_ids=eos).pvalue)

@@ -23,8 +23,16 @@ import numpy as np
 import pytest
 
 from personajudge.api import PersonaJudge
-from personajudge.testing.exactness import (SessionOracle, check_exactness, chi_square, expected_law,
-                                            filtered_distribution, roles_at, token_law, view_contexts)
+from personajudge.testing.exactness import (
+    SessionOracle,
+    check_exactness,
+    chi_square,
+    expected_law,
+    filtered_distribution,
+    roles_at,
+    token_law,
+    view_contexts,
+)
 
 PROMPT = "hello there"
 PREFS = {2: ["concise", "humor"], 3: ["concise", "humor", "expert"]}

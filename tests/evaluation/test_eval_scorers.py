@@ -9,8 +9,14 @@ import pytest
 
 from personajudge.evaluation.errors import ScorerError
 from personajudge.evaluation.scorers import PairItem, ScoringContext, get_scorer_class, make_scorer
-from personajudge.evaluation.scorers.pairwise_judge import (ANSWER_GRAMMAR, FEWSHOT_TEMPLATE, PairwiseJudgeScorer,
-                                                             a_first, parse_verdict, safe_url)
+from personajudge.evaluation.scorers.pairwise_judge import (
+    ANSWER_GRAMMAR,
+    FEWSHOT_TEMPLATE,
+    PairwiseJudgeScorer,
+    a_first,
+    parse_verdict,
+    safe_url,
+)
 
 SIMPLE = "The cat sat on the mat. It was a good cat. We like it."
 COMPLEX = ("Notwithstanding considerable epistemological disagreements, contemporary computational "
