@@ -277,8 +277,7 @@ class PersonaJudge:
         jobs = [Job(r, meth) for r in reqs]  # each job runs its own loop; the method object only plans
         engine = self.engine
         try:
-            for j in jobs:
-                engine.submit(j, wait=True)
+            engine.submit_many(jobs)
             shared = self.settings(cfg, pref_views)
             return [self._with_settings(j.result(), cfg, pref_views, shared) for j in jobs]
         finally:

@@ -286,6 +286,33 @@ class Engine:
             self._cv.notify_all()
         return job
 
+    def submit_many(self, jobs: list[Job]) -> list[Job]:
+        """Queue ``jobs`` together, blocking for room (the Python API's ``generate_batch``).
+
+        As many as the queue takes are appended under one lock, so rows that
+        fit join the batch at the same step whatever the threads' timing: a
+        backend whose logits depend on the batch shape (llama.cpp on a CPU)
+        then gives the same rows on every run.
+        """
+        pending = list(jobs)
+        for job in pending:
+            job.req.emitter.on_text = lambda piece, _job=job: self._text(_job, piece)
+        with self._cv:
+            while pending:
+                if self._closing:
+                    raise EngineClosedError("the engine is shutting down and takes no new requests")
+                room = self.max_queue + max(0, self.max_batch - len(self._active)) - len(self._queue)
+                if room <= 0:
+                    self._cv.wait()
+                    continue
+                for job in pending[:room]:
+                    job.engine = self
+                    self._queue.append(job)
+                del pending[:room]
+                self._ensure_thread()
+                self._cv.notify_all()
+        return jobs
+
     def reserve(self, slots: int) -> None:
         """Size the session for ``slots`` views up front (the server does this at start-up).
 

@@ -382,7 +382,7 @@ def _diff(x: dict[str, Any] | None) -> str:
     if x is None or x.get("mean") is None:
         return "–"
     m = x["mean"]
-    digits = 1 if max(abs(m), *(abs(c) for c in (x.get("ci") or ()))) >= 1 else 2
+    digits = 1 if max([abs(m), *(abs(c) for c in (x.get("ci") or ()))]) >= 1 else 2
     out = f"{m:+.{digits}f}"
     if x.get("ci"):
         lo, hi = x["ci"]

@@ -73,6 +73,8 @@ class BackendConformance:
     logits_atol: float = 1e-3
     #: largest total-variation distance between a batched row and the same row alone
     batch_tv: float = 1e-3
+    #: largest |difference| between two runs with the *same* batch shapes (exact on a CPU)
+    same_shape_atol: float = 1e-5
     #: whether to run the statistical exactness check (it generates a few thousand short sequences)
     check_exactness: bool = True
 
@@ -167,6 +169,36 @@ class BackendConformance:
             got_after = to_numpy(s.forward(0, a[-1:], 1))
         assert total_variation(got, self.fresh(backend, a)) <= self.batch_tv
         assert total_variation(got_after, self.fresh(backend, a + a[-1:])) <= self.batch_tv
+
+    def test_rejected_tokens_leave_no_trace(self, backend: Backend) -> None:
+        """Keep 2 of 5 verified tokens: what the 3 rejected ones were must not matter (same shapes: exact)."""
+        ids = self.prompt_ids(backend)
+        cont = self.prompt_ids(backend, "to be or not to be that is the question")[1:8]
+        vocab = backend.tokenizer.vocab_size
+        results = []
+        for junk in (cont[2:5], [(t * 7 + 3) % vocab for t in cont[2:5]]):
+            with backend.open(1) as s:
+                s.forward(0, ids, 1)
+                s.forward(0, cont[:2] + junk, 5)
+                s.truncate(0, len(ids) + 2)
+                s.truncate(0, len(ids) + 2)  # idempotent
+                results.append(to_numpy(s.forward(0, cont[5:7], 2)))
+        np.testing.assert_allclose(results[0], results[1], atol=self.same_shape_atol)
+
+    def test_other_views_content_does_not_matter(self, backend: Backend) -> None:
+        """Same batch shape, different tokens in every other view: a view's logits must not change."""
+        texts = ("The quick brown fox", "A completely different sentence", "Numbers like one two three")
+        ctxs = [self.prompt_ids(backend, t) for t in texts]
+
+        def run(contexts):
+            with backend.open(3) as s:
+                return [to_numpy(x) for x in s.forward_many([ForwardCall(v, c, 1) for v, c in enumerate(contexts)])]
+
+        base = run(ctxs)
+        for v in range(3):
+            scrambled = [c if w == v else list(reversed(c)) for w, c in enumerate(ctxs)]
+            np.testing.assert_allclose(run(scrambled)[v], base[v], atol=self.same_shape_atol,
+                                       err_msg=f"view {v} sees the other views")
 
     # -- misuse: one exception type per mistake, on every backend -------------------------------------
 

@@ -207,14 +207,6 @@ def test_forward_many_equals_separate_forwards(backend_for, device):
                 torch.testing.assert_close(out, single.forward(v, toks, n), atol=ATOL[device], rtol=1e-4)
 
 
-def test_context_overflow_in_session(backend_for):
-    b = backend_for("llama")
-    with b.open(1) as s:
-        s.forward(0, [1] * 500)
-        with pytest.raises(ContextLengthError, match="context"):
-            s.forward(0, [5] * 20)
-
-
 # ----------------------------------------------------------------------------- decoding
 
 

@@ -35,3 +35,12 @@ def test_differences_against_base_and_the_baseline_are_paired_per_prompt(tmp_pat
             assert tuple(row["ci"]) == pytest.approx(bootstrap_ci(diffs))
     md = (d / "report.md").read_text()
     assert "## Method minus `base`" in md and "## Method minus `prompt`" in md
+
+
+def test_a_difference_without_an_interval_is_printed_not_a_crash():
+    """One prompt gives no bootstrap interval (``--limit 1``): the table shows the mean alone."""
+    from personajudge.evaluation.report import _diff
+
+    assert _diff({"mean": 0.5, "ci": None, "n_prompts": 1}) == "+0.50"
+    assert _diff({"mean": -12.0}) == "-12.0"
+    assert _diff({"mean": 3.0, "ci": [1.0, 5.0], "n_prompts": 50}) == "**+3.0 (+1.0 to +5.0)**"
