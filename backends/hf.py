@@ -45,17 +45,21 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
-from personajudge.backends.embedded import cache_dir, default_model_path
 from pydantic import Field
 
+from personajudge.backends.embedded import cache_dir, default_model_path
 from personajudge.core.chat_template import ChatTemplate
 from personajudge.core.config import BackendConfig, Options, take_options
 from personajudge.core.contract import Backend, ForwardCall, Session
-from personajudge.core.errors import (BackendUnavailableError, ConfigError, ContextLengthError, DeviceError,
-                                      ModelLoadError)
+from personajudge.core.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    DeviceError,
+    ModelLoadError,
+)
 
 INSTALL_HINT = "pip install 'persona-judge[hf]'"
 
@@ -83,7 +87,8 @@ def _import_torch():
         import transformers  # noqa: F401
     except ImportError as err:
         raise BackendUnavailableError(
-            f"the hf backend needs torch and transformers ({err.name} is missing); run: {INSTALL_HINT}") from None
+            f"the hf backend needs torch and transformers ({err.name} is missing); run: {INSTALL_HINT}"
+        ) from None
     return torch
 
 
@@ -115,7 +120,9 @@ class HFTokenizer:
             raise ConfigError("this model has no chat template; use --encoder plain (or auto)")
         if self._compiled is None or self._compiled[0] != self.chat_template:
             self._compiled = (self.chat_template, ChatTemplate(self.chat_template, self.origin))
-        tokens = {k: v for k, v in getattr(self.hf, "special_tokens_map", {}).items() if isinstance(v, str)}
+        tokens: dict[str, Any] = {  # template variables (bos_token, ...), not render()'s limits
+            k: v for k, v in getattr(self.hf, "special_tokens_map", {}).items() if isinstance(v, str)
+        }
         return self._compiled[1].render(messages=messages, add_generation_prompt=add_generation_prompt, **tokens)
 
 
@@ -176,7 +183,7 @@ def _make_cache_classes():
             _, hv, _, dv = v.shape
             new_k = torch.zeros((self.rows, hk, want, dk), dtype=k.dtype, device=k.device)
             new_v = torch.zeros((self.rows, hv, want, dv), dtype=v.dtype, device=v.device)
-            if self.keys is not None:  # keep the valid slots, drop the old trash slot
+            if self.keys is not None and self.values is not None:  # keep the valid slots, drop the trash slot
                 old = self.keys.shape[2] - 1
                 new_k[:, :, :old] = self.keys[:, :, :old]
                 new_v[:, :, :old] = self.values[:, :, :old]
@@ -211,7 +218,7 @@ def _make_cache_classes():
         def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
             while layer_idx >= len(self.layers):  # models with extra (e.g. MTP) layers
                 self.layers.append(RowLayer(self.step, self.rows))
-            return self.layers[layer_idx].update(key_states, value_states)
+            return cast(RowLayer, self.layers[layer_idx]).update(key_states, value_states)  # only RowLayers here
 
         def get_seq_length(self, layer_idx: int = 0) -> int:
             return self.step.kv_len
@@ -235,7 +242,7 @@ def _row_cache(step: _Step, rows: int, n_layers: int):
 class HFSession(Session):
     """One batched KV cache, one row per view (``n_views`` rows)."""
 
-    def __init__(self, backend: "HFBackend", n_views: int):
+    def __init__(self, backend: HFBackend, n_views: int):
         super().__init__(n_views, backend.context_length, backend.tokenizer.vocab_size)
         self.backend = backend
         self._step = _Step()
@@ -270,9 +277,9 @@ class HFSession(Session):
             pos[r] = [p] * q
         for v, toks, _ in calls:
             r, start, k = v - lo, lengths[v], len(toks)
-            ids[r][q - k:] = list(toks)
-            pos[r][q - k:] = range(start, start + k)
-            slots[r][q - k:] = range(start, start + k)
+            ids[r][q - k :] = list(toks)
+            pos[r][q - k :] = range(start, start + k)
+            slots[r][q - k :] = range(start, start + k)
             kv_len = max(kv_len, start + k)
         dev = b.input_device
         host = torch.tensor([ids, pos, slots], dtype=torch.long)
@@ -293,12 +300,13 @@ class HFSession(Session):
             self.close()
             raise DeviceError(
                 f"out of memory on {b.device_label} running {n_rows} row(s) x {kv_len} tokens; use fewer prompts "
-                "per batch (--batch-size), a shorter context, or a smaller dtype (--dtype bfloat16)") from None
+                "per batch (--batch-size), a shorter context, or a smaller dtype (--dtype bfloat16)"
+            ) from None
         logits = out.logits
         if logits.dtype != torch.float32:
             logits = logits.float()
         logits = logits[:, -keep:, :]
-        return [logits[v - lo, keep - n:, :] for v, _, n in calls]
+        return [logits[v - lo, keep - n :, :] for v, _, n in calls]
 
     def _close(self) -> None:
         for layer in getattr(self._cache, "layers", []):
@@ -378,9 +386,15 @@ def _install_cpu_prepack(torch, model) -> int:
         return 0
     if not torch.backends.mkldnn.is_available():
         return 0
-    layers = [m for m in model.modules()
-              if type(m) is torch.nn.Linear and m is not head and m.weight.dtype == torch.float32
-              and m.weight.device.type == "cpu" and m.weight.dim() == 2]
+    layers = [
+        m
+        for m in model.modules()
+        if type(m) is torch.nn.Linear
+        and m is not head
+        and m.weight.dtype == torch.float32
+        and m.weight.device.type == "cpu"
+        and m.weight.dim() == 2
+    ]
     if not layers:
         return 0
     tied = {id(p) for p in (getattr(head, "weight", None), model.get_input_embeddings().weight) if p is not None}
@@ -389,8 +403,12 @@ def _install_cpu_prepack(torch, model) -> int:
             probe = layers[0]
             x = torch.randn(2, 1, probe.in_features)
             packed = reorder(probe.weight, 2)
-            if not torch.allclose(pointwise(x, packed, probe.bias, "none", [], ""),
-                                  torch.nn.functional.linear(x, probe.weight, probe.bias), atol=1e-4, rtol=1e-4):
+            if not torch.allclose(
+                pointwise(x, packed, probe.bias, "none", [], ""),
+                torch.nn.functional.linear(x, probe.weight, probe.bias),
+                atol=1e-4,
+                rtol=1e-4,
+            ):
                 return 0
     except RuntimeError:
         return 0
@@ -411,8 +429,12 @@ def _install_cpu_prepack(torch, model) -> int:
 
 
 def _looks_like_path(model: str) -> bool:
-    return (model.startswith(("/", "./", "../", "~", "\\")) or model.lower().endswith(".gguf")
-            or model.count("/") > 1 or (len(model) > 1 and model[1] == ":"))
+    return (
+        model.startswith(("/", "./", "../", "~", "\\"))
+        or model.lower().endswith(".gguf")
+        or model.count("/") > 1
+        or (len(model) > 1 and model[1] == ":")
+    )
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -448,7 +470,8 @@ class HFBackend(Backend):
         if self.attn_implementation is not None and self.attn_implementation not in _MASKED_ATTN:
             raise ConfigError(
                 f"backend.options.attn_implementation: the hf backend supports {' or '.join(_MASKED_ATTN)} "
-                f"(it passes per-row 4-D attention masks), got {self.attn_implementation!r}")
+                f"(it passes per-row 4-D attention masks), got {self.attn_implementation!r}"
+            )
         self.trust_remote_code = bool(opts.get("trust_remote_code", False))
         self.revision = opts.get("revision")
         if config.threads:
@@ -495,12 +518,17 @@ class HFBackend(Backend):
             _install_cpu_lm_head(torch, self.model)
             if opts.get("cpu_prepack", True):
                 self.cpu_prepacked = _install_cpu_prepack(torch, self.model)
-        self._facts = {"backend": self.name, "model": self.model_label, "device": self.device_label,
-                       "dtype": str(self.model.dtype).removeprefix("torch."),
-                       "attn_implementation": getattr(self.model.config, "_attn_implementation", None),
-                       "context_length": self.context_length, "threads": torch.get_num_threads(),
-                       "cpu_prepacked_linears": self.cpu_prepacked,
-                       "load_time_s": round(self.load_time_s, 2)}
+        self._facts = {
+            "backend": self.name,
+            "model": self.model_label,
+            "device": self.device_label,
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "attn_implementation": getattr(self.model.config, "_attn_implementation", None),
+            "context_length": self.context_length,
+            "threads": torch.get_num_threads(),
+            "cpu_prepacked_linears": self.cpu_prepacked,
+            "load_time_s": round(self.load_time_s, 2),
+        }
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._has_logits_to_keep = "logits_to_keep" in params
@@ -517,11 +545,14 @@ class HFBackend(Backend):
             raise ConfigError(f"backend.device: expected cpu, cuda or cuda:N, got {device!r}") from None
         if dev.type == "cuda":
             if not torch.cuda.is_available():
-                raise DeviceError(f"device {device!r} requested but CUDA is not available "
-                                  "(no GPU, or torch was built without CUDA); use --device cpu")
+                raise DeviceError(
+                    f"device {device!r} requested but CUDA is not available "
+                    "(no GPU, or torch was built without CUDA); use --device cpu"
+                )
             if dev.index is not None and dev.index >= torch.cuda.device_count():
-                raise DeviceError(f"device {device!r} does not exist; this machine has "
-                                  f"{torch.cuda.device_count()} CUDA device(s)")
+                raise DeviceError(
+                    f"device {device!r} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)"
+                )
         elif dev.type not in ("cpu", "mps", "xpu"):
             raise ConfigError(f"backend.device: expected cpu, cuda or cuda:N, got {device!r}")
         return dev
@@ -539,8 +570,9 @@ class HFBackend(Backend):
         p = Path(model).expanduser()
         if p.is_file():
             if not p.name.lower().endswith(".gguf"):
-                raise ModelLoadError(f"model file {p} is not a .gguf file; pass a model folder, a hub id "
-                                     "or a .gguf file")
+                raise ModelLoadError(
+                    f"model file {p} is not a .gguf file; pass a model folder, a hub id or a .gguf file"
+                )
             return str(p), *self._load_gguf(str(p.parent), p.name, local=p)
         if p.is_dir():
             if gguf_file:
@@ -575,11 +607,13 @@ class HFBackend(Backend):
         if not _hub_reachable():
             raise ModelLoadError(
                 f"model {source!r} is not a local path and not in the Hugging Face cache, and the hub cannot be "
-                "reached (offline?); pass a local model folder or .gguf file, or download it first")
+                "reached (offline?); pass a local model folder or .gguf file, or download it first"
+            )
         return fn(source, **kw)
 
-    def _from_pretrained(self, source: str, *, local: bool, gguf_file: str | None = None,
-                         dtype: Any = None, device: Any = "default"):
+    def _from_pretrained(
+        self, source: str, *, local: bool, gguf_file: str | None = None, dtype: Any = None, device: Any = "default"
+    ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch = self.torch
@@ -601,11 +635,14 @@ class HFBackend(Backend):
         except (ModelLoadError, ConfigError, DeviceError):
             raise
         except torch.cuda.OutOfMemoryError:
-            raise DeviceError(f"out of memory loading {source} on {self.device}; try --dtype bfloat16, "
-                              "--backend-option device_map=auto, or a smaller model") from None
+            raise DeviceError(
+                f"out of memory loading {source} on {self.device}; try --dtype bfloat16, "
+                "--backend-option device_map=auto, or a smaller model"
+            ) from None
         except ImportError as err:
-            raise BackendUnavailableError(f"loading {source} needs a missing package: {err}; run: {INSTALL_HINT}"
-                                          ) from None
+            raise BackendUnavailableError(
+                f"loading {source} needs a missing package: {err}; run: {INSTALL_HINT}"
+            ) from None
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             msg = " ".join(str(err).split())
             if len(msg) > 300:
@@ -635,8 +672,9 @@ class HFBackend(Backend):
             except ModelLoadError:
                 shutil.rmtree(cached, ignore_errors=True)  # a damaged conversion: redo it
         # Convert at float32 (what the GGUF loader dequantizes to), save, then cast.
-        model, tok = self._from_pretrained(source, local=local is not None, gguf_file=gguf_file,
-                                           dtype=self.torch.float32, device=None)
+        model, tok = self._from_pretrained(
+            source, local=local is not None, gguf_file=gguf_file, dtype=self.torch.float32, device=None
+        )
         model.hf_quantizer = None  # the weights are plain tensors now; let save_pretrained write them
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -663,7 +701,8 @@ class HFBackend(Backend):
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             (tmp / "persona-judge-source.json").write_text(
-                json.dumps({"source": source, "gguf_file": gguf_file}), encoding="utf-8")
+                json.dumps({"source": source, "gguf_file": gguf_file}), encoding="utf-8"
+            )
             try:
                 os.replace(tmp, target)
                 tmp = None
@@ -680,8 +719,10 @@ class HFBackend(Backend):
     def _setup_attention(self, tcfg) -> None:
         impl = getattr(self.model.config, "_attn_implementation", None) or "eager"
         if impl not in _MASKED_ATTN:
-            raise ConfigError(f"the model uses attn_implementation={impl!r}; the hf backend supports "
-                              f"{' or '.join(_MASKED_ATTN)} (set backend.options.attn_implementation)")
+            raise ConfigError(
+                f"the model uses attn_implementation={impl!r}; the hf backend supports "
+                f"{' or '.join(_MASKED_ATTN)} (set backend.options.attn_implementation)"
+            )
         self._bool_mask = impl == "sdpa"
         window = getattr(tcfg, "sliding_window", None)
         types = getattr(tcfg, "layer_types", None)
@@ -693,8 +734,9 @@ class HFBackend(Backend):
                 elif t == "sliding_attention":
                     windows[t] = int(window) if window else None
                 else:
-                    raise ConfigError(f"the model has {t!r} layers, which the hf backend's batched cache does "
-                                      "not support")
+                    raise ConfigError(
+                        f"the model has {t!r} layers, which the hf backend's batched cache does not support"
+                    )
         else:
             use = getattr(tcfg, "use_sliding_window", True)
             windows[""] = int(window) if (window and use) else None
@@ -724,8 +766,9 @@ class HFBackend(Backend):
     def open(self, n_views: int) -> HFSession:
         return HFSession(self, n_views)
 
-    def native_generate(self, tokens: Sequence[int], *, temperature: float, top_k: int, top_p: float,
-                        max_new_tokens: int, seed: int) -> list[int]:
+    def native_generate(
+        self, tokens: Sequence[int], *, temperature: float, top_k: int, top_p: float, max_new_tokens: int, seed: int
+    ) -> list[int]:
         """Plain ``model.generate`` sampling (greedy at temperature 0): the benchmark baseline."""
         from transformers import GenerationConfig
 
@@ -734,14 +777,26 @@ class HFBackend(Backend):
         eos = sorted(self.tokenizer.eos_token_ids)
         # Every logits processor set explicitly: ``generate`` fills unset (None) fields from the model's
         # generation_config, which may carry e.g. a repetition penalty the Persona-judge side does not apply.
-        gc = GenerationConfig(max_new_tokens=max_new_tokens, min_length=0, num_beams=1,
-                              do_sample=not greedy, temperature=temperature if not greedy else 1.0,
-                              top_k=max(top_k, 0) if not greedy else 0, top_p=top_p if not greedy else 1.0,
-                              min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
-                              no_repeat_ngram_size=0, pad_token_id=self.pad_token_id, eos_token_id=eos or None,
-                              # a hub config asking for a static or hybrid cache would make generate compile
-                              # (minutes, and a different program from the one timed against it): pin it
-                              cache_implementation="dynamic")
+        gc = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            min_length=0,
+            num_beams=1,
+            do_sample=not greedy,
+            temperature=temperature if not greedy else 1.0,
+            top_k=max(top_k, 0) if not greedy else 0,
+            top_p=top_p if not greedy else 1.0,
+            min_p=0.0,
+            typical_p=1.0,
+            epsilon_cutoff=0.0,
+            eta_cutoff=0.0,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=eos or None,
+            # a hub config asking for a static or hybrid cache would make generate compile
+            # (minutes, and a different program from the one timed against it): pin it
+            cache_implementation="dynamic",
+        )
         torch.manual_seed(seed)
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.input_device)
         try:
@@ -750,7 +805,7 @@ class HFBackend(Backend):
                 out = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)
         except torch.cuda.OutOfMemoryError:
             raise DeviceError(f"out of memory on {self.device_label} in model.generate") from None
-        new = out[0, len(tokens):].tolist()
+        new = out[0, len(tokens) :].tolist()
         for i, t in enumerate(new):
             if t in self.tokenizer.eos_token_ids:
                 return new[:i]

@@ -37,11 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from personajudge.backends.embedded import default_model_path
 from personajudge.core.chat_template import ChatTemplate
-from pydantic import Field, model_validator
-
 from personajudge.core.config import BackendConfig, Options, take_options
 from personajudge.core.contract import Backend, ForwardCall, Session
 from personajudge.core.errors import (
@@ -72,23 +71,31 @@ class LlamaCppOptions(Options):
     created, see :meth:`LlamaCppBackend._ensure_sequences`), and no more than 512 threads.
     """
 
-    n_batch: int = Field(512, ge=1, le=_INT32, description="Max tokens per llama_decode call; longer inputs are "
-                         "chunked. At least the number of views + 1.")
+    n_batch: int = Field(
+        512,
+        ge=1,
+        le=_INT32,
+        description="Max tokens per llama_decode call; longer inputs are chunked. At least the number of views + 1.",
+    )
     n_ubatch: int = Field(512, ge=1, le=_INT32, description="Physical micro-batch (at most n_batch).")
-    n_seq_max: int | None = Field(None, ge=2, le=MAX_SEQUENCES,
-                                  description="Initial number of KV sequences (views + 1); grows on demand.")
+    n_seq_max: int | None = Field(
+        None, ge=2, le=MAX_SEQUENCES, description="Initial number of KV sequences (views + 1); grows on demand."
+    )
     kv_unified: bool = Field(False, description="One shared KV pool instead of one stream per sequence.")
     flash_attn: bool | None = Field(None, description="None = llama.cpp decides (auto); true / false force it.")
-    threads_batch: int | None = Field(None, ge=1, le=MAX_THREADS,
-                                      description="Threads for prompt processing (default: threads).")
+    threads_batch: int | None = Field(
+        None, ge=1, le=MAX_THREADS, description="Threads for prompt processing (default: threads)."
+    )
     use_mmap: bool = Field(True, description="Memory-map the model file.")
     verbose: bool = Field(False, description="Pass llama.cpp's log to stderr.")
 
     @model_validator(mode="after")
-    def _batch_holds_sequences(self) -> "LlamaCppOptions":
+    def _batch_holds_sequences(self) -> LlamaCppOptions:
         if self.n_seq_max is not None and self.n_batch < self.n_seq_max:
-            raise ValueError(f"n_batch={self.n_batch} is smaller than n_seq_max={self.n_seq_max}; llama.cpp "
-                             "needs a batch of at least one token per KV sequence (it aborts otherwise)")
+            raise ValueError(
+                f"n_batch={self.n_batch} is smaller than n_seq_max={self.n_seq_max}; llama.cpp "
+                "needs a batch of at least one token per KV sequence (it aborts otherwise)"
+            )
         return self
 
 
@@ -100,6 +107,7 @@ _LOG_WARN, _LOG_ERROR, _LOG_CONT = 3, 4, 5
 
 
 # --------------------------------------------------------------------------- llama_cpp import and logging
+
 
 class _Log:
     """Keeps llama.cpp quiet: its log goes to a small ring buffer (warnings and errors only).
@@ -161,11 +169,13 @@ def _import_llama() -> Any:
         import llama_cpp as lib
     except ImportError as err:
         raise BackendUnavailableError(
-            f"the llama-cpp backend needs llama-cpp-python ({err}); run: {INSTALL_HINT}") from None
+            f"the llama-cpp backend needs llama-cpp-python ({err}); run: {INSTALL_HINT}"
+        ) from None
     except (OSError, RuntimeError) as err:  # the shared library failed to load
         raise BackendUnavailableError(
             f"llama-cpp-python is installed but its native library failed to load ({err}); "
-            "reinstall it: pip install --force-reinstall --no-cache-dir llama-cpp-python") from None
+            "reinstall it: pip install --force-reinstall --no-cache-dir llama-cpp-python"
+        ) from None
     _LOG.install(lib)
     with _init_lock:
         if not _backend_initialized:
@@ -178,7 +188,9 @@ def _import_llama() -> Any:
 
 GGUF_MAGIC = b"GGUF"
 _OTHER_FORMATS = {
-    b"ggml": "an old GGML model", b"ggmf": "an old GGMF model", b"ggjt": "an old GGJT model",
+    b"ggml": "an old GGML model",
+    b"ggmf": "an old GGMF model",
+    b"ggjt": "an old GGJT model",
     b"PK\x03\x04": "a zip archive (a PyTorch checkpoint?)",
 }
 
@@ -189,7 +201,8 @@ def check_model_file(path: str | os.PathLike[str]) -> Path:
     if not p.exists():
         raise ModelLoadError(
             f"model file not found: {p}; pass --model PATH to a local .gguf file "
-            "(or leave --model out to use the embedded Gemma 3 270M)")
+            "(or leave --model out to use the embedded Gemma 3 270M)"
+        )
     if p.is_dir():
         raise ModelLoadError(f"model path {p} is a directory; the llama-cpp backend needs a .gguf file")
     try:
@@ -200,7 +213,8 @@ def check_model_file(path: str | os.PathLike[str]) -> Path:
     if len(head) < 8:
         raise ModelLoadError(
             f"model file {p} is {'empty' if not head else 'truncated'} ({p.stat().st_size} bytes), "
-            "not a GGUF model; download it again")
+            "not a GGUF model; download it again"
+        )
     if head[:4] != GGUF_MAGIC:
         what = next((v for k, v in _OTHER_FORMATS.items() if head.startswith(k)), None)
         if what is None and head[8:9] == b"{":
@@ -208,16 +222,19 @@ def check_model_file(path: str | os.PathLike[str]) -> Path:
         raise ModelLoadError(
             f"model file {p} is {what or 'not a GGUF file'} (it does not start with the GGUF magic); "
             "the llama-cpp backend needs a .gguf model -- convert safetensors/PyTorch checkpoints with "
-            "llama.cpp's convert_hf_to_gguf.py, or use the hf backend")
+            "llama.cpp's convert_hf_to_gguf.py, or use the hf backend"
+        )
     version = int.from_bytes(head[4:8], "little")
     if not 1 <= version <= 3:
         raise ModelLoadError(
             f"model file {p} has GGUF version {version}, which this llama.cpp does not read; "
-            "the file is corrupt, or needs a newer llama-cpp-python")
+            "the file is corrupt, or needs a newer llama-cpp-python"
+        )
     return p
 
 
 # --------------------------------------------------------------------------- tokenizer
+
 
 class LlamaCppTokenizer:
     """The model's own tokenizer through llama.cpp, plus a jinja2 chat-template renderer."""
@@ -251,7 +268,7 @@ class LlamaCppTokenizer:
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
             n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
-        return buf.raw[:max(n, 0)].decode("utf-8", errors="replace")
+        return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
 
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
         data = text.encode("utf-8")
@@ -265,8 +282,13 @@ class LlamaCppTokenizer:
         if n < 0:
             raise RuntimeError(f"llama_tokenize failed ({n})")
         ids = list(arr[:n])
-        if add_bos and self._add_eos and ids and ids[-1] == self.eos_token_id and not text.endswith(
-                self.token_text(self.eos_token_id)):
+        if (
+            add_bos
+            and self._add_eos
+            and ids
+            and ids[-1] == self.eos_token_id
+            and not text.endswith(self.token_text(self.eos_token_id))
+        ):
             ids.pop()  # a prompt for generation never ends with an EOS the model config appends
         return ids
 
@@ -289,17 +311,21 @@ class LlamaCppTokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
-            raise ConfigError("this model has no chat template (GGUF key tokenizer.chat_template); "
-                              "use --encoder plain (or auto)")
+            raise ConfigError(
+                "this model has no chat template (GGUF key tokenizer.chat_template); use --encoder plain (or auto)"
+            )
         if self._compiled is None or self._compiled[0] != self.chat_template:
             self._compiled = (self.chat_template, ChatTemplate(self.chat_template, self.origin))
         return self._compiled[1].render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
             bos_token=self.token_text(self.bos_token_id) if self.bos_token_id >= 0 else "",
-            eos_token=self.token_text(self.eos_token_id) if self.eos_token_id >= 0 else "")
+            eos_token=self.token_text(self.eos_token_id) if self.eos_token_id >= 0 else "",
+        )
 
 
 # --------------------------------------------------------------------------- batch
+
 
 class _Batch:
     """A ``llama_batch`` whose arrays are numpy buffers (filled with slices, not per-token ctypes calls)."""
@@ -316,7 +342,7 @@ class _Batch:
         b = lib.llama_batch()
         b.n_tokens = 0
         b.token = self.token.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        b.embd = ctypes.cast(None, type(b.embd))
+        b.embd = type(b.embd)()  # a NULL pointer: the batch carries tokens, not embeddings
         b.pos = self.pos.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
         b.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
         b.seq_id = ctypes.cast(self._seq_ptrs, type(b.seq_id))
@@ -333,6 +359,7 @@ _DECODE_ERRORS = {
 
 # --------------------------------------------------------------------------- session
 
+
 class LlamaCppSession(Session):
     """One KV-cache sequence per view in the backend's single llama.cpp context.
 
@@ -341,7 +368,7 @@ class LlamaCppSession(Session):
     further calls on it.
     """
 
-    def __init__(self, backend: "LlamaCppBackend", n_views: int):
+    def __init__(self, backend: LlamaCppBackend, n_views: int):
         super().__init__(n_views, backend.context_length, backend.n_vocab)
         self.backend = backend
 
@@ -359,6 +386,7 @@ class LlamaCppSession(Session):
 
 # --------------------------------------------------------------------------- backend
 
+
 class LlamaCppBackend(Backend):
     """llama.cpp on any local GGUF file; default: the embedded Gemma 3 270M.
 
@@ -375,17 +403,22 @@ class LlamaCppBackend(Backend):
         config = config or BackendConfig(name=self.name)
         self.options = take_options(config, LlamaCppOptions, owner=self.name)
         if config.threads is not None and config.threads > MAX_THREADS:
-            raise ConfigError(f"backend.threads={config.threads}: llama.cpp runs at most {MAX_THREADS} threads "
-                              "(it aborts with more)")
+            raise ConfigError(
+                f"backend.threads={config.threads}: llama.cpp runs at most {MAX_THREADS} threads (it aborts with more)"
+            )
         initial = self.options["n_seq_max"] or 3
         if config.n_ctx is not None and config.n_ctx * initial > 2**32 - 1:  # llama.cpp's n_ctx is a uint32_t
-            raise ConfigError(f"backend.n_ctx={config.n_ctx} x {initial} KV sequences is more than llama.cpp can "
-                              "address; lower the context size (--n-ctx)")
+            raise ConfigError(
+                f"backend.n_ctx={config.n_ctx} x {initial} KV sequences is more than llama.cpp can "
+                "address; lower the context size (--n-ctx)"
+            )
         if config.n_gpu_layers is not None and config.n_gpu_layers > _INT32:
             raise ConfigError(f"backend.n_gpu_layers={config.n_gpu_layers} is out of range; -1 offloads every layer")
         if self.options["n_batch"] < initial:
-            raise ConfigError(f"backend.options.n_batch={self.options['n_batch']} is smaller than the {initial} KV "
-                              f"sequences the context starts with (views + 1); set n_batch to at least {initial}")
+            raise ConfigError(
+                f"backend.options.n_batch={self.options['n_batch']} is smaller than the {initial} KV "
+                f"sequences the context starts with (views + 1); set n_batch to at least {initial}"
+            )
         self._model = None
         self._ctx = None
         self._session: LlamaCppSession | None = None
@@ -457,16 +490,22 @@ class LlamaCppBackend(Backend):
             return
         lib = self._lib
         if n_seq > int(lib.llama_max_parallel_sequences()):
-            raise ConfigError(f"{n_seq - 1} views need more KV sequences than llama.cpp supports "
-                              f"({lib.llama_max_parallel_sequences()})")
+            raise ConfigError(
+                f"{n_seq - 1} views need more KV sequences than llama.cpp supports "
+                f"({lib.llama_max_parallel_sequences()})"
+            )
         # llama.cpp reserves one output row per sequence within a batch and aborts (GGML_ASSERT
         # n_outputs_max <= cparams.n_outputs_max) when the batch is smaller: refuse instead.
         if self.n_batch < n_seq:
-            raise ConfigError(f"{n_seq - 1} view(s) need {n_seq} KV sequences, more than backend.options.n_batch="
-                              f"{self.n_batch} tokens per batch can serve; set n_batch to at least {n_seq}")
+            raise ConfigError(
+                f"{n_seq - 1} view(s) need {n_seq} KV sequences, more than backend.options.n_batch="
+                f"{self.n_batch} tokens per batch can serve; set n_batch to at least {n_seq}"
+            )
         if self.context_length * n_seq > 2**32 - 1:  # n_ctx is a uint32_t: it would wrap around
-            raise ConfigError(f"a context of {self.context_length} tokens x {n_seq} sequences is more than llama.cpp "
-                              "can address; lower the context size (--n-ctx)")
+            raise ConfigError(
+                f"a context of {self.context_length} tokens x {n_seq} sequences is more than llama.cpp "
+                "can address; lower the context size (--n-ctx)"
+            )
         if self._session is not None:
             self._session._closed = True
             self._session = None
@@ -479,25 +518,33 @@ class LlamaCppBackend(Backend):
         p.n_threads = self.threads
         p.n_threads_batch = self.threads_batch
         p.kv_unified = bool(self.options["kv_unified"])
-        p.swa_full = True          # rollback must never find sliding-window tokens evicted
+        p.swa_full = True  # rollback must never find sliding-window tokens evicted
         p.embeddings = False
         p.no_perf = True
         if hasattr(p, "n_outputs_max_per_seq"):
             p.n_outputs_max_per_seq = 0  # a verification needs lambda+1 rows of one sequence
         fa = self.options["flash_attn"]
-        p.flash_attn_type = (lib.LLAMA_FLASH_ATTN_TYPE_AUTO if fa is None else
-                             lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if fa else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        p.flash_attn_type = (
+            lib.LLAMA_FLASH_ATTN_TYPE_AUTO
+            if fa is None
+            else lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if fa
+            else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
         mark = _LOG.mark()
         ctx = lib.llama_init_from_model(self._model, p)
         if not ctx:
             raise on_error(
                 f"llama.cpp could not create a context of {self.context_length} tokens x {n_seq} sequences "
-                f"({_explain(_LOG.errors_since(mark))}); lower the context size (--n-ctx)")
+                f"({_explain(_LOG.errors_since(mark))}); lower the context size (--n-ctx)"
+            )
         per_seq = int(lib.llama_n_ctx(ctx)) if p.kv_unified else int(lib.llama_n_ctx_seq(ctx))
         if per_seq < self.context_length * (n_seq if p.kv_unified else 1):
             lib.llama_free(ctx)
-            raise on_error(f"llama.cpp gave each sequence {per_seq} tokens of context, fewer than the "
-                           f"requested {self.context_length}; lower the context size (--n-ctx)")
+            raise on_error(
+                f"llama.cpp gave each sequence {per_seq} tokens of context, fewer than the "
+                f"requested {self.context_length}; lower the context size (--n-ctx)"
+            )
         self._ctx = ctx
         self._mem = lib.llama_get_memory(ctx)
         self._n_seq = n_seq
@@ -526,8 +573,9 @@ class LlamaCppBackend(Backend):
             self._session = LlamaCppSession(self, n_views)
             return self._session
 
-    def native_generate(self, tokens: Sequence[int], *, temperature: float, top_k: int, top_p: float,
-                        max_new_tokens: int, seed: int) -> list[int]:
+    def native_generate(
+        self, tokens: Sequence[int], *, temperature: float, top_k: int, top_p: float, max_new_tokens: int, seed: int
+    ) -> list[int]:
         """Plain sampling with llama.cpp's own sampler chain (temperature, top-k, top-p), stopping at EOS.
 
         Runs on a sequence reserved for it, so an open session is not disturbed.
@@ -539,8 +587,10 @@ class LlamaCppBackend(Backend):
         if not (0 <= min(prompt) and max(prompt) < self.n_vocab):
             raise ValueError(f"token ids must be in 0..{self.n_vocab - 1}")
         if len(prompt) >= self.context_length:
-            raise ContextLengthError(f"the prompt is {len(prompt)} tokens, the context holds {self.context_length}; "
-                                     "shorten it or raise --n-ctx")
+            raise ContextLengthError(
+                f"the prompt is {len(prompt)} tokens, the context holds {self.context_length}; "
+                "shorten it or raise --n-ctx"
+            )
         with self._lock:
             self._require_open()
             seq = self._n_seq - 1
@@ -575,8 +625,12 @@ class LlamaCppBackend(Backend):
                     self._seq_rm(seq, 0)
 
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"backend": self.name, "model": str(self.model_path), "threads": self.threads,
-                                "n_ctx": self.context_length}
+        info: dict[str, Any] = {
+            "backend": self.name,
+            "model": str(self.model_path),
+            "threads": self.threads,
+            "n_ctx": self.context_length,
+        }
         if self._model is not None:
             buf = ctypes.create_string_buffer(256)
             self._lib.llama_model_desc(self._model, buf, len(buf))
@@ -593,8 +647,9 @@ class LlamaCppBackend(Backend):
         if lock is None:
             return
         with lock:
-            if getattr(self, "_session", None) is not None:
-                self._session._closed = True
+            session = getattr(self, "_session", None)
+            if session is not None:
+                session._closed = True
                 self._session = None
             if getattr(self, "_ctx", None) is not None:
                 self._free_context()
@@ -619,8 +674,10 @@ class LlamaCppBackend(Backend):
 
     def _seq_rm(self, seq: int, start: int) -> None:
         if not self._lib.llama_memory_seq_rm(self._mem, seq, start, -1):
-            raise DeviceError(f"llama.cpp could not remove positions >= {start} of sequence {seq} "
-                              "(this model's memory does not support partial removal)")
+            raise DeviceError(
+                f"llama.cpp could not remove positions >= {start} of sequence {seq} "
+                "(this model's memory does not support partial removal)"
+            )
 
     def _clear_sequences(self, n: int) -> None:
         with self._lock:  # a session may be closed from another thread while the backend closes
@@ -629,8 +686,10 @@ class LlamaCppBackend(Backend):
                     self._lib.llama_memory_seq_rm(self._mem, s, -1, -1)
 
     def _run(self, n: int) -> None:
-        self._batch.struct.n_tokens = n
-        rc = self._lib.llama_decode(self._ctx, self._batch.struct)
+        b = self._batch
+        assert b is not None  # made together with the context, which every caller holds open
+        b.struct.n_tokens = n
+        rc = self._lib.llama_decode(self._ctx, b.struct)
         if rc != 0:
             why = _DECODE_ERRORS.get(rc, "fatal error")
             raise _DecodeFailed(rc, f"llama.cpp decode failed (code {rc}: {why}) on a batch of {n} tokens")
@@ -638,10 +697,11 @@ class LlamaCppBackend(Backend):
     def _feed_seq(self, seq: int, start: int, tokens: list[int]) -> int:
         """Feed one sequence (chunked), logits only for the last token; return its batch index."""
         b = self._batch
+        assert b is not None  # made together with the context
         k = 0
         try:
             while k < len(tokens):
-                chunk = tokens[k:k + b.capacity]
+                chunk = tokens[k : k + b.capacity]
                 n = len(chunk)
                 b.token[:n] = chunk
                 b.pos[:n] = np.arange(start + k, start + k + n, dtype=np.int32)
@@ -656,11 +716,12 @@ class LlamaCppBackend(Backend):
             self._lib.llama_memory_seq_rm(self._mem, seq, start, -1)
             raise DeviceError(str(err) + "; try a smaller batch (backend option n_batch)") from None
 
-    def _decode(self, calls: list[tuple[int, int, list[int], int]]) -> list[np.ndarray]:
+    def _decode(self, calls: list[tuple[int, int, Sequence[int], int]]) -> list[np.ndarray]:
         """One llama_decode for all ``(seq, start, tokens, n_logits)`` calls (chunked past n_batch)."""
         with self._lock:
             self._require_open()
             lib, b, V = self._lib, self._batch, self.n_vocab
+            assert b is not None  # _require_open(): the context and its batch exist
             total = sum(len(t) for _, _, t, _ in calls)
             token = np.empty(total, dtype=np.int32)
             pos = np.empty(total, dtype=np.int32)
@@ -671,10 +732,10 @@ class LlamaCppBackend(Backend):
             k = 0
             for ci, (s, start, toks, n) in enumerate(calls):
                 L_ = len(toks)
-                token[k:k + L_] = toks
-                pos[k:k + L_] = np.arange(start, start + L_, dtype=np.int32)
-                seq[k:k + L_] = s
-                want[k + L_ - n:k + L_] = 1
+                token[k : k + L_] = toks
+                pos[k : k + L_] = np.arange(start, start + L_, dtype=np.int32)
+                seq[k : k + L_] = s
+                want[k + L_ - n : k + L_] = 1
                 for r in range(n):
                     dest[k + L_ - n + r] = (ci, r)
                 k += L_
@@ -697,8 +758,10 @@ class LlamaCppBackend(Backend):
             except _DecodeFailed as err:
                 for s, start, _, _ in calls:  # leave every sequence as it was before the call
                     lib.llama_memory_seq_rm(self._mem, s, start, -1)
-                raise DeviceError(str(err) + "; if it persists, lower the context size (--n-ctx) or the batch "
-                                  "size (backend option n_batch)") from None
+                raise DeviceError(
+                    str(err) + "; if it persists, lower the context size (--n-ctx) or the batch "
+                    "size (backend option n_batch)"
+                ) from None
             return outs
 
 
@@ -722,7 +785,7 @@ def _explain(errors: list[str]) -> str:
         if "error loading model:" in line:
             msg = line.split("error loading model:", 1)[1].strip()
             if msg.startswith("llama_model_loader: "):
-                msg = msg[len("llama_model_loader: "):]
+                msg = msg[len("llama_model_loader: ") :]
             return msg + _hint(errors)
     for line in reversed(errors):
         if "failed to load model" not in line:

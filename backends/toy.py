@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
 from pydantic import Field
 
 from personajudge.core.config import BackendConfig, Options, take_options
@@ -48,7 +47,7 @@ class ToyTokenizer:
 
 
 class ToySession(Session):
-    def __init__(self, backend: "ToyBackend", n_views: int):
+    def __init__(self, backend: ToyBackend, n_views: int):
         super().__init__(n_views, backend.context_length, backend.tokenizer.vocab_size)
         self.backend = backend
         self._ctx: list[list[int]] = [[] for _ in range(n_views)]

@@ -39,10 +39,10 @@ from __future__ import annotations
 
 import contextvars
 import functools
-from collections.abc import Iterator
 import json
 import re
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -65,8 +65,7 @@ _BIG_WIDTH = re.compile(r"\d{7,}")
 #: filters that may be called on large inputs only a bounded number of times
 _SEQ_TYPES = (str, bytes, list, tuple)
 
-_BUDGET: contextvars.ContextVar["_Budget | None"] = contextvars.ContextVar("personajudge_template_budget",
-                                                                          default=None)
+_BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("personajudge_template_budget", default=None)
 
 
 class _Over(Exception):
@@ -292,7 +291,7 @@ def _wrap_filter(name: str, func: Any) -> Any:
         plain = [a for a in args if not isinstance(a, _CONTEXTS)]  # skip the context / eval context
         for a in (*plain, *kwargs.values()):
             _check_value(a, f"the input of {what}")
-        value = plain[0] if plain else None
+        value: Any = plain[0] if plain else None  # whatever the template piped in
         rest = plain[1:]
         if name == "indent":
             width = rest[0] if rest else kwargs.get("width", 4)
@@ -457,8 +456,13 @@ def _environment() -> Any:
                 elif is_int(left) and isinstance(right, _SEQ_TYPES):
                     _need(_size(right) * max(left, 0), what)
             elif operator == "**":
-                if is_int(left) and is_int(right) and right > 0 and abs(left) > 1 and \
-                        left.bit_length() * right > MAX_INT_BITS:
+                if (
+                    is_int(left)
+                    and is_int(right)
+                    and right > 0
+                    and abs(left) > 1
+                    and left.bit_length() * right > MAX_INT_BITS
+                ):
                     raise _Over(f"{what} would build an integer over {MAX_INT_BITS} bits")
             elif operator == "+":
                 if isinstance(left, _SEQ_TYPES) and isinstance(right, _SEQ_TYPES):
@@ -471,8 +475,9 @@ def _environment() -> Any:
     def raise_exception(message: Any) -> None:
         raise TemplateError(str(message))
 
-    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
+    def tojson(
+        x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
+    ) -> str:
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     env = Env(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
@@ -489,7 +494,7 @@ def _one_line(text: Any, limit: int = 200) -> str:
     """A message from the template (attacker-controlled text) as one short printable line."""
     s = " ".join(str(text).split())
     s = "".join(ch if ch.isprintable() else "?" for ch in s)
-    return s if len(s) <= limit else s[:limit - 3] + "..."
+    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 _WAY_AROUND = ("use --encoder plain (no chat template)", "or --encoder system (the preferences in the system message)")
@@ -499,10 +504,8 @@ def _fail(origin: str, problem: str, *, limit: bool = False) -> ChatTemplateErro
     """One line naming the model file, the problem, and the way around it. ``limit``: the template
     cannot be used at all (it does not compile, or a limit stopped it), so only ``plain`` helps."""
     if limit:
-        return ChatTemplateFatalError(f"the chat template of {origin} cannot be used: {problem}; "
-                                      f"{_WAY_AROUND[0]}")
-    return ChatTemplateError(f"the chat template of {origin} failed: {problem}; {_WAY_AROUND[0]} "
-                             f"{_WAY_AROUND[1]}")
+        return ChatTemplateFatalError(f"the chat template of {origin} cannot be used: {problem}; {_WAY_AROUND[0]}")
+    return ChatTemplateError(f"the chat template of {origin} failed: {problem}; {_WAY_AROUND[0]} {_WAY_AROUND[1]}")
 
 
 class ChatTemplate:
@@ -513,8 +516,11 @@ class ChatTemplate:
         if not isinstance(source, str):
             raise _fail(origin, "the template is not text")
         if len(source) > MAX_SOURCE_CHARS:
-            raise _fail(origin, f"the template is {len(source):,} characters long, over the limit of "
-                                f"{MAX_SOURCE_CHARS:,}", limit=True)
+            raise _fail(
+                origin,
+                f"the template is {len(source):,} characters long, over the limit of {MAX_SOURCE_CHARS:,}",
+                limit=True,
+            )
         env = _environment()
         from jinja2.exceptions import TemplateError
 
@@ -525,19 +531,28 @@ class ChatTemplate:
         except (RecursionError, MemoryError):
             raise _fail(origin, "it is nested too deeply to compile", limit=True) from None
         except Exception as err:  # a compiler corner case; still the file's fault, not the user's
-            raise _fail(origin, f"it does not compile ({type(err).__name__}: {_one_line(err)})",
-                        limit=True) from None
+            raise _fail(origin, f"it does not compile ({type(err).__name__}: {_one_line(err)})", limit=True) from None
 
-    def render(self, *, time_limit: float | None = None, max_steps: int | None = None,
-               max_chars: int | None = None, **context: Any) -> str:
+    def render(
+        self,
+        *,
+        time_limit: float | None = None,
+        max_steps: int | None = None,
+        max_chars: int | None = None,
+        **context: Any,
+    ) -> str:
         """The template's text for ``context`` (``messages``, ``add_generation_prompt``, tokens)."""
         from jinja2.exceptions import TemplateError
 
         size_in = weight(context, 1 << 62, memo := _Memo(1 << 62))
         memo.freeze()
         cap = max_chars if max_chars is not None else MIN_OUTPUT_CHARS + OUTPUT_PER_INPUT * size_in
-        budget = _Budget(time_limit=TIME_LIMIT_S if time_limit is None else time_limit,
-                         max_steps=MAX_STEPS if max_steps is None else max_steps, cap=cap, memo=memo)
+        budget = _Budget(
+            time_limit=TIME_LIMIT_S if time_limit is None else time_limit,
+            max_steps=MAX_STEPS if max_steps is None else max_steps,
+            cap=cap,
+            memo=memo,
+        )
         memo.retain = 2 * cap
         token = _BUDGET.set(budget)
         try:
@@ -565,5 +580,13 @@ def render_chat_template(source: str, origin: str = "the model", **context: Any)
     return ChatTemplate(source, origin).render(**context)
 
 
-__all__ = ["ChatTemplate", "render_chat_template", "weight", "TIME_LIMIT_S", "MAX_STEPS", "MIN_OUTPUT_CHARS",
-           "OUTPUT_PER_INPUT", "MAX_SOURCE_CHARS"]
+__all__ = [
+    "ChatTemplate",
+    "render_chat_template",
+    "weight",
+    "TIME_LIMIT_S",
+    "MAX_STEPS",
+    "MIN_OUTPUT_CHARS",
+    "OUTPUT_PER_INPUT",
+    "MAX_SOURCE_CHARS",
+]

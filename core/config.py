@@ -35,8 +35,13 @@ class BackendConfig(_Model):
     model: str | None = Field(None, description="Path or hub id; None means the backend's default model.")
     device: str | None = Field(None, description="cpu, cuda, cuda:N (hf); ignored by llama-cpp.")
     dtype: str | None = Field(None, description="float32, float16, bfloat16 or auto (hf).")
-    threads: int | None = Field(None, ge=1, le=512, description="CPU threads (at most 512: ggml's GGML_MAX_N_THREADS; "
-                                "llama.cpp aborts and torch stalls with far more).")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=512,
+        description="CPU threads (at most 512: ggml's GGML_MAX_N_THREADS; "
+        "llama.cpp aborts and torch stalls with far more).",
+    )
     n_ctx: int | None = Field(None, ge=16, description="Context size in tokens.")
     n_gpu_layers: int | None = Field(None, ge=-1, description="Layers offloaded to the GPU (llama-cpp).")
     options: dict[str, Any] = Field(default_factory=dict, description="Backend-specific extra options.")
@@ -62,7 +67,8 @@ class DecodingConfig(_Model):
     seed: int | None = Field(None, ge=0, description="None draws a fresh seed (reported in the stats).")
     roles: RoleSchedule | None = Field(None, description="Override the method's role schedule.")
     repeat_lines: int = Field(
-        3, ge=0,
+        3,
+        ge=0,
         description="Repetition guard: end the response when this many consecutive lines are the same up to "
         "digits, case, punctuation and spacing (the repeats are dropped, the first kept); 0 turns it off. It "
         "only decides where to stop, never which token is sampled; the reference method always runs without it.",
@@ -105,7 +111,7 @@ class RunConfig(_Model):
         return v
 
     @model_validator(mode="after")
-    def _views(self) -> "RunConfig":
+    def _views(self) -> RunConfig:
         if self.views is not None:
             if not self.views or any(len(v) == 0 for v in self.views):
                 raise ValueError("views: every view needs at least one preference")
@@ -144,8 +150,13 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
 
 
-def take_options(config: BackendConfig | dict[str, Any] | None, spec: type[Options], *, owner: str | None = None,
-                 where: str = "backend.options") -> dict[str, Any]:
+def take_options(
+    config: BackendConfig | dict[str, Any] | None,
+    spec: type[Options],
+    *,
+    owner: str | None = None,
+    where: str = "backend.options",
+) -> dict[str, Any]:
     """Validate ``config.options`` (or a plain dict) against ``spec``: every option, defaults filled in.
 
     Unknown names are refused with the list of known ones; a bad value raises
@@ -163,8 +174,9 @@ def take_options(config: BackendConfig | dict[str, Any] | None, spec: type[Optio
     unknown = sorted(str(k) for k in set(options) - set(spec.model_fields))
     if unknown:
         known = ", ".join(spec.model_fields) or "(none)"
-        raise ConfigError(f"{where}: unknown option(s) for {owner or 'this backend'}: {', '.join(unknown)}; "
-                          f"known: {known}")
+        raise ConfigError(
+            f"{where}: unknown option(s) for {owner or 'this backend'}: {', '.join(unknown)}; known: {known}"
+        )
     try:
         return spec.model_validate(options).model_dump()
     except ValidationError as err:
@@ -210,4 +222,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (_deep_copy(v) if isinstance(v, dict) else (list(v) if isinstance(v, list) else v)) for k, v in d.items()}
+    return {
+        k: (_deep_copy(v) if isinstance(v, dict) else (list(v) if isinstance(v, list) else v)) for k, v in d.items()
+    }

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 from .errors import ContextLengthError, SessionError
+
+if TYPE_CHECKING:
+    from .config import BackendConfig
 
 Array = Any
 
@@ -122,7 +125,7 @@ class Session(ABC):
             self._closed = True
             self._close()
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -142,7 +145,7 @@ class Session(ABC):
     def _truncate(self, view: int, length: int) -> None:
         """Drop ``view``'s tokens from ``length`` on (``length`` < its current length)."""
 
-    def _close(self) -> None:
+    def _close(self) -> None:  # noqa: B027  (optional hook: most sessions hold nothing)
         """Free what the session holds."""
 
     # -- the checks, once ---------------------------------------------------------------------
@@ -173,14 +176,17 @@ class Session(ABC):
             if not toks:
                 raise SessionError(f"forward on view {v} got no tokens")
             if self.vocab_size is not None and not (0 <= min(toks) and max(toks) < self.vocab_size):
-                raise SessionError(f"token ids must be in 0..{self.vocab_size - 1}; view {v} got "
-                                   f"{min(toks) if min(toks) < 0 else max(toks)}")
+                raise SessionError(
+                    f"token ids must be in 0..{self.vocab_size - 1}; view {v} got "
+                    f"{min(toks) if min(toks) < 0 else max(toks)}"
+                )
             if isinstance(n_logits, bool) or not isinstance(n_logits, int) or not 0 <= n_logits <= len(toks):
                 raise SessionError(f"n_logits must be in 0..{len(toks)} for {len(toks)} token(s), got {n_logits!r}")
             if self._lengths[v] + len(toks) > self.context_length:
                 raise ContextLengthError(
                     f"view {v} would hold {self._lengths[v] + len(toks)} tokens but the context holds "
-                    f"{self.context_length} per view; shorten the prompt or raise the context size (--n-ctx)")
+                    f"{self.context_length} per view; shorten the prompt or raise the context size (--n-ctx)"
+                )
             out.append(ForwardCall(v, toks, n_logits))
         return out
 
@@ -195,12 +201,16 @@ class Backend(ABC):
     #: maximum tokens one view's context may hold
     context_length: int
 
+    def __init__(self, config: BackendConfig | None = None) -> None:  # noqa: B027  (the signature is the contract)
+        """Load the model ``config`` names; :func:`personajudge.plugins.load_backend` calls this."""
+
     @abstractmethod
     def open(self, n_views: int) -> Session:
         """A fresh session with ``n_views`` empty contexts."""
 
-    def native_generate(self, tokens: Sequence[int], *, temperature: float, top_k: int, top_p: float,
-                        max_new_tokens: int, seed: int) -> list[int] | None:
+    def native_generate(
+        self, tokens: Sequence[int], *, temperature: float, top_k: int, top_p: float, max_new_tokens: int, seed: int
+    ) -> list[int] | None:
         """Plain sampling with the backend's own generator (the benchmark baseline).
 
         Returns None when the backend has no generator of its own; the
@@ -212,5 +222,5 @@ class Backend(ABC):
         """A few facts for reports (model, device, dtype)."""
         return {"backend": self.name}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional: a backend without resources keeps this)
         """Free the weights."""

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -95,12 +95,13 @@ class Views:
             if len(c) >= context_length:
                 raise ContextLengthError(
                     f"the prompt of view {i} is {len(c)} tokens, the model's context holds {context_length}; "
-                    "shorten the prompt or raise the context size (--n-ctx)")
+                    "shorten the prompt or raise the context size (--n-ctx)"
+                )
 
     def pending(self, v: int) -> list[int]:
-        return self.contexts[v][self.fed[v]:]
+        return self.contexts[v][self.fed[v] :]
 
-    def sync(self, views: list[int], feed_only: list[int] = ()) -> Loop:
+    def sync(self, views: list[int], feed_only: Sequence[int] = ()) -> Loop:
         """Feed every pending token of ``views`` (and ``feed_only``) in one batched call.
 
         ``views`` get fresh next-token logits; ``feed_only`` views just take
@@ -115,7 +116,9 @@ class Views:
                 self.fed[v] -= 1
             if self.pending(v):
                 calls.append(ForwardCall(v, self.pending(v), 1))
-        calls += [ForwardCall(v, self.pending(v), 0) for v in dict.fromkeys(feed_only) if v not in views and self.pending(v)]
+        calls += [
+            ForwardCall(v, self.pending(v), 0) for v in dict.fromkeys(feed_only) if v not in views and self.pending(v)
+        ]
         if not calls:
             return
         outs = yield Forward(calls)
@@ -155,8 +158,11 @@ def token_loop(req: DecodeRequest, active: list[int], next_dist: Callable[[Views
 
 def plain_loop(req: DecodeRequest) -> Loop:
     """Plain sampling from view 0 (the ``prompt`` and ``base`` methods)."""
-    return token_loop(dataclasses.replace(req, contexts=req.contexts[:1]), [0],
-                      lambda views: device_candidates(views.last[0], req.params))
+    return token_loop(
+        dataclasses.replace(req, contexts=req.contexts[:1]),
+        [0],
+        lambda views: device_candidates(views.last[0], req.params),
+    )
 
 
 def persona_judge_loop(req: DecodeRequest) -> Loop:
@@ -231,7 +237,9 @@ def _windowed_iteration(views: Views, req: DecodeRequest, d: int, j: int) -> Loo
         raw_p = out[0]
     else:
         out = yield Forward([ForwardCall(j, draft, lam)])
-        raw_p = xp.concat([views.last[j][None, :], out[0]], axis=0)
+        last_j = views.last[j]
+        assert last_j is not None  # nothing pending: fed and last were set together at the end of the last window
+        raw_p = xp.concat([last_j[None, :], out[0]], axis=0)
     st.forwards += 1
     n_acc, emitted = _judge_window(raw_p, raw_q, q_dists, draft, u, req)
     st.accepted += n_acc
@@ -251,8 +259,9 @@ def _windowed_iteration(views: Views, req: DecodeRequest, d: int, j: int) -> Loo
         views.commit(t)
 
 
-def _judge_window(raw_p: Array, raw_q: list[Array], q_dists: list[Dist], draft: list[int], u: np.ndarray,
-                  req: DecodeRequest) -> tuple[int, int]:
+def _judge_window(
+    raw_p: Array, raw_q: list[Array], q_dists: list[Dist], draft: list[int], u: np.ndarray, req: DecodeRequest
+) -> tuple[int, int]:
     """(accepted count, emitted token) for a drafted window.
 
     Without top-k the distributions are dense anyway and the whole window is
@@ -272,7 +281,7 @@ def _judge_window(raw_p: Array, raw_q: list[Array], q_dists: list[Dist], draft: 
     q = filtered_probs(xp.stack(raw_q), params)
     ud = like(p, u)
     tokens = like(p, draft, xp.int64)
-    n_acc, emitted = verify_window(p, q, tokens, ud[lam:2 * lam], ud[2 * lam])
+    n_acc, emitted = verify_window(p, q, tokens, ud[lam : 2 * lam], ud[2 * lam])
     return int(n_acc), int(emitted)
 
 
@@ -428,7 +437,7 @@ class StepDriver:
             else:
                 k = 0
                 for key, cs in calls.items():
-                    results[key] = outs[k:k + len(cs)]
+                    results[key] = outs[k : k + len(cs)]
                     k += len(cs)
         self.steps += 1
         finished = []

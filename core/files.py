@@ -29,8 +29,9 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 MAX_INPUT_BYTES = 256 << 20
 
 
-def read_text(path: str | os.PathLike[str], what: str, error: type[PersonaJudgeError],
-              max_bytes: int = MAX_INPUT_BYTES) -> str:
+def read_text(
+    path: str | os.PathLike[str], what: str, error: type[PersonaJudgeError], max_bytes: int = MAX_INPUT_BYTES
+) -> str:
     """The UTF-8 text of ``path``; ``error("<what> not found: ...")`` and the like otherwise.
 
     Invalid UTF-8 is ``error`` naming the file and the byte offset; more than ``max_bytes`` (a
@@ -49,8 +50,7 @@ def read_text(path: str | os.PathLike[str], what: str, error: type[PersonaJudgeE
     return decode_utf8(data, f"{what} {p}", error)
 
 
-def read_stream(stream: IO[bytes], what: str, error: type[PersonaJudgeError],
-                max_bytes: int = MAX_INPUT_BYTES) -> str:
+def read_stream(stream: IO[bytes], what: str, error: type[PersonaJudgeError], max_bytes: int = MAX_INPUT_BYTES) -> str:
     """All of a binary stream (standard input) as UTF-8 text, with the same checks as :func:`read_text`."""
     try:
         data = stream.read(max_bytes + 1)
@@ -66,10 +66,12 @@ def decode_utf8(data: bytes, what: str, error: type[PersonaJudgeError]) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        bad = data[err.start:err.start + 1].hex()
+        bad = data[err.start : err.start + 1].hex()
         line = data.count(b"\n", 0, err.start) + 1
-        raise error(f"{what} is not valid UTF-8: byte 0x{bad} at offset {err.start} (line {line}) {err.reason}; "
-                    "save it as UTF-8") from None
+        raise error(
+            f"{what} is not valid UTF-8: byte 0x{bad} at offset {err.start} (line {line}) {err.reason}; "
+            "save it as UTF-8"
+        ) from None
 
 
 def check_text(text: str, what: str, error: type[PersonaJudgeError]) -> str:
@@ -82,8 +84,10 @@ def check_text(text: str, what: str, error: type[PersonaJudgeError]) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise error(f"{what} is not valid Unicode: a lone surrogate U+{ord(text[err.start]):04X} at character "
-                    f"{err.start} (invalid UTF-8 in the input, or a \\ud800-style JSON escape)") from None
+        raise error(
+            f"{what} is not valid Unicode: a lone surrogate U+{ord(text[err.start]):04X} at character "
+            f"{err.start} (invalid UTF-8 in the input, or a \\ud800-style JSON escape)"
+        ) from None
     return text
 
 
@@ -99,8 +103,13 @@ class OutputError(PersonaJudgeError):
     """An output cannot be written safely (symbolic link, FIFO or device at the path, disk full, closed pipe)."""
 
 
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def os_error_text(err: OSError) -> str:
@@ -108,8 +117,9 @@ def os_error_text(err: OSError) -> str:
     return err.strerror or str(err)
 
 
-def check_output_path(path: str | os.PathLike[str], what: str = "output file",
-                      error: type[PersonaJudgeError] = OutputError) -> Path:
+def check_output_path(
+    path: str | os.PathLike[str], what: str = "output file", error: type[PersonaJudgeError] = OutputError
+) -> Path:
     """Refuse a path that is a symbolic link, a directory or any non-regular file (FIFO, device, socket).
 
     A missing path or a regular file passes. This is checked before anything is written *and* again
@@ -132,8 +142,13 @@ def check_output_path(path: str | os.PathLike[str], what: str = "output file",
     return p
 
 
-def open_regular(path: str | os.PathLike[str], flags: int, what: str = "output file",
-                 error: type[PersonaJudgeError] = OutputError, mode: int = 0o666) -> int:
+def open_regular(
+    path: str | os.PathLike[str],
+    flags: int,
+    what: str = "output file",
+    error: type[PersonaJudgeError] = OutputError,
+    mode: int = 0o666,
+) -> int:
     """``os.open`` that never follows a symbolic link and never opens a FIFO or a device.
 
     ``O_NOFOLLOW`` refuses a link at the last component, ``O_NONBLOCK`` keeps a FIFO without a reader
@@ -179,9 +194,15 @@ def _default_mode() -> int:
 
 
 @contextmanager
-def atomic_write(path: str | os.PathLike[str], mode: str = "w", *, what: str = "output file",
-                 overwrite: bool = True, error: type[PersonaJudgeError] = OutputError,
-                 encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
+def atomic_write(
+    path: str | os.PathLike[str],
+    mode: str = "w",
+    *,
+    what: str = "output file",
+    overwrite: bool = True,
+    error: type[PersonaJudgeError] = OutputError,
+    encoding: str | None = "utf-8",
+) -> Iterator[IO[Any]]:
     """Write ``path`` all at once or not at all.
 
     Yields a file object on a temporary file in the same directory; when the block ends without an
@@ -253,8 +274,9 @@ class JsonlAppendFile:
     on disk.
     """
 
-    def __init__(self, path: str | os.PathLike[str], what: str = "output file",
-                 error: type[PersonaJudgeError] = OutputError):
+    def __init__(
+        self, path: str | os.PathLike[str], what: str = "output file", error: type[PersonaJudgeError] = OutputError
+    ):
         self.path = Path(path)
         self.what = what
         self.error = error
@@ -274,8 +296,9 @@ class JsonlAppendFile:
                 if fcntl is not None:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                raise self.error(f"another process is writing {self.path}; wait for it to finish "
-                                 "or choose another output") from None
+                raise self.error(
+                    f"another process is writing {self.path}; wait for it to finish or choose another output"
+                ) from None
             f.seek(0)
             data = f.read()
             end = data.rfind(b"\n") + 1  # bytes after the last newline are a torn write
@@ -320,7 +343,7 @@ class JsonlAppendFile:
                 pass
             self._f = None
 
-    def __enter__(self) -> "JsonlAppendFile":
+    def __enter__(self) -> JsonlAppendFile:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -8,8 +8,8 @@ registered through the ``register_methods`` hook like any plugin's.
 from __future__ import annotations
 
 import dataclasses
-
-from typing import Annotated, Any, ClassVar, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import ConfigDict, Field
 
@@ -48,6 +48,8 @@ class Method(Protocol):
 
 
 class _Driven:
+    loop: Callable[[DecodeRequest], Loop]  # each method defines its loop
+
     def decode(self, session: Session, req: DecodeRequest) -> None:
         drive(session, self.loop(req))
 
@@ -152,12 +154,15 @@ class Pad(_Driven):
     """
 
     name = "pad"
-    description = ("PAD-style reward-guided decoding: re-rank the base view's top-k by a token-level "
-                   "personalized reward (default: the preference-prompted view as reward policy).")
+    description = (
+        "PAD-style reward-guided decoding: re-rank the base view's top-k by a token-level "
+        "personalized reward (default: the preference-prompted view as reward policy)."
+    )
 
     def __init__(self, weight: float = 1.0, beta: float = 1.0, k: int | None = None):
-        opts = take_options({"weight": weight, "beta": beta, "k": k}, _PadOptions, owner=self.name,
-                            where="method_options")
+        opts = take_options(
+            {"weight": weight, "beta": beta, "k": k}, _PadOptions, owner=self.name, where="method_options"
+        )
         self.weight, self.beta, self.k = float(opts["weight"]), float(opts["beta"]), opts["k"]
 
     def reward_session(self) -> Session | None:

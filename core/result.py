@@ -56,8 +56,12 @@ class GenerationResult(BaseModel):
     settings: dict[str, Any] | None = None
 
     def as_dict(self) -> dict:
-        out = {"text": self.text, "tokens": self.tokens, "finish_reason": self.finish_reason,
-               "stats": self.stats.as_dict()}
+        out = {
+            "text": self.text,
+            "tokens": self.tokens,
+            "finish_reason": self.finish_reason,
+            "stats": self.stats.as_dict(),
+        }
         if self.settings is not None:
             out["settings"] = self.settings
         return out

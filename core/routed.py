@@ -41,8 +41,10 @@ class RoutedSession(Session):
                 out[i] = res
         widths = {o.shape[-1] for o in out if o is not None and o.shape[0]}
         if len(widths) > 1:
-            raise ConfigError(f"the reward model's vocabulary ({max(widths)} vs {min(widths)} entries) differs from "
-                              "the model's; PAD needs both to share one tokenizer")
+            raise ConfigError(
+                f"the reward model's vocabulary ({max(widths)} vs {min(widths)} entries) differs from "
+                "the model's; PAD needs both to share one tokenizer"
+            )
         return out
 
     def _truncate(self, view: int, length: int) -> None:

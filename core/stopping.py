@@ -37,15 +37,21 @@ from collections.abc import Callable, Iterable
 from .contract import Tokenizer
 from .result import FinishReason
 
-
 #: Where a segment of the repetition guard ends: a newline, or whitespace after a sentence's end.
 _BOUNDARY = re.compile(r"\n|(?<=[.!?])\s")
 
 
 class Emitter:
-    def __init__(self, tokenizer: Tokenizer, *, max_new_tokens: int, stop: Iterable[str] = (),
-                 eos_token_ids: Iterable[int] | None = None, on_text: Callable[[str], None] | None = None,
-                 repeat_lines: int = 0):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        max_new_tokens: int,
+        stop: Iterable[str] = (),
+        eos_token_ids: Iterable[int] | None = None,
+        on_text: Callable[[str], None] | None = None,
+        repeat_lines: int = 0,
+    ):
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.stop = [s for s in stop]
@@ -120,7 +126,7 @@ class Emitter:
     def _repeat_at(self, text: str) -> int:
         """Scan the segments completed since the last call; where to cut when a run reaches ``repeat_lines``."""
         while (m := _BOUNDARY.search(text, self._lines_end)) is not None:
-            seg = text[self._lines_end:m.start()]
+            seg = text[self._lines_end : m.start()]
             self._lines_end = m.end()
             key = self.line_key(seg)
             if not key:
@@ -140,7 +146,7 @@ class Emitter:
             return end
         if self._run_len >= 2:  # segments 2.. of a run that may still reach repeat_lines
             return min(end, self._run_cut)
-        tail = self.text[self._lines_end:end]
+        tail = self.text[self._lines_end : end]
         if not tail.strip() or self._run_key.startswith(self.line_key(tail)):
             # the current segment may turn out to equal the last one: hold it, and the boundary before it
             return min(end, self._last_cut)
@@ -161,9 +167,9 @@ class Emitter:
         decoded instead and the checkpoint restarts.
         """
         tok = self.tokenizer
-        tail = tok.decode(self.tokens[self._anchor:])
+        tail = tok.decode(self.tokens[self._anchor :])
         if tail.startswith(self._anchor_text):
-            text = self._head + tail[len(self._anchor_text):]
+            text = self._head + tail[len(self._anchor_text) :]
         else:
             text = tok.decode(self.tokens)
             self._head, self._anchor, self._ckpt, self._anchor_text = "", 0, 0, ""
@@ -190,9 +196,9 @@ class Emitter:
             end = max(self._streamed, self._held_by_guard(end))
             for s in self.stop:  # hold back a tail that may grow into a stop string
                 for n in range(min(len(s) - 1, end - self._streamed), 0, -1):
-                    if self.text[end - n:end] == s[:n]:
+                    if self.text[end - n : end] == s[:n]:
                         end -= n
                         break
         if end > self._streamed:
-            self.on_text(self.text[self._streamed:end])
+            self.on_text(self.text[self._streamed : end])
             self._streamed = end

@@ -37,8 +37,11 @@ def main() -> None:
     with PersonaJudge({"backend": backend, "decoding": {"max_new_tokens": args.max_new_tokens}}) as pj:
         encoder = pj.resolved_encoder(pj.config.model_copy(update={"preferences": prefs}))
         print(f"Q: {args.prompt}    (preferences: {', '.join(prefs)}; encoder {encoder}, seed {args.seed})\n")
-        runs = [("no preference (base)", "base", []), (f"prompt: {' + '.join(prefs)} in one prompt", "prompt", prefs),
-                (f"persona-judge: views {' | '.join(prefs)}", "persona-judge", prefs)]
+        runs = [
+            ("no preference (base)", "base", []),
+            (f"prompt: {' + '.join(prefs)} in one prompt", "prompt", prefs),
+            (f"persona-judge: views {' | '.join(prefs)}", "persona-judge", prefs),
+        ]
         for title, method, p in runs:
             res = pj.generate(args.prompt, preferences=p, method=method, seed=args.seed)
             s = res.stats

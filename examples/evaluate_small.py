@@ -49,7 +49,7 @@ def main() -> None:
     print(f"{result.generated} responses generated, {result.reused} reused from an earlier run")
     report = result.report["markdown"].read_text(encoding="utf-8")
     start = report.index("## Win rate")
-    print(report[start:report.index("## Mean scores")].strip())
+    print(report[start : report.index("## Mean scores")].strip())
     print()
     print(f"report: {result.report['markdown']}")
     print(f"data:   {result.report['json']}")

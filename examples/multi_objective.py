@@ -24,11 +24,14 @@ def main() -> None:
     with PersonaJudge({"backend": {"name": args.backend}}) as pj:
         for n in (1, 2, 3):
             views = [OBJECTIVES[:n], ["helpful"]]
-            res = pj.generate("Describe a sunset over the sea.", views=views, seed=0,
-                              max_new_tokens=args.max_new_tokens)
+            res = pj.generate(
+                "Describe a sunset over the sea.", views=views, seed=0, max_new_tokens=args.max_new_tokens
+            )
             s = res.stats
-            print(f"{n} objective(s) {'+'.join(OBJECTIVES[:n]):<26} prefix tokens {s.prompt_tokens}  "
-                  f"{s.wall_time_s:.2f}s  acceptance {s.acceptance_rate:.2f}")
+            print(
+                f"{n} objective(s) {'+'.join(OBJECTIVES[:n]):<26} prefix tokens {s.prompt_tokens}  "
+                f"{s.wall_time_s:.2f}s  acceptance {s.acceptance_rate:.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -27,20 +27,31 @@ import numpy as np
 
 #: Shapes of the Gemma 3 text models (from their published configs).
 SHAPES: dict[str, dict[str, int]] = {
-    "gemma-3-270m": dict(embedding_length=640, block_count=18, feed_forward_length=2048, head_count=4,
-                         head_count_kv=1, key_length=256),
-    "gemma-3-1b": dict(embedding_length=1152, block_count=26, feed_forward_length=6912, head_count=4,
-                       head_count_kv=1, key_length=256),
-    "gemma-3-4b": dict(embedding_length=2560, block_count=34, feed_forward_length=10240, head_count=8,
-                       head_count_kv=4, key_length=256),
+    "gemma-3-270m": dict(
+        embedding_length=640, block_count=18, feed_forward_length=2048, head_count=4, head_count_kv=1, key_length=256
+    ),
+    "gemma-3-1b": dict(
+        embedding_length=1152, block_count=26, feed_forward_length=6912, head_count=4, head_count_kv=1, key_length=256
+    ),
+    "gemma-3-4b": dict(
+        embedding_length=2560, block_count=34, feed_forward_length=10240, head_count=8, head_count_kv=4, key_length=256
+    ),
     # a few megabytes of body on the full vocabulary: for tests
-    "tiny": dict(embedding_length=64, block_count=2, feed_forward_length=128, head_count=2,
-                 head_count_kv=1, key_length=32),
+    "tiny": dict(
+        embedding_length=64, block_count=2, feed_forward_length=128, head_count=2, head_count_kv=1, key_length=32
+    ),
 }
 
 #: Metadata keys that describe shapes; everything else (tokenizer, rope, norms) is copied.
-_SHAPE_KEYS = ("embedding_length", "block_count", "feed_forward_length", "attention.head_count",
-               "attention.head_count_kv", "attention.key_length", "attention.value_length")
+_SHAPE_KEYS = (
+    "embedding_length",
+    "block_count",
+    "feed_forward_length",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "attention.key_length",
+    "attention.value_length",
+)
 
 
 #: Block types whose random blocks are cheap to write: one f16 scale, then uniform integer codes.
@@ -62,8 +73,9 @@ def _blocks(rng: np.random.Generator, qtype: str, rows: int, cols: int, std: flo
     return out.reshape(rows, cols // block * size)
 
 
-def write_synthetic(source: str | Path, dest: str | Path, shape: dict[str, int], *, body: str = "Q4_0",
-                    seed: int = 0) -> Path:
+def write_synthetic(
+    source: str | Path, dest: str | Path, shape: dict[str, int], *, body: str = "Q4_0", seed: int = 0
+) -> Path:
     """Copy ``source``'s metadata and tokenizer into ``dest`` with ``shape`` and random weights.
 
     The embedding (tied to the output projection) is Q8_0, as in the embedded
@@ -91,8 +103,13 @@ def write_synthetic(source: str | Path, dest: str | Path, shape: dict[str, int],
             w.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1])
         else:
             w.add_key_value(key, field.contents(), vtype)
-    d, ff, nh, nkv, hd = (shape["embedding_length"], shape["feed_forward_length"], shape["head_count"],
-                          shape["head_count_kv"], shape["key_length"])
+    d, ff, nh, nkv, hd = (
+        shape["embedding_length"],
+        shape["feed_forward_length"],
+        shape["head_count"],
+        shape["head_count_kv"],
+        shape["key_length"],
+    )
     w.add_name(f"random {dest.stem}")
     w.add_uint32(f"{arch}.embedding_length", d)
     w.add_uint32(f"{arch}.block_count", shape["block_count"])

@@ -1,10 +1,10 @@
 """The Python API: load a backend once, generate with any method and preferences.
 
-    import personajudge as pj
+import personajudge as pj
 
-    model = pj.PersonaJudge({"backend": {"name": "llama-cpp"}})
-    result = model.generate("Why is the sky blue?", preferences=["concise", "humor"])
-    print(result.text, result.stats.acceptance_rate)
+model = pj.PersonaJudge({"backend": {"name": "llama-cpp"}})
+result = model.generate("Why is the sky blue?", preferences=["concise", "humor"])
+print(result.text, result.stats.acceptance_rate)
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ import asyncio
 import copy
 import threading
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from personajudge.core.config import RunConfig, build_config
 from personajudge.core.contract import Backend
-from personajudge.core.errors import ConfigError, PersonaJudgeWarning
 from personajudge.core.decoding import DecodeRequest
+from personajudge.core.errors import ConfigError, PersonaJudgeWarning
 from personajudge.core.result import GenerationResult, Stats
 from personajudge.core.stopping import Emitter
 from personajudge.core.transforms import SamplingParams
@@ -44,20 +44,32 @@ def make_method(cfg: RunConfig):
 def _warn_degenerate(name: str, meth: Any, prefs: Sequence[Any], groups: Any, user_views: list[list[Any]]) -> None:
     """Say so when a run silently does less than it seems to (one line each; the CLI prints them)."""
     if groups and prefs:
-        warnings.warn("the preferences given alongside views are ignored; the views decide (put every "
-                      "preference into a view)", PersonaJudgeWarning, stacklevel=4)
+        warnings.warn(
+            "the preferences given alongside views are ignored; the views decide (put every preference into a view)",
+            PersonaJudgeWarning,
+            stacklevel=4,
+        )
     has_prefs = any(v for v in user_views)
     if has_prefs and not getattr(meth, "uses_preferences", True):
-        warnings.warn(f"method '{name}' ignores preferences (it is the unpersonalized baseline)",
-                      PersonaJudgeWarning, stacklevel=4)
+        warnings.warn(
+            f"method '{name}' ignores preferences (it is the unpersonalized baseline)",
+            PersonaJudgeWarning,
+            stacklevel=4,
+        )
     min_views = getattr(meth, "min_views", 1)
     if len(user_views) < min_views:
-        warnings.warn(f"method '{name}' with a single view is plain sampling from that view; give two or more "
-                      "preferences (one view each) or several --view groups", PersonaJudgeWarning, stacklevel=4)
+        warnings.warn(
+            f"method '{name}' with a single view is plain sampling from that view; give two or more "
+            "preferences (one view each) or several --view groups",
+            PersonaJudgeWarning,
+            stacklevel=4,
+        )
 
 
 def fresh_seed() -> int:
-    return int(np.random.SeedSequence().entropy % (2**63))
+    entropy = np.random.SeedSequence().entropy
+    assert isinstance(entropy, int)  # drawn fresh from the OS when none is given
+    return entropy % (2**63)
 
 
 class PersonaJudge:
@@ -72,8 +84,14 @@ class PersonaJudge:
     threads: each caller gets the result it would get alone, or a typed error.
     """
 
-    def __init__(self, config: RunConfig | dict[str, Any] | None = None, *, backend: Backend | None = None,
-                 max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE):
+    def __init__(
+        self,
+        config: RunConfig | dict[str, Any] | None = None,
+        *,
+        backend: Backend | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+    ):
         self.config = config if isinstance(config, RunConfig) else build_config(config or {})
         self.backend = backend if backend is not None else load_backend(self.config.backend)
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -94,7 +112,7 @@ class PersonaJudge:
             self._engine.close()
         self.backend.close()
 
-    def __enter__(self) -> "PersonaJudge":
+    def __enter__(self) -> PersonaJudge:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -116,20 +134,31 @@ class PersonaJudge:
             "method": cfg.method,
             "views": [[p.name for p in v] for v in views],
             "encoder": encoder.name,
-            "decoding": {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p, "lambda": d.lambda_,
-                         "max_new_tokens": d.max_new_tokens, "roles": d.roles, "schedule": d.schedule,
-                         "stop": self.stop_strings(cfg), "seed": d.seed},
+            "decoding": {
+                "temperature": d.temperature,
+                "top_k": d.top_k,
+                "top_p": d.top_p,
+                "lambda": d.lambda_,
+                "max_new_tokens": d.max_new_tokens,
+                "roles": d.roles,
+                "schedule": d.schedule,
+                "stop": self.stop_strings(cfg),
+                "seed": d.seed,
+            },
         }
 
-    def render_views(self, prompt: Prompt, cfg: RunConfig, method, views: list[list[Preference]]
-                     ) -> list[tuple[str, bool]]:
+    def render_views(
+        self, prompt: Prompt, cfg: RunConfig, method, views: list[list[Preference]]
+    ) -> list[tuple[str, bool]]:
         """The prompt text of each view ``method`` prompts for the user's ``views``, and whether
         the tokenizer adds BOS to it (what ``--show-prompt`` prints)."""
         conversation = normalize_conversation(prompt)
         tok = self.backend.tokenizer
         encoder = resolve_encoder(cfg.encoder, tok, views)
-        return [encoder.render(v, conversation, tok, system=cfg.system, options=cfg.encoder_options)
-                for v in method.plan(views)]
+        return [
+            encoder.render(v, conversation, tok, system=cfg.system, options=cfg.encoder_options)
+            for v in method.plan(views)
+        ]
 
     def resolved_encoder(self, cfg: RunConfig, views: list[list[Preference]] | None = None) -> str:
         """The name of the encoder a run uses: ``cfg.encoder``, or what ``auto`` stands for on this model
@@ -145,9 +174,16 @@ class PersonaJudge:
         tok = self.backend.tokenizer
         return [tok.encode(text, add_bos=add_bos) for text, add_bos in self.render_views(prompt, cfg, method, views)]
 
-    def generate(self, prompt: Prompt, *, preferences: Sequence[str | Preference] | None = None,
-                 views: Sequence[Sequence[str | Preference]] | None = None, method: str | None = None,
-                 on_text: Callable[[str], None] | None = None, **decoding: Any) -> GenerationResult:
+    def generate(
+        self,
+        prompt: Prompt,
+        *,
+        preferences: Sequence[str | Preference] | None = None,
+        views: Sequence[Sequence[str | Preference]] | None = None,
+        method: str | None = None,
+        on_text: Callable[[str], None] | None = None,
+        **decoding: Any,
+    ) -> GenerationResult:
         """Generate one response.
 
         ``prompt`` is a string or a list of chat messages. ``preferences`` and
@@ -162,14 +198,19 @@ class PersonaJudge:
         res = self.decode(contexts, cfg, meth, on_text=on_text)
         return self._with_settings(res, cfg, pref_views)
 
-    def _with_settings(self, res: GenerationResult, cfg: RunConfig, views: list[list[Preference]],
-                       settings: dict[str, Any] | None = None) -> GenerationResult:
+    def _with_settings(
+        self,
+        res: GenerationResult,
+        cfg: RunConfig,
+        views: list[list[Preference]],
+        settings: dict[str, Any] | None = None,
+    ) -> GenerationResult:
         settings = copy.deepcopy(settings) if settings is not None else self.settings(cfg, views)
         settings["decoding"]["seed"] = res.stats.seed  # the seed actually used (drawn when none was given)
         res.settings = settings
         return res
 
-    def stream(self, prompt: Prompt, **kwargs: Any) -> Iterator[str]:
+    def stream(self, prompt: Prompt, **kwargs: Any) -> Generator[str, None, GenerationResult]:
         """Yield the response's text as it is committed (same arguments as :meth:`generate`).
 
         The pieces concatenate to ``generate(...).text`` for the same seed.
@@ -185,6 +226,7 @@ class PersonaJudge:
                     raise ev[1]
                 elif ev[0] == "done":
                     return self._with_settings(ev[1], cfg, views)
+            raise RuntimeError("the request's events ended without a result")  # events() ends at done or error
         finally:
             job.cancel()  # a caller that stops early frees the request's KV slots at the next step
 
@@ -207,8 +249,9 @@ class PersonaJudge:
         finally:
             job.cancel()
 
-    def submit(self, prompt: Prompt, *, loop: asyncio.AbstractEventLoop | None = None, wait: bool = True,
-               **kwargs: Any) -> Job:
+    def submit(
+        self, prompt: Prompt, *, loop: asyncio.AbstractEventLoop | None = None, wait: bool = True, **kwargs: Any
+    ) -> Job:
         """Queue one request on the engine; return its :class:`~personajudge.engine.Job` at once.
 
         Same arguments as :meth:`generate`. Bad arguments raise here, in the
@@ -223,11 +266,15 @@ class PersonaJudge:
         """
         return self._submit(prompt, kwargs, loop, wait)[0]
 
-    def _submit(self, prompt: Prompt, kwargs: dict[str, Any], loop: asyncio.AbstractEventLoop | None = None,
-                wait: bool = True):
+    def _submit(
+        self, prompt: Prompt, kwargs: dict[str, Any], loop: asyncio.AbstractEventLoop | None = None, wait: bool = True
+    ):
         kwargs = dict(kwargs)
-        preferences, views, method = kwargs.pop("preferences", None), kwargs.pop("views", None), kwargs.pop(
-            "method", None)
+        preferences, views, method = (
+            kwargs.pop("preferences", None),
+            kwargs.pop("views", None),
+            kwargs.pop("method", None),
+        )
         encoder = kwargs.pop("encoder", None)
         cfg, meth, pref_views = self._prepare(preferences, views, method, kwargs)
         if encoder is not None:
@@ -252,9 +299,16 @@ class PersonaJudge:
         _warn_degenerate(cfg.method, meth, prefs, groups, user_views)
         return cfg, meth, user_views
 
-    def generate_batch(self, prompts: Sequence[Prompt], *, preferences: Sequence[str | Preference] | None = None,
-                       views: Sequence[Sequence[str | Preference]] | None = None, method: str | None = None,
-                       seeds: Sequence[int] | None = None, **decoding: Any) -> list[GenerationResult]:
+    def generate_batch(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        preferences: Sequence[str | Preference] | None = None,
+        views: Sequence[Sequence[str | Preference]] | None = None,
+        method: str | None = None,
+        seeds: Sequence[int] | None = None,
+        **decoding: Any,
+    ) -> list[GenerationResult]:
         """Generate for many prompts at once, as one batch on the device.
 
         Every prompt runs its own loop (own seed, own acceptance lengths, own
@@ -291,23 +345,36 @@ class PersonaJudge:
         extra = enc.stop_strings(tok, cfg.encoder_options) if hasattr(enc, "stop_strings") else []
         return list(dict.fromkeys([*cfg.decoding.stop, *extra]))
 
-    def _request(self, contexts: list[list[int]], cfg: RunConfig, seed: int | None,
-                 on_text: Callable[[str], None] | None = None) -> DecodeRequest:
+    def _request(
+        self, contexts: list[list[int]], cfg: RunConfig, seed: int | None, on_text: Callable[[str], None] | None = None
+    ) -> DecodeRequest:
         d = cfg.decoding
         seed = seed if seed is not None else fresh_seed()
-        emitter = Emitter(self.backend.tokenizer, max_new_tokens=d.max_new_tokens, stop=self.stop_strings(cfg),
-                          repeat_lines=0 if cfg.method == "reference" else d.repeat_lines,  # the oracle: off
-                          on_text=on_text)
+        emitter = Emitter(
+            self.backend.tokenizer,
+            max_new_tokens=d.max_new_tokens,
+            stop=self.stop_strings(cfg),
+            repeat_lines=0 if cfg.method == "reference" else d.repeat_lines,  # the oracle: off
+            on_text=on_text,
+        )
         stats = Stats(method=cfg.method, views=len(contexts), prompt_tokens=[len(c) for c in contexts], seed=seed)
-        return DecodeRequest(contexts=contexts, params=SamplingParams(d.temperature, d.top_k, d.top_p),
-                             lam=d.lambda_, rng=np.random.default_rng(seed), emitter=emitter,
-                             context_length=self.backend.context_length, roles=d.roles, schedule=d.schedule,
-                             stats=stats)
+        return DecodeRequest(
+            contexts=contexts,
+            params=SamplingParams(d.temperature, d.top_k, d.top_p),
+            lam=d.lambda_,
+            rng=np.random.default_rng(seed),
+            emitter=emitter,
+            context_length=self.backend.context_length,
+            roles=d.roles,
+            schedule=d.schedule,
+            stats=stats,
+        )
 
     _result = staticmethod(result_of)
 
-    def decode(self, contexts: list[list[int]], cfg: RunConfig, meth, *,
-               on_text: Callable[[str], None] | None = None) -> GenerationResult:
+    def decode(
+        self, contexts: list[list[int]], cfg: RunConfig, meth, *, on_text: Callable[[str], None] | None = None
+    ) -> GenerationResult:
         """Run ``meth`` on already-encoded view contexts (through the engine; ``on_text`` runs in this thread)."""
         job = self.engine.submit(Job(self._request(contexts, cfg, cfg.decoding.seed), meth), wait=True)
         try:

@@ -42,7 +42,15 @@ from typing import Any
 
 from personajudge.core.config import RunConfig
 from personajudge.core.errors import ConfigError, PersonaJudgeError
-from personajudge.core.files import JsonlAppendFile, OutputError, atomic_write, check_output_path, fsync_dir, read_text, check_text
+from personajudge.core.files import (
+    JsonlAppendFile,
+    OutputError,
+    atomic_write,
+    check_output_path,
+    check_text,
+    fsync_dir,
+    read_text,
+)
 from personajudge.preferences import normalize_conversation
 
 from .api import fresh_seed
@@ -77,24 +85,24 @@ def read_records(path: str | os.PathLike[str]) -> list[Record]:
         except (ValueError, RecursionError) as err:  # an integer too long to convert, or nesting too deep
             raise ConfigError(f"{where}: not usable JSON ({str(err)[:120] or 'nested too deeply'})") from None
         if not isinstance(obj, dict):
-            raise ConfigError(f"{where}: expected a JSON object with a \"prompt\" field")
+            raise ConfigError(f'{where}: expected a JSON object with a "prompt" field')
         if "prompt" not in obj:
-            raise ConfigError(f"{where}: missing the \"prompt\" field")
+            raise ConfigError(f'{where}: missing the "prompt" field')
         prompt = obj["prompt"]
         if not isinstance(prompt, (str, list)):
-            raise ConfigError(f"{where}: \"prompt\" must be a string or a list of chat messages")
+            raise ConfigError(f'{where}: "prompt" must be a string or a list of chat messages')
         try:
             normalize_conversation(prompt)
         except PersonaJudgeError as err:
             raise ConfigError(f"{where}: {err}") from None
         seed = obj.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ConfigError(f"{where}: \"seed\" must be a non-negative integer")
+            raise ConfigError(f'{where}: "seed" must be a non-negative integer')
         rid = obj.get("id", lineno)
         if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-            raise ConfigError(f"{where}: \"id\" must be a string or an integer")
+            raise ConfigError(f'{where}: "id" must be a string or an integer')
         if isinstance(rid, str):
-            check_text(rid, f"{where}: \"id\"", ConfigError)  # it is written back to the output file
+            check_text(rid, f'{where}: "id"', ConfigError)  # it is written back to the output file
         if str(rid) in ids:
             raise ConfigError(f"{where}: duplicate id {rid!r}")
         ids.add(str(rid))
@@ -105,6 +113,7 @@ def read_records(path: str | os.PathLike[str]) -> list[Record]:
 
 
 # -- fingerprints ----------------------------------------------------------------------------------
+
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
@@ -147,6 +156,7 @@ def _changed(old: Any, new: Any) -> list[str]:
 
 # -- the job ---------------------------------------------------------------------------------------
 
+
 @dataclass
 class Chunk:
     """Prompts generated together in one ``generate_batch`` call (locally or on one replica)."""
@@ -167,10 +177,12 @@ Executor = Callable[[list[Chunk]], Iterable[tuple[Chunk, list[dict[str, Any]]]]]
 
 def local_executor(pj: Any, preferences: Sequence[Any] | None = None) -> Executor:
     """Chunks one after another through ``pj.generate_batch`` in this process."""
+
     def run(chunks: list[Chunk]) -> Iterator[tuple[Chunk, list[dict[str, Any]]]]:
         for c in chunks:
             results = pj.generate_batch(c.prompts, preferences=preferences, seeds=c.seeds)
             yield c, [r.as_dict() for r in results]
+
     return run
 
 
@@ -199,25 +211,31 @@ class JsonlBatch:
         self.settings = batch_settings(self.config, self.preferences)
         self.settings_hash = _hash(self.settings)
         base = self.config.decoding.seed
-        self.seeds: list[int | None] = [r.seed if r.seed is not None else (base + i if base is not None else None)
-                                        for i, r in enumerate(self.records)]
-        self.fps = [f"{self.settings_hash}:{_hash(r.prompt)}:{'fresh' if s is None else s}"
-                    for r, s in zip(self.records, self.seeds)]
-        self.to_stdout = self.output is None or self.output == "-"
-        self.target = None if self.to_stdout else Path(self.output)
+        self.seeds: list[int | None] = [
+            r.seed if r.seed is not None else (base + i if base is not None else None)
+            for i, r in enumerate(self.records)
+        ]
+        self.fps = [
+            f"{self.settings_hash}:{_hash(r.prompt)}:{'fresh' if s is None else s}"
+            for r, s in zip(self.records, self.seeds)
+        ]
+        output = None if self.output == "-" else self.output
+        self.to_stdout = output is None
+        self.target = None if output is None else Path(output)
         self.partial = None if self.target is None else self.target.with_name(self.target.name + ".partial")
         self._file: JsonlAppendFile | None = None
         self._pending_out: dict[int, dict[str, Any]] = {}  # stdout: rows waiting for earlier ones
         self._next_out = 0
 
     # -- opening: paths, partial file, resume ---------------------------------------------------
-    def open(self) -> "JsonlBatch":
-        if self.target is None:
+    def open(self) -> JsonlBatch:
+        if self.target is None or self.partial is None:  # set together: both None when writing to stdout
             return self
         check_output_path(self.target)
         if self.target.exists() and not self.overwrite:
-            raise OutputError(f"output file {self.target} already exists; pass --overwrite to replace it, "
-                              "or choose another path")
+            raise OutputError(
+                f"output file {self.target} already exists; pass --overwrite to replace it, or choose another path"
+            )
         check_output_path(self.partial, "partial results file")
         self._file = JsonlAppendFile(self.partial, "partial results file")
         try:
@@ -230,8 +248,9 @@ class JsonlBatch:
 
     def _resume(self, objs: list[Any]) -> None:
         header = objs[0] if objs and isinstance(objs[0], dict) and HEADER_KEY in objs[0] else None
-        rows = [o for o in objs[1 if header else 0:] if isinstance(o, dict) and "id" in o and "fp" in o]
+        rows = [o for o in objs[1 if header else 0 :] if isinstance(o, dict) and "id" in o and "fp" in o]
         bad = len(objs) - len(rows) - (header is not None)
+        assert self._file is not None and self.partial is not None  # open() made both before resuming
         if not objs:
             self._file.append([self._header()])
             return
@@ -258,9 +277,11 @@ class JsonlBatch:
                 why = f"{stale} of its rows do not match the input (prompt, id or seed changed)"
             else:
                 why = f"{bad} of its lines are not result rows"
-            raise OutputError(f"cannot resume from {self.partial}: {why}; rerun the original command, pass "
-                              f"--force to keep the {len(keep)} row(s) that still match and redo the rest, "
-                              "or remove the file")
+            raise OutputError(
+                f"cannot resume from {self.partial}: {why}; rerun the original command, pass "
+                f"--force to keep the {len(keep)} row(s) that still match and redo the rest, "
+                "or remove the file"
+            )
         if not same_settings or stale or bad:  # --force: rewrite the file with what still matches
             self._file.close()
             with atomic_write(self.partial, "wb", what="partial results file") as f:
@@ -268,12 +289,17 @@ class JsonlBatch:
                     f.write(json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n")
             self._file = JsonlAppendFile(self.partial, "partial results file")
             self._file.open()
-            print(f"personajudge: --force: kept {len(keep)} matching row(s) of {self.partial}, "
-                  f"dropped {len(rows) - len(keep) + bad}", file=sys.stderr)
+            print(
+                f"personajudge: --force: kept {len(keep)} matching row(s) of {self.partial}, "
+                f"dropped {len(rows) - len(keep) + bad}",
+                file=sys.stderr,
+            )
         self.done = keep
         if keep and self.progress:
-            print(f"personajudge: resuming: {len(keep)} of {len(self.records)} row(s) already in {self.partial}",
-                  file=sys.stderr)
+            print(
+                f"personajudge: resuming: {len(keep)} of {len(self.records)} row(s) already in {self.partial}",
+                file=sys.stderr,
+            )
 
     def _header(self) -> dict[str, Any]:
         return {HEADER_KEY: FORMAT, "settings_hash": self.settings_hash, "settings": self.settings}
@@ -283,7 +309,7 @@ class JsonlBatch:
             self._file.close()
             self._file = None
 
-    def __enter__(self) -> "JsonlBatch":
+    def __enter__(self) -> JsonlBatch:
         return self.open()
 
     def __exit__(self, *exc: object) -> None:
@@ -294,16 +320,24 @@ class JsonlBatch:
         """The prompts still to do, ``batch_size`` at a time, with their seeds (fresh ones drawn here, so
         every executor runs exactly the same rows)."""
         todo = [i for i, r in enumerate(self.records) if str(r.id) not in self.done]
-        out = []
+        out: list[Chunk] = []
         for k in range(0, len(todo), self.batch_size):
-            pos = todo[k:k + self.batch_size]
-            out.append(Chunk(len(out), [self.records[i] for i in pos], pos,
-                             [s if (s := self.seeds[i]) is not None else fresh_seed() for i in pos]))
+            pos = todo[k : k + self.batch_size]
+            out.append(
+                Chunk(
+                    len(out),
+                    [self.records[i] for i in pos],
+                    pos,
+                    [s if (s := self.seeds[i]) is not None else fresh_seed() for i in pos],
+                )
+            )
         return out
 
     def _rows(self, chunk: Chunk, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [{"id": rec.id, "prompt": rec.prompt, **res, "fp": self.fps[pos]}
-                for rec, pos, res in zip(chunk.records, chunk.positions, results)]
+        return [
+            {"id": rec.id, "prompt": rec.prompt, **res, "fp": self.fps[pos]}
+            for rec, pos, res in zip(chunk.records, chunk.positions, results)
+        ]
 
     def _write(self, chunk: Chunk, rows: list[dict[str, Any]]) -> None:
         if self._file is not None:
@@ -326,8 +360,9 @@ class JsonlBatch:
             sys.stdout.flush()
         except BrokenPipeError:
             _silence_stdout()
-            raise OutputError(f"standard output was closed (broken pipe) after {self.written} of "
-                              f"{len(self.records)} results") from None
+            raise OutputError(
+                f"standard output was closed (broken pipe) after {self.written} of {len(self.records)} results"
+            ) from None
         self.written += len(lines)
         for row in rows:
             self.done[str(row["id"])] = row
@@ -342,8 +377,16 @@ class JsonlBatch:
         total = len(self.records)
         from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=len(self.done), unit="row", desc="generate", file=sys.stderr,
-                   disable=not self.progress, dynamic_ncols=True, smoothing=0.1)
+        bar = tqdm(
+            total=total,
+            initial=len(self.done),
+            unit="row",
+            desc="generate",
+            file=sys.stderr,
+            disable=not self.progress,
+            dynamic_ncols=True,
+            smoothing=0.1,
+        )
         t0, tokens = time.perf_counter(), 0
         try:
             for chunk, results in executor(chunks):
@@ -371,8 +414,10 @@ class JsonlBatch:
     def _kept_message(self) -> str:
         if self.partial is None or not self.done:
             return ""
-        return (f"{len(self.done)} of {len(self.records)} results are kept in {self.partial}: "
-                "rerun the same command to continue")
+        return (
+            f"{len(self.done)} of {len(self.records)} results are kept in {self.partial}: "
+            "rerun the same command to continue"
+        )
 
     def _say_kept(self) -> None:
         if msg := self._kept_message():
@@ -380,7 +425,7 @@ class JsonlBatch:
 
     def finish(self) -> None:
         """All rows done: write them in input order to the output (atomically), remove the partial file."""
-        if self.target is None:
+        if self.target is None or self.partial is None:  # set together: both None when writing to stdout
             return
         missing = [r.id for r in self.records if str(r.id) not in self.done]
         if missing:
@@ -392,8 +437,10 @@ class JsonlBatch:
                     row.pop("fp", None)
                     f.write(json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n")
         except OutputError as err:
-            raise OutputError(f"{err}; all {len(self.records)} results are kept in {self.partial}: free some space "
-                              "and rerun the same command to write the output") from None
+            raise OutputError(
+                f"{err}; all {len(self.records)} results are kept in {self.partial}: free some space "
+                "and rerun the same command to write the output"
+            ) from None
         self.close()
         try:
             os.unlink(self.partial)
@@ -412,14 +459,31 @@ def _silence_stdout() -> None:
         pass
 
 
-def run_jsonl(pj, records: Sequence[Record], *, preferences=None, batch_size: int = 8, output: str | None = None,
-              overwrite: bool = False, force: bool = False, progress: bool = True) -> int:
+def run_jsonl(
+    pj,
+    records: Sequence[Record],
+    *,
+    preferences=None,
+    batch_size: int = 8,
+    output: str | None = None,
+    overwrite: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> int:
     """Generate for ``records`` with a loaded ``pj`` in this process (resuming ``output``'s partial file).
 
     Returns how many rows this call wrote. For Ray replicas see :class:`JsonlBatch` and
     :func:`personajudge.distributed.ray_executor`.
     """
-    job = JsonlBatch(records, pj.config, preferences, batch_size=batch_size, output=output, overwrite=overwrite,
-                     force=force, progress=progress)
+    job = JsonlBatch(
+        records,
+        pj.config,
+        preferences,
+        batch_size=batch_size,
+        output=output,
+        overwrite=overwrite,
+        force=force,
+        progress=progress,
+    )
     with job:
         return job.run(local_executor(pj, preferences))

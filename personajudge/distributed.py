@@ -148,11 +148,18 @@ class Replica:
             results, batched = self._generate(task)
         except PersonaJudgeError as err:  # a user-level error: one line at the driver, like locally
             return {"key": task.key, "actor": me, "raise": str(err)}
-        return {"key": task.key, "actor": me, "results": results, "batched": batched, "pid": os.getpid(),
-                "compute_s": time.perf_counter() - t0}
+        return {
+            "key": task.key,
+            "actor": me,
+            "results": results,
+            "batched": batched,
+            "pid": os.getpid(),
+            "compute_s": time.perf_counter() - t0,
+        }
 
     def _generate(self, task: Task) -> tuple[list[Any], bool]:
         pj = self.pj
+        assert pj is not None  # run() answers without calling this when the replica has no model
         if task.single:
             return [self._one(p, s, task) for p, s in zip(task.prompts, task.seeds)], False
         try:
@@ -163,6 +170,7 @@ class Replica:
             return [self._one(p, s, task) for p, s in zip(task.prompts, task.seeds)], False
 
     def _one(self, prompt: Any, seed: int, task: Task) -> Any:
+        assert self.pj is not None  # as in _generate
         try:
             return self.pj.generate(prompt, seed=seed, **task.options)
         except ContextLengthError as err:
@@ -208,7 +216,7 @@ class ReplicaPool:
         self._started_ray = False
 
     # -- start -----------------------------------------------------------------------------------
-    def __enter__(self) -> "ReplicaPool":
+    def __enter__(self) -> ReplicaPool:
         try:
             self.start()
         except BaseException:
@@ -225,15 +233,24 @@ class ReplicaPool:
         if not ray.is_initialized():
             where = "a local Ray instance" if o.address is None else f"the Ray cluster at {o.address}"
             try:
-                ray.init(address="local" if o.address is None else o.address, include_dashboard=False,
-                         logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
+                ray.init(
+                    address="local" if o.address is None else o.address,
+                    include_dashboard=False,
+                    logging_level=logging.WARNING,
+                    log_to_driver=True,
+                    configure_logging=True,
+                )
             except Exception as err:  # ConnectionError, a missing ray[client], a bad address: one line
                 raise ReplicaError(f"cannot start {where}: {_first_line(err)}") from None
             self._started_ray = True
         self._check_resources(ray)
         remote = ray.remote(Replica).options(
-            num_cpus=o.cpus_per_replica, num_gpus=o.gpus_per_replica,
-            max_restarts=o.max_restarts, max_task_retries=o.max_restarts, max_concurrency=1)
+            num_cpus=o.cpus_per_replica,
+            num_gpus=o.gpus_per_replica,
+            max_restarts=o.max_restarts,
+            max_task_retries=o.max_restarts,
+            max_concurrency=1,
+        )
         cfg = self.config.model_dump(mode="json", by_alias=True)
         self.actors = [remote.remote(cfg, o.replica_threads, self.warmup) for _ in range(o.replicas)]
         self._wait_ready(ray)
@@ -242,17 +259,24 @@ class ReplicaPool:
         o = self.options
         have = ray.cluster_resources()
         need = {"CPU": o.replicas * o.cpus_per_replica, "GPU": o.replicas * o.gpus_per_replica}
-        short = [f"{need[k]:g} {k}s (the cluster has {have.get(k, 0):g})" for k in need
-                 if need[k] > 0 and need[k] > have.get(k, 0) + 1e-9]
+        short = [
+            f"{need[k]:g} {k}s (the cluster has {have.get(k, 0):g})"
+            for k in need
+            if need[k] > 0 and need[k] > have.get(k, 0) + 1e-9
+        ]
         if not short:
             return
-        msg = (f"--replicas {o.replicas} x --cpus-per-replica {o.cpus_per_replica:g} / --gpus-per-replica "
-               f"{o.gpus_per_replica:g} needs " + " and ".join(short))
+        msg = (
+            f"--replicas {o.replicas} x --cpus-per-replica {o.cpus_per_replica:g} / --gpus-per-replica "
+            f"{o.gpus_per_replica:g} needs " + " and ".join(short)
+        )
         if o.address is None:
             raise ReplicaError(msg + "; ask for fewer replicas or fewer resources per replica")
         if not self.quiet:
-            print(f"personajudge: warning: {msg}; waiting up to {o.ready_timeout_s:g}s for the cluster to "
-                  "grow", file=sys.stderr)
+            print(
+                f"personajudge: warning: {msg}; waiting up to {o.ready_timeout_s:g}s for the cluster to grow",
+                file=sys.stderr,
+            )
 
     def _wait_ready(self, ray) -> None:
         from ray.exceptions import GetTimeoutError, RayActorError
@@ -261,8 +285,10 @@ class ReplicaPool:
         try:
             infos = ray.get(refs, timeout=self.options.ready_timeout_s)
         except GetTimeoutError:
-            raise ReplicaError(f"the replicas were not ready after {self.options.ready_timeout_s:g}s (the cluster "
-                               "could not place them or loading is stuck)") from None
+            raise ReplicaError(
+                f"the replicas were not ready after {self.options.ready_timeout_s:g}s (the cluster "
+                "could not place them or loading is stuck)"
+            ) from None
         except RayActorError as err:
             raise ReplicaError(f"a replica died while loading the model: {_first_line(err)}") from None
         for i, info in enumerate(infos):
@@ -323,16 +349,22 @@ class ReplicaPool:
                 if isinstance(err, ActorDiedError):
                     alive -= 1
                 if key is None:
-                    raise ReplicaError(f"a replica failed: {_first_line(err)}; finished results are saved: "
-                                       "rerun the same command to continue") from None
+                    raise ReplicaError(
+                        f"a replica failed: {_first_line(err)}; finished results are saved: "
+                        "rerun the same command to continue"
+                    ) from None
                 task = inflight.pop(key)[0]
                 attempts[key] += 1
                 if alive <= 0 or attempts[key] > len(self.actors):
-                    raise ReplicaError(f"every replica died (last: {_first_line(err)}); finished results are "
-                                       "saved: rerun the same command to continue") from None
+                    raise ReplicaError(
+                        f"every replica died (last: {_first_line(err)}); finished results are "
+                        "saved: rerun the same command to continue"
+                    ) from None
                 if not self.quiet:
-                    print(f"personajudge: warning: a replica died; its chunk is retried on another one "
-                          f"({alive} left)", file=sys.stderr)
+                    print(
+                        f"personajudge: warning: a replica died; its chunk is retried on another one ({alive} left)",
+                        file=sys.stderr,
+                    )
                 self.retried += 1
                 pool.submit(submit, task)
                 continue
@@ -348,17 +380,21 @@ class ReplicaPool:
         if not n:
             return ""
         mean = sum(self.overheads) / n
-        return (f"personajudge: ray: {len(self.infos)} replica(s), {n} chunk(s), overhead {mean * 1000:.0f} ms "
-                f"per chunk (dispatch to result, minus generation){f', {self.retried} retried' if self.retried else ''}")
+        return (
+            f"personajudge: ray: {len(self.infos)} replica(s), {n} chunk(s), overhead {mean * 1000:.0f} ms "
+            f"per chunk (dispatch to result, minus generation){f', {self.retried} retried' if self.retried else ''}"
+        )
 
     # -- the JSONL batch path --------------------------------------------------------------------
     def executor(self, preferences: Sequence[Any] | None = None):
         """An executor for :meth:`personajudge.batch.JsonlBatch.run`: chunks become tasks, results dicts."""
+
         def run(chunks):
             by_key = {c.index: c for c in chunks}
             tasks = [Task(c.index, c.prompts, c.seeds, {"preferences": preferences}) for c in chunks]
             for out in self.run(tasks):
                 yield by_key[out.task.key], [r.as_dict() for r in out.results]
+
         return run
 
 

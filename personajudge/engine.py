@@ -110,6 +110,10 @@ class Job:
     """
 
     _ids = itertools.count(1)
+    #: where a :meth:`for_asyncio` job's events arrive (None: a plain job)
+    _aqueue: asyncio.Queue | None = None
+    #: the HTTP path that submitted the job, set by the server (absent for Python callers; metrics label)
+    endpoint: str
 
     def __init__(self, req: DecodeRequest, method: Any, *, sink: Callable[[Event], None] | None = None):
         self.id = next(self._ids)
@@ -132,11 +136,15 @@ class Job:
         self.error: BaseException | None = None
 
     @classmethod
-    def for_asyncio(cls, req: DecodeRequest, method: Any, loop: asyncio.AbstractEventLoop | None = None) -> "Job":
+    def for_asyncio(cls, req: DecodeRequest, method: Any, loop: asyncio.AbstractEventLoop | None = None) -> Job:
         """A job whose events go to an ``asyncio.Queue`` (read with :meth:`aevents`)."""
-        loop = loop or asyncio.get_running_loop()
+        ev_loop = loop or asyncio.get_running_loop()
         aq: asyncio.Queue = asyncio.Queue()
-        job = cls(req, method, sink=lambda ev: loop.call_soon_threadsafe(aq.put_nowait, ev))
+
+        def sink(ev: Event) -> None:
+            ev_loop.call_soon_threadsafe(aq.put_nowait, ev)
+
+        job = cls(req, method, sink=sink)
         job._aqueue = aq
         return job
 
@@ -232,9 +240,15 @@ class Engine:
     every job that ends and its error (None on success): metrics.
     """
 
-    def __init__(self, backend: Backend, *, max_batch: int = DEFAULT_MAX_BATCH,
-                 max_queue: int = DEFAULT_MAX_QUEUE, on_step: Callable[[int, float], None] | None = None,
-                 on_finish: Callable[[Job, BaseException | None], None] | None = None):
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        on_step: Callable[[int, float], None] | None = None,
+        on_finish: Callable[[Job, BaseException | None], None] | None = None,
+    ):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if max_queue < 0:
@@ -249,13 +263,13 @@ class Engine:
         self._active: dict[int, Job] = {}
         self._slots: dict[int, list[int]] = {}
         self._free: list[int] = []
-        self._capacity = 0          # slots the next session opens with (grows, never shrinks)
+        self._capacity = 0  # slots the next session opens with (grows, never shrinks)
         self._session: Session | None = None
         self._driver: StepDriver | None = None
         self._alone: Job | None = None
         self._closing = False
         self._thread: threading.Thread | None = None
-        self._latency = 1.0         # running mean of request seconds, for Retry-After
+        self._latency = 1.0  # running mean of request seconds, for Retry-After
         self.steps = 0
         self.completed = 0
         self.cancelled = 0
@@ -277,8 +291,10 @@ class Engine:
                 if len(self._queue) < self.max_queue + max(0, self.max_batch - len(self._active)):
                     break
                 if not wait:
-                    raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later",
-                                         retry_after=self.retry_after())
+                    raise QueueFullError(
+                        f"the request queue is full ({self.max_queue} waiting); retry later",
+                        retry_after=self.retry_after(),
+                    )
                 self._cv.wait()
             job.engine = self
             self._queue.append(job)
@@ -334,11 +350,18 @@ class Engine:
         """Queue depth, running requests and slots in use (for /health and /metrics)."""
         with self._cv:
             used = sum(len(s) for s in self._slots.values())
-            return {"queued": len(self._queue), "running": len(self._active) + (self._alone is not None),
-                    "slots_in_use": used + (self._alone.n_views if self._alone else 0),
-                    "slots": self._capacity, "max_batch": self.max_batch, "steps": self.steps,
-                    "completed": self.completed, "cancelled": self.cancelled, "closing": self._closing,
-                    "session_open": self._session is not None and not self._session.closed}
+            return {
+                "queued": len(self._queue),
+                "running": len(self._active) + (self._alone is not None),
+                "slots_in_use": used + (self._alone.n_views if self._alone else 0),
+                "slots": self._capacity,
+                "max_batch": self.max_batch,
+                "steps": self.steps,
+                "completed": self.completed,
+                "cancelled": self.cancelled,
+                "closing": self._closing,
+                "session_open": self._session is not None and not self._session.closed,
+            }
 
     def close(self, timeout: float | None = None, *, cancel: bool = True) -> None:
         """Stop taking requests; cancel (or, with ``cancel=False``, finish) the others; join the thread.
@@ -468,7 +491,7 @@ class Engine:
     def _join(self, job: Job) -> None:
         job.req.stats.wall_time_s = 0.0
         try:
-            if self._session is None or self._session.closed:
+            if self._session is None or self._driver is None or self._session.closed:  # set together
                 raise SessionError("the engine's session was closed by another user of the backend")
             started = self._driver.add(job.id, job.method.loop(job.req), self._slots[job.id])
         except Exception as err:
@@ -482,6 +505,7 @@ class Engine:
         t0 = time.perf_counter()
         n = len(self._active)
         try:
+            assert self._driver is not None  # a step runs only with jobs active, so a session is open
             finished, failed = self._driver.step()
         except BaseException as err:  # a bug in the driver: fail everyone, start over with a fresh session
             for job in list(self._active.values()):
@@ -499,8 +523,8 @@ class Engine:
                 pass
         for key in finished:
             self._leave(self._active[key])
-        for key, err in failed.items():
-            self._leave(self._active[key], error=err)
+        for key, job_err in failed.items():
+            self._leave(self._active[key], error=job_err)
 
     def _leave(self, job: Job, error: BaseException | None = None) -> None:
         """Take ``job`` out of the batch, free its slots, deliver its result or error."""
@@ -519,8 +543,11 @@ class Engine:
         if job.t_start is not None:
             job.req.stats.wall_time_s = now - job.t_start
         if job.cancelled and (error is None or isinstance(error, RequestCancelled)):
-            error = RequestCancelled("the server is shutting down; the request was cancelled" if self._closing
-                                     else "the request was cancelled")
+            error = RequestCancelled(
+                "the server is shutting down; the request was cancelled"
+                if self._closing
+                else "the request was cancelled"
+            )
         if error is not None:
             self.cancelled += isinstance(error, RequestCancelled)
             job._emit(("error", error))

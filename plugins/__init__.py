@@ -22,6 +22,19 @@ from .manager import (
     unregister_plugin,
 )
 
-__all__ = ["hookimpl", "hookspec", "PluginWarning", "get_backend_class", "get_encoder", "get_method",
-           "get_plugin_manager", "list_plugins", "load_backend", "preference_library", "register_plugin",
-           "registry", "resolve_encoder", "unregister_plugin"]
+__all__ = [
+    "hookimpl",
+    "hookspec",
+    "PluginWarning",
+    "get_backend_class",
+    "get_encoder",
+    "get_method",
+    "get_plugin_manager",
+    "list_plugins",
+    "load_backend",
+    "preference_library",
+    "register_plugin",
+    "registry",
+    "resolve_encoder",
+    "unregister_plugin",
+]

@@ -33,15 +33,16 @@ class PadWithRewardModel(Pad):
     personalized reward model; omitted, the preference-prompted view of the
     same model stands in for it. The reward model must share the tokenizer."""
 
-    def __init__(self, weight: float = 1.0, beta: float = 1.0, k: int | None = None,
-                 reward_model: dict[str, Any] | None = None):
+    def __init__(
+        self, weight: float = 1.0, beta: float = 1.0, k: int | None = None, reward_model: dict[str, Any] | None = None
+    ):
         super().__init__(weight, beta, k)
+        self.reward_model: BackendConfig | None = None
         if reward_model is not None:
             try:
-                reward_model = BackendConfig.model_validate(reward_model)
+                self.reward_model = BackendConfig.model_validate(reward_model)
             except Exception as err:
                 raise ConfigError(f"method_options.reward_model: {validation_message(err)}") from None
-        self.reward_model = reward_model
 
     @property
     def batchable(self) -> bool:

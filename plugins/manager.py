@@ -52,8 +52,8 @@ BUILTIN_ORIGIN = "persona-judge (built-in)"
 
 _lock = threading.RLock()
 _pm: pluggy.PluginManager | None = None
-_registries: dict[str, "Registry"] = {}
-_sources: dict[str, "PluginSource"] = {}
+_registries: dict[str, Registry] = {}
+_sources: dict[str, PluginSource] = {}
 
 
 class PluginWarning(PersonaJudgeWarning):
@@ -142,8 +142,9 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
     for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT):
         if not _selected(ep, select) or pm.get_plugin(ep.name) is not None:
             continue
-        src = PluginSource(ep.name, ep.dist.name if ep.dist else "?", ep.dist.version if ep.dist else "",
-                           f"{ep.name} = {ep.value}")
+        src = PluginSource(
+            ep.name, ep.dist.name if ep.dist else "?", ep.dist.version if ep.dist else "", f"{ep.name} = {ep.value}"
+        )
         try:
             plugin = ep.load()
             pm.register(plugin, name=ep.name)
@@ -197,7 +198,7 @@ def _fill(reg: Registry, pm: pluggy.PluginManager, hook_name: str) -> None:
         plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
         staged = Registry(reg.kind)
         try:
-            impl.function(register=lambda obj, name=None, _o=plugin_name: staged.register(obj, name, origin=_o))
+            impl.function(register=lambda obj, name=None, _o=plugin_name, _r=staged: _r.register(obj, name, origin=_o))
         except Exception as err:
             src = _sources.get(plugin_name, PluginSource(plugin_name))
             _warn(f"skipped the {reg.kind}s of plugin {src}: {type(err).__name__}: {err}")
@@ -205,8 +206,9 @@ def _fill(reg: Registry, pm: pluggy.PluginManager, hook_name: str) -> None:
         for key, obj in staged.items():
             if key in reg and reg[key] is not obj:
                 src = _sources.get(plugin_name, PluginSource(plugin_name))
-                _warn(f"skipped {reg.kind} '{key}' of plugin {src}: the name is already registered by "
-                      f"{reg.source(key)}")
+                _warn(
+                    f"skipped {reg.kind} '{key}' of plugin {src}: the name is already registered by {reg.source(key)}"
+                )
                 continue
             reg.register(obj, key, origin=plugin_name)
 
@@ -272,9 +274,15 @@ def list_plugins() -> dict[str, list[dict[str, str]]]:
         rows = []
         for name, obj in reg.items():
             src = reg.source(name)
-            rows.append({"name": name, "description": describe(obj), "plugin": src.plugin,
-                         "distribution": src.distribution, "version": src.version,
-                         "entry_point": src.entry_point})
+            rows.append(
+                {
+                    "name": name,
+                    "description": describe(obj),
+                    "plugin": src.plugin,
+                    "distribution": src.distribution,
+                    "version": src.version,
+                    "entry_point": src.entry_point,
+                }
+            )
         out[kind] = rows
     return out
-

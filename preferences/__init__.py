@@ -5,5 +5,19 @@ from .library import Library, builtin_preferences, load_file, lookup, resolve
 from .model import Example, Preference, compose
 from .views import build_views
 
-__all__ = ["BUILTIN_ENCODERS", "Encoder", "auto_encoder_name", "encode", "normalize_conversation", "Library",
-           "builtin_preferences", "load_file", "lookup", "resolve", "Example", "Preference", "compose", "build_views"]
+__all__ = [
+    "BUILTIN_ENCODERS",
+    "Encoder",
+    "auto_encoder_name",
+    "encode",
+    "normalize_conversation",
+    "Library",
+    "builtin_preferences",
+    "load_file",
+    "lookup",
+    "resolve",
+    "Example",
+    "Preference",
+    "compose",
+    "build_views",
+]

@@ -37,8 +37,15 @@ class Encoder(Protocol):
     name: ClassVar[str]
     description: ClassVar[str]
 
-    def render(self, view: list[Preference], conversation: list[Message], tokenizer: Tokenizer, *,
-               system: str | None = None, options: dict[str, Any] | None = None) -> tuple[str, bool]:
+    def render(
+        self,
+        view: list[Preference],
+        conversation: list[Message],
+        tokenizer: Tokenizer,
+        *,
+        system: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> tuple[str, bool]:
         """The prompt text of one view, and whether the tokenizer should add BOS."""
         ...
 
@@ -56,8 +63,11 @@ def normalize_conversation(prompt: str | list[Message]) -> list[Message]:
         raise ConfigError("a conversation must be a non-empty list of {role, content} messages")
     out = []
     for i, m in enumerate(prompt):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
-                "system", "user", "assistant"):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("content"), str)
+            or m.get("role") not in ("system", "user", "assistant")
+        ):
             raise ConfigError(f"message {i + 1}: expected {{'role': system|user|assistant, 'content': str}}")
         out.append({"role": m["role"], "content": check_text(m["content"], f"message {i + 1}", ConfigError)})
     if out[-1]["role"] != "user":
@@ -67,8 +77,15 @@ def normalize_conversation(prompt: str | list[Message]) -> list[Message]:
     return out
 
 
-def encode(encoder: Encoder, view: list[Preference], conversation: list[Message], tokenizer: Tokenizer, *,
-           system: str | None = None, options: dict[str, Any] | None = None) -> list[int]:
+def encode(
+    encoder: Encoder,
+    view: list[Preference],
+    conversation: list[Message],
+    tokenizer: Tokenizer,
+    *,
+    system: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> list[int]:
     text, add_bos = encoder.render(view, conversation, tokenizer, system=system, options=options)
     return tokenizer.encode(text, add_bos=add_bos)
 
@@ -104,7 +121,11 @@ class ChatTurnEncoder:
                 # Templates that insist on alternating roles (Gemma, Llama 2, Mistral) reject two
                 # user turns in a row; merge the preference into the first user turn instead.
                 first = msgs[at]
-                msgs = msgs[:at] + [{"role": "user", "content": compose(view) + "\n\n" + first["content"]}] + msgs[at + 1:]
+                msgs = (
+                    msgs[:at]
+                    + [{"role": "user", "content": compose(view) + "\n\n" + first["content"]}]
+                    + msgs[at + 1 :]
+                )
         return _chat(tokenizer, msgs), False
 
 
@@ -131,12 +152,22 @@ class SystemEncoder:
 #: turns are rendered with ``user`` / ``assistant`` labels, and the text ends with the
 #: assistant label so the model continues with the answer.
 PLAIN_TEMPLATES: dict[str, dict[str, str]] = {
-    "qa": {"header": "Instructions: {preference}\n\n", "user": "Question: {content}\n",
-           "assistant": "Answer: {content}\n\n", "prompt": "Answer:", "system": "{content}\n\n",
-           "stop": "\nQuestion:"},
-    "dialogue": {"header": "The assistant follows this instruction: {preference}\n\n", "user": "User: {content}\n",
-                 "assistant": "Assistant: {content}\n", "prompt": "Assistant:", "system": "{content}\n\n",
-                 "stop": "\nUser:"},
+    "qa": {
+        "header": "Instructions: {preference}\n\n",
+        "user": "Question: {content}\n",
+        "assistant": "Answer: {content}\n\n",
+        "prompt": "Answer:",
+        "system": "{content}\n\n",
+        "stop": "\nQuestion:",
+    },
+    "dialogue": {
+        "header": "The assistant follows this instruction: {preference}\n\n",
+        "user": "User: {content}\n",
+        "assistant": "Assistant: {content}\n",
+        "prompt": "Assistant:",
+        "system": "{content}\n\n",
+        "stop": "\nUser:",
+    },
 }
 
 
@@ -151,8 +182,10 @@ class PlainEncoder:
             return {**PLAIN_TEMPLATES["qa"], **name}
         if name in PLAIN_TEMPLATES:
             return PLAIN_TEMPLATES[name]
-        raise ConfigError(f"encoder_options.template: unknown plain template '{name}'; "
-                          f"choose one of {', '.join(PLAIN_TEMPLATES)} or give a table of formats")
+        raise ConfigError(
+            f"encoder_options.template: unknown plain template '{name}'; "
+            f"choose one of {', '.join(PLAIN_TEMPLATES)} or give a table of formats"
+        )
 
     def stop_strings(self, tokenizer, options=None) -> list[str]:
         """A base model answers and then writes the next question; stop there.
@@ -249,8 +282,7 @@ class ExemplarEncoder:
     def _n(options) -> int:
         n = (options or {}).get("n", 3)
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ConfigError(f"encoder_options.n: the number of exemplars per view must be an integer >= 0, "
-                              f"got {n!r}")
+            raise ConfigError(f"encoder_options.n: the number of exemplars per view must be an integer >= 0, got {n!r}")
         return n
 
     @staticmethod
@@ -260,9 +292,11 @@ class ExemplarEncoder:
             return list(neutral_examples()[:n])
         missing = [p.name for p in view if not p.examples]
         if missing:
-            raise ConfigError(f"the exemplar encoder needs examples for every preference; {', '.join(missing)} "
-                              "has none (give `examples = [{q = \"...\", a = \"...\"}]` in a preferences file, "
-                              "or use --encoder plain)")
+            raise ConfigError(
+                f"the exemplar encoder needs examples for every preference; {', '.join(missing)} "
+                'has none (give `examples = [{q = "...", a = "..."}]` in a preferences file, '
+                "or use --encoder plain)"
+            )
         if len(view) == 1:
             return list(view[0].examples[:n])
         names = [p.name for p in view]
@@ -273,7 +307,7 @@ class ExemplarEncoder:
         out: list[Example] = []
         for i in range(max(len(p.examples) for p in view)):
             out.extend(p.examples[i] for p in view if i < len(p.examples))
-        return out[:max(n, len(view))]
+        return out[: max(n, len(view))]
 
     def stop_strings(self, tokenizer, options=None) -> list[str]:
         if (options or {}).get("stop", True) is False:

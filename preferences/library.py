@@ -22,8 +22,8 @@ import difflib
 import functools
 import json
 import tomllib
-from importlib import resources
 from collections.abc import Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -35,26 +35,49 @@ from .model import Example, Preference
 
 #: name -> (instruction, aliases, dimension key in the data file)
 _BUILTINS: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "helpful": ("Be as helpful as possible: give useful information, resources and concrete suggestions.",
-                (), "helpful"),
-    "harmless": ("Be harmless: avoid offensive, discriminatory, dangerous or otherwise harmful content.",
-                 ("safe",), "harmless"),
-    "humor": ("Be humorous: keep the tone cheerful, playful and amusing.",
-              ("humorous", "humour", "funny"), "humor"),
-    "correct": ("Be correct: state only what is factually accurate, and no falsehoods.",
-                ("accurate", "factual"), "correct"),
-    "informative": ("Be very informative: cover all the relevant background and details, leaving nothing out.",
-                    (), "P2B_informative"),
-    "professional": ("Be professional: write in a formal, polished and businesslike tone.",
-                     ("formal",), "professional"),
+    "helpful": (
+        "Be as helpful as possible: give useful information, resources and concrete suggestions.",
+        (),
+        "helpful",
+    ),
+    "harmless": (
+        "Be harmless: avoid offensive, discriminatory, dangerous or otherwise harmful content.",
+        ("safe",),
+        "harmless",
+    ),
+    "humor": ("Be humorous: keep the tone cheerful, playful and amusing.", ("humorous", "humour", "funny"), "humor"),
+    "correct": (
+        "Be correct: state only what is factually accurate, and no falsehoods.",
+        ("accurate", "factual"),
+        "correct",
+    ),
+    "informative": (
+        "Be very informative: cover all the relevant background and details, leaving nothing out.",
+        (),
+        "P2B_informative",
+    ),
+    "professional": (
+        "Be professional: write in a formal, polished and businesslike tone.",
+        ("formal",),
+        "professional",
+    ),
     "creative": ("Be creative: offer original, imaginative and inventive ideas.", (), "creative"),
-    "touching": ("Be touching: write with emotional resonance that evokes empathy and feeling.",
-                 ("emotional",), "touching"),
+    "touching": (
+        "Be touching: write with emotional resonance that evokes empathy and feeling.",
+        ("emotional",),
+        "touching",
+    ),
     "vivid": ("Be vivid: use rich, concrete description full of sensory detail.", ("descriptive",), "vivid"),
-    "elementary": ("Write so that an elementary school student can understand it.",
-                   ("simple", "eli5"), "P1A_elementary"),
-    "expert": ("Write for an expert: only a PhD student in the field should fully understand it.",
-               ("technical",), "P1B_expert"),
+    "elementary": (
+        "Write so that an elementary school student can understand it.",
+        ("simple", "eli5"),
+        "P1A_elementary",
+    ),
+    "expert": (
+        "Write for an expert: only a PhD student in the field should fully understand it.",
+        ("technical",),
+        "P1B_expert",
+    ),
     "concise": ("Be concise and to the point; never be verbose.", ("brief", "short"), "P2A_concise"),
     "friendly": ("Be friendly, witty and humorous, like a close friend.", (), "P3A_friendly"),
     "unfriendly": ("Answer in an unfriendly manner.", ("rude",), "P3B_unfriendly"),
@@ -73,8 +96,10 @@ def _exemplar_data() -> dict[str, Any]:
     text = resources.files("personajudge.preferences").joinpath("data/exemplars.json").read_text(encoding="utf-8")
     data = json.loads(text)
     as_examples = lambda items: tuple(Example.model_validate(x) for x in items)  # noqa: E731
-    return {"single": {k: as_examples(v) for k, v in data["single"].items()},
-            "combined": {k: as_examples(v) for k, v in data["combined"].items()}}
+    return {
+        "single": {k: as_examples(v) for k, v in data["single"].items()},
+        "combined": {k: as_examples(v) for k, v in data["combined"].items()},
+    }
 
 
 def neutral_examples() -> tuple[Example, ...]:
@@ -101,8 +126,16 @@ def builtin_preferences() -> list[Preference]:
     out = []
     for name, (instruction, aliases, key) in _BUILTINS.items():
         src = "P-Soups" if key.startswith("P") else "Persona-judge paper"
-        out.append(Preference(name=name, description=dims[key], instruction=instruction, aliases=aliases,
-                              source=src, examples=builtin_examples(name)))
+        out.append(
+            Preference(
+                name=name,
+                description=dims[key],
+                instruction=instruction,
+                aliases=aliases,
+                source=src,
+                examples=builtin_examples(name),
+            )
+        )
     return out
 
 
@@ -141,8 +174,10 @@ def resolve(spec: str | Preference, library: Library | None = None) -> Preferenc
     if isinstance(spec, Preference):
         return spec
     if not isinstance(spec, str) or not spec.strip():
-        raise PreferenceError("empty preference: give a built-in name (see `personajudge preferences`) "
-                              "or a description such as \"explain like I'm five\"")
+        raise PreferenceError(
+            "empty preference: give a built-in name (see `personajudge preferences`) "
+            'or a description such as "explain like I\'m five"'
+        )
     lib = _builtin_library() if library is None else library
     found = lookup(spec, lib)
     if found is not None:
@@ -152,8 +187,10 @@ def resolve(spec: str | Preference, library: Library | None = None) -> Preferenc
         names = list(lib) + [a for p in lib.values() for a in p.aliases]
         close = difflib.get_close_matches(text.lower(), names, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise PreferenceError(f"unknown preference '{text}'{hint} (list them with `personajudge preferences`; "
-                              "a description with spaces is used as free text)")
+        raise PreferenceError(
+            f"unknown preference '{text}'{hint} (list them with `personajudge preferences`; "
+            "a description with spaces is used as free text)"
+        )
     try:
         return Preference.free_text(text)
     except ValueError as err:  # pydantic: e.g. a lone surrogate, which no tokenizer could encode
@@ -190,8 +227,10 @@ def load_file(path: str | Path, library: Library | None = None) -> list[Preferen
     except Exception as err:  # each parser has its own error type
         raise PreferenceError(f"preferences file {p} does not parse: {str(err).splitlines()[0]}") from None
     if not isinstance(data, list) or not data:
-        raise PreferenceError(f"preferences file {p} must hold a non-empty list of preferences"
-                              + (" under the key 'preferences'" if suffix == ".toml" else ""))
+        raise PreferenceError(
+            f"preferences file {p} must hold a non-empty list of preferences"
+            + (" under the key 'preferences'" if suffix == ".toml" else "")
+        )
     out = []
     for i, item in enumerate(data):
         if isinstance(item, str):
@@ -213,7 +252,7 @@ def _from_table(item: dict[str, Any], where: str, source: str, library: Library 
         raise PreferenceError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(_TABLE_KEYS)}")
     examples = item.get("examples", ())
     if not isinstance(examples, list | tuple) or not all(isinstance(x, dict) for x in examples):
-        raise PreferenceError(f"{where}: examples must be a list of tables like {{q = \"...\", a = \"...\"}}")
+        raise PreferenceError(f'{where}: examples must be a list of tables like {{q = "...", a = "..."}}')
     for key in ("name", "description", "instruction"):
         if item.get(key) is not None and not isinstance(item[key], str):
             raise PreferenceError(f"{where}: {key} must be a string, got {type(item[key]).__name__}")
@@ -223,8 +262,13 @@ def _from_table(item: dict[str, Any], where: str, source: str, library: Library 
         if known is not None:  # a library preference, adjusted
             update = {k: item[k] for k in ("instruction", "weight", "examples") if k in item}
             return Preference.model_validate({**known.model_dump(), **update, "source": source})
-        return Preference(name=name or Preference.free_text(desc).name, description=desc,
-                          instruction=item.get("instruction") or desc, weight=item.get("weight", 1.0),
-                          examples=examples, source=source)
+        return Preference(
+            name=name or Preference.free_text(desc).name,
+            description=desc,
+            instruction=item.get("instruction") or desc,
+            weight=item.get("weight", 1.0),
+            examples=examples,
+            source=source,
+        )
     except Exception as err:  # pydantic's ValidationError, as one line naming the field
         raise PreferenceError(f"{where}: {validation_message(err)}") from None

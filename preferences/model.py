@@ -48,7 +48,9 @@ class Preference(BaseModel):
     name: str = Field(min_length=1)
     description: str = Field(min_length=1)
     instruction: str = Field(min_length=1)
-    weight: float = Field(1.0, gt=0.0, allow_inf_nan=False, description="Relative weight (used by weighted methods such as mod).")
+    weight: float = Field(
+        1.0, gt=0.0, allow_inf_nan=False, description="Relative weight (used by weighted methods such as mod)."
+    )
     aliases: tuple[str, ...] = ()
     source: str = ""
     examples: tuple[Example, ...] = ()
@@ -62,7 +64,7 @@ class Preference(BaseModel):
         return v
 
     @classmethod
-    def free_text(cls, text: str, weight: float = 1.0) -> "Preference":
+    def free_text(cls, text: str, weight: float = 1.0) -> Preference:
         """A preference given as a description (``"explain like I'm five"``)."""
         text = text.strip()
         slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "custom"

@@ -10,9 +10,11 @@ from .library import Library, resolve
 from .model import Preference
 
 
-def build_views(preferences: Sequence[str | Preference] = (),
-                views: Sequence[Sequence[str | Preference]] | None = None,
-                library: Library | None = None) -> list[list[Preference]]:
+def build_views(
+    preferences: Sequence[str | Preference] = (),
+    views: Sequence[Sequence[str | Preference]] | None = None,
+    library: Library | None = None,
+) -> list[list[Preference]]:
     """The user's views.
 
     - ``views`` given: each inner list is one view carrying all its preferences

@@ -10,7 +10,6 @@ process's peak RSS cannot be reset.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -21,8 +20,8 @@ import sys
 import time
 from typing import Any
 
-from personajudge.core.config import RunConfig
 from personajudge.api import PersonaJudge, make_method
+from personajudge.core.config import RunConfig
 from personajudge.core.errors import ConfigError
 from personajudge.plugins import get_method, preference_library
 from personajudge.preferences import build_views
@@ -36,8 +35,12 @@ ALL_METHODS = ["plain", "persona-judge", "persona-judge-base", "reference"]
 
 
 def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                            "cpus": os.cpu_count(), "python": platform.python_version()}
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -78,9 +81,18 @@ def _views(cfg: RunConfig, k: int) -> list[str]:
     return prefs[:k]
 
 
-def run_bench(cfg: RunConfig, *, prompt: str = DEFAULT_PROMPT, views: int = 2, repeats: int = 3,
-              methods: list[str] | None = None, progress: bool = True, reference_max_new_tokens: int | None = None,
-              steps: bool = True, backend: Any = None) -> dict[str, Any]:
+def run_bench(
+    cfg: RunConfig,
+    *,
+    prompt: str = DEFAULT_PROMPT,
+    views: int = 2,
+    repeats: int = 3,
+    methods: list[str] | None = None,
+    progress: bool = True,
+    reference_max_new_tokens: int | None = None,
+    steps: bool = True,
+    backend: Any = None,
+) -> dict[str, Any]:
     """Time each method; returns the JSON-able report (see :data:`SCHEMA`).
 
     ``backend``: an already loaded backend to time (then it is not closed
@@ -91,17 +103,22 @@ def run_bench(cfg: RunConfig, *, prompt: str = DEFAULT_PROMPT, views: int = 2, r
     """
     from tqdm.auto import tqdm
 
-
     methods = methods or ALL_METHODS
     unknown = [m for m in methods if m not in ALL_METHODS and m != "prompt"]
     if unknown:
-
         for m in unknown:
             get_method(m)  # raises with the registered names
     prefs = _views(cfg, views)
     # Time a fixed number of tokens: no stop strings implied by the prompt format, no repetition guard.
-    cfg = cfg.model_copy(update={"encoder_options": {**cfg.encoder_options, "stop": False},
-                                 "decoding": cfg.decoding.model_copy(update={"repeat_lines": 0})})
+    # The bench times decoding, not a prompt format: `auto` means the short `plain` prefixes here (as in
+    # every recorded run), so numbers compare across versions; pass --encoder to time another one.
+    cfg = cfg.model_copy(
+        update={
+            "encoder": "plain" if cfg.encoder == "auto" else cfg.encoder,
+            "encoder_options": {**cfg.encoder_options, "stop": False},
+            "decoding": cfg.decoding.model_copy(update={"repeat_lines": 0}),
+        }
+    )
     t_load = time.perf_counter()
     pj = PersonaJudge(cfg, backend=backend)
     load_s = time.perf_counter() - t_load
@@ -112,17 +129,24 @@ def run_bench(cfg: RunConfig, *, prompt: str = DEFAULT_PROMPT, views: int = 2, r
     try:
         for name in methods:
             runs = []
-            for r in range(repeats + 1):  # run 0 is the warm-up
-                seed = base_seed + r
+            for rep in range(repeats + 1):  # run 0 is the warm-up
+                seed = base_seed + rep
                 runs.append(_one(pj, cfg, name, prompt, prefs, seed, reference_max_new_tokens, make_method))
                 bar.update(1)
             timed = runs[1:]
             tps = statistics.median(x["tokens_per_s"] for x in timed)
             acc = [x["acceptance_rate"] for x in timed if x["acceptance_rate"] is not None]
-            rows.append({"method": name, "tokens_per_s": tps,
-                         "acceptance_rate": statistics.mean(acc) if acc else None,
-                         "tokens": statistics.median(x["tokens"] for x in timed),
-                         "views": timed[0]["views"], "runner": timed[0]["runner"], "runs": timed})
+            rows.append(
+                {
+                    "method": name,
+                    "tokens_per_s": tps,
+                    "acceptance_rate": statistics.mean(acc) if acc else None,
+                    "tokens": statistics.median(x["tokens"] for x in timed),
+                    "views": timed[0]["views"],
+                    "runner": timed[0]["runner"],
+                    "runs": timed,
+                }
+            )
         costs = _step_costs(pj, cfg, prompt, prefs, make_method) if steps and views >= 2 else None
     finally:
         bar.close()
@@ -140,10 +164,19 @@ def run_bench(cfg: RunConfig, *, prompt: str = DEFAULT_PROMPT, views: int = 2, r
         "schema": SCHEMA,
         "machine": machine_info(),
         "backend": pj.backend.describe(),
-        "settings": {"prompt": prompt, "preferences": prefs, "views": views, "repeats": repeats,
-                     "lambda": d.lambda_, "temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p,
-                     "max_new_tokens": d.max_new_tokens, "reference_max_new_tokens": reference_max_new_tokens,
-                     "seed": base_seed},
+        "settings": {
+            "prompt": prompt,
+            "preferences": prefs,
+            "views": views,
+            "repeats": repeats,
+            "lambda": d.lambda_,
+            "temperature": d.temperature,
+            "top_k": d.top_k,
+            "top_p": d.top_p,
+            "max_new_tokens": d.max_new_tokens,
+            "reference_max_new_tokens": reference_max_new_tokens,
+            "seed": base_seed,
+        },
         "load_time_s": load_s,
         "results": rows,
         "persona_judge_over_reference": (pjr["tokens_per_s"] / ref["tokens_per_s"]) if pjr and ref else None,
@@ -152,8 +185,9 @@ def run_bench(cfg: RunConfig, *, prompt: str = DEFAULT_PROMPT, views: int = 2, r
     }
 
 
-def _one(pj, cfg: RunConfig, name: str, prompt: str, prefs: list[str], seed: int, ref_tokens, make_method
-         ) -> dict[str, Any]:
+def _one(
+    pj, cfg: RunConfig, name: str, prompt: str, prefs: list[str], seed: int, ref_tokens, make_method
+) -> dict[str, Any]:
     d = cfg.decoding
     if name == "plain":
         # The backend's own sampler on one preference-prompted view: the baseline to beat.
@@ -161,12 +195,20 @@ def _one(pj, cfg: RunConfig, name: str, prompt: str, prefs: list[str], seed: int
         ctx = _encode(pj, c, prompt, prefs[:1], make_method)[1][0]
         device_sync()
         t0 = time.perf_counter()
-        toks = pj.backend.native_generate(ctx, temperature=d.temperature, top_k=d.top_k, top_p=d.top_p,
-                                          max_new_tokens=d.max_new_tokens, seed=seed)
+        toks = pj.backend.native_generate(
+            ctx, temperature=d.temperature, top_k=d.top_k, top_p=d.top_p, max_new_tokens=d.max_new_tokens, seed=seed
+        )
         wall = time.perf_counter() - t0
         if toks is not None:
-            return {"seed": seed, "tokens": len(toks), "wall_time_s": wall, "tokens_per_s": len(toks) / wall,
-                    "acceptance_rate": None, "views": 1, "runner": "native"}
+            return {
+                "seed": seed,
+                "tokens": len(toks),
+                "wall_time_s": wall,
+                "tokens_per_s": len(toks) / wall,
+                "acceptance_rate": None,
+                "views": 1,
+                "runner": "native",
+            }
         name_, view_prefs = "prompt", prefs[:1]  # no native sampler: the core's plain loop
     else:
         name_, view_prefs = name, prefs
@@ -178,8 +220,15 @@ def _one(pj, cfg: RunConfig, name: str, prompt: str, prefs: list[str], seed: int
     meth, contexts = _encode(pj, c, prompt, view_prefs, make_method)
     res = pj.decode(contexts, c, meth)
     s = res.stats
-    return {"seed": seed, "tokens": s.tokens, "wall_time_s": s.wall_time_s, "tokens_per_s": s.tokens_per_s,
-            "acceptance_rate": s.acceptance_rate, "views": s.views, "runner": "core"}
+    return {
+        "seed": seed,
+        "tokens": s.tokens,
+        "wall_time_s": s.wall_time_s,
+        "tokens_per_s": s.tokens_per_s,
+        "acceptance_rate": s.acceptance_rate,
+        "views": s.views,
+        "runner": "core",
+    }
 
 
 def _step_costs(pj, cfg: RunConfig, prompt: str, prefs: list[str], make_method) -> dict[str, float]:
@@ -202,50 +251,86 @@ def memory_probe(cfg: RunConfig, prompt: str, views: int) -> dict[str, Any]:
     with PersonaJudge(cfg) as pj:
         loaded = _current_rss_mb()
         during = [loaded]
-        pj.generate(prompt, preferences=prefs[:views], method=method, seed=0,
-                    on_text=lambda _t: during.append(_current_rss_mb()))
+        pj.generate(
+            prompt,
+            preferences=prefs[:views],
+            method=method,
+            seed=0,
+            on_text=lambda _t: during.append(_current_rss_mb()),
+        )
         gpu = _gpu_peak_mb()
     # The process peak is usually set while loading the weights; the growth
     # during generation is what the views themselves cost (KV caches, logits).
-    return {"views": views, "peak_rss_mb": _peak_rss_mb(), "gpu_peak_mb": gpu,
-            "rss_after_load_mb": loaded, "generation_rss_growth_mb": max(during) - loaded}
+    return {
+        "views": views,
+        "peak_rss_mb": _peak_rss_mb(),
+        "gpu_peak_mb": gpu,
+        "rss_after_load_mb": loaded,
+        "generation_rss_growth_mb": max(during) - loaded,
+    }
 
 
 def measure_memory(cfg: RunConfig, prompt: str, views: int) -> dict[str, Any]:
     out = {}
     for k in (1, views):
-        proc = subprocess.run([sys.executable, "-m", "personajudge.bench", "--probe", str(k), "--prompt",
-                               prompt, "--config-json", cfg.model_dump_json(by_alias=True)],
-                              capture_output=True, text=True, timeout=1800)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "personajudge.bench",
+                "--probe",
+                str(k),
+                "--prompt",
+                prompt,
+                "--config-json",
+                cfg.model_dump_json(by_alias=True),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"memory probe failed: {proc.stderr.strip().splitlines()[-1:]}")
         out[k] = json.loads(proc.stdout.strip().splitlines()[-1])
     one, many = out[1], out[views]
-    res = {"peak_rss_mb_1_view": one["peak_rss_mb"], f"peak_rss_mb_{views}_views": many["peak_rss_mb"],
-           "rss_ratio": many["peak_rss_mb"] / one["peak_rss_mb"],
-           "generation_rss_growth_mb_1_view": one["generation_rss_growth_mb"],
-           f"generation_rss_growth_mb_{views}_views": many["generation_rss_growth_mb"]}
+    res = {
+        "peak_rss_mb_1_view": one["peak_rss_mb"],
+        f"peak_rss_mb_{views}_views": many["peak_rss_mb"],
+        "rss_ratio": many["peak_rss_mb"] / one["peak_rss_mb"],
+        "generation_rss_growth_mb_1_view": one["generation_rss_growth_mb"],
+        f"generation_rss_growth_mb_{views}_views": many["generation_rss_growth_mb"],
+    }
     if one["gpu_peak_mb"]:
-        res.update({"gpu_peak_mb_1_view": one["gpu_peak_mb"], f"gpu_peak_mb_{views}_views": many["gpu_peak_mb"],
-                    "gpu_ratio": many["gpu_peak_mb"] / one["gpu_peak_mb"]})
+        res.update(
+            {
+                "gpu_peak_mb_1_view": one["gpu_peak_mb"],
+                f"gpu_peak_mb_{views}_views": many["gpu_peak_mb"],
+                "gpu_ratio": many["gpu_peak_mb"] / one["gpu_peak_mb"],
+            }
+        )
     return res
 
 
 def format_table(rep: dict[str, Any]) -> str:
     s = rep["settings"]
-    lines = [f"backend: {json.dumps(rep['backend'])}",
-             f"machine: {rep['machine'].get('cpu', rep['machine']['processor'])}, {rep['machine']['cpus']} CPUs"
-             + (f", GPU {rep['machine']['gpu']}" if rep["machine"].get("gpu") else ""),
-             f"settings: {s['max_new_tokens']} new tokens, lambda {s['lambda']}, T {s['temperature']}, "
-             f"top-k {s['top_k']}, top-p {s['top_p']}, {s['views']} views {s['preferences']}, "
-             f"median of {s['repeats']} after a warm-up", "",
-             f"| {'method':<20} | {'tokens/s':>9} | {'x plain':>7} | {'acceptance':>10} | {'tokens':>6} | runner |",
-             f"|{'-' * 22}|{'-' * 11}|{'-' * 9}|{'-' * 12}|{'-' * 8}|--------|"]
+    lines = [
+        f"backend: {json.dumps(rep['backend'])}",
+        f"machine: {rep['machine'].get('cpu', rep['machine']['processor'])}, {rep['machine']['cpus']} CPUs"
+        + (f", GPU {rep['machine']['gpu']}" if rep["machine"].get("gpu") else ""),
+        f"settings: {s['max_new_tokens']} new tokens, lambda {s['lambda']}, T {s['temperature']}, "
+        f"top-k {s['top_k']}, top-p {s['top_p']}, {s['views']} views {s['preferences']}, "
+        f"median of {s['repeats']} after a warm-up",
+        "",
+        f"| {'method':<20} | {'tokens/s':>9} | {'x plain':>7} | {'acceptance':>10} | {'tokens':>6} | runner |",
+        f"|{'-' * 22}|{'-' * 11}|{'-' * 9}|{'-' * 12}|{'-' * 8}|--------|",
+    ]
     for r in rep["results"]:
         acc = f"{r['acceptance_rate']:.2f}" if r["acceptance_rate"] is not None else "-"
         ratio = f"{r['ratio_to_plain']:.2f}" if r["ratio_to_plain"] is not None else "-"
-        lines.append(f"| {r['method']:<20} | {r['tokens_per_s']:>9.1f} | {ratio:>7} | {acc:>10} | "
-                     f"{r['tokens']:>6.0f} | {r['runner']:<6} |")
+        lines.append(
+            f"| {r['method']:<20} | {r['tokens_per_s']:>9.1f} | {ratio:>7} | {acc:>10} | "
+            f"{r['tokens']:>6.0f} | {r['runner']:<6} |"
+        )
     if rep.get("persona_judge_over_reference"):
         lines.append(f"\npersona-judge over reference (no KV cache): {rep['persona_judge_over_reference']:.1f}x")
     if rep.get("steps"):
@@ -253,12 +338,16 @@ def format_table(rep: dict[str, Any]) -> str:
     mem = rep.get("memory", {})
     if "rss_ratio" in mem:
         k = s["views"]
-        lines.append(f"peak RSS: 1 view {mem['peak_rss_mb_1_view']:.0f} MB, {k} views "
-                     f"{mem[f'peak_rss_mb_{k}_views']:.0f} MB (ratio {mem['rss_ratio']:.2f}); growth while "
-                     f"generating: 1 view {mem['generation_rss_growth_mb_1_view']:.1f} MB, {k} views "
-                     f"{mem[f'generation_rss_growth_mb_{k}_views']:.1f} MB")
+        lines.append(
+            f"peak RSS: 1 view {mem['peak_rss_mb_1_view']:.0f} MB, {k} views "
+            f"{mem[f'peak_rss_mb_{k}_views']:.0f} MB (ratio {mem['rss_ratio']:.2f}); growth while "
+            f"generating: 1 view {mem['generation_rss_growth_mb_1_view']:.1f} MB, {k} views "
+            f"{mem[f'generation_rss_growth_mb_{k}_views']:.1f} MB"
+        )
     if "gpu_ratio" in mem:
         k = s["views"]
-        lines.append(f"peak GPU memory: 1 view {mem['gpu_peak_mb_1_view']:.0f} MB, {k} views "
-                     f"{mem[f'gpu_peak_mb_{k}_views']:.0f} MB (ratio {mem['gpu_ratio']:.2f})")
+        lines.append(
+            f"peak GPU memory: 1 view {mem['gpu_peak_mb_1_view']:.0f} MB, {k} views "
+            f"{mem[f'gpu_peak_mb_{k}_views']:.0f} MB (ratio {mem['gpu_ratio']:.2f})"
+        )
     return "\n".join(lines)

@@ -7,6 +7,7 @@ a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -43,6 +44,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except PersonaJudgeError as err:
         print(f"personajudge: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # `personajudge generate ... | head -1`: the reader left. Say so once, and keep the
+        # interpreter from failing again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("personajudge: error: the output pipe was closed; generation stopped", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("personajudge: interrupted", file=sys.stderr)

@@ -20,9 +20,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise ConfigError("--repeats must be at least 1")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    rep = run_bench(cfg, prompt=args.prompt, views=args.views, repeats=args.repeats, methods=methods,
-                    progress=not args.json, reference_max_new_tokens=args.reference_max_new_tokens,
-                    steps=not args.no_steps)
+    rep = run_bench(
+        cfg,
+        prompt=args.prompt,
+        views=args.views,
+        repeats=args.repeats,
+        methods=methods,
+        progress=not args.json,
+        reference_max_new_tokens=args.reference_max_new_tokens,
+        steps=not args.no_steps,
+    )
     if not args.no_memory:
         rep["memory"].update(measure_memory(cfg, args.prompt, args.views))
     if args.json:
@@ -39,12 +46,18 @@ def register(sub) -> None:
     p.add_argument("--views", type=int, default=2, help="number of views K (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method, after one warm-up (default 3)")
     p.add_argument("--methods", help=f"comma-separated subset of {','.join(ALL_METHODS)}")
-    p.add_argument("--reference-max-new-tokens", type=int, dest="reference_max_new_tokens",
-                   help="cap the slow reference method's length (its tokens/s is still comparable)")
+    p.add_argument(
+        "--reference-max-new-tokens",
+        type=int,
+        dest="reference_max_new_tokens",
+        help="cap the slow reference method's length (its tokens/s is still comparable)",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--no-steps", action="store_true", dest="no_steps",
-                   help="skip timing the backend's single and batched steps (and the ceiling they imply)")
+    p.add_argument(
+        "--no-steps",
+        action="store_true",
+        dest="no_steps",
+        help="skip timing the backend's single and batched steps (and the ceiling they imply)",
+    )
     p.add_argument("--json", action="store_true", help="print the stable JSON report")
     p.set_defaults(func=cmd_bench)
-
-

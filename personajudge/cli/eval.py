@@ -1,11 +1,11 @@
 """CLI subcommands ``personajudge eval`` and ``personajudge report``.
 
-    personajudge eval --run-dir runs/psoups --seed 0            # 50 P-Soups prompts, default pairs
-    personajudge eval --run-dir runs/small --limit 3 --max-new-tokens 32
-    personajudge eval --pair concise,informative --methods prompt,persona-judge,persona-judge-base
-    personajudge eval --lambdas 1,2,4,8 --pair vivid,creative
-    personajudge eval --objectives vivid,creative,touching --methods persona-judge --scorers length
-    personajudge report runs/psoups
+personajudge eval --run-dir runs/psoups --seed 0            # 50 P-Soups prompts, default pairs
+personajudge eval --run-dir runs/small --limit 3 --max-new-tokens 32
+personajudge eval --pair concise,informative --methods prompt,persona-judge,persona-judge-base
+personajudge eval --lambdas 1,2,4,8 --pair vivid,creative
+personajudge eval --objectives vivid,creative,touching --methods persona-judge --scorers length
+personajudge report runs/psoups
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from personajudge.evaluation.spec import (
     DEFAULT_PAIRS,
     DEFAULT_SCORERS,
     EvalSpec,
+    Experiment,
     ScorerSpec,
     objective_experiments,
     pair_experiment,
@@ -68,8 +69,9 @@ def parse_scorers(text: str, options: list[str]):
         if not eq or not dot or not key.strip():
             raise EvalError(f"--scorer-option expects ALIAS.KEY=VALUE, got {opt!r}")
         if alias.strip() not in by_alias:
-            raise EvalError(f"--scorer-option {opt!r}: no scorer '{alias}' in --scorers "
-                            f"({', '.join(by_alias) or 'none'})")
+            raise EvalError(
+                f"--scorer-option {opt!r}: no scorer '{alias}' in --scorers ({', '.join(by_alias) or 'none'})"
+            )
         try:
             parsed: Any = json.loads(value)
         except (ValueError, RecursionError):  # not JSON (or past Python's limits): the text itself
@@ -83,8 +85,9 @@ def spec_from_args(args: argparse.Namespace):
         raise EvalError("eval compares several methods: use --methods A,B (not --method)")
     if args.preferences_file:
         raise EvalError("eval takes its preferences from --pair / --objectives / --view, not --preferences-file")
-    run, _ = config_from_args(argparse.Namespace(**{**vars(args), "prefer": None, "preferences_file": None,
-                                                    "view": None, "seed": None}))
+    run, _ = config_from_args(
+        argparse.Namespace(**{**vars(args), "prefer": None, "preferences_file": None, "view": None, "seed": None})
+    )
     run = run.model_copy(update={"views": None, "preferences": []})
     experiments = []
     for pair in args.pair or []:
@@ -97,7 +100,7 @@ def spec_from_args(args: argparse.Namespace):
         experiments.extend(objective_experiments(objs))
     if not experiments:
         experiments = [pair_experiment(p) for p in DEFAULT_PAIRS]
-    unique = {}
+    unique: dict[str, Experiment] = {}
     for e in experiments:  # the same views twice (a pair that is also an objectives step): keep one
         if e.name in unique:
             if e.objectives and not unique[e.name].objectives:
@@ -113,10 +116,18 @@ def spec_from_args(args: argparse.Namespace):
         raise EvalError("--batch-size must be at least 1")
     try:
         return EvalSpec(
-            dataset=args.dataset or "psoups-koala-50", limit=args.limit, methods=methods, baseline=baseline,
-            experiments=list(unique.values()), lambdas=_int_list("--lambdas", args.lambdas) if args.lambdas else [],
-            seeds=[seed + i for i in range(args.samples)], scorers=parse_scorers(args.scorers, args.scorer_option),
-            dimensions=[parse_dimension(d) for d in args.dimension], batch_size=args.batch_size, run=run)
+            dataset=args.dataset or "psoups-koala-50",
+            limit=args.limit,
+            methods=methods,
+            baseline=baseline,
+            experiments=list(unique.values()),
+            lambdas=_int_list("--lambdas", args.lambdas) if args.lambdas else [],
+            seeds=[seed + i for i in range(args.samples)],
+            scorers=parse_scorers(args.scorers, args.scorer_option),
+            dimensions=[parse_dimension(d) for d in args.dimension],
+            batch_size=args.batch_size,
+            run=run,
+        )
     except ValueError as err:  # pydantic
         raise EvalError(f"invalid evaluation: {validation_message(err)}") from None
 
@@ -130,14 +141,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         spec = spec_from_args(args)
     ray_opts = ray_options_from_args(args)
     try:
-        res = run_eval(spec, args.run_dir, force=args.force, progress=not args.no_progress,
-                       report=not args.no_report, ray=ray_opts)
+        res = run_eval(
+            spec, args.run_dir, force=args.force, progress=not args.no_progress, report=not args.no_report, ray=ray_opts
+        )
     except KeyboardInterrupt:
-        print(f"personajudge: interrupted; finished rows are saved in {args.run_dir}: run the same command "
-              f"(or `personajudge eval --resume --run-dir {args.run_dir}`) to continue", file=sys.stderr)
+        print(
+            f"personajudge: interrupted; finished rows are saved in {args.run_dir}: run the same command "
+            f"(or `personajudge eval --resume --run-dir {args.run_dir}`) to continue",
+            file=sys.stderr,
+        )
         raise
-    print(f"personajudge: {res.generated} generated, {res.reused} reused, {res.failed} failed, "
-          f"{res.scored} scores in {res.run_dir}", file=sys.stderr)
+    print(
+        f"personajudge: {res.generated} generated, {res.reused} reused, {res.failed} failed, "
+        f"{res.scored} scores in {res.run_dir}",
+        file=sys.stderr,
+    )
     if res.report:
         print(f"personajudge: report: {res.report['markdown']}", file=sys.stderr)
         if not args.quiet:
@@ -155,40 +173,94 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add ``eval`` and ``report`` to the ``personajudge`` parser."""
-    p = sub.add_parser("eval", help="evaluate methods on prompts with scorers (resumable; writes a report)",
-                       description="Generate with each method for every prompt x experiment x seed, score, and "
-                                   "write report.md / report.json / PNG plots. Rows are appended as they are "
-                                   "produced: rerun the same command to continue an interrupted run.")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate methods on prompts with scorers (resumable; writes a report)",
+        description="Generate with each method for every prompt x experiment x seed, score, and "
+        "write report.md / report.json / PNG plots. Rows are appended as they are "
+        "produced: rerun the same command to continue an interrupted run.",
+    )
     add_run_options(p)
     g = p.add_argument_group("evaluation")
-    g.add_argument("--dataset", metavar="FILE",
-                   help="JSONL (or JSON list) with a 'prompt' field and optional 'id' (default: the 50 P-Soups prompts)")
+    g.add_argument(
+        "--dataset",
+        metavar="FILE",
+        help="JSONL (or JSON list) with a 'prompt' field and optional 'id' (default: the 50 P-Soups prompts)",
+    )
     g.add_argument("--limit", type=int, metavar="N", help="only the first N prompts")
-    g.add_argument("--methods", default=DEFAULT_METHODS, metavar="A,B",
-                   help=f"methods to compare (any registered method; default {DEFAULT_METHODS})")
-    g.add_argument("--baseline", default="prompt", metavar="METHOD",
-                   help="method the win rates compare against; always generated ('none': no win rates)")
-    g.add_argument("--pair", action="append", metavar="A,B",
-                   help="an experiment whose two views are preferences A and B (repeatable; 'A+C,B' puts two in "
-                        "one view); default: " + " and ".join(DEFAULT_PAIRS))
-    g.add_argument("--objectives", action="append", metavar="A,B,C",
-                   help="experiments with 1, 2, 3, ... objectives for the cost table (Table 5)")
-    g.add_argument("--scorers", default=DEFAULT_SCORERS, metavar="NAME|ALIAS=NAME,...",
-                   help=f"scorers (default {DEFAULT_SCORERS}; also reward-model, pairwise-judge; 'none')")
-    g.add_argument("--scorer-option", action="append", default=[], metavar="ALIAS.KEY=VALUE",
-                   help="a scorer option (repeatable), e.g. rm.model=PATH; VALUE is parsed as JSON when it can be")
-    g.add_argument("--dimension", action="append", default=[], metavar="NAME=SCORER:higher|lower",
-                   help="measure dimension NAME with scorer alias SCORER in that direction (repeatable)")
+    g.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        metavar="A,B",
+        help=f"methods to compare (any registered method; default {DEFAULT_METHODS})",
+    )
+    g.add_argument(
+        "--baseline",
+        default="prompt",
+        metavar="METHOD",
+        help="method the win rates compare against; always generated ('none': no win rates)",
+    )
+    g.add_argument(
+        "--pair",
+        action="append",
+        metavar="A,B",
+        help="an experiment whose two views are preferences A and B (repeatable; 'A+C,B' puts two in "
+        "one view); default: " + " and ".join(DEFAULT_PAIRS),
+    )
+    g.add_argument(
+        "--objectives",
+        action="append",
+        metavar="A,B,C",
+        help="experiments with 1, 2, 3, ... objectives for the cost table (Table 5)",
+    )
+    g.add_argument(
+        "--scorers",
+        default=DEFAULT_SCORERS,
+        metavar="NAME|ALIAS=NAME,...",
+        help=f"scorers (default {DEFAULT_SCORERS}; also reward-model, pairwise-judge; 'none')",
+    )
+    g.add_argument(
+        "--scorer-option",
+        action="append",
+        default=[],
+        metavar="ALIAS.KEY=VALUE",
+        help="a scorer option (repeatable), e.g. rm.model=PATH; VALUE is parsed as JSON when it can be",
+    )
+    g.add_argument(
+        "--dimension",
+        action="append",
+        default=[],
+        metavar="NAME=SCORER:higher|lower",
+        help="measure dimension NAME with scorer alias SCORER in that direction (repeatable)",
+    )
     g.add_argument("--lambdas", metavar="L1,L2,...", help="draft windows to sweep (Table 3); default: --lambda")
-    g.add_argument("--samples", type=int, default=1, metavar="N",
-                   help="generations per prompt, with seeds --seed, --seed+1, ... (default 1; --seed defaults to 0)")
-    g.add_argument("--batch-size", type=int, default=1, metavar="N",
-                   help="prompts per batched generate call (default 1: per-response timings stay exact)")
-    g.add_argument("--run-dir", default=DEFAULT_RUN_DIR, metavar="DIR", help=f"run directory (default {DEFAULT_RUN_DIR})")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in --run-dir with its stored configuration (other run flags are ignored)")
-    g.add_argument("--force", action="store_true",
-                   help="reuse --run-dir although it was started with another configuration (still-valid rows are kept)")
+    g.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        metavar="N",
+        help="generations per prompt, with seeds --seed, --seed+1, ... (default 1; --seed defaults to 0)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="prompts per batched generate call (default 1: per-response timings stay exact)",
+    )
+    g.add_argument(
+        "--run-dir", default=DEFAULT_RUN_DIR, metavar="DIR", help=f"run directory (default {DEFAULT_RUN_DIR})"
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --run-dir with its stored configuration (other run flags are ignored)",
+    )
+    g.add_argument(
+        "--force",
+        action="store_true",
+        help="reuse --run-dir although it was started with another configuration (still-valid rows are kept)",
+    )
     g.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("-q", "--quiet", action="store_true", help="do not print the report")

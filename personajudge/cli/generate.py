@@ -20,8 +20,10 @@ from .ray_options import add_ray_options, ray_options_from_args
 def _stats_line(res) -> str:
     s = res.stats
     acc = f", acceptance {s.acceptance_rate:.2f}" if s.acceptance_rate is not None else ""
-    return (f"[{s.method}] {s.tokens} tokens in {s.wall_time_s:.2f}s ({s.tokens_per_s:.1f} tok/s){acc}, "
-            f"{s.views} view(s), seed {s.seed}, finish: {res.finish_reason}")
+    return (
+        f"[{s.method}] {s.tokens} tokens in {s.wall_time_s:.2f}s ({s.tokens_per_s:.1f} tok/s){acc}, "
+        f"{s.views} view(s), seed {s.seed}, finish: {res.finish_reason}"
+    )
 
 
 def _generate_jsonl(args: argparse.Namespace) -> int:
@@ -37,8 +39,16 @@ def _generate_jsonl(args: argparse.Namespace) -> int:
     ray_opts = ray_options_from_args(args)
     records = read_records(args.input)  # validated before the model loads
     cfg, prefs = config_from_args(args)
-    job = JsonlBatch(records, cfg, prefs, batch_size=args.batch_size, output=args.output,
-                     overwrite=args.overwrite, force=args.force, progress=not args.quiet)
+    job = JsonlBatch(
+        records,
+        cfg,
+        prefs,
+        batch_size=args.batch_size,
+        output=args.output,
+        overwrite=args.overwrite,
+        force=args.force,
+        progress=not args.quiet,
+    )
     with job:  # output paths and the partial file are checked before any model loads
         if ray_opts is None:
             with PersonaJudge(cfg) as pj:
@@ -108,17 +118,28 @@ def register(sub) -> None:
     add_run_options(g)
     g.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and stats")
     g.add_argument("-q", "--quiet", action="store_true", help="no stats line on stderr")
-    g.add_argument("--show-prompt", action="store_true", dest="show_prompt",
-                   help="print each view's rendered context (on stderr) before generating")
+    g.add_argument(
+        "--show-prompt",
+        action="store_true",
+        dest="show_prompt",
+        help="print each view's rendered context (on stderr) before generating",
+    )
     b = g.add_argument_group("batch (JSONL)")
-    b.add_argument("--input", metavar="FILE.jsonl",
-                   help='one JSON object per line: {"prompt": str or chat messages, "id"?, "seed"?}')
+    b.add_argument(
+        "--input",
+        metavar="FILE.jsonl",
+        help='one JSON object per line: {"prompt": str or chat messages, "id"?, "seed"?}',
+    )
     b.add_argument("--output", metavar="FILE.jsonl", help="results, one JSON line per prompt (default: stdout)")
-    b.add_argument("--batch-size", type=int, default=8, dest="batch_size",
-                   help="prompts decoded together as one batch (default 8)")
+    b.add_argument(
+        "--batch-size", type=int, default=8, dest="batch_size", help="prompts decoded together as one batch (default 8)"
+    )
     b.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
-    b.add_argument("--force", action="store_true",
-                   help="resume from a partial file made with other settings: rows that still match are kept, "
-                        "the rest are generated again")
+    b.add_argument(
+        "--force",
+        action="store_true",
+        help="resume from a partial file made with other settings: rows that still match are kept, "
+        "the rest are generated again",
+    )
     add_ray_options(g)
     g.set_defaults(func=cmd_generate)

@@ -27,6 +27,7 @@ def _positive_int(name: str):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {v!r}") from None
         return n
+
     return parse
 
 
@@ -41,20 +42,40 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, help="CPU threads")
     g.add_argument("--n-ctx", type=int, dest="n_ctx", help="context size in tokens")
     g.add_argument("--n-gpu-layers", type=int, dest="n_gpu_layers", help="layers offloaded to the GPU (llama-cpp)")
-    g.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra backend option (repeatable); VALUE is parsed as JSON when it can be")
+    g.add_argument(
+        "--backend-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra backend option (repeatable); VALUE is parsed as JSON when it can be",
+    )
     g = p.add_argument_group("preferences")
-    g.add_argument("--prefer", action="append", default=None, metavar="NAME_OR_TEXT",
-                   help="a built-in preference name or a free-text description (repeatable; one view each)")
-    g.add_argument("--view", action="append", default=None, metavar="A,B",
-                   help="a view carrying several preferences, comma-separated (repeatable)")
+    g.add_argument(
+        "--prefer",
+        action="append",
+        default=None,
+        metavar="NAME_OR_TEXT",
+        help="a built-in preference name or a free-text description (repeatable; one view each)",
+    )
+    g.add_argument(
+        "--view",
+        action="append",
+        default=None,
+        metavar="A,B",
+        help="a view carrying several preferences, comma-separated (repeatable)",
+    )
     g.add_argument("--preferences-file", metavar="FILE", help="TOML/JSON/YAML list of preferences")
     g.add_argument("--encoder", help="preference encoder: auto, chat-turn, system, plain, instruction, ...")
     g.add_argument("--system", help="system message (chat models)")
     g = p.add_argument_group("decoding")
     g.add_argument("--method", help="persona-judge (default), persona-judge-base, prompt, base, reference, mod, pad")
-    g.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="method option (repeatable), e.g. weight=2 for pad, weights=[0.7,0.3] for mod")
+    g.add_argument(
+        "--method-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option (repeatable), e.g. weight=2 for pad, weights=[0.7,0.3] for mod",
+    )
     g.add_argument("--lambda", dest="lam", type=_positive_int("--lambda"), help="draft window (default 4)")
     g.add_argument("--temperature", type=float, help="0 = greedy (default 0.7)")
     g.add_argument("--top-k", dest="top_k", type=int, help="default 20; 0 disables")
@@ -104,13 +125,27 @@ def config_from_args(args: argparse.Namespace):
         prefs = (prefs or []) + list(args.prefer)
     cfg = build_config(
         data,
-        **{"backend.name": args.backend, "backend.model": args.model, "backend.device": args.device,
-           "backend.dtype": args.dtype, "backend.threads": args.threads, "backend.n_ctx": args.n_ctx,
-           "backend.n_gpu_layers": args.n_gpu_layers, "method": args.method, "encoder": args.encoder,
-           "system": args.system,
-           "views": [[s.strip() for s in v.split(",") if s.strip()] for v in args.view] if args.view else None,
-           "decoding.lambda": args.lam, "decoding.temperature": args.temperature, "decoding.top_k": args.top_k,
-           "decoding.top_p": args.top_p, "decoding.max_new_tokens": args.max_new_tokens,
-           "decoding.stop": args.stop, "decoding.seed": args.seed, "decoding.roles": args.roles,
-           "decoding.schedule": args.schedule})
+        **{
+            "backend.name": args.backend,
+            "backend.model": args.model,
+            "backend.device": args.device,
+            "backend.dtype": args.dtype,
+            "backend.threads": args.threads,
+            "backend.n_ctx": args.n_ctx,
+            "backend.n_gpu_layers": args.n_gpu_layers,
+            "method": args.method,
+            "encoder": args.encoder,
+            "system": args.system,
+            "views": [[s.strip() for s in v.split(",") if s.strip()] for v in args.view] if args.view else None,
+            "decoding.lambda": args.lam,
+            "decoding.temperature": args.temperature,
+            "decoding.top_k": args.top_k,
+            "decoding.top_p": args.top_p,
+            "decoding.max_new_tokens": args.max_new_tokens,
+            "decoding.stop": args.stop,
+            "decoding.seed": args.seed,
+            "decoding.roles": args.roles,
+            "decoding.schedule": args.schedule,
+        },
+    )
     return cfg, prefs

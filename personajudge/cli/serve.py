@@ -29,8 +29,11 @@ def _require_serve_extra() -> None:
 
 
 def _check_limits(args: argparse.Namespace) -> None:
-    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
-                             ("--port", args.port, 0)):
+    for flag, value, low in (
+        ("--max-batch", args.max_batch, 1),
+        ("--max-queue", args.max_queue, 0),
+        ("--port", args.port, 0),
+    ):
         if value < low:
             raise ConfigError(f"{flag} must be at least {low}, got {value}")
     if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
@@ -49,8 +52,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     api_key = args.api_key or os.environ.get("PERSONAJUDGE_API_KEY") or None
     with PersonaJudge(cfg, max_batch=args.max_batch, max_queue=args.max_queue) as pj:
-        app = create_app(pj, model_name=args.served_model_name, api_key=api_key,
-                         max_tokens_limit=args.max_tokens_limit, request_timeout=args.request_timeout)
+        app = create_app(
+            pj,
+            model_name=args.served_model_name,
+            api_key=api_key,
+            max_tokens_limit=args.max_tokens_limit,
+            request_timeout=args.request_timeout,
+        )
         engine = pj.engine
 
         class GracefulServer(uvicorn.Server):
@@ -80,12 +88,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     timer.start()
                 super().handle_exit(sig, frame)
 
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                timeout_graceful_shutdown=args.shutdown_timeout + 5, access_log=args.access_log)
+        config = uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=args.shutdown_timeout + 5,
+            access_log=args.access_log,
+        )
         server = GracefulServer(config)
-        print(f"personajudge: serving '{args.served_model_name}' ({pj.backend.describe().get('model', '?')}) "
-              f"on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, queue {args.max_queue}"
-              f"{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
+        print(
+            f"personajudge: serving '{args.served_model_name}' ({pj.backend.describe().get('model', '?')}) "
+            f"on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, queue {args.max_queue}"
+            f"{', API key required' if api_key else ''})",
+            file=sys.stderr,
+            flush=True,
+        )
         server.run()
     return 0
 
@@ -101,26 +119,59 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     cfg, prefs = config_from_args(args)
     if prefs:
         cfg = cfg.model_copy(update={"preferences": [p if isinstance(p, str) else p.description for p in prefs]})
-    flags = _run_flags(args) + ["--max-batch", str(max(args.max_batch, max(levels))),
-                                "--max-queue", str(max(args.max_queue, args.requests))]
+    flags = _run_flags(args) + [
+        "--max-batch",
+        str(max(args.max_batch, max(levels))),
+        "--max-queue",
+        str(max(args.max_queue, args.requests)),
+    ]
     api_key = args.api_key or os.environ.get("PERSONAJUDGE_API_KEY") or None
-    rep = run_bench_serve(cfg, server_flags=flags + list(args.server_flags), levels=levels,
-                          n_requests=args.requests, max_tokens=args.max_tokens, url=args.url,
-                          direct=not args.no_direct, progress=not args.json, api_key=api_key,
-                          model=args.served_model_name)
+    rep = run_bench_serve(
+        cfg,
+        server_flags=flags + list(args.server_flags),
+        levels=levels,
+        n_requests=args.requests,
+        max_tokens=args.max_tokens,
+        url=args.url,
+        direct=not args.no_direct,
+        progress=not args.json,
+        api_key=api_key,
+        model=args.served_model_name,
+    )
     print(json.dumps(rep, indent=2) if args.json else format_table(rep))
     return 0
 
 
 #: the run options (``add_run_options``) a started server gets, as (dest, flag)
-_FORWARDED = [("config", "--config"), ("backend", "--backend"), ("model", "--model"), ("device", "--device"),
-              ("dtype", "--dtype"), ("threads", "--threads"), ("n_ctx", "--n-ctx"), ("n_gpu_layers", "--n-gpu-layers"),
-              ("backend_option", "--backend-option"), ("prefer", "--prefer"), ("view", "--view"),
-              ("preferences_file", "--preferences-file"), ("encoder", "--encoder"), ("system", "--system"),
-              ("method", "--method"), ("method_option", "--method-option"), ("lam", "--lambda"),
-              ("temperature", "--temperature"), ("top_k", "--top-k"), ("top_p", "--top-p"),
-              ("max_new_tokens", "--max-new-tokens"), ("stop", "--stop"), ("seed", "--seed"), ("roles", "--roles"),
-              ("schedule", "--schedule"), ("api_key", "--api-key"), ("served_model_name", "--served-model-name")]
+_FORWARDED = [
+    ("config", "--config"),
+    ("backend", "--backend"),
+    ("model", "--model"),
+    ("device", "--device"),
+    ("dtype", "--dtype"),
+    ("threads", "--threads"),
+    ("n_ctx", "--n-ctx"),
+    ("n_gpu_layers", "--n-gpu-layers"),
+    ("backend_option", "--backend-option"),
+    ("prefer", "--prefer"),
+    ("view", "--view"),
+    ("preferences_file", "--preferences-file"),
+    ("encoder", "--encoder"),
+    ("system", "--system"),
+    ("method", "--method"),
+    ("method_option", "--method-option"),
+    ("lam", "--lambda"),
+    ("temperature", "--temperature"),
+    ("top_k", "--top-k"),
+    ("top_p", "--top-p"),
+    ("max_new_tokens", "--max-new-tokens"),
+    ("stop", "--stop"),
+    ("seed", "--seed"),
+    ("roles", "--roles"),
+    ("schedule", "--schedule"),
+    ("api_key", "--api-key"),
+    ("served_model_name", "--served-model-name"),
+]
 
 
 def _run_flags(args: argparse.Namespace) -> list[str]:
@@ -128,7 +179,7 @@ def _run_flags(args: argparse.Namespace) -> list[str]:
     out: list[str] = []
     for dest, flag in _FORWARDED:
         value = getattr(args, dest, None)
-        for v in (value if isinstance(value, list) else [value] if value is not None else []):
+        for v in value if isinstance(value, list) else [value] if value is not None else []:
             out.append(f"{flag}={v}")
     return out
 
@@ -137,43 +188,90 @@ def _add_server_limits(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    g.add_argument("--api-key", dest="api_key",
-                   help="require 'Authorization: Bearer KEY' on /v1 (default: $PERSONAJUDGE_API_KEY, else none)")
-    g.add_argument("--served-model-name", dest="served_model_name", default="persona-judge",
-                   help="the model id clients send and /v1/models lists (default persona-judge)")
-    g.add_argument("--max-batch", dest="max_batch", type=int, default=8,
-                   help="requests decoded together in one batched step (default 8)")
-    g.add_argument("--max-queue", dest="max_queue", type=int, default=64,
-                   help="requests waiting beyond the batch; more get 429 with Retry-After (default 64)")
-    g.add_argument("--max-tokens-limit", dest="max_tokens_limit", type=int,
-                   help="largest max_tokens a request may ask for (default: no limit)")
-    g.add_argument("--request-timeout", dest="request_timeout", type=float, default=600.0,
-                   help="seconds a request may take before it is cancelled with 408 (default 600)")
-    g.add_argument("--shutdown-timeout", dest="shutdown_timeout", type=float, default=10.0,
-                   help="on SIGTERM, seconds in-flight requests get to finish before they are cancelled (default 10)")
+    g.add_argument(
+        "--api-key",
+        dest="api_key",
+        help="require 'Authorization: Bearer KEY' on /v1 (default: $PERSONAJUDGE_API_KEY, else none)",
+    )
+    g.add_argument(
+        "--served-model-name",
+        dest="served_model_name",
+        default="persona-judge",
+        help="the model id clients send and /v1/models lists (default persona-judge)",
+    )
+    g.add_argument(
+        "--max-batch",
+        dest="max_batch",
+        type=int,
+        default=8,
+        help="requests decoded together in one batched step (default 8)",
+    )
+    g.add_argument(
+        "--max-queue",
+        dest="max_queue",
+        type=int,
+        default=64,
+        help="requests waiting beyond the batch; more get 429 with Retry-After (default 64)",
+    )
+    g.add_argument(
+        "--max-tokens-limit",
+        dest="max_tokens_limit",
+        type=int,
+        help="largest max_tokens a request may ask for (default: no limit)",
+    )
+    g.add_argument(
+        "--request-timeout",
+        dest="request_timeout",
+        type=float,
+        default=600.0,
+        help="seconds a request may take before it is cancelled with 408 (default 600)",
+    )
+    g.add_argument(
+        "--shutdown-timeout",
+        dest="shutdown_timeout",
+        type=float,
+        default=10.0,
+        help="on SIGTERM, seconds in-flight requests get to finish before they are cancelled (default 10)",
+    )
 
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     add_run_options(p)
     _add_server_limits(p)
-    p.add_argument("--log-level", dest="log_level", default="warning",
-                   choices=["critical", "error", "warning", "info", "debug"], help="uvicorn log level")
+    p.add_argument(
+        "--log-level",
+        dest="log_level",
+        default="warning",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn log level",
+    )
     p.add_argument("--access-log", dest="access_log", action="store_true", help="log every request")
     p.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench-serve", help="throughput and latency of the server at several concurrencies")
     add_run_options(b)
     _add_server_limits(b)
-    b.add_argument("--url", help="benchmark a running server at this base URL (e.g. http://127.0.0.1:8000/v1) "
-                                 "instead of starting one")
+    b.add_argument(
+        "--url",
+        help="benchmark a running server at this base URL (e.g. http://127.0.0.1:8000/v1) instead of starting one",
+    )
     b.add_argument("--concurrency", default="1,4,16", help="client concurrency levels (default 1,4,16)")
     b.add_argument("--requests", type=int, default=16, help="requests per level (default 16)")
     b.add_argument("--max-tokens", dest="max_tokens", type=int, default=64, help="max_tokens per request (default 64)")
-    b.add_argument("--no-direct", dest="no_direct", action="store_true",
-                   help="skip the in-process baseline (the same requests one by one, no server)")
-    b.add_argument("--server-flag", dest="server_flags", action="append", default=[], metavar="FLAG",
-                   help="extra flag for the started server (repeatable), e.g. --server-flag=--n-ctx=1024")
+    b.add_argument(
+        "--no-direct",
+        dest="no_direct",
+        action="store_true",
+        help="skip the in-process baseline (the same requests one by one, no server)",
+    )
+    b.add_argument(
+        "--server-flag",
+        dest="server_flags",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="extra flag for the started server (repeatable), e.g. --server-flag=--n-ctx=1024",
+    )
     b.add_argument("--json", action="store_true", help="print the JSON report")
     b.set_defaults(func=cmd_bench_serve)
-

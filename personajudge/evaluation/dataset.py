@@ -77,7 +77,9 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
         except json.JSONDecodeError as err:
             raise DatasetError(f"dataset file {p} is not valid JSON: {err}") from None
         except (ValueError, RecursionError) as err:  # an integer too long to convert, or nesting too deep
-            raise DatasetError(f"dataset file {p} is not usable JSON: {str(err)[:120] or 'nested too deeply'}") from None
+            raise DatasetError(
+                f"dataset file {p} is not usable JSON: {str(err)[:120] or 'nested too deeply'}"
+            ) from None
         return _items(data, str(p))
     records = []
     for n, line in enumerate(text.splitlines(), 1):
@@ -86,8 +88,10 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise DatasetError(f"{p}, line {n}: not valid JSON ({err.msg}); "
-                               "a JSONL dataset needs one object with a 'prompt' field per line") from None
+            raise DatasetError(
+                f"{p}, line {n}: not valid JSON ({err.msg}); "
+                "a JSONL dataset needs one object with a 'prompt' field per line"
+            ) from None
         except (ValueError, RecursionError) as err:  # an integer too long to convert, or nesting too deep
             raise DatasetError(f"{p}, line {n}: not usable JSON ({str(err)[:120] or 'nested too deeply'})") from None
     return _items(records, str(p))

@@ -83,11 +83,12 @@ def dimension_table(extra: list[DimensionScorer], aliases: dict[str, str]) -> li
     for d in DEFAULT_DIMENSIONS:
         for alias, name in aliases.items():
             if name == d.scorer:
-                out[(d.dimension, alias)] = DimensionScorer(dimension=d.dimension, scorer=alias,
-                                                            direction=d.direction)
+                out[(d.dimension, alias)] = DimensionScorer(dimension=d.dimension, scorer=alias, direction=d.direction)
     for d in extra:
         if d.scorer not in aliases:
-            raise EvalError(f"--dimension {d.dimension}={d.scorer}:{d.direction}: '{d.scorer}' is not one of "
-                            f"this run's scorers ({', '.join(aliases) or 'none'}); add it to --scorers")
+            raise EvalError(
+                f"--dimension {d.dimension}={d.scorer}:{d.direction}: '{d.scorer}' is not one of "
+                f"this run's scorers ({', '.join(aliases) or 'none'}); add it to --scorers"
+            )
         out[(d.dimension, d.scorer)] = d
     return list(out.values())

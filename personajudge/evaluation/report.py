@@ -32,23 +32,28 @@ from typing import Any
 
 import numpy as np
 
-from .scorers import get_scorer_class
-from .spec import _short
 from .errors import EvalError
+from .scorers import get_scorer_class
+from .spec import EvalSpec, _short, gen_key, variant_label
 from .store import GENERATIONS, SCORES, load_rows, read_run_spec, write_json_atomic
-from .spec import EvalSpec, gen_key, variant_label
 
 BOOTSTRAP = 2000
 #: below this many prompts a bootstrap interval is too rough to call a difference
 MIN_N_BOLD = 10
-PLOTS = {"winrate": "winrate.png", "scores": "scores.png", "lambda": "lambda_sweep.png",
-         "objectives": "objectives_time.png"}
+PLOTS = {
+    "winrate": "winrate.png",
+    "scores": "scores.png",
+    "lambda": "lambda_sweep.png",
+    "objectives": "objectives_time.png",
+}
 
 
 # -- statistics ----------------------------------------------------------------------------------
 
-def bootstrap_ci(values: list[float], *, seed: int = 0, n: int = BOOTSTRAP, level: float = 0.95
-                 ) -> tuple[float, float] | None:
+
+def bootstrap_ci(
+    values: list[float], *, seed: int = 0, n: int = BOOTSTRAP, level: float = 0.95
+) -> tuple[float, float] | None:
     """Percentile bootstrap interval of the mean (None for fewer than two values)."""
     x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
     if len(x) < 2:
@@ -74,6 +79,7 @@ def _mean(vals: list[float]) -> float:
 
 # -- data ----------------------------------------------------------------------------------------
 
+
 class RunData:
     """The valid rows of a run directory, indexed."""
 
@@ -82,10 +88,13 @@ class RunData:
         self.record, self.spec = read_run_spec(run_dir)
         spec = self.spec
         prompts = self.record.get("prompts", [])
-        if not isinstance(prompts, list) or not all(isinstance(p, dict) and isinstance(p.get("id"), str)
-                                                    and isinstance(p.get("sha"), str) for p in prompts):
-            raise EvalError(f"{self.run_dir / 'run.json'}: 'prompts' must be a list of {{id, sha}} objects; "
-                            "rerun `personajudge eval` to rewrite it")
+        if not isinstance(prompts, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("id"), str) and isinstance(p.get("sha"), str) for p in prompts
+        ):
+            raise EvalError(
+                f"{self.run_dir / 'run.json'}: 'prompts' must be a list of {{id, sha}} objects; "
+                "rerun `personajudge eval` to rewrite it"
+            )
         if not isinstance(self.record.get("scorer_hashes", {}), dict):
             raise EvalError(f"{self.run_dir / 'run.json'}: 'scorer_hashes' must be an object")
         self.sha = {p["id"]: p["sha"] for p in prompts}
@@ -105,8 +114,11 @@ class RunData:
                 continue
             if pid not in self.sha or row.get("fp") != f"{gen_hash}:{self.sha[pid]}":
                 continue
-            if row.get("experiment") not in exps or row.get("method") not in methods or \
-                    row.get("seed") not in spec.seeds:
+            if (
+                row.get("experiment") not in exps
+                or row.get("method") not in methods
+                or row.get("seed") not in spec.seeds
+            ):
                 continue
             lam = row.get("lambda")
             if lam is not None and lam not in self.sweep:
@@ -123,8 +135,8 @@ class RunData:
         for row in raw_scores:
             if not _well_typed(row, _SCORE_TYPES):
                 continue
-            g = self.gens.get(row.get("gen"))
-            alias = row.get("scorer")
+            g = self.gens.get(row["gen"])  # _well_typed: gen and scorer are strings
+            alias = row["scorer"]
             if g is None or "error" in g or alias not in scorer_hashes:
                 continue
             if row.get("fp") != f"{g['fp']}:{scorer_hashes[alias]}":
@@ -133,7 +145,9 @@ class RunData:
             value = row.get("value")
             value = math.nan if value is None else float(value)
             if row.get("kind") == "pairwise":
-                self.pairwise.setdefault((row["gen"], alias, row.get("dimension", "")), (value, row.get("details") or {}))
+                self.pairwise.setdefault(
+                    (row["gen"], alias, row.get("dimension", "")), (value, row.get("details") or {})
+                )
             else:
                 self.pointwise.setdefault((row["gen"], alias), value)
         kind = {s.alias: self.kinds.get(s.alias) or _scorer_kind(s.name) for s in spec.scorers}
@@ -143,7 +157,7 @@ class RunData:
         seen: dict[str, tuple[str, int | None]] = {}
         for m in spec.all_methods:
             lams = sorted({r["lambda"] for r in self.gens.values() if r["method"] == m and r["lambda"] is not None})
-            for lam in (lams or [None]):
+            for lam in lams or [None]:
                 seen.setdefault(variant_label(m, lam, many), (m, lam))
         self.variants = seen
         self.baseline = spec.baseline
@@ -163,10 +177,24 @@ class RunData:
 
 
 #: the types a row's fields must have to be read (None: the field may be missing or null)
-_GEN_TYPES = {"key": (str,), "prompt_id": (str,), "experiment": (str,), "method": (str,), "seed": (int,),
-              "lambda": (int, type(None)), "fp": (str,)}
-_SCORE_TYPES = {"gen": (str,), "scorer": (str,), "fp": (str,), "kind": (str, type(None)),
-                "value": (int, float, type(None)), "dimension": (str, type(None)), "details": (dict, type(None))}
+_GEN_TYPES = {
+    "key": (str,),
+    "prompt_id": (str,),
+    "experiment": (str,),
+    "method": (str,),
+    "seed": (int,),
+    "lambda": (int, type(None)),
+    "fp": (str,),
+}
+_SCORE_TYPES = {
+    "gen": (str,),
+    "scorer": (str,),
+    "fp": (str,),
+    "kind": (str, type(None)),
+    "value": (int, float, type(None)),
+    "dimension": (str, type(None)),
+    "details": (dict, type(None)),
+}
 
 
 def _well_typed(row: dict[str, Any], types: dict[str, tuple[type, ...]]) -> bool:
@@ -185,6 +213,7 @@ def _dimension_name(pref: str) -> str:
 
 
 # -- tables --------------------------------------------------------------------------------------
+
 
 def win_rates(data: RunData) -> list[dict[str, Any]]:
     spec = data.spec
@@ -224,10 +253,22 @@ def win_rates(data: RunData) -> list[dict[str, Any]]:
                         if outs:
                             per_prompt.append(float(np.mean(outs)))
                     s = summarize(per_prompt)
-                    out.append({"experiment": exp.name, "dimension": dim, "scorer": alias, "direction": direction,
-                                "method": variant, "baseline": spec.baseline, "win_rate": s["mean"],
-                                "ci": s["ci"], "n_prompts": s["n"], "wins": wins, "ties": ties,
-                                "losses": losses})
+                    out.append(
+                        {
+                            "experiment": exp.name,
+                            "dimension": dim,
+                            "scorer": alias,
+                            "direction": direction,
+                            "method": variant,
+                            "baseline": spec.baseline,
+                            "win_rate": s["mean"],
+                            "ci": s["ci"],
+                            "n_prompts": s["n"],
+                            "wins": wins,
+                            "ties": ties,
+                            "losses": losses,
+                        }
+                    )
     return out
 
 
@@ -246,25 +287,38 @@ def _per_prompt(data: RunData, exp: str, variant: str, value) -> list[float]:
     return out
 
 
-COST_FIELDS = {"tokens": lambda r: r.get("n_tokens"), "seconds": lambda r: r.get("wall_time_s"),
-               "tokens_per_s": lambda r: r.get("tokens_per_s"), "acceptance": lambda r: r.get("acceptance_rate"),
-               "prefix_tokens": lambda r: float(np.mean(r["prompt_tokens"])) if r.get("prompt_tokens") else None}
+COST_FIELDS = {
+    "tokens": lambda r: r.get("n_tokens"),
+    "seconds": lambda r: r.get("wall_time_s"),
+    "tokens_per_s": lambda r: r.get("tokens_per_s"),
+    "acceptance": lambda r: r.get("acceptance_rate"),
+    "prefix_tokens": lambda r: float(np.mean(r["prompt_tokens"])) if r.get("prompt_tokens") else None,
+}
 
 
 def method_stats(data: RunData) -> list[dict[str, Any]]:
     out = []
     for exp in data.spec.experiments:
         for variant, (m, lam) in data.variants.items():
-            n_rows = sum(1 for pid in data.prompt_ids for s in data.spec.seeds
-                         if data.row(pid, exp.name, variant, s) is not None)
+            n_rows = sum(
+                1 for pid in data.prompt_ids for s in data.spec.seeds if data.row(pid, exp.name, variant, s) is not None
+            )
             if not n_rows:
                 continue
-            entry: dict[str, Any] = {"experiment": exp.name, "objectives": exp.objectives, "method": variant,
-                                     "base_method": m, "lambda": lam, "n_responses": n_rows, "scores": {},
-                                     "cost": {}}
+            entry: dict[str, Any] = {
+                "experiment": exp.name,
+                "objectives": exp.objectives,
+                "method": variant,
+                "base_method": m,
+                "lambda": lam,
+                "n_responses": n_rows,
+                "scores": {},
+                "cost": {},
+            }
             for alias in data.pointwise_aliases:
-                entry["scores"][alias] = summarize(_per_prompt(
-                    data, exp.name, variant, lambda r, a=alias: data.pointwise.get((r["key"], a))))
+                entry["scores"][alias] = summarize(
+                    _per_prompt(data, exp.name, variant, lambda r, a=alias: data.pointwise.get((r["key"], a)))
+                )
             for name, fn in COST_FIELDS.items():
                 entry["cost"][name] = summarize(_per_prompt(data, exp.name, variant, fn))
             entry["n_prompts"] = max([entry["cost"]["tokens"]["n"]] + [0])
@@ -280,7 +334,7 @@ def paired_differences(data: RunData, reference: str) -> list[dict[str, Any]]:
         return []
     out = []
     for exp in data.spec.experiments:
-        for variant, (m, lam) in data.variants.items():
+        for variant, (m, _lam) in data.variants.items():
             if m == reference:
                 continue
             for alias in data.pointwise_aliases:
@@ -299,8 +353,17 @@ def paired_differences(data: RunData, reference: str) -> list[dict[str, Any]]:
                         per_prompt.append(float(np.mean(diffs)))
                 if per_prompt:
                     s = summarize(per_prompt)
-                    out.append({"experiment": exp.name, "method": variant, "reference": reference, "scorer": alias,
-                                "mean": s["mean"], "ci": s["ci"], "n_prompts": s["n"]})
+                    out.append(
+                        {
+                            "experiment": exp.name,
+                            "method": variant,
+                            "reference": reference,
+                            "scorer": alias,
+                            "mean": s["mean"],
+                            "ci": s["ci"],
+                            "n_prompts": s["n"],
+                        }
+                    )
     return out
 
 
@@ -312,10 +375,15 @@ def judge_stats(data: RunData) -> list[dict[str, Any]]:
             continue
         cons = [d["consistent"] for d in items if "consistent" in d]
         answers = sum(len(d.get("answers", [])) for d in items)
-        out.append({"scorer": alias, "comparisons": len(items),
-                    "consistent": (sum(cons) / len(cons)) if cons else None,
-                    "first_position": (sum(d.get("first_position_wins", 0) for d in items) / answers) if answers else None,
-                    "invalid": (sum(d.get("invalid", 0) for d in items) / answers) if answers else None})
+        out.append(
+            {
+                "scorer": alias,
+                "comparisons": len(items),
+                "consistent": (sum(cons) / len(cons)) if cons else None,
+                "first_position": (sum(d.get("first_position_wins", 0) for d in items) / answers) if answers else None,
+                "invalid": (sum(d.get("invalid", 0) for d in items) / answers) if answers else None,
+            }
+        )
     return out
 
 
@@ -337,8 +405,11 @@ def build_report(run_dir: str | Path, data: RunData | None = None) -> dict[str, 
         "win_rates": win_rates(data) if spec.baseline else [],
         "methods": method_stats(data),
         "judges": judge_stats(data),
-        "differences": [d for r in dict.fromkeys(x for x in ("base", spec.baseline) if x in spec.all_methods)
-                        for d in paired_differences(data, r)],
+        "differences": [
+            d
+            for r in dict.fromkeys(x for x in ("base", spec.baseline) if x in spec.all_methods)
+            for d in paired_differences(data, r)
+        ],
         "lambda_sweep": len(spec.sweep) > 1,
         "objectives": any(e.objectives for e in spec.experiments),
     }
@@ -346,6 +417,7 @@ def build_report(run_dir: str | Path, data: RunData | None = None) -> dict[str, 
 
 
 # -- markdown ------------------------------------------------------------------------------------
+
 
 def _num(x: float | None, digits: int | None = None) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -415,16 +487,35 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
     model_txt = model.get("model") or spec.run.backend.model or "default model"
     lines = ["# Persona-judge evaluation report", ""]
     info = [
-        ["model", f"{model_txt} (backend {spec.run.backend.name}{', ' + model['device'] if model.get('device') else ''})"],
+        [
+            "model",
+            f"{model_txt} (backend {spec.run.backend.name}{', ' + model['device'] if model.get('device') else ''})",
+        ],
         ["dataset", f"{spec.dataset}, {report['prompts']} prompts"],
         ["experiments", ", ".join(f"`{e.name}`" for e in spec.experiments)],
-        ["methods", ", ".join(f"`{m}`" for m in spec.all_methods) + (f"; baseline `{spec.baseline}`" if spec.baseline else "")],
-        ["decoding", f"temperature {d.temperature}, top-k {d.top_k}, top-p {d.top_p}, "
-                     f"λ {', '.join(map(str, spec.sweep))}, max {d.max_new_tokens} new tokens, encoder {spec.run.encoder}"],
+        [
+            "methods",
+            ", ".join(f"`{m}`" for m in spec.all_methods) + (f"; baseline `{spec.baseline}`" if spec.baseline else ""),
+        ],
+        [
+            "decoding",
+            f"temperature {d.temperature}, top-k {d.top_k}, top-p {d.top_p}, "
+            f"λ {', '.join(map(str, spec.sweep))}, max {d.max_new_tokens} new tokens, encoder {spec.run.encoder}",
+        ],
         ["seeds", ", ".join(map(str, spec.seeds))],
-        ["scorers", ", ".join(f"`{a}`" + (f" ({n})" if a != n else "") for a, n in report["scorers"].items()) or "none"],
-        ["generations", f"{report['generations']['done']} of {report['generations']['planned']} done"
-                        + (f", {report['generations']['failed']} failed (context too long)" if report['generations']['failed'] else "")],
+        [
+            "scorers",
+            ", ".join(f"`{a}`" + (f" ({n})" if a != n else "") for a, n in report["scorers"].items()) or "none",
+        ],
+        [
+            "generations",
+            f"{report['generations']['done']} of {report['generations']['planned']} done"
+            + (
+                f", {report['generations']['failed']} failed (context too long)"
+                if report["generations"]["failed"]
+                else ""
+            ),
+        ],
     ]
     if report.get("command"):
         info.append(["reproduce", f"`{_shell_quote(report['command'])}`"])
@@ -435,14 +526,21 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
     # 1. win rates
     wr = report["win_rates"]
     if spec.baseline:
-        lines += [f"## Win rate against `{spec.baseline}`", "",
-                  f"Share of prompts where the method's response beats the `{spec.baseline}` response to the same "
-                  "prompt and seed in the dimension's direction (↑ higher is better, ↓ lower is better, judge: "
-                  "pairwise judge verdict); ties count half. 50% = no difference. In parentheses: 95% bootstrap "
-                  f"interval over prompts; **bold** when it excludes 50% (and n ≥ {MIN_N_BOLD}).", ""]
+        lines += [
+            f"## Win rate against `{spec.baseline}`",
+            "",
+            f"Share of prompts where the method's response beats the `{spec.baseline}` response to the same "
+            "prompt and seed in the dimension's direction (↑ higher is better, ↓ lower is better, judge: "
+            "pairwise judge verdict); ties count half. 50% = no difference. In parentheses: 95% bootstrap "
+            f"interval over prompts; **bold** when it excludes 50% (and n ≥ {MIN_N_BOLD}).",
+            "",
+        ]
         if not wr:
-            lines += ["No dimension of this run has a scorer: add `--scorers` (e.g. `length`, `vader`, "
-                      "`pairwise-judge`) or `--dimension NAME=SCORER:higher|lower`.", ""]
+            lines += [
+                "No dimension of this run has a scorer: add `--scorers` (e.g. `length`, `vader`, "
+                "`pairwise-judge`) or `--dimension NAME=SCORER:higher|lower`.",
+                "",
+            ]
         else:
             cols: list[tuple[str, str, str, str]] = []
             for w in wr:
@@ -463,8 +561,12 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
             rows = [[f"`{m}`"] + [_pct(by[c + (m,)]) if c + (m,) in by else "–" for c in cols] for m in methods]
             lines += [_table(header, rows), ""]
             ns = {w["n_prompts"] for w in wr}
-            lines += [f"n = {ns.pop()} prompts{seeds_txt} per cell." if len(ns) == 1 else
-                      f"n per cell (prompts): {', '.join(str(w['n_prompts']) for w in wr)}{seeds_txt}.", ""]
+            lines += [
+                f"n = {ns.pop()} prompts{seeds_txt} per cell."
+                if len(ns) == 1
+                else f"n per cell (prompts): {', '.join(str(w['n_prompts']) for w in wr)}{seeds_txt}.",
+                "",
+            ]
 
     # 2. mean scores
     ms = report["methods"]
@@ -472,43 +574,88 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
     if aliases:
         lines += ["## Mean scores", "", "Mean per response, with a 95% bootstrap interval over prompts.", ""]
         header = ["experiment", "method", "n"] + [f"`{a}`" for a in aliases]
-        rows = [[f"`{m['experiment']}`", f"`{m['method']}`", str(m["n_prompts"])]
-                + [_with_ci(m["scores"][a]) for a in aliases] for m in ms]
+        rows = [
+            [f"`{m['experiment']}`", f"`{m['method']}`", str(m["n_prompts"])]
+            + [_with_ci(m["scores"][a]) for a in aliases]
+            for m in ms
+        ]
         lines += [_table(header, rows), ""]
 
     # 3. cost
     if ms:
-        lines += ["## Cost", "", "Mean per response: new tokens, decoding seconds, tokens per second, and the "
-                  "share of drafted tokens the judge view accepted (Persona-judge methods).", ""]
+        lines += [
+            "## Cost",
+            "",
+            "Mean per response: new tokens, decoding seconds, tokens per second, and the "
+            "share of drafted tokens the judge view accepted (Persona-judge methods).",
+            "",
+        ]
         header = ["experiment", "method", "n", "tokens", "s/response", "tokens/s", "acceptance"]
-        rows = [[f"`{m['experiment']}`", f"`{m['method']}`", str(m["n_prompts"]), _num(m["cost"]["tokens"]["mean"]),
-                 _num(m["cost"]["seconds"]["mean"], 3), _num(m["cost"]["tokens_per_s"]["mean"], 1),
-                 _num(m["cost"]["acceptance"]["mean"], 2)] for m in ms]
+        rows = [
+            [
+                f"`{m['experiment']}`",
+                f"`{m['method']}`",
+                str(m["n_prompts"]),
+                _num(m["cost"]["tokens"]["mean"]),
+                _num(m["cost"]["seconds"]["mean"], 3),
+                _num(m["cost"]["tokens_per_s"]["mean"], 1),
+                _num(m["cost"]["acceptance"]["mean"], 2),
+            ]
+            for m in ms
+        ]
         lines += [_table(header, rows), ""]
 
     # 4. lambda sweep
     if report["lambda_sweep"]:
         sweep = [m for m in ms if m["lambda"] is not None]
-        lines += ["## Lambda sweep", "", "Draft window λ against acceptance, speed and scores (the paper's Table 3).", ""]
-        header = ["experiment", "method", "λ", "n", "acceptance", "tokens/s", "s/response"] + [f"`{a}`" for a in aliases]
-        rows = [[f"`{m['experiment']}`", f"`{m['base_method']}`", str(m["lambda"]), str(m["n_prompts"]),
-                 _with_ci(m["cost"]["acceptance"], 2), _num(m["cost"]["tokens_per_s"]["mean"], 1),
-                 _num(m["cost"]["seconds"]["mean"], 3)] + [_num(m["scores"][a]["mean"]) for a in aliases]
-                for m in sweep]  # experiment, method, then λ: the spec's order
+        lines += [
+            "## Lambda sweep",
+            "",
+            "Draft window λ against acceptance, speed and scores (the paper's Table 3).",
+            "",
+        ]
+        header = ["experiment", "method", "λ", "n", "acceptance", "tokens/s", "s/response"] + [
+            f"`{a}`" for a in aliases
+        ]
+        rows = [
+            [
+                f"`{m['experiment']}`",
+                f"`{m['base_method']}`",
+                str(m["lambda"]),
+                str(m["n_prompts"]),
+                _with_ci(m["cost"]["acceptance"], 2),
+                _num(m["cost"]["tokens_per_s"]["mean"], 1),
+                _num(m["cost"]["seconds"]["mean"], 3),
+            ]
+            + [_num(m["scores"][a]["mean"]) for a in aliases]
+            for m in sweep
+        ]  # experiment, method, then λ: the spec's order
         lines += [_table(header, rows), ""]
 
     # 5. objectives
     if report["objectives"]:
         obj = [m for m in ms if m["objectives"]]
         order = list(dict.fromkeys(m["method"] for m in obj))
-        lines += ["## Inference time vs. number of objectives", "",
-                  "Views carrying 1, 2, 3, ... combined preferences (the paper's Table 5): mean decoding seconds "
-                  "per response with a 95% interval, speed, and the mean prompt length of the views in tokens.", ""]
+        lines += [
+            "## Inference time vs. number of objectives",
+            "",
+            "Views carrying 1, 2, 3, ... combined preferences (the paper's Table 5): mean decoding seconds "
+            "per response with a 95% interval, speed, and the mean prompt length of the views in tokens.",
+            "",
+        ]
         header = ["objectives", "views", "method", "n", "s/response", "tokens/s", "prefix tokens"]
-        rows = [[str(m["objectives"]), f"`{m['experiment']}`", f"`{m['method']}`", str(m["n_prompts"]),
-                 _with_ci(m["cost"]["seconds"], 3), _num(m["cost"]["tokens_per_s"]["mean"], 1),
-                 _num(m["cost"]["prefix_tokens"]["mean"], 0)]
-                for m in sorted(obj, key=lambda m: (order.index(m["method"]), m["objectives"]))]
+        rows = [
+            [
+                str(m["objectives"]),
+                f"`{m['experiment']}`",
+                f"`{m['method']}`",
+                str(m["n_prompts"]),
+                _with_ci(m["cost"]["seconds"], 3),
+                _num(m["cost"]["tokens_per_s"]["mean"], 1),
+                _num(m["cost"]["prefix_tokens"]["mean"], 0),
+            ]
+            for m in sorted(obj, key=lambda m: (order.index(m["method"]), m["objectives"]))
+        ]
         lines += [_table(header, rows), ""]
 
     # 6. paired differences
@@ -516,23 +663,43 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
     for ref in dict.fromkeys(x["reference"] for x in diffs):
         rows_d = [x for x in diffs if x["reference"] == ref]
         cols_d = list(dict.fromkeys(x["scorer"] for x in rows_d))
-        lines += [f"## Method minus `{ref}`", "",
-                  f"Mean over prompts of (method's score − `{ref}`'s score on the same prompt and seed), in each "
-                  f"scorer's units, with a 95% bootstrap interval over prompts; **bold** when it excludes 0 (and "
-                  f"n ≥ {MIN_N_BOLD}).", ""]
+        lines += [
+            f"## Method minus `{ref}`",
+            "",
+            f"Mean over prompts of (method's score − `{ref}`'s score on the same prompt and seed), in each "
+            f"scorer's units, with a 95% bootstrap interval over prompts; **bold** when it excludes 0 (and "
+            f"n ≥ {MIN_N_BOLD}).",
+            "",
+        ]
         by_d = {(x["experiment"], x["method"], x["scorer"]): x for x in rows_d}
         keys = list(dict.fromkeys((x["experiment"], x["method"]) for x in rows_d))
-        rows = [[f"`{e}`", f"`{m}`", str(max(by_d[(e, m, c)]["n_prompts"] for c in cols_d if (e, m, c) in by_d))]
-                + [_diff(by_d.get((e, m, c))) for c in cols_d] for e, m in keys]
+        rows = [
+            [f"`{e}`", f"`{m}`", str(max(by_d[(e, m, c)]["n_prompts"] for c in cols_d if (e, m, c) in by_d))]
+            + [_diff(by_d.get((e, m, c))) for c in cols_d]
+            for e, m in keys
+        ]
         lines += [_table(["experiment", "method", "n"] + [f"`{c}`" for c in cols_d], rows), ""]
 
     # 7. judges
     if report["judges"]:
-        lines += ["## Judge consistency", "", "Pairwise judge verdicts: share that stayed the same when the two "
-                  "responses swapped places, share of answers choosing the first position (0.5 = no position "
-                  "bias), and share of answers with no 0/1/2 (counted as ties).", ""]
-        rows = [[f"`{j['scorer']}`", str(j["comparisons"]), _num(j["consistent"], 2), _num(j["first_position"], 2),
-                 _num(j["invalid"], 2)] for j in report["judges"]]
+        lines += [
+            "## Judge consistency",
+            "",
+            "Pairwise judge verdicts: share that stayed the same when the two "
+            "responses swapped places, share of answers choosing the first position (0.5 = no position "
+            "bias), and share of answers with no 0/1/2 (counted as ties).",
+            "",
+        ]
+        rows = [
+            [
+                f"`{j['scorer']}`",
+                str(j["comparisons"]),
+                _num(j["consistent"], 2),
+                _num(j["first_position"], 2),
+                _num(j["invalid"], 2),
+            ]
+            for j in report["judges"]
+        ]
         lines += [_table(["scorer", "comparisons", "consistent", "first position", "invalid"], rows), ""]
 
     if plots:
@@ -544,6 +711,7 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
 
 
 # -- plots ---------------------------------------------------------------------------------------
+
 
 def write_plots(report: dict[str, Any], data: RunData, out_dir: Path) -> dict[str, str]:
     """PNG plots (matplotlib, no pyplot state); {} when matplotlib is not installed."""
@@ -573,10 +741,15 @@ def write_plots(report: dict[str, Any], data: RunData, out_dir: Path) -> dict[st
                 lo.append(v - 100 * ci[0] if ci else 0)
                 hi.append(100 * ci[1] - v if ci else 0)
             bars = ax.bar(x + (i - (len(methods) - 1) / 2) * width, vals, width, yerr=[lo, hi], capsize=3, label=m)
-            ax.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.0f}" for v in vals], fontsize=7,
-                         label_type="center", color="white")
+            ax.bar_label(
+                bars,
+                labels=["" if np.isnan(v) else f"{v:.0f}" for v in vals],
+                fontsize=7,
+                label_type="center",
+                color="white",
+            )
         ax.axhline(50, color="black", linewidth=0.8, linestyle="--")
-        exps = {}
+        exps: dict[str, set[str]] = {}
         for e, d, _ in cols:
             exps.setdefault(d, set()).add(e)
         ax.set_xticks(x, [f"{d}\n({s})" + (f"\n{e}" if len(exps[d]) > 1 else "") for e, d, s in cols], fontsize=8)
@@ -596,8 +769,11 @@ def write_plots(report: dict[str, Any], data: RunData, out_dir: Path) -> dict[st
         for ax, a in zip(axes, aliases):
             series, labels = [], []
             for m in ms:
-                vals = [data.pointwise.get((r["key"], a)) for r in data.gens.values()
-                        if r["experiment"] == m["experiment"] and r["variant"] == m["method"] and "error" not in r]
+                vals = [
+                    data.pointwise.get((r["key"], a))
+                    for r in data.gens.values()
+                    if r["experiment"] == m["experiment"] and r["variant"] == m["method"] and "error" not in r
+                ]
                 vals = [v for v in vals if v is not None and not math.isnan(v)]
                 if vals:
                     series.append(vals)
@@ -616,8 +792,11 @@ def write_plots(report: dict[str, Any], data: RunData, out_dir: Path) -> dict[st
         fig = Figure(figsize=(9, 3.6))
         ax1, ax2 = fig.subplots(1, 2)
         for key in dict.fromkeys((m["experiment"], m["base_method"]) for m in sweep):
-            pts = sorted((m["lambda"], m["cost"]["acceptance"]["mean"], m["cost"]["tokens_per_s"]["mean"])
-                         for m in sweep if (m["experiment"], m["base_method"]) == key)
+            pts = sorted(
+                (m["lambda"], m["cost"]["acceptance"]["mean"], m["cost"]["tokens_per_s"]["mean"])
+                for m in sweep
+                if (m["experiment"], m["base_method"]) == key
+            )
             lams = [p[0] for p in pts]
             ax1.plot(lams, [p[1] if p[1] is not None else np.nan for p in pts], marker="o", label=f"{key[1]} {key[0]}")
             ax2.plot(lams, [p[2] if p[2] is not None else np.nan for p in pts], marker="o", label=f"{key[1]} {key[0]}")
@@ -639,12 +818,15 @@ def write_plots(report: dict[str, Any], data: RunData, out_dir: Path) -> dict[st
         ax = fig.subplots()
         for meth in dict.fromkeys(m["method"] for m in obj):
             # by k only: several experiments may share a k (two --objectives lists), and the stats dicts do not order
-            pts = sorted(((m["objectives"], m["cost"]["seconds"]) for m in obj if m["method"] == meth),
-                         key=lambda p: p[0])
-            ks = [p[0] for p in pts]
-            ys = [p[1]["mean"] if p[1]["mean"] is not None else np.nan for p in pts]
-            err = [[y - p[1]["ci"][0] if p[1]["ci"] else 0 for y, p in zip(ys, pts)],
-                   [p[1]["ci"][1] - y if p[1]["ci"] else 0 for y, p in zip(ys, pts)]]
+            obj_pts = sorted(
+                ((m["objectives"], m["cost"]["seconds"]) for m in obj if m["method"] == meth), key=lambda p: p[0]
+            )
+            ks = [p[0] for p in obj_pts]
+            ys = [p[1]["mean"] if p[1]["mean"] is not None else np.nan for p in obj_pts]
+            err = [
+                [y - p[1]["ci"][0] if p[1]["ci"] else 0 for y, p in zip(ys, obj_pts)],
+                [p[1]["ci"][1] - y if p[1]["ci"] else 0 for y, p in zip(ys, obj_pts)],
+            ]
             ax.errorbar(ks, ys, yerr=err, marker="o", capsize=3, label=meth)
         ax.set_xlabel("number of objectives")
         ax.set_ylabel("seconds per response")
@@ -700,6 +882,14 @@ def write_report(run_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
     return out
 
 
-__all__ = ["build_report", "render_markdown", "write_report", "write_plots", "bootstrap_ci", "paired_differences",
-           "RunData",
-           "GENERATIONS", "SCORES"]
+__all__ = [
+    "build_report",
+    "render_markdown",
+    "write_report",
+    "write_plots",
+    "bootstrap_ci",
+    "paired_differences",
+    "RunData",
+    "GENERATIONS",
+    "SCORES",
+]

@@ -22,29 +22,36 @@ last line is dropped, nothing is duplicated.
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from personajudge.core.config import build_config
 from personajudge.api import PersonaJudge, make_method
-from personajudge.distributed import RayOptions, ReplicaPool, Task
+from personajudge.core.config import build_config
 from personajudge.core.errors import ContextLengthError, PersonaJudgeError
+from personajudge.distributed import RayOptions, ReplicaPool, Task
 from personajudge.plugins import get_method, preference_library
 from personajudge.preferences import resolve
 
 from .dataset import PromptItem, load_prompts
 from .dimensions import DimensionScorer, dimension_table
 from .errors import RunMismatchError
-from .scorers import PairItem, ScoringContext, get_scorer_class
-from .spec import EvalSpec, Experiment, _short, command_from_spec, diff, gen_key, uses_lambda, variant_label
 from .report import write_report
-from .store import GENERATIONS, RUN_FILE, SCORES, JsonlStore, RunLock, load_rows, read_rows, read_run_file, read_run_spec, write_json_atomic
-
+from .scorers import PairItem, PairwiseScorer, PointwiseScorer, ScoringContext, get_scorer_class
+from .spec import EvalSpec, Experiment, _short, command_from_spec, diff, gen_key, uses_lambda, variant_label
+from .store import (
+    GENERATIONS,
+    RUN_FILE,
+    SCORES,
+    JsonlStore,
+    RunLock,
+    load_rows,
+    read_run_file,
+    read_run_spec,
+    write_json_atomic,
+)
 
 
 @dataclass
@@ -70,7 +77,7 @@ class RunResult:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def load_spec(run_dir: str | Path) -> EvalSpec:
@@ -78,6 +85,7 @@ def load_spec(run_dir: str | Path) -> EvalSpec:
 
 
 # -- planning ------------------------------------------------------------------------------------
+
 
 def aspect_of(pref: str) -> tuple[str, str]:
     """(dimension name, aspect text for a judge) of a preference in an experiment."""
@@ -108,8 +116,18 @@ def plan_generations(spec: EvalSpec, prompts: list[PromptItem]) -> list[GenJob]:
             for seed in spec.seeds:
                 for m in spec.all_methods:
                     for lam in lam_of[m]:
-                        jobs.append(GenJob(item, exp, m, lam, seed, gen_key(item.id, exp.name, m, lam, seed),
-                                           variant_label(m, lam, many), views[(m, exp.name)]))
+                        jobs.append(
+                            GenJob(
+                                item,
+                                exp,
+                                m,
+                                lam,
+                                seed,
+                                gen_key(item.id, exp.name, m, lam, seed),
+                                variant_label(m, lam, many),
+                                views[(m, exp.name)],
+                            )
+                        )
     return jobs
 
 
@@ -143,13 +161,23 @@ def validate_spec(spec: EvalSpec) -> dict[str, str]:
 
 # -- the run -------------------------------------------------------------------------------------
 
+
 class Runner:
     """Generates, scores and reports one run directory."""
 
-    def __init__(self, spec: EvalSpec, run_dir: str | Path, *, force: bool = False, progress: bool = True,
-                 pj: Any = None, argv: list[str] | None = None,
-                 on_generation: Callable[[dict], None] | None = None,
-                 on_score: Callable[[dict], None] | None = None, ray: RayOptions | None = None):
+    def __init__(
+        self,
+        spec: EvalSpec,
+        run_dir: str | Path,
+        *,
+        force: bool = False,
+        progress: bool = True,
+        pj: Any = None,
+        argv: list[str] | None = None,
+        on_generation: Callable[[dict], None] | None = None,
+        on_score: Callable[[dict], None] | None = None,
+        ray: RayOptions | None = None,
+    ):
         self.spec = spec
         self.ray = ray  # generate on Ray replicas (personajudge.distributed); rows are written here as locally
         self.model_info: dict | None = None
@@ -175,26 +203,34 @@ class Runner:
         if not path.exists():
             return {**new, "created": _now()}
         old = read_run_file(self.run_dir)
-        changed = diff({"spec": old.get("spec", {}), "prompts": old.get("prompts")},
-                       {"spec": new["spec"], "prompts": new["prompts"]})
+        changed = diff(
+            {"spec": old.get("spec", {}), "prompts": old.get("prompts")},
+            {"spec": new["spec"], "prompts": new["prompts"]},
+        )
         if changed and not self.force:
             shown = ", ".join(c.removeprefix("spec.") for c in changed[:6]) + (" ..." if len(changed) > 6 else "")
             raise RunMismatchError(
                 f"{self.run_dir} holds a run with a different configuration (changed: {shown}); rerun the "
                 f"original command, continue it with `personajudge eval --resume --run-dir {self.run_dir}`, "
                 "or pass --force to switch this directory to the new configuration (rows that are still "
-                "valid are reused)")
-        return {**new, "created": old.get("created", _now()), "previous": old.get("previous", [])
-                + ([{"spec": old.get("spec"), "replaced": _now()}] if changed else [])}
+                "valid are reused)"
+            )
+        return {
+            **new,
+            "created": old.get("created", _now()),
+            "previous": old.get("previous", []) + ([{"spec": old.get("spec"), "replaced": _now()}] if changed else []),
+        }
 
     def _write_run_file(self, record: dict[str, Any]) -> None:
         record = dict(record)
-        record.update({
-            "generation_hash": self.gen_hash,
-            "scorer_hashes": self.scorer_hashes,
-            "dimensions": [d.model_dump() for d in resolved_dimensions(self.spec)],
-            "updated": _now(),
-        })
+        record.update(
+            {
+                "generation_hash": self.gen_hash,
+                "scorer_hashes": self.scorer_hashes,
+                "dimensions": [d.model_dump() for d in resolved_dimensions(self.spec)],
+                "updated": _now(),
+            }
+        )
         if self.argv is not None:
             record["command"] = self.argv
         else:
@@ -217,19 +253,34 @@ class Runner:
 
     def _row(self, job: GenJob, res: Any = None, error: str | None = None, batch: int = 1) -> dict[str, Any]:
         row: dict[str, Any] = {
-            "key": job.key, "fp": self.gen_fp(job), "prompt_id": job.prompt.id, "experiment": job.experiment.name,
-            "method": job.method, "lambda": job.lam, "seed": job.seed, "variant": job.variant,
+            "key": job.key,
+            "fp": self.gen_fp(job),
+            "prompt_id": job.prompt.id,
+            "experiment": job.experiment.name,
+            "method": job.method,
+            "lambda": job.lam,
+            "seed": job.seed,
+            "variant": job.variant,
         }
         if error is not None:
             row.update({"error": error, "text": ""})
         else:
             st = res.stats
-            row.update({
-                "text": res.text, "n_tokens": len(res.tokens), "finish_reason": res.finish_reason,
-                "wall_time_s": st.wall_time_s / batch, "tokens_per_s": st.tokens_per_s * batch,
-                "acceptance_rate": st.acceptance_rate, "drafted": st.drafted, "accepted": st.accepted,
-                "prompt_tokens": list(st.prompt_tokens), "views": st.views, "batch": batch,
-            })
+            row.update(
+                {
+                    "text": res.text,
+                    "n_tokens": len(res.tokens),
+                    "finish_reason": res.finish_reason,
+                    "wall_time_s": st.wall_time_s / batch,
+                    "tokens_per_s": st.tokens_per_s * batch,
+                    "acceptance_rate": st.acceptance_rate,
+                    "drafted": st.drafted,
+                    "accepted": st.accepted,
+                    "prompt_tokens": list(st.prompt_tokens),
+                    "views": st.views,
+                    "batch": batch,
+                }
+            )
         row["created"] = _now()
         return row
 
@@ -249,8 +300,9 @@ class Runner:
         if j0.lam is not None:
             kw["lam"] = j0.lam
         try:
-            results = pj.generate_batch([j.prompt.prompt for j in jobs], views=j0.views, method=j0.method,
-                                        seeds=[j.seed for j in jobs], **kw)
+            results = pj.generate_batch(
+                [j.prompt.prompt for j in jobs], views=j0.views, method=j0.method, seeds=[j.seed for j in jobs], **kw
+            )
         except ContextLengthError:
             return [self._generate_one(pj, j) for j in jobs]  # find the one that does not fit
         return [self._row(j, r, batch=len(jobs)) for j, r in zip(jobs, results)]
@@ -265,7 +317,7 @@ class Runner:
             groups.setdefault((j.experiment.name, j.method, j.lam, j.seed), []).append(j)
         for g in groups.values():
             for i in range(0, len(g), self.spec.batch_size):
-                yield g[i:i + self.spec.batch_size]
+                yield g[i : i + self.spec.batch_size]
 
     def generate(self, gens: JsonlStore, jobs: list[GenJob], result: RunResult) -> None:
         pending = [j for j in jobs if (j.key, self.gen_fp(j)) not in gens]
@@ -277,8 +329,15 @@ class Runner:
         pj = self._load_model()
         from tqdm import tqdm
 
-        bar = tqdm(total=len(pending), desc="generate", unit="gen", file=sys.stderr, disable=not self.progress,
-                   initial=0, dynamic_ncols=True)
+        bar = tqdm(
+            total=len(pending),
+            desc="generate",
+            unit="gen",
+            file=sys.stderr,
+            disable=not self.progress,
+            initial=0,
+            dynamic_ncols=True,
+        )
         try:
             for batch in self._batches(pending):
                 bar.set_postfix_str(f"{batch[0].experiment.name} {batch[0].variant}", refresh=False)
@@ -295,6 +354,7 @@ class Runner:
 
     def _generate_ray(self, gens: JsonlStore, pending: list[GenJob], result: RunResult) -> None:
         """The same batches as locally, run on Ray replicas; rows appended here as each batch comes back."""
+        assert self.ray is not None  # called only with Ray options
         batches = list(self._batches(pending))
         tasks = []
         for i, batch in enumerate(batches):
@@ -302,12 +362,26 @@ class Runner:
             opts: dict[str, Any] = {"views": j0.views, "method": j0.method}
             if j0.lam is not None:
                 opts["lam"] = j0.lam
-            tasks.append(Task(i, [j.prompt.prompt for j in batch], [j.seed for j in batch], opts,
-                              single=len(batch) == 1, isolate_context_errors=True))
+            tasks.append(
+                Task(
+                    i,
+                    [j.prompt.prompt for j in batch],
+                    [j.seed for j in batch],
+                    opts,
+                    single=len(batch) == 1,
+                    isolate_context_errors=True,
+                )
+            )
         from tqdm import tqdm
 
-        bar = tqdm(total=len(pending), desc="generate", unit="gen", file=sys.stderr, disable=not self.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=len(pending),
+            desc="generate",
+            unit="gen",
+            file=sys.stderr,
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         try:
             with ReplicaPool(self.spec.run, self.ray, warmup=True, quiet=not self.progress) as pool:
                 self.model_info = pool.model
@@ -346,27 +420,47 @@ class Runner:
             if not work:
                 continue
             scorer = cls(**sspec.options)
-            if cls.kind == "pairwise" and self.pj is None and getattr(scorer.options, "judge", None) == "backend" \
-                    and getattr(scorer.options, "backend", None) is None and getattr(scorer.options, "model", None) is None:
+            if (
+                cls.kind == "pairwise"
+                and self.pj is None
+                and getattr(scorer.options, "judge", None) == "backend"
+                and getattr(scorer.options, "backend", None) is None
+                and getattr(scorer.options, "model", None) is None
+            ):
                 context.pj = self._load_model()  # the run's own model judges; load it once for both
             scorer.bind(context)
             from tqdm import tqdm
 
-            bar = tqdm(total=len(work), desc=f"score {sspec.alias}", unit="row", file=sys.stderr,
-                       disable=not self.progress, dynamic_ncols=True)
+            bar = tqdm(
+                total=len(work),
+                desc=f"score {sspec.alias}",
+                unit="row",
+                file=sys.stderr,
+                disable=not self.progress,
+                dynamic_ncols=True,
+            )
             chunk = 8 if cls.kind == "pairwise" else 32
             try:
                 for i in range(0, len(work), chunk):
-                    part = work[i:i + chunk]
+                    part = work[i : i + chunk]
+                    values: list[tuple[float, dict[str, Any] | None]]
                     if cls.kind == "pairwise":
-                        outs = scorer.compare_many([w[3] for w in part])
+                        outs = cast(PairwiseScorer, scorer).compare_many([w[3] for w in part])  # by its kind
                         values = [(o.value, o.details) for o in outs]
                     else:
-                        vals = scorer.score_many([(w[1].prompt.prompt, w[2]["text"]) for w in part])
+                        vals = cast(PointwiseScorer, scorer).score_many(
+                            [(w[1].prompt.prompt, w[2]["text"]) for w in part]
+                        )
                         values = [(v, None) for v in vals]
-                    for (key, job, row, item), (value, details) in zip(part, values):
-                        srow: dict[str, Any] = {"key": key, "fp": f"{self.gen_fp(job)}:{h}", "gen": job.key,
-                                                "scorer": sspec.alias, "kind": cls.kind, "value": float(value)}
+                    for (key, job, _row, item), (value, details) in zip(part, values):
+                        srow: dict[str, Any] = {
+                            "key": key,
+                            "fp": f"{self.gen_fp(job)}:{h}",
+                            "gen": job.key,
+                            "scorer": sspec.alias,
+                            "kind": cls.kind,
+                            "value": float(value),
+                        }
                         if item is not None:
                             srow["dimension"] = item.aspect_name
                             srow["baseline"] = item.key.split("@vs@")[1]
@@ -393,8 +487,14 @@ class Runner:
                 skey = f"{key}|{alias}|{dim}"
                 if (skey, f"{self.gen_fp(job)}:{h}") in scores:
                     continue
-                item = PairItem(prompt=job.prompt.prompt, response_a=row["text"], response_b=base_row["text"],
-                                aspect=aspect, aspect_name=dim, key=f"{skey}@vs@{bkey}")
+                item = PairItem(
+                    prompt=job.prompt.prompt,
+                    response_a=row["text"],
+                    response_b=base_row["text"],
+                    aspect=aspect,
+                    aspect_name=dim,
+                    key=f"{skey}@vs@{bkey}",
+                )
                 work.append((skey, job, row, item))
         return work
 
@@ -429,10 +529,19 @@ class Runner:
         return result
 
 
-def run_eval(spec: EvalSpec, run_dir: str | Path, *, force: bool = False, progress: bool = True, pj: Any = None,
-             argv: list[str] | None = None, report: bool = True,
-             on_generation: Callable[[dict], None] | None = None,
-             on_score: Callable[[dict], None] | None = None, ray: RayOptions | None = None) -> RunResult:
+def run_eval(
+    spec: EvalSpec,
+    run_dir: str | Path,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    pj: Any = None,
+    argv: list[str] | None = None,
+    report: bool = True,
+    on_generation: Callable[[dict], None] | None = None,
+    on_score: Callable[[dict], None] | None = None,
+    ray: RayOptions | None = None,
+) -> RunResult:
     """Run (or continue) the evaluation ``spec`` in ``run_dir`` and write its report.
 
     ``pj``: an already loaded :class:`PersonaJudge` to generate with (default:
@@ -440,9 +549,17 @@ def run_eval(spec: EvalSpec, run_dir: str | Path, *, force: bool = False, progre
     after each row is durably written (progress hooks; tests use them to
     interrupt a run). ``ray``: generate on Ray replicas instead of in this process (same rows).
     """
-    return Runner(spec, run_dir, force=force, progress=progress, pj=pj, argv=argv, on_generation=on_generation,
-                  on_score=on_score, ray=ray).run(report=report)
+    return Runner(
+        spec,
+        run_dir,
+        force=force,
+        progress=progress,
+        pj=pj,
+        argv=argv,
+        on_generation=on_generation,
+        on_score=on_score,
+        ray=ray,
+    ).run(report=report)
 
 
-__all__ = ["run_eval", "Runner", "RunResult", "GenJob", "plan_generations", "load_spec", "read_run_file",
-           "load_rows"]
+__all__ = ["run_eval", "Runner", "RunResult", "GenJob", "plan_generations", "load_spec", "read_run_file", "load_rows"]

@@ -116,7 +116,7 @@ def objective_experiments(spec: str) -> list[Experiment]:
         raise EvalError(f"--objectives {spec!r} names a preference twice")
     out = []
     for k in range(1, len(objs) + 1):
-        views = [[objs[0]], [objs[0]]] if k == 1 else [objs[:k - 1], [objs[k - 1]]]
+        views = [[objs[0]], [objs[0]]] if k == 1 else [objs[: k - 1], [objs[k - 1]]]
         out.append(Experiment(name=experiment_name(views), views=views, objectives=k))
     return out
 
@@ -159,7 +159,7 @@ class EvalSpec(_Model):
     run: RunConfig = Field(default_factory=RunConfig)
 
     @model_validator(mode="after")
-    def _check(self) -> "EvalSpec":
+    def _check(self) -> EvalSpec:
         if not self.methods:
             raise ValueError("methods: give at least one method")
         if len(set(self.methods)) != len(self.methods):
@@ -256,9 +256,17 @@ def command_from_spec(spec, run_dir: str) -> list[str]:
     cmd = ["personajudge", "eval"]
     run = spec.run
     b, bd = run.backend, BackendConfig()
-    for flag, val, default in (("--backend", b.name, bd.name), ("--model", b.model, None), ("--device", b.device, None),
-                               ("--dtype", b.dtype, None), ("--threads", b.threads, None), ("--n-ctx", b.n_ctx, None),
-                               ("--n-gpu-layers", b.n_gpu_layers, None)):
+    val: object  # the flags' values are of several types; each is only compared and printed
+    default: object
+    for flag, val, default in (
+        ("--backend", b.name, bd.name),
+        ("--model", b.model, None),
+        ("--device", b.device, None),
+        ("--dtype", b.dtype, None),
+        ("--threads", b.threads, None),
+        ("--n-ctx", b.n_ctx, None),
+        ("--n-gpu-layers", b.n_gpu_layers, None),
+    ):
         if val != default:
             cmd += [flag, str(val)]
     for k, v in b.options.items():
@@ -268,9 +276,14 @@ def command_from_spec(spec, run_dir: str) -> list[str]:
     if run.system:
         cmd += ["--system", run.system]
     d, dd = run.decoding, DecodingConfig()
-    for flag, val, default in (("--temperature", d.temperature, dd.temperature), ("--top-k", d.top_k, dd.top_k),
-                               ("--top-p", d.top_p, dd.top_p), ("--max-new-tokens", d.max_new_tokens, dd.max_new_tokens),
-                               ("--roles", d.roles, None), ("--schedule", d.schedule, dd.schedule)):
+    for flag, val, default in (
+        ("--temperature", d.temperature, dd.temperature),
+        ("--top-k", d.top_k, dd.top_k),
+        ("--top-p", d.top_p, dd.top_p),
+        ("--max-new-tokens", d.max_new_tokens, dd.max_new_tokens),
+        ("--roles", d.roles, None),
+        ("--schedule", d.schedule, dd.schedule),
+    ):
         if val != default:
             cmd += [flag, str(val)]
     if not spec.lambdas and d.lambda_ != dd.lambda_:
@@ -286,8 +299,9 @@ def command_from_spec(spec, run_dir: str) -> list[str]:
     if spec.baseline != "prompt":
         cmd += ["--baseline", spec.baseline or "none"]
     pairs = [e for e in spec.experiments if not e.objectives]
-    if [",".join("+".join(v) for v in e.views) for e in pairs] != list(DEFAULT_PAIRS) or \
-            len(pairs) != len(spec.experiments):
+    if [",".join("+".join(v) for v in e.views) for e in pairs] != list(DEFAULT_PAIRS) or len(pairs) != len(
+        spec.experiments
+    ):
         for e in pairs:
             cmd += ["--pair", ",".join("+".join(v) for v in e.views)]
     groups: list[list[str]] = []

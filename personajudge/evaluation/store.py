@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from personajudge.core.config import validation_message
 
@@ -76,9 +76,9 @@ class JsonlStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.rows: dict[tuple[str, str], dict[str, Any]] = {}
-        self._f = None
+        self._f: TextIO | None = None
 
-    def open(self) -> "JsonlStore":
+    def open(self) -> JsonlStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         rows, _ = read_rows(self.path, repair=True)
         for row in rows:
@@ -114,7 +114,7 @@ class JsonlStore:
             self._f.close()
             self._f = None
 
-    def __enter__(self) -> "JsonlStore":
+    def __enter__(self) -> JsonlStore:
         return self.open()
 
     def __exit__(self, *exc: object) -> None:
@@ -126,9 +126,9 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / ".lock"
-        self._f = None
+        self._f: TextIO | None = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self._f = open(self.path, "a")
         try:
             import fcntl
@@ -139,8 +139,9 @@ class RunLock:
         except OSError:
             self._f.close()
             self._f = None
-            raise RunLockedError(f"another evaluation is writing to {self.path.parent}; wait for it to finish "
-                                 "or use another --run-dir") from None
+            raise RunLockedError(
+                f"another evaluation is writing to {self.path.parent}; wait for it to finish or use another --run-dir"
+            ) from None
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -176,13 +177,17 @@ def read_run_file(run_dir: str | Path) -> dict[str, Any]:
     d = Path(run_dir)
     p = d / RUN_FILE
     if d.exists() and not d.is_dir():
-        raise EvalError(f"{run_dir} is a file, not an evaluation run directory; give the directory that holds "
-                        f"{RUN_FILE} (the --run-dir of `personajudge eval`)")
+        raise EvalError(
+            f"{run_dir} is a file, not an evaluation run directory; give the directory that holds "
+            f"{RUN_FILE} (the --run-dir of `personajudge eval`)"
+        )
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise EvalError(f"{run_dir} is not an evaluation run directory (no {RUN_FILE}); "
-                        "start one with `personajudge eval --run-dir DIR`") from None
+        raise EvalError(
+            f"{run_dir} is not an evaluation run directory (no {RUN_FILE}); "
+            "start one with `personajudge eval --run-dir DIR`"
+        ) from None
     except OSError as err:
         raise EvalError(f"cannot read {p}: {err.strerror or err}") from None
     except UnicodeDecodeError as err:
@@ -200,8 +205,10 @@ def read_run_spec(run_dir: str | Path) -> tuple[dict[str, Any], Any]:
     record = read_run_file(run_dir)
     p = Path(run_dir) / RUN_FILE
     if not isinstance(record.get("spec"), dict):
-        raise EvalError(f"{p} has no 'spec' table (the run's configuration), so it cannot be reported; "
-                        "rerun `personajudge eval` with --force to start this directory afresh")
+        raise EvalError(
+            f"{p} has no 'spec' table (the run's configuration), so it cannot be reported; "
+            "rerun `personajudge eval` with --force to start this directory afresh"
+        )
     try:
         return record, EvalSpec.model_validate(record["spec"])
     except ValueError as err:  # pydantic's ValidationError

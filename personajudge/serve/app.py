@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from personajudge.api import PersonaJudge, make_method
 from personajudge.core.config import validation_message
@@ -50,8 +50,15 @@ DISCONNECT_POLL_S = 0.25
 class APIError(Exception):
     """An error response in OpenAI's shape."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers or {}
@@ -59,8 +66,9 @@ class APIError(Exception):
     def response(self) -> Any:
         from fastapi.responses import JSONResponse
 
-        return JSONResponse(error_body(self.message, self.type, self.param, self.code), status_code=self.status,
-                            headers=self.headers)
+        return JSONResponse(
+            error_body(self.message, self.type, self.param, self.code), status_code=self.status, headers=self.headers
+        )
 
 
 def map_error(err: BaseException) -> APIError:
@@ -69,8 +77,13 @@ def map_error(err: BaseException) -> APIError:
         return err
     msg = str(err)
     if isinstance(err, QueueFullError):
-        return APIError(429, msg, "rate_limit_error", code="queue_full",
-                        headers={"Retry-After": str(max(1, round(err.retry_after)))})
+        return APIError(
+            429,
+            msg,
+            "rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": str(max(1, round(err.retry_after)))},
+        )
     if isinstance(err, EngineClosedError):
         return APIError(503, msg, "server_error", code="shutting_down")
     if isinstance(err, RequestCancelled):
@@ -94,8 +107,15 @@ def map_error(err: BaseException) -> APIError:
 class Server:
     """The state behind the app: the model, its engine, the metrics and the limits."""
 
-    def __init__(self, pj: PersonaJudge, *, model_name: str = "persona-judge", api_key: str | None = None,
-                 max_tokens_limit: int | None = None, request_timeout: float = 600.0):
+    def __init__(
+        self,
+        pj: PersonaJudge,
+        *,
+        model_name: str = "persona-judge",
+        api_key: str | None = None,
+        max_tokens_limit: int | None = None,
+        request_timeout: float = 600.0,
+    ):
         self.pj = pj
         self.engine = pj.engine
         self.model_name = model_name
@@ -125,25 +145,43 @@ class Server:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
+            raise APIError(
+                401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
-            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}' "
-                                "(see GET /v1/models)", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model '{model}' does not exist; this server serves '{self.model_name}' (see GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
 
     def generation_kwargs(self, req: Any, max_tokens: int | None, field: str) -> dict[str, Any]:
         if (bad := req.unsupported()) is not None:
             raise APIError(400, bad[1], param=bad[0], code="unsupported")
         if max_tokens is not None and self.max_tokens_limit is not None and max_tokens > self.max_tokens_limit:
-            raise APIError(400, f"{field} is {max_tokens}; this server allows at most {self.max_tokens_limit}",
-                           param=field, code="invalid_value")
+            raise APIError(
+                400,
+                f"{field} is {max_tokens}; this server allows at most {self.max_tokens_limit}",
+                param=field,
+                code="invalid_value",
+            )
         kw: dict[str, Any] = {
-            "preferences": req.preference_list(), "views": req.view_groups(), "method": req.method,
-            "encoder": req.encoder, "max_new_tokens": max_tokens, "temperature": req.temperature,
-            "top_p": req.top_p, "top_k": req.top_k, "seed": req.seed, "stop": req.stop_list(),
-            "lambda": req.lambda_, "roles": req.roles, "schedule": req.schedule,
+            "preferences": req.preference_list(),
+            "views": req.view_groups(),
+            "method": req.method,
+            "encoder": req.encoder,
+            "max_new_tokens": max_tokens,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "top_k": req.top_k,
+            "seed": req.seed,
+            "stop": req.stop_list(),
+            "lambda": req.lambda_,
+            "roles": req.roles,
+            "schedule": req.schedule,
         }
         default_max = self.pj.config.decoding.max_new_tokens
         if max_tokens is None and self.max_tokens_limit is not None and default_max > self.max_tokens_limit:
@@ -163,12 +201,16 @@ class Server:
         remaining = deadline - asyncio.get_running_loop().time()
         try:
             if remaining <= 0:
-                raise asyncio.TimeoutError
+                raise TimeoutError
             return await asyncio.wait_for(job.next_event(), remaining)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             job.cancel()
-            raise APIError(408, f"the request did not finish within {self.request_timeout:g}s (--request-timeout)",
-                           "timeout_error", code="timeout") from None
+            raise APIError(
+                408,
+                f"the request did not finish within {self.request_timeout:g}s (--request-timeout)",
+                "timeout_error",
+                code="timeout",
+            ) from None
 
     async def watch(self, request: Any, job: Job) -> None:
         """Cancel ``job`` when the client disconnects (the engine frees its slots at the next step)."""
@@ -181,15 +223,22 @@ class Server:
 
 def _usage(res: Any) -> dict[str, int]:
     prompt = sum(res.stats.prompt_tokens)
-    return {"prompt_tokens": prompt, "completion_tokens": len(res.tokens),
-            "total_tokens": prompt + len(res.tokens)}
+    return {"prompt_tokens": prompt, "completion_tokens": len(res.tokens), "total_tokens": prompt + len(res.tokens)}
 
 
 def _pj_info(res: Any) -> dict[str, Any]:
     s = res.stats
-    return {"method": s.method, "views": s.views, "acceptance_rate": s.acceptance_rate, "drafted": s.drafted,
-            "accepted": s.accepted, "seed": s.seed, "prompt_tokens": s.prompt_tokens, "iterations": s.iterations,
-            "finish_reason": res.finish_reason}
+    return {
+        "method": s.method,
+        "views": s.views,
+        "acceptance_rate": s.acceptance_rate,
+        "drafted": s.drafted,
+        "accepted": s.accepted,
+        "seed": s.seed,
+        "prompt_tokens": s.prompt_tokens,
+        "iterations": s.iterations,
+        "finish_reason": res.finish_reason,
+    }
 
 
 class _CountRequests:
@@ -216,17 +265,24 @@ class _CountRequests:
             self.metrics.requests.labels(scope["path"], str(status["code"])).inc()
 
 
-def create_app(pj: PersonaJudge, *, model_name: str = "persona-judge", api_key: str | None = None,
-               max_tokens_limit: int | None = None, request_timeout: float = 600.0,
-               reserve: bool = True) -> Any:
+def create_app(
+    pj: PersonaJudge,
+    *,
+    model_name: str = "persona-judge",
+    api_key: str | None = None,
+    max_tokens_limit: int | None = None,
+    request_timeout: float = 600.0,
+    reserve: bool = True,
+) -> Any:
     """The FastAPI app serving ``pj`` (its engine is sized for ``max_batch`` requests up front when ``reserve``)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    srv = Server(pj, model_name=model_name, api_key=api_key, max_tokens_limit=max_tokens_limit,
-                 request_timeout=request_timeout)
+    srv = Server(
+        pj, model_name=model_name, api_key=api_key, max_tokens_limit=max_tokens_limit, request_timeout=request_timeout
+    )
 
     @asynccontextmanager
     async def lifespan(app: Any):
@@ -256,7 +312,7 @@ def create_app(pj: PersonaJudge, *, model_name: str = "persona-judge", api_key: 
 
     app.add_middleware(_CountRequests, metrics=srv.metrics)
 
-    async def parse(request: Request, model: type) -> Any:
+    async def parse(request: Request, model: type[BaseModel]) -> Any:
         srv.check_auth(request)
         raw = await request.body()
         try:
@@ -266,7 +322,7 @@ def create_app(pj: PersonaJudge, *, model_name: str = "persona-judge", api_key: 
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
         try:
-            req = model.model_validate(body)
+            req: Any = model.model_validate(body)  # one of the request models; all have .model
         except ValidationError as err:
             first = err.errors(include_url=False)[0]
             param = ".".join(str(x) for x in first["loc"]) or None
@@ -308,39 +364,66 @@ def create_app(pj: PersonaJudge, *, model_name: str = "persona-judge", api_key: 
             res = ev[1]
             fr = FINISH_REASONS[res.finish_reason]
             if endpoint == "chat":
-                choice = {"index": 0, "message": {"role": "assistant", "content": res.text}, "finish_reason": fr,
-                          "logprobs": None}
+                choice = {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": res.text},
+                    "finish_reason": fr,
+                    "logprobs": None,
+                }
                 obj = "chat.completion"
             else:
                 choice = {"index": 0, "text": res.text, "finish_reason": fr, "logprobs": None}
                 obj = "text_completion"
-            return JSONResponse({"id": rid, "object": obj, "created": created, "model": srv.model_name,
-                                 "choices": [choice], "usage": _usage(res), "persona_judge": _pj_info(res)})
+            return JSONResponse(
+                {
+                    "id": rid,
+                    "object": obj,
+                    "created": created,
+                    "model": srv.model_name,
+                    "choices": [choice],
+                    "usage": _usage(res),
+                    "persona_judge": _pj_info(res),
+                }
+            )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(stream(job, watcher, endpoint, rid, created, include_usage, deadline),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            stream(job, watcher, endpoint, rid, created, include_usage, deadline),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
-    async def stream(job: Job, watcher: asyncio.Task, endpoint: str, rid: str, created: int, include_usage: bool,
-                     deadline: float) -> AsyncIterator[str]:
+    async def stream(
+        job: Job, watcher: asyncio.Task, endpoint: str, rid: str, created: int, include_usage: bool, deadline: float
+    ) -> AsyncIterator[str]:
         chat = endpoint == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-            body = {"id": rid, "object": obj, "created": created, "model": srv.model_name, "choices": choices,
-                    **extra}
+            body = {"id": rid, "object": obj, "created": created, "model": srv.model_name, "choices": choices, **extra}
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         def piece(text: str, finish: str | None = None) -> dict[str, Any]:
             if chat:
-                return {"index": 0, "delta": {"content": text} if text or finish is None else {},
-                        "finish_reason": finish, "logprobs": None}
+                return {
+                    "index": 0,
+                    "delta": {"content": text} if text or finish is None else {},
+                    "finish_reason": finish,
+                    "logprobs": None,
+                }
             return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
 
         try:
             if chat:
-                yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
-                              "logprobs": None}])
+                yield chunk(
+                    [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": ""},
+                            "finish_reason": None,
+                            "logprobs": None,
+                        }
+                    ]
+                )
             while True:
                 try:
                     ev = await srv.next_event(job, deadline)
@@ -350,8 +433,8 @@ def create_app(pj: PersonaJudge, *, model_name: str = "persona-judge", api_key: 
                 if ev[0] == "text":
                     yield chunk([piece(ev[1])])
                 elif ev[0] == "error":
-                    err = map_error(ev[1])
-                    yield f"data: {json.dumps(error_body(err.message, err.type, err.param, err.code))}\n\n"
+                    api_err = map_error(ev[1])
+                    yield f"data: {json.dumps(error_body(api_err.message, api_err.type, api_err.param, api_err.code))}\n\n"
                     break
                 elif ev[0] == "done":
                     res = ev[1]
@@ -385,17 +468,29 @@ def create_app(pj: PersonaJudge, *, model_name: str = "persona-judge", api_key: 
     @app.get("/v1/models")
     async def models(request: Request):
         srv.check_auth(request)
-        return {"object": "list", "data": [{"id": srv.model_name, "object": "model", "created": srv.created,
-                                             "owned_by": "persona-judge",
-                                             "backend": {k: v for k, v in srv.pj.backend.describe().items()
-                                                         if isinstance(v, (str, int, float, bool))}}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": srv.model_name,
+                    "object": "model",
+                    "created": srv.created,
+                    "owned_by": "persona-judge",
+                    "backend": {
+                        k: v for k, v in srv.pj.backend.describe().items() if isinstance(v, (str, int, float, bool))
+                    },
+                }
+            ],
+        }
 
     @app.get("/health")
     async def health():
         stats = srv.engine.stats()
         ok = not (srv.shutting_down or stats["closing"])
-        return JSONResponse({"status": "ok" if ok else "shutting_down", "model": srv.model_name, **stats},
-                            status_code=200 if ok else 503)
+        return JSONResponse(
+            {"status": "ok" if ok else "shutting_down", "model": srv.model_name, **stats},
+            status_code=200 if ok else 503,
+        )
 
     @app.get("/metrics")
     async def metrics():

@@ -56,10 +56,18 @@ def _pct(xs: list[float], q: float) -> float | None:
 
 
 def _row(name: str, wall: float, lat: list[float], ttft: list[float], tokens: int, errors: int) -> dict[str, Any]:
-    return {"name": name, "requests": len(lat), "errors": errors, "tokens": tokens, "wall_s": round(wall, 3),
-            "tokens_per_s": round(tokens / wall, 2) if wall > 0 else 0.0,
-            "latency_p50_s": _r(_pct(lat, 50)), "latency_p95_s": _r(_pct(lat, 95)),
-            "ttft_p50_s": _r(_pct(ttft, 50)), "ttft_p95_s": _r(_pct(ttft, 95))}
+    return {
+        "name": name,
+        "requests": len(lat),
+        "errors": errors,
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 2) if wall > 0 else 0.0,
+        "latency_p50_s": _r(_pct(lat, 50)),
+        "latency_p95_s": _r(_pct(lat, 95)),
+        "ttft_p50_s": _r(_pct(ttft, 50)),
+        "ttft_p95_s": _r(_pct(ttft, 95)),
+    }
 
 
 def _r(x: float | None) -> float | None:
@@ -87,6 +95,7 @@ def direct_row(cfg: RunConfig, n_requests: int, max_tokens: int, progress: bool)
     """The requests one by one, the core driving its own session (no engine, no server)."""
     lat, ttft, tokens = [], [], 0
     with PersonaJudge(cfg) as pj:
+
         def one(i: int) -> tuple[float, float | None, int]:
             first: list[float] = []
             cfg_i, meth, views = pj._prepare(None, None, None, {"seed": i, "max_new_tokens": max_tokens})
@@ -112,10 +121,17 @@ def direct_row(cfg: RunConfig, n_requests: int, max_tokens: int, progress: bool)
     return _row("direct (no server)", wall, lat, ttft, tokens, 0)
 
 
-async def _one_request(client: Any, url: str, model: str, i: int, max_tokens: int, headers: dict[str, str]
-                       ) -> tuple[float, float | None, int, bool]:
-    body = {"model": model, "messages": [{"role": "user", "content": DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)]}],
-            "max_tokens": max_tokens, "seed": i, "stream": True, "stream_options": {"include_usage": True}}
+async def _one_request(
+    client: Any, url: str, model: str, i: int, max_tokens: int, headers: dict[str, str]
+) -> tuple[float, float | None, int, bool]:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)]}],
+        "max_tokens": max_tokens,
+        "seed": i,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     first = None
     tokens = 0
@@ -137,8 +153,9 @@ async def _one_request(client: Any, url: str, model: str, i: int, max_tokens: in
     return time.perf_counter() - t0, first, tokens, True
 
 
-async def _level(url: str, model: str, concurrency: int, n_requests: int, max_tokens: int,
-                 headers: dict[str, str]) -> dict[str, Any]:
+async def _level(
+    url: str, model: str, concurrency: int, n_requests: int, max_tokens: int, headers: dict[str, str]
+) -> dict[str, Any]:
     import httpx
 
     sem = asyncio.Semaphore(concurrency)
@@ -154,8 +171,14 @@ async def _level(url: str, model: str, concurrency: int, n_requests: int, max_to
         results = await asyncio.gather(*(run(i) for i in range(n_requests)))
         wall = time.perf_counter() - t0
     ok = [r for r in results if r[3]]
-    return _row(f"server c={concurrency}", wall, [r[0] for r in ok], [r[1] for r in ok if r[1] is not None],
-                sum(r[2] for r in ok), len(results) - len(ok))
+    return _row(
+        f"server c={concurrency}",
+        wall,
+        [r[0] for r in ok],
+        [r[1] for r in ok if r[1] is not None],
+        sum(r[2] for r in ok),
+        len(results) - len(ok),
+    )
 
 
 def _free_port() -> int:
@@ -168,8 +191,12 @@ def start_server(flags: list[str], *, port: int | None = None, log: Any = None) 
     """``personajudge serve FLAGS`` on 127.0.0.1 and a free port; returns once /health answers."""
     port = port or _free_port()
     cmd = [sys.executable, "-m", "personajudge", "serve", *flags, "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=log or subprocess.DEVNULL, stderr=log or subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log or subprocess.DEVNULL,
+        stderr=log or subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + READY_TIMEOUT_S
     while True:
@@ -187,9 +214,19 @@ def start_server(flags: list[str], *, port: int | None = None, log: Any = None) 
         time.sleep(0.25)
 
 
-def run_bench_serve(cfg: RunConfig, *, server_flags: list[str], levels: list[int], n_requests: int,
-                    max_tokens: int, url: str | None = None, direct: bool = True, progress: bool = True,
-                    model: str = "persona-judge", api_key: str | None = None) -> dict[str, Any]:
+def run_bench_serve(
+    cfg: RunConfig,
+    *,
+    server_flags: list[str],
+    levels: list[int],
+    n_requests: int,
+    max_tokens: int,
+    url: str | None = None,
+    direct: bool = True,
+    progress: bool = True,
+    model: str = "persona-judge",
+    api_key: str | None = None,
+) -> dict[str, Any]:
     rows = []
     if direct:
         if progress:
@@ -220,23 +257,38 @@ def run_bench_serve(cfg: RunConfig, *, server_flags: list[str], levels: list[int
     for r in rows:
         r["vs_c1"] = round(r["tokens_per_s"] / base_rate, 2) if base_rate else None
     d = cfg.decoding
-    return {"machine": machine(), "backend": cfg.backend.name, "model": cfg.backend.model or "default",
-            "method": cfg.method, "preferences": cfg.preferences, "temperature": d.temperature,
-            "max_tokens": max_tokens, "requests_per_level": n_requests, "rows": rows,
-            "server_exit_code_after_sigterm": exit_code}
+    return {
+        "machine": machine(),
+        "backend": cfg.backend.name,
+        "model": cfg.backend.model or "default",
+        "method": cfg.method,
+        "preferences": cfg.preferences,
+        "temperature": d.temperature,
+        "max_tokens": max_tokens,
+        "requests_per_level": n_requests,
+        "rows": rows,
+        "server_exit_code_after_sigterm": exit_code,
+    }
 
 
 def format_table(rep: dict[str, Any]) -> str:
-    head = (f"{rep['machine']}; backend {rep['backend']} ({rep['model']}), method {rep['method']}, "
-            f"{rep['requests_per_level']} requests x max_tokens {rep['max_tokens']}")
-    lines = [head, "",
-             "| run | requests | tokens | tok/s (aggregate) | vs c=1 | latency p50 / p95 (s) | TTFT p50 / p95 (s) |",
-             "|---|---|---|---|---|---|---|"]
+    head = (
+        f"{rep['machine']}; backend {rep['backend']} ({rep['model']}), method {rep['method']}, "
+        f"{rep['requests_per_level']} requests x max_tokens {rep['max_tokens']}"
+    )
+    lines = [
+        head,
+        "",
+        "| run | requests | tokens | tok/s (aggregate) | vs c=1 | latency p50 / p95 (s) | TTFT p50 / p95 (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rep["rows"]:
         err = f" ({r['errors']} failed)" if r["errors"] else ""
-        lines.append(f"| {r['name']} | {r['requests']}{err} | {r['tokens']} | {r['tokens_per_s']} | "
-                     f"{r['vs_c1'] if r['vs_c1'] is not None else '-'} | {r['latency_p50_s']} / {r['latency_p95_s']} | "
-                     f"{r['ttft_p50_s']} / {r['ttft_p95_s']} |")
+        lines.append(
+            f"| {r['name']} | {r['requests']}{err} | {r['tokens']} | {r['tokens_per_s']} | "
+            f"{r['vs_c1'] if r['vs_c1'] is not None else '-'} | {r['latency_p50_s']} / {r['latency_p95_s']} | "
+            f"{r['ttft_p50_s']} / {r['ttft_p95_s']} |"
+        )
     if rep.get("server_exit_code_after_sigterm") is not None:
         lines.append(f"\nserver exit code after SIGTERM: {rep['server_exit_code_after_sigterm']}")
     return "\n".join(lines)

@@ -24,34 +24,57 @@ class Metrics:
         self.content_type = CONTENT_TYPE_LATEST
         self.registry = r = CollectorRegistry()
         self._drafted = self._accepted = 0
-        self.requests = Counter("personajudge_requests", "HTTP requests by endpoint and status code.",
-                                ["endpoint", "status"], registry=r)
-        self.prompt_tokens = Counter("personajudge_prompt_tokens", "Prompt tokens processed (all views).",
-                                     registry=r)
+        self.requests = Counter(
+            "personajudge_requests", "HTTP requests by endpoint and status code.", ["endpoint", "status"], registry=r
+        )
+        self.prompt_tokens = Counter("personajudge_prompt_tokens", "Prompt tokens processed (all views).", registry=r)
         self.completion_tokens = Counter("personajudge_completion_tokens", "Tokens generated.", registry=r)
         self.drafted = Counter("personajudge_drafted_tokens", "Draft tokens judged.", registry=r)
-        self.accepted = Counter("personajudge_accepted_tokens", "Draft tokens accepted by the judge view.",
-                                registry=r)
-        self.cancelled = Counter("personajudge_cancelled_requests",
-                                 "Requests cancelled (client disconnected, timed out or shutdown).", registry=r)
+        self.accepted = Counter("personajudge_accepted_tokens", "Draft tokens accepted by the judge view.", registry=r)
+        self.cancelled = Counter(
+            "personajudge_cancelled_requests",
+            "Requests cancelled (client disconnected, timed out or shutdown).",
+            registry=r,
+        )
         rate = Gauge("personajudge_acceptance_rate", "Accepted / drafted tokens since start.", registry=r)
         rate.set_function(self._rate)
-        for name, key, doc in (("personajudge_queue_depth", "queued", "Requests waiting for a batch slot."),
-                               ("personajudge_running_requests", "running", "Requests in the running batch."),
-                               ("personajudge_kv_slots_in_use", "slots_in_use", "Session views (KV sequences) held."),
-                               ("personajudge_kv_slots", "slots", "Session views (KV sequences) available.")):
+        for name, key, doc in (
+            ("personajudge_queue_depth", "queued", "Requests waiting for a batch slot."),
+            ("personajudge_running_requests", "running", "Requests in the running batch."),
+            ("personajudge_kv_slots_in_use", "slots_in_use", "Session views (KV sequences) held."),
+            ("personajudge_kv_slots", "slots", "Session views (KV sequences) available."),
+        ):
             g = Gauge(name, doc, registry=r)
-            g.set_function(lambda k=key: float(engine.stats()[k]))
-        self.batch_size = Histogram("personajudge_batch_size", "Requests in each batched engine step.",
-                                    buckets=BATCH_BUCKETS, registry=r)
-        self.step_seconds = Histogram("personajudge_step_seconds", "Duration of each batched engine step.",
-                                      buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
-        self.latency = Histogram("personajudge_request_duration_seconds", "Request latency, submit to last token.",
-                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("personajudge_time_to_first_token_seconds", "Submit to first committed text.",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram("personajudge_queue_wait_seconds", "Submit to joining the batch.",
-                                    buckets=LATENCY_BUCKETS, registry=r)
+
+            def read(k: str = key) -> float:
+                return float(engine.stats()[k])
+
+            g.set_function(read)
+        self.batch_size = Histogram(
+            "personajudge_batch_size", "Requests in each batched engine step.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.step_seconds = Histogram(
+            "personajudge_step_seconds",
+            "Duration of each batched engine step.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+        self.latency = Histogram(
+            "personajudge_request_duration_seconds",
+            "Request latency, submit to last token.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "personajudge_time_to_first_token_seconds",
+            "Submit to first committed text.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "personajudge_queue_wait_seconds", "Submit to joining the batch.", buckets=LATENCY_BUCKETS, registry=r
+        )
 
     def _rate(self) -> float:
         return self._accepted / self._drafted if self._drafted else 0.0

@@ -91,7 +91,7 @@ class _Common(BaseModel):
             return "tools", "tool calls are not supported by persona-judge"
         rf = self.response_format
         if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-            return "response_format", "only response_format {\"type\": \"text\"} is supported"
+            return "response_format", 'only response_format {"type": "text"} is supported'
         if self.best_of not in (None, 1):
             return "best_of", "only best_of=1 is supported"
         if self.echo:
@@ -156,7 +156,8 @@ class CompletionRequest(_Common):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     """OpenAI's error shape."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -197,8 +197,9 @@ class BackendConformance:
         base = run(ctxs)
         for v in range(3):
             scrambled = [c if w == v else list(reversed(c)) for w, c in enumerate(ctxs)]
-            np.testing.assert_allclose(run(scrambled)[v], base[v], atol=self.same_shape_atol,
-                                       err_msg=f"view {v} sees the other views")
+            np.testing.assert_allclose(
+                run(scrambled)[v], base[v], atol=self.same_shape_atol, err_msg=f"view {v} sees the other views"
+            )
 
     # -- misuse: one exception type per mistake, on every backend -------------------------------------
 
@@ -206,11 +207,16 @@ class BackendConformance:
         ids = self.prompt_ids(backend)
         s: Session = backend.open(2)
         try:
-            for bad in (lambda: s.forward(2, ids), lambda: s.forward(-1, ids), lambda: s.forward(0, []),
-                        lambda: s.forward(0, ids, len(ids) + 1), lambda: s.forward(0, [backend.tokenizer.vocab_size
-                                                                                      + 10 ** 6]),
-                        lambda: s.forward_many([(0, ids, 1), (0, ids, 1)]), lambda: s.truncate(0, -1),
-                        lambda: s.length(5)):
+            for bad in (
+                lambda: s.forward(2, ids),
+                lambda: s.forward(-1, ids),
+                lambda: s.forward(0, []),
+                lambda: s.forward(0, ids, len(ids) + 1),
+                lambda: s.forward(0, [backend.tokenizer.vocab_size + 10**6]),
+                lambda: s.forward_many([(0, ids, 1), (0, ids, 1)]),
+                lambda: s.truncate(0, -1),
+                lambda: s.length(5),
+            ):
                 with pytest.raises(SessionError):
                     bad()
             assert s.length(0) == 0 and s.length(1) == 0  # nothing was fed by a refused call

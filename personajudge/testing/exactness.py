@@ -139,9 +139,19 @@ class SessionOracle:
         self.session.close()
 
 
-def expected_law(backend: Any, contexts: Sequence[Sequence[int]], *, roles: str | Callable[[int], tuple[int, int]],
-                 lam: int, temperature: float, top_k: int, top_p: float, length: int,
-                 eos_ids: Iterable[int] | None = None, events: dict[str, float] | None = None) -> dict[Outcome, float]:
+def expected_law(
+    backend: Any,
+    contexts: Sequence[Sequence[int]],
+    *,
+    roles: str | Callable[[int], tuple[int, int]],
+    lam: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    length: int,
+    eos_ids: Iterable[int] | None = None,
+    events: dict[str, float] | None = None,
+) -> dict[Outcome, float]:
     """The exact law of the first ``length`` committed tokens of Persona-judge.
 
     ``contexts`` are the views' token ids (as the method prompts them),
@@ -167,8 +177,9 @@ def expected_law(backend: Any, contexts: Sequence[Sequence[int]], *, roles: str 
 
     def dist(view: int, seq: Outcome) -> dict[int, float]:
         if (view, seq) not in dists:
-            dists[(view, seq)] = filtered_distribution(oracle.logits(view, seq), temperature=temperature,
-                                                       top_k=top_k, top_p=top_p)
+            dists[(view, seq)] = filtered_distribution(
+                oracle.logits(view, seq), temperature=temperature, top_k=top_k, top_p=top_p
+            )
         return dists[(view, seq)]
 
     law: dict[Outcome, float] = {}
@@ -215,8 +226,9 @@ def expected_law(backend: Any, contexts: Sequence[Sequence[int]], *, roles: str 
     return law
 
 
-def token_law(step: Callable[[Outcome], dict[int, float]], *, length: int,
-              eos_ids: Iterable[int]) -> dict[Outcome, float]:
+def token_law(
+    step: Callable[[Outcome], dict[int, float]], *, length: int, eos_ids: Iterable[int]
+) -> dict[Outcome, float]:
     """The law of ``length`` tokens sampled one at a time from ``step(committed) -> {token: prob}``.
 
     For the methods that sample one distribution per token (plain sampling,
@@ -246,8 +258,10 @@ def outcome(result: Any) -> Outcome:
     """The outcome key of one :class:`GenerationResult` (tokens, plus the EOS that ended it)."""
     tokens = tuple(int(t) for t in result.tokens)
     if result.finish_reason not in ("eos", "length"):
-        raise ValueError(f"a generation finished by {result.finish_reason!r}; the exactness check needs sequences "
-                         "that end only at EOS or the length (turn off stop strings: encoder_options stop=false)")
+        raise ValueError(
+            f"a generation finished by {result.finish_reason!r}; the exactness check needs sequences "
+            "that end only at EOS or the length (turn off stop strings: encoder_options stop=false)"
+        )
     if result.finish_reason == "eos":
         return tokens + (_EOS_MARK,)
     return tokens
@@ -275,8 +289,9 @@ def _canon(key: Outcome, eos: frozenset[int]) -> Outcome:
     return key[:-1] + (_EOS_MARK,) if key and key[-1] in eos else key
 
 
-def chi_square(counts: Counter, law: dict[Outcome, float], *, eos_ids: Iterable[int] = (),
-               min_expected: float = 5.0) -> ExactnessResult:
+def chi_square(
+    counts: Counter, law: dict[Outcome, float], *, eos_ids: Iterable[int] = (), min_expected: float = 5.0
+) -> ExactnessResult:
     """Pearson's chi-square of ``counts`` against ``law``.
 
     Outcomes expected fewer than ``min_expected`` times are pooled into one
@@ -292,7 +307,8 @@ def chi_square(counts: Counter, law: dict[Outcome, float], *, eos_ids: Iterable[
         probs[c] = probs.get(c, 0.0) + v
     n = sum(counts.values())
     impossible = sum(c for k, c in counts.items() if probs.get(k, 0.0) <= 0.0)
-    obs, exp = [], []
+    obs: list[float] = []
+    exp: list[float] = []
     rest_o = rest_e = 0.0
     for k, p in sorted(probs.items()):
         e = p * n
@@ -312,25 +328,35 @@ def chi_square(counts: Counter, law: dict[Outcome, float], *, eos_ids: Iterable[
     else:
         res = stats.chisquare(obs_a, exp_a)
         stat, pvalue = float(res.statistic), float(res.pvalue)
-    return ExactnessResult(pvalue=pvalue, statistic=stat, dof=max(len(obs_a) - 1, 0), n=n, impossible=impossible,
-                           law=law, counts=counts)
+    return ExactnessResult(
+        pvalue=pvalue, statistic=stat, dof=max(len(obs_a) - 1, 0), n=n, impossible=impossible, law=law, counts=counts
+    )
 
 
-def sample_outcomes(model: Any, prompt: Any, *, n: int, seed: int = 0, batch: bool = True, chunk: int = 256,
-                    **generate: Any) -> Counter:
+def sample_outcomes(
+    model: Any, prompt: Any, *, n: int, seed: int = 0, batch: bool = True, chunk: int = 256, **generate: Any
+) -> Counter:
     """Outcomes of ``n`` generations with seeds ``seed .. seed + n - 1`` through the public API."""
     seeds = list(range(seed, seed + n))
     if batch:  # in chunks: an engine may bound how many requests wait at once
-        results = [r for i in range(0, n, chunk)
-                   for r in model.generate_batch([prompt] * len(seeds[i:i + chunk]), seeds=seeds[i:i + chunk],
-                                                 **generate)]
+        results = [
+            r
+            for i in range(0, n, chunk)
+            for r in model.generate_batch([prompt] * len(seeds[i : i + chunk]), seeds=seeds[i : i + chunk], **generate)
+        ]
     else:
         results = [model.generate(prompt, seed=s, **generate) for s in seeds]
     return Counter(outcome(r) for r in results)
 
 
-def view_contexts(model: Any, prompt: Any, *, method: str, preferences: Sequence[Any] | None = None,
-                  views: Sequence[Sequence[Any]] | None = None) -> list[list[int]]:
+def view_contexts(
+    model: Any,
+    prompt: Any,
+    *,
+    method: str,
+    preferences: Sequence[Any] | None = None,
+    views: Sequence[Sequence[Any]] | None = None,
+) -> list[list[int]]:
     """The token ids of the views ``method`` prompts for ``prompt`` (as ``generate`` builds them)."""
 
     data = model.config.model_dump(by_alias=True)
@@ -345,16 +371,31 @@ def view_contexts(model: Any, prompt: Any, *, method: str, preferences: Sequence
 def _KIT_CONFIG(backend: Any) -> dict[str, Any]:
     """How a bare backend is wrapped: short plain-text views (any two distinct contexts do for exactness),
     and no stop strings, which would cut sequences short of the length the law is computed for."""
-    return {"backend": {"name": getattr(backend, "name", None) or "custom"}, "encoder": "plain",
-            "encoder_options": {"stop": False}}
+    return {
+        "backend": {"name": getattr(backend, "name", None) or "custom"},
+        "encoder": "plain",
+        "encoder_options": {"stop": False},
+    }
 
 
-def check_exactness(model: Any, prompt: Any = "hello", *, preferences: Sequence[Any] | None = None,
-                    views: Sequence[Sequence[Any]] | None = None, method: str = "persona-judge",
-                    schedule: str = "interleaved", lam: int = 4, temperature: float = 1.0, top_k: int = 2,
-                    top_p: float = 1.0, length: int | None = None, n: int = 3000, seed: int = 0,
-                    law_roles: str | Callable[[int], tuple[int, int]] | None = None,
-                    batch: bool = True) -> ExactnessResult:
+def check_exactness(
+    model: Any,
+    prompt: Any = "hello",
+    *,
+    preferences: Sequence[Any] | None = None,
+    views: Sequence[Sequence[Any]] | None = None,
+    method: str = "persona-judge",
+    schedule: str = "interleaved",
+    lam: int = 4,
+    temperature: float = 1.0,
+    top_k: int = 2,
+    top_p: float = 1.0,
+    length: int | None = None,
+    n: int = 3000,
+    seed: int = 0,
+    law_roles: str | Callable[[int], tuple[int, int]] | None = None,
+    batch: bool = True,
+) -> ExactnessResult:
     """Sample ``n`` sequences of ``length`` (default lambda + 2) tokens and test them against the exact law.
 
     ``model`` is a :class:`~personajudge.PersonaJudge` or a bare backend
@@ -376,17 +417,40 @@ def check_exactness(model: Any, prompt: Any = "hello", *, preferences: Sequence[
     if roles is None:
         roles = getattr(get_method(method), "roles", "alternate")
     backend = model.backend
-    law = expected_law(backend, contexts, roles=roles, lam=lam, temperature=temperature, top_k=top_k, top_p=top_p,
-                       length=length)
+    law = expected_law(
+        backend, contexts, roles=roles, lam=lam, temperature=temperature, top_k=top_k, top_p=top_p, length=length
+    )
     extra = {"repeat_lines": 0} if "repeat_lines" in DecodingConfig.model_fields else {}  # no text-level cuts
-    counts = sample_outcomes(model, prompt, n=n, seed=seed, batch=batch, preferences=preferences, views=views,
-                             method=method, schedule=schedule, lam=lam, temperature=temperature, top_k=top_k,
-                             top_p=top_p, max_new_tokens=length, stop=[], **extra)
+    counts = sample_outcomes(
+        model,
+        prompt,
+        n=n,
+        seed=seed,
+        batch=batch,
+        preferences=preferences,
+        views=views,
+        method=method,
+        schedule=schedule,
+        lam=lam,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        max_new_tokens=length,
+        stop=[],
+        **extra,
+    )
     return chi_square(counts, law, eos_ids=backend.tokenizer.eos_token_ids)
 
 
-def check_backend_exactness(backend: Any, *, prompt: Any = "hello", preferences: Sequence[Any] = ("concise", "humor"),
-                            lam: int = 4, n: int = 1500, seed: int = 0) -> tuple[float, float]:
+def check_backend_exactness(
+    backend: Any,
+    *,
+    prompt: Any = "hello",
+    preferences: Sequence[Any] = ("concise", "humor"),
+    lam: int = 4,
+    n: int = 1500,
+    seed: int = 0,
+) -> tuple[float, float]:
     """The conformance kit's exactness check on a (third-party) backend: ``(p_value, control_p)``.
 
     ``p_value`` tests Persona-judge's committed sequences (lambda + 2 tokens,
@@ -401,13 +465,16 @@ def check_backend_exactness(backend: Any, *, prompt: Any = "hello", preferences:
     """
 
     model = backend if isinstance(backend, PersonaJudge) else PersonaJudge(_KIT_CONFIG(backend), backend=backend)
-    settings = dict(lam=lam, temperature=1.0, top_k=2, top_p=1.0)
-    res = check_exactness(model, prompt, preferences=list(preferences), method="persona-judge", n=n, seed=seed,
-                          **settings)
+    settings: dict[str, Any] = dict(lam=lam, temperature=1.0, top_k=2, top_p=1.0)
+    res = check_exactness(
+        model, prompt, preferences=list(preferences), method="persona-judge", n=n, seed=seed, **settings
+    )
     contexts = view_contexts(model, prompt, method="persona-judge", preferences=list(preferences))
     eos = model.backend.tokenizer.eos_token_ids
     wrong_roles = expected_law(model.backend, contexts, roles="fixed", length=lam + 2, **settings)
-    sharper = expected_law(model.backend, contexts, roles="alternate", length=lam + 2,
-                           **{**settings, "temperature": 0.5})
-    return res.pvalue, min(chi_square(res.counts, wrong_roles, eos_ids=eos).pvalue,
-                           chi_square(res.counts, sharper, eos_ids=eos).pvalue)
+    sharper = expected_law(
+        model.backend, contexts, roles="alternate", length=lam + 2, **{**settings, "temperature": 0.5}
+    )
+    return res.pvalue, min(
+        chi_square(res.counts, wrong_roles, eos_ids=eos).pvalue, chi_square(res.counts, sharper, eos_ids=eos).pvalue
+    )

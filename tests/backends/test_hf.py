@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import string
 import subprocess
 import sys
 
@@ -22,21 +21,29 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from personajudge.core.config import BackendConfig  # noqa: E402
-from personajudge.core.errors import ConfigError, ContextLengthError, DeviceError, ModelLoadError  # noqa: E402
 from personajudge.api import PersonaJudge  # noqa: E402
 from personajudge.cli import main  # noqa: E402
+from personajudge.core.config import BackendConfig  # noqa: E402
+from personajudge.core.errors import ConfigError, ContextLengthError, DeviceError, ModelLoadError  # noqa: E402
 
 pytestmark = pytest.mark.hf
 
 HAS_CUDA = torch.cuda.is_available()
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False)")])]
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False)"),
+        ],
+    ),
+]
 #: Cached incremental logits vs a full recompute. Both are float32; they differ only by the order of
 #: floating-point reductions (batched rows, different kv lengths): ~1e-5 measured on CPU. CUDA kernels
 #: (sdpa backends, split-K matmuls) reorder more, hence a looser bound there.
 ATOL = {"cpu": 1e-4, "cuda": 2e-3}
-from tiny_hf import build_tiny, make_tokenizer  # noqa: E402  (tests/helpers)
+from tiny_hf import build_tiny  # noqa: E402  (tests/helpers)
 
 PREFS = ["concise", "humor"]
 
@@ -63,6 +70,7 @@ def backend_for(tiny_dirs):
         if key not in _BACKENDS:
             _BACKENDS[key] = HFBackend(BackendConfig(name="hf", model=tiny_dirs[arch], device=device))
         return _BACKENDS[key]
+
     return get
 
 
@@ -80,8 +88,9 @@ def test_registered_and_light_import():
     from personajudge.plugins.manager import get_backend_class
 
     assert get_backend_class("hf").name == "hf"
-    code = ("import sys, personajudge.backends.hf; "
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
+    code = (
+        "import sys, personajudge.backends.hf; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -89,9 +98,10 @@ def test_emitter_text_is_exact_with_a_metaspace_decoder():
     """A SentencePiece-style decoder drops the space of a text's first piece; decoding from a
     checkpoint must not drop it mid-text."""
     from emitter_check import assert_incremental_text_matches
-    from personajudge.backends.hf import HFTokenizer
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
+    from personajudge.backends.hf import HFTokenizer
 
     words = ["<unk>", "<eos>"] + [f"\u2581{w}" for w in "the cat sat on a mat and then it ran".split()] + ["s", "."]
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
@@ -161,7 +171,7 @@ def test_cached_logits_equal_full_recompute(backend_for, arch, device):
         check(2, s.forward(2, t, 5), 5)
         # Rollback: row 1 keeps 1 of its 3 drafts, row 2 keeps 2 of its 5; then re-feed.
         s.truncate(1, base + 1)
-        del ctx[1][base + 1:]
+        del ctx[1][base + 1 :]
         s.truncate(2, len(ctx[2]) - 3)
         del ctx[2][-3:]
         assert [s.length(v) for v in range(3)] == [len(c) for c in ctx]
@@ -197,8 +207,12 @@ def test_cached_logits_equal_full_recompute(backend_for, arch, device):
 def test_forward_many_equals_separate_forwards(backend_for, device):
     b = backend_for("llama", device)
     rng = random.Random(2)
-    steps = [[(0, 7, 1), (1, 3, 2), (2, 12, 3)], [(0, 1, 1), (2, 1, 1)], [(1, 5, 5), (2, 1, 1)],
-             [(0, 1, 1), (1, 1, 1), (2, 1, 1)]]
+    steps = [
+        [(0, 7, 1), (1, 3, 2), (2, 12, 3)],
+        [(0, 1, 1), (2, 1, 1)],
+        [(1, 5, 5), (2, 1, 1)],
+        [(0, 1, 1), (1, 1, 1), (2, 1, 1)],
+    ]
     with b.open(3) as batched, b.open(3) as single:
         for step in steps:
             calls = [(v, [rng.randrange(4, 250) for _ in range(k)], n) for v, k, n in step]
@@ -210,8 +224,12 @@ def test_forward_many_equals_separate_forwards(backend_for, device):
 # ----------------------------------------------------------------------------- decoding
 
 
-PROMPTS = ["Why is the sky blue?", "Tell me a joke about cats, please.", "2+2?",
-           "Write a long and detailed explanation of how a bicycle works."]
+PROMPTS = [
+    "Why is the sky blue?",
+    "Tell me a joke about cats, please.",
+    "2+2?",
+    "Write a long and detailed explanation of how a bicycle works.",
+]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -343,8 +361,9 @@ def test_bad_options(tiny_dirs):
     with pytest.raises(ConfigError, match="unknown option"):
         HFBackend(BackendConfig(name="hf", model=tiny_dirs["llama"], options={"colour": "blue"}))
     with pytest.raises(ConfigError, match="sdpa or eager"):
-        HFBackend(BackendConfig(name="hf", model=tiny_dirs["llama"],
-                                options={"attn_implementation": "flash_attention_2"}))
+        HFBackend(
+            BackendConfig(name="hf", model=tiny_dirs["llama"], options={"attn_implementation": "flash_attention_2"})
+        )
     with pytest.raises(ConfigError, match="dtype"):
         HFBackend(BackendConfig(name="hf", model=tiny_dirs["llama"], dtype="float8"))
 
@@ -372,8 +391,9 @@ def test_eager_attention_matches_sdpa(tiny_dirs, backend_for):
     sdpa = backend_for("gemma3")
     ctx = [[1] + list(range(10, 30)), [1] + list(range(40, 52))]
     with eager.open(2) as a, sdpa.open(2) as b:
-        for x, y in zip(a.forward_many([(0, ctx[0], 3), (1, ctx[1], 2)]),
-                        b.forward_many([(0, ctx[0], 3), (1, ctx[1], 2)])):
+        for x, y in zip(
+            a.forward_many([(0, ctx[0], 3), (1, ctx[1], 2)]), b.forward_many([(0, ctx[0], 3), (1, ctx[1], 2)])
+        ):
             torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
 
 
@@ -384,19 +404,36 @@ def _write_jsonl(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
 
 
-JSONL_ROWS = [{"id": "a", "prompt": "hello there", "seed": 5},
-              {"prompt": [{"role": "user", "content": "what is up?"}], "seed": 6},
-              "",
-              {"id": 7, "prompt": "third one", "seed": 7},
-              {"id": "d", "prompt": "fourth", "seed": 8},
-              {"id": "e", "prompt": "fifth prompt here", "seed": 9}]
+JSONL_ROWS = [
+    {"id": "a", "prompt": "hello there", "seed": 5},
+    {"prompt": [{"role": "user", "content": "what is up?"}], "seed": 6},
+    "",
+    {"id": 7, "prompt": "third one", "seed": 7},
+    {"id": "d", "prompt": "fourth", "seed": 8},
+    {"id": "e", "prompt": "fifth prompt here", "seed": 9},
+]
 
 
 def test_cli_jsonl_batch_toy(tmp_path, capsys):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     _write_jsonl(inp, JSONL_ROWS)
-    argv = ["generate", "--input", str(inp), "--output", str(out), "--backend", "toy", "--prefer", "concise",
-            "--prefer", "humor", "--max-new-tokens", "12", "--batch-size", "2"]
+    argv = [
+        "generate",
+        "--input",
+        str(inp),
+        "--output",
+        str(out),
+        "--backend",
+        "toy",
+        "--prefer",
+        "concise",
+        "--prefer",
+        "humor",
+        "--max-new-tokens",
+        "12",
+        "--batch-size",
+        "2",
+    ]
     assert main(argv) == 0
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["id"] for x in lines] == ["a", 2, 7, "d", "e"]  # missing id -> line number
@@ -406,8 +443,26 @@ def test_cli_jsonl_batch_toy(tmp_path, capsys):
     assert not (tmp_path / "out.jsonl.partial").exists()
     # Each row equals a single `generate` of that prompt with the same seed.
     capsys.readouterr()
-    assert main(["generate", "fifth prompt here", "--backend", "toy", "--prefer", "concise", "--prefer", "humor",
-                 "--max-new-tokens", "12", "--seed", "9", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "fifth prompt here",
+                "--backend",
+                "toy",
+                "--prefer",
+                "concise",
+                "--prefer",
+                "humor",
+                "--max-new-tokens",
+                "12",
+                "--seed",
+                "9",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["tokens"] == lines[4]["tokens"]
     # An existing results file is never replaced without --overwrite.
     before = out.read_bytes()
@@ -422,14 +477,17 @@ def test_cli_jsonl_batch_toy(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["id"] == "a"
 
 
-@pytest.mark.parametrize("line, needle", [
-    ("{not json", "not valid JSON"),
-    ('{"id": 1}', 'missing the "prompt"'),
-    ('["a list"]', "expected a JSON object"),
-    ('{"prompt": ""}', "prompt is empty"),
-    ('{"prompt": "ok", "seed": -1}', '"seed"'),
-    ('{"prompt": [{"role": "robot", "content": "x"}]}', "message 1"),
-])
+@pytest.mark.parametrize(
+    "line, needle",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"id": 1}', 'missing the "prompt"'),
+        ('["a list"]', "expected a JSON object"),
+        ('{"prompt": ""}', "prompt is empty"),
+        ('{"prompt": "ok", "seed": -1}', '"seed"'),
+        ('{"prompt": [{"role": "robot", "content": "x"}]}', "message 1"),
+    ],
+)
 def test_cli_jsonl_bad_line_exits_2(tmp_path, capsys, line, needle):
     inp = tmp_path / "in.jsonl"
     _write_jsonl(inp, [{"prompt": "fine"}, line])
@@ -454,9 +512,33 @@ def test_cli_jsonl_batch_hf(tmp_path, tiny_dirs, backend_for):
     """The batch mode on the hf backend: rows equal generate() alone with the same seed (greedy)."""
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     _write_jsonl(inp, [{"id": i, "prompt": p, "seed": i} for i, p in enumerate(PROMPTS)])
-    assert main(["generate", "--input", str(inp), "--output", str(out), "--backend", "hf", "--model",
-                 tiny_dirs["llama"], "--prefer", "concise", "--prefer", "humor", "--temperature", "0",
-                 "--max-new-tokens", "10", "--batch-size", "3", "-q"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--input",
+                str(inp),
+                "--output",
+                str(out),
+                "--backend",
+                "hf",
+                "--model",
+                tiny_dirs["llama"],
+                "--prefer",
+                "concise",
+                "--prefer",
+                "humor",
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "10",
+                "--batch-size",
+                "3",
+                "-q",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     pj = PersonaJudge({"backend": {"name": "hf"}, "preferences": PREFS}, backend=backend_for("llama"))
     for row in rows:
@@ -488,9 +570,12 @@ def embedded_llama_cpp():
     b.close()
 
 
-CONTEXTS = ["The capital of France is Paris. The capital of Germany is", "Once upon a time, there was a little",
-            "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
-            "Question: Why is the sky blue?\nAnswer:"]
+CONTEXTS = [
+    "The capital of France is Paris. The capital of Germany is",
+    "Once upon a time, there was a little",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    "Question: Why is the sky blue?\nAnswer:",
+]
 
 
 @pytest.mark.slow
@@ -545,9 +630,24 @@ def test_bench_example_runs(tiny_dirs):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[2] / "examples" / "bench_hf.py"
-    proc = subprocess.run([sys.executable, str(script), "--model", tiny_dirs["llama"], "--threads", "1",
-                           "--max-new-tokens", "8", "--repeats", "1", "--json"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--model",
+            tiny_dirs["llama"],
+            "--threads",
+            "1",
+            "--max-new-tokens",
+            "8",
+            "--repeats",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rep = json.loads(proc.stdout)
     # timings are reported, never bounded

@@ -7,8 +7,8 @@ llama.cpp and on a tiny randomly initialized transformers model.
 
 import pytest
 
-from personajudge.core.config import BackendConfig
 from personajudge.api import PersonaJudge
+from personajudge.core.config import BackendConfig
 
 PROMPT = "Why is the sky blue?"
 
@@ -32,8 +32,9 @@ def check_reductions(pj, temperatures=(0.0, 0.7), n=24):
 @pytest.mark.model
 def test_on_the_embedded_model_with_llama_cpp():
     pytest.importorskip("llama_cpp")
-    with PersonaJudge({"backend": {"name": "llama-cpp", "threads": 1, "n_ctx": 512},
-                       "encoder_options": {"stop": False}}) as pj:
+    with PersonaJudge(
+        {"backend": {"name": "llama-cpp", "threads": 1, "n_ctx": 512}, "encoder_options": {"stop": False}}
+    ) as pj:
         check_reductions(pj)
 
 
@@ -41,7 +42,7 @@ def test_on_the_embedded_model_with_llama_cpp():
 def test_on_a_tiny_transformers_model(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from test_hf import build_tiny
+    from tiny_hf import build_tiny
 
     from personajudge.backends.hf import HFBackend
 
@@ -53,7 +54,7 @@ def test_on_a_tiny_transformers_model(tmp_path):
 @pytest.mark.hf
 def test_pad_with_a_separate_reward_model(tmp_path):
     pytest.importorskip("transformers")
-    from test_hf import build_tiny
+    from tiny_hf import build_tiny
 
     from personajudge.backends.hf import HFBackend
     from personajudge.core.errors import ConfigError, PersonaJudgeError

@@ -64,8 +64,7 @@ def argv_for(inp, out, *extra):
 
 def run_and_kill(argv, partial, at_least):
     """Start the CLI, SIGKILL it once the partial file holds ``at_least`` rows; return the rows it had."""
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_MAIN, *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_MAIN, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline:
@@ -93,7 +92,7 @@ def test_sigkill_twice_then_resume_equals_uninterrupted_run(tmp_path, capsys):
     assert 2 <= len(first) < N and not out.exists()
     second = run_and_kill(argv, partial, len(first) + 4)
     assert len(second) < N and not out.exists()
-    assert second[:len(first)] == first  # rows of the first run kept as they were, not regenerated
+    assert second[: len(first)] == first  # rows of the first run kept as they were, not regenerated
     assert main(argv) == 0
     final = rows(out)
     assert [r["id"] for r in final] == [r["id"] for r in rows(ref)]  # each row once, input order
@@ -190,6 +189,7 @@ def test_progress_bar_and_quiet(tmp_path, capsys):
 
 # -- safe outputs ----------------------------------------------------------------------------------
 
+
 def test_symlink_fifo_and_device_outputs_are_refused(tmp_path, capsys):
     inp = tmp_path / "in.jsonl"
     write_input(inp, 2)
@@ -248,8 +248,9 @@ def test_full_disk_is_one_line_and_keeps_partial_results(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
 
     code = "import sys; from personajudge.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.run([sys.executable, "-c", code, *argv], preexec_fn=limit, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *argv], preexec_fn=limit, capture_output=True, text=True, timeout=120
+    )
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1, proc.stderr
     assert "File too large" in err[0] and "kept in" in err[0] and "rerun the same command" in err[0]
@@ -280,8 +281,11 @@ def test_disk_full_on_append_names_enospc(tmp_path, monkeypatch, capsys):
 def test_closed_pipe_is_one_line_exit_2(tmp_path):
     inp = tmp_path / "in.jsonl"
     write_input(inp, 40)
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_MAIN, "generate", "--input", str(inp), *TOY,
-                             "--batch-size", "1", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_MAIN, "generate", "--input", str(inp), *TOY, "--batch-size", "1", "-q"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     first = proc.stdout.readline()
     proc.stdout.close()  # `| head -1`
     try:

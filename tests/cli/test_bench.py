@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
+from personajudge.bench import SCHEMA, format_table, run_bench
+from personajudge.bench.steps import ceiling, step_costs
+from personajudge.cli import main
 from personajudge.core.config import build_config
 from personajudge.core.contract import Session
-from personajudge.bench import SCHEMA, format_table, run_bench
-from personajudge.cli import main
-from personajudge.bench.steps import ceiling, step_costs
 
 
 def test_report_schema_and_ratios():
@@ -26,11 +26,17 @@ def test_report_schema_and_ratios():
     assert rows["persona-judge"]["views"] == 2 and rows["plain"]["views"] == 1
     assert 0 <= rows["persona-judge"]["acceptance_rate"] <= 1
     assert rep["persona_judge_over_reference"] == pytest.approx(
-        rows["persona-judge"]["tokens_per_s"] / rows["reference"]["tokens_per_s"])
+        rows["persona-judge"]["tokens_per_s"] / rows["reference"]["tokens_per_s"]
+    )
     assert "| persona-judge " in format_table(rep)
     steps = rep["steps"]
-    assert set(steps) == {"one_view_one_row_ms", "one_view_no_row_ms", "two_views_two_rows_ms",
-                          "two_views_one_row_ms", "ceiling_ratio"}
+    assert set(steps) == {
+        "one_view_one_row_ms",
+        "one_view_no_row_ms",
+        "two_views_two_rows_ms",
+        "two_views_one_row_ms",
+        "ceiling_ratio",
+    }
     assert all(v > 0 for v in steps.values())
     assert "ceiling at full acceptance" in format_table(rep)
     assert run_bench(cfg, views=1, repeats=1, methods=["plain"], progress=False)["steps"] is None
@@ -76,8 +82,25 @@ def test_step_costs_and_the_ceiling_they_imply():
 
 
 def test_cli_json_with_memory_probes(capsys):
-    assert main(["bench", "--backend", "toy", "--max-new-tokens", "8", "--repeats", "1", "--views", "3",
-                 "--methods", "plain,persona-judge,mod", "--json"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--backend",
+                "toy",
+                "--max-new-tokens",
+                "8",
+                "--repeats",
+                "1",
+                "--views",
+                "3",
+                "--methods",
+                "plain,persona-judge,mod",
+                "--json",
+            ]
+        )
+        == 0
+    )
     rep = json.loads(capsys.readouterr().out)
     assert [r["method"] for r in rep["results"]] == ["plain", "persona-judge", "mod"]
     mem = rep["memory"]
@@ -85,12 +108,15 @@ def test_cli_json_with_memory_probes(capsys):
     assert "generation_rss_growth_mb_3_views" in mem
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--views", "0"], "--views"),
-    (["--repeats", "0"], "--repeats"),
-    (["--methods", "plain,warp"], "unknown method 'warp'"),
-    (["--views", "9"], "preferences"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--views", "0"], "--views"),
+        (["--repeats", "0"], "--repeats"),
+        (["--methods", "plain,warp"], "unknown method 'warp'"),
+        (["--views", "9"], "preferences"),
+    ],
+)
 def test_bad_bench_input_exits_2(argv, needle, capsys):
     assert main(["bench", "--backend", "toy", "--no-memory", *argv]) == 2
     assert needle in capsys.readouterr().err

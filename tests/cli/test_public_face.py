@@ -18,8 +18,20 @@ def test_the_top_level_package_exports_the_api():
     for name in pj.__all__:
         assert getattr(pj, name) is not None, name
     assert pj.__version__ == importlib.metadata.version("persona-judge")
-    assert {"PersonaJudge", "generate", "stream", "hookimpl", "Backend", "Session", "Tokenizer", "Preference",
-            "RunConfig", "PersonaJudgeError", "ConfigError", "SessionError"} <= set(pj.__all__)
+    assert {
+        "PersonaJudge",
+        "generate",
+        "stream",
+        "hookimpl",
+        "Backend",
+        "Session",
+        "Tokenizer",
+        "Preference",
+        "RunConfig",
+        "PersonaJudgeError",
+        "ConfigError",
+        "SessionError",
+    } <= set(pj.__all__)
     assert issubclass(pj.SessionError, pj.PersonaJudgeError) and issubclass(pj.PluginWarning, pj.PersonaJudgeWarning)
 
 
@@ -45,12 +57,15 @@ def test_version_flag(capsys):
     assert capsys.readouterr().out.strip() == f"personajudge {pj.__version__}"
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    (dict(preferences=["concise"]), "single view is plain sampling"),
-    (dict(preferences=[]), "single view is plain sampling"),
-    (dict(preferences=["concise", "humor"], method="base"), "'base' ignores preferences"),
-    (dict(preferences=["concise"], views=[["humor"], ["expert"]]), "preferences given alongside views are ignored"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(preferences=["concise"]), "single view is plain sampling"),
+        (dict(preferences=[]), "single view is plain sampling"),
+        (dict(preferences=["concise", "humor"], method="base"), "'base' ignores preferences"),
+        (dict(preferences=["concise"], views=[["humor"], ["expert"]]), "preferences given alongside views are ignored"),
+    ],
+)
 def test_silent_degradations_warn(kwargs, needle):
     with pj.PersonaJudge(TOY) as model:
         with pytest.warns(pj.PersonaJudgeWarning, match=needle):
@@ -64,8 +79,28 @@ def test_a_proper_run_does_not_warn():
 
 
 def test_show_prompt_prints_every_view(capsys):
-    assert main(["generate", "why", "--backend", "toy", "--encoder", "plain", "--view", "concise,humor", "--view", "expert",
-                 "--max-new-tokens", "2", "--seed", "1", "--show-prompt"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "why",
+                "--backend",
+                "toy",
+                "--encoder",
+                "plain",
+                "--view",
+                "concise,humor",
+                "--view",
+                "expert",
+                "--max-new-tokens",
+                "2",
+                "--seed",
+                "1",
+                "--show-prompt",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "# method persona-judge, encoder plain, 2 view(s)" in err
     assert "# --- view 0 (concise, humor) ---" in err and "# --- view 1 (expert) ---" in err
@@ -73,8 +108,28 @@ def test_show_prompt_prints_every_view(capsys):
 
 
 def test_json_has_the_effective_settings_and_rounded_numbers(capsys):
-    assert main(["generate", "why", "--backend", "toy", "--encoder", "plain", "--prefer", "concise", "--prefer",
-                 "humor", "--max-new-tokens", "6", "--top-k", "5", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "why",
+                "--backend",
+                "toy",
+                "--encoder",
+                "plain",
+                "--prefer",
+                "concise",
+                "--prefer",
+                "humor",
+                "--max-new-tokens",
+                "6",
+                "--top-k",
+                "5",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     s = out["settings"]
     assert s["backend"] == "toy" and s["model"] == "toy(seed=0)" and s["method"] == "persona-judge"
@@ -86,8 +141,24 @@ def test_json_has_the_effective_settings_and_rounded_numbers(capsys):
 
 
 def test_text_streams_through_a_pipe_and_matches_json():
-    base = [sys.executable, "-m", "personajudge", "generate", "why", "--backend", "toy", "--prefer", "concise",
-            "--prefer", "humor", "--max-new-tokens", "12", "--seed", "9", "-q"]
+    base = [
+        sys.executable,
+        "-m",
+        "personajudge",
+        "generate",
+        "why",
+        "--backend",
+        "toy",
+        "--prefer",
+        "concise",
+        "--prefer",
+        "humor",
+        "--max-new-tokens",
+        "12",
+        "--seed",
+        "9",
+        "-q",
+    ]
     with subprocess.Popen(base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         out, err = proc.communicate(timeout=120)
     js = subprocess.run(base + ["--json"], capture_output=True, text=True, timeout=120)

@@ -54,8 +54,9 @@ def simulate(lam, params, rng, n_tokens=2, draws=DRAWS):
             ctx = t
             ps.append(P[ctx])
         tokens = np.stack(toks, axis=1)
-        n, emitted = verify_window(np.stack(ps, axis=1), np.stack(qs, axis=1), tokens, u[:, lam:2 * lam],
-                                   u[:, 2 * lam])
+        n, emitted = verify_window(
+            np.stack(ps, axis=1), np.stack(qs, axis=1), tokens, u[:, lam : 2 * lam], u[:, 2 * lam]
+        )
         for row, r in enumerate(live):
             committed = list(tokens[row, : n[row]]) + [int(emitted[row])]
             for t in committed:
@@ -146,8 +147,9 @@ def test_same_decisions_on_numpy_and_torch():
     tokens = np.stack([sample_from(q[:, i], g.random(b)) for i in range(lam)], axis=1)
     ua, ue = g.random((b, lam)), g.random(b)
     n_np, e_np = verify_window(p, q, tokens, ua, ue)
-    n_t, e_t = verify_window(torch.from_numpy(p), torch.from_numpy(q), torch.from_numpy(tokens),
-                             torch.from_numpy(ua), torch.from_numpy(ue))
+    n_t, e_t = verify_window(
+        torch.from_numpy(p), torch.from_numpy(q), torch.from_numpy(tokens), torch.from_numpy(ua), torch.from_numpy(ue)
+    )
     assert np.array_equal(n_np, n_t.numpy()) and np.array_equal(e_np, e_t.numpy())
     assert 0 < (n_np == lam).mean() < 1 and (n_np == 0).any()  # the batch exercises every branch
     logits = g.normal(0, 3, size=(8, 1000)).astype(np.float32)

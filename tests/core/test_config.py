@@ -13,25 +13,30 @@ def test_defaults_are_the_papers():
 
 def test_toml_file_and_overrides(tmp_path):
     f = tmp_path / "run.toml"
-    f.write_text('method = "persona-judge-base"\npreferences = ["concise", "humor"]\n'
-                 '[backend]\nname = "toy"\nthreads = 2\n[decoding]\nlambda = 3\ntop_k = 5\nstop = ["\\n\\n"]\n')
+    f.write_text(
+        'method = "persona-judge-base"\npreferences = ["concise", "humor"]\n'
+        '[backend]\nname = "toy"\nthreads = 2\n[decoding]\nlambda = 3\ntop_k = 5\nstop = ["\\n\\n"]\n'
+    )
     c = build_config(load_config_file(f), **{"decoding.top_k": 7, "decoding.seed": None})
     assert c.method == "persona-judge-base" and c.backend.name == "toy" and c.backend.threads == 2
     assert c.decoding.lambda_ == 3 and c.decoding.top_k == 7 and c.decoding.stop == ["\n\n"]
     assert c.preferences == ["concise", "humor"]
 
 
-@pytest.mark.parametrize("data, field", [
-    ({"decoding": {"lambda": 0}}, "decoding.lambda"),
-    ({"decoding": {"top_p": 1.5}}, "decoding.top_p"),
-    ({"decoding": {"temperature": -1}}, "decoding.temperature"),
-    ({"decoding": {"max_new_tokens": 0}}, "decoding.max_new_tokens"),
-    ({"decoding": {"stop": [""]}}, "decoding.stop"),
-    ({"backend": {"threads": 0}}, "backend.threads"),
-    ({"backend": {"nmae": "toy"}}, "backend.nmae"),
-    ({"views": [["concise"], []]}, "views"),
-    ({"method": " "}, "method"),
-])
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"decoding": {"lambda": 0}}, "decoding.lambda"),
+        ({"decoding": {"top_p": 1.5}}, "decoding.top_p"),
+        ({"decoding": {"temperature": -1}}, "decoding.temperature"),
+        ({"decoding": {"max_new_tokens": 0}}, "decoding.max_new_tokens"),
+        ({"decoding": {"stop": [""]}}, "decoding.stop"),
+        ({"backend": {"threads": 0}}, "backend.threads"),
+        ({"backend": {"nmae": "toy"}}, "backend.nmae"),
+        ({"views": [["concise"], []]}, "views"),
+        ({"method": " "}, "method"),
+    ],
+)
 def test_invalid_values_name_the_field(data, field):
     with pytest.raises(ConfigError) as e:
         build_config(data)

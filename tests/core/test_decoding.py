@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
+from personajudge.api import PersonaJudge
 from personajudge.backends.toy import ToyBackend
 from personajudge.core.config import BackendConfig
 from personajudge.core.decoding import DecodeRequest, drive, persona_judge_loop, plain_loop
 from personajudge.core.stopping import Emitter
 from personajudge.core.transforms import SamplingParams
-from personajudge.api import PersonaJudge
 
 PROMPT = "tell me a story"
 
@@ -31,16 +31,24 @@ def greedy_decode(backend, context, n):
 
 
 def test_greedy_persona_judge_base_equals_greedy_decoding_of_the_judge_view(pj, toy):
-    res = pj.generate(PROMPT, preferences=["concise", "humor"], method="persona-judge-base", temperature=0,
-                      max_new_tokens=60, seed=0)
+    res = pj.generate(
+        PROMPT, preferences=["concise", "humor"], method="persona-judge-base", temperature=0, max_new_tokens=60, seed=0
+    )
     judge_ctx = pj.encode_views(PROMPT, pj.config, pj_method("persona-judge-base"), [[_p("concise")], [_p("humor")]])[1]
     assert res.tokens == greedy_decode(toy, judge_ctx, 60)[: len(res.tokens)]
     assert res.stats.drafted > 0 and res.stats.accepted < res.stats.drafted  # the drafter was overruled
 
 
 def test_greedy_alternating_roles_take_each_iterations_judge(pj, toy):
-    res = pj.generate(PROMPT, preferences=["concise", "humor"], method="persona-judge", temperature=0,
-                      max_new_tokens=40, seed=0, lam=1)
+    res = pj.generate(
+        PROMPT,
+        preferences=["concise", "humor"],
+        method="persona-judge",
+        temperature=0,
+        max_new_tokens=40,
+        seed=0,
+        lam=1,
+    )
     ctxs = pj.encode_views(PROMPT, pj.config, pj_method("persona-judge"), [[_p("concise")], [_p("humor")]])
     # With lambda = 1 each iteration commits 1 or 2 tokens; each must be the argmax of the
     # judge of its iteration (view 1, then view 0, ...) after the committed prefix.
@@ -86,8 +94,9 @@ def test_same_seed_same_output_and_different_seed_differs(pj, method):
 @pytest.mark.parametrize("lam", [1, 3, 4])
 @pytest.mark.parametrize("roles", ["alternate", "fixed"])
 def test_interleaved_windowed_and_reference_agree(pj, temperature, lam, roles):
-    kw = dict(preferences=["concise", "humor"], max_new_tokens=80, seed=7, temperature=temperature, lam=lam,
-              roles=roles)
+    kw = dict(
+        preferences=["concise", "humor"], max_new_tokens=80, seed=7, temperature=temperature, lam=lam, roles=roles
+    )
     fast = pj.generate(PROMPT, schedule="interleaved", **kw)
     windowed = pj.generate(PROMPT, schedule="windowed", **kw)
     ref = pj.generate(PROMPT, method="reference", **kw)
@@ -122,8 +131,9 @@ def test_stop_string_cuts_text_and_never_emits_after_it(pj):
     stop = full.text[20:23]
     assert len(stop) == 3
     streamed = []
-    res = pj.generate(PROMPT, preferences=["concise", "humor"], max_new_tokens=80, seed=5, stop=[stop],
-                      on_text=streamed.append)
+    res = pj.generate(
+        PROMPT, preferences=["concise", "humor"], max_new_tokens=80, seed=5, stop=[stop], on_text=streamed.append
+    )
     cut = full.text.find(stop)
     assert res.finish_reason == "stop" and res.text == full.text[:cut]
     assert "".join(streamed) == res.text
@@ -149,11 +159,13 @@ def test_streaming_concatenates_to_text(pj):
 def test_generate_batch_rows_equal_single_runs(pj):
     prompts = ["hello there", "what is up", "a b c", "zzz top"]
     for temperature in (0.0, 0.7):
-        batch = pj.generate_batch(prompts, preferences=["concise", "humor"], seed=11, max_new_tokens=40,
-                                  temperature=temperature)
+        batch = pj.generate_batch(
+            prompts, preferences=["concise", "humor"], seed=11, max_new_tokens=40, temperature=temperature
+        )
         for i, (p, r) in enumerate(zip(prompts, batch)):
-            alone = pj.generate(p, preferences=["concise", "humor"], seed=11 + i, max_new_tokens=40,
-                                temperature=temperature)
+            alone = pj.generate(
+                p, preferences=["concise", "humor"], seed=11 + i, max_new_tokens=40, temperature=temperature
+            )
             assert r.tokens == alone.tokens
 
 
@@ -180,8 +192,14 @@ def test_loops_without_the_api(toy):
     ctxs = [tok.encode("be brief. hi"), tok.encode("be funny. hi")]
     for loop in (plain_loop, persona_judge_loop):
         em = Emitter(tok, max_new_tokens=20)
-        req = DecodeRequest(contexts=ctxs, params=SamplingParams(), lam=4, rng=np.random.default_rng(0), emitter=em,
-                            context_length=toy.context_length)
+        req = DecodeRequest(
+            contexts=ctxs,
+            params=SamplingParams(),
+            lam=4,
+            rng=np.random.default_rng(0),
+            emitter=em,
+            context_length=toy.context_length,
+        )
         with toy.open(2) as s:
             drive(s, loop(req))
         assert len(em.tokens) == 20 and em.finish_reason == "length"

@@ -36,9 +36,9 @@ from personajudge.testing.exactness import (
 
 PROMPT = "hello there"
 PREFS = {2: ["concise", "humor"], 3: ["concise", "humor", "expert"]}
-ALPHA = 1e-3   # a correct loop's p-value is uniform; below this we call it broken
-POWER = 1e-6   # a planted bug or a wrong law must be rejected far below ALPHA
-N = 1500       # sequences per case (2-8 s on the toy backend, 2 shared CPU cores)
+ALPHA = 1e-3  # a correct loop's p-value is uniform; below this we call it broken
+POWER = 1e-6  # a planted bug or a wrong law must be rejected far below ALPHA
+N = 1500  # sequences per case (2-8 s on the toy backend, 2 shared CPU cores)
 
 #: Per lambda: filtering small enough to enumerate the law, and a length >= lambda + 2 so that a
 #: fully accepted window's bonus token (from p_{lambda+1}) and the next iteration's swapped roles
@@ -48,10 +48,18 @@ SETTINGS = {
     4: dict(temperature=1.0, top_k=2, top_p=1.0, length=6),
 }
 
-CASES = [(m, s, lam, nv) for m in ("persona-judge", "persona-judge-base") for s in ("interleaved", "windowed")
-         for lam in (1, 4) for nv in (2, 3)] + [("reference", "windowed", 4, 2), ("reference", "windowed", 1, 3)]
-DEFAULT = {("persona-judge", "interleaved", 4, 2), ("persona-judge", "windowed", 4, 3),
-           ("persona-judge-base", "windowed", 1, 2)}
+CASES = [
+    (m, s, lam, nv)
+    for m in ("persona-judge", "persona-judge-base")
+    for s in ("interleaved", "windowed")
+    for lam in (1, 4)
+    for nv in (2, 3)
+] + [("reference", "windowed", 4, 2), ("reference", "windowed", 1, 3)]
+DEFAULT = {
+    ("persona-judge", "interleaved", 4, 2),
+    ("persona-judge", "windowed", 4, 3),
+    ("persona-judge-base", "windowed", 1, 2),
+}
 
 
 def _param(case):
@@ -65,8 +73,9 @@ def model():
 
 def run(model, method="persona-judge", schedule="interleaved", lam=4, n_views=2, n=N, **kw):
     s = dict(SETTINGS[lam])
-    return check_exactness(model, PROMPT, preferences=PREFS[n_views], method=method, schedule=schedule, lam=lam,
-                           n=n, **s, **kw)
+    return check_exactness(
+        model, PROMPT, preferences=PREFS[n_views], method=method, schedule=schedule, lam=lam, n=n, **s, **kw
+    )
 
 
 # ---------------------------------------------------------------------------------------- the loops
@@ -96,8 +105,17 @@ def test_sequences_are_long_enough_to_exercise_every_branch(model, lam, n_views)
     s = SETTINGS[lam]
     contexts = view_contexts(model, PROMPT, method="persona-judge", preferences=PREFS[n_views])
     events: dict[str, float] = {}
-    expected_law(model.backend, contexts, roles="alternate", lam=lam, temperature=s["temperature"],
-                 top_k=s["top_k"], top_p=s["top_p"], length=s["length"], events=events)
+    expected_law(
+        model.backend,
+        contexts,
+        roles="alternate",
+        lam=lam,
+        temperature=s["temperature"],
+        top_k=s["top_k"],
+        top_p=s["top_p"],
+        length=s["length"],
+        events=events,
+    )
     assert s["length"] >= lam + 2
     assert events["bonus"] > 0.05 and events["rejection"] > 0.2 and events["role_swap"] > 0.5, events
 
@@ -114,8 +132,16 @@ def test_the_single_request_path_too(model):
 def test_a_wrong_role_schedule_is_rejected(model, pj_samples):
     s = SETTINGS[4]
     contexts = view_contexts(model, PROMPT, method="persona-judge", preferences=PREFS[2])
-    wrong = expected_law(model.backend, contexts, roles="fixed", lam=4, temperature=s["temperature"],
-                         top_k=s["top_k"], top_p=1.0, length=s["length"])
+    wrong = expected_law(
+        model.backend,
+        contexts,
+        roles="fixed",
+        lam=4,
+        temperature=s["temperature"],
+        top_k=s["top_k"],
+        top_p=1.0,
+        length=s["length"],
+    )
     assert chi_square(pj_samples.counts, wrong, eos_ids={0}).pvalue < POWER
 
 
@@ -125,9 +151,13 @@ def test_one_views_distribution_is_not_the_law(model, pj_samples):
     contexts = view_contexts(model, PROMPT, method="persona-judge", preferences=PREFS[2])
     oracle = SessionOracle(model.backend, contexts)
     try:
-        naive = token_law(lambda seq: filtered_distribution(oracle.logits(1, seq), temperature=s["temperature"],
-                                                            top_k=s["top_k"], top_p=1.0),
-                          length=s["length"], eos_ids={0})
+        naive = token_law(
+            lambda seq: filtered_distribution(
+                oracle.logits(1, seq), temperature=s["temperature"], top_k=s["top_k"], top_p=1.0
+            ),
+            length=s["length"],
+            eos_ids={0},
+        )
     finally:
         oracle.close()
     assert chi_square(pj_samples.counts, naive, eos_ids={0}).pvalue < POWER
@@ -161,14 +191,14 @@ def _plant_uniforms(monkeypatch, bend, lam=4):
 def _reuse(u, lam):
     """Acceptance uniform = draft uniform (the reviewer's planted bug)."""
     u = u.copy()
-    u[lam:2 * lam] = u[:lam]
+    u[lam : 2 * lam] = u[:lam]
     return u
 
 
 def _accept_in_support(u, lam):
     """Acceptance uniforms of 0: every draft token the judge allows is accepted (min(1, p/q) ignored)."""
     u = u.copy()
-    u[lam:2 * lam] = 0.0
+    u[lam : 2 * lam] = 0.0
     return u
 
 
@@ -198,7 +228,8 @@ def test_the_planted_uniforms_reach_the_loop(model, monkeypatch):
 def test_filtered_distribution_by_hand():
     z = np.log(np.array([0.1, 0.2, 0.3, 0.4]))
     assert filtered_distribution(z, temperature=1.0, top_k=0, top_p=1.0) == pytest.approx(
-        {0: 0.1, 1: 0.2, 2: 0.3, 3: 0.4})
+        {0: 0.1, 1: 0.2, 2: 0.3, 3: 0.4}
+    )
     assert filtered_distribution(z, temperature=1.0, top_k=2, top_p=1.0) == pytest.approx({2: 3 / 7, 3: 4 / 7})
     # top-p 0.5 over the top 3 (renormalized: .444, .333, .222): mass before the 2nd is .444 < .5, keep it
     assert filtered_distribution(z, temperature=1.0, top_k=3, top_p=0.5) == pytest.approx({2: 3 / 7, 3: 4 / 7})

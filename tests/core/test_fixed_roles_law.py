@@ -30,18 +30,24 @@ import numpy as np
 import pytest
 
 from personajudge.api import PersonaJudge
-from personajudge.testing.exactness import (SessionOracle, chi_square, filtered_distribution, sample_outcomes,
-                                            token_law, view_contexts)
+from personajudge.testing.exactness import (
+    SessionOracle,
+    chi_square,
+    filtered_distribution,
+    sample_outcomes,
+    token_law,
+    view_contexts,
+)
 
 stats = pytest.importorskip("scipy.stats")
 
 PROMPT = "hello there"
 A, B = "concise", "humor"
 SETTINGS = dict(temperature=1.0, top_k=3, top_p=1.0, lam=2)
-LENGTH = 4       # tokens per sequence: two windows of lambda = 2, so the drafter's and bonus branches both occur
-N = 2000         # sequences per sample
-ALPHA = 1e-3     # same law: the p-value is uniform; below this we call the laws different
-POWER = 1e-6     # different laws must be rejected far below ALPHA
+LENGTH = 4  # tokens per sequence: two windows of lambda = 2, so the drafter's and bonus branches both occur
+N = 2000  # sequences per sample
+ALPHA = 1e-3  # same law: the p-value is uniform; below this we call the laws different
+POWER = 1e-6  # different laws must be rejected far below ALPHA
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +57,18 @@ def model():
 
 
 def sample(model, method, prefs, seed):
-    return sample_outcomes(model, PROMPT, n=N, seed=seed, preferences=prefs, method=method, max_new_tokens=LENGTH,
-                           stop=[], repeat_lines=0, **SETTINGS)
+    return sample_outcomes(
+        model,
+        PROMPT,
+        n=N,
+        seed=seed,
+        preferences=prefs,
+        method=method,
+        max_new_tokens=LENGTH,
+        stop=[],
+        repeat_lines=0,
+        **SETTINGS,
+    )
 
 
 def two_sample_pvalue(a: Counter, b: Counter, min_expected: float = 5.0) -> float:
@@ -78,8 +94,12 @@ def view_law(model, pref):
     ctx = view_contexts(model, PROMPT, method="prompt", preferences=[pref])[0]
     oracle = SessionOracle(model.backend, [ctx])
     try:
-        step = lambda seq: filtered_distribution(oracle.logits(0, seq), temperature=SETTINGS["temperature"],  # noqa
-                                                 top_k=SETTINGS["top_k"], top_p=SETTINGS["top_p"])
+        step = lambda seq: filtered_distribution(
+            oracle.logits(0, seq),
+            temperature=SETTINGS["temperature"],  # noqa
+            top_k=SETTINGS["top_k"],
+            top_p=SETTINGS["top_p"],
+        )
         return token_law(step, length=LENGTH, eos_ids=model.backend.tokenizer.eos_token_ids)
     finally:
         oracle.close()
@@ -87,10 +107,12 @@ def view_law(model, pref):
 
 @pytest.fixture(scope="module")
 def samples(model):
-    return {"base": sample(model, "persona-judge-base", [A, B], seed=0),
-            "alternate": sample(model, "persona-judge", [A, B], seed=0),
-            "A": sample(model, "prompt", [A], seed=10_000),
-            "B": sample(model, "prompt", [B], seed=20_000)}
+    return {
+        "base": sample(model, "persona-judge-base", [A, B], seed=0),
+        "alternate": sample(model, "persona-judge", [A, B], seed=0),
+        "A": sample(model, "prompt", [A], seed=10_000),
+        "B": sample(model, "prompt", [B], seed=20_000),
+    }
 
 
 def test_the_judge_view_is_the_plain_view_b(model):
@@ -108,9 +130,16 @@ def test_fixed_roles_sample_the_judge_views_law(model, samples):
 
 def test_the_drafter_does_draft_and_get_overruled(model):
     """Not a vacuous pass: view A drafts, and the judge rejects some of its tokens."""
-    res = model.generate_batch([PROMPT] * 200, seeds=list(range(200)), preferences=[A, B],
-                               method="persona-judge-base", max_new_tokens=LENGTH, stop=[], repeat_lines=0,
-                               **SETTINGS)
+    res = model.generate_batch(
+        [PROMPT] * 200,
+        seeds=list(range(200)),
+        preferences=[A, B],
+        method="persona-judge-base",
+        max_new_tokens=LENGTH,
+        stop=[],
+        repeat_lines=0,
+        **SETTINGS,
+    )
     drafted = sum(r.stats.drafted for r in res)
     accepted = sum(r.stats.accepted for r in res)
     assert drafted > 0 and 0 < accepted < drafted

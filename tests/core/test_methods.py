@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
+from personajudge.api import PersonaJudge
+from personajudge.cli import main
 from personajudge.core.errors import ConfigError
 from personajudge.core.mod import log_softmax
 from personajudge.core.pad import pad_scores
-from personajudge.api import PersonaJudge
-from personajudge.cli import main
 
 PROMPT = "tell me a story"
 
@@ -74,9 +74,47 @@ def test_mod_bad_weights(pj):
 
 
 def test_methods_from_the_cli(capsys):
-    assert main(["generate", "hi", "--backend", "toy", "--prefer", "concise", "--prefer", "humor", "--method", "mod",
-                 "--method-option", "weights=[0.7,0.3]", "--max-new-tokens", "5", "--json"]) == 0
-    assert main(["generate", "hi", "--backend", "toy", "--prefer", "concise", "--method", "pad",
-                 "--method-option", "weight=2", "--max-new-tokens", "5", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "hi",
+                "--backend",
+                "toy",
+                "--prefer",
+                "concise",
+                "--prefer",
+                "humor",
+                "--method",
+                "mod",
+                "--method-option",
+                "weights=[0.7,0.3]",
+                "--max-new-tokens",
+                "5",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "generate",
+                "hi",
+                "--backend",
+                "toy",
+                "--prefer",
+                "concise",
+                "--method",
+                "pad",
+                "--method-option",
+                "weight=2",
+                "--max-new-tokens",
+                "5",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert main(["generate", "hi", "--backend", "toy", "--method", "pad", "--method-option", "w"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err

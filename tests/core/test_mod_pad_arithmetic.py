@@ -53,20 +53,27 @@ def pad_logits(toy, contexts, weight, beta, k, seq):
 
 
 def law_of(toy, logits_fn, sampling=SAMPLING, length=LENGTH):
-    return token_law(lambda seq: filtered_distribution(logits_fn(seq), **sampling), length=length,
-                     eos_ids=toy.tokenizer.eos_token_ids)
+    return token_law(
+        lambda seq: filtered_distribution(logits_fn(seq), **sampling),
+        length=length,
+        eos_ids=toy.tokenizer.eos_token_ids,
+    )
 
 
 def sample(model, prefs, method, n=N, **kw):
-    return sample_outcomes(model, PROMPT, n=n, preferences=prefs, method=method, max_new_tokens=LENGTH, stop=[],
-                           **{**SAMPLING, **kw})
+    return sample_outcomes(
+        model, PROMPT, n=n, preferences=prefs, method=method, max_new_tokens=LENGTH, stop=[], **{**SAMPLING, **kw}
+    )
 
 
 # ------------------------------------------------------------------------------------------------ MOD
 
 
-@pytest.mark.parametrize("prefs,weights", [(PREFS2, [0.8, 0.2]), (PREFS2, [3.0, 1.0]), (PREFS3, [0.5, 0.3, 0.2])],
-                         ids=["0.8-0.2", "unnormalized-3-1", "three-views"])
+@pytest.mark.parametrize(
+    "prefs,weights",
+    [(PREFS2, [0.8, 0.2]), (PREFS2, [3.0, 1.0]), (PREFS3, [0.5, 0.3, 0.2])],
+    ids=["0.8-0.2", "unnormalized-3-1", "three-views"],
+)
 def test_mod_samples_the_weighted_log_mixture(toy, prefs, weights):
     model = model_for(toy, "mod", {"weights": weights})
     contexts = view_contexts(model, PROMPT, method="mod", preferences=prefs)
@@ -87,8 +94,9 @@ def test_mod_greedy_takes_the_mixtures_argmax_at_every_step(toy):
     contexts = view_contexts(model, PROMPT, method="mod", preferences=PREFS2)
     differs = 0
     for prompt_seed in range(4):
-        res = model.generate(PROMPT, preferences=PREFS2, method="mod", temperature=0.0, max_new_tokens=24,
-                             seed=prompt_seed, stop=[])
+        res = model.generate(
+            PROMPT, preferences=PREFS2, method="mod", temperature=0.0, max_new_tokens=24, seed=prompt_seed, stop=[]
+        )
         assert len(res.tokens) >= 8
         for i, t in enumerate(res.tokens):
             seq = res.tokens[:i]
@@ -100,8 +108,9 @@ def test_mod_greedy_takes_the_mixtures_argmax_at_every_step(toy):
 # ------------------------------------------------------------------------------------------------ PAD
 
 
-@pytest.mark.parametrize("weight,beta,prefs", [(2.0, 0.3, ["humor"]), (0.5, 1.0, ["concise", "humor"])],
-                         ids=["w2-b0.3", "w0.5-b1-two-prefs"])
+@pytest.mark.parametrize(
+    "weight,beta,prefs", [(2.0, 0.3, ["humor"]), (0.5, 1.0, ["concise", "humor"])], ids=["w2-b0.3", "w0.5-b1-two-prefs"]
+)
 def test_pad_samples_the_reward_guided_scores(toy, weight, beta, prefs):
     model = model_for(toy, "pad", {"weight": weight, "beta": beta})
     contexts = view_contexts(model, PROMPT, method="pad", preferences=prefs)
@@ -114,8 +123,9 @@ def test_pad_samples_the_reward_guided_scores(toy, weight, beta, prefs):
     assert right.impossible == 0 and right.pvalue > ALPHA, right
     flipped = chi_square(counts, law_of(toy, lambda s: pad_logits(toy, contexts, -weight, beta, k, s)), eos_ids=eos)
     assert flipped.pvalue < POWER, f"the reward's sign flipped is not rejected: p = {flipped.pvalue:.3g}"
-    swapped = chi_square(counts, law_of(toy, lambda s: pad_logits(toy, contexts[::-1], weight, beta, k, s)),
-                         eos_ids=eos)
+    swapped = chi_square(
+        counts, law_of(toy, lambda s: pad_logits(toy, contexts[::-1], weight, beta, k, s)), eos_ids=eos
+    )
     assert swapped.pvalue < POWER, f"base and reward views swapped is not rejected: p = {swapped.pvalue:.3g}"
 
 
@@ -123,8 +133,9 @@ def test_pad_greedy_takes_the_best_score_at_every_step(toy):
     weight, beta, k = 3.0, 0.5, 5
     model = model_for(toy, "pad", {"weight": weight, "beta": beta, "k": k})
     contexts = view_contexts(model, PROMPT, method="pad", preferences=["humor"])
-    res = model.generate(PROMPT, preferences=["humor"], method="pad", temperature=0.0, max_new_tokens=24, seed=0,
-                         stop=[])
+    res = model.generate(
+        PROMPT, preferences=["humor"], method="pad", temperature=0.0, max_new_tokens=24, seed=0, stop=[]
+    )
     assert len(res.tokens) >= 8
     differs = 0
     for i, t in enumerate(res.tokens):

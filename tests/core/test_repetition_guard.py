@@ -32,23 +32,29 @@ def emit(text: str, *, repeat_lines: int = 3, stop=()):
     return em.text, em.finish_reason
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("Sure.\nBuy milk\nBuy milk\nBuy milk\nBuy bread", "Sure.\nBuy milk"),
-    ("1. Buy milk\n2. buy milk.\n3. Buy milk!\n4. x", "1. Buy milk"),  # same up to digits, case, punctuation
-    (" Your skin is so soft. Your skin is so soft. Your skin is so soft. Your", " Your skin is so soft."),
-    ("1. The game is changing. 2. The game is changing. 3. The game is changing. 4.", "1. The game is changing."),
-    ("line\n\nline\n\n\nline\nmore", "line"),  # blank lines neither count nor break a run
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("Sure.\nBuy milk\nBuy milk\nBuy milk\nBuy bread", "Sure.\nBuy milk"),
+        ("1. Buy milk\n2. buy milk.\n3. Buy milk!\n4. x", "1. Buy milk"),  # same up to digits, case, punctuation
+        (" Your skin is so soft. Your skin is so soft. Your skin is so soft. Your", " Your skin is so soft."),
+        ("1. The game is changing. 2. The game is changing. 3. The game is changing. 4.", "1. The game is changing."),
+        ("line\n\nline\n\n\nline\nmore", "line"),  # blank lines neither count nor break a run
+    ],
+)
 def test_a_run_of_repeated_lines_or_sentences_ends_after_its_first(text, expected):
     assert emit(text) == (expected, "stop")
 
 
-@pytest.mark.parametrize("text", [
-    "Buy milk\nBuy milk\nBuy bread\nBuy milk\n",          # two in a row is not a run of three
-    "A. B. A. B. A. B. A. B.",                            # alternation is not a run
-    "yes yes yes yes yes yes yes yes",                    # a repeated word is not a repeated line
-    "It is 3.5 m long. It is 4.5 m long.",                # numbers inside a sentence do not split it
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Buy milk\nBuy milk\nBuy bread\nBuy milk\n",  # two in a row is not a run of three
+        "A. B. A. B. A. B. A. B.",  # alternation is not a run
+        "yes yes yes yes yes yes yes yes",  # a repeated word is not a repeated line
+        "It is 3.5 m long. It is 4.5 m long.",  # numbers inside a sentence do not split it
+    ],
+)
 def test_text_that_is_not_a_run_is_never_cut(text):
     assert emit(text) == (text, "length")
 

@@ -3,13 +3,18 @@
 import numpy as np
 import pytest
 
-from personajudge.core.acceptance import judge_token, sample_from
-from personajudge.core.acceptance import judge_draft, prob_of, residual_dist, sample_dist
+from personajudge.core.acceptance import judge_draft, judge_token, prob_of, residual_dist, sample_dist, sample_from
 from personajudge.core.sparse import candidates
 from personajudge.core.transforms import SamplingParams, filtered_probs
 
-PARAMS = [SamplingParams(), SamplingParams(1.0, 5, 1.0), SamplingParams(0.5, 50, 0.6), SamplingParams(0.0),
-          SamplingParams(1.0, 0, 0.9), SamplingParams(0.8, 0, 1.0)]
+PARAMS = [
+    SamplingParams(),
+    SamplingParams(1.0, 5, 1.0),
+    SamplingParams(0.5, 50, 0.6),
+    SamplingParams(0.0),
+    SamplingParams(1.0, 0, 0.9),
+    SamplingParams(0.8, 0, 1.0),
+]
 
 
 def dense_of(d, n):

@@ -27,8 +27,14 @@ TIMING = ("wall_time_s", "tokens_per_s")
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     """One local instance for the module: bounded (2 CPUs, no dashboard), on 127.0.0.1, shut down after."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             logging_level="WARNING", log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
     try:
         yield
     finally:
@@ -69,8 +75,9 @@ def test_ray_resumes_a_local_partial_file(tmp_path, capsys):
     """Interrupted locally after one chunk (no --seed: fresh seeds), finished on Ray: kept rows untouched."""
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(inp, 8, seeds=False)
-    cfg = build_config({"backend": {"name": "toy"}, "preferences": ["concise", "humor"],
-                        "decoding": {"max_new_tokens": 12}})
+    cfg = build_config(
+        {"backend": {"name": "toy"}, "preferences": ["concise", "humor"], "decoding": {"max_new_tokens": 12}}
+    )
     job = JsonlBatch(read_records(inp), cfg, None, batch_size=3, output=str(out), progress=False)
 
     def stop(done):
@@ -80,8 +87,25 @@ def test_ray_resumes_a_local_partial_file(tmp_path, capsys):
         job.run(local_executor(pj), on_chunk=stop)
     kept = rows(tmp_path / "out.jsonl.partial")[1:]
     assert len(kept) == 3
-    assert main(["generate", "--input", str(inp), "--output", str(out), *TOY, "--batch-size", "3", "-q",
-                 "--ray", "--replicas", "2"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--input",
+                str(inp),
+                "--output",
+                str(out),
+                *TOY,
+                "--batch-size",
+                "3",
+                "-q",
+                "--ray",
+                "--replicas",
+                "2",
+            ]
+        )
+        == 0
+    )
     final = rows(out)
     assert [r["id"] for r in final] == [f"r{i}" for i in range(8)]
     for k in kept:  # byte-for-byte the rows of the interrupted run (timings included), not regenerated
@@ -94,8 +118,10 @@ def test_ray_resumes_a_local_partial_file(tmp_path, capsys):
 
 
 def _tasks(n):
-    return [Task(i, [f"prompt {i} one", f"prompt {i} two"], [10 * i, 10 * i + 1],
-                 {"preferences": ["concise", "humor"]}) for i in range(n)]
+    return [
+        Task(i, [f"prompt {i} one", f"prompt {i} two"], [10 * i, 10 * i + 1], {"preferences": ["concise", "humor"]})
+        for i in range(n)
+    ]
 
 
 def _expected(cfg, tasks):
@@ -139,8 +165,23 @@ def test_model_that_fails_to_load_is_one_line(tmp_path, capsys):
     inp = tmp_path / "in.jsonl"
     write_input(inp, 2)
     t0 = time.monotonic()
-    code = main(["generate", "--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--backend", "llama-cpp",
-                 "--model", str(tmp_path / "missing.gguf"), "--ray", "--replicas", "2", "-q"])
+    code = main(
+        [
+            "generate",
+            "--input",
+            str(inp),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+            "--backend",
+            "llama-cpp",
+            "--model",
+            str(tmp_path / "missing.gguf"),
+            "--ray",
+            "--replicas",
+            "2",
+            "-q",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and "could not load the model" in err[0] and "missing.gguf" in err[0], err
@@ -168,13 +209,19 @@ def test_ray_flags_need_ray(tmp_path, capsys):
 def test_eval_on_ray_equals_local(tmp_path, capsys):
     pytest.importorskip("textstat")
     from personajudge.evaluation import EvalSpec, pair_experiment
-    from personajudge.evaluation.store import read_rows
     from personajudge.evaluation.runner import run_eval
+    from personajudge.evaluation.store import read_rows
 
-    spec = EvalSpec.model_validate(dict(
-        limit=3, methods=["prompt", "persona-judge"], experiments=[pair_experiment("concise,informative")],
-        scorers=[{"alias": "length", "name": "length"}], batch_size=2,
-        run={"backend": {"name": "toy"}, "decoding": {"max_new_tokens": 16}}))
+    spec = EvalSpec.model_validate(
+        dict(
+            limit=3,
+            methods=["prompt", "persona-judge"],
+            experiments=[pair_experiment("concise,informative")],
+            scorers=[{"alias": "length", "name": "length"}],
+            batch_size=2,
+            run={"backend": {"name": "toy"}, "decoding": {"max_new_tokens": 16}},
+        )
+    )
     run_eval(spec, tmp_path / "local", progress=False, report=False)
     res = run_eval(spec, tmp_path / "ray", progress=False, report=False, ray=RayOptions(replicas=2))
     assert res.generated == 6
@@ -196,8 +243,26 @@ def test_embedded_model_on_one_replica_equals_local(tmp_path, capsys):
     with open(inp, "w") as f:
         for i, p in enumerate(prompts):
             f.write(json.dumps({"id": i, "prompt": p}) + "\n")
-    common = ["generate", "--input", str(inp), "--prefer", "concise", "--prefer", "humor", "--temperature", "0",
-              "--max-new-tokens", "8", "--batch-size", "3", "--threads", "1", "--seed", "0", "-q"]
+    common = [
+        "generate",
+        "--input",
+        str(inp),
+        "--prefer",
+        "concise",
+        "--prefer",
+        "humor",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "8",
+        "--batch-size",
+        "3",
+        "--threads",
+        "1",
+        "--seed",
+        "0",
+        "-q",
+    ]
     assert main([*common, "--output", str(tmp_path / "local.jsonl")]) == 0
     assert main([*common, "--output", str(tmp_path / "ray.jsonl"), "--ray", "--replicas", "1"]) == 0
     assert [r["tokens"] for r in rows(tmp_path / "ray.jsonl")] == [r["tokens"] for r in rows(tmp_path / "local.jsonl")]
@@ -207,8 +272,10 @@ def test_importing_personajudge_does_not_import_ray():
     import subprocess
     import sys
 
-    code = ("import sys, personajudge, personajudge.cli, personajudge.distributed, personajudge.evaluation.runner; "
-            "print('ray' in sys.modules)")
+    code = (
+        "import sys, personajudge, personajudge.cli, personajudge.distributed, personajudge.evaluation.runner; "
+        "print('ray' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
 
@@ -240,8 +307,12 @@ def test_driver_killed_and_rerun_resumes(tmp_path, capsys):
     partial = tmp_path / "out.jsonl.partial"
     argv = [*common, "--output", str(out), "--ray", "--replicas", "1"]
     # Its own Ray instance, in its own process group: everything it started goes down with the kill.
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_RAY_MAIN, *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_RAY_MAIN, *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and proc.poll() is None:

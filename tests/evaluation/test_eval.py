@@ -27,11 +27,16 @@ SMALL = [*TOY, "--limit", "3", "--max-new-tokens", "24", "--no-progress", "-q"]
 
 def toy_spec(**kw) -> EvalSpec:
     base = dict(
-        limit=3, methods=["prompt", "persona-judge"],
+        limit=3,
+        methods=["prompt", "persona-judge"],
         experiments=[pair_experiment("concise,informative"), pair_experiment("friendly,unfriendly")],
-        scorers=[{"alias": "length", "name": "length"}, {"alias": "flesch", "name": "flesch"},
-                 {"alias": "vader", "name": "vader"}],
-        run={"backend": {"name": "toy"}, "decoding": {"max_new_tokens": 24}})
+        scorers=[
+            {"alias": "length", "name": "length"},
+            {"alias": "flesch", "name": "flesch"},
+            {"alias": "vader", "name": "vader"},
+        ],
+        run={"backend": {"name": "toy"}, "decoding": {"max_new_tokens": 24}},
+    )
     base.update(kw)
     return EvalSpec.model_validate(base)
 
@@ -39,11 +44,14 @@ def toy_spec(**kw) -> EvalSpec:
 def final_tables(run_dir: Path) -> dict:
     """The parts of report.json that must not depend on how the run got there (no timings)."""
     rep = json.loads((run_dir / "report.json").read_text())
-    return {"win_rates": rep["win_rates"],
-            "scores": [(m["experiment"], m["method"], m["n_responses"], m["scores"]) for m in rep["methods"]],
-            "tokens": [(m["experiment"], m["method"], m["cost"]["tokens"], m["cost"]["acceptance"])
-                       for m in rep["methods"]],
-            "generations": rep["generations"]}
+    return {
+        "win_rates": rep["win_rates"],
+        "scores": [(m["experiment"], m["method"], m["n_responses"], m["scores"]) for m in rep["methods"]],
+        "tokens": [
+            (m["experiment"], m["method"], m["cost"]["tokens"], m["cost"]["acceptance"]) for m in rep["methods"]
+        ],
+        "generations": rep["generations"],
+    }
 
 
 def texts(run_dir: Path) -> dict:
@@ -61,18 +69,22 @@ def assert_no_duplicates(run_dir: Path) -> None:
 
 # -- a whole run ---------------------------------------------------------------------------------
 
+
 def test_toy_run_writes_all_report_files(tmp_path):
     res = run_eval(toy_spec(), tmp_path / "run", progress=False)
     d = tmp_path / "run"
-    for f in ("run.json", "generations.jsonl", "scores.jsonl", "report.md", "report.json", "winrate.png",
-              "scores.png"):
+    for f in ("run.json", "generations.jsonl", "scores.jsonl", "report.md", "report.json", "winrate.png", "scores.png"):
         assert (d / f).is_file() and (d / f).stat().st_size > 0, f
     assert res.generated == 3 * 2 * 2 and res.reused == 0 and res.scored == 12 * 3
     rep = json.loads((d / "report.json").read_text())
     assert rep["generations"] == {"done": 12, "planned": 12, "failed": 0}
     dims = {(w["dimension"], w["scorer"], w["direction"]) for w in rep["win_rates"]}
-    assert dims == {("concise", "length", "lower"), ("informative", "length", "higher"),
-                    ("friendly", "vader", "higher"), ("unfriendly", "vader", "lower")}
+    assert dims == {
+        ("concise", "length", "lower"),
+        ("informative", "length", "higher"),
+        ("friendly", "vader", "higher"),
+        ("unfriendly", "vader", "lower"),
+    }
     for w in rep["win_rates"]:
         assert w["method"] == "persona-judge" and w["n_prompts"] == 3 and 0 <= w["win_rate"] <= 1
     # opposed dimensions measured by one scorer: win rates sum to 1
@@ -101,17 +113,22 @@ def test_win_rates_match_a_hand_count(tmp_path):
 
 def test_lambda_sweep_and_objectives_tables(tmp_path):
     d = tmp_path / "run"
-    spec = toy_spec(methods=["prompt", "persona-judge", "persona-judge-base"], lambdas=[1, 2, 4],
-                    experiments=[pair_experiment("concise,informative"),
-                                 *objective_experiments("vivid,creative,touching")],
-                    scorers=[{"alias": "length", "name": "length"}], limit=2)
+    spec = toy_spec(
+        methods=["prompt", "persona-judge", "persona-judge-base"],
+        lambdas=[1, 2, 4],
+        experiments=[pair_experiment("concise,informative"), *objective_experiments("vivid,creative,touching")],
+        scorers=[{"alias": "length", "name": "length"}],
+        limit=2,
+    )
     jobs = plan_generations(spec, load_prompts(limit=2))
     # prompt runs once; the two Persona-judge methods once per lambda
     assert len(jobs) == 2 * 4 * (1 + 2 * 3)
-    assert {j.views == [["vivid"], ["vivid"]] for j in jobs if j.experiment.objectives == 1 and
-            j.method == "persona-judge"} == {True}
-    assert {tuple(map(tuple, j.views)) for j in jobs if j.experiment.objectives == 3 and j.method == "prompt"} == \
-        {(("vivid", "creative", "touching"),)}
+    assert {
+        j.views == [["vivid"], ["vivid"]] for j in jobs if j.experiment.objectives == 1 and j.method == "persona-judge"
+    } == {True}
+    assert {tuple(map(tuple, j.views)) for j in jobs if j.experiment.objectives == 3 and j.method == "prompt"} == {
+        (("vivid", "creative", "touching"),)
+    }
     run_eval(spec, d, progress=False)
     md = (d / "report.md").read_text()
     assert "## Lambda sweep" in md and "## Inference time vs. number of objectives" in md
@@ -137,6 +154,7 @@ def test_report_command_regenerates_identical_files(tmp_path, capsys):
 
 
 # -- resuming ------------------------------------------------------------------------------------
+
 
 class Boom(Exception):
     pass
@@ -211,8 +229,12 @@ def test_sigkilled_run_resumes_to_the_same_table(tmp_path, k, phase, capsys):
     d = tmp_path / "run"
     script = tmp_path / "kill.py"
     script.write_text(KILL_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(k), phase, *argv, "--run-dir", str(d)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(k), phase, *argv, "--run-dir", str(d)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not (d / "report.md").exists()
     assert main([*argv, "--run-dir", str(d)]) == 0
@@ -245,9 +267,28 @@ def test_changed_config_exits_2_unless_force(tmp_path, capsys):
 
 def test_reproduce_command_rebuilds_the_same_spec(tmp_path, capsys):
     d = tmp_path / "run"
-    argv = ["eval", *SMALL, "--run-dir", str(d), "--pair", "concise+friendly,informative", "--methods",
-            "persona-judge-base,persona-judge", "--scorers", "len=length", "--dimension", "concise=len:lower",
-            "--lambdas", "2,3", "--samples", "2", "--seed", "5", "--temperature", "0.5"]
+    argv = [
+        "eval",
+        *SMALL,
+        "--run-dir",
+        str(d),
+        "--pair",
+        "concise+friendly,informative",
+        "--methods",
+        "persona-judge-base,persona-judge",
+        "--scorers",
+        "len=length",
+        "--dimension",
+        "concise=len:lower",
+        "--lambdas",
+        "2,3",
+        "--samples",
+        "2",
+        "--seed",
+        "5",
+        "--temperature",
+        "0.5",
+    ]
     assert main(argv) == 0
     run = json.loads((d / "run.json").read_text())
     cmd = run["command"]
@@ -261,6 +302,7 @@ def test_reproduce_command_rebuilds_the_same_spec(tmp_path, capsys):
 
 
 # -- the store -----------------------------------------------------------------------------------
+
 
 def test_jsonl_store_repairs_torn_tail_and_refuses_duplicates(tmp_path):
     p = tmp_path / "x.jsonl"
@@ -279,6 +321,7 @@ def test_jsonl_store_repairs_torn_tail_and_refuses_duplicates(tmp_path):
 
 # -- datasets and the CLI ------------------------------------------------------------------------
 
+
 def test_builtin_prompts_and_jsonl(tmp_path):
     items = load_prompts()
     assert len(items) == 50 and items[0].id == "0" and "TCP/IP" in items[0].prompt
@@ -287,9 +330,12 @@ def test_builtin_prompts_and_jsonl(tmp_path):
     p = tmp_path / "p.jsonl"
     p.write_text('{"prompt": "first"}\n\n{"id": "x", "prompt": "second", "extra": 1}\n')
     assert [(i.id, i.prompt) for i in read_prompts(p)] == [("0", "first"), ("x", "second")]
-    for text, needle in (('{"text": "no prompt"}\n', "missing or empty 'prompt'"),
-                         ('{"prompt": "a", "id": 1}\n{"prompt": "b", "id": 1}\n', "duplicate id"),
-                         ('{"prompt": "a"\n', "not valid JSON"), ("", "no prompts")):
+    for text, needle in (
+        ('{"text": "no prompt"}\n', "missing or empty 'prompt'"),
+        ('{"prompt": "a", "id": 1}\n{"prompt": "b", "id": 1}\n', "duplicate id"),
+        ('{"prompt": "a"\n', "not valid JSON"),
+        ("", "no prompts"),
+    ):
         p.write_text(text)
         with pytest.raises(DatasetError, match=needle):
             read_prompts(p)
@@ -297,35 +343,58 @@ def test_builtin_prompts_and_jsonl(tmp_path):
 
 def test_eval_on_a_jsonl_dataset(tmp_path, capsys):
     data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Tell me about topic {i}."}) + "\n" for i in range(2)))
+    data.write_text(
+        "".join(json.dumps({"id": f"q{i}", "prompt": f"Tell me about topic {i}."}) + "\n" for i in range(2))
+    )
     d = tmp_path / "run"
-    assert main(["eval", *TOY, "--dataset", str(data), "--max-new-tokens", "8", "--run-dir", str(d),
-                 "--no-progress", "--pair", "friendly,unfriendly", "--scorers", "vader"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                *TOY,
+                "--dataset",
+                str(data),
+                "--max-new-tokens",
+                "8",
+                "--run-dir",
+                str(d),
+                "--no-progress",
+                "--pair",
+                "friendly,unfriendly",
+                "--scorers",
+                "vader",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "2 prompts" in out and "friendly (vader ↑)" in out
     rows, _ = read_rows(d / "generations.jsonl")
     assert {r["prompt_id"] for r in rows} == {"q0", "q1"}
 
 
-@pytest.mark.parametrize("extra, needle", [
-    (["--methods", "prompt,magic"], "unknown method 'magic'"),
-    (["--scorers", "length,nope"], "unknown scorer 'nope'"),
-    (["--scorer-option", "rm.model=x"], "no scorer 'rm'"),
-    (["--scorer-option", "length"], "ALIAS.KEY=VALUE"),
-    (["--scorers", "reward-model"], "needs a model"),
-    (["--scorers", "length", "--scorer-option", "length.colour=1"], "colour"),
-    (["--dimension", "concise=rm:lower"], "not one of this run's scorers"),
-    (["--dimension", "concise=length:up"], "higher' or 'lower"),
-    (["--pair", "concise"], "two comma-separated"),
-    (["--pair", "concize,informative"], "did you mean concise"),
-    (["--lambdas", "2,x"], "comma-separated integers"),
-    (["--lambdas", "0,2"], "lambdas"),
-    (["--method", "prompt"], "use --methods"),
-    (["--dataset", "/nonexistent.jsonl"], "dataset file not found"),
-    (["--limit", "0"], "limit"),
-    (["--objectives", "vivid,vivid"], "twice"),
-    (["--scorers", "pairwise-judge", "--scorer-option", "pairwise-judge.judge=http"], "base URL"),
-])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--methods", "prompt,magic"], "unknown method 'magic'"),
+        (["--scorers", "length,nope"], "unknown scorer 'nope'"),
+        (["--scorer-option", "rm.model=x"], "no scorer 'rm'"),
+        (["--scorer-option", "length"], "ALIAS.KEY=VALUE"),
+        (["--scorers", "reward-model"], "needs a model"),
+        (["--scorers", "length", "--scorer-option", "length.colour=1"], "colour"),
+        (["--dimension", "concise=rm:lower"], "not one of this run's scorers"),
+        (["--dimension", "concise=length:up"], "higher' or 'lower"),
+        (["--pair", "concise"], "two comma-separated"),
+        (["--pair", "concize,informative"], "did you mean concise"),
+        (["--lambdas", "2,x"], "comma-separated integers"),
+        (["--lambdas", "0,2"], "lambdas"),
+        (["--method", "prompt"], "use --methods"),
+        (["--dataset", "/nonexistent.jsonl"], "dataset file not found"),
+        (["--limit", "0"], "limit"),
+        (["--objectives", "vivid,vivid"], "twice"),
+        (["--scorers", "pairwise-judge", "--scorer-option", "pairwise-judge.judge=http"], "base URL"),
+    ],
+)
 def test_eval_user_mistakes_exit_2_with_one_line(extra, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("PERSONAJUDGE_JUDGE_BASE_URL", raising=False)
     code = main(["eval", *SMALL, "--run-dir", str(tmp_path / "r"), *extra])
@@ -340,8 +409,8 @@ def test_report_on_a_directory_without_a_run(tmp_path, capsys):
 
 
 def test_third_party_scorer_through_the_hook(tmp_path):
-    from personajudge.plugins import register_plugin, unregister_plugin
     from personajudge.evaluation.scorers import PointwiseScorer
+    from personajudge.plugins import register_plugin, unregister_plugin
     from personajudge.plugins.hookspecs import hookimpl
 
     class Exclaim(PointwiseScorer):
@@ -360,9 +429,14 @@ def test_third_party_scorer_through_the_hook(tmp_path):
     register_plugin(plugin, name="test-letters")
     try:
         d = tmp_path / "run"
-        run_eval(toy_spec(scorers=[{"alias": "e", "name": "letters-e"}],
-                          dimensions=[{"dimension": "friendly", "scorer": "e", "direction": "higher"}]),
-                 d, progress=False)
+        run_eval(
+            toy_spec(
+                scorers=[{"alias": "e", "name": "letters-e"}],
+                dimensions=[{"dimension": "friendly", "scorer": "e", "direction": "higher"}],
+            ),
+            d,
+            progress=False,
+        )
         rep = json.loads((d / "report.json").read_text())
         assert [(w["dimension"], w["scorer"]) for w in rep["win_rates"]] == [("friendly", "e")]
         assert "`e`" in (d / "report.md").read_text()
@@ -410,8 +484,12 @@ def test_package_files_are_importable_without_optional_dependencies():
 def test_example_evaluate_small_on_the_toy_backend(tmp_path):
     root = Path(__file__).resolve().parents[2]
     d = tmp_path / "example"
-    proc = subprocess.run([sys.executable, str(root / "examples" / "evaluate_small.py"), "--backend", "toy",
-                           "--run-dir", str(d)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(root / "examples" / "evaluate_small.py"), "--backend", "toy", "--run-dir", str(d)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"report: {d / 'report.md'}" in proc.stdout and "| `persona-judge` |" in proc.stdout
     assert (d / "report.json").is_file() and (d / "scores.png").is_file()
@@ -423,14 +501,22 @@ def test_a_second_process_on_the_same_run_dir_is_refused(tmp_path):
 
     d = tmp_path / "run"
     d.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
         from personajudge.evaluation.store import RunLock
         with RunLock(Path({str(d)!r})):
             print("locked", flush=True)
             time.sleep(30)
-    """)], stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunLockedError, match="another evaluation"):

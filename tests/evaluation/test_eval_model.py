@@ -31,12 +31,25 @@ def test_eval_on_the_embedded_model_writes_all_report_files(llama_backend, tmp_p
     from personajudge.cli import main
 
     d = tmp_path / "run"
-    code = main(["eval", "--limit", "3", "--max-new-tokens", "8", "--seed", "0", "--run-dir", str(d),
-                 "--pair", "concise,informative", "--no-progress"])
+    code = main(
+        [
+            "eval",
+            "--limit",
+            "3",
+            "--max-new-tokens",
+            "8",
+            "--seed",
+            "0",
+            "--run-dir",
+            str(d),
+            "--pair",
+            "concise,informative",
+            "--no-progress",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
-    for f in ("run.json", "generations.jsonl", "scores.jsonl", "report.md", "report.json", "winrate.png",
-              "scores.png"):
+    for f in ("run.json", "generations.jsonl", "scores.jsonl", "report.md", "report.json", "winrate.png", "scores.png"):
         assert (d / f).is_file() and (d / f).stat().st_size > 0, f
     rep = json.loads((d / "report.json").read_text())
     assert rep["generations"] == {"done": 6, "planned": 6, "failed": 0}
@@ -48,12 +61,15 @@ def test_eval_on_the_embedded_model_writes_all_report_files(llama_backend, tmp_p
 
 def test_example_evaluate_small(llama_backend, tmp_path):
     d = tmp_path / "example"
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "evaluate_small.py"), "--run-dir", str(d),
-                           "--max-new-tokens", "16"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "evaluate_small.py"), "--run-dir", str(d), "--max-new-tokens", "16"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"report: {d / 'report.md'}" in proc.stdout and "| `persona-judge` |" in proc.stdout
-    for f in ("run.json", "generations.jsonl", "scores.jsonl", "report.md", "report.json", "winrate.png",
-              "scores.png"):
+    for f in ("run.json", "generations.jsonl", "scores.jsonl", "report.md", "report.json", "winrate.png", "scores.png"):
         assert (d / f).is_file() and (d / f).stat().st_size > 0, f
     rep = json.loads((d / "report.json").read_text())
     assert rep["generations"] == {"done": 12, "planned": 12, "failed": 0} and rep["prompts"] == 3

@@ -19,8 +19,10 @@ from personajudge.evaluation.scorers.pairwise_judge import (
 )
 
 SIMPLE = "The cat sat on the mat. It was a good cat. We like it."
-COMPLEX = ("Notwithstanding considerable epistemological disagreements, contemporary computational "
-           "linguistics methodologies increasingly incorporate sophisticated probabilistic representations.")
+COMPLEX = (
+    "Notwithstanding considerable epistemological disagreements, contemporary computational "
+    "linguistics methodologies increasingly incorporate sophisticated probabilistic representations."
+)
 FRIENDLY = "Thank you so much, my friend! I love your wonderful idea, it is great and fun."
 HOSTILE = "This is a stupid, terrible idea. I hate it and you are an idiot."
 
@@ -66,11 +68,19 @@ def test_scorer_options_are_validated():
 
 # -- pairwise judge --------------------------------------------------------------------------------
 
+
 def items(n=40):
-    return [PairItem(prompt=f"q{i}", response_a="short" if i % 2 else "a much longer answer here",
-                     response_b="a much longer answer here" if i % 2 else "short",
-                     aspect="concise (Concise and to the point)", aspect_name="concise", key=f"k{i}")
-            for i in range(n)]
+    return [
+        PairItem(
+            prompt=f"q{i}",
+            response_a="short" if i % 2 else "a much longer answer here",
+            response_b="a much longer answer here" if i % 2 else "short",
+            aspect="concise (Concise and to the point)",
+            aspect_name="concise",
+            key=f"k{i}",
+        )
+        for i in range(n)
+    ]
 
 
 def shorter_wins(text: str) -> str:
@@ -212,8 +222,10 @@ def _judging_backend(bias):
             out = []
             for c in calls:
                 self.ctx[c.view] += list(c.tokens)
-                rows = [bias(tok.decode(self.ctx[c.view][:e]))
-                        for e in range(len(self.ctx[c.view]) - c.n_logits + 1, len(self.ctx[c.view]) + 1)]
+                rows = [
+                    bias(tok.decode(self.ctx[c.view][:e]))
+                    for e in range(len(self.ctx[c.view]) - c.n_logits + 1, len(self.ctx[c.view]) + 1)
+                ]
                 out.append(np.array(rows, dtype=np.float32).reshape(c.n_logits, tok.vocab_size))
             return out
 
@@ -272,10 +284,12 @@ def test_backend_judge_tie_margin_and_position_bias():
     out = biased.compare_many(items(4))
     assert all(r.details["answers"] == [1, 1] and r.value == 0.5 and not r.details["consistent"] for r in out)
     # a margin wider than the bias turns the near-equal 1-vs-2 into ties; a narrow one does not
-    assert {r.details["answers"][0] for r in _backend_judge(_first_always, tie_margin=1.0).compare_many(items(2))} \
-        == {0}
-    assert {r.details["answers"][0] for r in _backend_judge(_first_always, tie_margin=0.1).compare_many(items(2))} \
-        == {1}
+    assert {r.details["answers"][0] for r in _backend_judge(_first_always, tie_margin=1.0).compare_many(items(2))} == {
+        0
+    }
+    assert {r.details["answers"][0] for r in _backend_judge(_first_always, tie_margin=0.1).compare_many(items(2))} == {
+        1
+    }
 
 
 def _first_always(text):
@@ -305,8 +319,11 @@ def test_parser_on_recorded_answers_of_the_embedded_model():
         by.setdefault(a["setting"], []).append(parse_verdict(a["answer"]))
     chat_free = by["chat, instruct template, unconstrained"]
     assert chat_free.count(None) >= 3  # the reviewer's "[Answer" / "[INST]" case
-    for setting in ("completions, few-shot template, grammar", "chat, instruct template, grammar",
-                    "completions, few-shot template, unconstrained"):
+    for setting in (
+        "completions, few-shot template, grammar",
+        "chat, instruct template, grammar",
+        "completions, few-shot template, unconstrained",
+    ):
         assert None not in by[setting] and set(by[setting]) <= {0, 1, 2}, setting
     for a in data["answers"]:  # where the answer is a digit first, that digit is the verdict
         head = a["answer"].lstrip()[:1]
@@ -317,6 +334,7 @@ def test_parser_on_recorded_answers_of_the_embedded_model():
 
 
 # -- the HTTP judge: httpx, no redirects, credentials only from the environment ---------------------
+
 
 class Recorder:
     """A local OpenAI-shaped server on 127.0.0.1 that records what it receives."""
@@ -364,6 +382,7 @@ def answer(text):
         if path.endswith("/completions") and "prompt" in body:
             return 200, {}, {"choices": [{"text": text}]}
         return 200, {}, {"choices": [{"message": {"role": "assistant", "content": text}}]}
+
     return respond
 
 
@@ -411,8 +430,25 @@ def test_http_judge_refuses_credentials_in_the_url(judge_env, monkeypatch, tmp_p
 
     monkeypatch.setenv("PERSONAJUDGE_JUDGE_BASE_URL", "https://me:hunter2@judge.example/v1")
     monkeypatch.setenv("PERSONAJUDGE_JUDGE_MODEL", "m")
-    code = main(["eval", "--backend", "toy", "--limit", "1", "--max-new-tokens", "4", "--pair", "concise,informative",
-                 "--scorers", "judge=pairwise-judge", "--run-dir", str(tmp_path / "run"), "--no-progress", "-q"])
+    code = main(
+        [
+            "eval",
+            "--backend",
+            "toy",
+            "--limit",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--pair",
+            "concise,informative",
+            "--scorers",
+            "judge=pairwise-judge",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--no-progress",
+            "-q",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "credentials" in err and "hunter2" not in err
     assert not any(b"hunter2" in f.read_bytes() for f in (tmp_path / "run").rglob("*") if f.is_file())
@@ -422,8 +458,9 @@ def test_http_judge_errors_show_urls_without_secrets(judge_env):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    j = PairwiseJudgeScorer(judge="http", base_url=f"http://127.0.0.1:{port}/v1?api_key=qs-secret", model="m",
-                            retries=0, timeout=5)
+    j = PairwiseJudgeScorer(
+        judge="http", base_url=f"http://127.0.0.1:{port}/v1?api_key=qs-secret", model="m", retries=0, timeout=5
+    )
     with pytest.raises(ScorerError, match="cannot reach") as e:
         j.compare(items(1)[0])
     assert "qs-secret" not in str(e.value) and SECRET not in str(e.value)
@@ -435,11 +472,14 @@ def test_http_judge_errors_show_urls_without_secrets(judge_env):
     assert SECRET not in str(e.value)
 
 
-@pytest.mark.parametrize("opts,field,value,path", [
-    ({"constrain": "grammar"}, "grammar", ANSWER_GRAMMAR, "/v1/chat/completions"),
-    ({"constrain": "guided-choice"}, "guided_choice", ["0", "1", "2"], "/v1/chat/completions"),
-    ({"api": "completions", "constrain": "grammar"}, "grammar", ANSWER_GRAMMAR, "/v1/completions"),
-])
+@pytest.mark.parametrize(
+    "opts,field,value,path",
+    [
+        ({"constrain": "grammar"}, "grammar", ANSWER_GRAMMAR, "/v1/chat/completions"),
+        ({"constrain": "guided-choice"}, "guided_choice", ["0", "1", "2"], "/v1/chat/completions"),
+        ({"api": "completions", "constrain": "grammar"}, "grammar", ANSWER_GRAMMAR, "/v1/completions"),
+    ],
+)
 def test_http_judge_constrains_the_answer(judge_env, opts, field, value, path):
     with Recorder(answer("1")) as home:
         j = PairwiseJudgeScorer(judge="http", base_url=home.url + "/v1", model="m", **opts)
@@ -457,9 +497,25 @@ def test_eval_run_with_a_local_judge_keeps_the_key_out_of_the_run(judge_env, mon
         monkeypatch.setenv("PERSONAJUDGE_JUDGE_BASE_URL", home.url + "/v1")
         monkeypatch.setenv("PERSONAJUDGE_JUDGE_MODEL", "m")
         d = tmp_path / "run"
-        code = main(["eval", "--backend", "toy", "--limit", "2", "--max-new-tokens", "4", "--pair",
-                     "concise,informative", "--scorers", "length,judge=pairwise-judge", "--run-dir", str(d),
-                     "--no-progress", "-q"])
+        code = main(
+            [
+                "eval",
+                "--backend",
+                "toy",
+                "--limit",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--pair",
+                "concise,informative",
+                "--scorers",
+                "length,judge=pairwise-judge",
+                "--run-dir",
+                str(d),
+                "--no-progress",
+                "-q",
+            ]
+        )
     assert code == 0, capsys.readouterr().err
     assert home.requests and all(q["headers"]["Authorization"] == f"Bearer {SECRET}" for q in home.requests)
     for f in d.rglob("*"):
@@ -469,6 +525,7 @@ def test_eval_run_with_a_local_judge_keeps_the_key_out_of_the_run(judge_env, mon
 
 
 # -- reward model ----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_reward_model(tmp_path_factory):
@@ -485,8 +542,15 @@ def tiny_reward_model(tmp_path_factory):
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
     fast.save_pretrained(path)
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=len(fast), n_positions=256, n_embd=32, n_layer=2, n_head=2,
-                                  num_labels=1, pad_token_id=fast.convert_tokens_to_ids("[EOS]"))
+    cfg = transformers.GPT2Config(
+        vocab_size=len(fast),
+        n_positions=256,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        num_labels=1,
+        pad_token_id=fast.convert_tokens_to_ids("[EOS]"),
+    )
     transformers.GPT2ForSequenceClassification(cfg).save_pretrained(path)
     return str(path)
 
@@ -522,10 +586,14 @@ def test_reward_model_in_an_eval_run(tiny_reward_model, tmp_path):
     from personajudge.evaluation import EvalSpec, pair_experiment
     from personajudge.evaluation.runner import run_eval
 
-    spec = EvalSpec(limit=2, methods=["prompt", "persona-judge"], experiments=[pair_experiment("helpful,harmless")],
-                    scorers=[{"alias": "rm", "name": "reward-model", "options": {"model": tiny_reward_model}}],
-                    dimensions=[{"dimension": "helpful", "scorer": "rm", "direction": "higher"}],
-                    run={"backend": {"name": "toy"}, "decoding": {"max_new_tokens": 12}})
+    spec = EvalSpec(
+        limit=2,
+        methods=["prompt", "persona-judge"],
+        experiments=[pair_experiment("helpful,harmless")],
+        scorers=[{"alias": "rm", "name": "reward-model", "options": {"model": tiny_reward_model}}],
+        dimensions=[{"dimension": "helpful", "scorer": "rm", "direction": "higher"}],
+        run={"backend": {"name": "toy"}, "decoding": {"max_new_tokens": 12}},
+    )
     run_eval(spec, tmp_path / "run", progress=False)
     rep = json.loads((tmp_path / "run" / "report.json").read_text())
     assert [(w["dimension"], w["scorer"], w["n_prompts"]) for w in rep["win_rates"]] == [("helpful", "rm", 2)]

@@ -52,17 +52,37 @@ def model_path():
 @pytest.fixture(scope="module")
 def judge_server(tmp_path_factory, model_path):
     for m in SERVER_MODULES:
-        pytest.importorskip(m, reason=f"llama-cpp-python's server extras are missing ({m}): "
-                                      "pip install 'llama-cpp-python[server]'")
+        pytest.importorskip(
+            m, reason=f"llama-cpp-python's server extras are missing ({m}): pip install 'llama-cpp-python[server]'"
+        )
     httpx = pytest.importorskip("httpx")
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", model_path, "--host", "127.0.0.1", "--port",
-             str(port), "--n_ctx", "2048", "--model_alias", "embedded-judge", "--n_threads", "1",
-             "--n_threads_batch", "1"],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            [
+                sys.executable,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                model_path,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--n_ctx",
+                "2048",
+                "--model_alias",
+                "embedded-judge",
+                "--n_threads",
+                "1",
+                "--n_threads_batch",
+                "1",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     base = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -90,20 +110,40 @@ def judge_server(tmp_path_factory, model_path):
 
 def _items():
     return [
-        PairItem(prompt="How do I boil an egg?", response_a="Boil it for 8 minutes.",
-                 response_b="Eggs are fascinating. First, consider the history of the chicken, then pick a pot, "
-                            "fill it with water, wait, and after some time that depends on many factors, take it out.",
-                 aspect="concise (Concise and to the point, never verbose)", aspect_name="concise", key="egg"),
-        PairItem(prompt="Say hello.", response_a="Go away.", response_b="Hello, my friend! Lovely to see you.",
-                 aspect="friendly (Friendly, witty and humorous)", aspect_name="friendly", key="hello"),
-        PairItem(prompt="Why is the sky blue?",
-                 response_a="Sunlight scatters off air molecules, and blue light scatters the most.",
-                 response_b="Because.", aspect="informative (Detailed and informative)", aspect_name="informative",
-                 key="sky"),
-        PairItem(prompt="Tell me about cats.", response_a="Cats are small furry pets that purr.",
-                 response_b="Cats are small furry pets that purr. LOL, they also knock your coffee off the table "
-                            "just to watch you suffer!",
-                 aspect="humorous (Witty and funny)", aspect_name="humorous", key="cats"),
+        PairItem(
+            prompt="How do I boil an egg?",
+            response_a="Boil it for 8 minutes.",
+            response_b="Eggs are fascinating. First, consider the history of the chicken, then pick a pot, "
+            "fill it with water, wait, and after some time that depends on many factors, take it out.",
+            aspect="concise (Concise and to the point, never verbose)",
+            aspect_name="concise",
+            key="egg",
+        ),
+        PairItem(
+            prompt="Say hello.",
+            response_a="Go away.",
+            response_b="Hello, my friend! Lovely to see you.",
+            aspect="friendly (Friendly, witty and humorous)",
+            aspect_name="friendly",
+            key="hello",
+        ),
+        PairItem(
+            prompt="Why is the sky blue?",
+            response_a="Sunlight scatters off air molecules, and blue light scatters the most.",
+            response_b="Because.",
+            aspect="informative (Detailed and informative)",
+            aspect_name="informative",
+            key="sky",
+        ),
+        PairItem(
+            prompt="Tell me about cats.",
+            response_a="Cats are small furry pets that purr.",
+            response_b="Cats are small furry pets that purr. LOL, they also knock your coffee off the table "
+            "just to watch you suffer!",
+            aspect="humorous (Witty and funny)",
+            aspect_name="humorous",
+            key="cats",
+        ),
     ]
 
 
@@ -114,16 +154,26 @@ def _assert_verdicts(results):
     # the verdict depends on the responses, not only on the positions: some item flips with the order, or ties
     assert any(r.details["consistent"] or 0 in r.details["answers"] for r in results), answers
     for r in results:
-        assert r.value == sum((1.0 if (a == 1) == (o == "AB") else 0.0) if a in (1, 2) else 0.5
-                              for a, o in zip(r.details["answers"], r.details["orders"])) / 2
+        assert (
+            r.value
+            == sum(
+                (1.0 if (a == 1) == (o == "AB") else 0.0) if a in (1, 2) else 0.5
+                for a, o in zip(r.details["answers"], r.details["orders"])
+            )
+            / 2
+        )
 
 
-@pytest.mark.parametrize("opts", [{"api": "chat", "constrain": "grammar"},
-                                  {"api": "completions", "constrain": "grammar"}], ids=["chat", "completions"])
+@pytest.mark.parametrize(
+    "opts",
+    [{"api": "chat", "constrain": "grammar"}, {"api": "completions", "constrain": "grammar"}],
+    ids=["chat", "completions"],
+)
 def test_http_judge_against_a_real_server_gives_verdicts(judge_server, monkeypatch, opts):
     monkeypatch.setenv("PERSONAJUDGE_JUDGE_API_KEY", "sk-local-test")  # a bearer token the local server ignores
-    judge = PairwiseJudgeScorer(judge="http", base_url=judge_server, model="embedded-judge", seed=0, max_tokens=4,
-                                concurrency=2, **opts)
+    judge = PairwiseJudgeScorer(
+        judge="http", base_url=judge_server, model="embedded-judge", seed=0, max_tokens=4, concurrency=2, **opts
+    )
     first = judge.compare_many(_items())
     for r in first:  # the grammar holds every answer to a digit
         assert r.details["invalid"] == 0 and all(a in (0, 1, 2) for a in r.details["answers"]), r.details
@@ -155,9 +205,29 @@ def test_eval_run_with_the_http_judge_from_the_environment(judge_server, tmp_pat
     monkeypatch.setenv("PERSONAJUDGE_JUDGE_MODEL", "embedded-judge")
     monkeypatch.setenv("PERSONAJUDGE_JUDGE_API_KEY", "sk-local-test-secret")
     d = tmp_path / "run"
-    code = main(["eval", "--backend", "toy", "--limit", "2", "--max-new-tokens", "12", "--pair", "concise,informative",
-                 "--scorers", "length,judge=pairwise-judge", "--scorer-option", "judge.max_tokens=4",
-                 "--scorer-option", "judge.constrain=grammar", "--run-dir", str(d), "--no-progress", "-q"])
+    code = main(
+        [
+            "eval",
+            "--backend",
+            "toy",
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "12",
+            "--pair",
+            "concise,informative",
+            "--scorers",
+            "length,judge=pairwise-judge",
+            "--scorer-option",
+            "judge.max_tokens=4",
+            "--scorer-option",
+            "judge.constrain=grammar",
+            "--run-dir",
+            str(d),
+            "--no-progress",
+            "-q",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     rep = json.loads((d / "report.json").read_text())
     judged = [w for w in rep["win_rates"] if w["scorer"] == "judge"]

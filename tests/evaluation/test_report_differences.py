@@ -15,10 +15,16 @@ pytest.importorskip("matplotlib")
 
 
 def test_differences_against_base_and_the_baseline_are_paired_per_prompt(tmp_path):
-    spec = EvalSpec.model_validate(dict(
-        limit=4, methods=["base", "prompt", "persona-judge"], baseline="prompt",
-        experiments=[pair_experiment("concise,friendly")], scorers=[{"alias": "length", "name": "length"}],
-        run={"backend": {"name": "toy"}, "decoding": {"max_new_tokens": 16}}))
+    spec = EvalSpec.model_validate(
+        dict(
+            limit=4,
+            methods=["base", "prompt", "persona-judge"],
+            baseline="prompt",
+            experiments=[pair_experiment("concise,friendly")],
+            scorers=[{"alias": "length", "name": "length"}],
+            run={"backend": {"name": "toy"}, "decoding": {"max_new_tokens": 16}},
+        )
+    )
     d = tmp_path / "run"
     run_eval(spec, d, progress=False)
     report = json.loads((d / "report.json").read_text())

@@ -10,8 +10,9 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def run(script, *args, timeout=600):
-    proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
 
@@ -56,7 +57,8 @@ def _gguf_available():
 def test_synthetic_gguf_has_the_asked_shape_and_runs(tmp_path):
     """The speed-benchmark model builder writes a GGUF llama.cpp loads, with the embedded tokenizer."""
     import gguf
-    from personajudge.plugins import PersonaJudge
+
+    from personajudge import PersonaJudge
 
     dest = tmp_path / "tiny.gguf"
     out = run("synthetic_gguf.py", "--shape", "tiny", str(dest))
@@ -66,15 +68,15 @@ def test_synthetic_gguf_has_the_asked_shape_and_runs(tmp_path):
     assert fields["gemma3.block_count"].contents() == 2
     assert fields["gemma3.embedding_length"].contents() == 64
 
-    with PersonaJudge({"backend": {"name": "llama-cpp", "model": str(dest), "threads": 1}}) as pj:
-        assert pj.backend.tokenizer.encode("Why is the sky blue?") == \
-            _embedded_tokens("Why is the sky blue?")
+    # plain encoder: a random-weight model is only "two views of one model" when the prefixes are short
+    with PersonaJudge({"backend": {"name": "llama-cpp", "model": str(dest), "threads": 1}, "encoder": "plain"}) as pj:
+        assert pj.backend.tokenizer.encode("Why is the sky blue?") == _embedded_tokens("Why is the sky blue?")
         res = pj.generate("Why is the sky blue?", preferences=["concise", "humor"], max_new_tokens=12, seed=0)
     assert res.stats.tokens == 12 and res.stats.drafted >= res.stats.accepted > 0
 
 
 def _embedded_tokens(text):
-    from personajudge.plugins import PersonaJudge
+    from personajudge import PersonaJudge
 
     with PersonaJudge({"backend": {"name": "llama-cpp", "threads": 1}}) as pj:
         return pj.backend.tokenizer.encode(text)

@@ -11,7 +11,7 @@ def assert_incremental_text_matches(tokenizer, token_lists):
         em = Emitter(tokenizer, max_new_tokens=len(tokens) + 1, eos_token_ids=(), on_text=pieces.append)
         for i, t in enumerate(tokens):
             assert em.push(t)
-            expected = tokenizer.decode(tokens[:i + 1])
+            expected = tokenizer.decode(tokens[: i + 1])
             assert em.text == expected, (i, em.text[-40:], expected[-40:])
         em.finish("length")
         assert "".join(pieces) == em.text

@@ -21,10 +21,13 @@ def make_tokenizer():
     tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tk.decoder = decoders.Fuse()
     tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                  unk_token="<unk>")
-    tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}[assistant] {% endif %}")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tok.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
     return tok
 
 
@@ -33,14 +36,28 @@ def build_tiny(path, arch: str) -> str:
 
     tok = make_tokenizer()
     torch.manual_seed(0)
-    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
-                  eos_token_id=2, pad_token_id=0, initializer_range=0.2)
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        initializer_range=0.2,
+    )
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
     else:
-        common.update(num_hidden_layers=3, head_dim=16, sliding_window=8,
-                      layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+        common.update(
+            num_hidden_layers=3,
+            head_dim=16,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        )
         model = Gemma3ForCausalLM(Gemma3TextConfig(**common))
     model.save_pretrained(path)
     tok.save_pretrained(path)

@@ -19,15 +19,29 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-FOLDERS = {"core": "personajudge.core", "backends": "personajudge.backends",
-           "preferences": "personajudge.preferences", "plugins": "personajudge.plugins",
-           "personajudge": "personajudge"}
+FOLDERS = {
+    "core": "personajudge.core",
+    "backends": "personajudge.backends",
+    "preferences": "personajudge.preferences",
+    "plugins": "personajudge.plugins",
+    "personajudge": "personajudge",
+}
 LAYERS = [
-    ("personajudge.core", 0), ("personajudge.backends", 1), ("personajudge.preferences", 1),
-    ("personajudge.plugins", 2), ("personajudge.api", 3), ("personajudge.engine", 2.5),
-    ("personajudge.batch", 4), ("personajudge.bench", 4), ("personajudge.evaluation", 4),
-    ("personajudge.serve", 4), ("personajudge.distributed", 3.5), ("personajudge.testing", 4),
-    ("personajudge.cli", 5), ("personajudge.__main__", 6), ("personajudge", 4),
+    ("personajudge.core", 0),
+    ("personajudge.backends", 1),
+    ("personajudge.preferences", 1),
+    ("personajudge.plugins", 2),
+    ("personajudge.api", 3),
+    ("personajudge.engine", 2.5),
+    ("personajudge.batch", 4),
+    ("personajudge.bench", 4),
+    ("personajudge.evaluation", 4),
+    ("personajudge.serve", 4),
+    ("personajudge.distributed", 3.5),
+    ("personajudge.testing", 4),
+    ("personajudge.cli", 5),
+    ("personajudge.__main__", 6),
+    ("personajudge", 4),
 ]
 
 
@@ -49,16 +63,19 @@ def modules():
 def project_imports(path: Path, module: str, is_pkg: bool):
     """(line, imported module, at module level?) for every import of a project module."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    top = {id(n) for n in tree.body} | {id(n) for n in ast.walk(tree) if isinstance(n, ast.If)
-                                         and isinstance(n.test, ast.Name) and n.test.id == "TYPE_CHECKING"
-                                         for n in n.body}
+    top = {id(n) for n in tree.body} | {
+        id(n)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.If) and isinstance(n.test, ast.Name) and n.test.id == "TYPE_CHECKING"
+        for n in n.body
+    }
     base = module.split(".") if is_pkg else module.split(".")[:-1]
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                stem = base[:len(base) - node.level + 1]
+                stem = base[: len(base) - node.level + 1]
                 names = [".".join(stem + ([node.module] if node.module else []))]
             else:
                 names = [node.module or ""]
@@ -85,6 +102,12 @@ def test_imports_point_down_and_are_at_module_level(path, module, is_pkg):
 
 
 def test_every_folder_has_a_layer():
-    assert {layer(m)[0] for _, m, _ in ALL} >= {"personajudge.core", "personajudge.backends",
-                                                   "personajudge.preferences", "personajudge.plugins",
-                                                   "personajudge.api", "personajudge.cli", "personajudge.evaluation"}
+    assert {layer(m)[0] for _, m, _ in ALL} >= {
+        "personajudge.core",
+        "personajudge.backends",
+        "personajudge.preferences",
+        "personajudge.plugins",
+        "personajudge.api",
+        "personajudge.cli",
+        "personajudge.evaluation",
+    }

@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-GOOD = '''
+GOOD = """
 import numpy as np
 from personajudge import hookimpl
 
@@ -27,9 +27,9 @@ class Shout:
 @hookimpl
 def register_encoders(register):
     register(Shout)
-'''
+"""
 BROKEN = "import this_module_does_not_exist_anywhere\n"
-COLLIDES = '''
+COLLIDES = """
 from personajudge import hookimpl
 from personajudge.backends.toy import ToyBackend
 
@@ -39,7 +39,7 @@ class Impostor(ToyBackend):
 @hookimpl
 def register_backends(register):
     register(Impostor)
-'''
+"""
 
 
 def install(site, dist, version, entry, module, code):
@@ -65,12 +65,26 @@ def run(site, *args, select=None):
     env.pop("PERSONAJUDGE_PLUGINS", None)
     if select is not None:
         env["PERSONAJUDGE_PLUGINS"] = select
-    return subprocess.run([sys.executable, "-m", "personajudge", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "personajudge", *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
-GEN = ["generate", "hello", "--backend", "toy", "--prefer", "concise", "--prefer", "humor", "--max-new-tokens", "5",
-       "--seed", "3", "--json"]
+GEN = [
+    "generate",
+    "hello",
+    "--backend",
+    "toy",
+    "--prefer",
+    "concise",
+    "--prefer",
+    "humor",
+    "--max-new-tokens",
+    "5",
+    "--seed",
+    "3",
+    "--json",
+]
 
 
 def test_broken_and_colliding_plugins_are_skipped_with_one_line_each(site):
@@ -99,14 +113,30 @@ def test_the_working_plugin_is_listed_with_its_distribution_and_used(site):
     assert enc["plain"]["distribution"] == "persona-judge"
     text = run(site, "plugins").stdout
     assert "Every preference in capitals (a test encoder).  [pj-shout 1.2.0, entry point shout = pj_shout]" in text
-    shown = run(site, "generate", "hi", "--backend", "toy", "--encoder", "shout", "--prefer", "concise",
-                "--prefer", "humor", "--max-new-tokens", "3", "--show-prompt", select="shout")
+    shown = run(
+        site,
+        "generate",
+        "hi",
+        "--backend",
+        "toy",
+        "--encoder",
+        "shout",
+        "--prefer",
+        "concise",
+        "--prefer",
+        "humor",
+        "--max-new-tokens",
+        "3",
+        "--show-prompt",
+        select="shout",
+    )
     assert shown.returncode == 0, shown.stderr
     assert "BE CONCISE AND TO THE POINT" in shown.stderr
 
 
-@pytest.mark.parametrize("select,present", [("none", set()), ("", set()), ("shout", {"shout"}),
-                                            ("pj-shout,pj-broken", {"shout"})])
+@pytest.mark.parametrize(
+    "select,present", [("none", set()), ("", set()), ("shout", {"shout"}), ("pj-shout,pj-broken", {"shout"})]
+)
 def test_personajudge_plugins_selects_third_party_plugins(site, select, present):
     proc = run(site, "plugins", "--json", select=select)
     assert proc.returncode == 0, proc.stderr

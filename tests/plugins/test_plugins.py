@@ -1,16 +1,14 @@
 """Plugins: a backend defined here registers through the public hook and runs."""
 
-from collections.abc import Sequence
-
 import numpy as np
 import pytest
 
+from personajudge.api import PersonaJudge
+from personajudge.cli import main
 from personajudge.core.config import BackendConfig
 from personajudge.core.contract import Backend, Session
 from personajudge.core.errors import UnknownPluginError
 from personajudge.plugins import PluginWarning, hookimpl, register_plugin, registry, unregister_plugin
-from personajudge.api import PersonaJudge
-from personajudge.cli import main
 
 
 class CycleTokenizer:
@@ -92,14 +90,17 @@ def test_registered_backend_is_listed_and_used_by_generate(plugin):
     assert isinstance(pj.backend, CycleBackend)
     # both views agree with certainty: every draft is accepted, and the text cycles
     assert res.stats.acceptance_rate == 1.0
-    assert len(res.text) == 12 and all(res.text[i + 1] == "abcde"[("abcde".index(res.text[i]) + 1) % 5]
-                                       for i in range(11))
+    assert len(res.text) == 12 and all(
+        res.text[i + 1] == "abcde"[("abcde".index(res.text[i]) + 1) % 5] for i in range(11)
+    )
     assert max(pj.backend.sessions[-1].calls) == 2  # the two views were batched into one call
 
 
 def test_registered_backend_is_usable_from_the_cli(plugin, capsys):
-    assert main(["generate", "abc", "--backend", "test-cycle", "--prefer", "concise", "--max-new-tokens", "5",
-                 "--json"]) == 0
+    assert (
+        main(["generate", "abc", "--backend", "test-cycle", "--prefer", "concise", "--max-new-tokens", "5", "--json"])
+        == 0
+    )
     import json
 
     out = json.loads(capsys.readouterr().out)
@@ -126,8 +127,9 @@ def test_a_colliding_name_is_skipped_with_a_warning_and_the_builtin_kept():
     d = Dup()
     register_plugin(d, name="dup")
     try:
-        with pytest.warns(PluginWarning, match="skipped backend 'toy' of plugin 'dup' .*already registered by "
-                                               "persona-judge"):
+        with pytest.warns(
+            PluginWarning, match="skipped backend 'toy' of plugin 'dup' .*already registered by persona-judge"
+        ):
             reg = registry("backend")
         assert reg.get("toy").__module__ == "personajudge.backends.toy"  # the built-in won
         assert reg.origin("toy") == "personajudge.plugins.builtins"
@@ -150,8 +152,10 @@ def test_core_imports_neither_torch_nor_llama_cpp():
     import subprocess
     import sys
 
-    code = ("import sys, personajudge.core, personajudge.plugins.manager as m; m.list_plugins(); "
-            "print(sorted(x for x in ('torch', 'llama_cpp', 'transformers') if x in sys.modules))")
+    code = (
+        "import sys, personajudge.core, personajudge.plugins.manager as m; m.list_plugins(); "
+        "print(sorted(x for x in ('torch', 'llama_cpp', 'transformers') if x in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -1,8 +1,8 @@
 """Every encoder on the embedded model's real tokenizer (Gemma 3 via llama.cpp)."""
 
 import pytest
-
 from chat_tokenizers import STRICT
+
 from personajudge.plugins import resolve_encoder
 from personajudge.preferences import resolve
 from personajudge.preferences.encoders import encode, normalize_conversation
@@ -10,8 +10,11 @@ from personajudge.preferences.encoders import encode, normalize_conversation
 pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.model
 
-MULTI = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
-         {"role": "user", "content": "Why that one?"}]
+MULTI = [
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "Why that one?"},
+]
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from chat_tokenizers import ChatTokenizer
+
 from personajudge.api import PersonaJudge
 from personajudge.backends.toy import ToyTokenizer
 from personajudge.core.errors import ConfigError, PreferenceError
@@ -26,6 +26,7 @@ def render(view, conversation=CONV, **kw):
 
 
 # -- the library --------------------------------------------------------------------------------------
+
 
 def test_every_builtin_preference_has_one_line_exemplars():
     for p in builtin_preferences():
@@ -58,11 +59,13 @@ def test_combined_exemplars_are_keyed_by_sorted_names():
 
 # -- the encoder -------------------------------------------------------------------------------------
 
+
 def test_single_preference_view_shows_instruction_exemplars_then_the_prompt():
     concise = resolve("concise")
     text = render([concise])
-    assert text.startswith(f"Instructions: {concise.instruction}\n\nQuestion: {concise.examples[0].q}\n"
-                           f"Answer: {concise.examples[0].a}\n\n")
+    assert text.startswith(
+        f"Instructions: {concise.instruction}\n\nQuestion: {concise.examples[0].q}\nAnswer: {concise.examples[0].a}\n\n"
+    )
     assert text.endswith("Question: Why is the sky blue?\nAnswer:")
     assert text.count("Question:") == 4  # three exemplars + the prompt
     assert "Instructions" not in render([concise], options={"instruction": False})
@@ -98,8 +101,11 @@ def test_own_examples_take_precedence_over_combined_ones():
 
 
 def test_multi_turn_and_system_keep_working():
-    conv = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue.\nReally."},
-            {"role": "user", "content": "Why that one?"}]
+    conv = [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue.\nReally."},
+        {"role": "user", "content": "Why that one?"},
+    ]
     text = render([resolve("concise")], conv, system="You are terse.")
     assert text.startswith("You are terse.\n\nInstructions:")
     assert text.endswith("Question: Name a colour.\nAnswer: Blue. Really.\n\nQuestion: Why that one?\nAnswer:")
@@ -124,6 +130,7 @@ def test_exemplar_is_registered():
 
 
 # -- auto ------------------------------------------------------------------------------------------------
+
 
 def test_auto_picks_exemplar_for_base_models_when_every_preference_has_examples():
     with_examples = build_views(["concise", "friendly"])
@@ -160,18 +167,22 @@ def pj_method(pj, name):
 
 # -- user-given examples in preferences files ------------------------------------------------------------
 
+
 def test_toml_file_with_examples(tmp_path):
     f = tmp_path / "prefs.toml"
-    f.write_text('[[preferences]]\nname = "pirate"\ndescription = "Talk like a pirate"\n'
-                 'examples = [{q = "Where is the ship?", a = "Arr, she be in the harbour, matey."},\n'
-                 '            {q = "Is it late?", a = "Aye, the moon be up."}]\n'
-                 '[[preferences]]\nname = "concise"\nexamples = [{q = "Is water wet?", a = "Yes."}]\n')
+    f.write_text(
+        '[[preferences]]\nname = "pirate"\ndescription = "Talk like a pirate"\n'
+        'examples = [{q = "Where is the ship?", a = "Arr, she be in the harbour, matey."},\n'
+        '            {q = "Is it late?", a = "Aye, the moon be up."}]\n'
+        '[[preferences]]\nname = "concise"\nexamples = [{q = "Is water wet?", a = "Yes."}]\n'
+    )
     pirate, concise = load_file(f)
     assert pirate.examples[0] == Example(q="Where is the ship?", a="Arr, she be in the harbour, matey.")
     assert len(pirate.examples) == 2
     # a library name without a description adjusts the built-in: own examples, same instruction
     assert concise.instruction == resolve("concise").instruction and concise.examples == (
-        Example(q="Is water wet?", a="Yes."),)
+        Example(q="Is water wet?", a="Yes."),
+    )
     assert auto_encoder_name(TOK, [[pirate], [concise]]) == "exemplar"
 
 
@@ -180,18 +191,22 @@ def test_json_and_yaml_files_with_examples(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps(data))
     assert load_file(tmp_path / "p.json")[0].examples == (Example(q="Hi?", a="Ahoy!"),)
     pytest.importorskip("yaml")
-    (tmp_path / "p.yaml").write_text("- name: pirate\n  description: Talk like a pirate\n"
-                                     "  examples:\n    - {q: 'Hi?', a: 'Ahoy!'}\n")
+    (tmp_path / "p.yaml").write_text(
+        "- name: pirate\n  description: Talk like a pirate\n  examples:\n    - {q: 'Hi?', a: 'Ahoy!'}\n"
+    )
     assert load_file(tmp_path / "p.yaml")[0].examples == (Example(q="Hi?", a="Ahoy!"),)
 
 
-@pytest.mark.parametrize("examples,match", [
-    ('[{q = "Hi?", a = "line one\\nline two"}]', r"entry 1: examples\.0\.a: .*one line"),
-    ('[{q = "Hi?"}]', r"entry 1: examples\.0\.a: Field required"),
-    ('[{q = "Hi?", a = ""}]', r"examples\.0\.a"),
-    ('[{q = "Hi?", a = "Yo", mood = "x"}]', r"examples\.0\.mood"),
-    ('"Hi? Yo"', r"entry 1: examples must be a list of tables"),
-])
+@pytest.mark.parametrize(
+    "examples,match",
+    [
+        ('[{q = "Hi?", a = "line one\\nline two"}]', r"entry 1: examples\.0\.a: .*one line"),
+        ('[{q = "Hi?"}]', r"entry 1: examples\.0\.a: Field required"),
+        ('[{q = "Hi?", a = ""}]', r"examples\.0\.a"),
+        ('[{q = "Hi?", a = "Yo", mood = "x"}]', r"examples\.0\.mood"),
+        ('"Hi? Yo"', r"entry 1: examples must be a list of tables"),
+    ],
+)
 def test_bad_examples_are_one_line_errors_naming_the_field(tmp_path, examples, match):
     f = tmp_path / "prefs.toml"
     f.write_text(f'[[preferences]]\nname = "pirate"\ndescription = "Talk like a pirate"\nexamples = {examples}\n')

@@ -26,8 +26,10 @@ def test_auto_picks_exemplar_on_the_base_model_and_reports_it(pj):
     assert res.settings["encoder"] == "exemplar"
 
 
-@pytest.mark.parametrize("method,prefs", [("base", []), ("prompt", ["concise"]), ("prompt", ["informative"]),
-                                          ("persona-judge", ["concise", "friendly"])])
+@pytest.mark.parametrize(
+    "method,prefs",
+    [("base", []), ("prompt", ["concise"]), ("prompt", ["informative"]), ("persona-judge", ["concise", "friendly"])],
+)
 def test_answers_end_where_the_format_says(pj, method, prefs):
     for i, prompt in enumerate(PROMPTS):
         res = pj.generate(prompt, preferences=prefs, method=method, seed=i)

@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from chat_tokenizers import STRICT, ChatTokenizer
+
 from personajudge.backends.toy import ToyTokenizer
-from personajudge.core.errors import ConfigError, PreferenceError
 from personajudge.cli import main
+from personajudge.core.errors import ConfigError, PreferenceError
 from personajudge.plugins import resolve_encoder
 from personajudge.preferences import build_views, load_file, resolve
 from personajudge.preferences.encoders import normalize_conversation
@@ -20,8 +20,11 @@ from personajudge.preferences.library import builtin_preferences
 PAPER = ["helpful", "harmless", "humor", "correct", "informative", "professional", "creative", "touching", "vivid"]
 PSOUPS = ["elementary", "expert", "concise", "informative", "friendly", "unfriendly", "sassy", "sarcastic"]
 CONV = [{"role": "user", "content": "Why is the sky blue?"}]
-MULTI = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
-         {"role": "user", "content": "Why that one?"}]
+MULTI = [
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "Why that one?"},
+]
 
 
 def test_library_covers_the_paper_and_psoups_dimensions():
@@ -38,13 +41,16 @@ def test_resolution_by_name_alias_and_free_text():
     assert free.instruction == "explain it like I'm five, but stay correct" and free.source == "free text"
 
 
-@pytest.mark.parametrize("bad, needle", [
-    ("concize", "did you mean concise"),
-    ("sarcastc", "did you mean sarcastic"),
-    ("", "empty preference"),
-    ("   ", "empty preference"),
-    ("qwertyuiop", "unknown preference 'qwertyuiop'"),
-])
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        ("concize", "did you mean concise"),
+        ("sarcastc", "did you mean sarcastic"),
+        ("", "empty preference"),
+        ("   ", "empty preference"),
+        ("qwertyuiop", "unknown preference 'qwertyuiop'"),
+    ],
+)
 def test_bad_preferences(bad, needle):
     with pytest.raises(PreferenceError, match=needle):
         resolve(bad)
@@ -64,13 +70,16 @@ def test_preference_files(tmp_path):
     assert load_file(yml)[1].instruction == "Use short sentences."
 
 
-@pytest.mark.parametrize("name, text, needle", [
-    ("bad.json", "[1, 2", "does not parse"),
-    ("bad.toml", "preferences = [", "does not parse"),
-    ("empty.json", "[]", "non-empty list"),
-    ("nodesc.json", '[{"name": "x", "description": ""}]', "entry 1"),
-    ("typo.json", '["concize"]', "did you mean concise"),
-])
+@pytest.mark.parametrize(
+    "name, text, needle",
+    [
+        ("bad.json", "[1, 2", "does not parse"),
+        ("bad.toml", "preferences = [", "does not parse"),
+        ("empty.json", "[]", "non-empty list"),
+        ("nodesc.json", '[{"name": "x", "description": ""}]', "entry 1"),
+        ("typo.json", '["concize"]', "did you mean concise"),
+    ],
+)
 def test_bad_preference_files(tmp_path, name, text, needle):
     f = tmp_path / name
     f.write_text(text)
@@ -101,13 +110,19 @@ def test_auto_picks_chat_turn_or_plain():
 
 def test_chat_turn_puts_the_preference_in_its_own_user_turn():
     text, add_bos = render("chat-turn", ChatTokenizer(), ["concise", "humor"])
-    assert text == ("<|im_start|>user\nBe concise and to the point; never be verbose. Be humorous: keep the tone "
-                    "cheerful, playful and amusing.<|im_end|>\n<|im_start|>user\nWhy is the sky blue?<|im_end|>\n"
-                    "<|im_start|>assistant\n")
+    assert text == (
+        "<|im_start|>user\nBe concise and to the point; never be verbose. Be humorous: keep the tone "
+        "cheerful, playful and amusing.<|im_end|>\n<|im_start|>user\nWhy is the sky blue?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     assert add_bos is False  # the template carries its own special tokens
     multi, _ = render("chat-turn", ChatTokenizer(), ["concise"], MULTI)
-    assert multi.index("never be verbose") < multi.index("Name a colour.") < multi.index("Blue.") < multi.index(
-        "Why that one?")
+    assert (
+        multi.index("never be verbose")
+        < multi.index("Name a colour.")
+        < multi.index("Blue.")
+        < multi.index("Why that one?")
+    )
 
 
 def test_chat_turn_merges_into_the_first_turn_when_the_template_insists_on_alternation():
@@ -126,8 +141,9 @@ def test_system_encoder():
 
 def test_plain_encoder_templates():
     text, add_bos = render("plain", ToyTokenizer(), ["concise"])
-    assert text == ("Instructions: Be concise and to the point; never be verbose.\n\n"
-                    "Question: Why is the sky blue?\nAnswer:")
+    assert text == (
+        "Instructions: Be concise and to the point; never be verbose.\n\nQuestion: Why is the sky blue?\nAnswer:"
+    )
     assert add_bos is True
     multi, _ = render("plain", ToyTokenizer(), ["concise"], MULTI)
     assert multi.endswith("Question: Name a colour.\nAnswer: Blue.\n\nQuestion: Why that one?\nAnswer:")
@@ -159,11 +175,14 @@ def test_prompt_method_composes_all_preferences_with_the_same_encoder():
     assert get_method("base")().plan(views) == [[]]
 
 
-@pytest.mark.parametrize("conv, needle", [
-    ([], "non-empty list"),
-    ([{"role": "bot", "content": "x"}], "message 1"),
-    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "end with a user message"),
-])
+@pytest.mark.parametrize(
+    "conv, needle",
+    [
+        ([], "non-empty list"),
+        ([{"role": "bot", "content": "x"}], "message 1"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "end with a user message"),
+    ],
+)
 def test_bad_conversations(conv, needle):
     with pytest.raises(ConfigError, match=needle):
         normalize_conversation(conv)
@@ -187,11 +206,29 @@ def test_cli_preferences_listing_and_errors(capsys, tmp_path):
 def test_cli_views_and_preferences_file(capsys, tmp_path):
     f = tmp_path / "p.json"
     f.write_text('["concise", "humor", "expert"]')
-    assert main(["generate", "hi", "--backend", "toy", "--preferences-file", str(f), "--max-new-tokens", "5",
-                 "--json"]) == 0
+    assert (
+        main(["generate", "hi", "--backend", "toy", "--preferences-file", str(f), "--max-new-tokens", "5", "--json"])
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["stats"]["views"] == 3
-    assert main(["generate", "hi", "--backend", "toy", "--view", "concise,humor", "--view", "expert",
-                 "--max-new-tokens", "5", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "hi",
+                "--backend",
+                "toy",
+                "--view",
+                "concise,humor",
+                "--view",
+                "expert",
+                "--max-new-tokens",
+                "5",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["stats"]["views"] == 2
 
 
@@ -201,16 +238,50 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "custom_encoder"
 @pytest.mark.slow
 def test_third_party_encoder_package_installs_and_works_from_the_cli(tmp_path):
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(EXAMPLE)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(EXAMPLE),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     env = {**os.environ, "PYTHONPATH": str(target) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cli = [sys.executable, "-m", "personajudge"]
     listed = subprocess.run(cli + ["plugins", "--json"], capture_output=True, text=True, env=env, timeout=120)
     encoders = {r["name"]: r["plugin"] for r in json.loads(listed.stdout)["encoder"]}
     assert encoders.get("persona-card") == "persona_card"  # registered through the entry point
-    out = subprocess.run(cli + ["generate", "Why is the sky blue?", "--backend", "toy", "--prefer", "concise",
-                                "--prefer", "humor", "--encoder", "persona-card", "--max-new-tokens", "6", "--json"],
-                         capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        cli
+        + [
+            "generate",
+            "Why is the sky blue?",
+            "--backend",
+            "toy",
+            "--prefer",
+            "concise",
+            "--prefer",
+            "humor",
+            "--encoder",
+            "persona-card",
+            "--max-new-tokens",
+            "6",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
     # the toy model's prompt length proves the persona card was the prefix
@@ -223,8 +294,12 @@ def test_plain_format_implies_a_stop_string(toy):
 
     pj = PersonaJudge({"backend": {"name": "toy"}}, backend=toy)
     assert pj.stop_strings(pj.config) == ["\nQuestion:"]
-    cfg = pj.config.model_copy(update={"encoder_options": {"template": "dialogue"},
-                                       "decoding": pj.config.decoding.model_copy(update={"stop": ["!"]})})
+    cfg = pj.config.model_copy(
+        update={
+            "encoder_options": {"template": "dialogue"},
+            "decoding": pj.config.decoding.model_copy(update={"stop": ["!"]}),
+        }
+    )
     assert pj.stop_strings(cfg) == ["!", "\nUser:"]
     off = pj.config.model_copy(update={"encoder_options": {"stop": False}})
     assert pj.stop_strings(off) == []

@@ -16,7 +16,8 @@ import pytest
 jinja2 = pytest.importorskip("jinja2")
 pytest.importorskip("hypothesis")
 
-from hypothesis import given, strategies as st  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st
 from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: E402
 
 from personajudge.core import chat_template  # noqa: E402
@@ -28,8 +29,9 @@ ORIGIN = "/models/evil.gguf"
 
 
 def render(source, *, messages=MSGS, **limits):
-    return ChatTemplate(source, ORIGIN).render(messages=messages, add_generation_prompt=True, bos_token="<s>",
-                                               eos_token="</s>", **limits)
+    return ChatTemplate(source, ORIGIN).render(
+        messages=messages, add_generation_prompt=True, bos_token="<s>", eos_token="</s>", **limits
+    )
 
 
 def stopped(source, **limits):
@@ -47,15 +49,19 @@ def stopped(source, **limits):
 
 # -- time ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("source", [
-    "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
-    # no output and no call inside the inner loop: only the loop itself can count
-    "{% set r = range(100000) %}{% for i in r %}{% for j in r %}{% endfor %}{% endfor %}",
-    # exponential macro recursion (2**60 calls)
-    "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(60) }}",
-    # loop over a loop's output without any output of its own
-    "{% for i in range(100000) %}{% set x = range(100000)|list %}{% endfor %}",
-])
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+        # no output and no call inside the inner loop: only the loop itself can count
+        "{% set r = range(100000) %}{% for i in r %}{% for j in r %}{% endfor %}{% endfor %}",
+        # exponential macro recursion (2**60 calls)
+        "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(60) }}",
+        # loop over a loop's output without any output of its own
+        "{% for i in range(100000) %}{% set x = range(100000)|list %}{% endfor %}",
+    ],
+)
 def test_runaway_loops_are_stopped_by_the_step_budget(source):
     msg, _ = stopped(source, max_steps=20_000, time_limit=600)
     assert "20,000 steps" in msg and ORIGIN in msg and "--encoder plain" in msg
@@ -63,8 +69,11 @@ def test_runaway_loops_are_stopped_by_the_step_budget(source):
 
 def test_the_deadline_stops_a_loop_too():
     # a generous step budget: only the (tiny) deadline can end this
-    msg, _ = stopped("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
-                     max_steps=10**12, time_limit=0.05)
+    msg, _ = stopped(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        max_steps=10**12,
+        time_limit=0.05,
+    )
     assert "within 0.05 s" in msg
 
 
@@ -78,37 +87,40 @@ def test_deep_recursion_is_one_line():
 GIB = 1 << 30
 
 
-@pytest.mark.parametrize("source", [
-    "{{ 'x' * 5000000000 }}",
-    "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
-    "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
-    "{% set ns = namespace(l=[1]) %}{% for i in range(64) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l }}",
-    # a tower of shared lists: tiny in memory, exponential for str() / == / tojson to walk
-    "{% set ns = namespace(l=[1]) %}{% for i in range(64) %}{% set ns.l = [ns.l, ns.l] %}{% endfor %}{{ ns.l }}",
-    "{% set a = namespace(l=[1]) %}{% set b = namespace(l=[1]) %}{% for i in range(64) %}"
-    "{% set a.l = [a.l, a.l] %}{% set b.l = [b.l, b.l] %}{% endfor %}{{ a.l == b.l }}",
-    "{% set ns = namespace(d={}) %}{% for i in range(64) %}{% set ns.d = {'a': ns.d, 'b': ns.d} %}{% endfor %}"
-    "{{ ns.d|tojson }}",
-    "{{ 'x'|center(3000000000) }}",
-    "{{ 'x'.ljust(3000000000) }}",
-    "{{ 'x'.zfill(3000000000) }}",
-    "{{ '%2000000000d'|format(1) }}",
-    "{{ '%2000000000d' % 1 }}",
-    "{{ '{:2000000000}'.format(1) }}",
-    "{% set s = 'a' * 400000 %}{{ s.replace('a', s) }}",
-    "{% set s = 'a' * 400000 %}{{ s|replace('a', s) }}",
-    "{% set s = '\t' * 400000 %}{{ s.expandtabs(400000) }}",
-    "{% set s = '\n' * 400000 %}{{ s|indent(400000) }}",
-    "{% set s = 'x' * 400000 %}{{ s|wordwrap(1, wrapstring=s) }}",
-    "{% set s = 'x' * 400000 %}{{ [s, s, s]|join }}",
-    "{% set s = 'x' * 400000 %}{{ ', '.join([s, s, s]) }}",
-    "{{ ([[1]] * 200000)|sum(start=[]) }}",
-    "{{ range(10)|batch(900000, fill_with='x' * 900) }}",
-    "{{ 2 ** 100000000 }}",
-    "{% set ns = namespace(n=3) %}{% for i in range(40) %}{% set ns.n = ns.n * ns.n %}{% endfor %}{{ ns.n }}",
-    "{% macro m() %}" + "{{ s }}" * 50 + "{% endmacro %}{% set s = 'x' * 400000 %}{{ m() }}",
-    "{% set s = 'x' * 1000 %}{% for i in range(100000) %}{{ s }}{% endfor %}",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ 'x' * 5000000000 }}",
+        "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+        "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+        "{% set ns = namespace(l=[1]) %}{% for i in range(64) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l }}",
+        # a tower of shared lists: tiny in memory, exponential for str() / == / tojson to walk
+        "{% set ns = namespace(l=[1]) %}{% for i in range(64) %}{% set ns.l = [ns.l, ns.l] %}{% endfor %}{{ ns.l }}",
+        "{% set a = namespace(l=[1]) %}{% set b = namespace(l=[1]) %}{% for i in range(64) %}"
+        "{% set a.l = [a.l, a.l] %}{% set b.l = [b.l, b.l] %}{% endfor %}{{ a.l == b.l }}",
+        "{% set ns = namespace(d={}) %}{% for i in range(64) %}{% set ns.d = {'a': ns.d, 'b': ns.d} %}{% endfor %}"
+        "{{ ns.d|tojson }}",
+        "{{ 'x'|center(3000000000) }}",
+        "{{ 'x'.ljust(3000000000) }}",
+        "{{ 'x'.zfill(3000000000) }}",
+        "{{ '%2000000000d'|format(1) }}",
+        "{{ '%2000000000d' % 1 }}",
+        "{{ '{:2000000000}'.format(1) }}",
+        "{% set s = 'a' * 400000 %}{{ s.replace('a', s) }}",
+        "{% set s = 'a' * 400000 %}{{ s|replace('a', s) }}",
+        "{% set s = '\t' * 400000 %}{{ s.expandtabs(400000) }}",
+        "{% set s = '\n' * 400000 %}{{ s|indent(400000) }}",
+        "{% set s = 'x' * 400000 %}{{ s|wordwrap(1, wrapstring=s) }}",
+        "{% set s = 'x' * 400000 %}{{ [s, s, s]|join }}",
+        "{% set s = 'x' * 400000 %}{{ ', '.join([s, s, s]) }}",
+        "{{ ([[1]] * 200000)|sum(start=[]) }}",
+        "{{ range(10)|batch(900000, fill_with='x' * 900) }}",
+        "{{ 2 ** 100000000 }}",
+        "{% set ns = namespace(n=3) %}{% for i in range(40) %}{% set ns.n = ns.n * ns.n %}{% endfor %}{{ ns.n }}",
+        "{% macro m() %}" + "{{ s }}" * 50 + "{% endmacro %}{% set s = 'x' * 400000 %}{{ m() }}",
+        "{% set s = 'x' * 1000 %}{% for i in range(100000) %}{{ s }}{% endfor %}",
+    ],
+)
 def test_size_bombs_are_refused_before_they_allocate(source):
     msg, peak = stopped(source, max_steps=10**9, time_limit=600)
     assert ORIGIN in msg and len(msg.splitlines()) == 1
@@ -130,6 +142,7 @@ def test_an_oversized_source_is_refused():
 
 # -- errors: one line naming the model file -------------------------------------------------------
 
+
 def test_raise_exception_is_one_sanitized_line_naming_the_file():
     source = "{{ raise_exception('Roles must alternate\\n\\x1b[31mred\\x1b[0m' ~ 'y' * 5000) }}"
     with pytest.raises(ChatTemplateError) as info:
@@ -141,14 +154,17 @@ def test_raise_exception_is_one_sanitized_line_naming_the_file():
     assert "--encoder plain" in msg and "--encoder system" in msg
 
 
-@pytest.mark.parametrize("source, words", [
-    ("{% for %}", "does not compile"),
-    ("{{ messages + 1 }}", "TypeError"),
-    ("{{ 1 / 0 }}", "ZeroDivisionError"),
-    ("{{ messages.__class__.__mro__ }}", None),  # the sandbox's own refusal renders as empty / undefined
-    ("{{ ''.__class__.__subclasses__() }}", "is unsafe"),
-    ("{{ 'a'.translate({97: 'b' * 100}) }}", "not allowed"),
-])
+@pytest.mark.parametrize(
+    "source, words",
+    [
+        ("{% for %}", "does not compile"),
+        ("{{ messages + 1 }}", "TypeError"),
+        ("{{ 1 / 0 }}", "ZeroDivisionError"),
+        ("{{ messages.__class__.__mro__ }}", None),  # the sandbox's own refusal renders as empty / undefined
+        ("{{ ''.__class__.__subclasses__() }}", "is unsafe"),
+        ("{{ 'a'.translate({97: 'b' * 100}) }}", "not allowed"),
+    ],
+)
 def test_template_errors_are_typed(source, words):
     try:
         out = render(source)
@@ -187,14 +203,18 @@ GEMMA3 = """{{ bos_token }}
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}"""
 
-LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
-          "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
-          "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-          "{% endif %}")
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
 
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 # the constructs the guards wrap, used the way templates use them
 KITCHEN_SINK = (
@@ -220,7 +240,8 @@ def plain_render(source, **context):
         raise jinja2.exceptions.TemplateError(message)
 
     env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
     env.globals["raise_exception"] = raise_exception
     return env.from_string(source).render(**context)
 

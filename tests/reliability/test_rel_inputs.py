@@ -34,19 +34,29 @@ def one_line_error(capsys, argv):
 
 # -- UTF-8 ---------------------------------------------------------------------------------------
 
+
 def test_invalid_utf8_on_stdin_is_one_line_naming_the_offset():
-    proc = subprocess.run([sys.executable, "-m", "personajudge", "generate", "-", *TOY],
-                          input=b"why is \xff the sky blue", capture_output=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "personajudge", "generate", "-", *TOY],
+        input=b"why is \xff the sky blue",
+        capture_output=True,
+        timeout=120,
+    )
     err = proc.stderr.decode()
     assert proc.returncode == 2, err
     assert err.strip().splitlines() == [
         "personajudge: error: standard input is not valid UTF-8: byte 0xff at offset 7 (line 1) invalid start "
-        "byte; save it as UTF-8"]
+        "byte; save it as UTF-8"
+    ]
 
 
 def test_valid_stdin_still_works():
-    proc = subprocess.run([sys.executable, "-m", "personajudge", "generate", "-", *TOY, "--json"],
-                          input="why is the sky blue ☀".encode(), capture_output=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "personajudge", "generate", "-", *TOY, "--json"],
+        input="why is the sky blue ☀".encode(),
+        capture_output=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr.decode()
     assert json.loads(proc.stdout)["tokens"]
 
@@ -81,13 +91,16 @@ def test_json_beyond_pythons_limits_in_a_jsonl_file(tmp_path, capsys, line):
     assert f"{f}:1: not usable JSON" in err
 
 
-@pytest.mark.parametrize("content, words", [
-    (b'{"prompt": "caf\xe9"}\n', "not valid UTF-8: byte 0xe9 at offset 15"),
-    (b'{"prompt": "caf\\udce9"}\n', "lone surrogate U+DCE9"),
-    (b'[{"prompt": "x", "id": ' + b"9" * 5000 + b"}]", "not usable JSON"),
-    (b'{"prompt": "x", "id": [1]}\n', "id must be a string or a number"),
-    (b"[" * 100_000 + b"]" * 100_000, "not usable JSON"),
-])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b'{"prompt": "caf\xe9"}\n', "not valid UTF-8: byte 0xe9 at offset 15"),
+        (b'{"prompt": "caf\\udce9"}\n', "lone surrogate U+DCE9"),
+        (b'[{"prompt": "x", "id": ' + b"9" * 5000 + b"}]", "not usable JSON"),
+        (b'{"prompt": "x", "id": [1]}\n', "id must be a string or a number"),
+        (b"[" * 100_000 + b"]" * 100_000, "not usable JSON"),
+    ],
+)
 def test_dataset_files(tmp_path, content, words):
     f = tmp_path / "prompts.jsonl"
     f.write_bytes(content)
@@ -98,8 +111,21 @@ def test_dataset_files(tmp_path, content, words):
 def test_dataset_with_invalid_utf8_through_eval_exits_2_before_any_model(tmp_path, capsys):
     f = tmp_path / "prompts.jsonl"
     f.write_bytes(b'{"prompt": "caf\xe9"}\n')
-    err = one_line_error(capsys, ["eval", "--backend", "toy", "--dataset", str(f), "--run-dir", str(tmp_path / "r"),
-                                  "--scorers", "length", "--no-progress"])
+    err = one_line_error(
+        capsys,
+        [
+            "eval",
+            "--backend",
+            "toy",
+            "--dataset",
+            str(f),
+            "--run-dir",
+            str(tmp_path / "r"),
+            "--scorers",
+            "length",
+            "--no-progress",
+        ],
+    )
     assert "not valid UTF-8" in err
 
 
@@ -144,6 +170,7 @@ def test_a_device_is_not_read_into_memory():
 
 # -- preferences files ---------------------------------------------------------------------------
 
+
 def test_binary_preferences_file(tmp_path, capsys):
     f = tmp_path / "prefs.json"
     f.write_bytes(b"\x00\x01\xff\xfe binary")
@@ -151,14 +178,17 @@ def test_binary_preferences_file(tmp_path, capsys):
     assert "preferences file" in err and "not valid UTF-8: byte 0xff at offset 2" in err
 
 
-@pytest.mark.parametrize("content, words", [
-    ('[{"name": "x"}]', "description: String should have at least 1 character"),
-    ('[{"description": "be kind", "weight": -1}]', "weight: Input should be greater than 0 (got -1)"),
-    ('[{"description": "be kind", "weight": 1e999}]', "weight: Input should be a finite number"),
-    ('[{"description": 5}]', "description must be a string, got int"),
-    ('[{"description": "be kind", "colour": "red"}]', "unknown key(s) colour"),
-    ('["be \\ud800 kind"]', "unable to parse raw data as a unicode string"),
-])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ('[{"name": "x"}]', "description: String should have at least 1 character"),
+        ('[{"description": "be kind", "weight": -1}]', "weight: Input should be greater than 0 (got -1)"),
+        ('[{"description": "be kind", "weight": 1e999}]', "weight: Input should be a finite number"),
+        ('[{"description": 5}]', "description must be a string, got int"),
+        ('[{"description": "be kind", "colour": "red"}]', "unknown key(s) colour"),
+        ('["be \\ud800 kind"]', "unable to parse raw data as a unicode string"),
+    ],
+)
 def test_preference_validation_errors_read_as_sentences(tmp_path, content, words):
     f = tmp_path / "prefs.json"
     f.write_text(content)
@@ -169,13 +199,15 @@ def test_preference_validation_errors_read_as_sentences(tmp_path, content, words
 
 
 def test_reward_model_validation_reads_as_a_sentence(capsys):
-    err = one_line_error(capsys, ["generate", "hi", *TOY, "--method", "pad", "--method-option",
-                                  'reward_model={"threads": 0}'])
+    err = one_line_error(
+        capsys, ["generate", "hi", *TOY, "--method", "pad", "--method-option", 'reward_model={"threads": 0}']
+    )
     assert "method_options.reward_model: threads: Input should be greater than or equal to 1 (got 0)" in err
     assert "pydantic.dev" not in err
 
 
 # -- report ---------------------------------------------------------------------------------------
+
 
 def test_report_leaves_a_directory_that_is_not_a_run_alone(tmp_path, capsys):
     d = tmp_path / "d"
@@ -185,18 +217,24 @@ def test_report_leaves_a_directory_that_is_not_a_run_alone(tmp_path, capsys):
     err = one_line_error(capsys, ["report", str(d)])
     assert "not an evaluation run directory" in err
     assert sorted(p.name for p in d.iterdir()) == sorted(
-        ["winrate.png", "scores.png", "lambda_sweep.png", "objectives_time.png", "report.md"])
+        ["winrate.png", "scores.png", "lambda_sweep.png", "objectives_time.png", "report.md"]
+    )
     assert all(p.read_bytes() == b"mine" for p in d.iterdir())
 
 
-@pytest.mark.parametrize("record, words", [
-    ("{}", "has no 'spec' table"),
-    ('{"spec": {"methods": 3}}', "spec.methods: Input should be a valid list"),
-    ("[1, 2]", "holds JSON list, not an object"),
-    ("not json", "is not valid JSON"),
-    ('{"spec": {"methods": ["prompt"], "experiments": [{"name": "e", "views": [["concise"]]}]}, "prompts": 5}',
-     "'prompts' must be a list"),
-])
+@pytest.mark.parametrize(
+    "record, words",
+    [
+        ("{}", "has no 'spec' table"),
+        ('{"spec": {"methods": 3}}', "spec.methods: Input should be a valid list"),
+        ("[1, 2]", "holds JSON list, not an object"),
+        ("not json", "is not valid JSON"),
+        (
+            '{"spec": {"methods": ["prompt"], "experiments": [{"name": "e", "views": [["concise"]]}]}, "prompts": 5}',
+            "'prompts' must be a list",
+        ),
+    ],
+)
 def test_report_on_a_broken_run_json(tmp_path, capsys, record, words):
     d = tmp_path / "d"
     d.mkdir()
@@ -216,9 +254,30 @@ def test_report_on_a_file(tmp_path, capsys):
 def test_report_removes_only_the_plots_it_wrote_itself(tmp_path):
     """A real run: the report's own stale plot goes, a file the user put there stays."""
     run = tmp_path / "run"
-    assert main(["eval", "--backend", "toy", "--run-dir", str(run), "--limit", "2", "--max-new-tokens", "4",
-                 "--methods", "prompt,persona-judge", "--pair", "concise,humor", "--scorers", "length",
-                 "--no-progress", "-q"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--backend",
+                "toy",
+                "--run-dir",
+                str(run),
+                "--limit",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--methods",
+                "prompt,persona-judge",
+                "--pair",
+                "concise,humor",
+                "--scorers",
+                "length",
+                "--no-progress",
+                "-q",
+            ]
+        )
+        == 0
+    )
     report = json.loads((run / "report.json").read_text())
     assert report["plots"], "the toy run draws plots"
     ours = sorted(report["plots"].values())
@@ -236,9 +295,31 @@ def test_report_removes_only_the_plots_it_wrote_itself(tmp_path):
 
 def test_corrupt_rows_in_a_run_are_skipped_not_fatal(tmp_path):
     run = tmp_path / "run"
-    assert main(["eval", "--backend", "toy", "--run-dir", str(run), "--limit", "2", "--max-new-tokens", "4",
-                 "--methods", "prompt,persona-judge", "--pair", "concise,humor", "--scorers", "length",
-                 "--no-progress", "-q", "--no-report"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--backend",
+                "toy",
+                "--run-dir",
+                str(run),
+                "--limit",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--methods",
+                "prompt,persona-judge",
+                "--pair",
+                "concise,humor",
+                "--scorers",
+                "length",
+                "--no-progress",
+                "-q",
+                "--no-report",
+            ]
+        )
+        == 0
+    )
     good = json.loads(write_report(run, plots=False)["json"].read_text())
     with open(run / "generations.jsonl", "a") as f:
         f.write(json.dumps({"key": ["x"], "prompt_id": {"a": 1}, "experiment": [1], "method": None}) + "\n")

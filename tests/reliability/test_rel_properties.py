@@ -17,7 +17,8 @@ import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
 
-from hypothesis import given, strategies as st  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st
 
 from personajudge.batch import read_records  # noqa: E402
 from personajudge.cli import build_parser  # noqa: E402
@@ -31,10 +32,17 @@ from personajudge.preferences import Preference, load_file  # noqa: E402
 
 #: text including lone surrogates (what undecodable input or a "\ud800" JSON escape becomes)
 any_text = st.text(st.characters(), max_size=40)
-scalars = (st.none() | st.booleans() | st.integers() | st.integers(min_value=10**20, max_value=10**40)
-           | st.floats(allow_nan=True, allow_infinity=True) | any_text)
-json_values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(any_text, c, max_size=4),
-                           max_leaves=12)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=10**20, max_value=10**40)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | any_text
+)
+json_values = st.recursive(
+    scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(any_text, c, max_size=4), max_leaves=12
+)
 
 
 def dumps(value) -> str:
@@ -42,8 +50,27 @@ def dumps(value) -> str:
     return json.dumps(value, ensure_ascii=True, allow_nan=True)
 
 
-KEYS = ["prompt", "id", "seed", "role", "content", "name", "description", "instruction", "weight", "examples",
-        "backend", "options", "decoding", "top_k", "temperature", "method", "preferences", "views", "system"]
+KEYS = [
+    "prompt",
+    "id",
+    "seed",
+    "role",
+    "content",
+    "name",
+    "description",
+    "instruction",
+    "weight",
+    "examples",
+    "backend",
+    "options",
+    "decoding",
+    "top_k",
+    "temperature",
+    "method",
+    "preferences",
+    "views",
+    "system",
+]
 
 
 def near_miss(depth: int = 2):
@@ -65,6 +92,7 @@ def typed(fn, *args, **kwargs):
 
 # -- CLI values ------------------------------------------------------------------------------------
 
+
 @given(item=any_text)
 def test_key_value_options(item):
     out = typed(_parse_option, item)
@@ -73,12 +101,24 @@ def test_key_value_options(item):
         assert key and "=" in item
 
 
-NUMERIC_FLAGS = ["--threads", "--n-ctx", "--n-gpu-layers", "--lambda", "--temperature", "--top-k", "--top-p",
-                 "--max-new-tokens", "--seed"]
+NUMERIC_FLAGS = [
+    "--threads",
+    "--n-ctx",
+    "--n-gpu-layers",
+    "--lambda",
+    "--temperature",
+    "--top-k",
+    "--top-p",
+    "--max-new-tokens",
+    "--seed",
+]
 
 
-@given(flag=st.sampled_from(NUMERIC_FLAGS), value=any_text | st.integers().map(str) | st.floats().map(repr),
-       options=st.lists(st.tuples(st.sampled_from(["seed", "view_strength", "n_batch", "x"]), any_text), max_size=3))
+@given(
+    flag=st.sampled_from(NUMERIC_FLAGS),
+    value=any_text | st.integers().map(str) | st.floats().map(repr),
+    options=st.lists(st.tuples(st.sampled_from(["seed", "view_strength", "n_batch", "x"]), any_text), max_size=3),
+)
 def test_numeric_flags_and_backend_options(flag, value, options):
     argv = ["generate", "hi", "--backend", "toy", f"{flag}={value}"]
     for k, v in options:
@@ -97,11 +137,33 @@ def test_numeric_flags_and_backend_options(flag, value, options):
         typed(take_options, cfg.backend, ToyOptions)
 
 
-@given(options=st.dictionaries(st.sampled_from(["n_batch", "n_ubatch", "n_seq_max", "kv_unified", "flash_attn",
-                                                "threads_batch", "use_mmap", "verbose", "device_map",
-                                                "attn_implementation", "trust_remote_code", "gguf_file",
-                                                "revision", "cpu_prepack", "adapter", "seed", "view_strength"]),
-                               json_values, max_size=4))
+@given(
+    options=st.dictionaries(
+        st.sampled_from(
+            [
+                "n_batch",
+                "n_ubatch",
+                "n_seq_max",
+                "kv_unified",
+                "flash_attn",
+                "threads_batch",
+                "use_mmap",
+                "verbose",
+                "device_map",
+                "attn_implementation",
+                "trust_remote_code",
+                "gguf_file",
+                "revision",
+                "cpu_prepack",
+                "adapter",
+                "seed",
+                "view_strength",
+            ]
+        ),
+        json_values,
+        max_size=4,
+    )
+)
 def test_backend_option_models(options):
     from personajudge.backends.hf import HFOptions
     from personajudge.backends.llama_cpp import LlamaCppOptions
@@ -116,17 +178,35 @@ def test_backend_option_models(options):
 
 # -- the TOML config ---------------------------------------------------------------------------------
 
-@given(data=near_miss() | st.dictionaries(any_text, json_values, max_size=4),
-       overrides=st.dictionaries(st.sampled_from(["backend.name", "decoding.top_k", "decoding.lambda", "method",
-                                                  "backend.options.x", "views", "decoding.stop"]),
-                                 json_values, max_size=3))
+
+@given(
+    data=near_miss() | st.dictionaries(any_text, json_values, max_size=4),
+    overrides=st.dictionaries(
+        st.sampled_from(
+            [
+                "backend.name",
+                "decoding.top_k",
+                "decoding.lambda",
+                "method",
+                "backend.options.x",
+                "views",
+                "decoding.stop",
+            ]
+        ),
+        json_values,
+        max_size=3,
+    ),
+)
 def test_build_config(data, overrides):
     out = typed(build_config, data, **overrides)
     assert isinstance(out, (RunConfig, PersonaJudgeError))
 
 
-@given(content=file_bytes | any_text.map(lambda t: t.encode("utf-8", "surrogatepass"))
-       | st.sampled_from([b"a = " + b"[" * 3000 + b"]" * 3000, b"[backend]\nthreads = 99999999999999999999"]))
+@given(
+    content=file_bytes
+    | any_text.map(lambda t: t.encode("utf-8", "surrogatepass"))
+    | st.sampled_from([b"a = " + b"[" * 3000 + b"]" * 3000, b"[backend]\nthreads = 99999999999999999999"])
+)
 def test_load_config_file(tmp_path, content):
     f = tmp_path / "c.toml"
     f.write_bytes(content)
@@ -137,8 +217,11 @@ def test_load_config_file(tmp_path, content):
 
 # -- preference files ----------------------------------------------------------------------------------
 
-@given(suffix=st.sampled_from([".json", ".toml", ".yaml"]),
-       content=file_bytes | st.lists(st.one_of(any_text, near_miss()), max_size=4).map(lambda v: dumps(v).encode()))
+
+@given(
+    suffix=st.sampled_from([".json", ".toml", ".yaml"]),
+    content=file_bytes | st.lists(st.one_of(any_text, near_miss()), max_size=4).map(lambda v: dumps(v).encode()),
+)
 def test_preference_files(tmp_path, suffix, content):
     pytest.importorskip("yaml")
     f = tmp_path / f"prefs{suffix}"
@@ -147,10 +230,19 @@ def test_preference_files(tmp_path, suffix, content):
             items = json.loads(content)
         except (ValueError, RecursionError):
             items = []
-        content = b"".join(b"[[preferences]]\n" + b"".join(
-            f"{k} = {json.dumps(v)}\n".encode("utf-8", "surrogatepass") for k, v in item.items()
-            if isinstance(k, str) and k.isidentifier() and isinstance(v, (str, int, float)) and not isinstance(v, bool)
-        ) for item in items if isinstance(item, dict))
+        content = b"".join(
+            b"[[preferences]]\n"
+            + b"".join(
+                f"{k} = {json.dumps(v)}\n".encode("utf-8", "surrogatepass")
+                for k, v in item.items()
+                if isinstance(k, str)
+                and k.isidentifier()
+                and isinstance(v, (str, int, float))
+                and not isinstance(v, bool)
+            )
+            for item in items
+            if isinstance(item, dict)
+        )
     f.write_bytes(content)
     out = typed(load_file, f)
     if isinstance(out, list):
@@ -159,12 +251,18 @@ def test_preference_files(tmp_path, suffix, content):
 
 # -- JSONL input and eval datasets ---------------------------------------------------------------------
 
-messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "x"]),
-                                           "content": any_text | json_values}), max_size=3)
-records = st.fixed_dictionaries({"prompt": any_text | messages | json_values},
-                                optional={"id": json_values, "seed": json_values})
+messages = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "assistant", "system", "x"]), "content": any_text | json_values}
+    ),
+    max_size=3,
+)
+records = st.fixed_dictionaries(
+    {"prompt": any_text | messages | json_values}, optional={"id": json_values, "seed": json_values}
+)
 lines = st.lists(records | near_miss() | json_values, min_size=0, max_size=4).map(
-    lambda rs: "\n".join(dumps(r) for r in rs).encode())
+    lambda rs: "\n".join(dumps(r) for r in rs).encode()
+)
 
 
 @given(content=lines | file_bytes | st.sampled_from([b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}"]))
@@ -179,8 +277,10 @@ def test_jsonl_input_records(tmp_path, content):
             str(r.id).encode("utf-8")
 
 
-@given(content=lines | file_bytes | st.lists(records, max_size=3).map(lambda v: dumps(v).encode()),
-       suffix=st.sampled_from([".jsonl", ".json"]))
+@given(
+    content=lines | file_bytes | st.lists(records, max_size=3).map(lambda v: dumps(v).encode()),
+    suffix=st.sampled_from([".jsonl", ".json"]),
+)
 def test_eval_datasets(tmp_path, content, suffix):
     f = tmp_path / f"prompts{suffix}"
     f.write_bytes(content)
@@ -193,10 +293,28 @@ def test_eval_datasets(tmp_path, content, suffix):
 
 # -- chat templates -----------------------------------------------------------------------------------------
 
-SNIPPETS = ["{{ messages[0].content }}", "{% for m in messages %}", "{% endfor %}", "{{ m.role }}", "{% if x %}",
-            "{% endif %}", "{{ 'a' * 3 }}", "{{ raise_exception('no') }}", "{{ x|join(',') }}", "{% set x = [1, 2] %}",
-            "{{ x ~ x }}", "{{ range(5)|list }}", "{{ (x|length) ** 3 }}", "{{ '%5d' % 3 }}", "{{ loop.index }}",
-            "{% macro f(n) %}{{ n }}{% endmacro %}", "{{ f(2) }}", "{{ x.__class__ }}", "{{ 1 / 0 }}", "plain text"]
+SNIPPETS = [
+    "{{ messages[0].content }}",
+    "{% for m in messages %}",
+    "{% endfor %}",
+    "{{ m.role }}",
+    "{% if x %}",
+    "{% endif %}",
+    "{{ 'a' * 3 }}",
+    "{{ raise_exception('no') }}",
+    "{{ x|join(',') }}",
+    "{% set x = [1, 2] %}",
+    "{{ x ~ x }}",
+    "{{ range(5)|list }}",
+    "{{ (x|length) ** 3 }}",
+    "{{ '%5d' % 3 }}",
+    "{{ loop.index }}",
+    "{% macro f(n) %}{{ n }}{% endmacro %}",
+    "{{ f(2) }}",
+    "{{ x.__class__ }}",
+    "{{ 1 / 0 }}",
+    "plain text",
+]
 
 
 @given(source=st.lists(st.sampled_from(SNIPPETS), max_size=8).map("".join) | any_text)
@@ -205,8 +323,9 @@ def test_any_chat_template_renders_or_fails_typed(source):
     from personajudge.core.chat_template import ChatTemplate
 
     def run():
-        return ChatTemplate(source, "m.gguf").render(messages=[{"role": "user", "content": "hi"}],
-                                                     add_generation_prompt=True, max_steps=50_000)
+        return ChatTemplate(source, "m.gguf").render(
+            messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True, max_steps=50_000
+        )
 
     out = typed(run)
     assert isinstance(out, (str, PersonaJudgeError))

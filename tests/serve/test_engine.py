@@ -18,8 +18,16 @@ from personajudge.core.decoding import StepDriver, drive
 from personajudge.core.errors import ContextLengthError
 from personajudge.engine import Engine, Job, QueueFullError, RequestCancelled, is_batchable
 
-PROMPTS = ["tell me about owls", "why is the sky blue", "how do bees make honey", "what is a prime number",
-           "describe a sunset", "how do trains work", "what do cats eat", "why do leaves fall"]
+PROMPTS = [
+    "tell me about owls",
+    "why is the sky blue",
+    "how do bees make honey",
+    "what is a prime number",
+    "describe a sunset",
+    "how do trains work",
+    "what do cats eat",
+    "why do leaves fall",
+]
 PREFS = ["concise", "humor"]
 KW = dict(max_new_tokens=24, lam=3)
 
@@ -91,8 +99,13 @@ def test_generate_batch_beyond_max_batch_equals_each_request_alone():
 
 def test_different_methods_and_settings_share_steps():
     pj = _pj()
-    calls = [dict(method="persona-judge", seed=1), dict(method="prompt", seed=2), dict(method="mod", seed=3),
-             dict(method="persona-judge", seed=4, temperature=0.0, lam=2), dict(method="reference", seed=5)]
+    calls = [
+        dict(method="persona-judge", seed=1),
+        dict(method="prompt", seed=2),
+        dict(method="mod", seed=3),
+        dict(method="persona-judge", seed=4, temperature=0.0, lam=2),
+        dict(method="reference", seed=5),
+    ]
     jobs = [pj.submit(PROMPTS[i], preferences=PREFS, **{**KW, **c}) for i, c in enumerate(calls)]
     for i, (c, job) in enumerate(zip(calls, jobs)):
         kw = {k: v for k, v in c.items() if k not in ("method", "seed")}
@@ -130,8 +143,10 @@ def test_a_stream_left_early_is_cancelled_and_frees_its_slots():
 
 
 def test_a_failing_request_fails_alone_with_its_typed_error():
-    pj = PersonaJudge({"backend": {"name": "toy", "n_ctx": 128}, "encoder": "plain"},
-                      backend=ToyBackend(BackendConfig(name="toy", n_ctx=128)))
+    pj = PersonaJudge(
+        {"backend": {"name": "toy", "n_ctx": 128}, "encoder": "plain"},
+        backend=ToyBackend(BackendConfig(name="toy", n_ctx=128)),
+    )
     ok = pj.submit("hi", preferences=PREFS, seed=1, max_new_tokens=10)
     bad = pj.submit("x" * 300, preferences=PREFS, seed=2, max_new_tokens=10)
     with pytest.raises(ContextLengthError, match="context"):
@@ -205,7 +220,8 @@ def test_close_cancels_in_flight_requests_and_refuses_new_ones():
 
 
 def test_which_methods_share_steps():
-    from personajudge.core.methods import Base, Pad, PersonaJudge as PJMethod, Reference
+    from personajudge.core.methods import Base, Pad, Reference
+    from personajudge.core.methods import PersonaJudge as PJMethod
 
     assert is_batchable(PJMethod()) and is_batchable(Base()) and is_batchable(Pad())
     assert not is_batchable(Reference())

@@ -25,10 +25,34 @@ from personajudge.backends.toy import ToyBackend  # noqa: E402
 
 KEY = "sekret-key"
 PREFS = ["concise", "humor"]
-FLAGS = ["--backend", "toy", "--prefer", "concise", "--prefer", "humor", "--encoder", "plain",
-         "--api-key", KEY, "--max-tokens-limit", "5000", "--max-batch", "8", "--max-queue", "8"]
-PROMPTS = ["tell me about owls", "why is the sky blue", "how do bees make honey", "what is a prime number",
-           "describe a sunset", "how do trains work", "what do cats eat", "why do leaves fall"]
+FLAGS = [
+    "--backend",
+    "toy",
+    "--prefer",
+    "concise",
+    "--prefer",
+    "humor",
+    "--encoder",
+    "plain",
+    "--api-key",
+    KEY,
+    "--max-tokens-limit",
+    "5000",
+    "--max-batch",
+    "8",
+    "--max-queue",
+    "8",
+]
+PROMPTS = [
+    "tell me about owls",
+    "why is the sky blue",
+    "how do bees make honey",
+    "what is a prime number",
+    "describe a sunset",
+    "how do trains work",
+    "what do cats eat",
+    "why do leaves fall",
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +77,14 @@ def _error(err):
 
 
 def test_chat_completion_with_extra_body_equals_the_request_alone(client, local):
-    r = client.chat.completions.create(model="persona-judge", messages=[{"role": "user", "content": PROMPTS[0]}],
-                                       max_tokens=24, seed=5, temperature=0.7,
-                                       extra_body={"preferences": ["concise", "formal"], "lambda": 3, "top_k": 10})
+    r = client.chat.completions.create(
+        model="persona-judge",
+        messages=[{"role": "user", "content": PROMPTS[0]}],
+        max_tokens=24,
+        seed=5,
+        temperature=0.7,
+        extra_body={"preferences": ["concise", "formal"], "lambda": 3, "top_k": 10},
+    )
     alone = local.generate(PROMPTS[0], preferences=["concise", "formal"], seed=5, max_new_tokens=24, lam=3, top_k=10)
     assert r.choices[0].message.content == alone.text
     assert r.choices[0].finish_reason == {"eos": "stop", "stop": "stop", "length": "length"}[alone.finish_reason]
@@ -67,17 +96,23 @@ def test_chat_completion_with_extra_body_equals_the_request_alone(client, local)
 
 
 def test_a_plain_openai_client_gets_the_server_default_preferences(client, local):
-    r = client.chat.completions.create(model="persona-judge", messages=[{"role": "user", "content": PROMPTS[1]}],
-                                       max_tokens=20, seed=9)
+    r = client.chat.completions.create(
+        model="persona-judge", messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=20, seed=9
+    )
     assert r.choices[0].message.content == local.generate(PROMPTS[1], seed=9, max_new_tokens=20).text
     assert r.model_extra["persona_judge"]["views"] == 2
 
 
 def test_streaming_chunks_concatenate_to_the_text_and_end_with_usage(client, local):
-    stream = client.chat.completions.create(model="persona-judge", messages=[{"role": "user", "content": PROMPTS[2]}],
-                                            max_tokens=30, seed=11, stream=True,
-                                            stream_options={"include_usage": True},
-                                            extra_body={"method": "persona-judge-base"})
+    stream = client.chat.completions.create(
+        model="persona-judge",
+        messages=[{"role": "user", "content": PROMPTS[2]}],
+        max_tokens=30,
+        seed=11,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"method": "persona-judge-base"},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     alone = local.generate(PROMPTS[2], seed=11, max_new_tokens=30, method="persona-judge-base")
@@ -89,8 +124,13 @@ def test_streaming_chunks_concatenate_to_the_text_and_end_with_usage(client, loc
 
 
 def test_completions_endpoint(client, local):
-    r = client.completions.create(model="persona-judge", prompt=PROMPTS[3], max_tokens=16, seed=2,
-                                  extra_body={"views": [["concise", "humor"], ["formal"]]})
+    r = client.completions.create(
+        model="persona-judge",
+        prompt=PROMPTS[3],
+        max_tokens=16,
+        seed=2,
+        extra_body={"views": [["concise", "humor"], ["formal"]]},
+    )
     alone = local.generate(PROMPTS[3], views=[["concise", "humor"], ["formal"]], seed=2, max_new_tokens=16)
     assert r.choices[0].text == alone.text and r.object == "text_completion"
 
@@ -102,15 +142,18 @@ def test_models_and_unknown_model(client):
     assert _error(info.value)["code"] == "model_not_found" and "persona-judge" in _error(info.value)["message"]
 
 
-@pytest.mark.parametrize("kwargs,param,needle", [
-    (dict(n=2), "n", "n=1"),
-    (dict(max_tokens=6000), "max_tokens", "at most 5000"),
-    (dict(temperature=-1), "temperature", "temperature"),
-    (dict(extra_body={"preferences": ["concize"]}), "preferences", "did you mean concise"),
-    (dict(extra_body={"method": "nope"}), "method", "unknown method"),
-    (dict(extra_body={"lambda": 0}), "lambda", "lambda"),
-    (dict(logprobs=True), "logprobs", "not supported"),
-])
+@pytest.mark.parametrize(
+    "kwargs,param,needle",
+    [
+        (dict(n=2), "n", "n=1"),
+        (dict(max_tokens=6000), "max_tokens", "at most 5000"),
+        (dict(temperature=-1), "temperature", "temperature"),
+        (dict(extra_body={"preferences": ["concize"]}), "preferences", "did you mean concise"),
+        (dict(extra_body={"method": "nope"}), "method", "unknown method"),
+        (dict(extra_body={"lambda": 0}), "lambda", "lambda"),
+        (dict(logprobs=True), "logprobs", "not supported"),
+    ],
+)
 def test_bad_fields_are_400_in_openai_shape_naming_the_field(client, kwargs, param, needle):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="persona-judge", messages=[{"role": "user", "content": "hi"}], **kwargs)
@@ -121,8 +164,9 @@ def test_bad_fields_are_400_in_openai_shape_naming_the_field(client, kwargs, par
 
 def test_prompt_past_the_context_is_400(client):
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="persona-judge", messages=[{"role": "user", "content": "word " * 1000}],
-                                       max_tokens=5)
+        client.chat.completions.create(
+            model="persona-judge", messages=[{"role": "user", "content": "word " * 1000}], max_tokens=5
+        )
     assert _error(info.value)["code"] == "context_length_exceeded"
 
 
@@ -130,8 +174,9 @@ def test_invalid_json_and_auth(server):
     base = server[0]
     r = httpx.post(base + "/v1/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
-    r = httpx.post(base + "/v1/chat/completions", json={"model": "persona-judge"},
-                   headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(
+        base + "/v1/chat/completions", json={"model": "persona-judge"}, headers={"Authorization": f"Bearer {KEY}"}
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).models.list()
@@ -140,20 +185,35 @@ def test_invalid_json_and_auth(server):
 
 
 def test_metrics_count_requests_tokens_and_acceptance(client, server):
-    client.chat.completions.create(model="persona-judge", messages=[{"role": "user", "content": "hi"}],
-                                   max_tokens=8, seed=1)
+    client.chat.completions.create(
+        model="persona-judge", messages=[{"role": "user", "content": "hi"}], max_tokens=8, seed=1
+    )
     text = httpx.get(server[0] + "/metrics").text
-    for name in ("personajudge_requests_total", "personajudge_completion_tokens_total",
-                 "personajudge_acceptance_rate", "personajudge_queue_depth", "personajudge_batch_size_bucket",
-                 "personajudge_request_duration_seconds_bucket", "personajudge_time_to_first_token_seconds_bucket"):
+    for name in (
+        "personajudge_requests_total",
+        "personajudge_completion_tokens_total",
+        "personajudge_acceptance_rate",
+        "personajudge_queue_depth",
+        "personajudge_batch_size_bucket",
+        "personajudge_request_duration_seconds_bucket",
+        "personajudge_time_to_first_token_seconds_bucket",
+    ):
         assert name in text, name
-    ok = [line for line in text.splitlines() if line.startswith('personajudge_requests_total{endpoint="/v1/chat')
-          and 'status="200"' in line]
+    ok = [
+        line
+        for line in text.splitlines()
+        if line.startswith('personajudge_requests_total{endpoint="/v1/chat') and 'status="200"' in line
+    ]
     assert ok and float(ok[0].split()[-1]) >= 1
 
 
-LONG = {"model": "persona-judge", "messages": [{"role": "user", "content": "hold the line"}], "max_tokens": 3000,
-        "temperature": 0, "stream": True}  # greedy on the toy: 3000 tokens, no EOS (about 2 s alone)
+LONG = {
+    "model": "persona-judge",
+    "messages": [{"role": "user", "content": "hold the line"}],
+    "max_tokens": 3000,
+    "temperature": 0,
+    "stream": True,
+}  # greedy on the toy: 3000 tokens, no EOS (about 2 s alone)
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
@@ -168,15 +228,28 @@ def _wait_idle(base, timeout=30):
 
 
 def test_queue_full_is_429_with_retry_after_and_a_disconnect_cancels(tmp_path):
-    flags = ["--backend", "toy", "--encoder", "plain", "--prefer", "concise", "--prefer", "humor",
-             "--api-key", KEY, "--max-batch", "1", "--max-queue", "0"]
+    flags = [
+        "--backend",
+        "toy",
+        "--encoder",
+        "plain",
+        "--prefer",
+        "concise",
+        "--prefer",
+        "humor",
+        "--api-key",
+        KEY,
+        "--max-batch",
+        "1",
+        "--max-queue",
+        "0",
+    ]
     with running_server(flags, tmp_path / "server.log") as (base, _):
         with httpx.Client(timeout=30) as c:
             with c.stream("POST", base + "/v1/chat/completions", json=LONG, headers=AUTH) as resp:
                 assert resp.status_code == 200
                 next(resp.iter_lines())  # running now
-                r = c.post(base + "/v1/chat/completions", headers=AUTH,
-                           json={**LONG, "stream": False, "max_tokens": 5})
+                r = c.post(base + "/v1/chat/completions", headers=AUTH, json={**LONG, "stream": False, "max_tokens": 5})
                 assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
                 assert r.json()["error"]["type"] == "rate_limit_error"
             # the client hung up mid-stream: the request is cancelled, not finished, and its slots freed
@@ -191,8 +264,18 @@ def test_queue_full_is_429_with_retry_after_and_a_disconnect_cancels(tmp_path):
 
 
 def test_sigterm_stops_accepting_finishes_or_cancels_in_flight_and_exits_0(tmp_path):
-    flags = ["--backend", "toy", "--encoder", "plain", "--prefer", "concise", "--prefer", "humor",
-             "--shutdown-timeout", "1"]
+    flags = [
+        "--backend",
+        "toy",
+        "--encoder",
+        "plain",
+        "--prefer",
+        "concise",
+        "--prefer",
+        "humor",
+        "--shutdown-timeout",
+        "1",
+    ]
     with running_server(flags, tmp_path / "server.log") as (base, proc):
         with httpx.Client(timeout=30) as c:
             with c.stream("POST", base + "/v1/chat/completions", json=LONG) as resp:
@@ -216,23 +299,36 @@ def test_load_32_clients_every_response_is_its_own_and_rss_does_not_grow(server,
     def args(c, k):
         return PROMPTS[c % 8] + " " + "abcdefghijklmnopqrstuvwxyz"[c % 26], 1000 * c + k
 
-    expected = {(c, k): local.generate(args(c, k)[0], seed=args(c, k)[1], max_new_tokens=16).text
-                for c in range(n_clients) for k in range(rounds)}
+    expected = {
+        (c, k): local.generate(args(c, k)[0], seed=args(c, k)[1], max_new_tokens=16).text
+        for c in range(n_clients)
+        for k in range(rounds)
+    }
     statuses: dict[tuple, int] = {}
     texts: dict[tuple, str] = {}
     rss = []
 
     async def one(client, c, k):
         prompt, seed = args(c, k)
-        r = await client.post(base + "/v1/chat/completions", headers=AUTH,
-                              json={"model": "persona-judge", "messages": [{"role": "user", "content": prompt}],
-                                    "max_tokens": 16, "seed": seed, "stream": k % 2 == 1})
+        r = await client.post(
+            base + "/v1/chat/completions",
+            headers=AUTH,
+            json={
+                "model": "persona-judge",
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 16,
+                "seed": seed,
+                "stream": k % 2 == 1,
+            },
+        )
         statuses[(c, k)] = r.status_code
         if r.status_code == 200:
             if k % 2:
                 texts[(c, k)] = "".join(
                     (json.loads(line[6:])["choices"] or [{}])[0].get("delta", {}).get("content") or ""
-                    for line in r.text.splitlines() if line.startswith("data: {"))
+                    for line in r.text.splitlines()
+                    if line.startswith("data: {")
+                )
             else:
                 texts[(c, k)] = r.json()["choices"][0]["message"]["content"]
 

@@ -63,19 +63,35 @@ def server(tmp_path_factory):
 def test_openai_client_against_the_embedded_model(server):
     base, _ = server
     client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=300)
-    r = client.chat.completions.create(model="persona-judge", messages=[{"role": "user", "content": PROMPTS[0]}],
-                                       max_tokens=12, temperature=0, seed=1, extra_body={"preferences": ["concise"]})
+    r = client.chat.completions.create(
+        model="persona-judge",
+        messages=[{"role": "user", "content": PROMPTS[0]}],
+        max_tokens=12,
+        temperature=0,
+        seed=1,
+        extra_body={"preferences": ["concise"]},
+    )
     assert r.choices[0].message.content.strip() and r.usage.completion_tokens <= 12
-    stream = client.chat.completions.create(model="persona-judge", messages=[{"role": "user", "content": PROMPTS[0]}],
-                                            max_tokens=12, temperature=0, seed=1, stream=True,
-                                            extra_body={"preferences": ["concise"]})
+    stream = client.chat.completions.create(
+        model="persona-judge",
+        messages=[{"role": "user", "content": PROMPTS[0]}],
+        max_tokens=12,
+        temperature=0,
+        seed=1,
+        stream=True,
+        extra_body={"preferences": ["concise"]},
+    )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == r.choices[0].message.content
 
 
 def test_a_disconnect_frees_the_llama_sequences(server):
     base, _ = server
-    body = {"model": "persona-judge", "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 500,
-            "stream": True}
+    body = {
+        "model": "persona-judge",
+        "messages": [{"role": "user", "content": PROMPTS[1]}],
+        "max_tokens": 500,
+        "stream": True,
+    }
     with httpx.Client(timeout=300) as c:
         with c.stream("POST", base + "/v1/chat/completions", json=body) as resp:
             lines = resp.iter_lines()

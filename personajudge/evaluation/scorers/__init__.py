@@ -18,8 +18,17 @@ from .base import (
     ScoringContext,
 )
 
-__all__ = ["PairItem", "PairResult", "PairwiseScorer", "PointwiseScorer", "Scorer", "ScorerOptions",
-           "ScoringContext", "get_scorer_class", "make_scorer"]
+__all__ = [
+    "PairItem",
+    "PairResult",
+    "PairwiseScorer",
+    "PointwiseScorer",
+    "Scorer",
+    "ScorerOptions",
+    "ScoringContext",
+    "get_scorer_class",
+    "make_scorer",
+]
 
 
 def get_scorer_class(name: str) -> type[Scorer]:

@@ -58,6 +58,7 @@ class FleschScorer(PointwiseScorer):
     name = "flesch"
     description = "Flesch-Kincaid grade level, textstat (lower = more elementary, higher = more expert)."
     Options = FleschOptions
+    options: FleschOptions
 
     def __init__(self, **options):
         super().__init__(**options)

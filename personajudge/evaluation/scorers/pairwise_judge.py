@@ -94,12 +94,22 @@ INSTRUCT_TEMPLATE = (
 DEFAULT_TEMPLATE = INSTRUCT_TEMPLATE
 
 _SHOTS = (  # balanced: two answers "1", two answers "2"
-    ("What color is the sky?", "The sky is blue.",
-     "Well, the sky, which many people look at every day and which scientists have studied for centuries, "
-     "is usually blue during the day.", "concise", "1"),
+    (
+        "What color is the sky?",
+        "The sky is blue.",
+        "Well, the sky, which many people look at every day and which scientists have studied for centuries, "
+        "is usually blue during the day.",
+        "concise",
+        "1",
+    ),
     ("How are you?", "Leave me alone.", "I'm doing great, thanks for asking! How about you?", "friendly", "2"),
-    ("What is the capital of France?", "I believe it might be Lyon.", "The capital of France is Paris.",
-     "correct", "2"),
+    (
+        "What is the capital of France?",
+        "I believe it might be Lyon.",
+        "The capital of France is Paris.",
+        "correct",
+        "2",
+    ),
     ("Tell me a joke.", "Why did the chicken cross the road? To get to the other side!", "No.", "humorous", "1"),
 )
 
@@ -195,8 +205,12 @@ class ChooseAnswer:
         scores = {opt: float(np.logaddexp.reduce(z[ids]) - log_total) for opt, ids in self.options.items()}
         self.last_scores = scores
         best = max(scores, key=lambda k: (scores[k], k == "1"))
-        if "0" in scores and {"1", "2"} <= set(scores) and best != "0" \
-                and abs(scores["1"] - scores["2"]) <= self.tie_margin:
+        if (
+            "0" in scores
+            and {"1", "2"} <= set(scores)
+            and best != "0"
+            and abs(scores["1"] - scores["2"]) <= self.tie_margin
+        ):
             best = "0"
         req.emitter.push(self.options[best][0])
         req.emitter.finish("length")
@@ -215,8 +229,10 @@ def option_tokens(tokenizer: Any, options: Sequence[str] = ("0", "1", "2")) -> d
             if len(enc) == 1 and enc[0] not in ids and tokenizer.decode(enc).strip() == opt:
                 ids.append(enc[0])
         if not ids:
-            raise ScorerError(f"scorer 'pairwise-judge': the judge model's tokenizer has no single token for the "
-                              f"answer {opt!r}; use judge=http with a model that has one")
+            raise ScorerError(
+                f"scorer 'pairwise-judge': the judge model's tokenizer has no single token for the "
+                f"answer {opt!r}; use judge=http with a model that has one"
+            )
         out[opt] = ids
     return out
 
@@ -228,7 +244,8 @@ class PairwiseJudgeOptions(ScorerOptions):
     api_key_env: str | None = None
     api: Literal["chat", "completions"] = Field("chat", description="http: the endpoint to call.")
     constrain: Literal["none", "grammar", "guided-choice"] = Field(
-        "none", description="http: hold the answer to 0/1/2 (grammar: llama.cpp servers; guided-choice: vLLM).")
+        "none", description="http: hold the answer to 0/1/2 (grammar: llama.cpp servers; guided-choice: vLLM)."
+    )
     backend: str | None = None
     swap: bool = True
     seed: int | None = Field(None, ge=0, description="Order seed; default: the run's seed.")
@@ -237,8 +254,11 @@ class PairwiseJudgeOptions(ScorerOptions):
     timeout: float = Field(120.0, gt=0)
     retries: int = Field(3, ge=0, le=20)
     concurrency: int = Field(1, ge=1, le=64)
-    template: str = Field("auto", description="auto, instruct, fewshot, or a template with {response_1} and "
-                                              "{response_2} (also {prompt}, {aspect}, {aspect_name}).")
+    template: str = Field(
+        "auto",
+        description="auto, instruct, fewshot, or a template with {response_1} and "
+        "{response_2} (also {prompt}, {aspect}, {aspect_name}).",
+    )
     system: str | None = None
 
 
@@ -251,16 +271,21 @@ def _check_base_url(url: str) -> None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ScorerError(f"scorer 'pairwise-judge': base_url {safe_url(url)} must be an http(s) URL with a host")
     if parts.username is not None or parts.password is not None:
-        raise ScorerError(f"scorer 'pairwise-judge': base_url {safe_url(url)} carries credentials; they would be "
-                          f"stored with the run. Put the key in the environment ({ENV_API_KEY}) instead")
+        raise ScorerError(
+            f"scorer 'pairwise-judge': base_url {safe_url(url)} carries credentials; they would be "
+            f"stored with the run. Put the key in the environment ({ENV_API_KEY}) instead"
+        )
 
 
 class PairwiseJudgeScorer(PairwiseScorer):
     name = "pairwise-judge"
-    description = ("LLM judge: which of two responses is better on one aspect (1/2/0), order randomized with a "
-                   "seed, position bias checked by swapping; any backend (answer options scored) or an "
-                   "OpenAI-compatible endpoint.")
+    description = (
+        "LLM judge: which of two responses is better on one aspect (1/2/0), order randomized with a "
+        "seed, position bias checked by swapping; any backend (answer options scored) or an "
+        "OpenAI-compatible endpoint."
+    )
     Options = PairwiseJudgeOptions
+    options: PairwiseJudgeOptions
 
     @classmethod
     def validate(cls, options):
@@ -281,17 +306,23 @@ class PairwiseJudgeScorer(PairwiseScorer):
                 updates["model"] = os.environ[ENV_MODEL]
             url = updates.get("base_url") or opts.base_url
             if not url:
-                raise ScorerError(f"scorer '{cls.name}' with judge=http needs a base URL: "
-                                  f"set {ENV_BASE_URL} or --scorer-option ALIAS.base_url=URL")
+                raise ScorerError(
+                    f"scorer '{cls.name}' with judge=http needs a base URL: "
+                    f"set {ENV_BASE_URL} or --scorer-option ALIAS.base_url=URL"
+                )
             _check_base_url(url)
             if not (updates.get("model") or opts.model):
-                raise ScorerError(f"scorer '{cls.name}' with judge=http needs a model name: "
-                                  f"set {ENV_MODEL} or --scorer-option ALIAS.model=NAME")
+                raise ScorerError(
+                    f"scorer '{cls.name}' with judge=http needs a model name: "
+                    f"set {ENV_MODEL} or --scorer-option ALIAS.model=NAME"
+                )
         if opts.template not in ("auto", *TEMPLATES):
             for field in ("response_1", "response_2"):
                 if "{" + field + "}" not in opts.template:
-                    raise ScorerError(f"scorer '{cls.name}': template must contain {{{field}}} "
-                                      f"(or be one of auto, {', '.join(TEMPLATES)})")
+                    raise ScorerError(
+                        f"scorer '{cls.name}': template must contain {{{field}}} "
+                        f"(or be one of auto, {', '.join(TEMPLATES)})"
+                    )
         return opts.model_copy(update=updates)
 
     @classmethod
@@ -305,10 +336,10 @@ class PairwiseJudgeScorer(PairwiseScorer):
         """``judge_fn(prompt_text) -> answer_text`` replaces the model (tests, custom judges)."""
         super().__init__(**options)
         self._judge_fn = judge_fn
-        self._pj = None
+        self._pj: PersonaJudge | None = None
         self._own_pj = False
         self._seed = self.options.seed if self.options.seed is not None else 0
-        self._client = None
+        self._client: Any = None  # an httpx.Client once _http() makes one (httpx is optional)
         self._client_lock = threading.Lock()
         self._options_ids: dict[str, list[int]] | None = None
 
@@ -326,8 +357,12 @@ class PairwiseJudgeScorer(PairwiseScorer):
                 return
             cfg = {"backend": run.backend.model_dump()} if run is not None else {}
         else:
-            cfg = {"backend": {"name": o.backend or (run.backend.name if run is not None else "llama-cpp"),
-                               "model": o.model}}
+            cfg = {
+                "backend": {
+                    "name": o.backend or (run.backend.name if run is not None else "llama-cpp"),
+                    "model": o.model,
+                }
+            }
         self._pj = PersonaJudge(cfg)
         self._own_pj = True
 
@@ -356,7 +391,8 @@ class PairwiseJudgeScorer(PairwiseScorer):
         tok = self._judge_pj().backend.tokenizer
         if tok.chat_template:
             messages = ([{"role": "system", "content": self.options.system}] if self.options.system else []) + [
-                {"role": "user", "content": text}]
+                {"role": "user", "content": text}
+            ]
             return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_bos=False)
         return tok.encode(text)
 
@@ -365,9 +401,12 @@ class PairwiseJudgeScorer(PairwiseScorer):
         if self._options_ids is None:
             self._options_ids = option_tokens(pj.backend.tokenizer)
         meth = ChooseAnswer(self._options_ids, self.options.tie_margin)
-        cfg = build_config(pj.config.model_dump(by_alias=True), method="base", method_options={},
-                           **{"decoding.max_new_tokens": 1, "decoding.temperature": 0.0, "decoding.seed": 0,
-                              "decoding.stop": []})
+        cfg = build_config(
+            pj.config.model_dump(by_alias=True),
+            method="base",
+            method_options={},
+            **{"decoding.max_new_tokens": 1, "decoding.temperature": 0.0, "decoding.seed": 0, "decoding.stop": []},
+        )
         res = pj.decode([self._judge_context(text)], cfg, meth)
         return res.text
 
@@ -393,7 +432,8 @@ class PairwiseJudgeScorer(PairwiseScorer):
         body: dict[str, Any] = {"model": o.model, "temperature": 0, "max_tokens": o.max_tokens, "seed": self._seed}
         if o.api == "chat":
             body["messages"] = ([{"role": "system", "content": o.system}] if o.system else []) + [
-                {"role": "user", "content": text}]
+                {"role": "user", "content": text}
+            ]
             path = "/chat/completions"
         else:
             body["prompt"] = text
@@ -402,6 +442,7 @@ class PairwiseJudgeScorer(PairwiseScorer):
             body["grammar"] = ANSWER_GRAMMAR
         elif o.constrain == "guided-choice":
             body["guided_choice"] = ["0", "1", "2"]
+        assert o.base_url is not None  # validate() refuses judge=http without a base URL
         return o.base_url.rstrip("/") + path, body
 
     def _ask_http(self, text: str) -> str:
@@ -429,11 +470,14 @@ class PairwiseJudgeScorer(PairwiseScorer):
             if resp.is_redirect:
                 where = resp.headers.get("location", "")
                 target = safe_url(urllib.parse.urljoin(url, where)) if where else "nowhere"
-                other = " on another origin" if where and _origin(urllib.parse.urljoin(url, where)) != _origin(url) \
-                    else ""
-                raise ScorerError(f"judge endpoint {shown} answered HTTP {resp.status_code}, a redirect to {target}"
-                                  f"{other}; redirects are not followed (the API key goes only to the configured "
-                                  "host): set base_url to the final URL")
+                other = (
+                    " on another origin" if where and _origin(urllib.parse.urljoin(url, where)) != _origin(url) else ""
+                )
+                raise ScorerError(
+                    f"judge endpoint {shown} answered HTTP {resp.status_code}, a redirect to {target}"
+                    f"{other}; redirects are not followed (the API key goes only to the configured "
+                    "host): set base_url to the final URL"
+                )
             if resp.status_code >= 400:
                 if (resp.status_code == 429 or resp.status_code >= 500) and attempt < o.retries:
                     time.sleep(delay)
@@ -468,8 +512,13 @@ class PairwiseJudgeScorer(PairwiseScorer):
     # -- protocol -------------------------------------------------------------------------------
     def render(self, item: PairItem, a_in_first: bool) -> str:
         r1, r2 = (item.response_a, item.response_b) if a_in_first else (item.response_b, item.response_a)
-        fields = {"prompt": item.prompt, "response_1": r1, "response_2": r2, "aspect": item.aspect,
-                  "aspect_name": item.aspect_name or item.aspect}
+        fields = {
+            "prompt": item.prompt,
+            "response_1": r1,
+            "response_2": r2,
+            "aspect": item.aspect,
+            "aspect_name": item.aspect_name or item.aspect,
+        }
         out = self.template_text()
         for k, v in fields.items():  # plain replace: responses may contain braces
             out = out.replace("{" + k + "}", v)

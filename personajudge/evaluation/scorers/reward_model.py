@@ -55,6 +55,7 @@ class RewardModelScorer(PointwiseScorer):
     name = "reward-model"
     description = "A transformers sequence-classification reward model (option model=ID_OR_PATH); higher = preferred."
     Options = RewardModelOptions
+    options: RewardModelOptions
     requires = (("torch", "hf"), ("transformers", "hf"))
 
     @classmethod
@@ -81,7 +82,8 @@ class RewardModelScorer(PointwiseScorer):
             major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
             dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                o.model, trust_remote_code=o.trust_remote_code, **{dtype_kw: getattr(torch, dtype_name)})
+                o.model, trust_remote_code=o.trust_remote_code, **{dtype_kw: getattr(torch, dtype_name)}
+            )
         except (OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ScorerError(f"cannot load reward model '{o.model}': {first}") from None
@@ -107,7 +109,8 @@ class RewardModelScorer(PointwiseScorer):
         if tpl == "auto":
             if getattr(self.tokenizer, "chat_template", None):
                 return self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False)
+                    [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+                )
             tpl = HH_TEMPLATE
         return tpl.replace("{prompt}", prompt).replace("{response}", response)
 
@@ -117,11 +120,15 @@ class RewardModelScorer(PointwiseScorer):
             head = "score" if getattr(out, "score", None) is not None else "logits"
         values = getattr(out, head, None)
         if values is None:
-            raise ScorerError(f"reward model '{self.options.model}' returns no '{head}'; choose head=logits|score|rewards")
+            raise ScorerError(
+                f"reward model '{self.options.model}' returns no '{head}'; choose head=logits|score|rewards"
+            )
         values = values.float().reshape(values.shape[0], -1)
         if self.options.index >= values.shape[1]:
-            raise ScorerError(f"reward model '{self.options.model}': index {self.options.index} is out of range "
-                              f"for its '{head}' with {values.shape[1]} column(s)")
+            raise ScorerError(
+                f"reward model '{self.options.model}': index {self.options.index} is out of range "
+                f"for its '{head}' with {values.shape[1]} column(s)"
+            )
         return values[:, self.options.index]
 
     def score(self, prompt: str, response: str) -> float:
@@ -134,8 +141,14 @@ class RewardModelScorer(PointwiseScorer):
         bs = self.options.batch_size
         with torch.inference_mode():
             for i in range(0, len(texts), bs):
-                enc = self.tokenizer(texts[i:i + bs], return_tensors="pt", padding=True, truncation=True,
-                                     max_length=self.options.max_length, add_special_tokens=True)
+                enc = self.tokenizer(
+                    texts[i : i + bs],
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=True,
+                    max_length=self.options.max_length,
+                    add_special_tokens=True,
+                )
                 enc = {k: v.to(self.device) for k, v in enc.items()}
                 res = self.model(**enc)
                 out.extend(float(x) for x in self._head(res).cpu().tolist())
