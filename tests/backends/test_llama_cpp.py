@@ -50,8 +50,8 @@ TV_MAX = 0.1  # "close" checks across batch shapes
 #: the two tokens they chose have logits within TIE_EPS of each other (a proven near-tie). TIE_EPS is half the
 #: worst whole-vocabulary batch-shape difference measured here (~1 logit, see above): the two top entries move
 #: by less than that between a 1-token and an n-token batch.
-MIN_AGREE = 8
-TIE_EPS = 0.5
+
+from llama_checks import MIN_AGREE, TIE_EPS, assert_same_until_tie, forced_logits  # noqa: E402,F401  (tests/helpers)
 
 PROMPT = "Why is the sky blue?"
 # One thread: on a shared 2-core machine, llama.cpp's spinning thread barriers make 2 threads up to
@@ -116,36 +116,6 @@ def fresh(backend, chunks, n_logits=1):
         for i, c in enumerate(chunks):
             out = s.forward(0, c, n_logits if i == len(chunks) - 1 else 1)
         return out
-
-
-def forced_logits(backend, context, tokens):
-    """Logits before each of ``tokens``, teacher-forced after ``context`` in one single-sequence evaluation."""
-    if not tokens:
-        return np.zeros((0, backend.tokenizer.vocab_size))
-    with backend.open(1) as s:
-        return np.asarray(s.forward(0, list(context) + list(tokens[:-1]), len(tokens)), dtype=np.float64)
-
-
-def assert_same_until_tie(a, b, logit_lists, min_agree=MIN_AGREE):
-    """``a == b``, except that they may part at a proven near-tie after at least ``min_agree`` tokens.
-
-    At the first position where they differ, each of ``logit_lists`` (the teacher-forced logits of a
-    view that could have decided that token) must give the two chosen tokens logits within
-    ``TIE_EPS``: a legitimately different greedy choice under batch-shape noise, not a bug. Returns
-    the number of leading tokens that agree.
-    """
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            assert i >= min_agree, f"diverged after only {i} tokens (< {min_agree}): {a[: i + 1]} vs {b[: i + 1]}"
-            gaps = [abs(float(ls[i][a[i]] - ls[i][b[i]])) for ls in logit_lists if i < len(ls)]
-            assert gaps and min(gaps) <= TIE_EPS, (
-                f"diverged at token {i} where the two choices' logits differ by {min(gaps):.3f} > {TIE_EPS}"
-            )
-            return i
-    assert len(a) == len(b), f"one stopped early: {len(a)} vs {len(b)} tokens"
-    assert n >= min_agree, f"only {n} tokens to compare"
-    return n
 
 
 # --------------------------------------------------------------------------- generation through the public API

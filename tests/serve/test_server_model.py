@@ -5,8 +5,9 @@ shapes than alone, which can change logits in the last bits; in greedy mode
 that can only flip a token at a near-tie. The checks here are what must hold
 regardless: every caller gets a complete, well-formed response of its own
 (no RuntimeError, no DeviceError, no other caller's text), the greedy outputs
-of concurrent callers equal their single-thread outputs on these prompts, and
-a disconnected client's KV sequences are freed.
+of concurrent callers equal their single-thread outputs up to a proven
+near-tie (tests/helpers/llama_checks.py), and a disconnected client's KV
+sequences are freed.
 """
 
 import threading
@@ -20,6 +21,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("llama_cpp")
 
+from llama_checks import assert_same_until_tie, forced_logits  # noqa: E402
 from serve_helpers import health, running_server  # noqa: E402
 
 from personajudge.api import PersonaJudge  # noqa: E402
@@ -35,12 +37,12 @@ def pj():
 
 
 def test_four_threads_on_one_llama_model_get_the_single_thread_outputs(pj):
-    alone = [pj.generate(p, temperature=0.0, max_new_tokens=12, seed=0).text for p in PROMPTS]
+    alone = [pj.generate(p, temperature=0.0, max_new_tokens=12, seed=0) for p in PROMPTS]
     got, errors = [None] * 4, []
 
     def worker(i):
         try:
-            got[i] = pj.generate(PROMPTS[i], temperature=0.0, max_new_tokens=12, seed=0).text
+            got[i] = pj.generate(PROMPTS[i], temperature=0.0, max_new_tokens=12, seed=0)
         except Exception as err:  # pragma: no cover - reported below
             errors.append(err)
 
@@ -50,7 +52,13 @@ def test_four_threads_on_one_llama_model_get_the_single_thread_outputs(pj):
     for t in threads:
         t.join(300)
     assert not errors
-    assert got == alone
+    # Greedy outputs equal the single-thread ones, except that a batched row may part at a proven
+    # near-tie (llama.cpp's logits move with the batch shape; README: batch-shape numerics).
+    cfg, meth, views = pj._prepare(None, None, None, {"temperature": 0.0})
+    for prompt, a, b in zip(PROMPTS, alone, got):
+        contexts = pj.encode_views(prompt, cfg, meth, views)
+        logit_lists = [forced_logits(pj.backend, c, a.tokens) for c in contexts]
+        assert_same_until_tie(a.tokens, b.tokens, logit_lists, min_agree=4)
 
 
 @pytest.fixture(scope="module")
