@@ -51,7 +51,7 @@ test-wheel: install
 	cd build/wheel-check && venv/bin/personajudge generate "hello" --backend toy --prefer concise --prefer humor --max-new-tokens 8 --json >/dev/null
 	cd build/wheel-check && venv/bin/personajudge --version
 	cd build/wheel-check && venv/bin/python -c "import personajudge, personajudge.core; assert all('site-packages' in m.__file__ for m in (personajudge, personajudge.core)), personajudge.__file__"
-	cd build/wheel-check && venv/bin/python -m pytest -q -p no:cacheprovider --rootdir=. -o pythonpath=../../tests/helpers ../../tests/core/test_acceptance.py ../../tests/core/test_decoding.py ../../tests/core/test_config.py ../../tests/cli/test_cli.py ../../tests/cli/test_public_face.py ../../tests/plugins/test_plugins.py ../../tests/backends/test_conformance.py
+	cd build/wheel-check && PYTHONPATH=$(CURDIR)/tests/helpers venv/bin/python -m pytest -q -p no:cacheprovider --rootdir=. ../../tests/core/test_acceptance.py ../../tests/core/test_decoding.py ../../tests/core/test_config.py ../../tests/cli/test_cli.py ../../tests/cli/test_public_face.py ../../tests/plugins/test_plugins.py ../../tests/backends/test_conformance.py
 
 bench: install
 	$(BIN)/personajudge bench
