@@ -251,33 +251,17 @@ def test_report_on_a_file(tmp_path, capsys):
     assert "is a file, not an evaluation run directory" in err
 
 
+def _toy_eval(run, *extra):
+    """A two-prompt evaluation on the toy backend into ``run``."""
+    argv = ["eval", "--backend", "toy", "--run-dir", str(run), "--limit", "2", "--max-new-tokens", "4"]
+    argv += ["--methods", "prompt,persona-judge", "--pair", "concise,humor", "--scorers", "length"]
+    return main([*argv, "--no-progress", "-q", *extra])
+
+
 def test_report_removes_only_the_plots_it_wrote_itself(tmp_path):
     """A real run: the report's own stale plot goes, a file the user put there stays."""
     run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "eval",
-                "--backend",
-                "toy",
-                "--run-dir",
-                str(run),
-                "--limit",
-                "2",
-                "--max-new-tokens",
-                "4",
-                "--methods",
-                "prompt,persona-judge",
-                "--pair",
-                "concise,humor",
-                "--scorers",
-                "length",
-                "--no-progress",
-                "-q",
-            ]
-        )
-        == 0
-    )
+    assert _toy_eval(run) == 0
     report = json.loads((run / "report.json").read_text())
     assert report["plots"], "the toy run draws plots"
     ours = sorted(report["plots"].values())
@@ -295,31 +279,7 @@ def test_report_removes_only_the_plots_it_wrote_itself(tmp_path):
 
 def test_corrupt_rows_in_a_run_are_skipped_not_fatal(tmp_path):
     run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "eval",
-                "--backend",
-                "toy",
-                "--run-dir",
-                str(run),
-                "--limit",
-                "2",
-                "--max-new-tokens",
-                "4",
-                "--methods",
-                "prompt,persona-judge",
-                "--pair",
-                "concise,humor",
-                "--scorers",
-                "length",
-                "--no-progress",
-                "-q",
-                "--no-report",
-            ]
-        )
-        == 0
-    )
+    assert _toy_eval(run, "--no-report") == 0
     good = json.loads(write_report(run, plots=False)["json"].read_text())
     with open(run / "generations.jsonl", "a") as f:
         f.write(json.dumps({"key": ["x"], "prompt_id": {"a": 1}, "experiment": [1], "method": None}) + "\n")
