@@ -45,9 +45,10 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 from urllib.parse import urlparse
 
+import numpy as np
 from pydantic import Field
 
 from personajudge.backends.embedded import cache_dir, default_model_path
@@ -59,6 +60,7 @@ from personajudge.core.errors import (
     ConfigError,
     DeviceError,
     ModelLoadError,
+    PersonaJudgeWarning,
 )
 
 INSTALL_HINT = "pip install 'persona-judge[hf]'"
@@ -74,6 +76,10 @@ class HFOptions(Options):
     revision: str | None = Field(None, min_length=1)
     cpu_prepack: bool = True
     adapter: str | None = Field(None, min_length=1)
+    cache_implementation: Literal["dynamic", "static"] = "dynamic"
+    max_cache_len: int | None = Field(None, ge=16)
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False
+    compile_backend: str = Field("inductor", min_length=1)
 
 
 _OPTIONS = set(HFOptions.model_fields)
@@ -132,11 +138,13 @@ class HFTokenizer:
 class _Step:
     """What one forward tells the cache layers: which rows, where each new token goes."""
 
-    def __init__(self) -> None:
+    def __init__(self, static: bool = False, mark_static: bool = False) -> None:
         self.span = (0, 0)
         self.cap = 0  # slots per row; slot ``cap`` is the trash slot for pad tokens
         self.kv_len = 0
         self.slots: Any = None  # (n, Q) int64 on the input device
+        self.static = static  # fixed capacity, full rows, full-length keys: fixed shapes for compile/graphs
+        self.mark_static = mark_static  # tag the buffers as fixed addresses for torch.compile's CUDA graphs
         self._index: dict[tuple, Any] = {}
 
     def set(self, span: tuple[int, int], slots: Any, kv_len: int) -> None:
@@ -144,11 +152,17 @@ class _Step:
         self._index.clear()
 
     def scatter_index(self, like: Any) -> Any:
-        """``slots`` broadcast to ``like``'s (n, H, Q, D) shape and device, built once per shape."""
+        """``slots`` broadcast to ``like``'s (n, H, Q, D) shape and device, built once per shape.
+
+        In static mode the index is a view built in place (no memo dict): the
+        forward may be a compiled graph, where a Python-side cache would be a
+        side effect to trace."""
+        n, h, q, d = like.shape
+        if self.static:
+            return self.slots[:, None, :, None].expand(n, h, q, d)
         key = (tuple(like.shape), like.device)
         idx = self._index.get(key)
         if idx is None:
-            n, h, q, d = like.shape
             idx = self.slots.to(like.device, non_blocking=True)[:, None, :, None].expand(n, h, q, d)
             self._index[key] = idx
         return idx
@@ -188,6 +202,9 @@ def _make_cache_classes():
                 new_k[:, :, :old] = self.keys[:, :, :old]
                 new_v[:, :, :old] = self.values[:, :, :old]
             self.keys, self.values = new_k, new_v
+            if self.step.mark_static:  # allocated once, eagerly (the first forward of a session is never compiled)
+                torch._dynamo.mark_static_address(self.keys)
+                torch._dynamo.mark_static_address(self.values)
 
         def update(self, key_states, value_states, *args, **kwargs):
             self._ensure(key_states, value_states)
@@ -196,6 +213,8 @@ def _make_cache_classes():
             keys.scatter_(2, self.step.scatter_index(key_states), key_states)
             values.scatter_(2, self.step.scatter_index(value_states), value_states)
             n = self.step.kv_len
+            if self.step.static:
+                return keys, values  # every slot, the trash slot included (masked): one shape for every step
             return keys[:, :, :n], values[:, :, :n]
 
         def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -239,78 +258,128 @@ def _row_cache(step: _Step, rows: int, n_layers: int):
 # --------------------------------------------------------------------------------------------- session
 
 
+#: query lengths a compiled step is traced for; longer feeds (prompts) run eager on the same buffers
+_COMPILED_QUERIES = (1, 2, 4, 8, 16)
+
+
 class HFSession(Session):
-    """One batched KV cache, one row per view (``n_views`` rows)."""
+    """One batched KV cache, one row per view (``n_views`` rows).
+
+    With the dynamic cache (the default) the buffers grow with the longest row
+    and each forward runs on the span of rows it touches, its keys cut to the
+    longest row: the least work per step, in shapes that change every step.
+    With ``cache_implementation="static"`` the buffers are allocated once at
+    the session's capacity and every forward runs on all rows over the full
+    capacity, so a step has one shape per query length: what CUDA graphs and
+    ``torch.compile`` need. The inputs then go through persistent pinned
+    buffers (one per query length) and the mask is one additive tensor per
+    attention kind, built on the device from the position ids.
+    """
 
     def __init__(self, backend: HFBackend, n_views: int):
         super().__init__(n_views, backend.context_length, backend.tokenizer.vocab_size)
         self.backend = backend
-        self._step = _Step()
+        self._step = _Step(static=backend.static, mark_static=backend.compile_mode is not None)
+        if backend.static:
+            self._step.cap = backend.context_length
         self._cache = _row_cache(self._step, n_views, backend._n_layers)
+        self._buffers: dict[int, tuple[Any, Any, Any, Any]] = {}  # q -> (pinned host, its numpy view, device, event)
 
     def _truncate(self, view: int, length: int) -> None:
         pass  # the slots past ``length`` become stale; the row's next tokens overwrite them
+
+    def _layout(self, rows: list[int], calls: list[ForwardCall], q: int, trash: int, out: Any) -> int:
+        """Write ids, query positions and cache slots, left-padded per row, into ``out`` (3, n, q).
+
+        Rows without a call get pad tokens that write only to the trash slot;
+        pad queries sit at the row's last position, so their attention rows are
+        never empty. Returns the longest row after the call (the keys needed).
+        """
+        lengths = self._lengths
+        lo = rows[0]
+        out[0] = self.backend.pad_token_id
+        out[2] = trash
+        for r, v in enumerate(rows):
+            out[1, r] = max(lengths[v] - 1, 0)
+        kv_len = 1
+        for v, toks, _ in calls:
+            r, start, k = v - lo, lengths[v], len(toks)
+            out[0, r, q - k :] = toks
+            out[1, r, q - k :] = range(start, start + k)
+            out[2, r, q - k :] = range(start, start + k)
+            kv_len = max(kv_len, start + k)
+        return kv_len
+
+    def _inputs(self, n_rows: int, q: int):
+        """The persistent (host, device) input buffers for ``q`` query positions, the host side free to write."""
+        torch = self.backend.torch
+        dev = self.backend.input_device
+        buf = self._buffers.get(q)
+        if buf is None:
+            cuda = dev.type == "cuda"
+            host = torch.empty((3, n_rows, q), dtype=torch.long, pin_memory=cuda)
+            packed = torch.empty((3, n_rows, q), dtype=torch.long, device=dev)
+            buf = (host, host.numpy(), packed, torch.cuda.Event() if cuda else None)
+            if self._step.mark_static:
+                torch._dynamo.mark_static_address(packed)
+            self._buffers[q] = buf
+        elif buf[3] is not None and not buf[3].query():
+            buf[3].synchronize()  # the last copy out of this pinned buffer must be done before it is overwritten
+        return buf
 
     def _forward_many(self, calls: list[ForwardCall]):
         b = self.backend
         torch = b.torch
         lengths = self._lengths
-        lo = min(v for v, _, _ in calls)
-        hi = max(v for v, _, _ in calls) + 1
-        n_rows = hi - lo
         q = max(len(t) for _, t, _ in calls)
-        keep = max(1, max(n for _, _, n in calls))  # logits_to_keep=0 would mean "all positions"
-        need = max(lengths[v] + len(t) for v, t, _ in calls)
         step = self._step
-        if need > step.cap:
-            step.cap = min(b.context_length, max(need + 64, 2 * step.cap, 256))
-        trash = step.cap
-        # Host-side layout: ids, query positions and cache slots, left-padded per row.
-        pad = b.pad_token_id
-        ids = [[pad] * q for _ in range(n_rows)]
-        pos = [[0] * q for _ in range(n_rows)]
-        slots = [[trash] * q for _ in range(n_rows)]
-        kv_len = 1
-        for r in range(n_rows):
-            start = lengths[lo + r]
-            p = max(start - 1, 0)  # pad queries look at the row's existing tokens (always finite)
-            pos[r] = [p] * q
-        for v, toks, _ in calls:
-            r, start, k = v - lo, lengths[v], len(toks)
-            ids[r][q - k :] = list(toks)
-            pos[r][q - k :] = range(start, start + k)
-            slots[r][q - k :] = range(start, start + k)
-            kv_len = max(kv_len, start + k)
-        dev = b.input_device
-        host = torch.tensor([ids, pos, slots], dtype=torch.long)
-        if dev.type == "cuda":  # from pinned memory the copy is queued; from pageable memory it waits for the GPU
-            packed = host.pin_memory().to(dev, non_blocking=True)
+        compiled = False
+        if step.static:
+            lo, hi = 0, self.n_views
+            if b.compile_mode is not None and q <= _COMPILED_QUERIES[-1] and self._cache.layers[0].keys is not None:
+                q = next(c for c in _COMPILED_QUERIES if c >= q)
+                compiled = True
         else:
-            packed = host.to(dev)
+            lo = min(v for v, _, _ in calls)
+            hi = max(v for v, _, _ in calls) + 1
+            need = max(lengths[v] + len(t) for v, t, _ in calls)
+            if need > step.cap:
+                step.cap = min(b.context_length, max(need + 64, 2 * step.cap, 256))
+        n_rows = hi - lo
+        keep = q if compiled else max(1, max(n for _, _, n in calls))  # logits_to_keep=0 means "all positions"
+        rows = list(range(lo, hi))
+        if step.static:
+            host, host_np, packed, done = self._inputs(n_rows, q)
+            self._layout(rows, calls, q, step.cap, host_np)
+            kv_len = step.cap + 1  # every slot: one key length for every step
+            packed.copy_(host, non_blocking=True)
+            if done is not None:
+                done.record()
+        else:
+            arr = np.empty((3, n_rows, q), dtype=np.int64)
+            kv_len = self._layout(rows, calls, q, step.cap, arr)
+            layout = torch.from_numpy(arr)
+            if b.input_device.type == "cuda":  # from pinned memory the copy is queued; from pageable it waits
+                packed = layout.pin_memory().to(b.input_device, non_blocking=True)
+            else:
+                packed = layout.to(b.input_device)
         input_ids, position_ids, slot_idx = packed[0], packed[1], packed[2]
         step.set((lo, hi), slot_idx, kv_len)
-        mask = b._masks(position_ids, kv_len)
-        kwargs = {b._cache_arg: self._cache, "use_cache": True}
-        if b._has_logits_to_keep:
-            kwargs["logits_to_keep"] = keep
         try:
             with torch.inference_mode():
-                out = b.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs)
+                logits = b.run_step(input_ids, position_ids, self._cache, keep, compiled=compiled)
         except torch.cuda.OutOfMemoryError:
             self.close()
             raise DeviceError(
                 f"out of memory on {b.device_label} running {n_rows} row(s) x {kv_len} tokens; use fewer prompts "
                 "per batch (--batch-size), a shorter context, or a smaller dtype (--dtype bfloat16)"
             ) from None
-        logits = out.logits
-        if logits.dtype != torch.float32:
-            logits = logits.float()
-        logits = logits[:, -keep:, :]
         return [logits[v - lo, keep - n :, :] for v, _, n in calls]
 
     def _close(self) -> None:
         for layer in getattr(self._cache, "layers", []):
             layer.keys = layer.values = None
+        self._buffers.clear()
         self._step.cap = 0
 
 
@@ -513,8 +582,10 @@ class HFBackend(Backend):
         self.input_device = self.model.get_input_embeddings().weight.device
         self.device_label = str(self.input_device) if self.device_map is None else f"device_map={self.device_map}"
         self._setup_attention(tcfg)
+        self._setup_static(opts)
         self.cpu_prepacked = 0
-        if self.device_map is None and self.input_device.type == "cpu":
+        # the CPU kernels swapped in below are opaque to torch.compile's code generator: compile keeps the model as is
+        if self.device_map is None and self.input_device.type == "cpu" and self.compile_mode is None:
             _install_cpu_lm_head(torch, self.model)
             if opts.get("cpu_prepack", True):
                 self.cpu_prepacked = _install_cpu_prepack(torch, self.model)
@@ -528,6 +599,8 @@ class HFBackend(Backend):
             "threads": torch.get_num_threads(),
             "cpu_prepacked_linears": self.cpu_prepacked,
             "load_time_s": round(self.load_time_s, 2),
+            "cache_implementation": "static" if self.static else "dynamic",
+            "compile": self.compile_mode or False,
         }
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -723,6 +796,8 @@ class HFBackend(Backend):
                 f"the model uses attn_implementation={impl!r}; the hf backend supports "
                 f"{' or '.join(_MASKED_ATTN)} (set backend.options.attn_implementation)"
             )
+        # sdpa takes a bool mask (the cheapest to build per step); eager attention, and every static-cache
+        # step (fixed shapes for graphs), take one additive float mask
         self._bool_mask = impl == "sdpa"
         window = getattr(tcfg, "sliding_window", None)
         types = getattr(tcfg, "layer_types", None)
@@ -753,13 +828,86 @@ class HFBackend(Backend):
         for w in set(self._windows.values()):
             m = causal if w is None or w >= kv_len else causal & (kv[None, None, :] > qp - w)
             m = m[:, None]
-            if not self._bool_mask:
+            if not self._bool_mask or self.static:
                 dt = self.model.dtype
                 m = torch.zeros(m.shape, dtype=dt, device=m.device).masked_fill_(~m, torch.finfo(dt).min)
             built[w] = m
         if not self._mask_dict:
             return built[next(iter(self._windows.values()))]
         return {t: built[w] for t, w in self._windows.items()}
+
+    # ----------------------------------------------------------------- static cache and compiled steps
+
+    def _setup_static(self, opts: dict[str, Any]) -> None:
+        """``cache_implementation="static"`` fixes each session's capacity; ``compile`` implies it.
+
+        The capacity (``max_cache_len``, default ``n_ctx`` or the smaller of the
+        model's maximum and 4096) becomes the backend's context length, so a
+        generation that reaches it finishes with ``finish_reason="context"``
+        instead of failing mid-way."""
+        compile_opt = opts.get("compile", False)
+        self.compile_mode: str | None = ("default" if compile_opt is True else compile_opt) or None
+        self.compile_backend = str(opts.get("compile_backend") or "inductor")
+        self.static = opts.get("cache_implementation") == "static" or self.compile_mode is not None
+        cap = opts.get("max_cache_len")
+        if cap is not None and not self.static:
+            raise ConfigError('backend.options.max_cache_len needs cache_implementation="static" (or compile)')
+        if self.static and self.device_map is not None:
+            raise ConfigError("backend.options: a static cache or compile runs on one device; drop device_map")
+        if self.static:
+            if cap is not None and cap > self.context_length:
+                raise ConfigError(
+                    f"backend.options.max_cache_len={cap} exceeds the context length of {self.context_length}"
+                )
+            self.context_length = int(cap or (self.config.n_ctx or min(self.context_length, 4096)))
+        self.compile_fallback: str | None = None  # why compiled steps fell back to eager, if they did
+        self._compiled: Any = None
+        if self.compile_mode is not None:
+            self._compiled = self.torch.compile(
+                self._step_logits,
+                mode=None if self.compile_backend != "inductor" else self.compile_mode,
+                backend=self.compile_backend,
+                fullgraph=True,
+                dynamic=False,
+            )
+
+    def _step_logits(self, input_ids, position_ids, cache, keep: int):
+        """One forward: masks from the positions, the model, the last ``keep`` positions' logits in float32.
+
+        The unit that ``torch.compile`` captures in static mode, so the mask is
+        built inside it: one additive tensor per attention kind, on the device."""
+        mask = self._masks(position_ids, cache.step.kv_len)
+        kwargs = {self._cache_arg: cache, "use_cache": True}
+        if self._has_logits_to_keep:
+            kwargs["logits_to_keep"] = keep
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **kwargs)
+        return out.logits[:, -keep:, :].float()
+
+    def run_step(self, input_ids, position_ids, cache, keep: int, *, compiled: bool = False):
+        """Run :meth:`_step_logits`, compiled when asked and possible.
+
+        A compile that fails (an unsupported model, no compiler) falls back to
+        eager for good, with one warning naming the reason: never a failed
+        request. Compiled outputs are copied out, since CUDA graphs reuse
+        their output memory on the next replay."""
+        if compiled and self._compiled is not None:
+            torch = self.torch
+            try:
+                if self.compile_mode == "reduce-overhead":
+                    torch.compiler.cudagraph_mark_step_begin()
+                return self._compiled(input_ids, position_ids, cache, keep).clone()
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as err:
+                self._compiled = None
+                self.compile_fallback = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+                self._facts["compile"] = f"failed, eager ({self.compile_fallback})"
+                warnings.warn(
+                    f"hf backend: torch.compile failed, running eager: {self.compile_fallback}",
+                    PersonaJudgeWarning,
+                    stacklevel=2,
+                )
+        return self._step_logits(input_ids, position_ids, cache, keep)
 
     # ----------------------------------------------------------------- contract
 

@@ -263,13 +263,48 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any, **kwargs: Any) ->
         f.write("\n")
 
 
+def complete_lines_end(data: bytes) -> int:
+    """Where the complete lines of JSONL ``data`` end: bytes after the last newline are a torn write."""
+    return data.rfind(b"\n") + 1
+
+
+def parse_jsonl(data: bytes) -> tuple[list[Any], int]:
+    """The objects of the complete lines of ``data`` and how many lines could not be read.
+
+    A torn last line (no newline) is neither returned nor counted; blank lines are skipped. A line is
+    unreadable when it is not JSON, not UTF-8, holds an integer past ``int()``'s digit limit or nests
+    past the recursion limit (the last two are ``ValueError`` / ``RecursionError``, not decode errors).
+    """
+    out: list[Any] = []
+    bad = 0
+    for line in data[: complete_lines_end(data)].splitlines():
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except (ValueError, RecursionError):
+            bad += 1
+    return out, bad
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> tuple[list[Any], int]:
+    """:func:`parse_jsonl` of a file, read-only (a torn tail is ignored, not cut); a missing file has none."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return [], 0
+    return parse_jsonl(data)
+
+
 class JsonlAppendFile:
     """An append-only JSONL file that survives being killed at any instant.
 
     Opened with :func:`open_regular` (no links, FIFOs or devices) and an exclusive ``flock`` (two
     processes never append to one file). A kill during a write leaves a last line without its
     newline: :meth:`open` cuts that torn tail off before anything new is written and returns the
-    objects of the complete lines (unreadable lines are counted in ``skipped``, not returned).
+    objects of the complete lines (:func:`parse_jsonl`: unreadable lines are counted in ``skipped``,
+    not returned). The JSONL batch (``personajudge.batch``) and the evaluation store
+    (``personajudge.evaluation.store``) both append through it.
     :meth:`append` writes whole lines in one ``write``, then flush + fsync: what it returned from is
     on disk.
     """
@@ -301,7 +336,7 @@ class JsonlAppendFile:
                 ) from None
             f.seek(0)
             data = f.read()
-            end = data.rfind(b"\n") + 1  # bytes after the last newline are a torn write
+            end = complete_lines_end(data)
             if end < len(data):
                 f.truncate(end)
                 f.flush()
@@ -313,15 +348,7 @@ class JsonlAppendFile:
             f.close()
             raise
         self._f = f
-        out = []
-        self.skipped = 0
-        for line in data[:end].splitlines():
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                self.skipped += 1
+        out, self.skipped = parse_jsonl(data)
         return out
 
     def append(self, objs: Sequence[Any]) -> None:

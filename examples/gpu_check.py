@@ -155,7 +155,7 @@ PROMPTS = [
     "What is a prime number?",
     "Why do leaves change colour?",
 ]
-CUDA_TESTS = ["tests/backends/test_hf.py", "tests/core/test_host_syncs.py"]
+CUDA_TESTS = ["tests/backends/test_hf.py", "tests/backends/test_hf_static.py", "tests/core/test_host_syncs.py"]
 
 
 # --------------------------------------------------------------------------------------------- install
@@ -259,8 +259,11 @@ def make_tokenizer(vocab_size: int):
     return tok
 
 
-def build_backend(shape: str, device: str):
-    """A random-weight model of ``shape`` built directly on ``device`` (bf16 on CUDA), wrapped in the hf backend."""
+def build_backend(shape: str, device: str, *, model: Any = None, options: dict[str, Any] | None = None):
+    """A random-weight model of ``shape`` built directly on ``device`` (bf16 on CUDA), wrapped in the hf backend.
+
+    ``model``: reuse an already built model (another backend configuration of the same weights);
+    ``options``: the backend's ``backend.options`` (e.g. a static cache and compile)."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
@@ -270,11 +273,12 @@ def build_backend(shape: str, device: str):
 
     cls_name, fields, _ = SHAPES[shape]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    cfg = getattr(transformers, cls_name)(**fields, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    model.eval()
+    if model is None:
+        cfg = getattr(transformers, cls_name)(**fields, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        model.eval()
     tok = make_tokenizer(fields["vocab_size"])
 
     class Prebuilt(HFBackend):
@@ -283,7 +287,46 @@ def build_backend(shape: str, device: str):
         def _load(self, model_name, gguf_file):
             return f"synthetic:{shape}", model, tok
 
-    return Prebuilt(BackendConfig(name="hf", device=device, dtype=str(dtype).removeprefix("torch.")))
+    config = BackendConfig(name="hf", device=device, dtype=str(dtype).removeprefix("torch."), options=options or {})
+    return Prebuilt(config)
+
+
+def compiled(shape: str, device: str, backend, args: argparse.Namespace) -> dict[str, Any]:
+    """The same weights with a static cache and compiled steps (CUDA graphs on CUDA), timed against generate.
+
+    On the CPU rehearsal dynamo only traces (``compile_backend=eager``): the
+    code path is the GPU's, minus inductor's code generation."""
+    from personajudge.bench import run_bench
+    from personajudge.core.config import build_config
+
+    gpu = device == "cuda"
+    options = {
+        "compile": "reduce-overhead" if gpu else True,
+        "compile_backend": args.compile_backend or ("inductor" if gpu else "eager"),
+        "max_cache_len": 1024 if gpu else 256,
+    }
+    static = build_backend(shape, device, model=backend.model, options=options)
+    cfg = build_config(
+        {
+            "backend": {"name": "hf", "device": device, "options": options},
+            "decoding": {"max_new_tokens": args.max_new_tokens, "seed": 0},
+        }
+    )
+    try:
+        rep = run_bench(
+            cfg,
+            views=2,
+            repeats=args.repeats,
+            progress=False,
+            backend=static,
+            methods=["plain", "persona-judge"],
+            steps=False,
+        )
+    finally:
+        static.model = None  # the weights belong to the shape's backend; drop only this reference
+    rep["options"] = options
+    rep["compile_fallback"] = static.compile_fallback
+    return rep
 
 
 # --------------------------------------------------------------------------------------------- measurements
@@ -432,6 +475,7 @@ def check_shape(shape: str, device: str, args: argparse.Namespace, budget: Budge
         ),
         ("batch", lambda: batch_speed(pj, args.batch, args.max_new_tokens)),
         ("memory", lambda: memory(pj, args.max_new_tokens)),
+        ("compiled", lambda: compiled(shape, device, backend, args)),  # last: compiling may take a while
     ]
     est = SHAPES[shape][2]
     try:
@@ -465,6 +509,9 @@ def targets(shape: str, row: dict[str, Any]) -> dict[str, Any]:
     ratio = next((r["ratio_to_plain"] for r in bench.get("results", []) if r["method"] == "persona-judge"), None)
     out["persona_judge_over_generate"] = ratio
     out["persona_judge_ge_0.9x_generate"] = (ratio >= 0.9) if ratio is not None and shape in GPU_SHAPES[1:] else None
+    comp = {r["method"]: r for r in (row.get("compiled") or {}).get("results", [])}
+    if "persona-judge" in comp:
+        out["compiled_persona_judge_over_generate"] = comp["persona-judge"]["ratio_to_plain"]
     sp = (row.get("batch") or {}).get("speedup")
     out["batch_16_over_1"] = sp
     out["batch_16_ge_8x"] = sp >= 8 if sp is not None and "error" not in (row.get("batch") or {}) else None
@@ -537,6 +584,26 @@ def markdown(rep: dict[str, Any]) -> str:
             f"{_fmt(st.get('one_view_one_row_ms'), '.2f')} / {_fmt(st.get('two_views_two_rows_ms'), '.2f')} / "
             f"{_fmt(st.get('two_views_one_row_ms'), '.2f')} | {_fmt(st.get('ceiling_ratio'), '.2f')} |"
         )
+    lines += [
+        "",
+        "Static cache and compiled steps (`cache_implementation=static`, `compile`), the same weights:",
+        "",
+        "| shape | options | generate tok/s | persona-judge | × | compile |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for row in rep["shapes"]:
+        comp = row.get("compiled") or {}
+        if "results" not in comp:
+            lines.append(f"| {row['shape']} | – | – | – | – | {comp.get('error', 'not run')[:80]} |")
+            continue
+        res = {r["method"]: r.get("tokens_per_s") for r in comp["results"]}
+        plain, pj = res.get("plain"), res.get("persona-judge")
+        opts = comp.get("options", {})
+        lines.append(
+            f"| {row['shape']} | {opts.get('compile')}/{opts.get('compile_backend')} | {_fmt(plain)} | {_fmt(pj)} | "
+            f"{_fmt(pj / plain if pj and plain else None, '.2f')} | "
+            f"{'ok' if comp.get('compile_fallback') is None else 'fell back: ' + comp['compile_fallback'][:60]} |"
+        )
     skipped = [f"{r['shape']}: {', '.join(r['skipped'])}" for r in rep["shapes"] if r.get("skipped")]
     skipped += [f"{s}: time budget" for s in rep["skipped_shapes"]]
     if skipped:
@@ -574,6 +641,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--batch", type=int, default=16, help="prompts in the batched run (against 1)")
     ap.add_argument("--no-tests", action="store_true", help="skip the CUDA tests")
+    ap.add_argument(
+        "--compile-backend", help="torch.compile backend of the compiled run (default: inductor on CUDA, eager on CPU)"
+    )
     ap.add_argument("--wheels", default=str(REPO / ".whl"), help="wheels to install from (make gpu-wheels)")
     ap.add_argument("--site", default="/tmp/personajudge-site", help="where to install them")
     args = ap.parse_args(argv)

@@ -13,6 +13,7 @@ import asyncio
 import copy
 import threading
 import warnings
+import weakref
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from typing import Any
 
@@ -25,7 +26,7 @@ from personajudge.core.errors import ConfigError, PersonaJudgeWarning
 from personajudge.core.result import GenerationResult, Stats
 from personajudge.core.stopping import Emitter
 from personajudge.core.transforms import SamplingParams
-from personajudge.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, Engine, Job, result_of
+from personajudge.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, Engine, EngineClosedError, Job, result_of
 from personajudge.plugins import get_method, load_backend, preference_library, resolve_encoder
 from personajudge.preferences import Preference, build_views, normalize_conversation
 
@@ -72,6 +73,35 @@ def fresh_seed() -> int:
     return entropy % (2**63)
 
 
+class _Shared:
+    """The engine of one backend object and the live :class:`PersonaJudge` objects built on it."""
+
+    def __init__(self, max_batch: int, max_queue: int):
+        self.max_batch, self.max_queue = max_batch, max_queue  # the first creator's limits
+        self.engine: Engine | None = None
+        self.users: weakref.WeakSet[PersonaJudge] = weakref.WeakSet()  # a dropped object leaves by itself
+
+
+#: One entry per backend object, keyed weakly by the object itself: sessions of one backend must be
+#: driven from one thread (llama.cpp and transformers share model state between them), so every
+#: PersonaJudge on that backend submits to the same engine. Guarded by ``_SHARED_LOCK``.
+_SHARED: weakref.WeakKeyDictionary[Any, _Shared] = weakref.WeakKeyDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def _join_backend(pj: PersonaJudge, backend: Any) -> _Shared:
+    """Register ``pj`` as a user of ``backend``'s engine entry (made here for the first user)."""
+    with _SHARED_LOCK:
+        try:
+            shared = _SHARED.get(backend)
+            if shared is None or (not shared.users and shared.engine is None):
+                shared = _SHARED[backend] = _Shared(pj.max_batch, pj.max_queue)
+        except TypeError:  # unhashable or not weakly referenceable: this object gets an engine of its own
+            shared = _Shared(pj.max_batch, pj.max_queue)
+        shared.users.add(pj)
+        return shared
+
+
 class PersonaJudge:
     """A loaded model plus a default :class:`RunConfig`.
 
@@ -82,6 +112,12 @@ class PersonaJudge:
     up to ``max_batch`` requests together, one batched forward per step, and
     queues up to ``max_queue`` more. So one object is safe to share between
     threads: each caller gets the result it would get alone, or a typed error.
+
+    The engine belongs to the backend object, not to this object: several
+    ``PersonaJudge(backend=b)`` on one ``b`` (the server and a Python caller,
+    say) share one engine, so ``b`` is still driven by one thread. It takes the
+    ``max_batch`` / ``max_queue`` of the first of them; :meth:`close` of one
+    leaves it to the others, and the last one's closes it and the backend.
     """
 
     def __init__(
@@ -95,22 +131,50 @@ class PersonaJudge:
         self.config = config if isinstance(config, RunConfig) else build_config(config or {})
         self.backend = backend if backend is not None else load_backend(self.config.backend)
         self.max_batch, self.max_queue = max_batch, max_queue
-        self._engine: Engine | None = None
-        self._engine_lock = threading.Lock()
+        self._engine: Engine | None = None  # the backend's engine, once this object has used it
+        self._closed = False
+        self._shared = _join_backend(self, self.backend)
 
     @property
     def engine(self) -> Engine:
-        """The scheduler that owns the backend (created on first use)."""
-        with self._engine_lock:
+        """The scheduler that owns the backend: one per backend object, created on first use.
+
+        One closed directly (``engine.close()``, as the server does on shutdown) stays closed for the
+        objects that had used it (:class:`~personajudge.engine.EngineClosedError`); an object that
+        had not gets a new one.
+        """
+        with _SHARED_LOCK:
+            if self._closed:
+                raise EngineClosedError("this PersonaJudge is closed")
             if self._engine is None:
-                self._engine = Engine(self.backend, max_batch=self.max_batch, max_queue=self.max_queue)
+                shared = self._shared
+                if shared.engine is None or shared.engine.stats()["closing"]:
+                    shared.engine = Engine(self.backend, max_batch=shared.max_batch, max_queue=shared.max_queue)
+                self._engine = shared.engine
             return self._engine
 
-    def close(self) -> None:
-        """Cancel what is still running, stop the engine, free the model."""
-        if self._engine is not None:
-            self._engine.close()
-        self.backend.close()
+    def close(self, *, keep_backend: bool = False) -> None:
+        """Stop using the backend. The last live object on it cancels what is still running, stops
+        the engine and frees the model (``keep_backend``: leaves it loaded, for a caller that owns
+        it); while others remain, they keep both. A second call does nothing."""
+        with _SHARED_LOCK:
+            if self._closed:
+                return
+            self._closed = True
+            shared = self._shared
+            shared.users.discard(self)
+            if shared.users:
+                return
+            engine, shared.engine = shared.engine, None
+            try:
+                if _SHARED.get(self.backend) is shared:
+                    del _SHARED[self.backend]
+            except TypeError:  # never registered (see _join_backend)
+                pass
+        if engine is not None:
+            engine.close()
+        if not keep_backend:
+            self.backend.close()
 
     def __enter__(self) -> PersonaJudge:
         return self

@@ -150,11 +150,7 @@ def run_bench(
         costs = _step_costs(pj, cfg, prompt, prefs, make_method) if steps and views >= 2 else None
     finally:
         bar.close()
-        engine = getattr(pj, "_engine", None)
-        if backend is None:
-            pj.close()
-        elif engine is not None:
-            engine.close()  # the caller's backend stays loaded; this run's scheduler thread ends
+        pj.close(keep_backend=backend is not None)  # the caller's backend stays loaded
     plain = next((r["tokens_per_s"] for r in rows if r["method"] == "plain"), None)
     for r in rows:
         r["ratio_to_plain"] = r["tokens_per_s"] / plain if plain else None

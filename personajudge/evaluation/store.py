@@ -1,26 +1,25 @@
-"""Append-only JSONL files that survive being killed at any instant.
+"""The evaluation run's files: rows in append-only JSONL, ``run.json`` written atomically.
 
-- Every row is one ``write`` of one line, then ``flush`` + ``fsync``: a row
-  that was reported finished is on disk.
-- A kill in the middle of a write leaves a last line without its newline (or
-  with half a JSON object). Opening the file for appending detects that torn
-  tail and truncates it away before anything new is written; readers ignore it.
-- A row's identity is ``(key, fingerprint)``: the fingerprint says under which
-  settings it was produced (model, decoding, prompt text, scorer options).
-  :meth:`JsonlStore.append` refuses an identity that is already in the file,
-  so a resumed run never duplicates a finished row; on reading, the first
-  occurrence wins.
+- The JSONL mechanics -- one ``write`` per row then ``flush`` + ``fsync``, a torn last line (a kill
+  mid-write) cut off when the file is opened for appending and ignored by readers, an exclusive
+  ``flock`` -- are :class:`personajudge.core.files.JsonlAppendFile`'s, shared with the JSONL batch,
+  so there is one implementation of them. This module adds what is the evaluation's own:
+- A row's identity is ``(key, fingerprint)``: the fingerprint says under which settings it was
+  produced (model, decoding, prompt text, scorer options). :meth:`JsonlStore.append` refuses an
+  identity that is already in the file, so a resumed run never duplicates a finished row; on
+  reading, the first occurrence wins. A line that is not an object with a ``key`` is skipped with
+  a warning.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from personajudge.core import files
 from personajudge.core.config import validation_message
 
 from .errors import EvalError, RunLockedError
@@ -35,39 +34,18 @@ def _identity(row: dict[str, Any]) -> tuple[str, str]:
     return str(row.get("key")), str(row.get("fp", ""))
 
 
-def read_rows(path: str | Path, *, repair: bool = False) -> tuple[list[dict[str, Any]], int]:
-    """Rows of ``path`` (missing file: none) and how many bad lines were skipped.
-
-    With ``repair`` a torn last line is cut off the file itself.
-    """
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        return [], 0
-    end = data.rfind(b"\n") + 1  # bytes after the last newline are a torn write
-    if repair and end < len(data):
-        with open(p, "r+b") as f:
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())
-    rows: list[dict[str, Any]] = []
-    bad = 0
-    for line in data[:end].splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError):  # not JSON, not UTF-8, an integer past int()'s limit, too deep
-            bad += 1
-            continue
-        if isinstance(row, dict) and "key" in row:
-            rows.append(row)
-        else:
-            bad += 1
+def _keyed_rows(path: Path, objs: list[Any], bad: int) -> tuple[list[dict[str, Any]], int]:
+    """The objects that are rows (a dict with a ``key``); the rest count as bad lines, with one warning."""
+    rows = [o for o in objs if isinstance(o, dict) and "key" in o]
+    bad += len(objs) - len(rows)
     if bad:
-        print(f"personajudge: warning: {p}: skipped {bad} unreadable line(s)", file=sys.stderr)
+        print(f"personajudge: warning: {path}: skipped {bad} unreadable line(s)", file=sys.stderr)
     return rows, bad
+
+
+def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """Rows of ``path`` (missing file: none) and how many bad lines were skipped; the file is untouched."""
+    return _keyed_rows(Path(path), *files.read_jsonl(path))
 
 
 class JsonlStore:
@@ -76,14 +54,13 @@ class JsonlStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.rows: dict[tuple[str, str], dict[str, Any]] = {}
-        self._f: TextIO | None = None
+        self._file = files.JsonlAppendFile(self.path, "evaluation rows file", EvalError)
 
     def open(self) -> JsonlStore:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        rows, _ = read_rows(self.path, repair=True)
+        objs = self._file.open()
+        rows, _ = _keyed_rows(self.path, objs, self._file.skipped)
         for row in rows:
             self.rows.setdefault(_identity(row), row)
-        self._f = open(self.path, "a", encoding="utf-8")
         return self
 
     def __contains__(self, identity: tuple[str, str]) -> bool:
@@ -100,19 +77,12 @@ class JsonlStore:
         ident = _identity(row)
         if ident in self.rows:
             return False
-        if self._f is None:
-            raise RuntimeError("store is not open")
-        line = json.dumps(row, ensure_ascii=False, allow_nan=True) + "\n"
-        self._f.write(line)
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        self._file.append([row])
         self.rows[ident] = row
         return True
 
     def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        self._file.close()
 
     def __enter__(self) -> JsonlStore:
         return self.open()
@@ -151,21 +121,9 @@ class RunLock:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file, fsync, rename into place: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """:func:`personajudge.core.files.write_json_atomic` (readers see the old or the new file), its
+    failures (a full disk, a link at the path) an :class:`EvalError` naming the file."""
+    files.write_json_atomic(path, data, what="evaluation file", error=EvalError)
 
 
 def read_run_file(run_dir: str | Path) -> dict[str, Any]:

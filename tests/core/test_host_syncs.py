@@ -305,15 +305,21 @@ def test_nan_logits_in_a_run_are_a_typed_error(tmp_path):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
-def test_cuda_step_has_no_sync_outside_the_one_read(tmp_path):
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"cache_implementation": "static", "max_cache_len": 64}, {"compile": "reduce-overhead", "max_cache_len": 64}],
+    ids=["dynamic", "static", "cuda-graphs"],
+)
+def test_cuda_step_has_no_sync_outside_the_one_read(tmp_path, options):
     """A two-view step (forward, both filtered supports, draft, judge) queues without a sync; then one read."""
     from tiny_hf import build_tiny_backend
 
-    backend = build_tiny_backend(tmp_path, "gemma3", device="cuda")
+    backend = build_tiny_backend(tmp_path, "gemma3", device="cuda", options=options)
     params = SamplingParams()
     u = np.random.default_rng(0).random(9)
     with backend.open(2) as s:
         outs = s.forward_many([(0, [1, 40, 41, 42], 1), (1, [1, 50, 51], 1)])
+        outs = s.forward_many([(0, [43], 1), (1, [52], 1)])  # a compiled step is captured outside the check
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:

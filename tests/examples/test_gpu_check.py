@@ -51,7 +51,13 @@ def test_gpu_check_rehearsal_on_the_cpu(tmp_path):
         assert row["memory"] is None  # no GPU: nothing to measure, and nothing pretends
         assert row["backend"]["device"] == "cpu" and row["backend"]["model"] == f"synthetic:{row['shape']}"
     md = (tmp_path / "gpu_check.md").read_text()
-    assert md.count("| tiny-") == 2 and "Targets (issue 17)" in md
+    assert md.count("| tiny-") == 4 and "Targets (issue 17)" in md  # the main table and the compiled one
+    for row in rep["shapes"]:  # the compiled run: traced (no code generation on the CPU), timed beside generate
+        comp = row["compiled"]
+        assert comp["options"]["compile_backend"] == "eager" and comp["compile_fallback"] is None
+        assert comp["backend"]["cache_implementation"] == "static"
+        assert {r["method"] for r in comp["results"]} == {"plain", "persona-judge"}
+        assert row["targets"]["compiled_persona_judge_over_generate"] > 0
 
 
 def test_the_time_budget_skips_shapes(tmp_path):

@@ -64,6 +64,6 @@ def build_tiny(path, arch: str) -> str:
     return str(path)
 
 
-def build_tiny_backend(path, arch: str = "llama", device: str = "cpu") -> HFBackend:
-    """A loaded HFBackend on a freshly built tiny model of ``arch``."""
-    return HFBackend(BackendConfig(name="hf", model=build_tiny(path, arch), device=device))
+def build_tiny_backend(path, arch: str = "llama", device: str = "cpu", options: dict | None = None) -> HFBackend:
+    """A loaded HFBackend on a freshly built tiny model of ``arch`` (``options``: ``backend.options``)."""
+    return HFBackend(BackendConfig(name="hf", model=build_tiny(path, arch), device=device, options=options or {}))

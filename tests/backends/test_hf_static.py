@@ -1,0 +1,225 @@
+"""The hf backend's static cache and compiled steps (``cache_implementation="static"``, ``compile``).
+
+The static cache exists for CUDA graphs and ``torch.compile``: fixed buffers,
+every row in every forward, keys over the full capacity, so a step has one
+shape per query length. These tests pin what can be checked without a GPU:
+
+- the logits equal the dynamic cache's, call for call, through prefills,
+  single- and multi-token steps, skipped rows and rollbacks;
+- a compiled step traces as one whole graph (``fullgraph=True`` under
+  dynamo's ``eager`` backend, and inductor's CPU code in the slow test) and
+  is traced once per query length, not once per step;
+- a compile that fails falls back to eager with one warning, never a failed
+  request; the capacity is the context length, so a generation that reaches it
+  ends with ``finish_reason="context"``.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from tiny_hf import build_tiny  # noqa: E402  (tests/helpers)
+
+from personajudge.api import PersonaJudge  # noqa: E402
+from personajudge.backends.hf import HFBackend  # noqa: E402
+from personajudge.cli import main  # noqa: E402
+from personajudge.core.config import BackendConfig  # noqa: E402
+from personajudge.core.errors import ConfigError, ContextLengthError, PersonaJudgeWarning  # noqa: E402
+
+pytestmark = pytest.mark.hf
+
+STATIC = {"cache_implementation": "static", "max_cache_len": 96}
+#: dynamo traces the step into one graph and runs it as traced (no code generation): fast, and a graph
+#: break is an error (fullgraph) that the backend reports as a fallback
+TRACED = {"compile": True, "compile_backend": "eager", "max_cache_len": 96}
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-static")
+    return {arch: build_tiny(root / arch, arch) for arch in ("llama", "gemma3")}
+
+
+def load(path: str, options: dict | None = None) -> HFBackend:
+    return HFBackend(BackendConfig(name="hf", model=path, device="cpu", options=options or {}))
+
+
+def call_script(seed: int, rows: int = 3, steps: int = 24):
+    """A random session script: prefills of different lengths, then steps of 1-3 tokens on random subsets
+    of the rows (so rows are skipped and padded), with rollbacks; yields ("forward", calls) / ("truncate", ...)."""
+    rnd = random.Random(seed)
+    lengths = [0] * rows
+    first = []
+    for v in range(rows):
+        toks = [1] + [rnd.randrange(4, 250) for _ in range(rnd.randrange(3, 30))]
+        first.append((v, toks, rnd.randrange(1, 3)))
+        lengths[v] = len(toks)
+    yield "forward", first
+    for _ in range(steps):
+        if rnd.random() < 0.2:
+            v = rnd.randrange(rows)
+            keep = rnd.randrange(1, lengths[v] + 1)
+            lengths[v] = keep
+            yield "truncate", (v, keep)
+            continue
+        chosen = sorted(rnd.sample(range(rows), rnd.randrange(1, rows + 1)))
+        calls = []
+        for v in chosen:
+            k = rnd.choice([1, 1, 1, 2, 3])
+            calls.append((v, [rnd.randrange(4, 250) for _ in range(k)], rnd.randrange(0, k + 1)))
+            lengths[v] += k
+        yield "forward", calls
+
+
+def run_script(backend: HFBackend, seed: int) -> list:
+    out = []
+    with backend.open(3) as s:
+        for kind, arg in call_script(seed):
+            if kind == "truncate":
+                s.truncate(*arg)
+            else:
+                out.append([x.clone() for x in s.forward_many(arg)])
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # gemma3: sliding and full layers (a mask per kind)
+@pytest.mark.parametrize("options", [STATIC, TRACED], ids=["static", "compiled"])
+def test_static_logits_equal_the_dynamic_cache(dirs, arch, options):
+    dynamic, static = load(dirs[arch]), load(dirs[arch], options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PersonaJudgeWarning)  # a compile fallback would be a failure here
+        for seed in (0, 1):
+            want, got = run_script(dynamic, seed), run_script(static, seed)
+            assert len(want) == len(got) > 10
+            for a, b in zip(want, got):
+                for x, y in zip(a, b):
+                    assert x.shape == y.shape
+                    torch.testing.assert_close(y, x, atol=1e-4, rtol=1e-4)
+    assert static.compile_fallback is None
+    assert static.describe()["cache_implementation"] == "static"
+
+
+def test_a_compiled_step_is_traced_once_per_query_length(dirs):
+    from torch._dynamo.utils import counters
+
+    backend = load(dirs["gemma3"], TRACED)
+    torch._dynamo.reset()
+    counters.clear()
+    with backend.open(2) as s:
+        s.forward_many([(0, [1, 5, 6, 7, 8], 1), (1, [1, 9, 10], 1)])  # the first forward of a session runs eager
+        assert counters["stats"]["unique_graphs"] == 0
+        for i in range(30):  # one token on both rows, then one token on one row: the same shape (all rows run)
+            s.forward_many([(0, [20 + i], 1), (1, [30 + i], 1)] if i % 2 else [(1, [40 + i], 1)])
+        assert counters["stats"]["unique_graphs"] == 1
+        for i in range(5):  # three tokens on one row: the query bucket of 4
+            s.forward_many([(0, [50 + i, 51, 52], 2)])
+        assert counters["stats"]["unique_graphs"] == 2
+    assert backend.compile_fallback is None
+
+
+def test_a_failed_compile_falls_back_to_eager_once(dirs):
+    backend = load(dirs["llama"], TRACED)
+    reference = load(dirs["llama"])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler for this\nmachine")
+
+    backend._compiled = broken
+    with pytest.warns(PersonaJudgeWarning, match="torch.compile failed, running eager: RuntimeError: no compiler"):
+        got = run_script(backend, 3)
+    want = run_script(reference, 3)
+    for a, b in zip(want, got):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(y, x, atol=1e-4, rtol=1e-4)
+    assert backend.describe()["compile"].startswith("failed, eager (RuntimeError: no compiler for this machine")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PersonaJudgeWarning)  # warned once: the next session runs eager quietly
+        run_script(backend, 4)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_generations_equal_the_dynamic_cache(dirs, temperature):
+    cfg = {"backend": {"name": "hf"}, "preferences": ["concise", "humor"]}
+    outs = []
+    for options in ({}, STATIC, TRACED):
+        options = {**options, "max_cache_len": 256} if options else options  # char-level prompts: ~110 tokens
+        with PersonaJudge(cfg, backend=load(dirs["gemma3"], options)) as pj:
+            rows = pj.generate_batch(
+                ["Why is the sky blue?", "Name a fruit.", "hi"], temperature=temperature, max_new_tokens=24, seed=5
+            )
+            outs.append([r.tokens for r in rows])
+    assert outs[0] == outs[1] == outs[2]
+    assert all(len(t) > 0 for t in outs[0])
+
+
+def test_the_capacity_is_the_context_length(dirs):
+    backend = load(dirs["llama"], {"cache_implementation": "static", "max_cache_len": 160})
+    assert backend.context_length == 160 and backend.describe()["context_length"] == 160
+    with PersonaJudge({"backend": {"name": "hf"}, "preferences": ["concise", "humor"]}, backend=backend) as pj:
+        res = pj.generate("[user] hello\n[assistant] ", max_new_tokens=200, seed=0)
+        assert res.finish_reason == "context"
+        assert max(res.stats.prompt_tokens) + len(res.tokens) <= 160
+        with pytest.raises(ContextLengthError, match="160"):
+            pj.generate("x" * 200, max_new_tokens=4, seed=0)
+    assert load(dirs["llama"], {"cache_implementation": "static"}).context_length == 512  # the model's maximum
+
+
+@pytest.mark.parametrize(
+    "options, needle",
+    [
+        ({"max_cache_len": 64}, 'max_cache_len needs cache_implementation="static"'),
+        ({"cache_implementation": "static", "max_cache_len": 4096}, "exceeds the context length of 512"),
+        ({"cache_implementation": "static", "max_cache_len": 8}, "greater than or equal to 16"),
+        ({"cache_implementation": "paged"}, "cache_implementation"),
+        ({"compile": "fast"}, "compile"),
+        ({"compile": True, "device_map": "auto"}, "drop device_map"),
+    ],
+)
+def test_bad_static_options(dirs, options, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load(dirs["llama"], options)
+
+
+def test_bad_static_option_at_the_cli_exits_2(dirs, capsys):
+    code = main(["generate", "hi", "--backend", "hf", "--model", dirs["llama"], "--backend-option", "compile=fast"])
+    err = capsys.readouterr().err
+    assert code == 2 and "compile" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_inductor_compiled_steps_on_the_cpu(dirs):
+    """inductor's generated CPU code (what ``compile=true`` runs on a machine without a GPU) gives the same logits."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    backend = load(dirs["llama"], {"compile": True, "max_cache_len": 64})
+    want, got = run_script(load(dirs["llama"]), 5), run_script(backend, 5)
+    for a, b in zip(want, got):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(y, x, atol=1e-4, rtol=1e-4)
+    assert backend.compile_fallback is None
+    assert 1 <= counters["stats"]["unique_graphs"] <= 3  # one per query bucket the script used (1, 2, 4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_cuda_graphs_give_the_dynamic_caches_logits(dirs, arch):
+    """``compile="reduce-overhead"``: inductor with CUDA graphs replays the step; outputs are copied out."""
+    cuda = {"compile": "reduce-overhead", "max_cache_len": 96}
+    dynamic = HFBackend(BackendConfig(name="hf", model=dirs[arch], device="cuda"))
+    graphs = HFBackend(BackendConfig(name="hf", model=dirs[arch], device="cuda", options=cuda))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PersonaJudgeWarning)
+        want, got = run_script(dynamic, 0), run_script(graphs, 0)
+    for a, b in zip(want, got):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(y, x, atol=2e-3, rtol=2e-3)
+    assert graphs.compile_fallback is None
