@@ -863,6 +863,10 @@ class HFBackend(Backend):
         self.compile_fallback: str | None = None  # why compiled steps fell back to eager, if they did
         self._compiled: Any = None
         if self.compile_mode is not None:
+            # one graph per (session size, query length, backend): dynamo's default limit of 8 per function
+            # would be reached by a server whose session grows, or by several backends in one process
+            dynamo = self.torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
             self._compiled = self.torch.compile(
                 self._step_logits,
                 mode=None if self.compile_backend != "inductor" else self.compile_mode,
@@ -961,6 +965,9 @@ class HFBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         return dict(self._facts)
+
+    def decoding_context(self):
+        return self.torch.inference_mode()
 
     def close(self) -> None:
         model = getattr(self, "model", None)

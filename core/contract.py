@@ -12,6 +12,7 @@ views into one model call, which is where most of the speed comes from.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, runtime_checkable
@@ -221,6 +222,16 @@ class Backend(ABC):
     def describe(self) -> dict[str, Any]:
         """A few facts for reports (model, device, dtype)."""
         return {"backend": self.name}
+
+    def decoding_context(self) -> contextlib.AbstractContextManager[Any]:
+        """Entered on the thread that decodes (the engine's) for as long as it runs.
+
+        The sampling algebra runs on the backend's own arrays between
+        forwards; a torch backend returns ``torch.inference_mode()`` here so
+        that those operations skip autograd's bookkeeping (version counters,
+        view tracking) as the forwards do. The default does nothing.
+        """
+        return contextlib.nullcontext()
 
     def close(self) -> None:  # noqa: B027  (optional: a backend without resources keeps this)
         """Free the weights."""

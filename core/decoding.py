@@ -23,7 +23,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from array_api_compat import array_namespace
@@ -345,6 +345,25 @@ def run_timed(fn, session: Session, req: DecodeRequest) -> None:
         req.stats.tokens = len(req.emitter.tokens)
 
 
+class RowGroup(Protocol):
+    """Requests that one object decides together (e.g. :class:`~personajudge.core.batched.BatchedJudge`).
+
+    A member of a step driver beside the generator loops: each step the
+    driver asks every row for its forward (``calls``, views numbered per
+    request), runs them in the same single ``forward_many`` as the loops' and
+    hands the group all its rows' results at once (``advance``), so the group
+    can decide them in one vectorized pass with one host read.
+    """
+
+    def add(self, key: Any, req: DecodeRequest) -> bool: ...
+
+    def calls(self, key: Any) -> list[ForwardCall]: ...
+
+    def advance(self, outs: dict[Any, Sequence[Array]]) -> tuple[list[Any], dict[Any, BaseException]]: ...
+
+    def remove(self, key: Any) -> None: ...
+
+
 class StepDriver:
     """Continuous batching: loops join and leave a long-lived session between steps.
 
@@ -357,6 +376,8 @@ class StepDriver:
     0)``: the backend frees those KV cells) so the next request can reuse
     them. Rows of different lengths and different sampling settings share a
     step: sampling happens in each request's loop, on its own logits rows.
+    ``add_row`` starts a request as a row of a :class:`RowGroup` instead,
+    which decides all its rows together after the same forward.
 
     One request's failure is its own: an exception from its loop fails only
     it, and a batched forward that raises is retried request by request so
@@ -366,15 +387,16 @@ class StepDriver:
     def __init__(self, session: Session):
         self.session = session
         self._loops: dict[Any, Loop] = {}
-        self._slots: dict[Any, list[int]] = {}
+        self._groups: dict[Any, RowGroup] = {}
+        self._slots: dict[Any, list[int]] = {}  # every request, in the order they joined
         self._pending: dict[Any, Op] = {}
         self.steps = 0
 
     def __len__(self) -> int:
-        return len(self._loops)
+        return len(self._slots)
 
     def __contains__(self, key: Any) -> bool:
-        return key in self._loops
+        return key in self._slots
 
     def add(self, key: Any, loop: Loop, slots: Sequence[int]) -> bool:
         """Start ``loop`` on ``slots`` (its view v is session view ``slots[v]``).
@@ -382,7 +404,7 @@ class StepDriver:
         Primes the loop (its checks, e.g. that the prompt fits, run here and
         raise here). Returns False when it finished without a single op.
         """
-        if key in self._loops:
+        if key in self._slots:
             raise ValueError(f"request {key!r} is already running")
         try:
             op = next(loop)
@@ -391,13 +413,25 @@ class StepDriver:
         self._loops[key], self._slots[key], self._pending[key] = loop, list(slots), op
         return True
 
+    def add_row(self, key: Any, group: RowGroup, req: DecodeRequest, slots: Sequence[int]) -> bool:
+        """Start ``req`` as a row of ``group`` on ``slots``; like :meth:`add` (checks raise here)."""
+        if key in self._slots:
+            raise ValueError(f"request {key!r} is already running")
+        if not group.add(key, req):
+            return False
+        self._groups[key], self._slots[key] = group, list(slots)
+        return True
+
     def remove(self, key: Any) -> None:
         """Stop ``key``'s loop (if it still runs) and empty its slots."""
         loop = self._loops.pop(key, None)
+        group = self._groups.pop(key, None)
         self._pending.pop(key, None)
         slots = self._slots.pop(key, [])
         if loop is not None:
             loop.close()
+        if group is not None:
+            group.remove(key)
         if not self.session.closed:
             for s in slots:
                 self.session.truncate(s, 0)
@@ -411,8 +445,15 @@ class StepDriver:
         results: dict[Any, Any] = {}
         failed: dict[Any, BaseException] = {}
         calls: dict[Any, list[ForwardCall]] = {}
-        for key, op in self._pending.items():
-            slots = self._slots[key]
+        for key, slots in self._slots.items():
+            group = self._groups.get(key)
+            if group is not None:
+                try:
+                    calls[key] = [ForwardCall(slots[v], toks, n) for v, toks, n in group.calls(key)]
+                except Exception as err:
+                    failed[key] = err
+                continue
+            op = self._pending[key]
             if isinstance(op, Truncate):
                 try:
                     self.session.truncate(slots[op.view], op.length)
@@ -441,8 +482,13 @@ class StepDriver:
                     k += len(cs)
         self.steps += 1
         finished = []
-        for key in list(self._pending):
+        rows: dict[int, tuple[RowGroup, dict[Any, Any]]] = {}
+        for key in list(self._slots):
             if key in failed:
+                continue
+            group = self._groups.get(key)
+            if group is not None:
+                rows.setdefault(id(group), (group, {}))[1][key] = results[key]
                 continue
             try:
                 self._pending[key] = self._loops[key].send(results.get(key))
@@ -450,6 +496,13 @@ class StepDriver:
                 finished.append(key)
             except Exception as err:
                 failed[key] = err
+        for group, members in rows.values():
+            try:
+                done, errors = group.advance(members)
+            except Exception as err:  # the group's own failure: every row it was deciding
+                done, errors = [], dict.fromkeys(members, err)
+            finished += done
+            failed.update(errors)
         for key in finished + list(failed):
             self.remove(key)
         return finished, failed

@@ -60,6 +60,10 @@ class PersonaJudge(_Driven):
     roles = "alternate"
     #: below this many views the method degenerates (to plain sampling of the one view)
     min_views = 2
+    #: the engine may run this method's interleaved schedule in
+    #: :class:`~personajudge.core.batched.BatchedJudge` (same tokens, one host read per step for
+    #: all such requests); a subclass that overrides ``loop`` is not taken for one unless it says so again
+    batched = True
 
     def plan(self, views: Sequence[View]) -> list[View]:
         return [list(v) for v in views] or [[]]
@@ -79,6 +83,7 @@ class Reference(PersonaJudge):
     description = "Persona-judge without KV cache, batch size 1, literal window: the correctness oracle (slow)."
 
     batchable = False
+    batched = False
 
     def loop(self, req: DecodeRequest) -> Loop:
         return super().loop(dataclasses.replace(req, schedule="windowed"))

@@ -23,8 +23,10 @@ the same transfer as the sampled token (see ``acceptance.Dist.status``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from array_api_compat import array_namespace, device, is_numpy_namespace, is_torch_namespace
 
 from .acceptance import NOT_FINITE, OK, TIES_PAST_SLACK, Dist
@@ -103,6 +105,85 @@ def candidates(logits: Array, params: SamplingParams) -> Dist:
     return Dist(ids, _softmax(xp, z))
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Filtered distributions of several rows: ``probs[r]`` over ``ids[r]`` (sorted ascending).
+
+    ``ids`` is None when the support is the whole vocabulary in order (no
+    top-k; ``probs`` is then dense). ``status`` holds one
+    :data:`~.acceptance.OK` / ``TIES_PAST_SLACK`` / ``NOT_FINITE`` code per row,
+    as :class:`~.acceptance.Dist.status` does for one.
+    """
+
+    ids: Array | None
+    probs: Array
+    status: Array
+
+
+def _top(xp, logits: Array, kk: int) -> tuple[Array, Array]:
+    """The ``kk`` largest logits of each row, descending, and their ids (which of tied ones: any)."""
+    n = logits.shape[-1]
+    if is_torch_namespace(xp):
+        return logits.topk(kk, dim=-1, sorted=True)  # a tensor method: the core never imports torch
+    if is_numpy_namespace(xp):
+        idx = (
+            np.argpartition(logits, n - kk, axis=-1)[:, n - kk :]
+            if kk < n
+            else np.broadcast_to(np.arange(n), logits.shape)
+        )
+        vals = np.take_along_axis(logits, idx, axis=-1)
+        order = np.argsort(-vals, axis=-1, kind="stable")
+        return np.take_along_axis(vals, order, axis=-1), np.take_along_axis(idx, order, axis=-1)
+    idx = xp.argsort(logits, axis=-1, descending=True, stable=True)[:, :kk]
+    return xp.take_along_axis(logits, idx, axis=-1), idx
+
+
+def row_candidates(logits: Array, params: SamplingParams, *, slack: int | None = None) -> Rows:
+    """:func:`~.sparse.device_candidates` for every row of ``logits`` (R, V) at once, with no host read.
+
+    The same supports, probabilities and status codes row by row: greedy is
+    the argmax with probability 1; without top-k the dense filtered
+    distribution; with top-k the ``top_k + slack`` largest logits, those
+    below the k-th value or outside top-p given probability 0, sorted by id.
+    """
+    xp = array_namespace(logits)
+    dev = device(logits)
+    r, n = logits.shape
+    if params.greedy:
+        i = xp.reshape(xp.astype(xp.argmax(logits, axis=-1), xp.int64), (r, 1))
+        bad = ~xp.isfinite(xp.take_along_axis(logits, i, axis=-1)[:, 0])  # argmax finds NaN and +inf first
+        return Rows(i, xp.ones((r, 1), dtype=xp.float64, device=dev), _codes(xp, bad))
+    k = params.top_k
+    if not 0 < k < n:
+        bad = ~xp.isfinite(xp.max(logits, axis=-1))
+        return Rows(None, _unchecked_filtered_probs(logits, params), _codes(xp, bad))
+    kk = min(n, k + (k if slack is None else max(slack, 0)))
+    vals, idx = _top(xp, logits, kk)
+    kth = vals[:, k - 1 : k]
+    keep = vals >= kth  # every tie with the k-th value that fits in the slack
+    z = xp.astype(vals, xp.float64) / params.temperature
+    if params.top_p < 1.0:
+        top = z[:, :k]  # the k largest, descending, as in the dense transform
+        sp = _softmax(xp, top)
+        before = xp.cumulative_sum(sp, axis=-1) - sp
+        threshold = xp.min(xp.where(before < params.top_p, top, math.inf), axis=-1, keepdims=True)
+        keep = keep & (z >= threshold)
+    order = xp.argsort(idx, axis=-1)
+    ids = xp.astype(xp.take_along_axis(idx, order, axis=-1), xp.int64)
+    z = xp.where(xp.take_along_axis(keep, order, axis=-1), xp.take_along_axis(z, order, axis=-1), -math.inf)
+    if is_numpy_namespace(xp):
+        bad = ~xp.isfinite(xp.max(logits, axis=-1))  # numpy's partition does not put NaN first
+    else:
+        bad = ~xp.isfinite(vals[:, 0])  # topk puts NaN and +inf first
+    overflow = vals[:, kk - 1] >= kth[:, 0] if kk < n else None
+    return Rows(ids, _softmax(xp, z), _codes(xp, bad, overflow))
+
+
+def _codes(xp, bad: Array, overflow: Array | None = None) -> Array:
+    ok = OK if overflow is None else xp.where(overflow, TIES_PAST_SLACK, OK)
+    return xp.astype(xp.where(bad, NOT_FINITE, ok), xp.int64)
+
+
 def device_candidates(logits: Array, params: SamplingParams, *, slack: int | None = None) -> Dist:
     """The filtered distribution of one position on a support of fixed size, with no host read.
 
@@ -112,45 +193,20 @@ def device_candidates(logits: Array, params: SamplingParams, *, slack: int | Non
     ``status`` records whether the logits were finite and whether the ties at
     the k-th value ran past the slack (then ``exact()`` is :func:`candidates`);
     the one read of the step reads it. Host arrays (numpy) need no such care:
-    they get :func:`candidates` itself.
+    they get :func:`candidates` itself. One row of :func:`row_candidates`.
     """
     xp = array_namespace(logits)
     if not is_torch_namespace(xp):
         return candidates(logits, params)
-    dev = device(logits)
-    n = logits.shape[-1]
 
     def exact() -> Dist:
         return candidates(logits, params)
 
-    def status(bad: Array, overflow: Array | None = None) -> Array:
-        code = xp.where(bad, NOT_FINITE, OK if overflow is None else xp.where(overflow, TIES_PAST_SLACK, OK))
-        return xp.astype(code, xp.int64)
-
-    if params.greedy:
-        i = xp.reshape(xp.astype(xp.argmax(logits), xp.int64), (1,))
-        bad = ~xp.isfinite(xp.take(logits, i)[0])  # argmax finds NaN and +inf first
-        return Dist(i, xp.ones((1,), dtype=xp.float64, device=dev), status(bad), exact)
-    k = params.top_k
-    if not 0 < k < n:
-        p = _unchecked_filtered_probs(logits, params)
-        return Dist(xp.arange(n, dtype=xp.int64, device=dev), p, status(~xp.isfinite(xp.max(logits))), exact, full=True)
-    kk = min(n, k + (k if slack is None else max(slack, 0)))
-    vals, idx = logits.topk(kk, dim=-1, sorted=True)  # a tensor method: the core never imports torch
-    kth = vals[k - 1]
-    keep = vals >= kth  # every tie with the k-th value that fits in the slack
-    z = xp.astype(vals, xp.float64) / params.temperature
-    if params.top_p < 1.0:
-        top = z[:k]  # the k largest, descending, as in the dense transform
-        sp = _softmax(xp, top)
-        before = xp.cumulative_sum(sp) - sp
-        threshold = xp.min(xp.where(before < params.top_p, top, math.inf))
-        keep = keep & (z >= threshold)
-    order = xp.argsort(idx)
-    ids = xp.astype(xp.take(idx, order), xp.int64)
-    z = xp.where(xp.take(keep, order), xp.take(z, order), -math.inf)
-    overflow = (vals[kk - 1] >= kth) if kk < n else xp.zeros((), dtype=xp.bool, device=dev)
-    return Dist(ids, _softmax(xp, z), status(~xp.isfinite(vals[0]), overflow), exact)
+    rows = row_candidates(logits[None, :], params, slack=slack)
+    if rows.ids is None:  # no top-k: the whole vocabulary, in order
+        ids = xp.arange(logits.shape[-1], dtype=xp.int64, device=device(logits))
+        return Dist(ids, rows.probs[0], rows.status[0], exact, full=True)
+    return Dist(rows.ids[0], rows.probs[0], rows.status[0], exact)
 
 
 def uniforms(ref: Array, u: Any) -> Array:

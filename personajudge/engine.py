@@ -42,8 +42,10 @@ that is a cheap memory clear; the context is only re-created to grow).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
+import os
 import queue
 import threading
 import time
@@ -51,6 +53,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+from personajudge.core.batched import BatchedJudge, batched_request
 from personajudge.core.contract import Backend, Session
 from personajudge.core.decoding import DecodeRequest, StepDriver, run_timed
 from personajudge.core.errors import PersonaJudgeError, SessionError
@@ -238,6 +241,13 @@ class Engine:
     (optional) is called in the engine thread after every batched step with
     the number of requests in it and the step's seconds, ``on_finish`` with
     every job that ends and its error (None on success): metrics.
+
+    ``batched`` (default True): Persona-judge requests with the interleaved
+    schedule are decided together, per step, by one
+    :class:`~personajudge.core.batched.BatchedJudge` (same tokens as their
+    generator loops, one host read per step for all of them). False -- or the
+    environment variable ``PERSONAJUDGE_BATCHED=0`` -- runs every request
+    through its own generator loop (for debugging and comparison).
     """
 
     def __init__(
@@ -248,6 +258,7 @@ class Engine:
         max_queue: int = DEFAULT_MAX_QUEUE,
         on_step: Callable[[int, float], None] | None = None,
         on_finish: Callable[[Job, BaseException | None], None] | None = None,
+        batched: bool = True,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -258,6 +269,12 @@ class Engine:
         self.max_queue = max_queue
         self.on_step = on_step
         self.on_finish = on_finish
+        self.batched = batched and os.environ.get("PERSONAJUDGE_BATCHED", "1").strip().lower() not in (
+            "0",
+            "false",
+            "no",
+            "off",
+        )
         self._cv = threading.Condition()
         self._queue: deque[Job] = deque()
         self._active: dict[int, Job] = {}
@@ -266,6 +283,7 @@ class Engine:
         self._capacity = 0  # slots the next session opens with (grows, never shrinks)
         self._session: Session | None = None
         self._driver: StepDriver | None = None
+        self._judge = BatchedJudge()
         self._alone: Job | None = None
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -406,6 +424,11 @@ class Engine:
         job._emit(("text", piece))
 
     def _loop(self) -> None:
+        context = getattr(self.backend, "decoding_context", None)  # a duck-typed backend may lack it
+        with context() if context is not None else contextlib.nullcontext():
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self._cv:
                 while not self._queue and not self._active and not self._closing:
@@ -479,6 +502,7 @@ class Engine:
         self._capacity = capacity
         self._session = self.backend.open(capacity)
         self._driver = StepDriver(self._session)
+        self._judge = BatchedJudge()
         self._free = list(range(capacity))
 
     def _close_session(self) -> None:
@@ -493,7 +517,11 @@ class Engine:
         try:
             if self._session is None or self._driver is None or self._session.closed:  # set together
                 raise SessionError("the engine's session was closed by another user of the backend")
-            started = self._driver.add(job.id, job.method.loop(job.req), self._slots[job.id])
+            breq = batched_request(job.method, job.req) if self.batched else None
+            if breq is not None:
+                started = self._driver.add_row(job.id, self._judge, breq, self._slots[job.id])
+            else:
+                started = self._driver.add(job.id, job.method.loop(job.req), self._slots[job.id])
         except Exception as err:
             self._leave(job, error=err)
             return

@@ -223,3 +223,21 @@ def test_cuda_graphs_give_the_dynamic_caches_logits(dirs, arch):
         for x, y in zip(a, b):
             torch.testing.assert_close(y, x, atol=2e-3, rtol=2e-3)
     assert graphs.compile_fallback is None
+
+
+def test_sampling_runs_under_inference_mode(dirs, monkeypatch):
+    """The engine thread enters the backend's ``decoding_context``: torch's inference mode for hf."""
+    from personajudge.core import decoding
+
+    seen = []
+    original = decoding.device_candidates
+
+    def spy(logits, params, **kw):
+        seen.append(torch.is_inference_mode_enabled())
+        return original(logits, params, **kw)
+
+    monkeypatch.setattr(decoding, "device_candidates", spy)
+    with PersonaJudge({"backend": {"name": "hf"}, "preferences": ["concise"]}, backend=load(dirs["llama"])) as pj:
+        pj.generate("hi", method="prompt", max_new_tokens=6, seed=0)
+    assert len(seen) >= 6 and all(seen)
+    assert not torch.is_inference_mode_enabled()  # only the engine's thread, not the caller's

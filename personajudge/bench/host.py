@@ -1,0 +1,158 @@
+"""``python -m personajudge.bench.host``: host time per decoding step against batch size.
+
+On a GPU a 32-row forward costs about what a 2-row one does, so what grows
+with the batch is the host's work around it. This measures exactly that: a
+stub session whose forward costs next to nothing (it hands out preallocated
+logits rows, torch tensors of a 32000-token vocabulary by default) is stepped
+by a :class:`~personajudge.core.decoding.StepDriver` holding ``B`` two-view
+Persona-judge requests, once as generator loops (one filtered support pair,
+one acceptance call and one host read per request per step) and once as rows
+of one :class:`~personajudge.core.batched.BatchedJudge` (one vectorized
+decision and one read per step for all of them). Both paths run in the same
+process, one after the other, for each batch size; the table gives the median
+microseconds per step and per request.
+
+On a CPU the "device" is the host too, so the batched path's time includes
+its kernels' arithmetic on (B, V) arrays; on a GPU that work is queued
+asynchronously and the host waits once per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from personajudge.core.batched import BatchedJudge
+from personajudge.core.contract import ForwardCall, Session
+from personajudge.core.decoding import DecodeRequest, StepDriver, persona_judge_loop
+from personajudge.core.result import Stats
+from personajudge.core.stopping import Emitter
+from personajudge.core.transforms import SamplingParams
+
+DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32)
+
+
+class _Tokenizer:
+    """Letters for text; no EOS, so no request ends while it is timed."""
+
+    chat_template: str | None = None
+    eos_token_ids: frozenset[int] = frozenset()
+
+    def __init__(self, vocab: int):
+        self.vocab_size = vocab
+
+    def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
+        return [1 + ord(c) % 26 for c in text]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(chr(97 + i % 26) for i in ids)
+
+    def apply_chat_template(self, messages: Any, *, add_generation_prompt: bool = True) -> str:
+        raise NotImplementedError
+
+
+class StubSession(Session):
+    """A forward that costs ~nothing: rows of a preallocated pool, picked by each view's length."""
+
+    def __init__(self, n_views: int, pool: Any, empty: Any):
+        super().__init__(n_views, 1 << 30, None)
+        self.pool, self.empty = pool, empty
+
+    def _forward_many(self, calls: list[ForwardCall]) -> list[Any]:
+        n = len(self.pool)
+        return [self.pool[(self.length(c.view) + c.view) % n] if c.n_logits else self.empty for c in calls]
+
+    def _truncate(self, view: int, length: int) -> None:
+        pass
+
+
+def _requests(batch: int, vocab: int, lam: int, params: SamplingParams) -> list[DecodeRequest]:
+    tok = _Tokenizer(vocab)
+    return [
+        DecodeRequest(
+            contexts=[[1 + (i + v) % 26] * 8 for v in range(2)],
+            params=params,
+            lam=lam,
+            rng=np.random.default_rng(i),
+            emitter=Emitter(tok, max_new_tokens=1 << 30),
+            context_length=1 << 30,
+            roles="alternate",
+            stats=Stats(),
+        )
+        for i in range(batch)
+    ]
+
+
+def time_steps(
+    batch: int, batched: bool, *, pool: Any, empty: Any, steps: int, warmup: int, lam: int, params: SamplingParams
+) -> float:
+    """Median seconds of one ``StepDriver.step()`` with ``batch`` two-view requests."""
+    session = StubSession(2 * batch, pool, empty)
+    driver, judge = StepDriver(session), BatchedJudge()
+    for i, req in enumerate(_requests(batch, pool.shape[-1], lam, params)):
+        slots = [2 * i, 2 * i + 1]
+        if batched:
+            driver.add_row(i, judge, req, slots)
+        else:
+            driver.add(i, persona_judge_loop(req), slots)
+    times = []
+    for n in range(warmup + steps):
+        t0 = time.perf_counter()
+        finished, failed = driver.step()
+        dt = time.perf_counter() - t0
+        if finished or failed:
+            raise RuntimeError(f"a request left the timed batch: {failed or finished}")
+        if n >= warmup:
+            times.append(dt)
+    return statistics.median(times)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m personajudge.bench.host", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCHES)), help="comma-separated")
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--steps", type=int, default=60, help="timed steps per configuration")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--lam", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--device", default="cpu", help="where the stub's logits live (torch device)")
+    ap.add_argument("--numpy", action="store_true", help="numpy logits instead of torch tensors")
+    a = ap.parse_args(argv)
+    params = SamplingParams()  # the paper's defaults: temperature 0.7, top-k 20, top-p 0.9
+    g = np.random.default_rng(0)
+    rows = (g.standard_normal((64, 1, a.vocab)) * 2).astype(np.float32)
+    pool: Any
+    empty: Any
+    if a.numpy:
+        pool, empty, where = rows, np.zeros((0, a.vocab), np.float32), "numpy"
+    else:
+        import torch  # an optional dependency: only this benchmark's torch mode needs it
+
+        torch.set_num_threads(a.threads)
+        pool = torch.from_numpy(rows).to(a.device)
+        empty = torch.zeros((0, a.vocab), device=a.device)
+        where = f"torch {torch.__version__} on {a.device}, {a.threads} thread(s)"
+    batches = [int(b) for b in a.batch_sizes.split(",")]
+    print(f"host time per StepDriver.step(), stub forward ({where}), vocab {a.vocab}, two views, lambda {a.lam},")
+    print(f"temperature {params.temperature}, top-k {params.top_k}, top-p {params.top_p}; median of {a.steps} steps")
+    print()
+    print(
+        f"{'batch':>5} | {'generator us/step':>17} | {'batched us/step':>15} | {'gen us/req':>10} | {'bat us/req':>10} | {'speed-up':>8}"
+    )
+    print("-" * 82)
+    for b in batches:
+        kw = dict(pool=pool, empty=empty, steps=a.steps, warmup=a.warmup, lam=a.lam, params=params)
+        gen = time_steps(b, False, **kw) * 1e6
+        bat = time_steps(b, True, **kw) * 1e6
+        print(f"{b:>5} | {gen:>17.0f} | {bat:>15.0f} | {gen / b:>10.0f} | {bat / b:>10.0f} | {gen / bat:>7.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
