@@ -38,6 +38,8 @@ class TestHFConformance(BackendConformance):
     logits_atol = 1e-3
     batch_tv = 1e-4
     check_exactness = False
+    arch = "llama"
+    options: dict = {}
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -46,28 +48,14 @@ class TestHFConformance(BackendConformance):
         pytest.importorskip("transformers")
         from tiny_hf import build_tiny_backend
 
-        b = build_tiny_backend(tmp_path_factory.mktemp("tiny"), "llama")
+        b = build_tiny_backend(tmp_path_factory.mktemp("tiny"), cls.arch, options=cls.options)
         yield b
+        assert b.compile_fallback is None  # with compile: every compiled step ran as one traced graph
         b.close()
 
 
-@pytest.mark.hf
-class TestHFCompiledConformance(BackendConformance):
+class TestHFCompiledConformance(TestHFConformance):
     """The static cache with steps traced by torch.compile (dynamo's ``eager`` backend: the graph as traced)."""
 
-    logits_atol = 1e-3
-    batch_tv = 1e-4
-    check_exactness = False
-
-    @pytest.fixture(scope="class")
-    @classmethod
-    def backend(cls, tmp_path_factory):
-        pytest.importorskip("torch")
-        pytest.importorskip("transformers")
-        from tiny_hf import build_tiny_backend
-
-        options = {"compile": True, "compile_backend": "eager", "max_cache_len": 256}
-        b = build_tiny_backend(tmp_path_factory.mktemp("tiny-compiled"), "gemma3", options=options)
-        yield b
-        assert b.compile_fallback is None  # every compiled step ran as one traced graph
-        b.close()
+    arch = "gemma3"
+    options = {"compile": True, "compile_backend": "eager", "max_cache_len": 256}
