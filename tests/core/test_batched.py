@@ -374,29 +374,8 @@ def test_eligibility():
 
 
 def _host_reads():
-    torch = pytest.importorskip("torch")
-    from torch.overrides import TorchFunctionMode
-
-    reads = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "nonzero"}
-    reads |= {"unique", "masked_select", "equal", "_local_scalar_dense"}
-
-    class HostReads(TorchFunctionMode):
-        """Counts the torch calls that would make the host wait for a GPU (see test_host_syncs.py)."""
-
-        def __init__(self):
-            super().__init__()
-            self.count = 0
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            name = getattr(func, "__name__", "")
-            index = args[1] if name == "__getitem__" and len(args) > 1 else None
-            items = index if isinstance(index, tuple) else (index,)
-            if name in reads or any(
-                isinstance(i, torch.Tensor) and (i.dtype == torch.bool or i.dim() == 0) for i in items
-            ):
-                self.count += 1
-            return func(*args, **kwargs)
+    pytest.importorskip("torch")
+    from host_reads import HostReads  # tests/helpers; imports torch
 
     return HostReads
 

@@ -23,7 +23,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from torch.overrides import TorchFunctionMode  # noqa: E402
+from host_reads import HostReads  # noqa: E402  (tests/helpers)
 
 from personajudge.api import PersonaJudge  # noqa: E402
 from personajudge.core import decoding  # noqa: E402
@@ -49,54 +49,6 @@ PARAMS = [
     SamplingParams(1.0, 0, 0.9),
     SamplingParams(0.8, 0, 1.0),
 ]
-
-#: torch functions that read device data to the host (a synchronization on CUDA)
-READS = {
-    "item",
-    "tolist",
-    "__bool__",
-    "__int__",
-    "__float__",
-    "__index__",
-    "__complex__",
-    "cpu",
-    "numpy",
-    "nonzero",
-    "argwhere",
-    "unique",
-    "unique_consecutive",
-    "masked_select",
-    "equal",
-    "allclose",
-    "is_nonzero",
-    "_local_scalar_dense",
-}
-
-
-def _data_dependent_index(index) -> bool:
-    """``t[mask]`` compacts (a read of the mask); ``t[tensor_0d]`` reads the index to the host."""
-    items = index if isinstance(index, tuple) else (index,)
-    return any(isinstance(i, torch.Tensor) and (i.dtype == torch.bool or i.dim() == 0) for i in items)
-
-
-class HostReads(TorchFunctionMode):
-    """Counts the torch calls that would make the host wait for the GPU."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-        self.names: dict[str, int] = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        hit = name in READS or (name == "__getitem__" and len(args) > 1 and _data_dependent_index(args[1]))
-        if name == "to" and "cpu" in [*args[1:], *kwargs.values()]:
-            hit = True  # an explicit download (``.to(x.device)`` is not one, though on the CPU it names the CPU)
-        if hit:
-            self.count += 1
-            self.names[name] = self.names.get(name, 0) + 1
-        return func(*args, **kwargs)
 
 
 def dense_of(d, n: int) -> np.ndarray:
@@ -333,4 +285,57 @@ def test_cuda_step_has_no_sync_outside_the_one_read(tmp_path, options):
             torch.cuda.set_sync_debug_mode(0)
         t, ok, emit = read_ints(t, ok, emit)
     assert 0 <= t < 256 and 0 <= emit < 256
+    backend.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"compile": "reduce-overhead", "max_cache_len": 128}],
+    ids=["dynamic", "cuda-graphs"],
+)
+def test_cuda_batched_step_synchronizes_once(tmp_path, options):
+    """The batched judge over 4 requests: one synchronizing read per step, counted by torch's sync debug mode."""
+    import warnings
+
+    from tiny_hf import build_tiny_backend
+
+    from personajudge.core.batched import BatchedJudge
+    from personajudge.core.decoding import DecodeRequest, StepDriver
+    from personajudge.core.result import Stats
+    from personajudge.core.stopping import Emitter
+
+    backend = build_tiny_backend(tmp_path, "gemma3", device="cuda", options=options)
+    tok = backend.tokenizer
+    session = backend.open(8)
+    driver, judge = StepDriver(session), BatchedJudge()
+    for i in range(4):
+        req = DecodeRequest(
+            contexts=[tok.encode(p) for p in PROMPTS[:2]],
+            params=SamplingParams(),
+            lam=4,
+            rng=np.random.default_rng(i),
+            emitter=Emitter(tok, max_new_tokens=10_000),
+            context_length=backend.context_length,
+            roles="alternate",
+            schedule="interleaved",
+            stats=Stats(),
+        )
+        driver.add_row(i, judge, req, [2 * i, 2 * i + 1])
+    for _ in range(3):  # prompts, and the compiled steps' capture, outside the count
+        driver.step()
+    torch.cuda.synchronize()
+    steps = 8
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                assert driver.step() == ([], {})
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert 1 <= len(syncs) <= steps, [str(w.message)[:120] for w in syncs[:5]]
+    session.close()
     backend.close()
