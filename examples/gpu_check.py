@@ -538,10 +538,14 @@ def targets(shape: str, row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_tests(device: str, timeout: float) -> dict[str, Any]:
-    """The CUDA tests (``-m cuda``); on a machine without CUDA they skip, which this records."""
+def run_tests(device: str, timeout: float, select: str) -> dict[str, Any]:
+    """The CUDA tests (``-m cuda``) matching ``-k select``; on a machine without CUDA they skip, which this records.
+
+    Two runs: the CUDA-graph tests compile (tens of seconds each), so they get their own time limit and a
+    slow compile cannot lose the other tests' results."""
     # -P: the repository root must not shadow the installed package (its personajudge/ lacks core/ etc.)
-    cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", *CUDA_TESTS]
+    cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "-k", select]
+    cmd += CUDA_TESTS
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
@@ -571,7 +575,8 @@ def markdown(rep: dict[str, Any]) -> str:
         f"torch {rep['versions']['torch']}, transformers {rep['versions']['transformers']}; "
         f"{rep['settings']['max_new_tokens']} new tokens, median of {rep['settings']['repeats']} after a "
         f"warm-up; T 0.7, top-k 20, top-p 0.9, λ 4; random {rep['dtype']} weights (speed only). "
-        f"Install: {rep['install'].get('project')}. CUDA tests: {rep['tests'].get('summary', '–')}. "
+        f"Install: {rep['install'].get('project')}. CUDA tests: {rep['tests'].get('summary', '–')}; "
+        f"CUDA-graph tests: {rep.get('tests_graphs', {}).get('summary', '–')}. "
         f"Wall time {rep['elapsed_s']:.0f} s.",
         "",
         "| shape | params | generate tok/s | persona-judge | × | pj-base | × | 3 views | × | "
@@ -709,9 +714,12 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     if not args.no_tests:
         print("[gpu-check] CUDA tests ...", flush=True)
-        rep["tests"] = run_tests(device, timeout=max(60.0, min(180.0, budget.left() / 3)))
-        ok = rep["tests"]["rc"] == 0
+        rep["tests"] = run_tests(device, max(60.0, min(150.0, budget.left() / 4)), "not graphs")
         print(f"[gpu-check] tests: {rep['tests']['summary']}", flush=True)
+        print("[gpu-check] CUDA-graph tests ...", flush=True)
+        rep["tests_graphs"] = run_tests(device, max(60.0, min(150.0, budget.left() / 4)), "graphs")
+        print(f"[gpu-check] CUDA-graph tests: {rep['tests_graphs']['summary']}", flush=True)
+        ok = rep["tests"]["rc"] == 0 and rep["tests_graphs"]["rc"] == 0
     for shape in shapes:
         if budget.left() < SHAPES[shape][2]:
             rep["skipped_shapes"].append(shape)

@@ -34,6 +34,7 @@ def test_gpu_check_rehearsal_on_the_cpu(tmp_path):
     assert rep["schema"] == "personajudge.gpu_check/1" and rep["ok"] is True and rep["device"] == "cpu"
     assert rep["install"]["project"] == "already importable"
     assert "skipped" in rep["tests"]["summary"] or "passed" in rep["tests"]["summary"]
+    assert "skipped" in rep["tests_graphs"]["summary"] or "passed" in rep["tests_graphs"]["summary"]
     assert [r["shape"] for r in rep["shapes"]] == ["tiny-gemma3", "tiny-qwen2"] and not rep["skipped_shapes"]
     for row in rep["shapes"]:
         assert not row["skipped"]
