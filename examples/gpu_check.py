@@ -38,7 +38,6 @@ import glob
 import json
 import os
 import platform
-import string
 import subprocess
 import sys
 import time
@@ -238,29 +237,6 @@ def ensure_installed(args: argparse.Namespace, argv: list[str]) -> dict[str, Any
 # --------------------------------------------------------------------------------------------- models
 
 
-def make_tokenizer(vocab_size: int):
-    """A character-level tokenizer with ``vocab_size`` ids (specials, printable characters, filler words)
-    and a small chat template: built here, so nothing has to travel; only its size matters for speed."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
-    chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
-    words = [f" w{i}" for i in range(vocab_size - len(specials) - len(chars))]
-    tk = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars + words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tok.chat_template = (
-        "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<assistant> {% endif %}"
-    )
-    return tok
-
-
 def build_backend(shape: str, device: str, *, model: Any = None, options: dict[str, Any] | None = None):
     """A random-weight model of ``shape`` built directly on ``device`` (bf16 on CUDA), wrapped in the hf backend.
 
@@ -281,7 +257,9 @@ def build_backend(shape: str, device: str, *, model: Any = None, options: dict[s
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
         model.eval()
-    tok = make_tokenizer(fields["vocab_size"])
+    from personajudge.testing.tokenizers import char_tokenizer  # the installed package's: nothing else travels
+
+    tok = char_tokenizer(fields["vocab_size"])
 
     class Prebuilt(HFBackend):
         """The hf backend on a model built in memory (loading is the only step it skips)."""

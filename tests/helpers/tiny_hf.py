@@ -1,34 +1,15 @@
 """Tiny randomly initialised transformers models (no download) for the hf backend's tests."""
 
-import string
-
 import torch
 
 from personajudge.backends.hf import HFBackend
 from personajudge.core.config import BackendConfig
+from personajudge.testing.tokenizers import char_tokenizer
 
 
 def make_tokenizer():
-    """A character-level tokenizer (256 ids) with <pad>/<bos>/<eos>/<unk> and a tiny chat template."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
-    chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
-    words = [f"w{i}" for i in range(256 - len(specials) - len(chars))]  # decodable filler ids
-    vocab = {t: i for i, t in enumerate(specials + chars + words)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tok.chat_template = (
-        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}[assistant] {% endif %}"
-    )
-    return tok
+    """The character-level tokenizer (256 ids) of the tiny models."""
+    return char_tokenizer(256)
 
 
 def build_tiny(path, arch: str) -> str:
