@@ -6,7 +6,13 @@ push is refused. Streamed text holds back any tail that could still turn into a
 stop string, and any incomplete UTF-8 sequence.
 
 Text is decoded incrementally: decoding the whole output after every token
-would make a long generation quadratic in its length.
+would make a long generation quadratic in its length. And it is decoded only
+as often as something reads it: after every token when there are stop
+strings or a listener (``on_text``), every :attr:`Emitter.GUARD_EVERY`
+tokens when only the repetition guard reads it, and once at the end
+otherwise (a chat model's request without stop strings, not streamed). The
+result is the same either way: :meth:`Emitter.finish` catches up, and the
+guard's cut does not depend on when it looks.
 
 Two rules decide where a response ends besides EOS, length and stop strings
 as given; neither changes which token is sampled, only where the output stops:
@@ -69,6 +75,7 @@ class Emitter:
         self.text = ""
         self.finish_reason: FinishReason | None = None
         self._streamed = 0
+        self._checked = 0  # tokens[:_checked] are decoded into text and seen by the stop strings and the guard
         # text of tokens[:_ckpt] is _head; tokens[_anchor:_ckpt] decode to _anchor_text
         self._head = ""
         self._anchor = self._ckpt = 0
@@ -90,24 +97,41 @@ class Emitter:
             self.finish("eos")
             return False
         self.tokens.append(token)
+        if self.stop or self.on_text is not None:
+            if self._check():
+                return False
+        elif self.repeat_lines > 0 and len(self.tokens) - self._checked >= self.GUARD_EVERY:
+            if self._check():
+                return False
+        if len(self.tokens) >= self.max_new_tokens:
+            self.finish("length")
+            return False
+        self._stream(final=False)
+        return True
+
+    #: Tokens between two looks at the text when only the repetition guard reads it. Looking later
+    #: cuts at the same place (the first line of the run); it only lets up to this many tokens more
+    #: be computed after a repeat, against a decode per token.
+    GUARD_EVERY = 8
+
+    def _check(self) -> bool:
+        """Decode the tokens so far and apply the stop strings and the guard; True when the output ends here."""
         text = self._decode()
+        self._checked = len(self.tokens)
         cut = self._stop_at(text) if self.stop else -1
         if self.repeat_lines > 0 and _BOUNDARY.search(text, self._lines_end):
             rep = self._repeat_at(text if cut < 0 else text[:cut])
             if rep >= 0:
                 cut = rep
-        if cut >= 0:
-            # keep the fewest tokens whose text covers everything before the cut
-            while self.tokens and len(self.tokenizer.decode(self.tokens[:-1])) >= cut:
-                self.tokens.pop()
-            self.text = text[:cut]
-            self.finish("stop")
+        if cut < 0:
+            self.text = text
             return False
-        self.text = text
-        if len(self.tokens) >= self.max_new_tokens:
-            self.finish("length")
-            return False
-        self._stream(final=False)
+        # keep the fewest tokens whose text covers everything before the cut
+        while self.tokens and len(self.tokenizer.decode(self.tokens[:-1])) >= cut:
+            self.tokens.pop()
+        self._checked = len(self.tokens)
+        self.text = text[:cut]
+        self.finish("stop")
         return True
 
     def _stop_at(self, text: str) -> int:
@@ -182,7 +206,10 @@ class Emitter:
         return text
 
     def finish(self, reason: FinishReason) -> None:
+        """End the output with ``reason``, unless the text not yet looked at ends it first (``stop``)."""
         if self.finish_reason is None:
+            if self._checked < len(self.tokens) and self._check():
+                return
             self.finish_reason = reason
             self._stream(final=True)
 

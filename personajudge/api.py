@@ -79,7 +79,15 @@ class _Shared:
     def __init__(self, max_batch: int, max_queue: int):
         self.max_batch, self.max_queue = max_batch, max_queue  # the first creator's limits
         self.engine: Engine | None = None
-        self.users: weakref.WeakSet[PersonaJudge] = weakref.WeakSet()  # a dropped object leaves by itself
+        self.users = 0  #: live PersonaJudge objects on the backend (not closed, not garbage-collected)
+        #: the engine stopped last, weakly: it may still be finishing requests, and the next engine waits for it
+        self.previous: weakref.ref[Engine] | None = None
+
+    def stopping(self) -> Engine | None:
+        """The engine the next one must wait for: the current one when it was closed directly, else the last."""
+        if self.engine is not None:
+            return self.engine
+        return self.previous() if self.previous is not None else None
 
 
 #: One entry per backend object, keyed weakly by the object itself: sessions of one backend must be
@@ -94,12 +102,43 @@ def _join_backend(pj: PersonaJudge, backend: Any) -> _Shared:
     with _SHARED_LOCK:
         try:
             shared = _SHARED.get(backend)
-            if shared is None or (not shared.users and shared.engine is None):
+            if shared is None:
                 shared = _SHARED[backend] = _Shared(pj.max_batch, pj.max_queue)
+            elif not shared.users and shared.engine is None:  # used before, by objects all gone now
+                shared.max_batch, shared.max_queue = pj.max_batch, pj.max_queue
         except TypeError:  # unhashable or not weakly referenceable: this object gets an engine of its own
             shared = _Shared(pj.max_batch, pj.max_queue)
-        shared.users.add(pj)
+        shared.users += 1
         return shared
+
+
+def _leave_backend(shared: _Shared) -> Engine | None:
+    """Count one user out; the engine to stop when it was the last (called under the lock).
+
+    The entry stays (it goes with the backend, being weakly keyed), holding the stopped engine weakly:
+    an engine started later on the backend waits for that one's thread to end.
+    """
+    shared.users -= 1
+    if shared.users:
+        return None
+    engine, shared.engine = shared.engine, None
+    shared.previous = weakref.ref(engine) if engine is not None else None
+    return engine
+
+
+def _abandoned(shared: _Shared) -> None:
+    """A :class:`PersonaJudge` was garbage-collected without :meth:`~PersonaJudge.close`.
+
+    When it was the backend's last user, its engine finishes the requests it
+    already has (a caller may still hold their jobs) and then stops, without
+    waiting here: a finalizer may run on any thread, the engine's included.
+    Without this, the idle engine thread would hold the backend, and the
+    model's memory, until the process ends.
+    """
+    with _SHARED_LOCK:
+        engine = _leave_backend(shared)
+    if engine is not None:
+        engine.stop_when_idle()
 
 
 class PersonaJudge:
@@ -134,6 +173,8 @@ class PersonaJudge:
         self._engine: Engine | None = None  # the backend's engine, once this object has used it
         self._closed = False
         self._shared = _join_backend(self, self.backend)
+        self._finalizer = weakref.finalize(self, _abandoned, self._shared)
+        self._finalizer.atexit = False  # at exit the engine's daemon thread just ends with the process
 
     @property
     def engine(self) -> Engine:
@@ -149,7 +190,9 @@ class PersonaJudge:
             if self._engine is None:
                 shared = self._shared
                 if shared.engine is None or shared.engine.stats()["closing"]:
-                    shared.engine = Engine(self.backend, max_batch=shared.max_batch, max_queue=shared.max_queue)
+                    shared.engine = Engine(
+                        self.backend, max_batch=shared.max_batch, max_queue=shared.max_queue, after=shared.stopping()
+                    )
                 self._engine = shared.engine
             return self._engine
 
@@ -161,16 +204,10 @@ class PersonaJudge:
             if self._closed:
                 return
             self._closed = True
-            shared = self._shared
-            shared.users.discard(self)
-            if shared.users:
+            self._finalizer.detach()
+            engine = _leave_backend(self._shared)
+            if self._shared.users:
                 return
-            engine, shared.engine = shared.engine, None
-            try:
-                if _SHARED.get(self.backend) is shared:
-                    del _SHARED[self.backend]
-            except TypeError:  # never registered (see _join_backend)
-                pass
         if engine is not None:
             engine.close()
         if not keep_backend:
@@ -314,7 +351,13 @@ class PersonaJudge:
             job.cancel()
 
     def submit(
-        self, prompt: Prompt, *, loop: asyncio.AbstractEventLoop | None = None, wait: bool = True, **kwargs: Any
+        self,
+        prompt: Prompt,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        wait: bool = True,
+        stream: bool = True,
+        **kwargs: Any,
     ) -> Job:
         """Queue one request on the engine; return its :class:`~personajudge.engine.Job` at once.
 
@@ -326,12 +369,20 @@ class PersonaJudge:
         ``job.result()``; ``job.cancel()`` drops the request at the next step.
         A full queue blocks until there is room, or with ``wait=False``
         raises :class:`~personajudge.engine.QueueFullError` (the server's 429).
-        ``encoder`` (a name) overrides the config's preference encoder for this request.
+        ``stream=False`` sends no ``("text", ...)`` events: the text comes with
+        the result, and is decoded only as often as stop strings and the
+        repetition guard need it. ``encoder`` (a name) overrides the config's
+        preference encoder for this request.
         """
-        return self._submit(prompt, kwargs, loop, wait)[0]
+        return self._submit(prompt, kwargs, loop, wait, stream)[0]
 
     def _submit(
-        self, prompt: Prompt, kwargs: dict[str, Any], loop: asyncio.AbstractEventLoop | None = None, wait: bool = True
+        self,
+        prompt: Prompt,
+        kwargs: dict[str, Any],
+        loop: asyncio.AbstractEventLoop | None = None,
+        wait: bool = True,
+        stream: bool = True,
     ):
         kwargs = dict(kwargs)
         preferences, views, method = (
@@ -346,7 +397,7 @@ class PersonaJudge:
             cfg = cfg.model_copy(update={"encoder": self.resolved_encoder(cfg, pref_views)})
         contexts = self.encode_views(prompt, cfg, meth, pref_views)
         req = self._request(contexts, cfg, cfg.decoding.seed)
-        job = Job(req, meth) if loop is None else Job.for_asyncio(req, meth, loop)
+        job = Job(req, meth, stream=stream) if loop is None else Job.for_asyncio(req, meth, loop, stream=stream)
         return self.engine.submit(job, wait=wait), cfg, pref_views
 
     def _prepare(self, preferences, views, method, decoding: dict[str, Any]):
@@ -392,7 +443,7 @@ class PersonaJudge:
             raise ConfigError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
         contexts = [self.encode_views(p, cfg, meth, pref_views) for p in prompts]
         reqs = [self._request(c, cfg, s) for c, s in zip(contexts, seeds)]
-        jobs = [Job(r, meth) for r in reqs]  # each job runs its own loop; the method object only plans
+        jobs = [Job(r, meth, stream=False) for r in reqs]  # each job runs its own loop; the method object only plans
         engine = self.engine
         try:
             engine.submit_many(jobs)
@@ -440,7 +491,8 @@ class PersonaJudge:
         self, contexts: list[list[int]], cfg: RunConfig, meth, *, on_text: Callable[[str], None] | None = None
     ) -> GenerationResult:
         """Run ``meth`` on already-encoded view contexts (through the engine; ``on_text`` runs in this thread)."""
-        job = self.engine.submit(Job(self._request(contexts, cfg, cfg.decoding.seed), meth), wait=True)
+        req = self._request(contexts, cfg, cfg.decoding.seed)
+        job = self.engine.submit(Job(req, meth, stream=on_text is not None), wait=True)
         try:
             return job.result(on_text)
         finally:

@@ -118,9 +118,14 @@ class Job:
     #: the HTTP path that submitted the job, set by the server (absent for Python callers; metrics label)
     endpoint: str
 
-    def __init__(self, req: DecodeRequest, method: Any, *, sink: Callable[[Event], None] | None = None):
+    def __init__(
+        self, req: DecodeRequest, method: Any, *, sink: Callable[[Event], None] | None = None, stream: bool = True
+    ):
         self.id = next(self._ids)
         self.req = req
+        #: deliver ("text", piece) events as text is committed; without, the text is decoded only as
+        #: often as the stop strings and the repetition guard need it, and arrives with the result
+        self.stream = stream
         self.method = method
         self.n_views = len(req.contexts)
         self.batchable = is_batchable(method)
@@ -139,7 +144,9 @@ class Job:
         self.error: BaseException | None = None
 
     @classmethod
-    def for_asyncio(cls, req: DecodeRequest, method: Any, loop: asyncio.AbstractEventLoop | None = None) -> Job:
+    def for_asyncio(
+        cls, req: DecodeRequest, method: Any, loop: asyncio.AbstractEventLoop | None = None, *, stream: bool = True
+    ) -> Job:
         """A job whose events go to an ``asyncio.Queue`` (read with :meth:`aevents`)."""
         ev_loop = loop or asyncio.get_running_loop()
         aq: asyncio.Queue = asyncio.Queue()
@@ -147,7 +154,7 @@ class Job:
         def sink(ev: Event) -> None:
             ev_loop.call_soon_threadsafe(aq.put_nowait, ev)
 
-        job = cls(req, method, sink=sink)
+        job = cls(req, method, sink=sink, stream=stream)
         job._aqueue = aq
         return job
 
@@ -248,6 +255,10 @@ class Engine:
     generator loops, one host read per step for all of them). False -- or the
     environment variable ``PERSONAJUDGE_BATCHED=0`` -- runs every request
     through its own generator loop (for debugging and comparison).
+
+    ``after``: an engine that drove this backend before and may still be
+    finishing its last requests; this one's thread waits for that one's to
+    end before its first step, so two threads never drive one backend.
     """
 
     def __init__(
@@ -259,6 +270,7 @@ class Engine:
         on_step: Callable[[int, float], None] | None = None,
         on_finish: Callable[[Job, BaseException | None], None] | None = None,
         batched: bool = True,
+        after: Engine | None = None,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -287,6 +299,7 @@ class Engine:
         self._alone: Job | None = None
         self._closing = False
         self._thread: threading.Thread | None = None
+        self._after = after
         self._latency = 1.0  # running mean of request seconds, for Retry-After
         self.steps = 0
         self.completed = 0
@@ -300,7 +313,7 @@ class Engine:
         A full queue raises :class:`QueueFullError` (the server's 429), or,
         with ``wait=True`` (the Python API), blocks until there is room.
         """
-        job.req.emitter.on_text = lambda piece: self._text(job, piece)
+        self._listen(job)
         with self._cv:
             while True:
                 if self._closing:
@@ -330,7 +343,7 @@ class Engine:
         """
         pending = list(jobs)
         for job in pending:
-            job.req.emitter.on_text = lambda piece, _job=job: self._text(_job, piece)
+            self._listen(job)
         with self._cv:
             while pending:
                 if self._closing:
@@ -403,6 +416,16 @@ class Engine:
         with self._cv:
             self._thread = None
 
+    def stop_when_idle(self) -> None:
+        """Take no new requests, finish the ones submitted, then end the thread; returns at once.
+
+        For a finalizer (see ``PersonaJudge``): it may run on any thread,
+        this engine's own included, so it must not join.
+        """
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+
     # ------------------------------------------------------------------ internals
 
     def _cancel_all(self) -> None:
@@ -418,12 +441,27 @@ class Engine:
             self._thread = threading.Thread(target=self._loop, name="personajudge-engine", daemon=True)
             self._thread.start()
 
+    def _listen(self, job: Job) -> None:
+        """Route the job's committed text to its events: when it streams, or runs alone (where a text
+        piece is also the point at which a cancelled request stops)."""
+        if job.stream or not job.batchable:
+            job.req.emitter.on_text = lambda piece: self._text(job, piece)
+
     def _text(self, job: Job, piece: str) -> None:
         if job.cancelled and self._alone is job:
             raise RequestCancelled("cancelled")  # aborts a request running alone at its next token
         job._emit(("text", piece))
 
+    def wait_stopped(self, timeout: float | None = None) -> None:
+        """Wait for the engine's thread to end (it ends once closing and out of work)."""
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
     def _loop(self) -> None:
+        after, self._after = self._after, None
+        if after is not None:
+            after.wait_stopped()
         context = getattr(self.backend, "decoding_context", None)  # a duck-typed backend may lack it
         with context() if context is not None else contextlib.nullcontext():
             self._serve()
@@ -544,6 +582,10 @@ class Engine:
                 raise
             return
         self.steps += 1
+        now = time.perf_counter()
+        for job in self._active.values():  # the time to first token, also of jobs that send no text events
+            if job.t_first is None and job.req.emitter.tokens:
+                job.t_first = now
         if self.on_step is not None:
             try:
                 self.on_step(n, time.perf_counter() - t0)

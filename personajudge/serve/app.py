@@ -190,11 +190,11 @@ class Server:
 
     # ---------------------------------------------------------------- running a job
 
-    async def submit(self, prompt: Any, kwargs: dict[str, Any]) -> Job:
+    async def submit(self, prompt: Any, kwargs: dict[str, Any], *, stream: bool = True) -> Job:
         if self.shutting_down:
             raise EngineClosedError("the server is shutting down")
         loop = asyncio.get_running_loop()
-        return await asyncio.to_thread(lambda: self.pj.submit(prompt, loop=loop, wait=False, **kwargs))
+        return await asyncio.to_thread(lambda: self.pj.submit(prompt, loop=loop, wait=False, stream=stream, **kwargs))
 
     async def next_event(self, job: Job, deadline: float) -> tuple:
         """The job's next event; cancels it and raises a 408 when the request's time is up."""
@@ -333,7 +333,7 @@ def create_app(
     async def run(request: Request, endpoint: str, req: Any, prompt: Any, kwargs: dict[str, Any]) -> Response:
         deadline = asyncio.get_running_loop().time() + srv.request_timeout
         try:
-            job = await srv.submit(prompt, kwargs)
+            job = await srv.submit(prompt, kwargs, stream=bool(req.stream))
         except Exception as err:
             raise map_error(err) from None
         job.endpoint = request.url.path
@@ -351,11 +351,8 @@ def create_app(
             raise map_error(ev[1])
         if not req.stream:
             try:
-                text: list[str] = []
-                while ev[0] not in ("done", "error"):
+                while ev[0] not in ("done", "error"):  # no text events: the job does not stream
                     ev = await srv.next_event(job, deadline)
-                    if ev[0] == "text":
-                        text.append(ev[1])
             finally:
                 job.cancel()
                 watcher.cancel()

@@ -68,7 +68,7 @@ class Metrics:
         )
         self.ttft = Histogram(
             "personajudge_time_to_first_token_seconds",
-            "Submit to first committed text.",
+            "Submit to first committed token.",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

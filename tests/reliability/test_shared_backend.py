@@ -8,6 +8,8 @@ with others gives exactly the tokens it gives alone.
 
 import gc
 import threading
+import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -24,19 +26,30 @@ PROMPTS = ["tell me about owls", "why is the sky blue", "how do bees make honey"
 
 class RecordingSession(ToySession):
     def _forward_many(self, calls):
-        with self.backend.lock:
-            self.backend.threads.add(threading.get_ident())
-        return super()._forward_many(calls)
+        b = self.backend
+        with b.lock:
+            b.threads.add(threading.get_ident())
+            b.busy += 1
+            b.overlaps += b.busy > 1
+        try:
+            time.sleep(b.delay)
+            return super()._forward_many(calls)
+        finally:
+            with b.lock:
+                b.busy -= 1
 
 
 class RecordingToy(ToyBackend):
-    """A toy backend that records which threads call its sessions' forwards and how often it is closed."""
+    """A toy backend that records which threads call its sessions' forwards, whether two ever ran at
+    once, and how often it is closed; ``delay`` seconds per forward widen the window for an overlap."""
 
-    def __init__(self):
+    def __init__(self, delay: float = 0.0):
         super().__init__()
         self.lock = threading.Lock()
         self.threads: set[int] = set()
         self.closes = 0
+        self.busy = self.overlaps = 0
+        self.delay = delay
 
     def open(self, n_views):
         return RecordingSession(self, n_views)
@@ -109,6 +122,53 @@ def test_the_first_object_sets_the_limits_and_a_dropped_object_leaves_by_itself(
     del first
     gc.collect()
     second.close()  # the last live user: the engine stops and the backend is closed
+    engine_thread.join(10)
+    assert not engine_thread.is_alive() and b.closes == 1
+
+
+def test_the_last_object_dropped_without_close_finishes_its_work_then_frees_the_backend():
+    expected = _serial()
+    b = RecordingToy()
+    pj = PersonaJudge(CONFIG, backend=b)
+    assert pj.generate(PROMPTS[0], preferences=PREFS, seed=0, **KW).tokens == expected[(PROMPTS[0], 0)]
+    engine_thread = _engine_thread(b)
+    job = pj.submit(PROMPTS[1], preferences=PREFS, seed=2, **KW)  # still queued or running when pj goes
+    del pj
+    gc.collect()
+    assert job.result().tokens == expected[(PROMPTS[1], 2)]  # the caller's job is not lost
+    engine_thread.join(10)
+    assert not engine_thread.is_alive()  # no idle thread left behind...
+    freed = weakref.ref(b)
+    del b, job
+    gc.collect()
+    assert freed() is None  # ...and nothing holds the backend (the model's memory) any more
+
+
+def test_a_new_engine_on_the_backend_waits_for_the_dropped_objects_engine_to_finish():
+    expected = _serial()
+    b = RecordingToy(delay=0.005)
+    pj = PersonaJudge(CONFIG, backend=b)
+    job = pj.submit(PROMPTS[0], preferences=PREFS, seed=0, **KW)
+    del pj  # its engine still has the job to finish...
+    gc.collect()
+    again = PersonaJudge(CONFIG, backend=b)  # ...when a new object starts a new engine on the backend
+    assert again.generate(PROMPTS[1], preferences=PREFS, seed=1, **KW).tokens == expected[(PROMPTS[1], 1)]
+    assert job.result().tokens == expected[(PROMPTS[0], 0)]
+    assert len(b.threads) == 2 and b.overlaps == 0  # two engines, one after the other, never both at once
+    again.close()
+
+
+def test_an_object_dropped_while_another_uses_the_backend_leaves_the_engine_running():
+    b = RecordingToy()
+    first, second = PersonaJudge(CONFIG, backend=b), PersonaJudge(CONFIG, backend=b)
+    assert first.generate(PROMPTS[0], preferences=PREFS, seed=0, **KW).tokens
+    engine_thread = _engine_thread(b)
+    del first
+    gc.collect()
+    assert engine_thread.is_alive()
+    assert second.generate(PROMPTS[1], preferences=PREFS, seed=1, **KW).tokens
+    assert b.threads == {engine_thread.ident}
+    second.close()
     engine_thread.join(10)
     assert not engine_thread.is_alive() and b.closes == 1
 

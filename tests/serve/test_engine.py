@@ -112,6 +112,36 @@ def test_different_methods_and_settings_share_steps():
         assert job.result().tokens == _alone(pj, PROMPTS[i], c["seed"], method=c["method"], **kw)[0], c
 
 
+def test_a_job_that_does_not_stream_sends_no_text_and_decodes_only_for_the_guard(monkeypatch):
+    pj = _pj()
+    tok = pj.backend.tokenizer
+    calls = [0]
+    decode = tok.decode
+
+    def counting(ids):
+        calls[0] += 1
+        return decode(ids)
+
+    monkeypatch.setattr(tok, "decode", counting)
+    cfg, meth, views = pj._prepare(PREFS, None, None, {**KW, "max_new_tokens": 96, "seed": 5})
+    contexts = pj.encode_views(PROMPTS[0], cfg, meth, views)
+    results, events, decodes, firsts = [], [], [], []
+    for stream in (True, False):
+        req = pj._request(contexts, cfg, 5)
+        req.emitter.stop = []  # no stop strings: only the repetition guard (on by default) reads the text
+        calls[0] = 0
+        job = pj.engine.submit(Job(req, meth, stream=stream), wait=True)
+        events.append([ev[0] for ev in job.events()])
+        results.append(job.result_value)
+        decodes.append(calls[0])
+        firsts.append(job.t_first)
+    (streamed, silent), n = results, len(results[0].tokens)
+    assert n > 3 * 8 and (silent.tokens, silent.text) == (streamed.tokens, streamed.text)
+    assert "text" in events[0] and "text" not in events[1]
+    assert decodes[0] >= n and decodes[1] <= 2 * (n // 8 + 2)
+    assert all(t is not None for t in firsts)  # the time to first token is known without text events
+
+
 def test_stream_pieces_concatenate_to_the_result_and_astream_matches():
     pj = _pj()
     gen = pj.stream(PROMPTS[0], preferences=PREFS, seed=3, **KW)

@@ -184,10 +184,19 @@ def test_invalid_json_and_auth(server):
     assert httpx.get(base + "/health").status_code == 200  # health and metrics need no key
 
 
+def _ttft_count(base):
+    lines = httpx.get(base + "/metrics").text.splitlines()
+    return float(
+        next(ln for ln in lines if ln.startswith("personajudge_time_to_first_token_seconds_count")).split()[-1]
+    )
+
+
 def test_metrics_count_requests_tokens_and_acceptance(client, server):
+    before = _ttft_count(server[0])
     client.chat.completions.create(
         model="persona-judge", messages=[{"role": "user", "content": "hi"}], max_tokens=8, seed=1
     )
+    assert _ttft_count(server[0]) == before + 1  # a request that does not stream has a first token too
     text = httpx.get(server[0] + "/metrics").text
     for name in (
         "personajudge_requests_total",
