@@ -402,6 +402,29 @@ def _cache_root() -> Path:
     return cache_dir()
 
 
+#: The first transformers release whose GGUF loader converts the embedded Gemma 3 tokenizer as
+#: llama.cpp reads it. 5.17 to 5.22 lose merges ("the" became "t" + "he") and the BOS token, which
+#: degrades what the model writes; found by running the suite against transformers 5.17.0, 5.20.2,
+#: 5.22.2 and 5.23.0 (``test_embedded_gguf_agrees_with_llama_cpp``).
+GGUF_TOKENIZER_MIN_TRANSFORMERS = (5, 23)
+
+
+def gguf_tokenizer_warning(version: str) -> str | None:
+    """The warning for loading a GGUF with this transformers ``version`` (None: none needed)."""
+    try:
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return None  # not a release number we can compare (a source build): assume current
+    if (major, minor) >= GGUF_TOKENIZER_MIN_TRANSFORMERS:
+        return None
+    need = ".".join(map(str, GGUF_TOKENIZER_MIN_TRANSFORMERS))
+    return (
+        f"transformers {version} converts GGUF tokenizers with missing merges and no BOS token "
+        f"(the embedded Gemma 3's among them), which degrades the output; upgrade to transformers>={need} "
+        "or load the model's own Hugging Face folder"
+    )
+
+
 def _embedded_gguf() -> Path:
     """The embedded Gemma 3 270M GGUF (assembled into the cache on first use)."""
     return Path(default_model_path())
@@ -738,6 +761,11 @@ class HFBackend(Backend):
 
     def _load_gguf(self, source: str, gguf_file: str, *, local: Path | None):
         """Dequantize a GGUF through transformers, caching the converted model as safetensors."""
+        import transformers
+
+        why = gguf_tokenizer_warning(transformers.__version__)
+        if why is not None:
+            warnings.warn(why, PersonaJudgeWarning, stacklevel=3)
         cached = self._gguf_cache_dir(source, gguf_file, local)
         if (cached / "config.json").is_file():
             try:

