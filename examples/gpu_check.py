@@ -34,6 +34,7 @@ suite runs it that way so it cannot rot.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import glob
 import json
 import os
@@ -423,14 +424,17 @@ def memory(pj, max_new_tokens: int) -> dict[str, Any] | None:
     return res
 
 
-def check_shape(shape: str, device: str, args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
+def check_shape(
+    shape: str, device: str, args: argparse.Namespace, budget: Budget, row: dict[str, Any], save: Any
+) -> dict[str, Any]:
+    """Fill ``row`` step by step, calling ``save()`` after each, so a crash keeps what was measured."""
     import torch
 
     from personajudge.api import PersonaJudge
     from personajudge.bench import run_bench
     from personajudge.core.config import build_config
 
-    row: dict[str, Any] = {"shape": shape, "config": SHAPES[shape][1], "skipped": []}
+    row.update({"shape": shape, "config": SHAPES[shape][1], "skipped": []})
     t0 = time.perf_counter()
     backend = build_backend(shape, device)
     _sync()
@@ -484,6 +488,7 @@ def check_shape(shape: str, device: str, args: argparse.Namespace, budget: Budge
             except Exception as err:  # one failed measurement must not lose the others
                 row[name] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
             row[f"{name}_s"] = round(time.perf_counter() - t1, 1)
+            save()
             print(f"[gpu-check] {shape}: {name} done in {row[f'{name}_s']} s", flush=True)
     finally:
         eng = getattr(pj, "_engine", None)
@@ -648,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--site", default="/tmp/personajudge-site", help="where to install them")
     args = ap.parse_args(argv)
     budget = Budget(args.budget_s)
+    faulthandler.enable()  # a crash in native code (a compiler, a driver) prints where it happened
     install_info = ensure_installed(args, argv)
 
     import torch
@@ -687,6 +693,16 @@ def main(argv: list[str] | None = None) -> int:
         "shapes": [],
         "skipped_shapes": [],
     }
+
+    def save() -> None:
+        """Write what is measured so far (after every step): a crash, a kill at the time limit or an
+        out-of-memory abort leaves everything before it in OUT, with ``"unfinished": true`` on the shape."""
+        rep["elapsed_s"] = budget.elapsed()
+        tmp = out / "gpu_check.json.tmp"
+        tmp.write_text(json.dumps(rep, indent=2, default=str))
+        os.replace(tmp, out / "gpu_check.json")
+        (out / "gpu_check.md").write_text(markdown(rep))
+
     if gpu:
         rep["machine"]["gpu"] = torch.cuda.get_device_name(0)
     ok = True
@@ -706,25 +722,19 @@ def main(argv: list[str] | None = None) -> int:
             )
             continue
         print(f"[gpu-check] {shape} ...", flush=True)
+        row: dict[str, Any] = {"shape": shape, "skipped": [], "unfinished": True}
+        rep["shapes"].append(row)
         try:
-            row = check_shape(shape, device, args, budget)
+            check_shape(shape, device, args, budget, row, save)
         except Exception as err:
             ok = False
-            row = {
-                "shape": shape,
-                "error": f"{type(err).__name__}: {err}",
-                "traceback": traceback.format_exc()[-3000:],
-                "skipped": [],
-            }
+            row.update({"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]})
+        del row["unfinished"]
         ok = ok and not any(isinstance(v, dict) and "error" in v for v in row.values())
-        rep["shapes"].append(row)
-        rep["elapsed_s"] = budget.elapsed()
-        (out / "gpu_check.json").write_text(json.dumps(rep, indent=2, default=str))  # partial results survive
-    rep["elapsed_s"] = budget.elapsed()
+        save()
     rep["ok"] = ok
-    (out / "gpu_check.json").write_text(json.dumps(rep, indent=2, default=str))
+    save()
     md = markdown(rep)
-    (out / "gpu_check.md").write_text(md)
     print(md)
     return 0 if ok else 1
 

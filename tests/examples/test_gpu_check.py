@@ -8,6 +8,7 @@ the memory step, the time budget, and the JSON and Markdown reports.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def test_gpu_check_rehearsal_on_the_cpu(tmp_path):
     assert "skipped" in rep["tests_graphs"]["summary"] or "passed" in rep["tests_graphs"]["summary"]
     assert [r["shape"] for r in rep["shapes"]] == ["tiny-gemma3", "tiny-qwen2"] and not rep["skipped_shapes"]
     for row in rep["shapes"]:
-        assert not row["skipped"]
+        assert not row["skipped"] and "unfinished" not in row
         # float32 on the CPU: cached and recomputed logits agree to rounding
         assert row["cache_check"]["argmax_agrees"] and row["cache_check"]["max_abs_diff"] < 1e-3
         methods = {r["method"]: r for r in row["bench"]["results"]}
@@ -59,6 +60,26 @@ def test_gpu_check_rehearsal_on_the_cpu(tmp_path):
         assert comp["backend"]["cache_implementation"] == "static"
         assert {r["method"] for r in comp["results"]} == {"plain", "persona-judge"}
         assert row["targets"]["compiled_persona_judge_over_generate"] > 0
+
+
+def test_a_crash_mid_shape_keeps_what_was_measured_before_it(tmp_path, monkeypatch):
+    """The run saves after every step: a step that never returns (here an interrupt in the memory
+    step; on the GPU a segfault, an out-of-memory kill or the time limit) leaves the earlier ones."""
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # not an Exception: nothing in the check catches it, as with a real crash
+
+    monkeypatch.setattr(gpu_check, "memory", crash)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main([str(tmp_path), "--device", "cpu", "--no-tests", "--shapes", "tiny-qwen2"])
+    rep = json.loads((tmp_path / "gpu_check.json").read_text())
+    (row,) = rep["shapes"]
+    assert row["unfinished"] is True and "memory" not in row and "compiled" not in row
+    assert row["bench"]["results"] and row["batch"]["speedup"] > 0 and row["cache_check"]["argmax_agrees"]
+    assert "| tiny-qwen2 |" in (tmp_path / "gpu_check.md").read_text()
 
 
 def test_the_time_budget_skips_shapes(tmp_path):
