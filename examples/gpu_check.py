@@ -220,7 +220,7 @@ def ensure_installed(args: argparse.Namespace, argv: list[str]) -> dict[str, Any
     done = os.environ.get(_INSTALLED_ENV)
     if done:
         return json.loads(done)
-    missing = _importable()
+    missing = "(--reinstall)" if args.reinstall else _importable()
     if missing is None:
         return {"project": "already importable", "python": sys.executable}
     print(f"[gpu-check] {missing} is missing: installing from {args.wheels} (no index)", flush=True)
@@ -651,6 +651,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--wheels", default=str(REPO / ".whl"), help="wheels to install from (make gpu-wheels)")
     ap.add_argument("--site", default="/tmp/personajudge-site", help="where to install them")
+    ap.add_argument(
+        "--reinstall",
+        action="store_true",
+        help="install into --site and re-run from there even when everything imports (rehearses a bare machine)",
+    )
     args = ap.parse_args(argv)
     budget = Budget(args.budget_s)
     faulthandler.enable()  # a crash in native code (a compiler, a driver) prints where it happened
@@ -659,6 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
+    import personajudge
     from personajudge.bench import machine_info
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -681,6 +687,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
+            "personajudge_from": str(Path(personajudge.__file__).resolve().parent),
         },
         "settings": {
             "max_new_tokens": args.max_new_tokens,

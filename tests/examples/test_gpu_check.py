@@ -82,6 +82,32 @@ def test_a_crash_mid_shape_keeps_what_was_measured_before_it(tmp_path, monkeypat
     assert "| tiny-qwen2 |" in (tmp_path / "gpu_check.md").read_text()
 
 
+def test_the_bare_machine_install_path(tmp_path):
+    """--reinstall takes the path a GPU image without pydantic takes: pip install --no-index of the
+    wheels folder and of the working tree into --site, then a re-run of the script from that copy."""
+    wheels, site, out = tmp_path / "wheels", tmp_path / "site", tmp_path / "out"
+    wheels.mkdir()
+    proc = run(
+        str(out),
+        "--device",
+        "cpu",
+        "--no-tests",
+        "--shapes",
+        "tiny-qwen2",
+        "--reinstall",
+        "--site",
+        str(site),
+        "--wheels",
+        str(wheels),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rep = json.loads((out / "gpu_check.json").read_text())
+    assert rep["install"]["missing_before"] == "(--reinstall)" and rep["install"]["wheels"] == []
+    assert rep["install"]["project"].startswith("pip install --no-index")
+    assert Path(rep["versions"]["personajudge_from"]).is_relative_to(site.resolve())  # ran from the installed copy
+    assert rep["ok"] is True and rep["shapes"][0]["bench"]["results"]
+
+
 def test_the_time_budget_skips_shapes(tmp_path):
     proc = run(str(tmp_path), "--device", "cpu", "--no-tests", "--budget-s", "1", "--shapes", "tiny-qwen2")
     assert proc.returncode == 0, proc.stderr[-3000:]
