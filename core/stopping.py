@@ -97,12 +97,13 @@ class Emitter:
             self.finish("eos")
             return False
         self.tokens.append(token)
-        if self.stop or self.on_text is not None:
-            if self._check():
-                return False
-        elif self.repeat_lines > 0 and len(self.tokens) - self._checked >= self.GUARD_EVERY:
-            if self._check():
-                return False
+        looks = (  # who reads the text now: stop strings or a listener every token, the guard every GUARD_EVERY
+            self.stop
+            or self.on_text is not None
+            or (self.repeat_lines > 0 and len(self.tokens) - self._checked >= self.GUARD_EVERY)
+        )
+        if looks and self._check():
+            return False
         if len(self.tokens) >= self.max_new_tokens:
             self.finish("length")
             return False

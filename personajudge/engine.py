@@ -452,11 +452,11 @@ class Engine:
             raise RequestCancelled("cancelled")  # aborts a request running alone at its next token
         job._emit(("text", piece))
 
-    def wait_stopped(self, timeout: float | None = None) -> None:
+    def wait_stopped(self) -> None:
         """Wait for the engine's thread to end (it ends once closing and out of work)."""
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+            thread.join()
 
     def _loop(self) -> None:
         after, self._after = self._after, None
