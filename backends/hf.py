@@ -540,6 +540,45 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+class CompiledKernel:
+    """``torch.compile(fn)`` that turns into ``fn`` for good when compiling or running it fails.
+
+    ``fn`` is traced as one graph (``fullgraph``): a graph break would bring
+    the launches back. Shapes become dynamic at the first new row count, so
+    a batch that grows and shrinks costs one recompile, not one per size.
+    ``on_fail(err)`` is told why (and returns the reason to keep); without
+    it a failure raises.
+    """
+
+    def __init__(self, torch, fn, compile_backend: str = "inductor", on_fail=None):
+        self.torch, self.fn, self.on_fail = torch, fn, on_fail
+        self.compiled: Any = torch.compile(fn, backend=compile_backend, fullgraph=True)
+        self.fallback: str | None = None  #: why it runs eager, if it does
+        self.calls = 0  #: calls that ran compiled
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                if self.calls:
+                    out = self.compiled(*args)
+                else:
+                    with warnings.catch_warnings():
+                        # the first trace: dynamo notes (once) that it traces through array-api-compat's
+                        # cached namespace tests, which hold no state
+                        warnings.filterwarnings("ignore", message=".*functools.lru_cache", category=UserWarning)
+                        out = self.compiled(*args)
+                self.calls += 1
+                return out
+            except self.torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as err:
+                if self.on_fail is None:
+                    raise
+                self.compiled = None
+                self.fallback = self.on_fail(err)
+        return self.fn(*args)
+
+
 class HFBackend(Backend):
     """A causal LM loaded with transformers; see the module docstring.
 
@@ -550,6 +589,7 @@ class HFBackend(Backend):
     """
 
     name = "hf"
+    config_fields = frozenset({"model", "device", "dtype", "threads", "n_ctx"})
     description = "Hugging Face transformers causal LMs (hub id, folder or GGUF) on CPU or CUDA; one batched KV cache row per view."
 
     def __init__(self, config: BackendConfig | None = None):
@@ -890,6 +930,7 @@ class HFBackend(Backend):
             self.context_length = int(cap or (self.config.n_ctx or min(self.context_length, 4096)))
         self.compile_fallback: str | None = None  # why compiled steps fell back to eager, if they did
         self._compiled: Any = None
+        self._kernels: dict[Any, CompiledKernel] = {}  # compile_kernel's, one per function
         if self.compile_mode is not None:
             # one graph per (session size, query length, backend): dynamo's default limit of 8 per function
             # would be reached by a server whose session grows, or by several backends in one process
@@ -932,14 +973,37 @@ class HFBackend(Backend):
                 raise
             except Exception as err:
                 self._compiled = None
-                self.compile_fallback = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
-                self._facts["compile"] = f"failed, eager ({self.compile_fallback})"
-                warnings.warn(
-                    f"hf backend: torch.compile failed, running eager: {self.compile_fallback}",
-                    PersonaJudgeWarning,
-                    stacklevel=2,
-                )
+                self.compile_fallback = self._compile_failed("compile", "torch.compile", err)
         return self._step_logits(input_ids, position_ids, cache, keep)
+
+    def _compile_failed(self, fact: str, what: str, err: Exception) -> str:
+        """Record and warn once that a compiled function runs eager from now on; the reason, one line."""
+        reason = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        self._facts[fact] = f"failed, eager ({reason})"
+        warnings.warn(f"hf backend: {what} failed, running eager: {reason}", PersonaJudgeWarning, stacklevel=3)
+        return reason
+
+    def compile_kernel(self, fn):
+        """With ``compile``, the token loop's array function compiled too; else ``fn`` itself.
+
+        The batched judge's ~150 small operations per step cost a GPU's host
+        about 0.5 ms of launches, which a compiled forward makes as long as
+        the forward; compiled (``compile_backend``, default mode, shapes
+        dynamic in the number of rows) they fuse into a few kernels. Like the
+        compiled step, a compile that fails runs eager from then on, with
+        one warning and ``describe()["compile_judge"]`` saying why."""
+        if self.compile_mode is None:
+            return fn
+        kernel = self._kernels.get(fn)
+        if kernel is None:
+            kernel = self._kernels[fn] = CompiledKernel(
+                self.torch,
+                fn,
+                self.compile_backend,
+                on_fail=lambda err: self._compile_failed("compile_judge", "compiling the judge", err),
+            )
+            self._facts["compile_judge"] = f"torch.compile ({self.compile_backend})"
+        return kernel
 
     # ----------------------------------------------------------------- contract
 

@@ -49,6 +49,7 @@ from personajudge.core.errors import (
     ContextLengthError,
     DeviceError,
     ModelLoadError,
+    SessionError,
 )
 
 INSTALL_HINT = "pip install 'persona-judge[llama]'"
@@ -259,26 +260,33 @@ class LlamaCppTokenizer:
         self.chat_template: str | None = tpl.decode("utf-8", errors="replace") if tpl else None
         self._compiled: tuple[str, Any] | None = None
 
+    @property
+    def vocab(self) -> Any:
+        """The model's vocabulary, which ``LlamaCppBackend.close()`` frees (then a typed error, not an abort)."""
+        if self._vocab is None:
+            raise SessionError("this llama-cpp backend is closed; load the model again to use its tokenizer")
+        return self._vocab
+
     def token_text(self, token: int, *, special: bool = True) -> str:
         """The text of one token (special tokens rendered when ``special``)."""
         if not 0 <= token < self.vocab_size:
             return ""
         buf = ctypes.create_string_buffer(64)
-        n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        n = self._lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
-            n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+            n = self._lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
 
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
         data = text.encode("utf-8")
         n_max = len(data) + 8
         arr = (ctypes.c_int32 * n_max)()
-        n = self._lib.llama_tokenize(self._vocab, data, len(data), arr, n_max, add_bos, True)
+        n = self._lib.llama_tokenize(self.vocab, data, len(data), arr, n_max, add_bos, True)
         if n < 0:
             n_max = -n
             arr = (ctypes.c_int32 * n_max)()
-            n = self._lib.llama_tokenize(self._vocab, data, len(data), arr, n_max, add_bos, True)
+            n = self._lib.llama_tokenize(self.vocab, data, len(data), arr, n_max, add_bos, True)
         if n < 0:
             raise RuntimeError(f"llama_tokenize failed ({n})")
         ids = list(arr[:n])
@@ -303,7 +311,7 @@ class LlamaCppTokenizer:
         size = max(64, 8 * len(toks))
         for _ in range(2):
             buf = ctypes.create_string_buffer(size)
-            n = self._lib.llama_detokenize(self._vocab, arr, len(toks), buf, size, False, False)
+            n = self._lib.llama_detokenize(self.vocab, arr, len(toks), buf, size, False, False)
             if n >= 0:
                 return buf.raw[:n].decode("utf-8", errors="replace")
             size = -n
@@ -397,6 +405,7 @@ class LlamaCppBackend(Backend):
     """
 
     name = "llama-cpp"
+    config_fields = frozenset({"model", "threads", "n_ctx", "n_gpu_layers"})
     description = "llama.cpp on a local GGUF model (default: embedded Gemma 3 270M); one KV sequence per view."
 
     def __init__(self, config: BackendConfig | None = None):
@@ -654,6 +663,9 @@ class LlamaCppBackend(Backend):
             if getattr(self, "_ctx", None) is not None:
                 self._free_context()
             if getattr(self, "_model", None) is not None:
+                tok = getattr(self, "tokenizer", None)
+                if isinstance(tok, LlamaCppTokenizer):
+                    tok._vocab = None  # it points into the model freed next
                 self._lib.llama_model_free(self._model)
                 self._model = None
             if getattr(self, "_verbose_counted", False):
@@ -670,7 +682,7 @@ class LlamaCppBackend(Backend):
 
     def _require_open(self) -> None:
         if self._model is None:
-            raise RuntimeError("this llama-cpp backend is closed")
+            raise SessionError("this llama-cpp backend is closed; load the model again (a new backend)")
 
     def _seq_rm(self, seq: int, start: int) -> None:
         if not self._lib.llama_memory_seq_rm(self._mem, seq, start, -1):

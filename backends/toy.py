@@ -79,6 +79,7 @@ class ToyBackend(Backend):
     """Options (``backend.options``): ``seed`` of the bigram table, ``view_strength``."""
 
     name = "toy"
+    config_fields = frozenset({"n_ctx"})
     description = "A deterministic toy model over a 33-character vocabulary: the contract in a few lines, and the unit tests' exact oracle."
 
     def __init__(self, config: BackendConfig | None = None):

@@ -45,7 +45,7 @@ then changes only for a uniform within ~1e-16 of a boundary.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -89,7 +89,9 @@ def _lookup(rows: Rows, at: Array, n: int) -> Array:
     flat = xp.reshape(rows.ids + off, (-1,))
     want = xp.reshape(at + off, (-1,))
     pos = xp.searchsorted(flat, want)
-    pos = xp.clip(pos, max=r * k - 1) if hasattr(xp, "clip") else xp.minimum(pos, r * k - 1)
+    # past the last id: point at the last entry, which cannot match. (Not ``clip``: under torch.compile
+    # its scalar checks break the graph once the support's size has become a symbolic shape.)
+    pos = pos - xp.astype(pos == r * k, pos.dtype)
     hit = xp.take(flat, pos) == want
     got = xp.take(xp.reshape(rows.probs, (-1,)), pos)
     return xp.reshape(xp.where(hit, got, xp.zeros_like(got)), at.shape)
@@ -101,6 +103,10 @@ def _pick(ids: Array | None, index: Array) -> Array:
         return index
     xp = array_namespace(ids)
     return xp.take_along_axis(ids, index[:, None], axis=-1)[:, 0]
+
+
+#: :func:`judge_rows` or a backend's compiled version of it (``Backend.compile_kernel``)
+Kernel = Callable[[Array, Array, SamplingParams, Array, Array, Array], Array]
 
 
 def judge_rows(
@@ -148,12 +154,12 @@ def judge_rows(
     return xp.stack([xp.astype(t, xp.int64), xp.astype(ok, xp.int64), xp.astype(emit, xp.int64), code], axis=-1)
 
 
-def _judged(p_logits: Array, q_logits: Array, params: SamplingParams, u: Array) -> Array:
+def _judged(kernel: Kernel, p_logits: Array, q_logits: Array, params: SamplingParams, u: Array) -> Array:
     xp = array_namespace(p_logits)
     if is_numpy_namespace(xp):
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # NaN rows are settled per row
-            return judge_rows(p_logits, q_logits, params, u[:, 0], u[:, 1], u[:, 2])
-    return judge_rows(p_logits, q_logits, params, u[:, 0], u[:, 1], u[:, 2])
+            return kernel(p_logits, q_logits, params, u[:, 0], u[:, 1], u[:, 2])
+    return kernel(p_logits, q_logits, params, u[:, 0], u[:, 1], u[:, 2])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -213,9 +219,13 @@ class BatchedJudge:
     driver maps them onto session slots. Requests may differ in prompt
     lengths, window length, number of views, roles, seeds and sampling
     settings (rows are filtered in one call per distinct settings).
+
+    ``kernel`` decides the rows of a step: :func:`judge_rows`, or what the
+    backend's ``compile_kernel`` made of it (the same function, fused).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, kernel: Kernel | None = None) -> None:
+        self.kernel: Kernel = kernel or judge_rows
         self._rows: dict[Any, _Row] = {}
         self._free: list[int] = []
         cap = 0
@@ -344,7 +354,9 @@ class BatchedJudge:
         packed, start = [], 0
         for params, (rows, ps, qs) in groups.items():
             m = len(rows)
-            packed.append(_judged(xp.concat(ps, axis=0), xp.concat(qs, axis=0), params, u[start : start + m]))
+            packed.append(
+                _judged(self.kernel, xp.concat(ps, axis=0), xp.concat(qs, axis=0), params, u[start : start + m])
+            )
             start += m
         result = (packed[0] if len(packed) == 1 else xp.concat(packed, axis=0)).tolist()  # the step's one read
         self.reads += 1

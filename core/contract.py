@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
-from .errors import ContextLengthError, SessionError
+from .errors import ContextLengthError, PluginError, SessionError
 
 if TYPE_CHECKING:
     from .config import BackendConfig
@@ -97,7 +97,12 @@ class Session(ABC):
         checked = self._check_calls(calls)
         if not checked:
             return []
-        outs = self._forward_many(checked)
+        try:
+            outs = self._forward_many(checked)
+            self._check_outputs(checked, outs)
+        except BaseException:
+            self._undo(checked)
+            raise
         for c in checked:
             self._lengths[c.view] += len(c.tokens)
         return outs
@@ -144,12 +149,57 @@ class Session(ABC):
 
     @abstractmethod
     def _truncate(self, view: int, length: int) -> None:
-        """Drop ``view``'s tokens from ``length`` on (``length`` < its current length)."""
+        """Drop ``view``'s tokens from ``length`` on.
+
+        ``length`` is below the view's length, except after a
+        ``_forward_many`` that raised: each of its views is then truncated
+        to its length before the call, which must undo whatever part of the
+        call the backend had written (and do nothing where it had written
+        nothing). The caller may retry the same tokens.
+        """
 
     def _close(self) -> None:  # noqa: B027  (optional hook: most sessions hold nothing)
         """Free what the session holds."""
 
     # -- the checks, once ---------------------------------------------------------------------
+
+    def _undo(self, calls: list[ForwardCall]) -> None:
+        """After a failed ``_forward_many``: every view back to its length before the call.
+
+        A backend may have written some views' tokens before it raised; a
+        retry of the same tokens (the engine retries a failed batch request
+        by request) would otherwise append them twice and decode from a
+        corrupted context, with no error. When even this fails the session
+        cannot be trusted, so it is closed: the next call raises.
+        """
+        try:
+            for c in calls:
+                self._truncate(c.view, self._lengths[c.view])
+        except BaseException:
+            self.close()
+
+    def _check_outputs(self, calls: list[ForwardCall], outs: Any) -> None:
+        """One ``(n_logits, >= vocab)`` array per call, from the backend: its bugs named here, not deep in the core."""
+        name = type(self).__name__
+        if not isinstance(outs, Sequence) or len(outs) != len(calls):
+            got = f"{len(outs)} results" if isinstance(outs, Sequence) else type(outs).__name__
+            raise PluginError(f"{name}._forward_many returned {got} for {len(calls)} call(s); give one per call")
+        for c, out in zip(calls, outs):
+            shape = getattr(out, "shape", None)
+            if shape is None:
+                raise PluginError(
+                    f"{name}._forward_many returned a {type(out).__name__} for view {c.view}, not an array"
+                )
+            if (
+                len(shape) != 2
+                or shape[0] != c.n_logits
+                or (self.vocab_size is not None and shape[1] < self.vocab_size)
+            ):
+                want = f"({c.n_logits}, {'V' if self.vocab_size is None else f'>= {self.vocab_size}'})"
+                raise PluginError(
+                    f"{name}._forward_many returned logits of shape {tuple(shape)} for view {c.view}; the contract "
+                    f"is {want}: the last n_logits positions' rows"
+                )
 
     def _check_open(self) -> None:
         if self._closed:
@@ -197,6 +247,10 @@ class Backend(ABC):
 
     #: registered name, e.g. ``"llama-cpp"``
     name: ClassVar[str]
+    #: the :class:`~.config.BackendConfig` fields it reads besides ``name`` and ``options`` (None: all);
+    #: :func:`~personajudge.plugins.load_backend` warns about the others when they are set, so that
+    #: ``--device cuda`` given to a backend without devices is not ignored in silence
+    config_fields: ClassVar[frozenset[str] | None] = None
 
     tokenizer: Tokenizer
     #: maximum tokens one view's context may hold
@@ -232,6 +286,20 @@ class Backend(ABC):
         view tracking) as the forwards do. The default does nothing.
         """
         return contextlib.nullcontext()
+
+    def compile_kernel(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn``, an array function of the token loop, as this backend runs it fastest.
+
+        The engine passes the batched judge's decision here once
+        (:func:`~personajudge.core.batched.judge_rows`: filter, draft, judge
+        and residual over every row of a step, some 150 small array
+        operations). On a GPU each of them is a kernel launch, and once the
+        forward itself is compiled they cost the host about as much as the
+        forward does; a torch backend asked to compile returns a compiled
+        ``fn``, which fuses them into a few kernels. It must compute the same
+        function. The default returns ``fn`` itself.
+        """
+        return fn
 
     def close(self) -> None:  # noqa: B027  (optional: a backend without resources keeps this)
         """Free the weights."""

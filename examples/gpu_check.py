@@ -316,6 +316,7 @@ def compiled(shape: str, device: str, backend, args: argparse.Namespace) -> dict
             static.model = None  # the weights belong to the shape's backend; drop only this reference
         rep["options"] = options
         rep["compile_fallback"] = static.compile_fallback
+        rep["compile_judge"] = static.describe().get("compile_judge")  # the batched judge, compiled or why not
         attempts.append({"compile_backend": name, "fallback": static.compile_fallback})
         if static.compile_fallback is None:
             break
@@ -607,7 +608,8 @@ def markdown(rep: dict[str, Any]) -> str:
         lines.append(
             f"| {row['shape']} | {opts.get('compile')}/{opts.get('compile_backend')} | {_fmt(plain)} | {_fmt(pj)} | "
             f"{_fmt(pj / plain if pj and plain else None, '.2f')} | "
-            f"{'ok' if comp.get('compile_fallback') is None else 'fell back: ' + comp['compile_fallback'][:60]} |"
+            f"{'ok' if comp.get('compile_fallback') is None else 'fell back: ' + comp['compile_fallback'][:60]}; "
+            f"judge: {str(comp.get('compile_judge'))[:60]} |"
         )
     skipped = [f"{r['shape']}: {', '.join(r['skipped'])}" for r in rep["shapes"] if r.get("skipped")]
     skipped += [f"{s}: time budget" for s in rep["skipped_shapes"]]

@@ -53,7 +53,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from personajudge.core.batched import BatchedJudge, batched_request
+from personajudge.core.batched import BatchedJudge, batched_request, judge_rows
 from personajudge.core.contract import Backend, Session
 from personajudge.core.decoding import DecodeRequest, StepDriver, run_timed
 from personajudge.core.errors import PersonaJudgeError, SessionError
@@ -90,7 +90,8 @@ def is_batchable(method: Any) -> bool:
     explicit = getattr(method, "batchable", None)
     if explicit is not None:
         return bool(explicit)
-    decode = getattr(type(method), "decode", None)
+    # no decode at all (a plugin with only plan + loop): the engine drives its loop, as Base.decode would
+    decode = getattr(type(method), "decode", Base.decode)
     if decode is Base.decode:
         return True
     if decode is Pad.decode:  # only the training-free variant: a reward model is a second session
@@ -295,7 +296,9 @@ class Engine:
         self._capacity = 0  # slots the next session opens with (grows, never shrinks)
         self._session: Session | None = None
         self._driver: StepDriver | None = None
-        self._judge = BatchedJudge()
+        compile_kernel = getattr(backend, "compile_kernel", None)  # a duck-typed backend may lack it
+        self._kernel = judge_rows if compile_kernel is None else compile_kernel(judge_rows)
+        self._judge = BatchedJudge(self._kernel)
         self._alone: Job | None = None
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -540,7 +543,7 @@ class Engine:
         self._capacity = capacity
         self._session = self.backend.open(capacity)
         self._driver = StepDriver(self._session)
-        self._judge = BatchedJudge()
+        self._judge = BatchedJudge(self._kernel)
         self._free = list(range(capacity))
 
     def _close_session(self) -> None:
@@ -606,6 +609,7 @@ class Engine:
             if self._session is not None:
                 for s in slots:
                     heapq.heappush(self._free, s)
+            self._cv.notify_all()  # a place in the batch is a place in the queue for blocked submitters
         self._finish(job, error)
 
     def _finish(self, job: Job, error: BaseException | None) -> None:

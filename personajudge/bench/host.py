@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from personajudge.core.batched import BatchedJudge
+from personajudge.backends.hf import CompiledKernel
+from personajudge.core.batched import BatchedJudge, Kernel, judge_rows
 from personajudge.core.contract import ForwardCall, Session
 from personajudge.core.decoding import DecodeRequest, StepDriver, persona_judge_loop
 from personajudge.core.result import Stats
@@ -90,11 +91,20 @@ def _requests(batch: int, vocab: int, lam: int, params: SamplingParams) -> list[
 
 
 def time_steps(
-    batch: int, batched: bool, *, pool: Any, empty: Any, steps: int, warmup: int, lam: int, params: SamplingParams
+    batch: int,
+    batched: bool,
+    *,
+    pool: Any,
+    empty: Any,
+    steps: int,
+    warmup: int,
+    lam: int,
+    params: SamplingParams,
+    kernel: Kernel | None = None,
 ) -> float:
     """Median seconds of one ``StepDriver.step()`` with ``batch`` two-view requests."""
     session = StubSession(2 * batch, pool, empty)
-    driver, judge = StepDriver(session), BatchedJudge()
+    driver, judge = StepDriver(session), BatchedJudge(kernel)
     for i, req in enumerate(_requests(batch, pool.shape[-1], lam, params)):
         slots = [2 * i, 2 * i + 1]
         if batched:
@@ -123,7 +133,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--device", default="cpu", help="where the stub's logits live (torch device)")
     ap.add_argument("--numpy", action="store_true", help="numpy logits instead of torch tensors")
+    ap.add_argument(
+        "--compile",
+        metavar="BACKEND",
+        help="also time the batched path with its judge compiled by torch.compile(backend=BACKEND), "
+        "as the hf backend's compile option does (inductor: generated code; needs a C compiler on the CPU)",
+    )
     a = ap.parse_args(argv)
+    if a.compile and a.numpy:
+        ap.error("--compile needs torch tensors; drop --numpy")
     params = SamplingParams()  # the paper's defaults: temperature 0.7, top-k 20, top-p 0.9
     g = np.random.default_rng(0)
     rows = (g.standard_normal((64, 1, a.vocab)) * 2).astype(np.float32)
@@ -142,15 +160,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"host time per StepDriver.step(), stub forward ({where}), vocab {a.vocab}, two views, lambda {a.lam},")
     print(f"temperature {params.temperature}, top-k {params.top_k}, top-p {params.top_p}; median of {a.steps} steps")
     print()
-    print(
-        f"{'batch':>5} | {'generator us/step':>17} | {'batched us/step':>15} | {'gen us/req':>10} | {'bat us/req':>10} | {'speed-up':>8}"
-    )
-    print("-" * 82)
+    kernel = None
+    if a.compile:
+        kernel = CompiledKernel(torch, judge_rows, a.compile)  # a failure raises: it is what is measured
+    head = f"{'batch':>5} | {'generator us/step':>17} | {'batched us/step':>15} | {'gen us/req':>10} | {'bat us/req':>10} | {'speed-up':>8}"
+    if kernel is not None:
+        head += f" | {'compiled us/step':>16} | {'vs batched':>10}"
+    print(head)
+    print("-" * len(head))
     for b in batches:
         kw = dict(pool=pool, empty=empty, steps=a.steps, warmup=a.warmup, lam=a.lam, params=params)
         gen = time_steps(b, False, **kw) * 1e6
         bat = time_steps(b, True, **kw) * 1e6
-        print(f"{b:>5} | {gen:>17.0f} | {bat:>15.0f} | {gen / b:>10.0f} | {bat / b:>10.0f} | {gen / bat:>7.1f}x")
+        line = f"{b:>5} | {gen:>17.0f} | {bat:>15.0f} | {gen / b:>10.0f} | {bat / b:>10.0f} | {gen / bat:>7.1f}x"
+        if kernel is not None:
+            comp = time_steps(b, True, kernel=kernel, **kw) * 1e6
+            line += f" | {comp:>16.0f} | {bat / comp:>9.1f}x"
+        print(line)
     return 0
 
 

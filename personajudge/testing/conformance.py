@@ -23,6 +23,9 @@ relies on, through the public contract only:
 - misuse: the same :class:`SessionError` / :class:`ContextLengthError` on
   every backend (the checks live in the Session base class, so a backend that
   implements ``_forward_many``/``_truncate`` gets them for free);
+- the batched judge: :func:`~personajudge.core.batched.judge_rows` on the
+  backend's own logits arrays, and what its ``compile_kernel`` makes of it,
+  decide rows as the judge does on numpy copies;
 - exactness: Persona-judge run through *this* backend commits tokens whose law
   equals the one computed independently from the backend's own distributions
   (:mod:`personajudge.testing.exactness`), by chi-square.
@@ -35,14 +38,18 @@ CPU llama.cpp build changes logits slightly with the batch shape).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pytest
 
+from personajudge.core.arrays import array_namespace, like
+from personajudge.core.batched import judge_rows
 from personajudge.core.contract import Backend, ForwardCall, Session, Tokenizer
-from personajudge.core.errors import ContextLengthError, SessionError
+from personajudge.core.errors import ContextLengthError, PersonaJudgeWarning, SessionError
+from personajudge.core.transforms import SamplingParams
 
 from .exactness import check_backend_exactness
 
@@ -230,6 +237,31 @@ class BackendConformance:
             with pytest.raises(ContextLengthError):
                 s.forward(0, [self.prompt_ids(backend)[0]] * (backend.context_length + 1), 1)
             assert s.length(0) == 0
+
+    # -- the compiled judge ---------------------------------------------------------------------------
+
+    def test_the_batched_judge_decides_this_backends_rows(self, backend: Backend) -> None:
+        """``judge_rows`` on the backend's own logits arrays, and what its ``compile_kernel`` makes of it,
+        decide every row as ``judge_rows`` does on numpy copies of them."""
+        compile_kernel = getattr(backend, "compile_kernel", None)  # a duck-typed backend may lack it
+        kernel = judge_rows if compile_kernel is None else compile_kernel(judge_rows)
+        g = np.random.default_rng(0)
+        ids = self.prompt_ids(backend)
+        with warnings.catch_warnings(), backend.open(4) as s:
+            warnings.simplefilter("error", PersonaJudgeWarning)  # a kernel that falls back to eager fails here
+            rows = s.forward_many([(v, ids[: max(1, len(ids) - v)], 1) for v in range(4)])
+            xp = array_namespace(rows[0])
+            p, q = xp.concat(rows[:2], axis=0), xp.concat(rows[2:], axis=0)
+            p_np, q_np = (to_numpy(x).astype(np.float32) for x in (p, q))
+            # the second settings change the support's size: a compiled kernel's shapes turn symbolic there
+            for params in (SamplingParams(), SamplingParams(1.0, 5, 1.0), SamplingParams(1.0, 0, 0.95)):
+                for _ in range(4):
+                    u_np = g.random((2, 3))
+                    u = like(p, u_np, xp.float64)
+                    want = judge_rows(p_np, q_np, params, u_np[:, 0], u_np[:, 1], u_np[:, 2])
+                    for name, fn in (("judge_rows", judge_rows), ("compile_kernel's judge", kernel)):
+                        got = to_numpy(fn(p, q, params, u[:, 0], u[:, 1], u[:, 2]))
+                        assert np.array_equal(got, want), f"{params}: {name} decided {got}, on numpy {want}"
 
     # -- exactness ------------------------------------------------------------------------------------
 

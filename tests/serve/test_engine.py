@@ -218,6 +218,36 @@ def test_a_full_queue_raises_queue_full_with_a_retry_hint_or_waits():
     assert running.result().tokens and queued.result().tokens
 
 
+@pytest.mark.parametrize("how", ["batch", "threads"])
+def test_blocked_submitters_wake_when_a_place_frees_with_no_queue(how):
+    """``max_queue=0``: a submitter waits for a place in the batch, and a request leaving it wakes the waiter.
+
+    Without the wake-up the engine went idle and the waiter slept for ever (a hang, bounded here)."""
+    pj = _pj(max_batch=1, max_queue=0)
+    got: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        got[i] = pj.generate(PROMPTS[i], preferences=PREFS, seed=i, **KW).tokens
+
+    if how == "batch":
+        callers = [
+            threading.Thread(
+                target=lambda: got.update(
+                    enumerate(r.tokens for r in pj.generate_batch(PROMPTS[:3], preferences=PREFS, seed=0, **KW))
+                )
+            )
+        ]
+    else:
+        callers = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(30)
+    assert not any(t.is_alive() for t in callers), "a submitter never woke up"
+    assert got == {i: _alone(pj, PROMPTS[i], i)[0] for i in range(3)}
+    pj.close()
+
+
 def test_cancelling_a_queued_request_reports_cancelled():
     be = GatedToy()
     pj = PersonaJudge({"backend": {"name": "toy"}, "encoder": "plain"}, backend=be, max_batch=1)
