@@ -25,7 +25,8 @@ LoopSchedule = Literal["interleaved", "windowed"]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+    # allow_inf_nan=False: NaN passes every ge/le bound (all comparisons are False), so it is refused by name
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True, allow_inf_nan=False)
 
 
 class BackendConfig(_Model):
@@ -52,6 +53,14 @@ class BackendConfig(_Model):
         v = v.strip()
         if not v:
             raise ValueError("backend name must not be empty")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str | None) -> str | None:
+        # "" would become the path "." (the current folder) in every backend; None is the default model
+        if v is not None and not v.strip():
+            raise ValueError("must not be empty; omit it to use the backend's default model")
         return v
 
 
@@ -192,6 +201,8 @@ def build_config(data: dict[str, Any] | None = None, **overrides: Any) -> RunCon
 
     Raises :class:`ConfigError` with the field name on any invalid value.
     """
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config must be a mapping of settings, got {type(data).__name__}")
     merged: dict[str, Any] = _deep_copy(data or {})
     for dotted, value in overrides.items():
         if value is None:
@@ -211,6 +222,8 @@ def build_config(data: dict[str, Any] | None = None, **overrides: Any) -> RunCon
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML config file into a plain dict (validated by :func:`build_config`)."""
+    if not str(path).strip():  # Path("") is ".", which would be read as a folder
+        raise ConfigError("config file not found: the path is empty")
     p = Path(path)
     text = read_text(p, "config file", ConfigError)
     try:

@@ -49,6 +49,7 @@ from personajudge.core.files import (
     check_output_path,
     check_text,
     fsync_dir,
+    os_error_text,
     read_text,
 )
 from personajudge.preferences import normalize_conversation
@@ -230,6 +231,8 @@ class JsonlBatch:
     # -- opening: paths, partial file, resume ---------------------------------------------------
     def open(self) -> JsonlBatch:
         if self.target is None or self.partial is None:  # set together: both None when writing to stdout
+            if sys.stdout is None or sys.stdout.closed:  # `>&-`: refused before any model loads
+                raise OutputError("standard output is closed; give --output FILE for the results")
             return self
         check_output_path(self.target)
         if self.target.exists() and not self.overwrite:
@@ -362,6 +365,12 @@ class JsonlBatch:
             _silence_stdout()
             raise OutputError(
                 f"standard output was closed (broken pipe) after {self.written} of {len(self.records)} results"
+            ) from None
+        except OSError as err:  # `> /dev/full` and the like: say how much got out, never lose rows silently
+            _silence_stdout()
+            raise OutputError(
+                f"could not write to standard output ({os_error_text(err)}) after {self.written} of "
+                f"{len(self.records)} results; the rest are lost: --output FILE keeps them resumably"
             ) from None
         self.written += len(lines)
         for row in rows:

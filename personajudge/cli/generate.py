@@ -10,7 +10,7 @@ import warnings
 from personajudge.api import PersonaJudge
 from personajudge.batch import JsonlBatch, local_executor, read_records
 from personajudge.core.errors import ConfigError, PersonaJudgeError
-from personajudge.core.files import check_text, read_stream
+from personajudge.core.files import OutputError, check_text, read_stream
 from personajudge.distributed import ReplicaPool
 
 from .options import add_run_options, config_from_args
@@ -70,6 +70,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise PersonaJudgeError("--ray needs --input FILE.jsonl (one prompt runs in this process)")
     if args.prompt is None:
         raise PersonaJudgeError("give a prompt (or '-' to read it from stdin), or --input FILE.jsonl")
+    if args.prompt == "-" and sys.stdin is None:  # `<&-`: Python leaves sys.stdin None
+        raise ConfigError("standard input is closed; give the prompt as an argument, or pipe it in")
+    if sys.stdout is None or sys.stdout.closed:  # `>&-`: refused before the model loads
+        raise OutputError("standard output is closed: there is nowhere to print the result")
     # bytes, decoded here: invalid UTF-8 is one line naming the offset, before any model loads
     prompt = read_stream(sys.stdin.buffer, "standard input", ConfigError) if args.prompt == "-" else args.prompt
     if not prompt or not prompt.strip():

@@ -104,7 +104,7 @@ def _parse_option(item: str, flag: str = "--backend-option") -> tuple[str, Any]:
 
 def config_from_args(args: argparse.Namespace):
     """File config (if any) overridden by the flags that were given."""
-    data = load_config_file(args.config) if args.config else {}
+    data = load_config_file(args.config) if args.config is not None else {}  # --config '' is a mistake
     if args.backend_option:
         backend = data.get("backend", {})
         if not isinstance(backend, dict) or not isinstance(backend.get("options", {}), dict):

@@ -6,13 +6,17 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import signal
+import socket
 import sys
 import threading
+import warnings
 
 from personajudge.api import PersonaJudge
 from personajudge.core.errors import ConfigError, PersonaJudgeError
+from personajudge.core.files import os_error_text
 from personajudge.serve import create_app
 from personajudge.serve.bench import format_table, run_bench_serve
 
@@ -36,10 +40,51 @@ def _check_limits(args: argparse.Namespace) -> None:
     ):
         if value < low:
             raise ConfigError(f"{flag} must be at least {low}, got {value}")
+    if args.port > 65535:
+        raise ConfigError(f"--port must be at most 65535, got {args.port}")
     if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
         raise ConfigError(f"--max-tokens-limit must be at least 1, got {args.max_tokens_limit}")
-    if args.request_timeout <= 0 or args.shutdown_timeout < 0:
-        raise ConfigError("--request-timeout must be positive and --shutdown-timeout non-negative")
+    # math.isfinite: NaN passes every comparison below (they are all False)
+    if not (math.isfinite(args.request_timeout) and args.request_timeout > 0):
+        raise ConfigError(f"--request-timeout must be a positive number of seconds, got {args.request_timeout}")
+    if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
+        raise ConfigError(f"--shutdown-timeout must be a non-negative number of seconds, got {args.shutdown_timeout}")
+
+
+def _bind(host: str, port: int) -> list[socket.socket]:
+    """The listening sockets, bound before anything is printed or loaded: a port in use or an address
+    that is not this machine's is one line and exit 2 here (uvicorn would log it after our "serving"
+    line and exit 3). One socket per address ``host`` resolves to, as asyncio's ``create_server``
+    (what uvicorn does with a host and a port) binds them."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as err:  # socket.gaierror: not an address or a known name; UnicodeError: IDNA
+        raise ConfigError(f"cannot serve on {where}: {getattr(err, 'strerror', None) or err}") from None
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart despite TIME_WAIT
+            if family == socket.AF_INET6:  # as asyncio: IPv4 addresses of the host are bound on their own socket
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+    except OSError as err:
+        for sock in socks:
+            sock.close()
+        raise ConfigError(f"cannot serve on {where}: {os_error_text(err)}") from None
+    return socks
+
+
+def _check_defaults(pj: PersonaJudge) -> None:
+    """Resolve what a request that sets nothing gets (preferences, views, method, encoder) the way
+    ``generate`` does, so a misspelt default stops the server with generate's message instead of
+    failing every request with a 400 that blames the client."""
+    with warnings.catch_warnings():  # a single default view is fine for a server: requests bring their own
+        warnings.simplefilter("ignore")
+        cfg, _, views = pj._prepare(None, None, None, {})
+    pj.resolved_encoder(cfg, views)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -51,7 +96,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     api_key = args.api_key or os.environ.get("PERSONAJUDGE_API_KEY") or None
-    with PersonaJudge(cfg, max_batch=args.max_batch, max_queue=args.max_queue) as pj:
+    sockets = _bind(args.host, args.port)
+    with contextlib.ExitStack() as stack:
+        for sock in sockets:
+            stack.enter_context(sock)
+        pj = stack.enter_context(PersonaJudge(cfg, max_batch=args.max_batch, max_queue=args.max_queue))
+        _check_defaults(pj)
         app = create_app(
             pj,
             model_name=args.served_model_name,
@@ -97,14 +147,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             access_log=args.access_log,
         )
         server = GracefulServer(config)
+        port = sockets[0].getsockname()[1]  # the one the OS picked for --port 0
+        host = f"[{args.host}]" if ":" in args.host else args.host
         print(
             f"personajudge: serving '{args.served_model_name}' ({pj.backend.describe().get('model', '?')}) "
-            f"on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, queue {args.max_queue}"
+            f"on http://{host}:{port}/v1 (max batch {args.max_batch}, queue {args.max_queue}"
             f"{', API key required' if api_key else ''})",
             file=sys.stderr,
             flush=True,
         )
-        server.run()
+        server.run(sockets=sockets)
     return 0
 
 
@@ -247,7 +299,7 @@ def register(sub) -> None:
         help="uvicorn log level",
     )
     p.add_argument("--access-log", dest="access_log", action="store_true", help="log every request")
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=cmd_serve, uses_stdout=False)  # it logs to stderr; `>&-` is fine
 
     b = sub.add_parser("bench-serve", help="throughput and latency of the server at several concurrencies")
     add_run_options(b)
