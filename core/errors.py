@@ -28,11 +28,17 @@ class UnknownPluginError(PersonaJudgeError, KeyError):
 
 
 class PluginError(PersonaJudgeError):
-    """A plugin registered something invalid (duplicate name, wrong type)."""
+    """A plugin registered something invalid (duplicate name, wrong type) or broke the backend contract."""
 
 
 class PreferenceError(PersonaJudgeError, ValueError):
     """A preference name, description or file is invalid."""
+
+
+class UnknownPreferenceError(PreferenceError):
+    """A single word that is no registered preference name or alias (a typo, most likely). Its own
+    type so that callers can tell an unknown name from an invalid value (the server's
+    ``unknown_preference`` against ``invalid_value``)."""
 
 
 class ModelLoadError(PersonaJudgeError):

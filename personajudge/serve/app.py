@@ -20,7 +20,7 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -35,10 +35,11 @@ from personajudge.core.errors import (
     PersonaJudgeError,
     PreferenceError,
     UnknownPluginError,
+    UnknownPreferenceError,
 )
 from personajudge.engine import EngineClosedError, Job, QueueFullError, RequestCancelled
 from personajudge.plugins import preference_library
-from personajudge.preferences import build_views
+from personajudge.preferences import build_views, normalize_conversation
 
 from .metrics import Metrics
 from .schemas import FINISH_REASONS, ChatCompletionRequest, CompletionRequest, error_body
@@ -71,8 +72,20 @@ class APIError(Exception):
         )
 
 
-def map_error(err: BaseException) -> APIError:
-    """A persona-judge exception as the HTTP error a client should see."""
+def map_error(
+    err: BaseException,
+    *,
+    prompt_field: str = "messages",
+    preference_field: str = "preferences",
+    shutting_down: bool = False,
+) -> APIError:
+    """A persona-judge exception as the HTTP error a client should see.
+
+    ``param`` names the field the client sent, which the exception cannot know: ``prompt_field`` is
+    the endpoint's (``messages`` or ``prompt``), ``preference_field`` the one the request's views
+    came from (``views`` or ``preferences``). A cancellation while ``shutting_down`` is the
+    server's doing, not the client's: the 503 ``shutting_down`` of the README's table.
+    """
     if isinstance(err, APIError):
         return err
     msg = str(err)
@@ -87,11 +100,14 @@ def map_error(err: BaseException) -> APIError:
     if isinstance(err, EngineClosedError):
         return APIError(503, msg, "server_error", code="shutting_down")
     if isinstance(err, RequestCancelled):
+        if shutting_down:
+            return APIError(503, msg, "server_error", code="shutting_down")
         return APIError(499, msg, "invalid_request_error", code="cancelled")
     if isinstance(err, ContextLengthError):
-        return APIError(400, msg, param="messages", code="context_length_exceeded")
-    if isinstance(err, PreferenceError):
-        return APIError(400, msg, param="preferences", code="unknown_preference")
+        return APIError(400, msg, param=prompt_field, code="context_length_exceeded")
+    if isinstance(err, PreferenceError):  # an unknown name, or an invalid value (an empty view, an empty name)
+        code = "unknown_preference" if isinstance(err, UnknownPreferenceError) else "invalid_value"
+        return APIError(400, msg, param=preference_field, code=code)
     if isinstance(err, UnknownPluginError):
         param = {"method": "method", "encoder": "encoder"}.get(err.kind)
         return APIError(400, msg, param=param, code=f"unknown_{err.kind}")
@@ -127,6 +143,11 @@ class Server:
         self.engine.on_finish = self.metrics.on_finish
         self.created = int(time.time())
         self.shutting_down = False
+
+    def closing(self) -> bool:
+        """Whether the server is shutting down: the engine closes (SIGTERM's grace period ended) before
+        the app's lifespan ends."""
+        return self.shutting_down or bool(self.engine.stats()["closing"])
 
     def default_views(self) -> int:
         """Views one request with the configured defaults prompts (sizes the session)."""
@@ -332,10 +353,20 @@ def create_app(
 
     async def run(request: Request, endpoint: str, req: Any, prompt: Any, kwargs: dict[str, Any]) -> Response:
         deadline = asyncio.get_running_loop().time() + srv.request_timeout
+
+        def fail(err: BaseException) -> APIError:
+            """``err`` as this request's error, naming the fields it sent."""
+            return map_error(
+                err,
+                prompt_field="messages" if endpoint == "chat" else "prompt",
+                preference_field="views" if req.views else "preferences",  # build_views uses views when given
+                shutting_down=srv.closing(),
+            )
+
         try:
             job = await srv.submit(prompt, kwargs, stream=bool(req.stream))
         except Exception as err:
-            raise map_error(err) from None
+            raise fail(err) from None
         job.endpoint = request.url.path
         watcher = asyncio.create_task(srv.watch(request, job))
         rid = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
@@ -348,7 +379,7 @@ def create_app(
             raise
         if ev[0] == "error":
             watcher.cancel()
-            raise map_error(ev[1])
+            raise fail(ev[1])
         if not req.stream:
             try:
                 while ev[0] not in ("done", "error"):  # no text events: the job does not stream
@@ -357,7 +388,7 @@ def create_app(
                 job.cancel()
                 watcher.cancel()
             if ev[0] == "error":
-                raise map_error(ev[1])
+                raise fail(ev[1])
             res = ev[1]
             fr = FINISH_REASONS[res.finish_reason]
             if endpoint == "chat":
@@ -384,13 +415,20 @@ def create_app(
             )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(
-            stream(job, watcher, endpoint, rid, created, include_usage, deadline),
+            stream(job, watcher, endpoint, rid, created, include_usage, deadline, fail),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
     async def stream(
-        job: Job, watcher: asyncio.Task, endpoint: str, rid: str, created: int, include_usage: bool, deadline: float
+        job: Job,
+        watcher: asyncio.Task,
+        endpoint: str,
+        rid: str,
+        created: int,
+        include_usage: bool,
+        deadline: float,
+        fail: Callable[[BaseException], APIError],
     ) -> AsyncIterator[str]:
         chat = endpoint == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -430,7 +468,7 @@ def create_app(
                 if ev[0] == "text":
                     yield chunk([piece(ev[1])])
                 elif ev[0] == "error":
-                    api_err = map_error(ev[1])
+                    api_err = fail(ev[1])
                     yield f"data: {json.dumps(error_body(api_err.message, api_err.type, api_err.param, api_err.code))}\n\n"
                     break
                 elif ev[0] == "done":
@@ -452,7 +490,8 @@ def create_app(
         kwargs = srv.generation_kwargs(req, max_tokens, field)
         try:
             conversation = req.conversation()
-        except ValueError as err:
+            normalize_conversation(conversation)  # the API checks it again; here an error can name the field
+        except ValueError as err:  # ConfigError too: an empty prompt, no final user turn, invalid text
             raise APIError(400, str(err), param="messages", code="invalid_value") from None
         return await run(request, "chat", req, conversation, kwargs)
 
@@ -460,6 +499,10 @@ def create_app(
     async def completions(request: Request):
         req: CompletionRequest = await parse(request, CompletionRequest)
         kwargs = srv.generation_kwargs(req, req.max_tokens, "max_tokens")
+        try:
+            normalize_conversation(req.prompt_text())
+        except ConfigError as err:
+            raise APIError(400, str(err), param="prompt", code="invalid_value") from None
         return await run(request, "completion", req, req.prompt_text(), kwargs)
 
     @app.get("/v1/models")

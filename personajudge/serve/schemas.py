@@ -10,14 +10,38 @@ ignored; fields it does not know are ignored, as OpenAI-compatible servers do.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from personajudge.core.config import DecodingConfig
 from personajudge.core.result import FinishReason
 
 #: persona-judge's finish reasons in OpenAI's vocabulary ("context": the model's window is full)
 FINISH_REASONS: dict[FinishReason, str] = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
+
+
+def _bounded_like(config_field: str, type_: Any) -> Any:
+    """``type_ | None`` with the bounds of ``DecodingConfig.<config_field>``, the field a request field
+    becomes: a value the config would refuse is then refused while parsing, as a 400 naming the field
+    the client sent (``max_tokens``), not the config's name for it (``decoding.max_new_tokens``)."""
+    return Annotated[(type_ | None, *DecodingConfig.model_fields[config_field].metadata)]
+
+
+if TYPE_CHECKING:  # what the fields hold; at run time they also carry the config's bounds
+    MaxTokens: TypeAlias = int | None
+    Temperature: TypeAlias = float | None
+    TopP: TypeAlias = float | None
+    TopK: TypeAlias = int | None
+    Seed: TypeAlias = int | None
+    Lambda: TypeAlias = int | None
+else:
+    MaxTokens = _bounded_like("max_new_tokens", int)
+    Temperature = _bounded_like("temperature", float)
+    TopP = _bounded_like("top_p", float)
+    TopK = _bounded_like("top_k", int)
+    Seed = _bounded_like("seed", int)
+    Lambda = _bounded_like("lambda_", int)
 
 
 class StreamOptions(BaseModel):
@@ -29,10 +53,10 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
     model: str = Field(..., min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=100.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0)
+    max_tokens: MaxTokens = None
+    temperature: Temperature = None
+    top_p: TopP = None
+    seed: Seed = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -40,10 +64,10 @@ class _Common(BaseModel):
     user: str | None = None
     # persona-judge's own (the openai client's extra_body)
     preferences: list[str] | str | None = None
-    views: list[list[str] | str] | None = None
+    views: list[list[str] | str] | None = Field(None, min_length=1)
     method: str | None = None
-    lambda_: int | None = Field(None, alias="lambda", ge=1, le=64)
-    top_k: int | None = Field(None, ge=0)
+    lambda_: Lambda = Field(None, alias="lambda")
+    top_k: TopK = None
     encoder: str | None = None
     roles: Literal["alternate", "fixed", "round-robin"] | None = None
     schedule: Literal["interleaved", "windowed"] | None = None
@@ -74,6 +98,21 @@ class _Common(BaseModel):
         items = [v] if isinstance(v, str) else (v or [])
         if any(s == "" for s in items):
             raise ValueError("stop strings must not be empty")
+        return v
+
+    @field_validator("method", "encoder")
+    @classmethod
+    def _named(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():  # the config refuses it too, but would not name the request field
+            raise ValueError("must not be empty")
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        # OpenAI refuses it too: a client that asks for a usage chunk and does not stream has a bug
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
         return v
 
     def unsupported(self) -> tuple[str, str] | None:
@@ -136,7 +175,7 @@ class Message(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[Message] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: MaxTokens = None
 
     def conversation(self) -> list[dict[str, str]]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]

@@ -295,7 +295,10 @@ def test_sigterm_stops_accepting_finishes_or_cancels_in_flight_and_exits_0(tmp_p
         assert proc.wait(30) == 0
         assert rest[-1] == "data: [DONE]"
         last = json.loads(rest[-2][6:])
-        assert "shutting down" in last["error"]["message"] or last["choices"][0]["finish_reason"]
+        if "error" in last:  # cancelled after the grace period
+            assert "shutting down" in last["error"]["message"]
+        else:  # or finished within it
+            assert last["choices"][0]["finish_reason"] in ("stop", "length")
     with pytest.raises(httpx.ConnectError):
         httpx.get(base + "/health")
 
