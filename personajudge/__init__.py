@@ -24,6 +24,8 @@ from personajudge.core.config import BackendConfig, DecodingConfig, RunConfig, b
 from personajudge.core.contract import Backend, ForwardCall, Session, Tokenizer
 from personajudge.core.errors import (
     BackendUnavailableError,
+    ChatTemplateError,
+    ChatTemplateFatalError,
     ConfigError,
     ContextLengthError,
     DeviceError,
@@ -35,13 +37,16 @@ from personajudge.core.errors import (
     PreferenceError,
     SessionError,
     UnknownPluginError,
+    UnknownPreferenceError,
 )
+from personajudge.core.files import OutputError
 from personajudge.core.methods import Method
 from personajudge.core.result import GenerationResult, Stats
 from personajudge.plugins import PluginWarning, hookimpl, list_plugins, register_plugin, unregister_plugin
 from personajudge.preferences import Encoder, Preference
 
 from .api import PersonaJudge, generate, stream
+from .engine import EngineClosedError, QueueFullError, RequestCancelled
 
 try:
     __version__ = version("persona-judge")
@@ -80,12 +85,19 @@ __all__ = [
     "UnknownPluginError",
     "PluginError",
     "PreferenceError",
+    "UnknownPreferenceError",
     "ModelLoadError",
     "BackendUnavailableError",
     "ContextLengthError",
     "DeviceError",
     "SessionError",
     "NumericalError",
+    "ChatTemplateError",
+    "ChatTemplateFatalError",
+    "QueueFullError",
+    "EngineClosedError",
+    "RequestCancelled",
+    "OutputError",
     "PersonaJudgeWarning",
     "PluginWarning",
 ]

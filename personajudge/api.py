@@ -10,16 +10,20 @@ print(result.text, result.stats.acceptance_rate)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
+import inspect
+import numbers
 import threading
 import warnings
 import weakref
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
-from personajudge.core.config import RunConfig, build_config
+from personajudge.core.config import DecodingConfig, RunConfig, build_config
 from personajudge.core.contract import Backend
 from personajudge.core.decoding import DecodeRequest
 from personajudge.core.errors import ConfigError, PersonaJudgeWarning
@@ -27,7 +31,7 @@ from personajudge.core.result import GenerationResult, Stats
 from personajudge.core.stopping import Emitter
 from personajudge.core.transforms import SamplingParams
 from personajudge.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, Engine, EngineClosedError, Job, result_of
-from personajudge.plugins import get_method, load_backend, preference_library, resolve_encoder
+from personajudge.plugins import get_encoder, get_method, load_backend, preference_library, resolve_encoder
 from personajudge.preferences import Preference, build_views, normalize_conversation
 
 Prompt = str | list[dict[str, str]]
@@ -39,7 +43,105 @@ def make_method(cfg: RunConfig):
     try:
         return cls(**cfg.method_options)
     except TypeError as err:
-        raise ConfigError(f"method_options for '{cfg.method}': {err}") from None
+        why = str(err)
+        with contextlib.suppress(TypeError, ValueError):  # in the config's words, when a signature gives them
+            params = inspect.signature(cls).parameters.values()
+            takes = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            unknown = sorted(set(cfg.method_options) - set(takes))
+            if unknown:
+                why = f"unknown option(s) {', '.join(unknown)}; " + (
+                    f"its options are {', '.join(takes)}" if takes else "it takes none"
+                )
+        raise ConfigError(f"method_options for '{cfg.method}': {why}") from None
+
+
+# The checks of the API's own arguments. The config's fields are checked by pydantic (core/config.py);
+# these are the arguments that never pass through it, which would otherwise fail deep inside (a str
+# iterated letter by letter, an int where a list is due) as a bare TypeError, or not at all.
+
+
+def _as_config(config: Any) -> RunConfig:
+    if isinstance(config, RunConfig):
+        return config
+    if config is None or isinstance(config, Mapping):
+        return build_config(dict(config or {}))
+    raise ConfigError(f"config must be a mapping or RunConfig, got {type(config).__name__}")
+
+
+def _count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r:.40}")
+    return int(value)
+
+
+def _listing(value: Any) -> bool:
+    """Whether ``value`` is a collection of items (a str, a mapping or one Preference is one item)."""
+    return isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping, Preference))
+
+
+def _preference_list(value: Any, name: str = "preferences") -> list[str | Preference] | None:
+    """The user's preferences as a list; a bare string (or Preference) is *one* preference, as in the
+    server's ``preferences``: ``"concise"`` is ``["concise"]``, ``"explain like I'm five"`` one free-text one."""
+    if value is None:
+        return None
+    if isinstance(value, (str, Preference)):
+        return [value]
+    if not _listing(value):
+        raise ConfigError(f"{name} must be a list of preference names or descriptions, got {type(value).__name__}")
+    items = list(value)
+    for i, p in enumerate(items):
+        if not isinstance(p, (str, Preference)):
+            raise ConfigError(
+                f"{name}[{i}] must be a preference name, a description or a Preference, got {type(p).__name__}"
+            )
+    return items
+
+
+_VIEWS_SHAPE = "views is a list of views, each a list of preferences: [['concise', 'humor'], ['expert']]"
+
+
+def _view_list(value: Any) -> list[list[str | Preference]] | None:
+    """The user's views as lists. Refused, not guessed: ``["concise", "humor"]`` (one view of both, or
+    two of one each?); use ``preferences=`` for one view per preference."""
+    if value is None:
+        return None
+    if not _listing(value):
+        raise ConfigError(f"{_VIEWS_SHAPE}; got {type(value).__name__}")
+    groups = list(value)
+    for i, g in enumerate(groups):
+        if not _listing(g):
+            raise ConfigError(f"views[{i}] must be a list of preferences ({_VIEWS_SHAPE}); got {g!r:.40}")
+    return [_preference_list(g, f"views[{i}]") or [] for i, g in enumerate(groups)]
+
+
+def _check_config(cfg: RunConfig) -> None:
+    """Raise what a run of ``cfg`` would raise for its method, method options, encoder name and
+    preferences, without a model: the typed errors ``generate`` raises, before the model loads. The
+    rest needs the model (``auto`` picks the encoder by its tokenizer; a prompt may not fit)."""
+    make_method(cfg)
+    if cfg.encoder != "auto":
+        get_encoder(cfg.encoder)
+    build_views(cfg.preferences, cfg.views, preference_library())
+
+
+def _seed_list(seeds: Any, n: int) -> list[int | None] | None:
+    """``seeds`` checked by the rule of ``decoding.seed`` itself, one per prompt."""
+    if seeds is None:
+        return None
+    if not _listing(seeds):
+        raise ConfigError(f"seeds must be a list of integers >= 0, one per prompt; got {type(seeds).__name__}")
+    seeds = list(seeds)
+    if len(seeds) != n:
+        raise ConfigError(f"got {len(seeds)} seeds for {n} prompts")
+    out = []
+    for i, s in enumerate(seeds):
+        if isinstance(s, bool):  # pydantic's lax int takes True as 1
+            raise ConfigError(f"seeds[{i}] must be an integer >= 0, got {s!r}")
+        try:
+            out.append(DecodingConfig(seed=s).seed)
+        except ValidationError as err:
+            raise ConfigError(f"seeds[{i}]: {err.errors(include_url=False)[0]['msg']} (got {s!r:.40})") from None
+    return out
 
 
 def _warn_degenerate(name: str, meth: Any, prefs: Sequence[Any], groups: Any, user_views: list[list[Any]]) -> None:
@@ -167,9 +269,10 @@ class PersonaJudge:
         max_batch: int = DEFAULT_MAX_BATCH,
         max_queue: int = DEFAULT_MAX_QUEUE,
     ):
-        self.config = config if isinstance(config, RunConfig) else build_config(config or {})
+        self.config = _as_config(config)
+        self.max_batch, self.max_queue = _count("max_batch", max_batch, 1), _count("max_queue", max_queue, 0)
+        _check_config(self.config)  # before the model loads: loading is most of the time of a failed run
         self.backend = backend if backend is not None else load_backend(self.config.backend)
-        self.max_batch, self.max_queue = max_batch, max_queue
         self._engine: Engine | None = None  # the backend's engine, once this object has used it
         self._closed = False
         self._shared = _join_backend(self, self.backend)
@@ -255,7 +358,7 @@ class PersonaJudge:
         the tokenizer adds BOS to it (what ``--show-prompt`` prints)."""
         conversation = normalize_conversation(prompt)
         tok = self.backend.tokenizer
-        encoder = resolve_encoder(cfg.encoder, tok, views)
+        encoder = resolve_encoder(cfg.encoder, tok, views, options=cfg.encoder_options)
         return [
             encoder.render(v, conversation, tok, system=cfg.system, options=cfg.encoder_options)
             for v in method.plan(views)
@@ -292,8 +395,16 @@ class PersonaJudge:
         :class:`Preference` objects). ``decoding`` takes the fields of
         :class:`DecodingConfig` (``lam`` for the window, ``temperature``,
         ``top_k``, ``top_p``, ``max_new_tokens``, ``stop``, ``seed``, ``roles``,
-        ``schedule``). ``on_text`` receives text as it is committed.
+        ``schedule``); ``encoder`` (a name) overrides the config's preference
+        encoder. ``on_text`` receives text as it is committed. A bare string
+        is one preference (``"concise"`` is ``["concise"]``); ``views`` is a
+        list of lists (``[["concise", "humor"], ["expert"]]``). Bad arguments
+        raise a :class:`ConfigError` (or another ``PersonaJudgeError``) naming them.
         """
+        if on_text is not None and not callable(on_text):
+            raise ConfigError(
+                f"on_text must be callable (it receives each piece of text), got {type(on_text).__name__}"
+            )
         cfg, meth, pref_views = self._prepare(preferences, views, method, decoding)
         contexts = self.encode_views(prompt, cfg, meth, pref_views)
         res = self.decode(contexts, cfg, meth, on_text=on_text)
@@ -390,23 +501,25 @@ class PersonaJudge:
             kwargs.pop("views", None),
             kwargs.pop("method", None),
         )
-        encoder = kwargs.pop("encoder", None)
         cfg, meth, pref_views = self._prepare(preferences, views, method, kwargs)
-        if encoder is not None:
-            cfg = cfg.model_copy(update={"encoder": encoder})
-            cfg = cfg.model_copy(update={"encoder": self.resolved_encoder(cfg, pref_views)})
         contexts = self.encode_views(prompt, cfg, meth, pref_views)
         req = self._request(contexts, cfg, cfg.decoding.seed)
         job = Job(req, meth, stream=stream) if loop is None else Job.for_asyncio(req, meth, loop, stream=stream)
         return self.engine.submit(job, wait=wait), cfg, pref_views
 
     def _prepare(self, preferences, views, method, decoding: dict[str, Any]):
-        """The run config with per-call overrides, the method instance and the user's views."""
+        """The run config with per-call overrides, the method instance and the user's views.
+
+        ``decoding`` holds the call's other keywords: decoding fields, and ``encoder``, which
+        every entry point (``generate``, ``generate_batch``, ``stream``, ``submit``) takes."""
+        decoding = dict(decoding)
+        encoder = decoding.pop("encoder", None)
         if "lam" in decoding:
             decoding["lambda"] = decoding.pop("lam")
-        cfg = self._run_config(method=method, **{f"decoding.{k}": v for k, v in decoding.items()})
-        prefs = list(preferences) if preferences is not None else cfg.preferences
-        groups = [list(v) for v in views] if views is not None else cfg.views
+        given_prefs, given_groups = _preference_list(preferences), _view_list(views)
+        cfg = self._run_config(method=method, encoder=encoder, **{f"decoding.{k}": v for k, v in decoding.items()})
+        prefs: Sequence[str | Preference] = given_prefs if given_prefs is not None else cfg.preferences
+        groups: Sequence[Sequence[str | Preference]] | None = given_groups if given_groups is not None else cfg.views
         meth = make_method(cfg)
         user_views = build_views(prefs, groups, preference_library())
         if cfg.encoder == "auto":  # fixed here, so the stop strings and the reported settings agree with it
@@ -428,21 +541,36 @@ class PersonaJudge:
 
         Every prompt runs its own loop (own seed, own acceptance lengths, own
         stopping); each step gathers the forwards of all unfinished prompts
-        into one backend call. Row ``i`` gets the same output as
-        ``generate(prompts[i], seed=seeds[i])`` (exactly in greedy mode; in
-        sampling mode up to floating-point differences of batched kernels).
-        ``seeds`` defaults to ``seed + i`` when a seed is configured.
+        into one backend call. Row ``i`` is decoded as
+        ``generate(prompts[i], seed=seeds[i])`` is, with the same uniforms;
+        where the backend's batched kernels give the logits of the same
+        context exactly (the toy backend) the outputs are equal. On
+        llama.cpp (its quantized CPU kernels differ by up to about one logit
+        between batch shapes) and transformers they can part at a near-tie,
+        in greedy mode too. ``seeds`` defaults to ``seed + i`` when a seed is
+        configured; one call gives the same rows on every run. ``prompts``
+        is a list (a bare string is refused: it is not a list of prompts);
+        ``seeds`` has one integer >= 0 per prompt.
         """
+        if not _listing(prompts):
+            raise ConfigError(
+                f"prompts must be a list of prompts (for one prompt, use generate), got {type(prompts).__name__}"
+            )
+        prompts = list(prompts)
+        for i, p in enumerate(prompts):
+            if isinstance(p, Mapping):
+                raise ConfigError(
+                    f"prompts[{i}] is a message, not a prompt: a conversation is one prompt, give [conversation]"
+                )
         cfg, meth, pref_views = self._prepare(preferences, views, method, decoding)
+        given = _seed_list(seeds, len(prompts))
         if not prompts:
             return []
-        if seeds is None:
+        if given is None:
             base = cfg.decoding.seed
-            seeds = [base + i if base is not None else fresh_seed() for i in range(len(prompts))]
-        elif len(seeds) != len(prompts):
-            raise ConfigError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+            given = [base + i if base is not None else fresh_seed() for i in range(len(prompts))]
         contexts = [self.encode_views(p, cfg, meth, pref_views) for p in prompts]
-        reqs = [self._request(c, cfg, s) for c, s in zip(contexts, seeds)]
+        reqs = [self._request(c, cfg, s) for c, s in zip(contexts, given)]
         jobs = [Job(r, meth, stream=False) for r in reqs]  # each job runs its own loop; the method object only plans
         engine = self.engine
         try:

@@ -39,15 +39,22 @@ def register_backends(register: Callable[..., None]) -> None:
 
 @hookspec
 def register_encoders(register: Callable[..., None]) -> None:
-    """Register preference encoders: ``register(encoder)``, an object with ``name`` and ``encode``.
+    """Register preference encoders: ``register(encoder)``, a class (or object) with ``name`` and ``render``.
 
-    See :class:`personajudge.preferences.encoders.Encoder`.
+    An encoder that declares ``Options`` (a :class:`personajudge.preferences.EncoderOptions` subclass, one field per
+    option) has ``encoder_options`` checked against it: an unknown or mistyped option is a one-line
+    ``ConfigError``. One that declares nothing gets the options unchecked. See
+    :class:`personajudge.preferences.encoders.Encoder`.
     """
 
 
 @hookspec
 def register_methods(register: Callable[..., None]) -> None:
-    """Register decoding methods: ``register(cls)``, see :class:`personajudge.core.methods.Method`."""
+    """Register decoding methods: ``register(cls)``, the class (not an instance: each run makes its own
+    with the run's ``method_options``), with ``name``, ``plan(views)`` and ``loop(request)``. ``decode(session,
+    request)`` is optional (without it the engine drives ``loop`` and batches it with other requests); a
+    method that says ``batchable = False`` runs alone and needs one. See :class:`personajudge.core.methods.Method`.
+    """
 
 
 @hookspec
@@ -67,3 +74,6 @@ KINDS: dict[str, Any] = {
     "preference": register_preferences,
     "scorer": register_scorers,
 }
+
+#: The hook names, for the warning about a misspelt one.
+HOOKS: tuple[str, ...] = tuple(spec.__name__ for spec in KINDS.values())

@@ -9,30 +9,42 @@ name, exactly as a third-party plugin is discovered by its entry point.
 A plugin can never break the tool: one that fails to import, raises from a
 hook, or registers a name that is already taken is skipped with a one-line
 :class:`PluginWarning` naming its distribution and entry point; everything
-else keeps working. ``PERSONAJUDGE_PLUGINS`` selects third-party plugins:
-unset loads all, ``none`` (or an empty string) loads none, ``a,b`` loads only
-the entry points or distributions named ``a`` and ``b``.
+else keeps working. A hook implementation whose name is no hook (a typo such
+as ``register_backend``) would be silently never called, so it is named in a
+warning too. ``PERSONAJUDGE_PLUGINS`` selects third-party plugins: unset loads
+all, ``none`` (or an empty string) loads none, ``a,b`` loads only the entry
+points or distributions named ``a`` and ``b`` (a name that matches none is
+warned about, with the installed ones).
+
+:func:`register_plugin` is idempotent for the object already registered (a
+notebook cell run twice); a different object under a taken name, a string or
+``None``, or an object with no hook implementations is a :class:`PluginError`.
+:func:`unregister_plugin` of an object that is not registered does nothing.
 
 Registries are built lazily, once per process, under a lock.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import os
+import re
 import threading
+import types
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pluggy
+from pydantic import BaseModel
 
 from personajudge.core.config import BackendConfig
 from personajudge.core.contract import Backend, Tokenizer
 from personajudge.core.errors import PersonaJudgeWarning, PluginError, UnknownPluginError
-from personajudge.preferences import Encoder, Preference, auto_encoder_name
+from personajudge.preferences import Encoder, Preference, auto_encoder_name, encoder_options
 
 from . import hookspecs
 
@@ -92,6 +104,9 @@ class Registry(Mapping[str, Any]):
         key = name or getattr(obj, "name", None)
         if not isinstance(key, str) or not key:
             raise PluginError(f"{origin or 'a plugin'} registered a {self.kind} without a name")
+        check = _CHECKS.get(self.kind)
+        if check is not None:
+            check(obj, key)
         if key in self._items and self._items[key] is not obj:
             raise PluginError(f"{self.kind} '{key}' is already registered by {self.source(key)}")
         self._items[key] = obj
@@ -129,17 +144,89 @@ class Registry(Mapping[str, Any]):
         return name in self._items
 
 
+def _check_method(obj: Any, key: str) -> None:
+    """A method is a class the engine instantiates per run with the run's ``method_options``; it needs
+    ``plan`` and ``loop`` (``decode`` is optional: without one the engine drives the loop)."""
+    if not isinstance(obj, type):
+        raise PluginError(
+            f"method '{key}' is an instance of {type(obj).__name__}; register the class, not an instance "
+            "(each run makes its own, with the run's method_options)"
+        )
+    missing = [m for m in ("plan", "loop") if not callable(getattr(obj, m, None))]
+    if missing:
+        raise PluginError(
+            f"method '{key}' has no {' or '.join(missing)}(); a method needs plan(views) and loop(request)"
+        )
+    if getattr(obj, "batchable", None) is False and not callable(getattr(obj, "decode", None)):
+        raise PluginError(
+            f"method '{key}' says batchable = False but has no decode(session, request) to run alone with"
+        )
+
+
+def _check_encoder(obj: Any, key: str) -> None:
+    """An encoder's declared ``Options`` must be a pydantic model (it is validated as backends' are)."""
+    spec = getattr(obj, "Options", None)
+    if spec is not None and not (isinstance(spec, type) and issubclass(spec, BaseModel)):
+        raise PluginError(
+            f"encoder '{key}': Options must be a pydantic model (subclass personajudge.preferences.EncoderOptions)"
+        )
+
+
+_CHECKS = {"method": _check_method, "encoder": _check_encoder}
+
+
+def _norm(name: str) -> str:
+    """A distribution name as packaging compares them (PEP 503): case, ``-``, ``_`` and ``.`` do not matter."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _wanted(select: str) -> set[str]:
+    return {s.strip() for s in select.split(",") if s.strip()} - {"none"}
+
+
 def _selected(ep: importlib.metadata.EntryPoint, select: str | None) -> bool:
     if select is None:
         return True
-    wanted = {s.strip() for s in select.split(",") if s.strip()} - {"none"}
+    wanted = _wanted(select)
     dist = ep.dist.name if ep.dist is not None else ""
-    return ep.name in wanted or dist in wanted
+    return ep.name in wanted or (bool(dist) and _norm(dist) in {_norm(w) for w in wanted})
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception as one line (pluggy's validation errors span three)."""
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+def _unknown_hooks(pm: pluggy.PluginManager, plugin: Any) -> list[str]:
+    """Hook implementations of ``plugin`` that match no hook specification (pluggy's ``check_pending``, for one
+    plugin, without raising: such a function is never called, so it is almost always a misspelt name)."""
+    unknown = set()
+    for caller in pm.get_hookcallers(plugin) or []:
+        if caller.spec is None and any(i.plugin is plugin and not i.optionalhook for i in caller.get_hookimpls()):
+            unknown.add(caller.name)
+    return sorted(unknown)
+
+
+def _warn_unknown_hooks(pm: pluggy.PluginManager, plugin: Any, src: PluginSource | str) -> None:
+    for name in _unknown_hooks(pm, plugin):
+        close = difflib.get_close_matches(name, hookspecs.HOOKS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else f"; the hooks are {', '.join(hookspecs.HOOKS)}"
+        _warn(f"plugin {src} implements '{name}', which is no personajudge hook, so it is never called{hint}")
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
     select = os.environ.get(ENV_SELECT)
-    for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT):
+    eps = list(importlib.metadata.entry_points(group=hookspecs.PROJECT))
+    if select is not None:
+        available = {ep.name for ep in eps} | {ep.dist.name for ep in eps if ep.dist is not None}
+        known = {_norm(a) for a in available}
+        missing = sorted(w for w in _wanted(select) if w not in available and _norm(w) not in known)
+        if missing:
+            _warn(
+                f"{ENV_SELECT} names {', '.join(repr(m) for m in missing)}, which no installed plugin provides "
+                f"(neither an entry point nor a distribution); installed plugins: {', '.join(sorted(available)) or '(none)'}"
+            )
+    for ep in eps:
         if not _selected(ep, select) or pm.get_plugin(ep.name) is not None:
             continue
         src = PluginSource(
@@ -149,9 +236,10 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
             plugin = ep.load()
             pm.register(plugin, name=ep.name)
         except Exception as err:  # a broken plugin must not take the tool down
-            _warn(f"skipped plugin {src}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            _warn(f"skipped plugin {src}: {type(err).__name__}: {_one_line(err)}")
             continue
         _sources[ep.name] = src
+        _warn_unknown_hooks(pm, plugin, src)
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -164,6 +252,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
             for mod in DEFAULT_PLUGINS:
                 pm.register(importlib.import_module(mod), name=mod)
                 _sources[mod] = PluginSource(mod, "persona-judge", _own_version(), "")
+                _warn_unknown_hooks(pm, pm.get_plugin(mod), _sources[mod])
             _load_entry_points(pm)
             _pm = pm
         return _pm
@@ -176,17 +265,68 @@ def _own_version() -> str:
         return "0+unknown"
 
 
+def _label(plugin: Any) -> str:
+    if isinstance(plugin, types.ModuleType):
+        return f"module '{plugin.__name__}'"
+    return f"{type(plugin).__name__} object" if not isinstance(plugin, type) else f"class {plugin.__name__}"
+
+
+def _check_plugin_object(plugin: Any, what: str) -> None:
+    if plugin is None or isinstance(plugin, str | bytes | os.PathLike):
+        shown = "None" if plugin is None else f"the {type(plugin).__name__} {str(plugin)!r}"
+        raise PluginError(
+            f"{what} takes the plugin module or object with @personajudge.hookimpl functions, not {shown} "
+            "(import the module first: import my_plugin; pj.register_plugin(my_plugin))"
+        )
+
+
 def register_plugin(plugin: Any, name: str | None = None) -> None:
-    """Register a plugin object or module at run time (tests, notebooks)."""
+    """Register a plugin object or module at run time (tests, notebooks).
+
+    Registering the object that is already registered (under the same name, or
+    with no name given) does nothing, so a notebook cell may run twice. Any
+    other mistake is a one-line :class:`PluginError`: a string or ``None``, a
+    name another plugin has, a plugin with no hook implementations, a hook
+    implementation whose arguments are not the hook's. A misspelt hook name
+    is a :class:`PluginWarning` (the rest of the plugin still works).
+    """
+    _check_plugin_object(plugin, "register_plugin")
     with _lock:
         pm = get_plugin_manager()
-        pm.register(plugin, name=name)
+        if pm.is_registered(plugin):
+            current = pm.get_name(plugin)
+            if name is None or name == current:
+                return
+            raise PluginError(
+                f"{_label(plugin)} is already registered as '{current}'; unregister it first to register it as '{name}'"
+            )
+        key = name if name is not None else pm.get_canonical_name(plugin)
+        other = pm.get_plugin(key)
+        if other is not None:
+            raise PluginError(
+                f"a plugin named '{key}' is already registered ({_label(other)}); "
+                "unregister it first, or pass another name="
+            )
+        try:
+            pm.register(plugin, name=name)
+        except (ValueError, pluggy.PluginValidationError) as err:
+            raise PluginError(f"cannot register {_label(plugin)}: {_one_line(err)}") from None
+        if not pm.get_hookcallers(plugin):
+            pm.unregister(plugin)
+            raise PluginError(
+                f"{_label(plugin)} implements no hooks: decorate its functions with @personajudge.hookimpl"
+            )
+        _warn_unknown_hooks(pm, plugin, PluginSource(pm.get_name(plugin) or key))
         _registries.clear()
 
 
 def unregister_plugin(plugin: Any) -> None:
+    """Remove a plugin registered with :func:`register_plugin`; one that is not registered (any more) is a no-op."""
+    _check_plugin_object(plugin, "unregister_plugin")
     with _lock:
         pm = get_plugin_manager()
+        if not pm.is_registered(plugin):
+            return
         pm.unregister(plugin)
         _registries.clear()
 
@@ -231,21 +371,52 @@ def get_backend_class(name: str) -> type[Backend]:
 
 
 def load_backend(config: BackendConfig) -> Backend:
-    """Instantiate the configured backend (this loads the model)."""
-    return get_backend_class(config.name)(config)
+    """Instantiate the configured backend (this loads the model).
+
+    Settings the backend does not read (its ``config_fields``) are named in
+    one :class:`PersonaJudgeWarning`: a run that silently does less than it
+    seems to is the mistake users find last."""
+    cls = get_backend_class(config.name)
+    fields = getattr(cls, "config_fields", None)
+    if fields is not None:
+        unused = [
+            f"backend.{f}={v!r}"
+            for f, v in config.model_dump(exclude={"name", "options"}).items()
+            if v is not None and f not in fields
+        ]
+        if unused:
+            warnings.warn(
+                f"the {config.name} backend does not use {', '.join(unused)}: ignored",
+                PersonaJudgeWarning,
+                stacklevel=2,
+            )
+    return cls(config)
 
 
 def get_encoder(name: str) -> Any:
     return registry("encoder").get(name)
 
 
-def resolve_encoder(name: str, tokenizer: Tokenizer, views: list[list[Preference]] | None = None) -> Encoder:
+def resolve_encoder(
+    name: str,
+    tokenizer: Tokenizer,
+    views: list[list[Preference]] | None = None,
+    *,
+    options: dict[str, Any] | None = None,
+) -> Encoder:
     """The encoder named ``name`` (an instance); ``auto`` picks by the tokenizer and the user's ``views``
-    (see :func:`personajudge.preferences.auto_encoder_name`)."""
+    (see :func:`personajudge.preferences.auto_encoder_name`).
+
+    With ``options`` (the run's ``encoder_options``), they are checked against the encoder's declared
+    ``Options`` first (:func:`personajudge.preferences.encoder_options`): a third-party encoder that
+    declares them gets the same one-line :class:`ConfigError` as the built-ins, which check their own."""
     if name == "auto":
         name = auto_encoder_name(tokenizer, views)
     enc = get_encoder(name)
-    return enc() if isinstance(enc, type) else enc
+    instance = enc() if isinstance(enc, type) else enc
+    if options is not None:
+        encoder_options(instance, options)
+    return instance
 
 
 def get_method(name: str) -> Any:

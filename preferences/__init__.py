@@ -1,6 +1,14 @@
 """Preferences: objects, the built-in library, encoders and view composition."""
 
-from .encoders import BUILTIN_ENCODERS, Encoder, auto_encoder_name, encode, normalize_conversation
+from .encoders import (
+    BUILTIN_ENCODERS,
+    Encoder,
+    EncoderOptions,
+    auto_encoder_name,
+    encode,
+    encoder_options,
+    normalize_conversation,
+)
 from .library import Library, builtin_preferences, load_file, lookup, resolve
 from .model import Example, Preference, compose
 from .views import build_views
@@ -8,6 +16,8 @@ from .views import build_views
 __all__ = [
     "BUILTIN_ENCODERS",
     "Encoder",
+    "EncoderOptions",
+    "encoder_options",
     "auto_encoder_name",
     "encode",
     "normalize_conversation",

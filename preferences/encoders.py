@@ -16,12 +16,22 @@ placement is a plugin. The built-ins:
 ``auto`` picks ``chat-turn`` when the tokenizer has a chat template;
 otherwise ``exemplar`` when every preference of the run has exemplars, and
 ``plain`` when one does not.
+
+Each encoder declares its ``encoder_options`` as a pydantic ``Options`` model,
+checked by the same :func:`~personajudge.core.config.take_options` as a
+backend's options: ``{"nn": 1}`` or ``{"instruction": "yes"}`` is a one-line
+:class:`ConfigError` naming the encoder and the option, not a setting quietly
+ignored. A third-party encoder that declares no ``Options`` receives the
+options unchecked, as before (it may check them itself).
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from pydantic import Field, field_validator
+
+from personajudge.core.config import Options, take_options
 from personajudge.core.contract import Tokenizer
 from personajudge.core.errors import ConfigError
 from personajudge.core.files import check_text
@@ -51,6 +61,36 @@ class Encoder(Protocol):
 
     # Optional: ``stop_strings(tokenizer, options) -> list[str]``, stop strings the
     # format implies (added to the user's; e.g. the plain template's next "Question:").
+    # Optional: ``Options``, an :class:`EncoderOptions` subclass declaring ``encoder_options``.
+
+
+class EncoderOptions(Options):
+    """Base of an encoder's ``encoder_options`` (strict, unknown names refused, like a backend's).
+
+    ``stop = false`` drops the stop strings the format implies (the benchmark
+    and the exactness kit time or count a fixed number of tokens); every
+    built-in encoder takes it, so a caller may pass it whatever ``auto`` picks.
+    """
+
+    stop: bool = Field(True, description="False: none of the format's own stop strings.")
+
+
+def encoder_options(encoder: Any, options: dict[str, Any] | None) -> dict[str, Any]:
+    """``options`` checked against ``encoder.Options`` (defaults filled in), or as given when the encoder
+    declares none.
+
+    Raises :class:`ConfigError` in one line naming the encoder and the option:
+    ``encoder_options: unknown option(s) for the exemplar encoder: nn; known: stop, n, instruction``.
+    """
+    spec = getattr(encoder, "Options", None)
+    if spec is None:
+        return dict(options or {})
+    owner = f"the {getattr(encoder, 'name', type(encoder).__name__)} encoder"
+    try:
+        return take_options(options, spec, owner=owner, where="encoder_options")
+    except ConfigError as err:  # a bad value's message names the option; add the encoder
+        msg = str(err)
+        raise ConfigError(msg if owner in msg else f"{msg} ({owner})") from None
 
 
 def normalize_conversation(prompt: str | list[Message]) -> list[Message]:
@@ -107,8 +147,10 @@ def _chat(tokenizer: Tokenizer, messages: list[Message]) -> str:
 class ChatTurnEncoder:
     name = "chat-turn"
     description = "Each view's preference text as its own user turn before the prompt (the released code's form)."
+    Options = EncoderOptions
 
     def render(self, view, conversation, tokenizer, *, system=None, options=None):
+        encoder_options(self, options)
         msgs = _with_system(conversation, system)
         if view:
             at = 1 if msgs[0]["role"] == "system" else 0
@@ -132,8 +174,10 @@ class ChatTurnEncoder:
 class SystemEncoder:
     name = "system"
     description = "The view's preference text as the system message."
+    Options = EncoderOptions
 
     def render(self, view, conversation, tokenizer, *, system=None, options=None):
+        encoder_options(self, options)
         text = "\n\n".join(x for x in (system, compose(view) if view else "") if x)
         msgs = _with_system(conversation, text or None)
         try:
@@ -171,21 +215,37 @@ PLAIN_TEMPLATES: dict[str, dict[str, str]] = {
 }
 
 
+class PlainOptions(EncoderOptions):
+    """``template``: a name in :data:`PLAIN_TEMPLATES`, or a table of format strings that replace ``qa``'s."""
+
+    template: str | dict[str, str] = "qa"
+
+    @field_validator("template")
+    @classmethod
+    def _known(cls, v: str | dict[str, str]) -> str | dict[str, str]:
+        if isinstance(v, dict):
+            unknown = sorted(set(v) - set(PLAIN_TEMPLATES["qa"]))
+            if unknown:
+                raise ValueError(
+                    f"unknown format(s) {', '.join(unknown)}; a template's formats are {', '.join(PLAIN_TEMPLATES['qa'])}"
+                )
+        elif v not in PLAIN_TEMPLATES:
+            raise ValueError(
+                f"unknown plain template '{v}'; choose one of {', '.join(PLAIN_TEMPLATES)} or give a table of formats"
+            )
+        return v
+
+
 class PlainEncoder:
     name = "plain"
     description = "A plain-text template for base models without a chat template (options: template=qa|dialogue)."
+    Options = PlainOptions
 
-    @staticmethod
-    def _template(options) -> dict[str, str]:
-        name = (options or {}).get("template", "qa")
+    def _template(self, options) -> dict[str, str]:
+        name = encoder_options(self, options)["template"]
         if isinstance(name, dict):
             return {**PLAIN_TEMPLATES["qa"], **name}
-        if name in PLAIN_TEMPLATES:
-            return PLAIN_TEMPLATES[name]
-        raise ConfigError(
-            f"encoder_options.template: unknown plain template '{name}'; "
-            f"choose one of {', '.join(PLAIN_TEMPLATES)} or give a table of formats"
-        )
+        return PLAIN_TEMPLATES[name]
 
     def stop_strings(self, tokenizer, options=None) -> list[str]:
         """A base model answers and then writes the next question; stop there.
@@ -193,7 +253,7 @@ class PlainEncoder:
         ``encoder_options.stop = false`` turns this off (the benchmark does, to
         time a fixed number of tokens).
         """
-        if (options or {}).get("stop", True) is False:
+        if encoder_options(self, options)["stop"] is False:
             return []
         stop = self._template(options).get("stop")
         return [stop] if stop else []
@@ -216,8 +276,11 @@ class PlainEncoder:
 class InstructionEncoder:
     name = "instruction"
     description = "The P-Soups form: the preference appended to the last user instruction."
+    #: without a chat template it renders through ``plain``, so it takes plain's options
+    Options = PlainOptions
 
     def render(self, view, conversation, tokenizer, *, system=None, options=None):
+        encoder_options(self, options)
         msgs = list(conversation)
         if view:
             last = msgs[-1]
@@ -274,16 +337,13 @@ class ExemplarEncoder:
     name = "exemplar"
     description = "Few-shot Question/Answer demonstrations of each view's preferences (base models)."
 
+    class Options(EncoderOptions):
+        n: int = Field(3, ge=0, description="Exemplars per view.")
+        instruction: bool = Field(True, description="False drops the Instructions: line.")
+
     #: Stop strings the format implies: an answer is one line, and a label means the model has
     #: moved on to the next exemplar (or echoes the format) -- nothing after it belongs to the answer.
     STOP = ("\n", "Question:", "Answer:")
-
-    @staticmethod
-    def _n(options) -> int:
-        n = (options or {}).get("n", 3)
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ConfigError(f"encoder_options.n: the number of exemplars per view must be an integer >= 0, got {n!r}")
-        return n
 
     @staticmethod
     def examples(view: list[Preference], n: int = 3) -> list[Example]:
@@ -310,19 +370,19 @@ class ExemplarEncoder:
         return out[: max(n, len(view))]
 
     def stop_strings(self, tokenizer, options=None) -> list[str]:
-        if (options or {}).get("stop", True) is False:
+        if encoder_options(self, options)["stop"] is False:
             return []
         return list(self.STOP)
 
     def render(self, view, conversation, tokenizer, *, system=None, options=None):
-        options = options or {}
+        options = encoder_options(self, options)
         parts = []
         for m in _with_system(conversation, system):
             if m["role"] == "system":
                 parts.append(m["content"].strip() + "\n\n")
-        if view and options.get("instruction", True):
+        if view and options["instruction"]:
             parts.append(f"Instructions: {compose(view)}\n\n")
-        for ex in self.examples(view, self._n(options)):
+        for ex in self.examples(view, options["n"]):
             parts.append(f"Question: {ex.q}\nAnswer: {ex.a}\n\n")
         for m in conversation:
             if m["role"] == "user":

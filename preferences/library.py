@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from personajudge.core.config import validation_message
-from personajudge.core.errors import PreferenceError
+from personajudge.core.errors import PreferenceError, UnknownPreferenceError
 from personajudge.core.files import read_text
 
 from .model import Example, Preference
@@ -154,6 +154,8 @@ def lookup(name: str, library: Library | None = None) -> Preference | None:
     ``library`` defaults to the built-in preferences; the API passes the
     plugin registry, so names that plugins register resolve too.
     """
+    if not isinstance(name, str):
+        raise PreferenceError(f"a preference name is a string, got {type(name).__name__}")
     lib = _builtin_library() if library is None else library
     key = name.strip().lower()
     if key in lib:
@@ -173,7 +175,9 @@ def resolve(spec: str | Preference, library: Library | None = None) -> Preferenc
     """
     if isinstance(spec, Preference):
         return spec
-    if not isinstance(spec, str) or not spec.strip():
+    if spec is not None and not isinstance(spec, str):
+        raise PreferenceError(f"a preference is a name, a description or a Preference, got {type(spec).__name__}")
+    if spec is None or not spec.strip():
         raise PreferenceError(
             "empty preference: give a built-in name (see `personajudge preferences`) "
             'or a description such as "explain like I\'m five"'
@@ -187,14 +191,11 @@ def resolve(spec: str | Preference, library: Library | None = None) -> Preferenc
         names = list(lib) + [a for p in lib.values() for a in p.aliases]
         close = difflib.get_close_matches(text.lower(), names, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise PreferenceError(
+        raise UnknownPreferenceError(
             f"unknown preference '{text}'{hint} (list them with `personajudge preferences`; "
             "a description with spaces is used as free text)"
         )
-    try:
-        return Preference.free_text(text)
-    except ValueError as err:  # pydantic: e.g. a lone surrogate, which no tokenizer could encode
-        raise PreferenceError(f"preference {text[:40]!r}: {validation_message(err)}") from None
+    return Preference.free_text(text)  # a bad one (a lone surrogate) is a one-line PreferenceError
 
 
 def load_file(path: str | Path, library: Library | None = None) -> list[Preference]:
@@ -262,13 +263,17 @@ def _from_table(item: dict[str, Any], where: str, source: str, library: Library 
         if known is not None:  # a library preference, adjusted
             update = {k: item[k] for k in ("instruction", "weight", "examples") if k in item}
             return Preference.model_validate({**known.model_dump(), **update, "source": source})
-        return Preference(
-            name=name or Preference.free_text(desc).name,
-            description=desc,
-            instruction=item.get("instruction") or desc,
-            weight=item.get("weight", 1.0),
-            examples=examples,
-            source=source,
+        return Preference.model_validate(
+            {
+                "name": name or Preference.free_text(desc).name,
+                "description": desc,
+                "instruction": item.get("instruction") or desc,
+                "weight": item.get("weight", 1.0),
+                "examples": examples,
+                "source": source,
+            }
         )
+    except PreferenceError:
+        raise
     except Exception as err:  # pydantic's ValidationError, as one line naming the field
         raise PreferenceError(f"{where}: {validation_message(err)}") from None

@@ -1,13 +1,42 @@
-"""Preference objects and how a user's words become them."""
+"""Preference objects and how a user's words become them.
+
+Both models raise :class:`~personajudge.core.errors.PreferenceError` when built
+with an invalid value (``Preference(name="")``, ``weight=-1``, a multi-line
+example), one line naming the field, instead of pydantic's multi-line
+``ValidationError``: a plugin or a notebook builds them directly. (Validation
+through ``model_validate`` keeps pydantic's error, for callers that format it
+with the entry it came from, as the preferences-file reader does.)
+"""
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from personajudge.core.config import validation_message
+from personajudge.core.errors import PreferenceError
 
 
-class Example(BaseModel):
+class _TypedErrors(type(BaseModel)):  # type: ignore[misc]  # pydantic's model metaclass, not public by name
+    """Construction (``Preference(...)``) raises :class:`PreferenceError`, one line naming the field.
+
+    A metaclass, not an ``__init__``: pydantic calls an overridden ``__init__``
+    from ``model_validate`` and from validating a nested model too, where the
+    error must stay a ``ValidationError`` with its location (``examples.0.q``).
+    """
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except ValidationError as err:
+            name = kwargs.get("name")
+            named = f" {name.strip()[:40]!r}" if isinstance(name, str) and name.strip() else ""
+            raise PreferenceError(f"invalid {cls.__name__.lower()}{named}: {validation_message(err)}") from None
+
+
+class Example(BaseModel, metaclass=_TypedErrors):
     """One question/answer demonstration of a preference (for the ``exemplar`` encoder).
 
     Both sides are one line: the exemplar format ends an answer at a newline,
@@ -31,7 +60,7 @@ class Example(BaseModel):
         return v
 
 
-class Preference(BaseModel):
+class Preference(BaseModel, metaclass=_TypedErrors):
     """One preference: what it means and the text a view's prefix carries.
 
     ``description`` says what the preference means (shown in listings);
@@ -66,9 +95,19 @@ class Preference(BaseModel):
     @classmethod
     def free_text(cls, text: str, weight: float = 1.0) -> Preference:
         """A preference given as a description (``"explain like I'm five"``)."""
+        if not isinstance(text, str):
+            raise PreferenceError(f"a free-text preference is a description (a string), got {type(text).__name__}")
         text = text.strip()
+        if not text:
+            raise PreferenceError(
+                'a free-text preference is empty: give a description such as "explain like I\'m five"'
+            )
         slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "custom"
-        return cls(name=slug, description=text, instruction=text, weight=weight, source="free text")
+        data = {"name": slug, "description": text, "instruction": text, "weight": weight, "source": "free text"}
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:  # named by the user's text, not the slug made of it
+            raise PreferenceError(f"preference {text[:40]!r}: {validation_message(err)}") from None
 
 
 def compose(view: list[Preference]) -> str:

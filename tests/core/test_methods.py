@@ -69,8 +69,14 @@ def test_mod_bad_weights(pj):
         gen(pj, "mod", ["concise", "humor"], {"weights": [1.0]}, seed=0)
     with pytest.raises(ConfigError, match="weights"):
         gen(pj, "mod", ["concise", "humor"], {"weights": [-1.0, 2.0]}, seed=0)
-    with pytest.raises(ConfigError, match="method_options"):
+    with pytest.raises(
+        ConfigError, match="^method_options for 'mod': unknown option.s. colour; its options are weights$"
+    ):
         gen(pj, "mod", ["concise", "humor"], {"colour": 1}, seed=0)
+    with pytest.raises(
+        ConfigError, match="^method_options for 'persona-judge': unknown option.s. weights; it takes none$"
+    ):
+        gen(pj, "persona-judge", ["concise", "humor"], {"weights": [0.7, 0.3]}, seed=0)
 
 
 def test_methods_from_the_cli(capsys):
