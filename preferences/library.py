@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -166,12 +167,19 @@ def lookup(name: str, library: Library | None = None) -> Preference | None:
     return None
 
 
+#: what a typo of a preference name looks like (a name is one ASCII word)
+_NAME_LIKE = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def resolve(spec: str | Preference, library: Library | None = None) -> Preference:
     """A built-in name, an alias, or a free-text description -> Preference.
 
     A single word that is not a known name is an error (with suggestions)
     rather than silently becoming free text: a typo like ``concize`` should not
-    quietly turn into the instruction "concize".
+    quietly turn into the instruction "concize". Only what could be a name
+    counts as such a word (ASCII letters, digits, ``-`` and ``_``, as every
+    name is): a description in a script written without spaces
+    (``简洁明了地回答``) is free text.
     """
     if isinstance(spec, Preference):
         return spec
@@ -187,7 +195,7 @@ def resolve(spec: str | Preference, library: Library | None = None) -> Preferenc
     if found is not None:
         return found
     text = spec.strip()
-    if len(text.split()) == 1:
+    if _NAME_LIKE.fullmatch(text):
         names = list(lib) + [a for p in lib.values() for a in p.aliases]
         close = difflib.get_close_matches(text.lower(), names, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""

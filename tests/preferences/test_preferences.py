@@ -56,6 +56,13 @@ def test_bad_preferences(bad, needle):
         resolve(bad)
 
 
+@pytest.mark.parametrize("text", ["简洁明了地回答", "ユーモアを込めて", "prägnant", "concise!"])
+def test_one_word_that_cannot_be_a_name_is_free_text(text):
+    """Names are ASCII words; scripts written without spaces have no other way to say a description."""
+    free = resolve(text)
+    assert free.instruction == text and free.source == "free text"
+
+
 def test_preference_files(tmp_path):
     toml = tmp_path / "p.toml"
     toml.write_text('preferences = ["concise", {name = "pirate", description = "Talk like a pirate.", weight = 2}]\n')
