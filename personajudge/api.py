@@ -199,6 +199,21 @@ _SHARED: weakref.WeakKeyDictionary[Any, _Shared] = weakref.WeakKeyDictionary()
 _SHARED_LOCK = threading.Lock()
 
 
+def _check_backend(backend: Any) -> None:
+    """``backend=`` is a loaded model: what the engine uses of it, checked here (duck-typed plugins welcome)."""
+    if isinstance(backend, str):
+        raise ConfigError(
+            f"backend= takes a loaded backend (personajudge.Backend), got the string {backend!r}; "
+            "a backend name goes in the config: {'backend': {'name': ...}}"
+        )
+    missing = [a for a in ("tokenizer", "context_length", "open") if not hasattr(backend, a)]
+    if missing:
+        raise ConfigError(
+            f"backend= takes a loaded backend (personajudge.Backend), got {type(backend).__name__} "
+            f"without {', '.join(missing)}"
+        )
+
+
 def _join_backend(pj: PersonaJudge, backend: Any) -> _Shared:
     """Register ``pj`` as a user of ``backend``'s engine entry (made here for the first user)."""
     with _SHARED_LOCK:
@@ -272,6 +287,8 @@ class PersonaJudge:
         self.config = _as_config(config)
         self.max_batch, self.max_queue = _count("max_batch", max_batch, 1), _count("max_queue", max_queue, 0)
         _check_config(self.config)  # before the model loads: loading is most of the time of a failed run
+        if backend is not None:
+            _check_backend(backend)
         self.backend = backend if backend is not None else load_backend(self.config.backend)
         self._engine: Engine | None = None  # the backend's engine, once this object has used it
         self._closed = False

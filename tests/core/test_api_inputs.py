@@ -33,6 +33,8 @@ BAD = [
     ("max_batch str", lambda m: pj.PersonaJudge(TOY, max_batch="x"), pj.ConfigError, "max_batch must be an integer"),
     ("max_batch bool", lambda m: pj.PersonaJudge(TOY, max_batch=True), pj.ConfigError, "max_batch"),
     ("max_queue -1", lambda m: pj.PersonaJudge(TOY, max_queue=-1), pj.ConfigError, "max_queue must be an integer >= 0"),
+    ("backend name", lambda m: pj.PersonaJudge(backend="toy"), pj.ConfigError, "got the string 'toy'; a backend name"),
+    ("backend int", lambda m: pj.PersonaJudge(backend=3), pj.ConfigError, "got int without tokenizer, context_length"),
     ("preferences int", lambda m: m.generate("hi", preferences=3, **KW), pj.ConfigError, "preferences must be a list"),
     (
         "preference item int",
