@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from personajudge.backends.hf import CompiledKernel
+from personajudge.bench.options import at_least, counts
 from personajudge.core.batched import BatchedJudge, Kernel, judge_rows
 from personajudge.core.contract import ForwardCall, Session
 from personajudge.core.decoding import DecodeRequest, StepDriver, persona_judge_loop
@@ -123,14 +124,32 @@ def time_steps(
     return statistics.median(times)
 
 
+def _check_torch_flags(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """``--device`` and ``--compile`` name things torch has here, or the run stops before it starts."""
+    import torch  # an optional dependency: only this benchmark's torch mode needs it
+
+    try:
+        dev = torch.device(a.device)
+    except (RuntimeError, ValueError):
+        ap.error(f"--device: {a.device!r} is not a torch device (cpu, cuda, cuda:N, ...)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {a.device}: torch {torch.__version__} sees no CUDA device here")
+    if a.compile is not None:
+        if a.compile not in torch._dynamo.list_backends(exclude_tags=()):
+            common = ", ".join(torch._dynamo.list_backends())  # without the debug and experimental ones
+            ap.error(f"--compile: no torch.compile backend {a.compile!r}; for example: {common}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m personajudge.bench.host", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCHES)), help="comma-separated")
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--steps", type=int, default=60, help="timed steps per configuration")
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--lam", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument(
+        "--batch-sizes", type=counts(1), default=list(DEFAULT_BATCHES), help="comma-separated (default 1,2,4,8,16,32)"
+    )
+    ap.add_argument("--vocab", type=at_least(2), default=32000)
+    ap.add_argument("--steps", type=at_least(1), default=60, help="timed steps per configuration")
+    ap.add_argument("--warmup", type=at_least(0), default=10)
+    ap.add_argument("--lam", type=at_least(1), default=4)
+    ap.add_argument("--threads", type=at_least(1), default=1, help="torch intra-op threads")
     ap.add_argument("--device", default="cpu", help="where the stub's logits live (torch device)")
     ap.add_argument("--numpy", action="store_true", help="numpy logits instead of torch tensors")
     ap.add_argument(
@@ -142,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.compile and a.numpy:
         ap.error("--compile needs torch tensors; drop --numpy")
+    if not a.numpy:
+        _check_torch_flags(ap, a)
     params = SamplingParams()  # the paper's defaults: temperature 0.7, top-k 20, top-p 0.9
     g = np.random.default_rng(0)
     rows = (g.standard_normal((64, 1, a.vocab)) * 2).astype(np.float32)
@@ -156,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pool = torch.from_numpy(rows).to(a.device)
         empty = torch.zeros((0, a.vocab), device=a.device)
         where = f"torch {torch.__version__} on {a.device}, {a.threads} thread(s)"
-    batches = [int(b) for b in a.batch_sizes.split(",")]
+    batches = a.batch_sizes
     print(f"host time per StepDriver.step(), stub forward ({where}), vocab {a.vocab}, two views, lambda {a.lam},")
     print(f"temperature {params.temperature}, top-k {params.top_k}, top-p {params.top_p}; median of {a.steps} steps")
     print()

@@ -17,7 +17,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from personajudge.bench.options import at_least
 from personajudge.core.config import build_config
+from personajudge.core.errors import PersonaJudgeError
 from personajudge.core.stopping import Emitter
 from personajudge.plugins.manager import load_backend
 
@@ -61,10 +63,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m personajudge.bench.text", description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", default="llama-cpp", help="whose tokenizer (default: the embedded model's, llama.cpp)")
     ap.add_argument("--model", default=None, help="the backend's model (default: the embedded one)")
-    ap.add_argument("--tokens", type=int, default=2000)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tokens", type=at_least(1), default=2000)
+    ap.add_argument("--repeats", type=at_least(1), default=5)
     a = ap.parse_args(argv)
-    backend = load_backend(build_config({"backend": {"name": a.backend, "model": a.model}}).backend)
+    try:
+        backend = load_backend(build_config({"backend": {"name": a.backend, "model": a.model}}).backend)
+    except PersonaJudgeError as err:  # an unknown backend, a missing model: one line, as the CLI says it
+        print(f"{ap.prog}: error: {err}", file=sys.stderr)
+        return 2
     try:
         tok = backend.tokenizer
         text = " ".join(SENTENCES)

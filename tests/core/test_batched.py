@@ -545,3 +545,24 @@ def test_host_benchmark_times_the_compiled_judge_beside_the_batched_path(capsys)
     with pytest.raises(SystemExit) as exc:  # numpy logits cannot be compiled: a usage error
         host_bench.main(["--numpy", "--compile", "eager"])
     assert exc.value.code == 2 and "--compile needs torch tensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--batch-sizes", "x"], "argument --batch-sizes: expected an integer, got 'x'"),
+        (["--batch-sizes", "1,0"], "argument --batch-sizes: must be at least 1, got 0"),
+        (["--steps", "0"], "argument --steps: must be at least 1"),
+        (["--vocab", "1"], "argument --vocab: must be at least 2"),
+        (["--lam", "0"], "argument --lam: must be at least 1"),
+        (["--threads", "0"], "argument --threads: must be at least 1"),
+        (["--device", "nope"], "--device: 'nope' is not a torch device"),
+        (["--compile", "nope"], "--compile: no torch.compile backend 'nope'"),
+    ],
+)
+def test_host_benchmark_refuses_bad_flags_before_it_runs(args, needle, capsys):
+    """Each was a traceback or a table of meaningless numbers (``--lam 0`` ran and printed "0.5x")."""
+    pytest.importorskip("torch")
+    with pytest.raises(SystemExit) as exc:
+        host_bench.main(args)
+    assert exc.value.code == 2 and needle in capsys.readouterr().err

@@ -115,6 +115,24 @@ def test_the_text_is_decoded_only_as_often_as_something_reads_it():
     assert decodes(listen=True) >= N  # a listener gets text as it is committed
 
 
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--tokens", "0"], "argument --tokens: must be at least 1"),
+        (["--repeats", "0"], "argument --repeats: must be at least 1"),
+        (["--backend", "nosuch"], "error: unknown backend 'nosuch'"),
+    ],
+)
+def test_the_text_benchmark_refuses_bad_flags_in_one_line(args, needle, capsys):
+    """``--tokens 0`` divided by zero, ``--repeats 0`` printed inf, an unknown backend was a traceback."""
+    try:
+        code = text_bench.main(args)
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "Traceback" not in err
+
+
 def test_the_text_benchmark_runs_every_regime(capsys):
     assert text_bench.main(["--backend", "toy", "--tokens", "300", "--repeats", "1"]) == 0
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if "|" in line and "us/token" not in line]
