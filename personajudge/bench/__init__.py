@@ -20,8 +20,10 @@ import sys
 import time
 from typing import Any
 
+from pydantic import ValidationError
+
 from personajudge.api import PersonaJudge, make_method
-from personajudge.core.config import RunConfig
+from personajudge.core.config import DecodingConfig, RunConfig, validation_message
 from personajudge.core.errors import ConfigError
 from personajudge.plugins import get_method, preference_library
 from personajudge.preferences import build_views
@@ -81,6 +83,17 @@ def _views(cfg: RunConfig, k: int) -> list[str]:
     return prefs[:k]
 
 
+def _capped(d: DecodingConfig, max_new_tokens: int) -> DecodingConfig:
+    """``d`` with another ``max_new_tokens``, validated like any config (``model_copy`` would not check
+    it, and a 0 or negative cap would time a run of another length than the report says)."""
+    try:
+        return DecodingConfig.model_validate({**d.model_dump(by_alias=True), "max_new_tokens": max_new_tokens})
+    except ValidationError as err:
+        raise ConfigError(
+            "reference_max_new_tokens: " + validation_message(err).removeprefix("max_new_tokens: ")
+        ) from None
+
+
 def run_bench(
     cfg: RunConfig,
     *,
@@ -104,6 +117,11 @@ def run_bench(
     from tqdm.auto import tqdm
 
     methods = methods or ALL_METHODS
+    twice = sorted({m for m in methods if methods.count(m) > 1})
+    if twice:
+        raise ConfigError(f"methods: {', '.join(twice)} listed twice (each method is timed once per repeat)")
+    if reference_max_new_tokens is not None:
+        _capped(cfg.decoding, reference_max_new_tokens)  # refused before the model loads
     unknown = [m for m in methods if m not in ALL_METHODS and m != "prompt"]
     if unknown:
         for m in unknown:
@@ -210,8 +228,8 @@ def _one(
         name_, view_prefs = name, prefs
     upd: dict[str, Any] = {"method": name_, "preferences": view_prefs, "views": None}
     dec = d.model_copy(update={"seed": seed})
-    if name_ == "reference" and ref_tokens:
-        dec = dec.model_copy(update={"max_new_tokens": ref_tokens})
+    if name_ == "reference" and ref_tokens is not None:
+        dec = _capped(dec, ref_tokens)
     c = cfg.model_copy(update={**upd, "decoding": dec})
     meth, contexts = _encode(pj, c, prompt, view_prefs, make_method)
     res = pj.decode(contexts, c, meth)

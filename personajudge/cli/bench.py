@@ -19,7 +19,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError("--views must be at least 1")
     if args.repeats < 1:
         raise ConfigError("--repeats must be at least 1")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    if args.reference_max_new_tokens is not None and args.reference_max_new_tokens < 1:
+        raise ConfigError(f"--reference-max-new-tokens must be at least 1, got {args.reference_max_new_tokens}")
+    methods = None
+    if args.methods is not None:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if not methods:
+            raise ConfigError(f"--methods names no method: {args.methods!r}")
+        twice = sorted({m for m in methods if methods.count(m) > 1})
+        if twice:  # each method is one row of the table; a repeat would only time it again
+            raise ConfigError(f"--methods lists {', '.join(twice)} twice: {args.methods!r}")
     rep = run_bench(
         cfg,
         prompt=args.prompt,
@@ -41,16 +50,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="tokens/s of persona-judge vs plain decoding, side by side")
-    add_run_options(p)
+    add_run_options(
+        p, seed_help="seed of each method's warm-up run; timed run r = 1..repeats uses seed + r (default 0)"
+    )
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--views", type=int, default=2, help="number of views K (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method, after one warm-up (default 3)")
-    p.add_argument("--methods", help=f"comma-separated subset of {','.join(ALL_METHODS)}")
+    p.add_argument(
+        "--methods",
+        metavar="A,B",
+        help=f"comma-separated methods, each once (default {','.join(ALL_METHODS)}; any registered method "
+        "can be added, e.g. prompt, mod, pad)",
+    )
     p.add_argument(
         "--reference-max-new-tokens",
         type=int,
         dest="reference_max_new_tokens",
-        help="cap the slow reference method's length (its tokens/s is still comparable)",
+        metavar="N",
+        help="cap the slow reference method's length, N >= 1 (its tokens/s is still comparable; "
+        "default: --max-new-tokens)",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument(

@@ -180,7 +180,7 @@ def register(sub: Any) -> None:
         "write report.md / report.json / PNG plots. Rows are appended as they are "
         "produced: rerun the same command to continue an interrupted run.",
     )
-    add_run_options(p)
+    add_run_options(p, seed_help="seed of the first sample; --samples N uses seeds SEED..SEED+N-1 (default 0)")
     g = p.add_argument_group("evaluation")
     g.add_argument(
         "--dataset",

@@ -31,8 +31,12 @@ def _positive_int(name: str):
     return parse
 
 
-def add_run_options(p: argparse.ArgumentParser) -> None:
-    """Flags shared by generate / bench / eval: backend, preferences, decoding."""
+def add_run_options(p: argparse.ArgumentParser, *, seed_help: str | None = None) -> None:
+    """Flags shared by generate / bench / eval: backend, preferences, decoding.
+
+    ``seed_help``: the ``--seed`` help of a command whose default is not a fresh
+    seed (eval and bench start at 0), so each command's help says what it does.
+    """
     g = p.add_argument_group("model")
     g.add_argument("--config", metavar="FILE", help="TOML config file; flags override it")
     g.add_argument("--backend", help="backend name (see `personajudge plugins`); default llama-cpp")
@@ -82,7 +86,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", dest="top_p", type=float, help="default 0.9")
     g.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, help="default 128")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    g.add_argument("--seed", type=int, help="random seed (default: fresh, reported in the stats)")
+    g.add_argument("--seed", type=int, help=seed_help or "random seed (default: fresh, reported in the stats)")
     g.add_argument("--roles", choices=["alternate", "fixed", "round-robin"], help="override the role schedule")
     g.add_argument("--schedule", choices=["interleaved", "windowed"], help="loop schedule (same decisions)")
 

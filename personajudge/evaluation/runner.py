@@ -80,6 +80,13 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
+def _backend_of(record: dict[str, Any]) -> Any:
+    """The backend settings of a run.json record (or of one of its ``previous`` entries), if any."""
+    spec = record.get("spec")
+    run = spec.get("run") if isinstance(spec, dict) else None
+    return run.get("backend") if isinstance(run, dict) else None
+
+
 def load_spec(run_dir: str | Path) -> EvalSpec:
     return read_run_spec(run_dir)[1]
 
@@ -215,11 +222,24 @@ class Runner:
                 "or pass --force to switch this directory to the new configuration (rows that are still "
                 "valid are reused)"
             )
-        return {
+        replaced = {"spec": old.get("spec"), "replaced": _now()}
+        if "model" in old:
+            replaced["model"] = old["model"]
+        record = {
             **new,
             "created": old.get("created", _now()),
-            "previous": old.get("previous", []) + ([{"spec": old.get("spec"), "replaced": _now()}] if changed else []),
+            "previous": old.get("previous", []) + ([replaced] if changed else []),
         }
+        # The model that produced the stored rows: a rerun that reuses every row loads no model, so
+        # without this the report header would lose it. Taken from the latest record (this one or a
+        # replaced one) with the same backend settings, which pick the model; a run switched to
+        # another model gets none here, and describes the one it loads.
+        backend = new["spec"]["run"]["backend"]
+        for rec in [old, *reversed(record["previous"])]:
+            if isinstance(rec, dict) and "model" in rec and _backend_of(rec) == backend:
+                record["model"] = rec["model"]
+                break
+        return record
 
     def _write_run_file(self, record: dict[str, Any]) -> None:
         record = dict(record)
@@ -510,14 +530,16 @@ class Runner:
             try:
                 with JsonlStore(self.run_dir / GENERATIONS) as gens, JsonlStore(self.run_dir / SCORES) as scores:
                     self.generate(gens, jobs, result)
-                    if self.pj is not None and "model" not in record:
+                    model = None  # the model loaded this time describes itself (a kept record may be older)
+                    if self.pj is not None:
                         try:
-                            record["model"] = self.pj.backend.describe()
+                            model = self.pj.backend.describe()
                         except Exception:  # describe is informative only
                             pass
-                        self._write_run_file(record)
-                    elif self.model_info is not None and "model" not in record:  # --ray: from a replica
-                        record["model"] = self.model_info
+                    elif self.model_info is not None:  # --ray: from a replica
+                        model = self.model_info
+                    if model is not None and record.get("model") != model:
+                        record["model"] = model
                         self._write_run_file(record)
                     self.score(gens, scores, jobs, result)
             finally:

@@ -10,6 +10,7 @@ from personajudge.bench.steps import ceiling, step_costs
 from personajudge.cli import main
 from personajudge.core.config import build_config
 from personajudge.core.contract import Session
+from personajudge.core.errors import ConfigError
 
 
 def test_report_schema_and_ratios():
@@ -120,3 +121,40 @@ def test_cli_json_with_memory_probes(capsys):
 def test_bad_bench_input_exits_2(argv, needle, capsys):
     assert main(["bench", "--backend", "toy", "--no-memory", *argv]) == 2
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cap", ["0", "-5"])
+def test_reference_cap_below_one_exits_2_naming_the_flag(cap, capsys):
+    """A cap of 0 used to be ignored (the reference ran --max-new-tokens) and -5 slipped past validation."""
+    assert main(["bench", "--backend", "toy", "--no-memory", "--reference-max-new-tokens", cap]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--reference-max-new-tokens must be at least 1, got {cap}" in err
+
+
+@pytest.mark.parametrize("cap", [0, -5])
+def test_reference_cap_below_one_is_a_config_error_in_the_api(cap):
+    cfg = build_config({"backend": {"name": "toy"}, "decoding": {"max_new_tokens": 8}})
+    with pytest.raises(ConfigError, match=r"reference_max_new_tokens: .*greater than or equal to 1"):
+        run_bench(cfg, methods=["reference"], repeats=1, progress=False, reference_max_new_tokens=cap)
+
+
+def test_reference_cap_times_that_many_tokens():
+    cfg = build_config({"backend": {"name": "toy"}, "decoding": {"max_new_tokens": 8, "seed": 0}})
+    rep = run_bench(
+        cfg, methods=["reference", "plain"], repeats=1, progress=False, steps=False, reference_max_new_tokens=1
+    )
+    assert {r["method"]: r["tokens"] for r in rep["results"]} == {"reference": 1, "plain": 8}
+    assert rep["settings"]["reference_max_new_tokens"] == 1
+
+
+@pytest.mark.parametrize("methods", ["plain,plain", "plain,mod,mod", ","])
+def test_bench_methods_listed_twice_or_none_exit_2(methods, capsys):
+    assert main(["bench", "--backend", "toy", "--no-memory", "--methods", methods]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--methods" in err and repr(methods) in err
+
+
+def test_bench_methods_twice_is_a_config_error_in_the_api():
+    cfg = build_config({"backend": {"name": "toy"}, "decoding": {"max_new_tokens": 4}})
+    with pytest.raises(ConfigError, match="plain listed twice"):
+        run_bench(cfg, methods=["plain", "persona-judge", "plain"], repeats=1, progress=False)
