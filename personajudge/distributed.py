@@ -23,16 +23,26 @@ Faults, with Ray's own machinery rather than a scheduler of our own:
   constructor, which Ray would retry) and becomes one :class:`ReplicaError`.
   Replicas that cannot be placed (too few CPUs/GPUs) are refused up front on
   a local instance, and time out with a message on a cluster.
+- A ``HOST:PORT`` address is probed before ``ray.init`` (which has no timeout
+  and retries an unreachable address for minutes): nothing listening, or a
+  server that does not greet as gRPC within :data:`CONNECT_TIMEOUT_S`, is one
+  :class:`ReplicaError`.
+- Warnings in a replica are recorded there and issued again by the driver,
+  once each, so they follow the driver's settings (one line in the CLI)
+  instead of arriving as Ray's prefixed log lines, once per replica.
 
 Nothing here imports ray at module level: ``import personajudge`` stays light.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +50,18 @@ from typing import Any
 from personajudge.api import PersonaJudge
 from personajudge.core.config import RunConfig, build_config
 from personajudge.core.errors import BackendUnavailableError, ConfigError, ContextLengthError, PersonaJudgeError
+from personajudge.core.files import os_error_text
+from personajudge.plugins import get_backend_class
+
+#: Seconds a ``HOST:PORT`` given to ``--ray`` has to accept a connection and to send a gRPC server's
+#: first frame, checked before ``ray.init``: that call has no timeout, and on an address where no
+#: Ray is listening it retries for minutes (20 tries of about 35 s in Ray 2.60).
+CONNECT_TIMEOUT_S = 5.0
+
+#: The HTTP/2 client connection preface and an empty SETTINGS frame (RFC 9113, section 3.4). Ray's
+#: GCS and its client server speak gRPC, i.e. HTTP/2: they answer with a SETTINGS frame at once.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_HTTP2_SETTINGS = 0x4
 
 
 class ReplicaError(PersonaJudgeError):
@@ -107,16 +129,47 @@ class Outcome:
     latency_s: float  # from dispatch to the driver having the result
 
 
+def replica_config(config: dict[str, Any], threads: int | None) -> RunConfig:
+    """A replica's config: ``threads`` (its share of the cores) filled in when the config sets none
+    and the backend reads ``backend.threads`` (its class's ``config_fields``; None: it reads all).
+
+    Set on a backend that does not read it (the toy), it would only earn each replica a warning that
+    a setting the user never gave is ignored."""
+    cfg = build_config(config)
+    if threads and cfg.backend.threads is None:
+        fields = getattr(get_backend_class(cfg.backend.name), "config_fields", None)
+        if fields is None or "threads" in fields:
+            cfg = build_config(cfg.model_dump(by_alias=True), **{"backend.threads": threads})
+    return cfg
+
+
+@contextlib.contextmanager
+def _recording(into: list[tuple[type[Warning], str, str, int]]) -> Iterator[None]:
+    """Record every warning raised inside (category, text, file, line) instead of printing it.
+
+    The driver issues them again (:meth:`ReplicaPool._warn`), so its filters and its way of showing
+    them apply: printed here, they would reach the terminal as Ray log lines, once per replica."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # the driver's filters decide, not the replica's
+        try:
+            yield
+        finally:
+            into.extend((w.category, str(w.message), w.filename, w.lineno) for w in caught)
+
+
 class Replica:
     """A Ray actor that holds one loaded :class:`PersonaJudge` (made remote by :class:`ReplicaPool`)."""
 
     def __init__(self, config: dict[str, Any], threads: int | None = None, warmup: bool = False):
         self.pj: PersonaJudge | None = None
         self.error: str | None = None
+        self.warnings: list[tuple[type[Warning], str, str, int]] = []  # not yet sent to the driver
+        with _recording(self.warnings):
+            self._load(config, threads, warmup)
+
+    def _load(self, config: dict[str, Any], threads: int | None, warmup: bool) -> None:
         try:
-            cfg = build_config(config)
-            if threads and cfg.backend.threads is None:
-                cfg = build_config(cfg.model_dump(by_alias=True), **{"backend.threads": threads})
+            cfg = replica_config(config, threads)
             self.pj = PersonaJudge(cfg)
             if warmup:  # one untimed call, as the local harness does, so timings do not pay for warm-up
                 try:
@@ -128,6 +181,10 @@ class Replica:
         except Exception as err:  # reported by ready(): raising here would make Ray restart the actor
             self.error = f"{type(err).__name__}: {err}"
 
+    def _take_warnings(self) -> list[tuple[type[Warning], str, str, int]]:
+        out, self.warnings = self.warnings, []
+        return out
+
     def ready(self) -> dict[str, Any]:
         model = None
         if self.pj is not None:
@@ -135,9 +192,14 @@ class Replica:
                 model = self.pj.backend.describe()
             except Exception:  # informative only
                 model = None
-        return {"error": self.error, "pid": os.getpid(), "model": model}
+        return {"error": self.error, "pid": os.getpid(), "model": model, "warnings": self._take_warnings()}
 
     def run(self, task: Task) -> dict[str, Any]:
+        with _recording(self.warnings):
+            out = self._run(task)
+        return {**out, "warnings": self._take_warnings()}  # with a restarted replica's load warnings
+
+    def _run(self, task: Task) -> dict[str, Any]:
         import ray
 
         t0 = time.perf_counter()
@@ -197,6 +259,53 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``HOST:PORT`` or ``ray://HOST:PORT``; None for ``auto`` and for what Ray
+    itself refuses at once (no port, a port that is not a number)."""
+    rest = address.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def check_address(address: str, timeout: float | None = None) -> None:
+    """Refuse a ``HOST:PORT`` where no Ray is listening, in ``timeout`` seconds, before ``ray.init``.
+
+    Nothing listening (or an unknown host) fails on connecting; a server that is not gRPC (a web
+    server, a database) fails on its first frame, which a gRPC server sends at once. A gRPC server
+    that is not Ray still passes; Ray then says what it found. With ``RAY_USE_TLS`` only the
+    connection is checked: the greeting would be inside TLS. ``timeout``: :data:`CONNECT_TIMEOUT_S`."""
+    timeout = CONNECT_TIMEOUT_S if timeout is None else timeout
+    hp = _host_port(address)
+    if hp is None:
+        return
+    if not 0 < hp[1] < 65536:
+        raise ReplicaError(f"cannot reach the Ray cluster at {address}: the port must be 1 to 65535")
+    try:
+        with socket.create_connection(hp, timeout=timeout) as conn:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return
+            conn.sendall(_HTTP2_PREFACE)
+            head = b""
+            while len(head) < 9:
+                more = conn.recv(9 - len(head))
+                if not more:
+                    break
+                head += more
+    except TimeoutError:
+        raise ReplicaError(
+            f"cannot reach the Ray cluster at {address}: no answer within {timeout:g}s (is Ray running there?)"
+        ) from None
+    except OSError as err:
+        raise ReplicaError(f"cannot reach the Ray cluster at {address}: {os_error_text(err)}") from None
+    if len(head) < 9 or head[3] != _HTTP2_SETTINGS:
+        raise ReplicaError(
+            f"cannot reach the Ray cluster at {address}: the server there does not speak gRPC (not a Ray "
+            "head node's GCS port, default 6379, nor a Ray client server's, default 10001)"
+        )
+
+
 class ReplicaPool:
     """``replicas`` Ray actors with one loaded model each; :meth:`run` maps chunks over them.
 
@@ -214,6 +323,19 @@ class ReplicaPool:
         self.overheads: list[float] = []  # per chunk: latency minus compute time in the replica
         self.retried = 0
         self._started_ray = False
+        self._warned: set[tuple[type[Warning], str]] = set()
+        self._running: dict[Any, Any] = {}  # task key -> the ObjectRef of its chunk, while out
+
+    def _warn(self, recorded: Iterable[tuple[type[Warning], str, str, int]]) -> None:
+        """Issue the warnings a replica recorded, in this process, once per pool: the replicas' copies
+        of one warning are one warning, as with the one model a local run loads."""
+        for category, text, filename, lineno in recorded:
+            if not (isinstance(category, type) and issubclass(category, Warning)):
+                category = UserWarning
+            if (category, text) in self._warned:
+                continue
+            self._warned.add((category, text))
+            warnings.warn_explicit(text, category, filename, lineno)
 
     # -- start -----------------------------------------------------------------------------------
     def __enter__(self) -> ReplicaPool:
@@ -232,6 +354,8 @@ class ReplicaPool:
         o = self.options
         if not ray.is_initialized():
             where = "a local Ray instance" if o.address is None else f"the Ray cluster at {o.address}"
+            if o.address is not None:
+                check_address(o.address)
             try:
                 ray.init(
                     address="local" if o.address is None else o.address,
@@ -291,6 +415,8 @@ class ReplicaPool:
             ) from None
         except RayActorError as err:
             raise ReplicaError(f"a replica died while loading the model: {_first_line(err)}") from None
+        for info in infos:
+            self._warn(info.get("warnings", ()))
         for i, info in enumerate(infos):
             if info["error"]:
                 raise ReplicaError(f"replica {i + 1} of {len(infos)} could not load the model: {info['error']}")
@@ -303,6 +429,15 @@ class ReplicaPool:
             import ray
         except ImportError:
             return
+        # Chunks still out when the run stops early (a chunk's error, Ctrl-C) are cancelled first:
+        # a cancelled task is not retried, so killing its replica does not make Ray announce, once
+        # per chunk, a retry that will never happen.
+        for ref in self._running.values():
+            try:
+                ray.cancel(ref)
+            except Exception:  # already finished
+                pass
+        self._running = {}
         for a in self.actors:
             try:
                 ray.kill(a)
@@ -330,7 +465,8 @@ class ReplicaPool:
 
         def submit(actor, task: Task):
             inflight[task.key] = (task, time.perf_counter(), actor._actor_id.hex())
-            return actor.run.remote(task)
+            self._running[task.key] = ref = actor.run.remote(task)
+            return ref
 
         for t in tasks:
             if t.key in inflight or t.key in attempts:
@@ -354,6 +490,7 @@ class ReplicaPool:
                         "rerun the same command to continue"
                     ) from None
                 task = inflight.pop(key)[0]
+                self._running.pop(key, None)
                 attempts[key] += 1
                 if alive <= 0 or attempts[key] > len(self.actors):
                     raise ReplicaError(
@@ -368,9 +505,11 @@ class ReplicaPool:
                 self.retried += 1
                 pool.submit(submit, task)
                 continue
+            self._warn(out.get("warnings", ()))
             if "raise" in out:
                 raise ReplicaError(out["raise"])
             task, t_sent, _ = inflight.pop(out["key"])
+            self._running.pop(out["key"], None)
             latency = time.perf_counter() - t_sent
             self.overheads.append(max(0.0, latency - out["compute_s"]))
             yield Outcome(task, out["results"], out["batched"], out["pid"], out["compute_s"], latency)
@@ -398,4 +537,14 @@ class ReplicaPool:
         return run
 
 
-__all__ = ["RayOptions", "ReplicaPool", "Replica", "ReplicaError", "Task", "Outcome"]
+__all__ = [
+    "CONNECT_TIMEOUT_S",
+    "RayOptions",
+    "ReplicaPool",
+    "Replica",
+    "ReplicaError",
+    "Task",
+    "Outcome",
+    "check_address",
+    "replica_config",
+]

@@ -331,3 +331,223 @@ def test_driver_killed_and_rerun_resumes(tmp_path, capsys):
     for k in kept:
         k.pop("fp")
         assert k in final
+
+
+# -- addresses, warnings and the end of a failed run ---------------------------------------------------
+
+
+def _free_port():
+    """A port on 127.0.0.1 that nothing listens on: bound, read, closed."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_bounded(args, timeout=90):
+    """A subprocess in its own session, killed (with anything it started) if it outlives ``timeout``:
+    a hang is a failure here, not a stuck test run."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"still running after {timeout}s: {args}")
+    return proc.returncode, out, err
+
+
+class _NotRay:
+    """Plain TCP servers on 127.0.0.1 that are not Ray: ``talker`` answers one line and hangs up (a
+    web server, a database), ``silent`` accepts nothing and says nothing. Closed by the test."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.talker = socket.create_server(("127.0.0.1", 0))
+        self.silent = socket.create_server(("127.0.0.1", 0))
+
+        def serve():
+            while True:
+                try:
+                    conn, _ = self.talker.accept()
+                except OSError:  # closed: the test is over
+                    return
+                with conn:
+                    conn.recv(1024)
+                    conn.sendall(b"220 hello, this is not Ray\r\n")
+
+        self.thread = threading.Thread(target=serve, daemon=True)
+        self.thread.start()
+
+    def address(self, which):
+        return f"127.0.0.1:{getattr(self, which).getsockname()[1]}"
+
+    def close(self):
+        import socket
+
+        self.talker.shutdown(socket.SHUT_RDWR)
+        self.talker.close()
+        self.silent.close()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def not_ray():
+    servers = _NotRay()
+    try:
+        yield servers
+    finally:
+        servers.close()
+
+
+def test_address_where_nothing_listens_is_one_line(tmp_path):
+    """``--ray 127.0.0.1:PORT`` with nothing there: ray.init alone retries for minutes."""
+    inp = tmp_path / "in.jsonl"
+    write_input(inp, 1)
+    port = _free_port()
+    code, out, err = _run_bounded(
+        ["-m", "personajudge", "generate", "--input", str(inp), *TOY, "--seed", "0", "-q", "--ray", f"127.0.0.1:{port}"]
+    )
+    assert code == 2 and out == ""
+    assert err.splitlines() == [
+        f"personajudge: error: cannot reach the Ray cluster at 127.0.0.1:{port}: Connection refused"
+    ]
+
+
+def test_address_of_a_server_that_is_not_ray_is_one_line(tmp_path, not_ray):
+    inp = tmp_path / "in.jsonl"
+    write_input(inp, 1)
+    address = not_ray.address("talker")
+    code, out, err = _run_bounded(
+        ["-m", "personajudge", "generate", "--input", str(inp), *TOY, "--seed", "0", "-q", "--ray", address]
+    )
+    assert code == 2 and out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"personajudge: error: cannot reach the Ray cluster at {address}: ")
+    assert "does not speak gRPC" in lines[0]
+
+
+#: ReplicaPool on each address given, in a process of its own (where Ray is not started yet), with
+#: a short connect timeout; prints the error's type and text for each.
+POOL_ON_ADDRESSES = """
+import sys
+import personajudge.distributed as d
+from personajudge.core.config import build_config
+d.CONNECT_TIMEOUT_S = 1.0
+cfg = build_config({"backend": {"name": "toy"}})
+for address in sys.argv[1:]:
+    try:
+        with d.ReplicaPool(cfg, d.RayOptions(address=address), quiet=True):
+            print("started")
+    except Exception as err:
+        print(type(err).__name__, "|", err)
+"""
+
+
+def test_bad_addresses_raise_replica_error_in_the_api(not_ray):
+    port = _free_port()
+    addresses = [f"127.0.0.1:{port}", not_ray.address("talker"), not_ray.address("silent"), f"ray://127.0.0.1:{port}"]
+    code, out, err = _run_bounded(["-c", POOL_ON_ADDRESSES, *addresses])
+    assert code == 0, err
+    got = [line.split(" | ") for line in out.splitlines()]
+    assert [g[0] for g in got] == ["ReplicaError"] * 4, out
+    for address, (_, text) in zip(addresses, got):
+        assert text.startswith(f"cannot reach the Ray cluster at {address}: "), text
+    assert got[0][1].endswith("Connection refused") and got[3][1].endswith("Connection refused")
+    assert "does not speak gRPC" in got[1][1]
+    assert got[2][1].endswith("no answer within 1s (is Ray running there?)")
+
+
+def test_threads_are_given_only_to_a_backend_that_reads_them():
+    from personajudge.distributed import replica_config
+
+    assert replica_config({"backend": {"name": "toy"}}, 3).backend.threads is None  # config_fields: n_ctx only
+    assert replica_config({"backend": {"name": "llama-cpp"}}, 3).backend.threads == 3
+    assert replica_config({"backend": {"name": "llama-cpp", "threads": 1}}, 3).backend.threads == 1  # the user's
+
+
+def test_replica_warnings_are_issued_by_the_driver_once():
+    """Two replicas that each warn at load and on every chunk: the driver issues each warning once,
+    through its own warnings machinery (so its filters and the CLI's one-line format apply)."""
+    import warnings
+
+    from personajudge.core.errors import PersonaJudgeWarning
+
+    tasks = [
+        Task(i, [f"prompt {i}"], [i], {"preferences": ["humor"], "views": [["concise"], ["humor"]]}) for i in range(4)
+    ]
+    cfg = build_config({"backend": {"name": "toy", "threads": 2}, "decoding": {"max_new_tokens": 4}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with ReplicaPool(cfg, RayOptions(replicas=2), quiet=True) as pool:
+            assert sorted(out.task.key for out in pool.run(tasks)) == [0, 1, 2, 3]
+    texts = [str(w.message) for w in caught if issubclass(w.category, PersonaJudgeWarning)]
+    assert sorted(texts) == sorted(
+        [
+            "the toy backend does not use backend.threads=2: ignored",
+            "the preferences given alongside views are ignored; the views decide (put every preference into a view)",
+        ]
+    ), texts
+    # the replica's own thread count (its CPUs) is not forced on the toy, which does not read it
+    cfg = build_config({"backend": {"name": "toy"}, "decoding": {"max_new_tokens": 4}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with ReplicaPool(cfg, RayOptions(replicas=2), quiet=True) as pool:
+            assert len(list(pool.run(_tasks(2)))) == 2
+    assert not [w for w in caught if issubclass(w.category, PersonaJudgeWarning)], [str(w.message) for w in caught]
+
+
+#: The CLI with each chunk slowed down in the replicas, so that a chunk is still out when another one
+#: fails and the run stops.
+SLOW_CHUNKS_MAIN = SLOW_RAY_MAIN.replace("time.sleep(0.3)", "time.sleep(0.5)")
+
+
+def _own_lines(err):
+    """stderr without Ray's start-up notice about its token authentication (Ray's, not a replica's)."""
+    return [line for line in err.splitlines() if "Token authentication is enabled" not in line]
+
+
+def test_cli_on_a_cluster_address_prints_nothing_with_q(tmp_path):
+    """Joined to this module's instance by ``127.0.0.1:PORT`` (the probe lets a real Ray through), a
+    clean toy run with -q prints nothing: no thread count forced on the toy (which would warn in each
+    replica), no per-replica log lines."""
+    port = ray.get_runtime_context().gcs_address.rpartition(":")[2]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(inp, 2)
+    argv = ["generate", "--input", str(inp), "--output", str(out), *TOY, "--seed", "0", "-q"]
+    code, stdout, err = _run_bounded(["-m", "personajudge", *argv, "--ray", f"127.0.0.1:{port}", "--replicas", "2"])
+    assert code == 0 and stdout == "" and _own_lines(err) == [], (stdout, err)
+    assert [r["id"] for r in rows(out)] == ["r0", "r1"]
+
+
+def test_failed_run_is_the_warning_once_and_the_error(tmp_path):
+    """A local instance of its own (Ray announces retries to such a driver), ``--threads 2`` that
+    the toy ignores, and a prompt too long for the context while another chunk is still running:
+    stderr is the driver's one-line warning, once for two replicas, and the error; no Ray notice
+    that the chunk killed with its replica "will be retried" (which Ray prints on standard output,
+    where ``generate`` without ``--output`` writes its JSONL)."""
+    inp = tmp_path / "long.jsonl"
+    with open(inp, "w") as f:
+        for i in range(6):
+            f.write(json.dumps({"id": i, "prompt": "word " * (300 if i == 1 else 3)}) + "\n")
+    argv = ["generate", "--input", str(inp), "--output", str(tmp_path / "o.jsonl"), *TOY, "--seed", "0", "-q"]
+    argv += ["--threads", "2", "--n-ctx", "128", "--batch-size", "1", "--ray", "--replicas", "2"]
+    code, out, err = _run_bounded(["-c", SLOW_CHUNKS_MAIN, *argv])
+    lines = _own_lines(err)
+    assert code == 2 and out == "", out
+    assert len(lines) == 2, lines
+    assert lines[0] == "personajudge: warning: the toy backend does not use backend.threads=2: ignored"
+    assert lines[1].startswith("personajudge: error: the prompt of view 0 is "), lines
