@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import warnings
 
 from personajudge.api import PersonaJudge
@@ -112,10 +113,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine = pj.engine
 
         class GracefulServer(uvicorn.Server):
-            """On the first SIGTERM/SIGINT: stop accepting (uvicorn), give in-flight requests
-            ``--shutdown-timeout`` seconds, then cancel the rest in the engine, so that their
-            responses still end properly (an error event and [DONE] on a stream) before uvicorn's
-            own, slightly later, deadline closes the connections."""
+            """On the first SIGTERM/SIGINT: drain with the port still open. ``/health`` and new
+            requests answer 503 ``shutting_down`` (a load balancer takes the replica out), in-flight
+            requests get ``--shutdown-timeout`` seconds, the rest are cancelled in the engine so that
+            their responses still end properly (an error event and [DONE] on a stream), and only then
+            does uvicorn stop accepting and close. A second signal stops at once."""
+
+            draining = False
 
             @contextlib.contextmanager
             def capture_signals(self):
@@ -132,18 +136,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         signal.signal(sig, handler)
 
             def handle_exit(self, sig, frame) -> None:
-                if not self.should_exit:
-                    timer = threading.Timer(args.shutdown_timeout, engine.close)
-                    timer.daemon = True
-                    timer.start()
-                super().handle_exit(sig, frame)
+                if self.draining or self.should_exit:
+                    super().handle_exit(sig, frame)
+                    return
+                self.draining = True
+                app.state.server.shutting_down = True
+                threading.Thread(target=self._drain, name="personajudge-drain", daemon=True).start()
+
+            def _drain(self) -> None:
+                deadline = time.monotonic() + args.shutdown_timeout
+                while time.monotonic() < deadline:
+                    stats = engine.stats()
+                    if not stats["running"] and not stats["queued"]:
+                        break
+                    time.sleep(0.05)
+                engine.close()  # cancels what is left; its responses end with the shutting_down error
+                self.should_exit = True  # uvicorn's loop sees it within a tick: stop accepting, close
 
         config = uvicorn.Config(
             app,
             host=args.host,
             port=args.port,
             log_level=args.log_level,
-            timeout_graceful_shutdown=args.shutdown_timeout + 5,
+            timeout_graceful_shutdown=5,  # after the drain: the cancelled responses write their last events
             access_log=args.access_log,
         )
         server = GracefulServer(config)
