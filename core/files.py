@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import stat
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -110,6 +111,17 @@ _KINDS = (
     (stat.S_ISBLK, "a block device"),
     (stat.S_ISSOCK, "a socket"),
 )
+
+
+def silence_stdout() -> None:
+    """Point fd 1 at /dev/null, after standard output failed (a closed pipe, a full disk): the
+    interpreter flushes ``sys.stdout`` at exit, and would fail again with a second error."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # AttributeError: no stdout at all (None)
+        pass
 
 
 def os_error_text(err: OSError) -> str:

@@ -51,6 +51,7 @@ from personajudge.core.files import (
     fsync_dir,
     os_error_text,
     read_text,
+    silence_stdout,
 )
 from personajudge.preferences import normalize_conversation
 
@@ -362,12 +363,12 @@ class JsonlBatch:
             sys.stdout.write("".join(lines))
             sys.stdout.flush()
         except BrokenPipeError:
-            _silence_stdout()
+            silence_stdout()
             raise OutputError(
                 f"standard output was closed (broken pipe) after {self.written} of {len(self.records)} results"
             ) from None
         except OSError as err:  # `> /dev/full` and the like: say how much got out, never lose rows silently
-            _silence_stdout()
+            silence_stdout()
             raise OutputError(
                 f"could not write to standard output ({os_error_text(err)}) after {self.written} of "
                 f"{len(self.records)} results; the rest are lost: --output FILE keeps them resumably"
@@ -456,16 +457,6 @@ class JsonlBatch:
         except FileNotFoundError:
             pass
         fsync_dir(self.partial.parent)
-
-
-def _silence_stdout() -> None:
-    """After EPIPE, point fd 1 at /dev/null so the interpreter's final flush does not raise again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):
-        pass
 
 
 def run_jsonl(

@@ -9,14 +9,13 @@ keeps its traceback.
 from __future__ import annotations
 
 import errno
-import os
 import sys
 import warnings
 from collections.abc import Sequence
 
 from personajudge import __version__
 from personajudge.core.errors import PersonaJudgeError
-from personajudge.core.files import OutputError, os_error_text
+from personajudge.core.files import OutputError, os_error_text, silence_stdout
 
 from . import bench, eval, generate, info, serve
 from .options import EXIT_USAGE, _Parser
@@ -58,16 +57,6 @@ class ClosedStdout:
 _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
 
 
-def _silence_stdout() -> None:
-    """Point fd 1 at /dev/null so the interpreter's final flush of stdout cannot fail again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError, AttributeError):
-        pass
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -85,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # `personajudge generate ... | head -1`: the reader left. Say so once, and keep the
         # interpreter from failing again when it flushes stdout at exit.
-        _silence_stdout()
+        silence_stdout()
         print("personajudge: error: the output pipe was closed; generation stopped", file=sys.stderr)
         return EXIT_USAGE
     except OSError as err:
@@ -93,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # write error of this kind is standard output's.
         if err.errno not in _OUTPUT_ERRNOS or err.filename is not None:
             raise
-        _silence_stdout()
+        silence_stdout()
         print(
             f"personajudge: error: could not write to standard output ({os_error_text(err)}); the output is incomplete",
             file=sys.stderr,

@@ -13,7 +13,6 @@ import socket
 import sys
 import threading
 import time
-import warnings
 
 from personajudge.api import PersonaJudge
 from personajudge.core.errors import ConfigError, PersonaJudgeError
@@ -78,16 +77,6 @@ def _bind(host: str, port: int) -> list[socket.socket]:
     return socks
 
 
-def _check_defaults(pj: PersonaJudge) -> None:
-    """Resolve what a request that sets nothing gets (preferences, views, method, encoder) the way
-    ``generate`` does, so a misspelt default stops the server with generate's message instead of
-    failing every request with a 400 that blames the client."""
-    with warnings.catch_warnings():  # a single default view is fine for a server: requests bring their own
-        warnings.simplefilter("ignore")
-        cfg, _, views = pj._prepare(None, None, None, {})
-    pj.resolved_encoder(cfg, views)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     _require_serve_extra()
     _check_limits(args)
@@ -102,7 +91,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for sock in sockets:
             stack.enter_context(sock)
         pj = stack.enter_context(PersonaJudge(cfg, max_batch=args.max_batch, max_queue=args.max_queue))
-        _check_defaults(pj)
         app = create_app(
             pj,
             model_name=args.served_model_name,
