@@ -58,7 +58,7 @@ from .acceptance import (
     sample_dist,
     sample_from,
 )
-from .arrays import like
+from .arrays import like, take_along
 from .contract import ForwardCall
 from .decoding import DecodeRequest, Views
 from .scheduler import RoleScheduler
@@ -83,7 +83,7 @@ def _lookup(rows: Rows, at: Array, n: int) -> Array:
     """
     xp = array_namespace(rows.probs)
     if rows.ids is None:
-        return xp.take_along_axis(rows.probs, at, axis=-1)
+        return take_along(rows.probs, at)
     r, k = rows.ids.shape
     off = xp.arange(r, dtype=xp.int64, device=device(at))[:, None] * n
     flat = xp.reshape(rows.ids + off, (-1,))
@@ -101,8 +101,7 @@ def _pick(ids: Array | None, index: Array) -> Array:
     """The token at ``index`` (R,) of each row's support."""
     if ids is None:
         return index
-    xp = array_namespace(ids)
-    return xp.take_along_axis(ids, index[:, None], axis=-1)[:, 0]
+    return take_along(ids, index[:, None])[:, 0]
 
 
 #: :func:`judge_rows` or a backend's compiled version of it (``Backend.compile_kernel``)

@@ -30,7 +30,7 @@ import numpy as np
 from array_api_compat import array_namespace, device, is_numpy_namespace, is_torch_namespace
 
 from .acceptance import NOT_FINITE, OK, TIES_PAST_SLACK, Dist
-from .arrays import like
+from .arrays import like, take_along
 from .transforms import SamplingParams, _softmax, _unchecked_filtered_probs, filtered_probs, not_finite_error
 
 Array = Any
@@ -151,7 +151,7 @@ def row_candidates(logits: Array, params: SamplingParams, *, slack: int | None =
     r, n = logits.shape
     if params.greedy:
         i = xp.reshape(xp.astype(xp.argmax(logits, axis=-1), xp.int64), (r, 1))
-        bad = ~xp.isfinite(xp.take_along_axis(logits, i, axis=-1)[:, 0])  # argmax finds NaN and +inf first
+        bad = ~xp.isfinite(take_along(logits, i)[:, 0])  # argmax finds NaN and +inf first
         return Rows(i, xp.ones((r, 1), dtype=xp.float64, device=dev), _codes(xp, bad))
     k = params.top_k
     if not 0 < k < n:
@@ -169,8 +169,8 @@ def row_candidates(logits: Array, params: SamplingParams, *, slack: int | None =
         threshold = xp.min(xp.where(before < params.top_p, top, math.inf), axis=-1, keepdims=True)
         keep = keep & (z >= threshold)
     order = xp.argsort(idx, axis=-1)
-    ids = xp.astype(xp.take_along_axis(idx, order, axis=-1), xp.int64)
-    z = xp.where(xp.take_along_axis(keep, order, axis=-1), xp.take_along_axis(z, order, axis=-1), -math.inf)
+    ids = xp.astype(take_along(idx, order), xp.int64)
+    z = xp.where(take_along(keep, order), take_along(z, order), -math.inf)
     if is_numpy_namespace(xp):
         bad = ~xp.isfinite(xp.max(logits, axis=-1))  # numpy's partition does not put NaN first
     else:

@@ -109,7 +109,8 @@ def spec_from_args(args: argparse.Namespace):
             unique[e.name] = e
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     baseline = None if args.baseline.strip().lower() in ("", "none") else args.baseline.strip()
-    seed = args.seed if args.seed is not None else 0
+    # --seed, else the config file's decoding.seed, else 0: an evaluation is always reproducible
+    seed = args.seed if args.seed is not None else (run.decoding.seed if run.decoding.seed is not None else 0)
     if args.samples < 1:
         raise EvalError("--samples must be at least 1")
     if args.batch_size < 1:
@@ -180,7 +181,10 @@ def register(sub: Any) -> None:
         "write report.md / report.json / PNG plots. Rows are appended as they are "
         "produced: rerun the same command to continue an interrupted run.",
     )
-    add_run_options(p, seed_help="seed of the first sample; --samples N uses seeds SEED..SEED+N-1 (default 0)")
+    add_run_options(
+        p,
+        seed_help="seed of the first sample; --samples N uses seeds SEED..SEED+N-1 (default: the config's decoding.seed, else 0)",
+    )
     g = p.add_argument_group("evaluation")
     g.add_argument(
         "--dataset",
@@ -239,7 +243,7 @@ def register(sub: Any) -> None:
         type=int,
         default=1,
         metavar="N",
-        help="generations per prompt, with seeds --seed, --seed+1, ... (default 1; --seed defaults to 0)",
+        help="generations per prompt, with seeds --seed, --seed+1, ... (default 1)",
     )
     g.add_argument(
         "--batch-size",

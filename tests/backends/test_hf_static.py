@@ -212,12 +212,15 @@ def test_inductor_compiled_judge_is_the_same_function():
     dynamic), sampling settings with and without top-k, NaN rows and ties
     past the slack (their status codes send them to the exact per-row path).
     Before ``_lookup`` stopped using ``clip``, the second settings broke the graph.
+    Dynamo's default recompile limit (8) holds: 12 (settings, rows) pairs
+    compile 6 graphs (see the test below).
     """
     import numpy as np
 
     from personajudge.backends.hf import CompiledKernel
     from personajudge.core.acceptance import NOT_FINITE, TIES_PAST_SLACK
 
+    torch._dynamo.reset()
     kernel = CompiledKernel(torch, judge_rows, "inductor")
     g = np.random.default_rng(11)
     codes = set()
@@ -232,6 +235,36 @@ def test_inductor_compiled_judge_is_the_same_function():
                 codes.update(want[:, 3].tolist())
     assert kernel.calls == 36 and kernel.fallback is None
     assert {NOT_FINITE, TIES_PAST_SLACK} <= codes  # the special rows were exercised
+
+
+def test_the_compiled_judge_compiles_twice_per_sampling_setting_whatever_the_batch():
+    """One graph for one row, one with the row count symbolic for every other: never one per batch size.
+
+    A server's batch grows and shrinks every step; a graph per size would
+    recompile for seconds on a GPU and pass dynamo's recompile limit (8)
+    within one ramp-up. ``take_along_dim`` (array-api-compat's
+    ``take_along_axis`` on torch) fixed the row count under ``torch.compile``;
+    the core gathers instead. Dynamo's ``eager`` backend traces exactly
+    what inductor would compile, without generating code.
+    """
+    import numpy as np
+    from torch._dynamo.utils import counters
+
+    from personajudge.backends.hf import CompiledKernel
+
+    torch._dynamo.reset()
+    counters.clear()
+    kernel = CompiledKernel(torch, judge_rows, "eager")
+    g = np.random.default_rng(3)
+    graphs = []
+    with torch._dynamo.config.patch(recompile_limit=8):
+        for params in (SamplingParams(), SamplingParams(1.0, 0, 0.95)):
+            for rows in (1, 2, 5, 16, 3, 9, 1, 32):
+                p, q, u = judge_inputs(g, rows)
+                got = kernel(p, q, params, u[:, 0], u[:, 1], u[:, 2])
+                assert torch.equal(got, judge_rows(p, q, params, u[:, 0], u[:, 1], u[:, 2]))
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [2, 4] and kernel.calls == 16 and kernel.fallback is None
 
 
 def test_the_capacity_is_the_context_length(dirs):

@@ -301,6 +301,17 @@ def test_reproduce_command_rebuilds_the_same_spec(tmp_path, capsys):
     assert "2 seeds" in md and "concise (len ↓)" in md
 
 
+@pytest.mark.parametrize(("flag", "seeds"), [([], [7, 8]), (["--seed", "3"], [3, 4])])
+def test_the_config_files_seed_is_the_first_sample_seed_unless_seed_is_given(flag, seeds, tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("[decoding]\nseed = 7\n")
+    d = tmp_path / "run"
+    argv = ["eval", *SMALL, "--limit", "2", "--run-dir", str(d), "--config", str(cfg), "--samples", "2", *flag]
+    assert main([*argv, "--methods", "prompt", "--scorers", "len=length"]) == 0
+    assert json.loads((d / "run.json").read_text())["spec"]["seeds"] == seeds
+    assert {r["seed"] for r in read_rows(d / "generations.jsonl")[0]} == set(seeds)
+
+
 # -- the store -----------------------------------------------------------------------------------
 
 
