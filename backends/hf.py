@@ -61,7 +61,9 @@ from personajudge.core.errors import (
     DeviceError,
     ModelLoadError,
     PersonaJudgeWarning,
+    SessionError,
 )
+from personajudge.core.transforms import SamplingParams
 
 INSTALL_HINT = "pip install 'persona-judge[hf]'"
 
@@ -1008,6 +1010,8 @@ class HFBackend(Backend):
     # ----------------------------------------------------------------- contract
 
     def open(self, n_views: int) -> HFSession:
+        if self.model is None:  # close() dropped the weights
+            raise SessionError("this hf backend is closed; load the model again (a new backend)")
         return HFSession(self, n_views)
 
     def native_generate(
@@ -1017,7 +1021,7 @@ class HFBackend(Backend):
         from transformers import GenerationConfig
 
         torch = self.torch
-        greedy = temperature == 0
+        greedy = SamplingParams(temperature).greedy
         eos = sorted(self.tokenizer.eos_token_ids)
         # Every logits processor set explicitly: ``generate`` fills unset (None) fields from the model's
         # generation_config, which may carry e.g. a repetition penalty the Persona-judge side does not apply.

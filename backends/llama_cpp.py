@@ -51,6 +51,7 @@ from personajudge.core.errors import (
     ModelLoadError,
     SessionError,
 )
+from personajudge.core.transforms import SamplingParams
 
 INSTALL_HINT = "pip install 'persona-judge[llama]'"
 DEFAULT_N_CTX = 4096
@@ -606,7 +607,7 @@ class LlamaCppBackend(Backend):
             self._seq_rm(seq, 0)
             chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
             try:
-                if temperature <= 0.0:
+                if SamplingParams(temperature).greedy:
                     lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
                 else:  # same order as the core's transforms: temperature, top-k, top-p
                     lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(float(temperature)))

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from personajudge.core.config import BackendConfig, Options, take_options
 from personajudge.core.contract import Backend, ForwardCall, Session
-from personajudge.core.errors import ConfigError
+from personajudge.core.errors import ConfigError, SessionError
 
 ALPHABET = " abcdefghijklmnopqrstuvwxyz.,!?'"
 EOS = 0
@@ -102,7 +102,13 @@ class ToyBackend(Backend):
         return self._bigram[last] + noise.astype(np.float32)
 
     def open(self, n_views: int) -> ToySession:
+        if getattr(self, "_closed", False):
+            raise SessionError("this toy backend is closed; make a new one")
         return ToySession(self, n_views)
+
+    def close(self) -> None:
+        """Nothing to free; closed like any backend, so that code which uses a closed one fails here too."""
+        self._closed = True
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "model": f"toy(seed={self.seed})", "device": "cpu"}

@@ -12,10 +12,10 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
-from .files import read_text
+from .files import read_text, unicode_problem
 
 #: Defaults of the released Persona-judge code (paper section 5).
 PAPER_DEFAULTS = {"lambda": 4, "temperature": 0.7, "top_k": 20, "top_p": 0.9, "max_new_tokens": 128}
@@ -68,7 +68,7 @@ class DecodingConfig(_Model):
     """Sampling and acceptance settings; defaults are the paper's."""
 
     lambda_: int = Field(4, alias="lambda", ge=1, le=64, description="Draft window length.")
-    temperature: float = Field(0.7, ge=0.0, le=100.0, description="0 means greedy.")
+    temperature: float = Field(0.7, ge=0.0, le=100.0, description="0 means greedy (so does anything below 1e-5).")
     top_k: int = Field(20, ge=0, description="0 disables top-k.")
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     max_new_tokens: int = Field(128, ge=1, le=1_000_000)
@@ -93,7 +93,17 @@ class DecodingConfig(_Model):
     def _stop(cls, v: list[str]) -> list[str]:
         if any(s == "" for s in v):
             raise ValueError("stop strings must not be empty")
+        for i, s in enumerate(v):
+            _check_unicode(s, f"stop string {i + 1}")
         return v
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """Text that reaches a tokenizer or the output is refused here when it holds a lone surrogate:
+    tokenizers fail on it deep inside, and JSON output would not be valid UTF-8."""
+    problem = unicode_problem(text)
+    if problem is not None:
+        raise ValueError(f"{what} {problem}")
 
 
 class RunConfig(_Model):
@@ -105,7 +115,11 @@ class RunConfig(_Model):
     views: list[list[str]] | None = Field(
         None, description="Optional grouping of preferences into views, e.g. [['concise','humor'],['expert']]."
     )
-    encoder: str = Field("auto", description="Preference encoder; auto picks chat-turn or plain.")
+    encoder: str = Field(
+        "auto",
+        description="Preference encoder; auto picks chat-turn for chat models, else exemplar when every "
+        "preference has examples, else plain.",
+    )
     encoder_options: dict[str, Any] = Field(default_factory=dict, description="Options of the encoder.")
     method_options: dict[str, Any] = Field(default_factory=dict, description="Options of the method.")
     system: str | None = Field(None, description="Optional system message for chat models.")
@@ -119,12 +133,19 @@ class RunConfig(_Model):
             raise ValueError("must not be empty")
         return v
 
-    @model_validator(mode="after")
-    def _views(self) -> RunConfig:
-        if self.views is not None:
-            if not self.views or any(len(v) == 0 for v in self.views):
-                raise ValueError("views: every view needs at least one preference")
-        return self
+    @field_validator("views")
+    @classmethod
+    def _views(cls, v: list[list[str]] | None) -> list[list[str]] | None:
+        if v is not None and (not v or any(not [p for p in view if p.strip()] for view in v)):
+            raise ValueError("every view needs at least one preference")
+        return v
+
+    @field_validator("system")
+    @classmethod
+    def _system(cls, v: str | None) -> str | None:
+        if v is not None:
+            _check_unicode(v, "the system message")
+        return v
 
 
 def validation_message(err: Exception, prefix: str | None = None) -> str:

@@ -82,14 +82,22 @@ def check_text(text: str, what: str, error: type[PersonaJudgeError]) -> str:
     ``surrogateescape``); tokenizers fail on them deep inside (``UnicodeEncodeError``, a
     ``TypeError`` from a Rust tokenizer), so they are refused where the text comes in.
     """
+    problem = unicode_problem(text)
+    if problem is not None:
+        raise error(f"{what} {problem}")
+    return text
+
+
+def unicode_problem(text: str) -> str | None:
+    """Why ``text`` cannot be encoded as UTF-8 (``"is not valid Unicode: ..."``), or None when it can."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise error(
-            f"{what} is not valid Unicode: a lone surrogate U+{ord(text[err.start]):04X} at character "
+        return (
+            f"is not valid Unicode: a lone surrogate U+{ord(text[err.start]):04X} at character "
             f"{err.start} (invalid UTF-8 in the input, or a \\ud800-style JSON escape)"
-        ) from None
-    return text
+        )
+    return None
 
 
 # -- writing outputs safely ---------------------------------------------------------------------------

@@ -23,6 +23,11 @@ from .errors import NumericalError
 Array = Any
 
 
+#: temperatures below this are greedy. Dividing logits by less overflows float64 (about 1e-308) and is
+#: the argmax in every meaningful sense well before; vLLM draws the line at the same place.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """The transform settings shared by draft and judge."""
@@ -33,7 +38,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 def _top_values(xp, z: Array, k: int) -> Array:

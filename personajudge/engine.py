@@ -539,9 +539,14 @@ class Engine:
         return admit, None, failed
 
     def _open(self, capacity: int) -> None:
+        """A session of ``capacity`` views; the size is kept (later sessions open as large) only once it opened.
+
+        Kept before, a request the backend refused (more views than it can
+        hold) would have made every later session ask for as many, and fail.
+        """
         self._close_session()
-        self._capacity = capacity
         self._session = self.backend.open(capacity)
+        self._capacity = capacity
         self._driver = StepDriver(self._session)
         self._judge = BatchedJudge(self._kernel)
         self._free = list(range(capacity))
@@ -618,7 +623,7 @@ class Engine:
             job.req.stats.wall_time_s = now - job.t_start
         if job.cancelled and (error is None or isinstance(error, RequestCancelled)):
             error = RequestCancelled(
-                "the server is shutting down; the request was cancelled"
+                "the engine is shutting down; the request was cancelled"
                 if self._closing
                 else "the request was cancelled"
             )

@@ -48,6 +48,7 @@ import numpy as np
 
 from personajudge.api import PersonaJudge, make_method
 from personajudge.core.config import DecodingConfig, build_config
+from personajudge.core.transforms import SamplingParams
 from personajudge.plugins import get_method, preference_library
 from personajudge.preferences import build_views
 
@@ -86,7 +87,7 @@ def filtered_distribution(logits: Any, *, temperature: float, top_k: int, top_p:
     (renormalized over the k) is below ``top_p``.
     """
     z = _to_numpy(logits).reshape(-1)
-    if temperature == 0:
+    if SamplingParams(temperature).greedy:
         return {int(np.argmax(z)): 1.0}
     z = z / temperature
     v = z.shape[0]

@@ -684,3 +684,16 @@ def test_bench_example_runs(tiny_dirs):
     assert all(isinstance(rep[k], float) and np.isfinite(rep[k]) for k in ("ratio_wall", "ratio_cpu"))
     assert set(rep["summary"]) == {"plain", "persona-judge"}
     assert rep["backend"]["backend"] == "hf" and rep["backend"]["cpu_prepacked_linears"] > 0
+
+
+def test_a_closed_backend_refuses_sessions(tiny_dirs):
+    """close() drops the weights; a session opened afterwards failed at its first forward with an AttributeError."""
+    from personajudge.backends.hf import HFBackend
+    from personajudge.core.errors import SessionError
+
+    backend = HFBackend(BackendConfig(name="hf", model=tiny_dirs["llama"], device="cpu"))
+    with backend.open(2) as s:
+        assert s.forward(0, [1, 2]).shape[0] == 1
+    backend.close()
+    with pytest.raises(SessionError, match="closed"):
+        backend.open(2)

@@ -34,7 +34,11 @@ def test_toml_file_and_overrides(tmp_path):
         ({"backend": {"threads": 0}}, "backend.threads"),
         ({"backend": {"nmae": "toy"}}, "backend.nmae"),
         ({"views": [["concise"], []]}, "views"),
+        ({"views": [[" "]]}, "views"),
         ({"method": " "}, "method"),
+        # lone surrogates reach the tokenizer (a bare UnicodeEncodeError) or invalid-UTF-8 JSON output
+        ({"system": "be nice \udcff"}, "system: the system message is not valid Unicode: a lone surrogate U+DCFF"),
+        ({"decoding": {"stop": ["ok", "\ud800"]}}, "decoding.stop: stop string 2 is not valid Unicode"),
     ],
 )
 def test_invalid_values_name_the_field(data, field):
@@ -51,3 +55,8 @@ def test_unreadable_files(tmp_path):
     bad.write_text("method = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config_file(bad)
+
+
+def test_an_empty_view_is_named_as_the_views_field():
+    with pytest.raises(ConfigError, match=r"^invalid config: views: every view needs at least one preference$"):
+        build_config({"views": [["concise"], []]})

@@ -117,3 +117,15 @@ def test_a_session_whose_undo_fails_is_closed():
     assert s.closed
     with pytest.raises(SessionError, match="closed"):
         s.forward_many([(0, [1, 2], 1)])
+
+
+def test_a_closed_toy_backend_refuses_sessions_and_requests():
+    """As llama.cpp and hf do: the README's "a closed backend raises SessionError" holds for the toy too."""
+    backend = ToyBackend()
+    with PersonaJudge({"backend": {"name": "toy"}, "encoder": "plain"}, backend=backend) as pj:
+        assert pj.generate("hi", preferences=["concise", "humor"], max_new_tokens=4, seed=0).tokens
+    with pytest.raises(SessionError, match="closed"):  # the last close() closed the backend
+        backend.open(2)
+    with PersonaJudge({"backend": {"name": "toy"}, "encoder": "plain"}, backend=backend) as pj:
+        with pytest.raises(SessionError, match="closed"):
+            pj.generate("hi", preferences=["concise", "humor"], max_new_tokens=4, seed=0)

@@ -51,3 +51,29 @@ def test_batched_rows_are_independent():
         for j in range(4):
             assert np.allclose(full[i, j], filtered_probs(z[i, j], params))
     assert np.allclose(full.sum(-1), 1.0)
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy():
+    """1e-320 passes validation (>= 0); dividing logits by it overflowed to inf and NaN.
+
+    Below 1e-5 every filter, the core's sparse paths and every method give
+    what temperature 0 gives (mod crashed on an empty support before).
+    """
+    from personajudge.api import PersonaJudge
+    from personajudge.backends.toy import ToyBackend
+    from personajudge.core.sparse import candidates, row_candidates
+
+    logits = np.array([[0.5, 3.0, 3.0, -1.0, 2.9]], dtype=np.float32)
+    for t in (1e-320, 1e-9):
+        tiny = SamplingParams(t, 2, 0.9)
+        np.testing.assert_array_equal(filtered_probs(logits, tiny), [[0, 1, 0, 0, 0]])
+        assert candidates(logits[0], tiny).ids.tolist() == [1]
+        assert row_candidates(logits, tiny).ids.tolist() == [[1]]
+    assert not SamplingParams(1e-5).greedy  # the line: 1e-5 itself samples
+    with PersonaJudge({"backend": {"name": "toy"}, "encoder": "plain"}, backend=ToyBackend()) as pj:
+        for method in ("persona-judge", "persona-judge-base", "mod", "pad", "prompt"):
+            kw = dict(preferences=["concise", "humor"], method=method, max_new_tokens=12, seed=3)
+            want = pj.generate("Tell me about owls.", temperature=0, **kw)
+            for t in (1e-320, 1e-7):
+                got = pj.generate("Tell me about owls.", temperature=t, **kw)
+                assert (got.tokens, got.finish_reason) == (want.tokens, want.finish_reason), (method, t)

@@ -15,7 +15,7 @@ from personajudge.api import PersonaJudge
 from personajudge.backends.toy import ToyBackend
 from personajudge.core.config import BackendConfig
 from personajudge.core.decoding import StepDriver, drive
-from personajudge.core.errors import ContextLengthError
+from personajudge.core.errors import ConfigError, ContextLengthError
 from personajudge.engine import Engine, Job, QueueFullError, RequestCancelled, is_batchable
 
 PROMPTS = [
@@ -182,6 +182,25 @@ def test_a_failing_request_fails_alone_with_its_typed_error():
     with pytest.raises(ContextLengthError, match="context"):
         bad.result()
     assert len(ok.result().tokens) > 0
+
+
+class SmallToy(ToyBackend):
+    """A toy that holds at most 4 views per session, as llama.cpp holds at most 256 sequences."""
+
+    def open(self, n_views):
+        if n_views > 4:
+            raise ConfigError(f"{n_views} views need more KV sequences than this backend supports (4)")
+        return super().open(n_views)
+
+
+def test_a_request_with_more_views_than_the_backend_holds_fails_alone():
+    pj = PersonaJudge({"backend": {"name": "toy"}, "encoder": "plain"}, backend=SmallToy())
+    want = pj.generate("hi", preferences=PREFS, seed=1, max_new_tokens=10).tokens
+    with pytest.raises(ConfigError, match="more KV sequences"):
+        pj.generate("hi", views=[["concise"]] * 6, seed=1, max_new_tokens=3)
+    for _ in range(2):  # the refused size is not what later sessions ask for
+        assert pj.generate("hi", preferences=PREFS, seed=1, max_new_tokens=10).tokens == want
+    assert pj.engine.stats()["slots"] <= 4
 
 
 class GatedToy(ToyBackend):
