@@ -50,6 +50,7 @@ from personajudge.core.errors import (
     DeviceError,
     ModelLoadError,
     SessionError,
+    TooManyViewsError,
 )
 from personajudge.core.transforms import SamplingParams
 
@@ -500,19 +501,19 @@ class LlamaCppBackend(Backend):
             return
         lib = self._lib
         if n_seq > int(lib.llama_max_parallel_sequences()):
-            raise ConfigError(
+            raise TooManyViewsError(
                 f"{n_seq - 1} views need more KV sequences than llama.cpp supports "
                 f"({lib.llama_max_parallel_sequences()})"
             )
         # llama.cpp reserves one output row per sequence within a batch and aborts (GGML_ASSERT
         # n_outputs_max <= cparams.n_outputs_max) when the batch is smaller: refuse instead.
         if self.n_batch < n_seq:
-            raise ConfigError(
+            raise TooManyViewsError(
                 f"{n_seq - 1} view(s) need {n_seq} KV sequences, more than backend.options.n_batch="
                 f"{self.n_batch} tokens per batch can serve; set n_batch to at least {n_seq}"
             )
         if self.context_length * n_seq > 2**32 - 1:  # n_ctx is a uint32_t: it would wrap around
-            raise ConfigError(
+            raise TooManyViewsError(
                 f"a context of {self.context_length} tokens x {n_seq} sequences is more than llama.cpp "
                 "can address; lower the context size (--n-ctx)"
             )

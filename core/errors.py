@@ -15,6 +15,14 @@ class ConfigError(PersonaJudgeError, ValueError):
     """A configuration value is invalid or a config file cannot be read."""
 
 
+class TooManyViewsError(ConfigError):
+    """The backend cannot open a session with that many views (llama.cpp's sequence limit, say).
+
+    Its own type because it is about one request, not the configuration: the
+    engine fails only the request that asked (later ones open as before), and
+    the server names the field the views came from (``views`` or ``preferences``)."""
+
+
 class UnknownPluginError(PersonaJudgeError, KeyError):
     """A backend, encoder, method or scorer name is not registered."""
 

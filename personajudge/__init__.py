@@ -36,6 +36,7 @@ from personajudge.core.errors import (
     PluginError,
     PreferenceError,
     SessionError,
+    TooManyViewsError,
     UnknownPluginError,
     UnknownPreferenceError,
 )
@@ -82,6 +83,7 @@ __all__ = [
     # errors and warnings
     "PersonaJudgeError",
     "ConfigError",
+    "TooManyViewsError",
     "UnknownPluginError",
     "PluginError",
     "PreferenceError",

@@ -18,6 +18,7 @@ from personajudge.api import PersonaJudge
 from personajudge.core.errors import ConfigError, PersonaJudgeError
 from personajudge.core.files import os_error_text
 from personajudge.serve import create_app
+from personajudge.serve.app import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_VIEWS
 from personajudge.serve.bench import format_table, run_bench_serve
 
 from .options import add_run_options, config_from_args
@@ -37,6 +38,8 @@ def _check_limits(args: argparse.Namespace) -> None:
         ("--max-batch", args.max_batch, 1),
         ("--max-queue", args.max_queue, 0),
         ("--port", args.port, 0),
+        ("--max-views", args.max_views, 1),
+        ("--max-request-bytes", args.max_request_bytes, 1),
     ):
         if value < low:
             raise ConfigError(f"{flag} must be at least {low}, got {value}")
@@ -83,6 +86,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg, prefs = config_from_args(args)
     if prefs:  # --prefer / --preferences-file become the server's default preferences
         cfg = cfg.model_copy(update={"preferences": [p if isinstance(p, str) else p.description for p in prefs]})
+    default_views = len(cfg.views) if cfg.views else len(cfg.preferences)
+    if default_views > args.max_views:  # a request sending the defaults itself would be refused
+        raise ConfigError(f"the default preferences open {default_views} views, more than --max-views {args.max_views}")
     import uvicorn
 
     api_key = args.api_key or os.environ.get("PERSONAJUDGE_API_KEY") or None
@@ -97,6 +103,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             api_key=api_key,
             max_tokens_limit=args.max_tokens_limit,
             request_timeout=args.request_timeout,
+            max_views=args.max_views,
+            max_request_bytes=args.max_request_bytes,
         )
         engine = pj.engine
 
@@ -105,9 +113,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             requests answer 503 ``shutting_down`` (a load balancer takes the replica out), in-flight
             requests get ``--shutdown-timeout`` seconds, the rest are cancelled in the engine so that
             their responses still end properly (an error event and [DONE] on a stream), and only then
-            does uvicorn stop accepting and close. A second signal stops at once."""
+            does uvicorn stop accepting and close. A second signal ends the grace period at once: the
+            in-flight requests are cancelled the same way (uvicorn's own second-signal path would
+            leave the engine running, wait ``timeout_graceful_shutdown`` for requests that cannot
+            end, then kill them mid-response with a 500 or a cut stream)."""
 
             draining = False
+            stop_now = threading.Event()
 
             @contextlib.contextmanager
             def capture_signals(self):
@@ -124,7 +136,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         signal.signal(sig, handler)
 
             def handle_exit(self, sig, frame) -> None:
-                if self.draining or self.should_exit:
+                if self.draining and not self.should_exit:  # the second signal, during the drain
+                    self.stop_now.set()
+                    return
+                if self.draining or self.should_exit:  # the engine is closed: uvicorn's own handling
                     super().handle_exit(sig, frame)
                     return
                 self.draining = True
@@ -133,11 +148,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             def _drain(self) -> None:
                 deadline = time.monotonic() + args.shutdown_timeout
-                while time.monotonic() < deadline:
+                while time.monotonic() < deadline and not self.stop_now.is_set():
                     stats = engine.stats()
                     if not stats["running"] and not stats["queued"]:
                         break
-                    time.sleep(0.05)
+                    self.stop_now.wait(0.05)
                 engine.close()  # cancels what is left; its responses end with the shutting_down error
                 self.should_exit = True  # uvicorn's loop sees it within a tick: stop accepting, close
 
@@ -179,6 +194,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         str(max(args.max_batch, max(levels))),
         "--max-queue",
         str(max(args.max_queue, args.requests)),
+        f"--max-views={args.max_views}",
+        f"--max-request-bytes={args.max_request_bytes}",
     ]
     api_key = args.api_key or os.environ.get("PERSONAJUDGE_API_KEY") or None
     rep = run_bench_serve(
@@ -286,7 +303,24 @@ def _add_server_limits(p: argparse.ArgumentParser) -> None:
         dest="shutdown_timeout",
         type=float,
         default=10.0,
-        help="on SIGTERM, seconds in-flight requests get to finish before they are cancelled (default 10)",
+        help="on SIGTERM, seconds in-flight requests get to finish before they are cancelled; a second "
+        "signal cancels them at once (default 10)",
+    )
+    g.add_argument(
+        "--max-views",
+        dest="max_views",
+        type=int,
+        default=DEFAULT_MAX_VIEWS,
+        help=f"most views one request may open (its views, or its preferences, one view each); each takes a "
+        f"KV slot (default {DEFAULT_MAX_VIEWS})",
+    )
+    g.add_argument(
+        "--max-request-bytes",
+        dest="max_request_bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help=f"largest request body; a larger one gets 413 before it is read (default {DEFAULT_MAX_REQUEST_BYTES}, "
+        "8 MiB)",
     )
 
 

@@ -17,11 +17,13 @@ and ``Request`` is a local name of :func:`create_app`.)
 
 import asyncio
 import json
+import logging
 import secrets
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -34,6 +36,7 @@ from personajudge.core.errors import (
     DeviceError,
     PersonaJudgeError,
     PreferenceError,
+    TooManyViewsError,
     UnknownPluginError,
     UnknownPreferenceError,
 )
@@ -46,6 +49,14 @@ from .schemas import FINISH_REASONS, ChatCompletionRequest, CompletionRequest, e
 
 #: how often a waiting request checks whether its client went away
 DISCONNECT_POLL_S = 0.25
+#: the default of ``--max-request-bytes``: a body is read into memory and its prompt tokenized before the
+#: context check, so the body is what bounds that work; 8 MiB is far more text than any context holds
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+#: the default of ``--max-views``: each view of a request takes a KV slot, and the engine's session,
+#: sized for the largest batch it has seen, never shrinks
+DEFAULT_MAX_VIEWS = 8
+
+log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -85,6 +96,8 @@ def map_error(
     the endpoint's (``messages`` or ``prompt``), ``preference_field`` the one the request's views
     came from (``views`` or ``preferences``). A cancellation while ``shutting_down`` is the
     server's doing, not the client's: the 503 ``shutting_down`` of the README's table.
+    A :class:`TooManyViewsError` (the backend cannot open a session for that many views, e.g.
+    llama.cpp's sequence limit) names the field those views came from.
     """
     if isinstance(err, APIError):
         return err
@@ -111,6 +124,8 @@ def map_error(
     if isinstance(err, UnknownPluginError):
         param = {"method": "method", "encoder": "encoder"}.get(err.kind)
         return APIError(400, msg, param=param, code=f"unknown_{err.kind}")
+    if isinstance(err, TooManyViewsError):
+        return APIError(400, msg, param=preference_field, code="invalid_value")
     if isinstance(err, ConfigError):
         return APIError(400, msg, code="invalid_value")
     if isinstance(err, DeviceError):
@@ -131,6 +146,8 @@ class Server:
         api_key: str | None = None,
         max_tokens_limit: int | None = None,
         request_timeout: float = 600.0,
+        max_views: int = DEFAULT_MAX_VIEWS,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     ):
         self.pj = pj
         self.engine = pj.engine
@@ -138,6 +155,8 @@ class Server:
         self.api_key = api_key or None
         self.max_tokens_limit = max_tokens_limit
         self.request_timeout = request_timeout
+        self.max_views = max_views
+        self.max_request_bytes = max_request_bytes
         self.metrics = Metrics(self.engine)
         self.engine.on_step = self.metrics.on_step
         self.engine.on_finish = self.metrics.on_finish
@@ -179,9 +198,24 @@ class Server:
                 code="model_not_found",
             )
 
+    def check_views(self, req: Any) -> None:
+        """At most ``max_views`` views per request, counted as sent, before anything is encoded: each view
+        takes a KV slot, and a session sized for many views keeps that memory for good."""
+        field = "views" if req.views else "preferences"  # build_views uses views when given
+        n = len(req.views) if req.views else len(req.preference_list() or [])
+        if n > self.max_views:
+            raise APIError(
+                400,
+                f"{field}: {n} views asked for; this server allows at most {self.max_views} views per request "
+                "(--max-views)",
+                param=field,
+                code="invalid_value",
+            )
+
     def generation_kwargs(self, req: Any, max_tokens: int | None, field: str) -> dict[str, Any]:
         if (bad := req.unsupported()) is not None:
             raise APIError(400, bad[1], param=bad[0], code="unsupported")
+        self.check_views(req)
         if max_tokens is not None and self.max_tokens_limit is not None and max_tokens > self.max_tokens_limit:
             raise APIError(
                 400,
@@ -293,6 +327,8 @@ def create_app(
     api_key: str | None = None,
     max_tokens_limit: int | None = None,
     request_timeout: float = 600.0,
+    max_views: int = DEFAULT_MAX_VIEWS,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     reserve: bool = True,
 ) -> Any:
     """The FastAPI app serving ``pj`` (its engine is sized for ``max_batch`` requests up front when ``reserve``)."""
@@ -300,9 +336,16 @@ def create_app(
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
     srv = Server(
-        pj, model_name=model_name, api_key=api_key, max_tokens_limit=max_tokens_limit, request_timeout=request_timeout
+        pj,
+        model_name=model_name,
+        api_key=api_key,
+        max_tokens_limit=max_tokens_limit,
+        request_timeout=request_timeout,
+        max_views=max_views,
+        max_request_bytes=max_request_bytes,
     )
 
     @asynccontextmanager
@@ -333,13 +376,57 @@ def create_app(
 
     app.add_middleware(_CountRequests, metrics=srv.metrics)
 
+    def too_large(size: str = "") -> APIError:
+        return APIError(
+            413,
+            f"the request body{size} is larger than this server's limit of {srv.max_request_bytes} bytes "
+            "(--max-request-bytes)",
+            code="request_too_large",
+        )
+
+    async def read_body(request: Request) -> bytes:
+        """The body, refused with a 413 past ``max_request_bytes``: by its Content-Length before anything
+        is read, and while it arrives (a chunked body has no Content-Length), so at most the limit
+        plus one chunk is ever held."""
+        limit = srv.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        # h11 has checked it is digits; compare lengths first, as int() of thousands of digits raises
+        digits = declared.lstrip("0")
+        if declared.isdigit() and (len(digits) > len(str(limit)) or int(digits or "0") > limit):
+            raise too_large(f" ({digits} bytes)" if len(digits) <= 20 else "")
+        body = bytearray()
+        try:
+            async with aclosing(request.stream()) as chunks:
+                async for chunk in chunks:
+                    body += chunk
+                    if len(body) > limit:
+                        raise too_large()
+        except ClientDisconnect:
+            # nobody reads the answer; a client that gives up mid-upload is no server error
+            log.debug("the client disconnected while sending its request body (%s)", request.url.path)
+            raise APIError(
+                499, "the client disconnected while sending the request body", code="client_disconnected"
+            ) from None
+        return bytes(body)
+
     async def parse(request: Request, model: type[BaseModel]) -> Any:
         srv.check_auth(request)
-        raw = await request.body()
+        raw = await read_body(request)
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:  # both are ValueErrors: first
             raise APIError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from None
+        except RecursionError:  # the C parser recurses once per array or object level
+            raise APIError(
+                400, "the request body is not valid JSON: it is nested too deeply", code="invalid_json"
+            ) from None
+        except ValueError:  # int() of a number of more than sys.get_int_max_str_digits() digits
+            raise APIError(
+                400,
+                "the request body could not be read: a number in it has more than "
+                f"{sys.get_int_max_str_digits()} digits",
+                code="invalid_json",
+            ) from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
         try:

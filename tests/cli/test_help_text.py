@@ -25,7 +25,7 @@ def flag_help(capsys, command: str, flag: str) -> str:
 
 def test_eval_seed_help_says_0_as_eval_does(tmp_path, capsys):
     text = flag_help(capsys, "eval", "--seed")
-    assert "default 0" in text and "fresh" not in text
+    assert "decoding.seed, else 0" in text and "fresh" not in text
     pytest.importorskip("textstat")
     pytest.importorskip("vaderSentiment")
     pytest.importorskip("matplotlib")

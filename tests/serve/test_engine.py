@@ -15,7 +15,7 @@ from personajudge.api import PersonaJudge
 from personajudge.backends.toy import ToyBackend
 from personajudge.core.config import BackendConfig
 from personajudge.core.decoding import StepDriver, drive
-from personajudge.core.errors import ConfigError, ContextLengthError
+from personajudge.core.errors import ConfigError, ContextLengthError, TooManyViewsError
 from personajudge.engine import Engine, Job, QueueFullError, RequestCancelled, is_batchable
 
 PROMPTS = [
@@ -189,7 +189,7 @@ class SmallToy(ToyBackend):
 
     def open(self, n_views):
         if n_views > 4:
-            raise ConfigError(f"{n_views} views need more KV sequences than this backend supports (4)")
+            raise TooManyViewsError(f"{n_views} views need more KV sequences than this backend supports (4)")
         return super().open(n_views)
 
 
