@@ -31,8 +31,8 @@ from personajudge.core.result import GenerationResult, Stats
 from personajudge.core.stopping import Emitter
 from personajudge.core.transforms import SamplingParams
 from personajudge.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, Engine, EngineClosedError, Job, result_of
-from personajudge.plugins import get_encoder, get_method, load_backend, preference_library, resolve_encoder
-from personajudge.preferences import Preference, build_views, normalize_conversation
+from personajudge.plugins import get_method, load_backend, preference_library, resolve_encoder
+from personajudge.preferences import Preference, build_views, normalize_conversation, warn_duplicates
 
 Prompt = str | list[dict[str, str]]
 
@@ -119,9 +119,10 @@ def _check_config(cfg: RunConfig) -> None:
     preferences, without a model: the typed errors ``generate`` raises, before the model loads. The
     rest needs the model (``auto`` picks the encoder by its tokenizer; a prompt may not fit)."""
     make_method(cfg)
-    if cfg.encoder != "auto":
-        get_encoder(cfg.encoder)
-    build_views(cfg.preferences, cfg.views, preference_library())
+    if cfg.encoder != "auto":  # a named encoder's options are known now (auto's only with the model)
+        resolve_encoder(cfg.encoder, None, options=cfg.encoder_options)  # type: ignore[arg-type]
+    # the CLI's config carries the preferences a --preferences-file defines, which its views may name
+    build_views(getattr(cfg, "definitions", None) or cfg.preferences, cfg.views, preference_library())
 
 
 def _seed_list(seeds: Any, n: int) -> list[int | None] | None:
@@ -527,21 +528,36 @@ class PersonaJudge:
     def _prepare(self, preferences, views, method, decoding: dict[str, Any]):
         """The run config with per-call overrides, the method instance and the user's views.
 
-        ``decoding`` holds the call's other keywords: decoding fields, and ``encoder``, which
-        every entry point (``generate``, ``generate_batch``, ``stream``, ``submit``) takes."""
+        ``decoding`` holds the call's other keywords: decoding fields, and ``encoder`` and
+        ``encoder_options``, which every entry point (``generate``, ``generate_batch``, ``stream``,
+        ``submit``) takes."""
         decoding = dict(decoding)
-        encoder = decoding.pop("encoder", None)
+        encoder, encoder_opts = decoding.pop("encoder", None), decoding.pop("encoder_options", None)
         if "lam" in decoding:
             decoding["lambda"] = decoding.pop("lam")
         given_prefs, given_groups = _preference_list(preferences), _view_list(views)
-        cfg = self._run_config(method=method, encoder=encoder, **{f"decoding.{k}": v for k, v in decoding.items()})
-        prefs: Sequence[str | Preference] = given_prefs if given_prefs is not None else cfg.preferences
+        cfg = self._run_config(
+            method=method,
+            encoder=encoder,
+            encoder_options=encoder_opts,
+            **{f"decoding.{k}": v for k, v in decoding.items()},
+        )
+        # a call's views replace the configured preferences too (a server's defaults do not meet a
+        # request's views); a call's preferences next to configured views define names for them (the CLI's
+        # preferences file) or are ignored with a warning
+        prefs: Sequence[str | Preference] = (
+            given_prefs if given_prefs is not None else ([] if given_groups is not None else cfg.preferences)
+        )
         groups: Sequence[Sequence[str | Preference]] | None = given_groups if given_groups is not None else cfg.views
         meth = make_method(cfg)
         user_views = build_views(prefs, groups, preference_library())
         if cfg.encoder == "auto":  # fixed here, so the stop strings and the reported settings agree with it
             cfg = cfg.model_copy(update={"encoder": self.resolved_encoder(cfg, user_views)})
-        _warn_degenerate(cfg.method, meth, prefs, groups, user_views)
+        # Preference objects next to views define the names the views use (a preferences file's): never
+        # "ignored"; names and descriptions next to views are
+        unused = [p for p in prefs if not isinstance(p, Preference)] if groups else []
+        _warn_degenerate(cfg.method, meth, unused, groups, user_views)
+        warn_duplicates(user_views, stacklevel=3)
         return cfg, meth, user_views
 
     def generate_batch(

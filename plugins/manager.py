@@ -101,6 +101,8 @@ class Registry(Mapping[str, Any]):
         self._origin: dict[str, str] = {}
 
     def register(self, obj: Any, name: str | None = None, *, origin: str = "") -> None:
+        if self.kind == "preference":  # before the name: a dict has no ``name`` attribute, but is no preference
+            _check_preference(obj, origin)
         key = name or getattr(obj, "name", None)
         if not isinstance(key, str) or not key:
             raise PluginError(f"{origin or 'a plugin'} registered a {self.kind} without a name")
@@ -172,7 +174,68 @@ def _check_encoder(obj: Any, key: str) -> None:
         )
 
 
+def _check_preference(obj: Any, origin: str) -> None:
+    """A preference is a :class:`~personajudge.preferences.Preference` (its aliases, instruction and
+    examples are read everywhere; a look-alike object fails later, far from the plugin)."""
+    if not isinstance(obj, Preference):
+        raise PluginError(
+            f"{origin or 'a plugin'} registered a {type(obj).__name__} as a preference; register a "
+            "personajudge.Preference(name=..., description=..., instruction=...)"
+        )
+
+
 _CHECKS = {"method": _check_method, "encoder": _check_encoder}
+
+
+def _taken_by(reg: Registry, word: str) -> str | None:
+    """Which registered preference already answers to ``word`` (as its name or an alias, in any case), or None."""
+    w = word.lower()
+    for key, pref in reg.items():
+        if pref.name.lower() == w or key.lower() == w:
+            return f"the name of preference '{pref.name}'"
+        if any(a.lower() == w for a in pref.aliases):
+            return f"an alias of preference '{pref.name}'"
+    return None
+
+
+def _admit_preference(reg: Registry, key: str, pref: Preference, src: PluginSource) -> Preference | None:
+    """``pref`` as it may join ``reg``, or None when it may not.
+
+    A preference resolves by name *or* alias, case-insensitively, so a later plugin (every
+    third-party one comes after the built-ins) may take neither a registered name nor a registered
+    alias: ``short`` would otherwise silently replace the built-in ``concise`` for ``--prefer short``.
+    A preference whose name is taken is skipped; an alias that is taken is dropped. One warning each.
+    """
+    for word in (key, pref.name):
+        holder = _taken_by(reg, word)
+        if holder is not None:
+            owner = _owner_of(reg, word)
+            _warn(
+                f"skipped preference '{key}' of plugin {src}: the name is already registered by {owner} "
+                f"(it is {holder})"
+            )
+            return None
+    keep = []
+    for alias in pref.aliases:
+        holder = _taken_by(reg, alias)
+        if holder is not None:
+            _warn(
+                f"dropped alias '{alias}' of preference '{key}' of plugin {src}: it is already registered "
+                f"by {_owner_of(reg, alias)} (it is {holder})"
+            )
+        else:
+            keep.append(alias)
+    if len(keep) == len(pref.aliases):
+        return pref
+    return pref.model_copy(update={"aliases": tuple(keep)})
+
+
+def _owner_of(reg: Registry, word: str) -> PluginSource:
+    w = word.lower()
+    for key, pref in reg.items():
+        if w in {key.lower(), pref.name.lower(), *(a.lower() for a in pref.aliases)}:
+            return reg.source(key)
+    return PluginSource("?")
 
 
 def _norm(name: str) -> str:
@@ -343,13 +406,17 @@ def _fill(reg: Registry, pm: pluggy.PluginManager, hook_name: str) -> None:
             src = _sources.get(plugin_name, PluginSource(plugin_name))
             _warn(f"skipped the {reg.kind}s of plugin {src}: {type(err).__name__}: {err}")
             continue
+        src = _sources.get(plugin_name, PluginSource(plugin_name))
         for key, obj in staged.items():
             if key in reg and reg[key] is not obj:
-                src = _sources.get(plugin_name, PluginSource(plugin_name))
                 _warn(
                     f"skipped {reg.kind} '{key}' of plugin {src}: the name is already registered by {reg.source(key)}"
                 )
                 continue
+            if reg.kind == "preference" and key not in reg:
+                obj = _admit_preference(reg, key, obj, src)
+                if obj is None:
+                    continue
             reg.register(obj, key, origin=plugin_name)
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from personajudge.core.config import Options, take_options
 from personajudge.core.contract import Tokenizer
@@ -144,6 +144,30 @@ def _chat(tokenizer: Tokenizer, messages: list[Message]) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
+def _fold_system(msgs: list[Message]) -> list[Message]:
+    """``msgs`` without system messages, their text put in front of the first remaining turn: for
+    templates with no system role (Gemma 2). Both the ``system`` and the ``chat-turn`` encoder fall
+    back to this, so a ``--system`` text reaches the model the same way through either."""
+    text = "\n\n".join(m["content"] for m in msgs if m["role"] == "system" and m["content"].strip())
+    rest = [m for m in msgs if m["role"] != "system"]
+    if text:
+        rest[0] = {"role": rest[0]["role"], "content": text + "\n\n" + rest[0]["content"]}
+    return rest
+
+
+def _chat_or_fold(tokenizer: Tokenizer, msgs: list[Message]) -> str:
+    """The chat template on ``msgs``; where it refuses them and they hold a system message, again
+    with the system text folded into the first turn (:func:`_fold_system`)."""
+    try:
+        return _chat(tokenizer, msgs)
+    except ConfigError:
+        raise
+    except Exception:
+        if not any(m["role"] == "system" for m in msgs):
+            raise
+        return _chat(tokenizer, _fold_system(msgs))
+
+
 class ChatTurnEncoder:
     name = "chat-turn"
     description = "Each view's preference text as its own user turn before the prompt (the released code's form)."
@@ -161,14 +185,15 @@ class ChatTurnEncoder:
                 raise
             except Exception:
                 # Templates that insist on alternating roles (Gemma, Llama 2, Mistral) reject two
-                # user turns in a row; merge the preference into the first user turn instead.
+                # user turns in a row; merge the preference into the first user turn instead (and,
+                # where the template has no system role either, the system text in front of it).
                 first = msgs[at]
                 msgs = (
                     msgs[:at]
                     + [{"role": "user", "content": compose(view) + "\n\n" + first["content"]}]
                     + msgs[at + 1 :]
                 )
-        return _chat(tokenizer, msgs), False
+        return _chat_or_fold(tokenizer, msgs), False
 
 
 class SystemEncoder:
@@ -180,16 +205,8 @@ class SystemEncoder:
         encoder_options(self, options)
         text = "\n\n".join(x for x in (system, compose(view) if view else "") if x)
         msgs = _with_system(conversation, text or None)
-        try:
-            return _chat(tokenizer, msgs), False
-        except ConfigError:
-            raise
-        except Exception:
-            # Some templates (Gemma 2) have no system role; put it in front of the first user turn.
-            msgs = [m for m in msgs if m["role"] != "system"]
-            if text:
-                msgs[0] = {"role": msgs[0]["role"], "content": text + "\n\n" + msgs[0]["content"]}
-            return _chat(tokenizer, msgs), False
+        # Some templates (Gemma 2) have no system role; then it goes in front of the first user turn.
+        return _chat_or_fold(tokenizer, msgs), False
 
 
 #: Plain-text templates for base models. ``{header}`` is the preference line (or empty),
@@ -215,8 +232,35 @@ PLAIN_TEMPLATES: dict[str, dict[str, str]] = {
 }
 
 
+#: the one placeholder each format of a plain template fills in; ``prompt`` and ``stop`` are literal text
+TEMPLATE_FIELDS = {"header": "preference", "user": "content", "assistant": "content", "system": "content"}
+
+
+def _check_format(key: str, fmt: str) -> None:
+    """``fmt`` formats with its one placeholder, or a ValueError (one line) saying what is wrong.
+
+    Checked when the options are read, not at render time, where a bad format string would be a
+    ``KeyError``/``IndexError`` traceback after the model loaded."""
+    field = TEMPLATE_FIELDS.get(key)
+    if field is None:
+        return
+    try:
+        fmt.format(**{field: ""})
+    except KeyError as err:
+        raise ValueError(
+            f"format {key}: unknown placeholder {{{err.args[0]}}}; {key} takes only {{{field}}} "
+            "(write a literal brace as {{ or }})"
+        ) from None
+    except (IndexError, ValueError, AttributeError, TypeError) as err:
+        raise ValueError(
+            f"format {key}: {err} in {fmt!r}; {key} takes only {{{field}}} (write a literal brace as {{{{ or }}}})"
+        ) from None
+
+
 class PlainOptions(EncoderOptions):
-    """``template``: a name in :data:`PLAIN_TEMPLATES`, or a table of format strings that replace ``qa``'s."""
+    """``template``: a name in :data:`PLAIN_TEMPLATES`, or a table of format strings that replace ``qa``'s
+    (``header`` takes ``{preference}``; ``user``, ``assistant`` and ``system`` take ``{content}``;
+    ``prompt`` and ``stop`` are literal)."""
 
     template: str | dict[str, str] = "qa"
 
@@ -229,6 +273,8 @@ class PlainOptions(EncoderOptions):
                 raise ValueError(
                     f"unknown format(s) {', '.join(unknown)}; a template's formats are {', '.join(PLAIN_TEMPLATES['qa'])}"
                 )
+            for key, fmt in v.items():
+                _check_format(key, fmt)
         elif v not in PLAIN_TEMPLATES:
             raise ValueError(
                 f"unknown plain template '{v}'; choose one of {', '.join(PLAIN_TEMPLATES)} or give a table of formats"
@@ -316,7 +362,8 @@ class ExemplarEncoder:
       built-in preferences (``concise+friendly``: answers that are short *and*
       warm) when they exist and none of the preferences brings its own
       examples; otherwise the preferences' exemplars interleaved (first of
-      each, then second of each, ...), at least one per preference. Each of
+      each, then second of each, ...), at least one per preference for
+      ``n >= 1``. Each of
       those shows one preference only, so the composition is weaker than
       combined exemplars; write combined ones (a view's preferences in one
       ``examples`` list of a free-text preference) where it matters;
@@ -326,7 +373,9 @@ class ExemplarEncoder:
       personalized views, so a comparison with ``base`` measures the
       preference, not the format.
 
-    A preference without examples is an error here (``auto`` falls back to
+    ``n = 0`` shows no exemplars in any view (only the ``Instructions:`` line,
+    which ``instruction = false`` may then not drop). A preference without
+    examples is an error here when ``n >= 1`` (``auto`` falls back to
     ``plain`` for such runs). A ``system`` message goes first, as in ``plain``.
     The format ends an answer at the end of its line: :meth:`stop_strings`
     gives ``"\n"`` (which the emitter applies only once the answer has text)
@@ -338,8 +387,17 @@ class ExemplarEncoder:
     description = "Few-shot Question/Answer demonstrations of each view's preferences (base models)."
 
     class Options(EncoderOptions):
-        n: int = Field(3, ge=0, description="Exemplars per view.")
+        n: int = Field(3, ge=0, description="Exemplars per view; 0: none (the instruction line alone).")
         instruction: bool = Field(True, description="False drops the Instructions: line.")
+
+        @model_validator(mode="after")
+        def _says_something(self):
+            if self.n == 0 and not self.instruction:
+                raise ValueError(
+                    "n = 0 with instruction = false leaves the preferences out of every view's prompt; "
+                    "keep the exemplars (n >= 1) or the Instructions: line"
+                )
+            return self
 
     #: Stop strings the format implies: an answer is one line, and a label means the model has
     #: moved on to the next exemplar (or echoes the format) -- nothing after it belongs to the answer.
@@ -348,6 +406,8 @@ class ExemplarEncoder:
     @staticmethod
     def examples(view: list[Preference], n: int = 3) -> list[Example]:
         """The exemplars a view shows (see the class docstring for the rule)."""
+        if n == 0:  # none, for every kind of view (so none needs examples)
+            return []
         if not view:
             return list(neutral_examples()[:n])
         missing = [p.name for p in view if not p.examples]

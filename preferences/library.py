@@ -22,6 +22,7 @@ import difflib
 import functools
 import json
 import re
+import string
 import tomllib
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -150,10 +151,11 @@ def _builtin_library() -> dict[str, Preference]:
 
 
 def lookup(name: str, library: Library | None = None) -> Preference | None:
-    """A named preference by name or alias (case-insensitive), or None.
+    """A named preference by name or alias (case-insensitive on both sides), or None.
 
-    ``library`` defaults to the built-in preferences; the API passes the
-    plugin registry, so names that plugins register resolve too.
+    Names are tried before aliases. ``library`` defaults to the built-in
+    preferences; the API passes the plugin registry, so names that plugins
+    register resolve too (a plugin's ``Pirate`` is found as ``pirate``).
     """
     if not isinstance(name, str):
         raise PreferenceError(f"a preference name is a string, got {type(name).__name__}")
@@ -162,13 +164,50 @@ def lookup(name: str, library: Library | None = None) -> Preference | None:
     if key in lib:
         return lib[key]
     for pref in lib.values():
-        if key in pref.aliases:
+        if pref.name.lower() == key:
+            return pref
+    for pref in lib.values():
+        if any(a.lower() == key for a in pref.aliases):
             return pref
     return None
 
 
 #: what a typo of a preference name looks like (a name is one ASCII word)
 _NAME_LIKE = re.compile(r"[A-Za-z0-9_-]+")
+#: punctuation around a word that would otherwise be a name (``concise.``, ``"humor"``)
+_AROUND = "".join(c for c in string.punctuation if c not in "-_")
+
+
+def _close_names(text: str, lib: Library) -> list[str]:
+    names = [p.name for p in lib.values()] + [a for p in lib.values() for a in p.aliases]
+    by_lower = {n.lower(): n for n in names}
+    return [by_lower[c] for c in difflib.get_close_matches(text.lower(), list(by_lower), n=3, cutoff=0.6)]
+
+
+def _not_a_description(text: str, lib: Library) -> PreferenceError | None:
+    """The error for text that reads as preference *names*, which free text would silently change:
+    ``concise,humor`` (two names in one string) and ``concise.`` (a name with punctuation), or None.
+
+    Refused rather than resolved: ``concise.`` could be meant as the one-word description, and a
+    list in one string could be meant as one view or as two; the user says which."""
+    parts = [x.strip() for x in text.split(",")]
+    if len(parts) > 1 and all(parts) and all(lookup(x, lib) is not None for x in parts):
+        sep, comma = " --prefer ".join(parts), ",".join(parts)
+        listed = ", ".join(repr(x) for x in parts)
+        return PreferenceError(
+            f"'{text}' lists the preferences {', '.join(parts)} in one string: give them separately, "
+            f"one view each (--prefer {sep}; in Python preferences=[{listed}]), or as one view "
+            f"(--view {comma}; in Python views=[[{listed}]])"
+        )
+    if not any(c.isspace() for c in text):
+        core = text.strip(_AROUND)
+        found = lookup(core, lib) if core and core != text else None
+        if found is not None:
+            return UnknownPreferenceError(
+                f"unknown preference '{text}'; did you mean {core}? (a name has no punctuation around it; "
+                "a description with spaces is used as free text)"
+            )
+    return None
 
 
 def resolve(spec: str | Preference, library: Library | None = None) -> Preference:
@@ -179,7 +218,9 @@ def resolve(spec: str | Preference, library: Library | None = None) -> Preferenc
     quietly turn into the instruction "concize". Only what could be a name
     counts as such a word (ASCII letters, digits, ``-`` and ``_``, as every
     name is): a description in a script written without spaces
-    (``简洁明了地回答``) is free text.
+    (``简洁明了地回答``) is free text. Known names that only look like a
+    description are errors too: ``concise,humor`` (several names in one
+    string: one view or two?) and ``concise.`` (a name with punctuation).
     """
     if isinstance(spec, Preference):
         return spec
@@ -196,13 +237,15 @@ def resolve(spec: str | Preference, library: Library | None = None) -> Preferenc
         return found
     text = spec.strip()
     if _NAME_LIKE.fullmatch(text):
-        names = list(lib) + [a for p in lib.values() for a in p.aliases]
-        close = difflib.get_close_matches(text.lower(), names, n=3, cutoff=0.6)
+        close = _close_names(text, lib)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise UnknownPreferenceError(
             f"unknown preference '{text}'{hint} (list them with `personajudge preferences`; "
             "a description with spaces is used as free text)"
         )
+    err = _not_a_description(text, lib)
+    if err is not None:
+        raise err
     return Preference.free_text(text)  # a bad one (a lone surrogate) is a one-line PreferenceError
 
 
@@ -267,6 +310,13 @@ def _from_table(item: dict[str, Any], where: str, source: str, library: Library 
             raise PreferenceError(f"{where}: {key} must be a string, got {type(item[key]).__name__}")
     name, desc = item.get("name"), item.get("description") or ""
     known = lookup(name, library) if isinstance(name, str) and name.strip() and not desc else None
+    if known is None and not desc and isinstance(name, str) and name.strip():
+        close = _close_names(name.strip(), _builtin_library() if library is None else library)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UnknownPreferenceError(
+            f"{where}: '{name.strip()}' is no preference name{hint} (a table without a description adjusts "
+            "a named preference; a new one needs a description)"
+        )
     try:
         if known is not None:  # a library preference, adjusted
             update = {k: item[k] for k in ("instruction", "weight", "examples") if k in item}

@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
-from personajudge.core.errors import PreferenceError
+from personajudge.core.errors import PersonaJudgeWarning, PreferenceError
 
-from .library import Library, resolve
+from .library import Library, _builtin_library, resolve
 from .model import Preference
+
+
+def with_definitions(library: Library | None, preferences: Sequence[str | Preference]) -> Library:
+    """``library`` (default: the built-ins) with the :class:`Preference` objects of ``preferences``
+    added by name, replacing a library entry of the same name.
+
+    So the preferences a preferences file (or a caller) defines or adjusts are what a view's names
+    mean: ``--preferences-file prefs.toml --view pirate,concise`` finds the file's ``pirate``, and
+    the file's ``concise`` (own examples) wins over the built-in there, as it does for ``--prefer``.
+    """
+    defs = [p for p in preferences if isinstance(p, Preference)]
+    base = _builtin_library() if library is None else library
+    if not defs:
+        return base
+    own = {p.name.lower() for p in defs}
+    merged = {k: v for k, v in base.items() if v.name.lower() not in own}
+    merged.update((p.name, p) for p in defs)
+    return merged
 
 
 def build_views(
@@ -19,13 +38,16 @@ def build_views(
 
     - ``views`` given: each inner list is one view carrying all its preferences
       (``[["concise", "humor"], ["expert"]]``); a name inside a view may also
-      be one comma-separated string.
+      be one comma-separated string. The :class:`Preference` objects among
+      ``preferences`` (a preferences file's) define names the views may use
+      (see :func:`with_definitions`).
     - otherwise: one view per preference, the paper's two-view setting.
     - no preferences at all: a single view with none.
 
     Names resolve in ``library`` (default: the built-ins).
     """
     if views:
+        lib = with_definitions(library, preferences)
         out = []
         for i, group in enumerate(views):
             items: list[str | Preference] = []
@@ -33,7 +55,41 @@ def build_views(
                 items.extend(s.strip() for s in g.split(",") if s.strip()) if isinstance(g, str) else items.append(g)
             if not items:
                 raise PreferenceError(f"view {i + 1} is empty")
-            out.append([resolve(x, library) for x in items])
+            out.append([resolve(x, lib) for x in items])
         return out
     prefs = [resolve(p, library) for p in preferences]
     return [[p] for p in prefs] or [[]]
+
+
+def _key(p: Preference) -> tuple[str, str]:
+    return (p.name, p.instruction)
+
+
+def duplicates(views: Sequence[Sequence[Preference]]) -> str | None:
+    """What repeats in ``views``, in one line, or None: a preference twice in one view (its
+    instruction and exemplars shown twice; an alias counts as its name) and views that carry the
+    same preferences (whatever their order), which judge each other as one view would."""
+    found = []
+    for i, view in enumerate(views):
+        keys = [_key(p) for p in view]
+        twice = sorted({k[0] for k in keys if keys.count(k) > 1})
+        if twice:
+            found.append(f"view {i + 1} lists {', '.join(twice)} twice (an alias counts as its name)")
+    seen: dict[frozenset[tuple[str, str]], int] = {}
+    for i, view in enumerate(views):
+        key = frozenset(_key(p) for p in view)
+        if key in seen:
+            names = ", ".join(p.name for p in view) or "no preference"
+            found.append(f"views {seen[key] + 1} and {i + 1} carry the same preferences ({names})")
+        else:
+            seen[key] = i
+    if not found:
+        return None
+    return "; ".join(found) + ": a repeat adds nothing (give each preference once, and distinct views)"
+
+
+def warn_duplicates(views: Sequence[Sequence[Preference]], stacklevel: int = 2) -> None:
+    """One :class:`PersonaJudgeWarning` naming every repeat in ``views`` (see :func:`duplicates`)."""
+    msg = duplicates(views)
+    if msg is not None:
+        warnings.warn(msg, PersonaJudgeWarning, stacklevel=stacklevel + 1)

@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -26,7 +27,7 @@ from personajudge.api import PersonaJudge, make_method
 from personajudge.core.config import DecodingConfig, RunConfig, validation_message
 from personajudge.core.errors import ConfigError
 from personajudge.plugins import get_method, preference_library
-from personajudge.preferences import build_views
+from personajudge.preferences import Preference, build_views
 
 from .steps import device_sync, format_steps, step_costs
 
@@ -76,11 +77,36 @@ def _gpu_peak_mb() -> float | None:
     return None
 
 
-def _views(cfg: RunConfig, k: int) -> list[str]:
-    prefs = list(cfg.preferences) or DEFAULT_PREFS[:k]
+Views = list[list[Preference]]
+
+
+def bench_views(cfg: RunConfig, k: int | None = None, preferences: Sequence[str | Preference] | None = None) -> Views:
+    """The K views the bench times, resolved (a typo fails here, before the model loads).
+
+    ``cfg.views`` (``--view``) when given: those views, and ``k`` (``--views``) may only repeat
+    their number. Otherwise one view per preference: ``preferences`` (the CLI's ``--prefer`` /
+    ``--preferences-file`` objects, as the API takes them) or the config's, else the first ``k``
+    (default 2) of :data:`DEFAULT_PREFS`. The preference objects also define names the views use.
+    """
+    prefs = list(preferences) if preferences is not None else list(cfg.preferences)
+    lib = preference_library()
+    if cfg.views:
+        if k is not None and k != len(cfg.views):
+            raise ConfigError(f"--views {k} does not match the {len(cfg.views)} --view groups given")
+        return build_views(prefs, cfg.views, lib)
+    k = 2 if k is None else k
+    if k < 1:
+        raise ConfigError(f"--views must be at least 1, got {k}")
+    prefs = prefs or list(DEFAULT_PREFS[:k])
     if len(prefs) < k:
         raise ConfigError(f"--views {k} needs at least {k} preferences, got {len(prefs)}")
-    return prefs[:k]
+    return build_views(prefs[:k], None, lib)
+
+
+def _label(view: list[Preference]) -> str:
+    """A view as the report shows it: its preferences' names, joined as ``--view`` takes them (a free-text
+    preference by its text)."""
+    return ",".join(p.description if p.source == "free text" else p.name for p in view)
 
 
 def _capped(d: DecodingConfig, max_new_tokens: int) -> DecodingConfig:
@@ -98,15 +124,20 @@ def run_bench(
     cfg: RunConfig,
     *,
     prompt: str = DEFAULT_PROMPT,
-    views: int = 2,
+    views: int | None = None,
     repeats: int = 3,
     methods: list[str] | None = None,
     progress: bool = True,
     reference_max_new_tokens: int | None = None,
     steps: bool = True,
     backend: Any = None,
+    preferences: Sequence[str | Preference] | None = None,
 ) -> dict[str, Any]:
     """Time each method; returns the JSON-able report (see :data:`SCHEMA`).
+
+    The views are :func:`bench_views`'s: ``cfg.views`` when set (``views`` may only repeat their
+    number), else ``views`` (default 2) of ``preferences`` (default: the config's, else
+    :data:`DEFAULT_PREFS`), one each. ``settings.preferences`` lists each view as ``--view`` takes it.
 
     ``backend``: an already loaded backend to time (then it is not closed
     here); by default the one ``cfg`` names is loaded, and closed at the end.
@@ -126,7 +157,8 @@ def run_bench(
     if unknown:
         for m in unknown:
             get_method(m)  # raises with the registered names
-    prefs = _views(cfg, views)
+    pviews = bench_views(cfg, views, preferences)
+    views = len(pviews)
     # Time a fixed number of tokens: no stop strings implied by the prompt format, no repetition guard.
     # The bench times decoding, not a prompt format: `auto` means the short `plain` prefixes here (as in
     # every recorded run), so numbers compare across versions; pass --encoder to time another one.
@@ -134,6 +166,8 @@ def run_bench(
         update={
             "encoder": "plain" if cfg.encoder == "auto" else cfg.encoder,
             "encoder_options": {**cfg.encoder_options, "stop": False},
+            "preferences": [],  # resolved above: every run passes its views
+            "views": None,
             "decoding": cfg.decoding.model_copy(update={"repeat_lines": 0}),
         }
     )
@@ -149,7 +183,7 @@ def run_bench(
             runs = []
             for rep in range(repeats + 1):  # run 0 is the warm-up
                 seed = base_seed + rep
-                runs.append(_one(pj, cfg, name, prompt, prefs, seed, reference_max_new_tokens, make_method))
+                runs.append(_one(pj, cfg, name, prompt, pviews, seed, reference_max_new_tokens, make_method))
                 bar.update(1)
             timed = runs[1:]
             tps = statistics.median(x["tokens_per_s"] for x in timed)
@@ -165,7 +199,7 @@ def run_bench(
                     "runs": timed,
                 }
             )
-        costs = _step_costs(pj, cfg, prompt, prefs, make_method) if steps and views >= 2 else None
+        costs = _step_costs(pj, cfg, prompt, pviews, make_method) if steps and views >= 2 else None
     finally:
         bar.close()
         pj.close(keep_backend=backend is not None)  # the caller's backend stays loaded
@@ -180,7 +214,7 @@ def run_bench(
         "backend": pj.backend.describe(),
         "settings": {
             "prompt": prompt,
-            "preferences": prefs,
+            "preferences": [_label(v) for v in pviews],
             "views": views,
             "repeats": repeats,
             "lambda": d.lambda_,
@@ -200,13 +234,13 @@ def run_bench(
 
 
 def _one(
-    pj, cfg: RunConfig, name: str, prompt: str, prefs: list[str], seed: int, ref_tokens, make_method
+    pj, cfg: RunConfig, name: str, prompt: str, views: Views, seed: int, ref_tokens, make_method
 ) -> dict[str, Any]:
     d = cfg.decoding
     if name == "plain":
         # The backend's own sampler on one preference-prompted view: the baseline to beat.
-        c = cfg.model_copy(update={"method": "prompt", "preferences": prefs[:1], "views": None})
-        ctx = _encode(pj, c, prompt, prefs[:1], make_method)[1][0]
+        c = cfg.model_copy(update={"method": "prompt", "preferences": [], "views": None})
+        ctx = _encode(pj, c, prompt, views[:1], make_method)[1][0]
         device_sync()
         t0 = time.perf_counter()
         toks = pj.backend.native_generate(
@@ -223,15 +257,15 @@ def _one(
                 "views": 1,
                 "runner": "native",
             }
-        name_, view_prefs = "prompt", prefs[:1]  # no native sampler: the core's plain loop
+        name_, run_views = "prompt", views[:1]  # no native sampler: the core's plain loop
     else:
-        name_, view_prefs = name, prefs
-    upd: dict[str, Any] = {"method": name_, "preferences": view_prefs, "views": None}
+        name_, run_views = name, views
+    upd: dict[str, Any] = {"method": name_, "preferences": [], "views": None}
     dec = d.model_copy(update={"seed": seed})
     if name_ == "reference" and ref_tokens is not None:
         dec = _capped(dec, ref_tokens)
     c = cfg.model_copy(update={**upd, "decoding": dec})
-    meth, contexts = _encode(pj, c, prompt, view_prefs, make_method)
+    meth, contexts = _encode(pj, c, prompt, run_views, make_method)
     res = pj.decode(contexts, c, meth)
     s = res.stats
     return {
@@ -245,29 +279,31 @@ def _one(
     }
 
 
-def _step_costs(pj, cfg: RunConfig, prompt: str, prefs: list[str], make_method) -> dict[str, float]:
-    c = cfg.model_copy(update={"method": "persona-judge", "preferences": prefs[:2], "views": None})
-    contexts = _encode(pj, c, prompt, prefs[:2], make_method)[1]
+def _step_costs(pj, cfg: RunConfig, prompt: str, views: Views, make_method) -> dict[str, float]:
+    c = cfg.model_copy(update={"method": "persona-judge", "preferences": [], "views": None})
+    contexts = _encode(pj, c, prompt, views[:2], make_method)[1]
     with pj.backend.open(2) as session:
         return step_costs(session, contexts, lam=cfg.decoding.lambda_)
 
 
-def _encode(pj, c: RunConfig, prompt: str, prefs: list[str], make_method):
-    """The method ``c`` names, and the token contexts it prompts for ``prefs`` (one view each)."""
+def _encode(pj, c: RunConfig, prompt: str, views: Views, make_method):
+    """The method ``c`` names, and the token contexts it prompts for the user's ``views``."""
     meth = make_method(c)
-    return meth, pj.encode_views(prompt, c, meth, build_views(prefs, library=preference_library()))
+    return meth, pj.encode_views(prompt, c, meth, views)
 
 
-def memory_probe(cfg: RunConfig, prompt: str, views: int) -> dict[str, Any]:
-    """Peak RSS of a fresh process that loads the model and generates with ``views`` views."""
-    prefs = _views(cfg, max(views, 1))
+def memory_probe(cfg: RunConfig, prompt: str, views: int, groups: Views | None = None) -> dict[str, Any]:
+    """Peak RSS of a fresh process that loads the model and generates with ``views`` views
+    (the first ``views`` of ``groups``, default :func:`bench_views` of ``cfg``)."""
+    groups = groups if groups is not None else bench_views(cfg.model_copy(update={"views": None}), max(views, 1))
     method = "prompt" if views == 1 else "persona-judge"
+    cfg = cfg.model_copy(update={"preferences": [], "views": None})
     with PersonaJudge(cfg) as pj:
         loaded = _current_rss_mb()
         during = [loaded]
         pj.generate(
             prompt,
-            preferences=prefs[:views],
+            views=groups[:views],
             method=method,
             seed=0,
             on_text=lambda _t: during.append(_current_rss_mb()),
@@ -284,7 +320,14 @@ def memory_probe(cfg: RunConfig, prompt: str, views: int) -> dict[str, Any]:
     }
 
 
-def measure_memory(cfg: RunConfig, prompt: str, views: int) -> dict[str, Any]:
+def measure_memory(
+    cfg: RunConfig, prompt: str, views: int | None = None, preferences: Sequence[str | Preference] | None = None
+) -> dict[str, Any]:
+    """Peak memory of a fresh process with one view and with the bench's K views (:func:`bench_views`)."""
+    groups = bench_views(cfg, views, preferences)
+    views = len(groups)
+    # the views travel resolved: a preferences file's preferences are in no config
+    groups_json = json.dumps([[p.model_dump(mode="json") for p in v] for v in groups])
     out = {}
     for k in (1, views):
         proc = subprocess.run(
@@ -298,6 +341,8 @@ def measure_memory(cfg: RunConfig, prompt: str, views: int) -> dict[str, Any]:
                 prompt,
                 "--config-json",
                 cfg.model_dump_json(by_alias=True),
+                "--views-json",
+                groups_json,
             ],
             capture_output=True,
             text=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from personajudge.bench import ALL_METHODS, DEFAULT_PROMPT, format_table, measure_memory, run_bench
+from personajudge.bench import ALL_METHODS, DEFAULT_PROMPT, bench_views, format_table, measure_memory, run_bench
 from personajudge.core.errors import ConfigError
 
 from .options import add_run_options, config_from_args
@@ -13,10 +13,9 @@ from .options import add_run_options, config_from_args
 
 def cmd_bench(args: argparse.Namespace) -> int:
     cfg, prefs = config_from_args(args)
-    if prefs:
-        cfg = cfg.model_copy(update={"preferences": [p if isinstance(p, str) else p.description for p in prefs]})
-    if args.views < 1:
+    if args.views is not None and args.views < 1:
         raise ConfigError("--views must be at least 1")
+    bench_views(cfg, args.views, prefs)  # --views against --view, before the model loads
     if args.repeats < 1:
         raise ConfigError("--repeats must be at least 1")
     if args.reference_max_new_tokens is not None and args.reference_max_new_tokens < 1:
@@ -34,13 +33,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         views=args.views,
         repeats=args.repeats,
+        preferences=prefs,
         methods=methods,
         progress=not args.json,
         reference_max_new_tokens=args.reference_max_new_tokens,
         steps=not args.no_steps,
     )
     if not args.no_memory:
-        rep["memory"].update(measure_memory(cfg, args.prompt, args.views))
+        rep["memory"].update(measure_memory(cfg, args.prompt, args.views, prefs))
     if args.json:
         print(json.dumps(rep, indent=2))
     else:
@@ -54,7 +54,12 @@ def register(sub) -> None:
         p, seed_help="seed of each method's warm-up run; timed run r = 1..repeats uses seed + r (default 0)"
     )
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--views", type=int, default=2, help="number of views K (default 2)")
+    p.add_argument(
+        "--views",
+        type=int,
+        default=None,
+        help="number of views K, one preference each (default 2; with --view, the views given are timed)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method, after one warm-up (default 3)")
     p.add_argument(
         "--methods",

@@ -7,10 +7,12 @@ import argparse
 import json
 from typing import Any, NoReturn
 
-from personajudge.core.config import build_config, load_config_file
+from pydantic import Field
+
+from personajudge.core.config import RunConfig, build_config, load_config_file
 from personajudge.core.errors import ConfigError, PersonaJudgeError
 from personajudge.plugins import preference_library
-from personajudge.preferences import load_file
+from personajudge.preferences import Preference, build_views, load_file
 
 EXIT_USAGE = 2
 
@@ -59,7 +61,8 @@ def add_run_options(p: argparse.ArgumentParser, *, seed_help: str | None = None)
         action="append",
         default=None,
         metavar="NAME_OR_TEXT",
-        help="a built-in preference name or a free-text description (repeatable; one view each)",
+        help="a preference name or a free-text description (repeatable; one view each; "
+        "several in one view: --view A,B)",
     )
     g.add_argument(
         "--view",
@@ -68,8 +71,17 @@ def add_run_options(p: argparse.ArgumentParser, *, seed_help: str | None = None)
         metavar="A,B",
         help="a view carrying several preferences, comma-separated (repeatable)",
     )
-    g.add_argument("--preferences-file", metavar="FILE", help="TOML/JSON/YAML list of preferences")
-    g.add_argument("--encoder", help="preference encoder: auto, chat-turn, system, plain, instruction, ...")
+    g.add_argument(
+        "--preferences-file",
+        metavar="FILE",
+        help="TOML/JSON/YAML list of preferences (one view each; the names it defines or adjusts work in --view)",
+    )
+    g.add_argument(
+        "--encoder",
+        help="preference encoder: auto (default: chat-turn for chat models, else exemplar when every preference "
+        "has examples, else plain), chat-turn, system, plain, instruction, exemplar, or a plugin's "
+        "(see `personajudge plugins`)",
+    )
     g.add_argument("--system", help="system message (chat models)")
     g = p.add_argument_group("decoding")
     g.add_argument("--method", help="persona-judge (default), persona-judge-base, prompt, base, reference, mod, pad")
@@ -106,8 +118,26 @@ def _parse_option(item: str, flag: str = "--backend-option") -> tuple[str, Any]:
         return k.strip(), v
 
 
+class FileDefinedConfig(RunConfig):
+    """A :class:`RunConfig` whose ``views`` use names a ``--preferences-file`` defines (``pirate``) or
+    adjusts (``concise`` with its own examples).
+
+    The CLI passes the file's preferences with every call, and the call resolves the views with them
+    (:func:`personajudge.preferences.with_definitions`); ``definitions`` lets the check that runs
+    before the model loads (``personajudge.api._check_config``) resolve them too. Not part of the
+    dumped config: a run's settings report the views by name, as always.
+    """
+
+    definitions: list[Preference] = Field(default_factory=list, exclude=True)
+
+
 def config_from_args(args: argparse.Namespace):
-    """File config (if any) overridden by the flags that were given."""
+    """File config (if any) overridden by the flags that were given.
+
+    The preferences and views are resolved here, before any model loads: a typo in ``--prefer``
+    or ``--view`` is one line and exit 2 without waiting for the weights (or before a missing model
+    file is reported).
+    """
     data = load_config_file(args.config) if args.config is not None else {}  # --config '' is a mistake
     if args.backend_option:
         backend = data.get("backend", {})
@@ -152,4 +182,8 @@ def config_from_args(args: argparse.Namespace):
             "decoding.schedule": args.schedule,
         },
     )
+    build_views(prefs if prefs is not None else cfg.preferences, cfg.views, preference_library())
+    defs = [p for p in prefs or () if isinstance(p, Preference)]
+    if defs and cfg.views:
+        cfg = FileDefinedConfig.model_validate({**cfg.model_dump(by_alias=True), "definitions": defs})
     return cfg, prefs

@@ -174,3 +174,20 @@ def test_every_typed_error_the_api_can_raise_is_exported():
     assert missing == []
     for mod, name in public:
         assert getattr(pj, name) is getattr(sys.modules[mod], name)
+
+
+def test_a_calls_views_replace_the_configured_preferences_without_a_warning():
+    """A server's default preferences met every request's views: one "ignored" warning per request."""
+    import warnings
+
+    from personajudge.backends.toy import ToyBackend
+    from personajudge.core.errors import PersonaJudgeWarning
+
+    cfg = {"backend": {"name": "toy"}, "encoder": "plain", "preferences": ["concise", "humor"]}
+    with pj.PersonaJudge(cfg, backend=ToyBackend()) as model:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PersonaJudgeWarning)
+            res = model.generate("hi", views=[["expert"], ["vivid"]], max_new_tokens=4, seed=0)
+        assert res.settings["views"] == [["expert"], ["vivid"]]
+        with pytest.warns(PersonaJudgeWarning, match="alongside views are ignored"):  # both in one call
+            model.generate("hi", preferences=["concise"], views=[["expert"], ["vivid"]], max_new_tokens=4, seed=0)

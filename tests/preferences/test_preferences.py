@@ -56,7 +56,7 @@ def test_bad_preferences(bad, needle):
         resolve(bad)
 
 
-@pytest.mark.parametrize("text", ["简洁明了地回答", "ユーモアを込めて", "prägnant", "concise!"])
+@pytest.mark.parametrize("text", ["简洁明了地回答", "ユーモアを込めて", "prägnant", "wow!"])
 def test_one_word_that_cannot_be_a_name_is_free_text(text):
     """Names are ASCII words; scripts written without spaces have no other way to say a description."""
     free = resolve(text)

@@ -181,7 +181,7 @@ def test_binary_preferences_file(tmp_path, capsys):
 @pytest.mark.parametrize(
     "content, words",
     [
-        ('[{"name": "x"}]', "description: String should have at least 1 character"),
+        ('[{"name": "x"}]', "'x' is no preference name (a table without a description adjusts"),
         ('[{"description": "be kind", "weight": -1}]', "weight: Input should be greater than 0 (got -1)"),
         ('[{"description": "be kind", "weight": 1e999}]', "weight: Input should be a finite number"),
         ('[{"description": 5}]', "description must be a string, got int"),

@@ -1,25 +1,28 @@
 """A third-party preference encoder: the view's preferences as a "persona card".
 
-Installed, it registers the encoder ``persona-card`` through the
+The plugin the README's "A preference encoder" section shows, as an installable
+package. Installed, it registers the encoder ``persona-card`` through the
 ``personajudge`` entry-point group; use it with
 ``personajudge generate ... --encoder persona-card``.
 """
 
-from personajudge.plugins import hookimpl
+import personajudge as pj
 
 
-class PersonaCardEncoder:
+class PersonaCard:
     name = "persona-card"
-    description = "The view's preferences as a bulleted persona card above the question (example plugin)."
+    description = "The view's preferences as a persona card."
 
     def render(self, view, conversation, tokenizer, *, system=None, options=None):
-        lines = ["# Persona card"]
-        lines += [f"- {p.name}: {p.instruction}" for p in view] or ["- (no preferences)"]
-        turns = [f"{m['role'].capitalize()}: {m['content'].strip()}" for m in conversation if m["role"] != "system"]
-        text = "\n".join(lines) + "\n\n" + "\n".join(turns) + "\nAssistant:"
+        card = "\n".join(f"- {p.name}: {p.instruction}" for p in view)
+        text = f"# Persona card\n{card}\n\nUser: {conversation[-1]['content']}\nAssistant:"
         return text, True
 
+    def stop_strings(self, tokenizer, options=None):
+        # a base model answers on one line, then invents more card lines or the next turn
+        return ["\n", "User:"]
 
-@hookimpl
+
+@pj.hookimpl
 def register_encoders(register):
-    register(PersonaCardEncoder)
+    register(PersonaCard)
