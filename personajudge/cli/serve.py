@@ -83,10 +83,8 @@ def _bind(host: str, port: int) -> list[socket.socket]:
 def cmd_serve(args: argparse.Namespace) -> int:
     _require_serve_extra()
     _check_limits(args)
-    cfg, prefs = config_from_args(args)
-    if prefs:  # --prefer / --preferences-file become the server's default preferences
-        cfg = cfg.model_copy(update={"preferences": [p if isinstance(p, str) else p.description for p in prefs]})
-    default_views = len(cfg.views) if cfg.views else len(cfg.preferences)
+    cfg, prefs = config_from_args(args)  # --prefer / --preferences-file: the server's default preferences
+    default_views = len(cfg.views) if cfg.views else len(prefs or cfg.preferences)
     if default_views > args.max_views:  # a request sending the defaults itself would be refused
         raise ConfigError(f"the default preferences open {default_views} views, more than --max-views {args.max_views}")
     import uvicorn
@@ -105,6 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             request_timeout=args.request_timeout,
             max_views=args.max_views,
             max_request_bytes=args.max_request_bytes,
+            default_preferences=prefs,
         )
         engine = pj.engine
 
@@ -187,8 +186,6 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     if args.requests < 1:
         raise ConfigError("--requests must be at least 1")
     cfg, prefs = config_from_args(args)
-    if prefs:
-        cfg = cfg.model_copy(update={"preferences": [p if isinstance(p, str) else p.description for p in prefs]})
     flags = _run_flags(args) + [
         "--max-batch",
         str(max(args.max_batch, max(levels))),
@@ -200,6 +197,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("PERSONAJUDGE_API_KEY") or None
     rep = run_bench_serve(
         cfg,
+        preferences=prefs,
         server_flags=flags + list(args.server_flags),
         levels=levels,
         n_requests=args.requests,

@@ -42,7 +42,7 @@ from personajudge.core.errors import (
 )
 from personajudge.engine import EngineClosedError, Job, QueueFullError, RequestCancelled
 from personajudge.plugins import preference_library
-from personajudge.preferences import build_views, normalize_conversation
+from personajudge.preferences import Preference, build_views, normalize_conversation
 
 from .metrics import Metrics
 from .schemas import FINISH_REASONS, ChatCompletionRequest, CompletionRequest, error_body
@@ -148,8 +148,14 @@ class Server:
         request_timeout: float = 600.0,
         max_views: int = DEFAULT_MAX_VIEWS,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        default_preferences: list[Any] | None = None,
     ):
+        """``default_preferences``: what a request that sends neither ``preferences`` nor ``views`` gets
+        (``--prefer`` / ``--preferences-file``), names, descriptions or :class:`Preference` objects; the
+        objects (a preferences file's) also define the names a request's ``views`` may use."""
         self.pj = pj
+        self.default_preferences = default_preferences or None
+        self.definitions = [p for p in default_preferences or () if isinstance(p, Preference)]
         self.engine = pj.engine
         self.model_name = model_name
         self.api_key = api_key or None
@@ -172,7 +178,7 @@ class Server:
         """Views one request with the configured defaults prompts (sizes the session)."""
         cfg = self.pj.config
         try:
-            views = build_views(cfg.preferences, cfg.views, preference_library())
+            views = build_views(self.default_preferences or cfg.preferences, cfg.views, preference_library())
             return max(2, len(make_method(cfg).plan(views)))
         except PersonaJudgeError:
             return 2
@@ -223,9 +229,15 @@ class Server:
                 param=field,
                 code="invalid_value",
             )
+        prefs, views = req.preference_list(), req.view_groups()
+        if views is not None and self.definitions:
+            prefs = self.definitions  # the names a preferences file defines or adjusts
+        elif prefs is None and views is None and self.default_preferences is not None:
+            # next to configured views only the definitions: the views decide
+            prefs = self.definitions if self.pj.config.views else self.default_preferences
         kw: dict[str, Any] = {
-            "preferences": req.preference_list(),
-            "views": req.view_groups(),
+            "preferences": prefs,
+            "views": views,
             "method": req.method,
             "encoder": req.encoder,
             "max_new_tokens": max_tokens,
@@ -330,6 +342,7 @@ def create_app(
     max_views: int = DEFAULT_MAX_VIEWS,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     reserve: bool = True,
+    default_preferences: list[Any] | None = None,
 ) -> Any:
     """The FastAPI app serving ``pj`` (its engine is sized for ``max_batch`` requests up front when ``reserve``)."""
     from fastapi import FastAPI, Request
@@ -346,6 +359,7 @@ def create_app(
         request_timeout=request_timeout,
         max_views=max_views,
         max_request_bytes=max_request_bytes,
+        default_preferences=default_preferences,
     )
 
     @asynccontextmanager

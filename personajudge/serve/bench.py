@@ -91,14 +91,17 @@ def machine() -> str:
     return f"{n} cores of {cpu}"
 
 
-def direct_row(cfg: RunConfig, n_requests: int, max_tokens: int, progress: bool) -> dict[str, Any]:
-    """The requests one by one, the core driving its own session (no engine, no server)."""
+def direct_row(
+    cfg: RunConfig, n_requests: int, max_tokens: int, progress: bool, preferences: list[Any] | None = None
+) -> dict[str, Any]:
+    """The requests one by one, the core driving its own session (no engine, no server); ``preferences``
+    are the server's defaults (``--prefer`` / ``--preferences-file``), which its requests get."""
     lat, ttft, tokens = [], [], 0
     with PersonaJudge(cfg) as pj:
 
         def one(i: int) -> tuple[float, float | None, int]:
             first: list[float] = []
-            cfg_i, meth, views = pj._prepare(None, None, None, {"seed": i, "max_new_tokens": max_tokens})
+            cfg_i, meth, views = pj._prepare(preferences, None, None, {"seed": i, "max_new_tokens": max_tokens})
             t0 = time.perf_counter()
             contexts = pj.encode_views(DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)], cfg_i, meth, views)
             req = pj._request(contexts, cfg_i, i, on_text=lambda t: first.append(time.perf_counter()) if t else None)
@@ -226,12 +229,13 @@ def run_bench_serve(
     progress: bool = True,
     model: str = "persona-judge",
     api_key: str | None = None,
+    preferences: list[Any] | None = None,
 ) -> dict[str, Any]:
     rows = []
     if direct:
         if progress:
             print("direct: the requests one by one, no server", file=sys.stderr)
-        rows.append(direct_row(cfg, n_requests, max_tokens, progress))
+        rows.append(direct_row(cfg, n_requests, max_tokens, progress, preferences))
     proc = None
     exit_code = None
     if url is None:
@@ -262,7 +266,7 @@ def run_bench_serve(
         "backend": cfg.backend.name,
         "model": cfg.backend.model or "default",
         "method": cfg.method,
-        "preferences": cfg.preferences,
+        "preferences": [p if isinstance(p, str) else p.name for p in preferences] if preferences else cfg.preferences,
         "temperature": d.temperature,
         "max_tokens": max_tokens,
         "requests_per_level": n_requests,
