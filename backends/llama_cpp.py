@@ -29,8 +29,13 @@ a backend is constructed, so listing plugins stays fast.
 from __future__ import annotations
 
 import ctypes
+import math
+import mmap
 import os
+import stat
+import struct
 import threading
+import warnings
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,6 +54,7 @@ from personajudge.core.errors import (
     ContextLengthError,
     DeviceError,
     ModelLoadError,
+    PersonaJudgeWarning,
     SessionError,
     TooManyViewsError,
 )
@@ -199,41 +205,200 @@ _OTHER_FORMATS = {
 
 
 def check_model_file(path: str | os.PathLike[str]) -> Path:
-    """Fail early, with a clear message, on a path llama.cpp cannot load."""
+    """Fail early, with a clear message, on a path llama.cpp cannot load (or would abort the process on).
+
+    ``os.stat`` before opening: a FIFO or device as ``--model`` would make ``open()`` (ours or
+    llama.cpp's) block forever, and ``Path.exists()`` raises ``PermissionError`` on Python 3.11 for
+    a path in a folder the user cannot enter. The header's hyperparameters are checked against
+    the ``GGML_ASSERT`` checks of llama.cpp's loader (:func:`_check_hparams`), which abort the process.
+    """
     p = Path(path).expanduser()
-    if not p.exists():
+    try:
+        st = p.stat()
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL byte in the path
         raise ModelLoadError(
             f"model file not found: {p}; pass --model PATH to a local .gguf file "
             "(or leave --model out to use the embedded Gemma 3 270M)"
-        )
-    if p.is_dir():
+        ) from None
+    except PermissionError:
+        raise ModelLoadError(
+            f"cannot access the model file {p}: permission denied; check the permissions of the file "
+            "and of the folders above it"
+        ) from None
+    except OSError as err:
+        raise ModelLoadError(f"cannot access the model file {p}: {err.strerror or err}") from None
+    if stat.S_ISDIR(st.st_mode):
         raise ModelLoadError(f"model path {p} is a directory; the llama-cpp backend needs a .gguf file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelLoadError(
+            f"model path {p} is not a regular file (a FIFO, device or socket); the llama-cpp backend needs a .gguf file"
+        )
     try:
-        with open(p, "rb") as f:
+        # O_NONBLOCK: should the path have become a FIFO since the stat, opening it does not block
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ModelLoadError(f"model path {p} is not a regular file; the llama-cpp backend needs a .gguf file")
             head = f.read(9)
+            if len(head) < 8:
+                raise ModelLoadError(
+                    f"model file {p} is {'empty' if not head else 'truncated'} ({st.st_size} bytes), "
+                    "not a GGUF model; download it again"
+                )
+            if head[:4] != GGUF_MAGIC:
+                what = next((v for k, v in _OTHER_FORMATS.items() if head.startswith(k)), None)
+                if what is None and head[8:9] == b"{":
+                    what = "a safetensors file"
+                raise ModelLoadError(
+                    f"model file {p} is {what or 'not a GGUF file'} (it does not start with the GGUF magic); "
+                    "the llama-cpp backend needs a .gguf model -- convert safetensors/PyTorch checkpoints with "
+                    "llama.cpp's convert_hf_to_gguf.py, or use the hf backend"
+                )
+            version = int.from_bytes(head[4:8], "little")
+            if not 1 <= version <= 3:
+                raise ModelLoadError(
+                    f"model file {p} has GGUF version {version}, which this llama.cpp does not read; "
+                    "the file is corrupt, or needs a newer llama-cpp-python"
+                )
+            if version >= 2:  # GGUF v1 (32-bit counts) is refused by llama.cpp itself
+                _check_hparams(p, _read_gguf_metadata(f))
     except OSError as err:
         raise ModelLoadError(f"cannot read the model file {p}: {err.strerror or err}; check its permissions") from None
-    if len(head) < 8:
-        raise ModelLoadError(
-            f"model file {p} is {'empty' if not head else 'truncated'} ({p.stat().st_size} bytes), "
-            "not a GGUF model; download it again"
-        )
-    if head[:4] != GGUF_MAGIC:
-        what = next((v for k, v in _OTHER_FORMATS.items() if head.startswith(k)), None)
-        if what is None and head[8:9] == b"{":
-            what = "a safetensors file"
-        raise ModelLoadError(
-            f"model file {p} is {what or 'not a GGUF file'} (it does not start with the GGUF magic); "
-            "the llama-cpp backend needs a .gguf model -- convert safetensors/PyTorch checkpoints with "
-            "llama.cpp's convert_hf_to_gguf.py, or use the hf backend"
-        )
-    version = int.from_bytes(head[4:8], "little")
-    if not 1 <= version <= 3:
-        raise ModelLoadError(
-            f"model file {p} has GGUF version {version}, which this llama.cpp does not read; "
-            "the file is corrupt, or needs a newer llama-cpp-python"
-        )
     return p
+
+
+#: GGUF value types (gguf's GGUFValueType): fixed-size scalars as struct formats, and the two variable ones
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+#: arrays of more elements than this are skipped, not kept (per-layer hyperparameters have at most LLAMA_MAX_LAYERS)
+_KEEP_ARRAY = 4096
+#: llama.cpp's LLAMA_MAX_LAYERS: a larger block_count aborts the process (GGML_ASSERT)
+LLAMA_MAX_LAYERS = 512
+#: rope.scaling.type values llama.cpp knows; any other aborts it (GGML_ASSERT ... != UNSPECIFIED)
+_ROPE_SCALING_TYPES = frozenset({"none", "linear", "yarn", "longrope"})
+
+
+def _read_gguf_metadata(f: Any) -> dict[str, Any]:
+    """The GGUF key/values before the vocabulary: numbers, strings and short numeric arrays (as tuples).
+
+    ``gguf.GGUFReader`` is the library way, but it parses every key, and a 262,144-token vocabulary
+    costs it 7.9 s on the embedded Gemma (14 times the whole model load). This reads the memory-mapped
+    header and stops at the first long string array (the vocabulary) once ``general.architecture`` and
+    the architecture's ``block_count`` are seen: converters write ``general.*``, then the
+    hyperparameters, then ``tokenizer.*``. A key that runs past the end of the file ends the scan;
+    llama.cpp then reports the damage itself.
+    """
+    meta: dict[str, Any] = {}
+    try:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return meta
+    with mm:
+        size = len(mm)
+
+        def scalar(fmt: str, off: int) -> tuple[Any, int]:
+            return struct.unpack_from(fmt, mm, off)[0], off + struct.calcsize(fmt)
+
+        def string(off: int) -> tuple[str, int]:
+            n, off = scalar("<Q", off)
+            if off + n > size:
+                raise IndexError("string past the end of the file")
+            return bytes(mm[off : off + n]).decode("utf-8", errors="replace"), off + n
+
+        try:
+            n_kv, off = scalar("<Q", 16)
+            for _ in range(min(n_kv, size)):
+                key, off = string(off)
+                vtype, off = scalar("<I", off)
+                if vtype in _GGUF_SCALARS:
+                    meta[key], off = scalar(_GGUF_SCALARS[vtype], off)
+                elif vtype == _GGUF_STRING:
+                    meta[key], off = string(off)
+                elif vtype == _GGUF_ARRAY:
+                    itype, off = scalar("<I", off)
+                    count, off = scalar("<Q", off)
+                    if itype in _GGUF_SCALARS:
+                        fmt = _GGUF_SCALARS[itype]
+                        width = struct.calcsize(fmt)
+                        if off + count * width > size:
+                            break
+                        if count <= _KEEP_ARRAY:
+                            meta[key] = struct.unpack_from(f"<{count}{fmt[1]}", mm, off)
+                        off += count * width
+                    elif itype == _GGUF_STRING:
+                        arch = meta.get("general.architecture")
+                        if count > _KEEP_ARRAY and f"{arch}.block_count" in meta:
+                            break  # the vocabulary: the hyperparameters are all read
+                        if off + count * 8 > size:
+                            break
+                        for _ in range(count):
+                            n, off = scalar("<Q", off)
+                            off += n
+                    else:
+                        break  # nested arrays or an unknown type: leave it to llama.cpp
+                else:
+                    break
+        except (struct.error, IndexError):
+            pass
+    return meta
+
+
+def _check_hparams(p: Path, meta: dict[str, Any]) -> None:
+    """Refuse hyperparameters on which llama.cpp's loader or its first decode abort the process.
+
+    Generic over architectures: the keys are looked up under the file's ``general.architecture``.
+    These are the ``GGML_ASSERT`` checks of ``llama_model::load_hparams`` (llama-model.cpp) and of the
+    norm kernels, each reproduced with a damaged file on llama-cpp-python 0.3.36. Values that
+    llama.cpp reports itself (a zero head count or embedding length: a tensor of the wrong shape)
+    are left to it.
+    """
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
+        return
+
+    def number(name: str) -> int | None:
+        v = meta.get(f"{arch}.{name}")
+        if isinstance(v, tuple):  # per-layer values: the loader checks the largest
+            v = max((x for x in v if isinstance(x, int)), default=None)
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    def bad(name: str, value: Any, why: str) -> ModelLoadError:
+        return ModelLoadError(
+            f"model file {p} has an invalid hyperparameter {arch}.{name} = {value} ({why}); the file is "
+            "corrupt -- download or convert it again"
+        )
+
+    n_layer = number("block_count")
+    if n_layer is not None and not 1 <= n_layer <= LLAMA_MAX_LAYERS:
+        raise bad("block_count", n_layer, f"llama.cpp needs 1 to {LLAMA_MAX_LAYERS} layers")
+    nextn = number("nextn_predict_layers")
+    if nextn is not None and n_layer is not None and nextn > n_layer:
+        raise bad("nextn_predict_layers", nextn, f"more than block_count = {n_layer}")
+    n_expert = number("expert_count") or 0
+    used = number("expert_used_count") or 0
+    groups = number("expert_group_count") or 0
+    group_used = number("expert_group_used_count") or 0
+    if used > n_expert:
+        raise bad("expert_used_count", used, f"more than expert_count = {n_expert}")
+    if n_expert > 0 and used == 0:
+        raise bad("expert_used_count", used, f"a model with {n_expert} experts must use at least one")
+    if n_expert > 0 and groups >= n_expert:
+        raise bad("expert_group_count", groups, f"must be fewer than expert_count = {n_expert}")
+    if n_expert == 0 and groups > 0:
+        raise bad("expert_group_count", groups, "the model has no experts")
+    if groups > 1 and n_expert % groups:
+        raise bad("expert_group_count", groups, f"does not divide expert_count = {n_expert}")
+    if groups > 1 and not 0 < group_used < groups:
+        raise bad("expert_group_used_count", group_used, f"must be 1 to {groups - 1}")
+    scaling = meta.get(f"{arch}.rope.scaling.type")
+    if isinstance(scaling, str) and scaling not in _ROPE_SCALING_TYPES:
+        raise bad("rope.scaling.type", repr(scaling), f"llama.cpp knows {', '.join(sorted(_ROPE_SCALING_TYPES))}")
+    for key, value in meta.items():  # norm epsilons: ggml asserts eps >= 0 (NaN fails too) at the first decode
+        name = key[len(arch) + 1 :]
+        if key.startswith(f"{arch}.") and (name.endswith("epsilon") or name.endswith("_eps") or name.endswith(".eps")):
+            for v in value if isinstance(value, tuple) else (value,):
+                if isinstance(v, float) and not (math.isfinite(v) and v >= 0):
+                    raise bad(name, v, "a norm epsilon must be a finite number >= 0")
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -444,6 +609,14 @@ class LlamaCppBackend(Backend):
         else:
             self._verbose_counted = False
 
+        if config.n_gpu_layers not in (None, 0) and not lib.llama_supports_gpu_offload():
+            warnings.warn(
+                f"the llama-cpp backend: this llama-cpp-python build has no GPU offload, so the model runs on "
+                f"the CPU; n_gpu_layers={config.n_gpu_layers} ignored (for a GPU, reinstall llama-cpp-python "
+                'built with CMAKE_ARGS="-DGGML_CUDA=on")',
+                PersonaJudgeWarning,
+                stacklevel=2,
+            )
         self.threads = int(config.threads or _default_threads())
         self.threads_batch = int(self.options["threads_batch"] or self.threads)
         self.n_gpu_layers = config.n_gpu_layers
