@@ -34,12 +34,15 @@ loads take seconds. With no model, the embedded Gemma 3 270M GGUF is used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
 import os
 import shutil
 import socket
+import stat
+import struct
 import tempfile
 import time
 import warnings
@@ -49,7 +52,7 @@ from typing import Any, Literal, cast
 from urllib.parse import urlparse
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from personajudge.backends.embedded import cache_dir, default_model_path
 from personajudge.core.chat_template import ChatTemplate
@@ -82,6 +85,33 @@ class HFOptions(Options):
     max_cache_len: int | None = Field(None, ge=16)
     compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False
     compile_backend: str = Field("inductor", min_length=1)
+
+    @field_validator("compile_backend")
+    @classmethod
+    def _known_compile_backend(cls, name: str) -> str:
+        """An unknown name would raise dynamo's ``InvalidBackend`` only after the weights load."""
+        if name == "inductor":  # the default: no need to import dynamo to know it
+            return name
+        try:
+            from torch._dynamo import list_backends
+        except ImportError:
+            return name  # no torch: loading the backend says what to install
+        if name not in list_backends(exclude_tags=()):  # every registered name, debug ones (eager) included
+            raise ValueError(
+                f"not a torch.compile backend (torch._dynamo.list_backends(): {', '.join(list_backends())}; "
+                "for debugging also eager, aot_eager)"
+            )
+        return name
+
+    @model_validator(mode="after")
+    def _static_cache_options(self) -> HFOptions:
+        """The static-cache rules that need no model, checked before one is loaded."""
+        static = self.cache_implementation == "static" or self.compile is not False
+        if self.max_cache_len is not None and not static:
+            raise ValueError('max_cache_len needs cache_implementation="static" (or compile)')
+        if static and self.device_map is not None:
+            raise ValueError("a static cache or compile runs on one device; drop device_map")
+        return self
 
 
 _OPTIONS = set(HFOptions.model_fields)
@@ -522,6 +552,91 @@ def _install_cpu_prepack(torch, model) -> int:
     return n
 
 
+def _bad_model_errors() -> tuple[type[BaseException], ...]:
+    """What transformers' loaders raise for a damaged or malformed model, to report in one line.
+
+    Besides the usual OSError/ValueError/KeyError/RuntimeError: the GGUF reader's
+    ``struct.error`` (a truncated header) and ``OverflowError`` (a count too large),
+    safetensors' ``SafetensorError`` (a truncated or random weights file),
+    huggingface_hub's ``StrictDataclassError`` (a config.json value of the wrong
+    type), and ``ZeroDivisionError`` / ``IndexError`` from a model built on a
+    config with zero heads or an empty vocabulary. Anything else is a bug and
+    keeps its traceback."""
+    from safetensors import SafetensorError
+
+    errors: list[type[BaseException]] = [OSError, ValueError, KeyError, RuntimeError, struct.error, EOFError]
+    errors += [SafetensorError, ArithmeticError, IndexError]
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+
+        errors.append(StrictDataclassError)
+    except ImportError:  # an older huggingface_hub: configs are not validated this way
+        pass
+    return tuple(errors)
+
+
+def _damaged_safetensors(folder: Path) -> Path | None:
+    """The first ``*.safetensors`` file in ``folder`` whose header safetensors cannot read, if any."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            return f
+    return None
+
+
+@contextlib.contextmanager
+def _no_weight_loading_bar():
+    """Turn off transformers' "Loading weights" progress bar for one load, then restore it.
+
+    The README promises one line of stats on stderr. transformers' switch also
+    turns off huggingface_hub's bars; downloads keep theirs (minutes of progress
+    are worth a few lines), and the hub's own setting is put back as found."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    bar_on = hf_logging.is_progress_bar_enabled()
+    hub_off = are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    if not hub_off:
+        enable_progress_bars()
+    try:
+        yield
+    finally:
+        if bar_on:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the hub warns when HF_HUB_DISABLE_PROGRESS_BARS pins it off
+                hf_logging.enable_progress_bar()
+        if hub_off:
+            disable_progress_bars()
+
+
+def _path_kind(path: Path, named: Path) -> Literal["file", "dir", "other"] | None:
+    """What is at ``path``: a regular file, a folder, something else (FIFO, device, socket) or nothing.
+
+    One ``stat``, following links. ``Path.is_file()`` would call a FIFO "not a
+    file" (reported as not found) and, on Python 3.11, raise ``PermissionError``
+    inside a folder the user cannot enter: that becomes a one-line
+    :class:`ModelLoadError` naming ``named`` (the path the user gave)."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL in the name
+        return None
+    except PermissionError:
+        raise ModelLoadError(
+            f"cannot access model path {named}: permission denied; check the permissions of it "
+            "and of the folders above it"
+        ) from None
+    except OSError as err:  # a link loop, a name too long, an I/O error
+        raise ModelLoadError(f"cannot access model path {named}: {err.strerror or err}") from None
+    if stat.S_ISREG(mode):
+        return "file"
+    return "dir" if stat.S_ISDIR(mode) else "other"
+
+
 def _looks_like_path(model: str) -> bool:
     return (
         model.startswith(("/", "./", "../", "~", "\\"))
@@ -554,9 +669,15 @@ class CompiledKernel:
 
     def __init__(self, torch, fn, compile_backend: str = "inductor", on_fail=None):
         self.torch, self.fn, self.on_fail = torch, fn, on_fail
-        self.compiled: Any = torch.compile(fn, backend=compile_backend, fullgraph=True)
         self.fallback: str | None = None  #: why it runs eager, if it does
         self.calls = 0  #: calls that ran compiled
+        try:
+            self.compiled: Any = torch.compile(fn, backend=compile_backend, fullgraph=True)
+        except Exception as err:  # torch.compile itself refused: the same fallback as a failed first call
+            if on_fail is None:
+                raise
+            self.compiled = None
+            self.fallback = on_fail(err)
 
     def __call__(self, *args):
         if self.compiled is not None:
@@ -647,6 +768,7 @@ class HFBackend(Backend):
         self.input_device = self.model.get_input_embeddings().weight.device
         self.device_label = str(self.input_device) if self.device_map is None else f"device_map={self.device_map}"
         self._setup_attention(tcfg)
+        self._facts: dict[str, Any] = {}  # _setup_static may record a compile fallback here
         self._setup_static(opts)
         self.cpu_prepacked = 0
         # the CPU kernels swapped in below are opaque to torch.compile's code generator: compile keeps the model as is
@@ -665,7 +787,7 @@ class HFBackend(Backend):
             "cpu_prepacked_linears": self.cpu_prepacked,
             "load_time_s": round(self.load_time_s, 2),
             "cache_implementation": "static" if self.static else "dynamic",
-            "compile": self.compile_mode or False,
+            "compile": self._facts.get("compile", self.compile_mode or False),  # or why it runs eager
         }
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -680,19 +802,24 @@ class HFBackend(Backend):
         try:
             dev = torch.device(device)
         except (RuntimeError, ValueError):
-            raise ConfigError(f"backend.device: expected cpu, cuda or cuda:N, got {device!r}") from None
-        if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                raise DeviceError(
-                    f"device {device!r} requested but CUDA is not available "
-                    "(no GPU, or torch was built without CUDA); use --device cpu"
-                )
-            if dev.index is not None and dev.index >= torch.cuda.device_count():
-                raise DeviceError(
-                    f"device {device!r} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)"
-                )
-        elif dev.type not in ("cpu", "mps", "xpu"):
-            raise ConfigError(f"backend.device: expected cpu, cuda or cuda:N, got {device!r}")
+            raise ConfigError(f"backend.device: expected cpu, cuda, cuda:N, mps or xpu, got {device!r}") from None
+        if dev.type == "cpu":
+            return dev
+        # Every other type torch parses (cuda, mps, xpu, ...) is checked here, before any weights load:
+        # torch would otherwise fail only when the model moves (an AssertionError for xpu).
+        name = dev.type.upper()
+        module = getattr(torch, dev.type, None)
+        is_available = getattr(module, "is_available", None)
+        if not callable(is_available) or not is_available():
+            why = (
+                "no GPU, or torch was built without CUDA"
+                if dev.type == "cuda"
+                else f"no {name} device, or torch was built without it"
+            )
+            raise DeviceError(f"device {device!r} requested but {name} is not available ({why}); use --device cpu")
+        count = getattr(module, "device_count", None)
+        if dev.index is not None and callable(count) and dev.index >= count():
+            raise DeviceError(f"device {device!r} does not exist; this machine has {count()} {name} device(s)")
         return dev
 
     def _torch_dtype(self):
@@ -706,21 +833,27 @@ class HFBackend(Backend):
         if model is None:
             raise ConfigError("backend.options.gguf_file needs backend.model (the folder or hub repo holding it)")
         p = Path(model).expanduser()
-        if p.is_file():
+        kind = _path_kind(p, p)
+        if kind == "file":
             if not p.name.lower().endswith(".gguf"):
                 raise ModelLoadError(
                     f"model file {p} is not a .gguf file; pass a model folder, a hub id or a .gguf file"
                 )
             return str(p), *self._load_gguf(str(p.parent), p.name, local=p)
-        if p.is_dir():
+        if kind == "dir":
             if gguf_file:
                 g = p / gguf_file
-                if not g.is_file():
+                if _path_kind(g, g) != "file":
                     raise ModelLoadError(f"GGUF file {gguf_file!r} not found in {p}")
                 return str(g), *self._load_gguf(str(p), gguf_file, local=g)
-            if not (p / "config.json").is_file():
+            if _path_kind(p / "config.json", p) != "file":
                 raise ModelLoadError(f"model folder {p} has no config.json; is it a transformers model folder?")
             return str(p), *self._from_pretrained(str(p), local=True)
+        if kind == "other":  # reading a FIFO would block for good; a device or socket is no model either
+            raise ModelLoadError(
+                f"model path {p} is not a regular file or folder (a FIFO, device or socket); "
+                "pass a model folder, a hub id or a .gguf file"
+            )
         if _looks_like_path(model):
             raise ModelLoadError(f"model path not found: {model}")
         # A hub id: use the local HF cache first; only go online when the hub is reachable.
@@ -763,8 +896,10 @@ class HFBackend(Backend):
             mkw["attn_implementation"] = self.attn_implementation
         if self.device_map is not None:
             mkw["device_map"] = self.device_map
+        # a GGUF is named by its file, not by the folder transformers is given
+        label = source if not gguf_file else str(Path(source) / gguf_file) if local else f"{source}:{gguf_file}"
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _no_weight_loading_bar():
                 warnings.simplefilter("ignore")
                 tok = self._fetch(AutoTokenizer.from_pretrained, source, _local=local, **kw)
                 model = self._fetch(AutoModelForCausalLM.from_pretrained, source, _local=local, **mkw)
@@ -774,18 +909,23 @@ class HFBackend(Backend):
             raise
         except torch.cuda.OutOfMemoryError:
             raise DeviceError(
-                f"out of memory loading {source} on {self.device}; try --dtype bfloat16, "
+                f"out of memory loading {label} on {self.device}; try --dtype bfloat16, "
                 "--backend-option device_map=auto, or a smaller model"
             ) from None
         except ImportError as err:
             raise BackendUnavailableError(
-                f"loading {source} needs a missing package: {err}; run: {INSTALL_HINT}"
+                f"loading {label} needs a missing package: {err}; run: {INSTALL_HINT}"
             ) from None
-        except (OSError, ValueError, KeyError, RuntimeError) as err:
+        except _bad_model_errors() as err:
+            if local and not gguf_file and type(err).__name__ == "SafetensorError":
+                label = str(_damaged_safetensors(Path(source)) or label)  # the file, where one fails to open
             msg = " ".join(str(err).split())
             if len(msg) > 300:
                 msg = msg[:300] + "..."
-            raise ModelLoadError(f"cannot load model {source!r}: {type(err).__name__}: {msg}") from None
+            kind = type(err).__name__
+            if kind == "error":  # struct.error, socket.error, ...: say whose
+                kind = f"{type(err).__module__}.error"
+            raise ModelLoadError(f"cannot load model {label!r}: {kind}: {msg}") from None
         return model, tok
 
     def _gguf_cache_dir(self, source: str, gguf_file: str, local: Path | None) -> Path:
@@ -919,11 +1059,7 @@ class HFBackend(Backend):
         self.compile_mode: str | None = ("default" if compile_opt is True else compile_opt) or None
         self.compile_backend = str(opts.get("compile_backend") or "inductor")
         self.static = opts.get("cache_implementation") == "static" or self.compile_mode is not None
-        cap = opts.get("max_cache_len")
-        if cap is not None and not self.static:
-            raise ConfigError('backend.options.max_cache_len needs cache_implementation="static" (or compile)')
-        if self.static and self.device_map is not None:
-            raise ConfigError("backend.options: a static cache or compile runs on one device; drop device_map")
+        cap = opts.get("max_cache_len")  # without a static cache, or with device_map: refused by HFOptions
         if self.static:
             if cap is not None and cap > self.context_length:
                 raise ConfigError(
@@ -938,13 +1074,16 @@ class HFBackend(Backend):
             # would be reached by a server whose session grows, or by several backends in one process
             dynamo = self.torch._dynamo.config
             dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
-            self._compiled = self.torch.compile(
-                self._step_logits,
-                mode=None if self.compile_backend != "inductor" else self.compile_mode,
-                backend=self.compile_backend,
-                fullgraph=True,
-                dynamic=False,
-            )
+            try:
+                self._compiled = self.torch.compile(
+                    self._step_logits,
+                    mode=None if self.compile_backend != "inductor" else self.compile_mode,
+                    backend=self.compile_backend,
+                    fullgraph=True,
+                    dynamic=False,
+                )
+            except Exception as err:  # as a failed first compiled call: eager, one warning, never a failed load
+                self.compile_fallback = self._compile_failed("compile", "torch.compile", err)
 
     def _step_logits(self, input_ids, position_ids, cache, keep: int):
         """One forward: masks from the positions, the model, the last ``keep`` positions' logits in float32.
