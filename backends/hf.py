@@ -41,7 +41,6 @@ import json
 import os
 import shutil
 import socket
-import stat
 import struct
 import tempfile
 import time
@@ -66,6 +65,7 @@ from personajudge.core.errors import (
     PersonaJudgeWarning,
     SessionError,
 )
+from personajudge.core.files import path_kind
 from personajudge.core.transforms import SamplingParams
 
 INSTALL_HINT = "pip install 'persona-judge[hf]'"
@@ -614,29 +614,6 @@ def _no_weight_loading_bar():
             disable_progress_bars()
 
 
-def _path_kind(path: Path, named: Path) -> Literal["file", "dir", "other"] | None:
-    """What is at ``path``: a regular file, a folder, something else (FIFO, device, socket) or nothing.
-
-    One ``stat``, following links. ``Path.is_file()`` would call a FIFO "not a
-    file" (reported as not found) and, on Python 3.11, raise ``PermissionError``
-    inside a folder the user cannot enter: that becomes a one-line
-    :class:`ModelLoadError` naming ``named`` (the path the user gave)."""
-    try:
-        mode = path.stat().st_mode
-    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL in the name
-        return None
-    except PermissionError:
-        raise ModelLoadError(
-            f"cannot access model path {named}: permission denied; check the permissions of it "
-            "and of the folders above it"
-        ) from None
-    except OSError as err:  # a link loop, a name too long, an I/O error
-        raise ModelLoadError(f"cannot access model path {named}: {err.strerror or err}") from None
-    if stat.S_ISREG(mode):
-        return "file"
-    return "dir" if stat.S_ISDIR(mode) else "other"
-
-
 def _looks_like_path(model: str) -> bool:
     return (
         model.startswith(("/", "./", "../", "~", "\\"))
@@ -833,7 +810,7 @@ class HFBackend(Backend):
         if model is None:
             raise ConfigError("backend.options.gguf_file needs backend.model (the folder or hub repo holding it)")
         p = Path(model).expanduser()
-        kind = _path_kind(p, p)
+        kind = path_kind(p, "model path", ModelLoadError)
         if kind == "file":
             if not p.name.lower().endswith(".gguf"):
                 raise ModelLoadError(
@@ -843,10 +820,10 @@ class HFBackend(Backend):
         if kind == "dir":
             if gguf_file:
                 g = p / gguf_file
-                if _path_kind(g, g) != "file":
+                if path_kind(g, "model path", ModelLoadError) != "file":
                     raise ModelLoadError(f"GGUF file {gguf_file!r} not found in {p}")
                 return str(g), *self._load_gguf(str(p), gguf_file, local=g)
-            if _path_kind(p / "config.json", p) != "file":
+            if path_kind(p / "config.json", "model path", ModelLoadError, named=p) != "file":
                 raise ModelLoadError(f"model folder {p} has no config.json; is it a transformers model folder?")
             return str(p), *self._from_pretrained(str(p), local=True)
         if kind == "other":  # reading a FIFO would block for good; a device or socket is no model either

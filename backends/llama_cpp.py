@@ -58,6 +58,7 @@ from personajudge.core.errors import (
     SessionError,
     TooManyViewsError,
 )
+from personajudge.core.files import path_kind
 from personajudge.core.transforms import SamplingParams
 
 INSTALL_HINT = "pip install 'persona-judge[llama]'"
@@ -213,23 +214,15 @@ def check_model_file(path: str | os.PathLike[str]) -> Path:
     the ``GGML_ASSERT`` checks of llama.cpp's loader (:func:`_check_hparams`), which abort the process.
     """
     p = Path(path).expanduser()
-    try:
-        st = p.stat()
-    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL byte in the path
+    kind = path_kind(p, "the model file", ModelLoadError)
+    if kind is None:
         raise ModelLoadError(
             f"model file not found: {p}; pass --model PATH to a local .gguf file "
             "(or leave --model out to use the embedded Gemma 3 270M)"
-        ) from None
-    except PermissionError:
-        raise ModelLoadError(
-            f"cannot access the model file {p}: permission denied; check the permissions of the file "
-            "and of the folders above it"
-        ) from None
-    except OSError as err:
-        raise ModelLoadError(f"cannot access the model file {p}: {err.strerror or err}") from None
-    if stat.S_ISDIR(st.st_mode):
+        )
+    if kind == "dir":
         raise ModelLoadError(f"model path {p} is a directory; the llama-cpp backend needs a .gguf file")
-    if not stat.S_ISREG(st.st_mode):
+    if kind == "other":
         raise ModelLoadError(
             f"model path {p} is not a regular file (a FIFO, device or socket); the llama-cpp backend needs a .gguf file"
         )
@@ -237,7 +230,8 @@ def check_model_file(path: str | os.PathLike[str]) -> Path:
         # O_NONBLOCK: should the path have become a FIFO since the stat, opening it does not block
         fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         with open(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
                 raise ModelLoadError(f"model path {p} is not a regular file; the llama-cpp backend needs a .gguf file")
             head = f.read(9)
             if len(head) < 8:

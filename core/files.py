@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from .errors import PersonaJudgeError
 
@@ -49,6 +49,32 @@ def read_text(
     if len(data) > max_bytes:
         raise error(f"{what} {p} is larger than {max_bytes >> 20} MiB; split it")
     return decode_utf8(data, f"{what} {p}", error)
+
+
+def path_kind(
+    path: str | os.PathLike[str], what: str, error: type[PersonaJudgeError], named: str | os.PathLike[str] | None = None
+) -> Literal["file", "dir", "other"] | None:
+    """What is at ``path``: a regular file, a folder, something else (a FIFO, device or socket) or nothing.
+
+    One ``stat``, following links. ``Path.exists()``/``is_file()`` raise ``PermissionError`` on
+    Python 3.11 inside a folder the user cannot enter, and call a FIFO "not a file"; opening one
+    would block for good. A path that cannot be examined is ``error`` naming ``named`` (default
+    ``path``: the path the user gave) as ``what``.
+    """
+    shown = path if named is None else named
+    try:
+        mode = Path(path).stat().st_mode
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL in the name
+        return None
+    except PermissionError:
+        raise error(
+            f"cannot access {what} {shown}: permission denied; check the permissions of it and of the folders above it"
+        ) from None
+    except OSError as err:  # a link loop, a name too long, an I/O error
+        raise error(f"cannot access {what} {shown}: {os_error_text(err)}") from None
+    if stat.S_ISREG(mode):
+        return "file"
+    return "dir" if stat.S_ISDIR(mode) else "other"
 
 
 def read_stream(stream: IO[bytes], what: str, error: type[PersonaJudgeError], max_bytes: int = MAX_INPUT_BYTES) -> str:

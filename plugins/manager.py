@@ -44,7 +44,7 @@ from pydantic import BaseModel
 from personajudge.core.config import BackendConfig
 from personajudge.core.contract import Backend, Tokenizer
 from personajudge.core.errors import PersonaJudgeWarning, PluginError, UnknownPluginError
-from personajudge.preferences import Encoder, Preference, auto_encoder_name, encoder_options
+from personajudge.preferences import Encoder, Preference, auto_encoder_name, encoder_options, lookup
 
 from . import hookspecs
 
@@ -187,15 +187,15 @@ def _check_preference(obj: Any, origin: str) -> None:
 _CHECKS = {"method": _check_method, "encoder": _check_encoder}
 
 
-def _taken_by(reg: Registry, word: str) -> str | None:
-    """Which registered preference already answers to ``word`` (as its name or an alias, in any case), or None."""
-    w = word.lower()
-    for key, pref in reg.items():
-        if pref.name.lower() == w or key.lower() == w:
-            return f"the name of preference '{pref.name}'"
-        if any(a.lower() == w for a in pref.aliases):
-            return f"an alias of preference '{pref.name}'"
-    return None
+def _holder(reg: Registry, word: str) -> tuple[str, PluginSource] | None:
+    """Which registered preference already answers to ``word`` (its name or an alias, in any case, as
+    :func:`~personajudge.preferences.lookup` resolves it): what the word is to it, and who registered it."""
+    pref = lookup(word, reg)
+    if pref is None:
+        return None
+    key = next(k for k, v in reg.items() if v is pref)
+    what = "the name" if word.lower() in (key.lower(), pref.name.lower()) else "an alias"
+    return f"{what} of preference '{pref.name}'", reg.source(key)
 
 
 def _admit_preference(reg: Registry, key: str, pref: Preference, src: PluginSource) -> Preference | None:
@@ -207,35 +207,26 @@ def _admit_preference(reg: Registry, key: str, pref: Preference, src: PluginSour
     A preference whose name is taken is skipped; an alias that is taken is dropped. One warning each.
     """
     for word in (key, pref.name):
-        holder = _taken_by(reg, word)
-        if holder is not None:
-            owner = _owner_of(reg, word)
+        taken = _holder(reg, word)
+        if taken is not None:
             _warn(
-                f"skipped preference '{key}' of plugin {src}: the name is already registered by {owner} "
-                f"(it is {holder})"
+                f"skipped preference '{key}' of plugin {src}: the name is already registered by {taken[1]} "
+                f"(it is {taken[0]})"
             )
             return None
     keep = []
     for alias in pref.aliases:
-        holder = _taken_by(reg, alias)
-        if holder is not None:
+        taken = _holder(reg, alias)
+        if taken is not None:
             _warn(
                 f"dropped alias '{alias}' of preference '{key}' of plugin {src}: it is already registered "
-                f"by {_owner_of(reg, alias)} (it is {holder})"
+                f"by {taken[1]} (it is {taken[0]})"
             )
         else:
             keep.append(alias)
     if len(keep) == len(pref.aliases):
         return pref
     return pref.model_copy(update={"aliases": tuple(keep)})
-
-
-def _owner_of(reg: Registry, word: str) -> PluginSource:
-    w = word.lower()
-    for key, pref in reg.items():
-        if w in {key.lower(), pref.name.lower(), *(a.lower() for a in pref.aliases)}:
-            return reg.source(key)
-    return PluginSource("?")
 
 
 def _norm(name: str) -> str:
