@@ -117,12 +117,9 @@ def _view_list(value: Any) -> list[list[str | Preference]] | None:
 def _check_config(cfg: RunConfig) -> None:
     """Raise what a run of ``cfg`` would raise for its method, method options, encoder name and
     preferences, without a model: the typed errors ``generate`` raises, before the model loads. The
-    rest needs the model (``auto`` picks the encoder by its tokenizer; a prompt may not fit)."""
-    make_method(cfg)
-    if cfg.encoder != "auto":  # a named encoder's options are known now (auto's only with the model)
-        resolve_encoder(cfg.encoder, None, options=cfg.encoder_options)  # type: ignore[arg-type]
-    # the CLI's config carries the preferences a --preferences-file defines, which its views may name
-    build_views(getattr(cfg, "definitions", None) or cfg.preferences, cfg.views, preference_library())
+    rest needs the model (``auto`` picks the encoder by its tokenizer; a prompt may not fit). The
+    CLI's config carries the preferences a ``--preferences-file`` defines, which its views may name."""
+    _plan_call(cfg, getattr(cfg, "definitions", None), None, None, {})
 
 
 def _seed_list(seeds: Any, n: int) -> list[int | None] | None:
@@ -145,9 +142,9 @@ def _seed_list(seeds: Any, n: int) -> list[int | None] | None:
     return out
 
 
-def _warn_degenerate(name: str, meth: Any, prefs: Sequence[Any], groups: Any, user_views: list[list[Any]]) -> None:
+def _warn_degenerate(name: str, meth: Any, ignored: Sequence[Any], user_views: list[list[Any]]) -> None:
     """Say so when a run silently does less than it seems to (one line each; the CLI prints them)."""
-    if groups and prefs:
+    if ignored:
         warnings.warn(
             "the preferences given alongside views are ignored; the views decide (put every preference into a view)",
             PersonaJudgeWarning,
@@ -168,6 +165,42 @@ def _warn_degenerate(name: str, meth: Any, prefs: Sequence[Any], groups: Any, us
             PersonaJudgeWarning,
             stacklevel=4,
         )
+
+
+def _plan_call(base: RunConfig, preferences, views, method, decoding: dict[str, Any]):
+    """What a call asks for, checked and resolved without a model: the run config with the call's
+    overrides, the method instance, the user's views, and the free-text preferences given next to views
+    (which a warning names as unused).
+
+    ``decoding`` holds the call's other keywords: decoding fields, and ``encoder`` and
+    ``encoder_options``, which every entry point (``generate``, ``generate_batch``, ``stream``,
+    ``submit``) takes. The one-shot :func:`generate` and :func:`stream` run this before loading the
+    model, so a misspelt preference costs no load."""
+    decoding = dict(decoding)
+    encoder, encoder_opts = decoding.pop("encoder", None), decoding.pop("encoder_options", None)
+    if "lam" in decoding:
+        decoding["lambda"] = decoding.pop("lam")
+    given_prefs, given_groups = _preference_list(preferences), _view_list(views)
+    overrides = {"method": method, "encoder": encoder, "encoder_options": encoder_opts}
+    overrides.update({f"decoding.{k}": v for k, v in decoding.items()})
+    cfg = base
+    if any(v is not None for v in overrides.values()):
+        cfg = build_config(base.model_dump(by_alias=True), **overrides)
+    # a call's views replace the configured preferences too (a server's defaults do not meet a
+    # request's views); a call's preferences next to configured views define names for them (the CLI's
+    # preferences file) or are ignored with a warning
+    prefs: Sequence[str | Preference] = (
+        given_prefs if given_prefs is not None else ([] if given_groups is not None else cfg.preferences)
+    )
+    groups: Sequence[Sequence[str | Preference]] | None = given_groups if given_groups is not None else cfg.views
+    meth = make_method(cfg)
+    if cfg.encoder != "auto":  # a named encoder and its options are known now (auto's only with the model)
+        resolve_encoder(cfg.encoder, None, options=cfg.encoder_options)  # type: ignore[arg-type]
+    user_views = build_views(prefs, groups, preference_library())
+    # Preference objects next to views define the names the views use (a preferences file's): never
+    # "ignored"; names and descriptions next to views are
+    unused = [p for p in prefs if not isinstance(p, Preference)] if groups else []
+    return cfg, meth, user_views, unused
 
 
 def fresh_seed() -> int:
@@ -339,11 +372,6 @@ class PersonaJudge:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _run_config(self, **overrides: Any) -> RunConfig:
-        if not any(v is not None for v in overrides.values()):
-            return self.config
-        return build_config(self.config.model_dump(by_alias=True), **overrides)
 
     def settings(self, cfg: RunConfig, views: list[list[Preference]]) -> dict[str, Any]:
         """The effective settings of a run, as reported by ``--json`` and ``--show-prompt``:
@@ -526,37 +554,12 @@ class PersonaJudge:
         return self.engine.submit(job, wait=wait), cfg, pref_views
 
     def _prepare(self, preferences, views, method, decoding: dict[str, Any]):
-        """The run config with per-call overrides, the method instance and the user's views.
-
-        ``decoding`` holds the call's other keywords: decoding fields, and ``encoder`` and
-        ``encoder_options``, which every entry point (``generate``, ``generate_batch``, ``stream``,
-        ``submit``) takes."""
-        decoding = dict(decoding)
-        encoder, encoder_opts = decoding.pop("encoder", None), decoding.pop("encoder_options", None)
-        if "lam" in decoding:
-            decoding["lambda"] = decoding.pop("lam")
-        given_prefs, given_groups = _preference_list(preferences), _view_list(views)
-        cfg = self._run_config(
-            method=method,
-            encoder=encoder,
-            encoder_options=encoder_opts,
-            **{f"decoding.{k}": v for k, v in decoding.items()},
-        )
-        # a call's views replace the configured preferences too (a server's defaults do not meet a
-        # request's views); a call's preferences next to configured views define names for them (the CLI's
-        # preferences file) or are ignored with a warning
-        prefs: Sequence[str | Preference] = (
-            given_prefs if given_prefs is not None else ([] if given_groups is not None else cfg.preferences)
-        )
-        groups: Sequence[Sequence[str | Preference]] | None = given_groups if given_groups is not None else cfg.views
-        meth = make_method(cfg)
-        user_views = build_views(prefs, groups, preference_library())
+        """The run config with per-call overrides, the method instance and the user's views, with the
+        encoder ``auto`` resolved on this model (see :func:`_plan_call` for the model-free part)."""
+        cfg, meth, user_views, unused = _plan_call(self.config, preferences, views, method, decoding)
         if cfg.encoder == "auto":  # fixed here, so the stop strings and the reported settings agree with it
             cfg = cfg.model_copy(update={"encoder": self.resolved_encoder(cfg, user_views)})
-        # Preference objects next to views define the names the views use (a preferences file's): never
-        # "ignored"; names and descriptions next to views are
-        unused = [p for p in prefs if not isinstance(p, Preference)] if groups else []
-        _warn_degenerate(cfg.method, meth, unused, groups, user_views)
+        _warn_degenerate(cfg.method, meth, unused, user_views)
         warn_duplicates(user_views, stacklevel=3)
         return cfg, meth, user_views
 
@@ -666,11 +669,21 @@ def generate(prompt: Prompt, *, config: RunConfig | dict[str, Any] | None = None
     To generate more than once, keep a :class:`PersonaJudge`: loading the
     model is most of a one-shot call's time.
     """
-    with PersonaJudge(config) as pj:
+    cfg = _as_config(config)
+    _check_call(cfg, kwargs)
+    with PersonaJudge(cfg) as pj:
         return pj.generate(prompt, **kwargs)
 
 
 def stream(prompt: Prompt, *, config: RunConfig | dict[str, Any] | None = None, **kwargs: Any) -> Iterator[str]:
     """One-shot streaming: load the configured backend, yield text as it is committed, free it."""
-    with PersonaJudge(config) as pj:
+    cfg = _as_config(config)
+    _check_call(cfg, kwargs)
+    with PersonaJudge(cfg) as pj:
         yield from pj.stream(prompt, **kwargs)
+
+
+def _check_call(cfg: RunConfig, kwargs: dict[str, Any]) -> None:
+    """A one-shot call's arguments checked as the call will check them, before the model loads."""
+    call = {k: v for k, v in kwargs.items() if k not in ("preferences", "views", "method", "on_text")}
+    _plan_call(cfg, kwargs.get("preferences"), kwargs.get("views"), kwargs.get("method"), call)

@@ -42,7 +42,7 @@ from personajudge.core.errors import (
 )
 from personajudge.engine import EngineClosedError, Job, QueueFullError, RequestCancelled
 from personajudge.plugins import preference_library
-from personajudge.preferences import Preference, build_views, normalize_conversation
+from personajudge.preferences import Preference, build_views, lookup, normalize_conversation, with_definitions
 
 from .metrics import Metrics
 from .schemas import FINISH_REASONS, ChatCompletionRequest, CompletionRequest, error_body
@@ -230,7 +230,11 @@ class Server:
                 code="invalid_value",
             )
         prefs, views = req.preference_list(), req.view_groups()
-        if views is not None and self.definitions:
+        if prefs is not None and views is None and self.definitions:
+            # a request's names mean what the preferences file defines or adjusts, as in its views
+            own = with_definitions({}, self.definitions)
+            prefs = [(lookup(p, own) or p) if isinstance(p, str) else p for p in prefs]
+        elif views is not None and self.definitions:
             prefs = self.definitions  # the names a preferences file defines or adjusts
         elif prefs is None and views is None and self.default_preferences is not None:
             # next to configured views only the definitions: the views decide

@@ -44,6 +44,30 @@ def test_one_shot_generate_and_stream_agree():
     assert res.settings["decoding"]["seed"] == 5 and res.settings["encoder"] == "plain"
 
 
+@pytest.mark.parametrize(
+    "kwargs,error,needle",
+    [
+        (dict(preferences=["concize", "humor"]), pj.PreferenceError, "did you mean concise"),
+        (dict(views=[["concise"], ["humr"]]), pj.PreferenceError, "did you mean humor"),
+        (dict(method="persona-jduge"), pj.UnknownPluginError, "persona-judge"),
+        (dict(encoder="chat-trun"), pj.UnknownPluginError, "chat-turn"),
+        (dict(temperature=-1), pj.ConfigError, "temperature"),
+        (dict(tempreature=0.5), pj.ConfigError, "tempreature"),
+    ],
+)
+@pytest.mark.parametrize("call", ["generate", "stream"])
+def test_one_shot_calls_refuse_their_arguments_before_loading_the_model(monkeypatch, call, kwargs, error, needle):
+    import personajudge.api as api
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the call's arguments were checked")
+
+    monkeypatch.setattr(api, "load_backend", no_load)
+    with pytest.raises(error, match=needle):
+        out = getattr(pj, call)("hi", config=TOY, **kwargs)
+        list(out) if call == "stream" else None
+
+
 def test_stream_errors_surface_in_the_caller():
     with pj.PersonaJudge(TOY) as model:
         with pytest.raises(pj.PreferenceError, match="concize"):

@@ -1,4 +1,4 @@
-"""A server's ``--preferences-file``: its preferences are the defaults as written, and requests' views name them.
+"""A server's ``--preferences-file``: its preferences are the defaults as written, and requests name them.
 
 Before, ``serve`` turned each entry of the file into its description as free
 text (its name, instruction and examples lost), and a request's views could
@@ -51,9 +51,13 @@ def test_the_files_preferences_are_the_defaults_and_name_a_requests_views(tmp_pa
             plain = c.post(base + "/v1/chat/completions", json=body)
             views = [["pirate", "concise"], ["humor"]]
             grouped = c.post(base + "/v1/chat/completions", json={**body, "views": views})
+            named = c.post(base + "/v1/chat/completions", json={**body, "preferences": ["Pirate", "humor"]})
     assert plain.status_code == 200, plain.text
     assert plain.json()["choices"][0]["message"]["content"] == _local(prefs)
     assert plain.json()["choices"][0]["message"]["content"] != _local([p.description for p in prefs])
     assert grouped.status_code == 200, grouped.text
     assert grouped.json()["choices"][0]["message"]["content"] == _local(prefs, views=views)
+    # a request's preferences name the file's too (case-insensitively), one view each
+    assert named.status_code == 200, named.text
+    assert named.json()["choices"][0]["message"]["content"] == _local([prefs[0], "humor"])
     assert "ignored" not in (tmp_path / "server.log").read_text()  # the file's preferences are definitions there
