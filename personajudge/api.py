@@ -301,7 +301,9 @@ class PersonaJudge:
     (started on first use), the only code that touches the backend: it runs
     up to ``max_batch`` requests together, one batched forward per step, and
     queues up to ``max_queue`` more. So one object is safe to share between
-    threads: each caller gets the result it would get alone, or a typed error.
+    threads: each call is decoded as it would be alone (its own seed and
+    uniforms), or gets a typed error; where batched kernels change logits
+    (llama.cpp, transformers) its tokens can part from a solo run's at a near-tie.
 
     The engine belongs to the backend object, not to this object: several
     ``PersonaJudge(backend=b)`` on one ``b`` (the server and a Python caller,
@@ -514,6 +516,7 @@ class PersonaJudge:
         loop: asyncio.AbstractEventLoop | None = None,
         wait: bool = True,
         stream: bool = True,
+        label: str = "python",
         **kwargs: Any,
     ) -> Job:
         """Queue one request on the engine; return its :class:`~personajudge.engine.Job` at once.
@@ -529,9 +532,10 @@ class PersonaJudge:
         ``stream=False`` sends no ``("text", ...)`` events: the text comes with
         the result, and is decoded only as often as stop strings and the
         repetition guard need it. ``encoder`` (a name) overrides the config's
-        preference encoder for this request.
+        preference encoder for this request. ``label`` names the caller for the
+        engine's hooks (the server's metrics label a job's latency by it).
         """
-        return self._submit(prompt, kwargs, loop, wait, stream)[0]
+        return self._submit(prompt, kwargs, loop, wait, stream, label)[0]
 
     def _submit(
         self,
@@ -540,6 +544,7 @@ class PersonaJudge:
         loop: asyncio.AbstractEventLoop | None = None,
         wait: bool = True,
         stream: bool = True,
+        label: str = "python",
     ):
         kwargs = dict(kwargs)
         preferences, views, method = (
@@ -550,7 +555,11 @@ class PersonaJudge:
         cfg, meth, pref_views = self._prepare(preferences, views, method, kwargs)
         contexts = self.encode_views(prompt, cfg, meth, pref_views)
         req = self._request(contexts, cfg, cfg.decoding.seed)
-        job = Job(req, meth, stream=stream) if loop is None else Job.for_asyncio(req, meth, loop, stream=stream)
+        job = (
+            Job(req, meth, stream=stream, label=label)
+            if loop is None
+            else Job.for_asyncio(req, meth, loop, stream=stream, label=label)
+        )
         return self.engine.submit(job, wait=wait), cfg, pref_views
 
     def _prepare(self, preferences, views, method, decoding: dict[str, Any]):
@@ -584,7 +593,8 @@ class PersonaJudge:
         llama.cpp (its quantized CPU kernels differ by up to about one logit
         between batch shapes) and transformers they can part at a near-tie,
         in greedy mode too. ``seeds`` defaults to ``seed + i`` when a seed is
-        configured; one call gives the same rows on every run. ``prompts``
+        configured; one call gives the same rows on every run while nothing
+        else runs on the backend (beside other callers, rows vary as theirs do). ``prompts``
         is a list (a bare string is refused: it is not a list of prompts);
         ``seeds`` has one integer >= 0 per prompt.
         """

@@ -116,14 +116,21 @@ class Job:
     _ids = itertools.count(1)
     #: where a :meth:`for_asyncio` job's events arrive (None: a plain job)
     _aqueue: asyncio.Queue | None = None
-    #: the HTTP path that submitted the job, set by the server (absent for Python callers; metrics label)
-    endpoint: str
 
     def __init__(
-        self, req: DecodeRequest, method: Any, *, sink: Callable[[Event], None] | None = None, stream: bool = True
+        self,
+        req: DecodeRequest,
+        method: Any,
+        *,
+        sink: Callable[[Event], None] | None = None,
+        stream: bool = True,
+        label: str = "python",
     ):
         self.id = next(self._ids)
         self.req = req
+        #: who submitted the job, for the engine's hooks (the server's metrics: its HTTP path). Given at
+        #: construction, since the engine may finish a short job before ``submit`` returns to its caller
+        self.label = label
         #: deliver ("text", piece) events as text is committed; without, the text is decoded only as
         #: often as the stop strings and the repetition guard need it, and arrives with the result
         self.stream = stream
@@ -146,7 +153,13 @@ class Job:
 
     @classmethod
     def for_asyncio(
-        cls, req: DecodeRequest, method: Any, loop: asyncio.AbstractEventLoop | None = None, *, stream: bool = True
+        cls,
+        req: DecodeRequest,
+        method: Any,
+        loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        stream: bool = True,
+        label: str = "python",
     ) -> Job:
         """A job whose events go to an ``asyncio.Queue`` (read with :meth:`aevents`)."""
         ev_loop = loop or asyncio.get_running_loop()
@@ -155,7 +168,7 @@ class Job:
         def sink(ev: Event) -> None:
             ev_loop.call_soon_threadsafe(aq.put_nowait, ev)
 
-        job = cls(req, method, sink=sink, stream=stream)
+        job = cls(req, method, sink=sink, stream=stream, label=label)
         job._aqueue = aq
         return job
 
@@ -342,7 +355,8 @@ class Engine:
         As many as the queue takes are appended under one lock, so rows that
         fit join the batch at the same step whatever the threads' timing: a
         backend whose logits depend on the batch shape (llama.cpp on a CPU)
-        then gives the same rows on every run.
+        then gives the same rows on every run, as long as no other caller's
+        requests share those steps.
         """
         pending = list(jobs)
         for job in pending:
@@ -487,8 +501,8 @@ class Engine:
                     self._cv.notify_all()  # room in the queue for blocked submitters
             for j, err in failed:
                 self._finish(j, err)
-            for j in dropped:
-                j._emit(("error", RequestCancelled("the request was cancelled before it started")))
+            for j in dropped:  # counted as cancelled (the server's metrics and /health), like the others
+                self._finish(j, RequestCancelled("the request was cancelled before it started"))
             for j in cancelled:
                 self._leave(j, error=RequestCancelled("the request was cancelled"))
             if alone is not None:
@@ -621,7 +635,7 @@ class Engine:
         now = time.perf_counter()
         if job.t_start is not None:
             job.req.stats.wall_time_s = now - job.t_start
-        if job.cancelled and (error is None or isinstance(error, RequestCancelled)):
+        if job.cancelled and (error is None or (self._closing and isinstance(error, RequestCancelled))):
             error = RequestCancelled(
                 "the engine is shutting down; the request was cancelled"
                 if self._closing

@@ -261,11 +261,14 @@ class Server:
 
     # ---------------------------------------------------------------- running a job
 
-    async def submit(self, prompt: Any, kwargs: dict[str, Any], *, stream: bool = True) -> Job:
+    async def submit(self, prompt: Any, kwargs: dict[str, Any], *, stream: bool = True, label: str) -> Job:
+        """Queue a request; ``label`` (the HTTP path) labels its latency in the metrics."""
         if self.shutting_down:
             raise EngineClosedError("the server is shutting down")
         loop = asyncio.get_running_loop()
-        return await asyncio.to_thread(lambda: self.pj.submit(prompt, loop=loop, wait=False, stream=stream, **kwargs))
+        return await asyncio.to_thread(
+            lambda: self.pj.submit(prompt, loop=loop, wait=False, stream=stream, label=label, **kwargs)
+        )
 
     async def next_event(self, job: Job, deadline: float) -> tuple:
         """The job's next event; cancels it and raises a 408 when the request's time is up."""
@@ -469,10 +472,9 @@ def create_app(
             )
 
         try:
-            job = await srv.submit(prompt, kwargs, stream=bool(req.stream))
+            job = await srv.submit(prompt, kwargs, stream=bool(req.stream), label=request.url.path)
         except Exception as err:
             raise fail(err) from None
-        job.endpoint = request.url.path
         watcher = asyncio.create_task(srv.watch(request, job))
         rid = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())

@@ -86,7 +86,7 @@ class Metrics:
     def on_finish(self, job: Any, error: BaseException | None) -> None:
         """Called by the engine for every job that ends (in the engine thread)."""
         if error is None:
-            self.observe_job(getattr(job, "endpoint", "python"), job)
+            self.observe_job(job.label, job)
         elif isinstance(error, RequestCancelled):
             self.cancelled.inc()
 

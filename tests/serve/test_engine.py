@@ -267,17 +267,26 @@ def test_blocked_submitters_wake_when_a_place_frees_with_no_queue(how):
     pj.close()
 
 
-def test_cancelling_a_queued_request_reports_cancelled():
+def test_cancelling_a_queued_request_reports_cancelled_and_counts_it():
+    """A request cancelled while queued ends through the same path as the others: counted in the
+    engine's ``cancelled`` (the server's /health and cancelled-requests metric) and passed to
+    ``on_finish`` with its label. Before, it was dropped with an error event and counted nowhere."""
     be = GatedToy()
     pj = PersonaJudge({"backend": {"name": "toy"}, "encoder": "plain"}, backend=be, max_batch=1)
+    ended: list[tuple[str, type | None]] = []
+    pj.engine.on_finish = lambda job, err: ended.append((job.label, type(err) if err else None))
     first = pj.submit("a", preferences=PREFS, seed=1, max_new_tokens=5)
     assert be.entered.wait(10)
-    second = pj.submit("b", preferences=PREFS, seed=2, max_new_tokens=5)
+    second = pj.submit("b", preferences=PREFS, seed=2, max_new_tokens=5, label="/v1/completions")
     second.cancel()
     be.gate.set()
-    with pytest.raises(RequestCancelled):
+    with pytest.raises(RequestCancelled, match="before it started"):
         second.result()
     assert first.result().tokens
+    stats = pj.engine.stats()
+    assert (stats["completed"], stats["cancelled"]) == (1, 1)
+    assert sorted(ended, key=str) == sorted([("python", None), ("/v1/completions", RequestCancelled)], key=str)
+    pj.close()
 
 
 def test_close_cancels_in_flight_requests_and_refuses_new_ones():

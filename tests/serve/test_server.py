@@ -216,6 +216,37 @@ def test_metrics_count_requests_tokens_and_acceptance(client, server):
     assert ok and float(ok[0].split()[-1]) >= 1
 
 
+def _duration_counts(base):
+    """``personajudge_request_duration_seconds_count`` by endpoint label."""
+    out = {}
+    for line in httpx.get(base + "/metrics").text.splitlines():
+        if line.startswith("personajudge_request_duration_seconds_count{"):
+            out[line.split('endpoint="', 1)[1].split('"', 1)[0]] = float(line.split()[-1])
+    return out
+
+
+def test_every_http_request_is_labelled_by_its_path_in_the_latency_histogram(server):
+    """Short requests raced the label: the engine could finish a job before the handler set its
+    endpoint, and its latency went under ``endpoint="python"`` (152 of 200 one-token requests)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = server[0]
+    before = _duration_counts(base)
+    body = {"model": "persona-judge", "prompt": "hi", "max_tokens": 1, "seed": 1}
+
+    def one(i):
+        return httpx.post(
+            base + "/v1/completions", json={**body, "seed": i}, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+        ).status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        codes = list(pool.map(one, range(40)))
+    after = _duration_counts(base)
+    assert codes == [200] * 40
+    assert after.get("/v1/completions", 0) - before.get("/v1/completions", 0) == 40
+    assert after.get("python", 0) == before.get("python", 0)
+
+
 LONG = {
     "model": "persona-judge",
     "messages": [{"role": "user", "content": "hold the line"}],
