@@ -9,13 +9,15 @@ of a large batch. :class:`BatchedJudge` runs the *interleaved* schedule of the
 same loop for every request it holds at once:
 
 - the rows' integer state (window position, iteration, which view drafts and
-  which judges, window length) lives in arrays, and the uniforms each row
+  which judges, lambda and this iteration's window -- shorter than lambda
+  near the end of the context or the token budget, see
+  :func:`~.decoding.window_length`) lives in arrays, and the uniforms each row
   needs this step are gathered from them with one indexing operation;
 - the logits rows of all requests are stacked and filtered in one call per
   distinct :class:`~personajudge.core.transforms.SamplingParams` (usually
   one), and the acceptance rule -- inverse-CDF draft from caller-supplied
   uniforms, the division-free test ``u * q < p``, the residual on rejection,
-  the bonus token from ``p`` after ``lambda`` accepts -- runs on all of them
+  the bonus token from ``p`` after a fully accepted window -- runs on all of them
   in one vectorized pass built from :func:`~.acceptance.sample_from`,
   :func:`~.acceptance.accept_mask` and :func:`~.acceptance.residual`;
 - the rows' tokens, accept flags and status codes come back in **one**
@@ -60,7 +62,7 @@ from .acceptance import (
 )
 from .arrays import like, take_along
 from .contract import ForwardCall
-from .decoding import DecodeRequest, Views
+from .decoding import DecodeRequest, Views, free_tokens, window_length
 from .scheduler import RoleScheduler
 from .sparse import Rows, candidates, row_candidates
 from .transforms import SamplingParams
@@ -228,8 +230,9 @@ class BatchedJudge:
         self._rows: dict[Any, _Row] = {}
         self._free: list[int] = []
         cap = 0
-        self.pos = np.zeros(cap, dtype=np.int64)  #: window position i; ``lam``: the bonus step
-        self.lam = np.zeros(cap, dtype=np.int64)
+        self.pos = np.zeros(cap, dtype=np.int64)  #: window position i; ``win``: the bonus step
+        self.lam = np.zeros(cap, dtype=np.int64)  #: lambda: where the uniforms of a row sit (u[lam + i], u[2 * lam])
+        self.win = np.zeros(cap, dtype=np.int64)  #: this iteration's window (``window_length``), <= lam
         self.iteration = np.zeros(cap, dtype=np.int64)
         self.draft = np.zeros(cap, dtype=np.int64)  #: the drafting view of the current iteration
         self.judge = np.zeros(cap, dtype=np.int64)
@@ -272,7 +275,7 @@ class BatchedJudge:
     def _grow(self) -> int:
         old = len(self.pos)
         cap = max(8, 2 * old)
-        for name in ("pos", "lam", "iteration", "draft", "judge", "live"):
+        for name in ("pos", "lam", "win", "iteration", "draft", "judge", "live"):
             a = getattr(self, name)
             setattr(self, name, np.concatenate([a, np.zeros(cap - old, dtype=a.dtype)]))
         self.u = np.concatenate([self.u, np.zeros((cap - old, self.u.shape[1]))])
@@ -288,11 +291,12 @@ class BatchedJudge:
         req, i = row.req, row.i
         if req.emitter.done:
             return False
-        if not row.views.room(req.lam + 2):
+        w = window_length(req.lam, free_tokens(row.views.contexts, row.views.context_length), req.emitter.remaining)
+        if w is None:
             req.emitter.finish("context")
             return False
         self.draft[i], self.judge[i] = row.sched.roles(int(self.iteration[i]))
-        self.pos[i] = 0
+        self.pos[i], self.win[i] = 0, w
         self.u[i, : 2 * req.lam + 1] = req.rng.random(2 * req.lam + 1)
         return True
 
@@ -303,13 +307,18 @@ class BatchedJudge:
 
         Inside a window the drafter and the judge each take the last token
         with logits; at the window's end (the bonus step) the judge comes
-        first with logits and the drafter takes its token without.
+        first with logits and the drafter takes its token without. A window
+        of 0 (one token of room left) is the bonus step alone, and only the
+        judge is fed.
         """
         row = self._rows[key]
         i, views = row.i, row.views
         d, j = int(self.draft[i]), int(self.judge[i])
-        row.bonus = bool(self.pos[i] == self.lam[i])
-        order = ((j, 1), (d, 0)) if row.bonus else ((d, 1), (j, 1))
+        row.bonus = bool(self.pos[i] == self.win[i])
+        if self.win[i] == 0:
+            order: tuple[tuple[int, int], ...] = ((j, 1),)
+        else:
+            order = ((j, 1), (d, 0)) if row.bonus else ((d, 1), (j, 1))
         calls = [ForwardCall(v, views.pending(v), n) for v, n in order]
         if not all(c.tokens for c in calls):  # every iteration commits a token before the next forward
             raise RuntimeError("internal error: a view of the batched judge has nothing to feed")
@@ -334,7 +343,7 @@ class BatchedJudge:
             for c in row.calls:
                 views.fed[c.view] += len(c.tokens)
             row.req.stats.forwards += 1
-            # at a bonus step only p_{lambda+1} counts: given as q too, the "draft" column samples it
+            # at a bonus step only p_{w+1} counts: given as q too, the "draft" column samples it
             row.p, row.q = (res[0], res[0]) if row.bonus else (res[1], res[0])
             rows, ps, qs = groups.setdefault(row.req.params, ([], [], []))
             rows.append(row)
@@ -343,7 +352,7 @@ class BatchedJudge:
         order = [row for rows, _, _ in groups.values() for row in rows]
         idx = np.fromiter((row.i for row in order), dtype=np.int64, count=len(order))
         pos, lam = self.pos[idx], self.lam[idx]
-        bonus = pos == lam
+        bonus = pos == self.win[idx]
         u_host = np.stack(
             [self.u[idx, np.where(bonus, 2 * lam, pos)], self.u[idx, lam + pos], self.u[idx, 2 * lam]], axis=1
         )

@@ -11,10 +11,19 @@ Both Persona-judge schedules make the same decisions from the same uniforms:
   drafted past it: no wasted draft tokens and no rollback. The window, the
   roles and the emitted distribution are unchanged.
 
+Near the end of the context (or of the token budget) an iteration's window
+shrinks to what fits instead of ending the generation early: w = min(lambda,
+free - 1, tokens left), where ``free`` is the room left in the fullest view's
+context (see :func:`window_length`). w = 0 emits one token from the judge's
+distribution. Generation ends with ``context`` only when not one token fits,
+as plain sampling does, so every position of the context is used.
+
 Randomness: every iteration draws ``2 * lambda + 1`` uniforms from the
-request's generator in one call (lambda for drafting, lambda for acceptance,
-one for the emitted token), whether or not all are used, so both schedules --
-and every backend -- consume the stream identically.
+request's generator in one call (u[i] drafts token i, u[lambda + i] judges
+it, u[2 * lambda] draws the emitted token), whatever its window and whether or
+not all are used, so both schedules -- and every backend -- consume the stream
+identically, and the first w decisions of a shrunk window are exactly those
+of the full window.
 """
 
 from __future__ import annotations
@@ -75,6 +84,22 @@ Op = Forward | Truncate
 Loop = Generator[Op, Any, None]
 
 
+def check_contexts(contexts: Sequence[Sequence[int]], context_length: int) -> None:
+    """Raise :class:`ContextLengthError` unless every view's prompt leaves room for a token.
+
+    Every loop checks this when it starts; the API checks it too before it queues a request, so a
+    prompt that does not fit is an error in the caller's thread (the server's 400, before a stream
+    starts) and a batch names the row, rather than an error arriving after the request began."""
+    for i, c in enumerate(contexts):
+        if not c:
+            raise ContextLengthError(f"view {i} has an empty context; the encoder produced no tokens")
+        if len(c) >= context_length:
+            raise ContextLengthError(
+                f"the prompt of view {i} is {len(c)} tokens, the model's context holds {context_length}; "
+                "shorten the prompt or raise the context size (--n-ctx)"
+            )
+
+
 class Views:
     """Tracks, per view, the committed context and how much of it the session holds.
 
@@ -89,14 +114,7 @@ class Views:
         self.last: list[Array | None] = [None] * len(contexts)
         self.context_length = context_length
         self.stats = stats
-        for i, c in enumerate(self.contexts):
-            if not c:
-                raise ContextLengthError(f"view {i} has an empty context; the encoder produced no tokens")
-            if len(c) >= context_length:
-                raise ContextLengthError(
-                    f"the prompt of view {i} is {len(c)} tokens, the model's context holds {context_length}; "
-                    "shorten the prompt or raise the context size (--n-ctx)"
-                )
+        check_contexts(self.contexts, context_length)
 
     def pending(self, v: int) -> list[int]:
         return self.contexts[v][self.fed[v] :]
@@ -176,21 +194,60 @@ def persona_judge_loop(req: DecodeRequest) -> Loop:
     step = _interleaved_iteration if req.schedule == "interleaved" else _windowed_iteration
     it = 0
     while not req.emitter.done:
-        if not views.room(req.lam + 2):
+        w = window_length(req.lam, free_tokens(views.contexts, views.context_length), req.emitter.remaining)
+        if w is None:
             req.emitter.finish("context")
             return
         d, j = sched.roles(it)
-        yield from step(views, req, d, j)
+        yield from step(views, req, d, j, w)
         it += 1
         req.stats.iterations += 1
 
 
-def _interleaved_iteration(views: Views, req: DecodeRequest, d: int, j: int) -> Loop:
+def free_tokens(contexts: Sequence[Sequence[int]], context_length: int) -> int:
+    """How many more tokens the fullest view's context holds."""
+    return context_length - max(len(c) for c in contexts)
+
+
+def window_length(lam: int, free: int, remaining: int | None = None) -> int | None:
+    """This iteration's window: ``min(lam, free - 1, remaining)``, or None when no token fits (``free < 1``).
+
+    An iteration of window w feeds each view at most w tokens past its
+    committed context and commits at most w + 1 (the last, emitted one is
+    never fed), so ``w <= free - 1`` keeps every forward inside the context
+    and lets the generation use the room down to the last token, as plain
+    sampling does (``token_loop``'s ``room(1)``). ``w == 0`` is an iteration
+    that emits one token from the judge's distribution (what follows a fully
+    accepted window). A window past the emitter's ``remaining`` budget would
+    only waste forwards.
+
+    The shrunk window changes neither the committed tokens' law nor, far
+    from the end, the tokens themselves: the iteration still draws all
+    ``2 * lam + 1`` uniforms and its first w decisions read the same ones as
+    the full window's. A window cut to ``free - 1`` that is accepted to its
+    end ends the generation with its emitted token, drawn from the same
+    judge's p as the full window's next token would be; one cut to
+    ``remaining`` ends it at the length limit before its emitted token.
+    """
+    if free < 1:
+        return None
+    w = min(lam, free - 1)
+    return w if remaining is None else max(0, min(w, remaining))
+
+
+def _interleaved_iteration(views: Views, req: DecodeRequest, d: int, j: int, w: int) -> Loop:
     lam, params, em, st = req.lam, req.params, req.emitter, req.stats
+    if w == 0:  # room for one token: the judge's, as after a fully accepted window
+        yield from views.sync([j])
+        u = uniforms(views.last[j], req.rng.random(2 * lam + 1))
+        tok = sample_dist(device_candidates(views.last[j], params), u[2 * lam])
+        if em.push(tok):
+            views.commit(tok)
+        return
     yield from views.sync([d, j])
     # One upload of the iteration's uniforms; each step below then reads the host once (t, accept, emit).
     u = uniforms(views.last[d], req.rng.random(2 * lam + 1))
-    for i in range(lam):
+    for i in range(w):
         q = device_candidates(views.last[d], params)
         p = device_candidates(views.last[j], params)
         t, ok, emit = draft_and_judge(p, q, u[i], u[lam + i], u[2 * lam])
@@ -203,10 +260,10 @@ def _interleaved_iteration(views: Views, req: DecodeRequest, d: int, j: int) -> 
         if not em.push(t):
             return
         views.commit(t)
-        if i < lam - 1:
+        if i < w - 1:
             yield from views.sync([d, j])
         else:
-            # Only the judge's p_{lambda+1} is needed; the drafter takes the token
+            # Only the judge's p_{w+1} is needed; the drafter takes the token
             # without logits, so two views stay in lockstep (one batched row each).
             yield from views.sync([j], feed_only=[d])
     tok = sample_dist(device_candidates(views.last[j], params), u[2 * lam])
@@ -214,18 +271,24 @@ def _interleaved_iteration(views: Views, req: DecodeRequest, d: int, j: int) -> 
         views.commit(tok)
 
 
-def _windowed_iteration(views: Views, req: DecodeRequest, d: int, j: int) -> Loop:
+def _windowed_iteration(views: Views, req: DecodeRequest, d: int, j: int, w: int) -> Loop:
     lam, params, em, st = req.lam, req.params, req.emitter, req.stats
     u = req.rng.random(2 * lam + 1)
+    if w == 0:  # room for one token: the judge's, as after a fully accepted window
+        yield from views.sync([j])
+        tok = sample_dist(candidates(views.last[j], params), u[2 * lam])
+        if em.push(tok):
+            views.commit(tok)
+        return
     yield from views.sync([d])
     base_d = views.fed[d]
     raw_q = [views.last[d]]
     q_dists, draft = [], []
-    for i in range(lam):
+    for i in range(w):
         q = candidates(raw_q[i], params)
         draft.append(sample_dist(q, u[i]))
         q_dists.append(q)
-        if i < lam - 1:
+        if i < w - 1:
             out = yield Forward([ForwardCall(d, [draft[-1]], 1)])
             st.forwards += 1
             raw_q.append(out[0][-1])
@@ -233,24 +296,24 @@ def _windowed_iteration(views: Views, req: DecodeRequest, d: int, j: int) -> Loo
     pend = views.pending(j)
     base_j = len(views.contexts[j])  # the judge's length once its pending tokens are in
     if pend:
-        out = yield Forward([ForwardCall(j, pend + draft, lam + 1)])
+        out = yield Forward([ForwardCall(j, pend + draft, w + 1)])
         raw_p = out[0]
     else:
-        out = yield Forward([ForwardCall(j, draft, lam)])
+        out = yield Forward([ForwardCall(j, draft, w)])
         last_j = views.last[j]
         assert last_j is not None  # nothing pending: fed and last were set together at the end of the last window
         raw_p = xp.concat([last_j[None, :], out[0]], axis=0)
     st.forwards += 1
     n_acc, emitted = _judge_window(raw_p, raw_q, q_dists, draft, u, req)
     st.accepted += n_acc
-    st.drafted += min(n_acc + 1, lam)  # judged tokens, as in the interleaved schedule
+    st.drafted += min(n_acc + 1, w)  # judged tokens, as in the interleaved schedule
     # Roll back what was fed past the accepted prefix; the logits after the
     # kept prefix are already at hand (draft step m, judge row n_acc).
-    m = min(n_acc, lam - 1)
-    if m < lam - 1:
+    m = min(n_acc, w - 1)
+    if m < w - 1:
         yield Truncate(d, base_d + m)
     views.fed[d], views.last[d] = base_d + m, raw_q[m]
-    if n_acc < lam:
+    if n_acc < w:
         yield Truncate(j, base_j + n_acc)
     views.fed[j], views.last[j] = base_j + n_acc, raw_p[n_acc]
     for t in draft[:n_acc] + [emitted]:
@@ -262,26 +325,30 @@ def _windowed_iteration(views: Views, req: DecodeRequest, d: int, j: int) -> Loo
 def _judge_window(
     raw_p: Array, raw_q: list[Array], q_dists: list[Dist], draft: list[int], u: np.ndarray, req: DecodeRequest
 ) -> tuple[int, int]:
-    """(accepted count, emitted token) for a drafted window.
+    """(accepted count, emitted token) for a drafted window of ``w = len(draft)`` tokens.
+
+    Draft token i is judged with ``u[lam + i]`` and the emitted token drawn
+    with ``u[2 * lam]`` whatever w is (the randomness contract), so a window
+    cut short makes the first decisions of the full one.
 
     Without top-k the distributions are dense anyway and the whole window is
     judged in one vectorized call; with top-k each row is judged on its
     support, row by row up to the first rejection, which on a CPU is far
-    cheaper than filtering lambda+1 dense rows. Same decisions either way.
+    cheaper than filtering w+1 dense rows. Same decisions either way.
     """
-    lam, params = req.lam, req.params
+    lam, params, w = req.lam, req.params, len(draft)
     if params.greedy or 0 < params.top_k < raw_p.shape[-1]:
-        for i in range(lam):
+        for i in range(w):
             ok, emit = judge_draft(candidates(raw_p[i], params), q_dists[i], draft[i], u[lam + i], u[2 * lam])
             if not ok:
                 return i, emit
-        return lam, sample_dist(candidates(raw_p[lam], params), u[2 * lam])
+        return w, sample_dist(candidates(raw_p[w], params), u[2 * lam])
     xp = array_namespace(raw_p)
     p = filtered_probs(raw_p, params)
     q = filtered_probs(xp.stack(raw_q), params)
     ud = like(p, u)
     tokens = like(p, draft, xp.int64)
-    n_acc, emitted = verify_window(p, q, tokens, ud[lam : 2 * lam], ud[2 * lam])
+    n_acc, emitted = verify_window(p, q, tokens, ud[lam : lam + w], ud[2 * lam])
     return int(n_acc), int(emitted)
 
 

@@ -6,6 +6,10 @@ into a one-line message and exit status 2, so anything else that escapes is a
 bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+
 
 class PersonaJudgeError(Exception):
     """Base class for user-facing errors (bad input, missing model, ...)."""
@@ -58,7 +62,19 @@ class BackendUnavailableError(PersonaJudgeError):
 
 
 class ContextLengthError(PersonaJudgeError, ValueError):
-    """A prompt (plus prefix) does not fit in the model's context window."""
+    """A prompt (plus prefix) does not fit in the model's context window.
+
+    ``row``: the prompt's index when it is one of a batch call's (``generate_batch``; the message
+    then starts ``prompts[row]:``), so a caller that knows where its prompts came from (a JSONL
+    file's lines) can say which one with :meth:`located`."""
+
+    def __init__(self, message: str, *, row: int | None = None):
+        super().__init__(message if row is None else f"prompts[{row}]: {message}")
+        self.reason, self.row = message, row
+
+    def located(self, where: Sequence[str]) -> ContextLengthError:
+        """This error with its row named by ``where[row]`` (``path:line``) instead of its index."""
+        return self if self.row is None else ContextLengthError(f"{where[self.row]}: {self.reason}")
 
 
 class DeviceError(PersonaJudgeError):

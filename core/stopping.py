@@ -127,8 +127,11 @@ class Emitter:
         if cut < 0:
             self.text = text
             return False
-        # keep the fewest tokens whose text covers everything before the cut
-        while self.tokens and len(self.tokenizer.decode(self.tokens[:-1])) >= cut:
+        # keep the fewest tokens whose text covers everything before the cut. Compared as text, not
+        # lengths: a character split across byte tokens decodes, cut short, to one U+FFFD, which
+        # would count as the whole character and leave the tokens ending inside it
+        kept = text[:cut]
+        while self.tokens and self.tokenizer.decode(self.tokens[:-1]).startswith(kept):
             self.tokens.pop()
         self._checked = len(self.tokens)
         self.text = text[:cut]

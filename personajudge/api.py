@@ -25,8 +25,8 @@ from pydantic import ValidationError
 
 from personajudge.core.config import DecodingConfig, RunConfig, build_config
 from personajudge.core.contract import Backend
-from personajudge.core.decoding import DecodeRequest
-from personajudge.core.errors import ConfigError, PersonaJudgeWarning
+from personajudge.core.decoding import DecodeRequest, check_contexts
+from personajudge.core.errors import ConfigError, ContextLengthError, PersonaJudgeWarning
 from personajudge.core.result import GenerationResult, Stats
 from personajudge.core.stopping import Emitter
 from personajudge.core.transforms import SamplingParams
@@ -616,6 +616,11 @@ class PersonaJudge:
             base = cfg.decoding.seed
             given = [base + i if base is not None else fresh_seed() for i in range(len(prompts))]
         contexts = [self.encode_views(p, cfg, meth, pref_views) for p in prompts]
+        for i, c in enumerate(contexts):  # every row before any is queued: one too long costs no decoding
+            try:
+                check_contexts(c, self.backend.context_length)
+            except ContextLengthError as err:
+                raise ContextLengthError(str(err), row=i) from None
         reqs = [self._request(c, cfg, s) for c, s in zip(contexts, given)]
         jobs = [Job(r, meth, stream=False) for r in reqs]  # each job runs its own loop; the method object only plans
         engine = self.engine
@@ -637,6 +642,9 @@ class PersonaJudge:
     def _request(
         self, contexts: list[list[int]], cfg: RunConfig, seed: int | None, on_text: Callable[[str], None] | None = None
     ) -> DecodeRequest:
+        # a prompt that does not fit is the caller's error, raised here before anything is queued (a
+        # method that runs alone would otherwise start, and a server stream begin, before its loop checks)
+        check_contexts(contexts, self.backend.context_length)
         d = cfg.decoding
         seed = seed if seed is not None else fresh_seed()
         emitter = Emitter(

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from personajudge.core.config import RunConfig
-from personajudge.core.errors import ConfigError, PersonaJudgeError
+from personajudge.core.errors import ConfigError, ContextLengthError, PersonaJudgeError
 from personajudge.core.files import (
     JsonlAppendFile,
     OutputError,
@@ -172,6 +172,11 @@ class Chunk:
     def prompts(self) -> list[Any]:
         return [r.prompt for r in self.records]
 
+    @property
+    def where(self) -> list[str]:
+        """Each prompt's ``file:line``, for error messages."""
+        return [r.where for r in self.records]
+
 
 #: Runs chunks and yields each with its results (``GenerationResult.as_dict()`` per prompt), in any order.
 Executor = Callable[[list[Chunk]], Iterable[tuple[Chunk, list[dict[str, Any]]]]]
@@ -182,7 +187,10 @@ def local_executor(pj: Any, preferences: Sequence[Any] | None = None) -> Executo
 
     def run(chunks: list[Chunk]) -> Iterator[tuple[Chunk, list[dict[str, Any]]]]:
         for c in chunks:
-            results = pj.generate_batch(c.prompts, preferences=preferences, seeds=c.seeds)
+            try:
+                results = pj.generate_batch(c.prompts, preferences=preferences, seeds=c.seeds)
+            except ContextLengthError as err:  # raised before the chunk decodes: name the line
+                raise err.located(c.where) from None
             yield c, [r.as_dict() for r in results]
 
     return run

@@ -115,6 +115,8 @@ class Task:
     options: dict[str, Any] = field(default_factory=dict)
     single: bool = False
     isolate_context_errors: bool = False
+    #: each prompt's origin (a JSONL file's ``path:line``), named by a prompt that does not fit
+    where: list[str] | None = None
 
 
 @dataclass
@@ -226,9 +228,9 @@ class Replica:
             return [self._one(p, s, task) for p, s in zip(task.prompts, task.seeds)], False
         try:
             return pj.generate_batch(task.prompts, seeds=task.seeds, **task.options), True
-        except ContextLengthError:
+        except ContextLengthError as err:
             if not task.isolate_context_errors:
-                raise
+                raise err.located(task.where) if task.where is not None else err from None
             return [self._one(p, s, task) for p, s in zip(task.prompts, task.seeds)], False
 
     def _one(self, prompt: Any, seed: int, task: Task) -> Any:
@@ -530,7 +532,7 @@ class ReplicaPool:
 
         def run(chunks):
             by_key = {c.index: c for c in chunks}
-            tasks = [Task(c.index, c.prompts, c.seeds, {"preferences": preferences}) for c in chunks]
+            tasks = [Task(c.index, c.prompts, c.seeds, {"preferences": preferences}, where=c.where) for c in chunks]
             for out in self.run(tasks):
                 yield by_key[out.task.key], [r.as_dict() for r in out.results]
 

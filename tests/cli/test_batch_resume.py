@@ -296,3 +296,23 @@ def test_closed_pipe_is_one_line_exit_2(tmp_path):
     proc.stderr.close()
     assert json.loads(first)["id"] == "p0"
     assert code == 2 and len(err) == 1 and "broken pipe" in err[0], err
+
+
+def test_a_prompt_too_long_for_the_context_names_its_line_and_loses_no_finished_chunk(tmp_path, capsys):
+    """Rows are checked against the context before their chunk decodes: the error names ``file:line``
+    (it was a bare "the prompt of view 0 is ..." with no line), chunks before it stay on disk, and the
+    rerun after the fix continues from them."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(inp, n=6)
+    lines = inp.read_text().splitlines()
+    lines[4] = json.dumps({"id": "long", "prompt": "ab " * 3000})  # line 5, in the third chunk of 2
+    inp.write_text("\n".join(lines) + "\n")
+    code = main(argv_for(inp, out, "--seed", "3", "-q", "--batch-size", "2"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 2 and "4 of 6 results are kept" in err[0], err
+    assert err[1].startswith(f"personajudge: error: {inp}:5: the prompt of view 0 is "), err
+    lines[4] = json.dumps({"id": "long", "prompt": "ab"})
+    inp.write_text("\n".join(lines) + "\n")
+    assert main(argv_for(inp, out, "--seed", "3", "-q", "--batch-size", "2")) == 0
+    assert [r["id"] for r in rows(out)] == ["p0", 1, "p2", 3, "long", 5]

@@ -195,3 +195,23 @@ def test_validation_errors_name_the_field_and_rule(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "decoding.top_p" in err and "less than or equal to 1" in err
     assert "errors.pydantic.dev" not in err
+
+
+def test_generate_batch_names_a_row_too_long_before_decoding_any(monkeypatch):
+    """A row that does not fit is a ContextLengthError naming ``prompts[i]`` (``.row``), raised before
+    any row is queued: the rows that fit are not decoded and then thrown away."""
+    with pj.PersonaJudge(TOY) as model:
+        queued = []
+        monkeypatch.setattr(model.engine, "submit_many", lambda jobs: queued.extend(jobs))
+        with pytest.raises(pj.ContextLengthError, match=r"^prompts\[1\]: the prompt of view 0 is \d+ tokens") as e:
+            model.generate_batch(["hi", "ab " * 3000, "yo"], preferences=["concise", "humor"], seed=1)
+        assert e.value.row == 1 and queued == []
+        assert e.value.located(["in.jsonl:3", "in.jsonl:4", "in.jsonl:5"]).args[0].startswith("in.jsonl:4: the prompt")
+
+
+def test_submit_refuses_a_prompt_too_long_in_the_callers_thread_for_every_method():
+    with pj.PersonaJudge(TOY) as model:
+        for method in ("persona-judge", "reference", "mod"):
+            with pytest.raises(pj.ContextLengthError, match="shorten the prompt"):
+                model.submit("ab " * 3000, preferences=["concise", "humor"], method=method, wait=False)
+        assert model.engine.stats()["queued"] == 0

@@ -278,10 +278,12 @@ def test_context_room_ends_the_request_as_the_loop_does():
     toy = ToyBackend()
     toy.context_length = 40
     specs = [dict(prompt_lens=[20, 25 + i], params=PARAMS["default"], lam=4, seed=i, max_new=100) for i in range(3)]
-    specs.append(dict(prompt_lens=[35, 5], params=PARAMS["default"], lam=4, seed=7, max_new=100))  # no room at all
+    specs.append(dict(prompt_lens=[39, 5], params=PARAMS["default"], lam=4, seed=7, max_new=100))  # room for one
     got = assert_same(toy, specs)
     assert [r.emitter.finish_reason for r in got] == ["context"] * 4
-    assert got[3].emitter.tokens == [] and got[3].stats.forwards == 0
+    # every position of the context is used: the fullest view ends exactly at the context length
+    assert [max(map(len, r.contexts)) + len(r.emitter.tokens) for r in got] == [40] * 4
+    assert len(got[3].emitter.tokens) == 1 and got[3].stats.forwards == 1 and got[3].stats.drafted == 0
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

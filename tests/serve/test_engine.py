@@ -7,6 +7,7 @@ shares steps with others must give exactly that output.
 """
 
 import asyncio
+import dataclasses
 import threading
 
 import pytest
@@ -178,7 +179,12 @@ def test_a_failing_request_fails_alone_with_its_typed_error():
         backend=ToyBackend(BackendConfig(name="toy", n_ctx=128)),
     )
     ok = pj.submit("hi", preferences=PREFS, seed=1, max_new_tokens=10)
-    bad = pj.submit("x" * 300, preferences=PREFS, seed=2, max_new_tokens=10)
+    with pytest.raises(ContextLengthError, match="context"):  # the API refuses it in the caller's thread
+        pj.submit("x" * 300, preferences=PREFS, seed=2, max_new_tokens=10)
+    # a job that fails inside the engine (here: past the API's check) fails alone too
+    cfg, meth, views = pj._prepare(PREFS, None, None, {**KW, "seed": 2})
+    req = pj._request(pj.encode_views("hi", cfg, meth, views), cfg, 2)
+    bad = pj.engine.submit(Job(dataclasses.replace(req, contexts=[[5] * 300, [5] * 300]), meth))
     with pytest.raises(ContextLengthError, match="context"):
         bad.result()
     assert len(ok.result().tokens) > 0

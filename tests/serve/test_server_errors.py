@@ -125,8 +125,12 @@ def test_an_empty_prompt_names_the_prompt_field(base, path, body, param):
         ("/v1/completions", {**COMPLETION, "prompt": "word " * 1000}, "prompt"),
     ],
 )
-def test_a_prompt_past_the_context_names_the_endpoints_prompt_field(base, path, body, param):
-    err = _error(base, path, body)
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("method", ["persona-judge", "reference"])
+def test_a_prompt_past_the_context_names_the_endpoints_prompt_field(base, path, body, param, method, stream):
+    """A 400 streamed or not, whatever the method. ``reference`` runs alone: it used to start (a 200
+    stream) before its loop found the prompt too long, and sent the error as an event."""
+    err = _error(base, path, {**body, "method": method, "stream": stream})
     assert (err["param"], err["code"]) == (param, "context_length_exceeded")
 
 
