@@ -825,6 +825,14 @@ class HFBackend(Backend):
                 return str(g), *self._load_gguf(str(p), gguf_file, local=g)
             if path_kind(p / "config.json", "model path", ModelLoadError, named=p) != "file":
                 raise ModelLoadError(f"model folder {p} has no config.json; is it a transformers model folder?")
+            # transformers opens the folder's files by name (tokenizer.json, ...): one that is a FIFO
+            # would block the load for good
+            odd = sorted(e.name for e in p.iterdir() if path_kind(e, "model path", ModelLoadError, named=p) == "other")
+            if odd:
+                raise ModelLoadError(
+                    f"model folder {p} holds {', '.join(odd[:3])}, not a regular file (a FIFO, device or socket); "
+                    "transformers would block reading it"
+                )
             return str(p), *self._from_pretrained(str(p), local=True)
         if kind == "other":  # reading a FIFO would block for good; a device or socket is no model either
             raise ModelLoadError(

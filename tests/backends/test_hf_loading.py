@@ -309,6 +309,15 @@ def test_a_fifo_gguf_file_in_a_folder_is_not_found(tmp_path, fifo_guard):
         load(str(tmp_path), options={"gguf_file": "w.gguf"})
 
 
+def test_a_fifo_among_a_model_folders_files_is_refused_before_transformers_blocks_on_it(llama, tmp_path, fifo_guard):
+    folder = tmp_path / "model"
+    shutil.copytree(llama, folder)
+    (folder / "tokenizer.json").unlink()
+    os.mkfifo(fifo_guard(folder / "tokenizer.json"))
+    with pytest.raises(ModelLoadError, match=r"holds tokenizer\.json, not a regular file .*would block"):
+        load(str(folder))
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/null"), reason="needs /dev/null")
 def test_a_device_file_at_the_cli_exits_2(capsys):
     err = one_line_exit_2(["generate", "hi", "--backend", "hf", "--model", "/dev/null"], capsys)
