@@ -150,6 +150,11 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=True)
 
+    def token_name(self, token_id: int) -> str:
+        """The token as the tokenizer spells it (special tokens too, which ``decode`` drops): the API
+        names it when a prompt holds an id the model has no embedding for."""
+        return str(self.hf.convert_ids_to_tokens(int(token_id)))
+
     def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         """Render with the model's template in the project's sandbox, under the same time and size
         limits as llama.cpp's (:mod:`personajudge.core.chat_template`), with the special tokens
@@ -614,6 +619,123 @@ def _no_weight_loading_bar():
             disable_progress_bars()
 
 
+def _pad_id(vocab: int, *candidates: int | None) -> int:
+    """The first candidate id the model has an embedding row for, else 0.
+
+    The pad id only fills the positions of a batched forward that a row does not use (their keys go to
+    the trash slot, their logits are never read), so any id inside the embedding serves. The tokenizer's
+    own pad id comes first, but the common recipe ``tok.add_special_tokens({"pad_token": "[PAD]"})``
+    without ``model.resize_token_embeddings`` gives one past the embedding, and looking it up would fail
+    every padded step (an IndexError deep in torch)."""
+    for c in candidates:
+        if isinstance(c, int) and 0 <= c < vocab:
+            return c
+    return 0
+
+
+def _warn_tokens_past_embedding(tok: Any, vocab: int, label: str) -> None:
+    """One :class:`PersonaJudgeWarning` when the tokenizer has ids the model has no embedding row for.
+
+    Such a model still runs prompts that avoid those tokens, so this is a warning, not an error; but a
+    prompt (or a chat template) that uses one fails per request, and the user should hear the cause and
+    the remedy once, at load, rather than only then."""
+    if len(tok) <= vocab:
+        return
+    past = sorted((i, t) for t, i in tok.get_vocab().items() if i >= vocab)
+    if not past:
+        return
+    shown = ", ".join(repr(t) for _, t in past[:3]) + (", ..." if len(past) > 3 else "")
+    warnings.warn(
+        f"the tokenizer of {label} has {len(past)} token id(s) past the model's {vocab} embedding rows ({shown}); "
+        "a prompt using one cannot run: resize the model's embeddings (model.resize_token_embeddings(len(tokenizer)))",
+        PersonaJudgeWarning,
+        stacklevel=4,
+    )
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    """Whether ``folder`` holds any file a transformers tokenizer loads from.
+
+    Asked only after the tokenizer failed to load: without any such file transformers falls back to
+    building a slow tokenizer from nothing and says to install sentencepiece or tiktoken, which is no
+    remedy for a folder the tokenizer was never saved into."""
+    return any(
+        f.is_file() and (f.name in _TOKENIZER_FILES or f.suffix in (".model", ".tiktoken")) for f in folder.iterdir()
+    )
+
+
+@contextlib.contextmanager
+def _no_load_report():
+    """Keep transformers' "LOAD REPORT" table (missing, unexpected, mismatched weights) off stderr for one load.
+
+    :func:`_check_loading_info` turns what matters in it (weights left random) into a one-line
+    :class:`ModelLoadError`; the rest (unused checkpoint tensors, e.g. a pooler) changes nothing the
+    model computes, and the README promises one line of stats on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    def drop(record) -> bool:  # the report, and its note on tied weights that are missing (listed in it too)
+        return not any(s in str(record.msg) for s in ("LOAD REPORT", "checkpoint seem corrupted"))
+
+    # a filter, not a higher level: transformers 5.x checks this logger's level to decide to log more
+    log = hf_logging.get_logger("transformers.modeling_utils")
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
+@contextlib.contextmanager
+def _no_flag_notice():
+    """Keep transformers' "generation flags are not valid" notice off stderr during one ``generate``.
+
+    ``native_generate`` leaves the sampling fields out in greedy mode, but ``generate`` merges in the
+    model's own generation_config, whose sampling fields (a hub model's ``top_k=20``, say) raise the
+    same notice about settings greedy decoding never reads; it would land in the middle of the
+    benchmark's output."""
+    from transformers.utils import logging as hf_logging
+
+    def drop(record) -> bool:
+        return "generation flags are not valid" not in str(record.msg)
+
+    log = hf_logging.get_logger("transformers.generation.configuration_utils")
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
+def _check_loading_info(model: Any, info: dict[str, Any], label: str) -> None:
+    """Refuse a model whose checkpoint left weights randomly initialised.
+
+    transformers fills a tensor the checkpoint lacks (or has in another shape) with random values and
+    only logs it: the model then runs, exits 0, and gives different text on every load for the same
+    seed. That is a damaged or wrong checkpoint (a file cut short, tensors deleted, a BERT-like
+    encoder loaded as a causal LM with a fresh head), so it is a :class:`ModelLoadError`. The
+    ``missing_keys`` transformers reports already leave out tied weights (an LM head tied to the
+    embedding) and each model's ``_keys_to_ignore_on_load_missing`` (e.g. rotary buffers), which are
+    not random after loading."""
+    cls = type(model).__name__
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise ModelLoadError(
+            f"model {label!r} lacks {len(missing)} weight tensor(s) that {cls} needs ({shown}); transformers "
+            "would fill them with random values: is the checkpoint complete, and is it a causal LM?"
+        )
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        key, have, want = mismatched[0]
+        raise ModelLoadError(
+            f"model {label!r} has {len(mismatched)} weight tensor(s) of another shape than {cls} needs "
+            f"({key}: {tuple(have)} in the checkpoint, {tuple(want)} in the model); does config.json match the weights?"
+        )
+
+
 def _looks_like_path(model: str) -> bool:
     return (
         model.startswith(("/", "./", "../", "~", "\\"))
@@ -730,12 +852,16 @@ class HFBackend(Backend):
             eos.update([e] if isinstance(e, int) else (e or []))
         if tok.eos_token_id is not None:
             eos.add(int(tok.eos_token_id))
-        self.tokenizer = HFTokenizer(tok, int(vocab), frozenset(int(x) for x in eos), origin=str(self.model_label))
-        pad = tok.pad_token_id
-        if pad is None:
-            pad = getattr(tcfg, "pad_token_id", None)
-        self.pad_token_id = int(pad) if pad is not None else (min(eos) if eos else 0)
+        vocab = int(vocab)
+        self.tokenizer = HFTokenizer(tok, vocab, frozenset(int(x) for x in eos), origin=str(self.model_label))
+        _warn_tokens_past_embedding(tok, vocab, self.model_label)
+        self.pad_token_id = _pad_id(
+            vocab, tok.pad_token_id, getattr(tcfg, "pad_token_id", None), min(eos, default=None)
+        )
         max_pos = getattr(tcfg, "max_position_embeddings", None) or getattr(tcfg, "n_positions", None)
+        #: the model's own limit on positions (None when its config does not say): the API's too-long-prompt
+        #: message advises a larger --n-ctx only below it
+        self.max_context_length = int(max_pos) if max_pos else None
         if config.n_ctx:
             if max_pos and config.n_ctx > max_pos:
                 raise ConfigError(f"backend.n_ctx={config.n_ctx} exceeds the model's maximum of {max_pos} positions")
@@ -883,11 +1009,23 @@ class HFBackend(Backend):
             mkw["device_map"] = self.device_map
         # a GGUF is named by its file, not by the folder transformers is given
         label = source if not gguf_file else str(Path(source) / gguf_file) if local else f"{source}:{gguf_file}"
+        # mismatched shapes come back in the loading info (checked below) instead of as transformers'
+        # RuntimeError pointing at a report this load keeps off stderr
+        mkw.update(output_loading_info=True, ignore_mismatched_sizes=True)
         try:
-            with warnings.catch_warnings(), _no_weight_loading_bar():
+            with warnings.catch_warnings(), _no_weight_loading_bar(), _no_load_report():
                 warnings.simplefilter("ignore")
-                tok = self._fetch(AutoTokenizer.from_pretrained, source, _local=local, **kw)
-                model = self._fetch(AutoModelForCausalLM.from_pretrained, source, _local=local, **mkw)
+                try:
+                    tok = self._fetch(AutoTokenizer.from_pretrained, source, _local=local, **kw)
+                except _bad_model_errors() + (ImportError,):
+                    if local and not gguf_file and not _has_tokenizer_files(Path(source)):
+                        raise ModelLoadError(
+                            f"model folder {source} has no tokenizer (no tokenizer.json, tokenizer_config.json or "
+                            "tokenizer.model); copy the tokenizer files of the model into it"
+                        ) from None
+                    raise
+                model, info = self._fetch(AutoModelForCausalLM.from_pretrained, source, _local=local, **mkw)
+            _check_loading_info(model, info, label)
             if self.device_map is None and device is not None:
                 model.to(self.device if device == "default" else device)
         except (ModelLoadError, ConfigError, DeviceError):
@@ -1149,18 +1287,27 @@ class HFBackend(Backend):
         eos = sorted(self.tokenizer.eos_token_ids)
         # Every logits processor set explicitly: ``generate`` fills unset (None) fields from the model's
         # generation_config, which may carry e.g. a repetition penalty the Persona-judge side does not apply.
+        # The sampling-only fields go in only when sampling: set beside do_sample=False, transformers
+        # logs "generation flags are not valid" on stderr (greedy never reads them anyway).
+        sampling = (
+            {}
+            if greedy
+            else dict(
+                temperature=temperature,
+                top_k=max(top_k, 0),
+                top_p=top_p,
+                min_p=0.0,
+                typical_p=1.0,
+                epsilon_cutoff=0.0,
+                eta_cutoff=0.0,
+            )
+        )
         gc = GenerationConfig(
             max_new_tokens=max_new_tokens,
             min_length=0,
             num_beams=1,
             do_sample=not greedy,
-            temperature=temperature if not greedy else 1.0,
-            top_k=max(top_k, 0) if not greedy else 0,
-            top_p=top_p if not greedy else 1.0,
-            min_p=0.0,
-            typical_p=1.0,
-            epsilon_cutoff=0.0,
-            eta_cutoff=0.0,
+            **sampling,
             repetition_penalty=1.0,
             no_repeat_ngram_size=0,
             pad_token_id=self.pad_token_id,
@@ -1172,7 +1319,7 @@ class HFBackend(Backend):
         torch.manual_seed(seed)
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.input_device)
         try:
-            with torch.inference_mode(), warnings.catch_warnings():
+            with torch.inference_mode(), warnings.catch_warnings(), _no_flag_notice():
                 warnings.simplefilter("ignore")
                 out = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)
         except torch.cuda.OutOfMemoryError:

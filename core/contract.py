@@ -5,19 +5,32 @@ token context (and KV cache) per view and answers two questions: "append
 these tokens to view v and give me the next-token logits at the last n
 positions" (one token for a draft step, lambda+1 for a verification) and
 "forget view v after position L" (rollback after a rejection). Everything
-Persona-judge needs is built from those two calls, so a new backend is one
-class with ``forward`` and ``truncate``; ``forward_many`` lets it batch several
-views into one model call, which is where most of the speed comes from.
+Persona-judge needs is built from those two calls. The public ``forward`` /
+``forward_many`` / ``truncate`` of :class:`Session` are template methods that
+check every argument and result once; a new backend subclasses it and
+implements ``_forward_many`` and ``_truncate`` (and ``_close`` if it holds
+resources). ``_forward_many`` receives every view of a step at once, so a
+backend can batch them into one model call, which is where most of the speed
+comes from.
+
+This module is also where plugin output enters the core, so it is checked
+here (:meth:`Session._check_outputs`, :func:`check_tokenizer`): a plugin's
+mistake is a :class:`PluginError` naming its class, not an error deep in the
+sampler, and logits wider than the vocabulary (an output layer padded to a
+multiple of 128) are cut to it, so a padded id is never sampled.
 """
 
 from __future__ import annotations
 
 import contextlib
+import numbers
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
-from .errors import ContextLengthError, PluginError, SessionError
+from .arrays import array_namespace
+from .errors import ContextLengthError, PersonaJudgeWarning, PluginError, SessionError
 
 if TYPE_CHECKING:
     from .config import BackendConfig
@@ -46,6 +59,46 @@ class Tokenizer(Protocol):
         ...
 
 
+def check_tokenizer(owner: Any) -> None:
+    """``owner.tokenizer``'s ``vocab_size`` and ``eos_token_ids``, checked once when a backend loads.
+
+    Both are read on every generated token (the stop check, the sampler's
+    bounds), so a wrong one otherwise shows up as a traceback in
+    ``core/stopping.py`` or, worse, as a run that silently decodes through the
+    model's EOS. ``owner`` is the backend; errors name its class. An empty
+    ``eos_token_ids`` is legal (a model may have no end-of-text token) but
+    means generation ends only at ``max_new_tokens`` or a stop string, which
+    is rarely what the plugin author meant, so it is a warning, not an error.
+    """
+    registered = getattr(owner, "name", None)
+    name = f"'{registered}' ({type(owner).__qualname__})" if isinstance(registered, str) else type(owner).__qualname__
+    tok = getattr(owner, "tokenizer", None)
+    if tok is None:
+        raise PluginError(f"backend {name} has no tokenizer; set self.tokenizer (a personajudge.Tokenizer) in __init__")
+    where = f"backend {name}: tokenizer {type(tok).__qualname__}"
+    vocab = getattr(tok, "vocab_size", None)
+    if isinstance(vocab, bool) or not isinstance(vocab, numbers.Integral) or vocab < 1:
+        raise PluginError(f"{where}.vocab_size must be a positive int, got {vocab!r:.60}")
+    vocab = int(vocab)
+    eos = getattr(tok, "eos_token_ids", ...)
+    if not isinstance(eos, frozenset | set):
+        raise PluginError(
+            f"{where}.eos_token_ids must be a frozenset of token ids, got "
+            f"{'no such attribute' if eos is ... else f'{type(eos).__name__} {eos!r:.60}'}"
+        )
+    bad = [t for t in eos if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= int(t) < vocab]
+    if bad:
+        raise PluginError(
+            f"{where}.eos_token_ids must be ints in 0..{vocab - 1} (the vocabulary); got {', '.join(map(repr, bad[:5]))}"
+        )
+    if not eos:
+        warnings.warn(
+            f"{where}.eos_token_ids is empty: generation stops only at max_new_tokens or a stop string",
+            PersonaJudgeWarning,
+            stacklevel=3,
+        )
+
+
 class ForwardCall(NamedTuple):
     """One view's part of a forward: append ``tokens`` to ``view``, return ``n_logits`` rows."""
 
@@ -68,6 +121,22 @@ class Session(ABC):
     context_length: int
     #: token ids must lie in ``0..vocab_size-1``; None skips the check
     vocab_size: int | None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Session:
+        """Refuse a subclass that leaves a backend method unimplemented, naming it and the class.
+
+        Python's own refusal is a ``TypeError`` raised from whichever line of
+        persona-judge opened the session (the engine's, deep in a request),
+        so a plugin author sees a traceback through the core; this says what
+        to implement, as a :class:`PluginError` the CLI prints in one line.
+        """
+        missing = sorted(getattr(cls, "__abstractmethods__", ()))
+        if missing:
+            raise PluginError(
+                f"session class {cls.__qualname__} (module {cls.__module__}) does not implement "
+                f"{', '.join(missing)}: a Session subclass implements _forward_many(calls) and _truncate(view, length)"
+            )
+        return super().__new__(cls)
 
     def __init__(self, n_views: int, context_length: int, vocab_size: int | None = None):
         if not isinstance(n_views, int) or n_views < 1:
@@ -98,8 +167,7 @@ class Session(ABC):
         if not checked:
             return []
         try:
-            outs = self._forward_many(checked)
-            self._check_outputs(checked, outs)
+            outs = self._check_outputs(checked, self._forward_many(checked))
         except BaseException:
             self._undo(checked)
             raise
@@ -178,28 +246,49 @@ class Session(ABC):
         except BaseException:
             self.close()
 
-    def _check_outputs(self, calls: list[ForwardCall], outs: Any) -> None:
-        """One ``(n_logits, >= vocab)`` array per call, from the backend: its bugs named here, not deep in the core."""
+    def _check_outputs(self, calls: list[ForwardCall], outs: Any) -> list[Array]:
+        """One ``(n_logits, >= vocab)`` floating array per call, from the backend: its bugs named here, not
+        deep in the core.
+
+        Columns at and above ``vocab_size`` are cut off here, once, as views
+        (no copy): a real model's output layer is often padded past its
+        tokenizer (Qwen's to a multiple of 128), and those ids must never be
+        sampled. Only floating dtypes are logits: bool, str, object and
+        complex arrays fail in the sampler's arithmetic (or lose their
+        imaginary part), and int arrays are refused rather than cast, since
+        integer "logits" are almost always token ids or an un-dequantized
+        output returned by mistake.
+        """
         name = type(self).__name__
         if not isinstance(outs, Sequence) or len(outs) != len(calls):
             got = f"{len(outs)} results" if isinstance(outs, Sequence) else type(outs).__name__
             raise PluginError(f"{name}._forward_many returned {got} for {len(calls)} call(s); give one per call")
-        for c, out in zip(calls, outs):
+        vocab = self.vocab_size
+        cut: list[Array] | None = None
+        for i, (c, out) in enumerate(zip(calls, outs)):
             shape = getattr(out, "shape", None)
             if shape is None:
                 raise PluginError(
                     f"{name}._forward_many returned a {type(out).__name__} for view {c.view}, not an array"
                 )
-            if (
-                len(shape) != 2
-                or shape[0] != c.n_logits
-                or (self.vocab_size is not None and shape[1] < self.vocab_size)
-            ):
-                want = f"({c.n_logits}, {'V' if self.vocab_size is None else f'>= {self.vocab_size}'})"
+            if len(shape) != 2 or shape[0] != c.n_logits or (vocab is not None and shape[1] < vocab):
+                want = f"({c.n_logits}, {'V' if vocab is None else f'>= {vocab}'})"
                 raise PluginError(
                     f"{name}._forward_many returned logits of shape {tuple(shape)} for view {c.view}; the contract "
                     f"is {want}: the last n_logits positions' rows"
                 )
+            if not _floating(out):
+                raise PluginError(
+                    f"{name}._forward_many returned logits of dtype {getattr(out, 'dtype', None)} for view {c.view}; "
+                    "logits must be a floating dtype (float32, float16, bfloat16, float64)"
+                )
+            if vocab is not None and shape[1] > vocab:
+                if cut is None:
+                    cut = list(outs)
+                cut[i] = out[:, :vocab]
+        if cut is None:
+            return outs if isinstance(outs, list) else list(outs)
+        return cut
 
     def _check_open(self) -> None:
         if self._closed:
@@ -240,6 +329,27 @@ class Session(ABC):
                 )
             out.append(ForwardCall(v, toks, n_logits))
         return out
+
+
+#: (array type, dtype) -> whether it is a real floating dtype; a backend returns one or two kinds,
+#: so after the first forward the check is a dict lookup, not an array-namespace resolution
+_FLOATING: dict[tuple[type, Any], bool] = {}
+
+
+def _floating(out: Array) -> bool:
+    dtype = getattr(out, "dtype", None)
+    key = (type(out), dtype)
+    try:
+        known = _FLOATING.get(key)
+    except TypeError:  # an unhashable dtype: no array library's
+        return False
+    if known is None:
+        try:
+            known = bool(array_namespace(out).isdtype(dtype, "real floating"))
+        except (TypeError, ValueError):  # not an array library array-api-compat knows
+            known = False
+        _FLOATING[key] = known
+    return known
 
 
 class Backend(ABC):

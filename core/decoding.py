@@ -40,7 +40,7 @@ from array_api_compat import array_namespace
 from .acceptance import Dist, draft_and_judge, judge_draft, sample_dist, verify_window
 from .arrays import like
 from .contract import ForwardCall, Session
-from .errors import ContextLengthError
+from .errors import ContextLengthError, PromptTokenError
 from .result import Stats
 from .scheduler import RoleScheduler
 from .sparse import candidates, device_candidates, uniforms
@@ -84,20 +84,47 @@ Op = Forward | Truncate
 Loop = Generator[Op, Any, None]
 
 
-def check_contexts(contexts: Sequence[Sequence[int]], context_length: int) -> None:
+def check_contexts(
+    contexts: Sequence[Sequence[int]],
+    context_length: int,
+    *,
+    model_max: int | None = None,
+    vocab_size: int | None = None,
+    token_name: Callable[[int], str] | None = None,
+) -> None:
     """Raise :class:`ContextLengthError` unless every view's prompt leaves room for a token.
 
     Every loop checks this when it starts; the API checks it too before it queues a request, so a
     prompt that does not fit is an error in the caller's thread (the server's 400, before a stream
-    starts) and a batch names the row, rather than an error arriving after the request began."""
+    starts) and a batch names the row, rather than an error arriving after the request began.
+
+    The API passes what only the backend knows, so the message can be acted on: ``model_max``, the
+    model's own limit on positions (at it, a larger ``--n-ctx`` is no remedy); ``vocab_size``, to
+    raise :class:`PromptTokenError` for an id the model has no embedding row for (a tokenizer with
+    added tokens, the embeddings not resized), which would otherwise fail mid-request in the
+    session's contract check; ``token_name`` names such a token for the message."""
     for i, c in enumerate(contexts):
         if not c:
             raise ContextLengthError(f"view {i} has an empty context; the encoder produced no tokens")
         if len(c) >= context_length:
+            if model_max is not None and context_length >= model_max:
+                raise ContextLengthError(
+                    f"the prompt of view {i} is {len(c)} tokens, the model holds at most {model_max} positions; "
+                    "shorten the prompt"
+                )
+            up_to = f", up to {model_max}" if model_max is not None else ""
             raise ContextLengthError(
                 f"the prompt of view {i} is {len(c)} tokens, the model's context holds {context_length}; "
-                "shorten the prompt or raise the context size (--n-ctx)"
+                f"shorten the prompt or raise the context size (--n-ctx{up_to})"
             )
+        if vocab_size is not None:
+            if min(c) < 0 or max(c) >= vocab_size:
+                bad = next(t for t in c if not 0 <= t < vocab_size)
+                name = f"{token_name(bad)!r} (id {bad})" if token_name is not None else f"id {bad}"
+                raise PromptTokenError(
+                    f"the prompt of view {i} has token {name}, which the model has no embedding for (ids "
+                    f"0..{vocab_size - 1}); keep it out of the prompt, or resize the model's embeddings to its tokenizer"
+                )
 
 
 class Views:

@@ -74,7 +74,14 @@ class ContextLengthError(PersonaJudgeError, ValueError):
 
     def located(self, where: Sequence[str]) -> ContextLengthError:
         """This error with its row named by ``where[row]`` (``path:line``) instead of its index."""
-        return self if self.row is None else ContextLengthError(f"{where[self.row]}: {self.reason}")
+        return self if self.row is None else type(self)(f"{where[self.row]}: {self.reason}")
+
+
+class PromptTokenError(ContextLengthError):
+    """A prompt encodes to a token id the model has no embedding row for (a tokenizer with added
+    tokens, the model's embeddings not resized). A :class:`ContextLengthError` because it is the
+    same kind of mistake, a prompt this model cannot take, found at the same place (before a request
+    is queued): a batch names its row and file line, the server answers 400 naming the prompt."""
 
 
 class DeviceError(PersonaJudgeError):

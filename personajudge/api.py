@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from personajudge.core.config import DecodingConfig, RunConfig, build_config
-from personajudge.core.contract import Backend
+from personajudge.core.contract import Backend, check_tokenizer
 from personajudge.core.decoding import DecodeRequest, check_contexts
 from personajudge.core.errors import ConfigError, ContextLengthError, PersonaJudgeWarning
 from personajudge.core.result import GenerationResult, Stats
@@ -32,7 +32,8 @@ from personajudge.core.stopping import Emitter
 from personajudge.core.transforms import SamplingParams
 from personajudge.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, Engine, EngineClosedError, Job, result_of
 from personajudge.plugins import get_method, load_backend, preference_library, resolve_encoder
-from personajudge.preferences import Preference, build_views, normalize_conversation, warn_duplicates
+from personajudge.plugins.manager import plan_views, render_view, stop_strings_of
+from personajudge.preferences import Preference, build_views, encoder_options, normalize_conversation, warn_duplicates
 
 Prompt = str | list[dict[str, str]]
 
@@ -246,6 +247,7 @@ def _check_backend(backend: Any) -> None:
             f"backend= takes a loaded backend (personajudge.Backend), got {type(backend).__name__} "
             f"without {', '.join(missing)}"
         )
+    check_tokenizer(backend)  # as load_backend does: its eos ids are read on every token
 
 
 def _join_backend(pj: PersonaJudge, backend: Any) -> _Shared:
@@ -408,8 +410,8 @@ class PersonaJudge:
         tok = self.backend.tokenizer
         encoder = resolve_encoder(cfg.encoder, tok, views, options=cfg.encoder_options)
         return [
-            encoder.render(v, conversation, tok, system=cfg.system, options=cfg.encoder_options)
-            for v in method.plan(views)
+            render_view(encoder, v, conversation, tok, system=cfg.system, options=cfg.encoder_options)
+            for v in plan_views(method, cfg.method, views)
         ]
 
     def resolved_encoder(self, cfg: RunConfig, views: list[list[Preference]] | None = None) -> str:
@@ -618,9 +620,9 @@ class PersonaJudge:
         contexts = [self.encode_views(p, cfg, meth, pref_views) for p in prompts]
         for i, c in enumerate(contexts):  # every row before any is queued: one too long costs no decoding
             try:
-                check_contexts(c, self.backend.context_length)
+                self._check_prompt(c)
             except ContextLengthError as err:
-                raise ContextLengthError(str(err), row=i) from None
+                raise type(err)(str(err), row=i) from None
         reqs = [self._request(c, cfg, s) for c, s in zip(contexts, given)]
         jobs = [Job(r, meth, stream=False) for r in reqs]  # each job runs its own loop; the method object only plans
         engine = self.engine
@@ -633,18 +635,36 @@ class PersonaJudge:
                 j.cancel()
 
     def stop_strings(self, cfg: RunConfig) -> list[str]:
-        """The user's stop strings plus those the encoder's format implies."""
+        """The user's stop strings plus those the encoder's format implies.
+
+        ``encoder_options.stop = false`` drops the latter for every encoder, here, once: the benchmark
+        sets it to time a fixed number of tokens, and a plugin encoder need not know about it."""
         tok = self.backend.tokenizer
         enc = resolve_encoder(cfg.encoder, tok)
-        extra = enc.stop_strings(tok, cfg.encoder_options) if hasattr(enc, "stop_strings") else []
+        keep = encoder_options(enc, cfg.encoder_options).get("stop", True) is not False
+        extra = stop_strings_of(enc, tok, cfg.encoder_options) if keep else []
         return list(dict.fromkeys([*cfg.decoding.stop, *extra]))
+
+    def _check_prompt(self, contexts: list[list[int]]) -> None:
+        """``check_contexts`` with what the backend knows: its vocabulary (a tokenizer with more tokens
+        than the model's embedding fails here, naming the token, not mid-request) and, where it says,
+        the model's own maximum context (so a too-long prompt is not told to raise --n-ctx past it)."""
+        b = self.backend
+        tok = b.tokenizer
+        check_contexts(
+            contexts,
+            b.context_length,
+            model_max=getattr(b, "max_context_length", None),
+            vocab_size=tok.vocab_size,
+            token_name=getattr(tok, "token_name", None),
+        )
 
     def _request(
         self, contexts: list[list[int]], cfg: RunConfig, seed: int | None, on_text: Callable[[str], None] | None = None
     ) -> DecodeRequest:
         # a prompt that does not fit is the caller's error, raised here before anything is queued (a
         # method that runs alone would otherwise start, and a server stream begin, before its loop checks)
-        check_contexts(contexts, self.backend.context_length)
+        self._check_prompt(contexts)
         d = cfg.decoding
         seed = seed if seed is not None else fresh_seed()
         emitter = Emitter(

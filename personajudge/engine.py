@@ -50,15 +50,16 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any
 
 from personajudge.core.batched import BatchedJudge, batched_request, judge_rows
 from personajudge.core.contract import Backend, Session
-from personajudge.core.decoding import DecodeRequest, StepDriver, run_timed
-from personajudge.core.errors import PersonaJudgeError, SessionError
+from personajudge.core.decoding import DecodeRequest, Forward, Loop, StepDriver, Truncate, run_timed
+from personajudge.core.errors import PersonaJudgeError, PluginError, SessionError, TooManyViewsError
 from personajudge.core.methods import Base, Pad
 from personajudge.core.result import GenerationResult
+from personajudge.plugins.manager import who
 
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_QUEUE = 1024
@@ -97,6 +98,36 @@ def is_batchable(method: Any) -> bool:
     if decode is Pad.decode:  # only the training-free variant: a reward model is a second session
         return type(method).reward_session is Pad.reward_session or getattr(method, "weight", 1.0) == 0
     return False
+
+
+def checked_loop(method: Any, req: DecodeRequest) -> Loop:
+    """``method.loop(req)``, checked where it enters the engine: a generator that yields only
+    ``Forward`` / ``Truncate`` operations. Otherwise the step driver fails on it with an
+    ``AttributeError`` or "not an iterator" that never names the method; here it is a
+    :class:`PluginError` naming it, and only that request fails."""
+    loop = method.loop(req)
+    if not isinstance(loop, Generator):
+        raise PluginError(
+            f"{who('method', req.stats.method, method)}.loop returned {type(loop).__name__}, not a "
+            "generator; loop(request) yields Forward and Truncate operations (personajudge.core.decoding)"
+        )
+    return _checked_ops(method, req.stats.method, loop)
+
+
+def _checked_ops(method: Any, name: str, loop: Loop) -> Loop:
+    try:
+        op = next(loop)
+        while True:
+            if not isinstance(op, Forward | Truncate):
+                raise PluginError(
+                    f"{who('method', name, method)}.loop yielded a {type(op).__name__} "
+                    f"({op!r:.40}); a loop yields only Forward and Truncate operations (personajudge.core.decoding)"
+                )
+            op = loop.send((yield op))
+    except StopIteration:
+        return
+    finally:
+        loop.close()
 
 
 # Events a job delivers, in order: ("start",) once admitted, ("text", piece)*, then
@@ -377,17 +408,38 @@ class Engine:
                 self._cv.notify_all()
         return jobs
 
-    def reserve(self, slots: int) -> None:
-        """Size the session for ``slots`` views up front (the server does this at start-up).
+    def reserve(self, slots: int) -> int:
+        """Size the session for ``slots`` views up front (the server does this at start-up); returns the
+        capacity reserved.
 
         On llama.cpp this creates the context with that many sequences now,
-        so that the first requests do not wait for it to be re-created.
+        so that the first requests do not wait for it to be re-created. A
+        backend that cannot hold ``slots`` views (``TooManyViewsError``, as
+        the contract tells it to say) gets half as many, down to one: what it
+        can hold is reserved, and a request too large for it fails alone,
+        later, with its own 400. As in :meth:`_open`, a capacity is kept only
+        once a session of that size opened, so a refused size never makes
+        every later session ask for it. With a session open or requests
+        running nothing is reopened (the next session sizes itself to its
+        batch), and the current capacity is returned.
         """
         with self._cv:
-            self._capacity = max(self._capacity, slots)
             if self._active or self._session is not None or self._alone is not None:
-                return
-            self.backend.open(self._capacity).close()
+                return self._capacity
+            want = max(self._capacity, slots, 1)
+            while True:
+                try:
+                    self.backend.open(want).close()
+                except TooManyViewsError:
+                    smaller = want // 2
+                    if smaller <= self._capacity:  # what opened before (or nothing): no size of ours fits
+                        if self._capacity:
+                            return self._capacity
+                        raise
+                    want = smaller
+                    continue
+                self._capacity = want
+                return want
 
     def retry_after(self) -> float:
         """Seconds until a queue slot is likely to free up (for HTTP 429 Retry-After)."""
@@ -581,7 +633,7 @@ class Engine:
             if breq is not None:
                 started = self._driver.add_row(job.id, self._judge, breq, self._slots[job.id])
             else:
-                started = self._driver.add(job.id, job.method.loop(job.req), self._slots[job.id])
+                started = self._driver.add(job.id, checked_loop(job.method, job.req), self._slots[job.id])
         except Exception as err:
             self._leave(job, error=err)
             return

@@ -11,7 +11,13 @@ hook, or registers a name that is already taken is skipped with a one-line
 :class:`PluginWarning` naming its distribution and entry point; everything
 else keeps working. A hook implementation whose name is no hook (a typo such
 as ``register_backend``) would be silently never called, so it is named in a
-warning too. ``PERSONAJUDGE_PLUGINS`` selects third-party plugins: unset loads
+warning too, and so is an installed plugin with no ``@hookimpl`` function at
+all. Registered objects are checked as they register (a method needs ``plan``
+and ``loop``, an encoder ``render``, a backend class ``open``), so a plugin's
+mistake is one warning at start-up, not a traceback when a user picks it.
+Entry-point names are per distribution: two distributions that both call their
+entry point ``plugin`` are both loaded (the second as ``dist:plugin``).
+``PERSONAJUDGE_PLUGINS`` selects third-party plugins: unset loads
 all, ``none`` (or an empty string) loads none, ``a,b`` loads only the entry
 points or distributions named ``a`` and ``b`` (a name that matches none is
 warned about, with the installed ones).
@@ -26,6 +32,7 @@ Registries are built lazily, once per process, under a lock.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import importlib.metadata
@@ -42,7 +49,7 @@ import pluggy
 from pydantic import BaseModel
 
 from personajudge.core.config import BackendConfig
-from personajudge.core.contract import Backend, Tokenizer
+from personajudge.core.contract import Backend, Tokenizer, check_tokenizer
 from personajudge.core.errors import PersonaJudgeWarning, PluginError, UnknownPluginError
 from personajudge.preferences import Encoder, Preference, auto_encoder_name, encoder_options, lookup
 
@@ -165,8 +172,36 @@ def _check_method(obj: Any, key: str) -> None:
         )
 
 
+def _check_backend(obj: Any, key: str) -> None:
+    """A backend is a class :func:`load_backend` instantiates with the run's config; one that leaves
+    ``open`` (or another abstract method) unimplemented would otherwise fail only when a user picks it, as
+    a raw ``TypeError`` traceback from the loader. Refused here, like a method without ``loop``."""
+    if not isinstance(obj, type):
+        raise PluginError(
+            f"backend '{key}' is an instance of {type(obj).__name__}; register the class, not an instance "
+            "(load_backend makes it with the run's BackendConfig)"
+        )
+    missing = sorted(getattr(obj, "__abstractmethods__", ()))
+    if not missing and not callable(getattr(obj, "open", None)):
+        missing = ["open"]
+    if missing:
+        raise PluginError(
+            f"backend '{key}' (class {obj.__qualname__}) does not implement {', '.join(missing)}; "
+            "a backend needs open(n_views) returning a personajudge.Session"
+        )
+
+
 def _check_encoder(obj: Any, key: str) -> None:
-    """An encoder's declared ``Options`` must be a pydantic model (it is validated as backends' are)."""
+    """An encoder needs ``render`` (called for every view of every request: a missing one would be an
+    ``AttributeError`` traceback at the first request); ``stop_strings``, when present, must be callable;
+    and its declared ``Options`` must be a pydantic model (it is validated as backends' are)."""
+    if not callable(getattr(obj, "render", None)):
+        raise PluginError(
+            f"encoder '{key}' has no render(); an encoder needs "
+            "render(view, conversation, tokenizer, *, system=None, options=None) -> (text, add_bos)"
+        )
+    if getattr(obj, "stop_strings", None) is not None and not callable(obj.stop_strings):
+        raise PluginError(f"encoder '{key}': stop_strings must be a method stop_strings(tokenizer, options)")
     spec = getattr(obj, "Options", None)
     if spec is not None and not (isinstance(spec, type) and issubclass(spec, BaseModel)):
         raise PluginError(
@@ -184,7 +219,7 @@ def _check_preference(obj: Any, origin: str) -> None:
         )
 
 
-_CHECKS = {"method": _check_method, "encoder": _check_encoder}
+_CHECKS = {"method": _check_method, "encoder": _check_encoder, "backend": _check_backend}
 
 
 def _holder(reg: Registry, word: str) -> tuple[str, PluginSource] | None:
@@ -281,19 +316,38 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
                 f"(neither an entry point nor a distribution); installed plugins: {', '.join(sorted(available)) or '(none)'}"
             )
     for ep in eps:
-        if not _selected(ep, select) or pm.get_plugin(ep.name) is not None:
+        if not _selected(ep, select):
             continue
-        src = PluginSource(
-            ep.name, ep.dist.name if ep.dist else "?", ep.dist.version if ep.dist else "", f"{ep.name} = {ep.value}"
-        )
+        dist = ep.dist.name if ep.dist else "?"
+        # Entry-point names are per distribution, and generic ones (``plugin``) collide across them:
+        # the second distribution's plugin is registered under ``dist:name`` instead of being dropped.
+        key = ep.name if pm.get_plugin(ep.name) is None else f"{dist}:{ep.name}"
+        if pm.get_plugin(key) is not None:
+            continue
+        src = PluginSource(key, dist, ep.dist.version if ep.dist else "", f"{ep.name} = {ep.value}")
         try:
             plugin = ep.load()
-            pm.register(plugin, name=ep.name)
+            if pm.is_registered(plugin):  # one module behind two entry points: it registers once
+                _warn(f"skipped plugin {src}: {_label(plugin)} is already registered by {_source(pm, plugin)}")
+                continue
+            pm.register(plugin, name=key)
         except Exception as err:  # a broken plugin must not take the tool down
             _warn(f"skipped plugin {src}: {type(err).__name__}: {_one_line(err)}")
             continue
-        _sources[ep.name] = src
+        if not pm.get_hookcallers(plugin):  # register_plugin refuses this; an installed plugin is warned about
+            pm.unregister(plugin)
+            _warn(
+                f"skipped plugin {src}: {_label(plugin)} implements no hooks: "
+                "decorate its functions with @personajudge.hookimpl"
+            )
+            continue
+        _sources[key] = src
         _warn_unknown_hooks(pm, plugin, src)
+
+
+def _source(pm: pluggy.PluginManager, plugin: Any) -> PluginSource:
+    name = pm.get_name(plugin) or ""
+    return _sources.get(name, PluginSource(name))
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -448,7 +502,14 @@ def load_backend(config: BackendConfig) -> Backend:
                 PersonaJudgeWarning,
                 stacklevel=2,
             )
-    return cls(config)
+    backend = cls(config)
+    try:
+        check_tokenizer(backend)
+    except BaseException:
+        with contextlib.suppress(Exception):  # free the weights it loaded; the tokenizer error is the news
+            backend.close()
+        raise
+    return backend
 
 
 def get_encoder(name: str) -> Any:
@@ -479,6 +540,72 @@ def resolve_encoder(
 
 def get_method(name: str) -> Any:
     return registry("method").get(name)
+
+
+# What a plugin's encoder or method returns enters the core here: checked once, so that a wrong type is a
+# PluginError naming the plugin, not a str split into letters or a traceback from the sampler.
+
+
+def who(kind: str, key: str, obj: Any) -> str:
+    """A registered object as a PluginError names it: its name, class and the distribution that registered it
+    (whom the user reports the bug to)."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    reg = registry(kind)
+    src = f", from {reg.source(key)}" if key in reg else ""
+    return f"{kind} '{key}' ({cls.__qualname__}{src})"
+
+
+def _shown(value: Any) -> str:
+    return f"{type(value).__name__} {value!r:.60}"
+
+
+def stop_strings_of(encoder: Any, tokenizer: Tokenizer, options: dict[str, Any] | None) -> list[str]:
+    """The stop strings ``encoder``'s format implies: a list of non-empty strings, checked (a bare ``"user:"``
+    unpacked into the run's stop list would end the answer at any of its letters, in silence)."""
+    fn = getattr(encoder, "stop_strings", None)
+    if fn is None:
+        return []
+    out = fn(tokenizer, options)
+    if not isinstance(out, list | tuple) or not all(isinstance(s, str) and s for s in out):
+        name = getattr(encoder, "name", type(encoder).__name__)
+        raise PluginError(
+            f"{who('encoder', name, encoder)}.stop_strings returned {_shown(out)}; "
+            "it returns a list of non-empty strings, e.g. ['\\nUser:']"
+        )
+    return list(out)
+
+
+def render_view(
+    encoder: Any,
+    view: list[Preference],
+    conversation: list[Any],
+    tokenizer: Tokenizer,
+    *,
+    system: str | None,
+    options: dict[str, Any] | None,
+) -> tuple[str, bool]:
+    """``encoder.render`` of one view, checked to be ``(text, add_bos)``: anything else fails at
+    ``tokenizer.encode`` or an unpacking far from the plugin."""
+    out = encoder.render(view, conversation, tokenizer, system=system, options=options)
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], str) and isinstance(out[1], bool)):
+        name = getattr(encoder, "name", type(encoder).__name__)
+        raise PluginError(
+            f"{who('encoder', name, encoder)}.render returned {_shown(out)}; it returns (text, add_bos): "
+            "a str and a bool"
+        )
+    return out
+
+
+def plan_views(method: Any, name: str, views: list[list[Preference]]) -> list[list[Preference]]:
+    """``method.plan(views)``, checked to be a non-empty list of views (lists of preferences): a method that
+    plans none would be refused by the session as "a session needs at least one view", without its name."""
+    planned = method.plan(views)
+    if not isinstance(planned, list | tuple) or not planned or not all(isinstance(v, list | tuple) for v in planned):
+        raise PluginError(
+            f"{who('method', name, method)}.plan returned {_shown(planned)}; it returns the views it prompts, "
+            "a non-empty list of lists of preferences"
+        )
+    return list(planned)
 
 
 def preference_library() -> Mapping[str, Preference]:

@@ -13,9 +13,10 @@ import socket
 import sys
 import threading
 import time
+import warnings
 
 from personajudge.api import PersonaJudge
-from personajudge.core.errors import ConfigError, PersonaJudgeError
+from personajudge.core.errors import ConfigError, PersonaJudgeError, PersonaJudgeWarning
 from personajudge.core.files import os_error_text
 from personajudge.serve import create_app
 from personajudge.serve.app import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_VIEWS
@@ -104,8 +105,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_views=args.max_views,
             max_request_bytes=args.max_request_bytes,
             default_preferences=prefs,
+            reserve=False,  # here, below: a backend that cannot open a session fails before "serving"
         )
         engine = pj.engine
+        asked = args.max_batch * app.state.server.default_views()
+        slots = engine.reserve(asked)
+        if slots < asked:
+            warnings.warn(
+                f"the {pj.config.backend.name} backend holds {slots} views at once, fewer than --max-batch "
+                f"{args.max_batch} requests of the default preferences need ({asked}): requests wait for room",
+                PersonaJudgeWarning,
+                stacklevel=1,
+            )
 
         class GracefulServer(uvicorn.Server):
             """On the first SIGTERM/SIGINT: drain with the port still open. ``/health`` and new
@@ -166,8 +177,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = GracefulServer(config)
         port = sockets[0].getsockname()[1]  # the one the OS picked for --port 0
         host = f"[{args.host}]" if ":" in args.host else args.host
+        facts = pj.backend.describe()  # optional for a plugin: the default names only the backend
+        model = facts.get("model") or facts.get("backend") or pj.config.backend.name
         print(
-            f"personajudge: serving '{args.served_model_name}' ({pj.backend.describe().get('model', '?')}) "
+            f"personajudge: serving '{args.served_model_name}' ({model}) "
             f"on http://{host}:{port}/v1 (max batch {args.max_batch}, queue {args.max_queue}"
             f"{', API key required' if api_key else ''})",
             file=sys.stderr,

@@ -36,12 +36,14 @@ from personajudge.core.errors import (
     DeviceError,
     PersonaJudgeError,
     PreferenceError,
+    PromptTokenError,
     TooManyViewsError,
     UnknownPluginError,
     UnknownPreferenceError,
 )
 from personajudge.engine import EngineClosedError, Job, QueueFullError, RequestCancelled
 from personajudge.plugins import preference_library
+from personajudge.plugins.manager import plan_views
 from personajudge.preferences import Preference, build_views, lookup, normalize_conversation, with_definitions
 
 from .metrics import Metrics
@@ -116,6 +118,8 @@ def map_error(
         if shutting_down:
             return APIError(503, msg, "server_error", code="shutting_down")
         return APIError(499, msg, "invalid_request_error", code="cancelled")
+    if isinstance(err, PromptTokenError):  # a token the model has no embedding for: the prompt's, not a length
+        return APIError(400, msg, param=prompt_field, code="invalid_value")
     if isinstance(err, ContextLengthError):
         return APIError(400, msg, param=prompt_field, code="context_length_exceeded")
     if isinstance(err, PreferenceError):  # an unknown name, or an invalid value (an empty view, an empty name)
@@ -179,7 +183,7 @@ class Server:
         cfg = self.pj.config
         try:
             views = build_views(self.default_preferences or cfg.preferences, cfg.views, preference_library())
-            return max(2, len(make_method(cfg).plan(views)))
+            return max(2, len(plan_views(make_method(cfg), cfg.method, views)))
         except PersonaJudgeError:
             return 2
 
