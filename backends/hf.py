@@ -668,45 +668,41 @@ def _has_tokenizer_files(folder: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _no_load_report():
-    """Keep transformers' "LOAD REPORT" table (missing, unexpected, mismatched weights) off stderr for one load.
+def _without_log_lines(logger: str, *needles: str):
+    """Drop the records of transformers' ``logger`` that contain one of ``needles``, for one call.
 
-    :func:`_check_loading_info` turns what matters in it (weights left random) into a one-line
-    :class:`ModelLoadError`; the rest (unused checkpoint tensors, e.g. a pooler) changes nothing the
-    model computes, and the README promises one line of stats on stderr."""
-    from transformers.utils import logging as hf_logging
+    A filter, not a higher level: transformers 5.x checks these loggers' levels to decide to log
+    more. Used for two notices that would land in the user's stderr although they need no action:
 
-    def drop(record) -> bool:  # the report, and its note on tied weights that are missing (listed in it too)
-        return not any(s in str(record.msg) for s in ("LOAD REPORT", "checkpoint seem corrupted"))
-
-    # a filter, not a higher level: transformers 5.x checks this logger's level to decide to log more
-    log = hf_logging.get_logger("transformers.modeling_utils")
-    log.addFilter(drop)
-    try:
-        yield
-    finally:
-        log.removeFilter(drop)
-
-
-@contextlib.contextmanager
-def _no_flag_notice():
-    """Keep transformers' "generation flags are not valid" notice off stderr during one ``generate``.
-
-    ``native_generate`` leaves the sampling fields out in greedy mode, but ``generate`` merges in the
-    model's own generation_config, whose sampling fields (a hub model's ``top_k=20``, say) raise the
-    same notice about settings greedy decoding never reads; it would land in the middle of the
-    benchmark's output."""
+    - the load's "LOAD REPORT" table (missing, unexpected, mismatched weights):
+      :func:`_check_loading_info` turns what matters in it (weights left random) into a one-line
+      :class:`ModelLoadError`; the rest (unused checkpoint tensors, e.g. a pooler) changes nothing
+      the model computes, and the README promises one line of stats on stderr;
+    - "generation flags are not valid" in a greedy ``generate``: ``native_generate`` leaves the
+      sampling fields out then, but ``generate`` merges in the model's own generation_config, whose
+      sampling fields (a hub model's ``top_k=20``, say) raise the notice about settings greedy
+      decoding never reads, in the middle of the benchmark's output.
+    """
     from transformers.utils import logging as hf_logging
 
     def drop(record) -> bool:
-        return "generation flags are not valid" not in str(record.msg)
+        return not any(s in str(record.msg) for s in needles)
 
-    log = hf_logging.get_logger("transformers.generation.configuration_utils")
+    log = hf_logging.get_logger(logger)
     log.addFilter(drop)
     try:
         yield
     finally:
         log.removeFilter(drop)
+
+
+def _no_load_report():
+    # the report, and its note on tied weights that are missing (listed in it too)
+    return _without_log_lines("transformers.modeling_utils", "LOAD REPORT", "checkpoint seem corrupted")
+
+
+def _no_flag_notice():
+    return _without_log_lines("transformers.generation.configuration_utils", "generation flags are not valid")
 
 
 def _check_loading_info(model: Any, info: dict[str, Any], label: str) -> None:

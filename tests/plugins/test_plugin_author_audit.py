@@ -12,13 +12,13 @@ import json
 import subprocess
 import sys
 import textwrap
-import types
 import urllib.error
 import urllib.request
 import warnings
 
 import numpy as np
 import pytest
+from plugin_modules import hook_module
 from serve_helpers import running_server
 
 import personajudge as pj
@@ -26,7 +26,7 @@ from personajudge.backends.toy import ToyBackend, ToySession, ToyTokenizer
 from personajudge.core import contract
 from personajudge.core.errors import PersonaJudgeWarning, PluginError, TooManyViewsError
 from personajudge.engine import Engine
-from personajudge.plugins import PluginWarning, hookimpl, manager, register_plugin, registry, unregister_plugin
+from personajudge.plugins import PluginWarning, manager, register_plugin, registry, unregister_plugin
 from personajudge.preferences import EncoderOptions
 
 PREFS = ["concise", "humor"]
@@ -35,10 +35,7 @@ _numbers = itertools.count()
 
 def _plugin(**hooks):
     """A module-like plugin with the given hook implementations."""
-    mod = types.ModuleType(f"audit_plugin_{next(_numbers)}")
-    for name, fn in hooks.items():
-        setattr(mod, name, hookimpl(fn))
-    return mod
+    return hook_module("audit_plugin", **hooks)
 
 
 @pytest.fixture

@@ -15,12 +15,13 @@ import types
 import warnings
 
 import pytest
+from plugin_modules import hook_module
 
 import personajudge as pj
 from personajudge import preferences
 from personajudge.core.decoding import plain_loop
 from personajudge.core.errors import PluginError, PreferenceError, UnknownPluginError
-from personajudge.plugins import PluginWarning, hookimpl, register_plugin, registry, unregister_plugin
+from personajudge.plugins import PluginWarning, register_plugin, registry, unregister_plugin
 
 PREFS = ["concise", "humor"]
 _numbers = itertools.count()
@@ -44,10 +45,7 @@ class AllInOne:
 
 def _plugin(**hooks):
     """A module-like plugin with the given hook implementations."""
-    mod = types.ModuleType(f"authoring_plugin_{next(_numbers)}")
-    for name, fn in hooks.items():
-        setattr(mod, name, hookimpl(fn))
-    return mod
+    return hook_module("authoring_plugin", **hooks)
 
 
 @pytest.fixture
