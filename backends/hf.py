@@ -38,6 +38,7 @@ import contextlib
 import hashlib
 import inspect
 import json
+import logging
 import os
 import shutil
 import socket
@@ -685,15 +686,24 @@ def _without_log_lines(logger: str, *needles: str):
     """
     from transformers.utils import logging as hf_logging
 
-    def drop(record) -> bool:
-        return not any(s in str(record.msg) for s in needles)
-
+    drop = _Without(needles)
     log = hf_logging.get_logger(logger)
     log.addFilter(drop)
     try:
         yield
     finally:
         log.removeFilter(drop)
+
+
+class _Without(logging.Filter):
+    """A logging filter that drops the records whose message contains one of ``needles``."""
+
+    def __init__(self, needles: tuple[str, ...]):
+        super().__init__()
+        self.needles = needles
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(s in str(record.msg) for s in self.needles)
 
 
 def _no_load_report():
