@@ -62,7 +62,7 @@ from .acceptance import (
 )
 from .arrays import like, take_along
 from .contract import ForwardCall
-from .decoding import DecodeRequest, Views, free_tokens, window_length
+from .decoding import DecodeRequest, Views, window_length
 from .scheduler import RoleScheduler
 from .sparse import Rows, candidates, row_candidates
 from .transforms import SamplingParams
@@ -291,7 +291,7 @@ class BatchedJudge:
         req, i = row.req, row.i
         if req.emitter.done:
             return False
-        w = window_length(req.lam, free_tokens(row.views.contexts, row.views.context_length), req.emitter.remaining)
+        w = window_length(req.lam, row.views.free(), req.emitter.remaining)
         if w is None:
             req.emitter.finish("context")
             return False

@@ -176,9 +176,13 @@ class Views:
         for c in self.contexts:
             c.append(token)
 
+    def free(self) -> int:
+        """How many more tokens the fullest view's context holds."""
+        return self.context_length - max(len(c) for c in self.contexts)
+
     def room(self, extra: int) -> bool:
         """Whether every view can take ``extra`` more tokens."""
-        return max(len(c) for c in self.contexts) + extra <= self.context_length
+        return self.free() >= extra
 
 
 def token_loop(req: DecodeRequest, active: list[int], next_dist: Callable[[Views], Dist]) -> Loop:
@@ -221,7 +225,7 @@ def persona_judge_loop(req: DecodeRequest) -> Loop:
     step = _interleaved_iteration if req.schedule == "interleaved" else _windowed_iteration
     it = 0
     while not req.emitter.done:
-        w = window_length(req.lam, free_tokens(views.contexts, views.context_length), req.emitter.remaining)
+        w = window_length(req.lam, views.free(), req.emitter.remaining)
         if w is None:
             req.emitter.finish("context")
             return
@@ -229,11 +233,6 @@ def persona_judge_loop(req: DecodeRequest) -> Loop:
         yield from step(views, req, d, j, w)
         it += 1
         req.stats.iterations += 1
-
-
-def free_tokens(contexts: Sequence[Sequence[int]], context_length: int) -> int:
-    """How many more tokens the fullest view's context holds."""
-    return context_length - max(len(c) for c in contexts)
 
 
 def window_length(lam: int, free: int, remaining: int | None = None) -> int | None:
