@@ -268,6 +268,8 @@ _GGUF_STRING, _GGUF_ARRAY = 8, 9
 _KEEP_ARRAY = 4096
 #: llama.cpp's LLAMA_MAX_LAYERS: a larger block_count aborts the process (GGML_ASSERT)
 LLAMA_MAX_LAYERS = 512
+#: llama.cpp's LLAMA_MAX_EXPERTS (1024 in the llama.cpp llama-cpp-python 0.3.36 vendors): more aborts the process
+LLAMA_MAX_EXPERTS = 1024
 #: rope.scaling.type values llama.cpp knows; any other aborts it (GGML_ASSERT ... != UNSPECIFIED)
 _ROPE_SCALING_TYPES = frozenset({"none", "linear", "yarn", "longrope"})
 
@@ -372,6 +374,8 @@ def _check_hparams(p: Path, meta: dict[str, Any]) -> None:
     used = number("expert_used_count") or 0
     groups = number("expert_group_count") or 0
     group_used = number("expert_group_used_count") or 0
+    if n_expert > LLAMA_MAX_EXPERTS:
+        raise bad("expert_count", n_expert, f"llama.cpp allows at most {LLAMA_MAX_EXPERTS} experts")
     if used > n_expert:
         raise bad("expert_used_count", used, f"more than expert_count = {n_expert}")
     if n_expert > 0 and used == 0:

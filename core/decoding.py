@@ -40,7 +40,7 @@ from array_api_compat import array_namespace
 from .acceptance import Dist, draft_and_judge, judge_draft, sample_dist, verify_window
 from .arrays import like
 from .contract import ForwardCall, Session
-from .errors import ContextLengthError, PromptTokenError
+from .errors import ContextLengthError, PluginError, PromptTokenError
 from .result import Stats
 from .scheduler import RoleScheduler
 from .sparse import candidates, device_candidates, uniforms
@@ -378,16 +378,27 @@ def _judge_window(
     return int(n_acc), int(emitted)
 
 
+def not_an_op(op: Any, who: str) -> PluginError:
+    """The error for a loop (``who``'s) that yielded something other than a ``Forward`` or ``Truncate``:
+    a session would otherwise fail on it with an ``AttributeError`` that names no plugin."""
+    return PluginError(
+        f"{who} yielded a {type(op).__name__} ({op!r:.40}); a loop yields only Forward and Truncate "
+        "operations (personajudge.core.decoding)"
+    )
+
+
 def drive(session: Session, loop: Loop) -> None:
-    """Run one loop against a session."""
+    """Run one loop against a session (a method's ``decode`` runs its own loop through this)."""
     try:
         op = next(loop)
         while True:
             if isinstance(op, Forward):
                 res = session.forward_many(op.calls)
-            else:
+            elif isinstance(op, Truncate):
                 session.truncate(op.view, op.length)
                 res = None
+            else:
+                raise not_an_op(op, f"the loop {getattr(loop, '__qualname__', type(loop).__name__)}")
             op = loop.send(res)
     except StopIteration:
         pass

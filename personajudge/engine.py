@@ -55,7 +55,7 @@ from typing import Any
 
 from personajudge.core.batched import BatchedJudge, batched_request, judge_rows
 from personajudge.core.contract import Backend, Session
-from personajudge.core.decoding import DecodeRequest, Forward, Loop, StepDriver, Truncate, run_timed
+from personajudge.core.decoding import DecodeRequest, Forward, Loop, StepDriver, Truncate, not_an_op, run_timed
 from personajudge.core.errors import PersonaJudgeError, PluginError, SessionError, TooManyViewsError
 from personajudge.core.methods import Base, Pad
 from personajudge.core.result import GenerationResult
@@ -119,10 +119,7 @@ def _checked_ops(method: Any, name: str, loop: Loop) -> Loop:
         op = next(loop)
         while True:
             if not isinstance(op, Forward | Truncate):
-                raise PluginError(
-                    f"{who('method', name, method)}.loop yielded a {type(op).__name__} "
-                    f"({op!r:.40}); a loop yields only Forward and Truncate operations (personajudge.core.decoding)"
-                )
+                raise not_an_op(op, f"{who('method', name, method)}.loop")
             op = loop.send((yield op))
     except StopIteration:
         return

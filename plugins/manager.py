@@ -41,7 +41,7 @@ import re
 import threading
 import types
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +52,7 @@ from personajudge.core.config import BackendConfig
 from personajudge.core.contract import Backend, Tokenizer, check_tokenizer
 from personajudge.core.errors import PersonaJudgeWarning, PluginError, UnknownPluginError
 from personajudge.preferences import Encoder, Preference, auto_encoder_name, encoder_options, lookup
+from personajudge.preferences.encoders import checked_render
 
 from . import hookspecs
 
@@ -439,19 +440,32 @@ def unregister_plugin(plugin: Any) -> None:
         _registries.clear()
 
 
+def _staging(staged: Registry, plugin_name: str, src: PluginSource) -> Callable[..., None]:
+    """The ``register`` a plugin's hook is handed. An object the registry refuses (a backend without
+    ``open``, an unnamed encoder) is skipped with one warning naming it, and the hook goes on: raising
+    would abort the plugin's own loop, so one bad object would take its well-formed siblings with it."""
+
+    def register(obj: Any, name: str | None = None) -> None:
+        try:
+            staged.register(obj, name, origin=plugin_name)
+        except PluginError as err:
+            _warn(f"skipped a {staged.kind} of plugin {src}: {err}")
+
+    return register
+
+
 def _fill(reg: Registry, pm: pluggy.PluginManager, hook_name: str) -> None:
     hook = getattr(pm.hook, hook_name)
     # get_hookimpls() lists in registration order: built-ins first, so they win collisions.
     for impl in hook.get_hookimpls():
         plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
+        src = _sources.get(plugin_name, PluginSource(plugin_name))
         staged = Registry(reg.kind)
         try:
-            impl.function(register=lambda obj, name=None, _o=plugin_name, _r=staged: _r.register(obj, name, origin=_o))
+            impl.function(register=_staging(staged, plugin_name, src))
         except Exception as err:
-            src = _sources.get(plugin_name, PluginSource(plugin_name))
             _warn(f"skipped the {reg.kind}s of plugin {src}: {type(err).__name__}: {err}")
             continue
-        src = _sources.get(plugin_name, PluginSource(plugin_name))
         for key, obj in staged.items():
             if key in reg and reg[key] is not obj:
                 _warn(
@@ -587,13 +601,7 @@ def render_view(
     """``encoder.render`` of one view, checked to be ``(text, add_bos)``: anything else fails at
     ``tokenizer.encode`` or an unpacking far from the plugin."""
     out = encoder.render(view, conversation, tokenizer, system=system, options=options)
-    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], str) and isinstance(out[1], bool)):
-        name = getattr(encoder, "name", type(encoder).__name__)
-        raise PluginError(
-            f"{who('encoder', name, encoder)}.render returned {_shown(out)}; it returns (text, add_bos): "
-            "a str and a bool"
-        )
-    return out
+    return checked_render(out, who("encoder", getattr(encoder, "name", type(encoder).__name__), encoder))
 
 
 def plan_views(method: Any, name: str, views: list[list[Preference]]) -> list[list[Preference]]:

@@ -33,7 +33,7 @@ from pydantic import Field, field_validator, model_validator
 
 from personajudge.core.config import Options, take_options
 from personajudge.core.contract import Tokenizer
-from personajudge.core.errors import ConfigError
+from personajudge.core.errors import ConfigError, PluginError
 from personajudge.core.files import check_text
 
 from .library import builtin_examples, combined_examples, neutral_examples
@@ -126,8 +126,21 @@ def encode(
     system: str | None = None,
     options: dict[str, Any] | None = None,
 ) -> list[int]:
-    text, add_bos = encoder.render(view, conversation, tokenizer, system=system, options=options)
+    """``encoder``'s prompt for one view, as token ids (what the engine feeds each view)."""
+    out = encoder.render(view, conversation, tokenizer, system=system, options=options)
+    cls = type(encoder).__qualname__
+    text, add_bos = checked_render(out, f"encoder '{getattr(encoder, 'name', cls)}' ({cls})")
     return tokenizer.encode(text, add_bos=add_bos)
+
+
+def checked_render(out: Any, who: str) -> tuple[str, bool]:
+    """``out``, what ``who``'s ``render`` returned, checked to be ``(text, add_bos)``: anything else would
+    fail at ``tokenizer.encode`` or an unpacking far from the plugin (a bare str unpacks into letters)."""
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], str) and isinstance(out[1], bool)):
+        raise PluginError(
+            f"{who}.render returned {type(out).__name__} {out!r:.60}; it returns (text, add_bos): a str and a bool"
+        )
+    return out
 
 
 def _with_system(conversation: list[Message], system: str | None) -> list[Message]:

@@ -112,6 +112,7 @@ ABORTING = {
     "no layers": ({"block_count": 0}, "gemma3.block_count = 0"),
     "too many layers": ({"block_count": 1000}, "gemma3.block_count = 1000"),
     "nextn layers": ({"nextn_predict_layers": 19}, "gemma3.nextn_predict_layers = 19"),
+    "too many experts": ({"expert_count": 1025, "expert_used_count": 2}, "gemma3.expert_count = 1025"),
     "experts used without experts": ({"expert_used_count": 2}, "gemma3.expert_used_count = 2"),
     "experts never used": ({"expert_count": 8, "expert_used_count": 0}, "gemma3.expert_used_count = 0"),
     "as many groups as experts": (
@@ -143,6 +144,7 @@ def test_hparams_llama_cpp_asserts_on_are_one_line_errors(tmp_path, case):
     [
         {},  # the embedded model's own values
         {"expert_count": 8, "expert_used_count": 2, "expert_group_count": 2, "expert_group_used_count": 1},
+        {"expert_count": 1024, "expert_used_count": 2},  # llama.cpp's LLAMA_MAX_EXPERTS itself
         {"rope__scaling__type": "yarn", "attention__head_count": [4] * 18, "nextn_predict_layers": 1},
         {"attention__layer_norm_rms_epsilon": 0.0},
     ],

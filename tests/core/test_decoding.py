@@ -221,3 +221,15 @@ def test_emitter_text_is_incremental_but_exact(toy):
     rng = np.random.default_rng(0)
     text = tok.encode("A long answer, with punctuation; spaces  and\nnewlines. " * 8, add_bos=False)
     assert_incremental_text_matches(tok, [text, [int(x) for x in rng.integers(0, tok.vocab_size, 300)]])
+
+
+def test_drive_names_an_op_that_is_neither_forward_nor_truncate(toy):
+    """A method's own ``decode`` runs its loop through ``drive``; a loop yielding anything else is a
+    PluginError naming the loop, not an AttributeError from the session."""
+    from personajudge.core.errors import PluginError
+
+    def stray_loop():
+        yield "forward please"
+
+    with toy.open(1) as session, pytest.raises(PluginError, match=r"stray_loop yielded a str \('forward please'\)"):
+        drive(session, stray_loop())

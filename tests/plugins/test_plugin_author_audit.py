@@ -336,6 +336,22 @@ def test_g_a_backend_without_open_is_refused_when_it_registers(registered):
     assert "audit-noopen" not in registry("backend")
 
 
+class GoodSibling(ToyBackend):
+    name = "audit-good-sibling"
+
+
+def test_g_one_refused_backend_does_not_take_its_plugins_other_backends_with_it(registered):
+    def hook(register):
+        register(NoOpenBackend)
+        register(GoodSibling)  # the hook goes on after the refusal
+
+    registered(register_backends=hook)
+    warned = _kind_warnings("backend")
+    assert len(warned) == 1 and "audit-noopen" in warned[0] and "skipped a backend of plugin" in warned[0], warned
+    assert "audit-noopen" not in registry("backend")
+    assert registry("backend")["audit-good-sibling"] is GoodSibling
+
+
 class NoTruncateSession(pj.Session):
     def __init__(self, backend, n_views):
         super().__init__(n_views, backend.context_length, backend.tokenizer.vocab_size)

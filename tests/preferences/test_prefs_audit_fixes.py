@@ -214,3 +214,21 @@ def test_encoder_options_is_a_per_call_keyword(model):
     with pytest.raises(ConfigError, match="unknown option.*exemplar encoder: nn") as err:
         model.generate("hi", preferences=["concise", "humor"], encoder="exemplar", encoder_options={"nn": 1}, **KW)
     assert "decoding." not in str(err.value)
+
+
+@pytest.mark.parametrize("out", ["prompt text", ("text", 1), None])
+def test_encode_refuses_a_render_that_is_not_text_and_add_bos(out):
+    """``preferences.encode`` is the public one-view helper; a plugin encoder's wrong ``render`` result is a
+    PluginError naming it there too, not letters unpacked from a str."""
+    from personajudge.backends.toy import ToyTokenizer
+    from personajudge.core.errors import PluginError
+    from personajudge.preferences.encoders import encode
+
+    class Odd:
+        name = "odd"
+
+        def render(self, view, conversation, tokenizer, *, system=None, options=None):
+            return out
+
+    with pytest.raises(PluginError, match=r"encoder 'odd' \(.*Odd\)\.render returned .*it returns \(text, add_bos\)"):
+        encode(Odd(), [], [{"role": "user", "content": "hi"}], ToyTokenizer())
