@@ -4,8 +4,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# The CPU build of torch: a plain `torch` requirement would pull a multi-GB CUDA build.
+# torch 2.13.0, installed before the extras so they keep it. The version does not choose the build: this
+# machine's pip finds the CPU wheel in a local folder; elsewhere pass
+# TORCH_ARGS="--index-url https://download.pytorch.org/whl/cpu" (PyPI's Linux torch is the multi-GB CUDA build).
 TORCH  ?= torch==2.13.0
+TORCH_ARGS ?=
 EXTRAS ?= llama,hf,eval,ray,serve,dev
 
 .PHONY: install demo test test-fast test-wheel lint bench gpu-wheels gpu-check clean
@@ -15,7 +18,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q "$(TORCH)" $(TORCH_ARGS)
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 

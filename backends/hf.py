@@ -70,6 +70,7 @@ from personajudge.core.files import path_kind
 from personajudge.core.transforms import SamplingParams
 
 INSTALL_HINT = "pip install 'persona-judge[hf]'"
+TORCH_HINT = "pip install torch --index-url https://download.pytorch.org/whl/cpu (or the CUDA build's index)"
 
 
 class HFOptions(Options):
@@ -125,8 +126,11 @@ def _import_torch():
         import torch
         import transformers  # noqa: F401
     except ImportError as err:
+        # torch first, from the index of its build: PyPI's default Linux torch is the multi-GB CUDA one, and
+        # the extra's ``torch>=2.2`` keeps a torch that is already installed
+        first = f"{TORCH_HINT}, then " if err.name == "torch" else ""
         raise BackendUnavailableError(
-            f"the hf backend needs torch and transformers ({err.name} is missing); run: {INSTALL_HINT}"
+            f"the hf backend needs torch and transformers ({err.name} is missing); run: {first}{INSTALL_HINT}"
         ) from None
     return torch
 

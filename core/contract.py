@@ -40,11 +40,20 @@ Array = Any
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    """What the core and the preference encoders need from a tokenizer."""
+    """What the core and the preference encoders need from a tokenizer.
 
-    vocab_size: int
-    eos_token_ids: frozenset[int]
-    chat_template: str | None
+    The three attributes are read-only here (properties), so a plain class attribute satisfies them
+    for a type checker too: ``chat_template = None`` in a tokenizer without a template, as in the
+    README's example backend, would not match a writable ``str | None``."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]: ...
+
+    @property
+    def chat_template(self) -> str | None: ...
 
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
         """Token ids of ``text``; special-token markup in ``text`` is parsed."""

@@ -27,6 +27,11 @@ View = list[Any]
 
 @runtime_checkable
 class Method(Protocol):
+    """A decoding method, registered through ``register_methods``: which views it prompts (``plan``) and
+    the loop that decodes one request with them (``loop``, a generator of ``Forward``/``Truncate`` ops, so
+    the engine can batch many requests in one forward). ``decode`` is optional: a method that must run
+    alone drives its own loop there and sets ``batchable = False``."""
+
     name: ClassVar[str]
     description: ClassVar[str]
 

@@ -31,10 +31,12 @@ class Stats(BaseModel):
 
     @property
     def acceptance_rate(self) -> float | None:
+        """accepted / drafted: how often the judge kept the drafter's token (None when nothing was drafted)."""
         return self.accepted / self.drafted if self.drafted else None
 
     @property
     def tokens_per_s(self) -> float:
+        """Generated tokens per second of wall time, prompt processing included (0.0 before the run)."""
         return self.tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
 
     def as_dict(self) -> dict:
@@ -48,6 +50,13 @@ class Stats(BaseModel):
 
 
 class GenerationResult(BaseModel):
+    """What one generation returns: the text, its token ids, why it stopped and its counters.
+
+    ``finish_reason`` is ``eos`` (the model ended), ``length`` (``max_new_tokens``), ``stop`` (a stop
+    string; the text is cut before it) or ``context`` (the context window filled). ``settings`` holds
+    the effective settings, so a run can be repeated; ``as_dict()`` is the ``--json`` form.
+    """
+
     text: str
     tokens: list[int]
     finish_reason: FinishReason

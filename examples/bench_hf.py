@@ -29,6 +29,7 @@ from typing import Any
 
 from personajudge.api import PersonaJudge, make_method
 from personajudge.core.config import build_config
+from personajudge.core.errors import PersonaJudgeError
 from personajudge.preferences import build_views
 
 DEFAULT_PROMPT = "Why is the sky blue?"
@@ -180,22 +181,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each method (at least 1)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--no-prepack", action="store_true", help="backend option cpu_prepack=false")
     ap.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     a = ap.parse_args(argv)
-    rep = bench_hf(
-        a.model,
-        device=a.device,
-        dtype=a.dtype,
-        threads=a.threads,
-        prompt=a.prompt,
-        repeats=a.repeats,
-        max_new_tokens=a.max_new_tokens,
-        options={"cpu_prepack": False} if a.no_prepack else None,
-        verbose=not a.json,
-    )
+    if a.repeats < 1 or a.max_new_tokens < 1:
+        ap.error("--repeats and --max-new-tokens must be at least 1")
+    try:
+        rep = bench_hf(
+            a.model,
+            device=a.device,
+            dtype=a.dtype,
+            threads=a.threads,
+            prompt=a.prompt,
+            repeats=a.repeats,
+            max_new_tokens=a.max_new_tokens,
+            options={"cpu_prepack": False} if a.no_prepack else None,
+            verbose=not a.json,
+        )
+    except PersonaJudgeError as err:  # a mistake is one line and status 2, as at the CLI
+        ap.exit(2, f"{ap.prog}: error: {err}\n")
     if a.json:
         print(json.dumps(rep, indent=2))
     return 0

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from personajudge import PersonaJudge
+from personajudge import PersonaJudge, PersonaJudgeError
 
 
 def main() -> None:
@@ -31,6 +31,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads")
     args = ap.parse_args()
+    try:
+        run(args)
+    except PersonaJudgeError as err:  # a mistake is one line and status 2, as at the CLI
+        ap.exit(2, f"{ap.prog}: error: {err}\n")
+
+
+def run(args: argparse.Namespace) -> None:
     prefs = args.prefer or ["concise", "friendly"]
 
     backend = {"name": args.backend, **({"threads": args.threads} if args.threads else {})}

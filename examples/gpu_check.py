@@ -27,8 +27,8 @@ It
 Random weights make the text noise and the acceptance rate meaningless; the
 speed is what counts (with the interleaved schedule every step commits about
 one token whatever is accepted). On a machine without CUDA it runs tiny shapes
-on the CPU (``--tiny``, the default there) in well under a minute: the test
-suite runs it that way so it cannot rot.
+on the CPU (``--shapes tiny-gemma3,tiny-qwen2``, the default there) in well
+under a minute: the test suite runs it that way so it cannot rot.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ only with the prefix length.
 
 import argparse
 
-from personajudge import PersonaJudge
+from personajudge import PersonaJudge, PersonaJudgeError
 
 OBJECTIVES = ["touching", "vivid", "creative"]
 
@@ -20,7 +20,13 @@ def main() -> None:
     ap.add_argument("--backend", default="llama-cpp")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     args = ap.parse_args()
+    try:
+        run(args)
+    except PersonaJudgeError as err:  # a mistake is one line and status 2, as at the CLI
+        ap.exit(2, f"{ap.prog}: error: {err}\n")
 
+
+def run(args: argparse.Namespace) -> None:
     with PersonaJudge({"backend": {"name": args.backend}}) as pj:
         for n in (1, 2, 3):
             views = [OBJECTIVES[:n], ["helpful"]]

@@ -9,7 +9,7 @@ one prompt and prints both answers with their statistics.
 
 import argparse
 
-from personajudge import PersonaJudge
+from personajudge import PersonaJudge, PersonaJudgeError
 
 
 def main() -> None:
@@ -17,7 +17,13 @@ def main() -> None:
     ap.add_argument("--backend", default="llama-cpp")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     args = ap.parse_args()
+    try:
+        run(args)
+    except PersonaJudgeError as err:  # a mistake is one line and status 2, as at the CLI
+        ap.exit(2, f"{ap.prog}: error: {err}\n")
 
+
+def run(args: argparse.Namespace) -> None:
     pj = PersonaJudge({"backend": {"name": args.backend}, "decoding": {"max_new_tokens": args.max_new_tokens}})
     prompt = "Why is the sky blue?"
     for method in ("prompt", "persona-judge"):

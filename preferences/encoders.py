@@ -44,6 +44,11 @@ Message = dict[str, str]
 
 @runtime_checkable
 class Encoder(Protocol):
+    """A preference encoder, registered through ``register_encoders``: where a view's preferences go in
+    the prompt. ``render`` returns the prompt text of one view and whether to add BOS; an optional
+    ``stop_strings(tokenizer, options)`` lists the strings that end an answer in its format, and an
+    optional pydantic ``Options`` class declares its ``encoder_options``."""
+
     name: ClassVar[str]
     description: ClassVar[str]
 

@@ -110,6 +110,23 @@ class Preference(BaseModel, metaclass=_TypedErrors):
             raise PreferenceError(f"preference {text[:40]!r}: {validation_message(err)}") from None
 
 
+#: what may end an instruction as a sentence (a closing quote or bracket after one of them counts too)
+_SENTENCE_ENDS = ".!?;:…。！？"
+
+
+def _as_sentence(text: str) -> str:
+    t = text.rstrip()
+    if t.rstrip("\"')]»”’")[-1:] in tuple(_SENTENCE_ENDS):
+        return t
+    return t + "."
+
+
 def compose(view: list[Preference]) -> str:
-    """The prefix text of a view that carries several preferences (multi-objective)."""
-    return " ".join(p.instruction for p in view)
+    """The prefix text of a view that carries several preferences (multi-objective).
+
+    Each instruction is closed as a sentence before the next: a free-text description or a file's
+    ``description = "Talk like a pirate"`` has no final period, and run into the next instruction it
+    reads as one garbled sentence ("Talk like a pirate Be concise ..."). One preference is left as written."""
+    if len(view) == 1:
+        return view[0].instruction
+    return " ".join(_as_sentence(p.instruction) for p in view)

@@ -80,3 +80,20 @@ def _embedded_tokens(text):
 
     with PersonaJudge({"backend": {"name": "llama-cpp", "threads": 1}}) as pj:
         return pj.backend.tokenizer.encode(text)
+
+
+@pytest.mark.parametrize(
+    "script, args, needle",
+    [
+        ("quickstart.py", ["--backend", "nope"], "unknown backend 'nope'"),
+        ("multi_objective.py", ["--backend", "nope"], "unknown backend 'nope'"),
+        ("demo.py", ["--backend", "toy", "--max-new-tokens", "0"], "max_new_tokens"),
+        ("bench_hf.py", ["--repeats", "0"], "--repeats and --max-new-tokens must be at least 1"),
+    ],
+)
+def test_an_examples_mistake_is_one_line_and_status_2(script, args, needle):
+    """The examples are the first thing a user runs: a mistake ends as it does at the CLI, not in a traceback."""
+    proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{script}: error:") and needle in last, proc.stderr

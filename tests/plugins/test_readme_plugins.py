@@ -107,3 +107,29 @@ def test_readme_says_what_the_tokenizer_protocol_says():
     section = (ROOT / "README.md").read_text(encoding="utf-8").split("## Writing plugins")[1].split("\n## ")[0]
     members = [m for m in vars(Tokenizer) if not m.startswith("_")] + list(Tokenizer.__annotations__)
     assert members and all(f"`{m}" in section for m in set(members)), textwrap.shorten(str(members), 200)
+
+
+def test_readme_backend_type_checks_against_the_public_protocols(tmp_path):
+    """A plugin author who runs mypy on the README's backend gets no error from the project's own types
+    (the ``Tokenizer`` protocol's attributes are read-only, so ``chat_template = None`` satisfies it)."""
+    import pytest
+
+    pytest.importorskip("mypy")
+    site = write_plugin(tmp_path)
+    # the package as an installed one looks (core/, backends/ ... mapped under personajudge/), as `make lint` does
+    pkg = tmp_path / "typed" / "personajudge"
+    pkg.mkdir(parents=True)
+    for entry in (ROOT / "personajudge").iterdir():
+        if entry.name != "__pycache__":
+            (pkg / entry.name).symlink_to(entry)
+    for room in ("core", "backends", "preferences", "plugins"):
+        (pkg / room).symlink_to(ROOT / room)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy", "--no-incremental", "--follow-imports=silent", str(site / "my_backend.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MYPYPATH": str(pkg.parent)},
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0 and "Success" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]

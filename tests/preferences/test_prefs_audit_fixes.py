@@ -232,3 +232,19 @@ def test_encode_refuses_a_render_that_is_not_text_and_add_bos(out):
 
     with pytest.raises(PluginError, match=r"encoder 'odd' \(.*Odd\)\.render returned .*it returns \(text, add_bos\)"):
         encode(Odd(), [], [{"role": "user", "content": "hi"}], ToyTokenizer())
+
+
+@pytest.mark.parametrize(
+    "first, joined",
+    [
+        ("Talk like a pirate", "Talk like a pirate. Be concise"),  # a file's description without a period
+        ("Talk like a pirate!", "Talk like a pirate! Be concise"),
+        ('Say "arr."', 'Say "arr." Be concise'),  # the period inside the quote ends it
+        ("Talk like a pirate.  ", "Talk like a pirate. Be concise"),
+    ],
+)
+def test_instructions_in_one_view_are_separate_sentences(first, joined):
+    from personajudge.preferences.model import compose
+
+    assert compose([resolve(first), resolve("concise")]).startswith(joined + " and to the point")
+    assert compose([resolve(first)]) == first.strip()  # one preference is left as written
