@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
-from .files import read_text, unicode_problem
+from .files import check_path, read_text, unicode_problem
 
 #: Defaults of the released Persona-judge code (paper section 5).
 PAPER_DEFAULTS = {"lambda": 4, "temperature": 0.7, "top_k": 20, "top_p": 0.9, "max_new_tokens": 128}
@@ -243,9 +243,7 @@ def build_config(data: dict[str, Any] | None = None, **overrides: Any) -> RunCon
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML config file into a plain dict (validated by :func:`build_config`)."""
-    if not str(path).strip():  # Path("") is ".", which would be read as a folder
-        raise ConfigError("config file not found: the path is empty")
-    p = Path(path)
+    p = Path(check_path(path, "config file", ConfigError))  # Path("") is ".", which would be read as a folder
     text = read_text(p, "config file", ConfigError)
     try:
         return tomllib.loads(text)

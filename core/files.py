@@ -51,6 +51,50 @@ def read_text(
     return decode_utf8(data, f"{what} {p}", error)
 
 
+def path_problem(value: str, kind: Literal["file", "dir"] = "file") -> str | None:
+    """Why ``value``, a path the user typed, cannot name the ``kind`` it is given for; None when it can.
+
+    pathlib reads ``""`` as ``"."`` and drops a trailing slash (``Path("sub/")`` is ``sub``), so an
+    empty argument would silently become the current folder and ``--output sub/`` a file named
+    ``sub``. Refused here, once for every path flag (the CLI's argparse types and the API's paths):
+    an empty (or blank) path, and for a file a path that can only name a folder (``.``, ``..``,
+    ``/``, anything ending in a slash or in ``.``/``..``). A folder path (``kind="dir"``) may end
+    with a slash. Whether the path exists is the caller's question.
+    """
+    if not value.strip():
+        return "the path is empty"
+    if kind == "file":
+        if value.endswith("/") or value.endswith(os.sep):
+            return f"{value!r} names a folder (it ends with a slash); give a file path"
+        if Path(value).name in ("", ".", ".."):  # ".", "..", "/", "a/..": pathlib has no file name for them
+            return f"{value!r} names a folder; give a file path"
+    return None
+
+
+def check_path(
+    value: str | os.PathLike[str],
+    what: str,
+    error: type[PersonaJudgeError],
+    kind: Literal["file", "dir"] = "file",
+) -> str:
+    """``value`` as a string, or ``error("<what>: <why>")`` when :func:`path_problem` refuses it."""
+    text = os.fspath(value)
+    problem = path_problem(text, kind)
+    if problem is not None:
+        raise error(f"{what}: {problem}")
+    return text
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of JSONL ``text``: split on ``"\\n"`` only, one trailing ``"\\r"`` dropped (CRLF files).
+
+    ``str.splitlines`` also splits on U+2028, U+2029, U+0085 and other separators, which JSON allows
+    unescaped inside a string (and which ``json.dumps(..., ensure_ascii=False)`` writes raw): it would
+    cut a valid line in two and shift every later line number.
+    """
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
 def path_kind(
     path: str | os.PathLike[str], what: str, error: type[PersonaJudgeError], named: str | os.PathLike[str] | None = None
 ) -> Literal["file", "dir", "other"] | None:
@@ -155,6 +199,88 @@ def silence_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
     except (OSError, ValueError, AttributeError):  # AttributeError: no stdout at all (None)
+        pass
+
+
+class QuietStream:
+    """A text stream for what is not the result (progress bar, stats and warning lines, notes):
+    writes that fail are dropped, never raised.
+
+    Wraps ``sys.stderr`` (or None, when the process started with it closed: Python then prints
+    ``print(..., file=None)`` to *standard output*, into the results). A closed, full or broken
+    standard error must not lose or abort a run whose results go elsewhere; after the first failed
+    write the descriptor is pointed at ``/dev/null``, so the interpreter's own flush at exit does
+    not fail again. Every other attribute (``isatty``, ``fileno``, ``encoding``) is the wrapped
+    stream's, so tqdm still asks the real stream whether it is a terminal.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        if self.stream is not None:
+            try:
+                self.stream.write(text)
+            except (OSError, ValueError):  # ValueError: a closed file object
+                self._give_up()
+        return len(text)
+
+    def flush(self) -> None:
+        if self.stream is not None:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError):
+                self._give_up()
+
+    def isatty(self) -> bool:
+        try:
+            return self.stream is not None and bool(self.stream.isatty())
+        except (OSError, ValueError):
+            return False
+
+    def _give_up(self) -> None:
+        stream, self.stream = self.stream, None
+        try:
+            fd = stream.fileno()
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)
+            stream.flush()  # what the failed write left in its buffer goes to /dev/null now
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        if self.stream is None:
+            raise AttributeError(name)
+        return getattr(self.stream, name)
+
+
+def note(line: str) -> None:
+    """One line on standard error (``personajudge: resuming: ...``): never on standard output, never
+    an exception (see :class:`QuietStream`)."""
+    stream = sys.stderr if isinstance(sys.stderr, QuietStream) else QuietStream(sys.stderr)
+    stream.write(line + "\n")
+    stream.flush()
+
+
+def reopen_closed_stderr() -> None:
+    """A process started with standard error closed (``2>&-``): put ``/dev/null`` on descriptor 2.
+
+    Otherwise the next file opened (a results file) gets descriptor 2, and whatever writes to it at
+    the C level (a native library's log) writes into that file. ``sys.stderr`` stays None; callers
+    write through :class:`QuietStream`.
+    """
+    try:
+        os.fstat(2)
+        return
+    except OSError:
+        pass
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        if fd != 2:
+            os.dup2(fd, 2)
+            os.close(fd)
+    except OSError:
         pass
 
 

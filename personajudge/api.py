@@ -377,29 +377,49 @@ class PersonaJudge:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def settings(self, cfg: RunConfig, views: list[list[Preference]]) -> dict[str, Any]:
-        """The effective settings of a run, as reported by ``--json`` and ``--show-prompt``:
-        backend, model, method, views, encoder and decoding parameters after every default."""
+    def settings(self, cfg: RunConfig, views: list[list[Preference]], method: Any = None) -> dict[str, Any]:
+        """The effective settings of a run, as reported by ``--json``, batch rows and ``--show-prompt``:
+        everything that decides the output after every default, so a run can be repeated from them.
+
+        What the backend says about itself (backend, model, device, ...) and its ``backend_options``;
+        the method and its ``method_options``; the views the method uses (none for a method that
+        ignores preferences, such as ``base``); the encoder ``auto`` resolved to and its
+        ``encoder_options``; the ``system`` message; and the decoding parameters, with the role
+        schedule the method runs (its own unless ``roles`` overrides it) and the repetition guard in
+        force. ``method``: the method instance (default: made from ``cfg``).
+        """
         d = cfg.decoding
+        meth = make_method(cfg) if method is None else method
         tok = self.backend.tokenizer
         encoder = resolve_encoder(cfg.encoder, tok, views)
+        used = views if getattr(meth, "uses_preferences", True) else []
         return {
             **{k: v for k, v in self.backend.describe().items() if v is not None},
+            "backend_options": copy.deepcopy(cfg.backend.options),
             "method": cfg.method,
-            "views": [[p.name for p in v] for v in views],
+            "method_options": copy.deepcopy(cfg.method_options),
+            "views": [[p.name for p in v] for v in used],
             "encoder": encoder.name,
+            "encoder_options": copy.deepcopy(cfg.encoder_options),
+            "system": cfg.system,
             "decoding": {
                 "temperature": d.temperature,
                 "top_k": d.top_k,
                 "top_p": d.top_p,
                 "lambda": d.lambda_,
                 "max_new_tokens": d.max_new_tokens,
-                "roles": d.roles,
+                "roles": d.roles if d.roles is not None else getattr(meth, "roles", None),
                 "schedule": d.schedule,
                 "stop": self.stop_strings(cfg),
+                "repeat_lines": self._repeat_lines(cfg),
                 "seed": d.seed,
             },
         }
+
+    @staticmethod
+    def _repeat_lines(cfg: RunConfig) -> int:
+        """The repetition guard a run uses: off for the ``reference`` oracle, else ``decoding.repeat_lines``."""
+        return 0 if cfg.method == "reference" else cfg.decoding.repeat_lines
 
     def render_views(
         self, prompt: Prompt, cfg: RunConfig, method, views: list[list[Preference]]
@@ -458,7 +478,7 @@ class PersonaJudge:
         cfg, meth, pref_views = self._prepare(preferences, views, method, decoding)
         contexts = self.encode_views(prompt, cfg, meth, pref_views)
         res = self.decode(contexts, cfg, meth, on_text=on_text)
-        return self._with_settings(res, cfg, pref_views)
+        return self._with_settings(res, cfg, pref_views, method=meth)
 
     def _with_settings(
         self,
@@ -466,8 +486,9 @@ class PersonaJudge:
         cfg: RunConfig,
         views: list[list[Preference]],
         settings: dict[str, Any] | None = None,
+        method: Any = None,
     ) -> GenerationResult:
-        settings = copy.deepcopy(settings) if settings is not None else self.settings(cfg, views)
+        settings = copy.deepcopy(settings) if settings is not None else self.settings(cfg, views, method)
         settings["decoding"]["seed"] = res.stats.seed  # the seed actually used (drawn when none was given)
         res.settings = settings
         return res
@@ -628,7 +649,7 @@ class PersonaJudge:
         engine = self.engine
         try:
             engine.submit_many(jobs)
-            shared = self.settings(cfg, pref_views)
+            shared = self.settings(cfg, pref_views, meth)
             return [self._with_settings(j.result(), cfg, pref_views, shared) for j in jobs]
         finally:
             for j in jobs:
@@ -671,7 +692,7 @@ class PersonaJudge:
             self.backend.tokenizer,
             max_new_tokens=d.max_new_tokens,
             stop=self.stop_strings(cfg),
-            repeat_lines=0 if cfg.method == "reference" else d.repeat_lines,  # the oracle: off
+            repeat_lines=self._repeat_lines(cfg),  # the oracle: off
             on_text=on_text,
         )
         stats = Stats(method=cfg.method, views=len(contexts), prompt_tokens=[len(c) for c in contexts], seed=seed)

@@ -1,8 +1,9 @@
 """JSONL batch mode of ``personajudge generate``: ``--input FILE.jsonl [--output FILE.jsonl]``.
 
 Each input line is a JSON object with a ``"prompt"`` (a string or a list of
-``{"role", "content"}`` messages) and optional ``"id"`` and ``"seed"``; blank
-lines are skipped. Prompts run through
+``{"role", "content"}`` messages) and optional ``"id"`` and ``"seed"``, and no
+other key (a misspelt ``"seeed"`` is an error, not a default seed); blank
+lines are skipped, and lines end at ``"\\n"`` only (:func:`~personajudge.core.files.jsonl_lines`). Prompts run through
 :meth:`~personajudge.PersonaJudge.generate_batch`, ``batch_size`` at a time
 (locally, or on Ray replicas: :mod:`personajudge.distributed`); each prompt
 gives one output line ``{"id", "prompt", "text", "tokens", "finish_reason",
@@ -23,13 +24,14 @@ Resumable and safe (nothing finished is ever lost):
   ``<output>`` through a temporary file, fsync and an atomic rename, and the
   partial file is removed. An existing output is replaced only with
   ``overwrite``; a symbolic link, FIFO or device at either path is never
-  written (``-`` means standard output).
+  written (``-`` means standard output), and neither is the input file.
 - Rows without a seed (and no ``--seed``) get a fresh one, recorded in their
   stats; such a row is kept on resume as it is (it could not be reproduced).
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -45,10 +47,14 @@ from personajudge.core.errors import ConfigError, ContextLengthError, PersonaJud
 from personajudge.core.files import (
     JsonlAppendFile,
     OutputError,
+    QuietStream,
     atomic_write,
     check_output_path,
+    check_path,
     check_text,
     fsync_dir,
+    jsonl_lines,
+    note,
     os_error_text,
     read_text,
     silence_stdout,
@@ -62,6 +68,29 @@ HEADER_KEY = "personajudge_batch"
 FORMAT = 1
 
 
+#: The fields of an input line; any other key is refused (a typo such as ``"seeed"`` would otherwise
+#: silently run with the default seed).
+FIELDS = ("prompt", "id", "seed")
+
+
+def _unknown_fields(obj: dict[str, Any], where: str) -> ConfigError:
+    unknown = sorted((k for k in obj if k not in FIELDS), key=str)
+    names = ", ".join(json.dumps(k, ensure_ascii=False)[:60] for k in unknown[:5]) + (
+        " ..." if len(unknown) > 5 else ""
+    )
+    if {"text", "finish_reason"} <= obj.keys():  # a results file given back as input
+        return ConfigError(
+            f'{where}: a result row, not a prompt line (fields {names}); keep only "prompt", "id" and "seed" '
+            "of each line to run them again"
+        )
+    close = difflib.get_close_matches(str(unknown[0]).lower(), FIELDS, n=1, cutoff=0.6)  # "ID" is "id"
+    hint = f'; did you mean "{close[0]}"?' if close else ""
+    plural = "s" if len(unknown) > 1 else ""
+    return ConfigError(
+        f'{where}: unknown field{plural} {names}{hint} (a line has "prompt", and optionally "id" and "seed")'
+    )
+
+
 @dataclass
 class Record:
     id: Any
@@ -72,22 +101,24 @@ class Record:
 
 def read_records(path: str | os.PathLike[str]) -> list[Record]:
     """Parse and validate every line before any model is loaded; errors name ``file:line``."""
-    p = Path(path)
+    p = Path(check_path(path, "input file", ConfigError))  # "" would read the current folder
     text = read_text(p, "input file", ConfigError)
     out: list[Record] = []
     ids: set[str] = set()
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(jsonl_lines(text), 1):
         if not line.strip():
             continue
         where = f"{p}:{lineno}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ConfigError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+            raise ConfigError(f"{where}: not valid JSON ({err.msg}: column {err.colno})") from None
         except (ValueError, RecursionError) as err:  # an integer too long to convert, or nesting too deep
             raise ConfigError(f"{where}: not usable JSON ({str(err)[:120] or 'nested too deeply'})") from None
         if not isinstance(obj, dict):
             raise ConfigError(f'{where}: expected a JSON object with a "prompt" field')
+        if any(k not in FIELDS for k in obj):  # before "missing": {"promt": ...} asks "did you mean"
+            raise _unknown_fields(obj, where)
         if "prompt" not in obj:
             raise ConfigError(f'{where}: missing the "prompt" field')
         prompt = obj["prompt"]
@@ -211,7 +242,8 @@ class JsonlBatch:
     output: str | None = None
     overwrite: bool = False
     force: bool = False
-    progress: bool = True
+    progress: bool = True  # the bar (drawn only on a terminal) and the "resuming" note, on stderr
+    source: str | os.PathLike[str] | None = None  # the input file: never written, replaced or removed
     done: dict[str, dict[str, Any]] = field(default_factory=dict)  # str(id) -> row, kept or new
     written: int = 0  # rows written by this run
 
@@ -230,6 +262,8 @@ class JsonlBatch:
             for r, s in zip(self.records, self.seeds)
         ]
         output = None if self.output == "-" else self.output
+        if output is not None:  # before pathlib: Path("") is ".", and "." has no name to add ".partial" to
+            output = check_path(output, "output file", OutputError)
         self.to_stdout = output is None
         self.target = None if output is None else Path(output)
         self.partial = None if self.target is None else self.target.with_name(self.target.name + ".partial")
@@ -243,6 +277,7 @@ class JsonlBatch:
             if sys.stdout is None or sys.stdout.closed:  # `>&-`: refused before any model loads
                 raise OutputError("standard output is closed; give --output FILE for the results")
             return self
+        self._check_not_the_input()
         check_output_path(self.target)
         if self.target.exists() and not self.overwrite:
             raise OutputError(
@@ -257,6 +292,26 @@ class JsonlBatch:
             self._file.close()
             raise
         return self
+
+    def _check_not_the_input(self) -> None:
+        """Refuse an output (or its partial file) that is the input file, before anything is written.
+
+        ``--overwrite`` would replace the prompts with the results, and ``--force`` would rewrite (then
+        delete) an input named ``<output>.partial``. The same file by any name: a link or ``./`` path
+        is caught by ``samefile``, a path not there yet cannot be the input.
+        """
+        if self.source is None or self.target is None or self.partial is None:
+            return
+        for path, what in ((self.target, "the output file"), (self.partial, "the partial results file of --output")):
+            try:
+                same = os.path.samefile(self.source, path)
+            except (OSError, ValueError):  # one of them missing (or unreadable): not the same file
+                same = False
+            if same:
+                raise OutputError(
+                    f"the input file {self.source} is {what} {self.target}; the results would replace "
+                    "the prompts: choose another --output"
+                )
 
     def _resume(self, objs: list[Any]) -> None:
         header = objs[0] if objs and isinstance(objs[0], dict) and HEADER_KEY in objs[0] else None
@@ -301,17 +356,13 @@ class JsonlBatch:
                     f.write(json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n")
             self._file = JsonlAppendFile(self.partial, "partial results file")
             self._file.open()
-            print(
+            note(
                 f"personajudge: --force: kept {len(keep)} matching row(s) of {self.partial}, "
-                f"dropped {len(rows) - len(keep) + bad}",
-                file=sys.stderr,
+                f"dropped {len(rows) - len(keep) + bad}"
             )
         self.done = keep
         if keep and self.progress:
-            print(
-                f"personajudge: resuming: {len(keep)} of {len(self.records)} row(s) already in {self.partial}",
-                file=sys.stderr,
-            )
+            note(f"personajudge: resuming: {len(keep)} of {len(self.records)} row(s) already in {self.partial}")
 
     def _header(self) -> dict[str, Any]:
         return {HEADER_KEY: FORMAT, "settings_hash": self.settings_hash, "settings": self.settings}
@@ -395,13 +446,15 @@ class JsonlBatch:
         total = len(self.records)
         from tqdm import tqdm
 
+        # Drawn only on a terminal (tqdm's disable=None): in a log file its carriage-return redraws are
+        # noise. Through QuietStream: a closed, full or broken stderr never aborts the rows.
         bar = tqdm(
             total=total,
             initial=len(self.done),
             unit="row",
             desc="generate",
-            file=sys.stderr,
-            disable=not self.progress,
+            file=QuietStream(sys.stderr),
+            disable=None if self.progress else True,
             dynamic_ncols=True,
             smoothing=0.1,
         )
@@ -439,7 +492,7 @@ class JsonlBatch:
 
     def _say_kept(self) -> None:
         if msg := self._kept_message():
-            print(f"personajudge: {msg}", file=sys.stderr)
+            note(f"personajudge: {msg}")
 
     def finish(self) -> None:
         """All rows done: write them in input order to the output (atomically), remove the partial file."""
@@ -477,8 +530,11 @@ def run_jsonl(
     overwrite: bool = False,
     force: bool = False,
     progress: bool = True,
+    source: str | os.PathLike[str] | None = None,
 ) -> int:
     """Generate for ``records`` with a loaded ``pj`` in this process (resuming ``output``'s partial file).
+
+    ``source``: the file the records were read from, refused as ``output`` (or as its partial file).
 
     Returns how many rows this call wrote. For Ray replicas see :class:`JsonlBatch` and
     :func:`personajudge.distributed.ray_executor`.
@@ -492,6 +548,7 @@ def run_jsonl(
         overwrite=overwrite,
         force=force,
         progress=progress,
+        source=source,
     )
     with job:
         return job.run(local_executor(pj, preferences))

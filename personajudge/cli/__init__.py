@@ -3,7 +3,9 @@
 User mistakes (a :class:`PersonaJudgeError` or a bad flag) and a standard
 output that cannot be written (closed, full disk) print one line to stderr and
 exit with status 2; warnings print one line each; anything else is a bug and
-keeps its traceback.
+keeps its traceback. Standard error only ever carries such lines (and the
+progress bar): when it is closed, full or broken they are dropped, and the run
+goes on (:class:`~personajudge.core.files.QuietStream`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Sequence
 
 from personajudge import __version__
 from personajudge.core.errors import PersonaJudgeError
-from personajudge.core.files import OutputError, os_error_text, silence_stdout
+from personajudge.core.files import OutputError, QuietStream, note, os_error_text, reopen_closed_stderr, silence_stdout
 
 from . import bench, eval, generate, info, serve
 from .options import EXIT_USAGE, _Parser
@@ -34,7 +36,7 @@ def build_parser() -> _Parser:
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"personajudge: warning: {message}", file=sys.stderr if file is None else file)
+    note(f"personajudge: warning: {message}")  # never on standard output, even with stderr closed
 
 
 class ClosedStdout:
@@ -62,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     previous = warnings.showwarning
     warnings.showwarning = _one_line_warning
+    previous_stderr = sys.stderr
+    if sys.stderr is None:  # `2>&-`
+        reopen_closed_stderr()
+    sys.stderr = QuietStream(sys.stderr)  # type: ignore[assignment]
     if sys.stdout is None and getattr(args, "uses_stdout", True):  # `serve` logs to stderr only
         sys.stdout = ClosedStdout()
     try:
@@ -93,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         warnings.showwarning = previous
+        sys.stderr = previous_stderr
         if isinstance(sys.stdout, ClosedStdout):
             sys.stdout = None
 

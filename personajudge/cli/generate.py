@@ -9,12 +9,14 @@ import warnings
 
 from personajudge.api import PersonaJudge
 from personajudge.batch import JsonlBatch, local_executor, read_records
-from personajudge.core.errors import ConfigError, PersonaJudgeError
+from personajudge.core.errors import ConfigError, PersonaJudgeError, PersonaJudgeWarning
 from personajudge.core.files import OutputError, check_text, read_stream
 from personajudge.distributed import ReplicaPool
 
-from .options import add_run_options, config_from_args
+from .options import add_run_options, config_from_args, file_path_arg
 from .ray_options import add_ray_options, ray_options_from_args
+
+DEFAULT_BATCH_SIZE = 8
 
 
 def _stats_line(res) -> str:
@@ -34,8 +36,19 @@ def _generate_jsonl(args: argparse.Namespace) -> int:
     """
     if args.prompt is not None:
         raise PersonaJudgeError("give either a prompt or --input FILE.jsonl, not both")
-    if args.batch_size < 1:
+    batch_size = DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
+    if batch_size < 1:
         raise PersonaJudgeError("--batch-size must be at least 1")
+    if args.show_prompt:
+        warnings.warn(
+            "--show-prompt does nothing with --input (it shows one prompt's views); run one prompt to see them",
+            PersonaJudgeWarning,
+            stacklevel=2,
+        )
+    if args.json:
+        warnings.warn(
+            "--json does nothing with --input: every result is a JSON line already", PersonaJudgeWarning, stacklevel=2
+        )
     ray_opts = ray_options_from_args(args)
     records = read_records(args.input)  # validated before the model loads
     cfg, prefs = config_from_args(args)
@@ -43,11 +56,12 @@ def _generate_jsonl(args: argparse.Namespace) -> int:
         records,
         cfg,
         prefs,
-        batch_size=args.batch_size,
+        batch_size=batch_size,
         output=args.output,
         overwrite=args.overwrite,
         force=args.force,
         progress=not args.quiet,
+        source=args.input,
     )
     with job:  # output paths and the partial file are checked before any model loads
         if ray_opts is None:
@@ -66,6 +80,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _generate_jsonl(args)
     if args.output is not None:
         raise PersonaJudgeError("--output needs --input FILE.jsonl (a single result goes to stdout; see --json)")
+    # refused, as --output is: each is about a batch, and one prompt would silently ignore it
+    for flag, given, why in (
+        ("--batch-size", args.batch_size is not None, "one prompt is decoded alone"),
+        ("--overwrite", args.overwrite, "a single result goes to stdout"),
+        ("--force", args.force, "it resumes a batch's partial file"),
+    ):
+        if given:
+            raise PersonaJudgeError(f"{flag} needs --input FILE.jsonl ({why})")
     if args.ray is not None:
         raise PersonaJudgeError("--ray needs --input FILE.jsonl (one prompt runs in this process)")
     if args.prompt is None:
@@ -107,7 +129,7 @@ def _show_prompts(pj: PersonaJudge, prompt: str, prefs) -> None:
     with warnings.catch_warnings():  # generate() says the same right after
         warnings.simplefilter("ignore")
         cfg, meth, views = pj._prepare(prefs, None, None, {})
-    settings = pj.settings(cfg, views)
+    settings = pj.settings(cfg, views, meth)
     rendered = pj.render_views(prompt, cfg, meth, views)
     planned = meth.plan(views)
     print(f"# method {cfg.method}, encoder {settings['encoder']}, {len(rendered)} view(s)", file=sys.stderr)
@@ -121,7 +143,13 @@ def register(sub) -> None:
     g.add_argument("prompt", nargs="?", help="the prompt ('-' reads it from stdin); omit it with --input")
     add_run_options(g)
     g.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and stats")
-    g.add_argument("-q", "--quiet", action="store_true", help="no stats line on stderr")
+    g.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="nothing on stderr but warnings and errors: no stats line (one prompt), no progress bar and no "
+        "'resuming' note (--input)",
+    )
     g.add_argument(
         "--show-prompt",
         action="store_true",
@@ -132,11 +160,21 @@ def register(sub) -> None:
     b.add_argument(
         "--input",
         metavar="FILE.jsonl",
+        type=file_path_arg,
         help='one JSON object per line: {"prompt": str or chat messages, "id"?, "seed"?}',
     )
-    b.add_argument("--output", metavar="FILE.jsonl", help="results, one JSON line per prompt (default: stdout)")
     b.add_argument(
-        "--batch-size", type=int, default=8, dest="batch_size", help="prompts decoded together as one batch (default 8)"
+        "--output",
+        metavar="FILE.jsonl",
+        type=file_path_arg,
+        help="results, one JSON line per prompt (default: stdout); never the input file",
+    )
+    b.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        dest="batch_size",
+        help=f"prompts decoded together as one batch (default {DEFAULT_BATCH_SIZE})",
     )
     b.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     b.add_argument(

@@ -11,6 +11,7 @@ from pydantic import Field
 
 from personajudge.core.config import RunConfig, build_config, load_config_file
 from personajudge.core.errors import ConfigError, PersonaJudgeError
+from personajudge.core.files import path_problem
 from personajudge.plugins import preference_library
 from personajudge.preferences import Preference, build_views, load_file
 
@@ -33,6 +34,24 @@ def _positive_int(name: str):
     return parse
 
 
+def file_path_arg(value: str) -> str:
+    """argparse ``type=`` of every flag that names a file: ``''``, ``.``, ``/`` or ``sub/`` is one line
+    naming the flag and exit 2 (:func:`~personajudge.core.files.path_problem`), not a traceback, a
+    silently ignored flag or a file written into the current folder."""
+    problem = path_problem(value, "file")
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+def dir_path_arg(value: str) -> str:
+    """argparse ``type=`` of a flag that names a folder (it may end with a slash; empty is refused)."""
+    problem = path_problem(value, "dir")
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
 def add_run_options(p: argparse.ArgumentParser, *, seed_help: str | None = None) -> None:
     """Flags shared by generate / bench / eval: backend, preferences, decoding.
 
@@ -40,7 +59,7 @@ def add_run_options(p: argparse.ArgumentParser, *, seed_help: str | None = None)
     seed (eval and bench start at 0), so each command's help says what it does.
     """
     g = p.add_argument_group("model")
-    g.add_argument("--config", metavar="FILE", help="TOML config file; flags override it")
+    g.add_argument("--config", metavar="FILE", type=file_path_arg, help="TOML config file; flags override it")
     g.add_argument("--backend", help="backend name (see `personajudge plugins`); default llama-cpp")
     g.add_argument("--model", help="model path or hub id; default: the backend's default model")
     g.add_argument("--device", help="cpu, cuda, cuda:N (hf backend)")
@@ -74,6 +93,7 @@ def add_run_options(p: argparse.ArgumentParser, *, seed_help: str | None = None)
     g.add_argument(
         "--preferences-file",
         metavar="FILE",
+        type=file_path_arg,
         help="TOML/JSON/YAML list of preferences (one view each; the names it defines or adjusts work in --view)",
     )
     g.add_argument(
@@ -134,6 +154,12 @@ class FileDefinedConfig(RunConfig):
 def config_from_args(args: argparse.Namespace):
     """File config (if any) overridden by the flags that were given.
 
+    The preferences and views are one setting: the command line's replace the file's. ``--view``
+    replaces the file's ``views`` and ``preferences`` alike (a ``--preferences-file`` then only
+    defines names); ``--prefer`` or ``--preferences-file`` without ``--view`` (one view per
+    preference) replaces the file's ``views`` too. So the warning about preferences next to views
+    is only about what the user gave together, on one command line or in one file.
+
     The preferences and views are resolved here, before any model loads: a typo in ``--prefer``
     or ``--view`` is one line and exit 2 without waiting for the weights (or before a missing model
     file is reported).
@@ -153,10 +179,14 @@ def config_from_args(args: argparse.Namespace):
         opts.update(_parse_option(o, "--method-option") for o in args.method_option)
         data["method_options"] = opts
     prefs = None
-    if getattr(args, "preferences_file", None):
+    if getattr(args, "preferences_file", None) is not None:
         prefs = load_file(args.preferences_file, preference_library())
     if args.prefer is not None:
         prefs = (prefs or []) + list(args.prefer)
+    if args.view:
+        data.pop("preferences", None)
+    elif prefs is not None:
+        data.pop("views", None)
     cfg = build_config(
         data,
         **{

@@ -5,6 +5,7 @@ that the kill lands while the run is in progress, at two different points.
 """
 
 import errno
+import io
 import json
 import os
 import resource
@@ -177,14 +178,32 @@ def test_changed_settings_refuse_to_resume_without_force(tmp_path, capsys):
         assert {**final[rid], "fp": r["fp"]} == r
 
 
-def test_progress_bar_and_quiet(tmp_path, capsys):
+class _Terminal(io.StringIO):
+    """A standard error that says it is a terminal."""
+
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_on_a_terminal_and_quiet(tmp_path, monkeypatch):
+    inp = tmp_path / "in.jsonl"
+    write_input(inp, 4)
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    assert main(argv_for(inp, tmp_path / "a.jsonl")) == 0
+    err = sys.stderr.getvalue()
+    assert "4/4" in err and "row/s" in err and "tok/s" in err
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    assert main(argv_for(inp, tmp_path / "b.jsonl", "-q")) == 0
+    assert sys.stderr.getvalue() == ""
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    """A log file (``2> log``) gets no carriage-return redraws: tqdm draws only on a terminal."""
     inp = tmp_path / "in.jsonl"
     write_input(inp, 4)
     assert main(argv_for(inp, tmp_path / "a.jsonl")) == 0
     err = capsys.readouterr().err
-    assert "4/4" in err and "row/s" in err and "tok/s" in err
-    assert main(argv_for(inp, tmp_path / "b.jsonl", "-q")) == 0
-    assert capsys.readouterr().err == ""
+    assert "\r" not in err and "row/s" not in err and err == ""
 
 
 # -- safe outputs ----------------------------------------------------------------------------------

@@ -45,15 +45,17 @@ def test_views_use_the_names_a_preferences_file_defines_and_adjusts(prefs_file, 
     assert "ignored" not in err
 
 
-def test_config_views_use_the_file_names_too(prefs_file, tmp_path, capsys):
+def test_a_preferences_file_replaces_a_config_files_views(prefs_file, tmp_path, capsys):
+    """Flags override the config file: the file's preferences run, one view each; to group them, --view."""
     cfg = tmp_path / "c.toml"
-    cfg.write_text('views = [["pirate"], ["concise", "humor"]]\n')
+    cfg.write_text('views = [["expert"], ["concise", "humor"]]\n')
     rc = main(
         ["generate", "hi", "--backend", "toy", "--config", str(cfg), "--preferences-file", prefs_file]
         + ["--max-new-tokens", "2", "--json"]
     )
     out, err = _json_out(capsys)
-    assert rc == 0, err and out["settings"]["views"] == [["pirate"], ["concise", "humor"]]
+    assert rc == 0, err
+    assert out["settings"]["views"] == [["pirate"], ["concise"]] and "ignored" not in err
 
 
 def test_a_view_name_no_file_defines_is_still_an_error(prefs_file, capsys):

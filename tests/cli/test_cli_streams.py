@@ -100,7 +100,6 @@ def test_full_stdout_listing(command):
 @pytest.mark.parametrize(
     "flags, needle",
     [
-        (["--config", ""], "config file not found"),
         (["--model", ""], "backend.model: must not be empty"),
         (["--model", "  "], "backend.model: must not be empty"),
         (["--temperature", "nan"], "decoding.temperature: Input should be a finite number"),
