@@ -31,6 +31,7 @@ Resumable and safe (nothing finished is ever lost):
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
@@ -268,6 +269,7 @@ class JsonlBatch:
         self.target = None if output is None else Path(output)
         self.partial = None if self.target is None else self.target.with_name(self.target.name + ".partial")
         self._file: JsonlAppendFile | None = None
+        self._created = False  # open() made the partial file (removed again if the run fails before a row)
         self._pending_out: dict[int, dict[str, Any]] = {}  # stdout: rows waiting for earlier ones
         self._next_out = 0
 
@@ -284,6 +286,7 @@ class JsonlBatch:
                 f"output file {self.target} already exists; pass --overwrite to replace it, or choose another path"
             )
         check_output_path(self.partial, "partial results file")
+        self._created = not self.partial.exists()
         self._file = JsonlAppendFile(self.partial, "partial results file")
         try:
             objs = self._file.open()
@@ -333,7 +336,10 @@ class JsonlBatch:
             else:
                 stale += 1
         same_settings = header is not None and header.get("settings_hash") == self.settings_hash
-        if (not same_settings or stale or bad) and not self.force:
+        # a settings line and nothing else: a run that failed before its first row (a missing model, a
+        # prompt too long for the context). Nothing to lose, so rerunning with the fix needs no --force.
+        empty = header is not None and len(objs) == 1
+        if (not same_settings or stale or bad) and not self.force and not empty:
             if header is None:
                 why = "it has no settings line (not written by this version of personajudge)"
             elif not same_settings:
@@ -356,10 +362,11 @@ class JsonlBatch:
                     f.write(json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n")
             self._file = JsonlAppendFile(self.partial, "partial results file")
             self._file.open()
-            note(
-                f"personajudge: --force: kept {len(keep)} matching row(s) of {self.partial}, "
-                f"dropped {len(rows) - len(keep) + bad}"
-            )
+            if not empty:
+                note(
+                    f"personajudge: --force: kept {len(keep)} matching row(s) of {self.partial}, "
+                    f"dropped {len(rows) - len(keep) + bad}"
+                )
         self.done = keep
         if keep and self.progress:
             note(f"personajudge: resuming: {len(keep)} of {len(self.records)} row(s) already in {self.partial}")
@@ -375,8 +382,13 @@ class JsonlBatch:
     def __enter__(self) -> JsonlBatch:
         return self.open()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self.close()
+        # a partial file this run made and the run failed before any row: it holds only the settings
+        # line, and left behind it would look like a run to resume
+        if exc_type is not None and self._created and not self.written and self.partial is not None:
+            with contextlib.suppress(OSError):
+                self.partial.unlink()
 
     # -- work ------------------------------------------------------------------------------------
     def chunks(self) -> list[Chunk]:

@@ -14,9 +14,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from personajudge.core.config import validation_message
+from personajudge.core.config import RunConfig, validation_message
+from personajudge.core.errors import PersonaJudgeError
 from personajudge.evaluation.dimensions import parse_dimension
 from personajudge.evaluation.errors import EvalError
 from personajudge.evaluation.report import write_report
@@ -26,14 +27,15 @@ from personajudge.evaluation.spec import (
     DEFAULT_PAIRS,
     DEFAULT_SCORERS,
     EvalSpec,
-    Experiment,
     ScorerSpec,
-    objective_experiments,
-    pair_experiment,
-    views_experiment,
+    build_experiments,
+    command_from_spec,
+    comparable,
+    diff,
+    resume_command,
 )
 
-from .options import add_run_options, config_from_args
+from .options import add_run_options, config_from_args, dir_path_arg, file_path_arg
 from .ray_options import add_ray_options, ray_options_from_args
 
 DEFAULT_RUN_DIR = "runs/eval"
@@ -88,29 +90,24 @@ def spec_from_args(args: argparse.Namespace):
     run, _ = config_from_args(
         argparse.Namespace(**{**vars(args), "prefer": None, "preferences_file": None, "view": None, "seed": None})
     )
-    run = run.model_copy(update={"views": None, "preferences": []})
-    experiments = []
-    for pair in args.pair or []:
-        experiments.append(pair_experiment(pair))
-    if args.prefer:
-        experiments.append(views_experiment([[p] for p in args.prefer]))
-    if args.view:
-        experiments.append(views_experiment([[s.strip() for s in v.split(",") if s.strip()] for v in args.view]))
-    for objs in args.objectives or []:
-        experiments.extend(objective_experiments(objs))
-    if not experiments:
-        experiments = [pair_experiment(p) for p in DEFAULT_PAIRS]
-    unique: dict[str, Experiment] = {}
-    for e in experiments:  # the same views twice (a pair that is also an objectives step): keep one
-        if e.name in unique:
-            if e.objectives and not unique[e.name].objectives:
-                unique[e.name] = e
-        else:
-            unique[e.name] = e
+    # a --config file's method, views and seed decide nothing here (spec.methods, experiments, seeds
+    # do): left at their defaults, so the reproduce command, which has no flags for them, gives this spec
+    seed_of_config = run.decoding.seed
+    run = run.model_copy(
+        update={
+            "views": None,
+            "preferences": [],
+            "method": RunConfig.model_fields["method"].default,
+            "decoding": run.decoding.model_copy(update={"seed": None}),
+        }
+    )
+    experiments = build_experiments(
+        pairs=args.pair or [], prefer=args.prefer, view=args.view, objectives=args.objectives or []
+    )
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     baseline = None if args.baseline.strip().lower() in ("", "none") else args.baseline.strip()
     # --seed, else the config file's decoding.seed, else 0: an evaluation is always reproducible
-    seed = args.seed if args.seed is not None else (run.decoding.seed if run.decoding.seed is not None else 0)
+    seed = args.seed if args.seed is not None else (seed_of_config if seed_of_config is not None else 0)
     if args.samples < 1:
         raise EvalError("--samples must be at least 1")
     if args.batch_size < 1:
@@ -121,7 +118,7 @@ def spec_from_args(args: argparse.Namespace):
             limit=args.limit,
             methods=methods,
             baseline=baseline,
-            experiments=list(unique.values()),
+            experiments=experiments,
             lambdas=_int_list("--lambdas", args.lambdas) if args.lambdas else [],
             seeds=[seed + i for i in range(args.samples)],
             scorers=parse_scorers(args.scorers, args.scorer_option),
@@ -131,6 +128,29 @@ def spec_from_args(args: argparse.Namespace):
         )
     except ValueError as err:  # pydantic
         raise EvalError(f"invalid evaluation: {validation_message(err)}") from None
+
+
+class _CheckParser(argparse.ArgumentParser):
+    """A parser that says nothing: a flag it refuses is an :class:`EvalError` (see :func:`reproduce_command`)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise EvalError(message)
+
+
+def reproduce_command(spec: EvalSpec, run_dir: str) -> list[str]:
+    """The command that the report shows as reproducing the run: :func:`command_from_spec`, parsed
+    back here and kept only when it gives this very spec; else ``--resume`` on the run directory,
+    which always does (a hand-written ``--config`` file can hold settings no flag gives)."""
+    cmd = command_from_spec(spec, run_dir)
+    if "--resume" in cmd:
+        return cmd
+    parser = _CheckParser(prog="personajudge")
+    register(parser.add_subparsers(dest="command", parser_class=_CheckParser))
+    try:
+        again = spec_from_args(parser.parse_args(cmd[1:]))
+    except PersonaJudgeError:
+        return resume_command(run_dir)
+    return cmd if not diff(comparable(again.dump()), comparable(spec.dump())) else resume_command(run_dir)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -143,7 +163,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ray_opts = ray_options_from_args(args)
     try:
         res = run_eval(
-            spec, args.run_dir, force=args.force, progress=not args.no_progress, report=not args.no_report, ray=ray_opts
+            spec,
+            args.run_dir,
+            force=args.force,
+            progress=not args.no_progress,
+            report=not args.no_report,
+            ray=ray_opts,
+            argv=reproduce_command(spec, args.run_dir),
         )
     except KeyboardInterrupt:
         print(
@@ -188,6 +214,7 @@ def register(sub: Any) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument(
         "--dataset",
+        type=file_path_arg,
         metavar="FILE",
         help="JSONL (or JSON list) with a 'prompt' field and optional 'id' (default: the 50 P-Soups prompts)",
     )
@@ -253,7 +280,11 @@ def register(sub: Any) -> None:
         help="prompts per batched generate call (default 1: per-response timings stay exact)",
     )
     g.add_argument(
-        "--run-dir", default=DEFAULT_RUN_DIR, metavar="DIR", help=f"run directory (default {DEFAULT_RUN_DIR})"
+        "--run-dir",
+        default=DEFAULT_RUN_DIR,
+        metavar="DIR",
+        type=dir_path_arg,
+        help=f"run directory (default {DEFAULT_RUN_DIR})",
     )
     g.add_argument(
         "--resume",
@@ -272,7 +303,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("report", help="rebuild an evaluation run's report (Markdown, JSON, PNG) from its JSONL files")
-    r.add_argument("run_dir", metavar="RUN_DIR")
+    r.add_argument("run_dir", metavar="RUN_DIR", type=dir_path_arg)
     r.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     r.add_argument("--json", action="store_true", help="print report.json instead of report.md")
     r.add_argument("-q", "--quiet", action="store_true", help="only write the files")

@@ -14,7 +14,7 @@ reports.
     result = run_eval(spec, "runs/small")
     print(result.report["markdown"])
 
-CLI: ``personajudge eval`` and ``personajudge report`` (see :mod:`.commands`).
+CLI: ``personajudge eval`` and ``personajudge report`` (see :mod:`personajudge.cli.eval`).
 """
 
 from .dataset import PSOUPS, PromptItem, builtin_prompts, load_prompts, read_prompts
@@ -22,7 +22,16 @@ from .dimensions import DEFAULT_DIMENSIONS, DimensionScorer
 from .errors import DatasetError, EvalError, RunLockedError, RunMismatchError, ScorerError
 from .report import build_report, write_report
 from .runner import run_eval
-from .spec import EvalSpec, Experiment, ScorerSpec, objective_experiments, pair_experiment, views_experiment
+from .spec import (
+    EvalSpec,
+    Experiment,
+    ScorerSpec,
+    build_experiments,
+    name_experiments,
+    objective_experiments,
+    pair_experiment,
+    views_experiment,
+)
 
 __all__ = [
     "PSOUPS",
@@ -41,6 +50,8 @@ __all__ = [
     "Experiment",
     "ScorerSpec",
     "objective_experiments",
+    "build_experiments",
+    "name_experiments",
     "pair_experiment",
     "views_experiment",
     "run_eval",

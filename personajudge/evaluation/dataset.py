@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from personajudge.core.files import check_text, read_text
+from personajudge.core.files import check_text, jsonl_lines, read_text
 
 from .errors import DatasetError
 
@@ -82,7 +82,7 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
             ) from None
         return _items(data, str(p))
     records = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(jsonl_lines(text), 1):
         if not line.strip():
             continue
         try:

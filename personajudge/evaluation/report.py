@@ -20,6 +20,10 @@ Questions answered, one table each:
 Intervals: percentile bootstrap (2000 resamples, numpy generator seeded with 0)
 over prompts; with several seeds a prompt's value is first averaged over its
 seeds. Cells with fewer than two prompts have no interval.
+
+Undefined scores (NaN, stored as ``null``: Flesch of an empty response) are left out of means,
+intervals, win rates and differences, and counted under the mean-scores table; a mean over fewer
+prompts than its row's ``n`` shows its own (``[n = 3]``).
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ from typing import Any
 
 import numpy as np
 
+from personajudge.core import files
+
 from .errors import EvalError
 from .scorers import get_scorer_class
-from .spec import EvalSpec, _short, gen_key, variant_label
+from .spec import EvalSpec, gen_key, variant_label
 from .store import GENERATIONS, SCORES, load_rows, read_run_spec, write_json_atomic
 
 BOOTSTRAP = 2000
@@ -45,6 +51,13 @@ PLOTS = {
     "scores": "scores.png",
     "lambda": "lambda_sweep.png",
     "objectives": "objectives_time.png",
+}
+#: the plots' titles in report.json and report.md
+PLOT_TITLES = {
+    "win rates": PLOTS["winrate"],
+    "score distributions": PLOTS["scores"],
+    "lambda sweep": PLOTS["lambda"],
+    "inference time vs objectives": PLOTS["objectives"],
 }
 
 
@@ -132,6 +145,9 @@ class RunData:
         self.pointwise: dict[tuple[str, str], float] = {}
         self.pairwise: dict[tuple[str, str, str], tuple[float, dict]] = {}
         self.kinds: dict[str, str] = {}
+        self.baseline = spec.baseline
+        # a baseline that uses λ has rows with one; compared at the generation's λ, or the sweep's first
+        self._baseline_lam = any(r["method"] == spec.baseline and r["lambda"] is not None for r in self.gens.values())
         for row in raw_scores:
             if not _well_typed(row, _SCORE_TYPES):
                 continue
@@ -145,6 +161,8 @@ class RunData:
             value = row.get("value")
             value = math.nan if value is None else float(value)
             if row.get("kind") == "pairwise":
+                if row.get("baseline") != self.baseline_key(g):
+                    continue  # a verdict against another baseline response (the run's --baseline changed)
                 self.pairwise.setdefault(
                     (row["gen"], alias, row.get("dimension", "")), (value, row.get("details") or {})
                 )
@@ -160,20 +178,25 @@ class RunData:
             for lam in lams or [None]:
                 seen.setdefault(variant_label(m, lam, many), (m, lam))
         self.variants = seen
-        self.baseline = spec.baseline
+
+    def baseline_key(self, g: dict) -> str | None:
+        """The key of the baseline generation that generation row ``g`` is compared with (the
+        runner's :meth:`EvalSpec.baseline_key`, decided from the rows: no method plugin needed)."""
+        if not self.baseline or g["method"] == self.baseline:
+            return None
+        lam = (g["lambda"] if g["lambda"] is not None else self.sweep[0]) if self._baseline_lam else None
+        return gen_key(g["prompt_id"], g["experiment"], self.baseline, lam, g["seed"])
 
     def row(self, pid: str, exp: str, variant: str, seed: int) -> dict | None:
         m, lam = self.variants[variant]
         r = self.gens.get(gen_key(pid, exp, m, lam, seed))
         return None if r is None or "error" in r else r
 
-    def baseline_row(self, pid: str, exp: str, seed: int, lam: int | None) -> dict | None:
-        if not self.baseline:
-            return None
-        for v, (m, vl) in self.variants.items():
-            if m == self.baseline and (vl is None or vl == lam or lam is None):
-                return self.row(pid, exp, v, seed)
-        return None
+    def baseline_row(self, r: dict) -> dict | None:
+        """The baseline response that generation row ``r`` is compared with (None: none usable)."""
+        key = self.baseline_key(r)
+        b = self.gens.get(key) if key is not None else None
+        return None if b is None or "error" in b else b
 
 
 #: the types a row's fields must have to be read (None: the field may be missing or null)
@@ -208,24 +231,21 @@ def _scorer_kind(name: str) -> str:
         return "pointwise"
 
 
-def _dimension_name(pref: str) -> str:
-    return _short(pref)
-
-
 # -- tables --------------------------------------------------------------------------------------
 
 
 def win_rates(data: RunData) -> list[dict[str, Any]]:
     spec = data.spec
     dims = [d for d in data.record.get("dimensions", [])]
+    names = spec.dimension_names
     out = []
     for exp in spec.experiments:
         for pref in exp.preferences:
-            dim = _dimension_name(pref)
+            dim = names[pref]
             measures = [(d["scorer"], d["direction"]) for d in dims if d["dimension"] == dim]
             measures += [(a, "judge") for a in data.pairwise_aliases]
             for alias, direction in measures:
-                for variant, (m, lam) in data.variants.items():
+                for variant, (m, _lam) in data.variants.items():
                     if m == spec.baseline:
                         continue
                     per_prompt, wins, ties, losses = [], 0, 0, 0
@@ -233,7 +253,7 @@ def win_rates(data: RunData) -> list[dict[str, Any]]:
                         outs = []
                         for seed in spec.seeds:
                             r = data.row(pid, exp.name, variant, seed)
-                            b = data.baseline_row(pid, exp.name, seed, lam)
+                            b = data.baseline_row(r) if r is not None else None
                             if r is None or b is None:
                                 continue
                             if direction == "judge":
@@ -315,10 +335,16 @@ def method_stats(data: RunData) -> list[dict[str, Any]]:
                 "scores": {},
                 "cost": {},
             }
+            rows = [r for pid in data.prompt_ids for s in data.spec.seeds if (r := data.row(pid, exp.name, variant, s))]
             for alias in data.pointwise_aliases:
                 entry["scores"][alias] = summarize(
                     _per_prompt(data, exp.name, variant, lambda r, a=alias: data.pointwise.get((r["key"], a)))
                 )
+                values = [v for r in rows if (v := data.pointwise.get((r["key"], alias))) is not None]
+                # responses scored, and of those the ones whose score is undefined (NaN: Flesch of an
+                # empty response): left out of means and win rates, and counted in the report
+                entry["scores"][alias]["scored"] = len(values)
+                entry["scores"][alias]["undefined"] = sum(math.isnan(v) for v in values)
             for name, fn in COST_FIELDS.items():
                 entry["cost"][name] = summarize(_per_prompt(data, exp.name, variant, fn))
             entry["n_prompts"] = max([entry["cost"]["tokens"]["n"]] + [0])
@@ -428,13 +454,41 @@ def _num(x: float | None, digits: int | None = None) -> str:
     return f"{x:.{digits}f}"
 
 
+def _interval(lo: str, hi: str) -> str:
+    """``0.10–0.60``, but ``-3.40 to -1.20``: an en dash beside a minus sign is hard to read."""
+    return f"{lo} to {hi}" if lo.startswith("-") or hi.startswith("-") else f"{lo}–{hi}"
+
+
 def _with_ci(s: dict[str, Any], digits: int | None = None) -> str:
     if s.get("mean") is None:
         return "–"
     out = _num(s["mean"], digits)
     if s.get("ci"):
-        out += f" ({_num(s['ci'][0], digits)}–{_num(s['ci'][1], digits)})"
+        out += f" ({_interval(_num(s['ci'][0], digits), _num(s['ci'][1], digits))})"
     return out
+
+
+def _score_cell(s: dict[str, Any], n_row: int, *, ci: bool = True) -> str:
+    """A mean score, with its own number of prompts where that is not the row's ``n`` (prompts
+    whose every score is undefined are not in it)."""
+    out = _with_ci(s) if ci else _num(s.get("mean"))
+    if s.get("mean") is not None and s.get("n") != n_row:
+        out += f" [n = {s.get('n')}]"
+    return out
+
+
+def _undefined_note(report: dict[str, Any], aliases: list[str]) -> list[str]:
+    """A line per scorer with undefined (NaN) scores: how many, of how many scored responses."""
+    lines = []
+    for a in aliases:
+        undefined = sum(m["scores"][a].get("undefined", 0) for m in report["methods"] if a in m["scores"])
+        scored = sum(m["scores"][a].get("scored", 0) for m in report["methods"] if a in m["scores"])
+        if undefined:
+            lines.append(
+                f"`{a}`: {undefined} of {scored} scored responses have no defined score (NaN, e.g. an empty "
+                "response); they are left out of its means, intervals, win rates and differences."
+            )
+    return [" ".join(lines), ""] if lines else []
 
 
 def _pct(s: dict[str, Any]) -> str:
@@ -449,8 +503,9 @@ def _pct(s: dict[str, Any]) -> str:
     return out
 
 
-def _diff(x: dict[str, Any] | None) -> str:
-    """A paired difference with its interval, signed, bold when the interval excludes 0."""
+def _diff(x: dict[str, Any] | None, n_row: int | None = None) -> str:
+    """A paired difference with its interval, signed, bold when the interval excludes 0; with its
+    own number of prompts where that is not the row's ``n``."""
     if x is None or x.get("mean") is None:
         return "–"
     m = x["mean"]
@@ -461,6 +516,8 @@ def _diff(x: dict[str, Any] | None) -> str:
         out += f" ({lo:+.{digits}f} to {hi:+.{digits}f})"
         if (lo > 0 or hi < 0) and x.get("n_prompts", 0) >= MIN_N_BOLD:
             out = f"**{out}**"
+    if n_row is not None and x.get("n_prompts") != n_row:
+        out += f" [n = {x.get('n_prompts')}]"
     return out
 
 
@@ -576,10 +633,15 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
         header = ["experiment", "method", "n"] + [f"`{a}`" for a in aliases]
         rows = [
             [f"`{m['experiment']}`", f"`{m['method']}`", str(m["n_prompts"])]
-            + [_with_ci(m["scores"][a]) for a in aliases]
+            + [_score_cell(m["scores"][a], m["n_prompts"]) for a in aliases]
             for m in ms
         ]
         lines += [_table(header, rows), ""]
+        if any(
+            m["scores"][a]["mean"] is not None and m["scores"][a]["n"] != m["n_prompts"] for m in ms for a in aliases
+        ):
+            lines += ["n: prompts with a response; [n = …]: prompts with a defined score, where fewer.", ""]
+        lines += _undefined_note(report, aliases)
 
     # 3. cost
     if ms:
@@ -627,7 +689,7 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
                 _num(m["cost"]["tokens_per_s"]["mean"], 1),
                 _num(m["cost"]["seconds"]["mean"], 3),
             ]
-            + [_num(m["scores"][a]["mean"]) for a in aliases]
+            + [_score_cell(m["scores"][a], m["n_prompts"], ci=False) for a in aliases]
             for m in sweep
         ]  # experiment, method, then λ: the spec's order
         lines += [_table(header, rows), ""]
@@ -673,9 +735,9 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
         ]
         by_d = {(x["experiment"], x["method"], x["scorer"]): x for x in rows_d}
         keys = list(dict.fromkeys((x["experiment"], x["method"]) for x in rows_d))
+        n_of = {k: max(by_d[k + (c,)]["n_prompts"] for c in cols_d if k + (c,) in by_d) for k in keys}
         rows = [
-            [f"`{e}`", f"`{m}`", str(max(by_d[(e, m, c)]["n_prompts"] for c in cols_d if (e, m, c) in by_d))]
-            + [_diff(by_d.get((e, m, c))) for c in cols_d]
+            [f"`{e}`", f"`{m}`", str(n_of[(e, m)])] + [_diff(by_d.get((e, m, c)), n_of[(e, m)]) for c in cols_d]
             for e, m in keys
         ]
         lines += [_table(["experiment", "method", "n"] + [f"`{c}`" for c in cols_d], rows), ""]
@@ -706,6 +768,14 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
         lines += ["## Plots", ""]
         for name, file in plots.items():
             lines += [f"![{name}]({file})", ""]
+    elif report.get("plots_kept"):
+        lines += [
+            "## Plots",
+            "",
+            "Not redrawn for this report (`--no-plots`); the plots of an earlier report are left as they were "
+            "and may show older numbers: " + ", ".join(f"`{f}`" for f in report["plots_kept"].values()) + ".",
+            "",
+        ]
     lines += ["Rebuild this report with `personajudge report " + report["run_dir"] + "`.", ""]
     return "\n".join(lines)
 
@@ -719,7 +789,7 @@ def write_plots(report: dict[str, Any], data: RunData, out_dir: Path) -> dict[st
         from matplotlib.figure import Figure
     except ImportError:
         return {}
-    files: dict[str, str] = {}
+    drawn: dict[str, str] = {}
     ms = report["methods"]
 
     wr = [w for w in report["win_rates"] if w["win_rate"] is not None]
@@ -759,8 +829,8 @@ def write_plots(report: dict[str, Any], data: RunData, out_dir: Path) -> dict[st
         ax.set_title(f"Win rate per preference dimension (95% CI; n = {', '.join(map(str, ns))} prompts)", fontsize=10)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out_dir / PLOTS["winrate"], dpi=110)
-        files["win rates"] = PLOTS["winrate"]
+        _save(fig, out_dir / PLOTS["winrate"])
+        drawn["win rates"] = PLOTS["winrate"]
 
     aliases = [a for a in data.pointwise_aliases if any(m["scores"].get(a, {}).get("n") for m in ms)]
     if aliases:
@@ -784,8 +854,8 @@ def write_plots(report: dict[str, Any], data: RunData, out_dir: Path) -> dict[st
             name = report["scorers"][a]
             ax.set_title(a if a == name else f"{a} ({name})", fontsize=10)
         fig.tight_layout()
-        fig.savefig(out_dir / PLOTS["scores"], dpi=110)
-        files["score distributions"] = PLOTS["scores"]
+        _save(fig, out_dir / PLOTS["scores"])
+        drawn["score distributions"] = PLOTS["scores"]
 
     sweep = [m for m in ms if m["lambda"] is not None]
     if report["lambda_sweep"] and sweep:
@@ -809,8 +879,8 @@ def write_plots(report: dict[str, Any], data: RunData, out_dir: Path) -> dict[st
         ax1.legend(fontsize=7)
         fig.suptitle("Lambda sweep")
         fig.tight_layout()
-        fig.savefig(out_dir / PLOTS["lambda"], dpi=110)
-        files["lambda sweep"] = PLOTS["lambda"]
+        _save(fig, out_dir / PLOTS["lambda"])
+        drawn["lambda sweep"] = PLOTS["lambda"]
 
     obj = [m for m in ms if m["objectives"]]
     if report["objectives"] and obj:
@@ -834,9 +904,9 @@ def write_plots(report: dict[str, Any], data: RunData, out_dir: Path) -> dict[st
         ax.set_title("Inference time vs. number of objectives")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out_dir / PLOTS["objectives"], dpi=110)
-        files["inference time vs objectives"] = PLOTS["objectives"]
-    return files
+        _save(fig, out_dir / PLOTS["objectives"])
+        drawn["inference time vs objectives"] = PLOTS["objectives"]
+    return drawn
 
 
 def _jsonable(x: Any) -> Any:
@@ -850,34 +920,56 @@ def _jsonable(x: Any) -> Any:
 
 
 def _plots_written_before(run_dir: Path) -> set[str]:
-    """The plot files the previous ``report.json`` of this run lists: the only files a new report may
-    remove (a file the user put there under the same name is not ours to delete)."""
+    """The plot files the previous ``report.json`` of this run lists (drawn, or kept from an earlier
+    report): the only files a new report may remove (a file the user put there under the same name
+    is not ours to delete)."""
     try:
         old = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return set()
-    listed = old.get("plots") if isinstance(old, dict) else None
-    if not isinstance(listed, dict):
-        return set()
-    return {f for f in listed.values() if isinstance(f, str) and f in PLOTS.values()}
+    out: set[str] = set()
+    for field in ("plots", "plots_kept"):
+        listed = old.get(field) if isinstance(old, dict) else None
+        if isinstance(listed, dict):
+            out |= {f for f in listed.values() if isinstance(f, str) and f in PLOTS.values()}
+    return out
+
+
+def _save(fig: Any, path: Path) -> None:
+    """``fig.savefig`` to ``path`` atomically; an unwritable run directory is an :class:`EvalError`."""
+    with files.atomic_write(path, "wb", what="report file", error=EvalError) as f:
+        fig.savefig(f, format="png", dpi=110)
 
 
 def write_report(run_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
-    """Write ``report.md``, ``report.json`` and the PNG plots into ``run_dir``; returns their paths."""
+    """Write ``report.md``, ``report.json`` and the PNG plots into ``run_dir``; returns their paths.
+
+    ``plots=False`` draws no plot and leaves the PNG files of an earlier report as they are (they
+    may show older numbers, so ``report.md`` does not show them; ``report.json`` lists them under
+    ``plots_kept``, ``plots`` being what this report drew). A report with plots removes the plots of
+    earlier reports that no longer apply. A run directory that cannot be written is an :class:`EvalError`.
+    """
     run_dir = Path(run_dir)
     data = RunData(run_dir)  # a directory that is not a readable run is refused before anything is touched
     report = build_report(run_dir, data)
-    files = write_plots(report, data, run_dir) if plots else {}
-    report["plots"] = files
-    for stale in _plots_written_before(run_dir) - set(files.values()):
-        (run_dir / stale).unlink(missing_ok=True)  # a plot of ours that no longer applies must not linger
+    before = _plots_written_before(run_dir)
+    drawn = write_plots(report, data, run_dir) if plots else {}
+    report["plots"] = drawn
+    if plots:
+        for stale in before - set(drawn.values()):
+            try:  # a plot of ours that no longer applies must not linger
+                (run_dir / stale).unlink(missing_ok=True)
+            except OSError as err:
+                raise EvalError(f"cannot remove the old plot {run_dir / stale}: {files.os_error_text(err)}") from None
+    else:
+        report["plots_kept"] = {
+            title: file for title, file in PLOT_TITLES.items() if file in before and (run_dir / file).is_file()
+        }
     out = {"json": run_dir / "report.json", "markdown": run_dir / "report.md"}
     write_json_atomic(out["json"], _jsonable(report))
-    md = render_markdown(report, files)
-    tmp = out["markdown"].with_suffix(".md.tmp")
-    tmp.write_text(md, encoding="utf-8")
-    tmp.replace(out["markdown"])
-    for name, file in files.items():
+    md = render_markdown(report, drawn)
+    files.write_text_atomic(out["markdown"], md, what="report file", error=EvalError)
+    for name, file in drawn.items():
         out[name] = run_dir / file
     return out
 

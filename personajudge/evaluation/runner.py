@@ -13,8 +13,8 @@ A run directory holds:
 - ``report.md``, ``report.json`` and PNG plots, rebuilt from the JSONL files.
 
 Rows carry a fingerprint of what produced them (generation settings + prompt
-text; + scorer options for scores), so a row is reused only where it would be
-reproduced. Interrupted at any instant -- Ctrl-C, an exception, SIGKILL -- the
+text; + scorer options for scores; a pairwise verdict's key names the baseline generation it
+was judged against), so a row is reused only where it would be reproduced. Interrupted at any instant -- Ctrl-C, an exception, SIGKILL -- the
 same command continues where it stopped: finished rows are skipped, a torn
 last line is dropped, nothing is duplicated.
 """
@@ -22,6 +22,7 @@ last line is dropped, nothing is duplicated.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,16 +32,17 @@ from typing import Any, cast
 from personajudge.api import PersonaJudge, make_method
 from personajudge.core.config import build_config
 from personajudge.core.errors import ContextLengthError, PersonaJudgeError
+from personajudge.core.files import os_error_text
 from personajudge.distributed import RayOptions, ReplicaPool, Task
 from personajudge.plugins import get_method, preference_library
 from personajudge.preferences import resolve
 
 from .dataset import PromptItem, load_prompts
 from .dimensions import DimensionScorer, dimension_table
-from .errors import RunMismatchError
+from .errors import EvalError, RunMismatchError
 from .report import write_report
 from .scorers import PairItem, PairwiseScorer, PointwiseScorer, ScoringContext, get_scorer_class
-from .spec import EvalSpec, Experiment, _short, command_from_spec, diff, gen_key, uses_lambda, variant_label
+from .spec import EvalSpec, Experiment, command_from_spec, comparable, diff, gen_key, uses_lambda, variant_label
 from .store import (
     GENERATIONS,
     RUN_FILE,
@@ -76,6 +78,13 @@ class RunResult:
     report: dict[str, Path] = field(default_factory=dict)
 
 
+def _json_number(value: float) -> float | None:
+    """A score as standard JSON: NaN (an undefined score, e.g. Flesch of an empty text) is ``null``
+    (readers take ``null`` and, from older files, the non-standard ``NaN`` token as NaN)."""
+    value = float(value)
+    return None if math.isnan(value) or math.isinf(value) else value
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
@@ -87,6 +96,10 @@ def _backend_of(record: dict[str, Any]) -> Any:
     return run.get("backend") if isinstance(run, dict) else None
 
 
+def _list(x: Any) -> list[Any]:
+    return x if isinstance(x, list) else []
+
+
 def load_spec(run_dir: str | Path) -> EvalSpec:
     return read_run_spec(run_dir)[1]
 
@@ -94,10 +107,9 @@ def load_spec(run_dir: str | Path) -> EvalSpec:
 # -- planning ------------------------------------------------------------------------------------
 
 
-def aspect_of(pref: str) -> tuple[str, str]:
-    """(dimension name, aspect text for a judge) of a preference in an experiment."""
+def aspect_of(pref: str, name: str) -> tuple[str, str]:
+    """(dimension name, aspect text for a judge) of a preference whose dimension name is ``name``."""
     p = resolve(pref, preference_library())
-    name = _short(pref)
     if p.source == "free text":
         return name, p.description
     return name, f"{p.name} ({p.description.rstrip('.')})"
@@ -139,12 +151,7 @@ def plan_generations(spec: EvalSpec, prompts: list[PromptItem]) -> list[GenJob]:
 
 
 def baseline_key(spec: EvalSpec, job: GenJob) -> str | None:
-    if not spec.baseline or job.method == spec.baseline:
-        return None
-    lam = None
-    if uses_lambda(spec.baseline):
-        lam = job.lam if job.lam is not None else spec.sweep[0]
-    return gen_key(job.prompt.id, job.experiment.name, spec.baseline, lam, job.seed)
+    return spec.baseline_key(job.prompt.id, job.experiment.name, job.method, job.lam, job.seed)
 
 
 def resolved_dimensions(spec: EvalSpec) -> list[DimensionScorer]:
@@ -160,13 +167,23 @@ def validate_spec(spec: EvalSpec) -> dict[str, str]:
         cls = get_scorer_class(s.name)
         hashes[s.alias] = cls.config_hash_for(cls.validate(dict(s.options)))
     resolved_dimensions(spec)
-    for e in spec.experiments:
-        for p in e.preferences:
-            aspect_of(p)
+    for pref, name in spec.dimension_names.items():
+        aspect_of(pref, name)
     return hashes
 
 
 # -- the run -------------------------------------------------------------------------------------
+
+
+def make_run_dir(run_dir: Path) -> None:
+    """Create the run directory; a path that cannot be one (a file, a read-only or missing parent) is
+    an :class:`EvalError` naming it, not an ``OSError`` traceback."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise EvalError(f"--run-dir {run_dir} is a file, not a directory; give a directory for the run")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise EvalError(f"cannot create the run directory {run_dir}: {os_error_text(err)}") from None
 
 
 class Runner:
@@ -209,10 +226,17 @@ class Runner:
         new = self._run_record()
         if not path.exists():
             return {**new, "created": _now()}
-        old = read_run_file(self.run_dir)
+        try:
+            old = read_run_file(self.run_dir)
+        except EvalError as err:
+            if not self.force:
+                raise EvalError(
+                    f"{err}; pass --force to replace it (rows of the JSONL files that are still valid are reused)"
+                ) from None
+            old = {}  # not a record of ours: replaced, as --force says
         changed = diff(
-            {"spec": old.get("spec", {}), "prompts": old.get("prompts")},
-            {"spec": new["spec"], "prompts": new["prompts"]},
+            {"spec": comparable(old.get("spec", {})), "prompts": old.get("prompts")},
+            {"spec": comparable(new["spec"]), "prompts": new["prompts"]},
         )
         if changed and not self.force:
             shown = ", ".join(c.removeprefix("spec.") for c in changed[:6]) + (" ..." if len(changed) > 6 else "")
@@ -227,8 +251,8 @@ class Runner:
             replaced["model"] = old["model"]
         record = {
             **new,
-            "created": old.get("created", _now()),
-            "previous": old.get("previous", []) + ([replaced] if changed else []),
+            "created": old["created"] if isinstance(old.get("created"), str) else _now(),
+            "previous": _list(old.get("previous")) + ([replaced] if changed else []),
         }
         # The model that produced the stored rows: a rerun that reuses every row loads no model, so
         # without this the report header would lose it. Taken from the latest record (this one or a
@@ -479,11 +503,11 @@ class Runner:
                             "gen": job.key,
                             "scorer": sspec.alias,
                             "kind": cls.kind,
-                            "value": float(value),
+                            "value": _json_number(value),
                         }
                         if item is not None:
                             srow["dimension"] = item.aspect_name
-                            srow["baseline"] = item.key.split("@vs@")[1]
+                            srow["baseline"] = baseline_key(self.spec, job)
                             srow["details"] = details
                         srow["created"] = _now()
                         if scores.append(srow):
@@ -496,16 +520,26 @@ class Runner:
                 scorer.close()
 
     def _pairwise_work(self, alias: str, h: str, done: dict, scores: JsonlStore) -> list:
+        """The verdicts still to get: one per (generation, dimension) against its baseline response.
+
+        A verdict's key names the baseline generation it was judged against (``...@vs@BKEY``), so a
+        run switched to another ``--baseline`` judges again instead of reusing verdicts on other
+        responses. Rows written before the key named it (key without ``@vs@``) are reused when their
+        ``baseline`` field is this baseline's key.
+        """
+        names = self.spec.dimension_names
         work = []
         for key, (job, row) in done.items():
             bkey = baseline_key(self.spec, job)
             if bkey is None or bkey not in done:
                 continue
             base_row = done[bkey][1]
+            fp = f"{self.gen_fp(job)}:{h}"
             for pref in job.experiment.preferences:
-                dim, aspect = aspect_of(pref)
-                skey = f"{key}|{alias}|{dim}"
-                if (skey, f"{self.gen_fp(job)}:{h}") in scores:
+                dim, aspect = aspect_of(pref, names[pref])
+                skey = f"{key}|{alias}|{dim}@vs@{bkey}"
+                legacy = scores.get(f"{key}|{alias}|{dim}", fp)
+                if (skey, fp) in scores or (legacy is not None and legacy.get("baseline") == bkey):
                     continue
                 item = PairItem(
                     prompt=job.prompt.prompt,
@@ -513,14 +547,14 @@ class Runner:
                     response_b=base_row["text"],
                     aspect=aspect,
                     aspect_name=dim,
-                    key=f"{skey}@vs@{bkey}",
+                    key=skey,
                 )
                 work.append((skey, job, row, item))
         return work
 
     # all ------------------------------------------------------------------------------------------
     def run(self, *, report: bool = True) -> RunResult:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        make_run_dir(self.run_dir)
         result = RunResult(self.run_dir)
         with RunLock(self.run_dir):
             record = self._check_run_file()

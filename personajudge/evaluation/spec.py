@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from personajudge.core.config import BackendConfig, DecodingConfig, RunConfig
+from personajudge.core.errors import PersonaJudgeError
 from personajudge.core.methods import PersonaJudge
 from personajudge.plugins import get_method, preference_library
 from personajudge.preferences import Preference, resolve
@@ -83,13 +86,42 @@ class Experiment(_Model):
         return out
 
 
-def experiment_name(views: list[list[str]]) -> str:
-    """``[[concise], [informative]]`` -> ``concise-vs-informative``; ``+`` joins a view's preferences."""
-    return "-vs-".join("+".join(_short(p) for p in g) for g in views)
+def experiment_name(views: list[list[str]], names: dict[str, str] | None = None) -> str:
+    """``[[concise], [informative]]`` -> ``concise-vs-informative``; ``+`` joins a view's preferences.
+
+    ``names``: the dimension name of each preference (:func:`preference_names` of the whole run);
+    default: the names these views give on their own."""
+    names = names or preference_names(p for g in views for p in g)
+    return "-vs-".join("+".join(names[p] for p in g) for g in views)
 
 
 def _short(p: str) -> str:
     return p if len(p.split()) == 1 else Preference.free_text(p).name
+
+
+def preference_names(prefs: Iterable[str]) -> dict[str, str]:
+    """The dimension name of each preference: a one-word preference (a library name) is its own name,
+    a description gets a slug of it (``answer like a pirate`` -> ``answer-like-a-pirate``).
+
+    A slug keeps only ASCII letters and digits and at most 40 characters, so two different
+    descriptions can share one (``answer like a pirate!``; every description without ASCII letters
+    is ``custom``). Each such slug then gets a suffix made from its description's hash, so every
+    preference of a run keeps a dimension (win-rate column, judge verdict, row key) of its own;
+    names that collide in no run stay as they always were.
+    """
+    prefs = list(dict.fromkeys(prefs))
+    short = {p: _short(p) for p in prefs}
+    count = Counter(short.values())
+    out = {
+        p: f"{n}-{hashlib.sha256(p.encode()).hexdigest()[:6]}" if count[n] > 1 and n != p else n
+        for p, n in short.items()
+    }
+    taken: dict[str, str] = {}
+    for p, n in out.items():
+        if n in taken:  # a six-hex-digit hash collision, or a one-word preference spelled like a suffixed slug
+            raise EvalError(f"preferences {taken[n]!r} and {p!r} both get the dimension name {n!r}; reword one")
+        taken[n] = p
+    return out
 
 
 def pair_experiment(spec: str) -> Experiment:
@@ -119,6 +151,101 @@ def objective_experiments(spec: str) -> list[Experiment]:
         views = [[objs[0]], [objs[0]]] if k == 1 else [objs[: k - 1], [objs[k - 1]]]
         out.append(Experiment(name=experiment_name(views), views=views, objectives=k))
     return out
+
+
+def _objective_list(e: Experiment) -> list[str]:
+    """The ``--objectives`` list whose k-th step ``e`` is (its first k objectives)."""
+    return [e.views[0][0]] if e.objectives == 1 else [*e.views[0], *e.views[1]]
+
+
+def build_experiments(
+    pairs: Sequence[str] = (),
+    prefer: Sequence[str] | None = None,
+    view: Sequence[str] | None = None,
+    objectives: Sequence[str] = (),
+) -> list[Experiment]:
+    """The experiments of ``personajudge eval``'s flags, in this order: each ``--pair``, the
+    ``--prefer`` experiment (one view per ``--prefer``), the ``--view`` experiment (one view per
+    ``--view``), then each ``--objectives`` list's steps; the default pairs when there are none.
+
+    Experiments are the same when their views are; each is kept once. A plain experiment whose
+    views are also an objectives step (``--pair A,B --objectives A,B``) is that step, so it goes;
+    objectives steps that two lists share (their first objective) are kept at their first place.
+    Names are then given from the views with :func:`preference_names` of the whole run, so two
+    different experiments never share a name (and never replace one another).
+    """
+    plain = [pair_experiment(p) for p in pairs]
+    if prefer:
+        plain.append(views_experiment([[p] for p in prefer]))
+    if view:
+        plain.append(views_experiment([[s.strip() for s in v.split(",") if s.strip()] for v in view]))
+    steps = [e for objs in objectives for e in objective_experiments(objs)]
+    if not plain and not steps:
+        plain = [pair_experiment(p) for p in DEFAULT_PAIRS]
+    step_views = {json.dumps(e.views) for e in steps}
+    seen: set[str] = set()
+    kept = []
+    for e in [*(e for e in plain if json.dumps(e.views) not in step_views), *steps]:
+        if json.dumps(e.views) not in seen:
+            seen.add(json.dumps(e.views))
+            kept.append(e)
+    return name_experiments(kept)
+
+
+def name_experiments(experiments: Sequence[Experiment]) -> list[Experiment]:
+    """``experiments`` named from their views with the dimension names of all of them together."""
+    names = preference_names(p for e in experiments for p in e.preferences)
+    return [e.model_copy(update={"name": experiment_name(e.views, names)}) for e in experiments]
+
+
+def experiment_flags(experiments: Sequence[Experiment]) -> list[str] | None:
+    """The ``--pair`` / ``--prefer`` / ``--view`` / ``--objectives`` flags that :func:`build_experiments`
+    turns into exactly ``experiments`` (names and order included); None when no flags do (a spec
+    built through the API in an order or with names the command line cannot give)."""
+    flags: list[str] = []
+    phase = 0  # the command line builds pairs, then the --prefer experiment, then the --view one
+    plain = [e for e in experiments if not e.objectives]
+    for e in plain:
+        prefs = e.preferences
+        if phase == 0 and len(e.views) >= 2 and not any("," in p or "+" in p for p in prefs):
+            flags += ["--pair", ",".join("+".join(v) for v in e.views)]
+        elif phase < 1 and all(len(v) == 1 for v in e.views):
+            flags += [x for v in e.views for x in ("--prefer", v[0])]
+            phase = 1
+        elif phase < 2 and not any("," in p for p in prefs):
+            flags += [x for v in e.views for x in ("--view", ",".join(v))]
+            phase = 2
+        else:
+            return None
+    lists: list[list[str]] = []
+    for e in experiments[len(plain) :]:
+        if not e.objectives:
+            return None  # a plain experiment after an objectives step
+        objs = _objective_list(e)
+        if lists and objs[:-1] == lists[-1]:
+            lists[-1] = objs  # the next step of the same list
+        else:
+            lists.append(objs)  # a new list (its first steps are those of an earlier one)
+    for objs in lists:
+        if any("," in p for p in objs):
+            return None
+        flags += ["--objectives", ",".join(objs)]
+    try:
+        rebuilt = build_experiments(
+            pairs=[flags[i + 1] for i in range(0, len(flags), 2) if flags[i] == "--pair"],
+            prefer=[flags[i + 1] for i in range(0, len(flags), 2) if flags[i] == "--prefer"],
+            view=[flags[i + 1] for i in range(0, len(flags), 2) if flags[i] == "--view"],
+            objectives=[flags[i + 1] for i in range(0, len(flags), 2) if flags[i] == "--objectives"],
+        )
+    except (PersonaJudgeError, ValueError):
+        return None
+    if [e.model_dump() for e in rebuilt] != [e.model_dump() for e in experiments]:
+        return None
+    if [e.views for e in rebuilt] == [[[a], [b]] for a, b in (p.split(",") for p in DEFAULT_PAIRS)] and all(
+        f == "--pair" for f in flags[::2]
+    ):
+        return []  # the default
+    return flags
 
 
 def canonical(p: str) -> str:
@@ -158,25 +285,51 @@ class EvalSpec(_Model):
     batch_size: int = Field(1, ge=1)
     run: RunConfig = Field(default_factory=RunConfig)
 
-    @model_validator(mode="after")
-    def _check(self) -> EvalSpec:
-        if not self.methods:
-            raise ValueError("methods: give at least one method")
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError("methods: a method is listed twice")
-        if not self.experiments:
-            raise ValueError("experiments: give at least one --pair, --objectives or --view")
-        names = [e.name for e in self.experiments]
+    # Each rule is a field's (not the model's), so its message names the field: ``methods: a method
+    # is listed twice``, never pydantic's ``value:`` of a model-wide error.
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one method")
+        if len(set(v)) != len(v):
+            raise ValueError(f"method {_first_twice(v)!r} is listed twice")
+        return v
+
+    @field_validator("experiments")
+    @classmethod
+    def _experiments(cls, v: list[Experiment]) -> list[Experiment]:
+        if not v:
+            raise ValueError("give at least one --pair, --objectives or --view")
+        names = [e.name for e in v]
         if len(set(names)) != len(names):
-            raise ValueError(f"experiments: duplicate experiment {sorted(n for n in names if names.count(n) > 1)[0]}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError("seeds: give distinct seeds")
-        if any(lam < 1 for lam in self.lambdas) or len(set(self.lambdas)) != len(self.lambdas):
-            raise ValueError("lambdas: give distinct positive window lengths")
-        aliases = [s.alias for s in self.scorers]
+            raise ValueError(
+                f"two experiments are named {_first_twice(names)!r}; give them distinct names "
+                "(personajudge.evaluation.name_experiments names experiments from their views)"
+            )
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("give distinct seeds")
+        return v
+
+    @field_validator("lambdas")
+    @classmethod
+    def _lambdas(cls, v: list[int]) -> list[int]:
+        if any(lam < 1 for lam in v) or len(set(v)) != len(v):
+            raise ValueError("give distinct positive window lengths")
+        return v
+
+    @field_validator("scorers")
+    @classmethod
+    def _scorers(cls, v: list[ScorerSpec]) -> list[ScorerSpec]:
+        aliases = [s.alias for s in v]
         if len(set(aliases)) != len(aliases):
-            raise ValueError("scorers: a scorer alias is used twice")
-        return self
+            raise ValueError(f"the scorer alias {_first_twice(aliases)!r} is used twice")
+        return v
 
     # -- derived --------------------------------------------------------------------------------
     @property
@@ -190,6 +343,22 @@ class EvalSpec(_Model):
     @property
     def sweep(self) -> list[int]:
         return list(self.lambdas) or [self.run.decoding.lambda_]
+
+    @property
+    def dimension_names(self) -> dict[str, str]:
+        """Each preference of the run -> its dimension name (:func:`preference_names`)."""
+        return preference_names(p for e in self.experiments for p in e.preferences)
+
+    def baseline_key(self, prompt_id: str, experiment: str, method: str, lam: int | None, seed: int) -> str | None:
+        """The generation key of the baseline response a generation is compared with (None: the
+        baseline itself, or no baseline). A baseline that uses λ is taken at the generation's λ,
+        or at the sweep's first for a method without one."""
+        if not self.baseline or method == self.baseline:
+            return None
+        blam = None
+        if uses_lambda(self.baseline):
+            blam = lam if lam is not None else self.sweep[0]
+        return gen_key(prompt_id, experiment, self.baseline, blam, seed)
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
@@ -206,6 +375,10 @@ class EvalSpec(_Model):
 
     def generation_hash(self) -> str:
         return _hash(self.generation_settings())
+
+
+def _first_twice(items: list[str]) -> str:
+    return next(x for i, x in enumerate(items) if x in items[:i])
 
 
 def _hash(obj: Any) -> str:
@@ -247,14 +420,36 @@ def diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str
     return out
 
 
-def command_from_spec(spec, run_dir: str) -> list[str]:
+def resume_command(run_dir: str) -> list[str]:
+    """The command that continues (or repeats) the run stored in ``run_dir``, whatever its spec."""
+    return ["personajudge", "eval", "--resume", "--run-dir", str(run_dir)]
+
+
+def _option_text(v: Any) -> str:
+    """A ``KEY=VALUE`` flag's VALUE that the command line parses back to ``v`` (it reads JSON when it
+    can: a string that looks like JSON, ``"2"``, is written quoted)."""
+    if isinstance(v, str):
+        try:
+            json.loads(v)
+        except (ValueError, RecursionError):
+            return v
+    return json.dumps(v)
+
+
+def command_from_spec(spec: EvalSpec, run_dir: str) -> list[str]:
     """A ``personajudge eval`` command line that reproduces ``spec`` (non-default flags only).
 
-    ``method_options`` and ``encoder_options`` have no flags; a spec using them
-    is reproduced with ``--resume`` on its run directory (or a ``--config`` file).
+    Settings that no flag can give (``encoder_options``, ``decoding.repeat_lines``, or experiments
+    named or ordered in a way the command line does not make them) give
+    :func:`resume_command` instead, which repeats the run from its ``run.json``.
     """
-    cmd = ["personajudge", "eval"]
     run = spec.run
+    d, dd = run.decoding, DecodingConfig()
+    experiment_args = experiment_flags(spec.experiments)
+    consecutive = spec.seeds == list(range(spec.seeds[0], spec.seeds[0] + len(spec.seeds)))  # --samples
+    if run.encoder_options or d.repeat_lines != dd.repeat_lines or experiment_args is None or not consecutive:
+        return resume_command(run_dir)
+    cmd = ["personajudge", "eval"]
     b, bd = run.backend, BackendConfig()
     val: object  # the flags' values are of several types; each is only compared and printed
     default: object
@@ -270,12 +465,13 @@ def command_from_spec(spec, run_dir: str) -> list[str]:
         if val != default:
             cmd += [flag, str(val)]
     for k, v in b.options.items():
-        cmd += ["--backend-option", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
+        cmd += ["--backend-option", f"{k}={_option_text(v)}"]
+    for k, v in run.method_options.items():
+        cmd += ["--method-option", f"{k}={_option_text(v)}"]
     if run.encoder != "auto":
         cmd += ["--encoder", run.encoder]
     if run.system:
         cmd += ["--system", run.system]
-    d, dd = run.decoding, DecodingConfig()
     for flag, val, default in (
         ("--temperature", d.temperature, dd.temperature),
         ("--top-k", d.top_k, dd.top_k),
@@ -288,9 +484,9 @@ def command_from_spec(spec, run_dir: str) -> list[str]:
             cmd += [flag, str(val)]
     if not spec.lambdas and d.lambda_ != dd.lambda_:
         cmd += ["--lambda", str(d.lambda_)]
-    for s in d.stop:
-        cmd += ["--stop", s]
-    if spec.dataset != "psoups-koala-50":
+    for stop in d.stop:
+        cmd += ["--stop", stop]
+    if spec.dataset != PSOUPS:
         cmd += ["--dataset", spec.dataset]
     if spec.limit is not None:
         cmd += ["--limit", str(spec.limit)]
@@ -298,26 +494,13 @@ def command_from_spec(spec, run_dir: str) -> list[str]:
         cmd += ["--methods", ",".join(spec.methods)]
     if spec.baseline != "prompt":
         cmd += ["--baseline", spec.baseline or "none"]
-    pairs = [e for e in spec.experiments if not e.objectives]
-    if [",".join("+".join(v) for v in e.views) for e in pairs] != list(DEFAULT_PAIRS) or len(pairs) != len(
-        spec.experiments
-    ):
-        for e in pairs:
-            cmd += ["--pair", ",".join("+".join(v) for v in e.views)]
-    groups: list[list[str]] = []
-    for e in spec.experiments:
-        if e.objectives == 1:
-            groups.append([e.views[0][0]])
-        elif e.objectives and groups:
-            groups[-1] = e.views[0] + e.views[1]
-    for g in groups:
-        cmd += ["--objectives", ",".join(g)]
+    cmd += experiment_args
     scorers = ",".join(s.name if s.alias == s.name else f"{s.alias}={s.name}" for s in spec.scorers) or "none"
     if scorers != DEFAULT_SCORERS:
         cmd += ["--scorers", scorers]
-    for s in spec.scorers:
-        for k, v in s.options.items():
-            cmd += ["--scorer-option", f"{s.alias}.{k}={v if isinstance(v, str) else json.dumps(v)}"]
+    for sc in spec.scorers:
+        for k, v in sc.options.items():
+            cmd += ["--scorer-option", f"{sc.alias}.{k}={_option_text(v)}"]
     for dim in spec.dimensions:
         cmd += ["--dimension", f"{dim.dimension}={dim.scorer}:{dim.direction}"]
     if spec.lambdas:
@@ -329,3 +512,24 @@ def command_from_spec(spec, run_dir: str) -> list[str]:
         cmd += ["--batch-size", str(spec.batch_size)]
     cmd += ["--run-dir", str(run_dir)]
     return cmd
+
+
+#: settings of ``spec.run`` that decide nothing in an evaluation: each generation gets its method,
+#: views and seed from the spec (``methods``, ``experiments``, ``seeds``), so a change in them is no
+#: change of the run (a ``--config`` file's ``decoding.seed`` is the first seed, nothing more)
+IGNORED_RUN_FIELDS = ("method", "preferences", "views", "decoding.seed")
+
+
+def comparable(dump: Any) -> Any:
+    """A spec dump without :data:`IGNORED_RUN_FIELDS` (what two runs are compared on)."""
+    out = json.loads(json.dumps(dump))
+    run = out.get("run") if isinstance(out, dict) else None
+    if isinstance(run, dict):
+        for name in IGNORED_RUN_FIELDS:
+            *parents, leaf = name.split(".")
+            table: Any = run
+            for part in parents:
+                table = table.get(part) if isinstance(table, dict) else None
+            if isinstance(table, dict):
+                table.pop(leaf, None)
+    return out

@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 from personajudge.core import files
 from personajudge.core.config import validation_message
+from personajudge.core.files import os_error_text
 
 from .errors import EvalError, RunLockedError
 from .spec import EvalSpec
@@ -99,7 +100,10 @@ class RunLock:
         self._f: TextIO | None = None
 
     def __enter__(self) -> RunLock:
-        self._f = open(self.path, "a")
+        try:
+            self._f = open(self.path, "a")
+        except OSError as err:  # a read-only directory, or a directory named .lock
+            raise EvalError(f"cannot write to the run directory {self.path.parent}: {os_error_text(err)}") from None
         try:
             import fcntl
         except ImportError:  # no advisory locks on this platform

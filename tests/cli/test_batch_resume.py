@@ -335,3 +335,34 @@ def test_a_prompt_too_long_for_the_context_names_its_line_and_loses_no_finished_
     inp.write_text("\n".join(lines) + "\n")
     assert main(argv_for(inp, out, "--seed", "3", "-q", "--batch-size", "2")) == 0
     assert [r["id"] for r in rows(out)] == ["p0", 1, "p2", 3, "long", 5]
+
+
+def test_a_run_that_fails_before_its_first_row_leaves_nothing_and_its_fix_runs(tmp_path, capsys):
+    """A prompt too long for --n-ctx fails before any row: no partial file is left, and the rerun with the
+    context the error asks for runs without --force."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(inp, n=3)
+    assert main(argv_for(inp, out, "--n-ctx", "16", "-q")) == 2
+    assert "--n-ctx" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl.partial").exists() and not out.exists()
+    assert main(argv_for(inp, out, "--n-ctx", "4096", "-q")) == 0
+    assert len(rows(out)) == 3
+
+
+def test_a_partial_file_with_only_its_settings_line_is_taken_over_without_force(tmp_path, capsys):
+    """A header-only partial (a run killed while loading its model, or an older version that left one) holds
+    no row to lose: a rerun with other settings replaces it, where one holding rows needs --force."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(inp, n=3)
+    partial = tmp_path / "out.jsonl.partial"
+    from personajudge.batch import FORMAT, HEADER_KEY
+
+    header = {HEADER_KEY: FORMAT, "settings_hash": "old", "settings": {"backend": {"n_ctx": 16}}}
+    partial.write_text(json.dumps(header) + "\n")
+    assert main(argv_for(inp, out, "-q")) == 0
+    assert len(rows(out)) == 3 and not partial.exists()
+    # negative control: the same settings line followed by a row is refused without --force
+    partial.write_text(json.dumps(header) + "\n" + json.dumps({"id": 1, "fp": "x", "text": ""}) + "\n")
+    out.unlink()
+    assert main(argv_for(inp, out, "-q")) == 2
+    assert "cannot resume from" in capsys.readouterr().err

@@ -77,6 +77,24 @@ def test_every_file_flag_refuses_empty_and_folder_paths(flag, value, tmp_path, m
     assert out == ""
 
 
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["eval", "--backend", "toy", "--limit", "1", "--dataset", ""], "--dataset"),
+        (["eval", "--backend", "toy", "--limit", "1", "--dataset", "sub/"], "--dataset"),
+        (["eval", "--backend", "toy", "--limit", "1", "--run-dir", ""], "--run-dir"),
+        (["report", ""], "RUN_DIR"),
+    ],
+)
+def test_eval_path_flags_refuse_empty_paths(argv, flag, tmp_path, monkeypatch, capsys):
+    """``eval --dataset ''`` silently ran the default 50 prompts and ``--run-dir ''`` wrote the run into the
+    current folder; the same shared check refuses them, and nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(argv, capsys)
+    one_line(code, err, flag)
+    assert out == "" and list(tmp_path.iterdir()) == []
+
+
 def test_the_shared_check_keeps_real_paths_and_dash():
     for ok in ["-", "out.jsonl", "./out.jsonl", "/tmp/x/out.jsonl", "a b.jsonl", ".hidden"]:
         assert path_problem(ok) is None and file_path_arg(ok) == ok

@@ -294,7 +294,7 @@ def test_eval_resume_with_a_broken_spec_is_a_sentence(tmp_path, capsys):
     d.mkdir()
     (d / "run.json").write_text('{"spec": {"methods": [], "experiments": []}}')
     err = one_line_error(capsys, ["eval", "--resume", "--run-dir", str(d)])
-    assert "holds no valid evaluation spec: spec: methods: give at least one method" in err
+    assert "holds no valid evaluation spec: spec.methods: give at least one method" in err
 
 
 def test_errors_are_typed_in_the_api(tmp_path):
