@@ -24,9 +24,39 @@ RoleSchedule = Literal["alternate", "fixed", "round-robin"]
 LoopSchedule = Literal["interleaved", "windowed"]
 
 
-class _Model(BaseModel):
+class TypedErrors(type(BaseModel)):  # type: ignore[misc]  # pydantic's model metaclass, not public by name
+    """Building a model directly (``DecodingConfig(top_p=2)``) raises the class's typed error, one line
+    naming the field, instead of pydantic's multi-line ``ValidationError``: these models are public,
+    and a plugin or a notebook builds them itself.
+
+    A metaclass, not an ``__init__``: pydantic calls an overridden ``__init__`` from
+    ``model_validate`` and from validating a nested model too, where the error must stay a
+    ``ValidationError`` with its location (``backend.threads``), which :func:`build_config` and the
+    file readers format with where the value came from. A class says what it raises through
+    ``typed_error(err, kwargs)``.
+    """
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except ValidationError as err:
+            raise cls.typed_error(err, kwargs) from None
+
+
+class _Model(BaseModel, metaclass=TypedErrors):
     # allow_inf_nan=False: NaN passes every ge/le bound (all comparisons are False), so it is refused by name
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True, allow_inf_nan=False)
+
+    @classmethod
+    def typed_error(cls, err: ValidationError, kwargs: dict[str, Any]) -> Exception:
+        return ConfigError(f"invalid {cls.__name__}: {validation_message(err)}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``cfg.decoding.top_p = 2`` is checked (``validate_assignment``) and refused as a ConfigError too."""
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as err:
+            raise ConfigError(f"invalid {type(self).__name__}: {validation_message(err)}") from None
 
 
 class BackendConfig(_Model):

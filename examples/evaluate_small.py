@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 
+from personajudge import PersonaJudgeError
 from personajudge.evaluation import EvalSpec, pair_experiment, run_eval
 
 
@@ -36,7 +37,13 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    try:
+        run(args)
+    except PersonaJudgeError as err:  # a mistake is one line and status 2, as at the CLI
+        ap.exit(2, f"{ap.prog}: error: {err}\n")
 
+
+def run(args: argparse.Namespace) -> None:
     spec = EvalSpec(
         limit=args.limit,
         methods=["prompt", "persona-judge"],

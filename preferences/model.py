@@ -15,28 +15,22 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from personajudge.core.config import validation_message
+from personajudge.core.config import TypedErrors, validation_message
 from personajudge.core.errors import PreferenceError
 
 
-class _TypedErrors(type(BaseModel)):  # type: ignore[misc]  # pydantic's model metaclass, not public by name
-    """Construction (``Preference(...)``) raises :class:`PreferenceError`, one line naming the field.
+class _Typed(BaseModel, metaclass=TypedErrors):
+    """Construction (``Preference(...)``) raises :class:`PreferenceError`, one line naming the field
+    (see :class:`~personajudge.core.config.TypedErrors`)."""
 
-    A metaclass, not an ``__init__``: pydantic calls an overridden ``__init__``
-    from ``model_validate`` and from validating a nested model too, where the
-    error must stay a ``ValidationError`` with its location (``examples.0.q``).
-    """
-
-    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().__call__(*args, **kwargs)
-        except ValidationError as err:
-            name = kwargs.get("name")
-            named = f" {name.strip()[:40]!r}" if isinstance(name, str) and name.strip() else ""
-            raise PreferenceError(f"invalid {cls.__name__.lower()}{named}: {validation_message(err)}") from None
+    @classmethod
+    def typed_error(cls, err: ValidationError, kwargs: dict[str, Any]) -> Exception:
+        name = kwargs.get("name")
+        named = f" {name.strip()[:40]!r}" if isinstance(name, str) and name.strip() else ""
+        return PreferenceError(f"invalid {cls.__name__.lower()}{named}: {validation_message(err)}")
 
 
-class Example(BaseModel, metaclass=_TypedErrors):
+class Example(_Typed):
     """One question/answer demonstration of a preference (for the ``exemplar`` encoder).
 
     Both sides are one line: the exemplar format ends an answer at a newline,
@@ -60,7 +54,7 @@ class Example(BaseModel, metaclass=_TypedErrors):
         return v
 
 
-class Preference(BaseModel, metaclass=_TypedErrors):
+class Preference(_Typed):
     """One preference: what it means and the text a view's prefix carries.
 
     ``description`` says what the preference means (shown in listings);

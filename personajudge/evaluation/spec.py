@@ -35,7 +35,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from personajudge.core.config import BackendConfig, DecodingConfig, RunConfig
+from personajudge.core.config import BackendConfig, DecodingConfig, RunConfig, TypedErrors, validation_message
 from personajudge.core.errors import PersonaJudgeError
 from personajudge.core.methods import PersonaJudge
 from personajudge.plugins import get_method, preference_library
@@ -269,8 +269,15 @@ class ScorerSpec(_Model):
         return data
 
 
-class EvalSpec(_Model):
-    """Everything that determines an evaluation run (stored in ``run.json``)."""
+class EvalSpec(_Model, metaclass=TypedErrors):
+    """Everything that determines an evaluation run (stored in ``run.json``).
+
+    Built directly, a bad value is an :class:`EvalError`, one line naming the field (as the CLI says it);
+    ``model_validate`` keeps pydantic's error for the readers that name the file it came from."""
+
+    @classmethod
+    def typed_error(cls, err: Any, kwargs: dict[str, Any]) -> Exception:
+        return EvalError(f"invalid evaluation: {validation_message(err)}")
 
     version: int = SPEC_VERSION
     dataset: str = PSOUPS

@@ -13,10 +13,10 @@ import json
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
 from personajudge.cli import main
 from personajudge.evaluation import EvalSpec, pair_experiment, run_eval
+from personajudge.evaluation.errors import EvalError
 from personajudge.evaluation.scorers import PairResult, PairwiseScorer
 from personajudge.evaluation.store import read_rows
 from personajudge.plugins import register_plugin, unregister_plugin
@@ -85,7 +85,7 @@ def test_the_api_refuses_two_experiments_with_one_name():
     a = pair_experiment("请 用 简单 的话,concise")
     b = pair_experiment("请 用 正式 的 语气,concise")
     assert a.name == b.name == "custom-vs-concise"  # each named on its own
-    with pytest.raises(ValidationError, match="two experiments are named 'custom-vs-concise'"):
+    with pytest.raises(EvalError, match="two experiments are named 'custom-vs-concise'"):
         EvalSpec(methods=["prompt"], experiments=[a, b])
 
 

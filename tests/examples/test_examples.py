@@ -89,6 +89,7 @@ def _embedded_tokens(text):
         ("multi_objective.py", ["--backend", "nope"], "unknown backend 'nope'"),
         ("demo.py", ["--backend", "toy", "--max-new-tokens", "0"], "max_new_tokens"),
         ("bench_hf.py", ["--repeats", "0"], "--repeats and --max-new-tokens must be at least 1"),
+        ("evaluate_small.py", ["--backend", "toy", "--limit", "0"], "invalid evaluation: limit"),
     ],
 )
 def test_an_examples_mistake_is_one_line_and_status_2(script, args, needle):
