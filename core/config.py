@@ -9,8 +9,9 @@ surface before a model is loaded.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -24,7 +25,13 @@ RoleSchedule = Literal["alternate", "fixed", "round-robin"]
 LoopSchedule = Literal["interleaved", "windowed"]
 
 
-class TypedErrors(type(BaseModel)):  # type: ignore[misc]  # pydantic's model metaclass, not public by name
+if TYPE_CHECKING:  # pydantic's model metaclass is not public by name; at run time it is type(BaseModel)
+    from pydantic._internal._model_construction import ModelMetaclass as _ModelMeta
+else:
+    _ModelMeta = type(BaseModel)
+
+
+class TypedErrors(_ModelMeta):
     """Building a model directly (``DecodingConfig(top_p=2)``) raises the class's typed error, one line
     naming the field, instead of pydantic's multi-line ``ValidationError``: these models are public,
     and a plugin or a notebook builds them itself.
@@ -40,7 +47,8 @@ class TypedErrors(type(BaseModel)):  # type: ignore[misc]  # pydantic's model me
         try:
             return super().__call__(*args, **kwargs)
         except ValidationError as err:
-            raise cls.typed_error(err, kwargs) from None
+            typed: Callable[[ValidationError, dict[str, Any]], Exception] = cls.typed_error  # type: ignore[attr-defined]
+            raise typed(err, kwargs) from None
 
 
 class _Model(BaseModel, metaclass=TypedErrors):

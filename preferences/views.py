@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from personajudge.core.errors import PersonaJudgeWarning, PreferenceError
 
-from .library import Library, _builtin_library, resolve
+from .library import _NAME_LIKE, Library, _builtin_library, lookup, resolve
 from .model import Preference
 
 
@@ -37,8 +37,9 @@ def build_views(
     """The user's views.
 
     - ``views`` given: each inner list is one view carrying all its preferences
-      (``[["concise", "humor"], ["expert"]]``); a name inside a view may also
-      be one comma-separated string. The :class:`Preference` objects among
+      (``[["concise", "humor"], ["expert"]]``); names inside a view may also
+      be one comma-separated string (``"concise,humor"``: split only when every
+      piece could be a name, so a description with a comma stays one preference). The :class:`Preference` objects among
       ``preferences`` (a preferences file's) define names the views may use
       (see :func:`with_definitions`).
     - otherwise: one view per preference, the paper's two-view setting.
@@ -52,13 +53,26 @@ def build_views(
         for i, group in enumerate(views):
             items: list[str | Preference] = []
             for g in group:
-                items.extend(s.strip() for s in g.split(",") if s.strip()) if isinstance(g, str) else items.append(g)
+                items.extend(_names_in(g, lib) if isinstance(g, str) else [g])
             if not items:
                 raise PreferenceError(f"view {i + 1} is empty")
             out.append([resolve(x, lib) for x in items])
         return out
     prefs = [resolve(p, library) for p in preferences]
     return [[p] for p in prefs] or [[]]
+
+
+def _names_in(text: str, lib: Library) -> list[str]:
+    """One string of a view: ``"concise,humor"`` is two names, but ``"answer briefly, with humour"``
+    is one free-text description. It is split at its commas when every piece could be a name (a
+    registered one, or one word, which then resolves to a name or fails with a did-you-mean);
+    a comma inside a sentence would otherwise cut it into two preferences."""
+    pieces = [s.strip() for s in text.split(",") if s.strip()]
+    if not pieces:  # only commas and spaces: nothing (an empty view is refused by name)
+        return []
+    if len(pieces) > 1 and all(lookup(s, lib) is not None or _NAME_LIKE.fullmatch(s) for s in pieces):
+        return pieces
+    return [text.strip()]
 
 
 def _key(p: Preference) -> tuple[str, str]:

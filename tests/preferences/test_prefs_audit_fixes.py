@@ -248,3 +248,23 @@ def test_instructions_in_one_view_are_separate_sentences(first, joined):
 
     assert compose([resolve(first), resolve("concise")]).startswith(joined + " and to the point")
     assert compose([resolve(first)]) == first.strip()  # one preference is left as written
+
+
+@pytest.mark.parametrize(
+    "item, names",
+    [
+        ("concise,humor", ["concise", "humor"]),  # names in one string, as documented
+        ("concise, humor", ["concise", "humor"]),
+        ("answer briefly, with humour", ["answer-briefly-with-humour"]),  # a sentence with a comma is one preference
+        ("简洁, 幽默地回答", ["custom"]),
+    ],
+)
+def test_a_string_in_a_view_splits_at_commas_only_into_names(item, names):
+    assert [p.name for p in build_views(views=[[item], ["expert"]])[0]] == names
+
+
+def test_a_typo_among_comma_separated_names_is_still_an_error():
+    from personajudge.core.errors import UnknownPreferenceError
+
+    with pytest.raises(UnknownPreferenceError, match="unknown preference 'concize'; did you mean concise"):
+        build_views(views=[["concize,humor"], ["expert"]])
