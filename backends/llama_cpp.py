@@ -217,8 +217,8 @@ def check_model_file(path: str | os.PathLike[str]) -> Path:
     kind = path_kind(p, "the model file", ModelLoadError)
     if kind is None:
         raise ModelLoadError(
-            f"model file not found: {p}; pass --model PATH to a local .gguf file "
-            "(or leave --model out to use the embedded Gemma 3 270M)"
+            f"model file not found: {p}; give a local .gguf file as --model PATH / backend.model "
+            "(or leave it out to use the embedded Gemma 3 270M)"
         )
     if kind == "dir":
         raise ModelLoadError(f"model path {p} is a directory; the llama-cpp backend needs a .gguf file")

@@ -8,12 +8,13 @@ surface before a model is loaded.
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .files import check_path, read_text, unicode_problem
@@ -29,6 +30,10 @@ if TYPE_CHECKING:  # pydantic's model metaclass is not public by name; at run ti
     from pydantic._internal._model_construction import ModelMetaclass as _ModelMeta
 else:
     _ModelMeta = type(BaseModel)
+
+
+#: per-call keyword spellings that a config file spells otherwise
+_SPELLINGS = {"lam": ["lambda"]}
 
 
 class TypedErrors(_ModelMeta):
@@ -58,6 +63,26 @@ class _Model(BaseModel, metaclass=TypedErrors):
     @classmethod
     def typed_error(cls, err: ValidationError, kwargs: dict[str, Any]) -> Exception:
         return ConfigError(f"invalid {cls.__name__}: {validation_message(err)}")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        """An unknown key is named with the closest known one (``lam`` -> ``lambda``, ``top-k`` ->
+        ``top_k``), not pydantic's bare "Extra inputs are not permitted"."""
+        if not isinstance(data, dict):
+            return data
+        known = {a for name, f in cls.model_fields.items() for a in (name, f.alias) if a}
+        for key in data:
+            if isinstance(key, str) and key not in known:
+                spoken = sorted(a for a in known if not a.endswith("_") or a[:-1] not in known)
+                close = _SPELLINGS.get(key) or difflib.get_close_matches(key.replace("-", "_"), spoken, n=1)
+                hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(spoken)}"
+                raise ValueError(f"unknown setting '{key}'; {hint}")
+        for name, f in cls.model_fields.items():  # pydantic's lax int takes true as 1
+            value = data.get(f.alias or name, data.get(name))
+            if isinstance(value, bool) and f.annotation in (int, int | None, float, float | None):
+                raise ValueError(f"{f.alias or name} must be a number, got {value}")
+        return data
 
     def __setattr__(self, name: str, value: Any) -> None:
         """``cfg.decoding.top_p = 2`` is checked (``validate_assignment``) and refused as a ConfigError too."""
@@ -199,12 +224,12 @@ def validation_message(err: Exception, prefix: str | None = None) -> str:
         return text.splitlines()[0] if text else type(err).__name__
     parts = []
     for e in err.errors(include_url=False):
-        loc = ".".join(str(x) for x in e["loc"] if x != "__root__") or ("" if prefix else "value")
+        loc = ".".join(str(x) for x in e["loc"] if x != "__root__")
         loc = ".".join(x for x in (prefix, loc) if x)
         msg = e["msg"].removeprefix("Value error, ")
         got = e.get("input")
         shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r:.60})"
-        parts.append(f"{loc}: {msg}{shown}")
+        parts.append(f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}")  # a whole-model rule names no field
     return "; ".join(parts)
 
 

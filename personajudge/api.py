@@ -12,18 +12,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import difflib
 import inspect
 import numbers
+import sys
 import threading
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from types import FrameType
 from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
 
-from personajudge.core.config import DecodingConfig, RunConfig, build_config
+from personajudge.core.config import BackendConfig, DecodingConfig, RunConfig, build_config
 from personajudge.core.contract import Backend, check_tokenizer
 from personajudge.core.decoding import DecodeRequest, check_contexts
 from personajudge.core.errors import ConfigError, ContextLengthError, PersonaJudgeWarning
@@ -137,26 +140,51 @@ def _seed_list(seeds: Any, n: int) -> list[int | None] | None:
         if isinstance(s, bool):  # pydantic's lax int takes True as 1
             raise ConfigError(f"seeds[{i}] must be an integer >= 0, got {s!r}")
         try:
-            out.append(DecodingConfig(seed=s).seed)
+            out.append(DecodingConfig.model_validate({"seed": s}).seed)
         except ValidationError as err:
             raise ConfigError(f"seeds[{i}]: {err.errors(include_url=False)[0]['msg']} (got {s!r:.40})") from None
     return out
 
 
+def _ours(frame: FrameType) -> bool:
+    name = frame.f_globals.get("__name__", "")
+    return isinstance(name, str) and (name == "personajudge" or name.startswith("personajudge."))
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` at which a warning issued by the function calling this names the first frame
+    outside the personajudge package: the user's line, whatever the entry point.
+
+    A fixed number cannot do that: ``generate``, ``generate_batch``, ``submit``, the generator
+    ``stream`` (whose frame's caller is the ``next()`` that resumed it), the one-shot helpers and the
+    async generator ``astream`` reach the warning through different numbers of frames. And with
+    Python's default filter (once per location) a location inside the library would show only the
+    first of a program's warnings. (``warnings.warn(skip_file_prefixes=...)`` does this on 3.12+;
+    the project supports 3.11, and the package spans several source folders, so frames are told
+    apart by their module's name.) Warnings must be issued in the caller's thread: ``astream``
+    plans its request on the event loop's thread for this reason, before handing off to a worker.
+    """
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and _ours(frame):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _warn_degenerate(name: str, meth: Any, ignored: Sequence[Any], user_views: list[list[Any]]) -> None:
-    """Say so when a run silently does less than it seems to (one line each; the CLI prints them)."""
+    """Say so when a run silently does less than it seems to (one line each; the CLI prints them).
+    Each names the caller's line (:func:`_caller_stacklevel`)."""
     if ignored:
         warnings.warn(
             "the preferences given alongside views are ignored; the views decide (put every preference into a view)",
             PersonaJudgeWarning,
-            stacklevel=4,
+            stacklevel=_caller_stacklevel(),
         )
     has_prefs = any(v for v in user_views)
     if has_prefs and not getattr(meth, "uses_preferences", True):
         warnings.warn(
             f"method '{name}' ignores preferences (it is the unpersonalized baseline)",
             PersonaJudgeWarning,
-            stacklevel=4,
+            stacklevel=_caller_stacklevel(),
         )
     min_views = getattr(meth, "min_views", 1)
     if len(user_views) < min_views:
@@ -164,8 +192,62 @@ def _warn_degenerate(name: str, meth: Any, ignored: Sequence[Any], user_views: l
             f"method '{name}' with a single view is plain sampling from that view; give two or more "
             "preferences (one view each) or several --view groups",
             PersonaJudgeWarning,
-            stacklevel=4,
+            stacklevel=_caller_stacklevel(),
         )
+
+
+#: The keywords a call takes besides ``preferences``, ``views`` and ``method``: the fields of
+#: :class:`DecodingConfig` by name, ``lambda`` also as ``lam`` and ``lambda_`` (``lambda`` is a Python
+#: keyword, so ``lam=`` is the spelling a call can write), and the encoder and its options.
+_LAMBDA_SPELLINGS = ("lam", "lambda_", "lambda")
+_CALL_KEYWORDS = (
+    *(n for n in DecodingConfig.model_fields if n != "lambda_"),
+    *_LAMBDA_SPELLINGS,
+    "encoder",
+    "encoder_options",
+)
+#: Per-call numbers pydantic's lax mode would take a bool for (``max_new_tokens=True`` as 1).
+_NUMBER_KEYWORDS = ("temperature", "top_k", "top_p", "max_new_tokens", "seed", "repeat_lines", *_LAMBDA_SPELLINGS)
+
+
+def _call_keywords(decoding: dict[str, Any]) -> dict[str, Any]:
+    """A call's keywords checked by name, as dotted config overrides (``decoding.top_k``, ``encoder``).
+
+    A name the call does not take is refused here, in the call's words: passed on, pydantic would
+    report ``decoding.system: Extra inputs are not permitted``, a decoding field the user never wrote.
+    A run-wide setting (``system``, ``method_options``, the backend's) is named as one that belongs
+    in the config; anything else gets the nearest keyword, when one is near."""
+    lams = [k for k in _LAMBDA_SPELLINGS if k in decoding]
+    if len(lams) > 1:
+        raise ConfigError(f"{' and '.join(lams)} are the same setting (the draft window); give one")
+    out: dict[str, Any] = {}
+    for key, value in decoding.items():
+        if key not in _CALL_KEYWORDS:
+            raise ConfigError(_not_a_call_keyword(str(key)))
+        if key in _NUMBER_KEYWORDS and isinstance(value, bool):  # pydantic's lax int takes True as 1
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if key in ("encoder", "encoder_options"):
+            out[key] = value
+        else:
+            out["decoding.lambda" if key in _LAMBDA_SPELLINGS else f"decoding.{key}"] = value
+    return out
+
+
+def _not_a_call_keyword(key: str) -> str:
+    if key in RunConfig.model_fields:
+        return (
+            f"{key} is not a per-call keyword: it is a setting of the run; set it in the config "
+            f"(PersonaJudge({{'{key}': ...}}), or config= of the one-shot helpers)"
+        )
+    if key in BackendConfig.model_fields or key == "backend_options":
+        field = "options" if key == "backend_options" else key
+        return (
+            f"{key} is not a per-call keyword: the backend is loaded with it; set it in the config's "
+            f"backend table (PersonaJudge({{'backend': {{'{field}': ...}}}}))"
+        )
+    near = difflib.get_close_matches(key, [*_CALL_KEYWORDS, "preferences", "views", "method"], n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]}?" if near else f"; the keywords are {', '.join(_CALL_KEYWORDS)}"
+    return f"{key} is not a per-call keyword{hint}"
 
 
 def _plan_call(base: RunConfig, preferences, views, method, decoding: dict[str, Any]):
@@ -177,13 +259,8 @@ def _plan_call(base: RunConfig, preferences, views, method, decoding: dict[str, 
     ``encoder_options``, which every entry point (``generate``, ``generate_batch``, ``stream``,
     ``submit``) takes. The one-shot :func:`generate` and :func:`stream` run this before loading the
     model, so a misspelt preference costs no load."""
-    decoding = dict(decoding)
-    encoder, encoder_opts = decoding.pop("encoder", None), decoding.pop("encoder_options", None)
-    if "lam" in decoding:
-        decoding["lambda"] = decoding.pop("lam")
     given_prefs, given_groups = _preference_list(preferences), _view_list(views)
-    overrides = {"method": method, "encoder": encoder, "encoder_options": encoder_opts}
-    overrides.update({f"decoding.{k}": v for k, v in decoding.items()})
+    overrides = {"method": method, **_call_keywords(decoding)}
     cfg = base
     if any(v is not None for v in overrides.values()):
         cfg = build_config(base.model_dump(by_alias=True), **overrides)
@@ -434,14 +511,22 @@ class PersonaJudge:
             for v in plan_views(method, cfg.method, views)
         ]
 
-    def resolved_encoder(self, cfg: RunConfig, views: list[list[Preference]] | None = None) -> str:
+    def resolved_encoder(self, cfg: RunConfig, views: Sequence[Sequence[str | Preference]] | None = None) -> str:
         """The name of the encoder a run uses: ``cfg.encoder``, or what ``auto`` stands for on this model
         and the user's ``views`` (default: the config's preferences/views). ``exemplar`` needs every
         preference to have examples, so ``auto`` decides on the user's views, before a method plans its own:
-        ``base``, ``prompt`` and Persona-judge of one run are then encoded alike."""
+        ``base``, ``prompt`` and Persona-judge of one run are then encoded alike. ``views`` is a list of
+        lists, as ``views=`` of :meth:`generate` takes it: names and descriptions are resolved as there
+        (a bad shape is a :class:`ConfigError`, an unknown name a ``PreferenceError``)."""
         if views is None:
-            views = build_views(cfg.preferences, cfg.views, preference_library())
-        return resolve_encoder(cfg.encoder, self.backend.tokenizer, views).name
+            resolved = build_views(cfg.preferences, cfg.views, preference_library())
+        elif _listing(views) and all(_listing(v) and all(isinstance(p, Preference) for p in v) for v in views):
+            resolved = [[p for p in v if isinstance(p, Preference)] for v in views]  # resolved already
+        else:
+            groups = _view_list(views) or []
+            defs = getattr(cfg, "definitions", None) or []  # a preferences file's, which its views may name
+            resolved = build_views(defs, groups, preference_library()) if groups else [[]]
+        return resolve_encoder(cfg.encoder, self.backend.tokenizer, resolved).name
 
     def encode_views(self, prompt: Prompt, cfg: RunConfig, method, views: list[list[Preference]]) -> list[list[int]]:
         """Token contexts of the views ``method`` prompts for the user's ``views``."""
@@ -452,7 +537,7 @@ class PersonaJudge:
         self,
         prompt: Prompt,
         *,
-        preferences: Sequence[str | Preference] | None = None,
+        preferences: str | Preference | Sequence[str | Preference] | None = None,
         views: Sequence[Sequence[str | Preference]] | None = None,
         method: str | None = None,
         on_text: Callable[[str], None] | None = None,
@@ -463,10 +548,14 @@ class PersonaJudge:
         ``prompt`` is a string or a list of chat messages. ``preferences`` and
         ``views`` replace the config's (names, descriptions or
         :class:`Preference` objects). ``decoding`` takes the fields of
-        :class:`DecodingConfig` (``lam`` for the window, ``temperature``,
-        ``top_k``, ``top_p``, ``max_new_tokens``, ``stop``, ``seed``, ``roles``,
-        ``schedule``); ``encoder`` (a name) overrides the config's preference
-        encoder. ``on_text`` receives text as it is committed. A bare string
+        :class:`DecodingConfig` by name (``temperature``, ``top_k``, ``top_p``,
+        ``max_new_tokens``, ``stop``, ``seed``, ``roles``, ``repeat_lines``,
+        ``schedule``), its ``lambda`` (the draft window) as ``lam=`` or
+        ``lambda_=`` (``lambda`` is a Python keyword); ``encoder`` (a name) and
+        ``encoder_options`` override the config's preference encoder. Run-wide
+        settings (``system``, ``method_options``, the backend's) are not per-call
+        keywords: they go in the config, and passing one is a :class:`ConfigError`
+        that says so. ``on_text`` receives text as it is committed. A bare string
         is one preference (``"concise"`` is ``["concise"]``); ``views`` is a
         list of lists (``[["concise", "humor"], ["expert"]]``). Bad arguments
         raise a :class:`ConfigError` (or another ``PersonaJudgeError``) naming them.
@@ -522,7 +611,10 @@ class PersonaJudge:
         the request.
         """
         loop = asyncio.get_running_loop()
-        job, _, _ = await asyncio.to_thread(self._submit, prompt, kwargs, loop)
+        # planned here, in the caller's thread, so that a warning names the caller's `async for` line
+        # (a worker thread's stack does not reach it); checking and resolving names is quick
+        planned = self._plan(kwargs)
+        job, _, _ = await asyncio.to_thread(self._enqueue, prompt, planned, loop)
         try:
             async for ev in job.aevents():
                 if ev[0] == "text":
@@ -569,13 +661,29 @@ class PersonaJudge:
         stream: bool = True,
         label: str = "python",
     ):
+        return self._enqueue(prompt, self._plan(kwargs), loop, wait, stream, label)
+
+    def _plan(self, kwargs: dict[str, Any]):
+        """:meth:`_prepare` for the keywords of ``stream``/``submit``/``astream``."""
         kwargs = dict(kwargs)
         preferences, views, method = (
             kwargs.pop("preferences", None),
             kwargs.pop("views", None),
             kwargs.pop("method", None),
         )
-        cfg, meth, pref_views = self._prepare(preferences, views, method, kwargs)
+        return self._prepare(preferences, views, method, kwargs)
+
+    def _enqueue(
+        self,
+        prompt: Prompt,
+        planned: tuple[RunConfig, Any, list[list[Preference]]],
+        loop: asyncio.AbstractEventLoop | None = None,
+        wait: bool = True,
+        stream: bool = True,
+        label: str = "python",
+    ):
+        """Encode a planned request's views and queue it (blocks while the queue is full, unless ``wait=False``)."""
+        cfg, meth, pref_views = planned
         contexts = self.encode_views(prompt, cfg, meth, pref_views)
         req = self._request(contexts, cfg, cfg.decoding.seed)
         job = (
@@ -592,14 +700,14 @@ class PersonaJudge:
         if cfg.encoder == "auto":  # fixed here, so the stop strings and the reported settings agree with it
             cfg = cfg.model_copy(update={"encoder": self.resolved_encoder(cfg, user_views)})
         _warn_degenerate(cfg.method, meth, unused, user_views)
-        warn_duplicates(user_views, stacklevel=3)
+        warn_duplicates(user_views, stacklevel=_caller_stacklevel())
         return cfg, meth, user_views
 
     def generate_batch(
         self,
         prompts: Sequence[Prompt],
         *,
-        preferences: Sequence[str | Preference] | None = None,
+        preferences: str | Preference | Sequence[str | Preference] | None = None,
         views: Sequence[Sequence[str | Preference]] | None = None,
         method: str | None = None,
         seeds: Sequence[int] | None = None,

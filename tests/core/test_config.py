@@ -32,7 +32,7 @@ def test_toml_file_and_overrides(tmp_path):
         ({"decoding": {"max_new_tokens": 0}}, "decoding.max_new_tokens"),
         ({"decoding": {"stop": [""]}}, "decoding.stop"),
         ({"backend": {"threads": 0}}, "backend.threads"),
-        ({"backend": {"nmae": "toy"}}, "backend.nmae"),
+        ({"backend": {"nmae": "toy"}}, "backend: unknown setting 'nmae'; did you mean name?"),
         ({"views": [["concise"], []]}, "views"),
         ({"views": [[" "]]}, "views"),
         ({"method": " "}, "method"),

@@ -51,3 +51,28 @@ def test_model_validate_keeps_pydantics_error_with_its_location():
     assert e.value.errors()[0]["loc"] == ("decoding", "top_p")
     with pytest.raises(ValidationError):
         DecodingConfig.model_validate({"top_p": 2})
+
+
+@pytest.mark.parametrize(
+    "data, line",
+    [
+        ({"decoding": {"lam": 2}}, "decoding: unknown setting 'lam'; did you mean lambda?"),  # the per-call spelling
+        ({"decodng": {}}, "unknown setting 'decodng'; did you mean decoding?"),
+        ({"decoding": {"top-k": 3}}, "decoding: unknown setting 'top-k'; did you mean top_k?"),
+        ({"backend": {"thread": 2}}, "backend: unknown setting 'thread'; did you mean threads?"),
+        ({"decoding": {"zzz": 1}}, "decoding: unknown setting 'zzz'; known: lambda, max_new_tokens, "),
+        ({"decoding": {"max_new_tokens": True}}, "decoding: max_new_tokens must be a number, got True"),
+        ({"decoding": {"temperature": False}}, "decoding: temperature must be a number, got False"),
+        ({"backend": {"threads": True}}, "backend: threads must be a number, got True"),
+    ],
+)
+def test_a_config_names_an_unknown_key_with_its_closest_spelling_and_refuses_bools_as_numbers(data, line):
+    with pytest.raises(pj.ConfigError) as e:
+        pj.build_config(data)
+    assert str(e.value).startswith("invalid config: " + line), str(e.value)
+
+
+def test_good_spellings_still_pass():
+    cfg = pj.build_config({"decoding": {"lambda": 3, "max_new_tokens": 5, "temperature": 0.5}})
+    assert (cfg.decoding.lambda_, cfg.decoding.max_new_tokens, cfg.decoding.temperature) == (3, 5, 0.5)
+    assert pj.build_config({"decoding": {"lambda_": 3}}).decoding.lambda_ == 3  # the field name, as before

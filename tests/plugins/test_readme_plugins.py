@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from typecheck import run_mypy
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -116,20 +118,5 @@ def test_readme_backend_type_checks_against_the_public_protocols(tmp_path):
 
     pytest.importorskip("mypy")
     site = write_plugin(tmp_path)
-    # the package as an installed one looks (core/, backends/ ... mapped under personajudge/), as `make lint` does
-    pkg = tmp_path / "typed" / "personajudge"
-    pkg.mkdir(parents=True)
-    for entry in (ROOT / "personajudge").iterdir():
-        if entry.name != "__pycache__":
-            (pkg / entry.name).symlink_to(entry)
-    for room in ("core", "backends", "preferences", "plugins"):
-        (pkg / room).symlink_to(ROOT / room)
-    proc = subprocess.run(
-        [sys.executable, "-m", "mypy", "--no-incremental", "--follow-imports=silent", str(site / "my_backend.py")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "MYPYPATH": str(pkg.parent)},
-        cwd=tmp_path,
-    )
+    proc = run_mypy([site / "my_backend.py"], tmp_path)  # the package in its installed layout, as `make lint`
     assert proc.returncode == 0 and "Success" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
