@@ -1,15 +1,18 @@
 """``personajudge bench``: Persona-judge speed against plain decoding, side by side.
 
 Everything runs in one process on one loaded model, the same prompt and the
-same settings, so the numbers are comparable as ratios even on a noisy shared
-machine. Each configuration gets a warm-up run, then ``repeats`` timed runs
-with different seeds; the median tokens/s is reported. Peak memory is measured
-in fresh subprocesses (one with a single view, one with K views), because a
-process's peak RSS cannot be reset.
+same settings. Each method gets a warm-up run (all warm-ups first), then
+``repeats`` timed runs with different seeds, interleaved: repeat 1 of every
+method, then repeat 2 of every method, ... so a load that comes and goes on a
+shared machine moves every method's median alike, and the ratios stay
+comparable. The median tokens/s is reported. Peak memory is measured in fresh
+subprocesses (one with a single view, one with K views), because a process's
+peak RSS cannot be reset.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import platform
@@ -18,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +29,7 @@ from pydantic import ValidationError
 
 from personajudge.api import PersonaJudge, make_method
 from personajudge.core.config import DecodingConfig, RunConfig, validation_message
-from personajudge.core.errors import ConfigError
+from personajudge.core.errors import ConfigError, PersonaJudgeWarning
 from personajudge.plugins import get_method, preference_library
 from personajudge.preferences import Preference, build_views
 
@@ -97,16 +101,68 @@ def bench_views(cfg: RunConfig, k: int | None = None, preferences: Sequence[str 
     k = 2 if k is None else k
     if k < 1:
         raise ConfigError(f"--views must be at least 1, got {k}")
-    prefs = prefs or list(DEFAULT_PREFS[:k])
+    if not prefs:
+        if k > len(DEFAULT_PREFS):  # the defaults are the bench's, not something the user gave
+            raise ConfigError(
+                f"--views {k} needs {k} preferences and none were given (the built-in defaults are "
+                f"{len(DEFAULT_PREFS)}); give them with --prefer or --preferences-file"
+            )
+        prefs = list(DEFAULT_PREFS[:k])
     if len(prefs) < k:
         raise ConfigError(f"--views {k} needs at least {k} preferences, got {len(prefs)}")
     return build_views(prefs[:k], None, lib)
 
 
+def _names(view: list[Preference]) -> list[str]:
+    """A view's preferences as the report names them: by name, a free-text preference by its text."""
+    return [p.description if p.source == "free text" else p.name for p in view]
+
+
 def _label(view: list[Preference]) -> str:
-    """A view as the report shows it: its preferences' names, joined as ``--view`` takes them (a free-text
-    preference by its text)."""
-    return ",".join(p.description if p.source == "free text" else p.name for p in view)
+    """A view in one string, its preferences joined by commas: a label for the table. Not something to
+    feed back to ``--view`` when a free-text preference contains a comma (``--view`` splits there);
+    ``settings.view_preferences`` keeps each preference whole."""
+    return ",".join(_names(view))
+
+
+def _multi_view(name: str) -> bool:
+    """Whether ``name`` is a method whose rows mean something only with two views or more (with one it
+    is plain sampling under another name)."""
+    return name != "plain" and getattr(get_method(name), "min_views", 1) >= 2
+
+
+def _method_options(cfg: RunConfig, methods: list[str]) -> dict[str, dict[str, Any]]:
+    """The ``method_options`` each timed method gets: all of them for a method that takes every one,
+    none for a method that takes none. Refused (before the model loads) when no method takes them, or
+    when a method takes only some of them (which of them were meant for it is a guess). ``plain``
+    (the backend's sampler, else the ``prompt`` method) takes none."""
+    opts = dict(cfg.method_options)
+    out: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    if not opts:
+        return out
+    takes: dict[str, list[str]] = {}
+    for m in methods:
+        cls = get_method("prompt" if m == "plain" else m)
+        try:
+            params = inspect.signature(cls).parameters.values()
+        except (TypeError, ValueError):
+            params = []  # type: ignore[assignment]
+        takes[m] = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    keys = ", ".join(sorted(opts))
+    partial = [m for m in methods if set(opts) & set(takes[m]) and not set(opts) <= set(takes[m])]
+    if partial:
+        m = partial[0]
+        raise ConfigError(
+            f"--method-option {keys}: '{m}' takes only {', '.join(sorted(set(opts) & set(takes[m])))} of them; "
+            "bench one method's options at a time"
+        )
+    full = [m for m in methods if set(opts) <= set(takes[m])]
+    if not full:
+        raise ConfigError(f"--method-option {keys}: none of the benched methods ({', '.join(methods)}) takes them")
+    for m in full:
+        make_method(cfg.model_copy(update={"method": m, "method_options": opts}))  # bad values: here, not later
+        out[m] = opts
+    return out
 
 
 def _capped(d: DecodingConfig, max_new_tokens: int) -> DecodingConfig:
@@ -137,7 +193,15 @@ def run_bench(
 
     The views are :func:`bench_views`'s: ``cfg.views`` when set (``views`` may only repeat their
     number), else ``views`` (default 2) of ``preferences`` (default: the config's, else
-    :data:`DEFAULT_PREFS`), one each. ``settings.preferences`` lists each view as ``--view`` takes it.
+    :data:`DEFAULT_PREFS`), one each. ``settings.view_preferences`` lists each view's preferences
+    (names; a free-text one by its text), ``settings.preferences`` each view as one comma-joined label.
+
+    The bench times a fixed number of tokens, so stop strings (``decoding.stop``) are refused: the
+    backend's native sampler has none, and a run cut short would be compared with a full one.
+    ``cfg.method_options`` go to the methods that take them (:func:`_method_options`); ``cfg.method``
+    is not used (``methods`` names what is timed). With one view, the multi-view methods (persona-judge,
+    reference, mod, ...) would time plain sampling under their names: they are skipped with a
+    :class:`PersonaJudgeWarning`.
 
     ``backend``: an already loaded backend to time (then it is not closed
     here); by default the one ``cfg`` names is loaded, and closed at the end.
@@ -157,8 +221,26 @@ def run_bench(
     if unknown:
         for m in unknown:
             get_method(m)  # raises with the registered names
+    if cfg.decoding.stop:
+        raise ConfigError(
+            "the bench times a fixed number of tokens (the native plain sampler has no stop strings): drop --stop"
+        )
     pviews = bench_views(cfg, views, preferences)
     views = len(pviews)
+    if views == 1:
+        skipped = [m for m in methods if _multi_view(m)]
+        methods = [m for m in methods if m not in skipped]
+        if not methods:
+            raise ConfigError(
+                f"with 1 view, {', '.join(skipped)} would be plain sampling under another name: bench --views 2 or more"
+            )
+        if skipped:
+            warnings.warn(
+                f"1 view: skipping {', '.join(skipped)} (with one view they are plain sampling)",
+                PersonaJudgeWarning,
+                stacklevel=2,
+            )
+    options = _method_options(cfg, methods)
     # Time a fixed number of tokens: no stop strings implied by the prompt format, no repetition guard.
     # The bench times decoding, not a prompt format: `auto` means the short `plain` prefixes here (as in
     # every recorded run), so numbers compare across versions; pass --encoder to time another one.
@@ -168,6 +250,7 @@ def run_bench(
             "encoder_options": {**cfg.encoder_options, "stop": False},
             "preferences": [],  # resolved above: every run passes its views
             "views": None,
+            "method_options": {},  # per method, above: each run gets its own
             "decoding": cfg.decoding.model_copy(update={"repeat_lines": 0}),
         }
     )
@@ -178,14 +261,18 @@ def run_bench(
     base_seed = d.seed if d.seed is not None else 0
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(methods) * (repeats + 1), desc="bench", disable=not progress, file=sys.stderr)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in methods}
     try:
-        for name in methods:
-            runs = []
-            for rep in range(repeats + 1):  # run 0 is the warm-up
-                seed = base_seed + rep
-                runs.append(_one(pj, cfg, name, prompt, pviews, seed, reference_max_new_tokens, make_method))
+        # Repeat by repeat, every method in turn: the warm-ups (rep 0) first, then plain r1, pj r1, ...,
+        # plain r2, pj r2, ...: side by side, so a load on a shared machine falls on every method alike.
+        for rep in range(repeats + 1):
+            seed = base_seed + rep
+            for name in methods:
+                c = cfg.model_copy(update={"method_options": options[name]})
+                runs[name].append(_one(pj, c, name, prompt, pviews, seed, reference_max_new_tokens, make_method))
                 bar.update(1)
-            timed = runs[1:]
+        for name in methods:
+            timed = runs[name][1:]
             tps = statistics.median(x["tokens_per_s"] for x in timed)
             acc = [x["acceptance_rate"] for x in timed if x["acceptance_rate"] is not None]
             rows.append(
@@ -215,7 +302,9 @@ def run_bench(
         "settings": {
             "prompt": prompt,
             "preferences": [_label(v) for v in pviews],
+            "view_preferences": [_names(v) for v in pviews],
             "views": views,
+            "method_options": {m: o for m, o in options.items() if o},
             "repeats": repeats,
             "lambda": d.lambda_,
             "temperature": d.temperature,
@@ -329,7 +418,7 @@ def measure_memory(
     # the views travel resolved: a preferences file's preferences are in no config
     groups_json = json.dumps([[p.model_dump(mode="json") for p in v] for v in groups])
     out = {}
-    for k in (1, views):
+    for k in sorted({1, views}):  # one probe when K is 1
         proc = subprocess.run(
             [
                 sys.executable,
@@ -352,6 +441,14 @@ def measure_memory(
             raise RuntimeError(f"memory probe failed: {proc.stderr.strip().splitlines()[-1:]}")
         out[k] = json.loads(proc.stdout.strip().splitlines()[-1])
     one, many = out[1], out[views]
+    if views == 1:  # nothing to compare
+        res = {
+            "peak_rss_mb_1_view": one["peak_rss_mb"],
+            "generation_rss_growth_mb_1_view": one["generation_rss_growth_mb"],
+        }
+        if one["gpu_peak_mb"]:
+            res["gpu_peak_mb_1_view"] = one["gpu_peak_mb"]
+        return res
     res = {
         "peak_rss_mb_1_view": one["peak_rss_mb"],
         f"peak_rss_mb_{views}_views": many["peak_rss_mb"],
@@ -378,7 +475,11 @@ def format_table(rep: dict[str, Any]) -> str:
         + (f", GPU {rep['machine']['gpu']}" if rep["machine"].get("gpu") else ""),
         f"settings: {s['max_new_tokens']} new tokens, lambda {s['lambda']}, T {s['temperature']}, "
         f"top-k {s['top_k']}, top-p {s['top_p']}, {s['views']} views {s['preferences']}, "
-        f"median of {s['repeats']} after a warm-up",
+        f"median of {s['repeats']} after a warm-up, repeats interleaved",
+    ]
+    if s.get("method_options"):
+        lines.append("method options: " + "; ".join(f"{m} {json.dumps(o)}" for m, o in s["method_options"].items()))
+    lines += [
         "",
         f"| {'method':<20} | {'tokens/s':>9} | {'x plain':>7} | {'acceptance':>10} | {'tokens':>6} | runner |",
         f"|{'-' * 22}|{'-' * 11}|{'-' * 9}|{'-' * 12}|{'-' * 8}|--------|",
@@ -395,6 +496,11 @@ def format_table(rep: dict[str, Any]) -> str:
     if rep.get("steps"):
         lines.append(format_steps(rep["steps"]))
     mem = rep.get("memory", {})
+    if "rss_ratio" not in mem and "peak_rss_mb_1_view" in mem:
+        lines.append(
+            f"peak RSS: 1 view {mem['peak_rss_mb_1_view']:.0f} MB; growth while generating: "
+            f"{mem['generation_rss_growth_mb_1_view']:.1f} MB"
+        )
     if "rss_ratio" in mem:
         k = s["views"]
         lines.append(

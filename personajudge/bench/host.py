@@ -8,9 +8,12 @@ by a :class:`~personajudge.core.decoding.StepDriver` holding ``B`` two-view
 Persona-judge requests, once as generator loops (one filtered support pair,
 one acceptance call and one host read per request per step) and once as rows
 of one :class:`~personajudge.core.batched.BatchedJudge` (one vectorized
-decision and one read per step for all of them). Both paths run in the same
-process, one after the other, for each batch size; the table gives the median
-microseconds per step and per request.
+decision and one read per step for all of them). Both paths (and the compiled
+one with ``--compile``) run in the same process side by side, step for step:
+each has its own driver, and every step of the loop steps each driver once in
+turn (the warm-up steps first), so a load that comes and goes on a shared
+machine falls on every path alike. The table gives the median microseconds per
+step and per request.
 
 On a CPU the "device" is the host too, so the batched path's time includes
 its kernels' arithmetic on (B, V) arrays; on a GPU that work is queued
@@ -91,6 +94,52 @@ def _requests(batch: int, vocab: int, lam: int, params: SamplingParams) -> list[
     ]
 
 
+#: one timed path: (batched, kernel); (False, None) is the generator loops
+Path = tuple[bool, "Kernel | None"]
+
+
+def _driver(batch: int, path: Path, *, pool: Any, empty: Any, lam: int, params: SamplingParams) -> StepDriver:
+    """A driver holding ``batch`` two-view requests on a stub session of its own, stepped one way."""
+    batched, kernel = path
+    session = StubSession(2 * batch, pool, empty)
+    driver, judge = StepDriver(session), BatchedJudge(kernel)
+    for i, req in enumerate(_requests(batch, pool.shape[-1], lam, params)):
+        slots = [2 * i, 2 * i + 1]
+        if batched:
+            driver.add_row(i, judge, req, slots)
+        else:
+            driver.add(i, persona_judge_loop(req), slots)
+    return driver
+
+
+def time_paths(
+    batch: int,
+    paths: Sequence[Path],
+    *,
+    pool: Any,
+    empty: Any,
+    steps: int,
+    warmup: int,
+    lam: int,
+    params: SamplingParams,
+    clock: Any = time.perf_counter,
+) -> list[float]:
+    """Median seconds of one ``StepDriver.step()`` with ``batch`` two-view requests, per path, the paths
+    stepped in turn (step n of every path, then step n + 1 of every path; warm-up steps first)."""
+    drivers = [_driver(batch, p, pool=pool, empty=empty, lam=lam, params=params) for p in paths]
+    times: list[list[float]] = [[] for _ in paths]
+    for n in range(warmup + steps):
+        for driver, out in zip(drivers, times):
+            t0 = clock()
+            finished, failed = driver.step()
+            dt = clock() - t0
+            if finished or failed:
+                raise RuntimeError(f"a request left the timed batch: {failed or finished}")
+            if n >= warmup:
+                out.append(dt)
+    return [statistics.median(t) for t in times]
+
+
 def time_steps(
     batch: int,
     batched: bool,
@@ -103,25 +152,10 @@ def time_steps(
     params: SamplingParams,
     kernel: Kernel | None = None,
 ) -> float:
-    """Median seconds of one ``StepDriver.step()`` with ``batch`` two-view requests."""
-    session = StubSession(2 * batch, pool, empty)
-    driver, judge = StepDriver(session), BatchedJudge(kernel)
-    for i, req in enumerate(_requests(batch, pool.shape[-1], lam, params)):
-        slots = [2 * i, 2 * i + 1]
-        if batched:
-            driver.add_row(i, judge, req, slots)
-        else:
-            driver.add(i, persona_judge_loop(req), slots)
-    times = []
-    for n in range(warmup + steps):
-        t0 = time.perf_counter()
-        finished, failed = driver.step()
-        dt = time.perf_counter() - t0
-        if finished or failed:
-            raise RuntimeError(f"a request left the timed batch: {failed or finished}")
-        if n >= warmup:
-            times.append(dt)
-    return statistics.median(times)
+    """Median seconds of one ``StepDriver.step()`` with ``batch`` two-view requests, one path alone."""
+    return time_paths(
+        batch, [(batched, kernel)], pool=pool, empty=empty, steps=steps, warmup=warmup, lam=lam, params=params
+    )[0]
 
 
 def _check_torch_flags(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
@@ -191,12 +225,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("-" * len(head))
     for b in batches:
         kw = dict(pool=pool, empty=empty, steps=a.steps, warmup=a.warmup, lam=a.lam, params=params)
-        gen = time_steps(b, False, **kw) * 1e6
-        bat = time_steps(b, True, **kw) * 1e6
+        paths: list[Path] = [(False, None), (True, None)] + ([(True, kernel)] if kernel is not None else [])
+        gen, bat, *comp = (t * 1e6 for t in time_paths(b, paths, **kw))
         line = f"{b:>5} | {gen:>17.0f} | {bat:>15.0f} | {gen / b:>10.0f} | {bat / b:>10.0f} | {gen / bat:>7.1f}x"
-        if kernel is not None:
-            comp = time_steps(b, True, kernel=kernel, **kw) * 1e6
-            line += f" | {comp:>16.0f} | {bat / comp:>9.1f}x"
+        if comp:
+            line += f" | {comp[0]:>16.0f} | {bat / comp[0]:>9.1f}x"
         print(line)
     return 0
 

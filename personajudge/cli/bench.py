@@ -12,6 +12,8 @@ from .options import add_run_options, config_from_args
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.method is not None:  # bench times the methods of --methods; --method would be silently ignored
+        raise ConfigError("bench times the methods --methods names; --method has no effect here: use --methods")
     cfg, prefs = config_from_args(args)
     if args.views is not None and args.views < 1:
         raise ConfigError("--views must be at least 1")
@@ -65,7 +67,8 @@ def register(sub) -> None:
         "--methods",
         metavar="A,B",
         help=f"comma-separated methods, each once (default {','.join(ALL_METHODS)}; any registered method "
-        "can be added, e.g. prompt, mod, pad)",
+        "can be added, e.g. prompt, mod, pad). --method-option goes to the methods that take it; --method "
+        "and --stop are refused (the bench times a fixed number of tokens)",
     )
     p.add_argument(
         "--reference-max-new-tokens",

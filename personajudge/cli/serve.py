@@ -190,12 +190,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise ConfigError(f"--concurrency takes positive integers, e.g. 1,4,16; got {text!r}")
+    return levels
+
+
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     _require_serve_extra()
+    if args.host is not None or args.port is not None:
+        raise ConfigError(
+            "bench-serve starts its server on 127.0.0.1 and a free port: --host and --port are not used "
+            "(to bench a server elsewhere, pass --url)"
+        )
+    args.host, args.port = "127.0.0.1", 0
     _check_limits(args)
-    levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
-    if not levels or min(levels) < 1:
-        raise ConfigError("--concurrency takes positive integers, e.g. 1,4,16")
+    levels = _levels(args.concurrency)
     if args.requests < 1:
         raise ConfigError("--requests must be at least 1")
     cfg, prefs = config_from_args(args)
@@ -206,7 +220,11 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         str(max(args.max_queue, args.requests)),
         f"--max-views={args.max_views}",
         f"--max-request-bytes={args.max_request_bytes}",
+        f"--request-timeout={args.request_timeout}",
+        f"--shutdown-timeout={args.shutdown_timeout}",
     ]
+    if args.max_tokens_limit is not None:
+        flags.append(f"--max-tokens-limit={args.max_tokens_limit}")
     api_key = args.api_key or os.environ.get("PERSONAJUDGE_API_KEY") or None
     rep = run_bench_serve(
         cfg,
@@ -220,6 +238,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         progress=not args.json,
         api_key=api_key,
         model=args.served_model_name,
+        request_timeout=args.request_timeout,
     )
     print(json.dumps(rep, indent=2) if args.json else format_table(rep))
     return 0
@@ -352,9 +371,15 @@ def register(sub) -> None:
     b = sub.add_parser("bench-serve", help="throughput and latency of the server at several concurrencies")
     add_run_options(b)
     _add_server_limits(b)
+    # The server bench-serve starts listens on 127.0.0.1 and a free port; a --host or --port is refused.
+    b.set_defaults(host=None, port=None)
+    for action in b._actions:
+        if action.dest in ("host", "port"):
+            action.help = "not used: bench-serve's server listens on 127.0.0.1 and a free port (refused if given)"
     b.add_argument(
         "--url",
-        help="benchmark a running server at this base URL (e.g. http://127.0.0.1:8000/v1) instead of starting one",
+        help="benchmark a running server at this base URL (e.g. http://127.0.0.1:8000/v1) instead of starting one; "
+        "checked (GET /models) before any work. --request-timeout then bounds each request on the client's side",
     )
     b.add_argument("--concurrency", default="1,4,16", help="client concurrency levels (default 1,4,16)")
     b.add_argument("--requests", type=int, default=16, help="requests per level (default 16)")

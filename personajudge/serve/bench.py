@@ -13,6 +13,12 @@ Each row gives aggregate completion tokens/s (all tokens over the level's wall
 time), p50/p95 request latency and p50/p95 time to first token (request sent
 -> first non-empty text). Request i uses prompt ``i % len(DEFAULT_PROMPTS)``
 and seed i at every level, so the levels do the same work.
+
+The client is bounded: connecting takes at most :data:`CONNECT_TIMEOUT_S`, each
+request (the warm-up too) at most the server's ``--request-timeout`` plus
+:data:`GRACE_S` (after which the server itself answers 408). A failed warm-up,
+or a level where every request failed, stops the bench with the server's first
+error message (HTTP status and body), since its numbers would mean nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from typing import Any
 from personajudge.api import PersonaJudge
 from personajudge.core.config import RunConfig
 from personajudge.core.decoding import run_timed
-from personajudge.core.errors import PersonaJudgeError
+from personajudge.core.errors import ConfigError, PersonaJudgeError
 
 DEFAULT_PROMPTS = [
     "Why is the sky blue?",
@@ -45,6 +51,11 @@ DEFAULT_PROMPTS = [
     "Why do cats purr?",
 ]
 READY_TIMEOUT_S = 300
+CONNECT_TIMEOUT_S = 10.0
+#: beyond the server's --request-timeout, how long the client waits for its 408 before giving up itself
+GRACE_S = 5.0
+#: how much of a server's error body a report quotes
+ERROR_CHARS = 300
 
 
 def _pct(xs: list[float], q: float) -> float | None:
@@ -55,11 +66,20 @@ def _pct(xs: list[float], q: float) -> float | None:
     return statistics.quantiles(xs, n=100, method="inclusive")[int(q) - 1]
 
 
-def _row(name: str, wall: float, lat: list[float], ttft: list[float], tokens: int, errors: int) -> dict[str, Any]:
+def _row(
+    name: str,
+    wall: float,
+    lat: list[float],
+    ttft: list[float],
+    tokens: int,
+    errors: int,
+    first_error: str | None = None,
+) -> dict[str, Any]:
     return {
         "name": name,
         "requests": len(lat),
         "errors": errors,
+        "first_error": first_error,
         "tokens": tokens,
         "wall_s": round(wall, 3),
         "tokens_per_s": round(tokens / wall, 2) if wall > 0 else 0.0,
@@ -124,9 +144,65 @@ def direct_row(
     return _row("direct (no server)", wall, lat, ttft, tokens, 0)
 
 
+def _quote(body: bytes | str) -> str:
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    text = " ".join(text.split())
+    return text[:ERROR_CHARS] + ("..." if len(text) > ERROR_CHARS else "")
+
+
+def check_url(url: str, *, model: str, headers: dict[str, str], timeout: float = CONNECT_TIMEOUT_S) -> str:
+    """``url`` without a trailing slash, once ``GET url/models`` answers 200 and lists ``model``: a
+    mistyped, unreachable or wrong server is one line (:class:`ConfigError`) before any work is done."""
+    import httpx
+
+    url = url.rstrip("/")
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError) as err:
+        raise ConfigError(f"--url {url!r}: {err}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ConfigError(f"--url {url!r}: expected a base URL like http://127.0.0.1:8000/v1")
+    try:
+        r = httpx.get(url + "/models", headers=headers, timeout=timeout)
+    except httpx.TimeoutException:
+        raise ConfigError(f"--url {url}: no answer from {url}/models within {timeout:g}s") from None
+    except httpx.HTTPError as err:
+        raise ConfigError(f"--url {url}: cannot reach the server ({type(err).__name__}: {err})") from None
+    if r.status_code != 200:
+        raise ConfigError(f"--url {url}: GET /models answered HTTP {r.status_code}: {_quote(r.content)}")
+    try:
+        ids = [m.get("id") for m in r.json().get("data", [])]
+    except (ValueError, AttributeError):
+        raise ConfigError(
+            f"--url {url}: GET /models did not answer an OpenAI model list: {_quote(r.content)}"
+        ) from None
+    if model not in ids:
+        raise ConfigError(
+            f"--url {url}: the server does not serve '{model}' (it lists {', '.join(map(str, ids)) or 'none'}); "
+            "pass --served-model-name"
+        )
+    return url
+
+
 async def _one_request(
-    client: Any, url: str, model: str, i: int, max_tokens: int, headers: dict[str, str]
-) -> tuple[float, float | None, int, bool]:
+    client: Any, url: str, model: str, i: int, max_tokens: int, headers: dict[str, str], bound: float
+) -> tuple[float, float | None, int, str | None]:
+    """One streamed request: latency, time to first text, completion tokens and, when it failed, why
+    (the HTTP status and the server's message). Never longer than ``bound`` seconds."""
+    import httpx
+
+    t0 = time.perf_counter()
+    try:
+        return await asyncio.wait_for(_stream(client, url, model, i, max_tokens, headers, t0), bound)
+    except (TimeoutError, httpx.TimeoutException):
+        return time.perf_counter() - t0, None, 0, f"no complete answer within {bound:g}s"
+    except (httpx.HTTPError, ValueError) as err:  # a dropped connection, a malformed event: say why
+        return time.perf_counter() - t0, None, 0, f"{type(err).__name__}: {_quote(str(err))}"
+
+
+async def _stream(
+    client: Any, url: str, model: str, i: int, max_tokens: int, headers: dict[str, str], t0: float
+) -> tuple[float, float | None, int, str | None]:
     body = {
         "model": model,
         "messages": [{"role": "user", "content": DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)]}],
@@ -135,52 +211,66 @@ async def _one_request(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    t0 = time.perf_counter()
     first = None
     tokens = 0
     async with client.stream("POST", url + "/chat/completions", json=body, headers=headers) as resp:
         if resp.status_code != 200:
-            await resp.aread()
-            return time.perf_counter() - t0, None, 0, False
+            return time.perf_counter() - t0, None, 0, f"HTTP {resp.status_code}: {_quote(await resp.aread())}"
         async for line in resp.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
             if "error" in chunk:
-                return time.perf_counter() - t0, first, tokens, False
+                return time.perf_counter() - t0, first, tokens, f"stream error: {_quote(json.dumps(chunk['error']))}"
             for ch in chunk.get("choices", []):
                 if ch.get("delta", {}).get("content") and first is None:
                     first = time.perf_counter() - t0
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    return time.perf_counter() - t0, first, tokens, True
+    return time.perf_counter() - t0, first, tokens, None
 
 
 async def _level(
-    url: str, model: str, concurrency: int, n_requests: int, max_tokens: int, headers: dict[str, str]
+    url: str,
+    model: str,
+    concurrency: int,
+    n_requests: int,
+    max_tokens: int,
+    headers: dict[str, str],
+    bound: float = 600.0 + GRACE_S,
 ) -> dict[str, Any]:
+    """One concurrency level; raises when the warm-up or every request failed, quoting the first error."""
     import httpx
 
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 2)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
-        await _one_request(client, url, model, 0, max_tokens, headers)  # warm-up
+    timeout = httpx.Timeout(bound, connect=CONNECT_TIMEOUT_S)  # and wait_for bounds the request as a whole
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        warm = await _one_request(client, url, model, 0, max_tokens, headers, bound)
+        if warm[3] is not None:
+            raise PersonaJudgeError(f"server at {url}: the warm-up request failed: {warm[3]}")
 
         async def run(i: int):
             async with sem:
-                return await _one_request(client, url, model, i, max_tokens, headers)
+                return await _one_request(client, url, model, i, max_tokens, headers, bound)
 
         t0 = time.perf_counter()
         results = await asyncio.gather(*(run(i) for i in range(n_requests)))
         wall = time.perf_counter() - t0
-    ok = [r for r in results if r[3]]
+    ok = [r for r in results if r[3] is None]
+    failed = [r[3] for r in results if r[3] is not None]
+    if not ok:
+        raise PersonaJudgeError(
+            f"server at {url}: all {n_requests} requests at concurrency {concurrency} failed; the first: {failed[0]}"
+        )
     return _row(
         f"server c={concurrency}",
         wall,
         [r[0] for r in ok],
         [r[1] for r in ok if r[1] is not None],
         sum(r[2] for r in ok),
-        len(results) - len(ok),
+        len(failed),
+        failed[0] if failed else None,
     )
 
 
@@ -230,7 +320,15 @@ def run_bench_serve(
     model: str = "persona-judge",
     api_key: str | None = None,
     preferences: list[Any] | None = None,
+    request_timeout: float = 600.0,
 ) -> dict[str, Any]:
+    """The report (see the module's docstring). ``url`` is checked (:func:`check_url`) before any work;
+    ``request_timeout`` is the server's (``server_flags`` should pass it to a started one): each request
+    is bounded by it plus :data:`GRACE_S`."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    if url is not None:
+        url = check_url(url, model=model, headers=headers)
+    bound = request_timeout + GRACE_S
     rows = []
     if direct:
         if progress:
@@ -238,17 +336,17 @@ def run_bench_serve(
         rows.append(direct_row(cfg, n_requests, max_tokens, progress, preferences))
     proc = None
     exit_code = None
+    started = False
     if url is None:
         if progress:
             print("starting the server ...", file=sys.stderr)
         proc, base = start_server(server_flags)
-        url = base + "/v1"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        started, url = True, base + "/v1"
     try:
         for c in levels:
             if progress:
                 print(f"server: {n_requests} requests at concurrency {c}", file=sys.stderr)
-            rows.append(asyncio.run(_level(url, model, c, n_requests, max_tokens, headers)))
+            rows.append(asyncio.run(_level(url, model, c, n_requests, max_tokens, headers, bound)))
     finally:
         if proc is not None:
             proc.terminate()
@@ -263,6 +361,8 @@ def run_bench_serve(
     d = cfg.decoding
     return {
         "machine": machine(),
+        # with --url the local flags describe only the direct row (if any), not the server
+        "server": "started" if started else url,
         "backend": cfg.backend.name,
         "model": cfg.backend.model or "default",
         "method": cfg.method,
@@ -276,10 +376,13 @@ def run_bench_serve(
 
 
 def format_table(rep: dict[str, Any]) -> str:
-    head = (
-        f"{rep['machine']}; backend {rep['backend']} ({rep['model']}), method {rep['method']}, "
-        f"{rep['requests_per_level']} requests x max_tokens {rep['max_tokens']}"
-    )
+    local = f"backend {rep['backend']} ({rep['model']}), method {rep['method']}"
+    if rep.get("server", "started") == "started":
+        where = local
+    else:  # the local flags say nothing about a server at --url
+        direct = any(not r["name"].startswith("server") for r in rep["rows"])
+        where = f"server at {rep['server']}" + (f" (direct row: {local}, this process)" if direct else "")
+    head = f"{rep['machine']}; {where}, {rep['requests_per_level']} requests x max_tokens {rep['max_tokens']}"
     lines = [
         head,
         "",
@@ -293,6 +396,9 @@ def format_table(rep: dict[str, Any]) -> str:
             f"{r['vs_c1'] if r['vs_c1'] is not None else '-'} | {r['latency_p50_s']} / {r['latency_p95_s']} | "
             f"{r['ttft_p50_s']} / {r['ttft_p95_s']} |"
         )
+    for r in rep["rows"]:
+        if r.get("first_error"):
+            lines.append(f"\n{r['name']}: first error: {r['first_error']}")
     if rep.get("server_exit_code_after_sigterm") is not None:
         lines.append(f"\nserver exit code after SIGTERM: {rep['server_exit_code_after_sigterm']}")
     return "\n".join(lines)
