@@ -451,6 +451,7 @@ def check_backend_exactness(
     lam: int = 4,
     n: int = 1500,
     seed: int = 0,
+    schedule: str = "interleaved",
 ) -> tuple[float, float]:
     """The conformance kit's exactness check on a (third-party) backend: ``(p_value, control_p)``.
 
@@ -462,13 +463,21 @@ def check_backend_exactness(
     give identical distributions, as a bigram model's do once their last
     tokens agree, make the role schedules indistinguishable; the temperature
     control still shows power.) A conforming backend gives ``p_value`` well
-    above 1e-3 and ``control_p`` below it.
+    above 1e-3 and ``control_p`` below it. ``schedule`` is the loop schedule
+    sampled with (``windowed`` verifies lambda + 1 rows per forward).
     """
 
     model = backend if isinstance(backend, PersonaJudge) else PersonaJudge(_KIT_CONFIG(backend), backend=backend)
     settings: dict[str, Any] = dict(lam=lam, temperature=1.0, top_k=2, top_p=1.0)
     res = check_exactness(
-        model, prompt, preferences=list(preferences), method="persona-judge", n=n, seed=seed, **settings
+        model,
+        prompt,
+        preferences=list(preferences),
+        method="persona-judge",
+        n=n,
+        seed=seed,
+        schedule=schedule,
+        **settings,
     )
     contexts = view_contexts(model, prompt, method="persona-judge", preferences=list(preferences))
     eos = model.backend.tokenizer.eos_token_ids

@@ -17,9 +17,11 @@ class TestToyConformance(BackendConformance):
 @pytest.mark.model
 class TestLlamaCppConformance(BackendConformance):
     # llama.cpp's CPU kernels change logits with the batch shape and the split of a context into
-    # calls (measured on the embedded model: up to 0.56 in a logit, 0.03 in total variation)
+    # calls (measured on the embedded model, threads 1: up to 0.56 in a logit, 0.03 in total variation,
+    # for two calls; 0.098 in total variation and 1.7 in a logit for a row of a three-call forward_many
+    # or of a five-row window, while rows of different positions or contexts differ by 0.76 or more)
     logits_atol = 1.0
-    batch_tv = 0.05
+    batch_tv = 0.15
     check_exactness = False  # the statistical check runs on the toy backend's exact oracle
 
     @pytest.fixture(scope="class")
