@@ -6,6 +6,7 @@ import copy
 import json
 
 import pytest
+from cli_lines import one_line, run_main
 
 from personajudge.api import PersonaJudge
 from personajudge.batch import read_records
@@ -17,22 +18,6 @@ from personajudge.evaluation.dataset import read_prompts
 TOY = ["--backend", "toy", "--max-new-tokens", "4", "--seed", "1"]
 PREFS = ["--prefer", "concise", "--prefer", "humor"]
 IGNORED = "the preferences given alongside views are ignored"
-
-
-def run_main(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(code, err, *needles):
-    assert code == 2, err
-    assert "Traceback" not in err and err.count("\n") == 1 and ": error: " in err, err
-    for needle in needles:
-        assert needle in err, err
 
 
 def toml(tmp_path, text, name="c.toml"):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_lines import one_line, run_main
 
 from personajudge.batch import JsonlBatch, read_records
 from personajudge.cli import main
@@ -23,23 +24,6 @@ CLI = [sys.executable, "-m", "personajudge"]
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
 
 needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full on this system")
-
-
-def run_main(argv, capsys):
-    """``main`` as the shell sees it: argparse's refusals are SystemExit, the rest a return value."""
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(code, err, *needles):
-    assert code == 2, err
-    assert "Traceback" not in err and err.count("\n") == 1 and ": error: " in err, err
-    for needle in needles:
-        assert needle in err, err
 
 
 @pytest.fixture
