@@ -821,7 +821,8 @@ class LlamaCppBackend(Backend):
         info["n_gpu_layers"] = self.n_gpu_layers
         info["device"] = "gpu" if self._lib.llama_supports_gpu_offload() and self.n_gpu_layers != 0 else "cpu"
         info["kv_unified"] = bool(self.options["kv_unified"])
-        info["n_seq"] = self._n_seq
+        # not the KV sequences the context has grown to (``_n_seq``): that depends on earlier calls,
+        # and this feeds every row's ``settings`` (PersonaJudge.settings), which must not
         return info
 
     def close(self) -> None:

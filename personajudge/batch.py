@@ -57,6 +57,7 @@ from personajudge.core.files import (
     jsonl_lines,
     note,
     os_error_text,
+    read_jsonl,
     read_text,
     silence_stdout,
 )
@@ -484,15 +485,37 @@ class JsonlBatch:
                     on_chunk(len(self.done))
         except OutputError as err:  # disk full, pipe closed: one line that says what is kept
             bar.close()
+            self._count_on_disk()
             kept = self._kept_message()
             raise (OutputError(f"{err}; {kept}") if kept else err) from None
         except BaseException:  # Ctrl-C, a model error, a bug: say what is kept, then let it through
             bar.close()
+            self._count_on_disk()
             self._say_kept()
             raise
         bar.close()
         self.finish()
         return self.written
+
+    def _count_on_disk(self) -> None:
+        """Count as done the rows of this input that the partial file holds (what a rerun resumes).
+
+        A Ctrl-C inside an append can land after its lines are written (during the fsync) but
+        before they count in ``done``: then "N of M results are kept" would undercount, and a first
+        chunk's rows would count as none (and the file would be removed as holding no row)."""
+        if self._file is None or self.partial is None:
+            return
+        self.close()  # flushes what an interrupted append left in the buffer
+        try:
+            objs, _ = read_jsonl(self.partial)
+        except OSError:  # the run already failed: keep its error, count what ``done`` says
+            return
+        expected = {str(r.id): fp for r, fp in zip(self.records, self.fps)}
+        for o in objs:
+            if isinstance(o, dict) and "id" in o and (rid := str(o["id"])) not in self.done:
+                if expected.get(rid) == o.get("fp"):
+                    self.done[rid] = o
+                    self.written += 1
 
     def _kept_message(self) -> str:
         if self.partial is None or not self.done:

@@ -39,17 +39,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
-import sys
+import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from personajudge.api import PersonaJudge
 from personajudge.core.config import RunConfig, build_config
-from personajudge.core.errors import BackendUnavailableError, ConfigError, ContextLengthError, PersonaJudgeError
+from personajudge.core.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    ContextLengthError,
+    PersonaJudgeError,
+    PersonaJudgeWarning,
+)
 from personajudge.core.files import os_error_text
 from personajudge.plugins import get_backend_class
 
@@ -92,12 +100,37 @@ class RayOptions:
             raise ConfigError(f"--cpus-per-replica must be positive, got {self.cpus_per_replica!r}")
         if not self.gpus_per_replica >= 0:
             raise ConfigError(f"--gpus-per-replica must be 0 or more, got {self.gpus_per_replica!r}")
+        for flag, value in (
+            ("--cpus-per-replica", self.cpus_per_replica),
+            ("--gpus-per-replica", self.gpus_per_replica),
+        ):
+            if not _in_resource_units(value):
+                raise ConfigError(f"{flag} must have at most 4 decimals (Ray's resource unit is 0.0001), got {value!r}")
         if self.max_restarts < 0:
             raise ConfigError("max_restarts must be 0 or more")
+        scheme, sep, _ = (self.address or "").partition("://")
+        if sep and scheme != "ray":
+            raise ConfigError(
+                f"--ray {self.address}: {scheme}:// is not a Ray address (a dashboard or Jobs URL?); give "
+                "'auto', HOST:PORT (the head node's GCS port, default 6379) or ray://HOST:PORT (a Ray client "
+                "server, default 10001)"
+            )
 
     @property
     def replica_threads(self) -> int:
         return self.threads or max(1, int(self.cpus_per_replica))
+
+
+#: Ray's smallest amount of a resource (``ray._raylet.RESOURCE_UNIT_SCALING`` is 10000): ``options()``
+#: refuses a positive amount below it with a traceback-worthy ValueError, and rounds finer ones.
+_RESOURCE_UNIT = 1e-4
+
+
+def _in_resource_units(value: float) -> bool:
+    """``value`` is a whole number of :data:`_RESOURCE_UNIT` (checked with a tolerance for binary floats:
+    0.3 is not exactly 3000 units). Infinity and NaN, refused before this, are not."""
+    units = value / _RESOURCE_UNIT
+    return units == units and abs(units) != float("inf") and abs(units - round(units)) < 1e-6 * max(1.0, abs(units))
 
 
 @dataclass
@@ -308,11 +341,121 @@ def check_address(address: str, timeout: float | None = None) -> None:
         )
 
 
+def _init_args(address: str | None) -> dict[str, Any]:
+    """``ray.init``'s arguments. A local instance is this machine's only: its node address is
+    127.0.0.1 (the driver's, the raylet's and the workers' endpoints follow it; Ray 2.60 still
+    binds the GCS, the raylet and the driver's core worker on all interfaces, with token
+    authentication on), and no dashboard. ``log_to_driver=False``: replicas print nothing the
+    user needs (their warnings come back with their results), so Ray's per-process log lines stay
+    in Ray's log files."""
+    args: dict[str, Any] = {
+        "address": "local" if address is None else address,
+        "include_dashboard": False,
+        "logging_level": logging.WARNING,
+        "log_to_driver": False,
+        "configure_logging": True,
+    }
+    if address is None:
+        args["_node_ip_address"] = "127.0.0.1"
+    return args
+
+
+def _init_error(address: str | None, err: BaseException) -> str:
+    """One line for a failed ``ray.init``: "start" a local instance, "join" a cluster, in our words
+    where Ray's name a flag of its own (``--address``) that personajudge does not have."""
+    if address is None:
+        return f"cannot start a local Ray instance: {_first_line(err)}"
+    text = _first_line(err)
+    if address == "auto" and "Could not find any running Ray instance" in text:
+        text = (
+            "no running Ray instance found on this machine (start one with `ray start --head`, or give --ray ADDRESS)"
+        )
+    return f"cannot join the Ray cluster at {address}: {text}"
+
+
+#: Ray's start-up notice that token authentication is on (its default for a new local instance):
+#: a WARNING on every run, -q included, about a setting the user did not choose and cannot act on.
+_TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+@contextlib.contextmanager
+def _quiet_ray_start() -> Iterator[None]:
+    """``ray.init`` without Ray's token-authentication notice (its errors still show)."""
+    log = logging.getLogger(_TOKEN_NOTICE_LOGGER)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+@contextlib.contextmanager
+def _interrupt_after() -> Iterator[None]:
+    """Hold a Ctrl-C back until the block (``ray.init``) is over, then deliver it.
+
+    A KeyboardInterrupt inside ``ray.init``, while Ray builds this process's core worker, leaves a
+    half-built one that crashes the interpreter at exit (exit 139 or 134, not 130): ray.shutdown()
+    does not tidy it. A second Ctrl-C is delivered at once (a ``ray.init`` that hangs can still be
+    stopped). Only where Python's own SIGINT handler is installed, on the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):  # SIG_IGN, SIG_DFL or set outside Python: leave it alone
+        yield
+        return
+    held: list[Any] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if held:
+            previous(signum, frame)
+        held.append((signum, frame))
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        previous(*held[0])
+
+
+@contextlib.contextmanager
+def _loopback_node(local: bool) -> Iterator[None]:
+    """A local instance's node address is 127.0.0.1 (``ray.init`` alone turns a ``_node_ip_address``
+    of 127.0.0.1 into the machine's routable address in Ray 2.60). Ray keeps to the loopback
+    address where it treats the platform as single-machine (``ENABLE_RAY_CLUSTER`` false, its
+    macOS/Windows default): set so while the instance starts; its processes are handed the
+    address on their command lines. Nothing changes when joining a cluster."""
+    if not local:
+        yield
+        return
+    try:
+        from ray._private import ray_constants
+    except ImportError:  # another Ray layout: its own default address
+        yield
+        return
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):  # a Ray without the switch: its own default
+        yield
+        return
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
 class ReplicaPool:
     """``replicas`` Ray actors with one loaded model each; :meth:`run` maps chunks over them.
 
     A context manager: entering connects to (or starts) Ray and waits until every replica has loaded
     the model; leaving kills the replicas and shuts down a Ray instance it started.
+
+    The pool prints nothing: its notes (waiting for the cluster to grow, a replica that died) are
+    :class:`PersonaJudgeWarning` warnings, shown whatever ``quiet`` says (the CLI's ``-q`` keeps
+    warnings). ``quiet`` is kept for the callers, which print :meth:`overhead_line` only without it.
     """
 
     def __init__(self, config: RunConfig, options: RayOptions, *, warmup: bool = False, quiet: bool = False):
@@ -355,28 +498,29 @@ class ReplicaPool:
         ray = _import_ray()
         o = self.options
         if not ray.is_initialized():
-            where = "a local Ray instance" if o.address is None else f"the Ray cluster at {o.address}"
             if o.address is not None:
                 check_address(o.address)
-            try:
-                ray.init(
-                    address="local" if o.address is None else o.address,
-                    include_dashboard=False,
-                    logging_level=logging.WARNING,
-                    log_to_driver=True,
-                    configure_logging=True,
-                )
-            except Exception as err:  # ConnectionError, a missing ray[client], a bad address: one line
-                raise ReplicaError(f"cannot start {where}: {_first_line(err)}") from None
+            # Set before ray.init: whatever stops it half-way, close() shuts down what it started.
             self._started_ray = True
+            try:
+                with _interrupt_after(), _quiet_ray_start(), _loopback_node(o.address is None):
+                    ray.init(**_init_args(o.address))
+            except Exception as err:  # ConnectionError, a missing ray[client], a bad address: one line
+                raise ReplicaError(_init_error(o.address, err)) from None
         self._check_resources(ray)
-        remote = ray.remote(Replica).options(
-            num_cpus=o.cpus_per_replica,
-            num_gpus=o.gpus_per_replica,
-            max_restarts=o.max_restarts,
-            max_task_retries=o.max_restarts,
-            max_concurrency=1,
-        )
+        try:
+            remote = ray.remote(Replica).options(
+                num_cpus=o.cpus_per_replica,
+                num_gpus=o.gpus_per_replica,
+                max_restarts=o.max_restarts,
+                max_task_retries=o.max_restarts,
+                max_concurrency=1,
+            )
+        except ValueError as err:  # Ray's own checks of the amounts (RayOptions checks what it knows of)
+            raise ConfigError(
+                f"--cpus-per-replica {o.cpus_per_replica:g} / --gpus-per-replica {o.gpus_per_replica:g}: "
+                f"{_first_line(err)}"
+            ) from None
         cfg = self.config.model_dump(mode="json", by_alias=True)
         self.actors = [remote.remote(cfg, o.replica_threads, self.warmup) for _ in range(o.replicas)]
         self._wait_ready(ray)
@@ -398,11 +542,10 @@ class ReplicaPool:
         )
         if o.address is None:
             raise ReplicaError(msg + "; ask for fewer replicas or fewer resources per replica")
-        if not self.quiet:
-            print(
-                f"personajudge: warning: {msg}; waiting up to {o.ready_timeout_s:g}s for the cluster to grow",
-                file=sys.stderr,
-            )
+        # a warning whatever ``quiet`` says: without it, a run could wait for minutes without a word
+        warnings.warn(
+            f"{msg}; waiting up to {o.ready_timeout_s:g}s for the cluster to grow", PersonaJudgeWarning, stacklevel=2
+        )
 
     def _wait_ready(self, ray) -> None:
         from ray.exceptions import GetTimeoutError, RayActorError
@@ -447,8 +590,8 @@ class ReplicaPool:
                 pass
         self.actors = []
         if self._started_ray:
-            ray.shutdown()
             self._started_ray = False
+            ray.shutdown()  # also after a ray.init that was interrupted half-way (safe when nothing started)
 
     @property
     def model(self) -> dict[str, Any] | None:
@@ -456,13 +599,22 @@ class ReplicaPool:
 
     # -- work ------------------------------------------------------------------------------------
     def run(self, tasks: Iterable[Task]) -> Iterator[Outcome]:
-        """Run ``tasks`` on the replicas; yield each finished chunk as soon as it is back (any order)."""
+        """Run ``tasks`` on the replicas; yield each finished chunk as soon as it is back (any order).
+
+        A chunk that fails with a user-level error (a prompt too long for the context) stops the
+        run as locally, but not at once: nothing new is submitted, the chunks still out are drained
+        and those that succeed are yielded, then the error is raised. So the chunks before the bad
+        one are kept, as locally, whichever replica finished first. With several failures the
+        error of the earliest task (in the order given) is the one raised, as locally."""
         from ray.exceptions import ActorDiedError, RayActorError
         from ray.util.actor_pool import ActorPool
 
         pool = ActorPool(list(self.actors))
         inflight: dict[Any, tuple[Task, float, str]] = {}  # task key -> (task, dispatch time, actor id)
         attempts: dict[Any, int] = {}
+        order: dict[Any, int] = {}  # task key -> its place in ``tasks``
+        queue: deque[Task] = deque()  # not yet submitted; a retried chunk goes first
+        failed: tuple[int, str] | None = None  # (place, error) of the earliest chunk that raised
         alive = len(self.actors)
 
         def submit(actor, task: Task):
@@ -470,11 +622,19 @@ class ReplicaPool:
             self._running[task.key] = ref = actor.run.remote(task)
             return ref
 
+        def fill() -> None:
+            # Only onto an idle replica, so the pool never queues a chunk of its own (it would
+            # submit it by itself when a result comes back, even after a failure).
+            while queue and pool.has_free() and (failed is None or attempts[queue[0].key]):
+                pool.submit(submit, queue.popleft())
+
         for t in tasks:
-            if t.key in inflight or t.key in attempts:
+            if t.key in order:
                 raise ValueError(f"duplicate task key {t.key!r}")
             attempts[t.key] = 0
-            pool.submit(submit, t)
+            order[t.key] = len(order)
+            queue.append(t)
+        fill()
         while pool.has_next():
             try:
                 out = pool.get_next_unordered()
@@ -499,22 +659,29 @@ class ReplicaPool:
                         f"every replica died (last: {_first_line(err)}); finished results are "
                         "saved: rerun the same command to continue"
                     ) from None
-                if not self.quiet:
-                    print(
-                        f"personajudge: warning: a replica died; its chunk is retried on another one ({alive} left)",
-                        file=sys.stderr,
-                    )
+                warnings.warn(  # whatever ``quiet`` says: it is a warning
+                    f"a replica died; its chunk is retried on another one ({alive} left)",
+                    PersonaJudgeWarning,
+                    stacklevel=2,
+                )
                 self.retried += 1
-                pool.submit(submit, task)
+                queue.appendleft(task)
+                fill()
                 continue
             self._warn(out.get("warnings", ()))
-            if "raise" in out:
-                raise ReplicaError(out["raise"])
             task, t_sent, _ = inflight.pop(out["key"])
             self._running.pop(out["key"], None)
+            if "raise" in out:
+                if failed is None or order[task.key] < failed[0]:
+                    failed = (order[task.key], out["raise"])
+                fill()  # a retried chunk still goes out; nothing new does
+                continue
+            fill()
             latency = time.perf_counter() - t_sent
             self.overheads.append(max(0.0, latency - out["compute_s"]))
             yield Outcome(task, out["results"], out["batched"], out["pid"], out["compute_s"], latency)
+        if failed is not None:
+            raise ReplicaError(failed[1])
 
     def overhead_line(self) -> str:
         n = len(self.overheads)

@@ -34,7 +34,7 @@ def add_ray_options(p: argparse.ArgumentParser) -> None:
         default=None,
         dest="cpus_per_replica",
         metavar="C",
-        help="CPUs Ray reserves per replica; also its thread count unless --threads (default 1)",
+        help="CPUs Ray reserves per replica, at most 4 decimals; also its thread count unless --threads (default 1)",
     )
     g.add_argument(
         "--gpus-per-replica",
@@ -42,7 +42,7 @@ def add_ray_options(p: argparse.ArgumentParser) -> None:
         default=None,
         dest="gpus_per_replica",
         metavar="G",
-        help="GPUs Ray reserves per replica (default 0; fractions share a GPU)",
+        help="GPUs Ray reserves per replica (default 0; fractions of at most 4 decimals share a GPU)",
     )
 
 
