@@ -15,6 +15,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from bounded import run_bounded
+
 from personajudge.api import PersonaJudge  # noqa: E402
 from personajudge.batch import JsonlBatch, local_executor, read_records  # noqa: E402
 from personajudge.cli import main  # noqa: E402
@@ -346,28 +348,6 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run_bounded(args, timeout=90):
-    """A subprocess in its own session, killed (with anything it started) if it outlives ``timeout``:
-    a hang is a failure here, not a stuck test run."""
-    import subprocess
-    import sys
-
-    proc = subprocess.Popen(
-        [sys.executable, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"still running after {timeout}s: {args}")
-    return proc.returncode, out, err
-
-
 class _NotRay:
     """Plain TCP servers on 127.0.0.1 that are not Ray: ``talker`` answers one line and hangs up (a
     web server, a database), ``silent`` accepts nothing and says nothing. Closed by the test."""
@@ -418,7 +398,7 @@ def test_address_where_nothing_listens_is_one_line(tmp_path):
     inp = tmp_path / "in.jsonl"
     write_input(inp, 1)
     port = _free_port()
-    code, out, err = _run_bounded(
+    code, out, err = run_bounded(
         ["-m", "personajudge", "generate", "--input", str(inp), *TOY, "--seed", "0", "-q", "--ray", f"127.0.0.1:{port}"]
     )
     assert code == 2 and out == ""
@@ -431,7 +411,7 @@ def test_address_of_a_server_that_is_not_ray_is_one_line(tmp_path, not_ray):
     inp = tmp_path / "in.jsonl"
     write_input(inp, 1)
     address = not_ray.address("talker")
-    code, out, err = _run_bounded(
+    code, out, err = run_bounded(
         ["-m", "personajudge", "generate", "--input", str(inp), *TOY, "--seed", "0", "-q", "--ray", address]
     )
     assert code == 2 and out == ""
@@ -461,7 +441,7 @@ for address in sys.argv[1:]:
 def test_bad_addresses_raise_replica_error_in_the_api(not_ray):
     port = _free_port()
     addresses = [f"127.0.0.1:{port}", not_ray.address("talker"), not_ray.address("silent"), f"ray://127.0.0.1:{port}"]
-    code, out, err = _run_bounded(["-c", POOL_ON_ADDRESSES, *addresses])
+    code, out, err = run_bounded(["-c", POOL_ON_ADDRESSES, *addresses])
     assert code == 0, err
     got = [line.split(" | ") for line in out.splitlines()]
     assert [g[0] for g in got] == ["ReplicaError"] * 4, out
@@ -529,7 +509,7 @@ def test_cli_on_a_cluster_address_prints_nothing_with_q(tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(inp, 2)
     argv = ["generate", "--input", str(inp), "--output", str(out), *TOY, "--seed", "0", "-q"]
-    code, stdout, err = _run_bounded(["-m", "personajudge", *argv, "--ray", f"127.0.0.1:{port}", "--replicas", "2"])
+    code, stdout, err = run_bounded(["-m", "personajudge", *argv, "--ray", f"127.0.0.1:{port}", "--replicas", "2"])
     assert code == 0 and stdout == "" and _own_lines(err) == [], (stdout, err)
     assert [r["id"] for r in rows(out)] == ["r0", "r1"]
 
@@ -546,7 +526,7 @@ def test_failed_run_is_the_warning_once_and_the_error(tmp_path):
             f.write(json.dumps({"id": i, "prompt": "word " * (300 if i == 1 else 3)}) + "\n")
     argv = ["generate", "--input", str(inp), "--output", str(tmp_path / "o.jsonl"), *TOY, "--seed", "0", "-q"]
     argv += ["--threads", "2", "--n-ctx", "128", "--batch-size", "1", "--ray", "--replicas", "2"]
-    code, out, err = _run_bounded(["-c", SLOW_CHUNKS_MAIN, *argv])
+    code, out, err = run_bounded(["-c", SLOW_CHUNKS_MAIN, *argv])
     lines = _own_lines(err)
     assert code == 2 and out == "", out
     assert len(lines) == 2, lines

@@ -10,13 +10,13 @@ or run in a subprocess of their own, bounded in time.
 import json
 import os
 import signal
-import subprocess
-import sys
 import warnings
 
 import pytest
 
 ray = pytest.importorskip("ray")
+
+from bounded import run_bounded
 
 import personajudge.distributed as dist  # noqa: E402
 from personajudge.api import PersonaJudge  # noqa: E402
@@ -43,25 +43,6 @@ def local_ray():
         yield
     finally:
         ray.shutdown()
-
-
-def _run_bounded(args, timeout=90, env=None):
-    """A subprocess in its own session, killed with everything it started if it outlives ``timeout``."""
-    proc = subprocess.Popen(
-        [sys.executable, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        env=env,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"still running after {timeout}s: {args}")
-    return proc.returncode, out, err
 
 
 def _write_input(path, n):
@@ -184,7 +165,7 @@ def test_chunks_before_the_bad_line_are_in_the_partial_file(tmp_path, capsys):
             f.write(json.dumps({"id": f"r{i}", "prompt": prompt}) + "\n")
     argv = ["generate", "--input", str(inp), "--output", str(tmp_path / "o.jsonl"), *TOY, "--seed", "0", "-q"]
     argv += ["--n-ctx", "1024", "--batch-size", "1", "--ray", "--replicas", "2"]
-    code, out, err = _run_bounded(["-m", "personajudge", *argv])
+    code, out, err = run_bounded(["-m", "personajudge", *argv])
     assert code == 2, err
     assert f"{inp}:4: the prompt of view 0" in err
     kept = [json.loads(line) for line in open(tmp_path / "o.jsonl.partial")][1:]
@@ -220,7 +201,7 @@ with ReplicaPool(cfg, RayOptions(replicas=1)) as pool:
 
 def test_local_instance_is_on_loopback_and_quiet():
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
-    code, out, err = _run_bounded(["-c", LOCAL_POOL], env=env)
+    code, out, err = run_bounded(["-c", LOCAL_POOL], env=env)
     assert code == 0, err
     gcs, nodes = out.splitlines()
     assert gcs.startswith("127.0.0.1:") and nodes == "127.0.0.1", out
@@ -328,7 +309,7 @@ def test_auto_without_a_cluster_names_the_ray_flag(tmp_path):
     _write_input(inp, 1)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     argv = ["generate", "--input", str(inp), "--output", str(tmp_path / "o.jsonl"), *TOY, "-q", "--ray", "auto"]
-    code, out, err = _run_bounded(["-c", AUTO_WITHOUT_CLUSTER, *argv], env=env)
+    code, out, err = run_bounded(["-c", AUTO_WITHOUT_CLUSTER, *argv], env=env)
     assert code == 2 and out == "", err
     assert err.splitlines() == [
         "personajudge: error: cannot join the Ray cluster at auto: no running Ray instance found on this "
