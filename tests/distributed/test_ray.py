@@ -28,20 +28,9 @@ TIMING = ("wall_time_s", "tokens_per_s")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    """One local instance for the module: bounded (2 CPUs, no dashboard), on 127.0.0.1, shut down after."""
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level="WARNING",
-        log_to_driver=False,
-    )
-    try:
-        yield
-    finally:
-        ray.shutdown()
+def _every_test_on_local_ray(local_ray):
+    """Every test of this module runs against the shared local instance (tests/distributed/conftest.py)."""
+    yield
 
 
 def write_input(path, n, seeds=True):

@@ -29,22 +29,6 @@ from personajudge.distributed import RayOptions, ReplicaError, ReplicaPool, Task
 TOY = ["--backend", "toy", "--prefer", "concise", "--prefer", "humor", "--max-new-tokens", "8"]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level="WARNING",
-        log_to_driver=False,
-    )
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 def _write_input(path, n):
     with open(path, "w") as f:
         for i in range(n):
