@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import copy
 import difflib
+import functools
 import inspect
 import numbers
 import sys
@@ -371,6 +372,16 @@ def _abandoned(shared: _Shared) -> None:
         engine.stop_when_idle()
 
 
+def _attach_settings(settings: dict[str, Any], res: GenerationResult) -> GenerationResult:
+    """``res`` with a copy of the run's ``settings``, its seed the one actually used (drawn when none
+    was given). A plain function: a job holds it until it finishes, and a bound method there would
+    keep a dropped :class:`PersonaJudge` (and its engine) alive."""
+    settings = copy.deepcopy(settings)
+    settings["decoding"]["seed"] = res.stats.seed
+    res.settings = settings
+    return res
+
+
 class PersonaJudge:
     """A loaded model plus a default :class:`RunConfig`.
 
@@ -577,10 +588,7 @@ class PersonaJudge:
         settings: dict[str, Any] | None = None,
         method: Any = None,
     ) -> GenerationResult:
-        settings = copy.deepcopy(settings) if settings is not None else self.settings(cfg, views, method)
-        settings["decoding"]["seed"] = res.stats.seed  # the seed actually used (drawn when none was given)
-        res.settings = settings
-        return res
+        return _attach_settings(settings if settings is not None else self.settings(cfg, views, method), res)
 
     def stream(self, prompt: Prompt, **kwargs: Any) -> Generator[str, None, GenerationResult]:
         """Yield the response's text as it is committed (same arguments as :meth:`generate`).
@@ -589,7 +597,7 @@ class PersonaJudge:
         The finished :class:`GenerationResult` is the generator's return
         value (``StopIteration.value``), for callers that want the stats.
         """
-        job, cfg, views = self._submit(prompt, kwargs)
+        job, _, _ = self._submit(prompt, kwargs)
         try:
             for ev in job.events():
                 if ev[0] == "text":
@@ -597,7 +605,7 @@ class PersonaJudge:
                 elif ev[0] == "error":
                     raise ev[1]
                 elif ev[0] == "done":
-                    return self._with_settings(ev[1], cfg, views)
+                    return ev[1]  # with the run's settings (attached by the job)
             raise RuntimeError("the request's events ended without a result")  # events() ends at done or error
         finally:
             job.cancel()  # a caller that stops early frees the request's KV slots at the next step
@@ -686,10 +694,11 @@ class PersonaJudge:
         cfg, meth, pref_views = planned
         contexts = self.encode_views(prompt, cfg, meth, pref_views)
         req = self._request(contexts, cfg, cfg.decoding.seed)
+        finish = functools.partial(_attach_settings, self.settings(cfg, pref_views, meth))
         job = (
-            Job(req, meth, stream=stream, label=label)
+            Job(req, meth, stream=stream, label=label, finish=finish)
             if loop is None
-            else Job.for_asyncio(req, meth, loop, stream=stream, label=label)
+            else Job.for_asyncio(req, meth, loop, stream=stream, label=label, finish=finish)
         )
         return self.engine.submit(job, wait=wait), cfg, pref_views
 
@@ -753,12 +762,13 @@ class PersonaJudge:
             except ContextLengthError as err:
                 raise type(err)(str(err), row=i) from None
         reqs = [self._request(c, cfg, s) for c, s in zip(contexts, given)]
-        jobs = [Job(r, meth, stream=False) for r in reqs]  # each job runs its own loop; the method object only plans
+        finish = functools.partial(_attach_settings, self.settings(cfg, pref_views, meth))
+        # each job runs its own loop; the method object only plans
+        jobs = [Job(r, meth, stream=False, finish=finish) for r in reqs]
         engine = self.engine
         try:
             engine.submit_many(jobs)
-            shared = self.settings(cfg, pref_views, meth)
-            return [self._with_settings(j.result(), cfg, pref_views, shared) for j in jobs]
+            return [j.result() for j in jobs]
         finally:
             for j in jobs:
                 j.cancel()

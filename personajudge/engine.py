@@ -153,6 +153,7 @@ class Job:
         sink: Callable[[Event], None] | None = None,
         stream: bool = True,
         label: str = "python",
+        finish: Callable[[GenerationResult], GenerationResult] | None = None,
     ):
         self.id = next(self._ids)
         self.req = req
@@ -163,6 +164,10 @@ class Job:
         #: often as the stop strings and the repetition guard need it, and arrives with the result
         self.stream = stream
         self.method = method
+        #: applied to the result before it is delivered (the API attaches the run's settings, so a
+        #: result read from ``job.result()`` or a ``("done", result)`` event carries them as
+        #: ``generate``'s does); it runs in the engine thread and must not raise
+        self._finish = finish
         self.n_views = len(req.contexts)
         self.batchable = is_batchable(method)
         self._queue: queue.SimpleQueue | None = None
@@ -188,6 +193,7 @@ class Job:
         *,
         stream: bool = True,
         label: str = "python",
+        finish: Callable[[GenerationResult], GenerationResult] | None = None,
     ) -> Job:
         """A job whose events go to an ``asyncio.Queue`` (read with :meth:`aevents`)."""
         ev_loop = loop or asyncio.get_running_loop()
@@ -196,7 +202,7 @@ class Job:
         def sink(ev: Event) -> None:
             ev_loop.call_soon_threadsafe(aq.put_nowait, ev)
 
-        job = cls(req, method, sink=sink, stream=stream, label=label)
+        job = cls(req, method, sink=sink, stream=stream, label=label, finish=finish)
         job._aqueue = aq
         return job
 
@@ -212,6 +218,8 @@ class Job:
         elif kind in ("done", "error"):
             self.t_end = now
             if kind == "done":
+                if self._finish is not None:
+                    event = ("done", self._finish(event[1]))
                 self.result_value = event[1]
             else:
                 self.error = event[1]

@@ -11,7 +11,7 @@ from .encoders import (
 )
 from .library import Library, builtin_preferences, load_file, lookup, resolve
 from .model import Example, Preference, compose
-from .views import build_views, duplicates, warn_duplicates, with_definitions
+from .views import build_views, duplicates, view_names, warn_duplicates, with_definitions
 
 __all__ = [
     "BUILTIN_ENCODERS",
@@ -30,6 +30,7 @@ __all__ = [
     "Preference",
     "compose",
     "build_views",
+    "view_names",
     "duplicates",
     "warn_duplicates",
     "with_definitions",

@@ -53,7 +53,7 @@ def build_views(
         for i, group in enumerate(views):
             items: list[str | Preference] = []
             for g in group:
-                items.extend(_names_in(g, lib) if isinstance(g, str) else [g])
+                items.extend(view_names(g, lib) if isinstance(g, str) else [g])
             if not items:
                 raise PreferenceError(f"view {i + 1} is empty")
             out.append([resolve(x, lib) for x in items])
@@ -62,9 +62,10 @@ def build_views(
     return [[p] for p in prefs] or [[]]
 
 
-def _names_in(text: str, lib: Library) -> list[str]:
+def view_names(text: str, lib: Library) -> list[str]:
     """One string of a view: ``"concise,humor"`` is two names, but ``"answer briefly, with humour"``
-    is one free-text description. It is split at its commas when every piece could be a name (a
+    is one free-text description (the CLI's ``--view`` goes through here too, with ``lib`` holding a
+    preferences file's names). It is split at its commas when every piece could be a name (a
     registered one, or one word, which then resolves to a name or fails with a did-you-mean);
     a comma inside a sentence would otherwise cut it into two preferences."""
     pieces = [s.strip() for s in text.split(",") if s.strip()]

@@ -13,7 +13,7 @@ from personajudge.core.config import RunConfig, build_config, load_config_file
 from personajudge.core.errors import ConfigError, PersonaJudgeError
 from personajudge.core.files import path_problem
 from personajudge.plugins import preference_library
-from personajudge.preferences import Preference, build_views, load_file
+from personajudge.preferences import Preference, build_views, load_file, view_names, with_definitions
 
 EXIT_USAGE = 2
 
@@ -88,7 +88,8 @@ def add_run_options(p: argparse.ArgumentParser, *, seed_help: str | None = None)
         action="append",
         default=None,
         metavar="A,B",
-        help="a view carrying several preferences, comma-separated (repeatable)",
+        help="a view carrying several preferences, comma-separated (repeatable; split only where every "
+        "piece could be a name, so a description with a comma stays one preference)",
     )
     g.add_argument(
         "--preferences-file",
@@ -185,6 +186,7 @@ def config_from_args(args: argparse.Namespace):
         prefs = (prefs or []) + list(args.prefer)
     if args.view:
         data.pop("preferences", None)
+        names = with_definitions(preference_library(), prefs or [])
     elif prefs is not None:
         data.pop("views", None)
     cfg = build_config(
@@ -200,7 +202,7 @@ def config_from_args(args: argparse.Namespace):
             "method": args.method,
             "encoder": args.encoder,
             "system": args.system,
-            "views": [[s.strip() for s in v.split(",") if s.strip()] for v in args.view] if args.view else None,
+            "views": [view_names(v, names) for v in args.view] if args.view else None,
             "decoding.lambda": args.lam,
             "decoding.temperature": args.temperature,
             "decoding.top_k": args.top_k,

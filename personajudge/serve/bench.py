@@ -357,7 +357,10 @@ def run_bench_serve(
                 exit_code = proc.wait()
     base_rate = next((r["tokens_per_s"] for r in rows if r["name"] == "server c=1"), None)
     for r in rows:
-        r["vs_c1"] = round(r["tokens_per_s"] / base_rate, 2) if base_rate else None
+        # a server at --url may run another model on another machine: this process's direct row is
+        # no fraction of its speed, so it gets no ratio (the server's own levels still do)
+        comparable = started or r["name"].startswith("server")
+        r["vs_c1"] = round(r["tokens_per_s"] / base_rate, 2) if base_rate and comparable else None
     d = cfg.decoding
     return {
         "machine": machine(),

@@ -58,6 +58,29 @@ def test_a_preferences_file_replaces_a_config_files_views(prefs_file, tmp_path, 
     assert out["settings"]["views"] == [["pirate"], ["concise"]] and "ignored" not in err
 
 
+def test_a_view_description_with_a_comma_stays_one_preference(prefs_file, capsys):
+    """--view splits at commas only where every piece could be a name (as views= does in Python):
+    a description with a comma is one preference, and a file's name still splits from a built-in."""
+    rc = main(
+        [
+            "generate",
+            "hi",
+            "--backend",
+            "toy",
+            "--preferences-file",
+            prefs_file,
+            "--view",
+            "answer briefly, with humour",
+        ]
+        + ["--view", "pirate, humor", "--max-new-tokens", "2", "--json", "--show-prompt"]
+    )
+    out, err = _json_out(capsys)
+    assert rc == 0, err
+    assert len(out["settings"]["views"][0]) == 1 and out["settings"]["views"][1] == ["pirate", "humor"]
+    view0 = err.split("# --- view 0")[1].split("# --- end of view 0")[0]
+    assert "answer briefly, with humour" in view0
+
+
 def test_a_view_name_no_file_defines_is_still_an_error(prefs_file, capsys):
     rc = main(
         ["generate", "hi", "--backend", "toy", "--preferences-file", prefs_file, "--view", "parrot", "--view", "humor"]

@@ -227,3 +227,16 @@ def test_the_public_hints_take_what_the_api_takes(tmp_path):
     (tmp_path / "readme_python.py").write_text(block)
     proc = run_mypy([tmp_path / "snippet.py", tmp_path / "readme_python.py"], tmp_path)
     assert proc.returncode == 0 and "Success" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+def test_a_submitted_jobs_result_carries_the_settings_generate_reports(model):
+    """``submit(...).result()`` and a job's ``("done", result)`` event give the same settings as
+    ``generate`` for the same call, the seed drawn for an unseeded call included."""
+    call = dict(preferences=["concise", "humor"], max_new_tokens=3, seed=7, top_k=5)
+    want = model.generate("hi", **call)
+    got = model.submit("hi", **call).result()
+    assert got.settings == want.settings and got.tokens == want.tokens
+    events = list(model.submit("hi", **call).events())
+    assert events[-1][0] == "done" and events[-1][1].settings == want.settings
+    unseeded = model.submit("hi", **{**call, "seed": None}).result()
+    assert unseeded.settings is not None and unseeded.settings["decoding"]["seed"] == unseeded.stats.seed

@@ -228,3 +228,12 @@ def test_with_url_the_header_names_the_server_not_the_local_flags(capsys):
     head = out.splitlines()[0]
     assert f"server at {url}," in head and "backend toy" not in head and "method" not in head
     assert "| server c=1 | 2 | 2 |" in out
+
+
+def test_with_url_the_direct_row_gets_no_ratio_to_the_remote_server(capsys):
+    """The direct row runs here, the server at --url anywhere: their speeds are no ratio of each other."""
+    with fake_server("ok") as (url, _):
+        assert main([*BENCH, "--url", url, "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert rows["direct (no server)"]["tokens"] > 0 and rows["direct (no server)"]["vs_c1"] is None
+    assert rows["server c=1"]["vs_c1"] == 1.0

@@ -283,10 +283,15 @@ def test_queue_full_is_429_with_retry_after_and_a_disconnect_cancels(tmp_path):
         "1",
         "--max-queue",
         "0",
+        "--n-ctx",
+        "200000",
     ]
+    # requests that cannot finish before they are cancelled, however slow the machine is (LONG alone
+    # could finish between the stream's first line and the 429 check on a loaded machine)
+    endless = {**LONG, "max_tokens": 150000}
     with running_server(flags, tmp_path / "server.log") as (base, _):
         with httpx.Client(timeout=30) as c:
-            with c.stream("POST", base + "/v1/chat/completions", json=LONG, headers=AUTH) as resp:
+            with c.stream("POST", base + "/v1/chat/completions", json=endless, headers=AUTH) as resp:
                 assert resp.status_code == 200
                 next(resp.iter_lines())  # running now
                 r = c.post(base + "/v1/chat/completions", headers=AUTH, json={**LONG, "stream": False, "max_tokens": 5})
@@ -296,8 +301,13 @@ def test_queue_full_is_429_with_retry_after_and_a_disconnect_cancels(tmp_path):
         h = _wait_idle(base)
         assert h["completed"] == 0 and h["slots_in_use"] == 0
         # a non-streaming client that gives up is cancelled too
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(base + "/v1/chat/completions", json={**LONG, "stream": False}, headers=AUTH, timeout=0.5)
+        with pytest.raises(httpx.ReadTimeout):  # a slow connect is not the timeout this is about
+            httpx.post(
+                base + "/v1/chat/completions",
+                json={**endless, "stream": False},
+                headers=AUTH,
+                timeout=httpx.Timeout(0.5, connect=30),
+            )
         h = _wait_idle(base)
         assert h["completed"] == 0 and h["slots_in_use"] == 0
         assert "personajudge_cancelled_requests_total 2.0" in httpx.get(base + "/metrics").text
