@@ -44,6 +44,7 @@ import shutil
 import socket
 import struct
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -117,6 +118,9 @@ class HFOptions(Options):
 
 
 _OPTIONS = set(HFOptions.model_fields)
+#: accelerate's placement strategies, and the device_map targets every machine has
+_DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+_DEVICE_MAP_ANYWHERE = (*_DEVICE_MAP_STRATEGIES, "cpu", "disk", "meta")
 _DTYPES = ("float32", "float16", "bfloat16", "auto")
 _MASKED_ATTN = ("sdpa", "eager")
 
@@ -326,6 +330,11 @@ class HFSession(Session):
             self._step.cap = backend.context_length
         self._cache = _row_cache(self._step, n_views, backend._n_layers)
         self._buffers: dict[int, tuple[Any, Any, Any, Any]] = {}  # q -> (pinned host, its numpy view, device, event)
+        spare = backend._take_spare(n_views) if backend.static else None
+        if spare is not None:  # the last static session's buffers, at the same addresses (see ``_close``)
+            kv, self._buffers = spare
+            for layer, (k, v) in zip(self._cache.layers, kv):
+                layer.keys, layer.values, layer.device, layer.is_initialized = k, v, k.device, True
 
     def _truncate(self, view: int, length: int) -> None:
         pass  # the slots past ``length`` become stale; the row's next tokens overwrite them
@@ -412,6 +421,7 @@ class HFSession(Session):
                 logits = b.run_step(input_ids, position_ids, self._cache, keep, compiled=compiled)
         except torch.cuda.OutOfMemoryError:
             self.close()
+            b._spare = None  # nothing kept for a next session: the memory was what ran out
             raise DeviceError(
                 f"out of memory on {b.device_label} running {n_rows} row(s) x {kv_len} tokens; use fewer prompts "
                 "per batch (--batch-size), a shorter context, or a smaller dtype (--dtype bfloat16)"
@@ -419,9 +429,19 @@ class HFSession(Session):
         return [logits[v - lo, keep - n :, :] for v, _, n in calls]
 
     def _close(self) -> None:
-        for layer in getattr(self._cache, "layers", []):
+        layers = getattr(self._cache, "layers", [])
+        if self._step.static and layers and layers[0].keys is not None:
+            # Handed to the next static session of this size. CUDA graphs are recorded on the buffers'
+            # addresses (marked static without guards): a session on new buffers re-records every graph,
+            # and a server that reopens its session when idle would pass inductor's re-record limit and
+            # then run without graphs. Nothing stale is read: every row's slots up to its length are
+            # written by the new session before any query attends to them (the mask is causal in slot space).
+            kv = [(layer.keys, layer.values) for layer in layers if layer.keys is not None]
+            with self.backend._spare_lock:
+                self.backend._spare = (self.n_views, kv, self._buffers)
+        for layer in layers:
             layer.keys = layer.values = None
-        self._buffers.clear()
+        self._buffers = {}
         self._step.cap = 0
 
 
@@ -780,6 +800,11 @@ class CompiledKernel:
         self.torch, self.fn, self.on_fail = torch, fn, on_fail
         self.fallback: str | None = None  #: why it runs eager, if it does
         self.calls = 0  #: calls that ran compiled
+        # dynamo's ``cudagraphs`` backend replays ``fn`` as CUDA graphs, whose outputs live in the graph
+        # pool and are overwritten by the next replay (the compiled step's, after its
+        # ``cudagraph_mark_step_begin``): copied out, as ``run_step`` copies the step's logits, a judge
+        # output held across a step stays valid (a few rows of ints: a few microseconds)
+        self.clone_outputs = compile_backend == "cudagraphs"
         try:
             self.compiled: Any = torch.compile(fn, backend=compile_backend, fullgraph=True)
         except Exception as err:  # torch.compile itself refused: the same fallback as a failed first call
@@ -800,6 +825,10 @@ class CompiledKernel:
                         warnings.filterwarnings("ignore", message=".*functools.lru_cache", category=UserWarning)
                         out = self.compiled(*args)
                 self.calls += 1
+                if self.clone_outputs:
+                    out = self.torch.utils._pytree.tree_map(
+                        lambda x: x.clone() if isinstance(x, self.torch.Tensor) else x, out
+                    )
                 return out
             except self.torch.cuda.OutOfMemoryError:
                 raise
@@ -841,6 +870,8 @@ class HFBackend(Backend):
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = self._resolve_device(config.device)
+        if self.device_map is not None:
+            self._check_device_map(self.device_map)
         self.dtype_name = (config.dtype or ("auto" if self.device.type == "cuda" else "float32")).lower()
         if self.dtype_name not in _DTYPES:
             raise ConfigError(f"backend.dtype must be one of {', '.join(_DTYPES)}, got {config.dtype!r}")
@@ -849,6 +880,8 @@ class HFBackend(Backend):
         if opts.get("adapter"):
             self.model = _merge_adapter(self.model, str(opts["adapter"]))
             self.model_label += f"+{opts['adapter']}"
+        #: seconds the load took: a stat, not a setting (kept out of ``describe()``, whose facts the
+        #: API copies into every run's ``settings``: two identical runs must report identical settings)
         self.load_time_s = time.perf_counter() - t0
         self.model.eval()
         mcfg = self.model.config
@@ -882,6 +915,9 @@ class HFBackend(Backend):
         self.device_label = str(self.input_device) if self.device_map is None else f"device_map={self.device_map}"
         self._setup_attention(tcfg)
         self._facts: dict[str, Any] = {}  # _setup_static may record a compile fallback here
+        #: the last closed static session's (rows, [(keys, values) per layer], input buffers): see HFSession._close
+        self._spare: tuple[int, list[tuple[Any, Any]], dict[int, Any]] | None = None
+        self._spare_lock = threading.Lock()  # the engine's thread and a caller's may open sessions at once
         self._setup_static(opts)
         self.cpu_prepacked = 0
         # the CPU kernels swapped in below are opaque to torch.compile's code generator: compile keeps the model as is
@@ -898,7 +934,6 @@ class HFBackend(Backend):
             "context_length": self.context_length,
             "threads": torch.get_num_threads(),
             "cpu_prepacked_linears": self.cpu_prepacked,
-            "load_time_s": round(self.load_time_s, 2),
             "cache_implementation": "static" if self.static else "dynamic",
             "compile": self._facts.get("compile", self.compile_mode or False),  # or why it runs eager
         }
@@ -908,7 +943,7 @@ class HFBackend(Backend):
 
     # ----------------------------------------------------------------- loading
 
-    def _resolve_device(self, device: str | None):
+    def _resolve_device(self, device: str | None, advice: str = "use --device cpu"):
         torch = self.torch
         if device is None:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -929,11 +964,32 @@ class HFBackend(Backend):
                 if dev.type == "cuda"
                 else f"no {name} device, or torch was built without it"
             )
-            raise DeviceError(f"device {device!r} requested but {name} is not available ({why}); use --device cpu")
+            raise DeviceError(f"device {device!r} requested but {name} is not available ({why}); {advice}")
         count = getattr(module, "device_count", None)
         if dev.index is not None and callable(count) and dev.index >= count():
             raise DeviceError(f"device {device!r} does not exist; this machine has {count()} {name} device(s)")
         return dev
+
+    def _check_device_map(self, device_map: str | dict[str, int | str]) -> None:
+        """Every device a ``device_map`` names must exist here, checked as ``--device`` is.
+
+        Unchecked, ``device_map="cuda"`` (or ``{"": 0}``) on a machine without CUDA reached
+        accelerate's allocator warm-up and failed there with torch's bare ``AssertionError``
+        (not compiled with CUDA), after the model was read. The placement strategies (``auto``,
+        ``balanced``, ...) pick among the devices that exist, and ``cpu``/``disk``/``meta`` always do;
+        an integer is a GPU index, as accelerate reads it."""
+        values = [device_map] if isinstance(device_map, str) else list(device_map.values())
+        for v in values:
+            if isinstance(v, str) and v in _DEVICE_MAP_ANYWHERE:
+                continue
+            name = f"cuda:{v}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+            try:
+                self._resolve_device(name, advice="use device_map=auto (or drop device_map) on this machine")
+            except ConfigError:
+                raise ConfigError(
+                    f"backend.options.device_map: {v!r} is not a device (cpu, cuda, cuda:N, a GPU index) "
+                    f"nor a placement strategy ({', '.join(_DEVICE_MAP_STRATEGIES)})"
+                ) from None
 
     def _torch_dtype(self):
         return "auto" if self.dtype_name == "auto" else getattr(self.torch, self.dtype_name)
@@ -1240,8 +1296,8 @@ class HFBackend(Backend):
         if compiled and self._compiled is not None:
             torch = self.torch
             try:
-                if self.compile_mode == "reduce-overhead":
-                    torch.compiler.cudagraph_mark_step_begin()
+                if self.compile_mode == "reduce-overhead" or self.compile_backend == "cudagraphs":
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are copied out
                 return self._compiled(input_ids, position_ids, cache, keep).clone()
             except torch.cuda.OutOfMemoryError:
                 raise
@@ -1285,6 +1341,31 @@ class HFBackend(Backend):
         if self.model is None:  # close() dropped the weights
             raise SessionError("this hf backend is closed; load the model again (a new backend)")
         return HFSession(self, n_views)
+
+    def _take_spare(self, rows: int) -> tuple[list[tuple[Any, Any]], dict[int, Any]] | None:
+        """The last static session's buffers when it had ``rows`` rows (else they are freed): one owner at a time."""
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is None or spare[0] != rows:
+            return None
+        return spare[1], spare[2]
+
+    def session_size(self, views: int) -> int | None:
+        """The rows a session opened for ``views`` waiting views should have; None: as large as before.
+
+        The engine asks this when it opens a session (idle, or too small). With the dynamic cache a
+        forward runs only on the rows it touches, so keeping the largest session an earlier batch
+        needed costs nothing per step, and lets later requests join without a reopen: None. With the
+        static cache every forward runs on **all** of the session's rows over the full capacity: a
+        session kept at a 16-prompt batch's 32 rows would make every later single request compute
+        32 rows per step, so it opens at what is needed. With compiled steps, rounded up to a power
+        of two: each new row count is a new set of graphs to compile and capture, and a few sizes
+        bound them."""
+        if not self.static:
+            return None
+        if self.compile_mode is None:
+            return views
+        return 1 << max(views - 1, 0).bit_length()
 
     def native_generate(
         self, tokens: Sequence[int], *, temperature: float, top_k: int, top_p: float, max_new_tokens: int, seed: int
@@ -1347,6 +1428,7 @@ class HFBackend(Backend):
         return self.torch.inference_mode()
 
     def close(self) -> None:
+        self._spare = None
         model = getattr(self, "model", None)
         self.model = None
         del model

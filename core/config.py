@@ -9,6 +9,7 @@ surface before a model is loaded.
 from __future__ import annotations
 
 import difflib
+import numbers
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -79,9 +80,14 @@ class _Model(BaseModel, metaclass=TypedErrors):
                 hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(spoken)}"
                 raise ValueError(f"unknown setting '{key}'; {hint}")
         for name, f in cls.model_fields.items():  # pydantic's lax int takes true as 1
-            value = data.get(f.alias or name, data.get(name))
+            key = f.alias if f.alias in data else name
+            value = data.get(key)
             if isinstance(value, bool) and f.annotation in (int, int | None, float, float | None):
                 raise ValueError(f"{f.alias or name} must be a number, got {value}")
+            if isinstance(value, numbers.Integral) and not isinstance(value, int) and f.annotation in (int, int | None):
+                # a numpy integer (rng.integers(2**63) as a seed): pydantic's lax int goes through a
+                # float, which rounds above 2**53 (another seed, reported as given) or refuses a uint64
+                data = {**data, key: int(value)}
         return data
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -174,8 +180,12 @@ class RunConfig(_Model):
 
     backend: BackendConfig = Field(default_factory=BackendConfig)
     method: str = "persona-judge"
-    preferences: list[str] = Field(default_factory=list, description="Built-in names or free-text descriptions.")
-    views: list[list[str]] | None = Field(
+    # a table is a preferences file's entry ({name, description, instruction, weight, examples}), read by
+    # personajudge.preferences.resolve: what a run's settings report for a file's or a caller's preference
+    preferences: list[str | dict[str, Any]] = Field(
+        default_factory=list, description="Built-in names, free-text descriptions or preference tables."
+    )
+    views: list[list[str | dict[str, Any]]] | None = Field(
         None, description="Optional grouping of preferences into views, e.g. [['concise','humor'],['expert']]."
     )
     encoder: str = Field(
@@ -198,8 +208,13 @@ class RunConfig(_Model):
 
     @field_validator("views")
     @classmethod
-    def _views(cls, v: list[list[str]] | None) -> list[list[str]] | None:
-        if v is not None and (not v or any(not [p for p in view if p.strip()] for view in v)):
+    def _views(cls, v: list[list[str | dict[str, Any]]] | None) -> list[list[str | dict[str, Any]]] | None:
+        """``[]`` (no views: what a run's settings report for a method that uses none, such as ``base``)
+        and ``[[]]`` (the one view without preferences of a run that has none) are the default, so a
+        run can be repeated from its settings; any other view without a preference is a mistake."""
+        if v is not None and v in ([], [[]]):
+            return None
+        if v is not None and any(not [p for p in view if not isinstance(p, str) or p.strip()] for view in v):
             raise ValueError("every view needs at least one preference")
         return v
 

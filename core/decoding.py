@@ -107,6 +107,18 @@ def check_contexts(
         if not c:
             raise ContextLengthError(f"view {i} has an empty context; the encoder produced no tokens")
         if len(c) >= context_length:
+            fits = [j for j, o in enumerate(contexts) if o and len(o) < context_length]
+            if fits:
+                # every view holds the same user prompt: when another view of it fits, it is what the
+                # encoder adds for this view (its preference's instructions or few-shot exemplars) that
+                # makes this one too long, and shortening the prompt cannot make it fit
+                raise ContextLengthError(
+                    f"the prompt of view {i} is {len(c)} tokens, the model's context holds {context_length}, "
+                    f"though view {fits[0]} of the same prompt is {len(contexts[fits[0]])}: what the encoder "
+                    "adds for this view's preference (its instructions or few-shot exemplars) makes it too "
+                    "long; use a lighter encoder (--encoder plain or --encoder instruction), a shorter "
+                    "preference, or a larger context (--show-prompt shows each view)"
+                )
             if model_max is not None and context_length >= model_max:
                 raise ContextLengthError(
                     f"the prompt of view {i} is {len(c)} tokens, the model holds at most {model_max} positions; "

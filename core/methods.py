@@ -97,12 +97,24 @@ class Reference(PersonaJudge):
         drive(NoCacheSession(session), self.loop(req))
 
 
+def _flat(views: Sequence[View]) -> View:
+    """The preferences of all ``views`` as one view, each once (first place kept): a preference two
+    views share (``--view concise,humor --view concise``) would otherwise be shown twice in it."""
+    out: View = []
+    for v in views:
+        out.extend(p for p in v if p not in out)
+    return out
+
+
 class Prompt(_Driven):
+    """Its one view carries every preference of the user's views once (a preference two views share
+    appears once)."""
+
     name = "prompt"
     description = "Direct prompting: all preferences in one prompt, plain sampling."
 
     def plan(self, views: Sequence[View]) -> list[View]:
-        return [[p for v in views for p in v]]
+        return [_flat(views)]
 
     def loop(self, req: DecodeRequest) -> Loop:
         return plain_loop(req)
@@ -160,7 +172,8 @@ class Pad(_Driven):
     The reward policy pi_rm is the preference-prompted view of the same model
     (training-free) unless a subclass supplies ``reward_session()``: a session
     of a separate personalized reward model sharing the tokenizer, to which
-    the preference view is then routed.
+    the preference view is then routed. The preference view carries every preference of the user's
+    views once (a preference two views share appears once), as ``prompt``'s does.
     """
 
     name = "pad"
@@ -179,7 +192,7 @@ class Pad(_Driven):
         return None
 
     def plan(self, views: Sequence[View]) -> list[View]:
-        return [[], [p for v in views for p in v]]
+        return [[], _flat(views)]
 
     def loop(self, req: DecodeRequest) -> Loop:
         k = self.k if self.k is not None else (req.params.top_k or 10)

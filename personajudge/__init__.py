@@ -48,7 +48,7 @@ from personajudge.plugins import PluginWarning, hookimpl, list_plugins, register
 from personajudge.preferences import Encoder, Preference
 
 from .api import PersonaJudge, generate, stream
-from .engine import EngineClosedError, QueueFullError, RequestCancelled
+from .engine import EngineClosedError, EngineFailedError, QueueFullError, RequestCancelled
 
 try:
     __version__ = version("persona-judge")
@@ -100,6 +100,7 @@ __all__ = [
     "ChatTemplateFatalError",
     "QueueFullError",
     "EngineClosedError",
+    "EngineFailedError",
     "RequestCancelled",
     "OutputError",
     "PersonaJudgeWarning",

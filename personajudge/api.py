@@ -37,7 +37,15 @@ from personajudge.core.transforms import SamplingParams
 from personajudge.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, Engine, EngineClosedError, Job, result_of
 from personajudge.plugins import get_method, load_backend, preference_library, resolve_encoder
 from personajudge.plugins.manager import plan_views, render_view, stop_strings_of
-from personajudge.preferences import Preference, build_views, encoder_options, normalize_conversation, warn_duplicates
+from personajudge.preferences import (
+    Preference,
+    PreferenceSpec,
+    build_views,
+    encoder_options,
+    normalize_conversation,
+    reported,
+    warn_duplicates,
+)
 
 Prompt = str | list[dict[str, str]]
 
@@ -116,7 +124,9 @@ def _view_list(value: Any) -> list[list[str | Preference]] | None:
     for i, g in enumerate(groups):
         if not _listing(g):
             raise ConfigError(f"views[{i}] must be a list of preferences ({_VIEWS_SHAPE}); got {g!r:.40}")
-    return [_preference_list(g, f"views[{i}]") or [] for i, g in enumerate(groups)]
+    out = [_preference_list(g, f"views[{i}]") or [] for i, g in enumerate(groups)]
+    # [[]] is the one view without preferences that a run with none reports in its settings: no views
+    return [] if out == [[]] else out
 
 
 def _check_config(cfg: RunConfig) -> None:
@@ -235,6 +245,11 @@ def _call_keywords(decoding: dict[str, Any]) -> dict[str, Any]:
 
 
 def _not_a_call_keyword(key: str) -> str:
+    if key == "on_text":
+        return (
+            "on_text is generate's keyword: stream and astream yield the text themselves, and a "
+            "submitted job takes it as job.result(on_text=...)"
+        )
     if key in RunConfig.model_fields:
         return (
             f"{key} is not a per-call keyword: it is a setting of the run; set it in the config "
@@ -247,7 +262,8 @@ def _not_a_call_keyword(key: str) -> str:
             f"backend table (PersonaJudge({{'backend': {{'{field}': ...}}}}))"
         )
     near = difflib.get_close_matches(key, [*_CALL_KEYWORDS, "preferences", "views", "method"], n=1, cutoff=0.6)
-    hint = f"; did you mean {near[0]}?" if near else f"; the keywords are {', '.join(_CALL_KEYWORDS)}"
+    keywords = ", ".join(("preferences", "views", "method", *_CALL_KEYWORDS))
+    hint = f"; did you mean {near[0]}?" if near else f"; the keywords are {keywords}"
     return f"{key} is not a per-call keyword{hint}"
 
 
@@ -268,10 +284,10 @@ def _plan_call(base: RunConfig, preferences, views, method, decoding: dict[str, 
     # a call's views replace the configured preferences too (a server's defaults do not meet a
     # request's views); a call's preferences next to configured views define names for them (the CLI's
     # preferences file) or are ignored with a warning
-    prefs: Sequence[str | Preference] = (
+    prefs: Sequence[PreferenceSpec] = (
         given_prefs if given_prefs is not None else ([] if given_groups is not None else cfg.preferences)
     )
-    groups: Sequence[Sequence[str | Preference]] | None = given_groups if given_groups is not None else cfg.views
+    groups: Sequence[Sequence[PreferenceSpec]] | None = given_groups if given_groups is not None else cfg.views
     meth = make_method(cfg)
     if cfg.encoder != "auto":  # a named encoder and its options are known now (auto's only with the model)
         resolve_encoder(cfg.encoder, None, options=cfg.encoder_options)  # type: ignore[arg-type]
@@ -282,10 +298,16 @@ def _plan_call(base: RunConfig, preferences, views, method, decoding: dict[str, 
     return cfg, meth, user_views, unused
 
 
+#: drawn seeds are below this: 2**53, the integers a JSON number parsed as an IEEE double (JavaScript,
+#: jq, many dashboards) holds exactly, so a seed reported by the server can be sent back to repeat a run
+SEED_BOUND = 2**53
+
+
 def fresh_seed() -> int:
+    """A seed drawn from the OS's entropy, in ``[0, SEED_BOUND)``."""
     entropy = np.random.SeedSequence().entropy
     assert isinstance(entropy, int)  # drawn fresh from the OS when none is given
-    return entropy % (2**63)
+    return entropy % SEED_BOUND
 
 
 class _Shared:
@@ -382,6 +404,12 @@ def _attach_settings(settings: dict[str, Any], res: GenerationResult) -> Generat
     return res
 
 
+def _cancel_queued(queued: asyncio.Future) -> None:
+    """Cancel the job an abandoned :meth:`PersonaJudge.astream` queued (see there)."""
+    if not queued.cancelled() and queued.exception() is None:
+        queued.result()[0].cancel()
+
+
 class PersonaJudge:
     """A loaded model plus a default :class:`RunConfig`.
 
@@ -471,7 +499,10 @@ class PersonaJudge:
 
         What the backend says about itself (backend, model, device, ...) and its ``backend_options``;
         the method and its ``method_options``; the views the method uses (none for a method that
-        ignores preferences, such as ``base``); the encoder ``auto`` resolved to and its
+        ignores preferences, such as ``base``), each preference as the value that resolves back to it
+        in the registry alone (:func:`~personajudge.preferences.reported`: a registered one by name, a
+        free-text one by its text, one a file or the caller defined or adjusted as its full table, which
+        ``RunConfig.views`` accepts); the encoder ``auto`` resolved to and its
         ``encoder_options``; the ``system`` message; and the decoding parameters, with the role
         schedule the method runs (its own unless ``roles`` overrides it) and the repetition guard in
         force. ``method``: the method instance (default: made from ``cfg``).
@@ -481,12 +512,13 @@ class PersonaJudge:
         tok = self.backend.tokenizer
         encoder = resolve_encoder(cfg.encoder, tok, views)
         used = views if getattr(meth, "uses_preferences", True) else []
+        lib = preference_library()
         return {
             **{k: v for k, v in self.backend.describe().items() if v is not None},
             "backend_options": copy.deepcopy(cfg.backend.options),
             "method": cfg.method,
             "method_options": copy.deepcopy(cfg.method_options),
-            "views": [[p.name for p in v] for v in used],
+            "views": [[reported(p, lib) for p in v] for v in used],
             "encoder": encoder.name,
             "encoder_options": copy.deepcopy(cfg.encoder_options),
             "system": cfg.system,
@@ -566,7 +598,9 @@ class PersonaJudge:
         ``encoder_options`` override the config's preference encoder. Run-wide
         settings (``system``, ``method_options``, the backend's) are not per-call
         keywords: they go in the config, and passing one is a :class:`ConfigError`
-        that says so. ``on_text`` receives text as it is committed. A bare string
+        that says so. A keyword given as ``None`` keeps the config's value (so a
+        caller can pass optional fields through: ``seed=None`` on a config with a
+        seed uses that seed). ``on_text`` receives text as it is committed. A bare string
         is one preference (``"concise"`` is ``["concise"]``); ``views`` is a
         list of lists (``[["concise", "humor"], ["expert"]]``). Bad arguments
         raise a :class:`ConfigError` (or another ``PersonaJudgeError``) naming them.
@@ -622,7 +656,14 @@ class PersonaJudge:
         # planned here, in the caller's thread, so that a warning names the caller's `async for` line
         # (a worker thread's stack does not reach it); checking and resolving names is quick
         planned = self._plan(kwargs)
-        job, _, _ = await asyncio.to_thread(self._enqueue, prompt, planned, loop)
+        queued = asyncio.ensure_future(asyncio.to_thread(self._enqueue, prompt, planned, loop))
+        try:
+            job, _, _ = await asyncio.shield(queued)
+        except asyncio.CancelledError:
+            # cancelled while the worker thread encodes and queues: the job still gets queued, and
+            # nobody would read it; cancel it once it exists (a failed enqueue has nothing to cancel)
+            queued.add_done_callback(_cancel_queued)
+            raise
         try:
             async for ev in job.aevents():
                 if ev[0] == "text":
@@ -658,6 +699,9 @@ class PersonaJudge:
         preference encoder for this request. ``label`` names the caller for the
         engine's hooks (the server's metrics label a job's latency by it).
         """
+        if loop is not None and not isinstance(loop, asyncio.AbstractEventLoop):
+            # checked here: the engine thread would find out only when it delivers the first event
+            raise ConfigError(f"loop must be an asyncio event loop (or None), got {type(loop).__name__}")
         return self._submit(prompt, kwargs, loop, wait, stream, label)[0]
 
     def _submit(

@@ -77,6 +77,11 @@ class EngineClosedError(PersonaJudgeError):
     """The engine is shutting down or closed and takes no new requests (HTTP 503)."""
 
 
+class EngineFailedError(PersonaJudgeError):
+    """The engine's thread failed (a bug, or an interrupt in it): every request it held gets this,
+    and the next request starts a fresh engine thread."""
+
+
 class RequestCancelled(PersonaJudgeError):
     """The request was cancelled (its caller went away, timed out or cancelled it)."""
 
@@ -183,6 +188,7 @@ class Job:
         self.t_end: float | None = None
         self.result_value: GenerationResult | None = None
         self.error: BaseException | None = None
+        self._final_taken = False
 
     @classmethod
     def for_asyncio(
@@ -209,6 +215,12 @@ class Job:
     # ------------------------------------------------------------------ engine side
 
     def _emit(self, event: Event) -> None:
+        self._deliver(self._settle(event))
+
+    def _settle(self, event: Event) -> Event:
+        """Record what ``event`` means for the job (its times, its result or error); return the event
+        to deliver. Split from :meth:`_deliver` so that the engine's ``on_finish`` hook sees a finished
+        job before its caller does (a metrics scrape after a response counts that response)."""
         kind = event[0]
         now = time.perf_counter()
         if kind == "start":
@@ -223,9 +235,13 @@ class Job:
                 self.result_value = event[1]
             else:
                 self.error = event[1]
+        return event
+
+    def _deliver(self, event: Event) -> None:
         try:
             self._sink(event)
-        except RuntimeError:  # the caller's event loop is gone (server shutting down): nobody listens
+        except Exception:  # the caller's event loop is gone (server shutting down), or a caller's own
+            # sink failed: nobody listens, and the engine (every other request) must go on
             self.cancelled = True
 
     @property
@@ -241,12 +257,26 @@ class Job:
             if self.engine is not None:
                 self.engine._wake()
 
+    def _final(self) -> Event | None:
+        """The final event once a reader has taken it from the queue (None before): a second
+        :meth:`result` or :meth:`events` gets it again instead of waiting for an event that never comes."""
+        if not self._final_taken:
+            return None
+        return ("done", self.result_value) if self.error is None else ("error", self.error)
+
     def events(self) -> Iterator[Event]:
-        """The job's events in the caller's thread, up to and including the final one."""
+        """The job's events in the caller's thread, up to and including the final one (read again
+        after the end: the final one alone)."""
         if self._queue is None:
             raise RuntimeError("this job delivers its events to asyncio; use aevents()")
+        final = self._final()
+        if final is not None:
+            yield final
+            return
         while True:
             ev = self._queue.get()
+            if ev[0] in ("done", "error"):
+                self._final_taken = True
             yield ev
             if ev[0] in ("done", "error"):
                 return
@@ -262,8 +292,14 @@ class Job:
         aq = getattr(self, "_aqueue", None)
         if aq is None:
             raise RuntimeError("this job was not built with Job.for_asyncio")
+        final = self._final()
+        if final is not None:
+            yield final
+            return
         while True:
             ev = await aq.get()
+            if ev[0] in ("done", "error"):
+                self._final_taken = True
             yield ev
             if ev[0] in ("done", "error"):
                 return
@@ -297,7 +333,8 @@ class Engine:
     :class:`QueueFullError`, or waits). ``on_step``
     (optional) is called in the engine thread after every batched step with
     the number of requests in it and the step's seconds, ``on_finish`` with
-    every job that ends and its error (None on success): metrics.
+    every job that ends and its error (None on success), before the job's
+    caller gets its final event: metrics.
 
     ``batched`` (default True): Persona-judge requests with the interleaved
     schedule are decided together, per step, by one
@@ -342,7 +379,8 @@ class Engine:
         self._active: dict[int, Job] = {}
         self._slots: dict[int, list[int]] = {}
         self._free: list[int] = []
-        self._capacity = 0  # slots the next session opens with (grows, never shrinks)
+        self._capacity = 0  # slots the next session opens with (grows, unless the backend sizes sessions)
+        self._reserved = 0  # what reserve() asked for: the floor of every session
         self._session: Session | None = None
         self._driver: StepDriver | None = None
         compile_kernel = getattr(backend, "compile_kernel", None)  # a duck-typed backend may lack it
@@ -443,7 +481,7 @@ class Engine:
                         raise
                     want = smaller
                     continue
-                self._capacity = want
+                self._capacity = self._reserved = want
                 return want
 
     def retry_after(self) -> float:
@@ -537,8 +575,33 @@ class Engine:
         if after is not None:
             after.wait_stopped()
         context = getattr(self.backend, "decoding_context", None)  # a duck-typed backend may lack it
-        with context() if context is not None else contextlib.nullcontext():
-            self._serve()
+        try:
+            with context() if context is not None else contextlib.nullcontext():
+                self._serve()
+        except BaseException as err:  # a bug (or an interrupt) in the engine thread: nobody may wait for ever
+            self._fail_all(err)  # every caller gets it, with this error as the cause
+            if not isinstance(err, Exception):
+                raise
+
+    def _fail_all(self, err: BaseException) -> None:
+        """Give every queued and running job an error after the engine thread failed, and start over:
+        the next :meth:`submit` starts a fresh thread with a fresh session."""
+        with self._cv:
+            jobs = list(self._queue) + list(self._active.values()) + ([self._alone] if self._alone else [])
+            self._queue.clear()
+            self._active.clear()
+            self._slots.clear()
+            self._alone = None
+            try:
+                self._close_session()
+            except Exception:
+                self._session, self._driver, self._free = None, None, []
+            self._cv.notify_all()
+        error = EngineFailedError(f"the engine stopped: {type(err).__name__}: {err}")
+        error.__cause__ = err
+        for job in jobs:
+            if not job.done:
+                job._deliver(job._settle(("error", error)))
 
     def _serve(self) -> None:
         while True:
@@ -588,16 +651,20 @@ class Engine:
                     break
                 self._queue.popleft()
                 return [], head, failed
-            if self._session is None or len(self._free) < head.n_views:
+            want = sum(j.n_views for j in itertools.islice(self._queue, self.max_batch) if j.batchable)
+            if (
+                self._session is None
+                or len(self._free) < head.n_views
+                or (not self._active and not admit and self._size_for(want) < self._capacity)
+            ):
                 if self._active or admit:
                     break
-                # idle (or too small): open a session sized for the waiting batch
-                want = sum(j.n_views for j in itertools.islice(self._queue, self.max_batch) if j.batchable)
+                # idle (or too small, or too large for a backend whose unused rows cost): sized for the waiting batch
                 try:
                     try:
-                        self._open(max(self._capacity, want, head.n_views))
+                        self._open(self._size_for(max(want, head.n_views)))
                     except PersonaJudgeError:
-                        self._open(max(self._capacity, head.n_views))
+                        self._open(self._size_for(head.n_views))
                 except Exception as err:  # e.g. more views than the backend can hold
                     self._close_session()
                     failed.append((self._queue.popleft(), err))
@@ -608,6 +675,18 @@ class Engine:
             self._active[head.id] = head
             admit.append(head)
         return admit, None, failed
+
+    def _size_for(self, views: int) -> int:
+        """The capacity of a session opened for ``views`` waiting views.
+
+        As large as any session before (a burst's session lets later requests join without a reopen,
+        and llama.cpp only re-creates its context to grow), unless the backend says otherwise
+        (``backend.session_size(views)``, duck-typed): the hf static cache runs every forward on all
+        rows, so one large batch would make every later request pay for its rows. What
+        :meth:`reserve` asked for stays the floor either way (the server's sessions)."""
+        size_of = getattr(self.backend, "session_size", None)
+        size = size_of(views) if callable(size_of) else None
+        return max(self._capacity, views) if size is None else max(self._reserved, size, views)
 
     def _open(self, capacity: int) -> None:
         """A session of ``capacity`` views; the size is kept (later sessions open as large) only once it opened.
@@ -700,18 +779,21 @@ class Engine:
             )
         if error is not None:
             self.cancelled += isinstance(error, RequestCancelled)
-            job._emit(("error", error))
+            event = job._settle(("error", error))
         else:
             res = result_of(job.req)
             self.completed += 1
             dt = now - job.t_submit
             self._latency = dt if self.completed == 1 else 0.9 * self._latency + 0.1 * dt
-            job._emit(("done", res))
-        if self.on_finish is not None:
-            try:
+            event = job._settle(("done", res))
+        # the hook first, then the caller: whoever reads the metrics after a response sees it counted
+        try:
+            if self.on_finish is not None:
                 self.on_finish(job, error)
-            except Exception:  # metrics must never stop the engine
-                pass
+        except Exception:  # metrics must never stop the engine, nor keep a result from its caller
+            pass
+        finally:
+            job._deliver(event)
 
     def _run_alone(self, job: Job) -> None:
         """A method that cannot share steps: its own session, nothing else running (the single-caller path)."""

@@ -6,11 +6,17 @@ loaded through the same hooks as third-party packages found under the
 No module of the plugin system imports the built-ins: they are discovered by
 name, exactly as a third-party plugin is discovered by its entry point.
 
-A plugin can never break the tool: one that fails to import, raises from a
-hook, or registers a name that is already taken is skipped with a one-line
+A plugin can never break the tool: one that fails to import (``SystemExit``
+included: a ``sys.exit("needs X")`` at import), raises from a hook, or
+registers a name that is already taken is skipped with a one-line
 :class:`PluginWarning` naming its distribution and entry point; everything
-else keeps working. A hook implementation whose name is no hook (a typo such
-as ``register_backend``) would be silently never called, so it is named in a
+else keeps working (``KeyboardInterrupt`` still interrupts). What a
+third-party object raises when it is used (a backend's constructor, an
+encoder's ``render`` or ``stop_strings``, a method's ``plan``) is a one-line
+:class:`PluginError` naming it and its distribution (see :func:`who`), not a
+traceback; the typed errors it raises itself pass through as they are.
+A hook implementation whose name is no hook (a typo such as
+``register_backend``) would be silently never called, so it is named in a
 warning too, and so is an installed plugin with no ``@hookimpl`` function at
 all. Registered objects are checked as they register (a method needs ``plan``
 and ``loop``, an encoder ``render``, a backend class ``open``), so a plugin's
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import importlib
 import importlib.metadata
 import os
@@ -50,7 +57,7 @@ from pydantic import BaseModel
 
 from personajudge.core.config import BackendConfig
 from personajudge.core.contract import Backend, Tokenizer, check_tokenizer
-from personajudge.core.errors import PersonaJudgeWarning, PluginError, UnknownPluginError
+from personajudge.core.errors import PersonaJudgeError, PersonaJudgeWarning, PluginError, UnknownPluginError
 from personajudge.preferences import Encoder, Preference, auto_encoder_name, encoder_options, lookup
 from personajudge.preferences.encoders import checked_render
 
@@ -332,7 +339,8 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
                 _warn(f"skipped plugin {src}: {_label(plugin)} is already registered by {_source(pm, plugin)}")
                 continue
             pm.register(plugin, name=key)
-        except Exception as err:  # a broken plugin must not take the tool down
+        # a broken plugin must not take the tool down, not even with sys.exit() (KeyboardInterrupt is the user's)
+        except (Exception, SystemExit) as err:
             _warn(f"skipped plugin {src}: {type(err).__name__}: {_one_line(err)}")
             continue
         if not pm.get_hookcallers(plugin):  # register_plugin refuses this; an installed plugin is warned about
@@ -449,7 +457,8 @@ def _staging(staged: Registry, plugin_name: str, src: PluginSource) -> Callable[
         try:
             staged.register(obj, name, origin=plugin_name)
         except PluginError as err:
-            _warn(f"skipped a {staged.kind} of plugin {src}: {err}")
+            article = "an" if staged.kind[:1] in "aeiou" else "a"
+            _warn(f"skipped {article} {staged.kind} of plugin {src}: {err}")
 
     return register
 
@@ -463,8 +472,8 @@ def _fill(reg: Registry, pm: pluggy.PluginManager, hook_name: str) -> None:
         staged = Registry(reg.kind)
         try:
             impl.function(register=_staging(staged, plugin_name, src))
-        except Exception as err:
-            _warn(f"skipped the {reg.kind}s of plugin {src}: {type(err).__name__}: {err}")
+        except (Exception, SystemExit) as err:  # as at import: sys.exit() in a hook skips the plugin's objects
+            _warn(f"skipped the {reg.kind}s of plugin {src}: {type(err).__name__}: {_one_line(err)}")
             continue
         for key, obj in staged.items():
             if key in reg and reg[key] is not obj:
@@ -516,7 +525,7 @@ def load_backend(config: BackendConfig) -> Backend:
                 PersonaJudgeWarning,
                 stacklevel=2,
             )
-    backend = cls(config)
+    backend = _guarded("backend", config.name, cls, " failed to load:", lambda: cls(config))
     try:
         check_tokenizer(backend)
     except BaseException:
@@ -573,15 +582,40 @@ def _shown(value: Any) -> str:
     return f"{type(value).__name__} {value!r:.60}"
 
 
+def _builtin(kind: str, key: str, obj: Any) -> bool:
+    """Whether ``obj`` is the project's own ``kind`` registered as ``key`` (an exception from it is a bug
+    of this project, which keeps its traceback)."""
+    reg = registry(kind)
+    if key not in reg or (reg[key] is not obj and reg[key] is not type(obj)):
+        return False
+    return reg.source(key).distribution == "persona-judge"
+
+
+def _guarded(kind: str, key: str, obj: Any, doing: str, call: Callable[[], Any]) -> Any:
+    """``call()``, a call into the plugin object ``obj``: what a third-party plugin raises
+    (``SystemExit`` included) becomes one :class:`PluginError` line naming it and its distribution
+    (``encoder 'x' (X, from dist 1.0, entry point 'e = m').render raised ValueError: ...``), chained to
+    the original for a debugger. The typed errors it raises itself (a ``ConfigError`` for a bad option)
+    pass through, and so does ``KeyboardInterrupt``, and any exception of a built-in (a bug, with its traceback)."""
+    try:
+        return call()
+    except PersonaJudgeError:
+        raise
+    except (Exception, SystemExit) as err:
+        if _builtin(kind, key, obj):
+            raise
+        raise PluginError(f"{who(kind, key, obj)}{doing} {type(err).__name__}: {_one_line(err)}") from err
+
+
 def stop_strings_of(encoder: Any, tokenizer: Tokenizer, options: dict[str, Any] | None) -> list[str]:
     """The stop strings ``encoder``'s format implies: a list of non-empty strings, checked (a bare ``"user:"``
     unpacked into the run's stop list would end the answer at any of its letters, in silence)."""
     fn = getattr(encoder, "stop_strings", None)
     if fn is None:
         return []
-    out = fn(tokenizer, options)
+    name = getattr(encoder, "name", type(encoder).__name__)
+    out = _guarded("encoder", name, encoder, ".stop_strings raised", lambda: fn(tokenizer, options))
     if not isinstance(out, list | tuple) or not all(isinstance(s, str) and s for s in out):
-        name = getattr(encoder, "name", type(encoder).__name__)
         raise PluginError(
             f"{who('encoder', name, encoder)}.stop_strings returned {_shown(out)}; "
             "it returns a list of non-empty strings, e.g. ['\\nUser:']"
@@ -600,14 +634,16 @@ def render_view(
 ) -> tuple[str, bool]:
     """``encoder.render`` of one view, checked to be ``(text, add_bos)``: anything else fails at
     ``tokenizer.encode`` or an unpacking far from the plugin."""
-    out = encoder.render(view, conversation, tokenizer, system=system, options=options)
-    return checked_render(out, who("encoder", getattr(encoder, "name", type(encoder).__name__), encoder))
+    name = getattr(encoder, "name", type(encoder).__name__)
+    render = functools.partial(encoder.render, view, conversation, tokenizer, system=system, options=options)
+    out = _guarded("encoder", name, encoder, ".render raised", render)
+    return checked_render(out, who("encoder", name, encoder))
 
 
 def plan_views(method: Any, name: str, views: list[list[Preference]]) -> list[list[Preference]]:
     """``method.plan(views)``, checked to be a non-empty list of views (lists of preferences): a method that
     plans none would be refused by the session as "a session needs at least one view", without its name."""
-    planned = method.plan(views)
+    planned = _guarded("method", name, method, ".plan raised", lambda: method.plan(views))
     if not isinstance(planned, list | tuple) or not planned or not all(isinstance(v, list | tuple) for v in planned):
         raise PluginError(
             f"{who('method', name, method)}.plan returned {_shown(planned)}; it returns the views it prompts, "

@@ -11,7 +11,7 @@ from .encoders import (
 )
 from .library import Library, builtin_preferences, load_file, lookup, resolve
 from .model import Example, Preference, compose
-from .views import build_views, duplicates, view_names, warn_duplicates, with_definitions
+from .views import PreferenceSpec, build_views, duplicates, reported, view_names, warn_duplicates, with_definitions
 
 __all__ = [
     "BUILTIN_ENCODERS",
@@ -34,4 +34,6 @@ __all__ = [
     "duplicates",
     "warn_duplicates",
     "with_definitions",
+    "reported",
+    "PreferenceSpec",
 ]

@@ -349,8 +349,8 @@ class InstructionEncoder:
         if view:
             last = msgs[-1]
             msgs[-1] = {"role": "user", "content": last["content"].rstrip() + " " + compose(view)}
-        if tokenizer.chat_template:
-            return _chat(tokenizer, _with_system(msgs, system)), False
+        if tokenizer.chat_template:  # no system role: the system text is folded in, as chat-turn and system do
+            return _chat_or_fold(tokenizer, _with_system(msgs, system)), False
         return PlainEncoder().render([], msgs, tokenizer, system=system, options=options)
 
     def stop_strings(self, tokenizer, options=None) -> list[str]:

@@ -210,8 +210,10 @@ def _not_a_description(text: str, lib: Library) -> PreferenceError | None:
     return None
 
 
-def resolve(spec: str | Preference, library: Library | None = None) -> Preference:
-    """A built-in name, an alias, or a free-text description -> Preference.
+def resolve(
+    spec: str | Preference | Mapping[str, Any], library: Library | None = None, *, where: str | None = None
+) -> Preference:
+    """A built-in name, an alias, a free-text description, or a table -> Preference.
 
     A single word that is not a known name is an error (with suggestions)
     rather than silently becoming free text: a typo like ``concize`` should not
@@ -221,11 +223,25 @@ def resolve(spec: str | Preference, library: Library | None = None) -> Preferenc
     (``简洁明了地回答``) is free text. Known names that only look like a
     description are errors too: ``concise,humor`` (several names in one
     string: one view or two?) and ``concise.`` (a name with punctuation).
+
+    A table (a mapping) is read as a preferences file's entry is (``name``, ``description``,
+    ``instruction``, ``weight``, ``examples``; without a ``description`` it adjusts the named
+    preference): what a config's ``preferences`` and ``views`` may hold, and what a run's
+    ``settings`` report for a preference a file or a caller defined (:meth:`Preference.definition`).
+    ``where`` names it in an error (default ``preference table``).
+
+    A free-text preference is named by a slug of its text (``talk-like-a-pirate``); where that slug
+    is a name or alias in ``library`` (``"humor !"`` gives ``humor``) it is named by its whole text
+    instead, so no label or report passes it off as the registered preference.
     """
     if isinstance(spec, Preference):
         return spec
+    if isinstance(spec, Mapping):
+        return _from_table(dict(spec), where or "preference table", "table", library)
     if spec is not None and not isinstance(spec, str):
-        raise PreferenceError(f"a preference is a name, a description or a Preference, got {type(spec).__name__}")
+        raise PreferenceError(
+            f"a preference is a name, a description, a table or a Preference, got {type(spec).__name__}"
+        )
     if spec is None or not spec.strip():
         raise PreferenceError(
             "empty preference: give a built-in name (see `personajudge preferences`) "
@@ -246,7 +262,10 @@ def resolve(spec: str | Preference, library: Library | None = None) -> Preferenc
     err = _not_a_description(text, lib)
     if err is not None:
         raise err
-    return Preference.free_text(text)  # a bad one (a lone surrogate) is a one-line PreferenceError
+    pref = Preference.free_text(text)  # a bad one (a lone surrogate) is a one-line PreferenceError
+    if lookup(pref.name, lib) is not None:  # the slug of "humor !" is the built-in humor's name
+        pref = pref.model_copy(update={"name": text})
+    return pref
 
 
 def load_file(path: str | Path, library: Library | None = None) -> list[Preference]:
@@ -283,14 +302,28 @@ def load_file(path: str | Path, library: Library | None = None) -> list[Preferen
             f"preferences file {p} must hold a non-empty list of preferences"
             + (" under the key 'preferences'" if suffix == ".toml" else "")
         )
-    out = []
+    out: list[Preference] = []
+    first: dict[str, int] = {}  # lower-cased name -> index of the entry that has it
     for i, item in enumerate(data):
+        where = f"preferences file {p}, entry {i + 1}"
         if isinstance(item, str):
-            out.append(resolve(item, library))
+            try:
+                pref = resolve(item, library)
+            except PreferenceError as err:  # the same type (an unknown name stays one), with where it is
+                raise type(err)(f"{where}: {err}") from None
         elif isinstance(item, dict):
-            out.append(_from_table(item, f"preferences file {p}, entry {i + 1}", str(p), library))
+            pref = _from_table(item, where, str(p), library)
         else:
-            raise PreferenceError(f"preferences file {p}, entry {i + 1}: expected a string or a table")
+            raise PreferenceError(f"{where}: expected a string or a table")
+        # A view names a file's preference by its name (in any case): two entries of one name would be
+        # two views labelled alike, and ``--view NAME`` would silently take one of them.
+        j = first.setdefault(pref.name.lower(), i)
+        if j != i:
+            raise PreferenceError(
+                f"preferences file {p}: entries {j + 1} and {i + 1} are both named '{pref.name}' (names match "
+                "in any case, an alias counts as its name): give each preference once, with its own name"
+            )
+        out.append(pref)
     return out
 
 
@@ -309,6 +342,8 @@ def _from_table(item: dict[str, Any], where: str, source: str, library: Library 
         if item.get(key) is not None and not isinstance(item[key], str):
             raise PreferenceError(f"{where}: {key} must be a string, got {type(item[key]).__name__}")
     name, desc = item.get("name"), item.get("description") or ""
+    if not (isinstance(name, str) and name.strip()) and not desc.strip():
+        raise PreferenceError(f"{where}: a preference table needs a name (and a description, for a new preference)")
     known = lookup(name, library) if isinstance(name, str) and name.strip() and not desc else None
     if known is None and not desc and isinstance(name, str) and name.strip():
         close = _close_names(name.strip(), _builtin_library() if library is None else library)

@@ -71,8 +71,13 @@ class Preference(_Typed):
     name: str = Field(min_length=1)
     description: str = Field(min_length=1)
     instruction: str = Field(min_length=1)
+    # strict, as the config's numbers: ``weight = true`` in a file is not 1.0, nor ``"2"`` 2.0
     weight: float = Field(
-        1.0, gt=0.0, allow_inf_nan=False, description="Relative weight (used by weighted methods such as mod)."
+        1.0,
+        gt=0.0,
+        allow_inf_nan=False,
+        strict=True,
+        description="Relative weight (used by weighted methods such as mod).",
     )
     aliases: tuple[str, ...] = ()
     source: str = ""
@@ -85,6 +90,23 @@ class Preference(_Typed):
         if not v:
             raise ValueError("must not be empty")
         return v
+
+    def definition(self) -> dict[str, Any]:
+        """This preference as a preferences-file table (JSON-able): everything that decides a prompt
+        (``name``, ``description``, ``instruction``, ``weight``, ``examples``), not its aliases or source.
+
+        With a ``description`` the table defines the preference outright, so it resolves to the same
+        prompt wherever it is read (a preferences file, ``RunConfig.preferences`` / ``views``), even
+        where the library holds another preference of that name: what a run's ``settings`` report for
+        a preference a file or a caller defined or adjusted. Two preferences with equal definitions
+        prompt alike (see :func:`~personajudge.preferences.duplicates`)."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "instruction": self.instruction,
+            "weight": self.weight,
+            "examples": [{"q": e.q, "a": e.a} for e in self.examples],
+        }
 
     @classmethod
     def free_text(cls, text: str, weight: float = 1.0) -> Preference:

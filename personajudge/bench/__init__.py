@@ -31,7 +31,7 @@ from personajudge.api import PersonaJudge, make_method
 from personajudge.core.config import DecodingConfig, RunConfig, validation_message
 from personajudge.core.errors import ConfigError, PersonaJudgeWarning
 from personajudge.plugins import get_method, preference_library
-from personajudge.preferences import Preference, build_views
+from personajudge.preferences import Preference, PreferenceSpec, build_views
 
 from .steps import device_sync, format_steps, step_costs
 
@@ -92,7 +92,7 @@ def bench_views(cfg: RunConfig, k: int | None = None, preferences: Sequence[str 
     ``--preferences-file`` objects, as the API takes them) or the config's, else the first ``k``
     (default 2) of :data:`DEFAULT_PREFS`. The preference objects also define names the views use.
     """
-    prefs = list(preferences) if preferences is not None else list(cfg.preferences)
+    prefs: list[PreferenceSpec] = list(preferences) if preferences is not None else list(cfg.preferences)
     lib = preference_library()
     if cfg.views:
         if k is not None and k != len(cfg.views):

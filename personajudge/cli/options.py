@@ -95,7 +95,8 @@ def add_run_options(p: argparse.ArgumentParser, *, seed_help: str | None = None)
         "--preferences-file",
         metavar="FILE",
         type=file_path_arg,
-        help="TOML/JSON/YAML list of preferences (one view each; the names it defines or adjusts work in --view)",
+        help="TOML/JSON/YAML list of preferences (one view each; the names it defines or adjusts mean its "
+        "definitions in --view and --prefer)",
     )
     g.add_argument(
         "--encoder",
@@ -146,7 +147,8 @@ class FileDefinedConfig(RunConfig):
     The CLI passes the file's preferences with every call, and the call resolves the views with them
     (:func:`personajudge.preferences.with_definitions`); ``definitions`` lets the check that runs
     before the model loads (``personajudge.api._check_config``) resolve them too. Not part of the
-    dumped config: a run's settings report the views by name, as always.
+    dumped config: a run's settings report each of the file's preferences as its full table (which a
+    config's ``views`` accepts), so a config rebuilt from them needs no file.
     """
 
     definitions: list[Preference] = Field(default_factory=list, exclude=True)

@@ -16,6 +16,7 @@ import time
 import warnings
 
 from personajudge.api import PersonaJudge
+from personajudge.core.config import DecodingConfig
 from personajudge.core.errors import ConfigError, PersonaJudgeError, PersonaJudgeWarning
 from personajudge.core.files import os_error_text
 from personajudge.serve import create_app
@@ -25,6 +26,8 @@ from personajudge.serve.bench import format_table, run_bench_serve
 from .options import add_run_options, config_from_args
 
 SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
+#: the largest ``max_new_tokens`` the config takes (bench-serve's --max-tokens becomes it)
+MAX_NEW_TOKENS: int = next(m.le for m in DecodingConfig.model_fields["max_new_tokens"].metadata if hasattr(m, "le"))
 INSTALL_HINT = "pip install 'persona-judge[serve]'"
 
 
@@ -53,6 +56,8 @@ def _check_limits(args: argparse.Namespace) -> None:
         raise ConfigError(f"--request-timeout must be a positive number of seconds, got {args.request_timeout}")
     if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
         raise ConfigError(f"--shutdown-timeout must be a non-negative number of seconds, got {args.shutdown_timeout}")
+    if not args.served_model_name.strip():  # no request could name it: every one would be a 400 or a 404
+        raise ConfigError(f"--served-model-name must not be empty, got {args.served_model_name!r}")
 
 
 def _bind(host: str, port: int) -> list[socket.socket]:
@@ -212,6 +217,10 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     levels = _levels(args.concurrency)
     if args.requests < 1:
         raise ConfigError("--requests must be at least 1")
+    if args.max_tokens < 1:  # checked here, before the direct row runs, in the flag's name
+        raise ConfigError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.max_tokens > MAX_NEW_TOKENS:
+        raise ConfigError(f"--max-tokens must be at most {MAX_NEW_TOKENS}, got {args.max_tokens}")
     cfg, prefs = config_from_args(args)
     flags = _run_flags(args) + [
         "--max-batch",

@@ -18,6 +18,7 @@ and ``Request`` is a local name of :func:`create_app`.)
 import asyncio
 import json
 import logging
+import re
 import secrets
 import sys
 import time
@@ -29,8 +30,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from personajudge.api import PersonaJudge, make_method
-from personajudge.core.config import validation_message
 from personajudge.core.errors import (
+    ChatTemplateError,
     ConfigError,
     ContextLengthError,
     DeviceError,
@@ -47,7 +48,7 @@ from personajudge.plugins.manager import plan_views
 from personajudge.preferences import Preference, build_views, lookup, normalize_conversation, with_definitions
 
 from .metrics import Metrics
-from .schemas import FINISH_REASONS, ChatCompletionRequest, CompletionRequest, error_body
+from .schemas import FINISH_REASONS, ChatCompletionRequest, CompletionRequest, error_body, field_error
 
 #: how often a waiting request checks whether its client went away
 DISCONNECT_POLL_S = 0.25
@@ -58,7 +59,95 @@ DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 #: sized for the largest batch it has seen, never shrinks
 DEFAULT_MAX_VIEWS = 8
 
+#: the ``endpoint`` label of ``personajudge_requests_total`` for a path no route has (the others are labelled by
+#: their route), so scanners and typos cannot grow the label set, and every scrape, without bound
+OTHER_ENDPOINT = "other"
+
+#: the CLI flags the library's messages name as a remedy, and the request field an HTTP client uses instead
+_FLAG_FIELDS = {
+    "--encoder": "encoder",
+    "--method": "method",
+    "--stop": "stop",
+    "--lambda": "lambda",
+    "--top-k": "top_k",
+    "--top-p": "top_p",
+    "--temperature": "temperature",
+    "--seed": "seed",
+    "--max-new-tokens": "max_tokens",
+    "--roles": "roles",
+    "--schedule": "schedule",
+    "--prefer": "preferences",
+    "--view": "views",
+}
+#: a flag, its value, and the same flag repeated right after (``--prefer concise --prefer humor``)
+_FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z-]*)(?![\w-])(?:[ =]([^\s;()]+))?((?:\s+\1[ =][^\s;()]+)*)")
+#: the config's name for a setting (a ``ConfigError``'s "invalid config: decoding.stop: ..."), and the request
+#: field it came from; ``max_new_tokens``, ``preferences`` and ``views`` depend on the request (see map_error)
+_CONFIG_FIELDS = {
+    "decoding.temperature": "temperature",
+    "decoding.top_p": "top_p",
+    "decoding.top_k": "top_k",
+    "decoding.seed": "seed",
+    "decoding.stop": "stop",
+    "decoding.lambda": "lambda",
+    "decoding.lambda_": "lambda",
+    "decoding.roles": "roles",
+    "decoding.schedule": "schedule",
+    "method": "method",
+    "encoder": "encoder",
+}
+_CONFIG_LOC = re.compile(r"(^|; )([A-Za-z_][\w]*(?:\.[\w]+)*): ")
+
 log = logging.getLogger(__name__)
+
+
+def http_wording(message: str) -> str:
+    """A library message as an HTTP client can act on it: the CLI flags it names as a remedy become the
+    request fields that do the same (``use --encoder plain`` -> ``use "encoder": "plain"``; ``--prefer a
+    --prefer b`` -> ``"preferences": ["a", "b"]``; ``--view a,b`` -> ``"views": [["a", "b"]]``). Flags
+    that no request field matches (the server's own limits) are left as they are."""
+
+    def field(m: re.Match) -> str:
+        flag, first, more = m.group(1), m.group(2), m.group(3)
+        name = _FLAG_FIELDS.get(flag)
+        if name is None:
+            return m.group(0)
+        if first is None:
+            return f'the "{name}" field'
+        values = [first, *re.findall(re.escape(flag) + r"[ =]([^\s;()]+)", more)]
+        tail = values[-1][len(values[-1].rstrip(".,:")) :]  # a sentence's punctuation after the last value
+        values[-1] = values[-1][: len(values[-1]) - len(tail)]
+        if name == "views":
+            shown = json.dumps([[v for v in value.split(",") if v] for value in values])
+        elif name == "preferences" or len(values) > 1:
+            shown = json.dumps(values)
+        else:
+            shown = values[0] if re.fullmatch(r"-?\d+(\.\d+)?", values[0]) else json.dumps(values[0])
+        return f'"{name}": {shown}{tail}'
+
+    return _FLAG.sub(field, message)
+
+
+def _config_error(message: str, fields: dict[str, str]) -> tuple[str | None, str]:
+    """``(param, message)`` of a ``ConfigError`` from the run config the request's fields were merged into:
+    "invalid config: decoding.stop: ..." names the config's field; the client sent ``stop``. The message's
+    config names become the request's; ``param`` is the first (None when the setting is no request field's)."""
+    body = message.removeprefix("invalid config: ")
+    if body == message:
+        return None, message
+    found: list[str] = []
+
+    def request_field(m: re.Match) -> str:
+        loc = m.group(2)
+        for config_name, request_name in fields.items():
+            if loc == config_name or loc.startswith(config_name + "."):
+                field = request_name + loc[len(config_name) :]
+                found.append(field)
+                return m.group(1) + field + ": "
+        return m.group(0)
+
+    body = _CONFIG_LOC.sub(request_field, body)
+    return (found[0], body) if found else (None, message)
 
 
 class APIError(Exception):
@@ -90,6 +179,7 @@ def map_error(
     *,
     prompt_field: str = "messages",
     preference_field: str = "preferences",
+    token_field: str = "max_tokens",
     shutting_down: bool = False,
 ) -> APIError:
     """A persona-judge exception as the HTTP error a client should see.
@@ -100,10 +190,17 @@ def map_error(
     server's doing, not the client's: the 503 ``shutting_down`` of the README's table.
     A :class:`TooManyViewsError` (the backend cannot open a session for that many views, e.g.
     llama.cpp's sequence limit) names the field those views came from.
+
+    A :class:`ConfigError` of the run config names the request field its setting came from
+    (``token_field``: ``max_tokens`` or ``max_completion_tokens``); one whose remedy is another
+    encoder (no chat template, an exemplar encoder without examples), and a chat template that
+    failed on the request, name ``encoder``. Messages name request fields, not CLI flags
+    (:func:`http_wording`).
     """
     if isinstance(err, APIError):
         return err
-    msg = str(err)
+    raw = str(err)
+    msg = http_wording(raw)
     if isinstance(err, QueueFullError):
         return APIError(
             429,
@@ -130,8 +227,19 @@ def map_error(
         return APIError(400, msg, param=param, code=f"unknown_{err.kind}")
     if isinstance(err, TooManyViewsError):
         return APIError(400, msg, param=preference_field, code="invalid_value")
+    if isinstance(err, ChatTemplateError):  # the model's template failed on this request: "encoder": "plain" helps
+        return APIError(400, msg, param="encoder", code="invalid_value")
     if isinstance(err, ConfigError):
-        return APIError(400, msg, code="invalid_value")
+        fields = {
+            **_CONFIG_FIELDS,
+            "decoding.max_new_tokens": token_field,
+            "preferences": preference_field,
+            "views": preference_field,
+        }
+        param, msg = _config_error(msg, fields)
+        if param is None and "--encoder" in raw:  # the library's remedy is another encoder
+            param = "encoder"
+        return APIError(400, msg, param=param, code="invalid_value")
     if isinstance(err, DeviceError):
         return APIError(503, msg, "server_error", code="device_error")
     if isinstance(err, PersonaJudgeError):
@@ -234,10 +342,19 @@ class Server:
                 code="invalid_value",
             )
         prefs, views = req.preference_list(), req.view_groups()
-        if prefs is not None and views is None and self.definitions:
-            # a request's names mean what the preferences file defines or adjusts, as in its views
-            own = with_definitions({}, self.definitions)
-            prefs = [(lookup(p, own) or p) if isinstance(p, str) else p for p in prefs]
+        for i, group in enumerate(views or []):  # the Python API reads [[]] as no views; a request means one
+            if not group:
+                raise APIError(400, f"view {i + 1} is empty", param="views", code="invalid_value")
+        if prefs is not None and views is None:
+            if self.definitions:
+                # a request's names mean what the preferences file defines or adjusts, as in its views
+                own = with_definitions({}, self.definitions)
+                prefs = [(lookup(p, own) or p) if isinstance(p, str) else p for p in prefs]
+            # A request's preferences replace the server's default views too, one view per preference as
+            # --prefer gives: ``views=[]`` is "no views" to the API, so its preferences make the views.
+            # (The Python API's rule, configured views win over a call's bare preferences, is for a caller
+            # who configured both; a server's configured views are only what a bare request gets.)
+            views = []
         elif views is not None and self.definitions:
             prefs = self.definitions  # the names a preferences file defines or adjusts
         elif prefs is None and views is None and self.default_preferences is not None:
@@ -266,7 +383,7 @@ class Server:
     # ---------------------------------------------------------------- running a job
 
     async def submit(self, prompt: Any, kwargs: dict[str, Any], *, stream: bool = True, label: str) -> Job:
-        """Queue a request; ``label`` (the HTTP path) labels its latency in the metrics."""
+        """Queue a request; ``label`` (the route's path) labels its latency in the metrics."""
         if self.shutting_down:
             raise EngineClosedError("the server is shutting down")
         loop = asyncio.get_running_loop()
@@ -288,6 +405,9 @@ class Server:
                 f"the request did not finish within {self.request_timeout:g}s (--request-timeout)",
                 "timeout_error",
                 code="timeout",
+                # the openai SDK retries a 408 (max_retries=2 by default): the same request would run out
+                # of time again, at three times the work; this header, which the SDK obeys, says not to
+                headers={"x-should-retry": "false"},
             ) from None
 
     async def watch(self, request: Any, job: Job) -> None:
@@ -320,8 +440,12 @@ def _pj_info(res: Any) -> dict[str, Any]:
 
 
 class _CountRequests:
-    """Counts /v1 requests by status: plain ASGI (Starlette's ``BaseHTTPMiddleware`` would hide
-    client disconnects from the endpoints, and those cancel requests)."""
+    """Counts /v1 requests by endpoint and status: plain ASGI (Starlette's ``BaseHTTPMiddleware`` would
+    hide client disconnects from the endpoints, and those cancel requests).
+
+    The endpoint is the route the request matched (the router records it in the scope), and
+    ``other`` for a path no route has: labelled by the raw path, every typo or scanner's probe
+    would add a series for good."""
 
     def __init__(self, app: Any, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -340,7 +464,9 @@ class _CountRequests:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            self.metrics.requests.labels(scope["path"], str(status["code"])).inc()
+            path = getattr(scope.get("route"), "path", None)
+            endpoint = path if isinstance(path, str) else OTHER_ENDPOINT
+            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
 
 
 def create_app(
@@ -393,7 +519,10 @@ def create_app(
     async def _http_error(request: Request, err: StarletteHTTPException):
         type_ = "invalid_request_error" if err.status_code < 500 else "server_error"
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
-        return JSONResponse(error_body(str(err.detail), type_, None, code), status_code=err.status_code)
+        # err.headers: Starlette's 405 carries the ``Allow`` header RFC 9110 requires
+        return JSONResponse(
+            error_body(str(err.detail), type_, None, code), status_code=err.status_code, headers=err.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, err: RequestValidationError):
@@ -457,9 +586,8 @@ def create_app(
         try:
             req: Any = model.model_validate(body)  # one of the request models; all have .model
         except ValidationError as err:
-            first = err.errors(include_url=False)[0]
-            param = ".".join(str(x) for x in first["loc"]) or None
-            raise APIError(400, validation_message(err), param=param, code="invalid_value") from None
+            param, message = field_error(err)
+            raise APIError(400, message, param=param, code="invalid_value") from None
         srv.check_model(req.model)
         return req
 
@@ -472,11 +600,14 @@ def create_app(
                 err,
                 prompt_field="messages" if endpoint == "chat" else "prompt",
                 preference_field="views" if req.views else "preferences",  # build_views uses views when given
+                token_field=req.token_limit()[1],
                 shutting_down=srv.closing(),
             )
 
+        route = request.scope.get("route")
+        label = getattr(route, "path", None) or request.url.path  # the route: a bounded set of labels
         try:
-            job = await srv.submit(prompt, kwargs, stream=bool(req.stream), label=request.url.path)
+            job = await srv.submit(prompt, kwargs, stream=bool(req.stream), label=label)
         except Exception as err:
             raise fail(err) from None
         watcher = asyncio.create_task(srv.watch(request, job))
@@ -596,9 +727,7 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        kwargs = srv.generation_kwargs(req, max_tokens, field)
+        kwargs = srv.generation_kwargs(req, *req.token_limit())
         try:
             conversation = req.conversation()
             normalize_conversation(conversation)  # the API checks it again; here an error can name the field
@@ -609,7 +738,7 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: Request):
         req: CompletionRequest = await parse(request, CompletionRequest)
-        kwargs = srv.generation_kwargs(req, req.max_tokens, "max_tokens")
+        kwargs = srv.generation_kwargs(req, *req.token_limit())
         try:
             normalize_conversation(req.prompt_text())
         except ConfigError as err:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import ErrorDetails
 
 from personajudge.core.config import DecodingConfig
 from personajudge.core.result import FinishReason
@@ -54,11 +55,14 @@ class _Common(BaseModel):
 
     model: str = Field(..., min_length=1)
     max_tokens: MaxTokens = None
+    #: OpenAI's newer name for ``max_tokens`` (chat only there); taken on both endpoints, as the README says
+    max_completion_tokens: MaxTokens = None
     temperature: Temperature = None
     top_p: TopP = None
     seed: Seed = None
     stop: str | list[str] | None = None
-    stream: bool = False
+    #: OpenAI's type is "boolean or null" (null: false): clients and proxies that send unset fields as null
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     n: int | None = 1
     user: str | None = None
@@ -139,6 +143,13 @@ class _Common(BaseModel):
             return "suffix", "suffix is not supported"
         return None
 
+    def token_limit(self) -> tuple[int | None, str]:
+        """The request's token limit and the field it came from: ``max_completion_tokens`` wins over
+        ``max_tokens`` (OpenAI deprecated the latter for it), so an error names the one that counted."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
     def stop_list(self) -> list[str] | None:
         if self.stop is None:
             return None
@@ -175,7 +186,6 @@ class Message(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[Message] = Field(..., min_length=1)
-    max_completion_tokens: MaxTokens = None
 
     def conversation(self) -> list[dict[str, str]]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
@@ -193,6 +203,55 @@ class CompletionRequest(_Common):
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+def _field_names(*models: type[BaseModel]) -> frozenset[str]:
+    names: set[str] = set()
+    for model in models:
+        for name, info in model.model_fields.items():
+            names.update(x for x in (name, info.alias) if x)
+    return frozenset(names)
+
+
+#: every field name (and alias) of the request schemas, nested ones included: a ``str`` in a
+#: validation error's ``loc`` that is none of these is the tag pydantic gives a union's branch
+#: (``str``, ``list[str]``, ``list[dict[str,any]]``), which the client never wrote
+_FIELDS = _field_names(ChatCompletionRequest, CompletionRequest, Message, StreamOptions)
+
+
+def field_error(err: ValidationError) -> tuple[str | None, str]:
+    """A request's validation error as ``(param, message)`` in the fields the client sent.
+
+    ``param`` is the field as sent: union tags dropped, list indexes kept (``messages.0.content``).
+    A union's value fails once per branch; the client gets one message per field: the branch that
+    got furthest (``"stop": [5]`` fails inside the list branch: ``stop.0``), and where branches fail
+    at the same place their expectations together ("Input should be a valid string or a valid
+    list"), not a message per pydantic branch.
+    """
+    # errors of one value, keyed by where it sat (its loc up to the first union tag)
+    by_site: dict[tuple[int | str, ...], list[tuple[tuple[int | str, ...], ErrorDetails]]] = {}
+    for e in err.errors(include_url=False):
+        loc = tuple(e["loc"])
+        tag = next((i for i, x in enumerate(loc) if isinstance(x, str) and x not in _FIELDS), len(loc))
+        clean = tuple(x for x in loc if isinstance(x, int) or x in _FIELDS)
+        by_site.setdefault(loc[:tag], []).append((clean, e))
+    by_field: dict[tuple[int | str, ...], list[ErrorDetails]] = {}
+    for found in by_site.values():
+        deepest = max(len(clean) for clean, _ in found)
+        for clean, e in found:
+            if len(clean) == deepest:
+                by_field.setdefault(clean, []).append(e)
+    parts, params = [], []
+    for clean, details in by_field.items():
+        field = ".".join(str(x) for x in clean)
+        params.append(field)
+        texts = list(dict.fromkeys(d["msg"].removeprefix("Value error, ") for d in details))
+        # "Input should be a valid string or a valid list"
+        text = texts[0] + "".join(" or " + t.removeprefix("Input should be ") for t in texts[1:])
+        got = details[0].get("input")
+        shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r:.60})"
+        parts.append(f"{field}: {text}{shown}" if field else f"{text}{shown}")
+    return (params[0] or None) if params else None, "; ".join(parts)
 
 
 def error_body(

@@ -321,7 +321,13 @@ def test_inductor_compiled_steps_on_the_cpu(dirs):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 @pytest.mark.parametrize("arch", ["gemma3"])  # sliding and full layers; one model keeps the GPU check's compiles few
 def test_cuda_graphs_give_the_dynamic_caches_logits(dirs, arch):
-    """``compile="reduce-overhead"``: inductor with CUDA graphs replays the step; outputs are copied out."""
+    """``compile="reduce-overhead"``: inductor with CUDA graphs replays the step; outputs are copied out.
+
+    Inductor only logs when it skips CUDA graphs (and runs the compiled code without them): its
+    ``cudagraph_skips`` counter must not move."""
+    from torch._dynamo.utils import counters
+
+    skips = int(counters["inductor"]["cudagraph_skips"])
     cuda = {"compile": "reduce-overhead", "max_cache_len": 96}
     dynamic = HFBackend(BackendConfig(name="hf", model=dirs[arch], device="cuda"))
     graphs = HFBackend(BackendConfig(name="hf", model=dirs[arch], device="cuda", options=cuda))
@@ -332,6 +338,7 @@ def test_cuda_graphs_give_the_dynamic_caches_logits(dirs, arch):
         for x, y in zip(a, b):
             torch.testing.assert_close(y, x, atol=2e-3, rtol=2e-3)
     assert graphs.compile_fallback is None
+    assert int(counters["inductor"]["cudagraph_skips"]) == skips  # the graphs were not skipped
 
 
 def test_sampling_runs_under_inference_mode(dirs, monkeypatch):

@@ -234,3 +234,30 @@ def test_settings_report_no_views_for_a_method_that_uses_none(capsys):
     assert code == 0 and json.loads(out)["settings"]["views"] == []
     code, out, _ = run_main(["generate", "hi", *TOY, *PREFS, "--method", "prompt", "--json"], capsys)
     assert code == 0 and json.loads(out)["settings"]["views"] == [["concise"], ["humor"]]
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--prefer", "talk like a pirate", "--prefer", "concise"],  # free text
+        ["--prefer", "humor !", "--prefer", "concise"],  # free text whose slug is a built-in's name
+        ["--preferences-file", "PIRATE", "--prefer", "concise"],  # a file-defined preference
+        ["--preferences-file", "ADJUSTED", "--prefer", "humor"],  # an adjusted built-in (own examples)
+        ["--preferences-file", "PIRATE", "--view", "pirate,humor", "--view", "concise"],
+    ],
+)
+def test_a_run_with_its_own_preferences_can_be_repeated_from_its_settings(flags, tmp_path, capsys):
+    """Audit prefs2 A: settings named views by a slug or by the file's name, so the replay failed or differed."""
+    files = {
+        "PIRATE": toml(tmp_path, '[[preferences]]\nname = "pirate"\ndescription = "Talk like a pirate"\n', "p.toml"),
+        "ADJUSTED": toml(
+            tmp_path, '[[preferences]]\nname = "concise"\nexamples = [{q = "2+2?", a = "4."}]\n', "a.toml"
+        ),
+    }
+    argv = [files.get(f, f) for f in flags]
+    code, out, err = run_main(
+        ["generate", "hi", "--backend", "toy", "--max-new-tokens", "8", "--seed", "1", *argv, "--json"], capsys
+    )
+    assert code == 0, err
+    res = json.loads(out)
+    assert _tokens(_config_from_settings(res["settings"]))[0] == res["tokens"]

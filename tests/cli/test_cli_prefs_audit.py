@@ -27,6 +27,11 @@ def prefs_file(tmp_path):
     return str(f)
 
 
+def _names(views):
+    """The preference names of reported views (a file's preference is reported as its table)."""
+    return [[p if isinstance(p, str) else p["name"] for p in v] for v in views]
+
+
 def _json_out(capsys):
     captured = capsys.readouterr()
     return json.loads(captured.out), captured.err
@@ -39,7 +44,9 @@ def test_views_use_the_names_a_preferences_file_defines_and_adjusts(prefs_file, 
     )
     out, err = _json_out(capsys)
     assert rc == 0, err
-    assert out["settings"]["views"] == [["pirate", "concise"], ["humor"]]
+    # the file's preferences are reported as their tables (audit prefs2 A: the settings alone repeat a run)
+    assert _names(out["settings"]["views"]) == [["pirate", "concise"], ["humor"]]
+    assert out["settings"]["views"][0][1]["examples"] == [{"q": "Why?", "a": "Because."}]
     view0 = err.split("# --- view 0")[1].split("# --- end of view 0")[0]
     assert "Arr, she be in the harbour" in view0 and "Answer: Because." in view0  # the file's concise, not the built-in
     assert "ignored" not in err
@@ -55,7 +62,7 @@ def test_a_preferences_file_replaces_a_config_files_views(prefs_file, tmp_path, 
     )
     out, err = _json_out(capsys)
     assert rc == 0, err
-    assert out["settings"]["views"] == [["pirate"], ["concise"]] and "ignored" not in err
+    assert _names(out["settings"]["views"]) == [["pirate"], ["concise"]] and "ignored" not in err
 
 
 def test_a_view_description_with_a_comma_stays_one_preference(prefs_file, capsys):
@@ -76,7 +83,8 @@ def test_a_view_description_with_a_comma_stays_one_preference(prefs_file, capsys
     )
     out, err = _json_out(capsys)
     assert rc == 0, err
-    assert len(out["settings"]["views"][0]) == 1 and out["settings"]["views"][1] == ["pirate", "humor"]
+    assert out["settings"]["views"][0] == ["answer briefly, with humour"]  # free text: by its text
+    assert _names(out["settings"]["views"])[1] == ["pirate", "humor"]
     view0 = err.split("# --- view 0")[1].split("# --- end of view 0")[0]
     assert "answer briefly, with humour" in view0
 

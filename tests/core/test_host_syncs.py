@@ -15,6 +15,7 @@ cannot see (inside kernels' launch code).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -255,6 +256,36 @@ def test_nan_logits_in_a_run_are_a_typed_error(tmp_path):
 # ----------------------------------------------------------------------------- CUDA
 
 
+class GraphCalls:
+    """Counts what inductor's CUDA-graph trees do while entered: recordings, replays, eager warm-up runs.
+
+    The tree manager is wrapped at the class (its instances are per thread), and inductor's
+    ``cudagraph_skips`` counter read before and after: a step that silently ran without graphs shows
+    as no replays, or as a skip."""
+
+    def __enter__(self):
+        from torch._dynamo.utils import counters
+        from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
+
+        self.counters, self.cls = counters, CUDAGraphTreeManager
+        self.skips0 = int(counters["inductor"]["cudagraph_skips"])
+        self.counts = {"record_function": 0, "execute_node": 0, "run_eager": 0}
+        self.orig = {name: CUDAGraphTreeManager.__dict__[name] for name in self.counts}
+        for name, fn in self.orig.items():
+
+            def wrapper(mgr, *a, _fn=fn, _name=name, **kw):
+                self.counts[_name] += 1
+                return _fn(mgr, *a, **kw)
+
+            setattr(CUDAGraphTreeManager, name, wrapper)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.orig.items():
+            setattr(self.cls, name, fn)
+        self.skips = int(self.counters["inductor"]["cudagraph_skips"]) - self.skips0
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 @pytest.mark.parametrize(
@@ -263,28 +294,41 @@ def test_nan_logits_in_a_run_are_a_typed_error(tmp_path):
     ids=["dynamic", "static", "cuda-graphs"],
 )
 def test_cuda_step_has_no_sync_outside_the_one_read(tmp_path, options):
-    """A two-view step (forward, both filtered supports, draft, judge) queues without a sync; then one read."""
+    """A two-view step (forward, both filtered supports, draft, judge) queues without a sync; then one read.
+
+    With CUDA graphs the checked steps must be replays: inductor's graph trees run a function eagerly
+    on its first call (warm-up) and record it on the second, and recording synchronizes. So three
+    single-token steps run before the check (warm-up, record, a first replay), and the test asserts
+    that the checked steps were replayed with nothing recorded, skipped or fallen back to eager: a
+    sync in the check would otherwise end in ``run_step``'s fallback to eager, and pass unseen."""
     from tiny_hf import build_tiny_backend
 
+    graphs = "compile" in options
     backend = build_tiny_backend(tmp_path, "gemma3", device="cuda", options=options)
     params = SamplingParams()
     u = np.random.default_rng(0).random(9)
     with backend.open(2) as s:
         outs = s.forward_many([(0, [1, 40, 41, 42], 1), (1, [1, 50, 51], 1)])
-        outs = s.forward_many([(0, [43], 1), (1, [52], 1)])  # a compiled step is captured outside the check
+        for tok in (43, 44, 45):  # q=1 steps: warm-up, recording and a first replay, all outside the check
+            outs = s.forward_many([(0, [tok], 1), (1, [tok + 10], 1)])
         torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for _ in range(3):
-                ud = uniforms(outs[0], u)
-                q, p = device_candidates(outs[0][-1], params), device_candidates(outs[1][-1], params)
-                t = sample_token(q, ud[0])
-                ok, emit = judge_arrays(p, q, t, ud[4], ud[8])
-                outs = s.forward_many([(0, [60], 1), (1, [61], 1)])
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+        with GraphCalls() if graphs else contextlib.nullcontext() as calls:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for _ in range(3):
+                    ud = uniforms(outs[0], u)
+                    q, p = device_candidates(outs[0][-1], params), device_candidates(outs[1][-1], params)
+                    t = sample_token(q, ud[0])
+                    ok, emit = judge_arrays(p, q, t, ud[4], ud[8])
+                    outs = s.forward_many([(0, [60], 1), (1, [61], 1)])
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
         t, ok, emit = read_ints(t, ok, emit)
     assert 0 <= t < 256 and 0 <= emit < 256
+    if graphs:
+        assert backend.compile_fallback is None  # no step in the check fell back to eager
+        assert calls.counts["execute_node"] >= 3 and calls.skips == 0, (calls.counts, calls.skips)
+        assert calls.counts["record_function"] == 0 and calls.counts["run_eager"] == 0, calls.counts
     backend.close()
 
 
@@ -342,5 +386,6 @@ def test_cuda_batched_step_synchronizes_once(tmp_path, options):
     assert 1 <= len(syncs) <= steps, [str(w.message)[:120] for w in syncs[:5]]
     if options:
         assert kernel.fallback is None and kernel.calls >= steps
+        assert backend.compile_fallback is None  # the steps too: a sync in a capture would have made them eager
     session.close()
     backend.close()

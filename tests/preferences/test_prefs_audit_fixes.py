@@ -80,7 +80,8 @@ def test_api_views_use_the_call_preferences_without_the_ignored_warning(model):
         res = model.generate(
             "hi", preferences=[PIRATE, OWN_CONCISE], views=[["pirate", "concise"], ["humor"]], encoder="exemplar", **KW
         )
-        assert res.settings["views"] == [["pirate", "concise"], ["humor"]]
+        # the caller's definitions as tables, so the settings alone repeat the run (audit prefs2 A)
+        assert res.settings["views"] == [[PIRATE.definition(), OWN_CONCISE.definition()], ["humor"]]
 
     assert not [w for w in _pj_warnings(run) if "ignored" in w]
     cfg, meth, views = model._prepare([PIRATE, OWN_CONCISE], [["pirate", "concise"], ["humor"]], None, {})

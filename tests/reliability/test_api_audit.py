@@ -153,7 +153,7 @@ CALLS = {
         ({"method_options": {"weights": [1]}}, "method_options is not a per-call keyword: it is a setting of the run"),
         ({"threads": 2}, "threads is not a per-call keyword: the backend is loaded with it; set it in the config's"),
         ({"max_tokens": 4}, "max_tokens is not a per-call keyword; did you mean max_new_tokens?"),
-        ({"xyzzy": 4}, "xyzzy is not a per-call keyword; the keywords are temperature, "),
+        ({"xyzzy": 4}, "xyzzy is not a per-call keyword; the keywords are preferences, views, method, temperature, "),
     ],
 )
 def test_a_keyword_the_call_does_not_take_is_named_as_such(model, call, kw, says):
