@@ -690,6 +690,15 @@ class Shapes:
             }
         )
 
+    def run_phase(self, shapes: list[str], phase: str) -> None:
+        """Every step of ``phase`` (see :data:`STEPS`) on every shape, shape by shape; then the last
+        shape's model is released."""
+        for shape in shapes:
+            for name, (step_phase, share) in STEPS.items():
+                if step_phase == phase:
+                    self.run(shape, name, SHAPES[shape][2] * share)
+        self.release()
+
     def run(self, shape: str, name: str, need: float) -> None:
         """Run step ``name`` on ``shape`` when ``need`` seconds are left; its result, or its error, goes in the row."""
         if self.budget.left() < need:
@@ -1054,17 +1063,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # a. what the targets need, shape by shape; b. the CUDA tests; c. the rest; d. the CUDA-graph tests;
         # e. the compiled steps, which may take the longest and are not what the targets are judged on
-        for shape in shapes:
-            for name, (phase, share) in STEPS.items():
-                if phase == "targets":
-                    work.run(shape, name, SHAPES[shape][2] * share)
-        work.release()
+        work.run_phase(shapes, "targets")
         tests("tests", "not graphs")
-        for shape in shapes:
-            for name, (phase, share) in STEPS.items():
-                if phase == "extras":
-                    work.run(shape, name, SHAPES[shape][2] * share)
-        work.release()
+        work.run_phase(shapes, "extras")
         tests("tests_graphs", "graphs")
         work.run_compiled(shapes, COMPILE_S if gpu else 0.3 * SHAPES[shapes[0]][2])
     finally:

@@ -7,6 +7,7 @@ import json
 
 import pytest
 from cli_lines import one_line, run_main
+from replay import config_from_settings
 
 from personajudge.api import PersonaJudge
 from personajudge.batch import read_records
@@ -182,22 +183,6 @@ FULL = {
 }
 
 
-def _config_from_settings(s):
-    """Only what a run reports: the config someone would rebuild from a --json output or a batch row."""
-    d = s["decoding"]
-    return {
-        "backend": {"name": s["backend"], "options": s["backend_options"]},
-        "method": s["method"],
-        "method_options": s["method_options"],
-        "views": s["views"],
-        "encoder": s["encoder"],
-        "encoder_options": s["encoder_options"],
-        "system": s["system"],
-        "decoding": {k: d[k] for k in ("temperature", "top_k", "top_p", "lambda", "max_new_tokens", "roles")}
-        | {k: d[k] for k in ("schedule", "stop", "repeat_lines", "seed")},
-    }
-
-
 def _tokens(config):
     with PersonaJudge(config) as pj:
         res = pj.generate("hi")
@@ -209,7 +194,7 @@ def test_a_run_can_be_repeated_from_its_settings():
     assert settings["system"] == "S" and settings["method_options"] == {"weights": [0.9, 0.1]}
     assert settings["encoder_options"] == {"template": "dialogue"} and settings["decoding"]["repeat_lines"] == 0
     assert settings["backend_options"] == {"view_strength": 0.5}
-    rebuilt = _config_from_settings(settings)
+    rebuilt = config_from_settings(settings)
     assert _tokens(rebuilt)[0] == tokens
     # negative control: each of the fields settings lacked before changes these tokens when left out
     for key in ("system", "method_options", "encoder_options"):
@@ -260,4 +245,4 @@ def test_a_run_with_its_own_preferences_can_be_repeated_from_its_settings(flags,
     )
     assert code == 0, err
     res = json.loads(out)
-    assert _tokens(_config_from_settings(res["settings"]))[0] == res["tokens"]
+    assert _tokens(config_from_settings(res["settings"]))[0] == res["tokens"]

@@ -319,6 +319,14 @@ def _stub(out: Path) -> dict:
     return rep
 
 
+def _install_from(tmp_path, folder: Path, out: Path):
+    """The check in a bare environment, with ``folder`` as its wheels."""
+    site = tmp_path / "site"
+    return run(
+        str(out), "--device", "cpu", "--no-tests", "--wheels", str(folder), "--site", str(site), env=_bare(tmp_path)
+    )
+
+
 @pytest.mark.parametrize("wheels", ["missing", "empty"])
 def test_no_wheels_is_one_line_naming_make_gpu_wheels_and_carry(tmp_path, wheels):
     """The likeliest mistake on the device: ``.whl`` not carried (it is git-ignored)."""
@@ -326,17 +334,7 @@ def test_no_wheels_is_one_line_naming_make_gpu_wheels_and_carry(tmp_path, wheels
     if wheels == "empty":
         folder.mkdir()
     out = tmp_path / "out"
-    proc = run(
-        str(out),
-        "--device",
-        "cpu",
-        "--no-tests",
-        "--wheels",
-        str(folder),
-        "--site",
-        str(tmp_path / "site"),
-        env=_bare(tmp_path),
-    )
+    proc = _install_from(tmp_path, folder, out)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     err = proc.stderr.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
@@ -350,17 +348,7 @@ def test_a_wheel_pip_refuses_is_one_line(tmp_path):
     folder.mkdir()
     (folder / "pydantic_core-2.50.5-cp27-cp27m-win32.whl").write_bytes(b"not for this machine")
     out = tmp_path / "out"
-    proc = run(
-        str(out),
-        "--device",
-        "cpu",
-        "--no-tests",
-        "--wheels",
-        str(folder),
-        "--site",
-        str(tmp_path / "site"),
-        env=_bare(tmp_path),
-    )
+    proc = _install_from(tmp_path, folder, out)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "pip could not install the wheels" in proc.stderr and "GPU_PYTHON=" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -8,6 +8,8 @@ import warnings
 import numpy as np
 import pytest
 from chat_tokenizers import STRICT, ChatTokenizer
+from own_preferences import OWN_CONCISE, PIRATE
+from replay import config_from_settings
 
 import personajudge as pj
 from personajudge.core.config import RunConfig
@@ -15,7 +17,6 @@ from personajudge.core.errors import PersonaJudgeWarning, PreferenceError, Unkno
 from personajudge.core.methods import Pad, Prompt
 from personajudge.plugins import preference_library
 from personajudge.preferences import (
-    Example,
     Preference,
     build_views,
     duplicates,
@@ -27,14 +28,6 @@ from personajudge.preferences import (
 from personajudge.preferences.encoders import ChatTurnEncoder, InstructionEncoder, SystemEncoder
 
 TOY = {"backend": {"name": "toy"}, "decoding": {"max_new_tokens": 8, "seed": 1}}
-PIRATE = Preference(
-    name="pirate",
-    description="Talk like a pirate",
-    instruction="Talk like a pirate.",
-    examples=[{"q": "Where is the ship?", "a": "Arr, in the harbour."}],
-)
-#: the built-in concise with its own examples, as a file's ``[[preferences]] name = "concise"`` table makes it
-OWN_CONCISE = resolve("concise").model_copy(update={"examples": (Example(q="Why?", a="Because."),)})
 #: the built-in humor with its own instruction, and one with its own weight
 OWN_HUMOR = resolve("humor").model_copy(update={"instruction": "Tell a joke first."})
 HEAVY_CONCISE = resolve("concise").model_copy(update={"weight": 10.0})
@@ -54,19 +47,7 @@ def _quiet(fn, *args, **kwargs):
 
 def _replayed(settings, method="persona-judge"):
     """The tokens of a run whose config is built from ``settings`` alone (JSON round trip included)."""
-    s = json.loads(json.dumps(settings))
-    cfg = RunConfig.model_validate(
-        {
-            "backend": {"name": s["backend"], "options": s["backend_options"]},
-            "method": s["method"],
-            "method_options": s["method_options"],
-            "views": s["views"],
-            "encoder": s["encoder"],
-            "encoder_options": s["encoder_options"],
-            "system": s["system"],
-            "decoding": {k: v for k, v in s["decoding"].items() if k != "stop"} | {"stop": s["decoding"]["stop"]},
-        }
-    )
+    cfg = RunConfig.model_validate(config_from_settings(settings))
     with pj.PersonaJudge(cfg) as m:
         return _quiet(m.generate, "hi").tokens
 

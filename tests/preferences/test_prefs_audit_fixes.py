@@ -4,22 +4,16 @@ import warnings
 
 import pytest
 from chat_tokenizers import STRICT, ChatTokenizer
+from own_preferences import OWN_CONCISE, PIRATE
 
 import personajudge as pj
 from personajudge.core.errors import ConfigError, PersonaJudgeWarning, PreferenceError, UnknownPreferenceError
 from personajudge.plugins import preference_library
-from personajudge.preferences import Example, Preference, build_views, load_file, lookup, resolve
+from personajudge.preferences import build_views, load_file, lookup, resolve
 from personajudge.preferences.encoders import ChatTurnEncoder, ExemplarEncoder, PlainEncoder, SystemEncoder
 
 TOY = {"backend": {"name": "toy"}}
 KW = {"max_new_tokens": 2, "seed": 1}
-PIRATE = Preference(
-    name="pirate",
-    description="Talk like a pirate",
-    instruction="Talk like a pirate.",
-    examples=[{"q": "Where is the ship?", "a": "Arr, in the harbour."}],
-)
-OWN_CONCISE = resolve("concise").model_copy(update={"examples": (Example(q="Why?", a="Because."),)})
 
 
 @pytest.fixture(scope="module")
