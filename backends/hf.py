@@ -70,7 +70,7 @@ from personajudge.core.errors import (
 from personajudge.core.files import path_kind
 from personajudge.core.transforms import SamplingParams
 
-INSTALL_HINT = "pip install 'persona-judge[hf]'"
+INSTALL_HINT = 'pip install -e ".[hf]" in your persona-judge clone'
 TORCH_HINT = "pip install torch --index-url https://download.pytorch.org/whl/cpu (or the CUDA build's index)"
 
 

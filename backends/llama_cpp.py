@@ -61,7 +61,7 @@ from personajudge.core.errors import (
 from personajudge.core.files import path_kind
 from personajudge.core.transforms import SamplingParams
 
-INSTALL_HINT = "pip install 'persona-judge[llama]'"
+INSTALL_HINT = 'pip install -e ".[llama]" in your persona-judge clone'
 DEFAULT_N_CTX = 4096
 
 #: ggml's GGML_MAX_N_THREADS: more threads make llama.cpp abort (std::bad_alloc) instead of failing

@@ -91,6 +91,7 @@ def check_contexts(
     model_max: int | None = None,
     vocab_size: int | None = None,
     token_name: Callable[[int], str] | None = None,
+    prompt_tokens: Callable[[], int] | None = None,
 ) -> None:
     """Raise :class:`ContextLengthError` unless every view's prompt leaves room for a token.
 
@@ -102,7 +103,10 @@ def check_contexts(
     model's own limit on positions (at it, a larger ``--n-ctx`` is no remedy); ``vocab_size``, to
     raise :class:`PromptTokenError` for an id the model has no embedding row for (a tokenizer with
     added tokens, the embeddings not resized), which would otherwise fail mid-request in the
-    session's contract check; ``token_name`` names such a token for the message."""
+    session's contract check; ``token_name`` names such a token for the message; ``prompt_tokens``
+    counts the tokens of the user's own text (called only when a view is too long), so a view that is
+    mostly the encoder's text (its instructions and few-shot exemplars) is not met with "shorten the
+    prompt", which could never make it fit."""
     for i, c in enumerate(contexts):
         if not c:
             raise ContextLengthError(f"view {i} has an empty context; the encoder produced no tokens")
@@ -119,12 +123,24 @@ def check_contexts(
                     "long; use a lighter encoder (--encoder plain or --encoder instruction), a shorter "
                     "preference, or a larger context (--show-prompt shows each view)"
                 )
-            if model_max is not None and context_length >= model_max:
+            at_max = model_max is not None and context_length >= model_max
+            up_to = f", up to {model_max}" if model_max is not None else ""
+            own = prompt_tokens() if prompt_tokens is not None else None
+            if own is not None and own < context_length and 2 * own < len(c):
+                # every view is too long, and each is mostly what the encoder adds: the prompt is not
+                # what to shorten (a lighter encoder or a larger context is)
+                larger = "" if at_max else f", or a larger context (--n-ctx{up_to})"
+                raise ContextLengthError(
+                    f"the prompt of view {i} is {len(c)} tokens, the model's context holds {context_length}, "
+                    f"and only {own} of them are your text: the rest is what the encoder adds (the preferences' "
+                    "instructions or few-shot exemplars, the template); use a lighter encoder (--encoder plain "
+                    f"or --encoder instruction){larger} (--show-prompt shows each view)"
+                )
+            if at_max:
                 raise ContextLengthError(
                     f"the prompt of view {i} is {len(c)} tokens, the model holds at most {model_max} positions; "
                     "shorten the prompt"
                 )
-            up_to = f", up to {model_max}" if model_max is not None else ""
             raise ContextLengthError(
                 f"the prompt of view {i} is {len(c)} tokens, the model's context holds {context_length}; "
                 f"shorten the prompt or raise the context size (--n-ctx{up_to})"

@@ -18,7 +18,7 @@ evaluation from the command line:
 
     personajudge eval --limit 3 --max-new-tokens 32 --seed 0 --run-dir runs/evaluate_small
 
-Needs ``pip install 'persona-judge[llama,eval]'``.
+Needs ``pip install -e ".[llama,eval]"`` (in the clone).
 """
 
 from __future__ import annotations

@@ -42,9 +42,11 @@ from personajudge.preferences import (
     PreferenceSpec,
     build_views,
     encoder_options,
+    lookup,
     normalize_conversation,
     reported,
     warn_duplicates,
+    with_definitions,
 )
 
 Prompt = str | list[dict[str, str]]
@@ -92,28 +94,52 @@ def _listing(value: Any) -> bool:
     return isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping, Preference))
 
 
-def _preference_list(value: Any, name: str = "preferences") -> list[str | Preference] | None:
-    """The user's preferences as a list; a bare string (or Preference) is *one* preference, as in the
-    server's ``preferences``: ``"concise"`` is ``["concise"]``, ``"explain like I'm five"`` one free-text one."""
+def _preference_list(value: Any, name: str = "preferences") -> list[PreferenceSpec] | None:
+    """The user's preferences as a list; a bare string (or Preference, or table) is *one* preference, as
+    in the server's ``preferences``: ``"concise"`` is ``["concise"]``, ``"explain like I'm five"`` one
+    free-text one. A table (a mapping) is a preferences file's entry, as a config's ``preferences`` and
+    ``views`` take it and a run's ``settings`` report a file's or a caller's preference: so
+    ``generate(views=res.settings["views"])`` repeats a run as a config built from the settings does."""
     if value is None:
         return None
-    if isinstance(value, (str, Preference)):
+    if isinstance(value, (str, Preference, Mapping)):
         return [value]
     if not _listing(value):
         raise ConfigError(f"{name} must be a list of preference names or descriptions, got {type(value).__name__}")
     items = list(value)
     for i, p in enumerate(items):
-        if not isinstance(p, (str, Preference)):
+        if not isinstance(p, (str, Preference, Mapping)):
             raise ConfigError(
-                f"{name}[{i}] must be a preference name, a description or a Preference, got {type(p).__name__}"
+                f"{name}[{i}] must be a preference name, a description, a table or a Preference, got {type(p).__name__}"
             )
     return items
+
+
+def _named_definitions(prefs: list[PreferenceSpec]) -> list[PreferenceSpec]:
+    """``prefs`` (one view each) with every :class:`Preference` that a string of the same list names
+    (by name or alias, in any case) used as that name's definition instead of as a view of its own:
+    ``[Preference(name="pirate", ...), "pirate", "humor"]`` is two views, the object's pirate and humor,
+    as ``--preferences-file`` with ``--prefer pirate --prefer humor`` is and as a server reads a
+    request's ``preferences``; a repeat of the one preference would add nothing. An object no string
+    names stays a view."""
+    defs = [p for p in prefs if isinstance(p, Preference)]
+    if not defs:
+        return prefs
+    own = with_definitions({}, defs)  # two objects of one name that differ: the PreferenceError build_views raises
+    named = {found.name.lower() for p in prefs if isinstance(p, str) and (found := lookup(p, own)) is not None}
+    if not named:
+        return prefs
+    return [
+        (lookup(p, own) or p) if isinstance(p, str) else p
+        for p in prefs
+        if not (isinstance(p, Preference) and p.name.lower() in named)
+    ]
 
 
 _VIEWS_SHAPE = "views is a list of views, each a list of preferences: [['concise', 'humor'], ['expert']]"
 
 
-def _view_list(value: Any) -> list[list[str | Preference]] | None:
+def _view_list(value: Any) -> list[list[PreferenceSpec]] | None:
     """The user's views as lists. Refused, not guessed: ``["concise", "humor"]`` (one view of both, or
     two of one each?); use ``preferences=`` for one view per preference."""
     if value is None:
@@ -288,6 +314,8 @@ def _plan_call(base: RunConfig, preferences, views, method, decoding: dict[str, 
         given_prefs if given_prefs is not None else ([] if given_groups is not None else cfg.preferences)
     )
     groups: Sequence[Sequence[PreferenceSpec]] | None = given_groups if given_groups is not None else cfg.views
+    if given_prefs is not None and not groups:
+        prefs = _named_definitions(given_prefs)
     meth = make_method(cfg)
     if cfg.encoder != "auto":  # a named encoder and its options are known now (auto's only with the model)
         resolve_encoder(cfg.encoder, None, options=cfg.encoder_options)  # type: ignore[arg-type]
@@ -554,7 +582,7 @@ class PersonaJudge:
             for v in plan_views(method, cfg.method, views)
         ]
 
-    def resolved_encoder(self, cfg: RunConfig, views: Sequence[Sequence[str | Preference]] | None = None) -> str:
+    def resolved_encoder(self, cfg: RunConfig, views: Sequence[Sequence[PreferenceSpec]] | None = None) -> str:
         """The name of the encoder a run uses: ``cfg.encoder``, or what ``auto`` stands for on this model
         and the user's ``views`` (default: the config's preferences/views). ``exemplar`` needs every
         preference to have examples, so ``auto`` decides on the user's views, before a method plans its own:
@@ -580,8 +608,8 @@ class PersonaJudge:
         self,
         prompt: Prompt,
         *,
-        preferences: str | Preference | Sequence[str | Preference] | None = None,
-        views: Sequence[Sequence[str | Preference]] | None = None,
+        preferences: PreferenceSpec | Sequence[PreferenceSpec] | None = None,
+        views: Sequence[Sequence[PreferenceSpec]] | None = None,
         method: str | None = None,
         on_text: Callable[[str], None] | None = None,
         **decoding: Any,
@@ -589,8 +617,8 @@ class PersonaJudge:
         """Generate one response.
 
         ``prompt`` is a string or a list of chat messages. ``preferences`` and
-        ``views`` replace the config's (names, descriptions or
-        :class:`Preference` objects). ``decoding`` takes the fields of
+        ``views`` replace the config's (names, descriptions, tables as a run's
+        ``settings`` report them, or :class:`Preference` objects). ``decoding`` takes the fields of
         :class:`DecodingConfig` by name (``temperature``, ``top_k``, ``top_p``,
         ``max_new_tokens``, ``stop``, ``seed``, ``roles``, ``repeat_lines``,
         ``schedule``), its ``lambda`` (the draft window) as ``lam=`` or
@@ -611,7 +639,7 @@ class PersonaJudge:
             )
         cfg, meth, pref_views = self._prepare(preferences, views, method, decoding)
         contexts = self.encode_views(prompt, cfg, meth, pref_views)
-        res = self.decode(contexts, cfg, meth, on_text=on_text)
+        res = self.decode(contexts, cfg, meth, on_text=on_text, prompt=prompt)
         return self._with_settings(res, cfg, pref_views, method=meth)
 
     def _with_settings(
@@ -737,7 +765,7 @@ class PersonaJudge:
         """Encode a planned request's views and queue it (blocks while the queue is full, unless ``wait=False``)."""
         cfg, meth, pref_views = planned
         contexts = self.encode_views(prompt, cfg, meth, pref_views)
-        req = self._request(contexts, cfg, cfg.decoding.seed)
+        req = self._request(contexts, cfg, cfg.decoding.seed, prompt=prompt)
         finish = functools.partial(_attach_settings, self.settings(cfg, pref_views, meth))
         job = (
             Job(req, meth, stream=stream, label=label, finish=finish)
@@ -760,8 +788,8 @@ class PersonaJudge:
         self,
         prompts: Sequence[Prompt],
         *,
-        preferences: str | Preference | Sequence[str | Preference] | None = None,
-        views: Sequence[Sequence[str | Preference]] | None = None,
+        preferences: PreferenceSpec | Sequence[PreferenceSpec] | None = None,
+        views: Sequence[Sequence[PreferenceSpec]] | None = None,
         method: str | None = None,
         seeds: Sequence[int] | None = None,
         **decoding: Any,
@@ -800,9 +828,11 @@ class PersonaJudge:
             base = cfg.decoding.seed
             given = [base + i if base is not None else fresh_seed() for i in range(len(prompts))]
         contexts = [self.encode_views(p, cfg, meth, pref_views) for p in prompts]
-        for i, c in enumerate(contexts):  # every row before any is queued: one too long costs no decoding
+        for i, (c, p) in enumerate(
+            zip(contexts, prompts)
+        ):  # every row before any is queued: one too long costs no decoding
             try:
-                self._check_prompt(c)
+                self._check_prompt(c, p)
             except ContextLengthError as err:
                 raise type(err)(str(err), row=i) from None
         reqs = [self._request(c, cfg, s) for c, s in zip(contexts, given)]
@@ -828,26 +858,39 @@ class PersonaJudge:
         extra = stop_strings_of(enc, tok, cfg.encoder_options) if keep else []
         return list(dict.fromkeys([*cfg.decoding.stop, *extra]))
 
-    def _check_prompt(self, contexts: list[list[int]]) -> None:
+    def _check_prompt(self, contexts: list[list[int]], prompt: Prompt | None = None) -> None:
         """``check_contexts`` with what the backend knows: its vocabulary (a tokenizer with more tokens
         than the model's embedding fails here, naming the token, not mid-request) and, where it says,
-        the model's own maximum context (so a too-long prompt is not told to raise --n-ctx past it)."""
+        the model's own maximum context (so a too-long prompt is not told to raise --n-ctx past it);
+        with ``prompt``, the size of the user's own text, so a view too long for the encoder's
+        exemplars is not told to shorten the prompt."""
         b = self.backend
         tok = b.tokenizer
+
+        def own_tokens() -> int:
+            assert prompt is not None
+            return sum(len(tok.encode(m["content"], add_bos=False)) for m in normalize_conversation(prompt))
+
         check_contexts(
             contexts,
             b.context_length,
             model_max=getattr(b, "max_context_length", None),
             vocab_size=tok.vocab_size,
             token_name=getattr(tok, "token_name", None),
+            prompt_tokens=own_tokens if prompt is not None else None,
         )
 
     def _request(
-        self, contexts: list[list[int]], cfg: RunConfig, seed: int | None, on_text: Callable[[str], None] | None = None
+        self,
+        contexts: list[list[int]],
+        cfg: RunConfig,
+        seed: int | None,
+        on_text: Callable[[str], None] | None = None,
+        prompt: Prompt | None = None,
     ) -> DecodeRequest:
         # a prompt that does not fit is the caller's error, raised here before anything is queued (a
         # method that runs alone would otherwise start, and a server stream begin, before its loop checks)
-        self._check_prompt(contexts)
+        self._check_prompt(contexts, prompt)
         d = cfg.decoding
         seed = seed if seed is not None else fresh_seed()
         emitter = Emitter(
@@ -873,10 +916,17 @@ class PersonaJudge:
     _result = staticmethod(result_of)
 
     def decode(
-        self, contexts: list[list[int]], cfg: RunConfig, meth, *, on_text: Callable[[str], None] | None = None
+        self,
+        contexts: list[list[int]],
+        cfg: RunConfig,
+        meth,
+        *,
+        on_text: Callable[[str], None] | None = None,
+        prompt: Prompt | None = None,
     ) -> GenerationResult:
-        """Run ``meth`` on already-encoded view contexts (through the engine; ``on_text`` runs in this thread)."""
-        req = self._request(contexts, cfg, cfg.decoding.seed)
+        """Run ``meth`` on already-encoded view contexts (through the engine; ``on_text`` runs in this
+        thread). ``prompt``, what they encode, only words the error of a view too long."""
+        req = self._request(contexts, cfg, cfg.decoding.seed, prompt=prompt)
         job = self.engine.submit(Job(req, meth, stream=on_text is not None), wait=True)
         try:
             return job.result(on_text)

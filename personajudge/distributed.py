@@ -1,4 +1,4 @@
-"""Batch generation and evaluation on a Ray cluster (``--ray``; ``pip install "persona-judge[ray]"``).
+"""Batch generation and evaluation on a Ray cluster (``--ray``; ``pip install -e ".[ray]"`` in the clone).
 
 The driver (the ``personajudge`` process) never loads the model. It starts
 ``replicas`` Ray actors (:class:`Replica`), each of which loads the backend
@@ -285,7 +285,7 @@ def _import_ray():
     try:
         import ray
     except ImportError:
-        raise BackendUnavailableError('--ray needs Ray: pip install "persona-judge[ray]"') from None
+        raise BackendUnavailableError('--ray needs Ray: pip install -e ".[ray]" in your persona-judge clone') from None
     return ray
 
 

@@ -31,7 +31,7 @@ from personajudge.api import PersonaJudge, make_method
 from personajudge.core.config import DecodingConfig, RunConfig, validation_message
 from personajudge.core.errors import ConfigError, PersonaJudgeWarning
 from personajudge.plugins import get_method, preference_library
-from personajudge.preferences import Preference, PreferenceSpec, build_views
+from personajudge.preferences import Preference, PreferenceSpec, build_views, reported
 
 from .steps import device_sync, format_steps, step_costs
 
@@ -114,8 +114,18 @@ def bench_views(cfg: RunConfig, k: int | None = None, preferences: Sequence[str 
 
 
 def _names(view: list[Preference]) -> list[str]:
-    """A view's preferences as the report names them: by name, a free-text preference by its text."""
+    """A view's preferences as the table's label names them: by name, a free-text preference by its text."""
     return [p.description if p.source == "free text" else p.name for p in view]
+
+
+def _reported(view: list[Preference]) -> list[str | dict[str, Any]]:
+    """A view's preferences as ``settings.view_preferences`` reports them: as ``generate``'s settings do
+    (:func:`~personajudge.preferences.reported`: a registered one by name, free text by its text, one a
+    file defined or adjusted as its full table), so a config's ``views`` takes the list back and
+    resolves each to the same prompt (a file's ``pirate`` is no built-in name; a file's ``concise``
+    with its own examples is not the built-in one)."""
+    lib = preference_library()
+    return [reported(p, lib) for p in view]
 
 
 def _label(view: list[Preference]) -> str:
@@ -193,8 +203,9 @@ def run_bench(
 
     The views are :func:`bench_views`'s: ``cfg.views`` when set (``views`` may only repeat their
     number), else ``views`` (default 2) of ``preferences`` (default: the config's, else
-    :data:`DEFAULT_PREFS`), one each. ``settings.view_preferences`` lists each view's preferences
-    (names; a free-text one by its text), ``settings.preferences`` each view as one comma-joined label.
+    :data:`DEFAULT_PREFS`), one each. ``settings.view_preferences`` lists each view's preferences as
+    ``generate``'s settings report them (names; a free-text one by its text; a file's or a caller's as its
+    full table), ``settings.preferences`` each view as one comma-joined label.
 
     The bench times a fixed number of tokens, so stop strings (``decoding.stop``) are refused: the
     backend's native sampler has none, and a run cut short would be compared with a full one.
@@ -302,7 +313,7 @@ def run_bench(
         "settings": {
             "prompt": prompt,
             "preferences": [_label(v) for v in pviews],
-            "view_preferences": [_names(v) for v in pviews],
+            "view_preferences": [_reported(v) for v in pviews],
             "views": views,
             "method_options": {m: o for m, o in options.items() if o},
             "repeats": repeats,

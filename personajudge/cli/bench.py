@@ -8,7 +8,7 @@ import json
 from personajudge.bench import ALL_METHODS, DEFAULT_PROMPT, bench_views, format_table, measure_memory, run_bench
 from personajudge.core.errors import ConfigError
 
-from .options import add_run_options, config_from_args
+from .options import add_run_options, config_from_args, mark_refused
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -86,4 +86,11 @@ def register(sub) -> None:
         help="skip timing the backend's single and batched steps (and the ceiling they imply)",
     )
     p.add_argument("--json", action="store_true", help="print the stable JSON report")
+    mark_refused(
+        p,
+        {
+            "method": "refused: bench times the methods --methods names",
+            "stop": "refused: the bench times a fixed number of tokens",
+        },
+    )
     p.set_defaults(func=cmd_bench)

@@ -35,7 +35,7 @@ from personajudge.evaluation.spec import (
     resume_command,
 )
 
-from .options import add_run_options, config_from_args, dir_path_arg, file_path_arg
+from .options import add_run_options, config_from_args, dir_path_arg, file_path_arg, mark_refused
 from .ray_options import add_ray_options, ray_options_from_args
 
 DEFAULT_RUN_DIR = "runs/eval"
@@ -300,6 +300,13 @@ def register(sub: Any) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("-q", "--quiet", action="store_true", help="do not print the report")
     add_ray_options(p)
+    mark_refused(
+        p,
+        {
+            "method": "refused: eval compares the methods --methods names",
+            "preferences_file": "refused: eval takes its preferences from --pair / --objectives / --view",
+        },
+    )
     p.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("report", help="rebuild an evaluation run's report (Markdown, JSON, PNG) from its JSONL files")

@@ -13,7 +13,7 @@ from personajudge.core.config import RunConfig, build_config, load_config_file
 from personajudge.core.errors import ConfigError, PersonaJudgeError
 from personajudge.core.files import path_problem
 from personajudge.plugins import preference_library
-from personajudge.preferences import Preference, build_views, load_file, view_names, with_definitions
+from personajudge.preferences import Preference, build_views, load_file, lookup, resolve, view_names, with_definitions
 
 EXIT_USAGE = 2
 
@@ -95,8 +95,8 @@ def add_run_options(p: argparse.ArgumentParser, *, seed_help: str | None = None)
         "--preferences-file",
         metavar="FILE",
         type=file_path_arg,
-        help="TOML/JSON/YAML list of preferences (one view each; the names it defines or adjusts mean its "
-        "definitions in --view and --prefer)",
+        help="TOML/JSON/YAML list of preferences: one view each, unless --prefer or --view gives the views "
+        "(the file then only defines the names they use; its definitions win over the built-ins)",
     )
     g.add_argument(
         "--encoder",
@@ -123,6 +123,15 @@ def add_run_options(p: argparse.ArgumentParser, *, seed_help: str | None = None)
     g.add_argument("--seed", type=int, help=seed_help or "random seed (default: fresh, reported in the stats)")
     g.add_argument("--roles", choices=["alternate", "fixed", "round-robin"], help="override the role schedule")
     g.add_argument("--schedule", choices=["interleaved", "windowed"], help="loop schedule (same decisions)")
+
+
+def mark_refused(p: argparse.ArgumentParser, reasons: dict[str, str]) -> None:
+    """Give each shared flag that a command refuses (by ``dest``) a help text saying so: ``--help``
+    then lists no flag as if it worked (``bench --method``, ``eval --preferences-file``), and the
+    refusal itself stays one line naming what to use instead."""
+    for action in p._actions:
+        if action.dest in reasons:
+            action.help = reasons[action.dest]
 
 
 def _parse_option(item: str, flag: str = "--backend-option") -> tuple[str, Any]:
@@ -158,10 +167,13 @@ def config_from_args(args: argparse.Namespace):
     """File config (if any) overridden by the flags that were given.
 
     The preferences and views are one setting: the command line's replace the file's. ``--view``
-    replaces the file's ``views`` and ``preferences`` alike (a ``--preferences-file`` then only
-    defines names); ``--prefer`` or ``--preferences-file`` without ``--view`` (one view per
-    preference) replaces the file's ``views`` too. So the warning about preferences next to views
-    is only about what the user gave together, on one command line or in one file.
+    replaces the file's ``views`` and ``preferences`` alike; ``--prefer`` or ``--preferences-file``
+    without ``--view`` (one view per preference) replaces the file's ``views`` too. Next to ``--view``
+    or ``--prefer`` a ``--preferences-file`` only defines names (its entries are no views of their
+    own): ``--preferences-file prefs.toml --prefer pirate --prefer humor`` is two views, the file's
+    pirate and humor, as ``--view pirate --view humor`` is and as the server reads a request's
+    ``preferences``. Alone, its entries are the views, one each. So the warning about preferences
+    next to views is only about what the user gave together, on one command line or in one file.
 
     The preferences and views are resolved here, before any model loads: a typo in ``--prefer``
     or ``--view`` is one line and exit 2 without waiting for the weights (or before a missing model
@@ -181,11 +193,20 @@ def config_from_args(args: argparse.Namespace):
         opts = dict(data.get("method_options", {}))
         opts.update(_parse_option(o, "--method-option") for o in args.method_option)
         data["method_options"] = opts
-    prefs = None
+    prefs: list[str | Preference] | None = None
     if getattr(args, "preferences_file", None) is not None:
-        prefs = load_file(args.preferences_file, preference_library())
+        prefs = [*load_file(args.preferences_file, preference_library())]
     if args.prefer is not None:
-        prefs = (prefs or []) + list(args.prefer)
+        if prefs is not None and not args.view:
+            # the file only defines names, as next to --view and on the server: the views are the
+            # --prefer list, one each, and a name the file defines or adjusts means its definition
+            defs = [p for p in prefs if isinstance(p, Preference)]
+            own, names = with_definitions({}, defs), with_definitions(preference_library(), defs)
+            for p in args.prefer:  # a typo is told the file's names too (did you mean pirate?)
+                resolve(p, names)
+            prefs = [lookup(p, own) or p for p in args.prefer]
+        else:
+            prefs = (prefs or []) + list(args.prefer)
     if args.view:
         data.pop("preferences", None)
         names = with_definitions(preference_library(), prefs or [])

@@ -11,7 +11,7 @@ LOCAL = "local"
 
 
 def add_ray_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group('scale out (Ray; pip install "persona-judge[ray]")')
+    g = p.add_argument_group('scale out (Ray; pip install -e ".[ray]")')
     g.add_argument(
         "--ray",
         nargs="?",

@@ -23,12 +23,12 @@ from personajudge.serve import create_app
 from personajudge.serve.app import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_VIEWS
 from personajudge.serve.bench import format_table, run_bench_serve
 
-from .options import add_run_options, config_from_args
+from .options import add_run_options, config_from_args, mark_refused
 
 SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
 #: the largest ``max_new_tokens`` the config takes (bench-serve's --max-tokens becomes it)
 MAX_NEW_TOKENS: int = next(m.le for m in DecodingConfig.model_fields["max_new_tokens"].metadata if hasattr(m, "le"))
-INSTALL_HINT = "pip install 'persona-judge[serve]'"
+INSTALL_HINT = 'pip install -e ".[serve]" in your persona-judge clone'
 
 
 def _require_serve_extra() -> None:
@@ -212,6 +212,12 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
             "bench-serve starts its server on 127.0.0.1 and a free port: --host and --port are not used "
             "(to bench a server elsewhere, pass --url)"
         )
+    if args.max_new_tokens is not None or args.seed is not None:
+        # every request sends its own max_tokens and seed, so the server's defaults would never apply
+        raise ConfigError(
+            "bench-serve sends each request its own max_tokens and seed: --max-new-tokens and --seed are "
+            "not used (use --max-tokens; request i uses seed i)"
+        )
     args.host, args.port = "127.0.0.1", 0
     _check_limits(args)
     levels = _levels(args.concurrency)
@@ -253,7 +259,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-#: the run options (``add_run_options``) a started server gets, as (dest, flag)
+#: the run options (``add_run_options``) a started server gets, as (dest, flag); not --max-new-tokens
+#: and --seed, which bench-serve refuses (each request sends its own max_tokens and seed)
 _FORWARDED = [
     ("config", "--config"),
     ("backend", "--backend"),
@@ -275,9 +282,7 @@ _FORWARDED = [
     ("temperature", "--temperature"),
     ("top_k", "--top-k"),
     ("top_p", "--top-p"),
-    ("max_new_tokens", "--max-new-tokens"),
     ("stop", "--stop"),
-    ("seed", "--seed"),
     ("roles", "--roles"),
     ("schedule", "--schedule"),
     ("api_key", "--api-key"),
@@ -382,9 +387,15 @@ def register(sub) -> None:
     _add_server_limits(b)
     # The server bench-serve starts listens on 127.0.0.1 and a free port; a --host or --port is refused.
     b.set_defaults(host=None, port=None)
-    for action in b._actions:
-        if action.dest in ("host", "port"):
-            action.help = "not used: bench-serve's server listens on 127.0.0.1 and a free port (refused if given)"
+    mark_refused(
+        b,
+        {
+            "host": "not used: bench-serve's server listens on 127.0.0.1 and a free port (refused if given)",
+            "port": "not used: bench-serve's server listens on 127.0.0.1 and a free port (refused if given)",
+            "max_new_tokens": "not used: each request sends --max-tokens (refused if given)",
+            "seed": "not used: request i uses seed i (refused if given)",
+        },
+    )
     b.add_argument(
         "--url",
         help="benchmark a running server at this base URL (e.g. http://127.0.0.1:8000/v1) instead of starting one; "

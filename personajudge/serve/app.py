@@ -342,6 +342,12 @@ class Server:
                 code="invalid_value",
             )
         prefs, views = req.preference_list(), req.view_groups()
+        if views == []:
+            # "views": [] is no views, as views=[] is in the Python API: the request's preferences make
+            # them (one each), and without any the request has none, like "preferences": [] (the
+            # server's defaults are for a request that sends neither field)
+            views = None
+            prefs = [] if prefs is None else prefs
         for i, group in enumerate(views or []):  # the Python API reads [[]] as no views; a request means one
             if not group:
                 raise APIError(400, f"view {i + 1} is empty", param="views", code="invalid_value")

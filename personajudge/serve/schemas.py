@@ -68,7 +68,8 @@ class _Common(BaseModel):
     user: str | None = None
     # persona-judge's own (the openai client's extra_body)
     preferences: list[str] | str | None = None
-    views: list[list[str] | str] | None = Field(None, min_length=1)
+    #: ``[]`` is no views (as ``views=[]`` in the Python API): no preferences, unless ``preferences`` gives them
+    views: list[list[str] | str] | None = None
     method: str | None = None
     lambda_: Lambda = Field(None, alias="lambda")
     top_k: TopK = None

@@ -331,7 +331,7 @@ def test_missing_llama_cpp_is_a_clear_error(monkeypatch):
     from personajudge.core.errors import BackendUnavailableError
 
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # makes `import llama_cpp` fail
-    with pytest.raises(BackendUnavailableError, match=r"pip install 'persona-judge\[llama\]'"):
+    with pytest.raises(BackendUnavailableError, match=r'pip install -e "\.\[llama\]" in your persona-judge clone'):
         LlamaCppBackend(BackendConfig(name="llama-cpp"))
 
 

@@ -226,8 +226,8 @@ def test_settings_report_no_views_for_a_method_that_uses_none(capsys):
     [
         ["--prefer", "talk like a pirate", "--prefer", "concise"],  # free text
         ["--prefer", "humor !", "--prefer", "concise"],  # free text whose slug is a built-in's name
-        ["--preferences-file", "PIRATE", "--prefer", "concise"],  # a file-defined preference
-        ["--preferences-file", "ADJUSTED", "--prefer", "humor"],  # an adjusted built-in (own examples)
+        ["--preferences-file", "PIRATE", "--prefer", "pirate", "--prefer", "concise"],  # a file-defined preference
+        ["--preferences-file", "ADJUSTED", "--prefer", "concise", "--prefer", "humor"],  # an adjusted built-in
         ["--preferences-file", "PIRATE", "--view", "pirate,humor", "--view", "concise"],
     ],
 )

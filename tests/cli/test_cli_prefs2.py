@@ -26,30 +26,31 @@ def _views(err):
 
 
 def test_prefer_names_the_files_adjusted_preference(tmp_path, capsys):
-    """``--prefer concise`` next to a file that adjusts concise is the file's (as in --view): the repeat
-    warning is then true, and both views show the file's exemplar."""
+    """``--prefer concise`` next to a file that adjusts concise is the file's (as in --view), and the file
+    only defines it: one view of it, not the file's entry and then the --prefer again (audit readme2 A)."""
     f = _file(tmp_path, ADJUSTED)
-    code, out, err = run_main([*TOY, "--preferences-file", f, "--prefer", "concise", "--show-prompt", "--json"], capsys)
+    flags = ["--preferences-file", f, "--prefer", "concise", "--prefer", "humor", "--show-prompt", "--json"]
+    code, out, err = run_main([*TOY, *flags], capsys)
     assert code == 0, err
     views = _views(err)
-    assert len(views) == 2 and all("Question: What is 2+2?\nAnswer: 4." in v for v in views), err
-    assert "views 1 and 2 carry the same preferences (concise)" in err
-    stats = json.loads(out)["stats"]
-    assert stats["prompt_tokens"][0] == stats["prompt_tokens"][1]
+    assert len(views) == 2 and "Question: What is 2+2?\nAnswer: 4." in views[0], err
+    assert "Question: What is 2+2?" not in views[1] and "carry the same preferences" not in err
+    assert len(json.loads(out)["stats"]["prompt_tokens"]) == 2
 
 
 def test_prefer_names_the_files_definition_in_any_case(tmp_path, capsys):
     f = _file(tmp_path, COLLIDE)
     code, _, err = run_main([*TOY, "--preferences-file", f, "--prefer", "concise", "--show-prompt"], capsys)
     assert code == 0, err
-    assert [v.count("Instructions: Write a very long answer") for v in _views(err)] == [1, 1], err
+    assert [v.count("Instructions: Write a very long answer") for v in _views(err)] == [1], err
     f = _file(tmp_path, PIRATE, "pirate.toml")
     code, out, err = run_main(
-        [*TOY, "--preferences-file", f, "--prefer", "pirate", "--prefer", "humor", "--json"], capsys
+        [*TOY, "--preferences-file", f, "--prefer", "Pirate", "--prefer", "humor", "--json"], capsys
     )
     assert code == 0, err
-    pirate = json.loads(out)["settings"]["views"][1][0]
-    assert pirate["name"] == "pirate" and pirate["description"] == "Talk like a pirate"
+    views = json.loads(out)["settings"]["views"]
+    assert len(views) == 2 and views[1] == ["humor"]
+    assert views[0][0]["name"] == "pirate" and views[0][0]["description"] == "Talk like a pirate"
 
 
 def test_a_name_twice_in_a_file_is_one_line_naming_the_file_and_both_entries(tmp_path, capsys):

@@ -489,7 +489,7 @@ def test_package_files_are_importable_without_optional_dependencies():
     env = {**os.environ}
     proc = subprocess.run([sys.executable, "-c", code, "/nonexistent/run"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert "pip install 'persona-judge[eval]'" in proc.stderr
+    assert 'pip install -e ".[eval]" in your persona-judge clone' in proc.stderr
 
 
 def test_example_evaluate_small_on_the_toy_backend(tmp_path):

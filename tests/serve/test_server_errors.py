@@ -47,7 +47,6 @@ def _error(base, path, body, status=400):
     [
         ({"views": [[]]}, "views", "invalid_value", "view 1 is empty"),
         ({"views": [["concise"], [" , "]]}, "views", "invalid_value", "view 2 is empty"),
-        ({"views": []}, "views", "invalid_value", "views"),
         ({"views": [["concize"], ["humor"]]}, "views", "unknown_preference", "did you mean concise"),
         ({"preferences": ["concize"]}, "preferences", "unknown_preference", "did you mean concise"),
         ({"preferences": ["concise", " "]}, "preferences", "invalid_value", "empty preference"),

@@ -162,5 +162,6 @@ class PairwiseScorer(Scorer):
 
 def missing_dependency(scorer: str, module: str, extra: str = "eval") -> ScorerError:
     return ScorerError(
-        f"the '{scorer}' scorer needs the Python package '{module}': pip install 'persona-judge[{extra}]'"
+        f"the '{scorer}' scorer needs the Python package '{module}': "
+        f'pip install -e ".[{extra}]" in your persona-judge clone'
     )
