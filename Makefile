@@ -63,9 +63,11 @@ bench: install
 # GPU image lacks (it has torch, transformers, accelerate, numpy, pluggy, pytest, tqdm), for its Python on
 # x86-64 Linux, into .whl/. It is git-ignored, so it does NOT travel with the working tree by itself: the
 # device call must name it (carry: [".whl"]); without it the check stops at once, saying so (exit 2).
-# There: `make gpu-check GPU_OUT=DIR` installs them and the project with --no-index, measures the issue's
-# targets first, then runs the CUDA tests, the rest and the compiled steps, and writes DIR/gpu_check.*
-# (exit 0: all ran and passed; 1: something failed; 2: could not start; 3: skipped for time).
+# There: `make gpu-check GPU_OUT=DIR` installs them and the project with --no-index, runs what the issue needs
+# (targets on 1B and 7B, the CUDA tests, persona-judge-base on 1B, the CUDA-graph tests, the compiled step on
+# 1B), then the rest while its 450 s budget lasts, and writes DIR/gpu_check.* (exit 0: all that is needed ran
+# and passed; 1: something failed; 2: could not start; 3: a needed step not run for time; 4: a compiled step
+# fell back to eager or replayed no CUDA graphs). Device call: timeout_s 510 (README "GPU check": Budget).
 GPU_PYTHON     ?= 3.12
 GPU_WHEELS_DIR ?= .whl
 GPU_WHEELS     ?= pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \

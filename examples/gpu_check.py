@@ -2,8 +2,9 @@
 
 GPU time for this project is rare and short: a bare machine (torch,
 transformers, accelerate, pluggy and pytest; no internet) for 15 minutes of
-device time in all, a machine start costing 1-2 of them. So everything the
-GPU must answer is asked by this one command, and it must fit twice::
+device time in all, a machine start costing 1-2 of them, and nothing can be
+debugged there afterwards. So everything the GPU must answer is asked by this
+one command, and its report must say by itself what ran, what did not and why::
 
     make gpu-wheels                      # here, with internet: wheels the GPU image lacks -> .whl/
     python3 examples/gpu_check.py OUT    # there (or: make gpu-check GPU_OUT=OUT)
@@ -21,31 +22,51 @@ It
    and ``.md``, exit status 2;
 2. builds random-weight bfloat16 models with real shapes directly on the GPU
    (Gemma 3 1B, Qwen2.5-7B, Gemma 3 270M; no download) with a synthetic
-   tokenizer of the right vocabulary size, and runs, in this order, so that a
-   short budget loses the least useful parts:
+   tokenizer of the right vocabulary size, and runs the plan (:func:`plan`):
+   first what the issue needs (*required*), then the rest while time is left
+   (*optional*). With the shapes ``A, B, C...`` (by default 1B, 7B, 270M):
 
-   a. the measurements the issue's targets need, shape by shape (1B and 7B
-      first: the persona-judge target is judged on them): cached-vs-recomputed
-      logits, plain ``model.generate`` (dynamic cache) against
-      ``persona-judge``, peak GPU memory with 1 and with 2 views (each on a
-      fresh engine, so each session holds just its own views' KV cache), and
-      ``generate_batch`` of 16 prompts against 1;
-   b. the CUDA tests (``pytest -m cuda``, not the CUDA-graph ones);
-   c. the rest, shape by shape: ``persona-judge-base`` with the step costs,
-      and 3 views;
-   d. the CUDA-graph tests, which compile;
-   e. the compiled steps (static cache, ``torch.compile``, CUDA graphs) on a
-      fresh copy of each shape's weights, in a subprocess given what is left
-      of the budget, recording whether CUDA graphs were recorded, replayed or
-      skipped;
+   required
+     a. the targets' measurements on A and B (the persona-judge target is
+        judged on 1B and 7B): cached-vs-recomputed logits, plain
+        ``model.generate`` (dynamic cache) against ``persona-judge``, peak GPU
+        memory with 1 and with 2 views (each on a fresh engine, so each session
+        holds just its own views' KV cache), ``generate_batch`` of 16 prompts
+        against 1;
+     b. the CUDA tests (``pytest -m cuda``, not the CUDA-graph ones);
+     c. ``persona-judge-base`` with the step costs on A;
+     d. the CUDA-graph tests, which compile;
+     e. the compiled step on A (static cache, ``torch.compile``, CUDA graphs)
+        on a fresh copy of its weights, in a subprocess given what is left of
+        the budget, recording whether CUDA graphs were recorded, replayed or
+        skipped;
+   optional
+     f. ``persona-judge-base`` and 3 views on B, 3 views on A;
+     g. everything of C... (targets, ``persona-judge-base``, 3 views);
+     h. the compiled steps of B, C...;
 
-   each step only when the time budget (``--budget-s``, default 270 s,
-   counted from the first start, the install included) has its estimate left;
+   each step only when the time budget (``--budget-s``, default
+   :data:`BUDGET_S`, counted from the first start, the install included) has
+   its estimate left. By the estimates below the required part fits the
+   default budget (``tests/examples/test_gpu_check_budget.py`` replays the plan
+   on a virtual clock);
 3. writes ``gpu_check.json`` and ``gpu_check.md`` to OUT after every step.
 
-``"ok": true`` (exit 0) means every step ran and passed. A failed test or
-step is ``"ok": false`` with exit status 1; steps skipped for time (nothing
-failed) are ``"complete": false``, ``"ok": false``, exit status 3.
+The verdict (``"verdict"``, the exit status):
+
+- ``ok`` (0): every required step ran and passed, and the compiled step
+  really compiled (on CUDA: CUDA graphs replayed). Optional steps skipped for
+  time are listed (``"complete": false`` then);
+- ``failed`` (1): a step or a test failed (a test that hangs past its own
+  limit fails, named, with its stack);
+- ``incomplete`` (3): nothing failed, but a required step was skipped for time
+  (not started), stopped for time (a test run or the compiled step's process
+  killed at the budget) or not reached (a shape the compiled step's process
+  never started);
+- ``compiled step fell back`` (4): nothing failed, but a compiled step ran
+  eager (its compile failed) or, on CUDA, replayed no CUDA graphs: it did not
+  measure what it exists for. On the CPU rehearsal, where no CUDA graphs can
+  exist, graphs are not asked for.
 
 Random weights make the text noise and the acceptance rate meaningless; the
 speed is what counts (with the interleaved schedule every step commits about
@@ -57,11 +78,16 @@ under a minute: the test suite runs it that way so it cannot rot.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
+import gc
 import glob
 import json
+import math
 import os
 import platform
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -70,13 +96,20 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA = "personajudge.gpu_check/1"
+SCHEMA = "personajudge.gpu_check/2"
 _INSTALLED_ENV = "PERSONAJUDGE_GPU_CHECK_INSTALL"
-#: the default --budget-s; see the README ("GPU check") for why it leaves a rerun's worth of device time
-BUDGET_S = 270.0
+#: the default --budget-s: one attempt of under 8 minutes (the issue), planned so that the required part
+#: fits with room to spare; the README ("GPU check") gives the arithmetic with the device call's timeout_s
+BUDGET_S = 450.0
+#: estimated seconds before the first step on the GPU machine: Python, the install, its re-run, torch and CUDA
+STARTUP_S = 15.0
+#: share of a shape's estimate that building its model (random weights, on the device) takes
+BUILD_SHARE = 0.05
 
-#: name -> (transformers config class, config fields, estimated seconds on one H100 for the whole shape)
-SHAPES: dict[str, tuple[str, dict[str, Any], float]] = {
+#: name -> (transformers config class, config fields, estimated seconds on one H100 for all the shape's
+#: in-process steps, estimated seconds of its compiled step: the child's start, a fresh model, the compiles
+#: of each query bucket and the judge, CUDA-graph capture, the timed runs)
+SHAPES: dict[str, tuple[str, dict[str, Any], float, float]] = {
     "gemma3-270m": (
         "Gemma3TextConfig",
         dict(
@@ -93,6 +126,7 @@ SHAPES: dict[str, tuple[str, dict[str, Any], float]] = {
             rope_theta=1_000_000.0,
         ),
         60.0,
+        120.0,
     ),
     "gemma3-1b": (
         "Gemma3TextConfig",
@@ -110,6 +144,7 @@ SHAPES: dict[str, tuple[str, dict[str, Any], float]] = {
             rope_theta=1_000_000.0,
         ),
         90.0,
+        120.0,
     ),
     "qwen2.5-7b": (
         "Qwen2Config",
@@ -126,6 +161,7 @@ SHAPES: dict[str, tuple[str, dict[str, Any], float]] = {
             tie_word_embeddings=False,
             use_sliding_window=False,
         ),
+        150.0,
         150.0,
     ),
     # CPU rehearsal: the same code paths (a sliding-window Gemma 3 with mixed layer types, a Qwen 2).
@@ -144,6 +180,7 @@ SHAPES: dict[str, tuple[str, dict[str, Any], float]] = {
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         ),
         10.0,
+        3.0,
     ),
     "tiny-qwen2": (
         "Qwen2Config",
@@ -158,10 +195,9 @@ SHAPES: dict[str, tuple[str, dict[str, Any], float]] = {
             tie_word_embeddings=False,
         ),
         10.0,
+        3.0,
     ),
 }
-#: seconds a compiled-step attempt needs left on a GPU before it starts (compile, graph capture, timed runs)
-COMPILE_S = 100.0
 #: the order of the GPU shapes: the persona-judge target is judged on the 1B and 7B shapes, so they go first
 GPU_SHAPES = ["gemma3-1b", "qwen2.5-7b", "gemma3-270m"]
 TARGET_SHAPES = ("gemma3-1b", "qwen2.5-7b")
@@ -172,11 +208,17 @@ STEPS: dict[str, tuple[str, float]] = {
     "bench": ("targets", 0.3),  # plain generate against persona-judge
     "memory": ("targets", 0.1),
     "batch": ("targets", 0.2),
-    "bench_extra": ("extras", 0.2),  # persona-judge-base and the step costs
-    "views_3": ("extras", 0.15),
+    "bench_extra": ("base", 0.2),  # persona-judge-base and the step costs
+    "views_3": ("views", 0.15),
 }
-#: seconds each CUDA test run needs left before it starts (pytest's start, CUDA's, tiny models; the graphs compile)
+#: the two CUDA test runs (``-k``): the CUDA-graph tests compile (tens of seconds each), so they run apart
+#: and a slow compile cannot lose the other tests' results. Per run: the seconds it needs left before it
+#: starts (pytest's start, CUDA's, tiny models), the most it may take (then it is stopped: skipped for
+#: time), and how long one test may run before pytest-timeout calls it hung (failed, named, its stack shown)
 TESTS_S = {"not graphs": 45.0, "graphs": 60.0}
+TESTS_CAP_S = {"not graphs": 90.0, "graphs": 120.0}
+HANG_S = {"not graphs": 40.0, "graphs": 75.0}
+TEST_KEYS = {"not graphs": "tests", "graphs": "tests_graphs"}
 PROMPTS = [
     "Why is the sky blue?",
     "Tell me a joke about cats.",
@@ -198,6 +240,11 @@ PROMPTS = [
 CUDA_TESTS = ["tests/backends/test_hf.py", "tests/backends/test_hf_static.py", "tests/core/test_host_syncs.py"]
 #: third-party modules the project imports that the bare GPU image lacks (the Makefile's GPU_WHEELS)
 DEPS = ("typing_extensions", "annotated_types", "typing_inspection", "pydantic_core", "pydantic", "array_api_compat")
+#: a plan record's statuses: what ran, what did not (and so makes the run incomplete)
+DONE, FAILED, FELL_BACK = "ok", "failed", "fell back"
+SHORT = ("skipped for time", "stopped for time", "not reached")
+#: verdict -> exit status
+VERDICTS = {"ok": 0, "failed": 1, "incomplete": 3, "compiled step fell back": 4}
 
 
 # --------------------------------------------------------------------------------------------- install
@@ -346,6 +393,27 @@ def write_stub(out: Path, error: str, install_info: dict[str, Any] | None) -> No
 # --------------------------------------------------------------------------------------------- models
 
 
+_PREBUILT: list[type] = []  # the one Prebuilt class, made at the first build (the project imports after the install)
+
+
+def _prebuilt_class() -> type:
+    """The hf backend on a model built in memory (loading is the only step it skips).
+
+    One class for every build, taking its model from the instance (``_prebuilt``, dropped once
+    loaded): a class made per call with ``_load`` closing over the model kept every released
+    shape's weights alive through a reference cycle until a cyclic GC pass happened to run."""
+    if not _PREBUILT:
+        from personajudge.backends.hf import HFBackend
+
+        class Prebuilt(HFBackend):
+            def _load(self, model_name, gguf_file):
+                label, model, tok = self.__dict__.pop("_prebuilt")
+                return label, model, tok
+
+        _PREBUILT.append(Prebuilt)
+    return _PREBUILT[0]
+
+
 def build_backend(shape: str, device: str, *, model: Any = None, options: dict[str, Any] | None = None):
     """A random-weight model of ``shape`` built directly on ``device`` (bf16 on CUDA), wrapped in the hf backend.
 
@@ -355,10 +423,9 @@ def build_backend(shape: str, device: str, *, model: Any = None, options: dict[s
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from personajudge.backends.hf import HFBackend
     from personajudge.core.config import BackendConfig
 
-    cls_name, fields, _ = SHAPES[shape]
+    cls_name, fields, _, _ = SHAPES[shape]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if model is None:
         cfg = getattr(transformers, cls_name)(**fields, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -368,16 +435,53 @@ def build_backend(shape: str, device: str, *, model: Any = None, options: dict[s
         model.eval()
     from personajudge.testing.tokenizers import char_tokenizer  # the installed package's: nothing else travels
 
-    tok = char_tokenizer(fields["vocab_size"])
-
-    class Prebuilt(HFBackend):
-        """The hf backend on a model built in memory (loading is the only step it skips)."""
-
-        def _load(self, model_name, gguf_file):
-            return f"synthetic:{shape}", model, tok
-
     config = BackendConfig(name="hf", device=device, dtype=str(dtype).removeprefix("torch."), options=options or {})
-    return Prebuilt(config)
+    cls = _prebuilt_class()
+    backend = cls.__new__(cls)
+    backend._prebuilt = (f"synthetic:{shape}", model, char_tokenizer(fields["vocab_size"]))
+    del model
+    backend.__init__(config)
+    return backend
+
+
+def _driver_version() -> str | None:
+    """The NVIDIA driver's version: NVML (nvidia-ml-py, in the GPU image), else ``nvidia-smi``; None if neither answers."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            version = pynvml.nvmlSystemGetDriverVersion()
+        finally:
+            pynvml.nvmlShutdown()
+        return version.decode() if isinstance(version, bytes) else str(version)
+    except Exception:  # no NVML here, or it cannot start: ask nvidia-smi
+        pass
+    try:
+        proc = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = proc.stdout.strip().splitlines()
+    return lines[0].strip() if proc.returncode == 0 and lines else None
+
+
+def gpu_info(torch: Any) -> dict[str, Any]:
+    """What a GPU result needs beside the GPU's name: torch's CUDA, the driver, the card's memory.
+
+    ``cuda``: ``torch.version.cuda`` (None in a CPU build); the rest only where CUDA is available."""
+    info: dict[str, Any] = {"cuda": torch.version.cuda}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_total_mb"] = round(props.total_memory / 2**20)
+        info["gpu_capability"] = f"{props.major}.{props.minor}"
+        info["driver"] = _driver_version()
+    return info
 
 
 class GraphCounts:
@@ -426,6 +530,9 @@ class GraphCounts:
         self.counts["used"] = bool(self.counts.get("replayed")) and not self.counts.get("skips")
 
 
+# --------------------------------------------------------------------------------------------- compiled steps
+
+
 def compiled(shape: str, device: str, args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
     """The same weights, freshly built, with a static cache and compiled steps, timed against generate.
 
@@ -433,8 +540,8 @@ def compiled(shape: str, device: str, args: argparse.Namespace, budget: Budget) 
     prepacked kernels, which inductor cannot lower (and which the GPU never runs). On CUDA,
     inductor first; when it cannot compile here (it needs a C compiler and Triton), dynamo's
     ``cudagraphs`` backend, which captures the traced step as CUDA graphs without generating
-    code, and only with :data:`COMPILE_S` still left. On the CPU rehearsal dynamo only traces
-    (``compile_backend=eager``): the GPU's code path minus code generation."""
+    code, and only with the shape's compile estimate still left. On the CPU rehearsal dynamo only
+    traces (``compile_backend=eager``): the GPU's code path minus code generation."""
     from personajudge.bench import run_bench
     from personajudge.core.config import build_config
 
@@ -447,7 +554,7 @@ def compiled(shape: str, device: str, args: argparse.Namespace, budget: Budget) 
     rep: dict[str, Any] = {}
     model = None
     for name in tries:
-        if attempts and budget.left() < (COMPILE_S if gpu else 0.0):
+        if attempts and budget.left() < SHAPES[shape][3]:
             attempts.append({"compile_backend": name, "skipped": f"time budget ({budget.left():.0f} s left)"})
             break
         options = {
@@ -487,35 +594,121 @@ def compiled(shape: str, device: str, args: argparse.Namespace, budget: Budget) 
     return rep
 
 
+def compiled_fell_back(comp: dict[str, Any], gpu: bool) -> str | None:
+    """Why a finished compiled step did not measure what it exists for, or None when it did.
+
+    Its compile (or the judge's) ran eager, or, on CUDA, no CUDA graph was replayed (inductor only
+    logs a graph it gives up on and runs on without it). On the CPU no CUDA graphs can exist: a
+    trace without a fallback is all the rehearsal can ask for."""
+    if comp.get("compile_fallback"):
+        return f"compile fell back to eager: {str(comp['compile_fallback'])[:200]}"
+    judge = str(comp.get("compile_judge") or "")
+    if judge.startswith("failed"):
+        return f"the judge's compile fell back: {judge[:200]}"
+    if gpu:
+        g = comp.get("graphs") or {}
+        if "unavailable" in g:
+            return f"CUDA graphs could not be counted ({str(g['unavailable'])[:120]})"
+        if g.get("replayed") is None:
+            return "CUDA graphs could not be counted (this torch's CUDAGraphTreeManager has no execute_node)"
+        if not g.get("used"):
+            return (
+                f"no CUDA graphs used ({g.get('recorded')} recorded, {g.get('replayed')} replayed, "
+                f"{g.get('skips')} skipped)"
+            )
+    return None
+
+
+def _decode(data: bytes | str | None) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else data or ""
+
+
+def _run_bounded(
+    cmd: list[str], limit: float, *, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run ``cmd`` for at most ``limit`` seconds; its output decoded, stdout and stderr apart.
+
+    In a process group of its own: at the limit, less a grace period, it gets SIGINT (pytest then
+    prints the test it was in and its summary; Python the traceback of where it was), then the
+    whole group SIGKILL (a compiler's worker processes too). Unbuffered, so that what it printed
+    before it was stopped is not lost."""
+    env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1", COLUMNS="200")
+    grace = min(5.0, limit / 4)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    timed_out = False
+    try:
+        out, err = proc.communicate(timeout=max(limit - grace, 0.1))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                out, err = proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired as late:  # a grandchild left its group and holds the pipes
+                proc.kill()
+                out, err = late.stdout, late.stderr
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # what the SIGINT left of the group
+    return {
+        "rc": proc.returncode,
+        "timed_out": timed_out,
+        "stdout": _decode(out),
+        "stderr": _decode(err),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _started(shape: str) -> dict[str, Any]:
+    """What the compiled steps' process writes for ``shape`` before it starts it (its result replaces it)."""
+    return {"started": shape}
+
+
 def compiled_in_subprocess(
     shapes: list[str], device: str, args: argparse.Namespace, budget: Budget
 ) -> dict[str, dict[str, Any]]:
-    """:func:`compiled` for each of ``shapes`` in one child process, killed when the budget runs out.
+    """:func:`compiled` for each of ``shapes`` in one child process, stopped when the budget runs out.
 
     A compile cannot be interrupted in-process, and a compiler can crash its process: the child keeps
-    both away from everything measured before it. It writes each shape's result when it has it, and
-    skips a shape (``{"skipped": ...}``) with less than :data:`COMPILE_S` left on a GPU; a shape
-    the child never reached gets the reason it stopped."""
+    both away from everything measured before it. It marks each shape started, then writes its
+    result; it skips a shape (``{"skipped": ...}``) with less than its compile estimate left. Here,
+    a shape the child started but did not finish is ``{"stopped": ...}`` when the budget stopped
+    it (skipped for time, not failed) and ``{"error": ...}`` when the child died; a shape it never
+    started is ``{"not_reached": ...}``."""
     child_out = Path(args.out) / ".compiled"
+    for shape in shapes:  # a result left by an earlier run must not pass for this one's
+        (child_out / f"{shape}.json").unlink(missing_ok=True)
+    limit = max(budget.left(), 1.0)
     cmd = [sys.executable, str(Path(__file__).resolve()), str(child_out), "--internal-compiled", ",".join(shapes)]
     cmd += ["--device", device, "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats)]
-    timeout = max(budget.left(), 1.0)
-    cmd += ["--budget-s", str(timeout)]
+    cmd += ["--budget-s", str(limit)]
     if args.compile_backend:
         cmd += ["--compile-backend", args.compile_backend]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        why = f"the compiled steps' process exited with status {proc.returncode} before it"
-        tail = proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as err:
-        why = f"stopped after {timeout:.0f} s: the time budget ran out before it finished"
-        tail = "".join(
-            x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (err.stdout, err.stderr)
-        )
+    run = _run_bounded(cmd, limit)
+    tail = {"stdout_tail": run["stdout"][-3000:], "stderr_tail": run["stderr"][-3000:], "child_wall_s": run["wall_s"]}
+    if run["timed_out"]:
+        stopped = f"the time budget ran out: the compiled steps' process was stopped after {run['wall_s']:.0f} s"
+    else:
+        stopped = f"the compiled steps' process exited with status {run['rc']}"
     out: dict[str, dict[str, Any]] = {}
     for shape in shapes:
         f = child_out / f"{shape}.json"
-        out[shape] = json.loads(f.read_text()) if f.is_file() else {"error": why, "traceback": tail[-3000:]}
+        res = json.loads(f.read_text()) if f.is_file() else None
+        if res is None:
+            out[shape] = {"not_reached": f"{stopped} before it started this shape", **tail}
+        elif res != _started(shape):
+            out[shape] = res  # finished: a result, an error it caught, or its own skip for time
+        elif run["timed_out"]:
+            out[shape] = {"stopped": f"{stopped} in this shape's compiled step", **tail}
+        else:
+            out[shape] = {"error": f"{stopped} in this shape's compiled step", **tail}
     return out
 
 
@@ -585,6 +778,7 @@ def batch_speed(backend, cfg, n: int, max_new_tokens: int) -> dict[str, Any]:
             out[f"batch_{size}"] = {"prompts": size, "tokens": toks, "wall_s": wall, "tokens_per_s": toks / wall}
     finally:
         pj.close(keep_backend=True)  # the engine goes: the next step's sessions are sized afresh
+    out["prompts"] = n
     out["speedup"] = out[f"batch_{n}"]["tokens_per_s"] / out["batch_1"]["tokens_per_s"]
     return out
 
@@ -641,19 +835,59 @@ def memory(backend, cfg, max_new_tokens: int) -> dict[str, Any]:
     return res
 
 
+# --------------------------------------------------------------------------------------------- the plan
+
+
+def plan(shapes: list[str], tests: bool = True) -> list[dict[str, Any]]:
+    """The run's items in order, each ``required`` (what the issue needs) or not (only with time left).
+
+    With the shapes ``A, B, C...``: the targets on A and B, the CUDA tests, ``persona-judge-base``
+    with the step costs on A, the CUDA-graph tests, the compiled step on A; then, optional, the rest
+    of B (base, 3 views), 3 views on A, everything of C..., the compiled steps of B, C... The
+    tests come right after the target shapes, so an overrun there costs the optional shapes, not
+    the sync-debug tests; each shape's steps are together, so a model is built as rarely as the
+    order allows."""
+    core, rest = shapes[:2], shapes[2:]
+
+    def steps(shape: str, phase: str, required: bool) -> dict[str, Any]:
+        return {"kind": "steps", "shape": shape, "phase": phase, "required": required}
+
+    def test_run(select: str) -> list[dict[str, Any]]:
+        return [{"kind": "tests", "select": select, "required": True}] if tests else []
+
+    items = [steps(s, "targets", True) for s in core]
+    items += test_run("not graphs")
+    items.append(steps(core[0], "base", True))
+    items += test_run("graphs")
+    items.append({"kind": "compiled", "shapes": core[:1], "required": True})
+    items += [steps(s, phase, False) for s in core[1:] for phase in ("base", "views")]
+    items.append(steps(core[0], "views", False))
+    items += [steps(s, phase, False) for s in rest for phase in ("targets", "base", "views")]
+    if shapes[1:]:
+        items.append({"kind": "compiled", "shapes": shapes[1:], "required": False})
+    return items
+
+
 class Shapes:
-    """The shapes' report rows and the one model held at a time (built when a step needs it)."""
+    """The shapes' report rows, the plan's records, and the one model held at a time (built when a step needs it)."""
 
     def __init__(self, device: str, args: argparse.Namespace, budget: Budget, rep: dict[str, Any], save: Any):
         self.device, self.args, self.budget, self.rep, self.save = device, args, budget, rep, save
         self.rows: dict[str, dict[str, Any]] = {}
         self.current: tuple[str, Any] | None = None
+        rep.setdefault("plan", [])
 
     def row(self, shape: str) -> dict[str, Any]:
         if shape not in self.rows:
             self.rows[shape] = {"shape": shape, "config": SHAPES[shape][1], "skipped": []}
             self.rep["shapes"].append(self.rows[shape])
         return self.rows[shape]
+
+    def record(self, step: str, required: bool, estimate: float, status: str, **more: Any) -> None:
+        """One line of ``rep["plan"]``: a step of the plan, whether the issue needs it, its estimate, what became of it."""
+        rec = {"step": step, "required": required, "estimate_s": round(estimate, 1), "status": status}
+        rec.update({k: v for k, v in more.items() if v is not None})
+        self.rep["plan"].append(rec)
 
     def backend(self, shape: str):
         if self.current is not None and self.current[0] == shape:
@@ -670,13 +904,15 @@ class Shapes:
         return backend
 
     def release(self) -> None:
+        """Drop the held model for real: close its backend, collect what cycles still hold it, return the
+        cached GPU memory, so the next shape's memory baseline and peaks hold its own weights alone."""
         if self.current is None:
             return
-        import torch
-
         self.current[1].close()
         self.current = None
-        if torch.cuda.is_available():
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     def cfg(self):
@@ -690,21 +926,27 @@ class Shapes:
             }
         )
 
-    def run_phase(self, shapes: list[str], phase: str) -> None:
-        """Every step of ``phase`` (see :data:`STEPS`) on every shape, shape by shape; then the last
-        shape's model is released."""
-        for shape in shapes:
-            for name, (step_phase, share) in STEPS.items():
-                if step_phase == phase:
-                    self.run(shape, name, SHAPES[shape][2] * share)
-        self.release()
+    def need(self, shape: str, name: str) -> float:
+        """Seconds step ``name`` needs left on ``shape``: its share of the shape's estimate, and the build
+        when the held model is another shape's."""
+        est = SHAPES[shape][2]
+        held = self.current is not None and self.current[0] == shape
+        return est * STEPS[name][1] + (0.0 if held else est * BUILD_SHARE)
 
-    def run(self, shape: str, name: str, need: float) -> None:
-        """Run step ``name`` on ``shape`` when ``need`` seconds are left; its result, or its error, goes in the row."""
+    def run_phase(self, shape: str, phase: str, required: bool) -> None:
+        """Every step of ``phase`` (see :data:`STEPS`) on ``shape``."""
+        for name, (step_phase, _) in STEPS.items():
+            if step_phase == phase:
+                self.run(shape, name, required)
+
+    def run(self, shape: str, name: str, required: bool) -> None:
+        """Run step ``name`` on ``shape`` when its estimate is left; its result, or its error, goes in the row."""
+        need = self.need(shape, name)
+        step = f"{shape}.{name}"
         if self.budget.left() < need:
-            self.row(shape)["skipped"].append(
-                f"{name}: time budget ({self.budget.left():.0f} s left, needs ~{need:.0f})"
-            )
+            why = f"time budget ({self.budget.left():.0f} s left, needs ~{need:.0f})"
+            self.row(shape)["skipped"].append(f"{name}: {why}")
+            self.record(step, required, need, SHORT[0], detail=why)
             print(f"[gpu-check] {shape}: {name} skipped (time budget)", flush=True)
             self.save()
             return
@@ -718,34 +960,58 @@ class Shapes:
             row[name] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
         row[f"{name}_s"] = round(time.perf_counter() - t1, 1)
         del row["unfinished"]
-        row["targets"] = targets(shape, row)
+        row["targets"] = targets(shape, row, self.args.batch)
+        failed = "error" in row[name]
+        self.record(step, required, need, FAILED if failed else DONE, took_s=row[f"{name}_s"])
         self.save()
-        print(f"[gpu-check] {shape}: {name} done in {row[f'{name}_s']} s", flush=True)
+        print(f"[gpu-check] {shape}: {name} {'FAILED' if failed else 'done'} in {row[f'{name}_s']} s", flush=True)
 
-    def run_compiled(self, shapes: list[str], need: float) -> None:
-        """The compiled steps of ``shapes``, in one child process (:func:`compiled_in_subprocess`)."""
+    def run_compiled(self, shapes: list[str], required: bool) -> None:
+        """The compiled steps of ``shapes``, in one child process (:func:`compiled_in_subprocess`), when the
+        first one's estimate is left; each shape's outcome recorded (see :data:`SHORT`)."""
+        need = SHAPES[shapes[0]][3]
         if self.budget.left() < need:
+            why = f"time budget ({self.budget.left():.0f} s left, needs ~{need:.0f})"
             for shape in shapes:
-                self.row(shape)["skipped"].append(f"compiled: time budget ({self.budget.left():.0f} s left)")
-            print("[gpu-check] compiled steps skipped (time budget)", flush=True)
+                self.row(shape)["skipped"].append(f"compiled: {why}")
+                self.record(f"{shape}.compiled", required, SHAPES[shape][3], SHORT[0], detail=why)
+            print(f"[gpu-check] compiled steps of {', '.join(shapes)} skipped (time budget)", flush=True)
             self.save()
             return
         self.release()  # fresh weights, in a process of its own
         for shape in shapes:
             self.row(shape)["unfinished"] = "compiled"
         self.save()
+        print(f"[gpu-check] compiled steps of {', '.join(shapes)} ...", flush=True)
         results = compiled_in_subprocess(shapes, self.device, self.args, self.budget)
         for shape, res in results.items():
             row = self.row(shape)
             del row["unfinished"]
-            if "skipped" in res:
-                row["skipped"].append(f"compiled: {res['skipped']}")
-            else:
+            status, detail = self._compiled_status(res)
+            if status in SHORT:
+                row["skipped"].append(f"compiled: {status}: {detail}")
+            if "skipped" not in res:
                 row["compiled"] = res
                 row["compiled_s"] = res.get("wall_s")
-            row["targets"] = targets(shape, row)
-            print(f"[gpu-check] {shape}: compiled {'skipped' if 'skipped' in res else 'done'}", flush=True)
+            row["targets"] = targets(shape, row, self.args.batch)
+            self.record(
+                f"{shape}.compiled", required, SHAPES[shape][3], status, took_s=res.get("wall_s"), detail=detail
+            )
+            print(f"[gpu-check] {shape}: compiled step {status}{': ' + detail if detail else ''}", flush=True)
         self.save()
+
+    def _compiled_status(self, res: dict[str, Any]) -> tuple[str, str | None]:
+        if "skipped" in res:
+            return SHORT[0], res["skipped"]
+        if "stopped" in res:
+            return SHORT[1], res["stopped"]
+        if "not_reached" in res:
+            return SHORT[2], res["not_reached"]
+        if "error" in res:
+            return FAILED, res["error"][:300]
+        why = compiled_fell_back(res, self.device == "cuda")
+        res["fell_back"] = why
+        return (FELL_BACK, why) if why else (DONE, None)
 
     def _step(self, shape: str, name: str) -> Any:
         from personajudge.bench import run_bench
@@ -775,44 +1041,138 @@ class Shapes:
         raise ValueError(f"unknown step {name!r}")
 
 
-def targets(shape: str, row: dict[str, Any]) -> dict[str, Any]:
-    """The issue's targets, where this run measured them (True/False), else None."""
+def targets(shape: str, row: dict[str, Any], batch: int = 16) -> dict[str, Any]:
+    """The issue's targets, where this run measured them (True/False), else None.
+
+    The batch ratio is labelled with the batch's size (``--batch``); the ≥ 8× target is the issue's
+    for 16 prompts, so it is judged only then. A compiled step that fell back gives no compiled
+    ratio: it timed an eager run."""
     out: dict[str, Any] = {}
     bench = row.get("bench") or {}
     ratio = next((r["ratio_to_plain"] for r in bench.get("results", []) if r["method"] == "persona-judge"), None)
     out["persona_judge_over_generate"] = ratio
     out["persona_judge_ge_0.9x_generate"] = (ratio >= 0.9) if ratio is not None and shape in TARGET_SHAPES else None
-    comp = {r["method"]: r for r in (row.get("compiled") or {}).get("results", [])}
-    if "persona-judge" in comp:
-        out["compiled_persona_judge_over_generate"] = comp["persona-judge"]["ratio_to_plain"]
-    sp = (row.get("batch") or {}).get("speedup")
-    out["batch_16_over_1"] = sp
-    out["batch_16_ge_8x"] = sp >= 8 if sp is not None and "error" not in (row.get("batch") or {}) else None
+    comp = row.get("compiled") or {}
+    res = {r["method"]: r for r in comp.get("results", [])}
+    if comp.get("fell_back"):
+        out["compiled_fell_back"] = comp["fell_back"]
+    elif "persona-judge" in res:
+        out["compiled_persona_judge_over_generate"] = res["persona-judge"]["ratio_to_plain"]
+    b = row.get("batch") or {}
+    sp = b.get("speedup") if "error" not in b else None
+    out[f"batch_{batch}_over_1"] = sp
+    if batch == 16:
+        out["batch_16_ge_8x"] = sp >= 8 if sp is not None else None
     mem = row.get("memory") or {}
     if "peak_mb_2_view" in mem:
         out["memory_2_views_within_1.1x"] = mem["peak_mb_2_view"] <= mem["allowed_mb_2_views"]
     return out
 
 
-def run_tests(timeout: float, select: str) -> dict[str, Any]:
-    """The CUDA tests (``-m cuda``) matching ``-k select``; on a machine without CUDA they skip, which this records.
+_OUTCOME = re.compile(r"^(?P<id>[^\s:]+::\S.*?) (?P<out>PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+_STARTED = re.compile(r"^(?P<id>[^\s:]+::\S.*?)\s*$")
+_SUMMARY = re.compile(r"^(?P<out>FAILED|ERROR) (?P<id>\S+::\S+?)(?: - (?P<why>.*))?$")
 
-    Two runs: the CUDA-graph tests compile (tens of seconds each), so they get their own time limit and a
-    slow compile cannot lose the other tests' results."""
+
+def tests_report(
+    rc: int | None, stdout: str, stderr: str, *, timed_out: bool, per_test_s: float | None, hang_s: float
+) -> dict[str, Any]:
+    """What a CUDA test run says, from ``pytest -v -rfEs``'s output: each test's outcome, the test it was in
+    when it was stopped (``"unfinished"``), the failures with their reasons, both streams' tails.
+
+    ``"skipped"`` (the run was stopped for time, not failed) when the budget stopped it, or when its only
+    failures are pytest-timeout's at a per-test limit the budget had cut below :data:`HANG_S`."""
+    outcomes: dict[str, str] = {}
+    unfinished = None
+    for line in stdout.splitlines():
+        m = _OUTCOME.match(line)
+        if m:
+            outcomes[m["id"]] = m["out"]
+            unfinished = None
+            continue
+        m = _STARTED.match(line)
+        if m and m["id"] not in outcomes:
+            unfinished = m["id"]
+    reasons = {m["id"]: m["why"] or "" for m in map(_SUMMARY.match, stdout.splitlines()) if m}
+    failures = {t: reasons.get(t, "") for t, o in outcomes.items() if o in ("FAILED", "ERROR")}
+    lines = [x for x in stdout.strip().splitlines() if x.strip()]
+    res: dict[str, Any] = {
+        "rc": None if timed_out else rc,
+        "summary": lines[-1].strip("= ") if lines else "",
+        "counts": {o.lower(): list(outcomes.values()).count(o) for o in sorted(set(outcomes.values()))},
+        "failures": failures,
+        "unfinished": unfinished,
+        "per_test_timeout_s": per_test_s,
+        "tail": stdout[-6000:],
+        "stderr_tail": stderr[-6000:],
+    }
+    budget_cut = per_test_s is not None and per_test_s < hang_s
+    if timed_out:
+        where = f" in {unfinished}" if unfinished else ""
+        res["skipped"] = f"stopped by the time budget{where}"
+        res["summary"] = f"stopped by the time budget{where}; before it: {res['counts']}"
+    elif failures and budget_cut and all("Timeout" in why for why in failures.values()):
+        res["skipped"] = f"stopped by the time budget: {', '.join(failures)} ran past {per_test_s:.0f} s"
+    return res
+
+
+def run_tests(limit: float, select: str) -> dict[str, Any]:
+    """The CUDA tests (``-m cuda``) matching ``-k select``, for at most ``limit`` seconds; on a machine
+    without CUDA they skip, which this records.
+
+    ``-v`` names each test as it starts and ends, ``-rfEs`` the failures' reasons, unbuffered, so
+    a run stopped at its limit still says which test it was in. pytest-timeout (``-o timeout``,
+    below the limit) fails a test that hangs and shows where; pytest's ``faulthandler_timeout``
+    dumps every thread's stack a little later, for a hang in native code the former cannot
+    interrupt. (The project's ``timeout = 900`` is a safety net far above any limit here.)"""
+    grace = min(5.0, limit / 4)
+    per_test: float | None = float(math.floor(min(HANG_S[select], limit - grace - 5.0)))
+    per_test = per_test if per_test >= 1.0 else None
     # -P: the repository root must not shadow the installed package (its personajudge/ lacks core/ etc.)
-    cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "-k", select]
-    cmd += CUDA_TESTS
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as err:
-        return {"rc": None, "summary": f"timed out after {timeout:.0f} s", "tail": str(err.stdout or "")[-3000:]}
-    lines = [x for x in proc.stdout.strip().splitlines() if x.strip()]
+    cmd = [sys.executable, "-P", "-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider"]
+    if per_test is not None:
+        cmd += ["-o", f"timeout={per_test:.0f}", "-o", f"faulthandler_timeout={per_test + 3:.0f}"]
+    cmd += ["-m", "cuda", "-k", select, *CUDA_TESTS]
+    run = _run_bounded(cmd, limit, cwd=REPO)
+    res = tests_report(
+        run["rc"], run["stdout"], run["stderr"], timed_out=run["timed_out"], per_test_s=per_test, hang_s=HANG_S[select]
+    )
+    res["limit_s"] = round(limit, 1)
+    res["wall_s"] = run["wall_s"]
+    return res
+
+
+def tests_status(res: dict[str, Any]) -> str:
+    """A test run's plan status: stopped for time, passed (exit status 0) or failed."""
+    if "skipped" in res:
+        return SHORT[1]
+    return DONE if res.get("rc") == 0 else FAILED
+
+
+def verdict(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's verdict from its plan records (see the module's docstring and :data:`VERDICTS`)."""
+    failed = [r["step"] for r in records if r["status"] == FAILED]
+    fell_back = [f"{r['step']}: {r.get('detail')}" for r in records if r["status"] == FELL_BACK]
+    short = [r for r in records if r["status"] in SHORT]
+    skipped = [
+        f"{r['step']}: {r['status']}{'' if r['required'] else ' (optional)'}: {r.get('detail', '')}" for r in short
+    ]
+    if failed:
+        name = "failed"
+    elif fell_back:
+        name = "compiled step fell back"
+    elif any(r["required"] for r in short):
+        name = "incomplete"
+    else:
+        name = "ok"
     return {
-        "rc": proc.returncode,
-        "summary": lines[-1] if lines else "",
-        "wall_s": round(time.perf_counter() - t0, 1),
-        "tail": (proc.stdout + proc.stderr)[-4000:],
+        "verdict": name,
+        "ok": name == "ok",
+        "complete": not short,
+        "failed": failed,
+        "fell_back": fell_back,
+        "skipped": skipped,
+        "skipped_required": [s for s, r in zip(skipped, short) if r["required"]],
     }
 
 
@@ -823,38 +1183,59 @@ def _fmt(x: Any, spec: str = ".1f") -> str:
     return "–" if x is None else format(x, spec)
 
 
-def _graphs(comp: dict[str, Any]) -> str:
+def _graphs(comp: dict[str, Any], gpu: bool) -> str:
     g = comp.get("graphs") or {}
     if "unavailable" in g:
         return f"graphs: not counted ({str(g['unavailable'])[:40]})"
-    return f"graphs: {g.get('recorded')} recorded, {g.get('replayed')} replayed, {g.get('skips')} skipped" + (
-        "" if g.get("used") else " (NOT replayed)"
-    )
+    counts = f"graphs: {g.get('recorded')} recorded, {g.get('replayed')} replayed, {g.get('skips')} skipped"
+    if not gpu:
+        return counts + " (no CUDA graphs on a CPU)"
+    return counts + ("" if g.get("used") else " (NOT replayed)")
+
+
+def _compiled_cell(comp: dict[str, Any], gpu: bool) -> str:
+    for key, label in (("stopped", "stopped for time"), ("not_reached", "not reached"), ("error", "error")):
+        if key in comp:
+            return f"{label}: {str(comp[key])[:100]}"
+    head = "ok" if not comp.get("fell_back") else f"FELL BACK: {comp['fell_back'][:100]}"
+    return f"{head}; {_graphs(comp, gpu)}; judge: {str(comp.get('compile_judge'))[:60]}"
+
+
+def _tests_cell(res: dict[str, Any]) -> str:
+    if not res:
+        return "–"
+    text = res.get("summary") or res.get("skipped", "–")
+    if res.get("failures"):
+        text += " (failed: " + ", ".join(t.split("::")[-1] for t in res["failures"]) + ")"
+    return text
 
 
 def markdown(rep: dict[str, Any]) -> str:
-    m = rep["machine"]
+    m, v = rep["machine"], rep["versions"]
+    gpu = rep["device"] == "cuda"
+    n = rep["settings"]["batch"]
     tests = rep.get("tests") or {}
     graph_tests = rep.get("tests_graphs") or {}
-    lines = [
-        f"# GPU check ({rep['device']}: {m.get('gpu') or m.get('cpu') or m['processor']})",
-        "",
-        f"torch {rep['versions']['torch']}, transformers {rep['versions']['transformers']}; "
+    device = m.get("gpu") or m.get("cpu") or m["processor"]
+    if gpu:
+        device += f", {_fmt(m.get('gpu_total_mb'), '.0f')} MB, driver {m.get('driver') or '?'}"
+    lines = [f"# GPU check ({rep['device']}: {device})", ""]
+    if "verdict" in rep:
+        lines += [f"**Verdict: {rep['verdict']}** (ok: {rep['ok']}, complete: {rep['complete']})", ""]
+    lines += [
+        f"torch {v['torch']} (CUDA {v.get('cuda') or 'none'}), transformers {v['transformers']}; "
         f"{rep['settings']['max_new_tokens']} new tokens, median of {rep['settings']['repeats']} after a "
         f"warm-up; T 0.7, top-k 20, top-p 0.9, λ 4; random {rep['dtype']} weights (speed only). "
-        f"Install: {rep['install'].get('project')}. CUDA tests: {tests.get('summary') or tests.get('skipped', '–')}; "
-        f"CUDA-graph tests: {graph_tests.get('summary') or graph_tests.get('skipped', '–')}. "
+        f"Install: {rep['install'].get('project')}. CUDA tests: {_tests_cell(tests)}; "
+        f"CUDA-graph tests: {_tests_cell(graph_tests)}. "
         f"Wall time {rep['elapsed_s']:.0f} s of a {rep['settings']['budget_s']:.0f} s budget.",
         "",
         "| shape | params | generate tok/s | persona-judge | × | pj-base | × | 3 views | × | "
-        "batch 16 / 1 | GPU MB 1 view | 2 views | allowed | rows 1v / 2v | steps ms 1v·1r / 2v·2r / 2v·1r | "
+        f"batch {n} / 1 | GPU MB 1 view | 2 views | allowed | rows 1v / 2v | steps ms 1v·1r / 2v·2r / 2v·1r | "
         "ceiling | cache Δ / argmax |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|",
     ]
     for row in rep["shapes"]:
-        if "bench" not in row and "error" in row:
-            lines.append(f"| {row['shape']} | error: {row['error'][:80]} |")
-            continue
         res = {r["method"]: r for r in (row.get("bench") or {}).get("results", [])}
         res.update({r["method"]: r for r in (row.get("bench_extra") or {}).get("results", [])})
         plain = res.get("plain", {}).get("tokens_per_s")
@@ -893,36 +1274,44 @@ def markdown(rep: dict[str, Any]) -> str:
     for row in rep["shapes"]:
         comp = row.get("compiled") or {}
         if "results" not in comp:
-            lines.append(f"| {row['shape']} | – | – | – | – | {comp.get('error', 'not run')[:80]} |")
+            cell = _compiled_cell(comp, gpu) if comp else "not run"
+            lines.append(f"| {row['shape']} | – | – | – | – | {cell} |")
             continue
         res = {r["method"]: r.get("tokens_per_s") for r in comp["results"]}
         plain, cpj = res.get("plain"), res.get("persona-judge")
         opts = comp.get("options", {})
         lines.append(
             f"| {row['shape']} | {opts.get('compile')}/{opts.get('compile_backend')} | {_fmt(plain)} | {_fmt(cpj)} | "
-            f"{_fmt(cpj / plain if cpj and plain else None, '.2f')} | "
-            f"{'ok' if comp.get('compile_fallback') is None else 'fell back: ' + comp['compile_fallback'][:60]}; "
-            f"{_graphs(comp)}; judge: {str(comp.get('compile_judge'))[:60]} |"
+            f"{_fmt(cpj / plain if cpj and plain else None, '.2f')} | {_compiled_cell(comp, gpu)} |"
         )
-    skipped = [f"{r['shape']}: {', '.join(r['skipped'])}" for r in rep["shapes"] if r.get("skipped")]
-    skipped += [f"{s}: time budget" for s in rep["skipped_shapes"]]
-    skipped += [f"{k}: {v['skipped']}" for k, v in (("tests", tests), ("tests_graphs", graph_tests)) if "skipped" in v]
-    if skipped:
-        lines += ["", "Skipped: " + "; ".join(skipped)]
+    if rep.get("plan"):
+        lines += ["", "Plan (estimates are the script's, in seconds):", "", "| step | needed | est. | took | status |"]
+        lines.append("|---|---|---:|---:|---|")
+        for r in rep["plan"]:
+            status = r["status"] + (f": {str(r['detail'])[:90]}" if r.get("detail") else "")
+            lines.append(
+                f"| {r['step']} | {'required' if r['required'] else 'optional'} | {r['estimate_s']:.0f} | "
+                f"{_fmt(r.get('took_s'))} | {status} |"
+            )
     errors = [
         f"{r['shape']}.{k}: {v['error']}"
         for r in rep["shapes"]
         for k, v in r.items()
         if isinstance(v, dict) and "error" in v
     ]
+    errors += [
+        f"{k}: {t}: {why}"
+        for k in ("tests", "tests_graphs")
+        for t, why in (rep.get(k) or {}).get("failures", {}).items()
+    ]
     if errors:
         lines += ["", "Errors: " + "; ".join(errors)]
-    if "ok" in rep:
-        lines += ["", f"ok: {rep['ok']}, complete: {rep['complete']}"]
+    if rep.get("skipped_shapes"):
+        lines += ["", "Shapes not run (time budget): " + ", ".join(rep["skipped_shapes"])]
     lines += [
         "",
-        "Targets (issue 17): persona-judge ≥ 0.9× generate on the 1B and 7B shapes; batch 16 ≥ 8× one "
-        "prompt; 2-view peak ≤ 1.1 × (1-view peak + one view's KV cache).",
+        f"Targets (issue 17): persona-judge ≥ 0.9× generate on the 1B and 7B shapes; batch 16 ≥ 8× one "
+        f"prompt (this run: batch {n}); 2-view peak ≤ 1.1 × (1-view peak + one view's KV cache).",
     ]
     for row in rep["shapes"]:
         lines.append(f"- {row['shape']}: {json.dumps(row.get('targets', {}))}")
@@ -930,34 +1319,37 @@ def markdown(rep: dict[str, Any]) -> str:
 
 
 def _internal_compiled(args: argparse.Namespace, budget: Budget) -> int:
-    """The child of :func:`compiled_in_subprocess`: each shape's compiled step, to ``OUT/<shape>.json``."""
+    """The child of :func:`compiled_in_subprocess`: each shape's compiled step, to ``OUT/<shape>.json``,
+    marked started first (so that its parent can tell a step stopped midway from one never reached)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    gpu = args.device == "cuda"
     for shape in args.internal_compiled.split(","):
         t0 = time.perf_counter()
-        if gpu and budget.left() < COMPILE_S:
-            res: dict[str, Any] = {"skipped": f"time budget ({budget.left():.0f} s left, needs ~{COMPILE_S:.0f})"}
+        need = SHAPES[shape][3]
+        if budget.left() < need:
+            res: dict[str, Any] = {"skipped": f"time budget ({budget.left():.0f} s left, needs ~{need:.0f})"}
         else:
             print(f"[gpu-check] {shape}: compiled steps ...", flush=True)
+            (out / f"{shape}.json").write_text(json.dumps(_started(shape)))
             try:
                 res = compiled(shape, args.device, args, budget)
             except Exception as err:
                 res = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
             res["wall_s"] = round(time.perf_counter() - t0, 1)
-        (out / f"{shape}.json").write_text(json.dumps(res, indent=2, default=str))
+        tmp = out / f"{shape}.json.tmp"
+        tmp.write_text(json.dumps(res, indent=2, default=str))
+        os.replace(tmp, out / f"{shape}.json")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", help="folder for gpu_check.json and gpu_check.md")
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     ap.add_argument(
         "--shapes",
         help=f"comma-separated subset of {','.join(SHAPES)} (default: the GPU shapes on "
-        "CUDA, the tiny ones on the CPU)",
+        "CUDA, the tiny ones on the CPU); the plan makes the first two the target shapes",
     )
     ap.add_argument(
         "--budget-s",
@@ -981,6 +1373,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--internal-compiled", metavar="SHAPE", help=argparse.SUPPRESS)  # the compiled step's child
     args = ap.parse_args(argv)
+    args.error = ap.error
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     args.started = time.time()
     faulthandler.enable()  # a crash in native code (a compiler, a driver) prints where it happened
     out = Path(args.out)
@@ -991,7 +1390,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu-check: error: {err}", file=sys.stderr)
         return 2
     if args.internal_compiled:  # its --budget-s is what its parent had left when it started it
-        return _internal_compiled(args, Budget(args.budget_s))
+        return _internal_compiled(args, Budget(args.budget_s, args.started))
     budget = Budget(args.budget_s, install_info.get("started"))
 
     import torch
@@ -1004,21 +1403,25 @@ def main(argv: list[str] | None = None) -> int:
     shapes = args.shapes.split(",") if args.shapes else (GPU_SHAPES if device == "cuda" else TINY_SHAPES)
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
-        ap.error(f"unknown shape(s) {unknown}; known: {', '.join(SHAPES)}")
+        args.error(f"unknown shape(s) {unknown}; known: {', '.join(SHAPES)}")
+    if len(set(shapes)) != len(shapes):
+        args.error(f"--shapes names a shape twice: {','.join(shapes)}")
     gpu = device == "cuda"
     args.device = device
     args.max_new_tokens = args.max_new_tokens or (128 if gpu else 12)
     args.repeats = args.repeats or (3 if gpu else 1)
     out.mkdir(parents=True, exist_ok=True)
+    info = gpu_info(torch)
     rep: dict[str, Any] = {
         "schema": SCHEMA,
         "device": device,
         "dtype": "bfloat16" if gpu else "float32",
-        "machine": machine_info(),
+        "machine": {**machine_info(), **{k: v for k, v in info.items() if k != "cuda"}},
         "install": install_info,
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
+            "cuda": info["cuda"],
             "transformers": transformers.__version__,
             "personajudge_from": str(Path(personajudge.__file__).resolve().parent),
         },
@@ -1032,6 +1435,7 @@ def main(argv: list[str] | None = None) -> int:
         "tests": {},
         "shapes": [],
         "skipped_shapes": [],
+        "plan": [],
     }
 
     def save() -> None:
@@ -1044,51 +1448,54 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp, out / "gpu_check.json")
         (out / "gpu_check.md").write_text(markdown(rep))
 
-    def tests(key: str, select: str) -> None:
-        if args.no_tests:
-            return
-        need = TESTS_S[select]
+    work = Shapes(device, args, budget, rep, save)
+
+    def tests(select: str, required: bool) -> None:
+        key, need = TEST_KEYS[select], TESTS_S[select]
         if budget.left() < need:
-            rep[key] = {"skipped": f"time budget ({budget.left():.0f} s left, needs ~{need:.0f})"}
+            why = f"time budget ({budget.left():.0f} s left, needs ~{need:.0f})"
+            rep[key] = {"skipped": why}
+            work.record(key, required, need, SHORT[0], detail=why)
             print(f"[gpu-check] {key} skipped (time budget)", flush=True)
         else:
+            work.release()  # the tests' process needs the GPU's memory more than a model the next step rebuilds
             print(f"[gpu-check] {key} ({select}) ...", flush=True)
-            rep[key] = run_tests(min(150.0, budget.left()), select)
-            print(f"[gpu-check] {key}: {rep[key]['summary']}", flush=True)
+            rep[key] = run_tests(min(TESTS_CAP_S[select], budget.left()), select)
+            status = tests_status(rep[key])
+            work.record(key, required, need, status, took_s=rep[key].get("wall_s"), detail=rep[key].get("skipped"))
+            print(f"[gpu-check] {key}: {status}: {rep[key]['summary']}", flush=True)
         save()
 
-    if gpu:
-        rep["machine"]["gpu"] = torch.cuda.get_device_name(0)
-    work = Shapes(device, args, budget, rep, save)
     try:
-        # a. what the targets need, shape by shape; b. the CUDA tests; c. the rest; d. the CUDA-graph tests;
-        # e. the compiled steps, which may take the longest and are not what the targets are judged on
-        work.run_phase(shapes, "targets")
-        tests("tests", "not graphs")
-        work.run_phase(shapes, "extras")
-        tests("tests_graphs", "graphs")
-        work.run_compiled(shapes, COMPILE_S if gpu else 0.3 * SHAPES[shapes[0]][2])
+        for item in plan(shapes, tests=not args.no_tests):
+            if item["kind"] == "steps":
+                work.run_phase(item["shape"], item["phase"], item["required"])
+            elif item["kind"] == "tests":
+                tests(item["select"], item["required"])
+            else:
+                work.run_compiled(item["shapes"], item["required"])
     finally:
         work.release()
-    rep["skipped_shapes"] = [s for s in shapes if s not in work.rows or not any(k in work.rows[s] for k in STEPS)]
+    ran = set(STEPS) | {"compiled"}
+    rep["skipped_shapes"] = [s for s in shapes if s not in work.rows or not any(k in work.rows[s] for k in ran)]
     rep["shapes"] = [r for r in rep["shapes"] if r["shape"] not in rep["skipped_shapes"]]
-    failed = [k for k in ("tests", "tests_graphs") if "rc" in rep.get(k, {}) and rep[k]["rc"] != 0]
-    failed += [f"{r['shape']}.{k}" for r in rep["shapes"] for k, v in r.items() if isinstance(v, dict) and "error" in v]
-    skipped = [f"{r['shape']}: {s}" for r in rep["shapes"] for s in r["skipped"]]
-    skipped += [f"{s}: time budget" for s in rep["skipped_shapes"]]
-    skipped += [f"{k}: {rep[k]['skipped']}" for k in ("tests", "tests_graphs") if "skipped" in rep.get(k, {})]
-    rep["complete"] = not skipped
-    rep["ok"] = rep["complete"] and not failed
-    rep["failed"], rep["skipped"] = failed, skipped
+    rep.update(verdict(rep["plan"]))
     save()
     print(markdown(rep))
-    if failed:
-        print(f"gpu-check: FAILED: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    if skipped:
-        print(f"gpu-check: INCOMPLETE (nothing failed; skipped for time): {'; '.join(skipped)}", file=sys.stderr)
-        return 3
-    return 0
+    name = rep["verdict"]
+    if name == "failed":
+        print(f"gpu-check: FAILED: {', '.join(rep['failed'])}", file=sys.stderr)
+    elif name == "compiled step fell back":
+        print(f"gpu-check: COMPILED STEP FELL BACK: {'; '.join(rep['fell_back'])}", file=sys.stderr)
+    elif name == "incomplete":
+        print(
+            f"gpu-check: INCOMPLETE (nothing failed; required steps not run for time): "
+            f"{'; '.join(rep['skipped_required'])}",
+            file=sys.stderr,
+        )
+    elif rep["skipped"]:
+        print(f"gpu-check: ok; optional steps not run for time: {'; '.join(rep['skipped'])}", file=sys.stderr)
+    return VERDICTS[name]
 
 
 if __name__ == "__main__":
