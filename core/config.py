@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
 from .files import check_path, read_text, unicode_problem
@@ -204,6 +204,24 @@ class RunConfig(_Model):
         v = v.strip()
         if not v:
             raise ValueError("must not be empty")
+        return v
+
+    @field_validator("preferences", "views", mode="before")
+    @classmethod
+    def _entries(cls, v: Any, info: ValidationInfo) -> Any:
+        """An entry that is neither text nor a table, named with where it sits: pydantic's own message
+        reports each branch of ``str | dict`` (``views.0.0.str: ...; views.0.0.dict[str,any]: ...``)."""
+        rows = [v] if info.field_name == "preferences" else v
+        if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
+            return v  # the list shape itself: pydantic's message says it ("Input should be a valid list")
+        for i, row in enumerate(rows):
+            for j, p in enumerate(row):
+                if not isinstance(p, str | dict):
+                    where = f"[{j}]" if info.field_name == "preferences" else f"[{i}][{j}]"
+                    raise ValueError(
+                        f"entry {where} must be a preference name or description (text) or a preference table, "
+                        f"got {p!r:.40}"
+                    )
         return v
 
     @field_validator("views")

@@ -60,3 +60,17 @@ def test_unreadable_files(tmp_path):
 def test_an_empty_view_is_named_as_the_views_field():
     with pytest.raises(ConfigError, match=r"^invalid config: views: every view needs at least one preference$"):
         build_config({"views": [["concise"], []]})
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        ({"views": [["concise"], [3]]}, "views: entry [1][0] must be a preference name or description (text) or"),
+        ({"preferences": ["concise", None]}, "preferences: entry [1] must be a preference name or description"),
+    ],
+)
+def test_an_entry_that_is_neither_text_nor_a_table_is_named_once(data, says):
+    """Not pydantic's message per branch of ``str | dict`` (``views.1.0.str: ...; views.1.0.dict[str,any]: ...``)."""
+    with pytest.raises(ConfigError) as err:
+        build_config(data)
+    assert says in str(err.value) and ".str" not in str(err.value) and "dict[" not in str(err.value), str(err.value)
