@@ -42,11 +42,10 @@ from personajudge.preferences import (
     PreferenceSpec,
     build_views,
     encoder_options,
-    lookup,
+    named_by,
     normalize_conversation,
     reported,
     warn_duplicates,
-    with_definitions,
 )
 
 Prompt = str | list[dict[str, str]]
@@ -125,15 +124,9 @@ def _named_definitions(prefs: list[PreferenceSpec]) -> list[PreferenceSpec]:
     defs = [p for p in prefs if isinstance(p, Preference)]
     if not defs:
         return prefs
-    own = with_definitions({}, defs)  # two objects of one name that differ: the PreferenceError build_views raises
-    named = {found.name.lower() for p in prefs if isinstance(p, str) and (found := lookup(p, own)) is not None}
-    if not named:
-        return prefs
-    return [
-        (lookup(p, own) or p) if isinstance(p, str) else p
-        for p in prefs
-        if not (isinstance(p, Preference) and p.name.lower() in named)
-    ]
+    resolved = named_by(prefs, defs)  # two objects of one name that differ: build_views' PreferenceError
+    named = {d.name.lower() for p, d in zip(prefs, resolved) if isinstance(p, str) and isinstance(d, Preference)}
+    return [d for p, d in zip(prefs, resolved) if not (isinstance(p, Preference) and p.name.lower() in named)]
 
 
 _VIEWS_SHAPE = "views is a list of views, each a list of preferences: [['concise', 'humor'], ['expert']]"
@@ -640,17 +633,7 @@ class PersonaJudge:
         cfg, meth, pref_views = self._prepare(preferences, views, method, decoding)
         contexts = self.encode_views(prompt, cfg, meth, pref_views)
         res = self.decode(contexts, cfg, meth, on_text=on_text, prompt=prompt)
-        return self._with_settings(res, cfg, pref_views, method=meth)
-
-    def _with_settings(
-        self,
-        res: GenerationResult,
-        cfg: RunConfig,
-        views: list[list[Preference]],
-        settings: dict[str, Any] | None = None,
-        method: Any = None,
-    ) -> GenerationResult:
-        return _attach_settings(settings if settings is not None else self.settings(cfg, views, method), res)
+        return _attach_settings(self.settings(cfg, pref_views, meth), res)
 
     def stream(self, prompt: Prompt, **kwargs: Any) -> Generator[str, None, GenerationResult]:
         """Yield the response's text as it is committed (same arguments as :meth:`generate`).
@@ -828,9 +811,8 @@ class PersonaJudge:
             base = cfg.decoding.seed
             given = [base + i if base is not None else fresh_seed() for i in range(len(prompts))]
         contexts = [self.encode_views(p, cfg, meth, pref_views) for p in prompts]
-        for i, (c, p) in enumerate(
-            zip(contexts, prompts)
-        ):  # every row before any is queued: one too long costs no decoding
+        # every row before any is queued: one too long costs no decoding
+        for i, (c, p) in enumerate(zip(contexts, prompts)):
             try:
                 self._check_prompt(c, p)
             except ContextLengthError as err:

@@ -11,7 +11,16 @@ from .encoders import (
 )
 from .library import Library, builtin_preferences, load_file, lookup, resolve
 from .model import Example, Preference, compose
-from .views import PreferenceSpec, build_views, duplicates, reported, view_names, warn_duplicates, with_definitions
+from .views import (
+    PreferenceSpec,
+    build_views,
+    duplicates,
+    named_by,
+    reported,
+    view_names,
+    warn_duplicates,
+    with_definitions,
+)
 
 __all__ = [
     "BUILTIN_ENCODERS",
@@ -31,6 +40,7 @@ __all__ = [
     "compose",
     "build_views",
     "view_names",
+    "named_by",
     "duplicates",
     "warn_duplicates",
     "with_definitions",

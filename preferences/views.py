@@ -44,6 +44,15 @@ def with_definitions(library: Library | None, preferences: Sequence[PreferenceSp
     return merged
 
 
+def named_by(specs: Sequence[PreferenceSpec], definitions: Sequence[Preference]) -> list[PreferenceSpec]:
+    """``specs`` with every string that one of ``definitions`` names (by name or alias, in any case)
+    replaced by that definition: a preferences file used as a dictionary (``--prefer pirate`` next to
+    ``--preferences-file``, a server request's ``preferences``, a call's ``Preference`` objects beside
+    their names). Anything else stays as it is, to resolve in the library."""
+    own = with_definitions({}, definitions)
+    return [(lookup(p, own) or p) if isinstance(p, str) else p for p in specs]
+
+
 def reported(pref: Preference, library: Library | None = None) -> str | dict[str, Any]:
     """How a run's ``settings`` report ``pref``: the simplest value that resolves back to the same prompt
     in ``library`` (default: the built-ins) alone, so a config built from the settings repeats the run.

@@ -13,7 +13,16 @@ from personajudge.core.config import RunConfig, build_config, load_config_file
 from personajudge.core.errors import ConfigError, PersonaJudgeError
 from personajudge.core.files import path_problem
 from personajudge.plugins import preference_library
-from personajudge.preferences import Preference, build_views, load_file, lookup, resolve, view_names, with_definitions
+from personajudge.preferences import (
+    Preference,
+    PreferenceSpec,
+    build_views,
+    load_file,
+    named_by,
+    resolve,
+    view_names,
+    with_definitions,
+)
 
 EXIT_USAGE = 2
 
@@ -193,7 +202,7 @@ def config_from_args(args: argparse.Namespace):
         opts = dict(data.get("method_options", {}))
         opts.update(_parse_option(o, "--method-option") for o in args.method_option)
         data["method_options"] = opts
-    prefs: list[str | Preference] | None = None
+    prefs: list[PreferenceSpec] | None = None
     if getattr(args, "preferences_file", None) is not None:
         prefs = [*load_file(args.preferences_file, preference_library())]
     if args.prefer is not None:
@@ -201,10 +210,10 @@ def config_from_args(args: argparse.Namespace):
             # the file only defines names, as next to --view and on the server: the views are the
             # --prefer list, one each, and a name the file defines or adjusts means its definition
             defs = [p for p in prefs if isinstance(p, Preference)]
-            own, names = with_definitions({}, defs), with_definitions(preference_library(), defs)
+            names = with_definitions(preference_library(), defs)
             for p in args.prefer:  # a typo is told the file's names too (did you mean pirate?)
                 resolve(p, names)
-            prefs = [lookup(p, own) or p for p in args.prefer]
+            prefs = named_by(args.prefer, defs)
         else:
             prefs = (prefs or []) + list(args.prefer)
     if args.view:

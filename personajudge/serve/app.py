@@ -45,7 +45,7 @@ from personajudge.core.errors import (
 from personajudge.engine import EngineClosedError, Job, QueueFullError, RequestCancelled
 from personajudge.plugins import preference_library
 from personajudge.plugins.manager import plan_views
-from personajudge.preferences import Preference, build_views, lookup, normalize_conversation, with_definitions
+from personajudge.preferences import Preference, build_views, named_by, normalize_conversation
 
 from .metrics import Metrics
 from .schemas import FINISH_REASONS, ChatCompletionRequest, CompletionRequest, error_body, field_error
@@ -354,8 +354,7 @@ class Server:
         if prefs is not None and views is None:
             if self.definitions:
                 # a request's names mean what the preferences file defines or adjusts, as in its views
-                own = with_definitions({}, self.definitions)
-                prefs = [(lookup(p, own) or p) if isinstance(p, str) else p for p in prefs]
+                prefs = named_by(prefs, self.definitions)
             # A request's preferences replace the server's default views too, one view per preference as
             # --prefer gives: ``views=[]`` is "no views" to the API, so its preferences make the views.
             # (The Python API's rule, configured views win over a call's bare preferences, is for a caller
