@@ -6,7 +6,7 @@ batching across requests); its committed text comes back as events on the
 event loop. The server adds no decoding of its own.
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``,
-``GET /v1/models``, ``GET /health``, ``GET /metrics``. Errors use OpenAI's
+``GET /v1/models`` (and ``/v1/models/{id}``), ``GET /health``, ``GET /metrics``. Errors use OpenAI's
 shape ``{"error": {"message", "type", "param", "code"}}``.
 
 FastAPI is imported when an app is created, not with this module, so the CLI
@@ -750,23 +750,28 @@ def create_app(
             raise APIError(400, str(err), param="prompt", code="invalid_value") from None
         return await run(request, "completion", req, req.prompt_text(), kwargs)
 
+    def model_card() -> dict[str, Any]:
+        """OpenAI's model object for the one model this server serves, plus the backend's scalar facts."""
+        return {
+            "id": srv.model_name,
+            "object": "model",
+            "created": srv.created,
+            "owned_by": "persona-judge",
+            "backend": {k: v for k, v in srv.pj.backend.describe().items() if isinstance(v, (str, int, float, bool))},
+        }
+
     @app.get("/v1/models")
     async def models(request: Request):
         srv.check_auth(request)
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": srv.model_name,
-                    "object": "model",
-                    "created": srv.created,
-                    "owned_by": "persona-judge",
-                    "backend": {
-                        k: v for k, v in srv.pj.backend.describe().items() if isinstance(v, (str, int, float, bool))
-                    },
-                }
-            ],
-        }
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str):
+        """OpenAI's "retrieve model": SDKs call it (``client.models.retrieve``) to check a name before they
+        send work. The ``:path`` converter keeps names with a slash (``google/gemma-3-1b``) in one piece."""
+        srv.check_auth(request)
+        srv.check_model(model_id)
+        return model_card()
 
     @app.get("/health")
     async def health():

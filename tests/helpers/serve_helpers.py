@@ -54,3 +54,31 @@ def running_server(flags, log_path, ready_timeout=READY_TIMEOUT_S):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextlib.contextmanager
+def in_process_server(pj, **kw):
+    """``create_app(pj)`` under uvicorn in a thread on 127.0.0.1 (a backend, or a limit, no CLI flag gives);
+    stopped after, within a bound. uvicorn and the app are imported here: only the tests that serve need them."""
+    import threading
+
+    import uvicorn
+
+    from personajudge.serve import create_app
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(pj, reserve=False, **kw), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+        assert not thread.is_alive()

@@ -8,13 +8,9 @@ are a pure function of each row's context). The 408 (K) runs on an in-process se
 deterministic.
 """
 
-import contextlib
 import json
-import socket
 import subprocess
 import sys
-import threading
-import time
 import uuid
 
 import pytest
@@ -25,14 +21,13 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 
-from serve_helpers import running_server  # noqa: E402
+from serve_helpers import in_process_server, running_server  # noqa: E402
 
 from personajudge.api import PersonaJudge, fresh_seed  # noqa: E402
 from personajudge.backends.toy import ToyBackend, ToyTokenizer  # noqa: E402
 from personajudge.cli import main  # noqa: E402
 from personajudge.core.errors import ChatTemplateError  # noqa: E402
 from personajudge.engine import Engine, Job  # noqa: E402
-from personajudge.serve import create_app  # noqa: E402
 from personajudge.serve.app import http_wording  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:method 'persona-judge' with a single view")
@@ -67,28 +62,6 @@ def local():
     """The model in-process without default views: what a request's own preferences give alone."""
     with PersonaJudge({"backend": {"name": "toy"}, "encoder": "plain"}, backend=ToyBackend()) as pj:
         yield pj
-
-
-@contextlib.contextmanager
-def in_process_server(pj, **kw):
-    """``create_app(pj)`` under uvicorn in a thread on 127.0.0.1 (for a backend or a limit the module's
-    server does not have); stopped after, within a bound."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(pj, reserve=False, **kw), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-        assert not thread.is_alive()
 
 
 def _post(base, path, body, status=200):

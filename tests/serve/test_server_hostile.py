@@ -9,13 +9,11 @@ a client that disconnects while sending its body, requests asking for more views
 and a backend that refuses a session for that many views.
 """
 
-import contextlib
 import json
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,12 +24,11 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 
-from serve_helpers import health, running_server  # noqa: E402
+from serve_helpers import health, in_process_server, running_server  # noqa: E402
 
 from personajudge.api import PersonaJudge  # noqa: E402
 from personajudge.backends.toy import ToyBackend  # noqa: E402
 from personajudge.core.errors import TooManyViewsError  # noqa: E402
-from personajudge.serve import create_app  # noqa: E402
 
 LIMIT = 65536  # --max-request-bytes of the module's server: small, so the tests send little
 FLAGS = [
@@ -236,28 +233,6 @@ class CappedToy(ToyBackend):
         if n_views > self.MAX:
             raise TooManyViewsError(f"{n_views} views need more KV sequences than this backend supports ({self.MAX})")
         return super().open(n_views)
-
-
-@contextlib.contextmanager
-def in_process_server(pj, **kw):
-    """``create_app(pj)`` under uvicorn in a thread on 127.0.0.1 (a backend no CLI can name); stopped after."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(pj, reserve=False, **kw), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-        assert not thread.is_alive()
 
 
 @pytest.mark.parametrize("stream", [False, True])
