@@ -36,7 +36,7 @@ from personajudge.core.stopping import Emitter
 from personajudge.core.transforms import SamplingParams
 from personajudge.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, Engine, EngineClosedError, Job, result_of
 from personajudge.plugins import get_method, load_backend, preference_library, resolve_encoder
-from personajudge.plugins.manager import plan_views, render_view, stop_strings_of
+from personajudge.plugins.manager import guarded, plan_views, render_view, stop_strings_of
 from personajudge.preferences import (
     Preference,
     PreferenceSpec,
@@ -52,21 +52,27 @@ Prompt = str | list[dict[str, str]]
 
 
 def make_method(cfg: RunConfig):
-    """An instance of the configured method with its options."""
+    """An instance of the configured method with its options. A ``TypeError`` is a wrong option (a
+    ``ConfigError`` in the config's words); anything else a third-party constructor raises is a
+    ``PluginError`` naming it (:func:`guarded`)."""
     cls = get_method(cfg.method)
-    try:
-        return cls(**cfg.method_options)
-    except TypeError as err:
-        why = str(err)
-        with contextlib.suppress(TypeError, ValueError):  # in the config's words, when a signature gives them
-            params = inspect.signature(cls).parameters.values()
-            takes = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-            unknown = sorted(set(cfg.method_options) - set(takes))
-            if unknown:
-                why = f"unknown option(s) {', '.join(unknown)}; " + (
-                    f"its options are {', '.join(takes)}" if takes else "it takes none"
-                )
-        raise ConfigError(f"method_options for '{cfg.method}': {why}") from None
+
+    def build():
+        try:
+            return cls(**cfg.method_options)
+        except TypeError as err:
+            why = str(err)
+            with contextlib.suppress(TypeError, ValueError):  # in the config's words, when a signature gives them
+                params = inspect.signature(cls).parameters.values()
+                takes = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+                unknown = sorted(set(cfg.method_options) - set(takes))
+                if unknown:
+                    why = f"unknown option(s) {', '.join(unknown)}; " + (
+                        f"its options are {', '.join(takes)}" if takes else "it takes none"
+                    )
+            raise ConfigError(f"method_options for '{cfg.method}': {why}") from None
+
+    return guarded("method", cfg.method, cls, " failed to construct:", build)
 
 
 # The checks of the API's own arguments. The config's fields are checked by pydantic (core/config.py);

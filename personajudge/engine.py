@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import itertools
 import os
@@ -59,7 +60,7 @@ from personajudge.core.decoding import DecodeRequest, Forward, Loop, StepDriver,
 from personajudge.core.errors import PersonaJudgeError, PluginError, SessionError, TooManyViewsError
 from personajudge.core.methods import Base, Pad
 from personajudge.core.result import GenerationResult
-from personajudge.plugins.manager import who
+from personajudge.plugins.manager import guarded, who
 
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_QUEUE = 1024
@@ -109,8 +110,9 @@ def checked_loop(method: Any, req: DecodeRequest) -> Loop:
     """``method.loop(req)``, checked where it enters the engine: a generator that yields only
     ``Forward`` / ``Truncate`` operations. Otherwise the step driver fails on it with an
     ``AttributeError`` or "not an iterator" that never names the method; here it is a
-    :class:`PluginError` naming it, and only that request fails."""
-    loop = method.loop(req)
+    :class:`PluginError` naming it, and only that request fails. So is what a third-party loop
+    raises, when it is called or as it runs (a built-in's exception keeps its traceback: a bug here)."""
+    loop = guarded("method", req.stats.method, method, ".loop raised", lambda: method.loop(req))
     if not isinstance(loop, Generator):
         raise PluginError(
             f"{who('method', req.stats.method, method)}.loop returned {type(loop).__name__}, not a "
@@ -119,15 +121,27 @@ def checked_loop(method: Any, req: DecodeRequest) -> Loop:
     return _checked_ops(method, req.stats.method, loop)
 
 
+_DONE = object()  # what _resume returns for a loop that has ended
+
+
+def _resume(loop: Loop, value: Any) -> Any:
+    """``loop.send(value)``, with the loop's end as ``_DONE``: a ``StopIteration`` must not reach
+    :func:`guarded`, which would report a finished loop as a plugin that raised."""
+    try:
+        return loop.send(value)
+    except StopIteration:
+        return _DONE
+
+
 def _checked_ops(method: Any, name: str, loop: Loop) -> Loop:
     try:
-        op = next(loop)
-        while True:
+        value = None  # send(None) starts a fresh generator, as next() does
+        while (
+            op := guarded("method", name, method, ".loop raised", functools.partial(_resume, loop, value))
+        ) is not _DONE:
             if not isinstance(op, Forward | Truncate):
                 raise not_an_op(op, f"{who('method', name, method)}.loop")
-            op = loop.send((yield op))
-    except StopIteration:
-        return
+            value = yield op
     finally:
         loop.close()
 

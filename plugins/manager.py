@@ -525,7 +525,7 @@ def load_backend(config: BackendConfig) -> Backend:
                 PersonaJudgeWarning,
                 stacklevel=2,
             )
-    backend = _guarded("backend", config.name, cls, " failed to load:", lambda: cls(config))
+    backend = guarded("backend", config.name, cls, " failed to load:", lambda: cls(config))
     try:
         check_tokenizer(backend)
     except BaseException:
@@ -591,7 +591,7 @@ def _builtin(kind: str, key: str, obj: Any) -> bool:
     return reg.source(key).distribution == "persona-judge"
 
 
-def _guarded(kind: str, key: str, obj: Any, doing: str, call: Callable[[], Any]) -> Any:
+def guarded(kind: str, key: str, obj: Any, doing: str, call: Callable[[], Any]) -> Any:
     """``call()``, a call into the plugin object ``obj``: what a third-party plugin raises
     (``SystemExit`` included) becomes one :class:`PluginError` line naming it and its distribution
     (``encoder 'x' (X, from dist 1.0, entry point 'e = m').render raised ValueError: ...``), chained to
@@ -614,7 +614,7 @@ def stop_strings_of(encoder: Any, tokenizer: Tokenizer, options: dict[str, Any] 
     if fn is None:
         return []
     name = getattr(encoder, "name", type(encoder).__name__)
-    out = _guarded("encoder", name, encoder, ".stop_strings raised", lambda: fn(tokenizer, options))
+    out = guarded("encoder", name, encoder, ".stop_strings raised", lambda: fn(tokenizer, options))
     if not isinstance(out, list | tuple) or not all(isinstance(s, str) and s for s in out):
         raise PluginError(
             f"{who('encoder', name, encoder)}.stop_strings returned {_shown(out)}; "
@@ -636,14 +636,14 @@ def render_view(
     ``tokenizer.encode`` or an unpacking far from the plugin."""
     name = getattr(encoder, "name", type(encoder).__name__)
     render = functools.partial(encoder.render, view, conversation, tokenizer, system=system, options=options)
-    out = _guarded("encoder", name, encoder, ".render raised", render)
+    out = guarded("encoder", name, encoder, ".render raised", render)
     return checked_render(out, who("encoder", name, encoder))
 
 
 def plan_views(method: Any, name: str, views: list[list[Preference]]) -> list[list[Preference]]:
     """``method.plan(views)``, checked to be a non-empty list of views (lists of preferences): a method that
     plans none would be refused by the session as "a session needs at least one view", without its name."""
-    planned = _guarded("method", name, method, ".plan raised", lambda: method.plan(views))
+    planned = guarded("method", name, method, ".plan raised", lambda: method.plan(views))
     if not isinstance(planned, list | tuple) or not planned or not all(isinstance(v, list | tuple) for v in planned):
         raise PluginError(
             f"{who('method', name, method)}.plan returned {_shown(planned)}; it returns the views it prompts, "

@@ -54,13 +54,30 @@ class Flat:
     name = "flat-{n}"
     description = "A test method."
 
+    def __init__(self, strength=1):
+        {in_method_init}
+        self.strength = strength
+
     def plan(self, views):
         {in_plan}
         return [[p for v in views for p in v]]
 
     def loop(self, req):
+        {in_loop_call}
+        return self._run(req)
+
+    def _run(self, req):
         from personajudge.core.decoding import plain_loop
-        return plain_loop(req)
+        inner, value, steps = plain_loop(req), None, 0
+        while True:
+            try:
+                op = inner.send(value)
+            except StopIteration:
+                return
+            steps += 1
+            if steps == 2:
+                {in_loop_run}
+            value = yield op
 
 @hookimpl
 def register_encoders(register):
@@ -77,7 +94,19 @@ def register_methods(register):
 """
 
 
-def install(site: Path, *, at_import="", in_render="", in_stop="", in_init="", in_plan="", in_hook="") -> dict:
+def install(
+    site: Path,
+    *,
+    at_import="",
+    in_render="",
+    in_stop="",
+    in_init="",
+    in_plan="",
+    in_hook="",
+    in_method_init="",
+    in_loop_call="",
+    in_loop_run="",
+) -> dict:
     """Install one plugin (distribution ``pj-prefs2-N`` 0.3, entry point ``p2 = pj_prefs2_N``); its names."""
     n = next(_numbers)
     module, dist = f"pj_prefs2_{n}", f"pj-prefs2-{n}"
@@ -89,6 +118,9 @@ def install(site: Path, *, at_import="", in_render="", in_stop="", in_init="", i
         in_init=in_init or "pass",
         in_plan=in_plan or "pass",
         in_hook=in_hook or "pass",
+        in_method_init=in_method_init or "pass",
+        in_loop_call=in_loop_call or "pass",
+        in_loop_run=in_loop_run or "pass",
     )
     (site / f"{module}.py").write_text(textwrap.dedent(code))
     info = site / f"{dist.replace('-', '_')}-0.3.dist-info"
@@ -173,6 +205,46 @@ def test_a_method_whose_plan_raises_is_one_plugin_error(site):
     _one_line_plugin_error(
         err, plugin, rf"method '{plugin['method']}' \(Flat, from .*\)\.plan raised TypeError: bad views"
     )
+
+
+@pytest.mark.parametrize("exc", ['ValueError("no strength")', 'SystemExit("no strength")'])
+def test_a_method_whose_constructor_raises_is_one_plugin_error(site, exc):
+    plugin = install(site, in_method_init=f"raise {exc}")
+    with pytest.raises(PluginError) as err:
+        pj.PersonaJudge({"backend": {"name": "toy"}, "method": plugin["method"]})
+    msg = _one_line_plugin_error(err, plugin, rf"method '{plugin['method']}' \(Flat, from .*\) failed to construct: ")
+    assert msg.endswith(f"{exc.split('(')[0]}: no strength")
+
+
+def test_a_plugin_methods_unknown_option_is_still_a_config_error(site):
+    """The constructor's TypeError is the user's wrong option, in the config's words, not the plugin's bug."""
+    plugin = install(site)
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) strenght; its options are strength"):
+        pj.PersonaJudge({"backend": {"name": "toy"}, "method": plugin["method"], "method_options": {"strenght": 2}})
+
+
+@pytest.mark.parametrize("where", ["in_loop_call", "in_loop_run"])
+def test_a_method_whose_loop_raises_fails_its_own_request_with_one_plugin_error(site, where):
+    """Raised when ``loop(req)`` is called or as the loop runs (after its first forward): a PluginError naming
+    the method, delivered to that request; the engine goes on serving the next one."""
+    plugin = install(site, **{where: 'raise IndexError("row 7")'})
+    with pj.PersonaJudge({"backend": {"name": "toy"}, "method": plugin["method"]}) as m:
+        with pytest.raises(PluginError) as err:
+            m.generate("hi", preferences=["concise", "humor"], max_new_tokens=4, seed=1)
+        _one_line_plugin_error(
+            err, plugin, rf"method '{plugin['method']}' \(Flat, from .*\)\.loop raised IndexError: row 7$"
+        )
+        assert isinstance(err.value.__cause__, IndexError)  # chained, for a debugger
+        ok = m.generate("hi", preferences=["concise", "humor"], max_new_tokens=4, seed=1, method="persona-judge")
+        assert len(ok.tokens) == 4
+
+
+def test_a_method_whose_loop_ends_normally_is_not_an_error(site):
+    """The loop's StopIteration is its end, not an exception to report (the wrapper must let it through)."""
+    plugin = install(site)
+    with pj.PersonaJudge({"backend": {"name": "toy"}, "method": plugin["method"]}) as m:
+        out = m.generate("hi", preferences=["concise", "humor"], max_new_tokens=4, seed=1)
+    assert len(out.tokens) == 4 and out.finish_reason == "length"
 
 
 def test_at_the_cli_each_is_one_line_and_exit_2_and_other_commands_work(site, capsys):
