@@ -3,7 +3,7 @@
 Runs on the embedded default model (Gemma 3 270M through llama.cpp): 3 of the
 50 shipped P-Soups prompts, two experiments (concise vs. informative, scored by
 length; friendly vs. unfriendly, scored by VADER sentiment; every response also
-gets a Flesch reading-ease score, in the mean-scores table), the methods
+gets a Flesch-Kincaid grade, its reading level, in the mean-scores table), the methods
 ``prompt`` (both preferences in one prompt) and ``persona-judge`` (one view per
 preference), 32 new tokens each. It writes ``report.md``, ``report.json`` and
 PNG plots into the run directory and prints where they are. Takes about a

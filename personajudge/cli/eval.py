@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from personajudge.core.config import RunConfig, validation_message
+from personajudge.core.config import RunConfig, load_config_file, validation_message
 from personajudge.core.errors import PersonaJudgeError
 from personajudge.evaluation.dimensions import parse_dimension
 from personajudge.evaluation.errors import EvalError
@@ -82,14 +83,72 @@ def parse_scorers(text: str, options: list[str]):
     return specs
 
 
+def parse_method_options(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """``mod.weights=[0.7,0.3]`` -> ``{"mod": {"weights": [0.7, 0.3]}}``: each option belongs to one
+    method of the run (every method of a run gets the same views and seeds, not the same options:
+    ``prompt`` takes no ``weights``). A bare ``KEY=VALUE`` is the method's when the run has one."""
+    out: dict[str, dict[str, Any]] = {}
+    for opt in items:
+        target, eq, value = opt.partition("=")
+        method, dot, key = target.strip().rpartition(".") if "." in target else ("", "", target.strip())
+        method, key = method.strip(), key.strip()
+        if not eq or not key:
+            raise EvalError(f"--method-option expects METHOD.KEY=VALUE, got {opt!r}")
+        if not dot:
+            if len(methods) != 1:
+                raise EvalError(
+                    f"--method-option {opt!r}: eval runs several methods ({', '.join(methods)}); say whose "
+                    f"option it is: --method-option METHOD.{key}=VALUE (e.g. mod.weights=[0.7,0.3])"
+                )
+            method = methods[0]
+        if method not in methods:
+            raise EvalError(
+                f"--method-option {opt!r}: '{method}' is not one of this run's methods ({', '.join(methods)})"
+            )
+        try:
+            parsed: Any = json.loads(value)
+        except (ValueError, RecursionError):  # not JSON: the text itself
+            parsed = value
+        out.setdefault(method, {})[key] = parsed
+    return out
+
+
 def spec_from_args(args: argparse.Namespace):
     if args.method:
         raise EvalError("eval compares several methods: use --methods A,B (not --method)")
     if args.preferences_file:
         raise EvalError("eval takes its preferences from --pair / --objectives / --view, not --preferences-file")
+    if args.config is not None:
+        data = load_config_file(args.config)
+        given = [k for k in ("preferences", "views") if data.get(k)]
+        if given:
+            raise EvalError(
+                f"eval takes its preferences from --pair / --prefer / --view / --objectives, not a --config "
+                f"file's {' and '.join(given)} ({args.config}); remove them from the file and give them as flags"
+            )
     run, _ = config_from_args(
-        argparse.Namespace(**{**vars(args), "prefer": None, "preferences_file": None, "view": None, "seed": None})
+        argparse.Namespace(
+            **{
+                **vars(args),
+                "prefer": None,
+                "preferences_file": None,
+                "view": None,
+                "seed": None,
+                "method_option": [],
+            }
+        )
     )
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    baseline = None if args.baseline.strip().lower() in ("", "none") else args.baseline.strip()
+    every = [*([baseline] if baseline and baseline not in methods else []), *methods]
+    method_options = parse_method_options(args.method_option, every)
+    if run.method_options:  # a --config file's: options of the file's method
+        if run.method not in every:
+            raise EvalError(
+                f"the --config file's method_options are options of its method '{run.method}', which this "
+                f"run does not compare ({', '.join(every)}); give them as --method-option METHOD.KEY=VALUE"
+            )
+        method_options[run.method] = {**run.method_options, **method_options.get(run.method, {})}
     # a --config file's method, views and seed decide nothing here (spec.methods, experiments, seeds
     # do): left at their defaults, so the reproduce command, which has no flags for them, gives this spec
     seed_of_config = run.decoding.seed
@@ -98,14 +157,10 @@ def spec_from_args(args: argparse.Namespace):
             "views": None,
             "preferences": [],
             "method": RunConfig.model_fields["method"].default,
+            "method_options": {},
             "decoding": run.decoding.model_copy(update={"seed": None}),
         }
     )
-    experiments = build_experiments(
-        pairs=args.pair or [], prefer=args.prefer, view=args.view, objectives=args.objectives or []
-    )
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    baseline = None if args.baseline.strip().lower() in ("", "none") else args.baseline.strip()
     # --seed, else the config file's decoding.seed, else 0: an evaluation is always reproducible
     seed = args.seed if args.seed is not None else (seed_of_config if seed_of_config is not None else 0)
     if args.samples < 1:
@@ -113,8 +168,12 @@ def spec_from_args(args: argparse.Namespace):
     if args.batch_size < 1:
         raise EvalError("--batch-size must be at least 1")
     try:
+        experiments = build_experiments(
+            pairs=args.pair or [], prefer=args.prefer, view=args.view, objectives=args.objectives or []
+        )
         return EvalSpec(
-            dataset=args.dataset or "psoups-koala-50",
+            # absolute: `--resume` from another folder reads the same file
+            dataset=os.path.abspath(args.dataset) if args.dataset else "psoups-koala-50",
             limit=args.limit,
             methods=methods,
             baseline=baseline,
@@ -124,6 +183,7 @@ def spec_from_args(args: argparse.Namespace):
             scorers=parse_scorers(args.scorers, args.scorer_option),
             dimensions=[parse_dimension(d) for d in args.dimension],
             batch_size=args.batch_size,
+            method_options=method_options,
             run=run,
         )
     except ValueError as err:  # pydantic
@@ -305,6 +365,8 @@ def register(sub: Any) -> None:
         {
             "method": "refused: eval compares the methods --methods names",
             "preferences_file": "refused: eval takes its preferences from --pair / --objectives / --view",
+            "method_option": "an option of one method of the run, METHOD.KEY=VALUE (repeatable), e.g. "
+            "mod.weights=[0.7,0.3] or pad.weight=2; VALUE is parsed as JSON when it can be",
         },
     )
     p.set_defaults(func=cmd_eval)

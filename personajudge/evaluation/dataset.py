@@ -44,8 +44,8 @@ def _items(records: list, source: str, *, unescape: bool = False) -> list[Prompt
             raise DatasetError(f"{where}: missing or empty 'prompt' field")
         check_text(text, f"{where}: 'prompt'", DatasetError)
         pid = rec.get("id", i)
-        if isinstance(pid, (dict, list)):
-            raise DatasetError(f"{where}: id must be a string or a number")
+        if isinstance(pid, (dict, list, bool)):  # true would be the id "True"
+            raise DatasetError(f"{where}: id must be a string or a number, got {json.dumps(pid)[:40]}")
         pid = str(pid).strip() if pid is not None else str(i)
         check_text(pid, f"{where}: id", DatasetError)
         if not pid or "|" in pid:
@@ -69,6 +69,8 @@ def builtin_prompts() -> list[PromptItem]:
 def read_prompts(path: str | Path) -> list[PromptItem]:
     """Prompts from a JSONL file (one object per line) or a JSON file (a list of objects)."""
     p = Path(path)
+    if not p.is_absolute() and not p.exists():  # a run started in another folder names it from there
+        raise DatasetError(f"dataset file not found: {p} (a relative path, read from the current folder {Path.cwd()})")
     text = read_text(p, "dataset file", DatasetError)
     stripped = text.lstrip()
     if stripped.startswith("["):

@@ -22,6 +22,8 @@ scorers (``pairwise-judge``) judge every dimension directly and need no entry.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -71,14 +73,27 @@ def parse_dimension(spec: str) -> DimensionScorer:
     return DimensionScorer(dimension=name, scorer=scorer, direction=direction)  # type: ignore[arg-type]
 
 
-def dimension_table(extra: list[DimensionScorer], aliases: dict[str, str]) -> list[DimensionScorer]:
+def dimension_table(
+    extra: list[DimensionScorer], aliases: dict[str, str], names: Iterable[str] | None = None
+) -> list[DimensionScorer]:
     """Defaults plus ``extra``, keeping the entries whose scorer is in the run.
 
     ``aliases`` maps each scorer alias of the run to its registered name: a
     default entry for ``length`` applies to every alias whose scorer is
     ``length``. User entries name aliases and override defaults for the same
-    (dimension, scorer).
+    (dimension, scorer). ``names``: the run's dimension names; a user entry for
+    another one (a typo, or a slug that got a hash suffix) is an error, as a
+    scorer not in the run is: it would measure nothing, in silence.
     """
+    known = list(dict.fromkeys(names)) if names is not None else None
+    for d in extra:
+        if known is not None and d.dimension not in known:
+            near = difflib.get_close_matches(d.dimension, known, n=1, cutoff=0.6)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise EvalError(
+                f"--dimension {d.dimension}={d.scorer}:{d.direction}: this run has no dimension "
+                f"{d.dimension!r}; {hint}its dimensions are {', '.join(known) or 'none'}"
+            )
     out: dict[tuple[str, str], DimensionScorer] = {}
     for d in DEFAULT_DIMENSIONS:
         for alias, name in aliases.items():

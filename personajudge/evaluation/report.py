@@ -40,7 +40,7 @@ from personajudge.core import files
 
 from .errors import EvalError
 from .scorers import get_scorer_class
-from .spec import EvalSpec, gen_key, variant_label
+from .spec import FINGERPRINT_VERSION, EvalSpec, batch_mates, gen_key, row_fingerprint, variant_label
 from .store import GENERATIONS, SCORES, load_rows, read_run_spec, write_json_atomic
 
 BOOTSTRAP = 2000
@@ -110,10 +110,42 @@ class RunData:
             )
         if not isinstance(self.record.get("scorer_hashes", {}), dict):
             raise EvalError(f"{self.run_dir / 'run.json'}: 'scorer_hashes' must be an object")
+        dims = self.record.get("dimensions", [])
+        if not isinstance(dims, list) or not all(
+            isinstance(d, dict) and all(isinstance(d.get(k), str) for k in ("dimension", "scorer", "direction"))
+            for d in dims
+        ):
+            raise EvalError(
+                f"{self.run_dir / 'run.json'}: 'dimensions' must be a list of {{dimension, scorer, direction}} "
+                "objects; rerun `personajudge eval` to rewrite it"
+            )
         self.sha = {p["id"]: p["sha"] for p in prompts}
         self.prompt_ids = list(self.sha)
         gen_hash = self.record.get("generation_hash") or spec.generation_hash()
         scorer_hashes = self.record.get("scorer_hashes", {})
+        # Version 2 fingerprints (spec.FINGERPRINT_VERSION) name the job and the batch; a run directory
+        # written before them is read with the fingerprints it was written with.
+        self.versioned = self.record.get("fingerprint") == FINGERPRINT_VERSION
+        job_fps: Any = self.record.get("row_fingerprints") or {}
+        if self.versioned and not (
+            isinstance(job_fps, dict)
+            and all(isinstance(v, dict) and all(isinstance(h, str) for h in v.values()) for v in job_fps.values())
+        ):
+            raise EvalError(f"{self.run_dir / 'run.json'}: 'row_fingerprints' must be an object of objects")
+        shas = [self.sha[pid] for pid in self.prompt_ids]
+        index = {pid: i for i, pid in enumerate(self.prompt_ids)}
+        bs = spec.batch_size
+
+        def expected_fp(row: dict) -> str | None:
+            pid = row["prompt_id"]
+            if not self.versioned:
+                return f"{gen_hash}:{self.sha[pid]}"
+            job = job_fps.get(row["experiment"], {}).get(row["method"])
+            if job is None:
+                return None
+            mates = batch_mates(shas, index[pid], bs) if bs > 1 else None
+            return row_fingerprint(gen_hash, self.sha[pid], job, mates)
+
         self.sweep = spec.sweep
         many = len(self.sweep) > 1
         exps = {e.name for e in spec.experiments}
@@ -125,7 +157,7 @@ class RunData:
             pid = row.get("prompt_id")
             if not _well_typed(row, _GEN_TYPES):  # a hand-edited or foreign line: not one of ours
                 continue
-            if pid not in self.sha or row.get("fp") != f"{gen_hash}:{self.sha[pid]}":
+            if pid not in self.sha or row.get("fp") != expected_fp(row):
                 continue
             if (
                 row.get("experiment") not in exps
@@ -155,7 +187,11 @@ class RunData:
             alias = row["scorer"]
             if g is None or "error" in g or alias not in scorer_hashes:
                 continue
-            if row.get("fp") != f"{g['fp']}:{scorer_hashes[alias]}":
+            fp = f"{g['fp']}:{scorer_hashes[alias]}"
+            if row.get("kind") == "pairwise" and self.versioned:
+                b = self.gens.get(self.baseline_key(g) or "")
+                fp = f"{fp}@{b['fp']}" if b is not None else ""  # judged against this very baseline response
+            if row.get("fp") != fp:
                 continue
             self.kinds[alias] = row.get("kind", "pointwise")
             value = row.get("value")
@@ -427,6 +463,13 @@ def build_report(run_dir: str | Path, data: RunData | None = None) -> dict[str, 
         "generations": {"done": len(data.gens), "planned": planned, "failed": data.failed},
         "baseline": spec.baseline,
         "scorers": {s.alias: s.name for s in spec.scorers},
+        "scorer_identities": {
+            a: i
+            for a, i in (data.record.get("scorer_identities") or {}).items()
+            if a in {s.alias for s in spec.scorers}
+        }
+        if isinstance(data.record.get("scorer_identities"), dict)
+        else {},
         "dimensions": data.record.get("dimensions", []),
         "win_rates": win_rates(data) if spec.baseline else [],
         "methods": method_stats(data),
@@ -531,6 +574,13 @@ def _arrow(direction: str) -> str:
     return {"higher": "↑", "lower": "↓", "judge": "judge"}[direction]
 
 
+def _words(identity: Any) -> str:
+    """A scorer's recorded identity (a pairwise judge's kind, model, endpoint) in words."""
+    if not isinstance(identity, dict):
+        return str(identity)
+    return ", ".join(f"{k} {v}" for k, v in identity.items() if v is not None)
+
+
 def _shell_quote(args: list[str]) -> str:
     import shlex
 
@@ -550,6 +600,11 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
         ],
         ["dataset", f"{spec.dataset}, {report['prompts']} prompts"],
         ["experiments", ", ".join(f"`{e.name}`" for e in spec.experiments)],
+        *(
+            [["preferences", "; ".join(f"`{n}`: {p}" for p, n in described.items())]]
+            if (described := {p: n for p, n in spec.dimension_names.items() if n != p})
+            else []
+        ),
         [
             "methods",
             ", ".join(f"`{m}`" for m in spec.all_methods) + (f"; baseline `{spec.baseline}`" if spec.baseline else ""),
@@ -564,6 +619,11 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
             "scorers",
             ", ".join(f"`{a}`" + (f" ({n})" if a != n else "") for a, n in report["scorers"].items()) or "none",
         ],
+        *(
+            [["judge" if len(judges) == 1 else "judges", "; ".join(f"`{a}`: {_words(i)}" for a, i in judges.items())]]
+            if (judges := report.get("scorer_identities") or {})
+            else []
+        ),
         [
             "generations",
             f"{report['generations']['done']} of {report['generations']['planned']} done"
@@ -615,13 +675,23 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
                 header.append(label)
             by = {(w["experiment"], w["dimension"], w["scorer"], w["direction"], w["method"]): w for w in wr}
             methods = [m for m in dict.fromkeys(w["method"] for w in wr)]
-            rows = [[f"`{m}`"] + [_pct(by[c + (m,)]) if c + (m,) in by else "–" for c in cols] for m in methods]
-            lines += [_table(header, rows), ""]
             ns = {w["n_prompts"] for w in wr}
+            # one n for the table, or each cell's own beside it ([n = k], as the mean scores mark theirs)
+            rows = [
+                [f"`{m}`"]
+                + [
+                    (_pct(by[c + (m,)]) + ("" if len(ns) == 1 else f" [n = {by[c + (m,)]['n_prompts']}]"))
+                    if c + (m,) in by
+                    else "–"
+                    for c in cols
+                ]
+                for m in methods
+            ]
+            lines += [_table(header, rows), ""]
             lines += [
                 f"n = {ns.pop()} prompts{seeds_txt} per cell."
                 if len(ns) == 1
-                else f"n per cell (prompts): {', '.join(str(w['n_prompts']) for w in wr)}{seeds_txt}.",
+                else f"[n = k]: the cell's number of prompts{seeds_txt}.",
                 "",
             ]
 

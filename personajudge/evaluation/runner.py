@@ -12,18 +12,25 @@ A run directory holds:
   pairwise scorers -- appended as soon as it is scored.
 - ``report.md``, ``report.json`` and PNG plots, rebuilt from the JSONL files.
 
-Rows carry a fingerprint of what produced them (generation settings + prompt
-text; + scorer options for scores; a pairwise verdict's key names the baseline generation it
-was judged against), so a row is reused only where it would be reproduced. Interrupted at any instant -- Ctrl-C, an exception, SIGKILL -- the
-same command continues where it stopped: finished rows are skipped, a torn
-last line is dropped, nothing is duplicated.
+Rows carry a fingerprint of what produced them: the generation settings, the prompt
+text, the full definitions of the preferences of the views the method got, the method and its
+options, and, with ``batch_size`` > 1, the prompts of the row's batch (batches are cut from the
+whole plan, so a resumed run batches exactly as an uninterrupted one); scores add the scorer's
+options (for a pairwise judge: which judge, and the baseline response's fingerprint; its key names
+the baseline generation). So a row is reused only where it would be reproduced. Rows of a run
+directory written before fingerprints covered all of this (no ``fingerprint`` in ``run.json``) are
+never reused: such a directory is refused unless ``force``, which regenerates them. Interrupted at
+any instant -- Ctrl-C, an exception, SIGKILL -- the same command continues where it stopped:
+finished rows are skipped, a torn last line is dropped, nothing is duplicated.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import math
+import numbers
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,18 +38,32 @@ from typing import Any, cast
 
 from personajudge.api import PersonaJudge, make_method
 from personajudge.core.config import build_config
-from personajudge.core.errors import ContextLengthError, PersonaJudgeError
+from personajudge.core.errors import ContextLengthError, PersonaJudgeError, PersonaJudgeWarning, PluginError
 from personajudge.core.files import os_error_text
 from personajudge.distributed import RayOptions, ReplicaPool, Task
 from personajudge.plugins import get_method, preference_library
+from personajudge.plugins.manager import guarded
 from personajudge.preferences import resolve
 
 from .dataset import PromptItem, load_prompts
 from .dimensions import DimensionScorer, dimension_table
 from .errors import EvalError, RunMismatchError
 from .report import write_report
-from .scorers import PairItem, PairwiseScorer, PointwiseScorer, ScoringContext, get_scorer_class
-from .spec import EvalSpec, Experiment, command_from_spec, comparable, diff, gen_key, uses_lambda, variant_label
+from .scorers import PairItem, PairResult, PairwiseScorer, PointwiseScorer, ScoringContext, get_scorer_class
+from .spec import (
+    FINGERPRINT_VERSION,
+    EvalSpec,
+    Experiment,
+    batch_mates,
+    command_from_spec,
+    comparable,
+    diff,
+    gen_key,
+    job_hash,
+    row_fingerprint,
+    uses_lambda,
+    variant_label,
+)
 from .store import (
     GENERATIONS,
     RUN_FILE,
@@ -104,6 +125,23 @@ def load_spec(run_dir: str | Path) -> EvalSpec:
     return read_run_spec(run_dir)[1]
 
 
+def _normalized(spec: Any) -> Any:
+    """A stored spec as this version dumps it (new fields at their defaults, a ``run.method_options``
+    as each method's own), so an unchanged run is not taken for a changed one; as stored when it is
+    no valid spec."""
+    if not isinstance(spec, dict):
+        return spec
+    try:
+        return EvalSpec.model_validate(spec).dump()
+    except (ValueError, PersonaJudgeError):
+        return spec
+
+
+def judge_text(identity: dict[str, Any]) -> str:
+    """A scorer's identity (:meth:`Scorer.identity_for`) in words: ``http judge judge-xl at URL``."""
+    return ", ".join(f"{k} {v}" for k, v in identity.items() if v is not None)
+
+
 # -- planning ------------------------------------------------------------------------------------
 
 
@@ -118,7 +156,7 @@ def aspect_of(pref: str, name: str) -> tuple[str, str]:
 def method_views(method: str, experiment: Experiment, spec: EvalSpec) -> list[list[str]]:
     """The views a method gets: multi-view methods the experiment's views, single-view methods all of
     the experiment's preferences at once (each once)."""
-    cfg = build_config(spec.run.model_dump(by_alias=True), method=method)
+    cfg = build_config(spec.method_config(method).model_dump(by_alias=True))
     planned = make_method(cfg).plan([list(v) for v in experiment.views])
     return [experiment.preferences] if len(planned) == 1 else [list(v) for v in experiment.views]
 
@@ -150,18 +188,32 @@ def plan_generations(spec: EvalSpec, prompts: list[PromptItem]) -> list[GenJob]:
     return jobs
 
 
+def job_fingerprints(spec: EvalSpec) -> dict[str, dict[str, str]]:
+    """experiment -> method -> the hash of what decides that method's rows in that experiment
+    (:meth:`EvalSpec.job_settings`); recorded in ``run.json`` so that the report checks rows without
+    loading method plugins."""
+    return {
+        e.name: {m: job_hash(spec.job_settings(m, method_views(m, e, spec))) for m in spec.all_methods}
+        for e in spec.experiments
+    }
+
+
 def baseline_key(spec: EvalSpec, job: GenJob) -> str | None:
     return spec.baseline_key(job.prompt.id, job.experiment.name, job.method, job.lam, job.seed)
 
 
 def resolved_dimensions(spec: EvalSpec) -> list[DimensionScorer]:
-    return dimension_table(list(spec.dimensions), {s.alias: s.name for s in spec.scorers})
+    return dimension_table(
+        list(spec.dimensions), {s.alias: s.name for s in spec.scorers}, spec.dimension_names.values()
+    )
 
 
 def validate_spec(spec: EvalSpec) -> dict[str, str]:
-    """Check methods, scorers and dimensions before anything is loaded; returns scorer alias -> hash."""
+    """Check methods (with their options), scorers and dimensions before anything is loaded; returns
+    scorer alias -> hash."""
     for m in spec.all_methods:
         get_method(m)
+        make_method(build_config(spec.method_config(m).model_dump(by_alias=True)))  # a bad option, named
     hashes = {}
     for s in spec.scorers:
         cls = get_scorer_class(s.name)
@@ -170,6 +222,24 @@ def validate_spec(spec: EvalSpec) -> dict[str, str]:
     for pref, name in spec.dimension_names.items():
         aspect_of(pref, name)
     return hashes
+
+
+def scorer_identities(spec: EvalSpec) -> dict[str, dict[str, Any]]:
+    """alias -> what the scorer resolved to where its options leave it open (a pairwise judge's kind,
+    model and endpoint, from the environment); only scorers that say (:meth:`Scorer.identity_for`)."""
+    out = {}
+    for s in spec.scorers:
+        cls = get_scorer_class(s.name)
+        ident = cls.identity_for(cls.validate(dict(s.options)))
+        if ident:
+            out[s.alias] = ident
+    return out
+
+
+#: Warnings of single generations that an evaluation gives by design: ``--objectives``' first step puts
+#: its objective in both views, and ``base`` is the unpersonalized method. Advice to the user of one
+#: ``generate`` call, which the user of ``eval`` cannot follow.
+_BY_DESIGN = (r"views \d+ and \d+ carry the same preferences", r"method '.*' ignores preferences")
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -215,7 +285,17 @@ class Runner:
         self.on_score = on_score
         self.prompts = load_prompts(spec.dataset, spec.limit)
         self.scorer_hashes = validate_spec(spec)
+        self.scorer_ids = scorer_identities(spec)
         self.gen_hash = spec.generation_hash()
+        self.job_fps = job_fingerprints(spec)
+        self._shas = [p.sha for p in self.prompts]
+        self._index = {p.id: i for i, p in enumerate(self.prompts)}
+        self._method_pjs: dict[str, Any] = {}
+        if ray is not None and spec.method_options:
+            raise EvalError(
+                "--ray replicas generate with the run's own settings: method options "
+                "(--method-option / EvalSpec.method_options) are not supported with --ray; run without --ray"
+            )
 
     # run.json -----------------------------------------------------------------------------------
     def _run_record(self) -> dict[str, Any]:
@@ -234,10 +314,37 @@ class Runner:
                     f"{err}; pass --force to replace it (rows of the JSONL files that are still valid are reused)"
                 ) from None
             old = {}  # not a record of ours: replaced, as --force says
+        gens_file = self.run_dir / GENERATIONS
+        if (
+            old.get("fingerprint") != FINGERPRINT_VERSION
+            and gens_file.exists()
+            and gens_file.stat().st_size
+            and not self.force
+        ):
+            raise RunMismatchError(
+                f"{self.run_dir} was written by an earlier persona-judge, whose row fingerprints do not cover "
+                "the preferences' definitions, the methods' options and the batches, so none of its rows can "
+                f"be reused safely; pass --force to regenerate them here (`personajudge report {self.run_dir}` "
+                "still reports the stored rows), or use a new --run-dir"
+            )
         changed = diff(
-            {"spec": comparable(old.get("spec", {})), "prompts": old.get("prompts")},
+            {"spec": comparable(_normalized(old.get("spec", {}))), "prompts": old.get("prompts")},
             {"spec": comparable(new["spec"]), "prompts": new["prompts"]},
         )
+        old_ids = old.get("scorer_identities")
+        judges = []
+        if isinstance(old_ids, dict):
+            for alias, ident in self.scorer_ids.items():
+                if alias in old_ids and old_ids[alias] != ident and "spec.scorers" not in changed:
+                    was = judge_text(old_ids[alias]) if isinstance(old_ids[alias], dict) else str(old_ids[alias])
+                    judges.append(f"scorer '{alias}' was {was}, now {judge_text(ident)}")
+                    changed.append(f"scorer_identities.{alias}")
+        if judges and not self.force:
+            raise RunMismatchError(
+                f"{self.run_dir} holds a run judged by another judge ({'; '.join(judges)}); set the judge "
+                "as when the run started (PERSONAJUDGE_JUDGE_BASE_URL, PERSONAJUDGE_JUDGE_MODEL or "
+                "--scorer-option), or pass --force to judge again with this one"
+            )
         if changed and not self.force:
             shown = ", ".join(c.removeprefix("spec.") for c in changed[:6]) + (" ..." if len(changed) > 6 else "")
             raise RunMismatchError(
@@ -269,8 +376,12 @@ class Runner:
         record = dict(record)
         record.update(
             {
+                "fingerprint": FINGERPRINT_VERSION,
                 "generation_hash": self.gen_hash,
+                "row_fingerprints": self.job_fps,
+                "batch_size": self.spec.batch_size,
                 "scorer_hashes": self.scorer_hashes,
+                "scorer_identities": self.scorer_ids,
                 "dimensions": [d.model_dump() for d in resolved_dimensions(self.spec)],
                 "updated": _now(),
             }
@@ -283,7 +394,15 @@ class Runner:
 
     # generation ---------------------------------------------------------------------------------
     def gen_fp(self, job: GenJob) -> str:
-        return f"{self.gen_hash}:{job.prompt.sha}"
+        bs = self.spec.batch_size
+        mates = batch_mates(self._shas, self._index[job.prompt.id], bs) if bs > 1 else None
+        return row_fingerprint(self.gen_hash, job.prompt.sha, self.job_fps[job.experiment.name][job.method], mates)
+
+    def score_fp(self, job: GenJob, h: str, base: GenJob | None = None) -> str:
+        """A score row's fingerprint: its generation's and the scorer's; a pairwise verdict also the
+        baseline response's (a verdict on another baseline response is another verdict)."""
+        fp = f"{self.gen_fp(job)}:{h}"
+        return fp if base is None else f"{fp}@{self.gen_fp(base)}"
 
     def _load_model(self):
         if self.pj is None:
@@ -294,6 +413,16 @@ class Runner:
             except PersonaJudgeError:
                 pass
         return self.pj
+
+    def _pj_for(self, method: str):
+        """The model that generates ``method``'s rows: the loaded one, or for a method with options one
+        that shares its backend (method options are a run's setting, not a call's)."""
+        pj = self._load_model()
+        if not self.spec.method_options.get(method):
+            return pj
+        if method not in self._method_pjs:
+            self._method_pjs[method] = PersonaJudge(self.spec.method_config(method), backend=pj.backend)
+        return self._method_pjs[method]
 
     def _row(self, job: GenJob, res: Any = None, error: str | None = None, batch: int = 1) -> dict[str, Any]:
         row: dict[str, Any] = {
@@ -351,26 +480,38 @@ class Runner:
             return [self._generate_one(pj, j) for j in jobs]  # find the one that does not fit
         return [self._row(j, r, batch=len(jobs)) for j, r in zip(jobs, results)]
 
-    def _batches(self, pending: list[GenJob]) -> Iterable[list[GenJob]]:
+    def _batches(self, jobs: list[GenJob], pending: list[GenJob]) -> Iterable[list[GenJob]]:
+        """The batches that hold a pending job, cut from the whole plan ``jobs`` (same experiment,
+        method, λ and seed; prompts in order, ``batch_size`` at a time; see :func:`batch_mates`), so
+        an interrupted run's batches are those of an uninterrupted one. A batch is generated whole:
+        its rows that are already stored come out the same, and are not written twice."""
         if self.spec.batch_size == 1:
             for j in pending:
                 yield [j]
             return
+        todo = {id(j) for j in pending}
         groups: dict[tuple, list[GenJob]] = {}
-        for j in pending:  # same experiment/method/lambda/seed: one batched call over prompts
+        for j in jobs:  # same experiment/method/lambda/seed: one batched call over prompts
             groups.setdefault((j.experiment.name, j.method, j.lam, j.seed), []).append(j)
         for g in groups.values():
             for i in range(0, len(g), self.spec.batch_size):
-                yield g[i : i + self.spec.batch_size]
+                batch = g[i : i + self.spec.batch_size]
+                if any(id(j) in todo for j in batch):
+                    yield batch
 
     def generate(self, gens: JsonlStore, jobs: list[GenJob], result: RunResult) -> None:
         pending = [j for j in jobs if (j.key, self.gen_fp(j)) not in gens]
         result.reused = len(jobs) - len(pending)
         if not pending:
             return
-        if self.ray is not None:
-            return self._generate_ray(gens, pending, result)
-        pj = self._load_model()
+        with warnings.catch_warnings():
+            for pattern in _BY_DESIGN:
+                warnings.filterwarnings("ignore", message=pattern, category=PersonaJudgeWarning)
+            if self.ray is not None:
+                return self._generate_ray(gens, jobs, pending, result)
+            self._generate_local(gens, jobs, pending, result)
+
+    def _generate_local(self, gens: JsonlStore, jobs: list[GenJob], pending: list[GenJob], result: RunResult) -> None:
         from tqdm import tqdm
 
         bar = tqdm(
@@ -383,23 +524,26 @@ class Runner:
             dynamic_ncols=True,
         )
         try:
-            for batch in self._batches(pending):
+            for batch in self._batches(jobs, pending):
                 bar.set_postfix_str(f"{batch[0].experiment.name} {batch[0].variant}", refresh=False)
+                pj = self._pj_for(batch[0].method)
                 rows = [self._generate_one(pj, batch[0])] if len(batch) == 1 else self._generate_batch(pj, batch)
+                new = 0
                 for row in rows:
                     if gens.append(row):
+                        new += 1
                         result.generated += 1
                         result.failed += "error" in row
                         if self.on_generation is not None:
                             self.on_generation(row)
-                bar.update(len(batch))
+                bar.update(new)
         finally:
             bar.close()
 
-    def _generate_ray(self, gens: JsonlStore, pending: list[GenJob], result: RunResult) -> None:
+    def _generate_ray(self, gens: JsonlStore, jobs: list[GenJob], pending: list[GenJob], result: RunResult) -> None:
         """The same batches as locally, run on Ray replicas; rows appended here as each batch comes back."""
         assert self.ray is not None  # called only with Ray options
-        batches = list(self._batches(pending))
+        batches = list(self._batches(jobs, pending))
         tasks = []
         for i, batch in enumerate(batches):
             j0 = batch[0]
@@ -432,14 +576,16 @@ class Runner:
                 for out in pool.run(tasks):
                     batch = batches[out.task.key]
                     n = len(batch) if out.batched else 1
+                    new = 0
                     for job, res in zip(batch, out.results):
                         row = self._row(job, error=res) if isinstance(res, str) else self._row(job, res, batch=n)
                         if gens.append(row):
+                            new += 1
                             result.generated += 1
                             result.failed += "error" in row
                             if self.on_generation is not None:
                                 self.on_generation(row)
-                    bar.update(len(batch))
+                    bar.update(new)
                 if self.progress and pool.overhead_line():
                     print(pool.overhead_line(), file=sys.stderr)
         finally:
@@ -460,7 +606,7 @@ class Runner:
                 work = self._pairwise_work(sspec.alias, h, done, scores)
             else:
                 work = [(f"{k}|{sspec.alias}", j, row, None) for k, (j, row) in done.items()]
-                work = [w for w in work if (w[0], f"{self.gen_fp(w[1])}:{h}") not in scores]
+                work = [w for w in work if (w[0], self.score_fp(w[1], h)) not in scores]
             if not work:
                 continue
             scorer = cls(**sspec.options)
@@ -487,19 +633,15 @@ class Runner:
             try:
                 for i in range(0, len(work), chunk):
                     part = work[i : i + chunk]
-                    values: list[tuple[float, dict[str, Any] | None]]
-                    if cls.kind == "pairwise":
-                        outs = cast(PairwiseScorer, scorer).compare_many([w[3] for w in part])  # by its kind
-                        values = [(o.value, o.details) for o in outs]
-                    else:
-                        vals = cast(PointwiseScorer, scorer).score_many(
-                            [(w[1].prompt.prompt, w[2]["text"]) for w in part]
-                        )
-                        values = [(v, None) for v in vals]
+                    values = self._values(sspec.name, scorer, part)
                     for (key, job, _row, item), (value, details) in zip(part, values):
+                        base = None
+                        if item is not None:
+                            bkey = baseline_key(self.spec, job)
+                            base = done[bkey][0] if bkey is not None else None
                         srow: dict[str, Any] = {
                             "key": key,
-                            "fp": f"{self.gen_fp(job)}:{h}",
+                            "fp": self.score_fp(job, h, base),
                             "gen": job.key,
                             "scorer": sspec.alias,
                             "kind": cls.kind,
@@ -519,13 +661,55 @@ class Runner:
                 bar.close()
                 scorer.close()
 
+    def _values(self, name: str, scorer: Any, part: list) -> list[tuple[float, dict[str, Any] | None]]:
+        """The scorer's values for ``part``, checked: a plugin scorer that raises, returns another
+        number of values than it was given, or a value that is no number (a verdict that is no
+        :class:`PairResult`) is one :class:`PluginError` line naming it, never a traceback or a row
+        silently left out. A built-in's exception is a bug and keeps its traceback."""
+        if scorer.kind == "pairwise":
+            items = [w[3] for w in part]
+            outs = guarded(
+                "scorer", name, scorer, ".compare_many raised", lambda: cast(PairwiseScorer, scorer).compare_many(items)
+            )
+        else:
+            pairs = [(w[1].prompt.prompt, w[2]["text"]) for w in part]
+            outs = guarded(
+                "scorer", name, scorer, ".score_many raised", lambda: cast(PointwiseScorer, scorer).score_many(pairs)
+            )
+        what = "compare_many" if scorer.kind == "pairwise" else "score_many"
+        try:
+            outs = list(outs)
+        except TypeError:
+            raise PluginError(
+                f"scorer '{name}'.{what} returned {type(outs).__name__}, not a list of {len(part)} values"
+            ) from None
+        if len(outs) != len(part):
+            raise PluginError(f"scorer '{name}'.{what} returned {len(outs)} values for {len(part)} responses")
+        values: list[tuple[float, dict[str, Any] | None]] = []
+        for i, got in enumerate(outs):
+            details = None
+            out: Any = got
+            if scorer.kind == "pairwise":
+                if not isinstance(got, PairResult) or (got.details is not None and not isinstance(got.details, dict)):
+                    raise PluginError(
+                        f"scorer '{name}'.{what} returned {type(got).__name__} {got!r:.40} for item {i + 1}, "
+                        "not a PairResult"
+                    )
+                out, details = got.value, got.details
+            if isinstance(out, bool) or not isinstance(out, numbers.Real):
+                raise PluginError(
+                    f"scorer '{name}'.{what} returned {type(out).__name__} {out!r:.40} for item {i + 1}, "
+                    "not a number (NaN marks an undefined score)"
+                )
+            values.append((float(out), details))
+        return values
+
     def _pairwise_work(self, alias: str, h: str, done: dict, scores: JsonlStore) -> list:
         """The verdicts still to get: one per (generation, dimension) against its baseline response.
 
-        A verdict's key names the baseline generation it was judged against (``...@vs@BKEY``), so a
-        run switched to another ``--baseline`` judges again instead of reusing verdicts on other
-        responses. Rows written before the key named it (key without ``@vs@``) are reused when their
-        ``baseline`` field is this baseline's key.
+        A verdict's key names the baseline generation it was judged against (``...@vs@BKEY``), and its
+        fingerprint that generation's fingerprint, so a run switched to another ``--baseline``, or
+        whose baseline response changed, judges again instead of reusing verdicts on other responses.
         """
         names = self.spec.dimension_names
         work = []
@@ -533,13 +717,12 @@ class Runner:
             bkey = baseline_key(self.spec, job)
             if bkey is None or bkey not in done:
                 continue
-            base_row = done[bkey][1]
-            fp = f"{self.gen_fp(job)}:{h}"
+            base_job, base_row = done[bkey]
+            fp = self.score_fp(job, h, base_job)
             for pref in job.experiment.preferences:
                 dim, aspect = aspect_of(pref, names[pref])
                 skey = f"{key}|{alias}|{dim}@vs@{bkey}"
-                legacy = scores.get(f"{key}|{alias}|{dim}", fp)
-                if (skey, fp) in scores or (legacy is not None and legacy.get("baseline") == bkey):
+                if (skey, fp) in scores:
                     continue
                 item = PairItem(
                     prompt=job.prompt.prompt,
@@ -577,6 +760,9 @@ class Runner:
                         self._write_run_file(record)
                     self.score(gens, scores, jobs, result)
             finally:
+                for mpj in self._method_pjs.values():
+                    mpj.close(keep_backend=True)
+                self._method_pjs.clear()
                 if self._own_pj and self.pj is not None:
                     self.pj.close()
                     self.pj = None

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -39,7 +40,7 @@ from personajudge.core.config import BackendConfig, DecodingConfig, RunConfig, T
 from personajudge.core.errors import PersonaJudgeError
 from personajudge.core.methods import PersonaJudge
 from personajudge.plugins import get_method, preference_library
-from personajudge.preferences import Preference, resolve
+from personajudge.preferences import Preference, lookup, resolve, view_names
 
 from .dataset import PSOUPS
 from .dimensions import DimensionScorer
@@ -52,9 +53,29 @@ DEFAULT_SCORERS = "length,flesch,vader"
 
 SPEC_VERSION = 1
 
+#: The version of the rows' fingerprints (``run.json``'s ``fingerprint``). Version 2 covers the views'
+#: full preference definitions, the method and its options, and (batched) the batch's prompts; rows of
+#: an older run directory cannot be checked against them and are never reused.
+FINGERPRINT_VERSION = 2
 
-class _Model(BaseModel):
+
+class _Model(BaseModel, metaclass=TypedErrors):
+    """Built directly (``Experiment(...)`` in a script), a bad value is an :class:`EvalError` naming the
+    field; nested in a spec, pydantic's error with its location (``experiments.0.views``)."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def typed_error(cls, err: Any, kwargs: dict[str, Any]) -> Exception:
+        return EvalError(f"invalid {cls.__name__.lower()}: {validation_message(err)}")
+
+
+def _exact_int(v: Any) -> Any:
+    """An integer as given: a numpy integer exactly (pydantic's lax int goes through a float, which
+    changes seeds above 2**53 and refuses a uint64), never ``true`` or ``"3"`` (as RunConfig)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise ValueError(f"must be an integer, got {v!r:.40}")
+    return int(v)
 
 
 class Experiment(_Model):
@@ -64,6 +85,13 @@ class Experiment(_Model):
     views: list[list[str]]
     objectives: int | None = Field(None, description="k of an objectives experiment (Table 5).")
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v.strip() or "|" in v:  # the name is part of every row key, whose fields '|' separates
+            raise ValueError(f"experiment name {v!r} must be non-empty and must not contain '|'")
+        return v
+
     @field_validator("views")
     @classmethod
     def _views(cls, v: list[list[str]]) -> list[list[str]]:
@@ -71,8 +99,9 @@ class Experiment(_Model):
             raise ValueError("every view needs at least one preference")
         for g in v:
             for p in g:
-                if "|" in p or not p.strip():
-                    raise ValueError(f"preference {p!r} must be non-empty and must not contain '|'")
+                # '|' is fine in a description (as in `generate --prefer`): keys carry its slug, not its text
+                if not p.strip():
+                    raise ValueError(f"preference {p!r} must be non-empty")
         return v
 
     @property
@@ -99,6 +128,14 @@ def _short(p: str) -> str:
     return p if len(p.split()) == 1 else Preference.free_text(p).name
 
 
+def _named_in_library(slug: str) -> bool:
+    """Whether a registered preference has the name (or alias) ``slug``."""
+    try:
+        return lookup(slug, preference_library()) is not None
+    except PersonaJudgeError:
+        return False
+
+
 def preference_names(prefs: Iterable[str]) -> dict[str, str]:
     """The dimension name of each preference: a one-word preference (a library name) is its own name,
     a description gets a slug of it (``answer like a pirate`` -> ``answer-like-a-pirate``).
@@ -107,13 +144,18 @@ def preference_names(prefs: Iterable[str]) -> dict[str, str]:
     descriptions can share one (``answer like a pirate!``; every description without ASCII letters
     is ``custom``). Each such slug then gets a suffix made from its description's hash, so every
     preference of a run keeps a dimension (win-rate column, judge verdict, row key) of its own;
-    names that collide in no run stay as they always were.
+    names that collide in no run stay as they always were. A description whose slug is the name of
+    a registered preference (``Concise :)`` -> ``concise``) gets the suffix too, in every run: its
+    experiment and dimension are never named like the built-in one's (whose default scorer and
+    stored rows are another preference's).
     """
     prefs = list(dict.fromkeys(prefs))
     short = {p: _short(p) for p in prefs}
     count = Counter(short.values())
     out = {
-        p: f"{n}-{hashlib.sha256(p.encode()).hexdigest()[:6]}" if count[n] > 1 and n != p else n
+        p: f"{n}-{hashlib.sha256(p.encode()).hexdigest()[:6]}"
+        if n != p and (count[n] > 1 or _named_in_library(n))
+        else n
         for p, n in short.items()
     }
     taken: dict[str, str] = {}
@@ -178,7 +220,12 @@ def build_experiments(
     if prefer:
         plain.append(views_experiment([[p] for p in prefer]))
     if view:
-        plain.append(views_experiment([[s.strip() for s in v.split(",") if s.strip()] for v in view]))
+        lib = preference_library()
+        split = [view_names(v, lib) for v in view]  # generate --view's rule: a description keeps its commas
+        for v, names in zip(view, split):
+            if not names:
+                raise EvalError(f"--view {v!r} names no preference; give one or more, comma-separated")
+        plain.append(views_experiment(split))
     steps = [e for objs in objectives for e in objective_experiments(objs)]
     if not plain and not steps:
         plain = [pair_experiment(p) for p in DEFAULT_PAIRS]
@@ -212,7 +259,7 @@ def experiment_flags(experiments: Sequence[Experiment]) -> list[str] | None:
         elif phase < 1 and all(len(v) == 1 for v in e.views):
             flags += [x for v in e.views for x in ("--prefer", v[0])]
             phase = 1
-        elif phase < 2 and not any("," in p for p in prefs):
+        elif phase < 2 and all(view_names(",".join(v), preference_library()) == v for v in e.views):
             flags += [x for v in e.views for x in ("--view", ",".join(v))]
             phase = 2
         else:
@@ -290,7 +337,62 @@ class EvalSpec(_Model, metaclass=TypedErrors):
     scorers: list[ScorerSpec] = Field(default_factory=list)
     dimensions: list[DimensionScorer] = Field(default_factory=list)
     batch_size: int = Field(1, ge=1)
+    method_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Each method's options (method name -> options); a method not named here takes none.",
+    )
     run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _run_method_options(cls, data: Any) -> Any:
+        """``run.method_options`` (a spec of an earlier version, or a config file's) went to every
+        method of the run: kept so, as each method's own, which is what decided its rows. The run's
+        own ``method_options`` is then empty (a method's options live in ``method_options``)."""
+        if not isinstance(data, dict) or data.get("method_options"):
+            return data
+        run = data.get("run")
+        opts = run.get("method_options") if isinstance(run, dict) else getattr(run, "method_options", None)
+        if not opts or not isinstance(opts, dict):
+            return data
+        methods = data.get("methods")
+        if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
+            return data
+        baseline = data.get("baseline", "prompt")
+        every = [*([baseline] if isinstance(baseline, str) and baseline not in methods else []), *methods]
+        run = (
+            run.model_copy(update={"method_options": {}})
+            if isinstance(run, RunConfig)
+            else {**cast(dict, run), "method_options": {}}
+        )
+        return {**data, "run": run, "method_options": {m: dict(opts) for m in every}}
+
+    @field_validator("limit", "batch_size", mode="before")
+    @classmethod
+    def _exact(cls, v: Any) -> Any:
+        return v if v is None else _exact_int(v)
+
+    @field_validator("seeds", "lambdas", mode="before")
+    @classmethod
+    def _exact_list(cls, v: Any) -> Any:
+        if hasattr(v, "tolist") and not isinstance(v, (str, bytes)):  # a numpy array of seeds
+            v = v.tolist()
+        return [_exact_int(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    @model_validator(mode="after")
+    def _options_of_run_methods(self) -> EvalSpec:
+        if self.run.method_options:
+            raise ValueError(
+                "give method options per method, in method_options ({'mod': {'weights': [0.7, 0.3]}}), "
+                "not in run.method_options"
+            )
+        stray = [m for m in self.method_options if m not in self.all_methods]
+        if stray:
+            raise ValueError(
+                f"method_options names {stray[0]!r}, which is not one of the run's methods "
+                f"({', '.join(self.all_methods)})"
+            )
+        return self
 
     # Each rule is a field's (not the model's), so its message names the field: ``methods: a method
     # is listed twice``, never pydantic's ``value:`` of a model-wide error.
@@ -371,17 +473,38 @@ class EvalSpec(_Model, metaclass=TypedErrors):
         return self.model_dump(mode="json", by_alias=True)
 
     def generation_settings(self) -> dict[str, Any]:
-        """What decides a generation besides its key (prompt, experiment, method, lambda, seed)."""
+        """What decides every generation of the run besides its key (prompt, experiment, method,
+        lambda, seed); what decides one method's generations in one experiment (the views' preference
+        definitions, the method's options) is :meth:`job_settings`'s."""
         run = self.run.model_dump(mode="json", by_alias=True)
         run.pop("method", None)
         run.pop("preferences", None)
         run.pop("views", None)
+        run.pop("method_options", None)
         run["decoding"].pop("seed", None)
         run["decoding"].pop("lambda", None)
         return {"run": run, "batch_size": self.batch_size}
 
     def generation_hash(self) -> str:
         return _hash(self.generation_settings())
+
+    def job_settings(self, method: str, views: list[list[str]]) -> dict[str, Any]:
+        """What decides ``method``'s generations for an experiment besides :meth:`generation_settings`:
+        the method, its options, and the full definition of every preference of the views it gets
+        (names, descriptions, instructions, weights, examples -- a reworded description or a
+        plugin's changed preference is another row, though its slug or name is the same)."""
+        lib = preference_library()
+        return {
+            "method": method,
+            "method_options": self.method_options.get(method, {}),
+            "views": [[resolve(p, lib).definition() for p in v] for v in views],
+        }
+
+    def method_config(self, method: str) -> RunConfig:
+        """The run config that ``method`` generates with (its own options)."""
+        return self.run.model_copy(
+            update={"method": method, "method_options": dict(self.method_options.get(method, {}))}
+        )
 
 
 def _first_twice(items: list[str]) -> str:
@@ -390,6 +513,26 @@ def _first_twice(items: list[str]) -> str:
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def job_hash(settings: dict[str, Any]) -> str:
+    """The hash of :meth:`EvalSpec.job_settings` that a row's fingerprint carries."""
+    return _hash(settings)
+
+
+def batch_mates(shas: list[str], index: int, batch_size: int) -> list[str]:
+    """The prompt hashes of the batch the ``index``-th prompt is generated in. Batches are cut from
+    the run's whole prompt list (the same in an interrupted and an uninterrupted run), in chunks of
+    ``batch_size``: batched rows on llama.cpp or transformers depend on their batch's other rows."""
+    start = index - index % batch_size
+    return shas[start : start + batch_size]
+
+
+def row_fingerprint(gen_hash: str, sha: str, job: str, mates: list[str] | None) -> str:
+    """A generation row's fingerprint: the run's generation settings, the prompt text, the job's
+    views/method/options (:func:`job_hash`) and, when batched, the hash of its batch's prompts."""
+    fp = f"{gen_hash}:{sha}:{job}"
+    return fp if not mates or len(mates) < 2 else f"{fp}:b{_hash(mates)}"
 
 
 def uses_lambda(method: str) -> bool:
@@ -473,8 +616,9 @@ def command_from_spec(spec: EvalSpec, run_dir: str) -> list[str]:
             cmd += [flag, str(val)]
     for k, v in b.options.items():
         cmd += ["--backend-option", f"{k}={_option_text(v)}"]
-    for k, v in run.method_options.items():
-        cmd += ["--method-option", f"{k}={_option_text(v)}"]
+    for m, opts in spec.method_options.items():
+        for k, v in opts.items():
+            cmd += ["--method-option", f"{m}.{k}={_option_text(v)}"]
     if run.encoder != "auto":
         cmd += ["--encoder", run.encoder]
     if run.system:

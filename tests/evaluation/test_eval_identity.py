@@ -182,9 +182,11 @@ def test_switching_the_baseline_judges_again(aspect_judge, tmp_path):
     assert judge_rates(d) == expected_rates(d, "prompt")
 
 
-def test_verdict_rows_of_older_runs_are_reused_when_valid_and_redone_when_stale(aspect_judge, tmp_path):
+def test_verdict_rows_without_their_baseline_in_the_key_are_read_but_judged_again(aspect_judge, tmp_path):
     """Before verdict keys named their baseline, a row's key was GEN|ALIAS|DIMENSION, with the
-    baseline's key only in its ``baseline`` field."""
+    baseline's key only in its ``baseline`` field. Such rows come from run directories older than
+    the row fingerprints that name the baseline response (run.json ``fingerprint`` 2): the report
+    reads them, a run never reuses them."""
     d = tmp_path / "run"
     run_eval(judge_spec("prompt"), d, progress=False)
     rates = judge_rates(d)
@@ -195,7 +197,7 @@ def test_verdict_rows_of_older_runs_are_reused_when_valid_and_redone_when_stale(
     main(["report", str(d), "-q", "--no-plots"])
     assert judge_rates(d) == rates  # readable as they are
     res = run_eval(judge_spec("prompt"), d, progress=False)
-    assert res.scored == 0 and judge_rates(d) == rates  # still valid: reused
+    assert res.scored == 2 * 8 * 2 and judge_rates(d) == rates  # judged again, to the same verdicts
     res = run_eval(judge_spec("base"), d, progress=False, force=True)
     assert res.scored == 2 * 8 * 2  # against another baseline: judged again
     assert judge_rates(d) == expected_rates(d, "base")

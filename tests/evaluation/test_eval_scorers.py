@@ -520,8 +520,44 @@ def test_eval_run_with_a_local_judge_keeps_the_key_out_of_the_run(judge_env, mon
     assert home.requests and all(q["headers"]["Authorization"] == f"Bearer {SECRET}" for q in home.requests)
     for f in d.rglob("*"):
         if f.is_file():
-            data = f.read_bytes()
-            assert SECRET.encode() not in data and home.url.encode() not in data, f
+            assert SECRET.encode() not in f.read_bytes(), f
+    # which judge gave the verdicts is recorded (endpoint without credentials), and shown in the report
+    judge = {"judge": "http", "model": "m", "endpoint": home.url + "/v1", "api": "chat"}
+    assert json.loads((d / "run.json").read_text())["scorer_identities"] == {"judge": judge}
+    assert f"`judge`: judge http, model m, endpoint {home.url}/v1, api chat" in (d / "report.md").read_text()
+
+
+def test_a_run_judged_over_http_is_not_judged_again_by_another_judge_in_silence(
+    judge_env, monkeypatch, tmp_path, capsys
+):
+    """Audit 3, C: the judge comes from the environment, so the spec alone does not say which judge
+    gave the verdicts; run.json records it, and the same command without that environment is refused
+    (it would judge with the evaluated model and hide the HTTP verdicts), not run."""
+    from personajudge.cli import main
+
+    d = tmp_path / "run"
+    argv = ["eval", "--backend", "toy", "--limit", "2", "--max-new-tokens", "4", "--pair", "concise,informative"]
+    argv += ["--scorers", "length,pairwise-judge", "--run-dir", str(d), "--no-progress", "-q"]
+    with Recorder(answer("1")) as home:
+        monkeypatch.setenv("PERSONAJUDGE_JUDGE_BASE_URL", home.url + "/v1")
+        monkeypatch.setenv("PERSONAJUDGE_JUDGE_MODEL", "judge-xl")
+        assert main(argv) == 0, capsys.readouterr().err
+        capsys.readouterr()
+        assert main(argv) == 0  # the same judge: nothing to redo
+        assert "0 generated, 4 reused, 0 failed, 0 scores" in capsys.readouterr().err
+    record = (d / "run.json").read_text()
+    assert json.loads(record)["scorer_identities"]["pairwise-judge"]["model"] == "judge-xl"
+    monkeypatch.delenv("PERSONAJUDGE_JUDGE_BASE_URL")
+    monkeypatch.delenv("PERSONAJUDGE_JUDGE_MODEL")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "judged by another judge" in err and "judge-xl" in err, err
+    assert (d / "run.json").read_text() == record  # refused before anything changed
+    # the endpoint is part of what a verdict depends on (another server is another judge)
+    a, b = ({"judge": "http", "model": "m", "base_url": f"http://127.0.0.1:{port}/v1"} for port in (1, 2))
+    assert PairwiseJudgeScorer.config_hash_for(PairwiseJudgeScorer.validate(a)) != (
+        PairwiseJudgeScorer.config_hash_for(PairwiseJudgeScorer.validate(b))
+    )
 
 
 # -- reward model ----------------------------------------------------------------------------------

@@ -117,6 +117,13 @@ class Scorer:
         return {"name": cls.name, "options": options.model_dump(mode="json")}
 
     @classmethod
+    def identity_for(cls, options: ScorerOptions) -> dict[str, Any] | None:
+        """What the scorer resolved to where its options leave it open (a judge model taken from the
+        environment): recorded in ``run.json`` and the report, and a change of it is a change of the
+        run. Never a credential. Default: None (the options say it all)."""
+        return None
+
+    @classmethod
     def config_hash_for(cls, options: ScorerOptions) -> str:
         return hashlib.sha256(json.dumps(cls.config_for(options), sort_keys=True).encode()).hexdigest()[:16]
 

@@ -328,9 +328,28 @@ class PairwiseJudgeScorer(PairwiseScorer):
     @classmethod
     def config_for(cls, options):
         cfg = super().config_for(options)
-        for k in ("base_url", "api_key_env", "timeout", "retries", "concurrency"):  # where, not what
+        for k in ("base_url", "api_key_env", "timeout", "retries", "concurrency"):  # how, not what
             cfg["options"].pop(k, None)
+        if options.judge == "http" and options.base_url:  # which server judges (never its credentials)
+            cfg["options"]["endpoint"] = safe_url(options.base_url)
         return cfg
+
+    @classmethod
+    def identity_for(cls, options):
+        """The judge the options resolved to (``validate`` fills kind, model and endpoint from the
+        environment): kind and model, and for ``http`` the endpoint without credentials or query."""
+        if options.judge == "http":
+            return {
+                "judge": "http",
+                "model": options.model,
+                "endpoint": safe_url(options.base_url or ""),
+                "api": options.api,
+            }
+        return {
+            "judge": "backend",
+            "backend": options.backend or "the run's",
+            "model": options.model or ("the evaluated model" if options.backend is None else "its default"),
+        }
 
     def __init__(self, *, judge_fn: Callable[[str], str] | None = None, **options: Any):
         """``judge_fn(prompt_text) -> answer_text`` replaces the model (tests, custom judges)."""
