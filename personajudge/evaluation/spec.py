@@ -423,6 +423,8 @@ class EvalSpec(_Model, metaclass=TypedErrors):
     def _seeds(cls, v: list[int]) -> list[int]:
         if not v or len(set(v)) != len(v):
             raise ValueError("give distinct seeds")
+        if negative := [s for s in v if s < 0]:  # what RunConfig refuses, refused before run.json is written
+            raise ValueError(f"seeds are 0 or more (got {negative[0]})")
         return v
 
     @field_validator("lambdas")

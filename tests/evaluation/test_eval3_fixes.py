@@ -321,6 +321,19 @@ def test_j_numpy_seeds_are_exact_and_bools_are_not_numbers():
             EvalSpec(**{**spec().model_dump(), field: value})
 
 
+def test_a_negative_seed_is_refused_before_the_run_directory_is_written(tmp_path, monkeypatch, capsys):
+    """(audit cli3 F) Refused when the row's config was built, after run.json: the corrected command was then
+    refused as "a run with a different configuration", and --resume repeated the error."""
+    monkeypatch.chdir(tmp_path)
+    args = ["eval", "--backend", "toy", "--max-new-tokens", "3", "-q", "--no-progress", "--limit", "1"]
+    assert main([*args, "--seed", "-1", "--scorers", "length"]) == 2
+    assert "seeds are 0 or more (got -1)" in one_line_error(capsys)
+    assert not (tmp_path / "runs").exists()
+    assert main([*args, "--seed", "0", "--scorers", "length"]) == 0
+    with pytest.raises(EvalError, match=r"seeds: seeds are 0 or more \(got -2\)"):
+        EvalSpec(**{**spec().model_dump(), "seeds": [3, -2]})
+
+
 # -- K: report and message details ----------------------------------------------------------------
 
 
