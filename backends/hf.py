@@ -851,6 +851,7 @@ class HFBackend(Backend):
 
     name = "hf"
     config_fields = frozenset({"model", "device", "dtype", "threads", "n_ctx"})
+    Options = HFOptions  # backend.options, checked without loading (the Ray driver does, before Ray starts)
     description = "Hugging Face transformers causal LMs (hub id, folder or GGUF) on CPU or CUDA; one batched KV cache row per view."
 
     def __init__(self, config: BackendConfig | None = None):

@@ -80,6 +80,7 @@ class ToyBackend(Backend):
 
     name = "toy"
     config_fields = frozenset({"n_ctx"})
+    Options = ToyOptions  # backend.options, checked without loading (the Ray driver does, before Ray starts)
     description = "A deterministic toy model over a 33-character vocabulary: the contract in a few lines, and the unit tests' exact oracle."
 
     def __init__(self, config: BackendConfig | None = None):

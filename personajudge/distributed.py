@@ -30,6 +30,14 @@ Faults, with Ray's own machinery rather than a scheduler of our own:
 - Warnings in a replica are recorded there and issued again by the driver,
   once each, so they follow the driver's settings (one line in the CLI)
   instead of arriving as Ray's prefixed log lines, once per replica.
+- The config is checked by the driver before Ray starts, as a local run checks
+  it before the model loads (:func:`check_for_replicas`); a plugin registered
+  at run time, which the replicas cannot have, is refused there too.
+- An unexpected exception in a replica (a bug) is answered like a user error:
+  the chunks still out finish and are kept, then one line names the replica.
+- Ray's own notices, which it prints to ``sys.stdout`` from a thread of its
+  own, go to standard error while a pool is open (:class:`_OwnStdout`):
+  standard output may be carrying JSONL results.
 
 Nothing here imports ray at module level: ``import personajudge`` stays light.
 """
@@ -39,18 +47,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
+import sys
 import threading
 import time
+import traceback
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from personajudge.api import PersonaJudge
-from personajudge.core.config import RunConfig, build_config
+from personajudge.api import PersonaJudge, _check_config
+from personajudge.core.config import Options, RunConfig, build_config, take_options
 from personajudge.core.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -59,7 +70,8 @@ from personajudge.core.errors import (
     PersonaJudgeWarning,
 )
 from personajudge.core.files import os_error_text
-from personajudge.plugins import get_backend_class
+from personajudge.plugins import get_backend_class, registry
+from personajudge.preferences import Preference
 
 #: Seconds a ``HOST:PORT`` given to ``--ray`` has to accept a connection and to send a gRPC server's
 #: first frame, checked before ``ray.init``: that call has no timeout, and on an address where no
@@ -164,18 +176,80 @@ class Outcome:
     latency_s: float  # from dispatch to the driver having the result
 
 
-def replica_config(config: dict[str, Any], threads: int | None) -> RunConfig:
+def replica_config(config: RunConfig | dict[str, Any], threads: int | None) -> RunConfig:
     """A replica's config: ``threads`` (its share of the cores) filled in when the config sets none
     and the backend reads ``backend.threads`` (its class's ``config_fields``; None: it reads all).
 
     Set on a backend that does not read it (the toy), it would only earn each replica a warning that
-    a setting the user never gave is ignored."""
-    cfg = build_config(config)
+    a setting the user never gave is ignored. A :class:`RunConfig` keeps its class and its fields
+    that a dump leaves out (the CLI's ``definitions``: the preferences a ``--preferences-file``
+    defines, which its views name), so it is copied, not rebuilt from a dump."""
+    cfg = config if isinstance(config, RunConfig) else build_config(config)
     if threads and cfg.backend.threads is None:
         fields = getattr(get_backend_class(cfg.backend.name), "config_fields", None)
         if fields is None or "threads" in fields:
-            cfg = build_config(cfg.model_dump(by_alias=True), **{"backend.threads": threads})
+            backend = type(cfg.backend).model_validate({**cfg.backend.model_dump(by_alias=True), "threads": threads})
+            cfg = cfg.model_copy(update={"backend": backend})
     return cfg
+
+
+#: The entry-point group through which installed plugins reach every process (Ray's replicas too).
+_ENTRY_POINT_GROUP = "personajudge"
+
+
+def _registered_at_run_time(kind: str, name: Any) -> bool:
+    """``name`` is a ``kind`` plugin registered in this process with ``register_plugin`` (not built in,
+    not an installed entry point): a replica, another process, does not have it."""
+    reg = registry(kind)
+    return isinstance(name, str) and name in reg and not reg.source(name).distribution
+
+
+def _preference_names(value: Any) -> Iterator[str]:
+    """The names among preferences (a list), or views (a list of lists), as a config or a call gives them."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _preference_names(v)
+
+
+def check_for_replicas(config: RunConfig, preferences: Sequence[Any] | None = None, views: Any = None) -> None:
+    """What a local run checks before its model loads, done by the driver before Ray starts: the method,
+    its options, the encoder, the preferences and views (:func:`personajudge.api._check_config`), the
+    backend's name and, where its class declares them as ``Options`` (as encoders do), its options.
+    The same one-line errors as a local run, in milliseconds, instead of after Ray has placed and
+    loaded every replica.
+
+    Then what a replica cannot have: a backend, method, encoder or preference registered at run time
+    with ``register_plugin`` lives in this process only (a replica builds its registries from
+    the installed entry points), so it is refused here with the reason instead of failing in every
+    replica. ``preferences`` / ``views``: a call's own, beside the config's."""
+    _check_config(config)
+    cls = get_backend_class(config.backend.name)
+    spec = getattr(cls, "Options", None)
+    if isinstance(spec, type) and issubclass(spec, Options):
+        take_options(config.backend, spec, owner=config.backend.name)
+    _refuse_run_time_plugins(config, preferences, views)
+
+
+def _refuse_run_time_plugins(
+    config: RunConfig, preferences: Any = None, views: Any = None, method: str | None = None
+) -> None:
+    """:func:`check_for_replicas`'s second half, also for each task's own ``preferences`` / ``views`` /
+    ``method`` (registry look-ups only: cheap enough for every chunk)."""
+    defined = {p.name for p in getattr(config, "definitions", None) or () if isinstance(p, Preference)}
+    if isinstance(preferences, list | tuple):
+        defined |= {p.name for p in preferences if isinstance(p, Preference)}
+    used = [("backend", config.backend.name), ("method", method or config.method), ("encoder", config.encoder)]
+    for source in (config.preferences, config.views, preferences, views):
+        used += [("preference", n) for n in _preference_names(source) if n not in defined]
+    for kind, name in used:
+        if _registered_at_run_time(kind, name):
+            raise ReplicaError(
+                f"{kind} '{name}' was registered in this process (register_plugin), and Ray's replicas "
+                f"do not have it: install its plugin as a package with a '{_ENTRY_POINT_GROUP}' entry point "
+                "(on every node), or run without Ray"
+            )
 
 
 @contextlib.contextmanager
@@ -195,16 +269,22 @@ def _recording(into: list[tuple[type[Warning], str, str, int]]) -> Iterator[None
 class Replica:
     """A Ray actor that holds one loaded :class:`PersonaJudge` (made remote by :class:`ReplicaPool`)."""
 
-    def __init__(self, config: dict[str, Any], threads: int | None = None, warmup: bool = False):
+    def __init__(self, config: RunConfig | dict[str, Any], threads: int | None = None, warmup: bool = False):
         self.pj: PersonaJudge | None = None
         self.error: str | None = None
+        self.config_error = False  # the error is the config's (a plugin missing on this node), not the model's
         self.warnings: list[tuple[type[Warning], str, str, int]] = []  # not yet sent to the driver
         with _recording(self.warnings):
             self._load(config, threads, warmup)
 
-    def _load(self, config: dict[str, Any], threads: int | None, warmup: bool) -> None:
+    def _load(self, config: RunConfig | dict[str, Any], threads: int | None, warmup: bool) -> None:
         try:
             cfg = replica_config(config, threads)
+            try:
+                _check_config(cfg)  # checked by the driver too: here it fails where a node lacks a plugin
+            except PersonaJudgeError:
+                self.config_error = True
+                raise
             self.pj = PersonaJudge(cfg)
             if warmup:  # one untimed call, as the local harness does, so timings do not pay for warm-up
                 try:
@@ -227,7 +307,13 @@ class Replica:
                 model = self.pj.backend.describe()
             except Exception:  # informative only
                 model = None
-        return {"error": self.error, "pid": os.getpid(), "model": model, "warnings": self._take_warnings()}
+        return {
+            "error": self.error,
+            "config_error": self.config_error,
+            "pid": os.getpid(),
+            "model": model,
+            "warnings": self._take_warnings(),
+        }
 
     def run(self, task: Task) -> dict[str, Any]:
         with _recording(self.warnings):
@@ -245,6 +331,9 @@ class Replica:
             results, batched = self._generate(task)
         except PersonaJudgeError as err:  # a user-level error: one line at the driver, like locally
             return {"key": task.key, "actor": me, "raise": str(err)}
+        except Exception as err:  # a bug (a plugin's, say): one line at the driver, the traceback in Ray's log
+            traceback.print_exc()  # this replica's stderr: Ray's worker log file (log_to_driver is off)
+            return {"key": task.key, "actor": me, "crash": _exception_line(err)}
         return {
             "key": task.key,
             "actor": me,
@@ -290,8 +379,24 @@ def _import_ray():
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
+    text = _ANSI.sub("", str(err)).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+#: Terminal colour codes: Ray colours the text of its errors (``\x1b[36mray::Replica.run()\x1b[39m``).
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _exception_line(err: BaseException) -> str:
+    """``RuntimeError: text (at file.py:12)``: an unexpected exception in one line, with the place it
+    was raised (the innermost frame), so a bug in a plugin can be found without the traceback."""
+    where = ""
+    tb = traceback.extract_tb(err.__traceback__)
+    if tb:
+        where = f" (at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno})"
+    text = _ANSI.sub("", str(err)).strip()
+    head = f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+    return head + where
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
@@ -390,14 +495,51 @@ def _quiet_ray_start() -> Iterator[None]:
         log.setLevel(level)
 
 
+#: The status of a process ended by a second Ctrl-C while Ray starts, as the CLI's (128 + SIGINT).
+_EXIT_INTERRUPTED = 128 + signal.SIGINT
+
+
+def _hard_stop(wakeup: socket.socket) -> None:
+    """The watch over ``ray.init`` (:func:`_interrupt_after`): on the second SIGINT it ends the process.
+
+    ``signal.set_wakeup_fd`` has the C-level handler write each signal's number to ``wakeup`` at once,
+    while the main thread is still inside Ray's C++ code, where no Python signal handler runs
+    until it returns (minutes, against a server that greets as gRPC but is no Ray). A closed
+    socket (the block is over) ends the watch."""
+    seen = 0
+    while True:
+        try:
+            data = wakeup.recv(64)
+        except InterruptedError:
+            continue
+        except OSError:
+            return
+        if not data:
+            return
+        seen += data.count(bytes([signal.SIGINT]))
+        if seen >= 2:
+            try:
+                os.write(2, b"personajudge: interrupted\n")
+            except OSError:
+                pass
+            os._exit(_EXIT_INTERRUPTED)
+
+
 @contextlib.contextmanager
 def _interrupt_after() -> Iterator[None]:
-    """Hold a Ctrl-C back until the block (``ray.init``) is over, then deliver it.
+    """Hold a Ctrl-C back until the block (``ray.init``) is over, then deliver it; a second one ends the
+    process at once, with status 130.
 
     A KeyboardInterrupt inside ``ray.init``, while Ray builds this process's core worker, leaves a
     half-built one that crashes the interpreter at exit (exit 139 or 134, not 130): ray.shutdown()
-    does not tidy it. A second Ctrl-C is delivered at once (a ``ray.init`` that hangs can still be
-    stopped). Only where Python's own SIGINT handler is installed, on the main thread."""
+    does not tidy it. So the first Ctrl-C is held and raised when the block is over, also when
+    the block fails (a Ctrl-C wins over ``ray.init``'s error: the user asked to stop). A Python
+    handler only runs once ``ray.init`` is back in Python, which takes seconds on a local start and
+    minutes on an address that is not Ray; so a second Ctrl-C is seen through
+    ``signal.set_wakeup_fd`` by a thread (:func:`_hard_stop`), which ends the process with
+    ``os._exit`` (no finalizer: nothing half-built is torn down) -- as the CLI's second Ctrl-C
+    does. What Ray had started goes as after a kill; a batch's partial file stays (rerun to
+    continue). Only where a Python SIGINT handler is installed, on the main thread."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -408,17 +550,30 @@ def _interrupt_after() -> Iterator[None]:
     held: list[Any] = []
 
     def hold(signum: int, frame: Any) -> None:
-        if held:
-            previous(signum, frame)
         held.append((signum, frame))
 
+    watch, wake = socket.socketpair()
+    wake.setblocking(False)  # the C handler must never block on it
+    try:
+        before = signal.set_wakeup_fd(wake.fileno(), warn_on_full_buffer=False)
+    except ValueError:  # not allowed here: only the held Ctrl-C then
+        before = None
+    watcher = threading.Thread(target=_hard_stop, args=(watch,), name="personajudge-ray-start", daemon=True)
+    if before is not None:
+        watcher.start()
     signal.signal(signal.SIGINT, hold)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-    if held:
-        previous(*held[0])
+        if before is not None:
+            signal.set_wakeup_fd(before)
+        wake.close()  # the watch reads the end of the stream and stops
+        if watcher.is_alive():
+            watcher.join(5)
+        watch.close()
+        if held:  # raised here, it replaces an error of the block (a failed ray.init)
+            previous(*held[0])
 
 
 @contextlib.contextmanager
@@ -447,6 +602,38 @@ def _loopback_node(local: bool) -> Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = before
 
 
+class _OwnStdout:
+    """``sys.stdout`` while a pool is open: the owner thread's writes go to standard output, every other
+    thread's to standard error.
+
+    Ray's driver prints its notices (``(raylet) A worker died ...``, from its error-listening thread)
+    with ``print(file=sys.stdout)``; ``log_to_driver=False`` does not cover them, and no public
+    option turns them off. Standard output is where ``generate --input`` without ``--output``
+    writes its JSONL, from the thread that runs the pool: the notices would land between rows.
+    Every attribute but ``write`` / ``writelines`` / ``flush`` is the wrapped stream's."""
+
+    def __init__(self, stream: Any, owner: threading.Thread) -> None:
+        self.stream = stream
+        self.owner = owner
+
+    def _target(self) -> Any:
+        if threading.current_thread() is self.owner:
+            return self.stream
+        return sys.stderr if sys.stderr is not None else self.stream  # `2>&-`: dropped by the stream's own rules
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        self._target().writelines(lines)
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 class ReplicaPool:
     """``replicas`` Ray actors with one loaded model each; :meth:`run` maps chunks over them.
 
@@ -456,6 +643,11 @@ class ReplicaPool:
     The pool prints nothing: its notes (waiting for the cluster to grow, a replica that died) are
     :class:`PersonaJudgeWarning` warnings, shown whatever ``quiet`` says (the CLI's ``-q`` keeps
     warnings). ``quiet`` is kept for the callers, which print :meth:`overhead_line` only without it.
+    While it is open, what other threads print to ``sys.stdout`` (Ray's own notices) goes to
+    standard error (:class:`_OwnStdout`): standard output is the opening thread's, for results.
+
+    The config is checked before Ray starts (:func:`check_for_replicas`), so a typo costs no
+    cluster time and reads as it does locally.
     """
 
     def __init__(self, config: RunConfig, options: RayOptions, *, warmup: bool = False, quiet: bool = False):
@@ -470,6 +662,7 @@ class ReplicaPool:
         self._started_ray = False
         self._warned: set[tuple[type[Warning], str]] = set()
         self._running: dict[Any, Any] = {}  # task key -> the ObjectRef of its chunk, while out
+        self._stdout: _OwnStdout | None = None  # installed by start(), removed by close()
 
     def _warn(self, recorded: Iterable[tuple[type[Warning], str, str, int]]) -> None:
         """Issue the warnings a replica recorded, in this process, once per pool: the replicas' copies
@@ -497,6 +690,10 @@ class ReplicaPool:
     def start(self) -> None:
         ray = _import_ray()
         o = self.options
+        check_for_replicas(self.config)  # before Ray starts: as locally, before the model loads
+        if sys.stdout is not None and not isinstance(sys.stdout, _OwnStdout):
+            self._stdout = _OwnStdout(sys.stdout, threading.current_thread())
+            sys.stdout = self._stdout  # type: ignore[assignment]
         if not ray.is_initialized():
             if o.address is not None:
                 check_address(o.address)
@@ -521,8 +718,9 @@ class ReplicaPool:
                 f"--cpus-per-replica {o.cpus_per_replica:g} / --gpus-per-replica {o.gpus_per_replica:g}: "
                 f"{_first_line(err)}"
             ) from None
-        cfg = self.config.model_dump(mode="json", by_alias=True)
-        self.actors = [remote.remote(cfg, o.replica_threads, self.warmup) for _ in range(o.replicas)]
+        # The config object, not a dump: a dump leaves out what is not part of the reported settings
+        # (the CLI's ``definitions``, the preferences a --preferences-file defines for its views).
+        self.actors = [remote.remote(self.config, o.replica_threads, self.warmup) for _ in range(o.replicas)]
         self._wait_ready(ray)
 
     def _check_resources(self, ray) -> None:
@@ -563,11 +761,22 @@ class ReplicaPool:
         for info in infos:
             self._warn(info.get("warnings", ()))
         for i, info in enumerate(infos):
+            if info["error"] and info.get("config_error"):  # the driver passed it: a plugin missing there
+                raise ReplicaError(f"replica {i + 1} of {len(infos)}: {info['error']}")
             if info["error"]:
                 raise ReplicaError(f"replica {i + 1} of {len(infos)} could not load the model: {info['error']}")
         self.infos = infos
 
     def close(self) -> None:
+        try:
+            self._close()
+        finally:
+            if self._stdout is not None:
+                if sys.stdout is self._stdout:
+                    sys.stdout = self._stdout.stream
+                self._stdout = None
+
+    def _close(self) -> None:
         if not self.actors and not self._started_ray:
             return
         try:
@@ -591,7 +800,10 @@ class ReplicaPool:
         self.actors = []
         if self._started_ray:
             self._started_ray = False
-            ray.shutdown()  # also after a ray.init that was interrupted half-way (safe when nothing started)
+            # also after a ray.init that was interrupted half-way (safe when nothing started); Ray prints
+            # the notices it held back (repeats) to sys.stdout here, on this thread: not into the results
+            with contextlib.redirect_stdout(sys.stderr):
+                ray.shutdown()
 
     @property
     def model(self) -> dict[str, Any] | None:
@@ -605,8 +817,13 @@ class ReplicaPool:
         run as locally, but not at once: nothing new is submitted, the chunks still out are drained
         and those that succeed are yielded, then the error is raised. So the chunks before the bad
         one are kept, as locally, whichever replica finished first. With several failures the
-        error of the earliest task (in the order given) is the one raised, as locally."""
-        from ray.exceptions import ActorDiedError, RayActorError
+        error of the earliest task (in the order given) is the one raised, as locally.
+
+        An unexpected exception in a replica (a bug, in a plugin say) stops the run the same way:
+        the chunks still out finish and are yielded, then one :class:`ReplicaError` names the
+        replica, the exception and where it was raised (its traceback is in Ray's log of that
+        replica), where locally the same bug is a traceback."""
+        from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
         from ray.util.actor_pool import ActorPool
 
         pool = ActorPool(list(self.actors))
@@ -616,6 +833,7 @@ class ReplicaPool:
         queue: deque[Task] = deque()  # not yet submitted; a retried chunk goes first
         failed: tuple[int, str] | None = None  # (place, error) of the earliest chunk that raised
         alive = len(self.actors)
+        number = {a._actor_id.hex(): i + 1 for i, a in enumerate(self.actors)}  # actor id -> replica number
 
         def submit(actor, task: Task):
             inflight[task.key] = (task, time.perf_counter(), actor._actor_id.hex())
@@ -631,6 +849,8 @@ class ReplicaPool:
         for t in tasks:
             if t.key in order:
                 raise ValueError(f"duplicate task key {t.key!r}")
+            opts = t.options
+            _refuse_run_time_plugins(self.config, opts.get("preferences"), opts.get("views"), opts.get("method"))
             attempts[t.key] = 0
             order[t.key] = len(order)
             queue.append(t)
@@ -638,6 +858,13 @@ class ReplicaPool:
         while pool.has_next():
             try:
                 out = pool.get_next_unordered()
+            except RayTaskError as err:
+                # Raised outside Replica._run (which answers every exception of a chunk): which chunk
+                # is not known, so it counts as the first. The others still out are drained.
+                cause = err.cause if isinstance(getattr(err, "cause", None), BaseException) else err
+                failed = (-1, f"a replica failed: {_exception_line(cause)}")
+                fill()
+                continue
             except RayActorError as err:
                 # The replica is gone after Ray's own restarts and retries: its chunk goes to another one.
                 # (The oldest chunk dispatched to that actor is the one that failed: the pool may already
@@ -671,9 +898,14 @@ class ReplicaPool:
             self._warn(out.get("warnings", ()))
             task, t_sent, _ = inflight.pop(out["key"])
             self._running.pop(out["key"], None)
-            if "raise" in out:
+            if "raise" in out or "crash" in out:
+                if "raise" in out:
+                    error = out["raise"]
+                else:
+                    which = number.get(out.get("actor"), "?")
+                    error = f"replica {which} of {len(self.actors)} failed: {out['crash']}"
                 if failed is None or order[task.key] < failed[0]:
-                    failed = (order[task.key], out["raise"])
+                    failed = (order[task.key], error)
                 fill()  # a retried chunk still goes out; nothing new does
                 continue
             fill()
@@ -715,5 +947,6 @@ __all__ = [
     "Task",
     "Outcome",
     "check_address",
+    "check_for_replicas",
     "replica_config",
 ]
