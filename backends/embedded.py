@@ -8,12 +8,19 @@ before it is ever used:
 - the file is written to a temporary name in the same directory, hashed, and
   only then renamed into place (atomically), so a crash or a full disk never
   leaves a partial file under the final name;
-- the verified hash, size and modification time are recorded in a small
-  sidecar (``<file>.verified.json``), so later loads only ``stat`` the file
-  instead of re-hashing 253 MB every time;
-- a file whose size or modification time no longer matches the sidecar is
+- the verified hash, size, modification time and inode change time (ctime)
+  are recorded in a small sidecar (``<file>.verified.json``), so later loads
+  only ``stat`` the file instead of re-hashing 253 MB every time;
+- a file whose size, mtime or ctime no longer matches the sidecar is
   re-hashed, and rebuilt if the hash is wrong (a truncated or corrupted file is
-  never handed to llama.cpp);
+  never handed to llama.cpp). The ctime is what catches a change in place that
+  keeps the size and puts the mtime back (``touch -r``): every write, and every
+  ``utime``, sets it to the current time, and no system call sets it back; a
+  ``chmod``, link or rename sets it too, which costs one re-hash, never a
+  rebuild. (A sidecar without it, from an older version, costs one re-hash.)
+  What the cheap check cannot see is a change made with the system clock set
+  back, or by writing the disk below the file system; on Windows ``st_ctime`` is
+  the creation time, so there only size and mtime are compared;
 - ``default_model_path(verify=True)`` ignores the sidecar and re-hashes (the
   llama.cpp backend does this, and rebuilds, when loading the cached file
   fails).
@@ -88,7 +95,7 @@ def _read_sidecar(path: Path) -> dict | None:
 
 def _write_sidecar(path: Path, digest: str) -> None:
     st = path.stat()
-    data = {"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    data = {"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
     side = _sidecar(path)
     fd, tmp = tempfile.mkstemp(prefix=side.name + ".", suffix=".tmp", dir=side.parent)
     try:
@@ -109,6 +116,8 @@ def _unlink(path: Path) -> None:
 
 
 def _sidecar_matches(path: Path, expected: str) -> bool:
+    """Whether the sidecar vouches for ``path`` as it is now: the expected hash, and the size, mtime and ctime
+    the file had when it was hashed (see the module docstring for what this can and cannot see)."""
     side = _read_sidecar(path)
     if side is None:
         return False
@@ -116,7 +125,12 @@ def _sidecar_matches(path: Path, expected: str) -> bool:
         st = path.stat()
     except OSError:
         return False
-    return side.get("sha256") == expected and side.get("size") == st.st_size and side.get("mtime_ns") == st.st_mtime_ns
+    return (
+        side.get("sha256") == expected
+        and side.get("size") == st.st_size
+        and side.get("mtime_ns") == st.st_mtime_ns
+        and side.get("ctime_ns") == st.st_ctime_ns
+    )
 
 
 def is_valid(path: Path, expected: str, *, verify: bool = False) -> bool:

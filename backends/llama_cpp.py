@@ -234,7 +234,7 @@ def check_model_file(path: str | os.PathLike[str]) -> Path:
             if not stat.S_ISREG(st.st_mode):
                 raise ModelLoadError(f"model path {p} is not a regular file; the llama-cpp backend needs a .gguf file")
             head = f.read(9)
-            if len(head) < 8:
+            if len(head) < 8 and GGUF_MAGIC.startswith(head[:4]):  # empty, or the start of a GGUF header
                 raise ModelLoadError(
                     f"model file {p} is {'empty' if not head else 'truncated'} ({st.st_size} bytes), "
                     "not a GGUF model; download it again"
@@ -571,6 +571,7 @@ class LlamaCppBackend(Backend):
 
     name = "llama-cpp"
     config_fields = frozenset({"model", "threads", "n_ctx", "n_gpu_layers"})
+    Options = LlamaCppOptions  # backend.options, checked without loading (the Ray driver does, before Ray starts)
     description = "llama.cpp on a local GGUF model (default: embedded Gemma 3 270M); one KV sequence per view."
 
     def __init__(self, config: BackendConfig | None = None):

@@ -22,7 +22,16 @@ relies on, through the public contract only:
 - row order: each of the ``lambda + 1`` rows of a verification window is the
   logits after its own position (a fresh evaluation of that prefix), in
   position order;
-- rollback: after ``truncate`` a view gives the logits a fresh evaluation gives;
+- slips that a comparison with the backend's own fresh evaluations cannot
+  see, since they agree with the bug: the last row changes with the last
+  token (rows one position behind do not); rows are not probabilities (all
+  in [0, 1], summing to 1); ``encode`` keeps every id below ``vocab_size`` on
+  accented, non-Latin, emoji, special-looking and long text;
+- rollback: after ``truncate`` a view gives the logits a fresh evaluation gives
+  (a failure says whether it kept one token too few or too many, or none);
+  ``truncate(view, 0)`` empties a view (the engine reuses views so); and
+  ``_truncate(view, length before the call)`` undoes a ``_forward_many`` the
+  base class rolls back after it raised;
 - batching: ``forward_many`` returns one output per call *in the order of the
   calls* (also when they are not in view order), each equal to the same call
   made alone; views never see each other's tokens, not even two views at the
@@ -44,7 +53,11 @@ relies on, through the public contract only:
 Class attributes tune it for a backend's numerics: ``logits_atol`` for
 rollback/fresh agreement, ``batch_tv`` for the largest total-variation
 distance allowed between a batched row and the same row computed alone (a
-CPU llama.cpp build changes logits slightly with the batch shape).
+CPU llama.cpp build changes logits slightly with the batch shape), which is
+also the least total variation the last-token check asks of some pair of
+contexts that differ in their last token. No check compares argmaxes, which a
+near-tie could flip: logits within a tolerance, or distributions by total
+variation. A failure names the method, what was expected and what came back.
 """
 
 from __future__ import annotations
@@ -65,8 +78,20 @@ from personajudge.core.transforms import SamplingParams
 from .exactness import check_backend_exactness
 
 PROMPT = "The quick brown fox jumps over the lazy dog because"
+#: a few words: their tokens are the candidate last tokens of the last-token check
+LAST_TOKEN_TEXT = " cat window seven yellow run, the."
 #: texts for the round trip of ``decode``: capitals, digits and punctuation a tokenizer may normalise
 ROUND_TRIP_TEXTS = (PROMPT, "Once upon a time, in a land far away.", "Hello, World! 42 times, isn't it?")
+#: texts whose ids are checked against ``vocab_size`` (only the range: a tokenizer may map what it lacks to
+#: an unknown token or drop it): other scripts, emoji, what looks like special tokens, symbols, a long text
+TOKENIZER_TEXTS = (
+    "Ça va? Naïve café, Straße, ¿qué? — «ok» “quotes” ‘single’ … 3½ °C € £ ¥",
+    "日本語のテキスト, 中文, 한국어, Русский текст, ελληνικά, עברית, العربية, हिन्दी",
+    "emoji: 😹🎉👍🏽 👨‍👩‍👧 🇫🇷 ✓ ✗ ★",
+    "<s> </s> <unk> <pad> <bos> <eos> <|endoftext|> <|im_start|>user [INST] {{x}} <start_of_turn>",
+    "tabs\tand\nnewlines\r\n  spaces   ~`!@#$%^&*()_+-=[]{}|;:'\",.<>/?\\ 0123456789",
+    " ".join([PROMPT] * 30),
+)
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -84,6 +109,30 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 def total_variation(a: Any, b: Any) -> float:
     return float(0.5 * np.abs(softmax(to_numpy(a)) - softmax(to_numpy(b))).sum(axis=-1).max())
+
+
+def logits_difference(got: Any, want: Any, atol: float, tol: str = "logits_atol") -> str | None:
+    """None when ``got`` and ``want`` agree within ``atol`` (numpy's ``assert_allclose`` rule, rtol 1e-7), else
+    where and by how much they differ, in words: the largest difference against the tolerance (named ``tol``),
+    its row and token id with both values, and the rows' total variation (how far apart the distributions are,
+    not only single logits)."""
+    g, w = np.atleast_2d(to_numpy(got)), np.atleast_2d(to_numpy(want))
+    if g.shape != w.shape:
+        return f"got an array of shape {g.shape}, expected {w.shape}"
+    if g.size == 0:
+        return None
+    diff = np.abs(g - w)
+    bad = ~(diff <= atol + 1e-7 * np.abs(w))  # NaN counts as a difference
+    if not bad.any():
+        return None
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    r, t = np.unravel_index(int(np.argmax(diff)), diff.shape)
+    tv = total_variation(g, w) if np.isfinite(g).all() and np.isfinite(w).all() else float("nan")
+    return (
+        f"the logits differ by up to {diff[r, t]:.3g}, past {tol} = {atol} (row {r}, token id {t}: {g[r, t]:.5g} "
+        f"here, {w[r, t]:.5g} expected; {int(bad.sum())} of {bad.size} values differ by more), total variation "
+        f"{tv:.3g}"
+    )
 
 
 class BackendConformance:
@@ -112,6 +161,16 @@ class BackendConformance:
     def fresh(backend: Backend, tokens: Sequence[int], n_logits: int = 1) -> np.ndarray:
         with backend.open(1) as s:
             return to_numpy(s.forward(0, list(tokens), n_logits))
+
+    def assert_logits_close(
+        self, got: Any, want: Any, what: str, *, atol: float | None = None, tol: str = "logits_atol", hint: str = ""
+    ) -> None:
+        """``got`` equals ``want`` within ``atol`` (default ``logits_atol``), else a failure that says which
+        comparison it was, where the logits differ, by how much, and (``hint``) what the contract says."""
+        atol = self.logits_atol if atol is None else atol
+        why = logits_difference(got, want, atol, tol)
+        if why is not None:
+            raise AssertionError(f"{what}: {why}" + (f"; {hint}" if hint else ""))
 
     def assert_rows_are_positions(self, backend: Backend, ids: Sequence[int], rows: np.ndarray, how: str) -> None:
         """``rows`` (the last ``len(rows)`` positions of ``ids``) each equal a fresh one-row evaluation of their
@@ -172,16 +231,56 @@ class BackendConformance:
     def test_tokenizer_protocol(self, backend: Backend) -> None:
         tok = backend.tokenizer
         assert isinstance(tok, Tokenizer), "the tokenizer lacks vocab_size, eos_token_ids, encode, decode, ..."
-        assert isinstance(tok.vocab_size, int) and tok.vocab_size > 1
+        assert isinstance(tok.vocab_size, int) and tok.vocab_size > 1, (
+            f"tokenizer.vocab_size must be an int > 1 (the number of token ids), got {tok.vocab_size!r}"
+        )
         assert isinstance(tok.eos_token_ids, frozenset) and tok.eos_token_ids, "eos_token_ids: a non-empty frozenset"
-        assert all(isinstance(t, int) and 0 <= t < tok.vocab_size for t in tok.eos_token_ids)
-        assert tok.chat_template is None or isinstance(tok.chat_template, str)
+        bad_eos = [t for t in tok.eos_token_ids if not (isinstance(t, int) and 0 <= t < tok.vocab_size)]
+        assert not bad_eos, (
+            f"tokenizer.eos_token_ids holds {bad_eos[:5]}, not ints in 0..vocab_size-1 = 0..{tok.vocab_size - 1}"
+        )
+        assert tok.chat_template is None or isinstance(tok.chat_template, str), (
+            f"tokenizer.chat_template must be a str or None, got {type(tok.chat_template).__name__}"
+        )
         with_bos = tok.encode(PROMPT, add_bos=True)
         without = tok.encode(PROMPT, add_bos=False)
-        assert all(isinstance(t, int) and 0 <= t < tok.vocab_size for t in with_bos + without)
-        assert len(with_bos) >= len(without) > 0
+        self.assert_ids_in_vocabulary(tok, PROMPT, with_bos, "add_bos=True")
+        self.assert_ids_in_vocabulary(tok, PROMPT, without, "add_bos=False")
+        assert len(with_bos) >= len(without) > 0, (
+            f"encode({PROMPT!r}) gave {len(with_bos)} ids with add_bos=True and {len(without)} with add_bos=False; "
+            "expected at least one id, and add_bos=True adding (at most) a BOS, never dropping ids"
+        )
         text = tok.decode(without)
-        assert isinstance(text, str) and text.strip()
+        assert isinstance(text, str) and text.strip(), (
+            f"decode(encode({PROMPT!r}, add_bos=False)) returned {text!r}; expected the text back (a non-empty str)"
+        )
+
+    @staticmethod
+    def assert_ids_in_vocabulary(tok: Tokenizer, text: str, ids: Sequence[Any], how: str) -> None:
+        """Every id ``encode`` returns is an int below ``vocab_size``: the core refuses a larger one as a prompt
+        error that blames the user's prompt, and the model has no row for it."""
+        for i, t in enumerate(ids):
+            if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
+                raise AssertionError(
+                    f"encode({text!r:.80}, {how}) returned {t!r} (a {type(t).__name__}) at index {i}; "
+                    "token ids are ints"
+                )
+            if not 0 <= t < tok.vocab_size:
+                raise AssertionError(
+                    f"encode({text!r:.80}, {how}) returned id {t} at index {i}, outside 0..vocab_size-1 = "
+                    f"0..{tok.vocab_size - 1}: vocab_size must count every id the tokenizer can return (read "
+                    "from the model's vocabulary, not one less or a config field that counts something else); "
+                    "such a prompt is refused as a prompt error that blames the user"
+                )
+
+    def test_encode_returns_ids_in_the_vocabulary(self, backend: Backend) -> None:
+        """Every id of every text a user may send -- punctuation, accents, other scripts, emoji, markup that
+        looks like special tokens, long text -- is below ``vocab_size`` (the prompt test sentence is letters
+        only, and a tokenizer's highest ids are often its rare characters)."""
+        tok = backend.tokenizer
+        for text in ROUND_TRIP_TEXTS + TOKENIZER_TEXTS:
+            for add_bos in (True, False):
+                self.assert_ids_in_vocabulary(tok, text, tok.encode(text, add_bos=add_bos), f"add_bos={add_bos}")
 
     def test_decode_inverts_encode(self, backend: Backend) -> None:
         """``encode(decode(encode(x))) == encode(x)``: normalisation (lower case, unknown characters) is
@@ -206,26 +305,94 @@ class BackendConformance:
     def test_forward_returns_one_finite_row_per_requested_position(self, backend: Backend) -> None:
         ids = self.prompt_ids(backend)
         n = min(3, len(ids))
+        vocab = backend.tokenizer.vocab_size
         with backend.open(1) as s:
             out = to_numpy(s.forward(0, ids, n))
-            assert out.shape[0] == n and out.shape[1] >= backend.tokenizer.vocab_size
-            assert np.isfinite(out).all()
-            assert s.length(0) == len(ids)
-            assert to_numpy(s.forward(0, ids[:1], 0)).shape[0] == 0  # feed only
-            assert s.length(0) == len(ids) + 1
+            assert out.ndim == 2 and out.shape[0] == n and out.shape[1] >= vocab, (
+                f"forward(view, {len(ids)} tokens, n_logits={n}) returned shape {out.shape}; expected ({n}, >= {vocab})"
+            )
+            assert np.isfinite(out).all(), (
+                f"forward(view, {len(ids)} tokens, n_logits={n}) returned {int((~np.isfinite(out)).sum())} NaN or "
+                "infinite logits; every logit must be finite"
+            )
+            assert s.length(0) == len(ids), f"length(view) is {s.length(0)} after feeding {len(ids)} tokens"
+            fed = to_numpy(s.forward(0, ids[:1], 0))
+            assert fed.shape[0] == 0, f"forward(view, tokens, n_logits=0) returned {fed.shape[0]} rows, expected none"
+            assert s.length(0) == len(ids) + 1, (
+                f"length(view) is {s.length(0)} after feeding {len(ids)} tokens, then 1 with n_logits=0"
+            )
+
+    def test_forward_returns_logits_not_probabilities(self, backend: Backend) -> None:
+        """Rows that are all in [0, 1] and sum to 1 are probabilities (a model's or server's softmax output):
+        the core applies its own temperature and softmax, so probabilities as logits sample from an almost
+        uniform distribution, with no error anywhere. Log-probabilities are logits (up to a constant per row)."""
+        ids = self.prompt_ids(backend)
+        rows = self.fresh(backend, ids, min(3, len(ids)))
+        sums = rows.sum(axis=-1)
+        if rows.size and (rows >= 0).all() and (rows <= 1).all() and np.allclose(sums, 1.0, rtol=0, atol=1e-3):
+            raise AssertionError(
+                f"forward returned probabilities, not logits: every value of its {rows.shape[0]} rows is in "
+                f"[0, 1] and each row sums to 1 (sums {np.round(sums, 4).tolist()}). Return logits (or "
+                "log-probabilities): the sampler applies its own softmax, so probabilities give a near-uniform "
+                "distribution"
+            )
+
+    def test_the_last_row_depends_on_the_last_token(self, backend: Backend) -> None:
+        """Contexts that differ only in their last token get different last rows. The other checks compare
+        the backend with fresh evaluations *by the same backend*, so rows that all lag one position behind
+        (the classic ``logits[-n - 1:-1]`` slip) agree with every one of them; here, such rows are the same
+        whatever the last token is, because the model never sees it. Several candidate last tokens, compared
+        as distributions (total variation, not argmax: no near-tie can decide it): a non-degenerate model
+        moves its next-token distribution by far more than ``batch_tv`` for at least one of them."""
+        ids = self.prompt_ids(backend)
+        assert len(ids) >= 2, "the tokenizer encodes the test sentence to fewer than 2 tokens"
+        base = ids[:-1]
+        cands = list(dict.fromkeys([ids[-1], *backend.tokenizer.encode(LAST_TOKEN_TEXT, add_bos=False)]))[:6]
+        assert len(cands) >= 3, f"the tokenizer encodes {LAST_TOKEN_TEXT!r} to fewer than 3 distinct ids"
+        one_call = [self.fresh(backend, base + [t])[0] for t in cands]
+        window = [self.fresh(backend, base + [t], 2)[-1] for t in cands]  # the last row of a two-row window
+        tok = backend.tokenizer
+        for how, rows in (("forward(view, tokens, 1)", one_call), ("the last row of forward(view, tokens, 2)", window)):
+            tv = max(total_variation(rows[i], rows[j]) for i in range(len(rows)) for j in range(i))
+            if tv <= self.batch_tv:
+                raise AssertionError(
+                    f"{how} gave the same next-token distribution for {len(cands)} contexts that differ only in "
+                    f"their last token (ids {cands}, {[tok.decode([t]) for t in cands]!r}): largest total "
+                    f"variation {tv:.3g} <= batch_tv = {self.batch_tv}. The last row does not depend on the last "
+                    "token: are the rows one position behind? Row k of n must be the logits *after* position "
+                    "len(context) - n + k, the last token included (logits[-n:], not logits[-n - 1:-1])"
+                )
 
     def test_feed_without_logits_then_one_row_equals_one_call(self, backend: Backend) -> None:
         ids = self.prompt_ids(backend)
         with backend.open(1) as s:
             s.forward(0, ids[:-1], 0)
             split = to_numpy(s.forward(0, ids[-1:], 1))
-        np.testing.assert_allclose(split, self.fresh(backend, ids), atol=self.logits_atol)
+        self.assert_logits_close(
+            split,
+            self.fresh(backend, ids),
+            f"forward(view, first {len(ids) - 1} tokens, n_logits=0) then forward(view, last token, 1) against "
+            f"one forward(view, all {len(ids)} tokens, 1)",
+            hint="tokens fed with n_logits=0 must still enter the view's context",
+        )
 
     def test_last_rows_are_the_last_positions(self, backend: Backend) -> None:
         ids = self.prompt_ids(backend)
         rows = self.fresh(backend, ids, 2)
-        np.testing.assert_allclose(rows[-1], self.fresh(backend, ids)[0], atol=self.logits_atol)
-        np.testing.assert_allclose(rows[0], self.fresh(backend, ids[:-1])[0], atol=self.logits_atol)
+        self.assert_logits_close(
+            rows[-1],
+            self.fresh(backend, ids)[0],
+            f"row 1 (the last) of forward(view, {len(ids)} tokens, n_logits=2) against the only row of "
+            f"forward(view, the same tokens, 1)",
+            hint="both are the logits after the whole context",
+        )
+        self.assert_logits_close(
+            rows[0],
+            self.fresh(backend, ids[:-1])[0],
+            f"row 0 of forward(view, {len(ids)} tokens, n_logits=2) against forward(view, the first "
+            f"{len(ids) - 1} tokens, 1)",
+            hint="row 0 of 2 is the logits after all but the last token",
+        )
 
     def test_every_row_of_a_window_is_its_own_position(self, backend: Backend) -> None:
         """The ``lambda + 1`` rows the windowed schedule verifies a draft with, each against a fresh
@@ -251,9 +418,104 @@ class BackendConformance:
             s.forward(0, ids, 1)
             s.forward(0, other, 1)
             s.truncate(0, keep)
-            assert s.length(0) == keep
+            assert s.length(0) == keep, f"length(view) is {s.length(0)} after truncate(view, {keep})"
             again = to_numpy(s.forward(0, ids[keep:], 1))
-        np.testing.assert_allclose(again, self.fresh(backend, ids), atol=self.logits_atol)
+        why = logits_difference(again, self.fresh(backend, ids), self.logits_atol)
+        if why is None:
+            return
+        # which context did the view hold? name the slip, not only the numbers
+        held = {
+            f"kept {keep - 1} tokens (one too few)": ids[: keep - 1] + ids[keep:],
+            f"kept {keep + 1} tokens (one too many)": ids[: keep + 1] + ids[keep:],
+            "dropped nothing": ids + other + ids[keep:],
+        }
+        for slip, ctx in held.items():
+            if ctx and logits_difference(again, self.fresh(backend, ctx), self.logits_atol) is None:
+                raise AssertionError(
+                    f"truncate(view, {keep}) {slip}: feeding the dropped tokens again gave the logits of that "
+                    f"context, not of the first {len(ids)} tokens ({why}). truncate(view, k) keeps exactly the "
+                    "first k tokens"
+                )
+        raise AssertionError(
+            f"after feeding {len(ids) + len(other)} tokens, truncate(view, {keep}) and feeding the {len(ids) - keep} "
+            f"dropped prompt tokens again, the logits differ from a fresh evaluation of the prompt: {why} > "
+            f"logits_atol = {self.logits_atol}"
+        )
+
+    def test_truncate_to_zero_empties_the_view(self, backend: Backend) -> None:
+        """``truncate(view, 0)`` forgets every token: the engine empties a finished request's views this way
+        and hands them to the next request, which would otherwise decode after the previous one's tokens, with
+        no error (``[:length or None]`` keeps everything for 0). Compared with a fresh session within
+        ``logits_atol``, whatever ``check_exactness`` says."""
+        old = self.prompt_ids(backend)
+        new = self.prompt_ids(backend, "Once upon a time, in a land far away")
+        n = min(self.window_rows, len(new))
+        with backend.open(2) as s:
+            s.forward_many([ForwardCall(0, old, 1), ForwardCall(1, new, 1)])
+            s.truncate(0, 0)
+            assert s.length(0) == 0, f"length(view) is {s.length(0)} after truncate(view, 0)"
+            got = to_numpy(s.forward(0, new, n))
+        why = logits_difference(got, self.fresh(backend, new, n), self.logits_atol)
+        if why is None:
+            return
+        if logits_difference(got, self.fresh(backend, old + new, n), self.logits_atol) is None:
+            raise AssertionError(
+                f"truncate(view, 0) left the view's {len(old)} tokens in place: feeding {len(new)} new tokens after "
+                "it gave the logits of the old tokens followed by the new ones, not of the new ones alone "
+                f"({why}). truncate(view, 0) must empty the view (the engine reuses a finished request's views "
+                "this way; a `[:length or None]` slice or an `if length:` guard skips it)"
+            )
+        raise AssertionError(
+            f"after truncate(view, 0), feeding {len(new)} tokens gave logits that differ from a fresh session fed "
+            f"the same tokens: {why}. truncate(view, 0) must leave the view as "
+            "a fresh one"
+        )
+
+    def test_truncate_undoes_a_forward_many_that_failed(self, backend: Backend) -> None:
+        """When ``_forward_many`` raises (or returns outputs the base class refuses), the ``Session`` base
+        class calls ``_truncate(view, length before the call)`` for each of its views, ``self.length(view)``
+        still being that length; the engine then retries the same tokens request by request. This runs those
+        steps directly, as the base class does (no failure needs injecting): the calls written in full (the
+        outputs refused) and written for one view only (a failure partway), then the retry."""
+        a = self.prompt_ids(backend)
+        b = self.prompt_ids(backend, "Once upon a time, in a land far away")
+        cont = self.prompt_ids(backend, "to be or not to be that is the question")[1:6] or a[1:3]
+        retry = [ForwardCall(0, cont, 1), ForwardCall(1, cont, 1)]
+        with backend.open(2) as s:
+            s.forward_many([ForwardCall(0, a, 1), ForwardCall(1, b, 1)])
+            before = [s.length(0), s.length(1)]
+            for written in (retry, retry[:1]):
+                s._forward_many(list(written))
+                for v in (0, 1):
+                    s._truncate(v, before[v])
+            got = [to_numpy(x) for x in s.forward_many(retry)]
+        with backend.open(2) as s:  # the same calls, without the undone ones
+            s.forward_many([ForwardCall(0, a, 1), ForwardCall(1, b, 1)])
+            want = [to_numpy(x) for x in s.forward_many(retry)]
+        for v in (0, 1):
+            why = logits_difference(got[v], want[v], self.logits_atol)
+            if why is None:
+                continue
+            # view 0 was written twice before the retry, view 1 once: the undone tokens kept, the retry on top
+            times = 0
+            for k in (2, 3):
+                ctx = [a, b][v] + cont * (k - 1)
+                if logits_difference(got[v], self.fresh(backend, ctx + cont), self.logits_atol) is None:
+                    times = k
+            raise AssertionError(
+                f"_truncate(view, length) did not undo a _forward_many that the base class rolled back: view {v} "
+                f"held {before[v]} tokens, a _forward_many wrote {len(cont)} more, _truncate({v}, {before[v]}) "
+                f"followed (what the Session base class does when _forward_many raises), and retrying the same "
+                "tokens gave "
+                + (
+                    f"the logits of a context holding them {times} times: the undone tokens stayed"
+                    if times
+                    else "other logits"
+                )
+                + f" ({why}). _truncate must drop whatever part of the call was "
+                "written even though self.length(view) still says the length before the call (a _truncate that "
+                "returns early when length >= self.length(view) skips it), and do nothing where nothing was written"
+            )
 
     # -- batching and isolation -----------------------------------------------------------------------
 
@@ -262,9 +524,18 @@ class BackendConformance:
         b = self.prompt_ids(backend, "Once upon a time, in a land far away")
         with backend.open(2) as s:
             both = s.forward_many([ForwardCall(0, a, 1), ForwardCall(1, b, 2)])
-        assert len(both) == 2 and to_numpy(both[1]).shape[0] == 2
-        assert total_variation(both[0], self.fresh(backend, a)) <= self.batch_tv
-        assert total_variation(both[1], self.fresh(backend, b, 2)) <= self.batch_tv
+        assert len(both) == 2 and to_numpy(both[1]).shape[0] == 2, (
+            f"forward_many of 2 calls (1 and 2 rows) returned {len(both)} outputs of "
+            f"{[to_numpy(x).shape[0] for x in both]} rows"
+        )
+        assert total_variation(both[0], self.fresh(backend, a)) <= self.batch_tv, (
+            f"forward_many's output 0 (view 0, {len(a)} tokens, 1 row) differs from the same call made alone in a "
+            f"fresh session by more than batch_tv = {self.batch_tv} in total variation"
+        )
+        assert total_variation(both[1], self.fresh(backend, b, 2)) <= self.batch_tv, (
+            f"forward_many's output 1 (view 1, {len(b)} tokens, 2 rows) differs from the same call made alone in a "
+            f"fresh session by more than batch_tv = {self.batch_tv} in total variation"
+        )
 
     def test_forward_many_returns_outputs_in_call_order(self, backend: Backend) -> None:
         """Calls not in view order, all with the same number of rows (so shapes cannot tell them apart):
@@ -286,8 +557,14 @@ class BackendConformance:
             got = to_numpy(s.forward(0, a, 1))
             s.truncate(2, 1)
             got_after = to_numpy(s.forward(0, a[-1:], 1))
-        assert total_variation(got, self.fresh(backend, a)) <= self.batch_tv
-        assert total_variation(got_after, self.fresh(backend, a + a[-1:])) <= self.batch_tv
+        assert total_variation(got, self.fresh(backend, a)) <= self.batch_tv, (
+            f"view 0's logits, fed {len(a)} tokens while views 1 and 2 held other tokens, differ from a fresh "
+            f"session's by more than batch_tv = {self.batch_tv} in total variation: views see each other's tokens"
+        )
+        assert total_variation(got_after, self.fresh(backend, a + a[-1:])) <= self.batch_tv, (
+            f"after truncate(2, 1) on another view, view 0's next logits differ from a fresh session's by more "
+            f"than batch_tv = {self.batch_tv} in total variation: truncating one view changed another"
+        )
 
     def test_views_at_one_position_with_one_last_token_stay_apart(self, backend: Backend) -> None:
         """Two views of one session at the same length, ending in the same token, different before it: each
@@ -334,7 +611,15 @@ class BackendConformance:
                 s.truncate(0, len(ids) + 2)
                 s.truncate(0, len(ids) + 2)  # idempotent
                 results.append(to_numpy(s.forward(0, cont[5:7], 2)))
-        np.testing.assert_allclose(results[0], results[1], atol=self.same_shape_atol)
+        self.assert_logits_close(
+            results[1],
+            results[0],
+            "two sessions that differ only in the 3 tokens rolled back by truncate (same calls, same shapes)",
+            atol=self.same_shape_atol,
+            tol="same_shape_atol",
+            hint="tokens dropped by truncate must leave no trace in later logits (a KV cache not cleared past "
+            "the truncation point, or state kept outside it)",
+        )
 
     def test_other_views_content_does_not_matter(self, backend: Backend) -> None:
         """Same batch shape, different tokens in every other view: a view's logits must not change."""
@@ -354,12 +639,13 @@ class BackendConformance:
         self.assert_outputs_follow_calls(backend, calls(ctxs), base)
         for v in range(3):
             scrambled = [c if w == v else list(reversed(c)) for w, c in enumerate(ctxs)]
-            np.testing.assert_allclose(
+            self.assert_logits_close(
                 run(scrambled)[v],
                 base[v],
+                f"forward_many of 3 calls, view {v}'s output when only the other views' tokens changed",
                 atol=self.same_shape_atol,
-                err_msg=f"view {v}'s logits changed when only the other views' tokens changed: views see each "
-                "other's tokens (a KV cache or batch state shared between views)",
+                tol="same_shape_atol",
+                hint="views see each other's tokens (a KV cache or batch state shared between views)",
             )
 
     # -- misuse: one exception type per mistake, on every backend -------------------------------------
@@ -368,29 +654,53 @@ class BackendConformance:
         ids = self.prompt_ids(backend)
         s: Session = backend.open(2)
         try:
-            for bad in (
-                lambda: s.forward(2, ids),
-                lambda: s.forward(-1, ids),
-                lambda: s.forward(0, []),
-                lambda: s.forward(0, ids, len(ids) + 1),
-                lambda: s.forward(0, [backend.tokenizer.vocab_size + 10**6]),
-                lambda: s.forward_many([(0, ids, 1), (0, ids, 1)]),
-                lambda: s.truncate(0, -1),
-                lambda: s.length(5),
+            for what, bad in (
+                ("forward on view 2 of a 2-view session", lambda: s.forward(2, ids)),
+                ("forward on view -1", lambda: s.forward(-1, ids)),
+                ("forward with no tokens", lambda: s.forward(0, [])),
+                ("forward with n_logits above the number of tokens", lambda: s.forward(0, ids, len(ids) + 1)),
+                (
+                    "forward with a token id past the vocabulary",
+                    lambda: s.forward(0, [backend.tokenizer.vocab_size + 10**6]),
+                ),
+                ("forward_many with two calls on one view", lambda: s.forward_many([(0, ids, 1), (0, ids, 1)])),
+                ("truncate to a negative length", lambda: s.truncate(0, -1)),
+                ("length of view 5", lambda: s.length(5)),
             ):
-                with pytest.raises(SessionError):
-                    bad()
-            assert s.length(0) == 0 and s.length(1) == 0  # nothing was fed by a refused call
+                self.assert_raises(what, SessionError, bad)
+            assert s.length(0) == 0 and s.length(1) == 0, (
+                f"the refused calls fed tokens: lengths {s.length(0)}, {s.length(1)}, expected 0, 0"
+            )
         finally:
             s.close()
-        with pytest.raises(SessionError):
-            s.forward(0, ids)
+        self.assert_raises("forward on a closed session", SessionError, lambda: s.forward(0, ids))
+
+    @staticmethod
+    def assert_raises(what: str, error: type[Exception], call: Any) -> None:
+        """``call()`` raises ``error``; else a failure naming the misuse and what happened instead."""
+        try:
+            call()
+        except error:
+            return
+        except Exception as err:
+            raise AssertionError(
+                f"{what} raised {type(err).__name__} ({err}), not {error.__name__}: the Session base class raises "
+                "it; a backend that overrides forward, forward_many, truncate or length skips its checks"
+            ) from err
+        raise AssertionError(
+            f"{what} raised nothing; expected {error.__name__} (from the Session base class's checks: does the "
+            "backend override forward, forward_many, truncate or length?)"
+        )
 
     def test_context_overflow_is_a_context_length_error(self, backend: Backend) -> None:
         with backend.open(1) as s:
-            with pytest.raises(ContextLengthError):
-                s.forward(0, [self.prompt_ids(backend)[0]] * (backend.context_length + 1), 1)
-            assert s.length(0) == 0
+            too_long = [self.prompt_ids(backend)[0]] * (backend.context_length + 1)
+            self.assert_raises(
+                f"forward of {len(too_long)} tokens into a view of context_length {backend.context_length}",
+                ContextLengthError,
+                lambda: s.forward(0, too_long, 1),
+            )
+            assert s.length(0) == 0, f"a refused overflow fed tokens: length(view) is {s.length(0)}, expected 0"
 
     # -- the compiled judge ---------------------------------------------------------------------------
 

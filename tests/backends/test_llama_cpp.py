@@ -581,7 +581,8 @@ def test_embedded_verify_catches_corruption_behind_a_valid_sidecar(fake_cache):
     data = bytearray(path.read_bytes())
     data[200] ^= 0xFF
     path.write_bytes(bytes(data))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: the sidecar still matches
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime ...
+    embedded._write_sidecar(path, pkg.EXPECTED_SHA256)  # ... and a sidecar that vouches for the new ctime too
     embedded.default_model_path()
     assert pkg.calls == 1  # the cheap check cannot see it ...
     embedded.default_model_path(verify=True)
@@ -622,6 +623,7 @@ def test_embedded_real_build_and_rebuild_after_failed_load(tmp_path, monkeypatch
         f.seek(8)
         f.write(b"\xff" * 4096)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    embedded._write_sidecar(path, pkg.EXPECTED_SHA256)  # a sidecar that vouches for it: only the load can tell
     b = LlamaCppBackend(BackendConfig(name="llama-cpp", n_ctx=256, threads=THREADS))
     try:
         assert b.model_path == path and b.tokenizer.vocab_size == 262144
