@@ -31,6 +31,7 @@ Resumable and safe (nothing finished is ever lost):
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import difflib
 import hashlib
@@ -145,6 +146,31 @@ def read_records(path: str | os.PathLike[str]) -> list[Record]:
     if not out:
         raise ConfigError(f"input file {p} has no prompts")
     return out
+
+
+# -- standard output ---------------------------------------------------------------------------
+
+#: encodings that hold every character
+_UNICODE_CODECS = {"utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"}
+
+
+def writes_unicode(stream: Any) -> bool:
+    """Whether text ``stream`` can encode every character: a UTF encoding, or none (``io.StringIO``).
+    Not so with ``PYTHONIOENCODING=ascii``, a ``C`` locale without UTF-8 mode, or a Windows code page."""
+    encoding = getattr(stream, "encoding", None)
+    if not encoding:
+        return True
+    try:
+        return codecs.lookup(encoding).name in _UNICODE_CODECS
+    except LookupError:
+        return False
+
+
+def stdout_json(obj: Any, stream: Any = None) -> str:
+    """``obj`` as one line of JSON for ``stream`` (default ``sys.stdout``): non-ASCII characters as
+    they are where the stream holds them, else as ``\\uXXXX`` escapes. Both are the same JSON value, so
+    a stream that cannot encode the text never loses a result (nor raises after the work is done)."""
+    return json.dumps(obj, ensure_ascii=not writes_unicode(sys.stdout if stream is None else stream))
 
 
 # -- fingerprints ----------------------------------------------------------------------------------
@@ -429,7 +455,7 @@ class JsonlBatch:
         while self._next_out in self._pending_out:
             row = dict(self._pending_out.pop(self._next_out))
             row.pop("fp", None)
-            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+            lines.append(stdout_json(row) + "\n")
             self._next_out += 1
         try:
             sys.stdout.write("".join(lines))
@@ -572,7 +598,7 @@ def run_jsonl(
     ``source``: the file the records were read from, refused as ``output`` (or as its partial file).
 
     Returns how many rows this call wrote. For Ray replicas see :class:`JsonlBatch` and
-    :func:`personajudge.distributed.ray_executor`.
+    :meth:`personajudge.distributed.ReplicaPool.executor`.
     """
     job = JsonlBatch(
         records,

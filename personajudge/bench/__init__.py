@@ -7,7 +7,8 @@ method, then repeat 2 of every method, ... so a load that comes and goes on a
 shared machine moves every method's median alike, and the ratios stay
 comparable. The median tokens/s is reported. Peak memory is measured in fresh
 subprocesses (one with a single view, one with K views), because a process's
-peak RSS cannot be reset.
+peak RSS cannot be reset; each reads its own address space's high-water mark
+(``VmHWM``), which, unlike ``ru_maxrss``, does not carry the bench's over.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pydantic import ValidationError
 from personajudge.api import PersonaJudge, make_method
 from personajudge.core.config import DecodingConfig, RunConfig, validation_message
 from personajudge.core.errors import ConfigError, PersonaJudgeWarning
+from personajudge.core.processes import dies_with_parent
 from personajudge.plugins import get_method, preference_library
 from personajudge.preferences import Preference, PreferenceSpec, build_views, reported
 
@@ -63,7 +65,24 @@ def machine_info() -> dict[str, Any]:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's own peak RSS: ``VmHWM`` of ``/proc/self/status``.
+
+    Not ``getrusage(RUSAGE_SELF).ru_maxrss``: on Linux that high-water mark is the process's, not its
+    address space's, and it carries over from the parent through fork and exec. A probe started by
+    the bench (which already holds the model) would report at least the bench's own RSS, and every
+    probe the same figure. ``VmHWM`` belongs to the address space, which exec replaces, so a fresh
+    process starts from zero. Where there is no ``/proc`` (macOS), ``ru_maxrss`` is all there is
+    (bytes there, KiB on Linux).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0
 
 
 def _current_rss_mb() -> float:
@@ -447,6 +466,7 @@ def measure_memory(
             capture_output=True,
             text=True,
             timeout=1800,
+            preexec_fn=dies_with_parent(),  # a bench killed by a signal leaves no probe running
         )
         if proc.returncode != 0:
             raise RuntimeError(f"memory probe failed: {proc.stderr.strip().splitlines()[-1:]}")

@@ -6,16 +6,29 @@ exit with status 2; warnings print one line each; anything else is a bug and
 keeps its traceback. Standard error only ever carries such lines (and the
 progress bar): when it is closed, full or broken they are dropped, and the run
 goes on (:class:`~personajudge.core.files.QuietStream`).
+
+A standard output that cannot encode every character (``PYTHONIOENCODING=ascii``, a ``C`` locale,
+a Windows console) never loses the result: JSON is written with ``\\uXXXX`` escapes (still valid JSON,
+the same object), and text that does not fit is written with backslash escapes plus one warning line
+(:class:`EncodableStdout`). A reader that closes the pipe early (``personajudge preferences | head -1``)
+ends the command quietly with status 141, as a Unix tool killed by SIGPIPE does; ``generate``, whose
+generated text is then lost, says so in one line and exits 2. A second Ctrl-C, once the first has begun
+a clean stop, ends the process at once with status 130 (:func:`_on_sigint`).
 """
 
 from __future__ import annotations
 
 import errno
+import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from personajudge import __version__
+from personajudge.batch import writes_unicode
 from personajudge.core.errors import PersonaJudgeError
 from personajudge.core.files import OutputError, QuietStream, note, os_error_text, reopen_closed_stderr, silence_stdout
 
@@ -55,8 +68,71 @@ class ClosedStdout:
         pass
 
 
+class EncodableStdout:
+    """Standard output whose encoding cannot hold every character (``ascii``, ``latin-1``, ``cp1252``).
+
+    A plain write would raise ``UnicodeEncodeError`` after the whole generation had run, and the
+    result would be lost. Here text the encoding holds is written as it is; text it does not hold is
+    written with backslash escapes (``\\u732b``), and the first time that happens one warning line on
+    stderr says so and how to get the characters themselves. JSON never needs it: it is written with
+    ``ensure_ascii`` on such a stream (:func:`~personajudge.batch.stdout_json`), which is lossless.
+    Every other attribute is the wrapped stream's."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.replaced = False
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except UnicodeEncodeError:
+            encoding = self.stream.encoding
+            if not self.replaced:
+                self.replaced = True
+                note(
+                    f"personajudge: warning: standard output's encoding ({encoding}) cannot hold some of the "
+                    "text; those characters are written as backslash escapes (set PYTHONIOENCODING=utf-8 to "
+                    "get them as they are)"
+                )
+            return self.stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 #: write errors of a standard output redirected to a full or failing device (``> /dev/full``)
 _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
+
+#: the status of a command whose reader closed the pipe: a Unix tool killed by SIGPIPE shows 128 + 13
+EXIT_PIPE = 128 + 13
+#: Ctrl-C: a process ended by SIGINT shows 128 + 2
+EXIT_INTERRUPTED = 130
+
+
+class _Interrupts:
+    """How many SIGINTs this process has had (see :func:`_on_sigint`)."""
+
+    count = 0
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    """The first Ctrl-C raises ``KeyboardInterrupt`` as Python's own handler does: the command stops
+    cleanly (a batch says which rows are kept, the model's engine finishes its step and the model is
+    freed). A second one, while that clean stop runs, ends the process at once with status 130.
+
+    Not a second ``KeyboardInterrupt``: raised inside the wait for the engine's thread, it skipped
+    freeing the model, the interpreter then shut down while that thread was still inside llama.cpp,
+    and the model was torn down under it (a segmentation fault). ``os._exit`` runs no finalizer, so
+    nothing is freed under a running thread; what a batch wrote is already on disk (each chunk is
+    flushed and fsynced, and a resume drops a torn last line)."""
+    _Interrupts.count += 1
+    if _Interrupts.count == 1:
+        raise KeyboardInterrupt
+    try:
+        os.write(2, b"personajudge: interrupted\n")
+    except OSError:
+        pass
+    os._exit(EXIT_INTERRUPTED)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -68,8 +144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if sys.stderr is None:  # `2>&-`
         reopen_closed_stderr()
     sys.stderr = QuietStream(sys.stderr)  # type: ignore[assignment]
+    previous_stdout = sys.stdout
     if sys.stdout is None and getattr(args, "uses_stdout", True):  # `serve` logs to stderr only
         sys.stdout = ClosedStdout()
+    elif sys.stdout is not None and not writes_unicode(sys.stdout):
+        sys.stdout = EncodableStdout(sys.stdout)  # type: ignore[assignment]
+    previous_sigint = _install_sigint()
     try:
         status = args.func(args)
         sys.stdout.flush()  # a full disk shows here, not as an "Exception ignored" at exit
@@ -78,11 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"personajudge: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:
-        # `personajudge generate ... | head -1`: the reader left. Say so once, and keep the
-        # interpreter from failing again when it flushes stdout at exit.
+        # `personajudge preferences | head -1`: the reader left. Keep the interpreter from failing
+        # again when it flushes stdout at exit; a listing ends quietly, as Unix tools do there.
         silence_stdout()
-        print("personajudge: error: the output pipe was closed; generation stopped", file=sys.stderr)
-        return EXIT_USAGE
+        if args.command == "generate":  # the text generated so far is lost: say so
+            print("personajudge: error: the output pipe was closed; generation stopped", file=sys.stderr)
+            return EXIT_USAGE
+        return EXIT_PIPE
     except OSError as err:
         # `... > /dev/full`: the project's own files report this as OutputError, so an unhandled
         # write error of this kind is standard output's.
@@ -96,12 +178,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("personajudge: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     finally:
         warnings.showwarning = previous
         sys.stderr = previous_stderr
-        if isinstance(sys.stdout, ClosedStdout):
-            sys.stdout = None
+        if isinstance(sys.stdout, (ClosedStdout, EncodableStdout)):
+            sys.stdout = previous_stdout
+        if previous_sigint is not None and not _Interrupts.count:
+            # after an interrupt the handler stays: a second Ctrl-C while the interpreter shuts down
+            # must not raise into its teardown either
+            signal.signal(signal.SIGINT, previous_sigint)
+
+
+def _install_sigint() -> Any:
+    """Put :func:`_on_sigint` in place of Python's own SIGINT handler; returns the one it replaced
+    (None when nothing changed: not the main thread, or SIGINT ignored or handled by someone else)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    current = signal.getsignal(signal.SIGINT)
+    if current is _on_sigint:  # left in place by an earlier, interrupted call in this process
+        current = signal.default_int_handler
+    elif current is not signal.default_int_handler:
+        return None
+    _Interrupts.count = 0
+    signal.signal(signal.SIGINT, _on_sigint)
+    return current
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 
 from personajudge.bench import ALL_METHODS, DEFAULT_PROMPT, bench_views, format_table, measure_memory, run_bench
-from personajudge.core.errors import ConfigError
+from personajudge.core.config import RunConfig, load_config_file
+from personajudge.core.errors import ConfigError, PersonaJudgeWarning
 
 from .options import add_run_options, config_from_args, mark_refused
 
@@ -17,6 +19,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg, prefs = config_from_args(args)
     if args.views is not None and args.views < 1:
         raise ConfigError("--views must be at least 1")
+    _check_config_file(args, cfg)
     bench_views(cfg, args.views, prefs)  # --views against --view, before the model loads
     if args.repeats < 1:
         raise ConfigError("--repeats must be at least 1")
@@ -30,6 +33,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         twice = sorted({m for m in methods if methods.count(m) > 1})
         if twice:  # each method is one row of the table; a repeat would only time it again
             raise ConfigError(f"--methods lists {', '.join(twice)} twice: {args.methods!r}")
+    _warn_unused_method(args, methods)
     rep = run_bench(
         cfg,
         prompt=args.prompt,
@@ -48,6 +52,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         print(format_table(rep))
     return 0
+
+
+def _check_config_file(args: argparse.Namespace, cfg: RunConfig) -> None:
+    """What the bench refuses, said of where the value came from: a ``--config`` file's ``views`` or
+    ``decoding.stop`` is named as the file's (``run_bench`` names the flags, which were not given)."""
+    if args.config is None:
+        return
+    if cfg.views and not args.view and args.views is not None and args.views != len(cfg.views):
+        raise ConfigError(
+            f"--views {args.views} does not match the {len(cfg.views)} views of the config file {args.config}; "
+            "drop --views to time them, or give the views with --prefer or --view"
+        )
+    if cfg.decoding.stop and args.stop is None:
+        raise ConfigError(
+            "the bench times a fixed number of tokens (the native plain sampler has no stop strings): "
+            f"the config file {args.config} sets decoding.stop; bench with a file without it"
+        )
+
+
+def _warn_unused_method(args: argparse.Namespace, methods: list[str] | None) -> None:
+    """A ``--config`` file's ``method`` that the bench does not time: one warning line (``--method`` is
+    refused; the file's may serve other commands, so it is not an error, but it must not be dropped
+    without a word)."""
+    if args.config is None:
+        return
+    method = load_config_file(args.config).get("method")
+    timed = methods or ALL_METHODS
+    if isinstance(method, str) and method not in timed:
+        warnings.warn(
+            f"the config file's method '{method}' is not timed: bench times the methods --methods names "
+            f"(add it there to time it: --methods {','.join([*timed, method])})",
+            PersonaJudgeWarning,
+            stacklevel=2,
+        )
 
 
 def register(sub) -> None:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 
 from personajudge.api import PersonaJudge
-from personajudge.batch import JsonlBatch, local_executor, read_records
+from personajudge.batch import JsonlBatch, local_executor, read_records, stdout_json
 from personajudge.core.errors import ConfigError, PersonaJudgeError, PersonaJudgeWarning
 from personajudge.core.files import OutputError, check_text, read_stream
 from personajudge.distributed import ReplicaPool
@@ -110,7 +109,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             _show_prompts(pj, prompt, prefs)
         res = pj.generate(prompt, preferences=prefs, on_text=on_text)
     if args.json:
-        print(json.dumps(res.as_dict(), ensure_ascii=False))
+        print(stdout_json(res.as_dict()))  # \u escapes where stdout cannot encode the text
     else:
         sys.stdout.write("\n")
         sys.stdout.flush()

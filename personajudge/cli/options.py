@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from typing import Any, NoReturn
 
 from pydantic import Field
@@ -172,6 +173,58 @@ class FileDefinedConfig(RunConfig):
     definitions: list[Preference] = Field(default_factory=list, exclude=True)
 
 
+#: the flag that sets each config field (the dotted names of ``config_from_args``'s overrides)
+FLAG_OF = {
+    "backend.name": "--backend",
+    "backend.model": "--model",
+    "backend.device": "--device",
+    "backend.dtype": "--dtype",
+    "backend.threads": "--threads",
+    "backend.n_ctx": "--n-ctx",
+    "backend.n_gpu_layers": "--n-gpu-layers",
+    "method": "--method",
+    "encoder": "--encoder",
+    "system": "--system",
+    "views": "--view",
+    "decoding.lambda": "--lambda",
+    "decoding.temperature": "--temperature",
+    "decoding.top_k": "--top-k",
+    "decoding.top_p": "--top-p",
+    "decoding.max_new_tokens": "--max-new-tokens",
+    "decoding.stop": "--stop",
+    "decoding.seed": "--seed",
+    "decoding.roles": "--roles",
+    "decoding.schedule": "--schedule",
+}
+
+
+def _name_flags(message: str, given: set[str]) -> str:
+    """A config error about a value a flag gave names the flag: ``invalid --top-p: decoding.top_p: Input
+    should be less than or equal to 1 (got 2.0)``, not ``invalid config: decoding.top_p: ...``, which
+    sends a user who wrote no config file looking for one. ``given``: the fields the flags set. An error
+    about a file's value keeps its wording (the field is what to look for in the file); a message
+    about both says which is which."""
+    body = message.removeprefix("invalid config: ")
+    if body == message:
+        return message
+    starts = [m.start(2) for m in _LOC.finditer(body)]  # each field's part (a rule may hold "; " too)
+    if not starts:
+        return message
+    parts = [body[a : b - 2] if b < len(body) else body[a:] for a, b in zip(starts, [*starts[1:], len(body)])]
+    out = []
+    for part in parts:
+        loc = _LOC.match(part)
+        field = next((f for f in given if loc and (loc[2] == f or loc[2].startswith(f + "."))), None)
+        out.append(f"invalid {FLAG_OF[field]}: {part}" if field is not None else f"invalid config: {part}")
+    if all(o.startswith("invalid config: ") for o in out):
+        return message
+    return "; ".join(out)
+
+
+#: where a field's part of a config error starts: ``decoding.top_p: ``
+_LOC = re.compile(r"(^|; )([A-Za-z_]\w*(?:\.\w+)*): ")
+
+
 def config_from_args(args: argparse.Namespace):
     """File config (if any) overridden by the flags that were given.
 
@@ -221,31 +274,32 @@ def config_from_args(args: argparse.Namespace):
         names = with_definitions(preference_library(), prefs or [])
     elif prefs is not None:
         data.pop("views", None)
-    cfg = build_config(
-        data,
-        **{
-            "backend.name": args.backend,
-            "backend.model": args.model,
-            "backend.device": args.device,
-            "backend.dtype": args.dtype,
-            "backend.threads": args.threads,
-            "backend.n_ctx": args.n_ctx,
-            "backend.n_gpu_layers": args.n_gpu_layers,
-            "method": args.method,
-            "encoder": args.encoder,
-            "system": args.system,
-            "views": [view_names(v, names) for v in args.view] if args.view else None,
-            "decoding.lambda": args.lam,
-            "decoding.temperature": args.temperature,
-            "decoding.top_k": args.top_k,
-            "decoding.top_p": args.top_p,
-            "decoding.max_new_tokens": args.max_new_tokens,
-            "decoding.stop": args.stop,
-            "decoding.seed": args.seed,
-            "decoding.roles": args.roles,
-            "decoding.schedule": args.schedule,
-        },
-    )
+    overrides = {
+        "backend.name": args.backend,
+        "backend.model": args.model,
+        "backend.device": args.device,
+        "backend.dtype": args.dtype,
+        "backend.threads": args.threads,
+        "backend.n_ctx": args.n_ctx,
+        "backend.n_gpu_layers": args.n_gpu_layers,
+        "method": args.method,
+        "encoder": args.encoder,
+        "system": args.system,
+        "views": [view_names(v, names) for v in args.view] if args.view else None,
+        "decoding.lambda": args.lam,
+        "decoding.temperature": args.temperature,
+        "decoding.top_k": args.top_k,
+        "decoding.top_p": args.top_p,
+        "decoding.max_new_tokens": args.max_new_tokens,
+        "decoding.stop": args.stop,
+        "decoding.seed": args.seed,
+        "decoding.roles": args.roles,
+        "decoding.schedule": args.schedule,
+    }
+    try:
+        cfg = build_config(data, **overrides)
+    except ConfigError as err:
+        raise ConfigError(_name_flags(str(err), {k for k, v in overrides.items() if v is not None})) from None
     build_views(prefs if prefs is not None else cfg.preferences, cfg.views, preference_library())
     defs = [p for p in prefs or () if isinstance(p, Preference)]
     if defs and cfg.views:

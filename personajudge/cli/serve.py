@@ -241,22 +241,43 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     if args.max_tokens_limit is not None:
         flags.append(f"--max-tokens-limit={args.max_tokens_limit}")
     api_key = args.api_key or os.environ.get("PERSONAJUDGE_API_KEY") or None
-    rep = run_bench_serve(
-        cfg,
-        preferences=prefs,
-        server_flags=flags + list(args.server_flags),
-        levels=levels,
-        n_requests=args.requests,
-        max_tokens=args.max_tokens,
-        url=args.url,
-        direct=not args.no_direct,
-        progress=not args.json,
-        api_key=api_key,
-        model=args.served_model_name,
-        request_timeout=args.request_timeout,
-    )
+    with _terminate_as_exit():  # `kill PID`: the started server is stopped too
+        rep = run_bench_serve(
+            cfg,
+            preferences=prefs,
+            server_flags=flags + list(args.server_flags),
+            levels=levels,
+            n_requests=args.requests,
+            max_tokens=args.max_tokens,
+            url=args.url,
+            direct=not args.no_direct,
+            progress=not args.json,
+            api_key=api_key,
+            model=args.served_model_name,
+            request_timeout=args.request_timeout,
+        )
     print(json.dumps(rep, indent=2) if args.json else format_table(rep))
     return 0
+
+
+@contextlib.contextmanager
+def _terminate_as_exit():
+    """SIGTERM raises ``SystemExit(143)`` (the status a process killed by it shows) instead of ending
+    the process on the spot, so the ``finally`` blocks that stop bench-serve's server run. Only in the
+    main thread, where Python runs signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while stopping ends it at once
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 #: the run options (``add_run_options``) a started server gets, as (dest, flag); not --max-new-tokens

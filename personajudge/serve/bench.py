@@ -39,6 +39,7 @@ from personajudge.api import PersonaJudge
 from personajudge.core.config import RunConfig
 from personajudge.core.decoding import run_timed
 from personajudge.core.errors import ConfigError, PersonaJudgeError
+from personajudge.core.processes import StderrTail, dies_with_parent, stop_process
 
 DEFAULT_PROMPTS = [
     "Why is the sky blue?",
@@ -281,30 +282,46 @@ def _free_port() -> int:
 
 
 def start_server(flags: list[str], *, port: int | None = None, log: Any = None) -> tuple[subprocess.Popen, str]:
-    """``personajudge serve FLAGS`` on 127.0.0.1 and a free port; returns once /health answers."""
+    """``personajudge serve FLAGS`` on 127.0.0.1 and a free port; returns once /health answers.
+
+    A server that exits before it is ready is one line quoting the last line it wrote to stderr (a
+    bad ``--server-flag`` names itself there). While it loads, an interrupt (Ctrl-C, or SIGTERM turned
+    into an exception by the command) stops it before going on; and on Linux it gets SIGTERM when
+    this process dies (:func:`~personajudge.core.processes.dies_with_parent`), so it is never left
+    running. ``log``: a file for its stdout and stderr (then no line is quoted).
+    """
     port = port or _free_port()
     cmd = [sys.executable, "-m", "personajudge", "serve", *flags, "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(
         cmd,
         stdout=log or subprocess.DEVNULL,
-        stderr=log or subprocess.DEVNULL,
+        stderr=log or subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=dies_with_parent(),
     )
+    tail = StderrTail(proc.stderr) if proc.stderr is not None else None
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + READY_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            raise PersonaJudgeError(f"the server exited with status {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, base
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise PersonaJudgeError(f"the server was not ready within {READY_TIMEOUT_S}s")
-        time.sleep(0.25)
+    try:
+        while True:
+            if proc.poll() is not None:
+                said = tail.last() if tail is not None else None
+                raise PersonaJudgeError(
+                    f"the server exited with status {proc.returncode} before it was ready"
+                    + (f"; it said: {_quote(said)}" if said else "")
+                )
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return proc, base
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise PersonaJudgeError(f"the server was not ready within {READY_TIMEOUT_S}s")
+            time.sleep(0.25)
+    except BaseException:
+        stop_process(proc)
+        raise
 
 
 def run_bench_serve(
@@ -340,7 +357,7 @@ def run_bench_serve(
     if url is None:
         if progress:
             print("starting the server ...", file=sys.stderr)
-        proc, base = start_server(server_flags)
+        proc, base = start_server(server_flags)  # stops it itself when it fails or is interrupted
         started, url = True, base + "/v1"
     try:
         for c in levels:
@@ -349,12 +366,7 @@ def run_bench_serve(
             rows.append(asyncio.run(_level(url, model, c, n_requests, max_tokens, headers, bound)))
     finally:
         if proc is not None:
-            proc.terminate()
-            try:
-                exit_code = proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                exit_code = proc.wait()
+            exit_code = stop_process(proc)
     base_rate = next((r["tokens_per_s"] for r in rows if r["name"] == "server c=1"), None)
     for r in rows:
         # a server at --url may run another model on another machine: this process's direct row is
