@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 
 from personajudge.bench import ALL_METHODS, DEFAULT_PROMPT, bench_views, format_table, measure_memory, run_bench
-from personajudge.core.config import RunConfig, load_config_file
-from personajudge.core.errors import ConfigError, PersonaJudgeWarning
+from personajudge.core.config import RunConfig
+from personajudge.core.errors import ConfigError
 
-from .options import add_run_options, config_from_args, mark_refused
+from .options import add_run_options, config_from_args, mark_refused, warn_unused_config_method
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -33,7 +32,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         twice = sorted({m for m in methods if methods.count(m) > 1})
         if twice:  # each method is one row of the table; a repeat would only time it again
             raise ConfigError(f"--methods lists {', '.join(twice)} twice: {args.methods!r}")
-    _warn_unused_method(args, methods)
+    warn_unused_config_method(args, methods or ALL_METHODS, "bench", "timed")
     rep = run_bench(
         cfg,
         prompt=args.prompt,
@@ -68,23 +67,6 @@ def _check_config_file(args: argparse.Namespace, cfg: RunConfig) -> None:
         raise ConfigError(
             "the bench times a fixed number of tokens (the native plain sampler has no stop strings): "
             f"the config file {args.config} sets decoding.stop; bench with a file without it"
-        )
-
-
-def _warn_unused_method(args: argparse.Namespace, methods: list[str] | None) -> None:
-    """A ``--config`` file's ``method`` that the bench does not time: one warning line (``--method`` is
-    refused; the file's may serve other commands, so it is not an error, but it must not be dropped
-    without a word)."""
-    if args.config is None:
-        return
-    method = load_config_file(args.config).get("method")
-    timed = methods or ALL_METHODS
-    if isinstance(method, str) and method not in timed:
-        warnings.warn(
-            f"the config file's method '{method}' is not timed: bench times the methods --methods names "
-            f"(add it there to time it: --methods {','.join([*timed, method])})",
-            PersonaJudgeWarning,
-            stacklevel=2,
         )
 
 

@@ -36,7 +36,14 @@ from personajudge.evaluation.spec import (
     resume_command,
 )
 
-from .options import add_run_options, config_from_args, dir_path_arg, file_path_arg, mark_refused
+from .options import (
+    add_run_options,
+    config_from_args,
+    dir_path_arg,
+    file_path_arg,
+    mark_refused,
+    warn_unused_config_method,
+)
 from .ray_options import add_ray_options, ray_options_from_args
 
 DEFAULT_RUN_DIR = "runs/eval"
@@ -142,6 +149,7 @@ def spec_from_args(args: argparse.Namespace):
     baseline = None if args.baseline.strip().lower() in ("", "none") else args.baseline.strip()
     every = [*([baseline] if baseline and baseline not in methods else []), *methods]
     method_options = parse_method_options(args.method_option, every)
+    warn_unused_config_method(args, every, "eval", "compared")
     if run.method_options:  # a --config file's: options of the file's method
         if run.method not in every:
             raise EvalError(

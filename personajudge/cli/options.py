@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import warnings
 from typing import Any, NoReturn
 
 from pydantic import Field
 
 from personajudge.core.config import RunConfig, build_config, load_config_file
-from personajudge.core.errors import ConfigError, PersonaJudgeError
+from personajudge.core.errors import ConfigError, PersonaJudgeError, PersonaJudgeWarning
 from personajudge.core.files import path_problem
 from personajudge.plugins import preference_library
 from personajudge.preferences import (
@@ -305,3 +306,20 @@ def config_from_args(args: argparse.Namespace):
     if defs and cfg.views:
         cfg = FileDefinedConfig.model_validate({**cfg.model_dump(by_alias=True), "definitions": defs})
     return cfg, prefs
+
+
+def warn_unused_config_method(args: argparse.Namespace, methods: list[str], command: str, done: str) -> None:
+    """A ``--config`` file's ``method`` that ``command`` (which runs the methods ``--methods`` names) does not
+    run: one warning line. ``--method`` is refused there; the file's may serve other commands, so it is not
+    an error, but it must not be dropped without a word. ``done`` says what the command does to a method
+    ("timed", "compared")."""
+    if args.config is None:
+        return
+    method = load_config_file(args.config).get("method")
+    if isinstance(method, str) and method not in methods:
+        warnings.warn(
+            f"the config file's method '{method}' is not {done}: {command} runs the methods --methods names "
+            f"(add it there to include it: --methods {','.join([*methods, method])})",
+            PersonaJudgeWarning,
+            stacklevel=2,
+        )

@@ -334,6 +334,21 @@ def test_a_negative_seed_is_refused_before_the_run_directory_is_written(tmp_path
         EvalSpec(**{**spec().model_dump(), "seeds": [3, -2]})
 
 
+def test_a_config_files_method_eval_does_not_compare_is_one_warning(tmp_path, monkeypatch, capsys):
+    """(audit cli3, not fixed there) ``method = "pad"`` in a --config file was dropped without a word: eval
+    compares the methods --methods names, so the file's own gets a warning line, as bench gives."""
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "pad.toml"
+    cfg.write_text('method = "pad"\n[backend]\nname = "toy"\n')
+    args = ["eval", "--config", str(cfg), "--max-new-tokens", "2", "-q", "--no-progress", "--limit", "1"]
+    assert main([*args, "--scorers", "length", "--methods", "persona-judge"]) == 0
+    warning = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert len(warning) == 1 and "'pad' is not compared" in warning[0], warning
+    assert "--methods prompt,persona-judge,pad" in warning[0]  # the baseline and the methods, then the file's
+    assert main([*args, "--scorers", "length", "--methods", "pad", "--run-dir", "runs/b"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 # -- K: report and message details ----------------------------------------------------------------
 
 
