@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from personajudge.batch import writes_unicode
 from personajudge.core.config import RunConfig, load_config_file, validation_message
 from personajudge.core.errors import PersonaJudgeError
 from personajudge.evaluation.dimensions import parse_dimension
@@ -261,7 +262,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     out = write_report(args.run_dir, plots=not args.no_plots)
     if not args.quiet:
-        print(out["json" if args.json else "markdown"].read_text(encoding="utf-8"))
+        text = out["json" if args.json else "markdown"].read_text(encoding="utf-8")
+        if args.json and not writes_unicode(sys.stdout):  # as \uXXXX escapes: the same JSON, nothing lost
+            text = json.dumps(json.loads(text), indent=2, ensure_ascii=True)
+        print(text)
     print("personajudge: wrote " + ", ".join(str(p) for p in out.values()), file=sys.stderr)
     return 0
 

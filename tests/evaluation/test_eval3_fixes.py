@@ -10,6 +10,9 @@ preferences and dimensions (G, I), numpy seeds changed (J), and the report's sma
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -347,6 +350,22 @@ def test_a_config_files_method_eval_does_not_compare_is_one_warning(tmp_path, mo
     assert "--methods prompt,persona-judge,pad" in warning[0]  # the baseline and the methods, then the file's
     assert main([*args, "--scorers", "length", "--methods", "pad", "--run-dir", "runs/b"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_report_json_on_an_ascii_stdout_is_valid_json_with_the_text_kept(tmp_path):
+    """(audit cli3 D, in eval) A stdout that cannot encode the text escapes what it cannot write; in JSON,
+    ``\\xe7`` is not a valid escape, so ``report --json`` writes ``\\u00e7`` instead: the same JSON value."""
+    d = tmp_path / "run"
+    text = "réponds en français 🐈"
+    run_eval(spec(f"{text},concise"), d, progress=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "personajudge", "report", str(d), "--json", "--no-plots"],
+        capture_output=True,
+        env={**os.environ, "PYTHONIOENCODING": "ascii"},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert text in json.dumps(json.loads(proc.stdout.decode("ascii")), ensure_ascii=False)
 
 
 # -- K: report and message details ----------------------------------------------------------------
