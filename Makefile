@@ -11,7 +11,7 @@ TORCH  ?= torch==2.13.0
 TORCH_ARGS ?=
 EXTRAS ?= llama,hf,eval,ray,serve,dev
 
-.PHONY: install demo test test-fast test-wheel lint bench gpu-wheels gpu-check clean
+.PHONY: install demo test test-fast wheel test-wheel lint bench gpu-wheels gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -44,10 +44,22 @@ lint: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not model and not hf and not slow"
 
+# The wheel, into $(WHEEL_DIR), from a clean state: pip builds in the tree, and setuptools packs whatever an
+# earlier build left in build/lib, so a module deleted or moved since would still ship. Hence the rm first.
+# --check-build-dependencies: the setuptools in the venv must meet [build-system] (no isolation here).
+WHEEL_DIR ?= dist
+define build-wheel
+	rm -rf build/lib build/bdist.* $(1)/persona_judge-*.whl
+	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation --check-build-dependencies -w $(1) .
+endef
+
+wheel: install
+	$(call build-wheel,$(WHEEL_DIR))
+
 # Build the wheel and install it alone in a fresh virtual environment, then use it.
 test-wheel: install
 	rm -rf build/wheel-check && mkdir -p build/wheel-check
-	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w build/wheel-check/dist .
+	$(call build-wheel,build/wheel-check/dist)
 	$(PYTHON) -m venv build/wheel-check/venv
 	build/wheel-check/venv/bin/python -m pip install -q build/wheel-check/dist/persona_judge-*.whl pytest scipy
 	cd build/wheel-check && venv/bin/personajudge plugins >/dev/null

@@ -40,7 +40,8 @@ def main() -> None:
 def run(args: argparse.Namespace) -> None:
     prefs = args.prefer or ["concise", "friendly"]
 
-    backend = {"name": args.backend, **({"threads": args.threads} if args.threads else {})}
+    # `is not None`: 0 is a value for RunConfig to refuse (as the CLI does), not "the default"
+    backend = {"name": args.backend, **({"threads": args.threads} if args.threads is not None else {})}
     with PersonaJudge({"backend": backend, "decoding": {"max_new_tokens": args.max_new_tokens}}) as pj:
         encoder = pj.resolved_encoder(pj.config.model_copy(update={"preferences": prefs}))
         print(f"Q: {args.prompt}    (preferences: {', '.join(prefs)}; encoder {encoder}, seed {args.seed})\n")

@@ -20,10 +20,21 @@ The text such a model writes is noise; only its speed means anything. Needs
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from personajudge.core.errors import PersonaJudgeError
+from personajudge.core.files import check_output_path, os_error_text
+
+GGUF_HINT = 'pip install -e ".[hf]" in your persona-judge clone'
+
+
+class SyntheticGGUFError(PersonaJudgeError, ValueError):
+    """A user mistake (a source that is not a gemma3 GGUF, a folder as the destination): one line at the CLI."""
+
 
 #: Shapes of the Gemma 3 text models (from their published configs).
 SHAPES: dict[str, dict[str, int]] = {
@@ -85,14 +96,45 @@ def write_synthetic(
     """
     import gguf
 
-    reader = gguf.GGUFReader(str(source))
-    arch = str(reader.fields["general.architecture"].contents())
-    if arch != "gemma3":
-        raise ValueError(f"expected a gemma3 GGUF to copy the tokenizer from, got {arch}")
-    vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
-    dest = Path(dest)
+    # the destination first: a folder found only at the final rename would cost the whole model's write
+    dest = check_output_path(dest, "destination", SyntheticGGUFError)
+    reader = _read_source(gguf, source)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
+    try:
+        _write(gguf, reader, tmp, dest, shape, body=body, seed=seed)
+        check_output_path(dest, "destination", SyntheticGGUFError)  # again: it may have changed meanwhile
+        tmp.replace(dest)  # never leave a half-written model under the final name
+    except BaseException:  # an error, a full disk or Ctrl-C: no DEST.part is left behind
+        tmp.unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def _read_source(gguf, source: str | Path):
+    """``source`` opened as a gemma3 GGUF with a tokenizer, or one line saying why it is not one."""
+    src = Path(source)
+    if not src.is_file():
+        raise SyntheticGGUFError(f"--source {src}: {'is not a file' if src.exists() else 'no such file'}")
+    try:
+        reader = gguf.GGUFReader(str(src))
+        arch = str(reader.fields["general.architecture"].contents())
+        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    except OSError as err:
+        raise SyntheticGGUFError(f"--source {src}: {os_error_text(err)}") from None
+    except (ValueError, KeyError, IndexError, TypeError) as err:  # what the reader raises on a non-GGUF
+        raise SyntheticGGUFError(f"--source {src} is not a GGUF model with a tokenizer ({err})") from None
+    if arch != "gemma3":
+        raise SyntheticGGUFError(f"--source {src}: expected a gemma3 GGUF to copy the tokenizer from, got {arch}")
+    if not vocab:
+        raise SyntheticGGUFError(f"--source {src} has an empty vocabulary")
+    return reader
+
+
+def _write(gguf, reader, tmp: Path, dest: Path, shape: dict[str, int], *, body: str, seed: int) -> None:
+    """The model into ``tmp`` (the caller renames it to ``dest`` once it is whole, or removes it)."""
+    arch = str(reader.fields["general.architecture"].contents())
+    vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
     w = gguf.GGUFWriter(str(tmp), arch)
     shape_keys = {f"{arch}.{k}" for k in _SHAPE_KEYS}
     for key, field in reader.fields.items():
@@ -146,8 +188,6 @@ def write_synthetic(
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    tmp.replace(dest)  # never leave a half-written model under the final name
-    return dest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,12 +198,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--body", choices=sorted(_CODE_STD), default="Q4_0", help="block type of the layers' matrices")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    source = args.source
-    if source is None:
-        from personajudge.backends.embedded import default_model_path
+    # every mistake is one line and status 2, before anything is assembled or written (as the other examples)
+    if importlib.util.find_spec("gguf") is None:
+        ap.exit(2, f"{ap.prog}: error: writing a GGUF needs the gguf package; run: {GGUF_HINT}\n")
+    try:
+        check_output_path(args.dest, "destination", SyntheticGGUFError)
+        source = args.source
+        if source is None:
+            from personajudge.backends.embedded import default_model_path
 
-        source = default_model_path()
-    path = write_synthetic(source, args.dest, SHAPES[args.shape], body=args.body, seed=args.seed)
+            source = default_model_path()
+        path = write_synthetic(source, args.dest, SHAPES[args.shape], body=args.body, seed=args.seed)
+    except PersonaJudgeError as err:
+        ap.exit(2, f"{ap.prog}: error: {err}\n")
+    except OSError as err:  # a destination that cannot be written: no permission, a full disk
+        ap.exit(2, f"{ap.prog}: error: cannot write {args.dest}: {os_error_text(err)}\n")
     print(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB, shape {args.shape}, layers {args.body})")
     return 0
 

@@ -26,15 +26,19 @@ from personajudge.serve.bench import format_table, run_bench_serve
 from .options import add_run_options, config_from_args, mark_refused
 
 SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
+#: bench-serve also talks to the server over HTTP (httpx, in the ``serve`` extra too)
+BENCH_SERVE_MODULES = (*SERVE_MODULES, "httpx")
 #: the largest ``max_new_tokens`` the config takes (bench-serve's --max-tokens becomes it)
 MAX_NEW_TOKENS: int = next(m.le for m in DecodingConfig.model_fields["max_new_tokens"].metadata if hasattr(m, "le"))
 INSTALL_HINT = 'pip install -e ".[serve]" in your persona-judge clone'
 
 
-def _require_serve_extra() -> None:
-    missing = [m for m in SERVE_MODULES if importlib.util.find_spec(m) is None]
+def _require_serve_extra(modules: tuple[str, ...] = SERVE_MODULES, what: str = "the server") -> None:
+    """One line naming the extra, before any work: a module found missing later (bench-serve's httpx,
+    imported where it is used) would be a traceback after the direct row ran and the server started."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise PersonaJudgeError(f"the server needs {', '.join(missing)}; run: {INSTALL_HINT}")
+        raise PersonaJudgeError(f"{what} needs {', '.join(missing)}; run: {INSTALL_HINT}")
 
 
 def _check_limits(args: argparse.Namespace) -> None:
@@ -206,7 +210,7 @@ def _levels(text: str) -> list[int]:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    _require_serve_extra()
+    _require_serve_extra(BENCH_SERVE_MODULES, "bench-serve")
     if args.host is not None or args.port is not None:
         raise ConfigError(
             "bench-serve starts its server on 127.0.0.1 and a free port: --host and --port are not used "

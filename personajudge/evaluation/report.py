@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from personajudge.core import files
+from personajudge.core.errors import PersonaJudgeWarning
 
 from .errors import EvalError
 from .scorers import get_scorer_class
@@ -839,13 +841,16 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
         for name, file in plots.items():
             lines += [f"![{name}]({file})", ""]
     elif report.get("plots_kept"):
+        why = report.get("plots_skipped", "`--no-plots`")
         lines += [
             "## Plots",
             "",
-            "Not redrawn for this report (`--no-plots`); the plots of an earlier report are left as they were "
+            f"Not redrawn for this report ({why}); the plots of an earlier report are left as they were "
             "and may show older numbers: " + ", ".join(f"`{f}`" for f in report["plots_kept"].values()) + ".",
             "",
         ]
+    elif report.get("plots_skipped"):
+        lines += ["## Plots", "", f"None drawn: {report['plots_skipped']}.", ""]
     lines += ["Rebuild this report with `personajudge report " + report["run_dir"] + "`.", ""]
     return "\n".join(lines)
 
@@ -1005,10 +1010,23 @@ def _plots_written_before(run_dir: Path) -> set[str]:
     return out
 
 
+def _matplotlib_works() -> bool:
+    """Whether :func:`write_plots` can draw: matplotlib (the ``eval`` extra) imports."""
+    try:
+        import matplotlib.figure  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _save(fig: Any, path: Path) -> None:
     """``fig.savefig`` to ``path`` atomically; an unwritable run directory is an :class:`EvalError`."""
     with files.atomic_write(path, "wb", what="report file", error=EvalError) as f:
         fig.savefig(f, format="png", dpi=110)
+
+
+#: why a report asked for plots draws none when matplotlib is missing (report.md, report.json, the warning)
+NO_MATPLOTLIB = 'matplotlib is not installed; run: pip install -e ".[eval]" in your persona-judge clone'
 
 
 def write_report(run_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
@@ -1018,11 +1036,17 @@ def write_report(run_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
     may show older numbers, so ``report.md`` does not show them; ``report.json`` lists them under
     ``plots_kept``, ``plots`` being what this report drew). A report with plots removes the plots of
     earlier reports that no longer apply. A run directory that cannot be written is an :class:`EvalError`.
+    Without matplotlib a report asked for plots does what ``plots=False`` does and says so in one
+    :class:`PersonaJudgeWarning` (and under ``plots_skipped``): the earlier plots were drawn from these
+    rows too, so deleting them would lose results that cannot be redrawn here.
     """
     run_dir = Path(run_dir)
     data = RunData(run_dir)  # a directory that is not a readable run is refused before anything is touched
     report = build_report(run_dir, data)
     before = _plots_written_before(run_dir)
+    if plots and not _matplotlib_works():
+        plots = False
+        report["plots_skipped"] = NO_MATPLOTLIB
     drawn = write_plots(report, data, run_dir) if plots else {}
     report["plots"] = drawn
     if plots:
@@ -1035,6 +1059,10 @@ def write_report(run_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
         report["plots_kept"] = {
             title: file for title, file in PLOT_TITLES.items() if file in before and (run_dir / file).is_file()
         }
+        if "plots_skipped" in report:
+            kept = ", ".join(report["plots_kept"].values())
+            kept = f"; the earlier report's {kept} are kept and may show older numbers" if kept else ""
+            warnings.warn(f"plots skipped: {NO_MATPLOTLIB}{kept}", PersonaJudgeWarning, stacklevel=2)
     out = {"json": run_dir / "report.json", "markdown": run_dir / "report.md"}
     write_json_atomic(out["json"], _jsonable(report))
     md = render_markdown(report, drawn)
