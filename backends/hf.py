@@ -35,6 +35,7 @@ loads take seconds. With no model, the embedded Gemma 3 270M GGUF is used.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -153,8 +154,20 @@ class HFTokenizer:
         self.eos_token_ids = eos_token_ids
         self.chat_template: str | None = getattr(tok, "chat_template", None) or None
 
-    def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=add_bos))
+    @functools.cached_property
+    def special_texts(self) -> frozenset[str]:
+        """The special tokens' texts (``<eos>``, ``<start_of_turn>``), which ``encode`` turns into those
+        tokens unless ``special=False``: the API encodes a user's text that holds one as plain text."""
+        added = getattr(self.hf, "added_tokens_decoder", None) or {}
+        texts = {t.content for t in added.values() if getattr(t, "special", False)}
+        texts.update(getattr(self.hf, "all_special_tokens", ()) or ())
+        return frozenset(t for t in texts if isinstance(t, str) and t)
+
+    def encode(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
+        """Token ids of ``text``; ``special=False`` encodes special-token text (``<eos>``) as plain text."""
+        if special:
+            return list(self.hf.encode(text, add_special_tokens=add_bos))
+        return list(self.hf.encode(text, add_special_tokens=add_bos, split_special_tokens=True))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=True)

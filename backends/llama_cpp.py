@@ -29,6 +29,7 @@ a backend is constructed, so listing plugins stays fast.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import mmap
 import os
@@ -443,15 +444,28 @@ class LlamaCppTokenizer:
             n = self._lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
 
-    def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
+    @functools.cached_property
+    def special_texts(self) -> frozenset[str]:
+        """The texts of the control (and unknown) tokens, which ``encode`` turns into those tokens
+        unless ``special=False`` (llama.cpp's ``parse_special``): the API encodes a user's text that
+        holds one (``<eos>``, ``<end_of_turn>``) as plain text. User-defined tokens are left out:
+        llama.cpp matches them in text either way. Read once, on first use (a pass over the vocabulary)."""
+        attr = self._lib.llama_vocab_get_attr
+        flags = int(self._lib.LLAMA_TOKEN_ATTR_CONTROL) | int(self._lib.LLAMA_TOKEN_ATTR_UNKNOWN)
+        vocab = self.vocab
+        ids = [t for t in range(self.vocab_size) if int(attr(vocab, t)) & flags]
+        return frozenset(text for text in map(self.token_text, ids) if text)
+
+    def encode(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
+        """Token ids of ``text``; ``special=False`` encodes control-token text (``<eos>``) as plain text."""
         data = text.encode("utf-8")
         n_max = len(data) + 8
         arr = (ctypes.c_int32 * n_max)()
-        n = self._lib.llama_tokenize(self.vocab, data, len(data), arr, n_max, add_bos, True)
+        n = self._lib.llama_tokenize(self.vocab, data, len(data), arr, n_max, add_bos, special)
         if n < 0:
             n_max = -n
             arr = (ctypes.c_int32 * n_max)()
-            n = self._lib.llama_tokenize(self.vocab, data, len(data), arr, n_max, add_bos, True)
+            n = self._lib.llama_tokenize(self.vocab, data, len(data), arr, n_max, add_bos, special)
         if n < 0:
             raise RuntimeError(f"llama_tokenize failed ({n})")
         ids = list(arr[:n])

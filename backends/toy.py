@@ -30,13 +30,14 @@ class ToyTokenizer:
     """Characters of :data:`ALPHABET` are tokens 1..N; token 0 is end-of-sequence."""
 
     chat_template: str | None = None
+    special_texts: frozenset[str] = frozenset()  # no text becomes a control token here
 
     def __init__(self) -> None:
         self.vocab_size = len(ALPHABET) + 1
         self.eos_token_ids = frozenset({EOS})
         self._index = {c: i + 1 for i, c in enumerate(ALPHABET)}
 
-    def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
+    def encode(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
         return [self._index.get(c, self._index["?"]) for c in text.lower()]
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -44,7 +44,14 @@ class Tokenizer(Protocol):
 
     The three attributes are read-only here (properties), so a plain class attribute satisfies them
     for a type checker too: ``chat_template = None`` in a tokenizer without a template, as in the
-    README's example backend, would not match a writable ``str | None``."""
+    README's example backend, would not match a writable ``str | None``.
+
+    Optional, and what keeps a user's text literal: ``special_texts`` (a frozenset of the strings
+    that ``encode`` turns into control tokens, ``"<eos>"``, ``"<end_of_turn>"``) and an ``encode``
+    that takes ``special=False`` (those strings encoded as plain text). A tokenizer with both gets
+    special-token text in the prompt, the messages, the system text and the preferences encoded as
+    text (:class:`personajudge.preferences.encoders.UserText`), while the chat template's and the
+    encoder's own markers stay control tokens; one without them is encoded as before."""
 
     @property
     def vocab_size(self) -> int: ...
@@ -56,7 +63,8 @@ class Tokenizer(Protocol):
     def chat_template(self) -> str | None: ...
 
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
-        """Token ids of ``text``; special-token markup in ``text`` is parsed."""
+        """Token ids of ``text``; special-token markup in ``text`` is parsed (optionally, with a
+        ``special: bool = True`` keyword, not parsed when ``special=False``: see the class docstring)."""
         ...
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -47,6 +47,7 @@ from personajudge.preferences import (
     reported,
     warn_duplicates,
 )
+from personajudge.preferences.encoders import UserText
 
 Prompt = str | list[dict[str, str]]
 
@@ -206,12 +207,18 @@ def _caller_stacklevel() -> int:
     return level
 
 
+#: the warning for names or descriptions given together with views (in one call, one file, one command line)
+IGNORED_NEXT_TO_VIEWS = (
+    "the preferences given alongside views are ignored; the views decide (put every preference into a view)"
+)
+
+
 def _warn_degenerate(name: str, meth: Any, ignored: Sequence[Any], user_views: list[list[Any]]) -> None:
     """Say so when a run silently does less than it seems to (one line each; the CLI prints them).
     Each names the caller's line (:func:`_caller_stacklevel`)."""
     if ignored:
         warnings.warn(
-            "the preferences given alongside views are ignored; the views decide (put every preference into a view)",
+            IGNORED_NEXT_TO_VIEWS,
             PersonaJudgeWarning,
             stacklevel=_caller_stacklevel(),
         )
@@ -307,12 +314,18 @@ def _plan_call(base: RunConfig, preferences, views, method, decoding: dict[str, 
     if any(v is not None for v in overrides.values()):
         cfg = build_config(base.model_dump(by_alias=True), **overrides)
     # a call's views replace the configured preferences too (a server's defaults do not meet a
-    # request's views); a call's preferences next to configured views define names for them (the CLI's
-    # preferences file) or are ignored with a warning
+    # request's views); a call's preferences replace the configured views, one view each, as --prefer
+    # replaces a config file's views and a request's preferences the server's -- except definitions
+    # (Preference objects the configured views name, or the config's own, a preferences file's that the
+    # CLI passes next to --view) and an empty list, which leave the views as they are
     prefs: Sequence[PreferenceSpec] = (
         given_prefs if given_prefs is not None else ([] if given_groups is not None else cfg.preferences)
     )
     groups: Sequence[Sequence[PreferenceSpec]] | None = given_groups if given_groups is not None else cfg.views
+    defs = [p for p in getattr(base, "definitions", None) or () if isinstance(p, Preference)]
+    if given_groups is None and given_prefs and groups and not _only_definitions(given_prefs, groups, defs):
+        groups = None
+        prefs = given_prefs = named_by(given_prefs, defs) if defs else given_prefs
     if given_prefs is not None and not groups:
         prefs = _named_definitions(given_prefs)
     meth = make_method(cfg)
@@ -323,6 +336,29 @@ def _plan_call(base: RunConfig, preferences, views, method, decoding: dict[str, 
     # "ignored"; names and descriptions next to views are
     unused = [p for p in prefs if not isinstance(p, Preference)] if groups else []
     return cfg, meth, user_views, unused
+
+
+def _only_definitions(
+    prefs: Sequence[PreferenceSpec], groups: Sequence[Sequence[PreferenceSpec]], defs: Sequence[Preference]
+) -> bool:
+    """Whether a call's ``prefs`` only define what configured views (``groups``) name: every one a
+    :class:`Preference` that a view names (by name or alias) or that the config defines (``defs``, a
+    ``--preferences-file``'s, which the CLI passes with each call next to ``--view``). Those define
+    names; any other preference replaces the views."""
+    named = set()
+    for g in groups:
+        for p in g:
+            if isinstance(p, str):
+                named.add(p.strip().lower())
+            elif isinstance(p, Preference):
+                named.add(p.name.lower())
+            elif isinstance(p, Mapping) and isinstance(p.get("name"), str):
+                named.add(p["name"].lower())
+    return all(
+        isinstance(p, Preference)
+        and (any(p == d for d in defs) or bool({p.name.lower(), *(a.lower() for a in p.aliases)} & named))
+        for p in prefs
+    )
 
 
 #: drawn seeds are below this: 2**53, the integers a JSON number parsed as an IEEE double (JavaScript,
@@ -573,13 +609,24 @@ class PersonaJudge:
     ) -> list[tuple[str, bool]]:
         """The prompt text of each view ``method`` prompts for the user's ``views``, and whether
         the tokenizer adds BOS to it (what ``--show-prompt`` prints)."""
+        rendered, user = self._render(prompt, cfg, method, views)
+        return [(user.text(text), add_bos) for text, add_bos in rendered]
+
+    def _render(
+        self, prompt: Prompt, cfg: RunConfig, method, views: list[list[Preference]]
+    ) -> tuple[list[tuple[str, bool]], UserText]:
+        """Each view's rendered text with the user's special-token text held out (:class:`UserText`),
+        and the ``UserText`` that encodes it: that text stays literal, not a control token."""
         conversation = normalize_conversation(prompt)
         tok = self.backend.tokenizer
         encoder = resolve_encoder(cfg.encoder, tok, views, options=cfg.encoder_options)
-        return [
-            render_view(encoder, v, conversation, tok, system=cfg.system, options=cfg.encoder_options)
-            for v in plan_views(method, cfg.method, views)
+        planned = plan_views(method, cfg.method, views)
+        user = UserText(tok, conversation, cfg.system, planned)
+        rendered = [
+            render_view(encoder, user.view(v), user.conversation, tok, system=user.system, options=cfg.encoder_options)
+            for v in planned
         ]
+        return rendered, user
 
     def resolved_encoder(self, cfg: RunConfig, views: Sequence[Sequence[PreferenceSpec]] | None = None) -> str:
         """The name of the encoder a run uses: ``cfg.encoder``, or what ``auto`` stands for on this model
@@ -599,9 +646,10 @@ class PersonaJudge:
         return resolve_encoder(cfg.encoder, self.backend.tokenizer, resolved).name
 
     def encode_views(self, prompt: Prompt, cfg: RunConfig, method, views: list[list[Preference]]) -> list[list[int]]:
-        """Token contexts of the views ``method`` prompts for the user's ``views``."""
-        tok = self.backend.tokenizer
-        return [tok.encode(text, add_bos=add_bos) for text, add_bos in self.render_views(prompt, cfg, method, views)]
+        """Token contexts of the views ``method`` prompts for the user's ``views``; special-token text in
+        the user's strings (``<eos>`` in a message) is encoded as text, the template's markers as tokens."""
+        rendered, user = self._render(prompt, cfg, method, views)
+        return [user.encode(text, add_bos) for text, add_bos in rendered]
 
     def generate(
         self,
@@ -617,7 +665,12 @@ class PersonaJudge:
 
         ``prompt`` is a string or a list of chat messages. ``preferences`` and
         ``views`` replace the config's (names, descriptions, tables as a run's
-        ``settings`` report them, or :class:`Preference` objects). ``decoding`` takes the fields of
+        ``settings`` report them, or :class:`Preference` objects): ``views``
+        replace its preferences and views, and ``preferences`` (one view each, as
+        ``--prefer`` and a server request's ``preferences``) replace its
+        views too, except :class:`Preference` objects that only define names
+        the config's views use, and an empty list, which leaves a config's
+        views as they are (``views=[]`` drops them). ``decoding`` takes the fields of
         :class:`DecodingConfig` by name (``temperature``, ``top_k``, ``top_p``,
         ``max_new_tokens``, ``stop``, ``seed``, ``roles``, ``repeat_lines``,
         ``schedule``), its ``lambda`` (the draft window) as ``lam=`` or

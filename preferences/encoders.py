@@ -27,6 +27,7 @@ options unchecked, as before (it may check them itself).
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import Field, field_validator, model_validator
@@ -131,11 +132,103 @@ def encode(
     system: str | None = None,
     options: dict[str, Any] | None = None,
 ) -> list[int]:
-    """``encoder``'s prompt for one view, as token ids (what the engine feeds each view)."""
-    out = encoder.render(view, conversation, tokenizer, system=system, options=options)
+    """``encoder``'s prompt for one view, as token ids (what the engine feeds each view); special-token
+    text in the user's strings stays text (:class:`UserText`)."""
+    user = UserText(tokenizer, conversation, system, [view])
+    out = encoder.render(user.view(view), user.conversation, tokenizer, system=user.system, options=options)
     cls = type(encoder).__qualname__
     text, add_bos = checked_render(out, f"encoder '{getattr(encoder, 'name', cls)}' ({cls})")
-    return tokenizer.encode(text, add_bos=add_bos)
+    return user.encode(text, add_bos)
+
+
+class UserText:
+    """The user's strings (messages, system text, preferences) with their special-token text kept literal.
+
+    A tokenizer parses special-token text: ``"<eos>"`` in a prompt would be the model's real end of
+    text, and ``"<end_of_turn>"`` in a message would close the turn, so a user (or any client of the
+    server) could end a view's context early or step out of the chat-turn or exemplar frame that
+    carries its preference. The encoder renders one string, in which the template's markers and the
+    user's text can no longer be told apart; so before it renders, each special-token string the
+    tokenizer lists (``special_texts``) that occurs in the user's strings is swapped for a placeholder
+    (a private-use character no input holds, and a number), and after it, the rendered text is encoded
+    in pieces: the text between placeholders as before (its markers are control tokens), each
+    placeholder as the literal string, with ``special=False``. Every encoder, third-party ones too,
+    gets this without knowing of it, as the placeholders survive the usual templating (trimming,
+    joining, folding whitespace). Where no user string holds special-token text (ordinary prompts),
+    nothing is swapped and the ids are exactly ``tokenizer.encode(text)``'s. A tokenizer that lists
+    no ``special_texts`` is encoded as before.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        conversation: list[Message],
+        system: str | None = None,
+        views: list[list[Preference]] = (),  # type: ignore[assignment]
+    ):
+        self._tokenizer = tokenizer
+        self.conversation, self.system = conversation, system
+        texts = [m["content"] for m in conversation] + ([system] if system else [])
+        texts += [t for v in views for p in v for t in _preference_texts(p)]
+        joined = "\x00".join(texts)
+        specials = getattr(tokenizer, "special_texts", None) or ()
+        found = sorted((t for t in specials if t in joined), key=lambda t: (-len(t), t))  # longest first
+        self._literals: list[str] = found
+        if not found:
+            self._pattern = None
+            return
+        taken = joined + (tokenizer.chat_template or "")
+        self._mark = next(chr(c) for c in range(0xE000, 0xF900) if chr(c) not in taken)
+        self._pattern = re.compile("|".join(map(re.escape, found)))
+        self._placeholder = re.compile(f"{self._mark}(\\d+){self._mark}")
+        self.conversation = [{**m, "content": self._hide(m["content"])} for m in conversation]
+        self.system = self._hide(system) if system else system
+
+    def _hide(self, text: str) -> str:
+        if self._pattern is None:
+            return text
+        index = {t: i for i, t in enumerate(self._literals)}
+        return self._pattern.sub(lambda m: f"{self._mark}{index[m.group(0)]}{self._mark}", text)
+
+    def view(self, view: list[Preference]) -> list[Preference]:
+        """``view`` with the special-token text of its preferences' texts swapped (the same objects where none)."""
+        if self._pattern is None:
+            return view
+        out = []
+        for p in view:
+            if not any(self._pattern.search(t) for t in _preference_texts(p)):
+                out.append(p)
+                continue
+            examples = tuple(e.model_copy(update={"q": self._hide(e.q), "a": self._hide(e.a)}) for e in p.examples)
+            update = {"description": self._hide(p.description), "instruction": self._hide(p.instruction)}
+            out.append(p.model_copy(update={**update, "examples": examples}))
+        return out
+
+    def text(self, rendered: str) -> str:
+        """The rendered text with the literal strings back in place of the placeholders (what it reads as)."""
+        if self._pattern is None:
+            return rendered
+        return self._placeholder.sub(lambda m: self._literals[int(m.group(1))], rendered)
+
+    def encode(self, rendered: str, add_bos: bool) -> list[int]:
+        """Token ids of ``rendered`` (an encoder's output): the user's special-token text as plain text."""
+        tok = self._tokenizer
+        if self._pattern is None:
+            return tok.encode(rendered, add_bos=add_bos)
+        parts = self._placeholder.split(rendered)  # template text, literal index, template text, ...
+        ids = tok.encode(parts[0], add_bos=add_bos)
+        for i in range(1, len(parts), 2):
+            ids += tok.encode(self._literals[int(parts[i])], add_bos=False, special=False)  # type: ignore[call-arg]
+            if parts[i + 1]:
+                ids += tok.encode(parts[i + 1], add_bos=False)
+        return ids
+
+
+def _preference_texts(p: Any) -> list[str]:
+    """The texts of a preference an encoder may put in a prompt."""
+    if not isinstance(p, Preference):
+        return []
+    return [p.description, p.instruction, *(t for e in p.examples for t in (e.q, e.a))]
 
 
 def checked_render(out: Any, who: str) -> tuple[str, bool]:

@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 from pydantic import Field
 
+from personajudge.api import IGNORED_NEXT_TO_VIEWS
 from personajudge.core.config import RunConfig, build_config, load_config_file
 from personajudge.core.errors import ConfigError, PersonaJudgeError, PersonaJudgeWarning
 from personajudge.core.files import path_problem
@@ -302,6 +303,11 @@ def config_from_args(args: argparse.Namespace):
     except ConfigError as err:
         raise ConfigError(_name_flags(str(err), {k for k, v in overrides.items() if v is not None})) from None
     build_views(prefs if prefs is not None else cfg.preferences, cfg.views, preference_library())
+    if args.view and args.prefer:
+        # --prefer next to --view was given together with it: the views decide (a call's own
+        # preferences would replace the views), and only the file's definitions go with each call
+        warnings.warn(IGNORED_NEXT_TO_VIEWS, PersonaJudgeWarning, stacklevel=2)
+        prefs = [p for p in prefs or () if isinstance(p, Preference)] or None
     defs = [p for p in prefs or () if isinstance(p, Preference)]
     if defs and cfg.views:
         cfg = FileDefinedConfig.model_validate({**cfg.model_dump(by_alias=True), "definitions": defs})

@@ -183,21 +183,22 @@ def test_c_a_prompt_with_such_a_token_is_a_prompt_token_error_naming_it(addedtok
     with quiet_pj(addedtok) as pj:
         with pytest.raises(PromptTokenError, match=r"token '<\|im_start\|>' \(id 256\).*no embedding"):
             pj.generate([{"role": "user", "content": "hi"}], seed=1, max_new_tokens=4)  # the template's token
-        with pytest.raises(PromptTokenError, match=r"^prompts\[1\]: .*'<\|im_end\|>' \(id 257\)") as e:
-            pj.generate_batch(["hi", "a <|im_end|> b"], encoder="plain", seed=1, max_new_tokens=4)
-        assert isinstance(e.value, ContextLengthError) and e.value.row == 1
+        # the user's own "<|im_end|>" is text, not the token (special-token text in user input stays text)
+        rows = pj.generate_batch(["hi", "a <|im_end|> b"], encoder="plain", seed=1, max_new_tokens=4)
+        assert all(r.tokens for r in rows)
         assert pj.generate("hi", encoder="plain", seed=1, max_new_tokens=4).tokens  # prompts without it run
 
 
-def test_c_a_jsonl_row_with_such_a_token_names_its_file_and_line(addedtok, tmp_path, capfd):
+def test_c_a_jsonl_row_with_such_a_tokens_text_runs_it_as_text(addedtok, tmp_path, capfd):
+    """A row's "<|im_start|>" is the user's text, encoded as text (not the token past the embedding)."""
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text(json.dumps({"prompt": "hello"}) + "\n" + json.dumps({"prompt": "x <|im_start|> y"}) + "\n")
     argv = ["generate", "--input", str(inp), "--output", str(out), "--backend", "hf", "--model", str(addedtok)]
     argv += ["--encoder", "plain", "--prefer", "concise", "--prefer", "humor", "--max-new-tokens", "4", "-q"]
-    assert main(argv) == 2
+    assert main(argv) == 0
     lines = capfd.readouterr().err.strip().splitlines()
-    assert [x.split(":")[1] for x in lines] == [" warning", " error"], lines  # the load's warning, then the row's
-    assert f"{inp}:2: " in lines[1] and "'<|im_start|>' (id 256)" in lines[1]
+    assert [x.split(":")[1] for x in lines] == [" warning"], lines  # the load's warning only
+    assert len(out.read_text().splitlines()) == 2
 
 
 def test_c_the_server_answers_400_naming_the_prompt_field(addedtok, tmp_path):
