@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from bounded import sigint_as_at_a_terminal
 
 from personajudge.bench import _peak_rss_mb, measure_memory
 from personajudge.cli import EXIT_PIPE, EncodableStdout, main
@@ -126,7 +127,14 @@ def _double_interrupt(tmp_path: Path, flags: list[str], rows: int) -> tuple[int,
     script = tmp_path / "marked.py"
     script.write_text(_MARK_CLOSE)
     cmd = [sys.executable, str(script), "generate", "--input", str(inp), "--output", str(out), *flags]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        preexec_fn=sigint_as_at_a_terminal,
+    )
     try:
         assert _wait_until(lambda: partial.exists() and len(partial.read_text().splitlines()) >= 2, 300)
         proc.send_signal(signal.SIGINT)
@@ -186,7 +194,14 @@ def _bench_serve(tmp_path: Path, wait_for: str) -> tuple[subprocess.Popen, int]:
     pytest.importorskip("uvicorn")
     cmd = [*PJ, "bench-serve", *TOY, "--no-direct", "--requests", "100000", "--max-tokens", "64"]
     cmd += ["--concurrency", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        preexec_fn=sigint_as_at_a_terminal,
+    )
     assert proc.stderr is not None
     for line in proc.stderr:
         if wait_for in line:

@@ -19,6 +19,7 @@ import threading
 import time
 
 import pytest
+from bounded import sigint_as_at_a_terminal
 
 ray = pytest.importorskip("ray")
 
@@ -325,6 +326,7 @@ def test_second_ctrl_c_ends_a_hanging_ray_init_at_once(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=sigint_as_at_a_terminal,
     )
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)

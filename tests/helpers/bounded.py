@@ -26,3 +26,11 @@ def run_bounded(args, timeout=90, env=None):
         proc.communicate()
         pytest.fail(f"still running after {timeout}s: {args}")
     return proc.returncode, out, err
+
+
+def sigint_as_at_a_terminal() -> None:
+    """``preexec_fn`` of a child a test interrupts with SIGINT: SIGINT at its default, as a command started
+    at a terminal has it. A test run started in the background by a non-interactive shell (a CI runner,
+    ``nohup ... &``) ignores SIGINT; its children inherit that, Python then installs no KeyboardInterrupt
+    handler, and the CLI rightly leaves an ignored SIGINT ignored: the Ctrl-C would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
