@@ -450,9 +450,31 @@ def _abandoned(shared: _Shared) -> None:
     waiting here: a finalizer may run on any thread, the engine's included.
     Without this, the idle engine thread would hold the backend, and the
     model's memory, until the process ends.
+
+    Never waits for ``_SHARED_LOCK``: the garbage collector runs finalizers
+    in whichever thread allocates, and that may be a thread inside
+    ``with _SHARED_LOCK`` (building an engine), which would wait for itself
+    for ever. When the lock is taken, a short-lived thread does the work
+    once it is free.
     """
-    with _SHARED_LOCK:
+    if _SHARED_LOCK.acquire(blocking=False):
+        _release(shared, locked=True)
+        return
+    try:
+        threading.Thread(target=_release, args=(shared,), name="personajudge-release", daemon=True).start()
+    except RuntimeError:  # the interpreter is shutting down: its threads end with it
+        pass
+
+
+def _release(shared: _Shared, *, locked: bool = False) -> None:
+    """:func:`_abandoned`'s work: count the user out under ``_SHARED_LOCK`` (taken here unless ``locked``),
+    then let the engine stop once idle."""
+    if not locked:
+        _SHARED_LOCK.acquire()
+    try:
         engine = _leave_backend(shared)
+    finally:
+        _SHARED_LOCK.release()
     if engine is not None:
         engine.stop_when_idle()
 
