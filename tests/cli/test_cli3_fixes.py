@@ -115,6 +115,18 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _interruptible(cmd: list[str]) -> subprocess.Popen:
+    """``cmd`` with stderr piped, SIGINT at its default (a test signals it), the tests' environment."""
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        preexec_fn=sigint_as_at_a_terminal,
+    )
+
+
 def _double_interrupt(tmp_path: Path, flags: list[str], rows: int) -> tuple[int, str, Path]:
     """A batch interrupted once after its first rows are on disk, and again as soon as it begins
     to stop the engine; (exit status, stderr, partial file)."""
@@ -127,14 +139,7 @@ def _double_interrupt(tmp_path: Path, flags: list[str], rows: int) -> tuple[int,
     script = tmp_path / "marked.py"
     script.write_text(_MARK_CLOSE)
     cmd = [sys.executable, str(script), "generate", "--input", str(inp), "--output", str(out), *flags]
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(),
-        preexec_fn=sigint_as_at_a_terminal,
-    )
+    proc = _interruptible(cmd)
     try:
         assert _wait_until(lambda: partial.exists() and len(partial.read_text().splitlines()) >= 2, 300)
         proc.send_signal(signal.SIGINT)
@@ -194,14 +199,7 @@ def _bench_serve(tmp_path: Path, wait_for: str) -> tuple[subprocess.Popen, int]:
     pytest.importorskip("uvicorn")
     cmd = [*PJ, "bench-serve", *TOY, "--no-direct", "--requests", "100000", "--max-tokens", "64"]
     cmd += ["--concurrency", "1"]
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(),
-        preexec_fn=sigint_as_at_a_terminal,
-    )
+    proc = _interruptible(cmd)
     assert proc.stderr is not None
     for line in proc.stderr:
         if wait_for in line:
