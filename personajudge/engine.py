@@ -60,7 +60,7 @@ from personajudge.core.decoding import DecodeRequest, Forward, Loop, StepDriver,
 from personajudge.core.errors import PersonaJudgeError, PluginError, SessionError, TooManyViewsError
 from personajudge.core.methods import Base, Pad
 from personajudge.core.result import GenerationResult
-from personajudge.plugins.manager import guarded, who
+from personajudge.plugins.manager import guarded, open_session, who
 
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_QUEUE = 1024
@@ -486,7 +486,7 @@ class Engine:
             want = max(self._capacity, slots, 1)
             while True:
                 try:
-                    self.backend.open(want).close()
+                    open_session(self.backend, want).close()
                 except TooManyViewsError:
                     smaller = want // 2
                     if smaller <= self._capacity:  # what opened before (or nothing): no size of ours fits
@@ -709,7 +709,7 @@ class Engine:
         hold) would have made every later session ask for as many, and fail.
         """
         self._close_session()
-        self._session = self.backend.open(capacity)
+        self._session = open_session(self.backend, capacity)
         self._capacity = capacity
         self._driver = StepDriver(self._session)
         self._judge = BatchedJudge(self._kernel)
@@ -817,7 +817,7 @@ class Engine:
         job._emit(("start",))
         error: BaseException | None = None
         try:
-            with self.backend.open(job.n_views) as session:
+            with open_session(self.backend, job.n_views) as session:
                 run_timed(job.method.decode, session, job.req)
         except Exception as err:
             error = err

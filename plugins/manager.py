@@ -607,6 +607,54 @@ def guarded(kind: str, key: str, obj: Any, doing: str, call: Callable[[], Any]) 
         raise PluginError(f"{who(kind, key, obj)}{doing} {type(err).__name__}: {_one_line(err)}") from err
 
 
+class _GuardedSession:
+    """A third-party backend's session, whose ``forward_many``, ``forward``, ``truncate`` and ``close``
+    are :func:`guarded`: an ``IndexError`` deep in someone's forward pass fails that request with one
+    :class:`PluginError` naming the backend and its distribution, where it would have been a traceback
+    that looks like this project's bug. Everything else (``closed``, ``n_views``, a backend's own
+    extras) is the session's own, read through."""
+
+    def __init__(self, key: str, backend: Any, session: Any):
+        self._key, self._backend, self._session = key, backend, session
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        return guarded("backend", self._key, self._backend, f"'s session.{what} raised", fn)
+
+    def forward_many(self, calls: Any) -> Any:
+        return self._call("forward_many", lambda: self._session.forward_many(calls))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call("forward", lambda: self._session.forward(*args, **kwargs))
+
+    def truncate(self, view: int, length: int) -> Any:
+        return self._call("truncate", lambda: self._session.truncate(view, length))
+
+    def close(self) -> None:
+        self._call("close", self._session.close)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+    def __enter__(self) -> _GuardedSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_session(backend: Any, capacity: int) -> Any:
+    """``backend.open(capacity)``, for the engine: a registered third-party backend's failures, in opening
+    and in the session's calls, are one :class:`PluginError` naming it (:class:`_GuardedSession`).
+    The built-in backends' sessions come back as they are (their exceptions are this project's bugs,
+    with their tracebacks), and so does the session of a backend object no registry holds."""
+    cls = type(backend)
+    key = next((k for k, v in registry("backend").items() if v is cls), None)
+    if key is None or _builtin("backend", key, backend):
+        return backend.open(capacity)
+    session = guarded("backend", key, backend, ".open raised", lambda: backend.open(capacity))
+    return _GuardedSession(key, backend, session)
+
+
 def stop_strings_of(encoder: Any, tokenizer: Tokenizer, options: dict[str, Any] | None) -> list[str]:
     """The stop strings ``encoder``'s format implies: a list of non-empty strings, checked (a bare ``"user:"``
     unpacked into the run's stop list would end the answer at any of its letters, in silence)."""

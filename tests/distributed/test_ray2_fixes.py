@@ -313,6 +313,11 @@ class _SilentGrpc:
         self.thread.join(10)
 
 
+#: Ray swaps a 127.0.0.1 address for this machine's node address (its eth0) before it connects;
+#: with its "cluster" switch off it keeps the loopback address, so the test talks to 127.0.0.1 only.
+_LOOPBACK_ONLY = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
 def test_second_ctrl_c_ends_a_hanging_ray_init_at_once(tmp_path):
     """``--ray HOST:PORT`` of a gRPC server that is not Ray: ray.init waits in Ray's C++ code, where no
     Python handler runs. Two Ctrl-Cs end the run at once, as 'interrupted', exit 130."""
@@ -327,6 +332,7 @@ def test_second_ctrl_c_ends_a_hanging_ray_init_at_once(tmp_path):
         text=True,
         start_new_session=True,
         preexec_fn=sigint_as_at_a_terminal,
+        env=_LOOPBACK_ONLY,
     )
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
@@ -344,6 +350,7 @@ def test_second_ctrl_c_ends_a_hanging_ray_init_at_once(tmp_path):
             proc.wait(20)  # at once: ray.init alone would retry for minutes
         except subprocess.TimeoutExpired:
             pytest.fail(f"still running 20s after the second Ctrl-C: {lines}")
+        assert fake.conns, "Ray waited on some other address than the 127.0.0.1 stand-in"
     finally:
         _kill_group(proc)
         fake.close()

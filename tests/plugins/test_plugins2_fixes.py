@@ -50,6 +50,17 @@ class Wrap(ToyBackend):
         {in_init}
         super().__init__(config)
 
+    def open(self, n_views):
+        session = super().open(n_views)
+        inner = session._forward_many
+
+        def forward_many(calls):
+            {in_forward}
+            return inner(calls)
+
+        session._forward_many = forward_many
+        return session
+
 class Flat:
     name = "flat-{n}"
     description = "A test method."
@@ -101,6 +112,7 @@ def install(
     in_render="",
     in_stop="",
     in_init="",
+    in_forward="",
     in_plan="",
     in_hook="",
     in_method_init="",
@@ -116,6 +128,7 @@ def install(
         in_render=in_render or "pass",
         in_stop=in_stop or "pass",
         in_init=in_init or "pass",
+        in_forward=in_forward or "pass",
         in_plan=in_plan or "pass",
         in_hook=in_hook or "pass",
         in_method_init=in_method_init or "pass",
@@ -195,6 +208,45 @@ def test_a_backend_whose_constructor_raises_is_one_plugin_error(site, exc):
     assert msg.endswith(f"{exc.split('(')[0]}: no weights")
     with pj.PersonaJudge({"backend": {"name": "toy"}}) as m:  # the built-in backends still load
         assert len(m.generate("hi", preferences=["concise", "humor"], max_new_tokens=3, seed=1).tokens) == 3
+
+
+def test_a_backend_whose_forward_raises_fails_that_request_with_one_plugin_error(site, monkeypatch):
+    """An exception inside a third-party backend's forward pass names the backend and its distribution
+    (not a traceback that reads as this project's bug); that request fails, the next one is served."""
+    plugin = install(site, in_forward='if os.environ.get("PJ_FORWARD_FAILS"): raise IndexError("row 7 of 2")')
+    run = {"preferences": ["concise", "humor"], "max_new_tokens": 3, "seed": 1}
+    with pj.PersonaJudge({"backend": {"name": plugin["backend"]}}) as m:
+        monkeypatch.setenv("PJ_FORWARD_FAILS", "1")
+        with pytest.raises(PluginError) as err:
+            m.generate("hi", **run)
+        monkeypatch.delenv("PJ_FORWARD_FAILS")
+        assert len(m.generate("hi", **run).tokens) == 3  # the engine goes on
+    msg = _one_line_plugin_error(
+        err, plugin, rf"backend '{plugin['backend']}' \(Wrap, from .*\)'s session\.forward_many raised "
+    )
+    assert msg.endswith("IndexError: row 7 of 2")
+    assert isinstance(err.value.__cause__, IndexError)
+
+
+def test_a_backend_whose_forward_raises_is_one_line_and_exit_2_at_the_cli(site, capsys):
+    plugin = install(site, in_forward='raise IndexError("row 7 of 2")')
+    code, _, err = run_main(["generate", "hi", "--backend", plugin["backend"], *TOY_RUN], capsys)
+    one_line(
+        code, err, f"personajudge: error: backend '{plugin['backend']}'", plugin["where"], "IndexError: row 7 of 2"
+    )
+
+
+def test_a_builtin_backends_forward_error_keeps_its_traceback(monkeypatch):
+    """A built-in backend's exception is this project's bug: it is not dressed up as a plugin's."""
+    from personajudge.backends.toy import ToySession
+
+    def broken(self, calls):
+        raise IndexError("a bug of ours")
+
+    monkeypatch.setattr(ToySession, "_forward_many", broken)
+    with pj.PersonaJudge({"backend": {"name": "toy"}}) as m:
+        with pytest.raises(IndexError, match="a bug of ours"):
+            m.generate("hi", preferences=["concise", "humor"], max_new_tokens=3, seed=1)
 
 
 def test_a_method_whose_plan_raises_is_one_plugin_error(site):
