@@ -118,7 +118,7 @@ def checked_loop(method: Any, req: DecodeRequest) -> Loop:
             f"{who('method', req.stats.method, method)}.loop returned {type(loop).__name__}, not a "
             "generator; loop(request) yields Forward and Truncate operations (personajudge.core.decoding)"
         )
-    return _checked_ops(method, req.stats.method, loop)
+    return _checked_ops(method, req.stats.method, loop, req.stats)
 
 
 _DONE = object()  # what _resume returns for a loop that has ended
@@ -133,7 +133,10 @@ def _resume(loop: Loop, value: Any) -> Any:
         return _DONE
 
 
-def _checked_ops(method: Any, name: str, loop: Loop) -> Loop:
+def _checked_ops(method: Any, name: str, loop: Loop, stats: Any) -> Loop:
+    """The loop's operations, checked; and its ``stats.forwards``, which the built-in loops count
+    themselves (one per ``Forward``) and a plugin's loop may not: the larger of the two counts stands."""
+    forwards = 0
     try:
         value = None  # send(None) starts a fresh generator, as next() does
         while (
@@ -141,8 +144,10 @@ def _checked_ops(method: Any, name: str, loop: Loop) -> Loop:
         ) is not _DONE:
             if not isinstance(op, Forward | Truncate):
                 raise not_an_op(op, f"{who('method', name, method)}.loop")
+            forwards += isinstance(op, Forward)
             value = yield op
     finally:
+        stats.forwards = max(stats.forwards, forwards)
         loop.close()
 
 

@@ -95,10 +95,13 @@ class PluginSource:
     distribution: str = ""  # the pip package; empty for objects registered at run time
     version: str = ""
     entry_point: str = ""
+    #: how a plugin registered at run time is named in messages, when its registered name is pluggy's
+    #: ``str(id(obj))`` (an instance registered without ``name=``): ``MyPlugin object``
+    shown: str = ""
 
     def __str__(self) -> str:
         if not self.distribution:
-            return f"'{self.plugin}' (registered at run time)"
+            return f"{self.shown or repr(self.plugin)} (registered at run time)"
         dist = f"{self.distribution} {self.version}".strip()
         return f"{dist}, entry point '{self.entry_point}'" if self.entry_point else dist
 
@@ -433,7 +436,10 @@ def register_plugin(plugin: Any, name: str | None = None) -> None:
             raise PluginError(
                 f"{_label(plugin)} implements no hooks: decorate its functions with @personajudge.hookimpl"
             )
-        _warn_unknown_hooks(pm, plugin, PluginSource(pm.get_name(plugin) or key))
+        registered = pm.get_name(plugin) or key
+        if name is None and not isinstance(plugin, types.ModuleType | type):
+            _sources[registered] = PluginSource(registered, shown=_label(plugin))
+        _warn_unknown_hooks(pm, plugin, _source(pm, plugin))
         _registries.clear()
 
 
@@ -444,7 +450,10 @@ def unregister_plugin(plugin: Any) -> None:
         pm = get_plugin_manager()
         if not pm.is_registered(plugin):
             return
+        name = pm.get_name(plugin)
         pm.unregister(plugin)
+        if name is not None and not _sources.get(name, PluginSource(name)).distribution:
+            _sources.pop(name, None)  # an id may be reused by a later object
         _registries.clear()
 
 

@@ -6,6 +6,7 @@ this catches the cheap breakages of all of them: a top-level ``async for`` copie
 
 import ast
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,17 @@ def test_a_readme_python_block_uses_only_exported_names(i):
     }
     missing = sorted(n for n in used | imported if n not in pj.__all__)
     assert not missing, f"README python block {i} uses personajudge names not in __all__: {missing}"
+
+
+def test_the_serving_engine_example_runs_persona_judge_without_a_warning(monkeypatch, capsys):
+    """The engine block of Serving (stream, astream, submit), run on the toy backend: every call has
+    two views, so none is the degenerate single-view run the library warns about (audit readme3 C)."""
+    (block,) = [b for b in BLOCKS if "model.astream(" in b and "model.submit(" in b]
+    assert '{"backend": {"name": "llama-cpp"}}' in block
+    script = block.replace('{"backend": {"name": "llama-cpp"}}', '{"backend": {"name": "toy"}}')
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        exec(compile(script, "README.md engine block", "exec"), {"__name__": "__readme__"})
+    ours = [str(w.message) for w in seen if issubclass(w.category, pj.PersonaJudgeWarning)]
+    assert not ours, ours
+    assert capsys.readouterr().out.strip()  # it printed the three texts
