@@ -12,15 +12,15 @@ import signal
 import socket
 import sys
 import threading
-import time
 import warnings
+from typing import Any
 
 from personajudge.api import PersonaJudge
 from personajudge.core.config import DecodingConfig
 from personajudge.core.errors import ConfigError, PersonaJudgeError, PersonaJudgeWarning
 from personajudge.core.files import os_error_text
 from personajudge.serve import create_app
-from personajudge.serve.app import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_VIEWS
+from personajudge.serve.app import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_VIEWS, Server
 from personajudge.serve.bench import format_table, run_bench_serve
 
 from .options import add_run_options, config_from_args, mark_refused
@@ -127,54 +127,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 stacklevel=1,
             )
 
-        class GracefulServer(uvicorn.Server):
-            """On the first SIGTERM/SIGINT: drain with the port still open. ``/health`` and new
-            requests answer 503 ``shutting_down`` (a load balancer takes the replica out), in-flight
-            requests get ``--shutdown-timeout`` seconds, the rest are cancelled in the engine so that
-            their responses still end properly (an error event and [DONE] on a stream), and only then
-            does uvicorn stop accepting and close. A second signal ends the grace period at once: the
-            in-flight requests are cancelled the same way (uvicorn's own second-signal path would
-            leave the engine running, wait ``timeout_graceful_shutdown`` for requests that cannot
-            end, then kill them mid-response with a 500 or a cut stream)."""
-
-            draining = False
-            stop_now = threading.Event()
-
-            @contextlib.contextmanager
-            def capture_signals(self):
-                # uvicorn's own version re-raises the signal after the graceful shutdown, which would
-                # kill the process with it; a SIGTERM'd server that shut down cleanly exits with 0.
-                if threading.current_thread() is not threading.main_thread():
-                    yield
-                    return
-                original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-                try:
-                    yield
-                finally:
-                    for sig, handler in original.items():
-                        signal.signal(sig, handler)
-
-            def handle_exit(self, sig, frame) -> None:
-                if self.draining and not self.should_exit:  # the second signal, during the drain
-                    self.stop_now.set()
-                    return
-                if self.draining or self.should_exit:  # the engine is closed: uvicorn's own handling
-                    super().handle_exit(sig, frame)
-                    return
-                self.draining = True
-                app.state.server.shutting_down = True
-                threading.Thread(target=self._drain, name="personajudge-drain", daemon=True).start()
-
-            def _drain(self) -> None:
-                deadline = time.monotonic() + args.shutdown_timeout
-                while time.monotonic() < deadline and not self.stop_now.is_set():
-                    stats = engine.stats()
-                    if not stats["running"] and not stats["queued"]:
-                        break
-                    self.stop_now.wait(0.05)
-                engine.close()  # cancels what is left; its responses end with the shutting_down error
-                self.should_exit = True  # uvicorn's loop sees it within a tick: stop accepting, close
-
         config = uvicorn.Config(
             app,
             host=args.host,
@@ -183,7 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=5,  # after the drain: the cancelled responses write their last events
             access_log=args.access_log,
         )
-        server = GracefulServer(config)
+        server = graceful_server(config, app.state.server, args.shutdown_timeout)
         port = sockets[0].getsockname()[1]  # the one the OS picked for --port 0
         host = f"[{args.host}]" if ":" in args.host else args.host
         facts = pj.backend.describe()  # optional for a plugin: the default names only the backend
@@ -197,6 +149,60 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         server.run(sockets=sockets)
     return 0
+
+
+def graceful_server(config: Any, srv: Server, shutdown_timeout: float) -> Any:
+    """The uvicorn server of ``personajudge serve``, which drains ``srv`` on SIGTERM/SIGINT for up to
+    ``shutdown_timeout`` seconds (a function: uvicorn is imported only when serving)."""
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """On the first SIGTERM/SIGINT: drain with the port still open. ``/health`` and requests that
+        arrive from then on answer 503 ``shutting_down`` (a load balancer takes the replica out);
+        requests already received, wherever they are (their body still arriving, being encoded, in
+        the engine, streaming), get ``shutdown_timeout`` seconds (:meth:`Server.drain`), the rest are
+        cancelled in the engine so that their responses still end properly (an error event and
+        [DONE] on a stream), and only then does uvicorn stop accepting and close. A second signal
+        ends the grace period at once: the in-flight requests are cancelled the same way (uvicorn's
+        own second-signal path would leave the engine running, wait ``timeout_graceful_shutdown`` for
+        requests that cannot end, then kill them mid-response with a 500 or a cut stream)."""
+
+        draining = False
+
+        def __init__(self, config: Any) -> None:
+            super().__init__(config)
+            self.stop_now = threading.Event()
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn's own version re-raises the signal after the graceful shutdown, which would
+            # kill the process with it; a SIGTERM'd server that shut down cleanly exits with 0.
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.draining and not self.should_exit:  # the second signal, during the drain
+                self.stop_now.set()
+                return
+            if self.draining or self.should_exit:  # the engine is closed: uvicorn's own handling
+                super().handle_exit(sig, frame)
+                return
+            self.draining = True
+            srv.shutting_down = True  # before the drain starts: from here on, arrivals are refused
+            threading.Thread(target=self._drain, name="personajudge-drain", daemon=True).start()
+
+        def _drain(self) -> None:
+            srv.drain(shutdown_timeout, self.stop_now)
+            self.should_exit = True  # uvicorn's loop sees it within a tick: stop accepting, close
+
+    return GracefulServer(config)
 
 
 def _levels(text: str) -> list[int]:

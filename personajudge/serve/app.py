@@ -21,6 +21,7 @@ import logging
 import re
 import secrets
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -280,6 +281,45 @@ class Server:
         self.engine.on_finish = self.metrics.on_finish
         self.created = int(time.time())
         self.shutting_down = False
+        #: ``/v1`` requests received and not yet answered (their body still arriving, being parsed or
+        #: encoded, in the engine, or streaming). Written on the event loop only; the SIGTERM drain
+        #: (another thread) waits for it to reach 0, since a request is in the engine only once encoded
+        self.in_flight = 0
+
+    def arrive(self) -> bool:
+        """Count a ``/v1`` request in; False when it arrived after SIGTERM (it is then not counted, and its
+        handler refuses it). Counted before the flag is read: a signal that lands between the two leaves it
+        counted, so the drain waits for it, instead of seeing 0 and closing the engine under it."""
+        self.in_flight += 1
+        if self.shutting_down:
+            self.in_flight -= 1
+            return False
+        return True
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+
+    def idle(self) -> bool:
+        """Nothing left to drain: no request received and unanswered, nothing running or queued."""
+        stats = self.engine.stats()
+        return self.in_flight == 0 and not stats["running"] and not stats["queued"]
+
+    def drain(self, timeout: float, stop: threading.Event) -> None:
+        """SIGTERM's grace period: wait up to ``timeout`` seconds (less if ``stop`` is set) until
+        :meth:`idle`, then close the engine, which cancels what is left (those responses end with the
+        ``shutting_down`` error). Call after setting ``shutting_down``, in a thread of its own."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not stop.is_set() and not self.idle():
+            stop.wait(0.05)
+        self.engine.close()
+
+    def check_arrival(self, request: Any) -> None:
+        """Refuse a request that arrived after SIGTERM (503): one that arrived before it is served, even
+        when its body was still arriving, or it was being encoded, when the signal came."""
+        if request.scope.get(_LATE_KEY):
+            raise APIError(
+                503, "the server is shutting down and takes no new requests", "server_error", code="shutting_down"
+            )
 
     def closing(self) -> bool:
         """Whether the server is shutting down: the engine closes (SIGTERM's grace period ended) before
@@ -388,9 +428,9 @@ class Server:
     # ---------------------------------------------------------------- running a job
 
     async def submit(self, prompt: Any, kwargs: dict[str, Any], *, stream: bool = True, label: str) -> Job:
-        """Queue a request; ``label`` (the route's path) labels its latency in the metrics."""
-        if self.shutting_down:
-            raise EngineClosedError("the server is shutting down")
+        """Queue a request; ``label`` (the route's path) labels its latency in the metrics. No check of
+        ``shutting_down`` here: a request that got this far arrived before SIGTERM (see :meth:`arrive`) and
+        gets the grace period; once it is over the engine is closed and refuses it (a 503)."""
         loop = asyncio.get_running_loop()
         return await asyncio.to_thread(
             lambda: self.pj.submit(prompt, loop=loop, wait=False, stream=stream, label=label, **kwargs)
@@ -442,6 +482,33 @@ def _pj_info(res: Any) -> dict[str, Any]:
         "iterations": s.iterations,
         "finish_reason": res.finish_reason,
     }
+
+
+#: the ASGI scope key :class:`_InFlight` sets on a ``/v1`` request that arrived after SIGTERM
+_LATE_KEY = "personajudge.after_sigterm"
+
+
+class _InFlight:
+    """Counts ``/v1`` requests from the moment they arrive (their headers read) until their response has
+    been sent, streams included (:meth:`Server.arrive`), for the SIGTERM drain; marks those that arrive
+    after the signal, which their handler refuses with a 503 (by then the route is known, so the refusal
+    is counted under its endpoint). Plain ASGI, as :class:`_CountRequests`."""
+
+    def __init__(self, app: Any, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        if not self.server.arrive():
+            scope[_LATE_KEY] = True
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.server.leave()
 
 
 class _CountRequests:
@@ -533,7 +600,8 @@ def create_app(
     async def _validation_error(request: Request, err: RequestValidationError):
         return JSONResponse(error_body(str(err), param=None), status_code=400)
 
-    app.add_middleware(_CountRequests, metrics=srv.metrics)
+    app.add_middleware(_InFlight, server=srv)
+    app.add_middleware(_CountRequests, metrics=srv.metrics)  # added last: the outer one, sees every status
 
     def too_large(size: str = "") -> APIError:
         return APIError(
@@ -569,6 +637,7 @@ def create_app(
         return bytes(body)
 
     async def parse(request: Request, model: type[BaseModel]) -> Any:
+        srv.check_arrival(request)
         srv.check_auth(request)
         raw = await read_body(request)
         try:
@@ -762,6 +831,7 @@ def create_app(
 
     @app.get("/v1/models")
     async def models(request: Request):
+        srv.check_arrival(request)
         srv.check_auth(request)
         return {"object": "list", "data": [model_card()]}
 
@@ -769,6 +839,7 @@ def create_app(
     async def model(request: Request, model_id: str):
         """OpenAI's "retrieve model": SDKs call it (``client.models.retrieve``) to check a name before they
         send work. The ``:path`` converter keeps names with a slash (``google/gemma-3-1b``) in one piece."""
+        srv.check_arrival(request)
         srv.check_auth(request)
         srv.check_model(model_id)
         return model_card()
@@ -778,7 +849,7 @@ def create_app(
         stats = srv.engine.stats()
         ok = not (srv.shutting_down or stats["closing"])
         return JSONResponse(
-            {"status": "ok" if ok else "shutting_down", "model": srv.model_name, **stats},
+            {"status": "ok" if ok else "shutting_down", "model": srv.model_name, "in_flight": srv.in_flight, **stats},
             status_code=200 if ok else 503,
         )
 

@@ -89,18 +89,32 @@ class Metrics:
             self.observe_job(job.label, job)
         elif isinstance(error, RequestCancelled):
             self.cancelled.inc()
+            self.observe_cancelled(job)
+
+    def observe_cancelled(self, job: Any) -> None:
+        """Record the work of a job cancelled part-way (a timeout, a client that left, a shutdown): its
+        prompts were prefilled and its committed tokens generated (a stream sent them), so the token
+        counters include them, as their help texts say. A job cancelled while queued did neither. Its
+        times are not observed: the latency histogram is of requests that finished."""
+        if job.t_start is None:  # never joined the batch
+            return
+        req = job.req
+        self._count(sum(req.stats.prompt_tokens), len(req.emitter.tokens), req.stats.drafted, req.stats.accepted)
+
+    def _count(self, prompt: int, completion: int, drafted: int, accepted: int) -> None:
+        self.prompt_tokens.inc(prompt)
+        self.completion_tokens.inc(completion)
+        self.drafted.inc(drafted)
+        self.accepted.inc(accepted)
+        self._drafted += drafted
+        self._accepted += accepted
 
     def observe_job(self, endpoint: str, job: Any) -> None:
         """Record a finished job's tokens and times."""
         res = job.result_value
         if res is not None:
             st = res.stats
-            self.prompt_tokens.inc(sum(st.prompt_tokens))
-            self.completion_tokens.inc(len(res.tokens))
-            self.drafted.inc(st.drafted)
-            self.accepted.inc(st.accepted)
-            self._drafted += st.drafted
-            self._accepted += st.accepted
+            self._count(sum(st.prompt_tokens), len(res.tokens), st.drafted, st.accepted)
         if job.t_end is not None:
             self.latency.labels(endpoint).observe(job.t_end - job.t_submit)
         if job.t_first is not None:

@@ -22,11 +22,22 @@ from personajudge.core.result import FinishReason
 FINISH_REASONS: dict[FinishReason, str] = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
 
 
-def _bounded_like(config_field: str, type_: Any) -> Any:
+#: OpenAI's bounds on ``stop``: at most 4 sequences ("Up to 4 sequences where the API will stop"), each
+#: at most this many characters (a bound of ours: OpenAI names none). After every token the emitter looks
+#: for each stop string in the text and, on a stream, holds back a tail that may grow into one; it runs
+#: in the engine thread, so an unbounded list would slow every request in the batch, not only its own
+MAX_STOPS = 4
+MAX_STOP_CHARS = 256
+#: OpenAI's upper bound on ``temperature`` (the Python API and the CLI take up to 100)
+MAX_TEMPERATURE = 2.0
+
+
+def _bounded_like(config_field: str, type_: Any, *extra: Any) -> Any:
     """``type_ | None`` with the bounds of ``DecodingConfig.<config_field>``, the field a request field
     becomes: a value the config would refuse is then refused while parsing, as a 400 naming the field
-    the client sent (``max_tokens``), not the config's name for it (``decoding.max_new_tokens``)."""
-    return Annotated[(type_ | None, *DecodingConfig.model_fields[config_field].metadata)]
+    the client sent (``max_tokens``), not the config's name for it (``decoding.max_new_tokens``).
+    ``extra``: OpenAI's tighter bounds, checked after the config's (the last ``le`` is the one that holds)."""
+    return Annotated[(type_ | None, *DecodingConfig.model_fields[config_field].metadata, *extra)]
 
 
 if TYPE_CHECKING:  # what the fields hold; at run time they also carry the config's bounds
@@ -38,20 +49,26 @@ if TYPE_CHECKING:  # what the fields hold; at run time they also carry the confi
     Lambda: TypeAlias = int | None
 else:
     MaxTokens = _bounded_like("max_new_tokens", int)
-    Temperature = _bounded_like("temperature", float)
+    Temperature = _bounded_like("temperature", float, Field(le=MAX_TEMPERATURE))
     TopP = _bounded_like("top_p", float)
     TopK = _bounded_like("top_k", int)
     Seed = _bounded_like("seed", int)
     Lambda = _bounded_like("lambda_", int)
 
 
+#: the request models validate strictly, as OpenAI does: a JSON value of the wrong type is a 400 naming
+#: the field, not coerced (``"max_tokens": true`` was one token, ``"stream": "yes"`` a stream, ``"seed":
+#: "3"`` a seed). Strict still takes an integer for a float (``"temperature": 1``), as JSON has one number
+STRICT = ConfigDict(extra="ignore", strict=True)
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
 
     model: str = Field(..., min_length=1)
     max_tokens: MaxTokens = None
@@ -101,8 +118,14 @@ class _Common(BaseModel):
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
         items = [v] if isinstance(v, str) else (v or [])
+        if len(items) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences are allowed, got {len(items)}")
         if any(s == "" for s in items):
             raise ValueError("stop strings must not be empty")
+        for i, s in enumerate(items):
+            if len(s) > MAX_STOP_CHARS:
+                which = "the stop string" if isinstance(v, str) else f"stop string {i + 1}"
+                raise ValueError(f"{which} has {len(s)} characters; at most {MAX_STOP_CHARS} are allowed")
         return v
 
     @field_validator("method", "encoder")
@@ -168,7 +191,7 @@ class _Common(BaseModel):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]] | None = None
 

@@ -18,10 +18,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 
+from annotated_types import Le  # noqa: E402
 from serve_helpers import health, running_server  # noqa: E402
 
 from personajudge.core.config import DecodingConfig  # noqa: E402
-from personajudge.serve.schemas import ChatCompletionRequest, CompletionRequest  # noqa: E402
+from personajudge.serve.schemas import MAX_TEMPERATURE, ChatCompletionRequest, CompletionRequest  # noqa: E402
 
 FLAGS = ["--backend", "toy", "--encoder", "plain", "--prefer", "concise", "--prefer", "humor"]
 CHAT = {"model": "persona-judge", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -91,14 +92,15 @@ DECODING_FIELDS = {
 
 @pytest.mark.parametrize("model", [ChatCompletionRequest, CompletionRequest])
 def test_request_fields_carry_the_bounds_of_the_config_fields_they_become(model):
-    """So that every value the config would refuse is refused while parsing, naming the request field."""
+    """So that every value the config would refuse is refused while parsing, naming the request field.
+    ``temperature`` then has OpenAI's tighter bound, 2 (the config takes up to 100)."""
     pairs = {**DECODING_FIELDS}
     if model is ChatCompletionRequest:
         pairs["max_completion_tokens"] = "max_new_tokens"
+    tighter = {"temperature": [Le(MAX_TEMPERATURE)]}
     for request_field, config_field in pairs.items():
-        assert model.model_fields[request_field].metadata == DecodingConfig.model_fields[config_field].metadata, (
-            request_field
-        )
+        expected = DecodingConfig.model_fields[config_field].metadata + tighter.get(request_field, [])
+        assert model.model_fields[request_field].metadata == expected, request_field
 
 
 @pytest.mark.parametrize(
