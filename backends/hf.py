@@ -48,6 +48,7 @@ import tempfile
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -65,6 +66,7 @@ from personajudge.core.errors import (
     ConfigError,
     DeviceError,
     ModelLoadError,
+    NumericalError,
     PersonaJudgeWarning,
     SessionError,
 )
@@ -164,10 +166,25 @@ class HFTokenizer:
         return frozenset(t for t in texts if isinstance(t, str) and t)
 
     def encode(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
-        """Token ids of ``text``; ``special=False`` encodes special-token text (``<eos>``) as plain text."""
-        if special:
-            return list(self.hf.encode(text, add_special_tokens=add_bos))
-        return list(self.hf.encode(text, add_special_tokens=add_bos, split_special_tokens=True))
+        """Token ids of ``text``; ``special=False`` encodes special-token text (``<eos>``) as plain text.
+
+        ``add_bos`` runs the tokenizer's post-processor, which adds BOS; where it also appends
+        tokens after the text (EOS, for a tokenizer saved with ``add_eos_token=True``) they are
+        dropped, as the llama-cpp backend does: a prompt for generation never ends with an EOS."""
+        kw = {} if special else {"split_special_tokens": True}
+        ids = list(self.hf.encode(text, add_special_tokens=add_bos, **kw))
+        tail = self._appended if add_bos else []
+        if tail and ids[-len(tail) :] == tail:
+            del ids[-len(tail) :]
+        return ids
+
+    @functools.cached_property
+    def _appended(self) -> list[int]:
+        """The ids the post-processor appends after a text (``[eos]`` for ``add_eos_token=True``; mostly none)."""
+        bare = list(self.hf.encode("a", add_special_tokens=False))
+        full = list(self.hf.encode("a", add_special_tokens=True))
+        at = next((i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare), None)
+        return [] if at is None or not bare else full[at + len(bare) :]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=True)
@@ -343,6 +360,8 @@ class HFSession(Session):
             self._step.cap = backend.context_length
         self._cache = _row_cache(self._step, n_views, backend._n_layers)
         self._buffers: dict[int, tuple[Any, Any, Any, Any]] = {}  # q -> (pinned host, its numpy view, device, event)
+        #: per row, one past the last slot a forward wrote (host-side, from the calls): what a truncation clears
+        self._written = [0] * n_views
         spare = backend._take_spare(n_views) if backend.static else None
         if spare is not None:  # the last static session's buffers, at the same addresses (see ``_close``)
             kv, self._buffers = spare
@@ -350,7 +369,37 @@ class HFSession(Session):
                 layer.keys, layer.values, layer.device, layer.is_initialized = k, v, k.device, True
 
     def _truncate(self, view: int, length: int) -> None:
-        pass  # the slots past ``length`` become stale; the row's next tokens overwrite them
+        self._clear(view, length)
+
+    def _clear(self, view: int, start: int) -> None:
+        """Zero ``view``'s slots from ``start`` to the last one written (and, static, its trash slot).
+
+        A masked slot still enters the arithmetic: its score gets the mask's
+        large negative (NaN + that is NaN) and its value weight 0 (0 * NaN is
+        NaN). So keys or values a forward left past a row's length -- a
+        rejected draft's, a failed request's, NaN from an overflowing dtype --
+        would poison every later query whose attention span covers them: the
+        dynamic cache cuts keys at the longest row of a call, the static one
+        attends over every slot, trash included, and hands its buffers to
+        the next session. Cleared here, on every truncation (a finished or
+        failed request's rows are truncated to 0; ``_undo`` truncates a
+        failed forward's rows to where they were), a row holds only what its
+        current request wrote. Plain slices with host-side bounds: device
+        work only, no read.
+        """
+        end = self._written[view]
+        self._written[view] = min(end, start)
+        layers = [layer for layer in getattr(self._cache, "layers", []) if layer.keys is not None]
+        if not layers or (end <= start and not self._step.static):
+            return
+        trash = layers[0].keys.shape[2] - 1
+        with self.backend.torch.inference_mode():  # the buffers are inference tensors (made in the forward)
+            for layer in layers:
+                for buf in (layer.keys, layer.values):
+                    if end > start:
+                        buf[view, :, start:end].zero_()
+                    if self._step.static:  # attended (masked) by every query of the row: cleared too
+                        buf[view, :, trash].zero_()
 
     def _layout(self, rows: list[int], calls: list[ForwardCall], q: int, trash: int, out: Any) -> int:
         """Write ids, query positions and cache slots, left-padded per row, into ``out`` (3, n, q).
@@ -381,9 +430,14 @@ class HFSession(Session):
         buf = self._buffers.get(q)
         if buf is None:
             cuda = dev.type == "cuda"
-            host = torch.empty((3, n_rows, q), dtype=torch.long, pin_memory=cuda)
+            if cuda:  # pinned, so the upload is queued, not waited for
+                host = torch.empty((3, n_rows, q), dtype=torch.long, pin_memory=True)
+                host_np = host.numpy()
+            else:  # the numpy array first: ``.numpy()`` reads like a download to the host-read counter
+                host_np = np.empty((3, n_rows, q), dtype=np.int64)
+                host = torch.from_numpy(host_np)
             packed = torch.empty((3, n_rows, q), dtype=torch.long, device=dev)
-            buf = (host, host.numpy(), packed, torch.cuda.Event() if cuda else None)
+            buf = (host, host_np, packed, torch.cuda.Event() if cuda else None)
             if self._step.mark_static:
                 torch._dynamo.mark_static_address(packed)
             self._buffers[q] = buf
@@ -410,6 +464,8 @@ class HFSession(Session):
             if need > step.cap:
                 step.cap = min(b.context_length, max(need + 64, 2 * step.cap, 256))
         n_rows = hi - lo
+        for v, t, _ in calls:  # before the forward: one that raises may have written some of it (see _clear)
+            self._written[v] = max(self._written[v], lengths[v] + len(t))
         keep = q if compiled else max(1, max(n for _, _, n in calls))  # logits_to_keep=0 means "all positions"
         rows = list(range(lo, hi))
         if step.static:
@@ -425,6 +481,8 @@ class HFSession(Session):
             layout = torch.from_numpy(arr)
             if b.input_device.type == "cuda":  # from pinned memory the copy is queued; from pageable it waits
                 packed = layout.pin_memory().to(b.input_device, non_blocking=True)
+            elif b.input_device.type == "cpu":
+                packed = layout  # already where the model is: no copy
             else:
                 packed = layout.to(b.input_device)
         input_ids, position_ids, slot_idx = packed[0], packed[1], packed[2]
@@ -447,8 +505,11 @@ class HFSession(Session):
             # Handed to the next static session of this size. CUDA graphs are recorded on the buffers'
             # addresses (marked static without guards): a session on new buffers re-records every graph,
             # and a server that reopens its session when idle would pass inductor's re-record limit and
-            # then run without graphs. Nothing stale is read: every row's slots up to its length are
-            # written by the new session before any query attends to them (the mask is causal in slot space).
+            # then run without graphs. Every slot a row of this session wrote is zeroed first (see ``_clear``):
+            # masked slots still enter the attention arithmetic, where a NaN left in them would poison
+            # every later session's requests.
+            for v in range(self.n_views):
+                self._clear(v, 0)
             kv = [(layer.keys, layer.values) for layer in layers if layer.keys is not None]
             with self.backend._spare_lock:
                 self.backend._spare = (self.n_views, kv, self._buffers)
@@ -853,6 +914,58 @@ class CompiledKernel:
         return self.fn(*args)
 
 
+#: hf backends loaded with an explicit ``threads``: torch's thread count is one per process (see _set_threads)
+_THREADED: weakref.WeakSet[Any] = weakref.WeakSet()
+_THREADED_LOCK = threading.Lock()
+
+
+def _set_threads(torch: Any, threads: int, backend: Any) -> None:
+    """``torch.set_num_threads(threads)``, with a warning when it changes what a loaded backend asked for.
+
+    torch has one intra-op thread pool per process, so ``threads`` cannot be per backend: the last
+    backend loaded sets it for every backend in the process (and for anything else using torch).
+    Rather than pretend otherwise, each backend's ``describe()["threads"]`` reports the count in
+    force when asked (a run's ``settings`` then say what it ran on), and loading one with a count
+    another live backend set differently warns, naming both.
+    """
+    with _THREADED_LOCK:
+        others = sorted({b.config.threads for b in _THREADED if b is not backend and b.config.threads != threads})
+        _THREADED.add(backend)
+    if others:
+        warnings.warn(
+            f"hf backend: threads={threads} changes torch's process-wide thread count, which the hf backend(s) "
+            f"loaded with threads={', '.join(map(str, others))} use too: every backend in this process now runs "
+            f"on {threads} thread(s) (torch has one thread pool per process)",
+            PersonaJudgeWarning,
+            stacklevel=3,
+        )
+    torch.set_num_threads(threads)
+
+
+class _FiniteLogits:
+    """A ``model.generate`` logits processor: notes, on the device, a step whose raw logits are not finite.
+
+    Without it, NaN logits make greedy ``generate`` return the argmax of NaN (token 0, timed as a
+    baseline) and sampling raise torch's "probability tensor contains inf, nan" RuntimeError on the
+    CPU (a device-side assert on CUDA, which ends the CUDA context). A row's max is NaN when any
+    logit is NaN (``amax`` propagates it), +inf when one is, -inf when all are, so one reduction per
+    token finds them without a host read; such a row is replaced by zeros so that generation runs to
+    its end, and :meth:`HFBackend.native_generate` raises ``NumericalError`` after it. It runs before
+    the sampling warpers (transformers puts a caller's processors after its own, none of which the
+    baseline's settings enable, and before temperature/top-k/top-p), so it sees the model's logits.
+    """
+
+    def __init__(self, torch: Any):
+        self.torch = torch
+        self.bad: Any = None  # a 0-d bool on the device: some step was not finite
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        torch = self.torch
+        rows = ~torch.isfinite(scores.amax(dim=-1, keepdim=True))
+        self.bad = rows.any() if self.bad is None else self.bad | rows.any()
+        return torch.where(rows, torch.zeros((), dtype=scores.dtype, device=scores.device), scores)
+
+
 class HFBackend(Backend):
     """A causal LM loaded with transformers; see the module docstring.
 
@@ -882,7 +995,7 @@ class HFBackend(Backend):
         self.trust_remote_code = bool(opts.get("trust_remote_code", False))
         self.revision = opts.get("revision")
         if config.threads:
-            torch.set_num_threads(config.threads)
+            _set_threads(torch, config.threads, self)
         self.device = self._resolve_device(config.device)
         if self.device_map is not None:
             self._check_device_map(self.device_map)
@@ -1423,12 +1536,20 @@ class HFBackend(Backend):
         )
         torch.manual_seed(seed)
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.input_device)
+        finite = _FiniteLogits(torch)
         try:
             with torch.inference_mode(), warnings.catch_warnings(), _no_flag_notice():
                 warnings.simplefilter("ignore")
-                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)
+                out = self.model.generate(
+                    ids, attention_mask=torch.ones_like(ids), generation_config=gc, logits_processor=[finite]
+                )
         except torch.cuda.OutOfMemoryError:
             raise DeviceError(f"out of memory on {self.device_label} in model.generate") from None
+        if finite.bad is not None and bool(finite.bad):  # one read, after generate's own
+            raise NumericalError(
+                "the model produced NaN or infinite logits in model.generate, so its tokens are garbage "
+                "(a broken model file, or an overflowing dtype: try --dtype bfloat16 or float32)"
+            )
         new = out[0, len(tokens) :].tolist()
         for i, t in enumerate(new):
             if t in self.tokenizer.eos_token_ids:
@@ -1436,7 +1557,12 @@ class HFBackend(Backend):
         return new
 
     def describe(self) -> dict[str, Any]:
-        return dict(self._facts)
+        """The backend's facts; ``threads`` is torch's thread count now, which any backend may change
+        (it is process-wide: see ``_set_threads``)."""
+        facts = dict(self._facts)
+        if "threads" in facts:
+            facts["threads"] = self.torch.get_num_threads()
+        return facts
 
     def decoding_context(self):
         return self.torch.inference_mode()

@@ -403,6 +403,15 @@ def _check_hparams(p: Path, meta: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- tokenizer
 
 
+def _occurrences(text: str, sub: str) -> list[int]:
+    """Where ``sub`` starts in ``text``, without overlaps."""
+    out, at = [], text.find(sub)
+    while at >= 0:
+        out.append(at)
+        at = text.find(sub, at + len(sub))
+    return out
+
+
 class LlamaCppTokenizer:
     """The model's own tokenizer through llama.cpp, plus a jinja2 chat-template renderer."""
 
@@ -448,16 +457,47 @@ class LlamaCppTokenizer:
     def special_texts(self) -> frozenset[str]:
         """The texts of the control (and unknown) tokens, which ``encode`` turns into those tokens
         unless ``special=False`` (llama.cpp's ``parse_special``): the API encodes a user's text that
-        holds one (``<eos>``, ``<end_of_turn>``) as plain text. User-defined tokens are left out:
-        llama.cpp matches them in text either way. Read once, on first use (a pass over the vocabulary)."""
+        holds one (``<eos>``, ``<end_of_turn>``) as plain text. Also the user-defined tokens that
+        end generation or begin a text and are not marked control: llama.cpp matches those in text
+        whatever ``parse_special`` says, so ``encode(special=False)`` cuts them apart itself
+        (:attr:`_guarded`; the embedded Gemma has none). The other user-defined tokens (Gemma's ``<start_of_image>``, HTML tags
+        such as ``<table>``, runs of spaces or newlines) are matched in text as llama.cpp always
+        matches them; they end nothing. Read once, on first use (a pass over the vocabulary)."""
         attr = self._lib.llama_vocab_get_attr
         flags = int(self._lib.LLAMA_TOKEN_ATTR_CONTROL) | int(self._lib.LLAMA_TOKEN_ATTR_UNKNOWN)
         vocab = self.vocab
         ids = [t for t in range(self.vocab_size) if int(attr(vocab, t)) & flags]
-        return frozenset(text for text in map(self.token_text, ids) if text)
+        return frozenset(text for text in map(self.token_text, ids) if text) | self._guarded
+
+    @functools.cached_property
+    def _guarded(self) -> frozenset[str]:
+        """The texts of user-defined tokens that end generation or begin a text, which llama.cpp
+        would match in a user's text even with ``parse_special`` off (a token also marked control,
+        as Gemma 3's ``</s>`` is, is not matched then, and needs no guard)."""
+        attr = self._lib.llama_vocab_get_attr
+        defined = int(self._lib.LLAMA_TOKEN_ATTR_USER_DEFINED)
+        control = int(self._lib.LLAMA_TOKEN_ATTR_CONTROL) | int(self._lib.LLAMA_TOKEN_ATTR_UNKNOWN)
+        vocab = self.vocab
+        ends = {t for t in (*self.eos_token_ids, self.bos_token_id) if 0 <= t < self.vocab_size}
+        flags = {t: int(attr(vocab, t)) for t in ends}
+        return frozenset(
+            text for t in sorted(ends) if flags[t] & defined and not flags[t] & control and (text := self.token_text(t))
+        )
 
     def encode(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
-        """Token ids of ``text``; ``special=False`` encodes control-token text (``<eos>``) as plain text."""
+        """Token ids of ``text``; ``special=False`` encodes control-token text (``<eos>``) as plain text
+        (and the user-defined tokens of :attr:`_guarded`, cut after their first character)."""
+        if not special and self._guarded:
+            cuts = sorted({i + 1 for g in self._guarded for i in _occurrences(text, g)})
+            if cuts:
+                pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+                ids = self._tokenize(pieces[0], add_bos, False)
+                for piece in pieces[1:]:
+                    ids += self._tokenize(piece, False, False)
+                return ids
+        return self._tokenize(text, add_bos, special)
+
+    def _tokenize(self, text: str, add_bos: bool, special: bool) -> list[int]:
         data = text.encode("utf-8")
         n_max = len(data) + 8
         arr = (ctypes.c_int32 * n_max)()

@@ -23,6 +23,7 @@ multiple of 128) are cut to it, so a padded id is never sampled.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import numbers
 import warnings
 from abc import ABC, abstractmethod
@@ -48,10 +49,13 @@ class Tokenizer(Protocol):
 
     Optional, and what keeps a user's text literal: ``special_texts`` (a frozenset of the strings
     that ``encode`` turns into control tokens, ``"<eos>"``, ``"<end_of_turn>"``) and an ``encode``
-    that takes ``special=False`` (those strings encoded as plain text). A tokenizer with both gets
-    special-token text in the prompt, the messages, the system text and the preferences encoded as
-    text (:class:`personajudge.preferences.encoders.UserText`), while the chat template's and the
-    encoder's own markers stay control tokens; one without them is encoded as before."""
+    that takes ``special=False`` (those strings encoded as plain text, and with ``add_bos`` no EOS the
+    tokenizer's post-processor would append). A tokenizer with both gets special-token text in the
+    prompt, the messages, the system text and the preferences encoded as text
+    (:class:`personajudge.preferences.encoders.UserText`), while the chat template's and the
+    encoder's own markers stay control tokens; one without them is encoded as before. Listing
+    ``special_texts`` without an ``encode`` that takes ``special=``, or as anything but a set of
+    strings, is a :class:`PluginError` when the backend loads (:func:`special_texts_of`)."""
 
     @property
     def vocab_size(self) -> int: ...
@@ -114,6 +118,45 @@ def check_tokenizer(owner: Any) -> None:
             PersonaJudgeWarning,
             stacklevel=3,
         )
+    special_texts_of(tok, where)
+
+
+def special_texts_of(tok: Any, where: str | None = None) -> frozenset[str]:
+    """``tok.special_texts`` checked (a set of non-empty strings, with an ``encode`` that takes
+    ``special=``), or an empty frozenset for a tokenizer that lists none.
+
+    Checked at load (:func:`check_tokenizer`) and again where the user's text is encoded, since a
+    slip here is silent otherwise: a str (``"<eot>"``) iterates as its letters, so every ``e``, ``o``
+    and ``t`` of a prompt would be cut out of its words, and an ``encode`` without ``special=`` fails
+    only on the first prompt that holds special-token text. ``where`` names the tokenizer in the error.
+    """
+    texts = getattr(tok, "special_texts", None)
+    if texts is None:
+        return frozenset()
+    where = where or f"tokenizer {type(tok).__qualname__}"
+    if not isinstance(texts, frozenset | set) or not all(isinstance(t, str) and t for t in texts):
+        raise PluginError(
+            f"{where}.special_texts must be a frozenset of non-empty strings (the texts encode parses into "
+            f"control tokens, e.g. frozenset({{'<eos>'}})), got {type(texts).__name__} {texts!r:.60}"
+        )
+    if texts and not _takes_special(getattr(tok, "encode", None)):
+        raise PluginError(
+            f"{where}.encode takes no special= keyword, but the tokenizer lists special_texts: "
+            "encode(text, *, add_bos=True, special=True) must encode those texts as plain text when special=False"
+        )
+    return frozenset(texts)
+
+
+def _takes_special(fn: Any) -> bool:
+    """Whether ``fn`` accepts a ``special=`` keyword (a named parameter or ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: trust it
+        return callable(fn)
+    return any(
+        (p.name == "special" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)) or p.kind is p.VAR_KEYWORD
+        for p in params
+    )
 
 
 class ForwardCall(NamedTuple):

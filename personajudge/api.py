@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from personajudge.core.config import BackendConfig, DecodingConfig, RunConfig, build_config
 from personajudge.core.contract import Backend, check_tokenizer
 from personajudge.core.decoding import DecodeRequest, check_contexts
-from personajudge.core.errors import ConfigError, ContextLengthError, PersonaJudgeWarning
+from personajudge.core.errors import ConfigError, ContextLengthError, NumericalError, PersonaJudgeWarning
 from personajudge.core.result import GenerationResult, Stats
 from personajudge.core.stopping import Emitter
 from personajudge.core.transforms import SamplingParams
@@ -479,6 +479,31 @@ def _release(shared: _Shared, *, locked: bool = False) -> None:
         engine.stop_when_idle()
 
 
+def _batch_results(jobs: list[Job]) -> list[GenerationResult]:
+    """Every row's result, in order; a row whose own decoding failed fails alone, named.
+
+    NaN or infinite logits (:class:`NumericalError`: one prompt that overflows float16, say) are
+    one row's failure: the engine fails only that request, and the other rows still decode. The
+    error raised names the first such row (``prompts[i]: ...``, ``.row``, ``.reason``) and carries
+    ``.rows``: every row's :class:`GenerationResult`, or its own exception where it failed, so a
+    caller (the JSONL batch) keeps the rows that succeeded. Any other error fails the call at once.
+    """
+    rows: list[Any] = []
+    for j in jobs:
+        try:
+            rows.append(j.result())
+        except NumericalError as err:
+            rows.append(err)
+    bad = [i for i, r in enumerate(rows) if isinstance(r, NumericalError)]
+    if not bad:
+        return rows
+    first = rows[bad[0]]
+    more = f" (and {len(bad) - 1} more row(s): {', '.join(map(str, bad[1:6]))}{', ...' if len(bad) > 6 else ''})"
+    error = NumericalError(f"prompts[{bad[0]}]: {first}{more if len(bad) > 1 else ''}")
+    error.row, error.reason, error.rows = bad[0], str(first), rows  # type: ignore[attr-defined]
+    raise error
+
+
 def _attach_settings(settings: dict[str, Any], res: GenerationResult) -> GenerationResult:
     """``res`` with a copy of the run's ``settings``, its seed the one actually used (drawn when none
     was given). A plain function: a job holds it until it finishes, and a bound method there would
@@ -533,7 +558,7 @@ class PersonaJudge:
         self._closed = False
         self._shared = _join_backend(self, self.backend)
         self._finalizer = weakref.finalize(self, _abandoned, self._shared)
-        self._finalizer.atexit = False  # at exit the engine's daemon thread just ends with the process
+        self._finalizer.atexit = False  # at exit engine._stop_at_exit stops and joins every engine thread
 
     @property
     def engine(self) -> Engine:
@@ -631,21 +656,20 @@ class PersonaJudge:
     ) -> list[tuple[str, bool]]:
         """The prompt text of each view ``method`` prompts for the user's ``views``, and whether
         the tokenizer adds BOS to it (what ``--show-prompt`` prints)."""
-        rendered, user = self._render(prompt, cfg, method, views)
-        return [(user.text(text), add_bos) for text, add_bos in rendered]
+        return self._render(prompt, cfg, method, views)[0]
 
     def _render(
         self, prompt: Prompt, cfg: RunConfig, method, views: list[list[Preference]]
     ) -> tuple[list[tuple[str, bool]], UserText]:
-        """Each view's rendered text with the user's special-token text held out (:class:`UserText`),
-        and the ``UserText`` that encodes it: that text stays literal, not a control token."""
+        """Each view's rendered text, and the :class:`UserText` that encodes it: the user's
+        special-token text stays literal, not a control token."""
         conversation = normalize_conversation(prompt)
         tok = self.backend.tokenizer
         encoder = resolve_encoder(cfg.encoder, tok, views, options=cfg.encoder_options)
         planned = plan_views(method, cfg.method, views)
         user = UserText(tok, conversation, cfg.system, planned)
         rendered = [
-            render_view(encoder, user.view(v), user.conversation, tok, system=user.system, options=cfg.encoder_options)
+            render_view(encoder, v, conversation, tok, system=cfg.system, options=cfg.encoder_options, user=user)
             for v in planned
         ]
         return rendered, user
@@ -872,7 +896,10 @@ class PersonaJudge:
         configured; one call gives the same rows on every run while nothing
         else runs on the backend (beside other callers, rows vary as theirs do). ``prompts``
         is a list (a bare string is refused: it is not a list of prompts);
-        ``seeds`` has one integer >= 0 per prompt.
+        ``seeds`` has one integer >= 0 per prompt. A row whose logits turn
+        NaN or infinite fails alone: the other rows finish, then
+        :class:`NumericalError` names it (``prompts[i]: ...``, ``.row``) and
+        carries every row's result, or its error, in ``.rows``.
         """
         if not _listing(prompts):
             raise ConfigError(
@@ -905,7 +932,7 @@ class PersonaJudge:
         engine = self.engine
         try:
             engine.submit_many(jobs)
-            return [j.result() for j in jobs]
+            return _batch_results(jobs)
         finally:
             for j in jobs:
                 j.cancel()

@@ -27,6 +27,11 @@ Resumable and safe (nothing finished is ever lost):
   written (``-`` means standard output), and neither is the input file.
 - Rows without a seed (and no ``--seed``) get a fresh one, recorded in their
   stats; such a row is kept on resume as it is (it could not be reproduced).
+- A prompt the model cannot take (too long for the context) stops the run
+  before its chunk decodes, naming its ``file:line``. A prompt whose logits
+  turn NaN or infinite while decoding (one that overflows float16) fails
+  alone: every other row is generated and written, then the run fails naming
+  the line(s) (``NumericalError``, exit 2); a rerun redoes only those rows.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from personajudge.core.config import RunConfig
-from personajudge.core.errors import ConfigError, ContextLengthError, PersonaJudgeError
+from personajudge.core.errors import ConfigError, ContextLengthError, NumericalError, PersonaJudgeError
 from personajudge.core.files import (
     JsonlAppendFile,
     OutputError,
@@ -237,19 +242,26 @@ class Chunk:
         return [r.where for r in self.records]
 
 
-#: Runs chunks and yields each with its results (``GenerationResult.as_dict()`` per prompt), in any order.
-Executor = Callable[[list[Chunk]], Iterable[tuple[Chunk, list[dict[str, Any]]]]]
+#: Runs chunks and yields each with its results (``GenerationResult.as_dict()`` per prompt), in any order;
+#: a prompt that failed alone (NaN logits) may yield its exception instead of a result.
+Executor = Callable[[list[Chunk]], Iterable[tuple[Chunk, list[Any]]]]
 
 
 def local_executor(pj: Any, preferences: Sequence[Any] | None = None) -> Executor:
     """Chunks one after another through ``pj.generate_batch`` in this process."""
 
-    def run(chunks: list[Chunk]) -> Iterator[tuple[Chunk, list[dict[str, Any]]]]:
+    def run(chunks: list[Chunk]) -> Iterator[tuple[Chunk, list[Any]]]:
         for c in chunks:
             try:
                 results = pj.generate_batch(c.prompts, preferences=preferences, seeds=c.seeds)
             except ContextLengthError as err:  # raised before the chunk decodes: name the line
                 raise err.located(c.where) from None
+            except NumericalError as err:  # some rows' logits turned NaN: those rows failed, the others did not
+                rows = getattr(err, "rows", None)
+                if rows is None or len(rows) != len(c.records):
+                    raise
+                yield c, [r if isinstance(r, BaseException) else r.as_dict() for r in rows]
+                continue
             yield c, [r.as_dict() for r in results]
 
     return run
@@ -274,6 +286,7 @@ class JsonlBatch:
     source: str | os.PathLike[str] | None = None  # the input file: never written, replaced or removed
     done: dict[str, dict[str, Any]] = field(default_factory=dict)  # str(id) -> row, kept or new
     written: int = 0  # rows written by this run
+    failed: list[tuple[str, BaseException]] = field(default_factory=list)  # (file:line, error): rows that failed alone
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -297,7 +310,7 @@ class JsonlBatch:
         self.partial = None if self.target is None else self.target.with_name(self.target.name + ".partial")
         self._file: JsonlAppendFile | None = None
         self._created = False  # open() made the partial file (removed again if the run fails before a row)
-        self._pending_out: dict[int, dict[str, Any]] = {}  # stdout: rows waiting for earlier ones
+        self._pending_out: dict[int, dict[str, Any] | None] = {}  # stdout: rows waiting for earlier ones
         self._next_out = 0
 
     # -- opening: paths, partial file, resume ---------------------------------------------------
@@ -435,6 +448,17 @@ class JsonlBatch:
             )
         return out
 
+    def _failed_error(self) -> PersonaJudgeError:
+        """The error for the rows that failed alone (NaN logits), naming their input lines."""
+        (where, err), rest = self.failed[0], self.failed[1:]
+        reason = getattr(err, "reason", None) or str(err)
+        more = ""
+        if rest:
+            names = ", ".join(w for w, _ in rest[:5])
+            more = f" (so did {len(rest)} more: {names}{', ...' if len(rest) > 5 else ''})"
+        error = type(err)(f"{where}: {reason}{more}") if isinstance(err, NumericalError) else None
+        return error if error is not None else PersonaJudgeError(f"{where}: {type(err).__name__}: {reason}{more}")
+
     def _rows(self, chunk: Chunk, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [
             {"id": rec.id, "prompt": rec.prompt, **res, "fp": self.fps[pos]}
@@ -453,10 +477,13 @@ class JsonlBatch:
             self._pending_out[pos] = row
         lines = []
         while self._next_out in self._pending_out:
-            row = dict(self._pending_out.pop(self._next_out))
+            got = self._pending_out.pop(self._next_out)
+            self._next_out += 1
+            if got is None:  # a row that failed alone (see ``run``): no line, the rest go on
+                continue
+            row = dict(got)
             row.pop("fp", None)
             lines.append(stdout_json(row) + "\n")
-            self._next_out += 1
         try:
             sys.stdout.write("".join(lines))
             sys.stdout.flush()
@@ -502,6 +529,18 @@ class JsonlBatch:
             for chunk, results in executor(chunks):
                 if len(results) != len(chunk.records):
                     raise RuntimeError(f"chunk {chunk.index}: {len(results)} results for {len(chunk.records)} prompts")
+                ok = [k for k, r in enumerate(results) if not isinstance(r, BaseException)]
+                if len(ok) < len(results):  # rows that failed alone: the others are written, the run fails at the end
+                    for k in sorted(set(range(len(results))) - set(ok)):
+                        self.failed.append((chunk.records[k].where, results[k]))
+                        self._pending_out[chunk.positions[k]] = None  # stdout: not waited for
+                    chunk = Chunk(
+                        chunk.index,
+                        [chunk.records[k] for k in ok],
+                        [chunk.positions[k] for k in ok],
+                        [chunk.seeds[k] for k in ok],
+                    )
+                    results = [results[k] for k in ok]
                 self._write(chunk, self._rows(chunk, results))
                 tokens += sum(int(r.get("stats", {}).get("tokens", len(r.get("tokens", [])))) for r in results)
                 bar.update(len(chunk.records))
@@ -509,6 +548,8 @@ class JsonlBatch:
                 bar.set_postfix_str(f"{tokens / elapsed:.1f} tok/s" if elapsed > 0 else "", refresh=False)
                 if on_chunk is not None:
                     on_chunk(len(self.done))
+            if self.failed:  # every other row is written: name the ones that failed
+                raise self._failed_error()
         except OutputError as err:  # disk full, pipe closed: one line that says what is kept
             bar.close()
             self._count_on_disk()

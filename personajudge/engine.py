@@ -42,6 +42,7 @@ that is a cheap memory clear; the context is only re-created to grow).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import functools
 import heapq
@@ -50,6 +51,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any
@@ -64,6 +66,41 @@ from personajudge.plugins.manager import guarded, open_session, who
 
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_QUEUE = 1024
+
+#: how long the exit hook waits for one engine's thread (its step in flight, then its session's close)
+EXIT_JOIN_S = 60.0
+#: engines whose thread has started (the thread holds its engine, so a running one stays here)
+_STARTED: weakref.WeakSet[Engine] = weakref.WeakSet()
+_STARTED_LOCK = threading.Lock()
+_exit_hook = False
+
+
+def _stop_at_exit() -> None:
+    """Stop every engine and join its thread before the interpreter finalizes.
+
+    The engine thread is a daemon so that a forgotten :class:`PersonaJudge` never keeps a process
+    alive, but a daemon thread must not be inside a C++ extension when finalization starts: once
+    the interpreter is finalizing, a daemon thread that releases the GIL and takes it back is ended
+    with ``pthread_exit``, whose forced unwind through torch's ``noexcept`` tensor destructor calls
+    ``std::terminate`` ("terminate called without an active exception", SIGABRT, exit 134). The
+    engine does exactly that right after the caller's last result: it closes its idle session,
+    freeing the KV cache tensors (``THPVariable_clear`` drops the GIL). So at exit -- after the
+    non-daemon threads are joined, before finalization -- every engine takes no more requests,
+    cancels what is left, and its thread is joined (each up to :data:`EXIT_JOIN_S`; one stuck
+    longer is left to end with the process, as before). Registered when the first engine thread
+    starts, so it runs before the exit hooks of libraries imported earlier (torch's among them).
+    """
+    with _STARTED_LOCK:
+        engines = list(_STARTED)
+    for engine in engines:
+        with engine._cv:
+            engine._closing = True
+            engine._cancel_all()
+            engine._cv.notify_all()
+    for engine in engines:
+        thread = engine._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(EXIT_JOIN_S)
 
 
 class QueueFullError(PersonaJudgeError):
@@ -568,7 +605,13 @@ class Engine:
             self._cv.notify_all()
 
     def _ensure_thread(self) -> None:
+        global _exit_hook
         if self._thread is None or not self._thread.is_alive():
+            with _STARTED_LOCK:
+                _STARTED.add(self)
+                if not _exit_hook:
+                    atexit.register(_stop_at_exit)
+                    _exit_hook = True
             self._thread = threading.Thread(target=self._loop, name="personajudge-engine", daemon=True)
             self._thread.start()
 

@@ -59,7 +59,7 @@ from personajudge.core.config import BackendConfig
 from personajudge.core.contract import Backend, Tokenizer, check_tokenizer
 from personajudge.core.errors import PersonaJudgeError, PersonaJudgeWarning, PluginError, UnknownPluginError
 from personajudge.preferences import Encoder, Preference, auto_encoder_name, encoder_options, lookup
-from personajudge.preferences.encoders import checked_render
+from personajudge.preferences.encoders import UserText, checked_render
 
 from . import hookspecs
 
@@ -688,13 +688,22 @@ def render_view(
     *,
     system: str | None,
     options: dict[str, Any] | None,
+    user: UserText | None = None,
 ) -> tuple[str, bool]:
     """``encoder.render`` of one view, checked to be ``(text, add_bos)``: anything else fails at
-    ``tokenizer.encode`` or an unpacking far from the plugin."""
+    ``tokenizer.encode`` or an unpacking far from the plugin. With ``user`` (the :class:`UserText`
+    of this ``conversation`` and ``system``), rendered through it, so that ``user.encode`` keeps the
+    user's special-token text as text (it may render a second time to find where that text lies)."""
     name = getattr(encoder, "name", type(encoder).__name__)
-    render = functools.partial(encoder.render, view, conversation, tokenizer, system=system, options=options)
-    out = guarded("encoder", name, encoder, ".render raised", render)
-    return checked_render(out, who("encoder", name, encoder))
+    shown = who("encoder", name, encoder)
+
+    def once(v: list[Preference], c: list[Any], s: str | None) -> tuple[str, bool]:
+        render = functools.partial(encoder.render, v, c, tokenizer, system=s, options=options)
+        return checked_render(guarded("encoder", name, encoder, ".render raised", render), shown)
+
+    if user is None:
+        return once(view, conversation, system)
+    return user.render(once, view, who=shown)
 
 
 def plan_views(method: Any, name: str, views: list[list[Preference]]) -> list[list[Preference]]:

@@ -27,14 +27,18 @@ options unchecked, as before (it may check them itself).
 
 from __future__ import annotations
 
+import functools
 import re
+import string
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import Field, field_validator, model_validator
 
 from personajudge.core.config import Options, take_options
-from personajudge.core.contract import Tokenizer
-from personajudge.core.errors import ConfigError, PluginError
+from personajudge.core.contract import Tokenizer, special_texts_of
+from personajudge.core.errors import ConfigError, PersonaJudgeWarning, PluginError
 from personajudge.core.files import check_text
 
 from .library import builtin_examples, combined_examples, neutral_examples
@@ -135,28 +139,51 @@ def encode(
     """``encoder``'s prompt for one view, as token ids (what the engine feeds each view); special-token
     text in the user's strings stays text (:class:`UserText`)."""
     user = UserText(tokenizer, conversation, system, [view])
-    out = encoder.render(user.view(view), user.conversation, tokenizer, system=user.system, options=options)
     cls = type(encoder).__qualname__
-    text, add_bos = checked_render(out, f"encoder '{getattr(encoder, 'name', cls)}' ({cls})")
+    who = f"encoder '{getattr(encoder, 'name', cls)}' ({cls})"
+
+    def render(v: list[Preference], c: list[Message], s: str | None) -> tuple[str, bool]:
+        return checked_render(encoder.render(v, c, tokenizer, system=s, options=options), who)
+
+    text, add_bos = user.render(render, view, who=who)
     return user.encode(text, add_bos)
 
 
+#: private-use code points a placeholder mark is drawn from: the BMP's, then planes 15 and 16
+_MARKS = (range(0xE000, 0xF900), range(0xF0000, 0xFFFFE), range(0x100000, 0x10FFFE))
+
+Render = Callable[[list[Preference], list[Message], "str | None"], tuple[str, bool]]
+
+
 class UserText:
-    """The user's strings (messages, system text, preferences) with their special-token text kept literal.
+    """The user's strings (messages, system text, preferences), whose special-token text stays text.
 
     A tokenizer parses special-token text: ``"<eos>"`` in a prompt would be the model's real end of
     text, and ``"<end_of_turn>"`` in a message would close the turn, so a user (or any client of the
     server) could end a view's context early or step out of the chat-turn or exemplar frame that
     carries its preference. The encoder renders one string, in which the template's markers and the
-    user's text can no longer be told apart; so before it renders, each special-token string the
-    tokenizer lists (``special_texts``) that occurs in the user's strings is swapped for a placeholder
-    (a private-use character no input holds, and a number), and after it, the rendered text is encoded
-    in pieces: the text between placeholders as before (its markers are control tokens), each
-    placeholder as the literal string, with ``special=False``. Every encoder, third-party ones too,
-    gets this without knowing of it, as the placeholders survive the usual templating (trimming,
-    joining, folding whitespace). Where no user string holds special-token text (ordinary prompts),
-    nothing is swapped and the ids are exactly ``tokenizer.encode(text)``'s. A tokenizer that lists
-    no ``special_texts`` is encoded as before.
+    user's text can no longer be told apart; so :meth:`render` tells them apart after the fact.
+
+    The encoder renders the user's real strings (what it returns is the prompt, and what
+    ``--show-prompt`` prints): a third-party encoder may ``json.dumps`` them, cut them or count their
+    tokens, and never sees anything but the user's text. Only where a user string holds a string of
+    the tokenizer's ``special_texts`` does it render a second time, with each such string swapped
+    for a placeholder (a private-use character no input holds, and a number); where that second text
+    with the strings put back is the first, the placeholders say exactly where the user's special-token
+    text lies. :meth:`encode` then encodes the prompt as the tokenizer would if only the user's
+    special-token text were ordinary text: the rendered text is cut only at the template's own
+    control tokens (where the tokenizer cuts it anyway), the raw-text piece around the user's text is
+    encoded in one ``special=False`` call, and the rest as usual. So the user's text tokenizes
+    exactly as with special-token parsing off, with no extra prefix space or split word around it.
+
+    An encoder that changes the user's text (escapes it, cuts a placeholder, renders at random) gives
+    a second text that does not match; then every occurrence of the user's special-token strings in
+    the prompt is encoded as text, wherever it came from, and where the encoder wrote one of those
+    strings itself (so its own marker becomes text too) a :class:`PersonaJudgeWarning` says so.
+
+    Where no user string holds special-token text (ordinary prompts), nothing is rendered twice and
+    the ids are exactly ``tokenizer.encode(text)``'s. A tokenizer that lists no ``special_texts`` is
+    encoded as before.
     """
 
     def __init__(
@@ -164,39 +191,48 @@ class UserText:
         tokenizer: Tokenizer,
         conversation: list[Message],
         system: str | None = None,
-        views: list[list[Preference]] = (),  # type: ignore[assignment]
+        views: Sequence[Sequence[Preference]] = (),
     ):
         self._tokenizer = tokenizer
         self.conversation, self.system = conversation, system
+        self._index = _special_index(special_texts_of(tokenizer))
+        self._located: dict[str, list[tuple[int, int]] | None] = {}  # rendered text -> the user's spans
+        self._prefix_after: dict[str, bool] = {}
         texts = [m["content"] for m in conversation] + ([system] if system else [])
         texts += [t for v in views for p in v for t in _preference_texts(p)]
         joined = "\x00".join(texts)
-        specials = getattr(tokenizer, "special_texts", None) or ()
-        found = sorted((t for t in specials if t in joined), key=lambda t: (-len(t), t))  # longest first
-        self._literals: list[str] = found
+        found = {joined[i:j] for i, j in _find_specials(joined, self._index)}
+        self._literals: list[str] = sorted(found, key=lambda t: (-len(t), t))  # longest first
+        self._user_index = _special_index(frozenset(found))
+        self._mark: str | None = None
         if not found:
-            self._pattern = None
             return
-        taken = joined + (tokenizer.chat_template or "")
-        self._mark = next(chr(c) for c in range(0xE000, 0xF900) if chr(c) not in taken)
-        self._pattern = re.compile("|".join(map(re.escape, found)))
-        self._placeholder = re.compile(f"{self._mark}(\\d+){self._mark}")
-        self.conversation = [{**m, "content": self._hide(m["content"])} for m in conversation]
-        self.system = self._hide(system) if system else system
+        taken = set(joined) | set(tokenizer.chat_template or "")
+        self._mark = next((chr(c) for r in _MARKS for c in r if chr(c) not in taken), None)
+
+    @property
+    def literal(self) -> bool:
+        """Whether a user string holds special-token text (else :meth:`encode` is the tokenizer's)."""
+        return bool(self._literals)
 
     def _hide(self, text: str) -> str:
-        if self._pattern is None:
+        """``text`` with each of the user's special-token strings swapped for its placeholder (or, with no
+        mark free, removed: the second rendering then only shows which of them the encoder writes itself)."""
+        if not text or not self._literals:
             return text
-        index = {t: i for i, t in enumerate(self._literals)}
-        return self._pattern.sub(lambda m: f"{self._mark}{index[m.group(0)]}{self._mark}", text)
+        out, at = [], 0
+        for i, j in _find_specials(text, self._user_index):
+            mark = f"{self._mark}{self._literals.index(text[i:j])}{self._mark}" if self._mark else ""
+            out += [text[at:i], mark]
+            at = j
+        return "".join(out) + text[at:]
 
-    def view(self, view: list[Preference]) -> list[Preference]:
-        """``view`` with the special-token text of its preferences' texts swapped (the same objects where none)."""
-        if self._pattern is None:
-            return view
+    def _hide_view(self, view: list[Preference]) -> list[Preference]:
         out = []
         for p in view:
-            if not any(self._pattern.search(t) for t in _preference_texts(p)):
+            if not isinstance(p, Preference) or not any(
+                _find_specials(t, self._user_index) for t in _preference_texts(p)
+            ):
                 out.append(p)
                 continue
             examples = tuple(e.model_copy(update={"q": self._hide(e.q), "a": self._hide(e.a)}) for e in p.examples)
@@ -204,24 +240,155 @@ class UserText:
             out.append(p.model_copy(update={**update, "examples": examples}))
         return out
 
-    def text(self, rendered: str) -> str:
-        """The rendered text with the literal strings back in place of the placeholders (what it reads as)."""
-        if self._pattern is None:
-            return rendered
-        return self._placeholder.sub(lambda m: self._literals[int(m.group(1))], rendered)
+    def render(self, render: Render, view: list[Preference], *, who: str = "the encoder") -> tuple[str, bool]:
+        """``render(view, conversation, system)`` of the user's real strings (the prompt, and what
+        ``--show-prompt`` prints), and where a user string holds special-token text, once more with
+        it held out, which tells :meth:`encode` where that text lies in the prompt. ``who`` names the
+        encoder in the warning about an encoder that changes the user's text."""
+        text, add_bos = render(view, self.conversation, self.system)
+        if not self._literals:
+            return text, add_bos
+        hidden = [
+            {**m, "content": self._hide(m["content"])} if _find_specials(m["content"], self._user_index) else m
+            for m in self.conversation
+        ]
+        second, _ = render(self._hide_view(view), hidden, self._hide(self.system) if self.system else self.system)
+        spans = self._spans(text, second) if self._mark else None
+        if spans is None:
+            own = sorted({second[i:j] for i, j in _find_specials(second, self._user_index)})
+            if own:
+                warnings.warn(
+                    f"{who} changed the user's text (escaped, cut or reworded it), so the special-token text "
+                    f"in it ({', '.join(own)}) could not be told apart from the encoder's own; every "
+                    f"{' and '.join(own)} in this prompt is encoded as text, the encoder's own included",
+                    PersonaJudgeWarning,
+                    stacklevel=3,
+                )
+        self._located[text] = spans
+        return text, add_bos
+
+    def _spans(self, text: str, second: str) -> list[tuple[int, int]] | None:
+        """Where the user's special-token strings lie in ``text``, read off ``second`` (the same rendering
+        with placeholders), or None where ``second`` with the strings put back is not ``text``."""
+        assert self._mark is not None
+        parts = re.split(f"{re.escape(self._mark)}(\\d+){re.escape(self._mark)}", second)
+        spans, at = [], 0
+        for k, part in enumerate(parts):
+            if k % 2 == 0:
+                if not text.startswith(part, at):
+                    return None
+                at += len(part)
+                continue
+            i = int(part)
+            if i >= len(self._literals) or not text.startswith(self._literals[i], at):
+                return None
+            spans.append((at, at + len(self._literals[i])))
+            at = spans[-1][1]
+        return spans if at == len(text) else None
 
     def encode(self, rendered: str, add_bos: bool) -> list[int]:
-        """Token ids of ``rendered`` (an encoder's output): the user's special-token text as plain text."""
+        """Token ids of ``rendered`` (what :meth:`render` returned): the user's special-token text as
+        plain text, tokenized as it would be with special-token parsing off; the rest as the tokenizer
+        encodes it."""
         tok = self._tokenizer
-        if self._pattern is None:
+        if not self._literals:
             return tok.encode(rendered, add_bos=add_bos)
-        parts = self._placeholder.split(rendered)  # template text, literal index, template text, ...
-        ids = tok.encode(parts[0], add_bos=add_bos)
-        for i in range(1, len(parts), 2):
-            ids += tok.encode(self._literals[int(parts[i])], add_bos=False, special=False)  # type: ignore[call-arg]
-            if parts[i + 1]:
-                ids += tok.encode(parts[i + 1], add_bos=False)
+        spans = self._located.get(rendered)
+        if spans is None:  # not located (see render): every occurrence of the user's strings is text
+            spans = _find_specials(rendered, self._user_index)
+        if not spans:
+            return tok.encode(rendered, add_bos=add_bos)
+        # the template's control tokens: the special-token text outside the user's spans
+        control: list[tuple[int, int]] = []
+        at = 0
+        for i, j in [*spans, (len(rendered), len(rendered))]:
+            control += _find_specials(rendered, self._index, at, i)
+            at = j
+        # cut at the control tokens; a raw piece holding user text is one special=False call, and each
+        # run of the others (template text and control tokens) one ordinary call
+        segments: list[list[Any]] = []  # [start, end, holds user text, the control token before it]
+        at, before = 0, None
+        for i, j in [*control, (len(rendered), len(rendered))]:
+            if at < i:
+                user = any(at <= a < i for a, _ in spans)
+                if user or not segments or segments[-1][2]:
+                    segments.append([at, i, user, before])
+                else:
+                    segments[-1][1] = i
+            if i < j:
+                if segments and not segments[-1][2]:
+                    segments[-1][1] = j
+                else:
+                    segments.append([i, j, False, None])
+                before = rendered[i:j]
+            at = j
+        ids: list[int] = []
+        for k, (i, j, user, after) in enumerate(segments):
+            if user:
+                ids += self._raw(rendered[i:j], add_bos and k == 0, after)
+            else:
+                ids += tok.encode(rendered[i:j], add_bos=add_bos and k == 0)
         return ids
+
+    def _raw(self, text: str, add_bos: bool, after: str | None) -> list[int]:
+        """``text``, a raw-text piece holding the user's special-token text, in one ``special=False``
+        call. ``after`` is the control token it follows (None at the start): llama.cpp and most HF
+        tokenizers tokenize a piece after a control token as one at the start of a text, but one whose
+        pre-tokenizer adds a prefix space only at the very start (SentencePiece with ``legacy=False``,
+        Metaspace ``prepend_scheme="first"``) does not, so there the piece is encoded after a newline,
+        whose tokens are then dropped."""
+        tok = self._tokenizer
+        plain = tok.encode(text, add_bos=add_bos, special=False)  # type: ignore[call-arg]
+        if after is None or self._prefixes_after(after):
+            return plain
+        anchor = tok.encode("\n", add_bos=False, special=False)  # type: ignore[call-arg]
+        anchored = tok.encode("\n" + text, add_bos=False, special=False)  # type: ignore[call-arg]
+        if anchored[: len(anchor)] != anchor:
+            return plain
+        return anchored[len(anchor) :]
+
+    def _prefixes_after(self, control: str) -> bool:
+        """Whether the tokenizer tokenizes text after ``control`` as it tokenizes it at the start of a text."""
+        if control not in self._prefix_after:
+            tok = self._tokenizer
+            joint = tok.encode(control + "a", add_bos=False)
+            apart = tok.encode(control, add_bos=False) + tok.encode("a", add_bos=False, special=False)  # type: ignore[call-arg]
+            self._prefix_after[control] = joint == apart
+        return self._prefix_after[control]
+
+
+@functools.lru_cache(maxsize=16)
+def _special_index(texts: frozenset[str]) -> tuple[re.Pattern[str] | None, tuple[int, ...], frozenset[str]]:
+    """What :func:`_find_specials` scans with: the first characters of ``texts``, their lengths
+    (longest first) and the set (a tokenizer lists thousands, Gemma's ``<unused0>``... among them,
+    so one pass over the text, not one search per string)."""
+    firsts = sorted({t[0] for t in texts})
+    pattern = re.compile("[" + "".join(map(re.escape, firsts)) + "]") if firsts else None
+    return pattern, tuple(sorted({len(t) for t in texts}, reverse=True)), texts
+
+
+def _find_specials(
+    text: str,
+    index: tuple[re.Pattern[str] | None, tuple[int, ...], frozenset[str]],
+    start: int = 0,
+    end: int | None = None,
+) -> list[tuple[int, int]]:
+    """The spans of ``index``'s strings in ``text[start:end]``, leftmost-longest (as a tokenizer
+    matches its added tokens)."""
+    pattern, lengths, texts = index
+    end = len(text) if end is None else end
+    out: list[tuple[int, int]] = []
+    at = start
+    while pattern is not None:
+        m = pattern.search(text, at, end)
+        if m is None:
+            break
+        i = m.start()
+        hit = next((n for n in lengths if i + n <= end and text[i : i + n] in texts), 0)
+        if hit:
+            out.append((i, i + hit))
+        at = i + (hit or 1)
+    return out
 
 
 def _preference_texts(p: Any) -> list[str]:
@@ -348,24 +515,47 @@ TEMPLATE_FIELDS = {"header": "preference", "user": "content", "assistant": "cont
 
 
 def _check_format(key: str, fmt: str) -> None:
-    """``fmt`` formats with its one placeholder, or a ValueError (one line) saying what is wrong.
+    """``fmt`` holds its one placeholder, bare, or a ValueError (one line) saying what is wrong.
 
     Checked when the options are read, not at render time, where a bad format string would be a
-    ``KeyError``/``IndexError`` traceback after the model loaded."""
+    ``KeyError``/``IndexError`` traceback after the model loaded. The placeholder must be there: a
+    ``header`` without ``{preference}`` leaves the preferences out of every view's prompt (every view
+    would then be the same, as ``exemplar`` refuses for ``n = 0`` without the instruction line), and
+    a ``user`` without ``{content}`` drops the question. It must be bare: ``{content.upper}`` would
+    put a method's memory address into the prompt, ``{content!r}`` quotes and escapes the text."""
     field = TEMPLATE_FIELDS.get(key)
     if field is None:
         return
     try:
-        fmt.format(**{field: ""})
-    except KeyError as err:
-        raise ValueError(
-            f"format {key}: unknown placeholder {{{err.args[0]}}}; {key} takes only {{{field}}} "
-            "(write a literal brace as {{ or }})"
-        ) from None
-    except (IndexError, ValueError, AttributeError, TypeError) as err:
+        parsed = [
+            (name, spec or "", conv or "") for _, name, spec, conv in string.Formatter().parse(fmt) if name is not None
+        ]
+    except ValueError as err:
         raise ValueError(
             f"format {key}: {err} in {fmt!r}; {key} takes only {{{field}}} (write a literal brace as {{{{ or }}}})"
         ) from None
+    for name, spec, conversion in parsed:
+        if name == "" or name.isdigit():
+            raise ValueError(
+                f"format {key}: Replacement index {name or 0} out of range in {fmt!r}; {key} takes only {{{field}}}"
+            )
+        if not re.split(r"[.\[]", name)[0] == field:
+            raise ValueError(
+                f"format {key}: unknown placeholder {{{name}}}; {key} takes only {{{field}}} "
+                "(write a literal brace as {{ or }})"
+            )
+        if name != field or spec or conversion:
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ValueError(
+                f"format {key}: {shown} is not allowed; {key} takes only {{{field}}}, bare "
+                "(write a literal brace as {{ or }})"
+            )
+    if not parsed:
+        what = "the view's preferences" if key == "header" else f"the {key} text"
+        raise ValueError(
+            f"format {key}: {fmt!r} has no {{{field}}}, so {what} would be left out of every prompt; "
+            f"put {{{field}}} where it goes"
+        )
 
 
 class PlainOptions(EncoderOptions):

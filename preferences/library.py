@@ -176,6 +176,9 @@ def lookup(name: str, library: Library | None = None) -> Preference | None:
 _NAME_LIKE = re.compile(r"[A-Za-z0-9_-]+")
 #: punctuation around a word that would otherwise be a name (``concise.``, ``"humor"``)
 _AROUND = "".join(c for c in string.punctuation if c not in "-_")
+#: what joins names in a string that is no description: ``concise+friendly`` (the README's and
+#: ``eval --pair``'s notation for one view of both), ``concise;humor``, ``concise/humor``, ``concise|humor``
+_JOINERS = re.compile(r"[,;/|+]")
 
 
 def _close_names(text: str, lib: Library) -> list[str]:
@@ -188,6 +191,9 @@ def _not_a_description(text: str, lib: Library) -> PreferenceError | None:
     """The error for text that reads as preference *names*, which free text would silently change:
     ``concise,humor`` (two names in one string) and ``concise.`` (a name with punctuation), or None.
 
+    Names joined by other punctuation (``concise;humor``, ``concise+friendly``, ``concise,humor.``)
+    are refused alike, with the ways to say one view or two.
+
     Refused rather than resolved: ``concise.`` could be meant as the one-word description, and a
     list in one string could be meant as one view or as two; the user says which."""
     parts = [x.strip() for x in text.split(",")]
@@ -198,6 +204,15 @@ def _not_a_description(text: str, lib: Library) -> PreferenceError | None:
             f"'{text}' lists the preferences {', '.join(parts)} in one string: give them separately, "
             f"one view each (--prefer {sep}; in Python preferences=[{listed}]), or as one view "
             f"(--view {comma}; in Python views=[[{listed}]])"
+        )
+    joined = [x.strip() for x in _JOINERS.split(text)]
+    if len(joined) > 1 and all(joined) and all(lookup(x.strip(_AROUND), lib) is not None for x in joined):
+        names = [x.strip(_AROUND) for x in joined]
+        comma, listed = ",".join(names), ", ".join(repr(x) for x in names)
+        return PreferenceError(
+            f"'{text}' reads as the preferences {', '.join(names)} joined by punctuation: as one view give "
+            f"--view {comma} (or {'+'.join(names)}; in Python views=[[{listed}]]), or one view each "
+            f"--prefer {' --prefer '.join(names)} (preferences=[{listed}]); a description is a sentence"
         )
     if not any(c.isspace() for c in text):
         core = text.strip(_AROUND)
@@ -342,6 +357,11 @@ def _from_table(item: dict[str, Any], where: str, source: str, library: Library 
         if item.get(key) is not None and not isinstance(item[key], str):
             raise PreferenceError(f"{where}: {key} must be a string, got {type(item[key]).__name__}")
     name, desc = item.get("name"), item.get("description") or ""
+    if isinstance(name, str) and "," in name:
+        raise PreferenceError(
+            f"{where}: the name '{name.strip()}' holds a comma, and --view (a server's views too) splits "
+            "names at commas, so no view could name it; give it a name without one"
+        )
     if not (isinstance(name, str) and name.strip()) and not desc.strip():
         raise PreferenceError(f"{where}: a preference table needs a name (and a description, for a new preference)")
     known = lookup(name, library) if isinstance(name, str) and name.strip() and not desc else None

@@ -112,16 +112,26 @@ def build_views(
 
 
 def view_names(text: str, lib: Library) -> list[str]:
-    """One string of a view: ``"concise,humor"`` is two names, but ``"answer briefly, with humour"``
+    """One string of a view: ``"concise,humor"`` is two names (so is ``"concise+humor"``, the
+    README's and ``eval --pair``'s notation for one view of both), but ``"answer briefly, with humour"``
     is one free-text description (the CLI's ``--view`` goes through here too, with ``lib`` holding a
     preferences file's names). It is split at its commas when every piece could be a name (a
     registered one, or one word, which then resolves to a name or fails with a did-you-mean);
     a comma inside a sentence would otherwise cut it into two preferences."""
+    if text.strip() and lookup(text, lib) is not None:  # a name as a whole (a file's "pro+con")
+        return [text.strip()]
     pieces = [s.strip() for s in text.split(",") if s.strip()]
     if not pieces:  # only commas and spaces: nothing (an empty view is refused by name)
         return []
-    if len(pieces) > 1 and all(lookup(s, lib) is not None or _NAME_LIKE.fullmatch(s) for s in pieces):
-        return pieces
+    names: list[str] = []
+    for piece in pieces:  # concise+friendly: one view of both, as eval --pair reads it
+        plus = [x.strip() for x in piece.split("+")]
+        if lookup(piece, lib) is None and len(plus) > 1 and all(plus):
+            names += plus
+        else:
+            names.append(piece)
+    if len(names) > 1 and all(lookup(s, lib) is not None or _NAME_LIKE.fullmatch(s) for s in names):
+        return names
     return [text.strip()]
 
 

@@ -100,8 +100,8 @@ def add_run_options(p: argparse.ArgumentParser, *, seed_help: str | None = None)
         action="append",
         default=None,
         metavar="A,B",
-        help="a view carrying several preferences, comma-separated (repeatable; split only where every "
-        "piece could be a name, so a description with a comma stays one preference)",
+        help="a view carrying several preferences, comma- or +-separated (A,B or A+B; repeatable; split only "
+        "where every piece could be a name, so a description with a comma stays one preference)",
     )
     g.add_argument(
         "--preferences-file",
