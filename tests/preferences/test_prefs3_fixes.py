@@ -25,6 +25,7 @@ import warnings
 
 import pytest
 from cli_lines import one_line, run_main
+from markup_tokenizer import MarkupTokenizer
 
 import personajudge as pj
 from personajudge.api import _plan_call
@@ -34,29 +35,6 @@ from personajudge.core.errors import ConfigError, PersonaJudgeWarning, PluginErr
 from personajudge.preferences import load_file, resolve
 from personajudge.preferences.encoders import PlainEncoder, encode
 from personajudge.preferences.views import view_names
-
-
-class MarkupTokenizer(ToyTokenizer):
-    """The toy tokenizer with ``<eot>`` parsed into EOS unless ``special=False``, and a chat template
-    that closes each turn with it (the template's markers and a user's look alike)."""
-
-    special_texts = frozenset({"<eot>"})
-    chat_template = "[role]: content<eot>"
-
-    def encode(self, text, *, add_bos=True, special=True):
-        if not special:
-            return super().encode(text, add_bos=add_bos)
-        ids = []
-        for i, piece in enumerate(text.split("<eot>")):
-            if i:
-                ids.append(EOS)
-            ids += super().encode(piece, add_bos=False)
-        return ids
-
-    def apply_chat_template(self, messages, *, add_generation_prompt=True):
-        return "".join(f"{m['role']}: {m['content']}<eot>" for m in messages) + (
-            "assistant:" if add_generation_prompt else ""
-        )
 
 
 class Recording(MarkupTokenizer):

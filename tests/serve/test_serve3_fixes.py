@@ -239,8 +239,9 @@ def test_the_openai_client_gets_a_bad_request_for_five_stops(base):
 # ---------------------------------------------------------------- C: tokens of requests that end early
 
 
-def _stream_chunks(url, body, leave_after=None):
-    """POST a stream; ``(text chunks read, final error code or None)``; leaves after ``leave_after`` chunks."""
+def _stream_chunks(url, body, leave_after=None, on_chunk=None):
+    """POST a stream; ``(text chunks read, final error code or None)``; leaves after ``leave_after`` chunks,
+    and calls ``on_chunk(n)`` after the n-th."""
     n, code = 0, None
     with httpx.Client(timeout=120) as c, c.stream("POST", url + CHAT_PATH, json={**body, "stream": True}) as r:
         assert r.status_code == 200
@@ -253,6 +254,8 @@ def _stream_chunks(url, body, leave_after=None):
                 break
             if event["choices"] and event["choices"][0]["delta"].get("content"):
                 n += 1
+                if on_chunk is not None:
+                    on_chunk(n)
                 if leave_after is not None and n >= leave_after:
                     break
     return n, code
@@ -305,22 +308,11 @@ def test_a_stream_cancelled_at_the_end_of_the_grace_period_counts_its_tokens():
     with pj, graceful(pj, shutdown_timeout=0.5) as (url, server, app, thread):
         prompt = _prompt_tokens(url)
         before = _scrape(url)
-        n, code = 0, None
-        with (
-            httpx.Client(timeout=120) as c,
-            c.stream("POST", url + CHAT_PATH, json={"model": "persona-judge", **LONG, "stream": True}) as r,
-        ):
-            for line in r.iter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    code = event["error"]["code"]
-                    break
-                if event["choices"] and event["choices"][0]["delta"].get("content"):
-                    n += 1
-                    if n == 20:
-                        server.handle_exit(signal.SIGTERM, None)
+        n, code = _stream_chunks(
+            url,
+            {"model": "persona-judge", **LONG},
+            on_chunk=lambda k: k == 20 and server.handle_exit(signal.SIGTERM, None),
+        )
         assert code == "shutting_down" and n >= 20
         thread.join(60)
         assert not thread.is_alive()
