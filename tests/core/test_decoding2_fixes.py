@@ -11,26 +11,14 @@ B. A Python call's ``preferences=`` was ignored (with a misleading warning) when
 import warnings
 
 import pytest
-from markup_tokenizer import MarkupTokenizer
+from markup_tokenizer import contexts, markup_model
 
 import personajudge as pj
-from personajudge.api import _plan_call
 from personajudge.backends.toy import EOS, ToyBackend
 from personajudge.core.errors import PersonaJudgeWarning
 from personajudge.preferences import Preference
 
 # --------------------------------------------------------------------------------------------- A
-
-
-def markup_model(**config):
-    backend = ToyBackend()
-    backend.tokenizer = MarkupTokenizer()
-    return pj.PersonaJudge({"backend": {"name": "toy"}, **config}, backend=backend)
-
-
-def contexts(model, prompt, **call):
-    cfg, meth, views, _ = _plan_call(model.config, call.pop("preferences", None), None, None, call)
-    return model.encode_views(prompt, cfg, meth, views), model.render_views(prompt, cfg, meth, views)
 
 
 @pytest.mark.parametrize("encoder", ["plain", "exemplar"])  # the formats without a chat template

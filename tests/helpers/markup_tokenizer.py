@@ -1,6 +1,8 @@
 """A toy tokenizer with special-token markup, for the tests of user text that looks like a control token."""
 
-from personajudge.backends.toy import EOS, ToyTokenizer
+import personajudge as pj
+from personajudge.api import _plan_call
+from personajudge.backends.toy import EOS, ToyBackend, ToyTokenizer
 
 
 class MarkupTokenizer(ToyTokenizer):
@@ -25,3 +27,16 @@ class MarkupTokenizer(ToyTokenizer):
         return "".join(f"{m['role']}: {m['content']}<eot>" for m in messages) + (
             "assistant:" if add_generation_prompt else ""
         )
+
+
+def markup_model(**config):
+    """A toy PersonaJudge whose tokenizer is a :class:`MarkupTokenizer`."""
+    backend = ToyBackend()
+    backend.tokenizer = MarkupTokenizer()
+    return pj.PersonaJudge({"backend": {"name": "toy"}, **config}, backend=backend)
+
+
+def contexts(model, prompt, **call):
+    """The token contexts and rendered texts of each view of ``prompt`` under the call's keywords."""
+    cfg, meth, views, _ = _plan_call(model.config, call.pop("preferences", None), None, None, call)
+    return model.encode_views(prompt, cfg, meth, views), model.render_views(prompt, cfg, meth, views)

@@ -25,11 +25,10 @@ import warnings
 
 import pytest
 from cli_lines import one_line, run_main
-from markup_tokenizer import MarkupTokenizer
+from markup_tokenizer import MarkupTokenizer, contexts, markup_model
 
 import personajudge as pj
-from personajudge.api import _plan_call
-from personajudge.backends.toy import EOS, ToyBackend, ToyTokenizer
+from personajudge.backends.toy import EOS, ToyTokenizer
 from personajudge.core.contract import check_tokenizer
 from personajudge.core.errors import ConfigError, PersonaJudgeWarning, PluginError, PreferenceError
 from personajudge.preferences import load_file, resolve
@@ -54,17 +53,6 @@ def fed(tok, ids_fn):
     tok.fed.clear()
     ids = ids_fn()
     return ids, "".join(tok.fed)
-
-
-def markup_model(**config):
-    backend = ToyBackend()
-    backend.tokenizer = MarkupTokenizer()
-    return pj.PersonaJudge({"backend": {"name": "toy"}, **config}, backend=backend)
-
-
-def contexts(model, prompt, **call):
-    cfg, meth, views, _ = _plan_call(model.config, call.pop("preferences", None), None, None, call)
-    return model.encode_views(prompt, cfg, meth, views), model.render_views(prompt, cfg, meth, views)
 
 
 # --------------------------------------------------------------------------------------------- A, C
