@@ -555,18 +555,24 @@ class StepDriver:
         return True
 
     def remove(self, key: Any) -> None:
-        """Stop ``key``'s loop (if it still runs) and empty its slots."""
+        """Stop ``key``'s loop (if it still runs) and empty its slots.
+
+        A loop that fails as it is closed (its ``finally`` yields another op or raises) raises that
+        here, for ``key``'s request alone, once its slots are emptied all the same: the slots go back
+        to the next request clean, whatever the loop did on its way out."""
         loop = self._loops.pop(key, None)
         group = self._groups.pop(key, None)
         self._pending.pop(key, None)
         slots = self._slots.pop(key, [])
-        if loop is not None:
-            loop.close()
-        if group is not None:
-            group.remove(key)
-        if not self.session.closed:
-            for s in slots:
-                self.session.truncate(s, 0)
+        try:
+            if loop is not None:
+                loop.close()
+        finally:
+            if group is not None:
+                group.remove(key)
+            if not self.session.closed:
+                for s in slots:
+                    self.session.truncate(s, 0)
 
     def step(self) -> tuple[list[Any], dict[Any, BaseException]]:
         """One batched forward for every active request.
@@ -636,5 +642,9 @@ class StepDriver:
             finished += done
             failed.update(errors)
         for key in finished + list(failed):
-            self.remove(key)
+            try:
+                self.remove(key)
+            except Exception as err:  # its loop failed as it was closed: its own failure
+                failed.setdefault(key, err)
+        finished = [key for key in finished if key not in failed]
         return finished, failed

@@ -34,7 +34,15 @@ from personajudge.core.errors import ConfigError, ContextLengthError, NumericalE
 from personajudge.core.result import GenerationResult, Stats
 from personajudge.core.stopping import Emitter
 from personajudge.core.transforms import SamplingParams
-from personajudge.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, Engine, EngineClosedError, Job, result_of
+from personajudge.engine import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_QUEUE,
+    Engine,
+    EngineClosedError,
+    Job,
+    check_flag,
+    result_of,
+)
 from personajudge.plugins import get_method, load_backend, preference_library, resolve_encoder
 from personajudge.plugins.manager import guarded, plan_views, render_view, stop_strings_of
 from personajudge.preferences import (
@@ -584,6 +592,7 @@ class PersonaJudge:
         """Stop using the backend. The last live object on it cancels what is still running, stops
         the engine and frees the model (``keep_backend``: leaves it loaded, for a caller that owns
         it); while others remain, they keep both. A second call does nothing."""
+        keep_backend = check_flag("keep_backend", keep_backend)
         with _SHARED_LOCK:
             if self._closed:
                 return
@@ -818,6 +827,11 @@ class PersonaJudge:
         if loop is not None and not isinstance(loop, asyncio.AbstractEventLoop):
             # checked here: the engine thread would find out only when it delivers the first event
             raise ConfigError(f"loop must be an asyncio event loop (or None), got {type(loop).__name__}")
+        wait, stream = check_flag("wait", wait), check_flag("stream", stream)  # 'no' is truthy: it would wait
+        if not isinstance(label, str):
+            raise ConfigError(
+                f"label must be a string (it names the caller in the engine's hooks), got {type(label).__name__}"
+            )
         return self._submit(prompt, kwargs, loop, wait, stream, label)[0]
 
     def _submit(

@@ -51,18 +51,21 @@ import os
 import queue
 import threading
 import time
+import warnings
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any
 
+import numpy as np
+
 from personajudge.core.batched import BatchedJudge, batched_request, judge_rows
 from personajudge.core.contract import Backend, Session
 from personajudge.core.decoding import DecodeRequest, Forward, Loop, StepDriver, Truncate, not_an_op, run_timed
-from personajudge.core.errors import PersonaJudgeError, PluginError, SessionError, TooManyViewsError
+from personajudge.core.errors import ConfigError, PersonaJudgeError, PluginError, SessionError, TooManyViewsError
 from personajudge.core.methods import Base, Pad
 from personajudge.core.result import GenerationResult
-from personajudge.plugins.manager import guarded, open_session, who
+from personajudge.plugins.manager import PluginWarning, guarded, open_session, who
 
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_QUEUE = 1024
@@ -72,11 +75,12 @@ EXIT_JOIN_S = 60.0
 #: engines whose thread has started (the thread holds its engine, so a running one stays here)
 _STARTED: weakref.WeakSet[Engine] = weakref.WeakSet()
 _STARTED_LOCK = threading.Lock()
-_exit_hook = False
+#: set by :func:`_stop_at_exit`: the interpreter is exiting
+_EXITING = threading.Event()
 
 
 def _stop_at_exit() -> None:
-    """Stop every engine and join its thread before the interpreter finalizes.
+    """Stop every engine thread and join it before the interpreter finalizes.
 
     The engine thread is a daemon so that a forgotten :class:`PersonaJudge` never keeps a process
     alive, but a daemon thread must not be inside a C++ extension when finalization starts: once
@@ -85,22 +89,56 @@ def _stop_at_exit() -> None:
     ``std::terminate`` ("terminate called without an active exception", SIGABRT, exit 134). The
     engine does exactly that right after the caller's last result: it closes its idle session,
     freeing the KV cache tensors (``THPVariable_clear`` drops the GIL). So at exit -- after the
-    non-daemon threads are joined, before finalization -- every engine takes no more requests,
-    cancels what is left, and its thread is joined (each up to :data:`EXIT_JOIN_S`; one stuck
-    longer is left to end with the process, as before). Registered when the first engine thread
-    starts, so it runs before the exit hooks of libraries imported earlier (torch's among them).
+    non-daemon threads are joined, before finalization -- every engine drops what it still runs and
+    its thread is joined (each up to :data:`EXIT_JOIN_S`; one stuck longer is left to end with the
+    process, as before).
+
+    What runs then is a daemon thread's (every other thread has been joined; the main thread is
+    here): those requests are dropped *quietly*, without waking their callers, which end with the
+    process as daemon threads always did (a ``RequestCancelled`` would print a traceback in each
+    of them as the interpreter shuts down). A daemon thread that submits after this waits for the
+    end too. Any other thread -- an exit handler of the user's, on the main thread -- still gets a
+    working engine: it serves the request, its thread ends once idle, and the caller joins it when
+    it reads the final event (:meth:`Engine._join_at_exit`), so nothing runs in it at finalization.
+
+    Registered when ``personajudge.engine`` is imported: exit handlers run last in, first out, so a
+    handler the user registers after importing personajudge runs before this one, with every engine
+    as it was (a worker's requests still served). One registered earlier runs after it, and is
+    served as above. (torch's own exit hooks only log; they may run on either side.)
     """
+    _EXITING.set()
     with _STARTED_LOCK:
         engines = list(_STARTED)
     for engine in engines:
         with engine._cv:
-            engine._closing = True
-            engine._cancel_all()
+            engine._drop_all_quietly()
             engine._cv.notify_all()
     for engine in engines:
         thread = engine._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(EXIT_JOIN_S)
+
+
+atexit.register(_stop_at_exit)
+
+
+def _parked_at_exit() -> bool:
+    """Whether the calling thread is a daemon thread asking for work after the exit hook: it waits for
+    the end of the process (:func:`_park`) instead of starting a request that would run into
+    finalization, or raising in a thread the interpreter is about to drop."""
+    return _EXITING.is_set() and threading.current_thread().daemon
+
+
+def _park() -> None:
+    """Block the calling (daemon) thread until the process ends."""
+    threading.Event().wait()
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """A yes/no argument, checked: ``wait='no'`` is truthy and would wait, silently."""
+    if not isinstance(value, bool | np.bool_):
+        raise ConfigError(f"{name} must be True or False, got {type(value).__name__} {value!r:.40}")
+    return bool(value)
 
 
 class QueueFullError(PersonaJudgeError):
@@ -185,7 +223,20 @@ def _checked_ops(method: Any, name: str, loop: Loop, stats: Any) -> Loop:
             value = yield op
     finally:
         stats.forwards = max(stats.forwards, forwards)
-        loop.close()
+        # a loop that yields or raises as it is closed (cleanup in its ``finally``) fails its own request
+        # with a PluginError naming it (StepDriver.remove hands it to that request only)
+        guarded("method", name, method, ".loop.close() raised", loop.close)
+
+
+def _close_reporting(session: Any) -> None:
+    """``session.close()``; a third-party backend's session that fails to close (a :class:`PluginError`
+    from :func:`~personajudge.plugins.manager.open_session`) is reported as a :class:`PluginWarning`
+    with that line, and the engine goes on: the request it served keeps its result, and an idle
+    engine's thread does not end on it. A built-in session's failure is a bug and propagates."""
+    try:
+        session.close()
+    except PluginError as err:
+        warnings.warn(str(err), PluginWarning, stacklevel=2)
 
 
 # Events a job delivers, in order: ("start",) once admitted, ("text", piece)*, then
@@ -245,6 +296,8 @@ class Job:
         self.result_value: GenerationResult | None = None
         self.error: BaseException | None = None
         self._final_taken = False
+        #: dropped by the exit hook: its events are no longer delivered (see ``_stop_at_exit``)
+        self._quiet = False
 
     @classmethod
     def for_asyncio(
@@ -294,6 +347,8 @@ class Job:
         return event
 
     def _deliver(self, event: Event) -> None:
+        if self._quiet:
+            return
         try:
             self._sink(event)
         except Exception:  # the caller's event loop is gone (server shutting down), or a caller's own
@@ -312,6 +367,8 @@ class Job:
             self.cancelled = True
             if self.engine is not None:
                 self.engine._wake()
+                if _EXITING.is_set():  # an exit handler's stream left early: its engine thread ends, joined
+                    self.engine._join_at_exit()
 
     def _final(self) -> Event | None:
         """The final event once a reader has taken it from the queue (None before): a second
@@ -320,11 +377,20 @@ class Job:
             return None
         return ("done", self.result_value) if self.error is None else ("error", self.error)
 
+    def _took_final(self) -> None:
+        self._final_taken = True
+        if _EXITING.is_set() and self.engine is not None:  # an exit handler's request: its engine thread
+            self.engine._join_at_exit()  # ends once idle, and must not be running at finalization
+
     def events(self) -> Iterator[Event]:
         """The job's events in the caller's thread, up to and including the final one (read again
         after the end: the final one alone)."""
-        if self._queue is None:
-            raise RuntimeError("this job delivers its events to asyncio; use aevents()")
+        if self._queue is None:  # checked before the first next(): a plain function returning the generator
+            raise ConfigError("this job delivers its events to asyncio (Job.for_asyncio): read them with aevents()")
+        return self._events()
+
+    def _events(self) -> Iterator[Event]:
+        assert self._queue is not None
         final = self._final()
         if final is not None:
             yield final
@@ -332,22 +398,27 @@ class Job:
         while True:
             ev = self._queue.get()
             if ev[0] in ("done", "error"):
-                self._final_taken = True
+                self._took_final()
             yield ev
             if ev[0] in ("done", "error"):
                 return
 
+    def _async_queue(self) -> asyncio.Queue:
+        if self._aqueue is None:
+            raise ConfigError(
+                "this job was not built with Job.for_asyncio (submit without loop=): read it with events()"
+            )
+        return self._aqueue
+
     async def next_event(self) -> Event:
         """The next event of a :meth:`for_asyncio` job (safe to cancel, e.g. by a timeout)."""
-        aq = getattr(self, "_aqueue", None)
-        if aq is None:
-            raise RuntimeError("this job was not built with Job.for_asyncio")
-        return await aq.get()
+        return await self._async_queue().get()
 
-    async def aevents(self) -> AsyncIterator[Event]:
-        aq = getattr(self, "_aqueue", None)
-        if aq is None:
-            raise RuntimeError("this job was not built with Job.for_asyncio")
+    def aevents(self) -> AsyncIterator[Event]:
+        """:meth:`events` for a :meth:`for_asyncio` job, on its event loop."""
+        return self._aevents(self._async_queue())
+
+    async def _aevents(self, aq: asyncio.Queue) -> AsyncIterator[Event]:
         final = self._final()
         if final is not None:
             yield final
@@ -355,13 +426,22 @@ class Job:
         while True:
             ev = await aq.get()
             if ev[0] in ("done", "error"):
-                self._final_taken = True
+                self._took_final()
             yield ev
             if ev[0] in ("done", "error"):
                 return
 
     def result(self, on_text: Callable[[str], None] | None = None) -> GenerationResult:
-        """Wait for the result (calling ``on_text`` with each piece, in this thread); raise its error."""
+        """Wait for the result (calling ``on_text`` with each piece, in this thread); raise its error.
+
+        The error raised is the job's own (a second call raises it again), so as it leaves, its
+        traceback takes in the caller's frames, and whatever they hold (the ``PersonaJudge``): as
+        with ``concurrent.futures.Future.result``, whoever keeps the job keeps those. The engine
+        keeps no job it has finished (see :meth:`Engine._serve_round`)."""
+        if on_text is not None and not callable(on_text):
+            raise ConfigError(
+                f"on_text must be callable (it receives each piece of text), got {type(on_text).__name__}"
+            )
         for ev in self.events():
             if ev[0] == "text" and on_text is not None:
                 on_text(ev[1])
@@ -445,6 +525,8 @@ class Engine:
         self._alone: Job | None = None
         self._closing = False
         self._thread: threading.Thread | None = None
+        #: the thread has decided to end (under the lock): a request queued now needs a new thread
+        self._ending = False
         self._after = after
         self._latency = 1.0  # running mean of request seconds, for Retry-After
         self.steps = 0
@@ -461,22 +543,23 @@ class Engine:
         """
         self._listen(job)
         with self._cv:
-            while True:
+            while not _parked_at_exit():
                 if self._closing:
                     raise EngineClosedError("the engine is shutting down and takes no new requests")
                 # room: max_queue waiting beyond the places the running batch still has
                 if len(self._queue) < self.max_queue + max(0, self.max_batch - len(self._active)):
-                    break
+                    job.engine = self
+                    self._queue.append(job)
+                    self._ensure_thread()
+                    self._cv.notify_all()
+                    return job
                 if not wait:
                     raise QueueFullError(
                         f"the request queue is full ({self.max_queue} waiting); retry later",
                         retry_after=self.retry_after(),
                     )
                 self._cv.wait()
-            job.engine = self
-            self._queue.append(job)
-            self._ensure_thread()
-            self._cv.notify_all()
+        _park()  # a daemon thread at exit (see _stop_at_exit)
         return job
 
     def submit_many(self, jobs: list[Job]) -> list[Job]:
@@ -493,6 +576,8 @@ class Engine:
             self._listen(job)
         with self._cv:
             while pending:
+                if _parked_at_exit():
+                    break
                 if self._closing:
                     raise EngineClosedError("the engine is shutting down and takes no new requests")
                 room = self.max_queue + max(0, self.max_batch - len(self._active)) - len(self._queue)
@@ -505,6 +590,8 @@ class Engine:
                 del pending[:room]
                 self._ensure_thread()
                 self._cv.notify_all()
+        if pending:
+            _park()  # a daemon thread at exit (see _stop_at_exit)
         return jobs
 
     def reserve(self, slots: int) -> int:
@@ -596,23 +683,45 @@ class Engine:
 
     # ------------------------------------------------------------------ internals
 
+    def _jobs(self) -> list[Job]:
+        return list(self._queue) + list(self._active.values()) + ([self._alone] if self._alone else [])
+
     def _cancel_all(self) -> None:
-        for job in list(self._queue) + list(self._active.values()) + ([self._alone] if self._alone else []):
+        for job in self._jobs():
             job.cancelled = True
+
+    def _drop_all_quietly(self) -> None:
+        """At exit: cancel every request without delivering it anything (see :func:`_stop_at_exit`)."""
+        for job in self._jobs():
+            job.cancelled = True
+            job._quiet = True
+
+    def _join_at_exit(self) -> None:
+        """After the exit hook, in a caller that has its final event (or cancelled): once no live request
+        is left, the engine thread ends (see :meth:`_serve_round`); wait for it, so that it is not
+        running (closing its session) when the interpreter finalizes."""
+        thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return
+        with self._cv:
+            if any(not j.cancelled for j in self._jobs()):
+                return  # another request of this exit handler's: its own final event joins
+        thread.join(EXIT_JOIN_S)
 
     def _wake(self) -> None:
         with self._cv:
             self._cv.notify_all()
 
     def _ensure_thread(self) -> None:
-        global _exit_hook
-        if self._thread is None or not self._thread.is_alive():
+        """Start the thread unless one runs and has not decided to end (called under the lock)."""
+        if self._thread is None or not self._thread.is_alive() or self._ending:
             with _STARTED_LOCK:
                 _STARTED.add(self)
-                if not _exit_hook:
-                    atexit.register(_stop_at_exit)
-                    _exit_hook = True
-            self._thread = threading.Thread(target=self._loop, name="personajudge-engine", daemon=True)
+            previous = self._thread if self._ending else None  # ending, but maybe still unwinding
+            self._ending = False
+            self._thread = threading.Thread(
+                target=self._loop, args=(previous,), name="personajudge-engine", daemon=True
+            )
             self._thread.start()
 
     def _listen(self, job: Job) -> None:
@@ -632,7 +741,9 @@ class Engine:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
 
-    def _loop(self) -> None:
+    def _loop(self, previous: threading.Thread | None = None) -> None:
+        if previous is not None:  # this engine's last thread, on its way out: one thread at a time
+            previous.join()
         after, self._after = self._after, None
         if after is not None:
             after.wait_stopped()
@@ -654,6 +765,7 @@ class Engine:
             self._active.clear()
             self._slots.clear()
             self._alone = None
+            self._ending = True  # this thread returns next: a request queued from now on starts another
             try:
                 self._close_session()
             except Exception:
@@ -666,37 +778,52 @@ class Engine:
                 job._deliver(job._settle(("error", error)))
 
     def _serve(self) -> None:
-        while True:
-            with self._cv:
-                while not self._queue and not self._active and not self._closing:
-                    self._close_session()
-                    self._cv.wait()
-                if self._closing and not self._queue and not self._active:
-                    self._close_session()
-                    return
-                dropped = [j for j in self._queue if j.cancelled]
-                for j in dropped:
-                    self._queue.remove(j)
-                cancelled = [j for j in self._active.values() if j.cancelled]
-                admit, alone, failed = self._take()
-                if admit or alone or failed or dropped:
-                    self._cv.notify_all()  # room in the queue for blocked submitters
-            for j, err in failed:
-                self._finish(j, err)
-            for j in dropped:  # counted as cancelled (the server's metrics and /health), like the others
-                self._finish(j, RequestCancelled("the request was cancelled before it started"))
-            for j in cancelled:
-                self._leave(j, error=RequestCancelled("the request was cancelled"))
-            if alone is not None:
-                self._run_alone(alone)
-                continue
-            for j in admit:
-                self._join(j)
-            if self._active:
-                self._step()
-            elif not admit and not cancelled and not dropped and not failed:
-                with self._cv:  # the head waits for something (cannot happen when idle; be safe)
-                    self._cv.wait(0.05)
+        while self._serve_round():
+            pass
+
+    def _serve_round(self) -> bool:
+        """Wait for work, then admit, drop and step once; False when the thread is to end.
+
+        A method of its own so that its locals -- the jobs it delivered, whose errors' tracebacks
+        hold their callers' frames once re-raised there (a ``PersonaJudge`` among them) -- are gone
+        when the thread next waits: an idle engine thread holds no finished job, and so never keeps
+        a dropped object (and through its finalizer, the model) alive.
+
+        The thread ends when closing, or after the exit hook (:func:`_stop_at_exit`), once it has
+        nothing to do; a request queued after that starts a new one (:meth:`_ensure_thread`).
+        """
+        with self._cv:
+            while not self._queue and not self._active and not self._closing and not _EXITING.is_set():
+                self._close_session()
+                self._cv.wait()
+            if (self._closing or _EXITING.is_set()) and not self._queue and not self._active:
+                self._ending = True
+                self._close_session()
+                return False
+            dropped = [j for j in self._queue if j.cancelled]
+            for j in dropped:
+                self._queue.remove(j)
+            cancelled = [j for j in self._active.values() if j.cancelled]
+            admit, alone, failed = self._take()
+            if admit or alone or failed or dropped:
+                self._cv.notify_all()  # room in the queue for blocked submitters
+        for j, err in failed:
+            self._finish(j, err)
+        for j in dropped:  # counted as cancelled (the server's metrics and /health), like the others
+            self._finish(j, RequestCancelled("the request was cancelled before it started"))
+        for j in cancelled:
+            self._leave(j, error=RequestCancelled("the request was cancelled"))
+        if alone is not None:
+            self._run_alone(alone)
+            return True
+        for j in admit:
+            self._join(j)
+        if self._active:
+            self._step()
+        elif not admit and not cancelled and not dropped and not failed:
+            with self._cv:  # the head waits for something (cannot happen when idle; be safe)
+                self._cv.wait(0.05)
+        return True
 
     def _take(self) -> tuple[list[Job], Job | None, list[tuple[Job, BaseException]]]:
         """Pop the jobs to admit now, first come first served (called under the lock).
@@ -764,11 +891,12 @@ class Engine:
         self._free = list(range(capacity))
 
     def _close_session(self) -> None:
-        if self._session is not None:
-            self._session.close()
+        session = self._session
         self._session = None
         self._driver = None
         self._free = []
+        if session is not None:
+            _close_reporting(session)
 
     def _join(self, job: Job) -> None:
         job.req.stats.wall_time_s = 0.0
@@ -817,9 +945,17 @@ class Engine:
             self._leave(self._active[key], error=job_err)
 
     def _leave(self, job: Job, error: BaseException | None = None) -> None:
-        """Take ``job`` out of the batch, free its slots, deliver its result or error."""
+        """Take ``job`` out of the batch, free its slots, deliver its result or error.
+
+        A loop that fails as it is closed (a plugin's cleanup that yields or raises: a
+        :class:`PluginError` from :func:`checked_loop`) fails this request only; its slots are
+        emptied all the same (:meth:`StepDriver.remove`)."""
         if self._driver is not None and job.id in self._driver:
-            self._driver.remove(job.id)
+            try:
+                self._driver.remove(job.id)
+            except Exception as err:
+                if error is None or isinstance(error, RequestCancelled):
+                    error = err
         with self._cv:
             self._active.pop(job.id, None)
             slots = self._slots.pop(job.id, [])
@@ -865,8 +1001,11 @@ class Engine:
         job._emit(("start",))
         error: BaseException | None = None
         try:
-            with open_session(self.backend, job.n_views) as session:
+            session = open_session(self.backend, job.n_views)
+            try:
                 run_timed(job.method.decode, session, job.req)
+            finally:  # a close that fails is reported, and the request keeps its result (or its own error)
+                _close_reporting(session)
         except Exception as err:
             error = err
         finally:
