@@ -37,7 +37,10 @@ from personajudge.preferences import Preference, PreferenceSpec, build_views, re
 
 from .steps import device_sync, format_steps, step_costs
 
-SCHEMA = "personajudge.bench/1"
+#: version 2: memory keys and figures in MiB (``*_mib``, they were mislabelled ``*_mb``); ``steps`` is the
+#: loop's own step cycle (:mod:`personajudge.bench.steps`); ``settings`` records the schedule, roles,
+#: encoder and system message; ``results[].tokens`` is always an integer
+SCHEMA = "personajudge.bench/2"
 DEFAULT_PROMPT = "Why is the sky blue?"
 DEFAULT_PREFS = ["concise", "humor", "expert", "friendly", "vivid", "creative", "correct", "touching"]
 ALL_METHODS = ["plain", "persona-judge", "persona-judge-base", "reference"]
@@ -64,8 +67,8 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def _peak_rss_mb() -> float:
-    """This process's own peak RSS: ``VmHWM`` of ``/proc/self/status``.
+def _peak_rss_mib() -> float:
+    """This process's own peak RSS in MiB (2**20 bytes): ``VmHWM`` of ``/proc/self/status``.
 
     Not ``getrusage(RUSAGE_SELF).ru_maxrss``: on Linux that high-water mark is the process's, not its
     address space's, and it carries over from the parent through fork and exec. A probe started by
@@ -85,7 +88,7 @@ def _peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0
 
 
-def _current_rss_mb() -> float:
+def _current_rss_mib() -> float:
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -93,7 +96,7 @@ def _current_rss_mb() -> float:
         return 0.0
 
 
-def _gpu_peak_mb() -> float | None:
+def _gpu_peak_mib() -> float | None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -217,6 +220,7 @@ def run_bench(
     steps: bool = True,
     backend: Any = None,
     preferences: Sequence[str | Preference] | None = None,
+    ceiling_run: bool | None = None,
 ) -> dict[str, Any]:
     """Time each method; returns the JSON-able report (see :data:`SCHEMA`).
 
@@ -237,7 +241,9 @@ def run_bench(
     here); by default the one ``cfg`` names is loaded, and closed at the end.
 
     With ``steps`` (and at least two views), the backend's step costs and the
-    ceiling they imply are measured too (:mod:`personajudge.bench.steps`).
+    estimate they imply are measured too (:mod:`personajudge.bench.steps`), and so is the ceiling (one
+    more persona-judge run per repeat, every draft accepted); ``ceiling_run=False`` leaves that run out
+    (the GPU check's time budget has no room for it), ``None`` follows ``steps``.
     """
     from tqdm.auto import tqdm
 
@@ -247,6 +253,11 @@ def run_bench(
         raise ConfigError(f"methods: {', '.join(twice)} listed twice (each method is timed once per repeat)")
     if reference_max_new_tokens is not None:
         _capped(cfg.decoding, reference_max_new_tokens)  # refused before the model loads
+        if reference_max_new_tokens > cfg.decoding.max_new_tokens:
+            raise ConfigError(
+                f"--reference-max-new-tokens {reference_max_new_tokens} is more than --max-new-tokens "
+                f"{cfg.decoding.max_new_tokens}: it caps the reference's length, it cannot lengthen it"
+            )
     unknown = [m for m in methods if m not in ALL_METHODS and m != "prompt"]
     if unknown:
         for m in unknown:
@@ -271,27 +282,22 @@ def run_bench(
                 stacklevel=2,
             )
     options = _method_options(cfg, methods)
-    # Time a fixed number of tokens: no stop strings implied by the prompt format, no repetition guard.
-    # The bench times decoding, not a prompt format: `auto` means the short `plain` prefixes here (as in
-    # every recorded run), so numbers compare across versions; pass --encoder to time another one.
-    cfg = cfg.model_copy(
-        update={
-            "encoder": "plain" if cfg.encoder == "auto" else cfg.encoder,
-            "encoder_options": {**cfg.encoder_options, "stop": False},
-            "preferences": [],  # resolved above: every run passes its views
-            "views": None,
-            "method_options": {},  # per method, above: each run gets its own
-            "decoding": cfg.decoding.model_copy(update={"repeat_lines": 0}),
-        }
-    )
+    cfg = timed_config(cfg)
     t_load = time.perf_counter()
     pj = PersonaJudge(cfg, backend=backend)
     load_s = time.perf_counter() - t_load
     d = cfg.decoding
     base_seed = d.seed if d.seed is not None else 0
     rows: list[dict[str, Any]] = []
-    bar = tqdm(total=len(methods) * (repeats + 1), desc="bench", disable=not progress, file=sys.stderr)
+    # The ceiling: persona-judge's own loop (same K, schedule, roles, lambda, length) on K copies of the
+    # first view, so every draft is accepted (p == q). A rejection only adds forwards for fewer tokens,
+    # so this bounds the persona-judge row from above, measured the way the row is (see steps.py for why
+    # isolated step costs do not).
+    ceiling_on = (steps if ceiling_run is None else ceiling_run) and views >= 2
+    same = [pviews[0]] * views
+    bar = tqdm(total=(len(methods) + ceiling_on) * (repeats + 1), desc="bench", disable=not progress, file=sys.stderr)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in methods}
+    ceiling_runs: list[dict[str, Any]] = []
     try:
         # Repeat by repeat, every method in turn: the warm-ups (rep 0) first, then plain r1, pj r1, ...,
         # plain r2, pj r2, ...: side by side, so a load on a shared machine falls on every method alike.
@@ -300,6 +306,10 @@ def run_bench(
             for name in methods:
                 c = cfg.model_copy(update={"method_options": options[name]})
                 runs[name].append(_one(pj, c, name, prompt, pviews, seed, reference_max_new_tokens, make_method))
+                bar.update(1)
+            if ceiling_on:
+                c = cfg.model_copy(update={"method_options": options.get("persona-judge", {})})
+                ceiling_runs.append(_one(pj, c, "persona-judge", prompt, same, seed, None, make_method))
                 bar.update(1)
         for name in methods:
             timed = runs[name][1:]
@@ -310,7 +320,8 @@ def run_bench(
                     "method": name,
                     "tokens_per_s": tps,
                     "acceptance_rate": statistics.mean(acc) if acc else None,
-                    "tokens": statistics.median(x["tokens"] for x in timed),
+                    # median_low: one run's count, an integer whatever the parity of --repeats
+                    "tokens": statistics.median_low(x["tokens"] for x in timed),
                     "views": timed[0]["views"],
                     "runner": timed[0]["runner"],
                     "runs": timed,
@@ -323,8 +334,26 @@ def run_bench(
     plain = next((r["tokens_per_s"] for r in rows if r["method"] == "plain"), None)
     for r in rows:
         r["ratio_to_plain"] = r["tokens_per_s"] / plain if plain else None
+    ceiling = None
+    if ceiling_on:
+        timed = ceiling_runs[1:]
+        acc = [x["acceptance_rate"] for x in timed if x["acceptance_rate"] is not None]
+        tps = statistics.median(x["tokens_per_s"] for x in timed)
+        ceiling = {
+            "method": "persona-judge",
+            "views": views,
+            "view_preferences": [_reported(pviews[0])] * views,
+            "schedule": d.schedule,
+            "roles": d.roles or "alternate",
+            "tokens_per_s": tps,
+            "ratio_to_plain": tps / plain if plain else None,
+            "acceptance_rate": statistics.mean(acc) if acc else None,
+            "tokens": statistics.median_low(x["tokens"] for x in timed),
+            "runs": timed,
+        }
     pjr = next((r for r in rows if r["method"] == "persona-judge"), None)
     ref = next((r for r in rows if r["method"] == "reference"), None)
+    over_ref = (pjr["tokens_per_s"] / ref["tokens_per_s"]) if pjr and ref else None
     return {
         "schema": SCHEMA,
         "machine": machine_info(),
@@ -335,6 +364,13 @@ def run_bench(
             "view_preferences": [_reported(v) for v in pviews],
             "views": views,
             "method_options": {m: o for m, o in options.items() if o},
+            "schedule": d.schedule,
+            # None: each method's own (persona-judge alternates, persona-judge-base keeps them fixed)
+            "roles": d.roles,
+            "encoder": cfg.encoder,  # resolved: the bench times `auto` as `plain`
+            "encoder_options": cfg.encoder_options,  # with stop: false, as timed
+            "system": cfg.system,
+            "repeat_lines": d.repeat_lines,  # 0: the repetition guard is off in every timed run
             "repeats": repeats,
             "lambda": d.lambda_,
             "temperature": d.temperature,
@@ -346,9 +382,13 @@ def run_bench(
         },
         "load_time_s": load_s,
         "results": rows,
-        "persona_judge_over_reference": (pjr["tokens_per_s"] / ref["tokens_per_s"]) if pjr and ref else None,
+        # persona-judge's tokens/s over the reference's; like for like only when both ran the same number of
+        # tokens (the reference re-reads its whole context per token, so its tokens/s falls as it grows)
+        "persona_judge_over_reference": over_ref,
+        "persona_judge_over_reference_tokens": [pjr["tokens"], ref["tokens"]] if pjr and ref else None,
+        "ceiling": ceiling,
         "steps": costs,
-        "memory": {"peak_rss_mb_this_process": _peak_rss_mb(), "gpu_peak_mb": _gpu_peak_mb()},
+        "memory": {"peak_rss_mib_this_process": _peak_rss_mib(), "gpu_peak_mib": _gpu_peak_mib()},
     }
 
 
@@ -398,11 +438,36 @@ def _one(
     }
 
 
-def _step_costs(pj, cfg: RunConfig, prompt: str, views: Views, make_method) -> dict[str, float]:
+def _step_costs(pj, cfg: RunConfig, prompt: str, views: Views, make_method) -> dict[str, Any]:
+    """The step cycle of the ``persona-judge`` row (its K views, the run's schedule and roles) timed."""
     c = cfg.model_copy(update={"method": "persona-judge", "preferences": [], "views": None})
-    contexts = _encode(pj, c, prompt, views[:2], make_method)[1]
-    with pj.backend.open(2) as session:
-        return step_costs(session, contexts, lam=cfg.decoding.lambda_)
+    meth, contexts = _encode(pj, c, prompt, views, make_method)
+    d = cfg.decoding
+    with pj.backend.open(len(contexts)) as session:
+        return step_costs(
+            session,
+            contexts,
+            lam=d.lambda_,
+            schedule=d.schedule,
+            roles=str(d.roles or getattr(meth, "roles", "alternate")),
+        )
+
+
+def timed_config(cfg: RunConfig) -> RunConfig:
+    """The config every timed run (and memory probe) uses: a fixed number of tokens, so no stop strings
+    implied by the prompt format and no repetition guard; and `auto` means the short `plain` prefixes
+    (as in every recorded run), so numbers compare across versions (pass --encoder to time another).
+    The views and method options travel per run, so they are emptied here."""
+    return cfg.model_copy(
+        update={
+            "encoder": "plain" if cfg.encoder == "auto" else cfg.encoder,
+            "encoder_options": {**cfg.encoder_options, "stop": False},
+            "preferences": [],  # resolved: every run passes its views
+            "views": None,
+            "method_options": {},  # per method: each run gets its own
+            "decoding": cfg.decoding.model_copy(update={"repeat_lines": 0}),
+        }
+    )
 
 
 def _encode(pj, c: RunConfig, prompt: str, views: Views, make_method):
@@ -413,29 +478,39 @@ def _encode(pj, c: RunConfig, prompt: str, views: Views, make_method):
 
 def memory_probe(cfg: RunConfig, prompt: str, views: int, groups: Views | None = None) -> dict[str, Any]:
     """Peak RSS of a fresh process that loads the model and generates with ``views`` views
-    (the first ``views`` of ``groups``, default :func:`bench_views` of ``cfg``)."""
+    (the first ``views`` of ``groups``, default :func:`bench_views` of ``cfg``).
+
+    It generates what the bench's timed runs generate: :func:`timed_config` of ``cfg`` (the same
+    encoder, no stop strings, no repetition guard, the full ``max_new_tokens`` unless the model
+    ends with EOS) with the first timed run's seed (``seed + 1``). One view runs the core's plain
+    loop (the ``prompt`` method; the timed plain row uses the backend's native sampler, which no
+    probe can share a process with), K views run ``persona-judge``. ``generated_tokens`` says how
+    long the answer was."""
     groups = groups if groups is not None else bench_views(cfg.model_copy(update={"views": None}), max(views, 1))
     method = "prompt" if views == 1 else "persona-judge"
-    cfg = cfg.model_copy(update={"preferences": [], "views": None})
+    cfg = timed_config(cfg)
+    seed = (cfg.decoding.seed if cfg.decoding.seed is not None else 0) + 1
     with PersonaJudge(cfg) as pj:
-        loaded = _current_rss_mb()
+        loaded = _current_rss_mib()
         during = [loaded]
-        pj.generate(
+        res = pj.generate(
             prompt,
             views=groups[:views],
             method=method,
-            seed=0,
-            on_text=lambda _t: during.append(_current_rss_mb()),
+            seed=seed,
+            on_text=lambda _t: during.append(_current_rss_mib()),
         )
-        gpu = _gpu_peak_mb()
+        gpu = _gpu_peak_mib()
     # The process peak is usually set while loading the weights; the growth
     # during generation is what the views themselves cost (KV caches, logits).
     return {
         "views": views,
-        "peak_rss_mb": _peak_rss_mb(),
-        "gpu_peak_mb": gpu,
-        "rss_after_load_mb": loaded,
-        "generation_rss_growth_mb": max(during) - loaded,
+        "peak_rss_mib": _peak_rss_mib(),
+        "gpu_peak_mib": gpu,
+        "rss_after_load_mib": loaded,
+        "generation_rss_growth_mib": max(during) - loaded,
+        "generated_tokens": res.stats.tokens,
+        "seed": seed,
     }
 
 
@@ -474,28 +549,39 @@ def measure_memory(
     one, many = out[1], out[views]
     if views == 1:  # nothing to compare
         res = {
-            "peak_rss_mb_1_view": one["peak_rss_mb"],
-            "generation_rss_growth_mb_1_view": one["generation_rss_growth_mb"],
+            "peak_rss_mib_1_view": one["peak_rss_mib"],
+            "generation_rss_growth_mib_1_view": one["generation_rss_growth_mib"],
+            "generated_tokens_1_view": one.get("generated_tokens"),
         }
-        if one["gpu_peak_mb"]:
-            res["gpu_peak_mb_1_view"] = one["gpu_peak_mb"]
+        if one["gpu_peak_mib"]:
+            res["gpu_peak_mib_1_view"] = one["gpu_peak_mib"]
         return res
     res = {
-        "peak_rss_mb_1_view": one["peak_rss_mb"],
-        f"peak_rss_mb_{views}_views": many["peak_rss_mb"],
-        "rss_ratio": many["peak_rss_mb"] / one["peak_rss_mb"],
-        "generation_rss_growth_mb_1_view": one["generation_rss_growth_mb"],
-        f"generation_rss_growth_mb_{views}_views": many["generation_rss_growth_mb"],
+        "peak_rss_mib_1_view": one["peak_rss_mib"],
+        f"peak_rss_mib_{views}_views": many["peak_rss_mib"],
+        "rss_ratio": many["peak_rss_mib"] / one["peak_rss_mib"],
+        "generation_rss_growth_mib_1_view": one["generation_rss_growth_mib"],
+        f"generation_rss_growth_mib_{views}_views": many["generation_rss_growth_mib"],
+        "generated_tokens_1_view": one.get("generated_tokens"),
+        f"generated_tokens_{views}_views": many.get("generated_tokens"),
     }
-    if one["gpu_peak_mb"]:
+    if one["gpu_peak_mib"]:
         res.update(
             {
-                "gpu_peak_mb_1_view": one["gpu_peak_mb"],
-                f"gpu_peak_mb_{views}_views": many["gpu_peak_mb"],
-                "gpu_ratio": many["gpu_peak_mb"] / one["gpu_peak_mb"],
+                "gpu_peak_mib_1_view": one["gpu_peak_mib"],
+                f"gpu_peak_mib_{views}_views": many["gpu_peak_mib"],
+                "gpu_ratio": many["gpu_peak_mib"] / one["gpu_peak_mib"],
             }
         )
     return res
+
+
+def _probe_tokens(mem: dict[str, Any], k: int) -> str:
+    """How long the memory probes' answers were (MiB throughout: 2**20 bytes)."""
+    n = [mem.get("generated_tokens_1_view")] + ([mem.get(f"generated_tokens_{k}_views")] if k > 1 else [])
+    if any(x is None for x in n):
+        return ""
+    return f" (probes generated {' and '.join(map(str, n))} tokens)"
 
 
 def format_table(rep: dict[str, Any]) -> str:
@@ -507,6 +593,9 @@ def format_table(rep: dict[str, Any]) -> str:
         f"settings: {s['max_new_tokens']} new tokens, lambda {s['lambda']}, T {s['temperature']}, "
         f"top-k {s['top_k']}, top-p {s['top_p']}, {s['views']} views {s['preferences']}, "
         f"median of {s['repeats']} after a warm-up, repeats interleaved",
+        f"schedule {s.get('schedule')}, roles {s.get('roles') or 'each method its own'}, encoder {s.get('encoder')}"
+        + (f", system {json.dumps(s['system'])}" if s.get("system") else "")
+        + ", no stop strings, no repetition guard",
     ]
     if s.get("method_options"):
         lines.append("method options: " + "; ".join(f"{m} {json.dumps(o)}" for m, o in s["method_options"].items()))
@@ -523,27 +612,46 @@ def format_table(rep: dict[str, Any]) -> str:
             f"{r['tokens']:>6.0f} | {r['runner']:<6} |"
         )
     if rep.get("persona_judge_over_reference"):
-        lines.append(f"\npersona-judge over reference (no KV cache): {rep['persona_judge_over_reference']:.1f}x")
+        ratio = rep["persona_judge_over_reference"]
+        n_pj, n_ref = rep.get("persona_judge_over_reference_tokens") or (None, None)
+        if n_pj == n_ref:
+            lines.append(f"\npersona-judge over reference (no KV cache): {ratio:.1f}x")
+        else:  # not like for like: say so on the line itself
+            lines.append(
+                f"\npersona-judge over reference (no KV cache): {ratio:.1f}x, NOT like for like: persona-judge "
+                f"over {n_pj} tokens, the reference over {n_ref} (--reference-max-new-tokens); the reference's "
+                "tokens/s falls as its output grows"
+                + (", so over equal lengths the ratio would be higher" if (n_ref or 0) < (n_pj or 0) else "")
+            )
+    if rep.get("ceiling"):
+        cl = rep["ceiling"]
+        of_plain = f" = {cl['ratio_to_plain']:.2f} of plain" if cl["ratio_to_plain"] is not None else ""
+        acc = f"{cl['acceptance_rate']:.2f}" if cl["acceptance_rate"] is not None else "-"
+        lines.append(
+            f"persona-judge ceiling (its loop with all {cl['views']} views the first one's prompt, so every "
+            f"draft is accepted: acceptance {acc}; median of {len(cl['runs'])}): {cl['tokens_per_s']:.1f} tokens/s"
+            + of_plain
+        )
     if rep.get("steps"):
         lines.append(format_steps(rep["steps"]))
     mem = rep.get("memory", {})
-    if "rss_ratio" not in mem and "peak_rss_mb_1_view" in mem:
+    if "rss_ratio" not in mem and "peak_rss_mib_1_view" in mem:
         lines.append(
-            f"peak RSS: 1 view {mem['peak_rss_mb_1_view']:.0f} MB; growth while generating: "
-            f"{mem['generation_rss_growth_mb_1_view']:.1f} MB"
+            f"peak RSS: 1 view {mem['peak_rss_mib_1_view']:.0f} MiB; growth while generating: "
+            f"{mem['generation_rss_growth_mib_1_view']:.1f} MiB" + _probe_tokens(mem, s["views"])
         )
     if "rss_ratio" in mem:
         k = s["views"]
         lines.append(
-            f"peak RSS: 1 view {mem['peak_rss_mb_1_view']:.0f} MB, {k} views "
-            f"{mem[f'peak_rss_mb_{k}_views']:.0f} MB (ratio {mem['rss_ratio']:.2f}); growth while "
-            f"generating: 1 view {mem['generation_rss_growth_mb_1_view']:.1f} MB, {k} views "
-            f"{mem[f'generation_rss_growth_mb_{k}_views']:.1f} MB"
+            f"peak RSS: 1 view {mem['peak_rss_mib_1_view']:.0f} MiB, {k} views "
+            f"{mem[f'peak_rss_mib_{k}_views']:.0f} MiB (ratio {mem['rss_ratio']:.2f}); growth while "
+            f"generating: 1 view {mem['generation_rss_growth_mib_1_view']:.1f} MiB, {k} views "
+            f"{mem[f'generation_rss_growth_mib_{k}_views']:.1f} MiB" + _probe_tokens(mem, k)
         )
     if "gpu_ratio" in mem:
         k = s["views"]
         lines.append(
-            f"peak GPU memory: 1 view {mem['gpu_peak_mb_1_view']:.0f} MB, {k} views "
-            f"{mem[f'gpu_peak_mb_{k}_views']:.0f} MB (ratio {mem['gpu_ratio']:.2f})"
+            f"peak GPU memory: 1 view {mem['gpu_peak_mib_1_view']:.0f} MiB, {k} views "
+            f"{mem[f'gpu_peak_mib_{k}_views']:.0f} MiB (ratio {mem['gpu_ratio']:.2f})"
         )
     return "\n".join(lines)

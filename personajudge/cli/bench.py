@@ -24,6 +24,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError("--repeats must be at least 1")
     if args.reference_max_new_tokens is not None and args.reference_max_new_tokens < 1:
         raise ConfigError(f"--reference-max-new-tokens must be at least 1, got {args.reference_max_new_tokens}")
+    if args.reference_max_new_tokens is not None and args.reference_max_new_tokens > cfg.decoding.max_new_tokens:
+        raise ConfigError(
+            f"--reference-max-new-tokens {args.reference_max_new_tokens} is more than --max-new-tokens "
+            f"{cfg.decoding.max_new_tokens}: it caps the reference's length, it cannot lengthen it"
+        )
     methods = None
     if args.methods is not None:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -95,15 +100,20 @@ def register(sub) -> None:
         type=int,
         dest="reference_max_new_tokens",
         metavar="N",
-        help="cap the slow reference method's length, N >= 1 (its tokens/s is still comparable; "
-        "default: --max-new-tokens)",
+        help="cap the slow reference method's length at N tokens, 1 <= N <= --max-new-tokens (default: "
+        "--max-new-tokens). Its tokens/s falls as its output grows (no KV cache), so a capped reference is "
+        "faster per token than over the full length: the 'over reference' line then says it is not like for like",
     )
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip the peak-memory subprocesses (each generates what the timed runs do, seed + 1)",
+    )
     p.add_argument(
         "--no-steps",
         action="store_true",
         dest="no_steps",
-        help="skip timing the backend's single and batched steps (and the ceiling they imply)",
+        help="skip timing the persona-judge loop's steps on the backend (and the speed ceiling they imply)",
     )
     p.add_argument("--json", action="store_true", help="print the stable JSON report")
     mark_refused(

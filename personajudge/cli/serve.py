@@ -25,6 +25,10 @@ from personajudge.serve.bench import format_table, run_bench_serve
 
 from .options import add_run_options, config_from_args, mark_refused
 
+#: serve's defaults; bench-serve raises them (and says so) when they are not given
+SERVE_MAX_BATCH = 8
+SERVE_MAX_QUEUE = 64
+
 SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
 #: bench-serve also talks to the server over HTTP (httpx, in the ``serve`` extra too)
 BENCH_SERVE_MODULES = (*SERVE_MODULES, "httpx")
@@ -212,6 +216,9 @@ def _levels(text: str) -> list[int]:
         levels = []
     if not levels or min(levels) < 1:
         raise ConfigError(f"--concurrency takes positive integers, e.g. 1,4,16; got {text!r}")
+    twice = sorted({c for c in levels if levels.count(c) > 1})
+    if twice:  # two rows of one name, the second compared with the first as if it were another level
+        raise ConfigError(f"--concurrency lists {', '.join(map(str, twice))} twice: {text!r}")
     return levels
 
 
@@ -229,8 +236,32 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
             "not used (use --max-tokens; request i uses seed i)"
         )
     args.host, args.port = "127.0.0.1", 0
-    _check_limits(args)
     levels = _levels(args.concurrency)
+    # Not given: raised so that every level's requests batch together and none waits in a full queue
+    # (said in one line and recorded); given: passed to the server as given (benching --max-batch 1
+    # against the default is a fair question), with a line when a level needs more.
+    given_batch, given_queue = args.max_batch is not None, args.max_queue is not None
+    if not given_batch:
+        args.max_batch = max(SERVE_MAX_BATCH, max(levels))
+    if not given_queue:
+        args.max_queue = max(SERVE_MAX_QUEUE, args.requests)
+    _check_limits(args)
+    if args.url is None:
+        raised = []
+        if not given_batch and args.max_batch != SERVE_MAX_BATCH:
+            raised.append(
+                f"--max-batch {args.max_batch} (serve's default {SERVE_MAX_BATCH}, raised to the largest level)"
+            )
+        if not given_queue and args.max_queue != SERVE_MAX_QUEUE:
+            raised.append(f"--max-queue {args.max_queue} (serve's default {SERVE_MAX_QUEUE}, raised to --requests)")
+        if raised:
+            print(f"bench-serve: the server runs with {' and '.join(raised)}; pass them to set them", file=sys.stderr)
+        if given_batch and args.max_batch < max(levels):
+            print(
+                f"bench-serve: --max-batch {args.max_batch} is below concurrency {max(levels)}: requests beyond "
+                "it wait for a batch slot (passed as given)",
+                file=sys.stderr,
+            )
     if args.requests < 1:
         raise ConfigError("--requests must be at least 1")
     if args.max_tokens < 1:  # checked here, before the direct row runs, in the flag's name
@@ -240,9 +271,9 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     cfg, prefs = config_from_args(args)
     flags = _run_flags(args) + [
         "--max-batch",
-        str(max(args.max_batch, max(levels))),
+        str(args.max_batch),
         "--max-queue",
-        str(max(args.max_queue, args.requests)),
+        str(args.max_queue),
         f"--max-views={args.max_views}",
         f"--max-request-bytes={args.max_request_bytes}",
         f"--request-timeout={args.request_timeout}",
@@ -265,8 +296,11 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
             api_key=api_key,
             model=args.served_model_name,
             request_timeout=args.request_timeout,
+            limits={"max_batch": args.max_batch, "max_queue": args.max_queue},
         )
     print(json.dumps(rep, indent=2) if args.json else format_table(rep))
+    if rep.get("failed_level"):  # the levels before it are printed above; the run still failed
+        raise PersonaJudgeError(rep["failed_level"]["error"])
     return 0
 
 
@@ -350,14 +384,14 @@ def _add_server_limits(p: argparse.ArgumentParser) -> None:
         "--max-batch",
         dest="max_batch",
         type=int,
-        default=8,
+        default=SERVE_MAX_BATCH,
         help="requests decoded together in one batched step (default 8)",
     )
     g.add_argument(
         "--max-queue",
         dest="max_queue",
         type=int,
-        default=64,
+        default=SERVE_MAX_QUEUE,
         help="requests waiting beyond the batch; more get 429 with Retry-After (default 64)",
     )
     g.add_argument(
@@ -417,7 +451,7 @@ def register(sub) -> None:
     add_run_options(b)
     _add_server_limits(b)
     # The server bench-serve starts listens on 127.0.0.1 and a free port; a --host or --port is refused.
-    b.set_defaults(host=None, port=None)
+    b.set_defaults(host=None, port=None, max_batch=None, max_queue=None)  # None: not given (see cmd_bench_serve)
     mark_refused(
         b,
         {

@@ -33,13 +33,15 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from typing import Any
 
 from personajudge.api import PersonaJudge
 from personajudge.core.config import RunConfig
 from personajudge.core.decoding import run_timed
-from personajudge.core.errors import ConfigError, PersonaJudgeError
+from personajudge.core.errors import ConfigError, PersonaJudgeError, PersonaJudgeWarning
 from personajudge.core.processes import StderrTail, dies_with_parent, stop_process
+from personajudge.plugins import get_method
 
 DEFAULT_PROMPTS = [
     "Why is the sky blue?",
@@ -75,15 +77,27 @@ def _row(
     tokens: int,
     errors: int,
     first_error: str | None = None,
+    *,
+    no_usage: int = 0,
+    views: list[int] | None = None,
+    acceptance: list[float] | None = None,
 ) -> dict[str, Any]:
+    """One row. ``no_usage``: successful requests whose stream carried no ``usage`` (a server that
+    ignores ``stream_options``): their tokens are unknown, so the row has no tokens and no tokens/s
+    rather than a 0 that reads as a measurement. ``views`` / ``acceptance``: what the responses'
+    ``persona_judge`` field said, so the report shows what actually ran."""
+    known = no_usage == 0
     return {
         "name": name,
         "requests": len(lat),
         "errors": errors,
         "first_error": first_error,
-        "tokens": tokens,
+        "tokens": tokens if known else None,
+        "requests_without_usage": no_usage,
+        "views": sorted(set(views)) if views else None,
+        "acceptance_rate": round(statistics.mean(acceptance), 4) if acceptance else None,
         "wall_s": round(wall, 3),
-        "tokens_per_s": round(tokens / wall, 2) if wall > 0 else 0.0,
+        "tokens_per_s": (round(tokens / wall, 2) if wall > 0 else 0.0) if known else None,
         "latency_p50_s": _r(_pct(lat, 50)),
         "latency_p95_s": _r(_pct(lat, 95)),
         "ttft_p50_s": _r(_pct(ttft, 50)),
@@ -129,9 +143,16 @@ def direct_row(
             with pj.backend.open(len(contexts)) as session:
                 run_timed(meth.decode, session, req)
             t1 = time.perf_counter()
+            views.append(len(contexts))
+            if req.stats.acceptance_rate is not None:
+                acc.append(req.stats.acceptance_rate)
             return t1 - t0, (first[0] - t0) if first else None, len(req.emitter.tokens)
 
+        views: list[int] = []
+        acc: list[float] = []
         one(0)  # warm-up
+        views.clear()
+        acc.clear()
         t_start = time.perf_counter()
         for i in range(n_requests):
             dt, ft, nt = one(i)
@@ -142,7 +163,7 @@ def direct_row(
             if progress:
                 print(f"  direct {i + 1}/{n_requests}: {nt} tokens in {dt:.2f}s", file=sys.stderr)
         wall = time.perf_counter() - t_start
-    return _row("direct (no server)", wall, lat, ttft, tokens, 0)
+    return _row("direct (no server)", wall, lat, ttft, tokens, 0, views=views, acceptance=acc)
 
 
 def _quote(body: bytes | str) -> str:
@@ -185,9 +206,14 @@ def check_url(url: str, *, model: str, headers: dict[str, str], timeout: float =
     return url
 
 
+#: one request's outcome: latency, time to first text, completion tokens (None: no usage reported),
+#: the error (None when it succeeded), and the response's persona_judge info (views, acceptance rate)
+Outcome = tuple[float, float | None, int | None, str | None, dict[str, Any]]
+
+
 async def _one_request(
     client: Any, url: str, model: str, i: int, max_tokens: int, headers: dict[str, str], bound: float
-) -> tuple[float, float | None, int, str | None]:
+) -> Outcome:
     """One streamed request: latency, time to first text, completion tokens and, when it failed, why
     (the HTTP status and the server's message). Never longer than ``bound`` seconds."""
     import httpx
@@ -196,14 +222,14 @@ async def _one_request(
     try:
         return await asyncio.wait_for(_stream(client, url, model, i, max_tokens, headers, t0), bound)
     except (TimeoutError, httpx.TimeoutException):
-        return time.perf_counter() - t0, None, 0, f"no complete answer within {bound:g}s"
+        return time.perf_counter() - t0, None, 0, f"no complete answer within {bound:g}s", {}
     except (httpx.HTTPError, ValueError) as err:  # a dropped connection, a malformed event: say why
-        return time.perf_counter() - t0, None, 0, f"{type(err).__name__}: {_quote(str(err))}"
+        return time.perf_counter() - t0, None, 0, f"{type(err).__name__}: {_quote(str(err))}", {}
 
 
 async def _stream(
     client: Any, url: str, model: str, i: int, max_tokens: int, headers: dict[str, str], t0: float
-) -> tuple[float, float | None, int, str | None]:
+) -> Outcome:
     body = {
         "model": model,
         "messages": [{"role": "user", "content": DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)]}],
@@ -213,22 +239,26 @@ async def _stream(
         "stream_options": {"include_usage": True},
     }
     first = None
-    tokens = 0
+    tokens: int | None = None
+    info: dict[str, Any] = {}
     async with client.stream("POST", url + "/chat/completions", json=body, headers=headers) as resp:
         if resp.status_code != 200:
-            return time.perf_counter() - t0, None, 0, f"HTTP {resp.status_code}: {_quote(await resp.aread())}"
+            return time.perf_counter() - t0, None, 0, f"HTTP {resp.status_code}: {_quote(await resp.aread())}", {}
         async for line in resp.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
             if "error" in chunk:
-                return time.perf_counter() - t0, first, tokens, f"stream error: {_quote(json.dumps(chunk['error']))}"
+                err = f"stream error: {_quote(json.dumps(chunk['error']))}"
+                return time.perf_counter() - t0, first, tokens or 0, err, info
             for ch in chunk.get("choices", []):
                 if ch.get("delta", {}).get("content") and first is None:
                     first = time.perf_counter() - t0
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    return time.perf_counter() - t0, first, tokens, None
+            if isinstance(chunk.get("persona_judge"), dict):
+                info = chunk["persona_judge"]
+    return time.perf_counter() - t0, first, tokens, None, info
 
 
 async def _level(
@@ -269,9 +299,12 @@ async def _level(
         wall,
         [r[0] for r in ok],
         [r[1] for r in ok if r[1] is not None],
-        sum(r[2] for r in ok),
+        sum(r[2] or 0 for r in ok),
         len(failed),
         failed[0] if failed else None,
+        no_usage=sum(r[2] is None for r in ok),
+        views=[r[4]["views"] for r in ok if isinstance(r[4].get("views"), int)],
+        acceptance=[r[4]["acceptance_rate"] for r in ok if isinstance(r[4].get("acceptance_rate"), (int, float))],
     )
 
 
@@ -338,13 +371,28 @@ def run_bench_serve(
     api_key: str | None = None,
     preferences: list[Any] | None = None,
     request_timeout: float = 600.0,
+    limits: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report (see the module's docstring). ``url`` is checked (:func:`check_url`) before any work;
     ``request_timeout`` is the server's (``server_flags`` should pass it to a started one): each request
-    is bounded by it plus :data:`GRACE_S`."""
+    is bounded by it plus :data:`GRACE_S`. ``limits``: the started server's ``max_batch`` and
+    ``max_queue`` as passed (recorded in ``settings``).
+
+    A level where every request failed ends the bench; the levels measured before it are kept, and the
+    report gets ``failed_level`` (``{"concurrency", "error"}``): the caller prints it and exits 2."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     if url is not None:
         url = check_url(url, model=model, headers=headers)
+    n_views = len(cfg.views) if cfg.views else len(preferences if preferences is not None else cfg.preferences)
+    if url is None and n_views < 2 and getattr(get_method(cfg.method), "min_views", 1) >= 2:
+        # the server's requests carry no preferences of their own: each would be one view
+        warnings.warn(
+            f"bench-serve: method '{cfg.method}' with {'a single view' if n_views else 'no preferences (one view)'} "
+            "is plain sampling; every request would run one view. Give two preferences or more "
+            "(--prefer concise --prefer humor, or --view) to bench persona-judge",
+            PersonaJudgeWarning,
+            stacklevel=2,
+        )
     bound = request_timeout + GRACE_S
     rows = []
     if direct:
@@ -359,11 +407,18 @@ def run_bench_serve(
             print("starting the server ...", file=sys.stderr)
         proc, base = start_server(server_flags)  # stops it itself when it fails or is interrupted
         started, url = True, base + "/v1"
+    failed_level = None
     try:
         for c in levels:
             if progress:
                 print(f"server: {n_requests} requests at concurrency {c}", file=sys.stderr)
-            rows.append(asyncio.run(_level(url, model, c, n_requests, max_tokens, headers, bound)))
+            try:
+                rows.append(asyncio.run(_level(url, model, c, n_requests, max_tokens, headers, bound)))
+            except PersonaJudgeError as err:
+                if not any(r["name"].startswith("server") for r in rows):
+                    raise  # nothing measured yet: the error is the whole report
+                failed_level = {"concurrency": c, "error": str(err)}  # keep the levels measured so far
+                break
     finally:
         if proc is not None:
             exit_code = stop_process(proc)
@@ -372,8 +427,18 @@ def run_bench_serve(
         # a server at --url may run another model on another machine: this process's direct row is
         # no fraction of its speed, so it gets no ratio (the server's own levels still do)
         comparable = started or r["name"].startswith("server")
-        r["vs_c1"] = round(r["tokens_per_s"] / base_rate, 2) if base_rate and comparable else None
+        known = r["tokens_per_s"] is not None
+        r["vs_c1"] = round(r["tokens_per_s"] / base_rate, 2) if base_rate and comparable and known else None
     d = cfg.decoding
+    served = [r for r in rows if r["name"].startswith("server")]
+    seen = sorted({v for r in served for v in (r.get("views") or [])})
+    if seen == [1] and getattr(get_method(cfg.method), "min_views", 1) >= 2 and url is not None and not started:
+        warnings.warn(
+            f"bench-serve: the server at {url} ran every request with one view (plain sampling under the name "
+            f"'{cfg.method}')",
+            PersonaJudgeWarning,
+            stacklevel=2,
+        )
     return {
         "machine": machine(),
         # with --url the local flags describe only the direct row (if any), not the server
@@ -385,7 +450,29 @@ def run_bench_serve(
         "temperature": d.temperature,
         "max_tokens": max_tokens,
         "requests_per_level": n_requests,
+        # everything that changes the numbers (with --url, only the direct row and the requests follow it)
+        "settings": {
+            "views": len(cfg.views) if cfg.views else max(1, n_views),
+            "view_groups": [list(v) for v in cfg.views] if cfg.views else None,
+            "preferences": [p if isinstance(p, str) else p.name for p in preferences]
+            if preferences
+            else cfg.preferences,
+            "lambda": d.lambda_,
+            "temperature": d.temperature,
+            "top_k": d.top_k,
+            "top_p": d.top_p,
+            "schedule": d.schedule,
+            "roles": d.roles,
+            "repeat_lines": d.repeat_lines,
+            "encoder": cfg.encoder,
+            "encoder_options": cfg.encoder_options,
+            "system": cfg.system,
+            "method_options": cfg.method_options,
+            "max_batch": (limits or {}).get("max_batch") if started else None,
+            "max_queue": (limits or {}).get("max_queue") if started else None,
+        },
         "rows": rows,
+        "failed_level": failed_level,
         "server_exit_code_after_sigterm": exit_code,
     }
 
@@ -398,22 +485,42 @@ def format_table(rep: dict[str, Any]) -> str:
         direct = any(not r["name"].startswith("server") for r in rep["rows"])
         where = f"server at {rep['server']}" + (f" (direct row: {local}, this process)" if direct else "")
     head = f"{rep['machine']}; {where}, {rep['requests_per_level']} requests x max_tokens {rep['max_tokens']}"
-    lines = [
-        head,
+    st = rep.get("settings") or {}
+    lines = [head]
+    if st:
+        groups = st.get("view_groups")
+        views = "; ".join(",".join(map(str, g)) for g in groups) if groups else ", ".join(map(str, st["preferences"]))
+        lines.append(
+            f"{st['views']} view(s) [{views or 'none'}], lambda {st['lambda']}, T {st['temperature']}, top-k "
+            f"{st['top_k']}, top-p {st['top_p']}, schedule {st['schedule']}, roles {st['roles'] or 'the method'}'s, "
+            f"encoder {st['encoder']}"
+            + (f", system {json.dumps(st['system'])}" if st.get("system") else "")
+            + (f"; server max-batch {st['max_batch']}, max-queue {st['max_queue']}" if st.get("max_batch") else "")
+        )
+    lines += [
         "",
-        "| run | requests | tokens | tok/s (aggregate) | vs c=1 | latency p50 / p95 (s) | TTFT p50 / p95 (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| run | requests | tokens | tok/s (aggregate) | vs c=1 | latency p50 / p95 (s) | TTFT p50 / p95 (s) "
+        "| views | acceptance |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rep["rows"]:
         err = f" ({r['errors']} failed)" if r["errors"] else ""
+        nu = r.get("requests_without_usage")
+        tokens = r["tokens"] if r["tokens"] is not None else f"no usage reported ({nu} requests)"
+        tps = r["tokens_per_s"] if r["tokens_per_s"] is not None else "-"
+        views = ",".join(map(str, r["views"])) if r.get("views") else "-"
+        acc = r["acceptance_rate"] if r.get("acceptance_rate") is not None else "-"
         lines.append(
-            f"| {r['name']} | {r['requests']}{err} | {r['tokens']} | {r['tokens_per_s']} | "
+            f"| {r['name']} | {r['requests']}{err} | {tokens} | {tps} | "
             f"{r['vs_c1'] if r['vs_c1'] is not None else '-'} | {r['latency_p50_s']} / {r['latency_p95_s']} | "
-            f"{r['ttft_p50_s']} / {r['ttft_p95_s']} |"
+            f"{r['ttft_p50_s']} / {r['ttft_p95_s']} | {views} | {acc} |"
         )
     for r in rep["rows"]:
         if r.get("first_error"):
             lines.append(f"\n{r['name']}: first error: {r['first_error']}")
+    if rep.get("failed_level"):
+        fl = rep["failed_level"]
+        lines.append(f"\nconcurrency {fl['concurrency']} (and any level after it) not measured: {fl['error']}")
     if rep.get("server_exit_code_after_sigterm") is not None:
         lines.append(f"\nserver exit code after SIGTERM: {rep['server_exit_code_after_sigterm']}")
     return "\n".join(lines)

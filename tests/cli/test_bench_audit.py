@@ -136,10 +136,11 @@ def test_one_view_memory_is_probed_once(monkeypatch):
             self.stdout = json.dumps(
                 {
                     "views": k,
-                    "peak_rss_mb": 50.0,
-                    "gpu_peak_mb": None,
-                    "rss_after_load_mb": 40.0,
-                    "generation_rss_growth_mb": 1.5,
+                    "peak_rss_mib": 50.0,
+                    "gpu_peak_mib": None,
+                    "rss_after_load_mib": 40.0,
+                    "generation_rss_growth_mib": 1.5,
+                    "generated_tokens": 4,
                 }
             )
 
@@ -152,7 +153,7 @@ def test_one_view_memory_is_probed_once(monkeypatch):
     cfg = build_config({"backend": {"name": "toy"}})
     mem = bench.measure_memory(cfg, "hi", 1)
     assert probes == [1]
-    assert mem == {"peak_rss_mb_1_view": 50.0, "generation_rss_growth_mb_1_view": 1.5}
+    assert mem == {"peak_rss_mib_1_view": 50.0, "generation_rss_growth_mib_1_view": 1.5, "generated_tokens_1_view": 4}
     probes.clear()
     assert "rss_ratio" in bench.measure_memory(cfg, "hi", 2) and probes == [1, 2]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from bounded import sigint_as_at_a_terminal
 
-from personajudge.bench import _peak_rss_mb, measure_memory
+from personajudge.bench import _peak_rss_mib, measure_memory
 from personajudge.cli import EXIT_PIPE, EncodableStdout, main
 from personajudge.core.config import RunConfig
 
@@ -89,11 +89,11 @@ def test_memory_probes_do_not_inherit_the_parents_peak():
     ballast = bytearray(512 * 2**20)
     for i in range(0, len(ballast), 4096):
         ballast[i] = 1
-    assert _peak_rss_mb() >= 512  # this process's own peak does include it
+    assert _peak_rss_mib() >= 512  # this process's own peak does include it
     cfg = RunConfig.model_validate({"backend": {"name": "toy"}, "decoding": {"max_new_tokens": 4}})
     mem = measure_memory(cfg, "hi", 2)
-    assert mem["peak_rss_mb_1_view"] < 256 and mem["peak_rss_mb_2_views"] < 256, mem
-    assert mem["rss_ratio"] == mem["peak_rss_mb_2_views"] / mem["peak_rss_mb_1_view"]
+    assert mem["peak_rss_mib_1_view"] < 256 and mem["peak_rss_mib_2_views"] < 256, mem
+    assert mem["rss_ratio"] == mem["peak_rss_mib_2_views"] / mem["peak_rss_mib_1_view"]
     del ballast
 
 

@@ -68,7 +68,8 @@ def test_gpu_check_rehearsal_on_the_cpu(tmp_path):
         assert methods["plain"]["runner"] == "native" and methods["persona-judge"]["runner"] == "core"
         assert all(r["tokens"] == 12 and r["tokens_per_s"] > 0 for r in methods.values())
         assert row["views_3"]["settings"]["views"] == 3 and row["views_3"]["results"][0]["views"] == 3
-        assert row["bench_extra"]["steps"]["ceiling_ratio"] > 0
+        assert row["bench_extra"]["steps"]["estimate_ratio"] > 0
+        assert row["bench"]["ceiling"] is None and row["bench_extra"]["ceiling"] is None  # no time for it
         assert [r["method"] for r in row["bench_extra"]["results"]] == ["persona-judge-base"]
         b = row["batch"]
         assert b["batch_1"]["prompts"] == 1 and b["batch_16"]["prompts"] == 16
