@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -34,3 +35,13 @@ def sigint_as_at_a_terminal() -> None:
     ``nohup ... &``) ignores SIGINT; its children inherit that, Python then installs no KeyboardInterrupt
     handler, and the CLI rightly leaves an ignored SIGINT ignored: the Ctrl-C would never arrive."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def until(cond, timeout=20.0, what="the condition"):
+    """Poll ``cond()`` every 20 ms until it is true; an AssertionError naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{what} did not happen within {timeout}s")

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from bounded import until
 
 import personajudge as pj
 from personajudge.engine import Engine
@@ -18,15 +19,6 @@ from personajudge.engine import Engine
 TOY = {"backend": {"name": "toy"}, "encoder": "plain"}
 CALL = dict(preferences=["concise", "humor"], max_new_tokens=6, seed=1)
 ENDLESS = dict(preferences=["concise", "humor"], max_new_tokens=20000, temperature=0)  # no EOS on the toy
-
-
-def _until(cond, timeout=20.0, what="the condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{what} did not happen within {timeout}s")
 
 
 def _in_thread(fn, timeout=20.0):
@@ -77,7 +69,7 @@ def test_a_sink_that_raises_loses_only_its_own_job(model):
 
     bad = model.engine.submit(pj.engine.Job(req, meth, sink=broken))
     assert _in_thread(lambda: model.generate("hello", **CALL)).tokens == expected
-    _until(lambda: bad.cancelled or bad.done, what="the broken job's end")
+    until(lambda: bad.cancelled or bad.done, what="the broken job's end")
 
 
 def test_an_engine_thread_that_fails_gives_every_waiting_caller_a_typed_error_then_starts_over(model, monkeypatch):
@@ -129,7 +121,7 @@ def test_astream_cancelled_while_its_request_is_queued_cancels_the_request(monke
 
         asyncio.run(main())
         assert queued.is_set()
-        _until(lambda: m.engine.stats()["cancelled"] == 1, what="the abandoned request's cancellation")
+        until(lambda: m.engine.stats()["cancelled"] == 1, what="the abandoned request's cancellation")
         assert m.engine.stats()["completed"] == 0
         assert _in_thread(lambda: m.generate("hi", **CALL)).finish_reason in ("length", "eos", "stop")
     finally:

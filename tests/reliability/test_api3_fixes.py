@@ -18,6 +18,7 @@ import weakref
 
 import numpy as np
 import pytest
+from bounded import until
 
 import personajudge as pj
 from personajudge.backends.toy import ToyBackend, ToySession
@@ -29,15 +30,6 @@ from personajudge.plugins import PluginWarning, hookimpl, register_plugin, unreg
 TOY = {"backend": {"name": "toy"}, "encoder": "plain"}
 TWO = dict(preferences=["concise", "humor"])
 ENDLESS = dict(preferences=["concise", "humor"], max_new_tokens=10**6, temperature=0)  # no EOS on the toy
-
-
-def _until(cond, timeout=20.0, what="the condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{what} did not happen within {timeout}s")
 
 
 # ----------------------------------------------------------------------------- A: freed after a failed call
@@ -61,7 +53,7 @@ def _nan_row(m):
 
 def _cancelled(m):
     job = m.submit("hi", **ENDLESS)
-    _until(lambda: job.t_start is not None, what="the job's start")
+    until(lambda: job.t_start is not None, what="the job's start")
     job.cancel()
     job.result()
 
@@ -287,13 +279,13 @@ def test_an_idle_engine_whose_session_close_raises_reports_it_and_keeps_running(
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         res = m.generate("hi", **TWO, max_new_tokens=5, seed=1)
-        _until(lambda: not m.engine.stats()["session_open"], what="the idle close")
-        _until(lambda: any(issubclass(w.category, PluginWarning) for w in seen), what="the PluginWarning")
+        until(lambda: not m.engine.stats()["session_open"], what="the idle close")
+        until(lambda: any(issubclass(w.category, PluginWarning) for w in seen), what="the PluginWarning")
         assert len(res.tokens) == 5
         assert m.engine._thread.is_alive()  # idle, waiting for the next request
         assert any("session.close raised OSError" in str(w.message) for w in seen)
         assert m.generate("hi", **TWO, max_new_tokens=5, seed=1).tokens == res.tokens
-        _until(lambda: not m.engine.stats()["session_open"], what="the second idle close")
+        until(lambda: not m.engine.stats()["session_open"], what="the second idle close")
 
 
 # ----------------------------------------------------------------------------- E: the job handle's misuse
