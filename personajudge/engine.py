@@ -546,8 +546,7 @@ class Engine:
             while not _parked_at_exit():
                 if self._closing:
                     raise EngineClosedError("the engine is shutting down and takes no new requests")
-                # room: max_queue waiting beyond the places the running batch still has
-                if len(self._queue) < self.max_queue + max(0, self.max_batch - len(self._active)):
+                if self._room() > 0:
                     job.engine = self
                     self._queue.append(job)
                     self._ensure_thread()
@@ -580,7 +579,7 @@ class Engine:
                     break
                 if self._closing:
                     raise EngineClosedError("the engine is shutting down and takes no new requests")
-                room = self.max_queue + max(0, self.max_batch - len(self._active)) - len(self._queue)
+                room = self._room()
                 if room <= 0:
                     self._cv.wait()
                     continue
@@ -593,6 +592,13 @@ class Engine:
         if pending:
             _park()  # a daemon thread at exit (see _stop_at_exit)
         return jobs
+
+    def _room(self) -> int:
+        """How many more requests the queue takes now (called under the lock): ``max_queue`` waiting
+        beyond the places the running batch still has. A request running alone holds the places of a
+        whole batch: nothing joins it, so what arrives meanwhile waits, and counts against ``max_queue``."""
+        running = self.max_batch if self._alone is not None else len(self._active)
+        return self.max_queue + max(0, self.max_batch - running) - len(self._queue)
 
     def reserve(self, slots: int) -> int:
         """Size the session for ``slots`` views up front (the server does this at start-up); returns the
@@ -839,6 +845,7 @@ class Engine:
                 if self._active or admit:
                     break
                 self._queue.popleft()
+                self._alone = head  # set here, under the lock: running from now on, for submit's room and close
                 return [], head, failed
             want = sum(j.n_views for j in itertools.islice(self._queue, self.max_batch) if j.batchable)
             if (
@@ -995,9 +1002,8 @@ class Engine:
 
     def _run_alone(self, job: Job) -> None:
         """A method that cannot share steps: its own session, nothing else running (the single-caller path)."""
-        with self._cv:
+        with self._cv:  # self._alone is job: _take set it, under the lock that popped it
             self._close_session()
-            self._alone = job
         job._emit(("start",))
         error: BaseException | None = None
         try:

@@ -243,6 +243,24 @@ def test_a_full_queue_raises_queue_full_with_a_retry_hint_or_waits():
     assert running.result().tokens and queued.result().tokens
 
 
+def test_a_request_running_alone_holds_the_batch_places_of_the_queue_limit():
+    """A method that cannot share steps (``reference``) runs alone: nothing joins it, so with
+    ``max_queue=0`` the next request is refused, as it is beside a full batch (it used to be queued,
+    one beyond the limit, since the count looked only at the batch)."""
+    be = GatedToy()
+    pj = PersonaJudge({"backend": {"name": "toy"}, "encoder": "plain"}, backend=be, max_batch=1, max_queue=0)
+    alone = pj.submit("a", preferences=PREFS, method="reference", seed=1, max_new_tokens=5, wait=False)
+    assert be.entered.wait(10)  # running alone, in its first forward
+    assert pj.engine.stats()["running"] == 1
+    with pytest.raises(QueueFullError):
+        pj.submit("b", preferences=PREFS, seed=2, max_new_tokens=5, wait=False)
+    assert pj.engine.stats()["queued"] == 0
+    be.gate.set()
+    assert len(alone.result().tokens) == 5
+    assert pj.submit("b", preferences=PREFS, seed=2, max_new_tokens=5, wait=False).result().tokens  # room again
+    pj.close()
+
+
 @pytest.mark.parametrize("how", ["batch", "threads"])
 def test_blocked_submitters_wake_when_a_place_frees_with_no_queue(how):
     """``max_queue=0``: a submitter waits for a place in the batch, and a request leaving it wakes the waiter.
