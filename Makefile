@@ -42,7 +42,7 @@ lint: install
 	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p personajudge
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not model and not hf and not slow"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not model and not hf and not slow"
 
 # The wheel, into $(WHEEL_DIR), from a clean state: pip builds in the tree, and setuptools packs whatever an
 # earlier build left in build/lib, so a module deleted or moved since would still ship. Hence the rm first.

@@ -1,4 +1,4 @@
-"""What one decoding step costs on a backend, and the speed ceiling that implies for persona-judge.
+"""What one decoding step costs on a backend, and the speed the step model estimates for persona-judge.
 
 Persona-judge's speed is set almost entirely by the forwards its loop issues, so ``personajudge
 bench`` times those forwards next to the end-to-end numbers. Which forwards, exactly, depends on the

@@ -80,7 +80,9 @@ def register(sub) -> None:
     add_run_options(
         p, seed_help="seed of each method's warm-up run; timed run r = 1..repeats uses seed + r (default 0)"
     )
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument(
+        "--prompt", default=DEFAULT_PROMPT, help=f"the prompt every timed run decodes (default {DEFAULT_PROMPT!r})"
+    )
     p.add_argument(
         "--views",
         type=int,
@@ -113,7 +115,7 @@ def register(sub) -> None:
         "--no-steps",
         action="store_true",
         dest="no_steps",
-        help="skip timing the persona-judge loop's steps on the backend (and the speed ceiling they imply)",
+        help="skip timing the persona-judge loop's steps on the backend, and the measured ceiling run",
     )
     p.add_argument("--json", action="store_true", help="print the stable JSON report")
     mark_refused(

@@ -301,7 +301,7 @@ def register(sub: Any) -> None:
         "--baseline",
         default="prompt",
         metavar="METHOD",
-        help="method the win rates compare against; always generated ('none': no win rates)",
+        help="method the win rates compare against; always generated ('none': no win rates; default prompt)",
     )
     g.add_argument(
         "--pair",

@@ -365,7 +365,12 @@ def _run_flags(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def _add_server_limits(p: argparse.ArgumentParser) -> None:
+def _add_server_limits(p: argparse.ArgumentParser, *, bench: bool = False) -> None:
+    """The server's flags; ``bench``: bench-serve's help, whose limits default to what its levels need."""
+    batch_default = (
+        f"default max({SERVE_MAX_BATCH}, the largest --concurrency)" if bench else f"default {SERVE_MAX_BATCH}"
+    )
+    queue_default = f"default max({SERVE_MAX_QUEUE}, --requests)" if bench else f"default {SERVE_MAX_QUEUE}"
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -385,14 +390,14 @@ def _add_server_limits(p: argparse.ArgumentParser) -> None:
         dest="max_batch",
         type=int,
         default=SERVE_MAX_BATCH,
-        help="requests decoded together in one batched step (default 8)",
+        help=f"requests decoded together in one batched step ({batch_default})",
     )
     g.add_argument(
         "--max-queue",
         dest="max_queue",
         type=int,
         default=SERVE_MAX_QUEUE,
-        help="requests waiting beyond the batch; more get 429 with Retry-After (default 64)",
+        help=f"requests waiting beyond the batch; more get 429 with Retry-After ({queue_default})",
     )
     g.add_argument(
         "--max-tokens-limit",
@@ -449,7 +454,7 @@ def register(sub) -> None:
 
     b = sub.add_parser("bench-serve", help="throughput and latency of the server at several concurrencies")
     add_run_options(b)
-    _add_server_limits(b)
+    _add_server_limits(b, bench=True)
     # The server bench-serve starts listens on 127.0.0.1 and a free port; a --host or --port is refused.
     b.set_defaults(host=None, port=None, max_batch=None, max_queue=None)  # None: not given (see cmd_bench_serve)
     mark_refused(

@@ -56,3 +56,21 @@ def test_bench_methods_help_lists_the_extra_methods_and_they_run(capsys):
     assert main(["bench", "--backend", "toy", "--repeats", "1", "--methods", "prompt,mod,pad", *quick]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert [r["method"] for r in rep["results"]] == ["prompt", "mod", "pad"]
+
+
+def test_the_server_limits_help_gives_each_command_its_own_default(capsys):
+    """serve's limits default to fixed numbers; bench-serve raises them to what its levels need
+    (cmd_bench_serve), and said serve's numbers before."""
+    from personajudge.cli.serve import SERVE_MAX_BATCH, SERVE_MAX_QUEUE
+
+    assert f"(default {SERVE_MAX_BATCH})" in flag_help(capsys, "serve", "--max-batch")
+    assert f"(default {SERVE_MAX_QUEUE})" in flag_help(capsys, "serve", "--max-queue")
+    assert f"(default max({SERVE_MAX_BATCH}, the largest --concurrency))" in flag_help(
+        capsys, "bench-serve", "--max-batch"
+    )
+    assert f"(default max({SERVE_MAX_QUEUE}, --requests))" in flag_help(capsys, "bench-serve", "--max-queue")
+
+
+def test_bench_no_steps_help_names_the_ceiling_run_it_skips(capsys):
+    assert "measured ceiling run" in flag_help(capsys, "bench", "--no-steps")
+    assert "Why is the sky blue?" in flag_help(capsys, "bench", "--prompt")
