@@ -513,7 +513,13 @@ class StepDriver:
 
     One request's failure is its own: an exception from its loop fails only
     it, and a batched forward that raises is retried request by request so
-    that the request whose calls cannot run is the one that fails.
+    that the request whose calls cannot run is the one that fails. So does a
+    ``truncate`` that raises, as the request rolls back or leaves; a slot
+    that could not be emptied is quarantined (:attr:`dirty`) for the rest of
+    this session rather than handed to a later request with another's KV
+    cells in it. Quarantine, not a reopen on the spot, since the other
+    requests still run on this session; the engine opens a new one (every
+    slot clean) once it is idle or too full.
     """
 
     def __init__(self, session: Session):
@@ -522,6 +528,9 @@ class StepDriver:
         self._groups: dict[Any, RowGroup] = {}
         self._slots: dict[Any, list[int]] = {}  # every request, in the order they joined
         self._pending: dict[Any, Op] = {}
+        #: slots whose ``truncate(slot, 0)`` raised: they may hold a departed request's tokens, so no
+        #: later request is started on them (the session's owner keeps them out of its free list)
+        self.dirty: set[int] = set()
         self.steps = 0
 
     def __len__(self) -> int:
@@ -536,8 +545,7 @@ class StepDriver:
         Primes the loop (its checks, e.g. that the prompt fits, run here and
         raise here). Returns False when it finished without a single op.
         """
-        if key in self._slots:
-            raise ValueError(f"request {key!r} is already running")
+        self._check_new(key, slots)
         try:
             op = next(loop)
         except StopIteration:
@@ -547,19 +555,29 @@ class StepDriver:
 
     def add_row(self, key: Any, group: RowGroup, req: DecodeRequest, slots: Sequence[int]) -> bool:
         """Start ``req`` as a row of ``group`` on ``slots``; like :meth:`add` (checks raise here)."""
-        if key in self._slots:
-            raise ValueError(f"request {key!r} is already running")
+        self._check_new(key, slots)
         if not group.add(key, req):
             return False
         self._groups[key], self._slots[key] = group, list(slots)
         return True
+
+    def _check_new(self, key: Any, slots: Sequence[int]) -> None:
+        if key in self._slots:
+            raise ValueError(f"request {key!r} is already running")
+        stuck = sorted(self.dirty.intersection(slots))
+        if stuck:
+            raise ValueError(
+                f"slot(s) {', '.join(map(str, stuck))} could not be emptied and may hold another request's tokens"
+            )
 
     def remove(self, key: Any) -> None:
         """Stop ``key``'s loop (if it still runs) and empty its slots.
 
         A loop that fails as it is closed (its ``finally`` yields another op or raises) raises that
         here, for ``key``'s request alone, once its slots are emptied all the same: the slots go back
-        to the next request clean, whatever the loop did on its way out."""
+        to the next request clean, whatever the loop did on its way out. A slot whose ``truncate``
+        raises is added to :attr:`dirty` and the error raised (``key``'s alone), once every other
+        slot of the request has been emptied."""
         loop = self._loops.pop(key, None)
         group = self._groups.pop(key, None)
         self._pending.pop(key, None)
@@ -570,9 +588,23 @@ class StepDriver:
         finally:
             if group is not None:
                 group.remove(key)
-            if not self.session.closed:
-                for s in slots:
-                    self.session.truncate(s, 0)
+            self._empty(slots)
+
+    def _empty(self, slots: Sequence[int]) -> None:
+        """``truncate(slot, 0)`` each of ``slots``; those that raise go to :attr:`dirty`, and the first
+        error is raised after the others are tried (one stuck slot must not leave the next one full)."""
+        if self.session.closed:  # nothing left to empty; the next session starts clean
+            return
+        error: Exception | None = None
+        for s in slots:
+            try:
+                self.session.truncate(s, 0)
+            except Exception as err:
+                self.dirty.add(s)
+                if error is None:
+                    error = err
+        if error is not None:
+            raise error
 
     def step(self) -> tuple[list[Any], dict[Any, BaseException]]:
         """One batched forward for every active request.

@@ -956,19 +956,26 @@ class Engine:
 
         A loop that fails as it is closed (a plugin's cleanup that yields or raises: a
         :class:`PluginError` from :func:`checked_loop`) fails this request only; its slots are
-        emptied all the same (:meth:`StepDriver.remove`)."""
+        emptied all the same (:meth:`StepDriver.remove`). So does a backend's ``truncate`` that
+        raises as its slots are emptied (a third-party backend's is a :class:`PluginError` from
+        :func:`~personajudge.plugins.manager.open_session`): the slot it failed on is quarantined,
+        left out of the free list, since it may still hold this request's tokens, until the session
+        is reopened with every slot clean: when the engine is next idle (it closes its session then),
+        or sooner, once nothing runs, when the free slots are too few for the head of the queue."""
         if self._driver is not None and job.id in self._driver:
             try:
                 self._driver.remove(job.id)
             except Exception as err:
                 if error is None or isinstance(error, RequestCancelled):
                     error = err
+        dirty = self._driver.dirty if self._driver is not None else set()  # also of a step's own removals
         with self._cv:
             self._active.pop(job.id, None)
             slots = self._slots.pop(job.id, [])
             if self._session is not None:
                 for s in slots:
-                    heapq.heappush(self._free, s)
+                    if s not in dirty:
+                        heapq.heappush(self._free, s)
             self._cv.notify_all()  # a place in the batch is a place in the queue for blocked submitters
         self._finish(job, error)
 
