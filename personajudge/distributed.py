@@ -35,6 +35,10 @@ Faults, with Ray's own machinery rather than a scheduler of our own:
   at run time, which the replicas cannot have, is refused there too.
 - An unexpected exception in a replica (a bug) is answered like a user error:
   the chunks still out finish and are kept, then one line names the replica.
+- A row whose logits turn NaN or infinite fails alone in the JSONL batch, as
+  locally: the replica returns its chunk's other rows and that row's
+  ``NumericalError``, and the driver's :class:`~personajudge.batch.JsonlBatch`
+  writes the others and names the row's ``file:line`` at the end.
 - Ray's own notices, which it prints to ``sys.stdout`` from a thread of its
   own, go to standard error while a pool is open (:class:`_OwnStdout`):
   standard output may be carrying JSONL results.
@@ -61,11 +65,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from personajudge.api import PersonaJudge, _check_config
+from personajudge.batch import discard_fresh_partials, executor_results, rows_failed_alone
 from personajudge.core.config import Options, RunConfig, build_config, take_options
 from personajudge.core.errors import (
     BackendUnavailableError,
     ConfigError,
     ContextLengthError,
+    NumericalError,
     PersonaJudgeError,
     PersonaJudgeWarning,
 )
@@ -152,6 +158,10 @@ class Task:
     ``single``: one prompt through ``generate`` (the evaluation harness's batch size 1).
     ``isolate_context_errors``: a prompt that does not fit the context is that prompt's error (a
     string in place of its result) instead of failing the chunk (the evaluation harness's rule).
+    ``isolate_numerical_errors``: a prompt whose logits turn NaN or infinite fails alone, its
+    ``NumericalError`` in place of its result, and the chunk's other rows are delivered (the JSONL
+    batch's rule, :func:`personajudge.batch.rows_failed_alone`; the evaluation harness, which fails
+    the run there locally, leaves it off).
     """
 
     key: Any
@@ -160,6 +170,7 @@ class Task:
     options: dict[str, Any] = field(default_factory=dict)
     single: bool = False
     isolate_context_errors: bool = False
+    isolate_numerical_errors: bool = False
     #: each prompt's origin (a JSONL file's ``path:line``), named by a prompt that does not fit
     where: list[str] | None = None
 
@@ -354,6 +365,11 @@ class Replica:
             if not task.isolate_context_errors:
                 raise err.located(task.where) if task.where is not None else err from None
             return [self._one(p, s, task) for p, s in zip(task.prompts, task.seeds)], False
+        except NumericalError as err:  # as the local JSONL batch: the NaN rows fail alone, the others are kept
+            rows = rows_failed_alone(err, len(task.prompts)) if task.isolate_numerical_errors else None
+            if rows is None:
+                raise
+            return rows, True
 
     def _one(self, prompt: Any, seed: int, task: Task) -> Any:
         assert self.pj is not None  # as in _generate
@@ -519,6 +535,10 @@ def _hard_stop(wakeup: socket.socket) -> None:
         seen += data.count(bytes([signal.SIGINT]))
         if seen >= 2:
             try:
+                discard_fresh_partials()  # no ``finally`` runs after os._exit: a run with no row leaves none
+            except Exception:  # the process ends anyway
+                pass
+            try:
                 os.write(2, b"personajudge: interrupted\n")
             except OSError:
                 pass
@@ -538,8 +558,10 @@ def _interrupt_after() -> Iterator[None]:
     minutes on an address that is not Ray; so a second Ctrl-C is seen through
     ``signal.set_wakeup_fd`` by a thread (:func:`_hard_stop`), which ends the process with
     ``os._exit`` (no finalizer: nothing half-built is torn down) -- as the CLI's second Ctrl-C
-    does. What Ray had started goes as after a kill; a batch's partial file stays (rerun to
-    continue). Only where a Python SIGINT handler is installed, on the main thread."""
+    does. What Ray had started goes as after a kill; a batch's partial file stays when it holds
+    rows (rerun to continue), and one this run made, which can hold only its settings line yet, is
+    removed (:func:`personajudge.batch.discard_fresh_partials`), as after any run stopped before its
+    first row. Only where a Python SIGINT handler is installed, on the main thread."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -927,13 +949,24 @@ class ReplicaPool:
 
     # -- the JSONL batch path --------------------------------------------------------------------
     def executor(self, preferences: Sequence[Any] | None = None):
-        """An executor for :meth:`personajudge.batch.JsonlBatch.run`: chunks become tasks, results dicts."""
+        """An executor for :meth:`personajudge.batch.JsonlBatch.run`: chunks become tasks, results dicts
+        (a row whose logits turned NaN: its own ``NumericalError``, as the local executor yields it)."""
 
         def run(chunks):
             by_key = {c.index: c for c in chunks}
-            tasks = [Task(c.index, c.prompts, c.seeds, {"preferences": preferences}, where=c.where) for c in chunks]
+            tasks = [
+                Task(
+                    c.index,
+                    c.prompts,
+                    c.seeds,
+                    {"preferences": preferences},
+                    where=c.where,
+                    isolate_numerical_errors=True,
+                )
+                for c in chunks
+            ]
             for out in self.run(tasks):
-                yield by_key[out.task.key], [r.as_dict() for r in out.results]
+                yield by_key[out.task.key], executor_results(out.results)
 
         return run
 

@@ -128,6 +128,12 @@ def _on_sigint(signum: int, frame: Any) -> None:
     _Interrupts.count += 1
     if _Interrupts.count == 1:
         raise KeyboardInterrupt
+    try:  # no ``finally`` runs after os._exit: a batch that has written no row leaves no partial file
+        from personajudge.batch import discard_fresh_partials
+
+        discard_fresh_partials()
+    except Exception:  # the process ends anyway
+        pass
     try:
         os.write(2, b"personajudge: interrupted\n")
     except OSError:
