@@ -17,6 +17,14 @@ relies on, through the public contract only:
 - the tokenizer protocol (types, ids in range, ``add_bos`` keyword), and
   ``decode`` inverts ``encode`` up to normalisation:
   ``encode(decode(encode(x))) == encode(x)``;
+- special-token text (``special_texts``, optional, so a tokenizer without
+  it passes; what keeps a user's ``"<eos>"`` text): a set of strings with an
+  ``encode`` that takes ``special=``; each listed text becomes other ids
+  than with ``special=False``, which encodes it as text (ids that decode and
+  encode back to themselves, no control token); ``special=False`` changes
+  nothing else (same ids, BOS and no appended EOS, on text without
+  special-token text); and every text ``encode`` parses into a control token
+  in the special-looking test text and the chat template's markers is listed;
 - shapes: ``forward`` returns ``(n_logits, V)`` finite rows, ``n_logits = 0``
   feeds without logits;
 - row order: each of the ``lambda + 1`` rows of a verification window is the
@@ -62,6 +70,7 @@ variation. A failure names the method, what was expected and what came back.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -71,8 +80,8 @@ import pytest
 
 from personajudge.core.arrays import array_namespace, like
 from personajudge.core.batched import judge_rows
-from personajudge.core.contract import Backend, ForwardCall, Session, Tokenizer
-from personajudge.core.errors import ContextLengthError, PersonaJudgeWarning, SessionError
+from personajudge.core.contract import Backend, ForwardCall, Session, Tokenizer, special_texts_of
+from personajudge.core.errors import ContextLengthError, PersonaJudgeWarning, PluginError, SessionError
 from personajudge.core.transforms import SamplingParams
 
 from .exactness import check_backend_exactness
@@ -298,6 +307,113 @@ class BackendConformance:
                     f"{text!r}, which encodes to {len(again)} ids, different from index {k} on. decode(ids) must "
                     "give back text that encodes to the same ids (up to normalisation): no token dropped, "
                     "shifted or replaced"
+                )
+
+    # -- special-token text ----------------------------------------------------------------------
+
+    @staticmethod
+    def special_texts(backend: Backend) -> frozenset[str] | None:
+        """The tokenizer's ``special_texts`` checked as the core checks them when a backend loads (a failure
+        with the core's message), or None for a tokenizer that has no such attribute (it is optional)."""
+        tok = backend.tokenizer
+        if getattr(tok, "special_texts", None) is None:
+            return None
+        try:
+            return special_texts_of(tok, f"tokenizer {type(tok).__qualname__}")
+        except PluginError as err:
+            raise AssertionError(str(err)) from None
+
+    def test_special_texts_are_encoded_as_text_with_special_false(self, backend: Backend) -> None:
+        """Each text of ``special_texts`` is one ``encode`` turns into control tokens: ``encode(t)`` and
+        ``encode(t, special=False)`` differ, and the latter is text (ids that decode and encode back to
+        themselves: a control token, which ``decode`` skips, would not come back). The API relies on both
+        to keep a user's ``"<eos>"`` from ending the context (:class:`~personajudge.preferences.encoders.UserText`)."""
+        texts = self.special_texts(backend)
+        if not texts:  # optional: a tokenizer that lists none has its users' text encoded as it is
+            return
+        tok: Any = backend.tokenizer
+        for t in sorted(texts):
+            parsed = list(tok.encode(t, add_bos=False))
+            plain = list(tok.encode(t, add_bos=False, special=False))
+            if parsed == plain:
+                shown = tok.decode(plain)
+                why = (
+                    "encode ignores special=False: the ids decode to "
+                    f"{shown!r}, so they hold a control token a user's text must never become"
+                    if not shown.strip()
+                    else f"encode does not parse {t!r} into a control token (both decode to {shown!r}): list only "
+                    "the texts encode turns into control tokens, or parse them when special=True"
+                )
+                raise AssertionError(
+                    f"special_texts lists {t!r}, but encode({t!r}, add_bos=False) gives the same ids {parsed[:8]} "
+                    f"with special=True and special=False; {why}"
+                )
+            shown = tok.decode(plain)
+            again = list(tok.encode(shown, add_bos=False, special=False))
+            if again != plain or (t.strip() and not shown.strip()):
+                raise AssertionError(
+                    f"encode({t!r}, add_bos=False, special=False) gave {plain[:8]}, which decode to {shown!r}, "
+                    f"which encodes (special=False) to {again[:8]}: special=False must encode a listed text as "
+                    "plain text (not dropped, and no control token, which decode would drop)"
+                )
+
+    def test_special_false_changes_nothing_else(self, backend: Backend) -> None:
+        """On text without special-token text, ``encode(x, add_bos=b, special=False)`` is ``encode(x,
+        add_bos=b)``: the same BOS and no EOS appended (the API encodes the user's part of a prompt with
+        ``special=False`` and the rest as usual, and joins them)."""
+        texts = self.special_texts(backend)
+        if not texts:  # optional: a tokenizer that lists none need not take special=
+            return
+        tok: Any = backend.tokenizer
+        for x in ROUND_TRIP_TEXTS + TOKENIZER_TEXTS:
+            if any(t in x for t in texts):
+                continue
+            for add_bos in (True, False):
+                want = list(tok.encode(x, add_bos=add_bos))
+                got = list(tok.encode(x, add_bos=add_bos, special=False))
+                if got != want:
+                    k = next((i for i, (u, v) in enumerate(zip(want, got)) if u != v), min(len(want), len(got)))
+                    tail = " (an EOS appended)" if got[len(want) :] and got[-1] in tok.eos_token_ids else ""
+                    raise AssertionError(
+                        f"encode({x!r:.60}, add_bos={add_bos}, special=False) gave {len(got)} ids, "
+                        f"encode({x!r:.60}, add_bos={add_bos}) {len(want)}, different from index {k} on{tail}; "
+                        "special=False must change only how special_texts are encoded: the same ids elsewhere, "
+                        "the same BOS with add_bos, and no EOS a post-processor would append"
+                    )
+
+    def test_special_texts_list_every_control_text_encode_parses(self, backend: Backend) -> None:
+        """Every control token ``encode`` parses out of text a user may send (the special-looking test text)
+        or the chat template writes (its markers) comes from a listed text: a piece of that text between the
+        listed ones encodes the same with ``special=False``. An unlisted one would end a user's prompt or
+        turn (``"<eos>"`` parsed into EOS) whatever the API does."""
+        texts = self.special_texts(backend)
+        if texts is None:  # optional: a tokenizer that declares nothing is encoded as it is
+            return
+        tok: Any = backend.tokenizer
+        try:
+            tok.encode("a", add_bos=False, special=False)
+        except TypeError:  # an empty special_texts needs no special= keyword: nothing to compare with
+            return
+        probes = [t for t in TOKENIZER_TEXTS if "<" in t]
+        if tok.chat_template:
+            turns = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}]
+            probes.append(tok.apply_chat_template([*turns, {"role": "user", "content": "Bye"}]))
+        listed = re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True))) if texts else None
+
+        def parsed(text: str) -> bool:
+            return list(tok.encode(text, add_bos=False)) != list(tok.encode(text, add_bos=False, special=False))
+
+        for x in probes:
+            for piece in listed.split(x) if listed else [x]:
+                if not piece or not parsed(piece):
+                    continue
+                culprit = next((w for w in piece.split() if parsed(w)), piece)  # the word, where one alone is
+                where = "the chat template's rendering" if x is probes[-1] and tok.chat_template else "the text"
+                raise AssertionError(
+                    f"encode parses {culprit!r:.80} (in {where} {x!r:.80}) into other ids with special=True than "
+                    f"with special=False, but special_texts ({len(texts)} texts) does not list it: a user's text "
+                    "holding it becomes a control token. List every text encode turns into a control token "
+                    "(e.g. '<eos>', '<end_of_turn>')"
                 )
 
     # -- shapes and feeding --------------------------------------------------------------------------

@@ -6,9 +6,8 @@ matters).
 
 import contextlib
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import fake_openai
 import pytest
 
 import personajudge.bench as bench
@@ -176,51 +175,12 @@ def test_the_memory_probe_generates_what_the_timed_runs_do(monkeypatch):
 # bench-serve: E, F, G3, G4, G5
 
 
-class _Fake(BaseHTTPRequestHandler):
-    mode = "ok"  # ok | nousage | fail-after-N
-    posts = 0
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, status, body, ctype="application/json"):
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):
-        self._send(200, json.dumps({"object": "list", "data": [{"id": "persona-judge"}]}).encode())
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        cls = type(self)
-        cls.posts += 1
-        if cls.mode.startswith("fail-after-") and cls.posts > int(cls.mode.rsplit("-", 1)[1]):
-            self._send(503, b'{"error": {"message": "the fake server is overloaded"}}')
-            return
-        events = [{"choices": [{"index": 0, "delta": {"content": "hi"}}], "persona_judge": {"views": 2}}]
-        if cls.mode != "nousage":
-            events.append({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
-        body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
-        self._send(200, body.encode(), "text/event-stream")
-
-
 @contextlib.contextmanager
 def fake_server(mode):
+    """The shared fake (tests/helpers/fake_openai.py), yielding only its URL; httpx is the bench's client."""
     pytest.importorskip("httpx")
-    handler = type("Handler", (_Fake,), {"mode": mode, "posts": 0})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+    with fake_openai.fake_server(mode) as (url, _):
+        yield url
 
 
 SERVE = ["bench-serve", "--backend", "toy", "--no-direct", "--requests", "2", "--max-tokens", "4", "--json"]

@@ -83,9 +83,13 @@ def items(n=40):
     ]
 
 
+def section(text: str, tag: str) -> str:
+    """What the judge prompt ``text`` quotes between ``<tag>`` and ``</tag>``."""
+    return text.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0].strip()
+
+
 def shorter_wins(text: str) -> str:
-    r1 = text.split("[Response 1]\n")[1].split("\n\n")[0]
-    r2 = text.split("[Response 2]\n")[1].split("\n\n")[0]
+    r1, r2 = section(text, "response_1"), section(text, "response_2")
     return "1" if len(r1) < len(r2) else "2" if len(r2) < len(r1) else "0"
 
 
@@ -105,7 +109,7 @@ def test_order_is_randomized_reproducibly():
     seen = []
     judge = PairwiseJudgeScorer(judge_fn=lambda t: seen.append(t) or "0", seed=7, swap=False)
     judge.compare_many(items(20))
-    shown_first = ["[Response 1]\nshort" in t for t in seen]
+    shown_first = [section(t, "response_1") == "short" for t in seen]
     a_is_short = [i % 2 == 1 for i in range(20)]
     assert [s == a for s, a in zip(shown_first, a_is_short)] == [a_first(7, f"k{i}") for i in range(20)]
 

@@ -5,15 +5,14 @@ one that never answers a completion, one whose completions fail, one that fails 
 The bench must stop by itself, say why in one line and exit 2, and check its flags before any work.
 """
 
-import contextlib
 import json
 import socket
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from fake_openai import MODEL, fake_server
+from serve_helpers import free_port
 
 pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -23,70 +22,6 @@ import personajudge.cli.serve as cli_serve  # noqa: E402
 import personajudge.serve.bench as serve_bench  # noqa: E402
 from personajudge.cli import main  # noqa: E402
 from personajudge.core.errors import ConfigError  # noqa: E402
-
-MODEL = "persona-judge"
-
-
-class _Fake(BaseHTTPRequestHandler):
-    mode = "ok"  # ok | hang | fail | fail-after-1
-    posts = 0
-    release: threading.Event
-
-    def log_message(self, *args):  # quiet
-        pass
-
-    def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):
-        if self.path.endswith("/models"):
-            self._send(200, json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]}).encode())
-        else:
-            self._send(404, b'{"error": {"message": "no such path"}}')
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        cls = type(self)
-        cls.posts += 1
-        if cls.mode == "hang":
-            cls.release.wait(60)  # bounded: the test sets it when it is done
-            return
-        if cls.mode == "fail" or (cls.mode == "fail-after-1" and cls.posts > 1):
-            self._send(503, b'{"error": {"message": "the fake server is overloaded", "type": "overloaded"}}')
-            return
-        events = [
-            {"choices": [{"index": 0, "delta": {"content": "hi"}}]},
-            {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}},
-        ]
-        body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
-        self._send(200, body.encode(), "text/event-stream")
-
-
-@contextlib.contextmanager
-def fake_server(mode: str):
-    handler = type("Handler", (_Fake,), {"mode": mode, "posts": 0, "release": threading.Event()})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1", handler
-    finally:
-        handler.release.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 BENCH = ["bench-serve", "--backend", "toy", "--requests", "2", "--max-tokens", "4", "--concurrency", "1"]
 
@@ -148,7 +83,7 @@ def test_a_bad_url_is_one_line_before_the_direct_row(url, capsys, no_direct_row)
 
 
 def test_an_unreachable_url_is_one_line_before_the_direct_row(capsys, no_direct_row):
-    assert main([*BENCH, "--url", f"http://127.0.0.1:{_closed_port()}/v1"]) == 2
+    assert main([*BENCH, "--url", f"http://127.0.0.1:{free_port()}/v1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot reach the server" in err[0]
 
