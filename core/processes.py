@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -69,8 +70,11 @@ class StderrTail:
     """The last lines a child wrote to its standard error, read by a thread so the pipe never fills
     (a server logs for as long as it runs): what a child that failed said, for the error message."""
 
-    def __init__(self, stream: IO[bytes], lines: int = 20) -> None:
+    def __init__(self, stream: IO[bytes], lines: int = 20, *, watch: re.Pattern[str] | None = None) -> None:
         self._lines: deque[str] = deque(maxlen=lines)
+        self._watch = watch
+        #: the first match of ``watch`` in a line, once one came (a server's line naming the port it bound)
+        self.matched: re.Match[str] | None = None
         self._thread = Thread(target=self._read, args=(stream,), name="personajudge-child-stderr", daemon=True)
         self._thread.start()
 
@@ -80,6 +84,8 @@ class StderrTail:
                 line = raw.decode("utf-8", "replace").strip()
                 if line:
                     self._lines.append(line)
+                    if self._watch is not None and self.matched is None:
+                        self.matched = self._watch.search(line)
 
     def last(self, wait: float = 5.0) -> str | None:
         """The last non-empty line, once the child has closed its end (at most ``wait`` seconds)."""

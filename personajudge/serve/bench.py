@@ -27,7 +27,7 @@ import asyncio
 import json
 import os
 import platform
-import socket
+import re
 import statistics
 import subprocess
 import sys
@@ -308,47 +308,50 @@ async def _level(
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+#: The line ``personajudge serve`` writes to stderr once its socket is bound (``cli/serve.py``), naming the
+#: port the OS picked for ``--port 0``.
+SERVING_LINE = re.compile(r"personajudge: serving .* on http://127\.0\.0\.1:(\d+)/v1")
 
 
-def start_server(flags: list[str], *, port: int | None = None, log: Any = None) -> tuple[subprocess.Popen, str]:
-    """``personajudge serve FLAGS`` on 127.0.0.1 and a free port; returns once /health answers.
+def start_server(flags: list[str]) -> tuple[subprocess.Popen, str]:
+    """``personajudge serve FLAGS`` on 127.0.0.1 and a port the OS picks; returns once /health answers.
 
-    A server that exits before it is ready is one line quoting the last line it wrote to stderr (a
-    bad ``--server-flag`` names itself there). While it loads, an interrupt (Ctrl-C, or SIGTERM turned
-    into an exception by the command) stops it before going on; and on Linux it gets SIGTERM when
-    this process dies (:func:`~personajudge.core.processes.dies_with_parent`), so it is never left
-    running. ``log``: a file for its stdout and stderr (then no line is quoted).
+    The server binds ``--port 0`` itself, and its "serving" line (:data:`SERVING_LINE`) says which port it
+    got: a port found free here and bound there later could be taken in between, and another server
+    answering /health on it would then be benchmarked in its place. A server that exits before it is
+    ready is one line quoting the last line it wrote to stderr (a bad ``--server-flag`` names itself
+    there). While it loads, an interrupt (Ctrl-C, or SIGTERM turned into an exception by the command)
+    stops it before going on; and on Linux it gets SIGTERM when this process dies
+    (:func:`~personajudge.core.processes.dies_with_parent`), so it is never left running.
     """
-    port = port or _free_port()
-    cmd = [sys.executable, "-m", "personajudge", "serve", *flags, "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "personajudge", "serve", *flags, "--host", "127.0.0.1", "--port", "0"]
     proc = subprocess.Popen(
         cmd,
-        stdout=log or subprocess.DEVNULL,
-        stderr=log or subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         preexec_fn=dies_with_parent(),
     )
-    tail = StderrTail(proc.stderr) if proc.stderr is not None else None
-    base = f"http://127.0.0.1:{port}"
+    assert proc.stderr is not None
+    tail = StderrTail(proc.stderr, watch=SERVING_LINE)
     deadline = time.monotonic() + READY_TIMEOUT_S
     try:
         while True:
             if proc.poll() is not None:
-                said = tail.last() if tail is not None else None
+                said = tail.last()
                 raise PersonaJudgeError(
                     f"the server exited with status {proc.returncode} before it was ready"
                     + (f"; it said: {_quote(said)}" if said else "")
                 )
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return proc, base
-            except OSError:
-                pass
+            serving = tail.matched
+            if serving is not None:
+                base = f"http://127.0.0.1:{serving.group(1)}"
+                try:
+                    with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                        if r.status == 200:
+                            return proc, base
+                except OSError:
+                    pass
             if time.monotonic() > deadline:
                 raise PersonaJudgeError(f"the server was not ready within {READY_TIMEOUT_S}s")
             time.sleep(0.25)

@@ -3,7 +3,6 @@
 import contextlib
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -12,6 +11,7 @@ import time
 import urllib.request
 
 from personajudge.core.processes import dies_with_parent
+from personajudge.serve.bench import SERVING_LINE  # the line naming the port the server bound
 
 READY_TIMEOUT_S = 120
 
@@ -53,10 +53,6 @@ def listens_on(pid: int, port: int) -> bool | None:
     return False
 
 
-#: the line ``personajudge serve`` prints once its socket is bound, naming the port the OS picked for ``--port 0``
-_SERVING = re.compile(r"personajudge: serving .* on http://127\.0\.0\.1:(\d+)/v1")
-
-
 @contextlib.contextmanager
 def running_server(flags, log_path, ready_timeout=READY_TIMEOUT_S):
     """Yield ``(base_url, process)``; SIGTERM and a bounded wait afterwards (kill if it hangs).
@@ -79,7 +75,7 @@ def running_server(flags, log_path, ready_timeout=READY_TIMEOUT_S):
         while True:
             if proc.poll() is not None:
                 raise AssertionError(f"the server exited with {proc.returncode}:\n{open(log_path).read()[-3000:]}")
-            serving = _SERVING.search(open(log_path).read())
+            serving = SERVING_LINE.search(open(log_path).read())
             if serving is not None:
                 port = int(serving.group(1))
                 base = f"http://127.0.0.1:{port}"

@@ -62,3 +62,18 @@ def test_listens_on_tells_whose_socket_listens(tmp_path):
             pytest.skip("no /proc to tell from")
         assert serve_helpers.listens_on(os.getpid(), port) is True
         assert serve_helpers.listens_on(os.getppid(), port) is False
+
+
+def test_bench_serves_started_server_is_its_own_and_binds_the_port_it_names():
+    """bench-serve's ``start_server`` has the same rule: the server binds port 0 and names the port in its
+    "serving" line; the URL returned is that port, and the child is the process listening there."""
+    from personajudge.core.processes import stop_process
+    from personajudge.serve.bench import start_server
+
+    proc, base = start_server(["--backend", "toy", "--encoder", "plain", "--served-model-name", "mine"])
+    try:
+        port = int(base.rsplit(":", 1)[1])
+        assert serve_helpers.listens_on(proc.pid, port) is True
+        assert serve_helpers.health(base)["model"] == "mine"
+    finally:
+        stop_process(proc)
