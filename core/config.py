@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from .errors import ConfigError
 from .files import check_path, read_text, unicode_problem
 
+#: the largest seed: an unsigned 64-bit integer, what torch.manual_seed and numpy generators take
+MAX_SEED = 2**64 - 1
 #: Defaults of the released Persona-judge code (paper section 5).
 PAPER_DEFAULTS = {"lambda": 4, "temperature": 0.7, "top_k": 20, "top_p": 0.9, "max_new_tokens": 128}
 
@@ -142,7 +144,13 @@ class DecodingConfig(_Model):
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     max_new_tokens: int = Field(128, ge=1, le=1_000_000)
     stop: list[str] = Field(default_factory=list, description="Stop strings; text from a stop on is dropped.")
-    seed: int | None = Field(None, ge=0, description="None draws a fresh seed (reported in the stats).")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="None draws a fresh seed (reported in the stats); at most 2**64 - 1, what a backend's "
+        "generator (torch.manual_seed, numpy) takes: a larger one failed there, after the model loaded.",
+    )
     roles: RoleSchedule | None = Field(None, description="Override the method's role schedule.")
     repeat_lines: int = Field(
         3,

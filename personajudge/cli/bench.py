@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from personajudge.bench import ALL_METHODS, DEFAULT_PROMPT, bench_views, format_table, measure_memory, run_bench
-from personajudge.core.config import RunConfig
+from personajudge.core.config import MAX_SEED, RunConfig
 from personajudge.core.errors import ConfigError
+from personajudge.core.files import OutputError, check_text
 
 from .options import add_run_options, config_from_args, mark_refused, warn_unused_config_method
 
@@ -15,6 +17,11 @@ from .options import add_run_options, config_from_args, mark_refused, warn_unuse
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.method is not None:  # bench times the methods of --methods; --method would be silently ignored
         raise ConfigError("bench times the methods --methods names; --method has no effect here: use --methods")
+    if sys.stdout is None or sys.stdout.closed:  # `>&-`: refused before the model loads and the bench runs
+        raise OutputError("standard output is closed: there is nowhere to print the report")
+    if not args.prompt.strip():  # refused here, not after the model has loaded
+        raise ConfigError("--prompt is empty")
+    check_text(args.prompt, "--prompt", ConfigError)  # undecodable bytes in the argument hold surrogates
     cfg, prefs = config_from_args(args)
     if args.views is not None and args.views < 1:
         raise ConfigError("--views must be at least 1")
@@ -22,6 +29,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bench_views(cfg, args.views, prefs)  # --views against --view, before the model loads
     if args.repeats < 1:
         raise ConfigError("--repeats must be at least 1")
+    seed = cfg.decoding.seed or 0
+    if seed + args.repeats > MAX_SEED:  # timed run r uses seed + r (the memory probe seed + 1)
+        raise ConfigError(f"--seed {seed} with --repeats {args.repeats} goes past the largest seed, {MAX_SEED}")
     if args.reference_max_new_tokens is not None and args.reference_max_new_tokens < 1:
         raise ConfigError(f"--reference-max-new-tokens must be at least 1, got {args.reference_max_new_tokens}")
     if args.reference_max_new_tokens is not None and args.reference_max_new_tokens > cfg.decoding.max_new_tokens:

@@ -271,9 +271,14 @@ def config_from_args(args: argparse.Namespace):
             prefs = named_by(args.prefer, defs)
         else:
             prefs = (prefs or []) + list(args.prefer)
+    views = None
     if args.view:
         data.pop("preferences", None)
         names = with_definitions(preference_library(), prefs or [])
+        views = [view_names(v, names) for v in args.view]
+        for i, (text, view) in enumerate(zip(args.view, views)):
+            if not view:  # `--view=` or `--view=,`: a view of no preference was plain sampling, without a word
+                raise ConfigError(f"--view {text!r} names no preference (view {i + 1} is empty)")
     elif prefs is not None:
         data.pop("views", None)
     overrides = {
@@ -287,7 +292,7 @@ def config_from_args(args: argparse.Namespace):
         "method": args.method,
         "encoder": args.encoder,
         "system": args.system,
-        "views": [view_names(v, names) for v in args.view] if args.view else None,
+        "views": views,
         "decoding.lambda": args.lam,
         "decoding.temperature": args.temperature,
         "decoding.top_k": args.top_k,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -222,6 +223,21 @@ def _levels(text: str) -> list[int]:
     return levels
 
 
+def _check_server_flags(flags: list[str]) -> None:
+    """Parse the ``--server-flag`` values as ``serve`` will, now: a flag serve does not know (or a bad value
+    of one it knows) was found only once the direct baseline had run and the server was starting."""
+    from personajudge.cli import build_parser  # here: the CLI package imports this module
+
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said), contextlib.redirect_stdout(io.StringIO()):
+            build_parser().parse_args(["serve", *flags])
+    except SystemExit:
+        lines = said.getvalue().strip().splitlines()
+        reason = lines[-1].split("error: ", 1)[-1].removesuffix(" (see --help)") if lines else "it asks for help"
+        raise ConfigError(f"--server-flag: serve would refuse {' '.join(map(repr, flags))}: {reason}") from None
+
+
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     _require_serve_extra(BENCH_SERVE_MODULES, "bench-serve")
     if args.host is not None or args.port is not None:
@@ -237,6 +253,16 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         )
     args.host, args.port = "127.0.0.1", 0
     levels = _levels(args.concurrency)
+    # every refusal before the first line of output (the notes below) and before any work
+    if args.requests < 1:
+        raise ConfigError("--requests must be at least 1")
+    if args.max_tokens < 1:  # checked here, before the direct row runs, in the flag's name
+        raise ConfigError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.max_tokens > MAX_NEW_TOKENS:
+        raise ConfigError(f"--max-tokens must be at most {MAX_NEW_TOKENS}, got {args.max_tokens}")
+    cfg, prefs = config_from_args(args)
+    if args.url is None:
+        _check_server_flags(args.server_flags)
     # Not given: raised so that every level's requests batch together and none waits in a full queue
     # (said in one line and recorded); given: passed to the server as given (benching --max-batch 1
     # against the default is a fair question), with a line when a level needs more.
@@ -262,13 +288,6 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
                 "it wait for a batch slot (passed as given)",
                 file=sys.stderr,
             )
-    if args.requests < 1:
-        raise ConfigError("--requests must be at least 1")
-    if args.max_tokens < 1:  # checked here, before the direct row runs, in the flag's name
-        raise ConfigError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    if args.max_tokens > MAX_NEW_TOKENS:
-        raise ConfigError(f"--max-tokens must be at most {MAX_NEW_TOKENS}, got {args.max_tokens}")
-    cfg, prefs = config_from_args(args)
     flags = _run_flags(args) + [
         "--max-batch",
         str(args.max_batch),
