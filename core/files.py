@@ -3,6 +3,7 @@ went wrong (see :func:`atomic_write`, :func:`check_output_path` and :class:`Json
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -466,6 +467,36 @@ def read_jsonl(path: str | os.PathLike[str]) -> tuple[list[Any], int]:
     except FileNotFoundError:
         return [], 0
     return parse_jsonl(data)
+
+
+#: Files this process made that hold nothing worth keeping yet (a JSONL batch's partial file with only its
+#: settings line: a row would make it a run to resume), each with its size then: what
+#: :func:`discard_fresh_files` removes.
+_FRESH: dict[str, int] = {}
+
+
+def mark_fresh(path: str) -> None:
+    """Note ``path`` (absolute), just made, as holding nothing worth keeping until :func:`unmark_fresh`."""
+    with contextlib.suppress(OSError):
+        _FRESH[path] = os.stat(path).st_size
+
+
+def unmark_fresh(path: str) -> None:
+    """``path`` holds something now (a row), or its owner's own ending decides about it."""
+    _FRESH.pop(path, None)
+
+
+def discard_fresh_files() -> None:
+    """Remove the files :func:`mark_fresh` noted that have not grown, for a process about to end with
+    ``os._exit`` (a second Ctrl-C: the CLI's, or while Ray starts): no ``finally`` runs then, so the
+    batch's rule (a run that stops before its first row leaves no partial file, which would look like a
+    run to resume) is applied here. A file that has grown since (a row got in) is kept, and so is one
+    the run found there. Callable from another thread or a signal handler: no lock (the main thread may
+    hold it when the signal lands), a snapshot of the dict."""
+    for path, size in list(_FRESH.items()):
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_size == size:
+                os.unlink(path)
 
 
 class JsonlAppendFile:

@@ -512,6 +512,22 @@ def _batch_results(jobs: list[Job]) -> list[GenerationResult]:
     raise error
 
 
+def rows_failed_alone(err: NumericalError, n: int) -> list[Any] | None:
+    """The ``n`` rows of a ``generate_batch`` call that raised ``err`` (:func:`_batch_results`): each row's
+    ``GenerationResult``, or its own exception where its logits turned NaN or infinite (``err.rows``).
+    None when ``err`` carries no such list: then the call failed as a whole.
+
+    One rule for every executor of a JSONL batch (this process's, a Ray replica's), so a NaN row fails
+    alone wherever its chunk runs."""
+    rows = getattr(err, "rows", None)
+    return list(rows) if isinstance(rows, list) and len(rows) == n else None
+
+
+def executor_results(results: Sequence[Any]) -> list[Any]:
+    """A chunk's results as a batch executor yields them: each ``as_dict()``, a row's own exception as is."""
+    return [r if isinstance(r, BaseException) else r.as_dict() for r in results]
+
+
 def _attach_settings(settings: dict[str, Any], res: GenerationResult) -> GenerationResult:
     """``res`` with a copy of the run's ``settings``, its seed the one actually used (drawn when none
     was given). A plain function: a job holds it until it finishes, and a bound method there would

@@ -33,7 +33,7 @@ Resumable and safe (nothing finished is ever lost):
   alone: every other row is generated and written, then the run fails naming
   the line(s) (``NumericalError``, exit 2); a rerun redoes only those rows.
   So on Ray replicas too (:mod:`personajudge.distributed`), with the same
-  helpers (:func:`rows_failed_alone`, :func:`executor_results`).
+  helpers (:func:`~personajudge.api.rows_failed_alone`, :func:`~personajudge.api.executor_results`).
 - A run that stops before its first row (an error, Ctrl-C, a second Ctrl-C
   inside ``ray.init``) removes the partial file it made, which holds only its
   settings line; a partial file it found (rows of an earlier run) stays.
@@ -66,15 +66,17 @@ from personajudge.core.files import (
     check_text,
     fsync_dir,
     jsonl_lines,
+    mark_fresh,
     note,
     os_error_text,
     read_jsonl,
     read_text,
     silence_stdout,
+    unmark_fresh,
 )
 from personajudge.preferences import normalize_conversation
 
-from .api import fresh_seed
+from .api import executor_results, fresh_seed, rows_failed_alone
 
 #: First line of a partial file: ``{"personajudge_batch": FORMAT, "settings": {...}, "settings_hash": ...}``.
 HEADER_KEY = "personajudge_batch"
@@ -247,45 +249,9 @@ class Chunk:
         return [r.where for r in self.records]
 
 
-#: The partial files this process made and has written no row to (absolute paths), each with its size
-#: then (the settings line): what :func:`discard_fresh_partials` removes.
-_FRESH_PARTIALS: dict[str, int] = {}
-
-
-def discard_fresh_partials() -> None:
-    """Remove the partial files this process made and wrote no row to, for a process about to end with
-    ``os._exit`` (a second Ctrl-C while Ray starts: ``personajudge.distributed``'s hard stop).
-
-    No ``finally`` runs then, so :meth:`JsonlBatch.__exit__`'s rule is applied here: a run that stops
-    before its first row leaves no partial file (its settings line alone would look like a run to
-    resume, and the README promises none). A file that has grown since (a row got in) is kept, and so
-    is one the run found there. Callable from another thread or a signal handler: no lock (the main
-    thread may hold it when the signal lands), a snapshot of the dict."""
-    for path, size in list(_FRESH_PARTIALS.items()):
-        with contextlib.suppress(OSError):
-            if os.stat(path).st_size == size:
-                os.unlink(path)
-
-
 #: Runs chunks and yields each with its results (``GenerationResult.as_dict()`` per prompt), in any order;
 #: a prompt that failed alone (NaN logits) may yield its exception instead of a result.
 Executor = Callable[[list[Chunk]], Iterable[tuple[Chunk, list[Any]]]]
-
-
-def rows_failed_alone(err: NumericalError, n: int) -> list[Any] | None:
-    """The ``n`` rows of a ``generate_batch`` call that raised ``err``: each row's ``GenerationResult``, or
-    its own exception where its logits turned NaN or infinite (``err.rows``). None when ``err`` carries no
-    such list: then the call failed as a whole.
-
-    One rule for every executor (this process's, a Ray replica's), so a NaN row fails alone wherever
-    its chunk runs."""
-    rows = getattr(err, "rows", None)
-    return list(rows) if isinstance(rows, list) and len(rows) == n else None
-
-
-def executor_results(results: Sequence[Any]) -> list[Any]:
-    """A chunk's results as an :data:`Executor` yields them: each ``as_dict()``, a row's own exception as is."""
-    return [r if isinstance(r, BaseException) else r.as_dict() for r in results]
 
 
 def local_executor(pj: Any, preferences: Sequence[Any] | None = None) -> Executor:
@@ -350,7 +316,7 @@ class JsonlBatch:
         self.partial = None if self.target is None else self.target.with_name(self.target.name + ".partial")
         self._file: JsonlAppendFile | None = None
         self._created = False  # open() made the partial file (removed again if the run fails before a row)
-        self._fresh: str | None = None  # its key in _FRESH_PARTIALS until a row is written
+        self._fresh: str | None = None  # the partial file while marked fresh (core.files.mark_fresh)
         self._pending_out: dict[int, dict[str, Any] | None] = {}  # stdout: rows waiting for earlier ones
         self._next_out = 0
 
@@ -375,16 +341,15 @@ class JsonlBatch:
         except BaseException:
             self._file.close()
             raise
-        if self._created:
+        if self._created:  # holds only the settings line until a row is written (see discard_fresh_files)
             self._fresh = os.path.abspath(self.partial)
-            with contextlib.suppress(OSError):
-                _FRESH_PARTIALS[self._fresh] = os.stat(self._fresh).st_size
+            mark_fresh(self._fresh)
         return self
 
     def _forget_fresh(self) -> None:
         """The partial file holds a row now, or this run's own ending decides about it (:meth:`__exit__`)."""
         if self._fresh is not None:
-            _FRESH_PARTIALS.pop(self._fresh, None)
+            unmark_fresh(self._fresh)
             self._fresh = None
 
     def _check_not_the_input(self) -> None:

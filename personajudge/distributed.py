@@ -64,8 +64,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from personajudge.api import PersonaJudge, _check_config
-from personajudge.batch import discard_fresh_partials, executor_results, rows_failed_alone
+from personajudge.api import PersonaJudge, _check_config, executor_results, rows_failed_alone
 from personajudge.core.config import Options, RunConfig, build_config, take_options
 from personajudge.core.errors import (
     BackendUnavailableError,
@@ -75,7 +74,7 @@ from personajudge.core.errors import (
     PersonaJudgeError,
     PersonaJudgeWarning,
 )
-from personajudge.core.files import os_error_text
+from personajudge.core.files import discard_fresh_files, os_error_text
 from personajudge.plugins import get_backend_class, registry
 from personajudge.preferences import Preference
 
@@ -160,7 +159,7 @@ class Task:
     string in place of its result) instead of failing the chunk (the evaluation harness's rule).
     ``isolate_numerical_errors``: a prompt whose logits turn NaN or infinite fails alone, its
     ``NumericalError`` in place of its result, and the chunk's other rows are delivered (the JSONL
-    batch's rule, :func:`personajudge.batch.rows_failed_alone`; the evaluation harness, which fails
+    batch's rule, :func:`personajudge.api.rows_failed_alone`; the evaluation harness, which fails
     the run there locally, leaves it off).
     """
 
@@ -535,7 +534,7 @@ def _hard_stop(wakeup: socket.socket) -> None:
         seen += data.count(bytes([signal.SIGINT]))
         if seen >= 2:
             try:
-                discard_fresh_partials()  # no ``finally`` runs after os._exit: a run with no row leaves none
+                discard_fresh_files()  # no ``finally`` runs after os._exit: a run with no row leaves none
             except Exception:  # the process ends anyway
                 pass
             try:
@@ -560,7 +559,7 @@ def _interrupt_after() -> Iterator[None]:
     ``os._exit`` (no finalizer: nothing half-built is torn down) -- as the CLI's second Ctrl-C
     does. What Ray had started goes as after a kill; a batch's partial file stays when it holds
     rows (rerun to continue), and one this run made, which can hold only its settings line yet, is
-    removed (:func:`personajudge.batch.discard_fresh_partials`), as after any run stopped before its
+    removed (:func:`personajudge.core.files.discard_fresh_files`), as after any run stopped before its
     first row. Only where a Python SIGINT handler is installed, on the main thread."""
     if threading.current_thread() is not threading.main_thread():
         yield

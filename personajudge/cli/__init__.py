@@ -30,7 +30,15 @@ from typing import Any
 from personajudge import __version__
 from personajudge.batch import writes_unicode
 from personajudge.core.errors import PersonaJudgeError
-from personajudge.core.files import OutputError, QuietStream, note, os_error_text, reopen_closed_stderr, silence_stdout
+from personajudge.core.files import (
+    OutputError,
+    QuietStream,
+    discard_fresh_files,
+    note,
+    os_error_text,
+    reopen_closed_stderr,
+    silence_stdout,
+)
 
 from . import bench, eval, generate, info, serve
 from .options import EXIT_USAGE, _Parser
@@ -129,9 +137,7 @@ def _on_sigint(signum: int, frame: Any) -> None:
     if _Interrupts.count == 1:
         raise KeyboardInterrupt
     try:  # no ``finally`` runs after os._exit: a batch that has written no row leaves no partial file
-        from personajudge.batch import discard_fresh_partials
-
-        discard_fresh_partials()
+        discard_fresh_files()
     except Exception:  # the process ends anyway
         pass
     try:

@@ -24,7 +24,7 @@ from personajudge.serve import create_app
 from personajudge.serve.app import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_VIEWS, Server
 from personajudge.serve.bench import format_table, run_bench_serve
 
-from .options import add_run_options, config_from_args, mark_refused
+from .options import _Parser, add_run_options, config_from_args, mark_refused
 
 #: serve's defaults; bench-serve raises them (and says so) when they are not given
 SERVE_MAX_BATCH = 8
@@ -226,12 +226,12 @@ def _levels(text: str) -> list[int]:
 def _check_server_flags(flags: list[str]) -> None:
     """Parse the ``--server-flag`` values as ``serve`` will, now: a flag serve does not know (or a bad value
     of one it knows) was found only once the direct baseline had run and the server was starting."""
-    from personajudge.cli import build_parser  # here: the CLI package imports this module
-
+    parser = _Parser(prog="personajudge serve")
+    _add_serve_options(parser)
     said = io.StringIO()
     try:
         with contextlib.redirect_stderr(said), contextlib.redirect_stdout(io.StringIO()):
-            build_parser().parse_args(["serve", *flags])
+            parser.parse_args(flags)
     except SystemExit:
         lines = said.getvalue().strip().splitlines()
         reason = lines[-1].split("error: ", 1)[-1].removesuffix(" (see --help)") if lines else "it asks for help"
@@ -457,8 +457,8 @@ def _add_server_limits(p: argparse.ArgumentParser, *, bench: bool = False) -> No
     )
 
 
-def register(sub) -> None:
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+def _add_serve_options(p: argparse.ArgumentParser) -> None:
+    """Every flag of ``serve`` (also the parser bench-serve checks its ``--server-flag`` values with)."""
     add_run_options(p)
     _add_server_limits(p)
     p.add_argument(
@@ -469,6 +469,11 @@ def register(sub) -> None:
         help="uvicorn log level",
     )
     p.add_argument("--access-log", dest="access_log", action="store_true", help="log every request")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    _add_serve_options(p)
     p.set_defaults(func=cmd_serve, uses_stdout=False)  # it logs to stderr; `>&-` is fine
 
     b = sub.add_parser("bench-serve", help="throughput and latency of the server at several concurrencies")
