@@ -488,37 +488,49 @@ def _release(shared: _Shared, *, locked: bool = False) -> None:
 
 
 def _batch_results(jobs: list[Job]) -> list[GenerationResult]:
-    """Every row's result, in order; a row whose own decoding failed fails alone, named.
+    """Every row's result, in order; a row whose own decoding failed fails alone, named, and no other
+    row's result is lost.
 
-    NaN or infinite logits (:class:`NumericalError`: one prompt that overflows float16, say) are
-    one row's failure: the engine fails only that request, and the other rows still decode. The
-    error raised names the first such row (``prompts[i]: ...``, ``.row``, ``.reason``) and carries
-    ``.rows``: every row's :class:`GenerationResult`, or its own exception where it failed, so a
-    caller (the JSONL batch) keeps the rows that succeeded. Any other error fails the call at once.
+    Each row is its own request in the engine, so one row's failure does not stop the others: NaN or
+    infinite logits (:class:`NumericalError`: one prompt that overflows float16, say), a backend that
+    cannot run that row's forward, a plugin method's bug on that row. Every row is waited for, then
+    the error raised carries ``.rows`` (every row's :class:`GenerationResult`, or its own exception
+    where it failed) and ``.row`` (the first row that failed), so a caller (the JSONL batch) keeps
+    the rows that succeeded. Only NaN rows are summed up in a new :class:`NumericalError` that names
+    them (``prompts[i]: ...``, ``.reason``): data, which the JSONL batch records row by row. Any
+    other error is raised as itself, its type kept (a ``PluginError`` is a bug to fix, not a row to
+    record), ahead of NaN rows. Waiting is on the rows, not on the caller: an interrupt
+    (``KeyboardInterrupt`` is no ``Exception``) leaves at once, and the caller cancels every row.
     """
     rows: list[Any] = []
     for j in jobs:
         try:
             rows.append(j.result())
-        except NumericalError as err:
+        except Exception as err:
             rows.append(err)
-    bad = [i for i, r in enumerate(rows) if isinstance(r, NumericalError)]
+    bad = [i for i, r in enumerate(rows) if isinstance(r, BaseException)]
     if not bad:
         return rows
+    other = [i for i in bad if not isinstance(rows[i], NumericalError)]
+    if other:
+        error: Any = rows[other[0]]
+        error.row, error.rows = other[0], rows  # every exception takes attributes (BaseException has a __dict__)
+        raise error
     first = rows[bad[0]]
     more = f" (and {len(bad) - 1} more row(s): {', '.join(map(str, bad[1:6]))}{', ...' if len(bad) > 6 else ''})"
-    error = NumericalError(f"prompts[{bad[0]}]: {first}{more if len(bad) > 1 else ''}")
-    error.row, error.reason, error.rows = bad[0], str(first), rows  # type: ignore[attr-defined]
-    raise error
+    numerical = NumericalError(f"prompts[{bad[0]}]: {first}{more if len(bad) > 1 else ''}")
+    numerical.row, numerical.reason, numerical.rows = bad[0], str(first), rows  # type: ignore[attr-defined]
+    raise numerical
 
 
-def rows_failed_alone(err: NumericalError, n: int) -> list[Any] | None:
+def rows_failed_alone(err: BaseException, n: int) -> list[Any] | None:
     """The ``n`` rows of a ``generate_batch`` call that raised ``err`` (:func:`_batch_results`): each row's
-    ``GenerationResult``, or its own exception where its logits turned NaN or infinite (``err.rows``).
-    None when ``err`` carries no such list: then the call failed as a whole.
+    ``GenerationResult``, or its own exception where it failed (``err.rows``). None when ``err``
+    carries no such list: then the call failed as a whole.
 
     One rule for every executor of a JSONL batch (this process's, a Ray replica's), so a NaN row fails
-    alone wherever its chunk runs."""
+    alone wherever its chunk runs; after any other row's error the local executor still hands over
+    the rows that finished (they are written, and a rerun resumes after them), then stops the run."""
     rows = getattr(err, "rows", None)
     return list(rows) if isinstance(rows, list) and len(rows) == n else None
 
@@ -926,10 +938,13 @@ class PersonaJudge:
         configured; one call gives the same rows on every run while nothing
         else runs on the backend (beside other callers, rows vary as theirs do). ``prompts``
         is a list (a bare string is refused: it is not a list of prompts);
-        ``seeds`` has one integer >= 0 per prompt. A row whose logits turn
-        NaN or infinite fails alone: the other rows finish, then
-        :class:`NumericalError` names it (``prompts[i]: ...``, ``.row``) and
-        carries every row's result, or its error, in ``.rows``.
+        ``seeds`` has one integer >= 0 per prompt. A row that fails, fails
+        alone: the other rows finish, then the error is raised with every
+        row's result, or its own error, in ``.rows`` and the first failed
+        row's index in ``.row``. Rows whose logits turned NaN or infinite are
+        named in one :class:`NumericalError` (``prompts[i]: ...``); any other
+        error (a backend that could not run one row, a plugin's bug) is
+        raised as itself, first.
         """
         if not _listing(prompts):
             raise ConfigError(

@@ -268,6 +268,12 @@ def local_executor(pj: Any, preferences: Sequence[Any] | None = None) -> Executo
                 if rows is None:
                     raise
                 results = rows
+            except Exception as err:  # one row's own error (a plugin's bug): the chunk's finished rows are
+                rows = rows_failed_alone(err, len(c.records))  # written, then the run stops with that error
+                if rows is None:
+                    raise
+                yield c, executor_results(rows)
+                raise
             yield c, executor_results(results)
 
     return run
