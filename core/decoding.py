@@ -496,6 +496,10 @@ class RowGroup(Protocol):
     def remove(self, key: Any) -> None: ...
 
 
+#: the most steps a :attr:`StepDriver.dirty` slot waits between two tries of its truncate (see ``reclaim``)
+RECLAIM_MAX_WAIT = 64
+
+
 class StepDriver:
     """Continuous batching: loops join and leave a long-lived session between steps.
 
@@ -515,11 +519,13 @@ class StepDriver:
     it, and a batched forward that raises is retried request by request so
     that the request whose calls cannot run is the one that fails. So does a
     ``truncate`` that raises, as the request rolls back or leaves; a slot
-    that could not be emptied is quarantined (:attr:`dirty`) for the rest of
-    this session rather than handed to a later request with another's KV
-    cells in it. Quarantine, not a reopen on the spot, since the other
-    requests still run on this session; the engine opens a new one (every
-    slot clean) once it is idle or too full.
+    that could not be emptied is quarantined (:attr:`dirty`) rather than
+    handed to a later request with another's KV cells in it. Quarantine, not
+    a reopen on the spot, since the other requests still run on this
+    session. Not for the rest of the session either: a server under steady
+    load never closes it, and every stuck slot would shrink its batch for
+    good. Between steps :meth:`reclaim` tries ``truncate(slot, 0)`` again,
+    backing off, and a slot it empties is clean and free again.
     """
 
     def __init__(self, session: Session):
@@ -529,8 +535,11 @@ class StepDriver:
         self._slots: dict[Any, list[int]] = {}  # every request, in the order they joined
         self._pending: dict[Any, Op] = {}
         #: slots whose ``truncate(slot, 0)`` raised: they may hold a departed request's tokens, so no
-        #: later request is started on them (the session's owner keeps them out of its free list)
+        #: later request is started on them (the session's owner keeps them out of its free list until
+        #: :meth:`reclaim` empties them)
         self.dirty: set[int] = set()
+        #: per dirty slot: the step from which :meth:`reclaim` tries it again, and the steps it waited for that
+        self._retry: dict[int, tuple[int, int]] = {}
         self.steps = 0
 
     def __len__(self) -> int:
@@ -601,10 +610,37 @@ class StepDriver:
                 self.session.truncate(s, 0)
             except Exception as err:
                 self.dirty.add(s)
+                self._retry[s] = (self.steps + 1, 1)
                 if error is None:
                     error = err
         if error is not None:
             raise error
+
+    def reclaim(self) -> list[int]:
+        """Between steps: ``truncate(slot, 0)`` again each :attr:`dirty` slot that is due; return the slots
+        it emptied, which are clean again (out of :attr:`dirty`: the owner may free them).
+
+        A retry that raises fails no request (the slot's request has left) and keeps the slot dirty; its
+        next try waits twice as many steps as the last, up to :data:`RECLAIM_MAX_WAIT`, so that a slot
+        that never empties costs a truncate every few dozen steps, not one every step. The first try is
+        one step after the failure. Called with no step in between, nothing is due: it never spins."""
+        if self.session.closed or not self.dirty:
+            return []
+        clean = []
+        for s in sorted(self.dirty):
+            due, wait = self._retry.get(s, (self.steps, 1))
+            if self.steps < due:
+                continue
+            try:
+                self.session.truncate(s, 0)
+            except Exception:
+                wait = min(2 * wait, RECLAIM_MAX_WAIT)
+                self._retry[s] = (self.steps + wait, wait)
+                continue
+            self.dirty.discard(s)
+            self._retry.pop(s, None)
+            clean.append(s)
+        return clean
 
     def step(self) -> tuple[list[Any], dict[Any, BaseException]]:
         """One batched forward for every active request.

@@ -826,6 +826,7 @@ class Engine:
             self._join(j)
         if self._active:
             self._step()
+            self._reclaim()
         elif not admit and not cancelled and not dropped and not failed:
             with self._cv:  # the head waits for something (cannot happen when idle; be safe)
                 self._cv.wait(0.05)
@@ -959,9 +960,10 @@ class Engine:
         emptied all the same (:meth:`StepDriver.remove`). So does a backend's ``truncate`` that
         raises as its slots are emptied (a third-party backend's is a :class:`PluginError` from
         :func:`~personajudge.plugins.manager.open_session`): the slot it failed on is quarantined,
-        left out of the free list, since it may still hold this request's tokens, until the session
-        is reopened with every slot clean: when the engine is next idle (it closes its session then),
-        or sooner, once nothing runs, when the free slots are too few for the head of the queue."""
+        left out of the free list, since it may still hold this request's tokens, until it is emptied:
+        by a later try of its truncate between steps (:meth:`_reclaim`), or by a reopened session, every
+        slot clean (when the engine is next idle, or once nothing runs and the free slots are too few
+        for the head of the queue)."""
         if self._driver is not None and job.id in self._driver:
             try:
                 self._driver.remove(job.id)
@@ -978,6 +980,28 @@ class Engine:
                         heapq.heappush(self._free, s)
             self._cv.notify_all()  # a place in the batch is a place in the queue for blocked submitters
         self._finish(job, error)
+
+    def _reclaim(self) -> None:
+        """After a step (and the leaves it caused): the quarantined slots whose truncate now succeeds
+        (:meth:`StepDriver.reclaim`, backing off) go back to the free list.
+
+        Without this a stuck slot came back only with a new session, which opens when the engine is
+        idle or has nothing running: a server under steady load is neither, and each failed truncate
+        shrank its batch for good. Retrying the truncate, rather than reopening the session, leaves the
+        running requests where they are; a slot is freed only once emptied, so no request is ever
+        started on another's tokens. One a request still holds (not yet through :meth:`_leave`) is
+        left to that, which frees it once it is no longer dirty: never two entries for one slot."""
+        driver = self._driver
+        if driver is None or not driver.dirty:
+            return
+        clean = driver.reclaim()
+        with self._cv:
+            if self._driver is not driver:  # the session was closed meanwhile; its successor is all clean
+                return
+            held = {s for slots in self._slots.values() for s in slots}
+            for s in clean:
+                if s not in held:
+                    heapq.heappush(self._free, s)
 
     def _finish(self, job: Job, error: BaseException | None) -> None:
         now = time.perf_counter()

@@ -5,21 +5,22 @@ that chunk were lost and the run ended with a ``ReplicaError``. Now the replica 
 and the row's own error, and the driver's JSONL batch writes them as the local one does.
 
 The replicas need a backend with NaN logits, which they cannot import (they load backends from the
-installed entry points): this module is pickled by value (cloudpickle), so the :class:`NanReplica`
-it defines, and the :class:`NanBackend` that replica loads, travel to Ray's workers. Uses
+installed entry points): this module and tests/helpers/nan_backend.py are pickled by value
+(cloudpickle), so the :class:`NanReplica` this one defines, and the :class:`NanBackend` that replica
+loads, travel to Ray's workers. Uses
 ``local_ray`` (tests/distributed/conftest.py).
 """
 
 import json
 
-import numpy as np
+import nan_backend  # tests/helpers
 import pytest
+from nan_backend import BAD, NanBackend
 
 ray = pytest.importorskip("ray")
 
 import personajudge as pj  # noqa: E402
 import personajudge.distributed as dist  # noqa: E402
-from personajudge.backends.toy import ToyBackend  # noqa: E402
 from personajudge.batch import JsonlBatch, local_executor, read_records  # noqa: E402
 from personajudge.core.config import build_config  # noqa: E402
 from personajudge.distributed import RayOptions, ReplicaPool  # noqa: E402
@@ -29,16 +30,7 @@ CONFIG = {
     "preferences": ["concise", "humor"],
     "decoding": {"max_new_tokens": 8, "seed": 3},
 }
-BAD = "xqx"  # a prompt holding this overflows (NanBackend)
 TIMING = ("wall_time_s", "tokens_per_s")
-
-
-class NanBackend(ToyBackend):
-    """NaN logits for any context that contains :data:`BAD` (a prompt that overflows float16, say)."""
-
-    def logits_after(self, context):
-        out = super().logits_after(context)
-        return np.full_like(out, np.nan) if BAD in self.tokenizer.decode(list(context)) else out
 
 
 class NanReplica(dist.Replica):
@@ -50,16 +42,19 @@ class NanReplica(dist.Replica):
 
 @pytest.fixture
 def nan_replicas(local_ray, monkeypatch):
-    """Pools made in the test start :class:`NanReplica` actors, shipped by value to Ray's workers."""
+    """Pools made in the test start :class:`NanReplica` actors, shipped by value to Ray's workers (with
+    the helper module that defines their backend)."""
     import sys
 
-    module = sys.modules[__name__]
-    ray.cloudpickle.register_pickle_by_value(module)
+    modules = [sys.modules[__name__], nan_backend]
+    for module in modules:
+        ray.cloudpickle.register_pickle_by_value(module)
     monkeypatch.setattr(dist, "Replica", NanReplica)
     try:
         yield
     finally:
-        ray.cloudpickle.unregister_pickle_by_value(module)
+        for module in modules:
+            ray.cloudpickle.unregister_pickle_by_value(module)
 
 
 def _partial_rows(path):

@@ -19,6 +19,7 @@ import weakref
 import numpy as np
 import pytest
 from bounded import until
+from nan_backend import BAD, NanBackend
 
 import personajudge as pj
 from personajudge.backends.toy import ToyBackend, ToySession
@@ -35,20 +36,12 @@ ENDLESS = dict(preferences=["concise", "humor"], max_new_tokens=10**6, temperatu
 # ----------------------------------------------------------------------------- A: freed after a failed call
 
 
-class NanBackend(ToyBackend):
-    """NaN logits for any context that contains "xqx" (a prompt that overflows, say)."""
-
-    def logits_after(self, context):
-        out = super().logits_after(context)
-        return np.full_like(out, np.nan) if "xqx" in self.tokenizer.decode(list(context)) else out
-
-
 def _nan(m):
-    m.generate("xqx", **TWO, max_new_tokens=3)
+    m.generate(BAD, **TWO, max_new_tokens=3)
 
 
 def _nan_row(m):
-    m.generate_batch(["hi", "xqx"], **TWO, max_new_tokens=3)
+    m.generate_batch(["hi", BAD], **TWO, max_new_tokens=3)
 
 
 def _cancelled(m):

@@ -5,8 +5,9 @@ the windowed schedule rolls its views back (a ``Truncate`` op in ``StepDriver.st
 raises there used to fail the request *and* hand its slot, still holding that request's KV, to the next
 request: that one then decoded on top of another's context (wrong tokens, in silence) and failed at its
 own end, and so on for every request the slot went to. Now the request fails alone, with the backend's
-one-line :class:`PluginError`; the slot is quarantined until the session is reopened; every other row
-gives exactly the tokens it gives alone.
+one-line :class:`PluginError`; the slot is quarantined until a later truncate empties it (the engine tries
+again between steps, backing off) or the session is reopened; every other row gives exactly the tokens it
+gives alone, and a server that is never idle gets its whole batch back.
 
 The failing backend is a toy registered as a third-party plugin, so its session is the engine's guarded
 one (``plugins.manager.open_session``), as a real plugin's would be.
@@ -27,15 +28,16 @@ KW = dict(lam=3, seed=0)
 
 
 class TruncateFailsToy(ToyBackend):
-    """A toy whose sessions' ``truncate`` of ``bad`` raises once: to empty it (``length == 0``) or, with
-    ``rollback``, to roll it back (``length > 0``). It records every forward into a slot whose truncate
-    failed and that was not emptied since, on the session where it failed (a slot handed out dirty)."""
+    """A toy whose sessions' ``truncate`` of ``bad`` raises the first ``times`` times: to empty it (``length
+    == 0``) or, with ``rollback``, to roll it back (``length > 0``). It records every forward into a slot
+    whose truncate failed and that was not emptied since, on the session where it failed (a slot handed
+    out dirty)."""
 
     name = "truncate-fails-toy"
 
-    def __init__(self, config=None, bad: int = 2, rollback: bool = False):
+    def __init__(self, config=None, bad: int = 2, rollback: bool = False, times: int = 1):
         super().__init__(config)
-        self.bad, self.rollback = bad, rollback
+        self.bad, self.rollback, self.times = bad, rollback, times
         self.failed: list[tuple[int, int]] = []  # (slot, length) of each truncate that raised
         self.reused: list[int] = []  # slots fed after their truncate failed, on that session
         self.opened = 0
@@ -46,7 +48,7 @@ class TruncateFailsToy(ToyBackend):
         truncate, forward_many, dirty = s._truncate, s._forward_many, set()
 
         def failing_truncate(view, length):
-            if view == self.bad and (length > 0) == self.rollback and not self.failed:
+            if view == self.bad and (length > 0) == self.rollback and len(self.failed) < self.times:
                 self.failed.append((view, length))
                 dirty.add(view)
                 raise RuntimeError(f"slot {view} is stuck")
@@ -100,7 +102,7 @@ def _batch(pj, lengths, **kw):
     in order; the rest as places free); each job's outcome: its tokens, or its exception."""
     jobs = []
     for i, n in enumerate(lengths):
-        req, meth = _request(pj, PROMPTS[i], i, max_new_tokens=n, **kw)
+        req, meth = _request(pj, PROMPTS[i % len(PROMPTS)], i, max_new_tokens=n, **kw)
         jobs.append(Job(req, meth))
     pj.engine.submit_many(jobs)
     out = []
@@ -184,3 +186,67 @@ def test_step_driver_empties_every_slot_and_quarantines_the_one_that_failed(toy)
     with pytest.raises(ValueError, match=r"slot\(s\) 0 could not be emptied"):
         driver.add("b", meth.loop(req2), [0, 2])
     assert "b" not in driver
+
+
+@pytest.mark.parametrize("times", [1, 3])
+def test_under_steady_load_a_stuck_slot_comes_back_once_its_truncate_succeeds(times):
+    """Two requests of two views run at once, on a session of four slots (request 1 on slots 2 and 3); ten
+    more wait, so the engine is never idle until the end. Slot 2's truncate raises as request 1 leaves,
+    and ``times - 1`` more times after (the engine's retries between steps). Before, slot 2 stayed out
+    until the engine was idle: three clean slots, so one request at a time for the whole queue. Now two
+    run at once again once a retry empties it, on the same session; request 1 alone fails, every other
+    request gives exactly its tokens alone, and nothing is fed into slot 2 while it may hold request 1's."""
+    be = TruncateFailsToy(times=times)
+    pj = _pj(be, max_batch=2)
+    sizes: list[tuple[int, int]] = []  # per step: the requests in it, and the truncates failed by its end
+    pj.engine.on_step = lambda n, _seconds: sizes.append((n, len(be.failed)))
+    lengths = [40, 8] + [12] * 10
+    out = _batch(pj, lengths)
+    assert be.failed == [(2, 0)] * times  # the retries of a failed truncate are counted there too
+    assert isinstance(out[1], PluginError), out[1]
+    for i, n in enumerate(lengths):
+        if i != 1:
+            assert out[i] == _alone(PROMPTS[i % len(PROMPTS)], i, max_new_tokens=n), i
+    assert be.reused == []
+    assert be.opened == 1  # one session throughout: never idle, never reopened
+    first = next(i for i, (_n, failed) in enumerate(sizes) if failed)  # the step request 1 left in
+    assert max(n for n, _failed in sizes[first + 1 :]) == 2  # the whole batch again, after the failure
+    pj.close()
+
+
+def test_step_driver_reclaims_a_dirty_slot_backing_off_while_its_truncate_fails(toy):
+    """``reclaim`` tries a dirty slot's truncate one step after it failed, then after 2, 4, 8 steps while it
+    still fails (never twice without a step between), and returns the slot, clean, once it succeeds."""
+    pj = PersonaJudge({"backend": {"name": "toy"}, "encoder": "plain"}, backend=toy)
+    session = toy.open(4)
+    truncate = session._truncate
+    tries: list[int] = []  # the driver step of each try to empty slot 0
+
+    def failing(view, length):
+        if view == 0 and length == 0:
+            tries.append(driver.steps)
+            if len(tries) <= 4:
+                raise RuntimeError("slot 0 is stuck")
+        truncate(view, length)
+
+    session._truncate = failing
+    driver = StepDriver(session)
+    req, meth = _request(pj, PROMPTS[0], 0, max_new_tokens=6)
+    assert driver.add("a", meth.loop(req), [0, 1])
+    driver.step()
+    with pytest.raises(RuntimeError, match="slot 0 is stuck"):
+        driver.remove("a")
+    assert driver.dirty == {0} and tries == [1]
+    req2, _ = _request(pj, PROMPTS[1], 1, max_new_tokens=40)
+    assert driver.add("b", meth.loop(req2), [2, 3])
+    reclaimed = {}
+    while "b" in driver and driver.steps < 20:
+        driver.step()
+        for _ in range(3):  # called again without a step: nothing is due
+            if clean := driver.reclaim():
+                reclaimed[driver.steps] = clean
+    assert tries == [1, 2, 4, 8, 16]
+    assert reclaimed == {16: [0]} and driver.dirty == set()
+    assert session.length(0) == 0
+    req3, _ = _request(pj, PROMPTS[2], 2, max_new_tokens=6)
+    assert driver.add("c", meth.loop(req3), [0, 1])  # clean again: it may be handed out
