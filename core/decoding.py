@@ -438,34 +438,27 @@ def drive_many(session: Session, loops: list[Loop], n_views: int) -> None:
     Request ``r``'s view ``v`` is the session's view ``r * n_views + v``; every
     step gathers the forwards of all unfinished requests into a single
     ``forward_many`` call, so a backend that batches rows serves many prompts
-    at once. Requests finish at different times; the batch just shrinks.
+    at once. Requests finish at different times; the batch just shrinks, and
+    a request's views are emptied as it leaves.
+
+    A :class:`StepDriver` with a fixed set of requests, so one request's
+    failure is its own here too: the others run to their end (their loops
+    closed, their results emitted), then the first failed request's error is
+    raised with ``.request``, its index.
     """
-    pending: dict[int, Op] = {}
+    driver = StepDriver(session)
+    errors: dict[int, BaseException] = {}
     for r, loop in enumerate(loops):
         try:
-            pending[r] = next(loop)
-        except StopIteration:
-            pass
-    while pending:
-        calls, owners = [], []
-        results: dict[int, Any] = {}
-        for r, op in pending.items():
-            if isinstance(op, Truncate):
-                session.truncate(r * n_views + op.view, op.length)
-                results[r] = None
-            else:
-                for v, toks, n in op.calls:
-                    calls.append(ForwardCall(r * n_views + v, toks, n))
-                    owners.append(r)
-        if calls:
-            outs = session.forward_many(calls)
-            for r, out in zip(owners, outs):
-                results.setdefault(r, []).append(out)
-        for r in list(pending):
-            try:
-                pending[r] = loops[r].send(results.get(r))
-            except StopIteration:
-                del pending[r]
+            driver.add(r, loop, range(r * n_views, (r + 1) * n_views))
+        except Exception as err:  # its own checks, as it is primed (a prompt that does not fit)
+            errors[r] = err
+    while len(driver):
+        errors.update(driver.step()[1])
+    if errors:
+        first: Any = errors[min(errors)]
+        first.request = min(errors)
+        raise first
 
 
 def run_timed(fn, session: Session, req: DecodeRequest) -> None:
