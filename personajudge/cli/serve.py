@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import importlib.util
 import io
+import ipaddress
 import json
 import math
 import os
@@ -47,6 +48,13 @@ def _require_serve_extra(modules: tuple[str, ...] = SERVE_MODULES, what: str = "
 
 
 def _check_limits(args: argparse.Namespace) -> None:
+    if not args.host.strip():
+        # ``--host "$HOST"`` with HOST unset: getaddrinfo would read it as "every interface" and the
+        # "serving" line would name no address; listening everywhere is a choice that names itself
+        raise ConfigError(
+            f"--host is empty (got {args.host!r}); to listen on every interface, pass --host 0.0.0.0 "
+            "(or --host :: for IPv6)"
+        )
     for flag, value, low in (
         ("--max-batch", args.max_batch, 1),
         ("--max-queue", args.max_queue, 0),
@@ -93,6 +101,20 @@ def _bind(host: str, port: int) -> list[socket.socket]:
             sock.close()
         raise ConfigError(f"cannot serve on {where}: {os_error_text(err)}") from None
     return socks
+
+
+def _off_host(addresses: list[str]) -> list[str]:
+    """The bound ``addresses`` other hosts may reach: those that are not loopback (``0.0.0.0``, ``::``,
+    a LAN address). A name resolves to what it resolves to: ``localhost`` is loopback."""
+    out = []
+    for address in addresses:
+        try:
+            loopback = ipaddress.ip_address(address.split("%", 1)[0]).is_loopback  # fe80::1%eth0: a scope id
+        except ValueError:
+            loopback = False
+        if not loopback:
+            out.append(address)
+    return out
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -143,6 +165,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = graceful_server(config, app.state.server, args.shutdown_timeout)
         port = sockets[0].getsockname()[1]  # the one the OS picked for --port 0
         host = f"[{args.host}]" if ":" in args.host else args.host
+        exposed = _off_host([sock.getsockname()[0] for sock in sockets])
+        if exposed and api_key is None:  # a warning, not a refusal: keyless on a trusted network is a choice
+            warnings.warn(
+                f"serving on {', '.join(exposed)} without --api-key: anyone who can reach this port can use the "
+                "model (set --api-key or PERSONAJUDGE_API_KEY, or bind 127.0.0.1)",
+                PersonaJudgeWarning,
+                stacklevel=1,
+            )
         facts = pj.backend.describe()  # optional for a plugin: the default names only the backend
         model = facts.get("model") or facts.get("backend") or pj.config.backend.name
         print(

@@ -382,23 +382,27 @@ class Server:
                 code="invalid_value",
             )
         prefs, views = req.preference_list(), req.view_groups()
-        if views == []:
+        no_views = views == []
+        if no_views:
             # "views": [] is no views, as views=[] is in the Python API: the request's preferences make
-            # them (one each), and without any the request has none, like "preferences": [] (the
-            # server's defaults are for a request that sends neither field)
+            # them (one each), and without any the request has none (the server's defaults are for a
+            # request that sends neither field)
             views = None
             prefs = [] if prefs is None else prefs
         for i, group in enumerate(views or []):  # the Python API reads [[]] as no views; a request means one
             if not group:
                 raise APIError(400, f"view {i + 1} is empty", param="views", code="invalid_value")
-        if prefs is not None and views is None:
+        if prefs == [] and not no_views and self.pj.config.views:
+            # "preferences": [] drops the preferences and leaves the configured views, as preferences=[]
+            # does in the Python API; a preferences file's definitions go along, the names those views use
+            prefs = self.definitions
+        elif prefs is not None and views is None:
             if self.definitions:
                 # a request's names mean what the preferences file defines or adjusts, as in its views
                 prefs = named_by(prefs, self.definitions)
             # A request's preferences replace the server's default views too, one view per preference as
-            # --prefer gives: ``views=[]`` is "no views" to the API, so its preferences make the views.
-            # (The Python API's rule, configured views win over a call's bare preferences, is for a caller
-            # who configured both; a server's configured views are only what a bare request gets.)
+            # --prefer gives, as a call's preferences replace a config's views in the Python API: ``views=[]``
+            # is "no views" to the API, so its preferences make the views
             views = []
         elif views is not None and self.definitions:
             prefs = self.definitions  # the names a preferences file defines or adjusts
@@ -481,6 +485,8 @@ def _pj_info(res: Any) -> dict[str, Any]:
         "prompt_tokens": s.prompt_tokens,
         "iterations": s.iterations,
         "finish_reason": res.finish_reason,
+        # what ``auto`` resolved to (or the encoder named): bench-serve records it without a model of its own
+        "encoder": (res.settings or {}).get("encoder"),
     }
 
 

@@ -81,11 +81,13 @@ def _row(
     no_usage: int = 0,
     views: list[int] | None = None,
     acceptance: list[float] | None = None,
+    encoders: list[str] | None = None,
 ) -> dict[str, Any]:
     """One row. ``no_usage``: successful requests whose stream carried no ``usage`` (a server that
     ignores ``stream_options``): their tokens are unknown, so the row has no tokens and no tokens/s
-    rather than a 0 that reads as a measurement. ``views`` / ``acceptance``: what the responses'
-    ``persona_judge`` field said, so the report shows what actually ran."""
+    rather than a 0 that reads as a measurement. ``views`` / ``acceptance`` / ``encoders``: what the
+    responses' ``persona_judge`` field said (the direct row: what its run resolved), so the report shows
+    what actually ran; ``encoder`` is None where nothing said (a server that does not report it)."""
     known = no_usage == 0
     return {
         "name": name,
@@ -96,6 +98,7 @@ def _row(
         "requests_without_usage": no_usage,
         "views": sorted(set(views)) if views else None,
         "acceptance_rate": round(statistics.mean(acceptance), 4) if acceptance else None,
+        "encoder": ",".join(sorted(set(encoders))) if encoders else None,
         "wall_s": round(wall, 3),
         "tokens_per_s": (round(tokens / wall, 2) if wall > 0 else 0.0) if known else None,
         "latency_p50_s": _r(_pct(lat, 50)),
@@ -132,11 +135,13 @@ def direct_row(
     """The requests one by one, the core driving its own session (no engine, no server); ``preferences``
     are the server's defaults (``--prefer`` / ``--preferences-file``), which its requests get."""
     lat, ttft, tokens = [], [], 0
+    encoders: list[str] = []  # what `auto` resolved to on this model, as a started server resolves it
     with PersonaJudge(cfg) as pj:
 
         def one(i: int) -> tuple[float, float | None, int]:
             first: list[float] = []
             cfg_i, meth, views = pj._prepare(preferences, None, None, {"seed": i, "max_new_tokens": max_tokens})
+            encoders.append(cfg_i.encoder)
             t0 = time.perf_counter()
             contexts = pj.encode_views(DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)], cfg_i, meth, views)
             req = pj._request(contexts, cfg_i, i, on_text=lambda t: first.append(time.perf_counter()) if t else None)
@@ -163,7 +168,7 @@ def direct_row(
             if progress:
                 print(f"  direct {i + 1}/{n_requests}: {nt} tokens in {dt:.2f}s", file=sys.stderr)
         wall = time.perf_counter() - t_start
-    return _row("direct (no server)", wall, lat, ttft, tokens, 0, views=views, acceptance=acc)
+    return _row("direct (no server)", wall, lat, ttft, tokens, 0, views=views, acceptance=acc, encoders=encoders)
 
 
 def _quote(body: bytes | str) -> str:
@@ -305,6 +310,7 @@ async def _level(
         no_usage=sum(r[2] is None for r in ok),
         views=[r[4]["views"] for r in ok if isinstance(r[4].get("views"), int)],
         acceptance=[r[4]["acceptance_rate"] for r in ok if isinstance(r[4].get("acceptance_rate"), (int, float))],
+        encoders=[r[4]["encoder"] for r in ok if isinstance(r[4].get("encoder"), str)],
     )
 
 
@@ -467,7 +473,7 @@ def run_bench_serve(
             "schedule": d.schedule,
             "roles": d.roles,
             "repeat_lines": d.repeat_lines,
-            "encoder": cfg.encoder,
+            "encoder": _ran_encoder(cfg, rows),
             "encoder_options": cfg.encoder_options,
             "system": cfg.system,
             "method_options": cfg.method_options,
@@ -478,6 +484,14 @@ def run_bench_serve(
         "failed_level": failed_level,
         "server_exit_code_after_sigterm": exit_code,
     }
+
+
+def _ran_encoder(cfg: RunConfig, rows: list[dict[str, Any]]) -> str | None:
+    """The encoder the requests ran with, as ``bench`` and a run's settings report it: ``auto`` resolved
+    on the model. The direct row resolved it here; the server's responses say what it resolved (no second
+    model is loaded to find out). Neither: a named encoder is itself, ``auto`` unknown (None)."""
+    said = next((r["encoder"] for r in rows if r.get("encoder")), None)
+    return said or (cfg.encoder if cfg.encoder != "auto" else None)
 
 
 def format_table(rep: dict[str, Any]) -> str:
@@ -496,7 +510,7 @@ def format_table(rep: dict[str, Any]) -> str:
         lines.append(
             f"{st['views']} view(s) [{views or 'none'}], lambda {st['lambda']}, T {st['temperature']}, top-k "
             f"{st['top_k']}, top-p {st['top_p']}, schedule {st['schedule']}, roles {st['roles'] or 'the method'}'s, "
-            f"encoder {st['encoder']}"
+            f"encoder {st['encoder'] or 'not reported'}"
             + (f", system {json.dumps(st['system'])}" if st.get("system") else "")
             + (f"; server max-batch {st['max_batch']}, max-queue {st['max_queue']}" if st.get("max_batch") else "")
         )

@@ -84,6 +84,8 @@ class _Common(BaseModel):
     n: int | None = 1
     user: str | None = None
     # persona-judge's own (the openai client's extra_body)
+    #: one view each, replacing the server's defaults; ``[]`` drops its default preferences and leaves its
+    #: default views (``--view``), as ``preferences=[]`` does in the Python API (``Server.generation_kwargs``)
     preferences: list[str] | str | None = None
     #: ``[]`` is no views (as ``views=[]`` in the Python API): no preferences, unless ``preferences`` gives them
     views: list[list[str] | str] | None = None

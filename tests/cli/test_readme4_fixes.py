@@ -37,7 +37,9 @@ def _fake_bench_serve(monkeypatch, *, url: str | None) -> dict:
     own ``_row``, and (without ``url``) a "started" server whose limits are recorded."""
 
     async def level(url, model, c, n, max_tokens, headers, bound):
-        return serve_bench._row(f"server c={c}", 1.0, [0.5], [0.1], 4, 0, views=[2], acceptance=[0.9])
+        return serve_bench._row(
+            f"server c={c}", 1.0, [0.5], [0.1], 4, 0, views=[2], acceptance=[0.9], encoders=["exemplar"]
+        )
 
     monkeypatch.setattr(serve_bench, "_level", level)
     monkeypatch.setattr(serve_bench, "check_url", lambda u, **kw: u)
@@ -69,8 +71,8 @@ def test_the_started_servers_limits_are_recorded_and_null_with_url(monkeypatch):
     at_url = _fake_bench_serve(monkeypatch, url="http://127.0.0.1:1/v1")["settings"]
     assert at_url["max_batch"] is None and at_url["max_queue"] is None
     assert "`null` with `--url`" in BENCH_SERVE
-    # the encoder as given, not resolved (README: "as given: `auto` unless `--encoder`")
-    assert started["encoder"] == "auto" and "`auto` unless `--encoder`" in BENCH_SERVE
+    # the encoder the requests ran with, as the server's responses said (README: "the one the requests ran with")
+    assert started["encoder"] == "exemplar" and "the one the requests ran with" in BENCH_SERVE
 
 
 def test_the_serve_defaults_the_readme_says_bench_serve_raises_are_serves():
