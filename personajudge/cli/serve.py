@@ -421,7 +421,11 @@ def _add_server_limits(p: argparse.ArgumentParser, *, bench: bool = False) -> No
     )
     queue_default = f"default max({SERVE_MAX_QUEUE}, --requests)" if bench else f"default {SERVE_MAX_QUEUE}"
     g = p.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    g.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 or :: for every interface)",
+    )
     g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     g.add_argument(
         "--api-key",
