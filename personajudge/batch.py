@@ -34,6 +34,11 @@ Resumable and safe (nothing finished is ever lost):
   the line(s) (``NumericalError``, exit 2); a rerun redoes only those rows.
   So on Ray replicas too (:mod:`personajudge.distributed`), with the same
   helpers (:func:`~personajudge.api.rows_failed_alone`, :func:`~personajudge.api.executor_results`).
+- A row that fails with another error of its own (a backend that cannot run
+  its forward, a plugin's bug on it) stops the run with that error, but the
+  executor first yields its chunk (that row as its exception), so the chunk's
+  finished rows are written and a rerun redoes only what did not finish;
+  locally and on Ray alike.
 - A run that stops before its first row (an error, Ctrl-C, a second Ctrl-C
   inside ``ray.init``) removes the partial file it made, which holds only its
   settings line; a partial file it found (rows of an earlier run) stays.
@@ -250,7 +255,8 @@ class Chunk:
 
 
 #: Runs chunks and yields each with its results (``GenerationResult.as_dict()`` per prompt), in any order;
-#: a prompt that failed alone (NaN logits) may yield its exception instead of a result.
+#: a prompt that failed alone (NaN logits) may yield its exception instead of a result, and so may the
+#: failed row of the chunk an executor yields just before it raises that row's own error.
 Executor = Callable[[list[Chunk]], Iterable[tuple[Chunk, list[Any]]]]
 
 

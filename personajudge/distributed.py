@@ -39,6 +39,10 @@ Faults, with Ray's own machinery rather than a scheduler of our own:
   locally: the replica returns its chunk's other rows and that row's
   ``NumericalError``, and the driver's :class:`~personajudge.batch.JsonlBatch`
   writes the others and names the row's ``file:line`` at the end.
+- A row that fails with any other error of its own (a backend that cannot run
+  its forward, a plugin method's bug on it) stops the JSONL batch, as locally,
+  but its chunk's finished rows come back with the error and are written
+  first, so a rerun decodes only the rows that did not finish.
 - Ray's own notices, which it prints to ``sys.stdout`` from a thread of its
   own, go to standard error while a pool is open (:class:`_OwnStdout`):
   standard output may be carrying JSONL results.
@@ -157,10 +161,11 @@ class Task:
     ``single``: one prompt through ``generate`` (the evaluation harness's batch size 1).
     ``isolate_context_errors``: a prompt that does not fit the context is that prompt's error (a
     string in place of its result) instead of failing the chunk (the evaluation harness's rule).
-    ``isolate_numerical_errors``: a prompt whose logits turn NaN or infinite fails alone, its
-    ``NumericalError`` in place of its result, and the chunk's other rows are delivered (the JSONL
-    batch's rule, :func:`personajudge.api.rows_failed_alone`; the evaluation harness, which fails
-    the run there locally, leaves it off).
+    ``isolate_row_errors``: no finished row of the chunk is lost to another row's own failure (the
+    JSONL batch's rule, :func:`personajudge.api.rows_failed_alone`; the evaluation harness, which
+    fails the run there locally, leaves it off). A row whose logits turn NaN or infinite fails
+    alone, its ``NumericalError`` in place of its result, and the chunk's other rows are delivered;
+    any other error of one row still fails the chunk, but the finished rows go back with it.
     """
 
     key: Any
@@ -169,14 +174,15 @@ class Task:
     options: dict[str, Any] = field(default_factory=dict)
     single: bool = False
     isolate_context_errors: bool = False
-    isolate_numerical_errors: bool = False
+    isolate_row_errors: bool = False
     #: each prompt's origin (a JSONL file's ``path:line``), named by a prompt that does not fit
     where: list[str] | None = None
 
 
 @dataclass
 class Outcome:
-    """A finished chunk: per prompt a ``GenerationResult`` or an error string."""
+    """A finished chunk: per prompt a ``GenerationResult``, an error string (a prompt too long, where
+    context errors are isolated) or an exception (a row that failed alone, where row errors are)."""
 
     task: Task
     results: list[Any]
@@ -337,16 +343,25 @@ class Replica:
         me = ray.get_runtime_context().get_actor_id()
         if self.pj is None:
             return {"key": task.key, "actor": me, "raise": f"replica has no model: {self.error}"}
+        failure: dict[str, Any] = {}
         try:
             results, batched = self._generate(task)
-        except PersonaJudgeError as err:  # a user-level error: one line at the driver, like locally
-            return {"key": task.key, "actor": me, "raise": str(err)}
-        except Exception as err:  # a bug (a plugin's, say): one line at the driver, the traceback in Ray's log
-            traceback.print_exc()  # this replica's stderr: Ray's worker log file (log_to_driver is off)
-            return {"key": task.key, "actor": me, "crash": _exception_line(err)}
+        except Exception as err:
+            if isinstance(err, PersonaJudgeError):  # a user-level error: one line at the driver, like locally
+                failure = {"raise": str(err)}
+            else:  # a bug (a plugin's, say): one line at the driver, the traceback in Ray's log
+                traceback.print_exc()  # this replica's stderr: Ray's worker log file (log_to_driver is off)
+                failure = {"crash": _exception_line(err)}
+            # One row's own error (generate_batch waited for the others): the finished rows go back
+            # with it, as the local executor hands them over before it raises, so they are written.
+            rows = rows_failed_alone(err, len(task.prompts)) if task.isolate_row_errors else None
+            if rows is None:
+                return {"key": task.key, "actor": me, **failure}
+            results, batched = [_row_error(r) for r in rows], True
         return {
             "key": task.key,
             "actor": me,
+            **failure,
             "results": results,
             "batched": batched,
             "pid": os.getpid(),
@@ -365,7 +380,7 @@ class Replica:
                 raise err.located(task.where) if task.where is not None else err from None
             return [self._one(p, s, task) for p, s in zip(task.prompts, task.seeds)], False
         except NumericalError as err:  # as the local JSONL batch: the NaN rows fail alone, the others are kept
-            rows = rows_failed_alone(err, len(task.prompts)) if task.isolate_numerical_errors else None
+            rows = rows_failed_alone(err, len(task.prompts)) if task.isolate_row_errors else None
             if rows is None:
                 raise
             return rows, True
@@ -383,6 +398,18 @@ class Replica:
         if self.pj is not None:
             self.pj.close()
             self.pj = None
+
+
+def _row_error(row: Any) -> Any:
+    """A row of a chunk that failed, as it travels back to the driver: a result, or the row's
+    ``NumericalError`` as is (data, which the JSONL batch records), as locally; any other error of
+    the row becomes a :class:`PersonaJudgeError` with its one line. That error's class may live
+    only on the replica's node (a backend's module) and it carries ``.rows``, every row of the chunk:
+    unpickled by the driver it could fail, or drag the whole chunk along twice. The driver only
+    needs to know that the row failed: the run stops with the chunk's error anyway."""
+    if not isinstance(row, BaseException) or isinstance(row, NumericalError):
+        return row
+    return PersonaJudgeError(_exception_line(row))
 
 
 def _import_ray():
@@ -843,7 +870,13 @@ class ReplicaPool:
         An unexpected exception in a replica (a bug, in a plugin say) stops the run the same way:
         the chunks still out finish and are yielded, then one :class:`ReplicaError` names the
         replica, the exception and where it was raised (its traceback is in Ray's log of that
-        replica), where locally the same bug is a traceback."""
+        replica), where locally the same bug is a traceback.
+
+        Where the error was one row's own (a task with ``isolate_row_errors``: a backend that
+        could not run that row's forward, a plugin's bug on it), the replica also returns the
+        chunk's finished rows, that row as its error: the chunk is yielded all the same, so the
+        JSONL batch writes those rows and a rerun resumes after them, as locally; the run still
+        stops with the error, as above."""
         from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
         from ray.util.actor_pool import ActorPool
 
@@ -927,9 +960,9 @@ class ReplicaPool:
                     error = f"replica {which} of {len(self.actors)} failed: {out['crash']}"
                 if failed is None or order[task.key] < failed[0]:
                     failed = (order[task.key], error)
-                fill()  # a retried chunk still goes out; nothing new does
+            fill()  # after a failure a retried chunk still goes out; nothing new does
+            if "results" not in out:  # the chunk failed as a whole (one row's error brings the others back)
                 continue
-            fill()
             latency = time.perf_counter() - t_sent
             self.overheads.append(max(0.0, latency - out["compute_s"]))
             yield Outcome(task, out["results"], out["batched"], out["pid"], out["compute_s"], latency)
@@ -949,7 +982,10 @@ class ReplicaPool:
     # -- the JSONL batch path --------------------------------------------------------------------
     def executor(self, preferences: Sequence[Any] | None = None):
         """An executor for :meth:`personajudge.batch.JsonlBatch.run`: chunks become tasks, results dicts
-        (a row whose logits turned NaN: its own ``NumericalError``, as the local executor yields it)."""
+        (a row whose logits turned NaN: its own ``NumericalError``, as the local executor yields it).
+        A chunk where one row failed with another error of its own is yielded too, that row as an
+        exception (:func:`_row_error`), before :meth:`run` raises the error: its finished rows are
+        written, as the local executor's are."""
 
         def run(chunks):
             by_key = {c.index: c for c in chunks}
@@ -960,7 +996,7 @@ class ReplicaPool:
                     c.seeds,
                     {"preferences": preferences},
                     where=c.where,
-                    isolate_numerical_errors=True,
+                    isolate_row_errors=True,
                 )
                 for c in chunks
             ]

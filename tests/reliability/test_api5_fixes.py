@@ -9,6 +9,7 @@ row and raises the error itself (its type kept) with ``.row`` and ``.rows``, as 
 import json
 
 import pytest
+from poison_backend import PoisonError, PoisonToy  # tests/helpers
 
 from personajudge.api import PersonaJudge
 from personajudge.backends.toy import ToyBackend
@@ -18,37 +19,6 @@ PROMPTS = ["tell me about owls", "poison apple", "how do bees make honey", "what
 PREFS = ["concise", "humor"]
 DECODING = {"max_new_tokens": 16, "lambda": 3}
 RUN = dict(preferences=PREFS, seed=0)
-
-
-class PoisonError(RuntimeError):
-    """The one row's own failure (what a backend raises for a forward it cannot run)."""
-
-
-class PoisonToy(ToyBackend):
-    """A toy whose forward raises for a view holding the text "poison" once it has decoded ``after``
-    tokens past its prompt: mid-decoding, while the other rows of its step are running."""
-
-    def __init__(self, config=None, after: int = 5):
-        super().__init__(config)
-        self.after = after
-        self.raised = 0
-
-    def open(self, n_views):
-        s = super().open(n_views)
-        forward_many, start = s._forward_many, {}
-
-        def poisoned_forward_many(calls):
-            for c in calls:
-                ctx = s._ctx[c.view]
-                if not ctx:
-                    start[c.view] = len(c.tokens)
-                elif "poison" in self.tokenizer.decode(ctx) and len(ctx) >= start.get(c.view, 0) + self.after:
-                    self.raised += 1
-                    raise PoisonError(f"cannot run slot {c.view}")
-            return forward_many(calls)
-
-        s._forward_many = poisoned_forward_many
-        return s
 
 
 def _pj(backend):
