@@ -502,12 +502,7 @@ def _batch_results(jobs: list[Job]) -> list[GenerationResult]:
     record), ahead of NaN rows. Waiting is on the rows, not on the caller: an interrupt
     (``KeyboardInterrupt`` is no ``Exception``) leaves at once, and the caller cancels every row.
     """
-    rows: list[Any] = []
-    for j in jobs:
-        try:
-            rows.append(j.result())
-        except Exception as err:
-            rows.append(err)
+    rows = [_outcome(j) for j in jobs]
     bad = [i for i, r in enumerate(rows) if isinstance(r, BaseException)]
     if not bad:
         return rows
@@ -521,6 +516,19 @@ def _batch_results(jobs: list[Job]) -> list[GenerationResult]:
     numerical = NumericalError(f"prompts[{bad[0]}]: {first}{more if len(bad) > 1 else ''}")
     numerical.row, numerical.reason, numerical.rows = bad[0], str(first), rows  # type: ignore[attr-defined]
     raise numerical
+
+
+def _outcome(job: Job) -> Any:
+    """``job``'s result, or its error as a value, not raised: one error object can be many rows' (the
+    engine fails every job of a broken step with one), and each raise here would add these frames to its
+    traceback once more, a traceback as long as the batch. Only the error :func:`_batch_results` raises
+    takes in the caller's frames."""
+    for ev in job.events():
+        if ev[0] == "error" and not isinstance(ev[1], Exception):
+            raise ev[1]  # an interrupt that reached the engine thread: at once, as before (no row's own)
+        if ev[0] in ("done", "error"):
+            return ev[1]
+    raise AssertionError("unreachable")  # events() ends with the final event
 
 
 def rows_failed_alone(err: BaseException, n: int) -> list[Any] | None:

@@ -777,10 +777,10 @@ class Engine:
             except Exception:
                 self._session, self._driver, self._free = None, None, []
             self._cv.notify_all()
-        error = EngineFailedError(f"the engine stopped: {type(err).__name__}: {err}")
-        error.__cause__ = err
-        for job in jobs:
+        for job in jobs:  # one error each: a caller marks its own (generate_batch's .row, .rows)
             if not job.done:
+                error = EngineFailedError(f"the engine stopped: {type(err).__name__}: {err}")
+                error.__cause__ = err
                 job._deliver(job._settle(("error", error)))
 
     def _serve(self) -> None:
