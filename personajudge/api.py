@@ -519,16 +519,12 @@ def _batch_results(jobs: list[Job]) -> list[GenerationResult]:
 
 
 def _outcome(job: Job) -> Any:
-    """``job``'s result, or its error as a value, not raised: one error object can be many rows' (the
-    engine fails every job of a broken step with one), and each raise here would add these frames to its
-    traceback once more, a traceback as long as the batch. Only the error :func:`_batch_results` raises
-    takes in the caller's frames."""
-    for ev in job.events():
-        if ev[0] == "error" and not isinstance(ev[1], Exception):
-            raise ev[1]  # an interrupt that reached the engine thread: at once, as before (no row's own)
-        if ev[0] in ("done", "error"):
-            return ev[1]
-    raise AssertionError("unreachable")  # events() ends with the final event
+    """``job``'s result, or its own error as a value (:meth:`Job.outcome`); an interrupt that reached
+    the engine thread (no ``Exception``, so no row's own) is raised at once, as before."""
+    out = job.outcome()
+    if isinstance(out, BaseException) and not isinstance(out, Exception):
+        raise out
+    return out
 
 
 def rows_failed_alone(err: BaseException, n: int) -> list[Any] | None:

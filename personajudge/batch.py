@@ -269,17 +269,14 @@ def local_executor(pj: Any, preferences: Sequence[Any] | None = None) -> Executo
                 results = pj.generate_batch(c.prompts, preferences=preferences, seeds=c.seeds)
             except ContextLengthError as err:  # raised before the chunk decodes: name the line
                 raise err.located(c.where) from None
-            except NumericalError as err:  # some rows' logits turned NaN: those rows failed, the others did not
+            except Exception as err:  # rows that failed alone (err.rows): the others finished
                 rows = rows_failed_alone(err, len(c.records))
                 if rows is None:
                     raise
-                results = rows
-            except Exception as err:  # one row's own error (a plugin's bug): the chunk's finished rows are
-                rows = rows_failed_alone(err, len(c.records))  # written, then the run stops with that error
-                if rows is None:
+                if not isinstance(err, NumericalError):  # a row's own bug: its chunk is written, then the run stops
+                    yield c, executor_results(rows)
                     raise
-                yield c, executor_results(rows)
-                raise
+                results = rows  # NaN rows: recorded, the run goes on
             yield c, executor_results(results)
 
     return run

@@ -438,6 +438,15 @@ class Job:
         traceback takes in the caller's frames, and whatever they hold (the ``PersonaJudge``): as
         with ``concurrent.futures.Future.result``, whoever keeps the job keeps those. The engine
         keeps no job it has finished (see :meth:`Engine._serve_round`)."""
+        out = self.outcome(on_text)
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def outcome(self, on_text: Callable[[str], None] | None = None) -> GenerationResult | BaseException:
+        """Like :meth:`result`, but the error is returned, not raised: a caller that collects many jobs'
+        outcomes (``generate_batch``) raises one error at the end, and an error object several jobs share
+        (a step that failed as a whole) does not gain a traceback entry per job that returned it."""
         if on_text is not None and not callable(on_text):
             raise ConfigError(
                 f"on_text must be callable (it receives each piece of text), got {type(on_text).__name__}"
@@ -445,9 +454,7 @@ class Job:
         for ev in self.events():
             if ev[0] == "text" and on_text is not None:
                 on_text(ev[1])
-            elif ev[0] == "error":
-                raise ev[1]
-            elif ev[0] == "done":
+            elif ev[0] in ("done", "error"):
                 return ev[1]
         raise AssertionError("unreachable")
 
