@@ -40,7 +40,7 @@ from array_api_compat import array_namespace
 from .acceptance import Dist, draft_and_judge, judge_draft, sample_dist, verify_window
 from .arrays import like
 from .contract import ForwardCall, Session
-from .errors import ContextLengthError, PluginError, PromptTokenError
+from .errors import ContextLengthError, PluginError, PromptTokenError, one_each
 from .result import Stats
 from .scheduler import RoleScheduler
 from .sparse import candidates, device_candidates, uniforms
@@ -698,8 +698,8 @@ class StepDriver:
         for group, members in rows.values():
             try:
                 done, errors = group.advance(members)
-            except Exception as err:  # the group's own failure: every row it was deciding
-                done, errors = [], dict.fromkeys(members, err)
+            except Exception as err:  # the group's own failure: every row it was deciding, an error each
+                done, errors = [], dict(zip(members, one_each(err, len(members))))
             finished += done
             failed.update(errors)
         for key in finished + list(failed):

@@ -8,6 +8,7 @@ bug and keeps its traceback.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 
@@ -116,3 +117,25 @@ class ChatTemplateFatalError(ChatTemplateError, ConfigError):
 class PersonaJudgeWarning(UserWarning):
     """Something runs, but not as the user probably meant (a single view, an
     ignored option). The CLI prints these as one line each."""
+
+
+def one_each(err: BaseException, n: int) -> list[BaseException]:
+    """``err`` for ``n`` callers, one object each: ``err`` itself, then copies of it.
+
+    Why: a caller marks the error it raises (``generate_batch`` sets ``.row`` and ``.rows``), so
+    requests that failed together (a batched step that raised as a whole) must not share one object,
+    or a second caller's marks overwrite the first's. A copy keeps the type, the message, the
+    attributes, the cause and the traceback, so each caller raises what it would have raised alone.
+    A class that cannot be rebuilt from its ``args`` (an ``__init__`` with other parameters) is
+    copied without calling ``__init__``."""
+    out = [err]
+    for _ in range(n - 1):
+        try:
+            c = copy.copy(err)
+        except Exception:
+            c = type(err).__new__(type(err), *err.args)
+            c.__dict__.update(err.__dict__)
+        c.__cause__, c.__context__ = err.__cause__, err.__context__
+        c.__suppress_context__ = err.__suppress_context__
+        out.append(c.with_traceback(err.__traceback__))
+    return out

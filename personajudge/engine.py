@@ -62,7 +62,14 @@ import numpy as np
 from personajudge.core.batched import BatchedJudge, batched_request, judge_rows
 from personajudge.core.contract import Backend, Session
 from personajudge.core.decoding import DecodeRequest, Forward, Loop, StepDriver, Truncate, not_an_op, run_timed
-from personajudge.core.errors import ConfigError, PersonaJudgeError, PluginError, SessionError, TooManyViewsError
+from personajudge.core.errors import (
+    ConfigError,
+    PersonaJudgeError,
+    PluginError,
+    SessionError,
+    TooManyViewsError,
+    one_each,
+)
 from personajudge.core.methods import Base, Pad
 from personajudge.core.result import GenerationResult
 from personajudge.plugins.manager import PluginWarning, guarded, open_session, who
@@ -937,8 +944,9 @@ class Engine:
             assert self._driver is not None  # a step runs only with jobs active, so a session is open
             finished, failed = self._driver.step()
         except BaseException as err:  # a bug in the driver: fail everyone, start over with a fresh session
-            for job in list(self._active.values()):
-                self._leave(job, error=err)
+            jobs = list(self._active.values())
+            for job, own in zip(jobs, one_each(err, len(jobs))):  # an error each: callers mark theirs
+                self._leave(job, error=own)
             with self._cv:
                 self._close_session()
             if not isinstance(err, Exception):

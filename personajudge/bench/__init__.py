@@ -631,6 +631,7 @@ def format_table(rep: dict[str, Any]) -> str:
             f"persona-judge ceiling (its loop with all {cl['views']} views the first one's prompt, so every "
             f"draft is accepted: acceptance {acc}; median of {len(cl['runs'])}): {cl['tokens_per_s']:.1f} tokens/s"
             + of_plain
+            + f", over {cl['tokens']} tokens"  # a ceiling cut short by an EOS is no ceiling: say its length
         )
     if rep.get("steps"):
         lines.append(format_steps(rep["steps"]))

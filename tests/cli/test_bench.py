@@ -35,6 +35,7 @@ def test_report_schema_and_ratios():
     assert all(s["ms"] > 0 and s["count"] > 0 for s in steps["cycle"]) and steps["per_token_ms"] > 0
     assert rep["ceiling"]["acceptance_rate"] == 1.0 and rep["ceiling"]["tokens_per_s"] > 0
     assert "persona-judge ceiling" in format_table(rep)
+    assert rep["ceiling"]["tokens"] == 24 and "of plain, over 24 tokens" in format_table(rep)
     assert run_bench(cfg, views=1, repeats=1, methods=["plain"], progress=False)["steps"] is None
     assert run_bench(cfg, views=2, repeats=1, methods=["plain"], progress=False, steps=False)["steps"] is None
 
