@@ -22,6 +22,17 @@ from .files import check_path, read_text, unicode_problem
 
 #: the largest seed: an unsigned 64-bit integer, what torch.manual_seed and numpy generators take
 MAX_SEED = 2**64 - 1
+
+
+def check_seed_span(seed: int, count: int, what: str, error: type[Exception] = ConfigError, hint: str = "") -> None:
+    """Refuse ``count`` runs seeded ``seed``, ``seed + 1``, ... (each row, sample or repeat its own) whose
+    last seed passes :data:`MAX_SEED`, in one line naming ``what`` the user set (``--seed 5 with
+    --samples 3``). Why up front: otherwise the run fails after the model loads, naming ``seeds[i]``,
+    a list the user never wrote, or runs a row with a seed that no call accepts."""
+    if seed + count - 1 > MAX_SEED:
+        raise error(f"{what} goes past the largest seed, {MAX_SEED}{hint}")
+
+
 #: Defaults of the released Persona-judge code (paper section 5).
 PAPER_DEFAULTS = {"lambda": 4, "temperature": 0.7, "top_k": 20, "top_p": 0.9, "max_new_tokens": 128}
 
@@ -334,10 +345,11 @@ def build_config(data: dict[str, Any] | None = None, **overrides: Any) -> RunCon
             continue
         node = merged
         keys = dotted.split(".")
-        for k in keys[:-1]:
+        for i, k in enumerate(keys[:-1]):
             node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"invalid config: {dotted}: parent is not a table")
+            if not isinstance(node, dict):  # named by the config's own key: its value is the mistake
+                parent = ".".join(keys[: i + 1])
+                raise ConfigError(f"invalid config: {parent}: must be a table of settings, got {type(node).__name__}")
         node[keys[-1]] = value
     try:
         return RunConfig.model_validate(merged)

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 from .arrays import array_namespace
-from .errors import ContextLengthError, PersonaJudgeWarning, PluginError, SessionError
+from .errors import ContextLengthError, PersonaJudgeWarning, PluginError, SessionError, TooManyViewsError
 
 if TYPE_CHECKING:
     from .config import BackendConfig
@@ -167,6 +167,12 @@ class ForwardCall(NamedTuple):
     n_logits: int = 1
 
 
+#: The most views any session holds. A larger count is a mistake (``serve --max-batch 10**20``), not a
+#: workload: refused as :class:`TooManyViewsError`, which the engine answers by sizing down (as for a
+#: backend's own limit), before a backend allocates per-view state it could never fill.
+MAX_SESSION_VIEWS = 1 << 16
+
+
 class Session(ABC):
     """Per-request state: one token context and KV cache per view.
 
@@ -201,6 +207,8 @@ class Session(ABC):
     def __init__(self, n_views: int, context_length: int, vocab_size: int | None = None):
         if not isinstance(n_views, int) or n_views < 1:
             raise SessionError(f"a session needs at least one view, got {n_views!r}")
+        if n_views > MAX_SESSION_VIEWS:  # what a backend says when it cannot hold them: callers size down
+            raise TooManyViewsError(f"a session holds at most {MAX_SESSION_VIEWS} views, got {n_views}")
         self.n_views = n_views
         self.context_length = context_length
         self.vocab_size = vocab_size

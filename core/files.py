@@ -39,17 +39,37 @@ def read_text(
     Invalid UTF-8 is ``error`` naming the file and the byte offset; more than ``max_bytes`` (a
     device such as ``/dev/zero`` never ends) is refused rather than read into memory.
     """
+    data = read_bytes(path, what, error, max_bytes)
+    assert data is not None  # only missing_ok=True gives None
+    return decode_utf8(data, f"{what} {Path(path)}", error)
+
+
+def read_bytes(
+    path: str | os.PathLike[str],
+    what: str,
+    error: type[PersonaJudgeError],
+    max_bytes: int = MAX_INPUT_BYTES,
+    *,
+    missing_ok: bool = False,
+) -> bytes | None:
+    """The bytes of ``path``, at most ``max_bytes``; every failure one ``error`` naming ``what`` and the path
+    (a folder, a file it may not read, a device that never ends), a missing file too unless ``missing_ok``
+    (then None): read in one place, so that no reader of a user's file crashes where another refuses."""
     p = Path(path)
     try:
         with open(p, "rb") as f:
             data = f.read(max_bytes + 1)
+    except ValueError:  # open() refuses a path with a NUL byte in it
+        raise error(f"cannot read {what} {str(p)!r}: a path holds no NUL byte") from None
     except FileNotFoundError:
+        if missing_ok:
+            return None
         raise error(f"{what} not found: {p}") from None
     except OSError as err:
         raise error(f"cannot read {what} {p}: {getattr(err, 'strerror', None) or err}") from None
     if len(data) > max_bytes:
         raise error(f"{what} {p} is larger than {max_bytes >> 20} MiB; split it")
-    return decode_utf8(data, f"{what} {p}", error)
+    return data
 
 
 def path_problem(value: str, kind: Literal["file", "dir"] = "file") -> str | None:
@@ -460,13 +480,11 @@ def parse_jsonl(data: bytes) -> tuple[list[Any], int]:
     return out, bad
 
 
-def read_jsonl(path: str | os.PathLike[str]) -> tuple[list[Any], int]:
-    """:func:`parse_jsonl` of a file, read-only (a torn tail is ignored, not cut); a missing file has none."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        return [], 0
-    return parse_jsonl(data)
+def read_jsonl(path: str | os.PathLike[str], what: str, error: type[PersonaJudgeError]) -> tuple[list[Any], int]:
+    """:func:`parse_jsonl` of a file, read-only (a torn tail is ignored, not cut); a missing file has none.
+    One that cannot be read (a folder, a device) is ``error`` naming ``what`` (:func:`read_bytes`)."""
+    data = read_bytes(path, what, error, missing_ok=True)
+    return parse_jsonl(data) if data is not None else ([], 0)
 
 
 #: Files this process made that hold nothing worth keeping yet (a JSONL batch's partial file with only its

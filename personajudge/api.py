@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from personajudge.core.config import BackendConfig, DecodingConfig, RunConfig, build_config
+from personajudge.core.config import BackendConfig, DecodingConfig, RunConfig, build_config, check_seed_span
 from personajudge.core.contract import Backend, check_tokenizer
 from personajudge.core.decoding import DecodeRequest, check_contexts
 from personajudge.core.errors import ConfigError, ContextLengthError, NumericalError, PersonaJudgeWarning
@@ -372,6 +372,8 @@ def _only_definitions(
 #: drawn seeds are below this: 2**53, the integers a JSON number parsed as an IEEE double (JavaScript,
 #: jq, many dashboards) holds exactly, so a seed reported by the server can be sent back to repeat a run
 SEED_BOUND = 2**53
+#: why a base seed near the largest fails a batch: what the refusal adds
+SEED_PER_ROW = " (row i runs with seed + i; pass seeds= or give each row its own seed)"
 
 
 def fresh_seed() -> int:
@@ -966,6 +968,10 @@ class PersonaJudge:
             return []
         if given is None:
             base = cfg.decoding.seed
+            if base is not None:
+                check_seed_span(
+                    base, len(prompts), f"decoding.seed {base} with {len(prompts)} prompts", hint=SEED_PER_ROW
+                )
             given = [base + i if base is not None else fresh_seed() for i in range(len(prompts))]
         contexts = [self.encode_views(p, cfg, meth, pref_views) for p in prompts]
         # every row before any is queued: one too long costs no decoding

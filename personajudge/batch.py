@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from personajudge.core.config import RunConfig
+from personajudge.core.config import MAX_SEED, RunConfig, check_seed_span
 from personajudge.core.errors import ConfigError, ContextLengthError, NumericalError, PersonaJudgeError
 from personajudge.core.files import (
     JsonlAppendFile,
@@ -81,7 +81,7 @@ from personajudge.core.files import (
 )
 from personajudge.preferences import normalize_conversation
 
-from .api import executor_results, fresh_seed, rows_failed_alone
+from .api import SEED_PER_ROW, executor_results, fresh_seed, rows_failed_alone
 
 #: First line of a partial file: ``{"personajudge_batch": FORMAT, "settings": {...}, "settings_hash": ...}``.
 HEADER_KEY = "personajudge_batch"
@@ -149,8 +149,8 @@ def read_records(path: str | os.PathLike[str]) -> list[Record]:
         except PersonaJudgeError as err:
             raise ConfigError(f"{where}: {err}") from None
         seed = obj.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ConfigError(f'{where}: "seed" must be a non-negative integer')
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+            raise ConfigError(f'{where}: "seed" must be an integer from 0 to {MAX_SEED}')
         rid = obj.get("id", lineno)
         if not isinstance(rid, (str, int)) or isinstance(rid, bool):
             raise ConfigError(f'{where}: "id" must be a string or an integer')
@@ -309,6 +309,10 @@ class JsonlBatch:
         self.settings = batch_settings(self.config, self.preferences)
         self.settings_hash = _hash(self.settings)
         base = self.config.decoding.seed
+        if base is not None:  # rows without a seed of their own run with base + their index
+            last = max((i for i, r in enumerate(self.records) if r.seed is None), default=-1)
+            what = f"the seed {base} (--seed, or the config's decoding.seed) with {last + 1} input rows"
+            check_seed_span(base, last + 1, what, hint=SEED_PER_ROW)
         self.seeds: list[int | None] = [
             r.seed if r.seed is not None else (base + i if base is not None else None)
             for i, r in enumerate(self.records)
@@ -602,8 +606,8 @@ class JsonlBatch:
             return
         self.close()  # flushes what an interrupted append left in the buffer
         try:
-            objs, _ = read_jsonl(self.partial)
-        except OSError:  # the run already failed: keep its error, count what ``done`` says
+            objs, _ = read_jsonl(self.partial, "partial file", OutputError)
+        except OutputError:  # the run already failed: keep its error, count what ``done`` says
             return
         expected = {str(r.id): fp for r, fp in zip(self.records, self.fps)}
         for o in objs:

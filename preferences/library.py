@@ -292,14 +292,16 @@ def load_file(path: str | Path, library: Library | None = None) -> list[Preferen
     question/answer demonstrations, one line each, for the ``exemplar``
     encoder). A table with a library ``name`` and no ``description`` adjusts
     that preference (its own examples replace the built-in ones). TOML keeps
-    the list under ``preferences`` (``[[preferences]]`` tables).
+    the list under ``preferences`` (``[[preferences]]`` tables); a JSON or YAML
+    file is the list itself or, so that one layout serves every format, an
+    object with the list under ``preferences``.
     """
     p = Path(path)
     text = read_text(p, "preferences file", PreferenceError)  # a binary file: one line naming the byte
     suffix = p.suffix.lower()
     try:
         if suffix == ".toml":
-            data: Any = tomllib.loads(text).get("preferences")
+            data: Any = tomllib.loads(text)
         elif suffix in (".yaml", ".yml"):
             try:
                 import yaml
@@ -312,10 +314,12 @@ def load_file(path: str | Path, library: Library | None = None) -> list[Preferen
         raise
     except Exception as err:  # each parser has its own error type
         raise PreferenceError(f"preferences file {p} does not parse: {str(err).splitlines()[0]}") from None
+    if isinstance(data, dict):
+        data = data.get("preferences")
     if not isinstance(data, list) or not data:
         raise PreferenceError(
             f"preferences file {p} must hold a non-empty list of preferences"
-            + (" under the key 'preferences'" if suffix == ".toml" else "")
+            + (" under the key 'preferences'" if suffix == ".toml" else ", or an object with one under 'preferences'")
         )
     out: list[Preference] = []
     first: dict[str, int] = {}  # lower-cased name -> index of the entry that has it

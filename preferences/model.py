@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from personajudge.core.config import TypedErrors, validation_message
 from personajudge.core.errors import PreferenceError
@@ -59,7 +59,8 @@ class Preference(_Typed):
 
     ``description`` says what the preference means (shown in listings);
     ``instruction`` is what the encoder puts in front of the prompt. For a
-    free-text preference both are the user's text. ``examples`` are
+    free-text preference both are the user's text, and an ``instruction`` left
+    out is the ``description``, here as in a preferences file's table. ``examples`` are
     question/answer demonstrations of the preference: a base model imitates
     demonstrations far more readily than it follows an instruction line, so
     the ``exemplar`` encoder shows them (``auto`` picks it for models without
@@ -82,6 +83,13 @@ class Preference(_Typed):
     aliases: tuple[str, ...] = ()
     source: str = ""
     examples: tuple[Example, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _instruction_defaults_to_description(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "instruction" not in data and "description" in data:
+            return {**data, "instruction": data["description"]}
+        return data
 
     @field_validator("name", "description", "instruction")
     @classmethod

@@ -7,7 +7,7 @@ import json
 import sys
 
 from personajudge.bench import ALL_METHODS, DEFAULT_PROMPT, bench_views, format_table, measure_memory, run_bench
-from personajudge.core.config import MAX_SEED, RunConfig
+from personajudge.core.config import RunConfig, check_seed_span
 from personajudge.core.errors import ConfigError
 from personajudge.core.files import OutputError, check_text
 
@@ -30,8 +30,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise ConfigError("--repeats must be at least 1")
     seed = cfg.decoding.seed or 0
-    if seed + args.repeats > MAX_SEED:  # timed run r uses seed + r (the memory probe seed + 1)
-        raise ConfigError(f"--seed {seed} with --repeats {args.repeats} goes past the largest seed, {MAX_SEED}")
+    # timed run r uses seed + r (the memory probe seed + 1)
+    check_seed_span(seed, args.repeats + 1, f"--seed {seed} with --repeats {args.repeats}")
     if args.reference_max_new_tokens is not None and args.reference_max_new_tokens < 1:
         raise ConfigError(f"--reference-max-new-tokens must be at least 1, got {args.reference_max_new_tokens}")
     if args.reference_max_new_tokens is not None and args.reference_max_new_tokens > cfg.decoding.max_new_tokens:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from personajudge.batch import writes_unicode
-from personajudge.core.config import MAX_SEED, RunConfig, load_config_file, validation_message
+from personajudge.core.config import RunConfig, check_seed_span, load_config_file, validation_message
 from personajudge.core.errors import PersonaJudgeError
 from personajudge.evaluation.dimensions import parse_dimension
 from personajudge.evaluation.errors import EvalError
@@ -176,8 +176,7 @@ def spec_from_args(args: argparse.Namespace):
         raise EvalError("--samples must be at least 1")
     if args.batch_size < 1:
         raise EvalError("--batch-size must be at least 1")
-    if seed + args.samples - 1 > MAX_SEED:  # the run's seeds are seed .. seed + samples - 1
-        raise EvalError(f"--seed {seed} with --samples {args.samples} goes past the largest seed, {MAX_SEED}")
+    check_seed_span(seed, args.samples, f"--seed {seed} with --samples {args.samples}", EvalError)
     try:
         experiments = build_experiments(
             pairs=args.pair or [], prefer=args.prefer, view=args.view, objectives=args.objectives or []

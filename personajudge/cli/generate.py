@@ -13,7 +13,7 @@ from personajudge.core.files import OutputError, check_text, read_stream
 from personajudge.distributed import ReplicaPool
 
 from .options import add_run_options, config_from_args, file_path_arg
-from .ray_options import add_ray_options, ray_options_from_args
+from .ray_options import add_ray_options, ray_options_from_args, replica_flags
 
 DEFAULT_BATCH_SIZE = 8
 
@@ -87,8 +87,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ):
         if given:
             raise PersonaJudgeError(f"{flag} needs --input FILE.jsonl ({why})")
-    if args.ray is not None:
-        raise PersonaJudgeError("--ray needs --input FILE.jsonl (one prompt runs in this process)")
+    ray = (["--ray"] if args.ray is not None else []) + replica_flags(args)
+    if ray:
+        raise PersonaJudgeError(f"{', '.join(ray)} needs --input FILE.jsonl (one prompt runs in this process)")
     if args.prompt is None:
         raise PersonaJudgeError("give a prompt (or '-' to read it from stdin), or --input FILE.jsonl")
     if args.prompt == "-" and sys.stdin is None:  # `<&-`: Python leaves sys.stdin None

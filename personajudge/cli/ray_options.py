@@ -46,17 +46,20 @@ def add_ray_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def replica_flags(args: argparse.Namespace) -> list[str]:
+    """The replica flags given (``--replicas``, ``--cpus-per-replica``, ``--gpus-per-replica``): each a
+    mistake where nothing runs on Ray, to refuse rather than ignore."""
+    given = (
+        ("--replicas", args.replicas),
+        ("--cpus-per-replica", args.cpus_per_replica),
+        ("--gpus-per-replica", args.gpus_per_replica),
+    )
+    return [f for f, v in given if v is not None]
+
+
 def ray_options_from_args(args: argparse.Namespace) -> RayOptions | None:
     """None without ``--ray`` (and then the replica flags are a mistake)."""
-    extra = [
-        f
-        for f, v in (
-            ("--replicas", args.replicas),
-            ("--cpus-per-replica", args.cpus_per_replica),
-            ("--gpus-per-replica", args.gpus_per_replica),
-        )
-        if v is not None
-    ]
+    extra = replica_flags(args)
     if args.ray is None:
         if extra:
             raise PersonaJudgeError(f"{', '.join(extra)} needs --ray")

@@ -22,7 +22,7 @@ from personajudge.core.config import DecodingConfig
 from personajudge.core.errors import ConfigError, PersonaJudgeError, PersonaJudgeWarning
 from personajudge.core.files import os_error_text
 from personajudge.serve import create_app
-from personajudge.serve.app import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_VIEWS, Server
+from personajudge.serve.app import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_VIEWS, Server, check_api_key
 from personajudge.serve.bench import format_table, run_bench_serve
 
 from .options import _Parser, add_run_options, config_from_args, mark_refused
@@ -117,6 +117,11 @@ def _off_host(addresses: list[str]) -> list[str]:
     return out
 
 
+def _api_key(args: argparse.Namespace) -> str | None:
+    """``--api-key``, else ``PERSONAJUDGE_API_KEY``, else None; refused in one line when no client could send it."""
+    return check_api_key(args.api_key or os.environ.get("PERSONAJUDGE_API_KEY") or None)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _require_serve_extra()
     _check_limits(args)
@@ -126,7 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"the default preferences open {default_views} views, more than --max-views {args.max_views}")
     import uvicorn
 
-    api_key = args.api_key or os.environ.get("PERSONAJUDGE_API_KEY") or None
+    api_key = _api_key(args)  # checked before the model loads
     sockets = _bind(args.host, args.port)
     with contextlib.ExitStack() as stack:
         for sock in sockets:
@@ -330,7 +335,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     ]
     if args.max_tokens_limit is not None:
         flags.append(f"--max-tokens-limit={args.max_tokens_limit}")
-    api_key = args.api_key or os.environ.get("PERSONAJUDGE_API_KEY") or None
+    api_key = _api_key(args)
     with _terminate_as_exit():  # `kill PID`: the started server is stopped too
         rep = run_bench_serve(
             cfg,

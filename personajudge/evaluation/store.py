@@ -46,7 +46,7 @@ def _keyed_rows(path: Path, objs: list[Any], bad: int) -> tuple[list[dict[str, A
 
 def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], int]:
     """Rows of ``path`` (missing file: none) and how many bad lines were skipped; the file is untouched."""
-    return _keyed_rows(Path(path), *files.read_jsonl(path))
+    return _keyed_rows(Path(path), *files.read_jsonl(path, "evaluation rows file", EvalError))
 
 
 class JsonlStore:

@@ -248,6 +248,21 @@ def map_error(
     return APIError(500, f"internal error: {type(err).__name__}: {msg}", "server_error")
 
 
+def check_api_key(key: str | None) -> str | None:
+    """``key`` when a client can send it (None: no key), else a :class:`ConfigError` that never shows it.
+
+    A client sends the key in ``Authorization: Bearer <key>``: a header carries no line break or other
+    control character, Starlette reads its bytes as Latin-1 (so a non-ASCII key never compares equal
+    to what arrives), and the token is compared stripped. A key outside printable ASCII, or with
+    spaces around it, would start a server that answers every request 401."""
+    if key is not None and not (key.isascii() and key.isprintable() and key == key.strip()):
+        raise ConfigError(
+            "the API key (--api-key or PERSONAJUDGE_API_KEY) must be printable ASCII without surrounding "
+            "spaces: no client could send this one in an Authorization header"
+        )
+    return key
+
+
 class Server:
     """The state behind the app: the model, its engine, the metrics and the limits."""
 
@@ -271,7 +286,7 @@ class Server:
         self.definitions = [p for p in default_preferences or () if isinstance(p, Preference)]
         self.engine = pj.engine
         self.model_name = model_name
-        self.api_key = api_key or None
+        self.api_key = check_api_key(api_key or None)
         self.max_tokens_limit = max_tokens_limit
         self.request_timeout = request_timeout
         self.max_views = max_views
