@@ -127,15 +127,19 @@ def one_each(err: BaseException, n: int) -> list[BaseException]:
     or a second caller's marks overwrite the first's. A copy keeps the type, the message, the
     attributes, the cause and the traceback, so each caller raises what it would have raised alone.
     A class that cannot be rebuilt from its ``args`` (an ``__init__`` with other parameters) is
-    copied without calling ``__init__``."""
-    out = [err]
-    for _ in range(n - 1):
+    copied without calling ``__init__``; one that cannot be copied at all is shared, as before."""
+    return [err] + [_copied(err) for _ in range(n - 1)]
+
+
+def _copied(err: BaseException) -> BaseException:
+    try:
+        c = copy.copy(err)
+    except Exception:
         try:
-            c = copy.copy(err)
-        except Exception:
             c = type(err).__new__(type(err), *err.args)
             c.__dict__.update(err.__dict__)
-        c.__cause__, c.__context__ = err.__cause__, err.__context__
-        c.__suppress_context__ = err.__suppress_context__
-        out.append(c.with_traceback(err.__traceback__))
-    return out
+        except Exception:  # a ``__new__`` of its own: better shared than a second failure here
+            return err
+    c.__cause__, c.__context__ = err.__cause__, err.__context__
+    c.__suppress_context__ = err.__suppress_context__
+    return c.with_traceback(err.__traceback__)
