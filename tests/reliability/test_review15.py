@@ -120,3 +120,17 @@ def test_one_each_copies_keep_type_message_attributes_cause_and_traceback(err):
         assert e.__cause__ is err.__cause__ and e.__traceback__ is err.__traceback__
     errs[1].rows = [1]
     assert not hasattr(err, "rows")
+
+
+def test_one_each_shares_an_error_it_cannot_copy_rather_than_failing():
+    """The failure path must not fail: a class whose ``__new__`` wants its own arguments is shared."""
+
+    class Odd(Exception):
+        def __new__(cls, a, b):
+            return super().__new__(cls)
+
+        def __init__(self, a, b):
+            super().__init__(f"{a} and {b}")
+
+    err = Odd(1, 2)
+    assert one_each(err, 3) == [err, err, err]
