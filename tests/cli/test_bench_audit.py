@@ -8,6 +8,7 @@ import json
 import warnings
 
 import pytest
+from refuse import refuse_calls
 
 import personajudge.bench as bench
 from personajudge.bench import host as host_bench
@@ -20,10 +21,7 @@ BENCH = ["bench", "--backend", "toy", "--max-new-tokens", "6", "--repeats", "1",
 
 @pytest.fixture
 def no_load(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("the model was loaded before the mistake was reported")
-
-    monkeypatch.setattr(bench, "PersonaJudge", refuse)
+    refuse_calls(monkeypatch, bench, "PersonaJudge", "the model was loaded before the mistake was reported")
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 from cli_lines import one_line, run_main
+from refuse import refuse_calls
 
 import personajudge.cli.bench as bench_cli
 from personajudge.core.config import build_config
@@ -27,10 +28,7 @@ GENERATE = ["generate", *TOY, "--max-new-tokens", "4", "-q"]
 def no_bench_run(monkeypatch):
     """The bench must be refused before it runs: running it fails the test."""
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("the bench ran before the bad input was refused")
-
-    monkeypatch.setattr(bench_cli, "run_bench", refuse)
+    refuse_calls(monkeypatch, bench_cli, "run_bench", "the bench ran before the bad input was refused")
 
 
 # -- A: bench --prompt ------------------------------------------------------------------------------
@@ -112,10 +110,7 @@ def no_bench_serve_run(monkeypatch):
     pytest.importorskip("httpx")
     import personajudge.cli.serve as serve_cli
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("bench-serve ran before the bad input was refused")
-
-    monkeypatch.setattr(serve_cli, "run_bench_serve", refuse)
+    refuse_calls(monkeypatch, serve_cli, "run_bench_serve", "bench-serve ran before the bad input was refused")
 
 
 BENCH_SERVE = ["bench-serve", *TOY, "--requests", "20", "--concurrency", "1,16"]  # both limits raised: notes due

@@ -7,6 +7,7 @@ import sys
 import warnings
 
 import pytest
+from refuse import refuse_calls
 
 import personajudge as pj
 from personajudge.cli import main
@@ -59,10 +60,7 @@ def test_one_shot_generate_and_stream_agree():
 def test_one_shot_calls_refuse_their_arguments_before_loading_the_model(monkeypatch, call, kwargs, error, needle):
     import personajudge.api as api
 
-    def no_load(*a, **k):
-        raise AssertionError("the model was loaded before the call's arguments were checked")
-
-    monkeypatch.setattr(api, "load_backend", no_load)
+    refuse_calls(monkeypatch, api, "load_backend", "the model was loaded before the call's arguments were checked")
     with pytest.raises(error, match=needle):
         out = getattr(pj, call)("hi", config=TOY, **kwargs)
         list(out) if call == "stream" else None

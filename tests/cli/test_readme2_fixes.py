@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from cli_lines import one_line, run_main
 from own_preferences import PIRATE
+from refuse import refuse_calls
 
 import personajudge as pj
 from personajudge.cli import main
@@ -193,10 +194,7 @@ def test_bench_serve_refuses_the_flags_each_request_overrides(flag, capsys, monk
     pytest.importorskip("uvicorn")
     import personajudge.serve.bench as serve_bench
 
-    def refuse(*a, **k):
-        raise AssertionError("the bench ran although a flag it ignores was given")
-
-    monkeypatch.setattr(serve_bench, "direct_row", refuse)
+    refuse_calls(monkeypatch, serve_bench, "direct_row", "the bench ran although a flag it ignores was given")
     code, _, err = run_main(["bench-serve", "--backend", "toy", "--requests", "2", "--concurrency", "1", *flag], capsys)
     one_line(code, err, "--max-tokens", "request i uses seed i", flag[0])
 

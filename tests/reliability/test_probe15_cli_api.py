@@ -30,6 +30,7 @@ from types import SimpleNamespace
 
 import pytest
 from cli_lines import one_line, run_main
+from refuse import refuse_calls
 
 import personajudge.cli.generate as cli_generate
 from personajudge.api import PersonaJudge
@@ -46,10 +47,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:method 'persona-judge' with a si
 def no_model(monkeypatch):
     """``generate`` must refuse before it loads a model: constructing one fails the test."""
 
-    def loaded(*args, **kwargs):
-        raise AssertionError("the model was loaded before the mistake was reported")
-
-    monkeypatch.setattr(cli_generate, "PersonaJudge", loaded)
+    refuse_calls(monkeypatch, cli_generate, "PersonaJudge", "the model was loaded before the mistake was reported")
 
 
 def _jsonl(path: Path, *rows: dict) -> str:

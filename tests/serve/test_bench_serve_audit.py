@@ -12,6 +12,7 @@ import sys
 
 import pytest
 from fake_openai import MODEL, fake_server
+from refuse import refuse_calls
 from serve_helpers import free_port
 
 pytest.importorskip("httpx")
@@ -30,10 +31,7 @@ BENCH = ["bench-serve", "--backend", "toy", "--requests", "2", "--max-tokens", "
 def no_direct_row(monkeypatch):
     """The direct row must not run before a flag or URL problem is found."""
 
-    def refuse(*a, **k):
-        raise AssertionError("the direct row ran before the bad input was reported")
-
-    monkeypatch.setattr(serve_bench, "direct_row", refuse)
+    refuse_calls(monkeypatch, serve_bench, "direct_row", "the direct row ran before the bad input was reported")
 
 
 # F: bounded client

@@ -14,6 +14,7 @@ import sys
 import uuid
 
 import pytest
+from refuse import refuse_calls
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -376,10 +377,7 @@ def no_work(monkeypatch):
     """Nothing may run before the flags are checked."""
     import personajudge.cli.serve as cli_serve
 
-    def refuse(*a, **k):
-        raise AssertionError("the bench ran before the bad flag was reported")
-
-    monkeypatch.setattr(cli_serve, "run_bench_serve", refuse)
+    refuse_calls(monkeypatch, cli_serve, "run_bench_serve", "the bench ran before the bad flag was reported")
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 
 from cli_lines import one_line, run_main  # noqa: E402
+from refuse import refuse_calls  # noqa: E402
 from serve_helpers import in_process_server  # noqa: E402
 
 import personajudge.cli.serve as cli_serve  # noqa: E402
@@ -32,10 +33,7 @@ BAD = ["x\ny", "tab\tkey", " padded", "padded ", "clé", "\x00", "emoji🙂"]
 
 @pytest.fixture
 def no_model(monkeypatch):
-    def loaded(*a, **kw):
-        raise AssertionError("the model was loaded before the key was checked")
-
-    monkeypatch.setattr(cli_serve, "PersonaJudge", loaded)
+    refuse_calls(monkeypatch, cli_serve, "PersonaJudge", "the model was loaded before the key was checked")
 
 
 @pytest.mark.parametrize("key", BAD)
