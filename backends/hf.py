@@ -34,6 +34,7 @@ loads take seconds. With no model, the embedded Gemma 3 270M GGUF is used.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import hashlib
@@ -44,6 +45,7 @@ import os
 import shutil
 import socket
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -860,6 +862,30 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def cudagraph_thread_ready(torch: Any) -> None:
+    """Give the calling thread CUDA-graph trees' per-thread state, as torch 2.13 does by itself.
+
+    Inductor keeps its CUDA-graph trees in thread-local state that torch before 2.13 sets up only
+    in the thread that imported ``torch._inductor.cudagraph_trees`` (and the autograd threads it
+    starts): a CUDA-graph step first run from any other thread fails on a bare ``AssertionError``
+    (pytorch#123177). The engine runs every step on its own thread, so on an H200 with torch 2.11
+    the compiled step fell back to eager for good. This sets the state up as torch 2.13's
+    ``_initialize_tls`` does: each thread then records and replays its own trees. Called before
+    each CUDA-graph call; once set up it costs two attribute checks. Nothing to do before the
+    module is imported: the compile that imports it sets up its own thread.
+    """
+    trees = sys.modules.get("torch._inductor.cudagraph_trees")
+    if trees is None:
+        return
+    local = trees.local
+    if hasattr(local, "tree_manager_containers") or torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    local.tree_manager_containers = {}
+    local.tree_manager_locks = collections.defaultdict(threading.Lock)
+    torch._C._stash_obj_in_tls("tree_manager_containers", local.tree_manager_containers)
+    torch._C._stash_obj_in_tls("tree_manager_locks", local.tree_manager_locks)
+
+
 class CompiledKernel:
     """``torch.compile(fn)`` that turns into ``fn`` for good when compiling or running it fails.
 
@@ -890,6 +916,8 @@ class CompiledKernel:
     def __call__(self, *args):
         if self.compiled is not None:
             try:
+                if self.clone_outputs:
+                    cudagraph_thread_ready(self.torch)
                 if self.calls:
                     out = self.compiled(*args)
                 else:
@@ -1424,6 +1452,7 @@ class HFBackend(Backend):
             torch = self.torch
             try:
                 if self.compile_mode == "reduce-overhead" or self.compile_backend == "cudagraphs":
+                    cudagraph_thread_ready(torch)  # the engine's thread, on torch < 2.13
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are copied out
                 return self._compiled(input_ids, position_ids, cache, keep).clone()
             except torch.cuda.OutOfMemoryError:

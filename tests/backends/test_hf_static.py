@@ -17,6 +17,7 @@ shape per query length. These tests pin what can be checked without a GPU:
 from __future__ import annotations
 
 import random
+import threading
 import warnings
 
 import pytest
@@ -339,6 +340,101 @@ def test_cuda_graphs_give_the_dynamic_caches_logits(dirs, arch):
             torch.testing.assert_close(y, x, atol=2e-3, rtol=2e-3)
     assert graphs.compile_fallback is None
     assert int(counters["inductor"]["cudagraph_skips"]) == skips  # the graphs were not skipped
+
+
+def _in_thread(fn, name: str):
+    """``fn()`` run in a new thread named ``name``; its result, or its exception raised here."""
+    box: dict = {}
+
+    def body():
+        try:
+            box["out"] = fn()
+        except BaseException as err:  # re-raised in the calling thread
+            box["err"] = err
+
+    t = threading.Thread(target=body, name=name)
+    t.start()
+    t.join()
+    if "err" in box:
+        raise box["err"]
+    return box["out"]
+
+
+def test_a_fresh_thread_gets_cudagraph_trees_state():
+    """``cudagraph_thread_ready`` gives a thread that did not import inductor's CUDA-graph trees their state.
+
+    torch before 2.13 asserts (a bare AssertionError) when a CUDA-graph step is first recorded in such a
+    thread -- the engine's -- and the compiled step ran eager (seen on an H200 with torch 2.11). Each
+    thread gets its own containers, as torch 2.13's ``_initialize_tls`` gives it."""
+    import torch._inductor.cudagraph_trees as trees
+
+    from personajudge.backends.hf import cudagraph_thread_ready
+
+    mine = trees.get_container(0)  # this thread imported the module: its own state
+
+    def body():
+        before = hasattr(trees.local, "tree_manager_containers")
+        cudagraph_thread_ready(torch)
+        after = hasattr(trees.local, "tree_manager_containers") and torch._C._is_key_in_tls("tree_manager_locks")
+        cudagraph_thread_ready(torch)  # set up once: a second call keeps the same containers
+        return before, after, trees.get_container(0)
+
+    before, after, theirs = _in_thread(body, "fresh")
+    assert (before, after) == (False, True)
+    assert theirs is not mine and trees.get_container(0) is mine
+
+
+def test_the_engine_thread_is_made_ready_before_each_graph_step(dirs, monkeypatch):
+    """With ``compile="reduce-overhead"`` every compiled step prepares the thread it runs on first."""
+    import torch._inductor.cudagraph_trees as trees
+
+    from personajudge.backends import hf
+
+    seen = []
+    real = hf.cudagraph_thread_ready
+
+    def spy(t):
+        real(t)
+        seen.append((threading.current_thread().name, hasattr(trees.local, "tree_manager_containers")))
+
+    monkeypatch.setattr(hf, "cudagraph_thread_ready", spy)
+    backend = load(dirs["llama"], TRACED | {"compile": "reduce-overhead", "max_cache_len": 256})
+    compiled_steps = []
+    run_step = backend.run_step
+
+    def counted(*args, **kw):
+        compiled_steps.append(kw.get("compiled"))
+        return run_step(*args, **kw)
+
+    backend.run_step = counted
+    cfg = {"backend": {"name": "hf"}, "preferences": ["concise", "humor"]}
+    with PersonaJudge(cfg, backend=backend) as pj:
+        assert pj.generate("Why is the sky blue?", max_new_tokens=8, seed=1).stats.tokens == 8
+    assert backend.compile_fallback is None
+    assert len(seen) == compiled_steps.count(True) > 0
+    assert set(seen) == {("personajudge-engine", True)}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+def test_cuda_graphs_record_in_a_thread_that_did_not_import_them(dirs):
+    """The engine's case: inductor's CUDA-graph trees imported in this thread, the graphs recorded in another.
+
+    On torch 2.11 this fell back to eager (``AssertionError`` in ``cudagraph_trees.get_obj``) until the
+    step prepared its thread (``cudagraph_thread_ready``)."""
+    import torch._inductor.cudagraph_trees  # noqa: F401  (imported here, in the main thread)
+
+    cuda = {"compile": "reduce-overhead", "max_cache_len": 96}
+    dynamic = HFBackend(BackendConfig(name="hf", model=dirs["llama"], device="cuda"))
+    graphs = HFBackend(BackendConfig(name="hf", model=dirs["llama"], device="cuda", options=cuda))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PersonaJudgeWarning)
+        want = run_script(dynamic, 1)
+        got = _in_thread(lambda: run_script(graphs, 1), "not-the-importer")
+    for a, b in zip(want, got):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(y, x, atol=2e-3, rtol=2e-3)
+    assert graphs.compile_fallback is None
 
 
 def test_sampling_runs_under_inference_mode(dirs, monkeypatch):
