@@ -77,9 +77,9 @@ bench: install
 # device call must name it (carry: [".whl"]); without it the check stops at once, saying so (exit 2).
 # There: `make gpu-check GPU_OUT=DIR` installs them and the project with --no-index, runs what the issue needs
 # (targets on 1B and 7B, the CUDA tests, persona-judge-base on 1B, the CUDA-graph tests, the compiled step on
-# 1B), then the rest while its 450 s budget lasts, and writes DIR/gpu_check.* (exit 0: all that is needed ran
+# 1B), then the rest while its 465 s budget lasts, and writes DIR/gpu_check.* (exit 0: all that is needed ran
 # and passed; 1: something failed; 2: could not start; 3: a needed step not run for time; 4: a compiled step
-# fell back to eager or replayed no CUDA graphs). Device call: timeout_s 510 (README "GPU check": Budget).
+# fell back to eager or replayed no CUDA graphs). Device call: timeout_s 525 (README "GPU check": Budget).
 GPU_PYTHON     ?= 3.12
 GPU_WHEELS_DIR ?= .whl
 GPU_WHEELS     ?= pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
