@@ -98,8 +98,12 @@ def check_path(
     error: type[PersonaJudgeError],
     kind: Literal["file", "dir"] = "file",
 ) -> str:
-    """``value`` as a string, or ``error("<what>: <why>")`` when :func:`path_problem` refuses it."""
-    text = os.fspath(value)
+    """``value`` as a string, or ``error("<what>: <why>")`` when :func:`path_problem` refuses it
+    or it is no path at all (``None``, a number: ``os.fspath``'s bare ``TypeError`` otherwise)."""
+    try:
+        text = os.fspath(value)
+    except TypeError:
+        raise error(f"{what}: expected a path (str or os.PathLike), got {type(value).__name__}") from None
     problem = path_problem(text, kind)
     if problem is not None:
         raise error(f"{what}: {problem}")

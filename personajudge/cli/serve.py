@@ -30,6 +30,9 @@ from .options import _Parser, add_run_options, config_from_args, mark_refused
 #: serve's defaults; bench-serve raises them (and says so) when they are not given
 SERVE_MAX_BATCH = 8
 SERVE_MAX_QUEUE = 64
+#: bench-serve's most requests per concurrency level: a load test is bounded, and the queue default
+#: (``max(SERVE_MAX_QUEUE, --requests)``) and the kept latencies grow with it
+BENCH_MAX_REQUESTS = 10_000
 
 SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
 #: bench-serve also talks to the server over HTTP (httpx, in the ``serve`` extra too)
@@ -291,6 +294,10 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     # every refusal before the first line of output (the notes below) and before any work
     if args.requests < 1:
         raise ConfigError("--requests must be at least 1")
+    if args.requests > BENCH_MAX_REQUESTS:
+        raise ConfigError(
+            f"--requests must be at most {BENCH_MAX_REQUESTS} (per concurrency level), got {args.requests}"
+        )
     if args.max_tokens < 1:  # checked here, before the direct row runs, in the flag's name
         raise ConfigError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if args.max_tokens > MAX_NEW_TOKENS:
@@ -535,7 +542,9 @@ def register(sub) -> None:
         "checked (GET /models) before any work. --request-timeout then bounds each request on the client's side",
     )
     b.add_argument("--concurrency", default="1,4,16", help="client concurrency levels (default 1,4,16)")
-    b.add_argument("--requests", type=int, default=16, help="requests per level (default 16)")
+    b.add_argument(
+        "--requests", type=int, default=16, help=f"requests per level (default 16, at most {BENCH_MAX_REQUESTS})"
+    )
     b.add_argument("--max-tokens", dest="max_tokens", type=int, default=64, help="max_tokens per request (default 64)")
     b.add_argument(
         "--no-direct",
