@@ -211,6 +211,7 @@ STEPS: dict[str, tuple[str, float]] = {
     "bench": ("targets", 0.3),  # plain generate against persona-judge
     "memory": ("targets", 0.1),
     "batch": ("targets", 0.2),
+    "profile": ("targets", 0.03),  # where a step's host and device time go, when a target is missed (host_profile)
     "bench_extra": ("base", 0.2),  # persona-judge-base and the step costs (no ceiling run: no time for it)
     "views_3": ("views", 0.15),
 }
@@ -786,6 +787,111 @@ def batch_speed(backend, cfg, n: int, max_new_tokens: int) -> dict[str, Any]:
     return out
 
 
+def host_profile(backend, steps: int = 12) -> dict[str, Any]:
+    """Where a persona-judge step's time goes: the engine's batched path, one request, in this thread.
+
+    The H200's first run (2026-11-28) found about 9 ms a token outside the forward on 7B (5 on 1B)
+    with eager steps, host-bound. The eager judge is 144 dispatched ops a step, whatever the row
+    count, so about 100 kernel launches: not all of it. This steps the request that the engine would
+    (``StepDriver`` + ``BatchedJudge``, the sync test's set-up) three times over ``steps`` steps:
+    timed, under ``cProfile`` (the host's functions), and under ``torch.profiler`` (the device's busy
+    time and the kernel launches per step)."""
+    import cProfile
+    import pstats
+
+    import numpy as np
+    import torch
+
+    from personajudge.core.batched import BatchedJudge, judge_rows
+    from personajudge.core.decoding import DecodeRequest, StepDriver
+    from personajudge.core.result import Stats
+    from personajudge.core.stopping import Emitter
+    from personajudge.core.transforms import SamplingParams
+
+    tok = backend.tokenizer
+    req = DecodeRequest(
+        contexts=[tok.encode(p) for p in PROMPTS[:2]],
+        params=SamplingParams(temperature=0.7, top_k=20, top_p=0.9),
+        lam=4,
+        rng=np.random.default_rng(0),
+        emitter=Emitter(tok, max_new_tokens=1_000_000),
+        context_length=backend.context_length,
+        roles="alternate",
+        schedule="interleaved",
+        stats=Stats(),
+    )
+    session = backend.open(2)
+    out: dict[str, Any] = {"steps": steps}
+    try:
+        driver = StepDriver(session)
+        driver.add_row(0, BatchedJudge(backend.compile_kernel(judge_rows)), req, [0, 1])
+
+        def run() -> tuple[float, int]:
+            _sync()
+            before, t0 = len(req.emitter.tokens), time.perf_counter()
+            for _ in range(steps):
+                driver.step()
+            _sync()
+            return time.perf_counter() - t0, len(req.emitter.tokens) - before
+
+        run()  # the prompts and warm-up
+        wall, tokens = run()
+        out.update(ms_per_step=1e3 * wall / steps, tokens=tokens, ms_per_token=1e3 * wall / max(tokens, 1))
+        prof = cProfile.Profile()
+        prof.enable()
+        run()
+        prof.disable()
+        st = pstats.Stats(prof)
+        cum = {(Path(f).name, fn): ct for (f, _line, fn), (_cc, _nc, _tt, ct, _callers) in st.stats.items()}  # type: ignore[attr-defined]
+        parts = {"step": ("decoding.py", "step"), "forward": ("hf.py", "_forward_many")}
+        parts["judge"] = ("batched.py", "advance")
+        out["host_ms_per_step"] = {k: 1e3 * cum.get(key, 0.0) / steps for k, key in parts.items()}
+        rows = sorted(st.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:15]  # type: ignore[attr-defined]
+        out["host_top_self_ms_per_step"] = [
+            {"function": f"{Path(f).name}:{line}({fn})", "self_ms": 1e3 * tt / steps, "cum_ms": 1e3 * ct / steps}
+            for (f, line, fn), (_cc, _nc, tt, ct, _callers) in rows
+        ]
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=acts) as tp:
+            run()
+        events = tp.key_averages()
+        device_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
+        launches = sum(e.count for e in events if e.key.startswith(("cudaLaunch", "cuLaunch")))
+        out.update(device_busy_ms_per_step=device_us / 1e3 / steps, kernel_launches_per_step=launches / steps)
+        out["aten_ops_per_step"] = sum(e.count for e in events if e.key.startswith("aten::")) / steps
+        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+        out["ops_top_self_cpu_ms_per_step"] = [
+            {"op": e.key, "calls_per_step": e.count / steps, "self_cpu_ms": e.self_cpu_time_total / 1e3 / steps}
+            for e in top
+        ]
+    finally:
+        session.close()
+    return out
+
+
+def _profile_lines(rep: dict[str, Any]) -> list[str]:
+    """The report's lines for each shape's :func:`host_profile`: where a step's time went."""
+    lines = []
+    for row in rep.get("shapes", []):
+        pr = row.get("profile") or {}
+        if "ms_per_step" not in pr:
+            continue
+        host = pr.get("host_ms_per_step") or {}
+        top = ", ".join(f"{t['function']} {t['self_ms']:.2f}" for t in pr.get("host_top_self_ms_per_step", [])[:5])
+        lines += [
+            f"Host profile, {row['shape']} (one request, {pr['steps']} steps, eager judge path): "
+            f"{pr['ms_per_step']:.2f} ms a step, {pr['ms_per_token']:.2f} ms a token; under cProfile the step "
+            f"{_fmt(host.get('step'), '.2f')} ms, of which the forward {_fmt(host.get('forward'), '.2f')} and the "
+            f"judge {_fmt(host.get('judge'), '.2f')}; device busy {pr['device_busy_ms_per_step']:.2f} ms, "
+            f"{pr['kernel_launches_per_step']:.0f} kernel launches and {pr['aten_ops_per_step']:.0f} aten ops a "
+            f"step. Most host time (self ms a step): {top}.",
+            "",
+        ]
+    return lines
+
+
 def kv_bytes_per_view(backend, prompt_tokens: int, new_tokens: int, lam: int) -> int:
     """KV-cache bytes of one view (row), replaying the cache's capacity rule (``backends/hf.py``)."""
     model = backend.model
@@ -1042,6 +1148,8 @@ class Shapes:
                 methods=["persona-judge-base"],
                 ceiling_run=False,
             )
+        if name == "profile":
+            return host_profile(backend)
         if name == "views_3":
             methods = ["persona-judge"]
             return run_bench(
@@ -1276,6 +1384,7 @@ def markdown(rep: dict[str, Any]) -> str:
         "difference of about 1e-2 and, with random weights, an argmax that differs at a near-tie are expected "
         "(float32 on the CPU: below 1e-3, the same argmax).",
         "",
+        *_profile_lines(rep),
         "Static cache and compiled steps (`cache_implementation=static`, `compile`), a fresh copy of the weights:",
         "",
         "| shape | options | generate tok/s | persona-judge | × | compile |",

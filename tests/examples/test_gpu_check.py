@@ -78,10 +78,20 @@ def test_gpu_check_rehearsal_on_the_cpu(tmp_path):
         assert row["memory"]["rows_1_view"] == 1 and row["memory"]["rows_2_view"] == 2
         assert not any(k.startswith("peak") for k in row["memory"])
         assert row["backend"]["device"] == "cpu" and row["backend"]["model"] == f"synthetic:{row['shape']}"
+        # the host profile: one request on the engine's batched path, timed, then under both profilers
+        pr = row["profile"]
+        assert pr["steps"] == 12 and pr["tokens"] >= 12 and pr["ms_per_step"] > 0  # a token or more a step
+        host = pr["host_ms_per_step"]
+        assert 0 < host["judge"] < host["step"] and 0 < host["forward"] < host["step"]
+        assert host["forward"] + host["judge"] <= host["step"]  # both inside the driver's step
+        assert pr["aten_ops_per_step"] > 144  # the judge's own 144, plus the forward's
+        assert pr["kernel_launches_per_step"] == 0 and pr["device_busy_ms_per_step"] == 0  # no GPU
+        assert pr["host_top_self_ms_per_step"] and pr["ops_top_self_cpu_ms_per_step"]
     md = (tmp_path / "gpu_check.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| tiny-")]
     assert sum(" B | " in line for line in rows) == 2 and sum("True/eager" in line for line in rows) == 2  # 2 tables
-    assert sum(line.endswith("| ok |") for line in md.splitlines()) == len(rep["plan"]) == 16  # the plan's steps
+    assert sum(line.endswith("| ok |") for line in md.splitlines()) == len(rep["plan"]) == 18  # the plan's steps
+    assert md.count("Host profile, tiny-") == 2 and "kernel launches" in md
     assert "Targets (issue 17)" in md
     assert "cache Δ / argmax" in md and "/ same |" in md  # the cache check, shown
     assert "graphs: 0 recorded, 0 replayed, 0 skipped (no CUDA graphs on a CPU)" in md  # said so, not failed
@@ -306,7 +316,11 @@ def test_the_steps_run_in_the_plan_s_order(watched):
     assert kinds[6:] == ["base tiny-gemma3", "compiled tiny-gemma3", "base tiny-qwen2", "compiled tiny-qwen2"]
     required = [r["step"] for r in rep["plan"] if r["required"]]
     assert required == [
-        *(f"{s}.{n}" for s in ("tiny-gemma3", "tiny-qwen2") for n in ("cache_check", "bench", "memory", "batch")),
+        *(
+            f"{s}.{n}"
+            for s in ("tiny-gemma3", "tiny-qwen2")
+            for n in ("cache_check", "bench", "memory", "batch", "profile")
+        ),
         "tiny-gemma3.bench_extra",
         "tiny-gemma3.compiled",
     ]
