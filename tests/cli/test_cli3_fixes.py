@@ -197,7 +197,9 @@ def _bench_serve(tmp_path: Path, wait_for: str) -> tuple[subprocess.Popen, int]:
     """A toy bench-serve with a long level, once its stderr shows ``wait_for``; (process, server pid)."""
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    cmd = [*PJ, "bench-serve", *TOY, "--no-direct", "--requests", "100000", "--max-tokens", "64"]
+    from personajudge.cli.serve import BENCH_MAX_REQUESTS  # the most bench-serve takes: a long level
+
+    cmd = [*PJ, "bench-serve", *TOY, "--no-direct", "--requests", str(BENCH_MAX_REQUESTS), "--max-tokens", "64"]
     cmd += ["--concurrency", "1"]
     proc = _interruptible(cmd)
     assert proc.stderr is not None
