@@ -799,27 +799,17 @@ def host_profile(backend, steps: int = 12) -> dict[str, Any]:
     import cProfile
     import pstats
 
-    import numpy as np
     import torch
 
+    from personajudge.bench.host import endless_request
     from personajudge.core.batched import BatchedJudge, judge_rows
-    from personajudge.core.decoding import DecodeRequest, StepDriver
-    from personajudge.core.result import Stats
-    from personajudge.core.stopping import Emitter
+    from personajudge.core.decoding import StepDriver
     from personajudge.core.transforms import SamplingParams
 
     tok = backend.tokenizer
-    req = DecodeRequest(
-        contexts=[tok.encode(p) for p in PROMPTS[:2]],
-        params=SamplingParams(temperature=0.7, top_k=20, top_p=0.9),
-        lam=4,
-        rng=np.random.default_rng(0),
-        emitter=Emitter(tok, max_new_tokens=1_000_000),
-        context_length=backend.context_length,
-        roles="alternate",
-        schedule="interleaved",
-        stats=Stats(),
-    )
+    params = SamplingParams(temperature=0.7, top_k=20, top_p=0.9)
+    contexts = [tok.encode(p) for p in PROMPTS[:2]]
+    req = endless_request(tok, contexts, seed=0, lam=4, params=params, context_length=backend.context_length)
     session = backend.open(2)
     out: dict[str, Any] = {"steps": steps}
     try:
@@ -841,15 +831,20 @@ def host_profile(backend, steps: int = 12) -> dict[str, Any]:
         prof.enable()
         run()
         prof.disable()
-        st = pstats.Stats(prof)
-        cum = {(Path(f).name, fn): ct for (f, _line, fn), (_cc, _nc, _tt, ct, _callers) in st.stats.items()}  # type: ignore[attr-defined]
-        parts = {"step": ("decoding.py", "step"), "forward": ("hf.py", "_forward_many")}
-        parts["judge"] = ("batched.py", "advance")
+        # (file, line, function) -> (primitive calls, calls, self seconds, cumulative seconds, callers)
+        rows = [
+            (Path(f).name, line, fn, tt, ct) for (f, line, fn), (_, _, tt, ct, _) in pstats.Stats(prof).stats.items()
+        ]
+        cum = {(name, fn): ct for name, _, fn, _, ct in rows}
+        parts = {
+            "step": ("decoding.py", "step"),
+            "forward": ("hf.py", "_forward_many"),
+            "judge": ("batched.py", "advance"),
+        }
         out["host_ms_per_step"] = {k: 1e3 * cum.get(key, 0.0) / steps for k, key in parts.items()}
-        rows = sorted(st.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:15]  # type: ignore[attr-defined]
         out["host_top_self_ms_per_step"] = [
-            {"function": f"{Path(f).name}:{line}({fn})", "self_ms": 1e3 * tt / steps, "cum_ms": 1e3 * ct / steps}
-            for (f, line, fn), (_cc, _nc, tt, ct, _callers) in rows
+            {"function": f"{name}:{line}({fn})", "self_ms": 1e3 * tt / steps, "cum_ms": 1e3 * ct / steps}
+            for name, line, fn, tt, ct in sorted(rows, key=lambda r: r[3], reverse=True)[:15]
         ]
         acts = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():

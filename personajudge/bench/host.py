@@ -77,19 +77,27 @@ class StubSession(Session):
         pass
 
 
+def endless_request(
+    tok: Any, contexts: list[list[int]], *, seed: int, lam: int, params: SamplingParams, context_length: int = 1 << 30
+) -> DecodeRequest:
+    """A Persona-judge request (interleaved, alternating roles) with no token limit: it runs until its
+    timer stops stepping it. Also the GPU check's host profile (``examples/gpu_check.py``)."""
+    return DecodeRequest(
+        contexts=contexts,
+        params=params,
+        lam=lam,
+        rng=np.random.default_rng(seed),
+        emitter=Emitter(tok, max_new_tokens=1 << 30),
+        context_length=context_length,
+        roles="alternate",
+        stats=Stats(),
+    )
+
+
 def _requests(batch: int, vocab: int, lam: int, params: SamplingParams) -> list[DecodeRequest]:
     tok = _Tokenizer(vocab)
     return [
-        DecodeRequest(
-            contexts=[[1 + (i + v) % 26] * 8 for v in range(2)],
-            params=params,
-            lam=lam,
-            rng=np.random.default_rng(i),
-            emitter=Emitter(tok, max_new_tokens=1 << 30),
-            context_length=1 << 30,
-            roles="alternate",
-            stats=Stats(),
-        )
+        endless_request(tok, [[1 + (i + v) % 26] * 8 for v in range(2)], seed=i, lam=lam, params=params)
         for i in range(batch)
     ]
 
