@@ -790,7 +790,7 @@ def batch_speed(backend, cfg, n: int, max_new_tokens: int) -> dict[str, Any]:
 def host_profile(backend, steps: int = 12) -> dict[str, Any]:
     """Where a persona-judge step's time goes: the engine's batched path, one request, in this thread.
 
-    The H200's first run (2026-11-28) found about 9 ms a token outside the forward on 7B (5 on 1B)
+    The H200's first run (2026-11-28) found about 9 ms a token outside the forward on 7B (12 on 1B)
     with eager steps, host-bound. The eager judge is 144 dispatched ops a step, whatever the row
     count, so about 100 kernel launches: not all of it. This steps the request that the engine would
     (``StepDriver`` + ``BatchedJudge``, the sync test's set-up) three times over ``steps`` steps:
