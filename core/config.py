@@ -24,6 +24,14 @@ from .files import check_path, read_text, unicode_problem
 MAX_SEED = 2**64 - 1
 
 
+#: ``decoding.stop``'s bounds. After every token the emitter looks for each stop string in the text and,
+#: when streaming, holds back a tail that may still grow into one (a loop over each string's prefixes), in
+#: the engine thread: an unbounded list slows every request in the batch, not only its own. The server
+#: takes OpenAI's 4 (``personajudge.serve.schemas.MAX_STOPS``); the API, the CLI and batch files take more.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+
 def check_seed_span(seed: int, count: int, what: str, error: type[Exception] = ConfigError, hint: str = "") -> None:
     """Refuse ``count`` runs seeded ``seed``, ``seed + 1``, ... (each row, sample or repeat its own) whose
     last seed passes :data:`MAX_SEED`, in one line naming ``what`` the user set (``--seed 5 with
@@ -179,9 +187,13 @@ class DecodingConfig(_Model):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: list[str]) -> list[str]:
+        if len(v) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(v)}")
         if any(s == "" for s in v):
             raise ValueError("stop strings must not be empty")
         for i, s in enumerate(v):
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"stop string {i + 1} has {len(s)} characters; at most {MAX_STOP_CHARS} are allowed")
             _check_unicode(s, f"stop string {i + 1}")
         return v
 

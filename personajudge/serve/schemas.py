@@ -15,19 +15,17 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import ErrorDetails
 
-from personajudge.core.config import DecodingConfig
+from personajudge.core.config import MAX_STOP_CHARS, DecodingConfig
 from personajudge.core.result import FinishReason
 
 #: persona-judge's finish reasons in OpenAI's vocabulary ("context": the model's window is full)
 FINISH_REASONS: dict[FinishReason, str] = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
 
 
-#: OpenAI's bounds on ``stop``: at most 4 sequences ("Up to 4 sequences where the API will stop"), each
-#: at most this many characters (a bound of ours: OpenAI names none). After every token the emitter looks
-#: for each stop string in the text and, on a stream, holds back a tail that may grow into one; it runs
-#: in the engine thread, so an unbounded list would slow every request in the batch, not only its own
+#: OpenAI's bound on ``stop``: at most 4 sequences ("Up to 4 sequences where the API will stop"), fewer than
+#: the config's ``MAX_STOP_STRINGS``; each at most the config's ``MAX_STOP_CHARS`` characters (a bound of
+#: ours: OpenAI names none), checked here to name the field as the request spelled it (a string or a list)
 MAX_STOPS = 4
-MAX_STOP_CHARS = 256
 #: OpenAI's upper bound on ``temperature`` (the Python API and the CLI take up to 100)
 MAX_TEMPERATURE = 2.0
 
