@@ -103,8 +103,10 @@ class _Model(BaseModel, metaclass=TypedErrors):
         for name, f in cls.model_fields.items():  # pydantic's lax int takes true as 1
             key = f.alias if f.alias in data else name
             value = data.get(key)
-            if isinstance(value, bool) and f.annotation in (int, int | None, float, float | None):
-                raise ValueError(f"{f.alias or name} must be a number, got {value}")
+            if isinstance(value, bool | str) and f.annotation in (int, int | None, float, float | None):
+                # and its lax number takes the string "5" as 5: a seed given as text would run, reported as
+                # the number, while the server (strict) and the CLI (argparse's int) refuse it
+                raise ValueError(f"{f.alias or name} must be a number, got {value!r}")
             if isinstance(value, numbers.Integral) and not isinstance(value, int) and f.annotation in (int, int | None):
                 # a numpy integer (rng.integers(2**63) as a seed): pydantic's lax int goes through a
                 # float, which rounds above 2**53 (another seed, reported as given) or refuses a uint64

@@ -182,7 +182,7 @@ def _seed_list(seeds: Any, n: int) -> list[int | None] | None:
         raise ConfigError(f"got {len(seeds)} seeds for {n} prompts")
     out = []
     for i, s in enumerate(seeds):
-        if isinstance(s, bool):  # pydantic's lax int takes True as 1
+        if isinstance(s, bool | str):  # pydantic's lax int takes True as 1 and "1" as 1
             raise ConfigError(f"seeds[{i}] must be an integer >= 0, got {s!r}")
         try:
             out.append(DecodingConfig.model_validate({"seed": s}).seed)

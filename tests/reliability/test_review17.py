@@ -1,4 +1,6 @@
-"""Stop strings are bounded in the API, the CLI and config files, not only on the server.
+"""Two refusals from the "noticed" list: unbounded stop strings, and numbers given as text.
+
+Stop strings are bounded in the API, the CLI and config files, not only on the server.
 
 After every token the emitter looks for each stop string in the text and, on a stream, holds back a
 tail that may still grow into one, in the engine thread that every request in the batch shares. The
@@ -86,3 +88,40 @@ def test_the_cli_refuses_in_one_line_before_the_model_loads(monkeypatch, capsys,
     argv = ["generate", "--backend", "toy", "hi"] + [a for s in stops for a in ("--stop", s)]
     code, _, err = run_main(argv, capsys)
     one_line(code, err, needle)
+
+
+# Seeds (and every number of the config) given as text are refused, as the server and the CLI refuse
+# them: pydantic's lax int took "5" as 5, so a seed from a text field ran, reported as the number.
+
+
+@pytest.mark.parametrize("seeds", [["1", "2"], [1, "2"]], ids=["both", "second"])
+def test_generate_batch_seeds_given_as_text_are_refused_naming_the_row(seeds):
+    from personajudge.api import _seed_list
+
+    bad = next(i for i, s in enumerate(seeds) if isinstance(s, str))
+    with pytest.raises(ConfigError, match=rf"^seeds\[{bad}\] must be an integer >= 0, got '{seeds[bad]}'$"):
+        _seed_list(seeds, 2)
+    assert _seed_list([1, 2], 2) == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "text", "number"),
+    [
+        ("decoding", "seed", "5", 5),
+        ("decoding", "temperature", "0.5", 0.5),
+        ("decoding", "max_new_tokens", "8", 8),
+        ("backend", "threads", "2", 2),
+    ],
+)
+def test_a_number_given_as_text_is_a_config_error_and_the_number_is_taken(section, field, text, number):
+    with pytest.raises(ConfigError, match=rf"{field} must be a number, got '{text}'$"):
+        build_config({section: {field: text}})
+    assert getattr(getattr(build_config({section: {field: number}}), section), field) == number
+
+
+def test_a_seed_given_as_text_is_refused_by_the_api_before_the_model_loads(monkeypatch):
+    import personajudge.api as api
+
+    refuse_calls(monkeypatch, api.PersonaJudge, "__init__", "the model was loaded before the mistake was reported")
+    with pytest.raises(ConfigError, match="seed must be a number, got '3'"):
+        personajudge.generate("hi", config={"backend": {"name": "toy"}}, seed="3")
