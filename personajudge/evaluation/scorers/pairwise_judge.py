@@ -42,9 +42,11 @@ is better *on that aspect only* and answers ``1``, ``2`` or ``0`` (tie).
   again, not reused). The verdict is read only from the judge's
   own output: a judge that echoes the prompt (a completion with ``echo``, a
   text-generation pipeline) has the echo cut off first (:func:`own_answer`),
-  and the backend judge encodes the judge prompt with the responses'
-  special-token text (``<end_of_turn>``, ``<eos>``) as plain text, so a
-  response cannot close the user turn and answer for the model.
+  and special-token text in a field (``<|im_end|>``, ``<end_of_turn>``,
+  ``</s>``) gets an invisible word joiner after its first character, so a
+  response cannot close the user turn and answer for the model on a server
+  that parses special tokens in what it is sent (the backend judge also
+  encodes the prompt's special-token text as plain text).
 - **Prompts for base models.** ``template="auto"`` uses an instruction for
   chat models and, for models without a chat template (and the
   ``completions`` API), a few-shot prompt whose demonstrations answer ``1``
@@ -153,7 +155,7 @@ TEMPLATES = {"instruct": INSTRUCT_TEMPLATE, "fewshot": FEWSHOT_TEMPLATE}
 #: What the judge prompt is made of besides the options (the built-in templates, and how fields are quoted),
 #: in the scorer's config hash: verdicts stored under an earlier prompt are not reused as this prompt's.
 PROMPT_FORMAT = hashlib.sha256(
-    "\0".join(("quote: tags escaped, few-shot fields one line, one pass", INSTRUCT_TEMPLATE, FEWSHOT_TEMPLATE)).encode()
+    "\0".join(("quote: tags escaped, special tokens joined, few-shot fields one line, one pass", INSTRUCT_TEMPLATE, FEWSHOT_TEMPLATE)).encode()
 ).hexdigest()[:16]
 
 #: The answer a server is held to with ``constrain=grammar`` (GBNF).
@@ -164,6 +166,17 @@ _ANSWER = re.compile(r"(?<![\d.])[012](?![\d.])")
 #: the opening ``<`` of anything that reads as one of the templates' tags, opening or closing, in any case
 #: and spacing (``</response_2>``, ``< /Response 1>``, ``<question>``)
 _TAG = re.compile(r"<(?=\s*/?\s*(?:response|question))", re.IGNORECASE)
+#: special-token text of the common chat formats: ``<|im_end|>``, ``<|eot_id|>`` (and DeepSeek's full-width
+#: ``<｜...｜>``), Gemma's ``<end_of_turn>`` / ``<eos>``, Llama 2's and Mistral's ``</s>``, ``[INST]``, ``<<SYS>>``
+_SPECIAL = re.compile(
+    r"<[|｜][^<>\s|｜]{1,64}[|｜]>"
+    r"|</?(?:s|bos|eos|pad|unk|mask|start_of_turn|end_of_turn|start_of_image|end_of_image)>"
+    r"|\[/?INST\]"
+    r"|<</?SYS>>"
+)
+#: U+2060 WORD JOINER: invisible, and no tokenizer's special token has it, so the text around it reads the same
+#: to the judge but is never parsed as the token
+_JOINER = "\u2060"
 #: the template's fields, filled in one pass
 _FIELD = re.compile(r"\{(prompt|response_1|response_2|aspect|aspect_name)\}")
 
@@ -171,9 +184,13 @@ _FIELD = re.compile(r"\{(prompt|response_1|response_2|aspect|aspect_name)\}")
 def quote(text: str, *, one_line: bool = False) -> str:
     """``text`` made safe to put between the templates' tags: every ``<`` that would open or close a tag
     (``</response_1>``) becomes ``&lt;``, so a response can neither end its own section nor open another.
+    Special-token text (``<|im_end|>``, ``<end_of_turn>``, ``</s>``, ``[INST]``) gets a word joiner after
+    its first character: an OpenAI-compatible server renders the chat template and tokenizes the result
+    with special tokens parsed (vLLM, llama.cpp), so that text would end the user's turn and let a response
+    answer for the judge. (The backend judge encodes it as text anyway; both judges see one prompt.)
     ``one_line`` (the few-shot template, whose fields end at the end of their line): every line break is
     written as the two characters ``\\n``, so a response cannot start the next field or demonstration."""
-    text = _TAG.sub("&lt;", text)
+    text = _SPECIAL.sub(lambda m: m.group()[0] + _JOINER + m.group()[1:], _TAG.sub("&lt;", text))
     return "\\n".join(text.splitlines()) if one_line else text
 
 
