@@ -151,15 +151,18 @@ def test_text_that_only_looks_a_little_like_a_special_token_is_left_alone():
 
 def test_the_prompt_format_in_the_config_hash_names_the_special_token_quoting():
     """Verdicts stored under the earlier quoting (special-token text sent as it was) are judged again."""
-    assert pairwise_judge.PROMPT_FORMAT == hashlib.sha256(
-        "\0".join(
-            (
-                "quote: tags escaped, special tokens joined, few-shot fields one line, one pass",
-                pairwise_judge.INSTRUCT_TEMPLATE,
-                pairwise_judge.FEWSHOT_TEMPLATE,
-            )
-        ).encode()
-    ).hexdigest()[:16]
+    assert (
+        pairwise_judge.PROMPT_FORMAT
+        == hashlib.sha256(
+            "\0".join(
+                (
+                    "quote: tags escaped, special tokens joined, few-shot fields one line, one pass",
+                    pairwise_judge.INSTRUCT_TEMPLATE,
+                    pairwise_judge.FEWSHOT_TEMPLATE,
+                )
+            ).encode()
+        ).hexdigest()[:16]
+    )
 
 
 def test_the_question_is_quoted_too():

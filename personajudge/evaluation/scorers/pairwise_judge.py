@@ -155,7 +155,13 @@ TEMPLATES = {"instruct": INSTRUCT_TEMPLATE, "fewshot": FEWSHOT_TEMPLATE}
 #: What the judge prompt is made of besides the options (the built-in templates, and how fields are quoted),
 #: in the scorer's config hash: verdicts stored under an earlier prompt are not reused as this prompt's.
 PROMPT_FORMAT = hashlib.sha256(
-    "\0".join(("quote: tags escaped, special tokens joined, few-shot fields one line, one pass", INSTRUCT_TEMPLATE, FEWSHOT_TEMPLATE)).encode()
+    "\0".join(
+        (
+            "quote: tags escaped, special tokens joined, few-shot fields one line, one pass",
+            INSTRUCT_TEMPLATE,
+            FEWSHOT_TEMPLATE,
+        )
+    ).encode()
 ).hexdigest()[:16]
 
 #: The answer a server is held to with ``constrain=grammar`` (GBNF).
