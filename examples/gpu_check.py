@@ -866,6 +866,16 @@ def host_profile(backend, steps: int = 12) -> dict[str, Any]:
     return out
 
 
+def _bench_ms_per_token(row: dict[str, Any]) -> float | None:
+    """Milliseconds a token of the shape's timed ``persona-judge`` row (the API and the engine, prompts
+    included), beside which the host profile's driver-only figure says whether a gap between the step
+    model and the run lies inside the step or around it; None when the bench did not run it."""
+    for r in (row.get("bench") or {}).get("results") or []:
+        if r.get("method") == "persona-judge" and r.get("tokens_per_s"):
+            return 1e3 / float(r["tokens_per_s"])
+    return None
+
+
 def _profile_lines(rep: dict[str, Any]) -> list[str]:
     """The report's lines for each shape's :func:`host_profile`: where a step's time went."""
     lines = []
@@ -875,9 +885,15 @@ def _profile_lines(rep: dict[str, Any]) -> list[str]:
             continue
         host = pr.get("host_ms_per_step") or {}
         top = ", ".join(f"{t['function']} {t['self_ms']:.2f}" for t in pr.get("host_top_self_ms_per_step", [])[:5])
+        engine = _bench_ms_per_token(row)
+        against = (
+            f" (the bench's persona-judge run, through the engine with its prompts: {engine:.2f} ms a token)"
+            if engine is not None
+            else ""
+        )
         lines += [
             f"Host profile, {row['shape']} (one request, {pr['steps']} steps, eager judge path): "
-            f"{pr['ms_per_step']:.2f} ms a step, {pr['ms_per_token']:.2f} ms a token; under cProfile the step "
+            f"{pr['ms_per_step']:.2f} ms a step, {pr['ms_per_token']:.2f} ms a token{against}; under cProfile the step "
             f"{_fmt(host.get('step'), '.2f')} ms, of which the forward {_fmt(host.get('forward'), '.2f')} and the "
             f"judge {_fmt(host.get('judge'), '.2f')}; device busy {pr['device_busy_ms_per_step']:.2f} ms, "
             f"{pr['kernel_launches_per_step']:.0f} kernel launches and {pr['aten_ops_per_step']:.0f} aten ops a "

@@ -92,6 +92,9 @@ def test_gpu_check_rehearsal_on_the_cpu(tmp_path):
     assert sum(" B | " in line for line in rows) == 2 and sum("True/eager" in line for line in rows) == 2  # 2 tables
     assert sum(line.endswith("| ok |") for line in md.splitlines()) == len(rep["plan"]) == 18  # the plan's steps
     assert md.count("Host profile, tiny-") == 2 and "kernel launches" in md
+    for row in rep["shapes"]:  # beside the bench's own persona-judge run: inside the step, or around it
+        pj = next(r for r in row["bench"]["results"] if r["method"] == "persona-judge")
+        assert f"through the engine with its prompts: {1e3 / pj['tokens_per_s']:.2f} ms a token)" in md
     assert "Targets (issue 17)" in md
     assert "cache Δ / argmax" in md and "/ same |" in md  # the cache check, shown
     assert "graphs: 0 recorded, 0 replayed, 0 skipped (no CUDA graphs on a CPU)" in md  # said so, not failed
