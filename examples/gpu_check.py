@@ -793,7 +793,8 @@ def host_profile(backend, steps: int = 12) -> dict[str, Any]:
     The H200's first run (2026-11-28) found about 9 ms a token outside the forward on 7B (12 on 1B)
     with eager steps, host-bound. The eager judge is 144 dispatched ops a step, whatever the row
     count, so about 100 kernel launches: not all of it. This steps the request that the engine would
-    (``StepDriver`` + ``BatchedJudge``, the sync test's set-up) three times over ``steps`` steps:
+    (``StepDriver`` + ``BatchedJudge``, the sync test's set-up, under the backend's decoding context as
+    in the engine's thread) three times over ``steps`` steps:
     timed, under ``cProfile`` (the host's functions), and under ``torch.profiler`` (the device's busy
     time and the kernel launches per step)."""
     import cProfile
@@ -810,9 +811,9 @@ def host_profile(backend, steps: int = 12) -> dict[str, Any]:
     params = SamplingParams(temperature=0.7, top_k=20, top_p=0.9)
     contexts = [tok.encode(p) for p in PROMPTS[:2]]
     req = endless_request(tok, contexts, seed=0, lam=4, params=params, context_length=backend.context_length)
-    session = backend.open(2)
     out: dict[str, Any] = {"steps": steps}
-    try:
+    # the engine thread steps under the backend's decoding context (inference mode): so does this
+    with backend.decoding_context(), contextlib.closing(backend.open(2)) as session:
         driver = StepDriver(session)
         driver.add_row(0, BatchedJudge(backend.compile_kernel(judge_rows)), req, [0, 1])
 
@@ -861,8 +862,6 @@ def host_profile(backend, steps: int = 12) -> dict[str, Any]:
             {"op": e.key, "calls_per_step": e.count / steps, "self_cpu_ms": e.self_cpu_time_total / 1e3 / steps}
             for e in top
         ]
-    finally:
-        session.close()
     return out
 
 
