@@ -129,12 +129,22 @@ def judge_rows(
 
     p and q are filtered in one call (2R rows) and looked up in one search:
     on a GPU the cost of a step is the number of kernels, not their rows.
+    On the host (numpy) they are filtered apart and their small supports
+    joined, since there stacking the (R, V) logits would only copy them.
     """
     xp = array_namespace(p_logits)
     r, n = p_logits.shape
-    both = row_candidates(xp.concat([p_logits, q_logits], axis=0), params)
-    p = Rows(None if both.ids is None else both.ids[:r], both.probs[:r], both.status[:r])
-    q = Rows(None if both.ids is None else both.ids[r:], both.probs[r:], both.status[r:])
+    if is_numpy_namespace(xp):
+        p, q = row_candidates(p_logits, params), row_candidates(q_logits, params)
+        both = Rows(
+            None if p.ids is None or q.ids is None else xp.concat([p.ids, q.ids], axis=0),
+            xp.concat([p.probs, q.probs], axis=0),
+            xp.concat([p.status, q.status], axis=0),
+        )
+    else:
+        both = row_candidates(xp.concat([p_logits, q_logits], axis=0), params)
+        p = Rows(None if both.ids is None else both.ids[:r], both.probs[:r], both.status[:r])
+        q = Rows(None if both.ids is None else both.ids[r:], both.probs[r:], both.status[r:])
     t = _pick(q.ids, sample_from(q.probs, u_draft))
     if p.ids is None or q.ids is None:  # dense rows: the union of the supports is the vocabulary
         at = _lookup(both, xp.concat([t, t])[:, None], n)

@@ -36,30 +36,45 @@ from .transforms import SamplingParams, _softmax, _unchecked_filtered_probs, fil
 Array = Any
 
 
+#: the numpy top-k samples every ``_STRIDE``-th logit of a row to guess its threshold
+_STRIDE = 32
+
+
+def _np_above_guess(z: np.ndarray, k: int) -> list[np.ndarray | None]:
+    """Per row of ``z`` (R, V), the ids of the entries at or above a threshold guessed from a sample;
+    None where the whole row must be partitioned instead.
+
+    A partition of a 262k vocabulary costs ~1 ms a row (~30 ms for a batched step's 32 rows), yet
+    only the top few dozen entries matter. The ``j``-th largest of every ``_STRIDE``-th entry has
+    about ``j * _STRIDE`` entries of the row above it, and ``j`` is chosen so that fewer than ``k``
+    is vanishingly unlikely unless the row's top entries sit on the sampled ids. Either way the
+    result is exact: when at least ``k`` entries reach the guess, the ``k`` largest and every tie
+    with the ``k``-th are among them (the ``k``-th largest is >= the guess); when fewer do -- or
+    the guess is NaN, which no entry reaches -- the row gets None. What the guess decides is
+    only how much is partitioned afterwards, never which entries win.
+    """
+    r, n = z.shape
+    j = 4 * k // _STRIDE + 16
+    sample = z[:, ::_STRIDE]
+    m = sample.shape[1]
+    if m < 8 * j:  # a small vocabulary: partitioning it outright costs about as much as the guess
+        return [None] * r
+    guess = np.partition(sample, m - j, axis=-1)[:, m - j]
+    out: list[np.ndarray | None] = []
+    for row, g in zip(z, guess):
+        cand = np.flatnonzero(row >= g)
+        out.append(cand if cand.size >= k else None)
+    return out
+
+
 def _top_k_ids(xp, z: Array, k: int) -> Array:
     """Indices of every entry >= the k-th largest value (ties at the boundary kept, like the dense mask)."""
     n = z.shape[-1]
     if is_numpy_namespace(xp):
-        import numpy as np
-
-        # A full partition of a 262k vocabulary costs ~2 ms; the top entries sit close to the
-        # maximum, so partition only the entries within `delta` of it: widen while fewer than k
-        # fit, narrow while the band is so wide that partitioning it would cost as much.
-        m = float(z.max())
-        if not math.isfinite(m):  # NaN propagates through max
+        if not math.isfinite(float(z.max())):  # NaN propagates through max
             raise not_finite_error()
-        lo, hi, delta = 0.0, math.inf, 4.0
-        for _ in range(40):
-            cand = np.flatnonzero(z >= m - delta)
-            if cand.size < k:
-                lo = delta
-                delta = delta * 2 if hi == math.inf else (lo + hi) / 2
-            elif cand.size > 64 * k and delta - lo > 1e-3:
-                hi = delta
-                delta = (lo + hi) / 2
-            else:
-                break
-        if cand.size < k:  # no band held k entries (e.g. -inf logits): the plain partition
+        cand = _np_above_guess(z[None, :], k)[0]
+        if cand is None:
             return np.flatnonzero(z >= np.partition(z, n - k)[n - k])
         vals = z[cand]
         if cand.size > k:
@@ -126,11 +141,18 @@ def _top(xp, logits: Array, kk: int) -> tuple[Array, Array]:
     if is_torch_namespace(xp):
         return logits.topk(kk, dim=-1, sorted=True)  # a tensor method: the core never imports torch
     if is_numpy_namespace(xp):
-        idx = (
-            np.argpartition(logits, n - kk, axis=-1)[:, n - kk :]
-            if kk < n
-            else np.broadcast_to(np.arange(n), logits.shape)
-        )
+        if kk < n:
+            idx = np.empty(logits.shape[:-1] + (kk,), dtype=np.intp)
+            for i, cand in enumerate(_np_above_guess(logits, kk)):
+                row = logits[i]
+                if cand is None:
+                    idx[i] = np.argpartition(row, n - kk)[n - kk :]
+                elif cand.size > kk:
+                    idx[i] = cand[np.argpartition(row[cand], cand.size - kk)[cand.size - kk :]]
+                else:
+                    idx[i] = cand
+        else:
+            idx = np.broadcast_to(np.arange(n), logits.shape)
         vals = np.take_along_axis(logits, idx, axis=-1)
         order = np.argsort(-vals, axis=-1, kind="stable")
         return np.take_along_axis(vals, order, axis=-1), np.take_along_axis(idx, order, axis=-1)
