@@ -10,6 +10,8 @@ torch's ``topk`` (an independent implementation), row by row.
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from personajudge.core.errors import NumericalError
 from personajudge.core.sparse import _STRIDE, _np_above_guess, _top_k_ids, candidates, row_candidates
@@ -93,3 +95,33 @@ def test_a_nan_row_is_flagged_in_rows_and_raised_alone():
     assert np.asarray(rows.status).tolist() == [0, 2]
     with pytest.raises(NumericalError):
         candidates(z[1], SamplingParams())
+
+
+@given(
+    n=st.integers(6_000, 20_000),
+    k=st.integers(1, 60),
+    levels=st.integers(1, 400),  # few levels: many ties
+    masked=st.floats(0.0, 0.999),
+    planted=st.integers(0, 80),
+    seed=st.integers(0, 2**32 - 1),
+)
+@settings(max_examples=150, deadline=None)
+def test_any_row_gets_the_ids_of_a_whole_row_partition(n, k, levels, masked, planted, seed):
+    g = np.random.default_rng(seed)
+    z = (g.integers(0, levels, n) / levels * 8).astype(np.float32)
+    z[g.random(n) < masked] = -np.inf
+    z[::_STRIDE][:planted] = 100.0  # entries on the sampled ids above all the rest
+    rows = row_candidates(z[None, :], SamplingParams(1.0, k, 1.0))
+    if not np.isfinite(z.max()):  # every entry masked
+        assert int(rows.status[0]) == 2
+        with pytest.raises(NumericalError):
+            _top_k_ids(np, z, k)
+        return
+    exact = np.flatnonzero(z >= np.partition(z, n - k)[n - k])
+    assert np.array_equal(_top_k_ids(np, z, k), exact)
+    # the batched face: a support of 2k ids holds the same entries, or says the ties ran past it
+    if exact.size >= 2 * k:
+        assert int(rows.status[0]) == 1
+    else:
+        assert int(rows.status[0]) == 0
+        assert np.array_equal(np.asarray(rows.ids[0])[np.asarray(rows.probs[0]) > 0], exact)
