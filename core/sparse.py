@@ -18,6 +18,9 @@ size ``top_k + slack`` without reading anything back (no boolean compaction,
 no data-dependent shape), so a step stays queued on the GPU; whether the
 logits were finite and whether the ties fit in the slack are read later, in
 the same transfer as the sampled token (see ``acceptance.Dist.status``).
+On numpy both find the top entries the same way: a threshold guessed from a
+strided sample of the row, and a partition of only what reaches it
+(:func:`_np_above_guess`).
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def test_ties_at_the_top_k_boundary_are_kept_like_the_dense_mask():
     assert np.allclose(dense_of(candidates(z, params), 5), filtered_probs(z, params))
 
 
-def test_far_apart_logits_widen_the_prefilter():
+def test_far_apart_logits_are_found_when_the_guessed_threshold_saves_nothing():
     z = np.full(10_000, -1e4, dtype=np.float32)
     z[[3, 900, 7000]] = [0.0, -500.0, -2000.0]
     d = candidates(z, SamplingParams(1.0, 3, 1.0))
