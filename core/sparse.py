@@ -145,15 +145,14 @@ def _top(xp, logits: Array, kk: int) -> tuple[Array, Array]:
         return logits.topk(kk, dim=-1, sorted=True)  # a tensor method: the core never imports torch
     if is_numpy_namespace(xp):
         if kk < n:
+            cands = _np_above_guess(logits, kk)
             idx = np.empty(logits.shape[:-1] + (kk,), dtype=np.intp)
-            for i, cand in enumerate(_np_above_guess(logits, kk)):
-                row = logits[i]
-                if cand is None:
-                    idx[i] = np.argpartition(row, n - kk)[n - kk :]
-                elif cand.size > kk:
-                    idx[i] = cand[np.argpartition(row[cand], cand.size - kk)[cand.size - kk :]]
-                else:
-                    idx[i] = cand
+            whole = [i for i, cand in enumerate(cands) if cand is None]  # every row of a small vocabulary
+            idx[whole] = np.argpartition(logits[whole], n - kk, axis=-1)[:, n - kk :]  # in one call
+            for i, cand in enumerate(cands):
+                if cand is not None:
+                    top = np.argpartition(logits[i, cand], cand.size - kk)[cand.size - kk :]
+                    idx[i] = cand[top]
         else:
             idx = np.broadcast_to(np.arange(n), logits.shape)
         vals = np.take_along_axis(logits, idx, axis=-1)
