@@ -148,7 +148,8 @@ def _top(xp, logits: Array, kk: int) -> tuple[Array, Array]:
             cands = _np_above_guess(logits, kk)
             idx = np.empty(logits.shape[:-1] + (kk,), dtype=np.intp)
             whole = [i for i, cand in enumerate(cands) if cand is None]  # every row of a small vocabulary
-            idx[whole] = np.argpartition(logits[whole], n - kk, axis=-1)[:, n - kk :]  # in one call
+            if whole:  # (usually none at a large vocabulary: no empty partition in the token loop)
+                idx[whole] = np.argpartition(logits[whole], n - kk, axis=-1)[:, n - kk :]  # in one call
             for i, cand in enumerate(cands):
                 if cand is not None:
                     top = np.argpartition(logits[i, cand], cand.size - kk)[cand.size - kk :]

@@ -375,10 +375,10 @@ def test_numpy_rows_reach_the_kernel_uncopied_alone_and_in_kept_arrays_together(
         return out
 
     session._forward_many = recording
-    seen: list[tuple[int, np.ndarray, np.ndarray]] = []
+    seen: list[tuple[np.ndarray, np.ndarray]] = []
 
     def kernel(p, q, params, *u):
-        seen.append((len(judge), p, q))
+        seen.append((p, q))
         return batched_mod.judge_rows(p, q, params, *u)
 
     driver, judge = StepDriver(session), BatchedJudge(kernel)
@@ -391,8 +391,8 @@ def test_numpy_rows_reach_the_kernel_uncopied_alone_and_in_kept_arrays_together(
         step += 1
     assert judge._stage == {}  # released once the last request ended
 
-    stacked = [(p, q) for _, p, q in seen if len(p) > 1]
-    alone = [(p, q) for _, p, q in seen if len(p) == 1]
+    stacked = [(p, q) for p, q in seen if len(p) > 1]
+    alone = [(p, q) for p, q in seen if len(p) == 1]
     assert len(stacked) > 10 and len(alone) > 5
     for p, q in alone:
         assert id(p) in returned and id(q) in returned
