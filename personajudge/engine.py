@@ -369,10 +369,12 @@ class Job:
     # ------------------------------------------------------------------ caller side
 
     def cancel(self) -> None:
-        """Ask the engine to drop this request at its next step (its slots are freed then)."""
+        """Ask the engine to drop this request at its next step (its slots are freed then); one still
+        waiting in the queue ends now, in this thread (:meth:`Engine._unqueue`)."""
         if not self.cancelled and not self.done:
             self.cancelled = True
             if self.engine is not None:
+                self.engine._unqueue(self)
                 self.engine._wake()
                 if _EXITING.is_set():  # an exit handler's stream left early: its engine thread ends, joined
                     self.engine._join_at_exit()
@@ -484,7 +486,10 @@ class Engine:
     (optional) is called in the engine thread after every batched step with
     the number of requests in it and the step's seconds, ``on_finish`` with
     every job that ends and its error (None on success), before the job's
-    caller gets its final event: metrics.
+    caller gets its final event: metrics. Both run in the engine thread,
+    except ``on_finish`` for a request cancelled while it waits, which ends
+    at once in the thread that cancelled it (so the hook must be thread-safe,
+    as ``prometheus_client``'s metrics are).
 
     ``batched`` (default True): Persona-judge requests with the interleaved
     schedule are decided together, per step, by one
@@ -731,6 +736,21 @@ class Engine:
     def _wake(self) -> None:
         with self._cv:
             self._cv.notify_all()
+
+    def _unqueue(self, job: Job) -> None:
+        """End a cancelled ``job`` that is still waiting, at once, in the cancelling thread.
+
+        Left for the engine thread, it kept its place in the queue (and its caller waited) until the
+        next round: for as long as a request running alone (``reference``) takes, or a step, during
+        which a client that had gone still counted against ``max_queue`` and new ones got 429. Under
+        the lock a job is either here, or taken by :meth:`_take` (then the engine drops it)."""
+        with self._cv:
+            try:
+                self._queue.remove(job)
+            except ValueError:  # taken already (or never queued): the engine drops it at its next step
+                return
+            self._cv.notify_all()  # room in the queue for blocked submitters
+        self._finish(job, RequestCancelled("the request was cancelled before it started"))
 
     def _ensure_thread(self) -> None:
         """Start the thread unless one runs and has not decided to end (called under the lock)."""
@@ -1029,13 +1049,15 @@ class Engine:
                 else "the request was cancelled"
             )
         if error is not None:
-            self.cancelled += isinstance(error, RequestCancelled)
+            with self._cv:  # a queued request's cancel finishes it in its caller's thread (_unqueue)
+                self.cancelled += isinstance(error, RequestCancelled)
             event = job._settle(("error", error))
         else:
             res = result_of(job.req)
-            self.completed += 1
             dt = now - job.t_submit
-            self._latency = dt if self.completed == 1 else 0.9 * self._latency + 0.1 * dt
+            with self._cv:
+                self.completed += 1
+                self._latency = dt if self.completed == 1 else 0.9 * self._latency + 0.1 * dt
             event = job._settle(("done", res))
         # the hook first, then the caller: whoever reads the metrics after a response sees it counted
         try:

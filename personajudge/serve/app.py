@@ -601,7 +601,9 @@ def create_app(
         srv.shutting_down = True
         await asyncio.to_thread(srv.engine.close)
 
-    app = FastAPI(title="persona-judge", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # redirect_slashes off: ``/v1/completions/`` is a 404 in OpenAI's shape, as any unknown path is, not
+    # Starlette's empty 307 to a Location built from the client's Host header
+    app = FastAPI(title="persona-judge", lifespan=lifespan, docs_url=None, redoc_url=None, redirect_slashes=False)
     app.state.server = srv
 
     @app.exception_handler(APIError)
@@ -679,7 +681,8 @@ def create_app(
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
         try:
-            req: Any = model.model_validate(body)  # one of the request models; all have .model
+            # one of the request models; all have .model. The context bounds a conversation's length
+            req: Any = model.model_validate(body, context={"context_length": srv.pj.backend.context_length})
         except ValidationError as err:
             param, message = field_error(err)
             raise APIError(400, message, param=param, code="invalid_value") from None

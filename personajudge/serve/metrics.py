@@ -84,7 +84,8 @@ class Metrics:
         self.step_seconds.observe(seconds)
 
     def on_finish(self, job: Any, error: BaseException | None) -> None:
-        """Called by the engine for every job that ends (in the engine thread)."""
+        """Called by the engine for every job that ends: in the engine thread, or, for a request
+        cancelled while it waits, in the thread that cancelled it (then only ``cancelled`` is touched)."""
         if error is None:
             self.observe_job(job.label, job)
         elif isinstance(error, RequestCancelled):

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import ErrorDetails
 
 from personajudge.core.config import MAX_STOP_CHARS, DecodingConfig
+from personajudge.core.files import unicode_problem
 from personajudge.core.result import FinishReason
 
 #: persona-judge's finish reasons in OpenAI's vocabulary ("context": the model's window is full)
@@ -28,6 +29,22 @@ FINISH_REASONS: dict[FinishReason, str] = {"eos": "stop", "stop": "stop", "lengt
 MAX_STOPS = 4
 #: OpenAI's upper bound on ``temperature`` (the Python API and the CLI take up to 100)
 MAX_TEMPERATURE = 2.0
+#: a bound on the lists a request names things with (``preferences``, ``views`` and each view's list, a
+#: message's content parts), far above any real request (``--max-views`` is 8 by default), checked before
+#: their items are: pydantic validates every item of a list and builds an error for each one that fails,
+#: so a 3 MiB list of numbers held the event loop, every request the server had, for 13 to 30 s
+MAX_ITEMS = 1024
+#: at most this many fields are described in a 400's message (the rest are counted): one bad value per
+#: item of a long list made a message as large as the request
+MAX_REPORTED = 5
+
+
+def _at_most(v: Any, limit: int, what: str) -> Any:
+    """``v`` unchanged; a ``ValueError`` if it is a list of more than ``limit`` items (a before-validator's
+    check: its length is known before pydantic looks at any item)."""
+    if isinstance(v, list) and len(v) > limit:
+        raise ValueError(f"at most {limit} {what} are allowed, got {len(v)}")
+    return v
 
 
 def _bounded_like(config_field: str, type_: Any, *extra: Any) -> Any:
@@ -114,12 +131,27 @@ class _Common(BaseModel):
             raise ValueError("only n=1 is supported: send one request per choice (each with its own seed)")
         return v
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _few_stops(cls, v: Any) -> Any:
+        return _at_most(v, MAX_STOPS, "stop sequences")
+
+    @field_validator("preferences", mode="before")
+    @classmethod
+    def _few_preferences(cls, v: Any) -> Any:
+        return _at_most(v, MAX_ITEMS, "preferences")
+
+    @field_validator("views", mode="before")
+    @classmethod
+    def _few_views(cls, v: Any) -> Any:
+        for i, group in enumerate(_at_most(v, MAX_ITEMS, "views") if isinstance(v, list) else ()):
+            _at_most(group, MAX_ITEMS, f"preferences in view {i + 1}")
+        return v
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
         items = [v] if isinstance(v, str) else (v or [])
-        if len(items) > MAX_STOPS:
-            raise ValueError(f"at most {MAX_STOPS} stop sequences are allowed, got {len(items)}")
         if any(s == "" for s in items):
             raise ValueError("stop strings must not be empty")
         for i, s in enumerate(items):
@@ -195,21 +227,46 @@ class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]] | None = None
 
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        parts = []
-        for part in self.content:
+    @field_validator("content", mode="before")
+    @classmethod
+    def _few_parts(cls, v: Any) -> Any:
+        return _at_most(v, MAX_ITEMS, "content parts")
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, v: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
+        """Text, as text parts or a string, that UTF-8 can encode: checked here, so that a 400 names the
+        message (``messages.2.content``), not the whole list."""
+        for part in [] if v is None or isinstance(v, str) else v:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise ValueError("only text content parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
+        texts = [v] if isinstance(v, str) else [part["text"] for part in v or ()]
+        for text in texts:
+            if (problem := unicode_problem(text)) is not None:
+                raise ValueError(f"the text {problem}")
+        return v
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "".join(part["text"] for part in self.content)
 
 
 class ChatCompletionRequest(_Common):
     messages: list[Message] = Field(..., min_length=1)
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _fits(cls, v: Any, info: ValidationInfo) -> Any:
+        """No more messages than the model's context has positions (the server validates with
+        ``context={"context_length": ...}``): each takes at least one, and the bound is checked before
+        any message is validated (see :data:`MAX_ITEMS`)."""
+        n_ctx = (info.context or {}).get("context_length")
+        if isinstance(v, list) and n_ctx is not None and len(v) > n_ctx:
+            raise ValueError(
+                f"{len(v)} messages cannot fit in this model's context of {n_ctx} tokens (each takes at least one)"
+            )
+        return v
 
     def conversation(self) -> list[dict[str, str]]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
@@ -218,9 +275,9 @@ class ChatCompletionRequest(_Common):
 class CompletionRequest(_Common):
     prompt: str | list[str]
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")  # before: the length is checked before the items are
     @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
+    def _one_prompt(cls, v: Any) -> Any:
         if isinstance(v, list) and len(v) != 1:
             raise ValueError("send one prompt per request (a list of prompts is not supported)")
         return v
@@ -275,6 +332,8 @@ def field_error(err: ValidationError) -> tuple[str | None, str]:
         got = details[0].get("input")
         shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r:.60})"
         parts.append(f"{field}: {text}{shown}" if field else f"{text}{shown}")
+    if len(parts) > MAX_REPORTED:
+        parts[MAX_REPORTED:] = [f"and {len(parts) - MAX_REPORTED} more invalid fields"]
     return (params[0] or None) if params else None, "; ".join(parts)
 
 

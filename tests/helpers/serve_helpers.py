@@ -75,7 +75,8 @@ def running_server(flags, log_path, ready_timeout=READY_TIMEOUT_S):
         while True:
             if proc.poll() is not None:
                 raise AssertionError(f"the server exited with {proc.returncode}:\n{open(log_path).read()[-3000:]}")
-            serving = SERVING_LINE.search(open(log_path).read())
+            with open(log_path) as f:
+                serving = SERVING_LINE.search(f.read())
             if serving is not None:
                 port = int(serving.group(1))
                 base = f"http://127.0.0.1:{port}"

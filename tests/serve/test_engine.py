@@ -11,6 +11,7 @@ import dataclasses
 import threading
 
 import pytest
+from gated_toy import GatedToy
 
 from personajudge.api import PersonaJudge
 from personajudge.backends.toy import ToyBackend
@@ -209,27 +210,6 @@ def test_a_request_with_more_views_than_the_backend_holds_fails_alone():
     assert pj.engine.stats()["slots"] <= 4
 
 
-class GatedToy(ToyBackend):
-    """A toy whose forwards wait for a gate: a request stays 'running' as long as the test wants."""
-
-    def __init__(self):
-        super().__init__()
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-
-    def open(self, n_views):
-        s = super().open(n_views)
-        inner = s._forward_many
-
-        def gated(calls):
-            self.entered.set()
-            assert self.gate.wait(30)
-            return inner(calls)
-
-        s._forward_many = gated
-        return s
-
-
 def test_a_full_queue_raises_queue_full_with_a_retry_hint_or_waits():
     be = GatedToy()
     pj = PersonaJudge({"backend": {"name": "toy"}, "encoder": "plain"}, backend=be, max_batch=1, max_queue=1)
@@ -310,6 +290,32 @@ def test_cancelling_a_queued_request_reports_cancelled_and_counts_it():
     stats = pj.engine.stats()
     assert (stats["completed"], stats["cancelled"]) == (1, 1)
     assert sorted(ended, key=str) == sorted([("python", None), ("/v1/completions", RequestCancelled)], key=str)
+    pj.close()
+
+
+@pytest.mark.parametrize("method", [None, "reference"])
+def test_a_request_cancelled_while_queued_frees_its_place_before_the_running_one_ends(method):
+    """The running request (batched, or ``reference``, which runs alone and holds the engine thread
+    for its whole decode) is held inside a forward; the queued one is cancelled meanwhile. It ends at
+    once, and its place in the queue goes to the next caller, who got a 429 before. Before, the engine
+    thread dropped it only at its next round: after the whole ``reference`` run."""
+    be = GatedToy()
+    pj = PersonaJudge({"backend": {"name": "toy"}, "encoder": "plain"}, backend=be, max_batch=1, max_queue=1)
+    running = pj.submit("a", preferences=PREFS, seed=1, max_new_tokens=5, lam=3, method=method, wait=False)
+    assert be.entered.wait(10)
+    queued = pj.submit("b", preferences=PREFS, seed=2, max_new_tokens=5, lam=3, wait=False)
+    with pytest.raises(QueueFullError):
+        pj.submit("c", preferences=PREFS, seed=3, max_new_tokens=5, lam=3, wait=False)
+    queued.cancel()
+    assert queued.done and not running.done and not be.gate.is_set()
+    with pytest.raises(RequestCancelled, match="before it started"):
+        queued.result()
+    assert pj.engine.stats()["queued"] == 0 and pj.engine.stats()["cancelled"] == 1
+    third = pj.submit("c", preferences=PREFS, seed=3, max_new_tokens=5, lam=3, wait=False)  # the place freed
+    be.gate.set()
+    assert running.result().tokens == _alone(pj, "a", 1, method=method, max_new_tokens=5)[0]
+    assert third.result().tokens == _alone(pj, "c", 3, max_new_tokens=5)[0]
+    assert (pj.engine.stats()["completed"], pj.engine.stats()["cancelled"]) == (2, 1)
     pj.close()
 
 

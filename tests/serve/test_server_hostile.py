@@ -24,6 +24,7 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 
+from gated_toy import GatedToy  # noqa: E402
 from serve_helpers import health, in_process_server, running_server  # noqa: E402
 
 from personajudge.api import PersonaJudge  # noqa: E402
@@ -219,6 +220,99 @@ def test_max_views_views_are_served(base):
     r = httpx.post(base + PATH, json={**CHAT, "preferences": prefs}, timeout=60)
     assert r.status_code == 200, r.text[:500]
     assert len(r.json()["persona_judge"]["prompt_tokens"]) >= 8
+
+
+# ---------------------------------------------------------------- G: long lists, errors per message (audit 2)
+
+MANY = 3000  # items: past the schema's bound of 1024 (and the toy's context of 4096 less than MANY*2), in 12 KiB
+
+
+@pytest.mark.parametrize(
+    "path, extra, param, needle",
+    [
+        (PATH, {"preferences": [1] * MANY}, "preferences", f"at most 1024 preferences are allowed, got {MANY}"),
+        (PATH, {"views": [1] * MANY}, "views", f"at most 1024 views are allowed, got {MANY}"),
+        (PATH, {"views": [["concise"], [1] * MANY]}, "views", "at most 1024 preferences in view 2 are allowed"),
+        (PATH, {"stop": [1] * MANY}, "stop", f"at most 4 stop sequences are allowed, got {MANY}"),
+        (PATH, {"messages": [1] * (2 * MANY)}, "messages", "cannot fit in this model's context of 4096 tokens"),
+        (PATH, {"messages": [{"role": "user", "content": [1] * MANY}]}, "messages.0.content", "at most 1024 content"),
+        ("/v1/completions", {"prompt": [1] * MANY}, "prompt", "send one prompt per request"),
+    ],
+    ids=["preferences", "views", "view-preferences", "stop", "messages", "content-parts", "prompt"],
+)
+def test_a_list_longer_than_its_field_can_be_is_refused_before_its_items_are_read(base, path, extra, param, needle):
+    """Each item of a list was validated, and an error built for each that failed: a 3 MiB list of numbers
+    held the event loop, every request of the server, 13 to 30 s, and answered with a message as large.
+    The bound is checked first: one error naming the field, and what it holds."""
+    body = {**CHAT, **extra} if path == PATH else {"model": "persona-judge", "max_tokens": 2, **extra}
+    err = _error(httpx.post(base + path, json=body, timeout=60), 400)
+    assert (err["code"], err["param"]) == ("invalid_value", param)
+    assert needle in err["message"] and len(err["message"]) < 300, err["message"][:500]
+
+
+def test_a_400_describes_five_invalid_fields_and_counts_the_rest(base):
+    err = _error(httpx.post(base + PATH, json={**CHAT, "preferences": [1] * 20}, timeout=60), 400)
+    assert err["param"] == "preferences.0"
+    described = [f"preferences.{i}: Input should be a valid string" for i in range(5)]
+    assert all(d in err["message"] for d in described) and "preferences.5" not in err["message"]
+    assert err["message"].endswith("; and 15 more invalid fields")
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ([{"type": "image_url", "image_url": {"url": "x"}}], "only text content parts are supported"),
+        ([{"type": "text", "text": "a"}, {"type": "text", "text": "\ud800"}], "the text is not valid Unicode"),
+        ("\udfff b", "the text is not valid Unicode: a lone surrogate U+DFFF at character 0"),
+    ],
+    ids=["image-part", "surrogate-in-part", "surrogate"],
+)
+def test_a_bad_message_content_names_that_message(base, content, needle):
+    """The README's promise: ``param`` names the message (``messages.2.content``), not the whole list."""
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": content},
+    ]
+    raw = json.dumps({**CHAT, "messages": messages})  # a lone surrogate as its escape, \\ud800 (httpx's json= fails)
+    err = _error(_post_raw(base, raw.encode()), 400)
+    assert (err["code"], err["param"]) == ("invalid_value", "messages.2.content")
+    assert needle in err["message"]
+
+
+@pytest.mark.parametrize("method, path", [("POST", PATH + "/"), ("POST", "/v1/completions/"), ("GET", "/health/")])
+def test_a_trailing_slash_is_an_openai_404_not_a_redirect(base, method, path):
+    """Starlette answered with an empty 307 whose Location it built from the client's Host header."""
+    r = httpx.request(method, base + path, json=CHAT, timeout=60, follow_redirects=False)
+    err = _error(r, 404)
+    assert err["code"] == "not_found" and "location" not in r.headers
+
+
+def _until(condition, what: str, bound_s: float = 20.0) -> None:
+    deadline = time.monotonic() + bound_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_a_client_that_leaves_while_queued_behind_a_request_running_alone_frees_its_place():
+    """``reference`` runs alone and holds the engine thread for its whole decode; a queued client that gave
+    up kept its place until then, and every new client got a 429 meanwhile. Now the place is freed as the
+    disconnect is seen, while the first request is still inside a forward (the gate is shut)."""
+    be = GatedToy()
+    two = {**CHAT, "preferences": ["concise", "humor"]}  # the in-process server has no default preferences
+    pj = PersonaJudge({"backend": {"name": "toy"}, "encoder": "plain"}, backend=be, max_batch=1, max_queue=1)
+    with pj, in_process_server(pj) as url, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(httpx.post, url + PATH, json={**two, "method": "reference"}, timeout=60)
+        assert be.entered.wait(30)
+        with pytest.raises(httpx.ReadTimeout):  # queued behind it; gives up after 0.5 s
+            httpx.post(url + PATH, json=two, timeout=httpx.Timeout(0.5, connect=30))
+        _until(lambda: health(url)["queued"] == 0, "the place of the client that left was not freed")
+        assert not be.gate.is_set() and health(url)["cancelled"] == 1
+        third = pool.submit(httpx.post, url + PATH, json=two, timeout=60)
+        _until(lambda: health(url)["queued"] == 1 or third.done(), "the third request was not queued")
+        be.gate.set()
+        assert first.result().status_code == 200 and third.result().status_code == 200, third.result().text
 
 
 FOUR = ["concise", "humor", "expert", "friendly"]
