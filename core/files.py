@@ -10,7 +10,7 @@ import os
 import stat
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -543,7 +543,12 @@ class JsonlAppendFile:
         self.skipped = 0
         self._f: IO[bytes] | None = None
 
-    def open(self) -> list[Any]:
+    def open(self, check: Callable[[list[Any], int, bytes], None] | None = None) -> list[Any]:
+        """Lock the file and return the objects of its complete lines (see the class).
+
+        ``check(objs, skipped, tail)``, when given, sees the file as it is (``tail``: the bytes after its
+        last newline) before the torn tail is cut, and raises to leave it alone: a file the caller did
+        not write (a user's own, at the path a partial file takes) is refused, not cut."""
         check_output_path(self.path, self.what, self.error)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -562,6 +567,9 @@ class JsonlAppendFile:
             f.seek(0)
             data = f.read()
             end = complete_lines_end(data)
+            out, skipped = parse_jsonl(data)
+            if check is not None:
+                check(out, skipped, data[end:])
             if end < len(data):
                 f.truncate(end)
                 f.flush()
@@ -573,7 +581,7 @@ class JsonlAppendFile:
             f.close()
             raise
         self._f = f
-        out, self.skipped = parse_jsonl(data)
+        self.skipped = skipped
         return out
 
     def append(self, objs: Sequence[Any]) -> None:

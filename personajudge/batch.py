@@ -18,8 +18,9 @@ Resumable and safe (nothing finished is ever lost):
 - Rerunning the same command resumes: rows of the partial file whose id and
   fingerprint match the input are kept and skipped, a torn last line (a kill
   during a write) is dropped, a row is never written twice. A partial file
-  made under other settings (or for other prompts) is refused unless
-  ``force``; then the rows that still match are kept and the rest dropped.
+  made under other settings (or for other prompts), or not by this command
+  (no settings line, an unreadable line), is refused unless ``force``, and
+  left untouched; with it the rows that still match are kept and the rest dropped.
 - When every prompt is done the rows are written in input order to
   ``<output>`` through a temporary file, fsync and an atomic rename, and the
   partial file is removed. An existing output is replaced only with
@@ -81,7 +82,7 @@ from personajudge.core.files import (
 )
 from personajudge.preferences import normalize_conversation
 
-from .api import SEED_PER_ROW, executor_results, fresh_seed, rows_failed_alone
+from .api import executor_results, fresh_seed, rows_failed_alone
 
 #: First line of a partial file: ``{"personajudge_batch": FORMAT, "settings": {...}, "settings_hash": ...}``.
 HEADER_KEY = "personajudge_batch"
@@ -312,7 +313,9 @@ class JsonlBatch:
         if base is not None:  # rows without a seed of their own run with base + their index
             last = max((i for i, r in enumerate(self.records) if r.seed is None), default=-1)
             what = f"the seed {base} (--seed, or the config's decoding.seed) with {last + 1} input rows"
-            check_seed_span(base, last + 1, what, hint=SEED_PER_ROW)
+            # the API's hint names its seeds= keyword, which the command line has not
+            hint = ' (input row i runs with seed + i; lower the seed, or give the rows their own "seed")'
+            check_seed_span(base, last + 1, what, hint=hint)
         self.seeds: list[int | None] = [
             r.seed if r.seed is not None else (base + i if base is not None else None)
             for i, r in enumerate(self.records)
@@ -349,8 +352,8 @@ class JsonlBatch:
         self._created = not self.partial.exists()
         self._file = JsonlAppendFile(self.partial, "partial results file")
         try:
-            objs = self._file.open()
-            self._resume(objs)
+            self._file.open(check=self._judge_partial)
+            self._resume()
         except BaseException:
             self._file.close()
             raise
@@ -385,14 +388,20 @@ class JsonlBatch:
                     "the prompts: choose another --output"
                 )
 
-    def _resume(self, objs: list[Any]) -> None:
+    def _judge_partial(self, objs: list[Any], skipped: int, tail: bytes) -> None:
+        """What the partial file holds, decided before :meth:`JsonlAppendFile.open` cuts its torn tail:
+        a file this command may not resume is refused (unless ``force``) with the file untouched.
+
+        A file with no settings line is refused whatever its lines are: before, a file of lines that
+        were not JSON (a user's notes at ``<output>.partial``) read as empty, so it was taken over, its
+        last line cut as torn, and deleted at the end of the run. Unreadable lines count as lines that
+        are not result rows; only a torn last line of this format is dropped silently."""
         header = objs[0] if objs and isinstance(objs[0], dict) and HEADER_KEY in objs[0] else None
         rows = [o for o in objs[1 if header else 0 :] if isinstance(o, dict) and "id" in o and "fp" in o]
-        bad = len(objs) - len(rows) - (header is not None)
-        assert self._file is not None and self.partial is not None  # open() made both before resuming
-        if not objs:
-            self._file.append([self._header()])
-            return
+        bad = len(objs) - len(rows) - (header is not None) + skipped
+        # nothing but a torn start of a settings line (a kill during its write) is a new file too
+        head = f'{{"{HEADER_KEY}":'.encode()
+        new = not objs and not skipped and (tail.startswith(head) or head.startswith(tail))
         expected = {str(r.id): fp for r, fp in zip(self.records, self.fps)}
         keep: dict[str, dict[str, Any]] = {}
         stale = 0
@@ -407,8 +416,8 @@ class JsonlBatch:
         same_settings = header is not None and header.get("settings_hash") == self.settings_hash
         # a settings line and nothing else: a run that failed before its first row (a missing model, a
         # prompt too long for the context). Nothing to lose, so rerunning with the fix needs no --force.
-        empty = header is not None and len(objs) == 1
-        if (not same_settings or stale or bad) and not self.force and not empty:
+        empty = header is not None and len(objs) == 1 and not skipped
+        if not new and (not same_settings or stale or bad) and not self.force and not empty:
             if header is None:
                 why = "it has no settings line (not written by this version of personajudge)"
             elif not same_settings:
@@ -424,7 +433,17 @@ class JsonlBatch:
                 f"--force to keep the {len(keep)} row(s) that still match and redo the rest, "
                 "or remove the file"
             )
-        if not same_settings or stale or bad:  # --force: rewrite the file with what still matches
+        self._verdict = (new, not same_settings or bool(stale) or bool(bad), empty, keep, len(rows) + bad)
+
+    def _resume(self) -> None:
+        """Act on :meth:`_judge_partial`'s verdict, the file open and its torn tail cut: start it, rewrite
+        it with the rows that still match (``force``), or keep its rows."""
+        new, rewrite, empty, keep, lines = self._verdict
+        assert self._file is not None and self.partial is not None  # open() made both before resuming
+        if new:
+            self._file.append([self._header()])
+            return
+        if rewrite:  # --force: rewrite the file with what still matches
             self._file.close()
             with atomic_write(self.partial, "wb", what="partial results file") as f:
                 for obj in [self._header(), *keep.values()]:
@@ -433,8 +452,7 @@ class JsonlBatch:
             self._file.open()
             if not empty:
                 note(
-                    f"personajudge: --force: kept {len(keep)} matching row(s) of {self.partial}, "
-                    f"dropped {len(rows) - len(keep) + bad}"
+                    f"personajudge: --force: kept {len(keep)} matching row(s) of {self.partial}, dropped {lines - len(keep)}"
                 )
         self.done = keep
         if keep and self.progress:

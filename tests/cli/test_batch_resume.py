@@ -366,3 +366,51 @@ def test_a_partial_file_with_only_its_settings_line_is_taken_over_without_force(
     out.unlink()
     assert main(argv_for(inp, out, "-q")) == 2
     assert "cannot resume from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"my precious notes\n", b"garbage1\ngarbage2\n", b"my precious notes", b'{"personajudge_batch_notes": 1}'],
+    ids=["one-line", "two-lines", "no-newline", "torn-like-another-key"],
+)
+def test_a_partial_path_holding_a_file_this_command_did_not_write_is_refused_untouched(tmp_path, capsys, content):
+    """Lines that are not JSON read as an empty file: it was taken over, its last line cut as a torn write,
+    and deleted when the run finished (exit 0). It has no settings line, so it is refused like a file of
+    JSON lines without one; --force replaces it, as the message says."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(inp, n=2)
+    partial = tmp_path / "out.jsonl.partial"
+    partial.write_bytes(content)
+    assert main(argv_for(inp, out, "-q")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no settings line" in err[0] and "--force" in err[0]
+    assert partial.read_bytes() == content and not out.exists()
+    assert main(argv_for(inp, out, "-q", "--force")) == 0
+    assert len(rows(out)) == 2 and not partial.exists()
+
+
+def test_an_unreadable_line_inside_a_partial_file_is_refused_not_skipped(tmp_path, capsys):
+    """Only a torn last line is dropped silently; a complete line that is not JSON is not one this
+    command wrote (each row is one write, fsynced), so it is refused like any other foreign line."""
+    inp, out, partial = _interrupted(tmp_path, after=2)
+    kept = len(partial_rows(partial))
+    assert kept == 4  # two chunks of --batch-size 2
+    lines = partial.read_bytes().splitlines(keepends=True)
+    partial.write_bytes(b"".join([lines[0], b"not json\n", *lines[1:]]))
+    before = partial.read_bytes()
+    capsys.readouterr()
+    assert main(argv_for(inp, out, "--seed", "3", "-q")) == 2
+    assert "1 of its lines are not result rows" in capsys.readouterr().err
+    assert partial.read_bytes() == before
+    assert main(argv_for(inp, out, "--seed", "3", "--force")) == 0
+    assert "kept 4 matching row(s)" in capsys.readouterr().err  # and the unreadable line dropped
+    assert len(rows(out)) == N
+
+
+def test_a_torn_settings_line_alone_is_a_new_file(tmp_path):
+    """A kill while the settings line was being written leaves its start and no newline: nothing to keep."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(inp, n=2)
+    (tmp_path / "out.jsonl.partial").write_bytes(b'{"personajudge_batch": 1, "settings_ha')
+    assert main(argv_for(inp, out, "-q")) == 0
+    assert len(rows(out)) == 2
