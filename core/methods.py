@@ -16,7 +16,7 @@ from pydantic import ConfigDict, Field
 from .config import Options, take_options
 from .contract import Session
 from .decoding import DecodeRequest, Loop, drive, persona_judge_loop, plain_loop
-from .mod import mod_loop
+from .mod import mod_loop, normalize_weights
 from .nocache import NoCacheSession
 from .pad import pad_loop
 from .routed import RoutedSession
@@ -160,6 +160,8 @@ class Mod(_Driven):
         planned = [list(v) for v in views] or [[]]
         if self.weights is None:
             self.weights = [sum(getattr(p, "weight", 1.0) for p in v) or 1.0 for v in planned]
+        else:  # one weight per view: said as the views are planned (before the model loads, where they are known)
+            normalize_weights(self.weights, len(planned))
         return planned
 
     def loop(self, req: DecodeRequest) -> Loop:

@@ -18,6 +18,10 @@ class RoutedSession(Session):
     """Views in ``routed`` go to ``other`` (as its views 0, 1, ...); the rest to ``main``."""
 
     def __init__(self, main: Session, other: Session, routed: Sequence[int]):
+        # known before any forward (one of the main model's token ids fed to a smaller reward model
+        # failed as "token ids must be in 0..32; view 0 got ...", naming neither model nor tokenizer)
+        if main.vocab_size is not None and other.vocab_size is not None and main.vocab_size != other.vocab_size:
+            raise _vocab_error(other.vocab_size, main.vocab_size)
         super().__init__(main.n_views, min(main.context_length, other.context_length), main.vocab_size)
         self.main, self.other = main, other
         self._map = {v: i for i, v in enumerate(routed)}
@@ -39,12 +43,10 @@ class RoutedSession(Session):
             sub = [ForwardCall(self._target(calls[i].view)[1], calls[i].tokens, calls[i].n_logits) for i in idx]
             for i, res in zip(idx, session.forward_many(sub)):
                 out[i] = res
-        widths = {o.shape[-1] for o in out if o is not None and o.shape[0]}
-        if len(widths) > 1:
-            raise ConfigError(
-                f"the reward model's vocabulary ({max(widths)} vs {min(widths)} entries) differs from "
-                "the model's; PAD needs both to share one tokenizer"
-            )
+        widths = {(which, out[i].shape[-1]) for which, idx in groups.items() for i in idx if out[i].shape[0]}
+        if len({w for _, w in widths}) > 1:  # a session that declares no vocab_size: seen in its logits
+            mine = dict(widths)
+            raise _vocab_error(mine[1], mine[0])
         return out
 
     def _truncate(self, view: int, length: int) -> None:
@@ -54,3 +56,10 @@ class RoutedSession(Session):
     def _close(self) -> None:
         self.other.close()
         self.main.close()
+
+
+def _vocab_error(reward: int, model: int) -> ConfigError:
+    return ConfigError(
+        f"the reward model's vocabulary ({reward} entries) differs from the model's ({model}); "
+        "PAD needs both to share one tokenizer"
+    )

@@ -1100,6 +1100,11 @@ def stream(prompt: Prompt, *, config: RunConfig | dict[str, Any] | None = None, 
 
 
 def _check_call(cfg: RunConfig, kwargs: dict[str, Any]) -> None:
-    """A one-shot call's arguments checked as the call will check them, before the model loads."""
+    """A one-shot call's arguments checked as the call will check them, before the model loads (the
+    CLI's ``generate`` too): with the call's views known, the method plans them, and so checks them
+    (``mod``'s weights, one per view). The constructor cannot: a later call may bring other views."""
     call = {k: v for k, v in kwargs.items() if k not in ("preferences", "views", "method", "on_text")}
-    _plan_call(cfg, kwargs.get("preferences"), kwargs.get("views"), kwargs.get("method"), call)
+    cfg, meth, user_views, _ = _plan_call(
+        cfg, kwargs.get("preferences"), kwargs.get("views"), kwargs.get("method"), call
+    )
+    plan_views(meth, cfg.method, user_views)

@@ -16,12 +16,12 @@ from personajudge.backends.hf import HFBackend
 from personajudge.backends.llama_cpp import LlamaCppBackend
 from personajudge.backends.toy import ToyBackend
 from personajudge.core.config import BackendConfig, validation_message
-from personajudge.core.errors import ConfigError
+from personajudge.core.errors import ConfigError, UnknownPluginError
 from personajudge.core.methods import BUILTIN_METHODS, Pad
 from personajudge.preferences import BUILTIN_ENCODERS, builtin_preferences
 
 from .hookspecs import hookimpl
-from .manager import load_backend
+from .manager import get_backend_class, load_backend
 
 _REWARD_MODELS: dict[str, Any] = {}
 _REWARD_LOCK = threading.Lock()
@@ -43,6 +43,10 @@ class PadWithRewardModel(Pad):
                 self.reward_model = BackendConfig.model_validate(reward_model)
             except Exception as err:
                 raise ConfigError(f"method_options.reward_model: {validation_message(err)}") from None
+            try:  # a name no plugin registered can never load: said now, before either model loads
+                get_backend_class(self.reward_model.name)
+            except UnknownPluginError as err:
+                raise ConfigError(f"method_options.reward_model: {err}") from None
 
     @property
     def batchable(self) -> bool:

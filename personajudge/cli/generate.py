@@ -6,7 +6,7 @@ import argparse
 import sys
 import warnings
 
-from personajudge.api import PersonaJudge
+from personajudge.api import PersonaJudge, _check_call
 from personajudge.batch import JsonlBatch, local_executor, read_records, stdout_json
 from personajudge.core.errors import ConfigError, PersonaJudgeError, PersonaJudgeWarning
 from personajudge.core.files import OutputError, check_text, read_stream
@@ -51,6 +51,7 @@ def _generate_jsonl(args: argparse.Namespace) -> int:
     ray_opts = ray_options_from_args(args)
     records = read_records(args.input)  # validated before the model loads
     cfg, prefs = config_from_args(args)
+    _check_call(cfg, {"preferences": prefs})  # the method's checks of these views, before the model loads
     job = JsonlBatch(
         records,
         cfg,
@@ -102,6 +103,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise PersonaJudgeError("the prompt is empty")
     check_text(prompt, "the prompt", ConfigError)  # an argument with undecodable bytes holds surrogates
     cfg, prefs = config_from_args(args)
+    _check_call(cfg, {"preferences": prefs})  # the method's checks of these views, before the model loads
     # Text streams (flushed per committed token) to a terminal and to a pipe alike; --json prints one object.
     stream = not args.json
     on_text = _write_flushed if stream else None

@@ -1,0 +1,81 @@
+"""Probe 20 (an audit of the command line and the API as the README tells a user to use them): configs
+that can never run were reported only after the model had loaded.
+
+1. ``--method mod --method-option weights=[1]`` with two views: the weights count was checked as the
+   decoding loop started, after the model loaded (on a model path that does not load, the load error came
+   first). The command line knows its views before it loads anything: the method plans them then, and
+   ``mod``'s plan checks one weight per view. The constructor cannot (a call may bring other views), so a
+   config whose weights fit only the calls' views still constructs.
+2. ``method_options.reward_model`` naming a backend no plugin registered: a ``ConfigError`` only when PAD
+   first decoded; now in the constructor, before either model loads.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cli_lines import one_line, run_main
+from refuse import refuse_calls
+
+import personajudge
+import personajudge.api as api
+import personajudge.cli.generate as cli_generate
+from personajudge.api import PersonaJudge
+from personajudge.core.errors import ConfigError
+
+TOY = ["--backend", "toy", "--prefer", "concise", "--prefer", "humor", "--max-new-tokens", "3", "-q"]
+ONE_WEIGHT = ["--method", "mod", "--method-option", "weights=[1]"]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """The mistake must be reported before a model loads: constructing one fails the test."""
+    refuse_calls(monkeypatch, cli_generate, "PersonaJudge", "the model was loaded before the mistake was reported")
+    refuse_calls(monkeypatch, api, "load_backend", "a backend was loaded before the mistake was reported")
+
+
+def test_mod_weights_that_do_not_match_the_views_are_refused_before_the_model(capsys, no_model):
+    code, _, err = run_main(["generate", "hi", *TOY, *ONE_WEIGHT], capsys)
+    one_line(code, err, "method_options.weights: got 1 weights for 2 views")
+
+
+def test_so_in_batch_mode_before_the_model_and_before_any_output(tmp_path, capsys, no_model):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "a"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    code, _, err = run_main(["generate", *TOY, *ONE_WEIGHT, "--input", str(src), "--output", str(out)], capsys)
+    one_line(code, err, "got 1 weights for 2 views")
+    assert not out.exists() and not (tmp_path / "out.jsonl.partial").exists()
+
+
+def test_the_one_shot_api_refuses_them_before_the_model(no_model):
+    cfg = {"backend": {"name": "toy"}, "method": "mod", "method_options": {"weights": [1.0]}}
+    with pytest.raises(ConfigError, match="got 1 weights for 2 views"):
+        personajudge.generate("hi", config=cfg, preferences=["concise", "humor"])
+
+
+def test_a_config_whose_weights_fit_only_the_calls_views_constructs_and_runs():
+    """Negative control: the constructor knows no call's views, so it does not plan (nor refuse)."""
+    pj = PersonaJudge({"backend": {"name": "toy"}, "method": "mod", "method_options": {"weights": [0.7, 0.3]}})
+    with pj:
+        assert pj.generate("hi", preferences=["concise", "humor"], max_new_tokens=3, seed=1).tokens
+        with pytest.raises(ConfigError, match="got 2 weights for 3 views"):
+            pj.generate("hi", preferences=["concise", "humor", "expert"], max_new_tokens=3, seed=1)
+
+
+def test_matching_weights_run_on_the_command_line(capsys):
+    code, out, err = run_main(["generate", "hi", *TOY, "--method", "mod", "--method-option", "weights=[2,1]"], capsys)
+    assert code == 0 and out.strip(), err
+
+
+def test_an_unregistered_reward_model_backend_is_refused_by_the_constructor(no_model, capsys):
+    options = {"reward_model": {"name": "nope"}}
+    with pytest.raises(ConfigError) as info:
+        PersonaJudge({"backend": {"name": "toy"}, "method": "pad", "method_options": options})
+    assert str(info.value) == (
+        "method_options.reward_model: unknown backend 'nope'; registered backends: hf, llama-cpp, toy"
+    )
+    argv = ["generate", "hi", *TOY, "--method", "pad", "--method-option", 'reward_model={"name": "nope"}']
+    code, _, err = run_main(argv, capsys)
+    one_line(code, err, "method_options.reward_model: unknown backend 'nope'")
