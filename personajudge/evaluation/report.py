@@ -54,6 +54,9 @@ PLOTS = {
     "lambda": "lambda_sweep.png",
     "objectives": "objectives_time.png",
 }
+#: every file :func:`write_report` writes into a run directory (the runner refuses a folder holding any
+#: of them without a run.json: they would be replaced)
+REPORT_FILES = ("report.json", "report.md", *PLOTS.values())
 #: the plots' titles in report.json and report.md
 PLOT_TITLES = {
     "win rates": PLOTS["winrate"],
@@ -156,9 +159,7 @@ class RunData:
         self.gens: dict[str, dict] = {}
         self.failed = 0
         for row in raw_gens:
-            pid = row.get("prompt_id")
-            if not _well_typed(row, _GEN_TYPES):  # a hand-edited or foreign line: not one of ours
-                continue
+            pid = row["prompt_id"]  # load_rows: only rows whose fields have their types (store.ROW_TYPES)
             if pid not in self.sha or row.get("fp") != expected_fp(row):
                 continue
             if (
@@ -183,9 +184,7 @@ class RunData:
         # a baseline that uses λ has rows with one; compared at the generation's λ, or the sweep's first
         self._baseline_lam = any(r["method"] == spec.baseline and r["lambda"] is not None for r in self.gens.values())
         for row in raw_scores:
-            if not _well_typed(row, _SCORE_TYPES):
-                continue
-            g = self.gens.get(row["gen"])  # _well_typed: gen and scorer are strings
+            g = self.gens.get(row["gen"])  # load_rows: gen and scorer are strings
             alias = row["scorer"]
             if g is None or "error" in g or alias not in scorer_hashes:
                 continue
@@ -235,31 +234,6 @@ class RunData:
         key = self.baseline_key(r)
         b = self.gens.get(key) if key is not None else None
         return None if b is None or "error" in b else b
-
-
-#: the types a row's fields must have to be read (None: the field may be missing or null)
-_GEN_TYPES = {
-    "key": (str,),
-    "prompt_id": (str,),
-    "experiment": (str,),
-    "method": (str,),
-    "seed": (int,),
-    "lambda": (int, type(None)),
-    "fp": (str,),
-}
-_SCORE_TYPES = {
-    "gen": (str,),
-    "scorer": (str,),
-    "fp": (str,),
-    "kind": (str, type(None)),
-    "value": (int, float, type(None)),
-    "dimension": (str, type(None)),
-    "details": (dict, type(None)),
-}
-
-
-def _well_typed(row: dict[str, Any], types: dict[str, tuple[type, ...]]) -> bool:
-    return all(isinstance(row.get(k), t) and not isinstance(row.get(k), bool) for k, t in types.items())
 
 
 def _scorer_kind(name: str) -> str:

@@ -48,7 +48,7 @@ from personajudge.preferences import resolve
 from .dataset import PromptItem, load_prompts
 from .dimensions import DimensionScorer, dimension_table
 from .errors import EvalError, RunMismatchError
-from .report import write_report
+from .report import REPORT_FILES, write_report
 from .scorers import PairItem, PairResult, PairwiseScorer, PointwiseScorer, ScoringContext, get_scorer_class
 from .spec import (
     FINGERPRINT_VERSION,
@@ -283,6 +283,7 @@ class Runner:
         self.argv = argv
         self.on_generation = on_generation
         self.on_score = on_score
+        self._check_dataset_path()
         self.prompts = load_prompts(spec.dataset, spec.limit)
         self.scorer_hashes = validate_spec(spec)
         self.scorer_ids = scorer_identities(spec)
@@ -297,6 +298,20 @@ class Runner:
                 "(--method-option / EvalSpec.method_options) are not supported with --ray; run without --ray"
             )
 
+    def _check_dataset_path(self) -> None:
+        """A prompts file that is one of the files the run writes (``--dataset col/report.json --run-dir
+        col``) would be replaced by the report or appended to, and the run never repeated: refused, even
+        with ``force``."""
+        dataset = Path(self.spec.dataset)
+        if not dataset.is_file():  # a named dataset (psoups), or a path load_prompts reports on
+            return
+        for name in (RUN_FILE, GENERATIONS, SCORES, *REPORT_FILES):
+            if dataset.resolve() == (self.run_dir / name).resolve():
+                raise EvalError(
+                    f"the dataset {self.spec.dataset} is this run's own {name}, which the run writes; "
+                    f"move it out of {self.run_dir}, or choose another --run-dir"
+                )
+
     # run.json -----------------------------------------------------------------------------------
     def _run_record(self) -> dict[str, Any]:
         return {"spec": self.spec.dump(), "prompts": [{"id": p.id, "sha": p.sha} for p in self.prompts]}
@@ -305,6 +320,15 @@ class Runner:
         path = self.run_dir / RUN_FILE
         new = self._run_record()
         if not path.exists():
+            # a new run, unless the folder holds files a run appends to or replaces: someone else's
+            # (before, their last line was cut as a torn row, rows were appended, a report.md replaced)
+            held = [n for n in (GENERATIONS, SCORES, *REPORT_FILES) if (self.run_dir / n).exists()]
+            if held and not self.force:
+                raise EvalError(
+                    f"{self.run_dir} holds {', '.join(held)} but no {RUN_FILE}: it is not a run directory, and "
+                    "a run would append to or replace them; choose a new or empty --run-dir, or pass --force "
+                    "to use this one"
+                )
             return {**new, "created": _now()}
         try:
             old = read_run_file(self.run_dir)
@@ -347,9 +371,15 @@ class Runner:
             )
         if changed and not self.force:
             shown = ", ".join(c.removeprefix("spec.") for c in changed[:6]) + (" ..." if len(changed) > 6 else "")
+            # --resume reruns the stored configuration over the dataset file as it is now: no way back
+            # to prompts that were edited since (it failed with this same message)
+            back = (
+                f"restore the dataset file {self.spec.dataset} as it was"
+                if "prompts" in changed
+                else f"rerun the original command, continue it with `personajudge eval --resume --run-dir {self.run_dir}`"
+            )
             raise RunMismatchError(
-                f"{self.run_dir} holds a run with a different configuration (changed: {shown}); rerun the "
-                f"original command, continue it with `personajudge eval --resume --run-dir {self.run_dir}`, "
+                f"{self.run_dir} holds a run with a different configuration (changed: {shown}); {back}, "
                 "or pass --force to switch this directory to the new configuration (rows that are still "
                 "valid are reused)"
             )

@@ -7,8 +7,8 @@
 - A row's identity is ``(key, fingerprint)``: the fingerprint says under which settings it was
   produced (model, decoding, prompt text, scorer options). :meth:`JsonlStore.append` refuses an
   identity that is already in the file, so a resumed run never duplicates a finished row; on
-  reading, the first occurrence wins. A line that is not an object with a ``key`` is skipped with
-  a warning.
+  reading, the first occurrence wins. A line that is not an object with a ``key``, or a row whose
+  fields are not of their types (:data:`ROW_TYPES`), is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -31,17 +31,68 @@ GENERATIONS = "generations.jsonl"
 SCORES = "scores.jsonl"
 
 
+_NUMBER = (int, float, type(None))
+#: the JSON types of the fields each file's rows are read by (the report, the scorers; None: the field
+#: may be missing or null). A row with another type was not written by the harness (edited by hand, or
+#: foreign): it is skipped like an unreadable line, so that a resumed run writes it again, a scorer never
+#: meets a null text and the report never a time that is a string (both were tracebacks)
+ROW_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
+    GENERATIONS: {
+        "key": (str,),
+        "prompt_id": (str,),
+        "experiment": (str,),
+        "method": (str,),
+        "seed": (int,),
+        "lambda": (int, type(None)),
+        "fp": (str,),
+        "text": (str,),
+        "n_tokens": (int, type(None)),
+        "wall_time_s": _NUMBER,
+        "tokens_per_s": _NUMBER,
+        "acceptance_rate": _NUMBER,
+        "prompt_tokens": (list, type(None)),
+    },
+    SCORES: {
+        "gen": (str,),
+        "scorer": (str,),
+        "fp": (str,),
+        "kind": (str, type(None)),
+        "value": _NUMBER,
+        "dimension": (str, type(None)),
+        "details": (dict, type(None)),
+    },
+}
+
+
+def well_typed(row: dict[str, Any], types: dict[str, tuple[type, ...]]) -> bool:
+    """Whether every field of ``row`` named in ``types`` has one of its types (a bool is no number);
+    a list of prompt token counts holds integers only."""
+    if not all(isinstance(row.get(k), t) and not isinstance(row.get(k), bool) for k, t in types.items()):
+        return False
+    counts = row.get("prompt_tokens")
+    return counts is None or all(isinstance(n, int) and not isinstance(n, bool) for n in counts)
+
+
 def _identity(row: dict[str, Any]) -> tuple[str, str]:
     return str(row.get("key")), str(row.get("fp", ""))
 
 
 def _keyed_rows(path: Path, objs: list[Any], bad: int) -> tuple[list[dict[str, Any]], int]:
-    """The objects that are rows (a dict with a ``key``); the rest count as bad lines, with one warning."""
-    rows = [o for o in objs if isinstance(o, dict) and "key" in o]
-    bad += len(objs) - len(rows)
+    """The objects that are rows (a dict with a ``key``, its fields of their :data:`ROW_TYPES`); the rest
+    count as bad lines, with a warning."""
+    keyed = [o for o in objs if isinstance(o, dict) and "key" in o]
+    bad += len(objs) - len(keyed)
+    types = ROW_TYPES.get(path.name)
+    rows = keyed if types is None else [r for r in keyed if well_typed(r, types)]
     if bad:
         print(f"personajudge: warning: {path}: skipped {bad} unreadable line(s)", file=sys.stderr)
-    return rows, bad
+    if len(rows) < len(keyed):
+        print(
+            f"personajudge: warning: {path}: skipped {len(keyed) - len(rows)} row(s) with a field of the wrong "
+            "type (edited by hand?)",
+            file=sys.stderr,
+        )
+    return rows, bad + len(keyed) - len(rows)
 
 
 def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], int]:

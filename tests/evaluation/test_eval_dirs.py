@@ -14,6 +14,7 @@ import pytest
 from personajudge.cli import main
 from personajudge.evaluation import EvalSpec, pair_experiment, run_eval, write_report
 from personajudge.evaluation.errors import EvalError
+from personajudge.evaluation.store import ROW_TYPES, well_typed
 
 pytest.importorskip("matplotlib")
 
@@ -159,3 +160,79 @@ def test_force_replaces_a_run_file_that_is_not_a_record(content, tmp_path, capsy
     run = json.loads((d / "run.json").read_text())
     assert run["spec"]["limit"] == 2 and isinstance(run["previous"], list)
     assert json.loads((d / "report.json").read_text())["generations"]["done"] == 8
+
+
+# -- audit 20: a folder that is not a run, a dataset among the run's files, rows of the wrong type --------
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("generations.jsonl", b"note 1\nnote 2 (no newline)"),
+        ("scores.jsonl", b'{"mine": true}\n'),
+        ("report.md", b"# my own report\n"),
+        ("winrate.png", b"not a plot"),
+    ],
+)
+def test_a_folder_without_run_json_holding_a_runs_files_is_refused_untouched(tmp_path, capsys, name, content):
+    """Before, eval took such a folder for a new run: it cut the last line of a generations.jsonl as a torn
+    row, appended its rows to the user's file and replaced report.md and the plots, with exit 0."""
+    d = tmp_path / "mydir"
+    d.mkdir()
+    (d / name).write_bytes(content)
+    assert main(["eval", *BASE, "--run-dir", str(d)]) == 2
+    one_error_line(capsys, f"holds {name} but no run.json", "--force")
+    assert (d / name).read_bytes() == content and not (d / "run.json").exists()
+    assert main(["eval", *BASE, "--run-dir", str(d), "--force"]) == 0  # as the message says
+    assert (d / "run.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["report.json", "generations.jsonl", "run.json"])
+def test_a_dataset_that_is_one_of_the_runs_own_files_is_refused_even_with_force(tmp_path, capsys, name):
+    d = tmp_path / "col"
+    d.mkdir()
+    dataset = d / name
+    dataset.write_text('[{"prompt": "What is 2+2?"}, {"prompt": "Name a colour."}]\n')
+    before = dataset.read_bytes()
+    for extra in ([], ["--force"]):
+        assert main(["eval", *BASE, "--dataset", str(dataset), "--run-dir", str(d), *extra]) == 2
+        one_error_line(capsys, f"is this run's own {name}", "move it out of")
+    assert dataset.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("wall_time_s", "x"), ("acceptance_rate", "a"), ("text", None), ("n_tokens", 1.5), ("prompt_tokens", ["7"])],
+)
+def test_a_row_with_a_field_of_the_wrong_type_is_skipped_and_written_again(finished, tmp_path, capsys, field, value):
+    """A hand-edited generation row whose fields no longer have their types crashed report (a string time
+    in a mean) and eval (a null text given to a scorer). It is skipped with a warning, like an unreadable
+    line: report leaves it out; eval generates it again, and the report counts the new row."""
+    d = copy_of(finished, tmp_path)
+    gens = d / "generations.jsonl"
+    rows = [json.loads(line) for line in gens.read_text().splitlines()]
+    rows[1][field] = value
+    gens.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert main(["report", str(d), "-q", "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 row(s) with a field of the wrong type" in err and "Traceback" not in err
+    assert main(["eval", *BASE, "--run-dir", str(d)]) == 0
+    again = [json.loads(line) for line in gens.read_text().splitlines()]
+    assert len(again) == len(rows) + 1 and again[-1]["key"] == rows[1]["key"]
+    assert well_typed(again[-1], ROW_TYPES["generations.jsonl"])
+
+
+def test_changed_prompts_are_not_told_to_resume(tmp_path, capsys):
+    """--resume reruns the stored configuration over the dataset file as it is now, so when the prompts
+    changed it failed with the same message that suggested it."""
+    data = tmp_path / "ds.jsonl"
+    data.write_text(json.dumps({"prompt": "What is 2+2?"}) + "\n")
+    d = tmp_path / "run"
+    argv = ["eval", *BASE, "--dataset", str(data), "--run-dir", str(d)]
+    assert main(argv) == 0
+    data.write_text(json.dumps({"prompt": "What is 5+5?"}) + "\n")
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = one_error_line(capsys, "changed: prompts", f"restore the dataset file {data} as it was", "--force")
+    assert "--resume" not in err
