@@ -37,6 +37,7 @@ from personajudge.core.transforms import SamplingParams
 from personajudge.engine import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_QUEUE,
+    MAX_BATCH,
     Engine,
     EngineClosedError,
     Job,
@@ -97,9 +98,11 @@ def _as_config(config: Any) -> RunConfig:
     raise ConfigError(f"config must be a mapping or RunConfig, got {type(config).__name__}")
 
 
-def _count(name: str, value: Any, minimum: int) -> int:
+def _count(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r:.40}")
+    if maximum is not None and int(value) > maximum:
+        raise ConfigError(f"{name} must be at most {maximum}, got {value!r:.40}")
     return int(value)
 
 
@@ -591,7 +594,7 @@ class PersonaJudge:
         max_queue: int = DEFAULT_MAX_QUEUE,
     ):
         self.config = _as_config(config)
-        self.max_batch, self.max_queue = _count("max_batch", max_batch, 1), _count("max_queue", max_queue, 0)
+        self.max_batch, self.max_queue = _count("max_batch", max_batch, 1, MAX_BATCH), _count("max_queue", max_queue, 0)
         _check_config(self.config)  # before the model loads: loading is most of the time of a failed run
         if backend is not None:
             _check_backend(backend)

@@ -125,6 +125,8 @@ class RayOptions:
             ("--cpus-per-replica", self.cpus_per_replica),
             ("--gpus-per-replica", self.gpus_per_replica),
         ):
+            if not value <= MAX_RESOURCE:  # inf, or so large its resource units overflow (not "decimals")
+                raise ConfigError(f"{flag} must be at most {MAX_RESOURCE} (more than any node has), got {value!r}")
             if not _in_resource_units(value):
                 raise ConfigError(f"{flag} must have at most 4 decimals (Ray's resource unit is 0.0001), got {value!r}")
         if self.max_restarts < 0:
@@ -145,11 +147,13 @@ class RayOptions:
 #: Ray's smallest amount of a resource (``ray._raylet.RESOURCE_UNIT_SCALING`` is 10000): ``options()``
 #: refuses a positive amount below it with a traceback-worthy ValueError, and rounds finer ones.
 _RESOURCE_UNIT = 1e-4
+#: the most CPUs or GPUs a replica may ask for (no node has as many)
+MAX_RESOURCE = 1_000_000
 
 
 def _in_resource_units(value: float) -> bool:
     """``value`` is a whole number of :data:`_RESOURCE_UNIT` (checked with a tolerance for binary floats:
-    0.3 is not exactly 3000 units). Infinity and NaN, refused before this, are not."""
+    0.3 is not exactly 3000 units). NaN, infinity and values past :data:`MAX_RESOURCE` are refused before."""
     units = value / _RESOURCE_UNIT
     return units == units and abs(units) != float("inf") and abs(units - round(units)) < 1e-6 * max(1.0, abs(units))
 

@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 
 from personajudge.core.batched import BatchedJudge, batched_request, judge_rows
-from personajudge.core.contract import Backend, Session
+from personajudge.core.contract import MAX_SESSION_VIEWS, Backend, Session
 from personajudge.core.decoding import DecodeRequest, Forward, Loop, StepDriver, Truncate, not_an_op, run_timed
 from personajudge.core.errors import (
     ConfigError,
@@ -75,6 +75,9 @@ from personajudge.core.result import GenerationResult
 from personajudge.plugins.manager import PluginWarning, guarded, open_session, who
 
 DEFAULT_MAX_BATCH = 8
+#: the most requests a batch may hold: each takes at least one view, and a session holds at most
+#: ``MAX_SESSION_VIEWS`` (a batch of 2**63 was taken, and every request then failed in the engine thread)
+MAX_BATCH = MAX_SESSION_VIEWS
 DEFAULT_MAX_QUEUE = 1024
 
 #: how long the exit hook waits for one engine's thread (its step in flight, then its session's close)
@@ -514,8 +517,8 @@ class Engine:
         batched: bool = True,
         after: Engine | None = None,
     ):
-        if max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
+        if not 1 <= max_batch <= MAX_BATCH:
+            raise ValueError(f"max_batch must be between 1 and {MAX_BATCH}")
         if max_queue < 0:
             raise ValueError("max_queue must be at least 0")
         self.backend = backend

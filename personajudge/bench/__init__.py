@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from personajudge.api import PersonaJudge, make_method
 from personajudge.core.config import DecodingConfig, RunConfig, validation_message
-from personajudge.core.errors import ConfigError, PersonaJudgeWarning
+from personajudge.core.errors import ConfigError, PersonaJudgeError, PersonaJudgeWarning
 from personajudge.core.processes import dies_with_parent
 from personajudge.plugins import get_method, preference_library
 from personajudge.preferences import Preference, PreferenceSpec, build_views, reported
@@ -531,12 +531,9 @@ def measure_memory(
                 "personajudge.bench",
                 "--probe",
                 str(k),
-                "--prompt",
-                prompt,
-                "--config-json",
-                cfg.model_dump_json(by_alias=True),
-                "--views-json",
-                groups_json,
+                f"--prompt={prompt}",  # one item: a prompt that starts with "-" is still its value
+                f"--config-json={cfg.model_dump_json(by_alias=True)}",
+                f"--views-json={groups_json}",
             ],
             capture_output=True,
             text=True,
@@ -544,7 +541,10 @@ def measure_memory(
             preexec_fn=dies_with_parent(),  # a bench killed by a signal leaves no probe running
         )
         if proc.returncode != 0:
-            raise RuntimeError(f"memory probe failed: {proc.stderr.strip().splitlines()[-1:]}")
+            said = (proc.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
+            raise PersonaJudgeError(
+                f"the memory probe (a fresh process with {k} view(s)) exited with status {proc.returncode}: {said}"
+            )
         out[k] = json.loads(proc.stdout.strip().splitlines()[-1])
     one, many = out[1], out[views]
     if views == 1:  # nothing to compare

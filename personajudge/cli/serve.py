@@ -21,6 +21,7 @@ from personajudge.api import PersonaJudge
 from personajudge.core.config import DecodingConfig
 from personajudge.core.errors import ConfigError, PersonaJudgeError, PersonaJudgeWarning
 from personajudge.core.files import os_error_text
+from personajudge.engine import MAX_BATCH
 from personajudge.serve import create_app
 from personajudge.serve.app import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_VIEWS, Server, check_api_key
 from personajudge.serve.bench import format_table, run_bench_serve
@@ -69,6 +70,8 @@ def _check_limits(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} must be at least {low}, got {value}")
     if args.port > 65535:
         raise ConfigError(f"--port must be at most 65535, got {args.port}")
+    if args.max_batch > MAX_BATCH:  # each request takes a view at least, and a session holds no more
+        raise ConfigError(f"--max-batch must be at most {MAX_BATCH}, got {args.max_batch}")
     if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
         raise ConfigError(f"--max-tokens-limit must be at least 1, got {args.max_tokens_limit}")
     # math.isfinite: NaN passes every comparison below (they are all False)
@@ -255,25 +258,40 @@ def _levels(text: str) -> list[int]:
         levels = []
     if not levels or min(levels) < 1:
         raise ConfigError(f"--concurrency takes positive integers, e.g. 1,4,16; got {text!r}")
+    if max(levels) > BENCH_MAX_REQUESTS:  # more clients than requests a level may send
+        raise ConfigError(f"--concurrency levels must be at most {BENCH_MAX_REQUESTS}, got {max(levels)}")
     twice = sorted({c for c in levels if levels.count(c) > 1})
     if twice:  # two rows of one name, the second compared with the first as if it were another level
         raise ConfigError(f"--concurrency lists {', '.join(map(str, twice))} twice: {text!r}")
     return levels
 
 
-def _check_server_flags(flags: list[str]) -> None:
+def _check_server_flags(flags: list[str], own: set[str]) -> None:
     """Parse the ``--server-flag`` values as ``serve`` will, now: a flag serve does not know (or a bad value
-    of one it knows) was found only once the direct baseline had run and the server was starting."""
+    of one it knows) was found only once the direct baseline had run and the server was starting.
+
+    ``own``: bench-serve's own options (its ``args``' names). One of them given as a server flag is refused:
+    it came after bench-serve's own flags, so the server ran with it while the direct row and the report's
+    ``settings`` used bench-serve's value (``--server-flag=--max-batch=1`` recorded 8)."""
     parser = _Parser(prog="personajudge serve")
     _add_serve_options(parser)
+    for action in parser._actions:  # parsed, the namespace holds only what the flags give
+        action.default = argparse.SUPPRESS
     said = io.StringIO()
     try:
         with contextlib.redirect_stderr(said), contextlib.redirect_stdout(io.StringIO()):
-            parser.parse_args(flags)
+            given = parser.parse_args(flags)
     except SystemExit:
         lines = said.getvalue().strip().splitlines()
         reason = lines[-1].split("error: ", 1)[-1].removesuffix(" (see --help)") if lines else "it asks for help"
         raise ConfigError(f"--server-flag: serve would refuse {' '.join(map(repr, flags))}: {reason}") from None
+    taken = [a for a in parser._actions if a.dest in vars(given) and a.dest in own and a.option_strings]
+    if taken:
+        name = max(taken[0].option_strings, key=len)
+        raise ConfigError(
+            f"--server-flag: {name} is a flag of bench-serve itself; give it as {name}, so that the direct row "
+            "and the report use it too (--server-flag is for serve's other flags, such as --log-level)"
+        )
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
@@ -304,7 +322,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-tokens must be at most {MAX_NEW_TOKENS}, got {args.max_tokens}")
     cfg, prefs = config_from_args(args)
     if args.url is None:
-        _check_server_flags(args.server_flags)
+        _check_server_flags(args.server_flags, set(vars(args)))
     # Not given: raised so that every level's requests batch together and none waits in a full queue
     # (said in one line and recorded); given: passed to the server as given (benching --max-batch 1
     # against the default is a fair question), with a line when a level needs more.
@@ -558,7 +576,7 @@ def register(sub) -> None:
         action="append",
         default=[],
         metavar="FLAG",
-        help="extra flag for the started server (repeatable), e.g. --server-flag=--n-ctx=1024",
+        help="extra flag of serve for the started server that bench-serve has not itself (repeatable), e.g. --server-flag=--log-level=info",
     )
     b.add_argument("--json", action="store_true", help="print the JSON report")
     b.set_defaults(func=cmd_bench_serve)

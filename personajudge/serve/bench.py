@@ -197,9 +197,9 @@ def check_url(url: str, *, model: str, headers: dict[str, str], timeout: float =
         raise ConfigError(f"--url {url}: cannot reach the server ({type(err).__name__}: {err})") from None
     if r.status_code != 200:
         raise ConfigError(f"--url {url}: GET /models answered HTTP {r.status_code}: {_quote(r.content)}")
-    try:
+    try:  # TypeError: "data" null or a number (a server that is not OpenAI-compatible)
         ids = [m.get("id") for m in r.json().get("data", [])]
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, TypeError):
         raise ConfigError(
             f"--url {url}: GET /models did not answer an OpenAI model list: {_quote(r.content)}"
         ) from None
@@ -253,16 +253,21 @@ async def _stream(
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if "error" in chunk:
-                err = f"stream error: {_quote(json.dumps(chunk['error']))}"
-                return time.perf_counter() - t0, first, tokens or 0, err, info
-            for ch in chunk.get("choices", []):
-                if ch.get("delta", {}).get("content") and first is None:
-                    first = time.perf_counter() - t0
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if isinstance(chunk.get("persona_judge"), dict):
-                info = chunk["persona_judge"]
+            try:  # a server that is not OpenAI-compatible: its request fails, said in one line, no traceback
+                if "error" in chunk:
+                    err = f"stream error: {_quote(json.dumps(chunk['error']))}"
+                    return time.perf_counter() - t0, first, tokens or 0, err, info
+                for ch in chunk.get("choices", []):
+                    if ch.get("delta", {}).get("content") and first is None:
+                        first = time.perf_counter() - t0
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                    if not isinstance(tokens, int) or isinstance(tokens, bool):
+                        raise TypeError("completion_tokens is not an integer")
+                if isinstance(chunk.get("persona_judge"), dict):
+                    info = chunk["persona_judge"]
+            except (TypeError, AttributeError, KeyError) as err:
+                raise ValueError(f"not an OpenAI chat.completion.chunk ({err}): {_quote(line[6:])}") from None
     return time.perf_counter() - t0, first, tokens, None, info
 
 
@@ -527,10 +532,12 @@ def format_table(rep: dict[str, Any]) -> str:
         tps = r["tokens_per_s"] if r["tokens_per_s"] is not None else "-"
         views = ",".join(map(str, r["views"])) if r.get("views") else "-"
         acc = r["acceptance_rate"] if r.get("acceptance_rate") is not None else "-"
+        # no request returned text: no time to first text, shown as "-" as the other columns show none
+        ttft = f"{r['ttft_p50_s']} / {r['ttft_p95_s']}" if r.get("ttft_p50_s") is not None else "-"
         lines.append(
             f"| {r['name']} | {r['requests']}{err} | {tokens} | {tps} | "
             f"{r['vs_c1'] if r['vs_c1'] is not None else '-'} | {r['latency_p50_s']} / {r['latency_p95_s']} | "
-            f"{r['ttft_p50_s']} / {r['ttft_p95_s']} | {views} | {acc} |"
+            f"{ttft} | {views} | {acc} |"
         )
     for r in rep["rows"]:
         if r.get("first_error"):

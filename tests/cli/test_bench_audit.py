@@ -209,3 +209,27 @@ def test_too_many_views_without_preferences_names_the_defaults(capsys, no_load):
     assert "none were given" in line and "--prefer" in line and "got 8" not in line
     assert main([*BENCH, "--views", "3", "--prefer", "concise", "--prefer", "humor"]) == 2
     assert "needs at least 3 preferences, got 2" in _one_error_line(capsys)
+
+
+def test_a_prompt_that_starts_with_a_dash_reaches_the_memory_probe(capsys):
+    """The probe took ``--prompt -hello`` as a flag without its value: the probe failed after all the timed
+    runs, a RuntimeError traceback (exit 1), and the report was lost. A real probe, on the toy backend."""
+    cfg = {"backend": {"name": "toy"}, "decoding": {"max_new_tokens": 4}}
+    mem = bench.measure_memory(build_config(cfg), "-hello", views=2, preferences=["concise", "humor"])
+    assert mem["generated_tokens_1_view"] == 4 and mem["peak_rss_mib_1_view"] > 0
+
+
+def test_a_memory_probe_that_fails_is_one_line(monkeypatch, capsys):
+    class Failed:
+        returncode = 3
+        stdout = ""
+        stderr = "Traceback ...\nOSError: the model file is gone\n"
+
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: Failed())
+    argv = ["bench", "--backend", "toy", "--max-new-tokens", "4", "--repeats", "1", "--no-steps", "--methods", "plain"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "personajudge: error: the memory probe (a fresh process with 1 view(s)) exited with status 3: "
+        "OSError: the model file is gone"
+    )

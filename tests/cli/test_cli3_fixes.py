@@ -300,11 +300,12 @@ def test_bench_serve_quotes_its_servers_error(capsys):
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     argv = ["bench-serve", *TOY, "--no-direct", "--requests", "1", "--max-tokens", "2", "--concurrency", "1"]
-    # a flag serve parses (an unknown one is refused before the server starts: test_cli4_fixes) and then refuses
-    assert main([*argv, "--server-flag=--max-batch=0"]) == 2
+    # settings serve parses and then refuses (an unknown flag is refused before the server starts:
+    # test_cli4_fixes): two default preferences, more views than --max-views allows
+    assert main([*argv, "--prefer", "concise", "--prefer", "humor", "--max-views", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("personajudge: error: the server exited with status 2 before it was ready")
-    assert "--max-batch" in err[-1].split("it said:", 1)[1]
+    assert "more than --max-views 1" in err[-1].split("it said:", 1)[1]
 
 
 # -- G: a config file's settings, a flag's values ----------------------------------------------------

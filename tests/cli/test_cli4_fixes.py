@@ -127,6 +127,37 @@ def test_e_a_server_flag_serve_would_refuse_is_refused_before_the_run(flag, says
 
 
 @pytest.mark.parametrize(
+    ("flag", "name"),
+    [
+        ("--max-batch=1", "--max-batch"),
+        ("--max-queue=2", "--max-queue"),
+        ("--port=1", "--port"),
+        ("--host=0.0.0.0", "--host"),
+        ("--n-ctx=1024", "--n-ctx"),
+        ("--max-b=1", "--max-batch"),  # an abbreviation argparse takes
+    ],
+)
+def test_e_a_server_flag_bench_serve_has_itself_is_refused(flag, name, no_bench_serve_run, capsys):
+    """It came after bench-serve's own flags, so the server ran with it while the direct row and the
+    report's settings recorded bench-serve's value (--server-flag=--max-batch=1 reported max_batch 8)."""
+    one_line(*run_main([*BENCH_SERVE, f"--server-flag={flag}"], capsys)[::2], f"{name} is a flag of bench-serve")
+
+
+def test_e_a_flag_only_serve_has_passes(monkeypatch, capsys):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    import personajudge.cli.serve as serve_cli
+
+    seen = {}
+    monkeypatch.setattr(serve_cli, "run_bench_serve", lambda cfg, **kw: seen.update(kw) or {})
+    code, _, err = run_main(
+        [*BENCH_SERVE, "--json", "--server-flag=--log-level=info", "--server-flag=--access-log"], capsys
+    )
+    assert code == 0, err
+    assert seen["server_flags"][-2:] == ["--log-level=info", "--access-log"]
+
+
+@pytest.mark.parametrize(
     "bad",
     [["--requests", "0"], ["--max-tokens", "0"], ["--config", "missing.toml"]],
     ids=["requests", "tokens", "config"],

@@ -102,6 +102,18 @@ def test_resource_finer_than_rays_unit_is_one_line(tmp_path, capsys, flag):
     assert not (tmp_path / "o.jsonl.partial").exists()
 
 
+@pytest.mark.parametrize("flag", ["--cpus-per-replica", "--gpus-per-replica"])
+@pytest.mark.parametrize("value", ["inf", "1e308"])
+def test_resource_past_any_node_is_one_line_with_the_reason(tmp_path, capsys, flag, value):
+    """Infinity and 1e308 were refused for having more than 4 decimals."""
+    inp = tmp_path / "in.jsonl"
+    _write_input(inp, 2)
+    argv = ["generate", "--input", str(inp), "--output", str(tmp_path / "o.jsonl"), *TOY, "-q", "--ray"]
+    assert main([*argv, flag, value]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and f"{flag} must be at most 1000000 (more than any node has)" in err[0], err
+
+
 def test_resource_amounts_ray_accepts_pass():
     for value in (0.0001, 0.25, 0.3, 0.1 + 0.2, 1.0, 2.5, 16.0):
         RayOptions(cpus_per_replica=value, gpus_per_replica=value)

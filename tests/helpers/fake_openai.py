@@ -3,7 +3,8 @@
 
 Modes: ``ok`` (a streamed answer with usage), ``nousage`` (without the usage chunk), ``hang`` (a completion
 that never answers, until the test is done), ``fail`` (every completion is a 503), ``fail-after-N`` (the
-first N completions answer, the rest are 503s).
+first N completions answer, the rest are 503s), ``raw:EVENT`` (a stream of that one event, as written,
+then ``[DONE]``), ``models:DATA`` (``GET /models`` answers ``{"data": DATA}``).
 """
 
 import contextlib
@@ -35,7 +36,9 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
-        if self.path.endswith("/models"):
+        if self.path.endswith("/models") and self.mode.startswith("models:"):
+            self._send(200, b'{"object": "list", "data": ' + self.mode.split(":", 1)[1].encode() + b"}")
+        elif self.path.endswith("/models"):
             self._send(200, json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]}).encode())
         else:
             self._send(404, b'{"error": {"message": "no such path"}}')
@@ -49,6 +52,9 @@ class FakeOpenAI(BaseHTTPRequestHandler):
             return
         if cls.mode == "fail" or (cls.mode.startswith("fail-after-") and cls.posts > int(cls.mode.rsplit("-", 1)[1])):
             self._send(503, OVERLOADED)
+            return
+        if cls.mode.startswith("raw:"):
+            self._send(200, f"data: {cls.mode[4:]}\n\ndata: [DONE]\n\n".encode(), "text/event-stream")
             return
         events = [{"choices": [{"index": 0, "delta": {"content": "hi"}}], "persona_judge": {"views": 2}}]
         if cls.mode != "nousage":

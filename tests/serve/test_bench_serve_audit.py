@@ -170,3 +170,79 @@ def test_with_url_the_direct_row_gets_no_ratio_to_the_remote_server(capsys):
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
     assert rows["direct (no server)"]["tokens"] > 0 and rows["direct (no server)"]["vs_c1"] is None
     assert rows["server c=1"]["vs_c1"] == 1.0
+
+
+# audit 20: a server that is not this one, limits past what a session holds, the table's TTFT
+
+
+@pytest.mark.parametrize("data", ["null", "5", "[1, 2]"])
+def test_a_model_list_of_another_shape_is_one_line(data, capsys, no_direct_row):
+    """``{"data": null}`` was a TypeError traceback (exit 1)."""
+    with fake_server(f"models:{data}") as (url, _):
+        assert main([*BENCH, "--url", url]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "did not answer an OpenAI model list" in err[0], err
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        "1",
+        '"hello"',
+        "[1, 2]",
+        '{"choices": "abc"}',
+        '{"choices": [{"delta": null}]}',
+        '{"choices": [], "usage": {"prompt_tokens": 1}}',
+        '{"choices": [], "usage": {"completion_tokens": "3"}}',
+    ],
+)
+def test_a_stream_event_of_another_shape_fails_the_request_in_one_line(event, capsys):
+    """Each was a traceback (TypeError, AttributeError, KeyError; a string token count in the sum)."""
+    with fake_server(f"raw:{event}") as (url, _):
+        assert main([*BENCH, "--no-direct", "--url", url]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("personajudge: error: ") and "not an OpenAI chat.completion.chunk" in err[-1], err
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--max-batch", "9223372036854775808"], "--max-batch must be at most 65536"),
+        (["--concurrency", "99999999999999999999"], "--concurrency levels must be at most 10000"),
+    ],
+)
+def test_limits_past_what_a_session_or_a_level_holds_are_refused_before_any_work(argv, needle, capsys, no_direct_row):
+    """They were taken, the server started, and every request failed with a 500 from the engine thread."""
+    assert main([*BENCH, *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+
+
+def test_serve_and_the_api_refuse_a_batch_no_session_can_hold(capsys):
+    from personajudge.api import PersonaJudge
+
+    assert main(["serve", "--backend", "toy", "--max-batch", "65537"]) == 2
+    assert "--max-batch must be at most 65536, got 65537" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="max_batch must be at most 65536"):
+        PersonaJudge({"backend": {"name": "toy"}}, max_batch=2**63)
+
+
+def test_a_row_with_no_time_to_first_text_shows_a_dash():
+    row = {
+        "name": "c=1",
+        "requests": 2,
+        "errors": 0,
+        "tokens": None,
+        "requests_without_usage": 2,
+        "tokens_per_s": None,
+        "vs_c1": None,
+        "latency_p50_s": 0.1,
+        "latency_p95_s": 0.2,
+        "ttft_p50_s": None,
+        "ttft_p95_s": None,
+    }
+    rep = {"machine": "m", "server": "started", "backend": "toy", "model": "x", "method": "pj"}
+    rep |= {"requests_per_level": 2, "max_tokens": 4, "rows": [row]}
+    line = [x for x in serve_bench.format_table(rep).splitlines() if x.startswith("| c=1 ")][0]
+    assert "None" not in line and "| 0.1 / 0.2 | - |" in line
