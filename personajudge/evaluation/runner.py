@@ -305,8 +305,9 @@ class Runner:
         dataset = Path(self.spec.dataset)
         if not dataset.is_file():  # a named dataset (psoups), or a path load_prompts reports on
             return
+        where = dataset.resolve()
         for name in (RUN_FILE, GENERATIONS, SCORES, *REPORT_FILES):
-            if dataset.resolve() == (self.run_dir / name).resolve():
+            if where == (self.run_dir / name).resolve():
                 raise EvalError(
                     f"the dataset {self.spec.dataset} is this run's own {name}, which the run writes; "
                     f"move it out of {self.run_dir}, or choose another --run-dir"

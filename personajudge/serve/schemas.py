@@ -237,12 +237,10 @@ class Message(BaseModel):
     def _text_only(cls, v: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
         """Text, as text parts or a string, that UTF-8 can encode: checked here, so that a 400 names the
         message (``messages.2.content``), not the whole list."""
-        for part in [] if v is None or isinstance(v, str) else v:
+        for part in [{"type": "text", "text": v}] if isinstance(v, str) else v or ():
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise ValueError("only text content parts are supported")
-        texts = [v] if isinstance(v, str) else [part["text"] for part in v or ()]
-        for text in texts:
-            if (problem := unicode_problem(text)) is not None:
+            if (problem := unicode_problem(part["text"])) is not None:
                 raise ValueError(f"the text {problem}")
         return v
 
