@@ -11,12 +11,22 @@ TORCH  ?= torch==2.13.0
 TORCH_ARGS ?=
 EXTRAS ?= llama,hf,eval,ray,serve,dev
 
+# A venv with pip. `python -m venv` runs ensurepip with its output captured, so when that fails (CI saw it
+# once: "ensurepip ... returned non-zero exit status 1" and nothing else) the cause is lost. Then: make the
+# venv without pip, run ensurepip where its output shows, and if it fails again have this Python's own pip
+# install pip into the venv (pip >= 22.3 has --python).
+define make-venv
+	$(PYTHON) -m venv $(1) || { echo "make-venv: venv's ensurepip failed; retrying it with its output shown" >&2; \
+	    rm -rf $(1) && $(PYTHON) -m venv --without-pip $(1) && \
+	    { $(1)/bin/python -m ensurepip --default-pip || $(PYTHON) -m pip --python $(1)/bin/python install -q pip; }; }
+endef
+
 .PHONY: install demo test test-fast wheel test-wheel lint bench gpu-wheels gpu-check clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
+	$(call make-venv,$(VENV))
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)" $(TORCH_ARGS)
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
@@ -60,7 +70,7 @@ wheel: install
 test-wheel: install
 	rm -rf build/wheel-check && mkdir -p build/wheel-check
 	$(call build-wheel,build/wheel-check/dist)
-	$(PYTHON) -m venv build/wheel-check/venv
+	$(call make-venv,build/wheel-check/venv)
 	build/wheel-check/venv/bin/python -m pip install -q build/wheel-check/dist/persona_judge-*.whl pytest scipy
 	cd build/wheel-check && venv/bin/personajudge plugins >/dev/null
 	cd build/wheel-check && venv/bin/personajudge generate "hello" --backend toy --prefer concise --prefer humor --max-new-tokens 8 --json >/dev/null

@@ -297,3 +297,46 @@ def test_demo_refuses_threads_0_as_the_cli_does(capsys):
     cli = _one_error_line(capsys.readouterr().err)
     reason = cli.split("backend.threads:", 1)[1]
     assert "backend.threads:" in demo and demo.split("backend.threads:", 1)[1] == reason
+
+
+# -- G: a venv whose ensurepip fails ----------------------------------------------------------------
+
+
+def test_make_venv_retries_when_venvs_ensurepip_fails(tmp_path):
+    """CI once stopped at ``python3 -m venv .venv`` ("ensurepip ... exit status 1", venv hides the rest):
+    the Makefile's ``make-venv`` (used by ``install`` and ``test-wheel``) then makes the venv without pip
+    and runs ensurepip where its output shows, ending with a venv that has pip."""
+    fake = tmp_path / "python"  # a Python whose `-m venv DIR` fails as venv's captured ensurepip did
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1 $2" = "-m venv" ] && [ "$3" != "--without-pip" ]; then\n'
+        "  echo 'Error: ensurepip returned non-zero exit status 1' >&2; exit 1\n"
+        "fi\n"
+        f'exec {sys.executable} "$@"\n'
+    )
+    fake.chmod(0o755)
+    extra = tmp_path / "venv.mk"
+    extra.write_text("venv-only:\n\t$(call make-venv,$(DEST))\n")
+    dest = tmp_path / "venv"
+    proc = subprocess.run(
+        [
+            "make",
+            "-s",
+            "-C",
+            str(ROOT),
+            "-f",
+            "Makefile",
+            "-f",
+            str(extra),
+            "venv-only",
+            f"PYTHON={fake}",
+            f"DEST={dest}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "venv's ensurepip failed; retrying it with its output shown" in proc.stderr
+    pip = subprocess.run([str(dest / "bin" / "python"), "-m", "pip", "--version"], capture_output=True, text=True)
+    assert pip.returncode == 0 and str(dest) in pip.stdout, pip.stdout + pip.stderr
