@@ -47,7 +47,7 @@ from pydantic import Field, model_validator
 
 from personajudge.backends.embedded import default_model_path
 from personajudge.core.chat_template import ChatTemplate
-from personajudge.core.config import BackendConfig, Options, take_options
+from personajudge.core.config import MAX_THREADS, BackendConfig, Options, take_options
 from personajudge.core.contract import Backend, ForwardCall, Session
 from personajudge.core.errors import (
     BackendUnavailableError,
@@ -65,8 +65,6 @@ from personajudge.core.transforms import SamplingParams
 INSTALL_HINT = 'pip install -e ".[llama]" in your persona-judge clone'
 DEFAULT_N_CTX = 4096
 
-#: ggml's GGML_MAX_N_THREADS: more threads make llama.cpp abort (std::bad_alloc) instead of failing
-MAX_THREADS = 512
 #: llama.cpp keeps sizes and positions in 32-bit integers; larger values wrap around silently
 _INT32 = 2**31 - 1
 #: KV sequences llama.cpp allows in one context (LLAMA_MAX_SEQ)

@@ -58,6 +58,11 @@ else:
 _SPELLINGS = {"lam": ["lambda"]}
 
 
+#: ggml's GGML_MAX_N_THREADS: more threads make llama.cpp abort (std::bad_alloc) and torch stall; the
+#: most ``backend.threads`` takes, and what a Ray replica's thread count is capped at
+MAX_THREADS = 512
+
+
 class TypedErrors(_ModelMeta):
     """Building a model directly (``DecodingConfig(top_p=2)``) raises the class's typed error, one line
     naming the field, instead of pydantic's multi-line ``ValidationError``: these models are public,
@@ -131,7 +136,7 @@ class BackendConfig(_Model):
     threads: int | None = Field(
         None,
         ge=1,
-        le=512,
+        le=MAX_THREADS,
         description="CPU threads (at most 512: ggml's GGML_MAX_N_THREADS; "
         "llama.cpp aborts and torch stalls with far more).",
     )

@@ -69,7 +69,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from personajudge.api import PersonaJudge, _check_config, executor_results, rows_failed_alone
-from personajudge.core.config import Options, RunConfig, build_config, take_options
+from personajudge.core.config import MAX_THREADS, Options, RunConfig, build_config, take_options
 from personajudge.core.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -103,7 +103,7 @@ class RayOptions:
 
     ``address``: None starts a local Ray instance; ``"auto"``, ``"HOST:PORT"`` or ``"ray://HOST:PORT"``
     joins an existing cluster. ``threads``: the backend's thread count in each replica when the config
-    does not set one (default: ``cpus_per_replica``, so replicas do not fight over cores).
+    does not set one (default: ``cpus_per_replica``, so replicas do not fight over cores; at most 512).
     """
 
     address: str | None = None
@@ -131,6 +131,8 @@ class RayOptions:
                 raise ConfigError(f"{flag} must have at most 4 decimals (Ray's resource unit is 0.0001), got {value!r}")
         if self.max_restarts < 0:
             raise ConfigError("max_restarts must be 0 or more")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise ConfigError(f"threads must be between 1 and {MAX_THREADS}, got {self.threads!r}")
         scheme, sep, _ = (self.address or "").partition("://")
         if sep and scheme != "ray":
             raise ConfigError(
@@ -141,7 +143,9 @@ class RayOptions:
 
     @property
     def replica_threads(self) -> int:
-        return self.threads or max(1, int(self.cpus_per_replica))
+        """A replica's thread count: ``threads``, else its CPUs, at most :data:`MAX_THREADS` (a replica
+        reserving 600 CPUs runs 512 threads rather than failing its config in every replica)."""
+        return self.threads or min(MAX_THREADS, max(1, int(self.cpus_per_replica)))
 
 
 #: Ray's smallest amount of a resource (``ray._raylet.RESOURCE_UNIT_SCALING`` is 10000): ``options()``

@@ -47,6 +47,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         twice = sorted({m for m in methods if methods.count(m) > 1})
         if twice:  # each method is one row of the table; a repeat would only time it again
             raise ConfigError(f"--methods lists {', '.join(twice)} twice: {args.methods!r}")
+    if args.reference_max_new_tokens is not None and "reference" not in (methods or ALL_METHODS):
+        raise ConfigError(  # it caps only the reference's length: without that row it would change nothing
+            f"--reference-max-new-tokens has no effect: --methods {args.methods} does not time the reference; "
+            "add reference to --methods or drop the flag"
+        )
     warn_unused_config_method(args, methods or ALL_METHODS, "bench", "timed")
     rep = run_bench(
         cfg,

@@ -137,6 +137,20 @@ def test_a_reference_cap_above_max_new_tokens_is_refused(capsys):
     assert len(err) == 1 and "cannot lengthen" in err[0]
 
 
+def test_a_reference_cap_without_the_reference_is_refused(capsys, monkeypatch):
+    """``--methods plain --reference-max-new-tokens 8`` timed plain and ignored the cap; now refused, before
+    anything is timed."""
+    import personajudge.cli.bench as bench_cli
+
+    monkeypatch.setattr(bench_cli, "run_bench", lambda *a, **k: pytest.fail("the bench ran"))
+    assert main([*BENCH, "--no-steps", "--methods", "plain,persona-judge", "--reference-max-new-tokens", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "personajudge: error: --reference-max-new-tokens has no effect: --methods plain,persona-judge does not "
+        "time the reference; add reference to --methods or drop the flag"
+    ]
+
+
 def test_a_capped_reference_ratio_says_it_is_not_like_for_like(capsys):
     assert main([*BENCH, "--no-steps", "--methods", "persona-judge,reference", "--reference-max-new-tokens", "8"]) == 0
     out = capsys.readouterr().out

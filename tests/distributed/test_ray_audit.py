@@ -121,6 +121,20 @@ def test_resource_amounts_ray_accepts_pass():
         RayOptions(cpus_per_replica=0.00015)
 
 
+def test_a_replica_with_more_cpus_than_ggml_threads_runs_512_threads():
+    """A replica reserving 600 CPUs (a big node) got ``backend.threads=600`` in its config, which every
+    replica then refused with pydantic's multi-line error: its thread count is capped at 512 instead."""
+    from personajudge.distributed import replica_config
+
+    opts = RayOptions(cpus_per_replica=600)
+    assert opts.replica_threads == 512
+    assert replica_config({"backend": {"name": "llama-cpp"}}, opts.replica_threads).backend.threads == 512
+    assert RayOptions(cpus_per_replica=600, threads=8).replica_threads == 8  # an explicit count is kept
+    for bad in (0, 513):
+        with pytest.raises(ConfigError, match=f"threads must be between 1 and 512, got {bad}"):
+            RayOptions(threads=bad)
+
+
 def test_ray_refusing_the_amounts_is_a_config_error(local_ray, monkeypatch):
     """What RayOptions does not check and Ray's ``options()`` refuses is one ConfigError, not a traceback."""
     monkeypatch.setattr(dist, "_in_resource_units", lambda value: True)
