@@ -4,11 +4,13 @@ A bench stopped by a signal sent to it alone (``kill PID``, a CI job that stops 
 ``Popen.terminate()``) must not leave its child holding the model and a port. The bench stops the
 child on every exit path it sees (:func:`stop_process` in ``finally`` blocks); for the paths it
 cannot see (SIGKILL, a second Ctrl-C that ends it at once) the kernel sends the child SIGTERM when
-the bench dies (:func:`dies_with_parent`, Linux).
+the bench dies (:func:`dies_with_parent`, Linux). A ``kill PID`` of the bench itself is turned into
+an exit that runs those blocks (:func:`terminate_as_exit`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -16,8 +18,8 @@ import signal
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Callable
-from threading import Thread
+from collections.abc import Callable, Iterator
+from threading import Thread, current_thread, main_thread
 from typing import IO
 
 #: ``prctl`` option: the signal a process gets when its parent (the thread that started it) dies
@@ -46,6 +48,28 @@ def dies_with_parent() -> Callable[[], None] | None:
             os.kill(os.getpid(), signal.SIGTERM)
 
     return set_death_signal
+
+
+@contextlib.contextmanager
+def terminate_as_exit() -> Iterator[None]:
+    """SIGTERM raises ``SystemExit(143)`` (the status a process killed by it shows) instead of ending
+    the process on the spot, so ``finally`` blocks run: ``bench-serve`` stops the server it started,
+    a Ray run shuts down its replicas and says how many rows its partial file keeps. Installed over
+    whatever handler was there (Ray's driver sets one that exits with 15) and put back after. Only in
+    the main thread, where Python runs signal handlers."""
+    if current_thread() is not main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while stopping ends it at once
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 60.0) -> int:

@@ -79,6 +79,7 @@ from personajudge.core.errors import (
     PersonaJudgeWarning,
 )
 from personajudge.core.files import discard_fresh_files, os_error_text
+from personajudge.core.processes import terminate_as_exit
 from personajudge.plugins import get_backend_class, registry
 from personajudge.preferences import Preference
 
@@ -719,6 +720,7 @@ class ReplicaPool:
         self._warned: set[tuple[type[Warning], str]] = set()
         self._running: dict[Any, Any] = {}  # task key -> the ObjectRef of its chunk, while out
         self._stdout: _OwnStdout | None = None  # installed by start(), removed by close()
+        self._sigterm: contextlib.ExitStack | None = None  # terminate_as_exit while a Ray we started runs
 
     def _warn(self, recorded: Iterable[tuple[type[Warning], str, str, int]]) -> None:
         """Issue the warnings a replica recorded, in this process, once per pool: the replicas' copies
@@ -755,11 +757,19 @@ class ReplicaPool:
                 check_address(o.address)
             # Set before ray.init: whatever stops it half-way, close() shuts down what it started.
             self._started_ray = True
+            self._sigterm = contextlib.ExitStack()
+            before = signal.getsignal(signal.SIGTERM)  # None: set outside Python, nothing to put back
+            if before is not None and threading.current_thread() is threading.main_thread():
+                self._sigterm.callback(signal.signal, signal.SIGTERM, before)  # close(): what ray.init replaced
             try:
                 with _interrupt_after(), _quiet_ray_start(), _loopback_node(o.address is None):
                     ray.init(**_init_args(o.address))
             except Exception as err:  # ConnectionError, a missing ray[client], a bad address: one line
                 raise ReplicaError(_init_error(o.address, err)) from None
+            # ray.init set a SIGTERM handler that exits with 15 (and Ray's C++ one prints a stack per
+            # signal): `kill PID` is an exit with 143, as without Ray, through close() and the caller's
+            # finally blocks (the partial file's count). Only over the handler this pool's ray.init set.
+            self._sigterm.enter_context(terminate_as_exit())
         self._check_resources(ray)
         try:
             remote = ray.remote(Replica).options(
@@ -827,6 +837,9 @@ class ReplicaPool:
         try:
             self._close()
         finally:
+            if self._sigterm is not None:  # after ray.shutdown(): Ray's handler is back only as it ends
+                self._sigterm.close()
+                self._sigterm = None
             if self._stdout is not None:
                 if sys.stdout is self._stdout:
                     sys.stdout = self._stdout.stream

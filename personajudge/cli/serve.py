@@ -21,6 +21,7 @@ from personajudge.api import PersonaJudge
 from personajudge.core.config import DecodingConfig
 from personajudge.core.errors import ConfigError, PersonaJudgeError, PersonaJudgeWarning
 from personajudge.core.files import os_error_text
+from personajudge.core.processes import terminate_as_exit
 from personajudge.engine import MAX_BATCH
 from personajudge.serve import create_app
 from personajudge.serve.app import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_VIEWS, Server, check_api_key
@@ -361,7 +362,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     if args.max_tokens_limit is not None:
         flags.append(f"--max-tokens-limit={args.max_tokens_limit}")
     api_key = _api_key(args)
-    with _terminate_as_exit():  # `kill PID`: the started server is stopped too
+    with terminate_as_exit():  # `kill PID`: the started server is stopped too
         rep = run_bench_serve(
             cfg,
             preferences=prefs,
@@ -381,26 +382,6 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     if rep.get("failed_level"):  # the levels before it are printed above; the run still failed
         raise PersonaJudgeError(rep["failed_level"]["error"])
     return 0
-
-
-@contextlib.contextmanager
-def _terminate_as_exit():
-    """SIGTERM raises ``SystemExit(143)`` (the status a process killed by it shows) instead of ending
-    the process on the spot, so the ``finally`` blocks that stop bench-serve's server run. Only in the
-    main thread, where Python runs signal handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminate(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while stopping ends it at once
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 #: the run options (``add_run_options``) a started server gets, as (dest, flag); not --max-new-tokens

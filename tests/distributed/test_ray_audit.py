@@ -325,3 +325,92 @@ def test_auto_without_a_cluster_names_the_ray_flag(tmp_path):
         "personajudge: error: cannot join the Ray cluster at auto: no running Ray instance found on this "
         "machine (start one with `ray start --head`, or give --ray ADDRESS)"
     ]
+
+
+# -- J: SIGTERM while a Ray run is out ------------------------------------------------------------
+def test_sigterm_after_ray_init_is_exit_143_and_the_handler_is_put_back(monkeypatch):
+    """ray.init sets a SIGTERM handler that exits with 15; the pool puts its own over it (SystemExit
+    143, as a process killed by SIGTERM shows) and, on close, the handler from before ray.init."""
+
+    def rays_handler():
+        def exit_15(signum, frame):  # Ray 2.x's driver handler: sys.exit(signum)
+            raise SystemExit(signum)
+
+        signal.signal(signal.SIGTERM, exit_15)
+
+    def terminated():
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # bytecodes run: the handler raises here
+            pass
+        pytest.fail("SIGTERM was not delivered")
+
+    fake = _FakeRay(monkeypatch, rays_handler)
+    monkeypatch.setattr(ray, "cluster_resources", terminated)  # the first call after ray.init
+    mine = lambda signum, frame: None  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            with ReplicaPool(build_config({"backend": {"name": "toy"}}), RayOptions()):
+                pass
+        assert stop.value.code == 143
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert fake.init_returned and fake.shutdowns == 1
+
+
+#: the CLI with each chunk slowed in the replicas (patched before Ray pickles the actor class)
+SLOW_CHUNKS = """
+import sys, time
+import personajudge.distributed as d
+real = d.Replica.run
+def slow(self, task):
+    time.sleep(0.3)
+    return real(self, task)
+d.Replica.run = slow
+from personajudge.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_kill_of_a_ray_run_exits_143_and_says_what_is_kept(tmp_path):
+    """``kill PID`` of ``generate --input --ray``: exit status 15 (Ray's handler) and a C++ stack dump
+    before; now 143, the one line that says how many rows the partial file keeps, nothing of Ray's."""
+    import subprocess
+    import sys
+    import time
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "o.jsonl"
+    partial = tmp_path / "o.jsonl.partial"
+    _write_input(inp, 40)
+    argv = ["generate", "--input", str(inp), "--output", str(out), *TOY, "--batch-size", "2", "-q", "--ray"]
+    err_path = tmp_path / "stderr"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SLOW_CHUNKS, *argv],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if partial.exists() and len(partial.read_text().splitlines()) >= 3:  # header + one chunk
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, ("the run ended before the kill", err_path.read_text())
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of its Ray instance
+        except ProcessLookupError:
+            pass
+        proc.wait(30)
+    kept = len(partial.read_text().splitlines()) - 1
+    assert proc.returncode == 143, err_path.read_text()
+    assert 2 <= kept < 40 and not out.exists()
+    assert err_path.read_text().splitlines() == [
+        f"personajudge: {kept} of 40 results are kept in {partial}: rerun the same command to continue"
+    ]
