@@ -45,7 +45,7 @@ from personajudge.engine import (
     result_of,
 )
 from personajudge.plugins import get_method, load_backend, preference_library, resolve_encoder
-from personajudge.plugins.manager import guarded, plan_views, render_view, stop_strings_of
+from personajudge.plugins.manager import check_encoder_views, guarded, plan_views, render_view, stop_strings_of
 from personajudge.preferences import (
     Preference,
     PreferenceSpec,
@@ -1105,9 +1105,13 @@ def stream(prompt: Prompt, *, config: RunConfig | dict[str, Any] | None = None, 
 def _check_call(cfg: RunConfig, kwargs: dict[str, Any]) -> None:
     """A one-shot call's arguments checked as the call will check them, before the model loads (the
     CLI's ``generate`` too): with the call's views known, the method plans them, and so checks them
-    (``mod``'s weights, one per view). The constructor cannot: a later call may bring other views."""
+    (``mod``'s weights, one per view), and a named encoder checks the planned views (``exemplar``: a
+    preference with no examples). The constructor cannot: a later call may bring other views."""
     call = {k: v for k, v in kwargs.items() if k not in ("preferences", "views", "method", "on_text")}
     cfg, meth, user_views, _ = _plan_call(
         cfg, kwargs.get("preferences"), kwargs.get("views"), kwargs.get("method"), call
     )
-    plan_views(meth, cfg.method, user_views)
+    planned = plan_views(meth, cfg.method, user_views)
+    if cfg.encoder != "auto":  # auto's choice needs the tokenizer (and picks exemplar only when it fits)
+        enc = resolve_encoder(cfg.encoder, None, options=cfg.encoder_options)  # type: ignore[arg-type]
+        check_encoder_views(enc, planned, cfg.encoder_options)

@@ -680,6 +680,16 @@ def stop_strings_of(encoder: Any, tokenizer: Tokenizer, options: dict[str, Any] 
     return list(out)
 
 
+def check_encoder_views(encoder: Any, views: list[list[Preference]], options: dict[str, Any] | None) -> None:
+    """``encoder.check_views(views, options)`` where the encoder has one (optional): what it refuses about
+    the views, found without a model."""
+    fn = getattr(encoder, "check_views", None)
+    if fn is None:
+        return
+    name = getattr(encoder, "name", type(encoder).__name__)
+    guarded("encoder", name, encoder, ".check_views raised", lambda: fn(views, options))
+
+
 def render_view(
     encoder: Any,
     view: list[Preference],

@@ -72,6 +72,8 @@ class Encoder(Protocol):
     # Optional: ``stop_strings(tokenizer, options) -> list[str]``, stop strings the
     # format implies (added to the user's; e.g. the plain template's next "Question:").
     # Optional: ``Options``, an :class:`EncoderOptions` subclass declaring ``encoder_options``.
+    # Optional: ``check_views(views, options)``, raising ConfigError for views it cannot encode; it needs
+    # no tokenizer, so a one-shot call and the CLI run it before the model loads.
 
 
 class EncoderOptions(Options):
@@ -734,6 +736,13 @@ class ExemplarEncoder:
         if encoder_options(self, options)["stop"] is False:
             return []
         return list(self.STOP)
+
+    def check_views(self, views: list[list[Preference]], options=None) -> None:
+        """A preference without examples, refused before the model loads (``render`` would refuse it
+        after)."""
+        n = encoder_options(self, options)["n"]
+        for view in views:
+            self.examples(view, n)
 
     def render(self, view, conversation, tokenizer, *, system=None, options=None):
         options = encoder_options(self, options)

@@ -79,3 +79,52 @@ def test_an_unregistered_reward_model_backend_is_refused_by_the_constructor(no_m
     argv = ["generate", "hi", *TOY, "--method", "pad", "--method-option", 'reward_model={"name": "nope"}']
     code, _, err = run_main(argv, capsys)
     one_line(code, err, "method_options.reward_model: unknown backend 'nope'")
+
+
+# -- 3: the exemplar encoder and a preference with no examples ------------------------------------
+NO_EXAMPLES = "the exemplar encoder needs examples for every preference; answer-in-rhymes has none"
+
+
+def test_exemplar_with_a_free_text_preference_is_refused_before_the_model(capsys, no_model):
+    """A free-text preference has no examples: ``--encoder exemplar`` refused it when the first view was
+    rendered, after the model had loaded. The encoder's ``check_views`` now runs on the planned views."""
+    argv = ["generate", "hi", "--backend", "toy", "--encoder", "exemplar", "-q"]
+    code, _, err = run_main([*argv, "--prefer", "answer in rhymes", "--prefer", "humor"], capsys)
+    one_line(code, err, NO_EXAMPLES)
+    with pytest.raises(ConfigError, match=NO_EXAMPLES):
+        personajudge.generate(
+            "hi", config={"backend": {"name": "toy"}, "encoder": "exemplar"}, preferences=["answer in rhymes", "humor"]
+        )
+
+
+def test_exemplar_with_no_exemplars_or_built_ins_still_runs(capsys):
+    """Negative controls: ``n = 0`` needs no examples, and built-in preferences bring their own."""
+    cfg = {"backend": {"name": "toy"}, "encoder": "exemplar", "encoder_options": {"n": 0}}
+    out = personajudge.generate("hi", config=cfg, preferences=["answer in rhymes", "humor"], max_new_tokens=2)
+    assert out.tokens
+    argv = ["generate", "hi", "--backend", "toy", "--encoder", "exemplar", "--max-new-tokens", "2", "-q"]
+    code, _, err = run_main([*argv, "--prefer", "concise", "--prefer", "humor"], capsys)
+    assert code == 0, err
+
+
+def test_a_plugin_encoders_check_views_is_called_and_guarded(monkeypatch):
+    """A third-party encoder's ``check_views`` sees the planned views; what it raises that is not a
+    ConfigError is one PluginError naming it (as its render's would be)."""
+    from personajudge.core.errors import PluginError
+    from personajudge.plugins.manager import check_encoder_views
+
+    seen = []
+
+    class Picky:
+        name = "picky"
+
+        def check_views(self, views, options):
+            seen.append([[p.name for p in v] for v in views])
+            raise ValueError("no")
+
+    monkeypatch.setattr("personajudge.plugins.manager._builtin", lambda *a: False)
+    view = api.build_views(["concise"], None, api.preference_library())
+    with pytest.raises(PluginError, match=r"encoder 'picky' \(.*Picky.*\.check_views raised ValueError: no"):
+        check_encoder_views(Picky(), view, None)
+    assert seen == [[["concise"]]]
+    check_encoder_views(object(), view, None)  # no check_views: nothing to check
