@@ -17,8 +17,8 @@ encoder's ``render`` or ``stop_strings``, a method's ``plan``) is a one-line
 traceback; the typed errors it raises itself pass through as they are.
 A hook implementation whose name is no hook (a typo such as
 ``register_backend``) would be silently never called, so it is named in a
-warning too, and so is an installed plugin with no ``@hookimpl`` function at
-all. Registered objects are checked as they register (a method needs ``plan``
+warning too, and so is a function named as a hook without ``@hookimpl``, and an
+installed plugin with no ``@hookimpl`` function at all. Registered objects are checked as they register (a method needs ``plan``
 and ``loop``, an encoder ``render``, a backend class ``open``), so a plugin's
 mistake is one warning at start-up, not a traceback when a user picks it.
 Entry-point names are per distribution: two distributions that both call their
@@ -43,6 +43,7 @@ import difflib
 import functools
 import importlib
 import importlib.metadata
+import inspect
 import os
 import re
 import threading
@@ -307,11 +308,25 @@ def _unknown_hooks(pm: pluggy.PluginManager, plugin: Any) -> list[str]:
     return sorted(unknown)
 
 
+def _undecorated_hooks(pm: pluggy.PluginManager, plugin: Any) -> list[str]:
+    """Functions of ``plugin`` named as a hook but not marked ``@hookimpl``: pluggy passes them over in
+    silence, so the plugin's other hooks work and this one never runs. Looked up statically (no
+    ``__getattr__`` answers for names the plugin does not define)."""
+    implemented = {caller.name for caller in pm.get_hookcallers(plugin) or []}
+    return [
+        name
+        for name in hookspecs.HOOKS
+        if name not in implemented and callable(inspect.getattr_static(plugin, name, None))
+    ]
+
+
 def _warn_unknown_hooks(pm: pluggy.PluginManager, plugin: Any, src: PluginSource | str) -> None:
     for name in _unknown_hooks(pm, plugin):
         close = difflib.get_close_matches(name, hookspecs.HOOKS, n=1)
         hint = f" (did you mean {close[0]}?)" if close else f"; the hooks are {', '.join(hookspecs.HOOKS)}"
         _warn(f"plugin {src} implements '{name}', which is no personajudge hook, so it is never called{hint}")
+    for name in _undecorated_hooks(pm, plugin):
+        _warn(f"plugin {src} defines '{name}' without @personajudge.hookimpl, so it is never called")
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:

@@ -135,6 +135,40 @@ def test_a_misspelt_hook_is_named_in_a_warning_and_the_tool_keeps_working(regist
     assert judge.generate("hi", preferences=PREFS, max_new_tokens=2, seed=0).tokens
 
 
+def test_a_hook_without_hookimpl_is_named_in_a_warning(registered):
+    """A plugin with one marked hook and ``register_encoders`` left unmarked: pluggy skipped the unmarked one
+    in silence (the encoder never appeared); now a warning names it."""
+
+    def register_encoders(register):  # no @hookimpl
+        raise AssertionError("never called")
+
+    plugin = hook_module("half_marked", register_methods=lambda register: None)  # marked
+    plugin.register_encoders = register_encoders
+    with pytest.warns(PluginWarning) as caught:
+        registered(plugin, name="half-marked")
+    assert [str(w.message) for w in caught] == [
+        "plugin 'half-marked' (registered at run time) defines 'register_encoders' without @personajudge.hookimpl, "
+        "so it is never called"
+    ]
+
+
+def test_a_plugin_whose_getattr_answers_everything_is_not_warned_about(registered, recwarn):
+    """Negative control: names are looked up statically; an object whose ``__getattr__`` returns a callable
+    for any name (a mock) does not define the hooks it does not implement."""
+    from personajudge.plugins import hookimpl
+
+    class Anything:
+        @hookimpl
+        def register_methods(self, register):
+            pass
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    registered(Anything(), name="anything")
+    assert not [w for w in recwarn if issubclass(w.category, PluginWarning)]
+
+
 def test_registering_twice_is_idempotent_and_a_taken_name_is_a_typed_error(registered):
     plugin = registered(_plugin(register_methods=lambda register: register(AllInOne)), name="twice")
     register_plugin(plugin)  # a notebook cell run again: nothing happens
