@@ -248,10 +248,20 @@ class RunConfig(_Model):
     @classmethod
     def _entries(cls, v: Any, info: ValidationInfo) -> Any:
         """An entry that is neither text nor a table, named with where it sits: pydantic's own message
-        reports each branch of ``str | dict`` (``views.0.0.str: ...; views.0.0.dict[str,any]: ...``)."""
+        reports each branch of ``str | dict`` (``views.0.0.str: ...; views.0.0.dict[str,any]: ...``).
+
+        A ``Preference`` object (any pydantic model: this layer does not know the class) becomes its
+        table, the fields that differ from their defaults, as a preferences file would write it: the
+        API takes ``preferences=[Preference(...)]`` in a call, and so does the config."""
         rows = [v] if info.field_name == "preferences" else v
         if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
             return v  # the list shape itself: pydantic's message says it ("Input should be a valid list")
+        if any(isinstance(p, BaseModel) for row in rows for p in row):
+            rows = [
+                [p.model_dump(mode="json", exclude_defaults=True) if isinstance(p, BaseModel) else p for p in r]
+                for r in rows
+            ]
+            v = rows[0] if info.field_name == "preferences" else rows
         for i, row in enumerate(rows):
             for j, p in enumerate(row):
                 if not isinstance(p, str | dict):

@@ -74,3 +74,29 @@ def test_an_entry_that_is_neither_text_nor_a_table_is_named_once(data, says):
     with pytest.raises(ConfigError) as err:
         build_config(data)
     assert says in str(err.value) and ".str" not in str(err.value) and "dict[" not in str(err.value), str(err.value)
+
+
+def test_preference_objects_in_the_config_are_their_tables():
+    """``preferences=[Preference(...)]`` worked in a call but the config refused the same object ("must be a
+    preference name ... or a preference table"): it is now the table a preferences file would hold, and a
+    run with it is the run with that table, token for token."""
+    import personajudge as pj
+
+    pirate = pj.Preference(
+        name="pirate", description="Talk like a pirate.", weight=2.0, examples=[{"q": "Hi?", "a": "Arr, hi."}]
+    )
+    table = {
+        "name": "pirate",
+        "description": "Talk like a pirate.",
+        "instruction": "Talk like a pirate.",
+        "weight": 2.0,
+        "examples": [{"q": "Hi?", "a": "Arr, hi."}],
+    }
+    given = [pirate, "humor"]
+    cfg = build_config({"preferences": given, "views": [[pirate], ["humor"]]})
+    assert cfg.preferences == [table, "humor"] and cfg.views == [[table], ["humor"]]
+    assert given == [pirate, "humor"]  # the caller's list is left as it was
+    base = {"backend": {"name": "toy"}, "encoder": "exemplar", "decoding": {"max_new_tokens": 6, "seed": 3}}
+    with_object = pj.PersonaJudge({**base, "preferences": [pirate, "humor"]}).generate("hi")
+    with_table = pj.PersonaJudge({**base, "preferences": [table, "humor"]}).generate("hi")
+    assert with_object.tokens == with_table.tokens and with_object.settings == with_table.settings
