@@ -16,6 +16,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from bounded import run_bounded
+from slow_ray import slow_ray_main
 
 from personajudge.api import PersonaJudge  # noqa: E402
 from personajudge.batch import JsonlBatch, local_executor, read_records  # noqa: E402
@@ -272,19 +273,7 @@ def test_importing_personajudge_does_not_import_ray():
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
 
 
-#: The CLI with each chunk slowed down in the *replicas* (the actor class is patched before Ray pickles
-#: it), so that the driver can be killed while chunks are still out.
-SLOW_RAY_MAIN = """
-import sys, time
-import personajudge.distributed as d
-real = d.Replica.run
-def slow(self, task):
-    time.sleep(0.3)
-    return real(self, task)
-d.Replica.run = slow
-from personajudge.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+SLOW_RAY_MAIN = slow_ray_main(0.3)
 
 
 @pytest.mark.slow
@@ -482,7 +471,7 @@ def test_replica_warnings_are_issued_by_the_driver_once():
 
 #: The CLI with each chunk slowed down in the replicas, so that a chunk is still out when another one
 #: fails and the run stops.
-SLOW_CHUNKS_MAIN = SLOW_RAY_MAIN.replace("time.sleep(0.3)", "time.sleep(0.5)")
+SLOW_CHUNKS_MAIN = slow_ray_main(0.5)
 
 
 def _own_lines(err):

@@ -17,6 +17,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from bounded import run_bounded
+from slow_ray import slow_ray_main
 
 import personajudge.distributed as dist  # noqa: E402
 from personajudge.api import PersonaJudge  # noqa: E402
@@ -359,20 +360,6 @@ def test_sigterm_after_ray_init_is_exit_143_and_the_handler_is_put_back(monkeypa
     assert fake.init_returned and fake.shutdowns == 1
 
 
-#: the CLI with each chunk slowed in the replicas (patched before Ray pickles the actor class)
-SLOW_CHUNKS = """
-import sys, time
-import personajudge.distributed as d
-real = d.Replica.run
-def slow(self, task):
-    time.sleep(0.3)
-    return real(self, task)
-d.Replica.run = slow
-from personajudge.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 @pytest.mark.slow
 def test_kill_of_a_ray_run_exits_143_and_says_what_is_kept(tmp_path):
     """``kill PID`` of ``generate --input --ray``: exit status 15 (Ray's handler) and a C++ stack dump
@@ -388,7 +375,7 @@ def test_kill_of_a_ray_run_exits_143_and_says_what_is_kept(tmp_path):
     err_path = tmp_path / "stderr"
     with open(err_path, "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-c", SLOW_CHUNKS, *argv],
+            [sys.executable, "-c", slow_ray_main(0.3), *argv],
             stdout=subprocess.DEVNULL,
             stderr=err,
             start_new_session=True,
