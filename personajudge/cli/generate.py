@@ -141,7 +141,7 @@ def _show_prompts(pj: PersonaJudge, prompt: str, prefs) -> None:
 
 
 def register(sub) -> None:
-    g = sub.add_parser("generate", help="generate one response")
+    g = sub.add_parser("generate", help="generate one response, or one per line of a JSONL file (--input)")
     g.add_argument("prompt", nargs="?", help="the prompt ('-' reads it from stdin); omit it with --input")
     add_run_options(g)
     g.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and stats")
