@@ -80,6 +80,26 @@ class Tokenizer(Protocol):
         ...
 
 
+def check_backend(owner: Any) -> None:
+    """A loaded backend's ``context_length`` and tokenizer (:func:`check_tokenizer`), checked once, as it
+    loads: the engine sizes every request by ``context_length``, where a missing or textual one is an
+    ``AttributeError`` or ``TypeError`` deep in a request, far from the plugin."""
+    registered = getattr(owner, "name", None)
+    name = f"'{registered}' ({type(owner).__qualname__})" if isinstance(registered, str) else type(owner).__qualname__
+    n = getattr(owner, "context_length", None)
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        got = "no such attribute" if not hasattr(owner, "context_length") else f"{type(n).__name__} {n!r:.60}"
+        raise PluginError(
+            f"backend {name}.context_length must be a positive int (tokens one view holds; set it in __init__), "
+            f"got {got}"
+        )
+    check_tokenizer(owner)
+
+
+#: the text a tokenizer encodes and decodes once when its backend loads (:func:`check_tokenizer`)
+_PROBE = "Hello, world."
+
+
 def check_tokenizer(owner: Any) -> None:
     """``owner.tokenizer``'s ``vocab_size`` and ``eos_token_ids``, checked once when a backend loads.
 
@@ -119,6 +139,32 @@ def check_tokenizer(owner: Any) -> None:
             stacklevel=3,
         )
     special_texts_of(tok, where)
+    _probe_encode_decode(tok, where)
+
+
+def _probe_encode_decode(tok: Any, where: str) -> None:
+    """``encode`` and ``decode`` of a short text, once: a tokenizer that raises, returns a numpy array
+    (ambiguous truth values in the context checks) or decodes to bytes would otherwise fail the first
+    request with a traceback from the core, not the plugin."""
+    try:
+        ids = tok.encode(_PROBE, add_bos=False)
+    except Exception as err:
+        raise PluginError(f"{where}.encode({_PROBE!r}, add_bos=False) raised {type(err).__name__}: {err}") from err
+    # ids past the vocabulary are the prompt's error, named with the token when a request holds one (a
+    # tokenizer may know tokens a model has no embedding for); here only the type is the plugin's
+    if not isinstance(ids, list | tuple) or not all(
+        isinstance(t, numbers.Integral) and not isinstance(t, bool) and int(t) >= 0 for t in ids
+    ):
+        raise PluginError(
+            f"{where}.encode({_PROBE!r}, add_bos=False) must return a list of token ids (ints >= 0), "
+            f"got {type(ids).__name__} {ids!r:.60}"
+        )
+    try:
+        text = tok.decode([int(t) for t in ids])
+    except Exception as err:
+        raise PluginError(f"{where}.decode(encode({_PROBE!r})) raised {type(err).__name__}: {err}") from err
+    if not isinstance(text, str):
+        raise PluginError(f"{where}.decode must return str, got {type(text).__name__} {text!r:.60}")
 
 
 def special_texts_of(tok: Any, where: str | None = None) -> frozenset[str]:

@@ -28,7 +28,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from personajudge.core.config import BackendConfig, DecodingConfig, RunConfig, build_config, check_seed_span
-from personajudge.core.contract import Backend, check_tokenizer
+from personajudge.core.contract import Backend, check_backend
 from personajudge.core.decoding import DecodeRequest, check_contexts
 from personajudge.core.errors import ConfigError, ContextLengthError, NumericalError, PersonaJudgeWarning
 from personajudge.core.result import GenerationResult, Stats
@@ -45,7 +45,14 @@ from personajudge.engine import (
     result_of,
 )
 from personajudge.plugins import get_method, load_backend, preference_library, resolve_encoder
-from personajudge.plugins.manager import check_encoder_views, guarded, plan_views, render_view, stop_strings_of
+from personajudge.plugins.manager import (
+    check_describe,
+    check_encoder_views,
+    guarded,
+    plan_views,
+    render_view,
+    stop_strings_of,
+)
 from personajudge.preferences import (
     Preference,
     PreferenceSpec,
@@ -62,25 +69,37 @@ Prompt = str | list[dict[str, str]]
 
 
 def make_method(cfg: RunConfig):
-    """An instance of the configured method with its options. A ``TypeError`` is a wrong option (a
-    ``ConfigError`` in the config's words); anything else a third-party constructor raises is a
-    ``PluginError`` naming it (:func:`guarded`)."""
+    """An instance of the configured method with its options. Options its signature does not take are a
+    ``ConfigError`` in the config's words; anything the constructor itself raises, a ``TypeError`` of
+    its own code included, is a ``PluginError`` naming a third-party method (:func:`guarded`), since
+    the options were right. Without a signature to check, a ``TypeError`` counts as a wrong option."""
     cls = get_method(cfg.method)
+    options = cfg.method_options
+    try:
+        sig: inspect.Signature | None = inspect.signature(cls)
+    except (TypeError, ValueError):  # a builtin or C class: no signature to bind the options to
+        sig = None
+    if sig is not None:
+        try:
+            sig.bind(**options)
+        except TypeError as err:
+            params = sig.parameters.values()
+            takes = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            unknown = sorted(set(options) - set(takes))
+            why = str(err)
+            if unknown and not any(p.kind is p.VAR_KEYWORD for p in params):
+                why = f"unknown option(s) {', '.join(unknown)}; " + (
+                    f"its options are {', '.join(takes)}" if takes else "it takes none"
+                )
+            raise ConfigError(f"method_options for '{cfg.method}': {why}") from None
 
     def build():
+        if sig is not None:
+            return cls(**options)
         try:
-            return cls(**cfg.method_options)
+            return cls(**options)
         except TypeError as err:
-            why = str(err)
-            with contextlib.suppress(TypeError, ValueError):  # in the config's words, when a signature gives them
-                params = inspect.signature(cls).parameters.values()
-                takes = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-                unknown = sorted(set(cfg.method_options) - set(takes))
-                if unknown:
-                    why = f"unknown option(s) {', '.join(unknown)}; " + (
-                        f"its options are {', '.join(takes)}" if takes else "it takes none"
-                    )
-            raise ConfigError(f"method_options for '{cfg.method}': {why}") from None
+            raise ConfigError(f"method_options for '{cfg.method}': {err}") from None
 
     return guarded("method", cfg.method, cls, " failed to construct:", build)
 
@@ -423,7 +442,10 @@ def _check_backend(backend: Any) -> None:
             f"backend= takes a loaded backend (personajudge.Backend), got {type(backend).__name__} "
             f"without {', '.join(missing)}"
         )
-    check_tokenizer(backend)  # as load_backend does: its eos ids are read on every token
+    check_backend(backend)  # as load_backend does: its context length and eos ids are read on every request
+    if hasattr(backend, "describe"):
+        name = getattr(backend, "name", None)
+        check_describe(backend, name if isinstance(name, str) else type(backend).__name__)
 
 
 def _join_backend(pj: PersonaJudge, backend: Any) -> _Shared:

@@ -57,7 +57,7 @@ import pluggy
 from pydantic import BaseModel
 
 from personajudge.core.config import BackendConfig
-from personajudge.core.contract import Backend, Tokenizer, check_tokenizer
+from personajudge.core.contract import Backend, Session, Tokenizer, check_backend
 from personajudge.core.errors import PersonaJudgeError, PersonaJudgeWarning, PluginError, UnknownPluginError
 from personajudge.preferences import Encoder, Preference, auto_encoder_name, encoder_options, lookup
 from personajudge.preferences.encoders import UserText, checked_render
@@ -529,6 +529,18 @@ def get_backend_class(name: str) -> type[Backend]:
     return registry("backend").get(name)
 
 
+def check_describe(backend: Any, key: str) -> None:
+    """``backend.describe()`` called once as the backend loads: every run's ``settings`` (and the server's
+    ``/v1/models``) start with its facts, read after the text is generated, where a plugin's exception or
+    a list would lose the result to a traceback."""
+    facts = guarded("backend", key, backend, ".describe raised", backend.describe)
+    if not isinstance(facts, dict) or not all(isinstance(k, str) for k in facts):
+        raise PluginError(
+            f"{who('backend', key, backend)}.describe returned {_shown(facts)}; it returns a dict of facts with "
+            "str keys, e.g. {'backend': self.name, 'model': ...}"
+        )
+
+
 def load_backend(config: BackendConfig) -> Backend:
     """Instantiate the configured backend (this loads the model).
 
@@ -551,7 +563,9 @@ def load_backend(config: BackendConfig) -> Backend:
             )
     backend = guarded("backend", config.name, cls, " failed to load:", lambda: cls(config))
     try:
-        check_tokenizer(backend)
+        check_backend(backend)
+        if hasattr(backend, "describe"):
+            check_describe(backend, config.name)
     except BaseException:
         with contextlib.suppress(Exception):  # free the weights it loaded; the tokenizer error is the news
             backend.close()
@@ -676,6 +690,13 @@ def open_session(backend: Any, capacity: int) -> Any:
     if key is None or _builtin("backend", key, backend):
         return backend.open(capacity)
     session = guarded("backend", key, backend, ".open raised", lambda: backend.open(capacity))
+    if not isinstance(session, Session):  # the checks and the lengths the engine relies on live in Session
+        with contextlib.suppress(Exception):
+            getattr(session, "close", lambda: None)()
+        raise PluginError(
+            f"{who('backend', key, backend)}.open returned {_shown(session)}; it returns a personajudge.Session "
+            "(a subclass implementing _forward_many and _truncate)"
+        )
     return _GuardedSession(key, backend, session)
 
 

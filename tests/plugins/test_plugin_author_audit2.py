@@ -1,0 +1,209 @@
+"""A second plugin-author audit (following the README as a third-party author): a backend's ``open``,
+``context_length``, ``describe`` and tokenizer, and a method's constructor, were used unchecked, so a
+plugin's slip was a traceback from the core (exit 1, an untyped exception in the API) instead of one
+:class:`PluginError` naming the plugin, at load, before any request.
+
+Each test failed before its fix; the negative controls show the built-in and well-formed plugins still load.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cli_lines import one_line, run_main
+from plugin_modules import hook_module
+
+import personajudge as pj
+from personajudge.backends.toy import ToyBackend, ToySession, ToyTokenizer
+from personajudge.core.errors import ConfigError, PluginError
+from personajudge.plugins import register_plugin, unregister_plugin
+
+PREFS = ["concise", "humor"]
+
+
+@pytest.fixture
+def registered():
+    done = []
+
+    def reg(**hooks):
+        plugin = hook_module("audit2_plugin", **hooks)
+        register_plugin(plugin)
+        done.append(plugin)
+        return plugin
+
+    yield reg
+    for plugin in done:
+        unregister_plugin(plugin)
+
+
+def _backend(name, **attrs):
+    """A toy backend registered as ``name``, with ``attrs`` set on it after the toy's own __init__."""
+
+    def __init__(self, config=None):
+        ToyBackend.__init__(self, pj.BackendConfig(name="toy"))
+        for key, value in attrs.items():
+            if value is _DELETE:
+                delattr(self, key)
+            else:
+                setattr(self, key, value() if callable(value) and key == "tokenizer" else value)
+
+    return type(f"B_{name.replace('-', '_')}", (ToyBackend,), {"name": name, "__init__": __init__})
+
+
+_DELETE = object()
+
+
+# -- open() must return a Session ---------------------------------------------------------------------------
+
+
+class _Duck:
+    """Has what a session is used for, but is no ``pj.Session``: the engine reads ``closed`` and lengths."""
+
+    def forward_many(self, calls):
+        return []
+
+    def truncate(self, view, length):
+        pass
+
+
+@pytest.mark.parametrize("opened", [None, _Duck()], ids=["none", "duck"])
+def test_open_returning_no_session_is_a_plugin_error_naming_the_backend(registered, opened, capsys):
+    cls = type("OpenBad", (ToyBackend,), {"name": "audit2-open", "open": lambda self, n: opened})
+    registered(register_backends=lambda register: register(cls))
+    shown = "NoneType None" if opened is None else "_Duck"
+    with pytest.raises(PluginError, match=rf"backend 'audit2-open' \(OpenBad, .*\)\.open returned {shown}"):
+        pj.generate("hi", config={"backend": {"name": "audit2-open"}}, preferences=PREFS, max_new_tokens=2)
+    argv = ["generate", "hi", "--backend", "audit2-open", "--prefer", "concise", "--prefer", "humor", "-q"]
+    code, _, err = run_main(argv, capsys)
+    one_line(code, err, "returns a personajudge.Session")
+
+
+def test_a_registered_backends_real_session_still_opens(registered):
+    """Negative control: a Session subclass is accepted and runs."""
+    cls = type("OpenGood", (ToyBackend,), {"name": "audit2-good"})
+    registered(register_backends=lambda register: register(cls))
+    out = pj.generate("hi", config={"backend": {"name": "audit2-good"}}, preferences=PREFS, max_new_tokens=3)
+    assert len(out.tokens) == 3 and isinstance(ToyBackend().open(1), ToySession)
+
+
+# -- context_length and describe, at load -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "got"),
+    [(_DELETE, "no such attribute"), ("2048", "str '2048'"), (0, "int 0"), (True, "bool True")],
+    ids=["missing", "str", "zero", "bool"],
+)
+def test_a_bad_context_length_is_refused_at_load(registered, value, got):
+    cls = _backend("audit2-ctx", context_length=value)
+    registered(register_backends=lambda register: register(cls))
+    with pytest.raises(
+        PluginError, match=rf"^backend 'audit2-ctx' \(.*\)\.context_length must be a positive int.*got {got}$"
+    ):
+        pj.PersonaJudge({"backend": {"name": "audit2-ctx"}})
+
+
+def _describe_raises(self):
+    raise RuntimeError("no facts today")
+
+
+@pytest.mark.parametrize(
+    ("describe", "says"),
+    [
+        (_describe_raises, r"\.describe raised RuntimeError: no facts today"),
+        (lambda self: ["a", "list"], r"\.describe returned list \['a', 'list'\]; it returns a dict"),
+        (lambda self: {1: "x"}, r"\.describe returned dict \{1: 'x'\}; it returns a dict of facts with str keys"),
+    ],
+    ids=["raises", "list", "int-keys"],
+)
+def test_a_bad_describe_is_a_plugin_error_at_load_not_after_the_text(registered, describe, says):
+    """``describe()`` was first called for the settings, after the text was generated: the result was lost."""
+    cls = type("DescBad", (ToyBackend,), {"name": "audit2-desc", "describe": describe})
+    registered(register_backends=lambda register: register(cls))
+    with pytest.raises(PluginError, match=rf"backend 'audit2-desc' \(DescBad.*\){says}"):
+        pj.PersonaJudge({"backend": {"name": "audit2-desc"}})
+    with pytest.raises(PluginError, match=says):  # a backend object passed in is checked the same way
+        pj.PersonaJudge({"backend": {"name": "toy"}}, backend=cls())
+
+
+# -- the tokenizer's encode and decode, probed at load ------------------------------------------------------
+
+
+class _EncodeRaises(ToyTokenizer):
+    def encode(self, text, *, add_bos=True, special=True):
+        raise ValueError("cannot encode")
+
+
+class _EncodeNumpy(ToyTokenizer):
+    def encode(self, text, *, add_bos=True, special=True):
+        return np.asarray(super().encode(text, add_bos=add_bos, special=special))
+
+
+class _DecodeBytes(ToyTokenizer):
+    def decode(self, ids):
+        return super().decode(ids).encode()
+
+
+@pytest.mark.parametrize(
+    ("tok", "says"),
+    [
+        (_EncodeRaises, r"\.encode\('Hello, world\.', add_bos=False\) raised ValueError: cannot encode"),
+        (_EncodeNumpy, r"\.encode\('Hello, world\.', add_bos=False\) must return a list of token ids.*got ndarray"),
+        (_DecodeBytes, r"\.decode must return str, got bytes b'"),
+    ],
+    ids=["encode-raises", "encode-numpy", "decode-bytes"],
+)
+def test_a_tokenizer_that_cannot_encode_or_decode_is_refused_at_load(registered, tok, says):
+    """Each was a traceback from the core on the first request (``The truth value of an array`` in the
+    context checks, a TypeError in the stop-string decoder)."""
+    cls = _backend("audit2-tok", tokenizer=tok)
+    registered(register_backends=lambda register: register(cls))
+    with pytest.raises(PluginError, match=rf"backend 'audit2-tok' \(.*\): tokenizer {tok.__name__}{says}"):
+        pj.PersonaJudge({"backend": {"name": "audit2-tok"}})
+
+
+# -- a method's constructor -----------------------------------------------------------------------------------
+
+
+def _method_class(init):
+    from personajudge.core.decoding import plain_loop
+
+    return type(
+        "Buggy",
+        (),
+        {
+            "name": "audit2-buggy",
+            "__init__": init,
+            "plan": lambda self, views: [list(v) for v in views] or [[]],
+            "loop": lambda self, req: plain_loop(req),
+        },
+    )
+
+
+def test_a_type_error_in_a_methods_own_code_is_the_plugins_not_the_options(registered):
+    """``method_options for 'x': object of type 'int' has no len()`` blamed options nobody gave."""
+
+    def init(self, alpha=1.0):
+        self.table = len(5)
+
+    cls = _method_class(init)
+    registered(register_methods=lambda register: register(cls))
+    with pytest.raises(PluginError, match=r"method 'audit2-buggy' \(Buggy.* failed to construct: TypeError: .*len"):
+        pj.generate("hi", config={"backend": {"name": "toy"}, "method": "audit2-buggy"}, max_new_tokens=2)
+
+
+def test_options_the_method_does_not_take_are_still_a_config_error(registered):
+    """Negative control: an unknown option is the config's mistake, in the config's words."""
+
+    def init(self, alpha=1.0):
+        self.alpha = alpha
+
+    cls = _method_class(init)
+    registered(register_methods=lambda register: register(cls))
+    cfg = {"backend": {"name": "toy"}, "method": "audit2-buggy", "method_options": {"beta": 2}}
+    with pytest.raises(
+        ConfigError, match=r"^method_options for 'audit2-buggy': unknown option\(s\) beta; its options are alpha$"
+    ):
+        pj.generate("hi", config=cfg, max_new_tokens=2)
+    cfg["method_options"] = {"alpha": 2.0}
+    assert len(pj.generate("hi", config=cfg, max_new_tokens=2).tokens) == 2
