@@ -10,7 +10,6 @@ print(result.text, result.stats.acceptance_rate)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import difflib
 import functools
@@ -733,12 +732,12 @@ class PersonaJudge:
         special-token text stays literal, not a control token."""
         conversation = normalize_conversation(prompt)
         tok = self.backend.tokenizer
-        encoder = resolve_encoder(cfg.encoder, tok, views, options=cfg.encoder_options)
+        encoder = resolve_encoder(cfg.encoder, tok, views)
+        options = encoder_options(encoder, cfg.encoder_options)  # checked, its Options' defaults filled in
         planned = plan_views(method, cfg.method, views)
         user = UserText(tok, conversation, cfg.system, planned)
         rendered = [
-            render_view(encoder, v, conversation, tok, system=cfg.system, options=cfg.encoder_options, user=user)
-            for v in planned
+            render_view(encoder, v, conversation, tok, system=cfg.system, options=options, user=user) for v in planned
         ]
         return rendered, user
 
@@ -1024,8 +1023,8 @@ class PersonaJudge:
         sets it to time a fixed number of tokens, and a plugin encoder need not know about it."""
         tok = self.backend.tokenizer
         enc = resolve_encoder(cfg.encoder, tok)
-        keep = encoder_options(enc, cfg.encoder_options).get("stop", True) is not False
-        extra = stop_strings_of(enc, tok, cfg.encoder_options) if keep else []
+        options = encoder_options(enc, cfg.encoder_options)
+        extra = stop_strings_of(enc, tok, options) if options.get("stop", True) is not False else []
         return list(dict.fromkeys([*cfg.decoding.stop, *extra]))
 
     def _check_prompt(self, contexts: list[list[int]], prompt: Prompt | None = None) -> None:
@@ -1135,5 +1134,5 @@ def _check_call(cfg: RunConfig, kwargs: dict[str, Any]) -> None:
     )
     planned = plan_views(meth, cfg.method, user_views)
     if cfg.encoder != "auto":  # auto's choice needs the tokenizer (and picks exemplar only when it fits)
-        enc = resolve_encoder(cfg.encoder, None, options=cfg.encoder_options)  # type: ignore[arg-type]
-        check_encoder_views(enc, planned, cfg.encoder_options)
+        enc = resolve_encoder(cfg.encoder, None)  # type: ignore[arg-type]
+        check_encoder_views(enc, planned, encoder_options(enc, cfg.encoder_options))

@@ -54,12 +54,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pluggy
-from pydantic import BaseModel
 
 from personajudge.core.config import BackendConfig
 from personajudge.core.contract import Backend, Session, Tokenizer, check_backend
 from personajudge.core.errors import PersonaJudgeError, PersonaJudgeWarning, PluginError, UnknownPluginError
-from personajudge.preferences import Encoder, Preference, auto_encoder_name, encoder_options, lookup
+from personajudge.preferences import Encoder, EncoderOptions, Preference, auto_encoder_name, encoder_options, lookup
 from personajudge.preferences.encoders import UserText, checked_render
 
 from . import hookspecs
@@ -215,9 +214,11 @@ def _check_encoder(obj: Any, key: str) -> None:
     if getattr(obj, "stop_strings", None) is not None and not callable(obj.stop_strings):
         raise PluginError(f"encoder '{key}': stop_strings must be a method stop_strings(tokenizer, options)")
     spec = getattr(obj, "Options", None)
-    if spec is not None and not (isinstance(spec, type) and issubclass(spec, BaseModel)):
+    if spec is not None and not (isinstance(spec, type) and issubclass(spec, EncoderOptions)):
+        # EncoderOptions declares ``stop``, which every encoder takes (a plain model would refuse stop = false)
         raise PluginError(
-            f"encoder '{key}': Options must be a pydantic model (subclass personajudge.preferences.EncoderOptions)"
+            f"encoder '{key}': Options must subclass personajudge.preferences.EncoderOptions (a pydantic model "
+            "with the option every encoder takes, stop)"
         )
 
 

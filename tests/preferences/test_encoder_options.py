@@ -130,15 +130,29 @@ def test_a_third_party_encoder_that_declares_options_gets_them_checked(plugin):
         run("declared", {"styl": "x"})
     assert Recorder.seen == []  # refused before anything was rendered
     run("declared", {"style": "x"})
-    assert Recorder.seen and all(o == {"style": "x"} for o in Recorder.seen)
+    assert Recorder.seen and all(o == {"stop": True, "style": "x"} for o in Recorder.seen)
+
+
+def test_a_declared_encoder_renders_with_its_options_defaults_filled_in(plugin):
+    """``render`` got the raw dict (``{}`` with no options given), so a plugin that declared ``Options``
+    had to call ``encoder_options`` itself for its defaults; it gets the checked dict now."""
+    run("declared", {})
+    assert Recorder.seen and all(o == {"stop": True, "style": "short"} for o in Recorder.seen)
     with pytest.raises(ConfigError, match="encoder_options.style: .*string.* [(]the declared encoder[)]"):
         resolve_encoder("declared", ToyTokenizer(), options={"style": 3})
 
 
-def test_an_encoder_whose_options_are_no_pydantic_model_is_skipped_with_a_warning():
+@pytest.mark.parametrize("kind", ["dict", "plain-model"])
+def test_an_encoder_whose_options_are_no_encoder_options_is_skipped_with_a_warning(kind):
+    """A plain pydantic model was accepted, and then refused ``stop = false``, which every encoder takes."""
+    from pydantic import BaseModel
+
+    class PlainModel(BaseModel):
+        style: str = "short"
+
     class Bad(Recorder):
         name = "bad-options"
-        Options = {"style": str}
+        Options = {"style": str} if kind == "dict" else PlainModel
 
     class BadPlugin:
         @hookimpl
@@ -148,7 +162,9 @@ def test_an_encoder_whose_options_are_no_pydantic_model_is_skipped_with_a_warnin
     p = BadPlugin()
     register_plugin(p, name="bad-options-plugin")
     try:
-        with pytest.warns(PluginWarning, match="encoder 'bad-options': Options must be a pydantic model"):
+        with pytest.warns(
+            PluginWarning, match="encoder 'bad-options': Options must subclass personajudge.preferences.EncoderOptions"
+        ):
             names = registry("encoder").names()
         assert "bad-options" not in names and "exemplar" in names
     finally:
