@@ -22,6 +22,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from personajudge.core.config import BackendConfig, DecodingConfig, RunConfig, build_config, load_config_file
 from personajudge.core.contract import Backend, ForwardCall, Session, Tokenizer
+from personajudge.core.decoding import DecodeRequest, Forward, Truncate
 from personajudge.core.errors import (
     BackendUnavailableError,
     ChatTemplateError,
@@ -45,7 +46,7 @@ from personajudge.core.files import OutputError
 from personajudge.core.methods import Method
 from personajudge.core.result import GenerationResult, Stats
 from personajudge.plugins import PluginWarning, hookimpl, list_plugins, register_plugin, unregister_plugin
-from personajudge.preferences import Encoder, Preference
+from personajudge.preferences import Encoder, EncoderOptions, Preference
 
 from .api import PersonaJudge, generate, stream
 from .engine import EngineClosedError, EngineFailedError, QueueFullError, RequestCancelled
@@ -79,7 +80,11 @@ __all__ = [
     "ForwardCall",
     "Tokenizer",
     "Encoder",
+    "EncoderOptions",
     "Method",
+    "DecodeRequest",
+    "Forward",
+    "Truncate",
     "Preference",
     # errors and warnings
     "PersonaJudgeError",

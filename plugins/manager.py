@@ -232,7 +232,36 @@ def _check_preference(obj: Any, origin: str) -> None:
         )
 
 
-_CHECKS = {"method": _check_method, "encoder": _check_encoder, "backend": _check_backend}
+#: what a scorer of each kind implements, one of the two (personajudge.evaluation.scorers' base classes)
+_SCORER_METHODS = {"pointwise": ("score", "score_many"), "pairwise": ("compare", "compare_many")}
+
+
+def _check_scorer(obj: Any, key: str) -> None:
+    """A scorer is a class the evaluation harness instantiates with its options, a subclass of
+    ``PointwiseScorer`` or ``PairwiseScorer`` (``personajudge.evaluation.scorers``) that implements
+    ``score`` or ``compare``. Checked by shape (the plugin layer does not import the harness): one that
+    does not fit failed only after ``eval`` had generated every answer, with a traceback or an empty
+    ``NotImplementedError``."""
+    if not isinstance(obj, type):
+        raise PluginError(
+            f"scorer '{key}' is an instance of {type(obj).__name__}; register the class, not an instance "
+            "(the harness makes it with the run's scorer options)"
+        )
+    kind = getattr(obj, "kind", None)
+    if kind not in _SCORER_METHODS or not callable(getattr(obj, "config_hash_for", None)):
+        raise PluginError(
+            f"scorer '{key}' (class {obj.__qualname__}) is no scorer: subclass PointwiseScorer or PairwiseScorer "
+            "from personajudge.evaluation.scorers"
+        )
+    one, many = _SCORER_METHODS[kind]
+    if all(getattr(getattr(obj, m, None), "unimplemented", False) for m in (one, many)):
+        raise PluginError(
+            f"scorer '{key}' (class {obj.__qualname__}) implements neither {one} nor {many}; a {kind} scorer "
+            f"overrides {one}(...) (or {many} to batch)"
+        )
+
+
+_CHECKS = {"method": _check_method, "encoder": _check_encoder, "backend": _check_backend, "scorer": _check_scorer}
 
 
 def _holder(reg: Registry, word: str) -> tuple[str, PluginSource] | None:

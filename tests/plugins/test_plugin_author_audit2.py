@@ -16,7 +16,7 @@ from plugin_modules import hook_module
 import personajudge as pj
 from personajudge.backends.toy import ToyBackend, ToySession, ToyTokenizer
 from personajudge.core.errors import ConfigError, PluginError
-from personajudge.plugins import register_plugin, unregister_plugin
+from personajudge.plugins import PluginWarning, register_plugin, registry, unregister_plugin
 
 PREFS = ["concise", "humor"]
 
@@ -207,3 +207,64 @@ def test_options_the_method_does_not_take_are_still_a_config_error(registered):
         pj.generate("hi", config=cfg, max_new_tokens=2)
     cfg["method_options"] = {"alpha": 2.0}
     assert len(pj.generate("hi", config=cfg, max_new_tokens=2).tokens) == 2
+
+
+# -- scorers, checked as they register ----------------------------------------------------------------------
+
+
+def _scorer_warnings(registered, cls_or_obj):
+    registered(register_scorers=lambda register: register(cls_or_obj))
+    with pytest.warns(PluginWarning) as caught:
+        names = registry("scorer").names()
+    return names, [str(w.message) for w in caught if issubclass(w.category, PluginWarning)]
+
+
+def test_a_scorer_that_scores_nothing_is_refused_when_it_registers(registered):
+    """A misspelt ``scroe`` was listed by ``plugins`` and failed after ``eval`` had generated every answer,
+    with an empty ``NotImplementedError``."""
+    from personajudge.evaluation.scorers import PointwiseScorer
+
+    class Misspelt(PointwiseScorer):
+        name = "audit2-misspelt"
+
+        def scroe(self, prompt, response):
+            return 1.0
+
+    names, said = _scorer_warnings(registered, Misspelt)
+    assert "audit2-misspelt" not in names and "length" in names
+    assert any("scorer 'audit2-misspelt' (class " in w and "implements neither score nor score_many" in w for w in said)
+
+
+@pytest.mark.parametrize("kind", ["instance", "no-base"])
+def test_a_scorer_instance_or_a_class_of_another_shape_is_refused(registered, kind):
+    from personajudge.evaluation.scorers import PointwiseScorer
+
+    class Fine(PointwiseScorer):
+        name = "audit2-scorer"
+
+        def score(self, prompt, response):
+            return 1.0
+
+    class Plain:
+        name = "audit2-scorer"
+
+        def score(self, prompt, response):
+            return 1.0
+
+    names, said = _scorer_warnings(registered, Fine() if kind == "instance" else Plain)
+    says = "register the class, not an instance" if kind == "instance" else "subclass PointwiseScorer or PairwiseScorer"
+    assert "audit2-scorer" not in names and any(says in w for w in said), said
+
+
+def test_scorers_that_implement_one_of_the_pair_register(registered, recwarn):
+    """Negative control: ``score`` alone, ``score_many`` alone, and a pairwise ``compare`` all register."""
+    from personajudge.evaluation.scorers import PairwiseScorer, PointwiseScorer
+
+    one = type("One", (PointwiseScorer,), {"name": "audit2-one", "score": lambda self, p, r: 1.0})
+    many = type(
+        "Many", (PointwiseScorer,), {"name": "audit2-many", "score_many": lambda self, items: [1.0] * len(items)}
+    )
+    pair = type("Pair", (PairwiseScorer,), {"name": "audit2-pair", "compare": lambda self, item: None})
+    registered(register_scorers=lambda register: [register(c) for c in (one, many, pair)])
+    assert {"audit2-one", "audit2-many", "audit2-pair"} <= set(registry("scorer").names())
+    assert not [w for w in recwarn if issubclass(w.category, PluginWarning)]

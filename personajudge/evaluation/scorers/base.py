@@ -146,12 +146,21 @@ class Scorer:
         self.close()
 
 
+def _unimplemented(fn):
+    """Marks a base method a scorer must override (this one or its batched twin): the plugin manager
+    refuses a scorer class that overrides neither when it registers, not after ``eval`` generated."""
+    fn.unimplemented = True
+    return fn
+
+
 class PointwiseScorer(Scorer):
     kind = "pointwise"
 
+    @_unimplemented
     def score(self, prompt: str, response: str) -> float:
-        raise NotImplementedError
+        raise NotImplementedError(f"scorer '{self.name}' implements neither score nor score_many")
 
+    @_unimplemented
     def score_many(self, items: Sequence[tuple[str, str]]) -> list[float]:
         """Scores of many ``(prompt, response)`` pairs; override to batch."""
         return [float(self.score(p, r)) for p, r in items]
@@ -160,9 +169,11 @@ class PointwiseScorer(Scorer):
 class PairwiseScorer(Scorer):
     kind = "pairwise"
 
+    @_unimplemented
     def compare(self, item: PairItem) -> PairResult:
-        raise NotImplementedError
+        raise NotImplementedError(f"scorer '{self.name}' implements neither compare nor compare_many")
 
+    @_unimplemented
     def compare_many(self, items: Sequence[PairItem]) -> list[PairResult]:
         return [self.compare(it) for it in items]
 
