@@ -375,7 +375,7 @@ class Session(ABC):
         """
         name = type(self).__name__
         if not isinstance(outs, Sequence) or len(outs) != len(calls):
-            got = f"{len(outs)} results" if isinstance(outs, Sequence) else type(outs).__name__
+            got = f"{len(outs)} result(s)" if isinstance(outs, Sequence) else type(outs).__name__
             raise PluginError(f"{name}._forward_many returned {got} for {len(calls)} call(s); give one per call")
         vocab = self.vocab_size
         cut: list[Array] | None = None

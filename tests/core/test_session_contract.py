@@ -85,7 +85,7 @@ def test_a_batch_whose_forward_fails_once_equals_a_clean_batch(fail_on):
 @pytest.mark.parametrize(
     "bug, needle",
     [
-        (lambda outs, calls: outs[:-1], r"returned 1 results for 2 call\(s\)"),
+        (lambda outs, calls: outs[:-1], r"returned 1 result\(s\) for 2 call\(s\)"),
         (lambda outs, calls: outs[0], r"returned ndarray for 2 call\(s\)"),
         (lambda outs, calls: [o[0] for o in outs], r"returned logits of shape \(33,\) for view 0"),
         (
