@@ -29,6 +29,7 @@ of the full window.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from array_api_compat import array_namespace
 from .acceptance import Dist, draft_and_judge, judge_draft, sample_dist, verify_window
 from .arrays import like
 from .contract import ForwardCall, Session
-from .errors import ContextLengthError, PluginError, PromptTokenError, one_each
+from .errors import ContextLengthError, PluginError, PromptTokenError, SessionError, one_each
 from .result import Stats
 from .scheduler import RoleScheduler
 from .sparse import candidates, device_candidates, uniforms
@@ -406,6 +407,93 @@ def _judge_window(
     return int(n_acc), int(emitted)
 
 
+#: The most operations in a row a loop may yield without making progress -- progress being a
+#: ``Forward`` with at least one call (each call feeds at least one token, or the session refuses it)
+#: or, where the driver sees the request's emitter (the engine), a token committed -- before its driver
+#: stops it with a :class:`PluginError`. A loop that only ever truncates, or forwards nothing, would
+#: otherwise spin at 100% CPU for ever, holding its place in the batch, with nothing that could end it.
+#:
+#: No built-in loop comes near it, whatever its window, views or context: between two forwards they
+#: yield at most two ``Truncate`` ops -- the windowed schedule's rollback of its drafter and its judge
+#: (every other op of an iteration is a forward that feeds a token); :meth:`Views.sync`'s truncate of
+#: a view whose logits are stale is followed by the forward that re-feeds it; the plain, ``mod`` and
+#: ``pad`` loops never truncate. (A test runs every built-in with this set to 2.) Large enough, too, for
+#: a plugin's search that rolls back many branches between two forwards. Read at each check, so a
+#: test can lower it.
+MAX_IDLE_OPS = 10_000
+
+
+def makes_progress(op: Op) -> bool:
+    """Whether ``op`` counts as progress for :data:`MAX_IDLE_OPS`: a ``Forward`` with a call."""
+    return isinstance(op, Forward) and bool(op.calls)
+
+
+def spinning(who: str, ops: int, op: Op) -> str:
+    """The message for a loop (``who``'s) stopped by :data:`MAX_IDLE_OPS` after ``ops`` ops, the last ``op``."""
+    return (
+        f"{who} yielded {ops} operations in a row without feeding a token or committing one (the last: "
+        f"{op!r:.60}); each step of a loop must make progress: a Forward feeds tokens, a Truncate only "
+        "rolls back what forwards fed"
+    )
+
+
+def _index(value: Any) -> int | None:
+    """``value`` as a list index (a Python or numpy integer, not a bool), or None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _id_range(tokens: Any) -> tuple[int, int] | None:
+    """The smallest and largest id of ``tokens`` when they are a list, tuple or array of numbers (None
+    otherwise, or when empty: the session says what is wrong with those). Never iterates anything else,
+    which an iterator's single pass would lose before the session reads it."""
+    try:
+        if isinstance(tokens, np.ndarray):
+            return (int(tokens.min()), int(tokens.max())) if tokens.size else None
+        if isinstance(tokens, list | tuple) and tokens:
+            return int(min(tokens)), int(max(tokens))
+    except (TypeError, ValueError, OverflowError):
+        pass
+    return None
+
+
+def op_problem(op: Op, n_views: int, vocab_size: int | None = None) -> str | None:
+    """What is wrong with ``op`` for a request of ``n_views`` views, in words that follow "yielded"
+    (None: nothing this checks; a ``Forward``'s ``calls`` must be a list or tuple, see the engine).
+
+    Checked where the request's own view numbers are known: a driver that maps them onto the slots of
+    a shared session (:class:`StepDriver`) would otherwise index its list of slots with them, where
+    view 7 of a two-view request is an ``IndexError`` and view -1 silently another of its views, and
+    the session would name a slot number the loop never used. What else the session checks (an empty
+    call, ``n_logits``, a view twice in one forward, the context's room) stays the session's."""
+    last = n_views - 1
+    if isinstance(op, Truncate):
+        shown = f"Truncate({op.view!r:.20}, {op.length!r:.20})"
+        v = _index(op.view)
+        if v is None or not 0 <= v < n_views:
+            return f"{shown} for view {op.view!r:.20}, but the request has {n_views} views (0..{last})"
+        if isinstance(op.length, bool) or not isinstance(op.length, int) or op.length < 0:
+            return f"{shown}; a truncate length is an int >= 0 (how many of the view's tokens to keep)"
+        return None
+    for call in op.calls:
+        try:
+            view, tokens, _ = call
+        except (TypeError, ValueError):
+            return f"a Forward with the call {call!r:.60}; each call is a ForwardCall(view, tokens, n_logits)"
+        v = _index(view)
+        if v is None or not 0 <= v < n_views:
+            return f"a Forward for view {view!r:.20}, but the request has {n_views} views (0..{last})"
+        ids = _id_range(tokens) if vocab_size is not None else None
+        if ids is not None and vocab_size is not None and (ids[0] < 0 or ids[1] >= vocab_size):
+            bad = ids[0] if ids[0] < 0 else ids[1]
+            return f"a Forward of token id {bad} on view {v}; the model's ids are 0..{vocab_size - 1}"
+    return None
+
+
 def not_an_op(op: Any, who: str) -> PluginError:
     """The error for a loop (``who``'s) that yielded something other than a ``Forward`` or ``Truncate``:
     a session would otherwise fail on it with an ``AttributeError`` that names no plugin."""
@@ -416,17 +504,25 @@ def not_an_op(op: Any, who: str) -> PluginError:
 
 
 def drive(session: Session, loop: Loop) -> None:
-    """Run one loop against a session (a method's ``decode`` runs its own loop through this)."""
+    """Run one loop against a session (a method's ``decode`` runs its own loop through this).
+
+    The session checks each op itself (its views are the loop's own here); a loop that makes no
+    progress for :data:`MAX_IDLE_OPS` ops in a row is stopped with a :class:`PluginError` naming it."""
+    who = f"the loop {getattr(loop, '__qualname__', type(loop).__name__)}"
+    idle = 0
     try:
         op = next(loop)
         while True:
+            if not isinstance(op, Forward | Truncate):
+                raise not_an_op(op, who)
+            idle = 0 if makes_progress(op) else idle + 1
+            if idle > MAX_IDLE_OPS:
+                raise PluginError(spinning(who, idle, op))
             if isinstance(op, Forward):
                 res = session.forward_many(op.calls)
-            elif isinstance(op, Truncate):
+            else:
                 session.truncate(op.view, op.length)
                 res = None
-            else:
-                raise not_an_op(op, f"the loop {getattr(loop, '__qualname__', type(loop).__name__)}")
             op = loop.send(res)
     except StopIteration:
         pass
@@ -487,6 +583,15 @@ class RowGroup(Protocol):
     def advance(self, outs: dict[Any, Sequence[Array]]) -> tuple[list[Any], dict[Any, BaseException]]: ...
 
     def remove(self, key: Any) -> None: ...
+
+
+def _slot(slots: Sequence[int], view: Any) -> int:
+    """The session view (slot) of a request's ``view``: ``slots[view]``, refused as the session refuses a
+    view it lacks -- a list would take view -1 for the request's last view, and say ``IndexError``."""
+    v = _index(view)
+    if v is None or not 0 <= v < len(slots):
+        raise SessionError(f"view {view!r:.20} is out of range; the request has views 0..{len(slots) - 1}")
+    return slots[v]
 
 
 #: the most steps a :attr:`StepDriver.dirty` slot waits between two tries of its truncate (see ``reclaim``)
@@ -655,12 +760,15 @@ class StepDriver:
             op = self._pending[key]
             if isinstance(op, Truncate):
                 try:
-                    self.session.truncate(slots[op.view], op.length)
+                    self.session.truncate(_slot(slots, op.view), op.length)
                     results[key] = None
                 except Exception as err:
                     failed[key] = err
             else:
-                calls[key] = [ForwardCall(slots[v], toks, n) for v, toks, n in op.calls]
+                try:  # a malformed op is its request's own failure, not the step's (which fails them all)
+                    calls[key] = [ForwardCall(_slot(slots, v), toks, n) for v, toks, n in op.calls]
+                except Exception as err:
+                    failed[key] = err
         if calls:
             flat = [c for cs in calls.values() for c in cs]
             try:

@@ -59,9 +59,21 @@ from typing import Any
 
 import numpy as np
 
+from personajudge.core import decoding
 from personajudge.core.batched import BatchedJudge, batched_request, judge_rows
 from personajudge.core.contract import MAX_SESSION_VIEWS, Backend, Session
-from personajudge.core.decoding import DecodeRequest, Forward, Loop, StepDriver, Truncate, not_an_op, run_timed
+from personajudge.core.decoding import (
+    DecodeRequest,
+    Forward,
+    Loop,
+    StepDriver,
+    Truncate,
+    makes_progress,
+    not_an_op,
+    op_problem,
+    run_timed,
+    spinning,
+)
 from personajudge.core.errors import (
     ConfigError,
     PersonaJudgeError,
@@ -72,6 +84,7 @@ from personajudge.core.errors import (
 )
 from personajudge.core.methods import Base, Pad
 from personajudge.core.result import GenerationResult
+from personajudge.plugins import manager
 from personajudge.plugins.manager import PluginWarning, guarded, open_session, who
 
 DEFAULT_MAX_BATCH = 8
@@ -191,19 +204,41 @@ def is_batchable(method: Any) -> bool:
     return False
 
 
-def checked_loop(method: Any, req: DecodeRequest) -> Loop:
+def checked_loop(method: Any, req: DecodeRequest, *, vocab_size: int | None = None) -> Loop:
     """``method.loop(req)``, checked where it enters the engine: a generator that yields only
     ``Forward`` / ``Truncate`` operations. Otherwise the step driver fails on it with an
     ``AttributeError`` or "not an iterator" that never names the method; here it is a
     :class:`PluginError` naming it, and only that request fails. So is what a third-party loop
-    raises, when it is called or as it runs (a built-in's exception keeps its traceback: a bug here)."""
+    raises, when it is called or as it runs (a built-in's exception keeps its traceback: a bug here),
+    and each way its operations break the loop protocol (see :func:`_checked_ops`; ``vocab_size``: the
+    session's, to check the token ids it feeds)."""
     loop = guarded("method", req.stats.method, method, ".loop raised", lambda: method.loop(req))
     if not isinstance(loop, Generator):
         raise PluginError(
             f"{who('method', req.stats.method, method)}.loop returned {type(loop).__name__}, not a "
             "generator; loop(request) yields Forward and Truncate operations (personajudge.core.decoding)"
         )
-    return _checked_ops(method, req.stats.method, loop, req.stats)
+    return _checked_ops(method, req.stats.method, loop, req, vocab_size)
+
+
+def _loop_fault(method: Any, name: str, what: str) -> Exception:
+    """The error for a method whose loop (or decode) broke the loop protocol, ``what`` saying how (it
+    follows the method's name: ``.loop yielded ...``): a :class:`PluginError`, one line naming the
+    method and its distribution, for a third-party plugin; a ``RuntimeError`` with the same words for
+    one of this project's methods, whose fault is a bug here and keeps its traceback (as
+    :func:`~personajudge.plugins.manager.guarded` keeps a built-in's exception)."""
+    message = f"{who('method', name, method)}{what}"
+    return RuntimeError(message) if manager._builtin("method", name, method) else PluginError(message)
+
+
+def unfinished(req: DecodeRequest) -> str:
+    """How far an answer got whose loop ended with its emitter not finished, for the error that says so."""
+    em = req.emitter
+    return (
+        f"ended before the answer finished ({len(em.tokens)} of at most {em.max_new_tokens} tokens; no end "
+        "of text, stop or full context): a loop returns once req.emitter.push(token) returns False, or after "
+        "it calls req.emitter.finish(reason)"
+    )
 
 
 _DONE = object()  # what _resume returns for a loop that has ended
@@ -218,10 +253,21 @@ def _resume(loop: Loop, value: Any) -> Any:
         return _DONE
 
 
-def _checked_ops(method: Any, name: str, loop: Loop, stats: Any) -> Loop:
+def _checked_ops(method: Any, name: str, loop: Loop, req: DecodeRequest, vocab_size: int | None = None) -> Loop:
     """The loop's operations, checked; and its ``stats.forwards``, which the built-in loops count
-    themselves (one per ``Forward``) and a plugin's loop may not: the larger of the two counts stands."""
-    forwards = 0
+    themselves (one per ``Forward``) and a plugin's loop may not: the larger of the two counts stands.
+
+    Each op is checked before the step driver runs it, in the request's own view numbers
+    (:func:`~personajudge.core.decoding.op_problem`): a view the request does not have was an
+    ``IndexError`` out of the batched step, which failed every request in it; a bad token id or
+    truncate length was the session's error, naming a slot the author never used. A loop that makes
+    no progress -- no token fed, none committed -- for :data:`~personajudge.core.decoding.MAX_IDLE_OPS`
+    ops in a row is stopped: it would spin for ever. And a loop that ends before its emitter did is an
+    error: its result would have said ``length`` (:func:`result_of`) of an answer cut short for no
+    reason the user could see. Ended by a cancel or the engine's close (``close()``, a
+    ``GeneratorExit`` at the ``yield``), it never reaches that check. Each is a :func:`_loop_fault`."""
+    forwards, idle, committed = 0, 0, len(req.emitter.tokens)
+    n_views = len(req.contexts)
     try:
         value = None  # send(None) starts a fresh generator, as next() does
         while (
@@ -229,10 +275,26 @@ def _checked_ops(method: Any, name: str, loop: Loop, stats: Any) -> Loop:
         ) is not _DONE:
             if not isinstance(op, Forward | Truncate):
                 raise not_an_op(op, f"{who('method', name, method)}.loop")
+            if isinstance(op, Forward) and not isinstance(op.calls, list | tuple):
+                # read once here, as the driver would read an iterator of calls once
+                op = Forward(
+                    guarded("method", name, method, ".loop's Forward calls raised", functools.partial(list, op.calls))
+                )
+            problem = op_problem(op, n_views, vocab_size)
+            if problem is not None:
+                raise _loop_fault(method, name, f".loop yielded {problem}")
+            if makes_progress(op) or len(req.emitter.tokens) != committed:
+                idle, committed = 0, len(req.emitter.tokens)
+            else:
+                idle += 1
+                if idle > decoding.MAX_IDLE_OPS:
+                    raise _loop_fault(method, name, "." + spinning("loop", idle, op))
             forwards += isinstance(op, Forward)
             value = yield op
+        if not req.emitter.done:
+            raise _loop_fault(method, name, f".loop {unfinished(req)}")
     finally:
-        stats.forwards = max(stats.forwards, forwards)
+        req.stats.forwards = max(req.stats.forwards, forwards)
         # a loop that yields or raises as it is closed (cleanup in its ``finally``) fails its own request
         # with a PluginError naming it (StepDriver.remove hands it to that request only)
         guarded("method", name, method, ".loop.close() raised", loop.close)
@@ -952,7 +1014,8 @@ class Engine:
             if breq is not None:
                 started = self._driver.add_row(job.id, self._judge, breq, self._slots[job.id])
             else:
-                started = self._driver.add(job.id, checked_loop(job.method, job.req), self._slots[job.id])
+                loop = checked_loop(job.method, job.req, vocab_size=getattr(self._session, "vocab_size", None))
+                started = self._driver.add(job.id, loop, self._slots[job.id])
         except Exception as err:
             self._leave(job, error=err)
             return
@@ -1083,6 +1146,8 @@ class Engine:
                 run_timed(job.method.decode, session, job.req)
             finally:  # a close that fails is reported, and the request keeps its result (or its own error)
                 _close_reporting(session)
+            if not job.req.emitter.done and not job.cancelled:  # as a loop that ends early (_checked_ops)
+                raise _loop_fault(job.method, job.req.stats.method, f".decode {unfinished(job.req)}")
         except Exception as err:
             error = err
         finally:
