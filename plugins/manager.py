@@ -445,11 +445,31 @@ def _check_plugin_object(plugin: Any, what: str) -> None:
         )
 
 
+def _reloaded(pm: pluggy.PluginManager, plugin: Any) -> bool:
+    """Whether ``plugin``'s hook functions are no longer those registered: ``importlib.reload`` of a
+    plugin module keeps the module object (so it is "already registered") but replaces its functions,
+    and pluggy would go on calling the old ones, with the old classes, in silence."""
+    registered = {
+        caller.name: impl.function
+        for caller in pm.get_hookcallers(plugin) or []
+        for impl in caller.get_hookimpls()
+        if impl.plugin is plugin
+    }
+    now = {n for n in dir(plugin) if pm.parse_hookimpl_opts(plugin, n) is not None}
+
+    def same(a: Any, b: Any) -> bool:  # a method is bound anew at each lookup: compare what it binds
+        return getattr(a, "__func__", a) is getattr(b, "__func__", b)
+
+    return set(registered) != now or not all(same(getattr(plugin, n, None), fn) for n, fn in registered.items())
+
+
 def register_plugin(plugin: Any, name: str | None = None) -> None:
     """Register a plugin object or module at run time (tests, notebooks).
 
     Registering the object that is already registered (under the same name, or
-    with no name given) does nothing, so a notebook cell may run twice. Any
+    with no name given) does nothing, so a notebook cell may run twice -- unless
+    its hook functions changed (``importlib.reload(module)``): then the new ones
+    replace the old, as a fresh registration would. Any
     other mistake is a one-line :class:`PluginError`: a string or ``None``, a
     name another plugin has, a plugin with no hook implementations, a hook
     implementation whose arguments are not the hook's. A misspelt hook name
@@ -461,6 +481,11 @@ def register_plugin(plugin: Any, name: str | None = None) -> None:
         if pm.is_registered(plugin):
             current = pm.get_name(plugin)
             if name is None or name == current:
+                if _reloaded(pm, plugin):  # importlib.reload: the same module object, new functions
+                    pm.unregister(plugin)
+                    pm.register(plugin, name=current)
+                    _warn_unknown_hooks(pm, plugin, _source(pm, plugin))
+                    _registries.clear()
                 return
             raise PluginError(
                 f"{_label(plugin)} is already registered as '{current}'; unregister it first to register it as '{name}'"

@@ -268,3 +268,63 @@ def test_scorers_that_implement_one_of_the_pair_register(registered, recwarn):
     registered(register_scorers=lambda register: [register(c) for c in (one, many, pair)])
     assert {"audit2-one", "audit2-many", "audit2-pair"} <= set(registry("scorer").names())
     assert not [w for w in recwarn if issubclass(w.category, PluginWarning)]
+
+
+# -- a reloaded plugin module ---------------------------------------------------------------------------------
+
+
+def test_registering_a_reloaded_module_again_takes_its_new_code(tmp_path, monkeypatch):
+    """``importlib.reload(m)`` keeps the module object, so ``register_plugin(m)`` did nothing and the
+    registry kept the classes of before the edit (the notebook workflow the README points to)."""
+    import importlib
+    import sys
+
+    source = tmp_path / "audit2_reload_mod.py"
+    body = """
+import personajudge as pj
+from personajudge.backends.toy import ToyBackend
+
+class Versioned(ToyBackend):
+    name = "audit2-reload"
+    description = "{version}"
+
+@pj.hookimpl
+def register_backends(register):
+    register(Versioned)
+"""
+    source.write_text(body.format(version="first"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("audit2_reload_mod")
+    try:
+        register_plugin(mod)
+        assert registry("backend")["audit2-reload"].description == "first"
+        register_plugin(mod)  # a cell run twice: nothing changes
+        assert registry("backend")["audit2-reload"].description == "first"
+        source.write_text(body.format(version="second"))
+        importlib.invalidate_caches()
+        mod = importlib.reload(mod)
+        register_plugin(mod)
+        assert registry("backend")["audit2-reload"].description == "second"
+    finally:
+        unregister_plugin(mod)
+        sys.modules.pop("audit2_reload_mod", None)
+
+
+def test_registering_a_class_plugin_instance_twice_keeps_it_registered_once(recwarn):
+    """Negative control: an object's hook methods are bound anew at each lookup, which is no change."""
+    from personajudge.plugins import get_plugin_manager, hookimpl
+
+    class P:
+        @hookimpl
+        def register_preferences(self, register):
+            pass
+
+    p = P()
+    register_plugin(p, name="audit2-twice")
+    try:
+        pm = get_plugin_manager()
+        before = [c.get_hookimpls() for c in pm.get_hookcallers(p)]
+        register_plugin(p, name="audit2-twice")
+        assert [c.get_hookimpls() for c in pm.get_hookcallers(p)] == before
+    finally:
+        unregister_plugin(p)
