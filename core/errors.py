@@ -31,10 +31,10 @@ class TooManyViewsError(ConfigError):
 class UnknownPluginError(PersonaJudgeError, KeyError):
     """A backend, encoder, method or scorer name is not registered."""
 
-    def __init__(self, kind: str, name: str, registered: list[str]):
+    def __init__(self, kind: str, name: str, registered: list[str], hint: str = ""):
         self.kind, self.name, self.registered = kind, name, sorted(registered)
         names = ", ".join(self.registered) or "(none)"
-        super().__init__(f"unknown {kind} '{name}'; registered {kind}s: {names}")
+        super().__init__(f"unknown {kind} '{name}'; registered {kind}s: {names}{hint}")
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
         return self.args[0]

@@ -136,7 +136,9 @@ class Registry(Mapping[str, Any]):
         try:
             return self._items[name]
         except KeyError:
-            raise UnknownPluginError(self.kind, name, list(self._items)) from None
+            select = os.environ.get(ENV_SELECT)  # the likeliest reason a plugin's name is missing
+            hint = f" ({ENV_SELECT}={select!r} loads only the plugins it names)" if select is not None else ""
+            raise UnknownPluginError(self.kind, name, list(self._items), hint) from None
 
     def __getitem__(self, name: str) -> Any:
         return self._items[name]

@@ -328,3 +328,18 @@ def test_registering_a_class_plugin_instance_twice_keeps_it_registered_once(recw
         assert [c.get_hookimpls() for c in pm.get_hookcallers(p)] == before
     finally:
         unregister_plugin(p)
+
+
+def test_an_unknown_name_under_a_plugin_selection_says_the_selection_may_be_why(monkeypatch):
+    """With ``PERSONAJUDGE_PLUGINS=card`` set, ``unknown backend 'bigram'`` gave no hint that the variable
+    had left the bigram plugin out."""
+    from personajudge.core.errors import UnknownPluginError
+
+    monkeypatch.setenv("PERSONAJUDGE_PLUGINS", "card")
+    with pytest.raises(
+        UnknownPluginError, match=r"registered backends: .*toy \(PERSONAJUDGE_PLUGINS='card' loads only"
+    ):
+        registry("backend").get("bigram")
+    monkeypatch.delenv("PERSONAJUDGE_PLUGINS")
+    with pytest.raises(UnknownPluginError, match=r"registered backends: [a-z, -]*toy$"):
+        registry("backend").get("bigram")
