@@ -1143,7 +1143,11 @@ class Engine:
         try:
             session = open_session(self.backend, job.n_views)
             try:
-                run_timed(job.method.decode, session, job.req)
+                # a third-party decode's exception is one PluginError naming it (a built-in's keeps its traceback)
+                name = job.req.stats.method
+                guarded(
+                    "method", name, job.method, ".decode raised", lambda: run_timed(job.method.decode, session, job.req)
+                )
             finally:  # a close that fails is reported, and the request keeps its result (or its own error)
                 _close_reporting(session)
             if not job.req.emitter.done and not job.cancelled:  # as a loop that ends early (_checked_ops)

@@ -228,6 +228,20 @@ def test_a_decode_of_its_own_that_ends_early_is_an_error_too(method):
     _one_plugin_error(err, name, r"\.decode ended before the answer finished \(2 of at most 50 tokens")
 
 
+def test_a_decode_of_its_own_that_raises_is_one_plugin_error_naming_it(method):
+    """A third-party ``decode``'s exception reached the caller raw (a traceback at the command line)."""
+
+    def decode(self, session, req):
+        raise ValueError("no decoding today")
+
+    name = method("guard-raising-decode", _two_then_return, batchable=False, decode=decode)
+    with pj.PersonaJudge(TOY) as m, pytest.raises(PluginError) as err:
+        m.generate("hi", method=name, **RUN)
+    _one_plugin_error(err, name, r"\.decode raised ValueError: no decoding today")
+    with pj.PersonaJudge(TOY) as m:  # the engine serves the next request
+        assert len(m.generate("hi", **{**RUN, "max_new_tokens": 3}).tokens) == 3
+
+
 # --- 3. a loop that never makes progress -----------------------------------------------------------------------
 
 
