@@ -65,9 +65,9 @@ def not_finite_error() -> NumericalError:
     """The error for NaN or infinite logits, raised wherever they are found, on every backend."""
     return NumericalError(
         "the model produced NaN or infinite logits, so no token can be sampled from them; this "
-        "is a broken model file (its weights, or a hyperparameter such as a RoPE base of 0), or, on "
-        "a backend that takes --dtype (hf), a dtype that overflows (float16: try --dtype bfloat16 "
-        "or float32)"
+        "is a broken model file (its weights, or a hyperparameter such as a RoPE base of 0), a "
+        "plugin backend's forward that returns them, or, on a backend that takes --dtype (hf), a dtype "
+        "that overflows (float16: try --dtype bfloat16 or float32)"
     )
 
 
