@@ -827,12 +827,14 @@ def preference_library() -> Mapping[str, Preference]:
 
 
 def describe(obj: Any) -> str:
-    """The one-line description of a registered object (its ``description`` or docstring's first line)."""
+    """The one-line description of a registered object (its ``description`` or docstring's first line),
+    on one line and printable: a plugin's newlines or escape sequences would otherwise reach the
+    terminal through ``personajudge plugins`` as they are."""
     desc = getattr(obj, "description", None)
-    if isinstance(desc, str) and desc:
-        return desc
-    doc = (getattr(obj, "__doc__", None) or "").strip()
-    return doc.splitlines()[0] if doc else ""
+    if not (isinstance(desc, str) and desc.strip()):
+        doc = (getattr(obj, "__doc__", None) or "").strip()
+        desc = doc.splitlines()[0] if doc else ""
+    return " ".join("".join(c if c.isprintable() else " " for c in desc).split())
 
 
 def list_plugins() -> dict[str, list[dict[str, str]]]:

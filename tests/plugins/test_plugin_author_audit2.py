@@ -343,3 +343,14 @@ def test_an_unknown_name_under_a_plugin_selection_says_the_selection_may_be_why(
     monkeypatch.delenv("PERSONAJUDGE_PLUGINS")
     with pytest.raises(UnknownPluginError, match=r"registered backends: [a-z, -]*toy$"):
         registry("backend").get("bigram")
+
+
+def test_a_plugins_description_is_listed_on_one_printable_line(registered, capsys):
+    """A description with newlines and an escape sequence reached the terminal as it was."""
+    from personajudge.cli import main
+
+    cls = type("Loud", (ToyBackend,), {"name": "audit2-loud", "description": "Line one\nline two \x1b[31mred\x1b[0m"})
+    registered(register_backends=lambda register: register(cls))
+    assert main(["plugins"]) == 0
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if "audit2-loud" in ln]
+    assert "Line one line two [31mred [0m" in line and "\x1b" not in line
