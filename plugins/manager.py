@@ -232,6 +232,14 @@ def _check_preference(obj: Any, origin: str) -> None:
             f"{origin or 'a plugin'} registered a {type(obj).__name__} as a preference; register a "
             "personajudge.Preference(name=..., description=..., instruction=...)"
         )
+    # a preferences file refuses such names too: --view splits at commas, '+' joins a view's
+    # preferences, and text with a space is a free-text preference, so no command could name it
+    bad = [n for n in (obj.name, *obj.aliases) if "," in n or "+" in n or any(c.isspace() for c in n)]
+    if bad:
+        raise PluginError(
+            f"{origin or 'a plugin'} registered the preference name {bad[0]!r}; a preference's name and "
+            "aliases are one word without commas or '+' (e.g. 'pirate-speak')"
+        )
 
 
 #: what a scorer of each kind implements, one of the two (personajudge.evaluation.scorers' base classes)
