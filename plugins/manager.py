@@ -232,13 +232,12 @@ def _check_preference(obj: Any, origin: str) -> None:
             f"{origin or 'a plugin'} registered a {type(obj).__name__} as a preference; register a "
             "personajudge.Preference(name=..., description=..., instruction=...)"
         )
-    # a preferences file refuses such names too: --view splits at commas, '+' joins a view's
-    # preferences, and text with a space is a free-text preference, so no command could name it
-    bad = [n for n in (obj.name, *obj.aliases) if "," in n or "+" in n or any(c.isspace() for c in n)]
+    # as a preferences file refuses it: --view (a server's views too) splits names at commas
+    bad = [n for n in (obj.name, *obj.aliases) if "," in n]
     if bad:
         raise PluginError(
-            f"{origin or 'a plugin'} registered the preference name {bad[0]!r}; a preference's name and "
-            "aliases are one word without commas or '+' (e.g. 'pirate-speak')"
+            f"{origin or 'a plugin'} registered the preference name {bad[0]!r}, which holds a comma: --view "
+            "splits names at commas, so no view could name it; give it a name without one"
         )
 
 
