@@ -1153,11 +1153,14 @@ class HFBackend(Backend):
         """Returns (label, model, tokenizer)."""
         if model is None and gguf_file is None:
             path = _embedded_gguf()
+            self._warn_local_revision("the embedded model")
             return f"embedded:{path.name}", *self._load_gguf(str(path.parent), path.name, local=path)
         if model is None:
             raise ConfigError("backend.options.gguf_file needs backend.model (the folder or hub repo holding it)")
         p = Path(model).expanduser()
         kind = path_kind(p, "model path", ModelLoadError)
+        if kind in ("file", "dir"):
+            self._warn_local_revision(f"the local model {p}")
         if kind == "file":
             if not p.name.lower().endswith(".gguf"):
                 raise ModelLoadError(
@@ -1192,6 +1195,16 @@ class HFBackend(Backend):
         if gguf_file:
             return f"{model}:{gguf_file}", *self._load_gguf(model, gguf_file, local=None)
         return model, *self._from_pretrained(model, local=False)
+
+    def _warn_local_revision(self, what: str) -> None:
+        """``revision`` picks a hub branch, tag or commit; a local file or folder has none, and transformers
+        ignores it there in silence while the run's settings would report it as applied."""
+        if self.revision:
+            warnings.warn(
+                f"backend.options.revision={self.revision!r} picks a hub revision; {what} has none: ignored",
+                PersonaJudgeWarning,
+                stacklevel=4,
+            )
 
     def _common_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
@@ -1325,8 +1338,9 @@ class HFBackend(Backend):
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix="." + target.name + ".", dir=target.parent))
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
+            with _no_weight_loading_bar():  # transformers' "Writing model shards" bar, as the load's
+                model.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
             (tmp / "persona-judge-source.json").write_text(
                 json.dumps({"source": source, "gguf_file": gguf_file}), encoding="utf-8"
             )

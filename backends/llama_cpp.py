@@ -220,7 +220,15 @@ def check_model_file(path: str | os.PathLike[str]) -> Path:
             "(or leave it out to use the embedded Gemma 3 270M)"
         )
     if kind == "dir":
-        raise ModelLoadError(f"model path {p} is a directory; the llama-cpp backend needs a .gguf file")
+        ggufs = sorted(x.name for x in p.glob("*.gguf"))[:3]
+        hint = (
+            f" (this folder holds {', '.join(ggufs)}: give its path)"
+            if ggufs
+            else " (it holds config.json, a transformers model: add --backend hf)"
+            if (p / "config.json").is_file()
+            else ""
+        )
+        raise ModelLoadError(f"model path {p} is a directory; the llama-cpp backend needs a .gguf file{hint}")
     if kind == "other":
         raise ModelLoadError(
             f"model path {p} is not a regular file (a FIFO, device or socket); the llama-cpp backend needs a .gguf file"

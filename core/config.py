@@ -348,8 +348,13 @@ def take_options(
     unknown = sorted(str(k) for k in set(options) - set(spec.model_fields))
     if unknown:
         known = ", ".join(spec.model_fields) or "(none)"
+        # the closest known name, as a misspelt config key gets one (cpu_prepak -> cpu_prepack)
+        close = [
+            c for u in unknown for c in difflib.get_close_matches(u.replace("-", "_"), list(spec.model_fields), n=1)
+        ]
+        hint = f" (did you mean {', '.join(dict.fromkeys(close))}?)" if close else ""
         raise ConfigError(
-            f"{where}: unknown option(s) for {owner or 'this backend'}: {', '.join(unknown)}; known: {known}"
+            f"{where}: unknown option(s) for {owner or 'this backend'}: {', '.join(unknown)}{hint}; known: {known}"
         )
     try:
         return spec.model_validate(options).model_dump()

@@ -295,7 +295,9 @@ def run_bench(
     # isolated step costs do not).
     ceiling_on = (steps if ceiling_run is None else ceiling_run) and views >= 2
     same = [pviews[0]] * views
-    bar = tqdm(total=(len(methods) + ceiling_on) * (repeats + 1), desc="bench", disable=not progress, file=sys.stderr)
+    # drawn only on a terminal (tqdm's disable=None), as batch mode's: redraws are noise in a log file
+    total = (len(methods) + ceiling_on) * (repeats + 1)
+    bar = tqdm(total=total, desc="bench", disable=None if progress else True, file=sys.stderr)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in methods}
     ceiling_runs: list[dict[str, Any]] = []
     try:

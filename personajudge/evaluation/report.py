@@ -623,8 +623,10 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
             f"## Win rate against `{spec.baseline}`",
             "",
             f"Share of prompts where the method's response beats the `{spec.baseline}` response to the same "
-            "prompt and seed in the dimension's direction (↑ higher is better, ↓ lower is better, judge: "
-            "pairwise judge verdict); ties count half. 50% = no difference. In parentheses: 95% bootstrap "
+            "prompt and seed in the dimension's direction (↑ higher is better, ↓ lower is better"
+            # the judge's legend only where a pairwise judge measured a dimension
+            + (", judge: pairwise judge verdict" if any(w["direction"] == "judge" for w in wr) else "")
+            + "); ties count half. 50% = no difference. In parentheses: 95% bootstrap "
             f"interval over prompts; **bold** when it excludes 50% (and n ≥ {MIN_N_BOLD}).",
             "",
         ]

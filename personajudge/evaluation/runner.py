@@ -550,7 +550,7 @@ class Runner:
             desc="generate",
             unit="gen",
             file=sys.stderr,
-            disable=not self.progress,
+            disable=None if self.progress else True,  # drawn only on a terminal
             initial=0,
             dynamic_ncols=True,
         )
@@ -598,7 +598,7 @@ class Runner:
             desc="generate",
             unit="gen",
             file=sys.stderr,
-            disable=not self.progress,
+            disable=None if self.progress else True,  # drawn only on a terminal
             dynamic_ncols=True,
         )
         try:
@@ -657,7 +657,7 @@ class Runner:
                 desc=f"score {sspec.alias}",
                 unit="row",
                 file=sys.stderr,
-                disable=not self.progress,
+                disable=None if self.progress else True,  # drawn only on a terminal
                 dynamic_ncols=True,
             )
             chunk = 8 if cls.kind == "pairwise" else 32

@@ -271,3 +271,20 @@ def test_g_greedy_native_generate_prints_no_generation_flag_notice(llama):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "generation flags" not in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------------------- D: a hub revision on a local folder
+
+
+def test_d_a_revision_given_for_a_local_folder_is_named_in_a_warning(llama):
+    """``--backend-option revision=...`` with a local folder ran without a word while ``settings`` reported
+    the revision as applied (transformers ignores it for a folder)."""
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        HFBackend(BackendConfig(name="hf", model=str(llama), options={"revision": "v2"})).close()
+    said = [str(x.message) for x in w if issubclass(x.category, PersonaJudgeWarning) and "revision" in str(x.message)]
+    assert said == [f"backend.options.revision='v2' picks a hub revision; the local model {llama} has none: ignored"]
+    with warnings.catch_warnings(record=True) as w:  # control: no revision, no such warning
+        warnings.simplefilter("always")
+        HFBackend(BackendConfig(name="hf", model=str(llama))).close()
+    assert not [x for x in w if "revision" in str(x.message)]

@@ -279,3 +279,11 @@ def test_bench_serve_records_the_settings_and_the_limits(capsys):
     assert st["views"] == 2 and st["view_groups"] == [["concise", "humor"], ["expert"]]
     assert (st["lambda"], st["top_k"], st["schedule"]) == (3, 5, "windowed")
     assert st["max_batch"] is None  # a server at --url: its limits are not known here
+
+
+def test_the_progress_bar_is_drawn_only_on_a_terminal(capsys):
+    """bench wrote its tqdm redraws (``bench:  50%|...``) into a log file; batch mode and eval draw theirs
+    only on a terminal, and so does bench now."""
+    assert main([*BENCH, "--no-steps", "--methods", "plain"]) == 0
+    err = capsys.readouterr().err
+    assert "bench:" not in err and "%|" not in err, err

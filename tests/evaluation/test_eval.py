@@ -93,6 +93,7 @@ def test_toy_run_writes_all_report_files(tmp_path):
     md = (d / "report.md").read_text()
     assert "## Win rate against `prompt`" in md and "| `persona-judge` |" in md and "n = 3 prompts" in md
     assert "concise (length ↓)" in md and "![win rates](winrate.png)" in md
+    assert "judge: pairwise judge verdict" not in md  # no pairwise judge ran: its legend was printed anyway
     assert (d / "winrate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

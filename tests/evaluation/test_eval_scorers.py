@@ -547,7 +547,9 @@ def test_eval_run_with_a_local_judge_keeps_the_key_out_of_the_run(judge_env, mon
     # which judge gave the verdicts is recorded (endpoint without credentials), and shown in the report
     judge = {"judge": "http", "model": "m", "endpoint": home.url + "/v1", "api": "chat"}
     assert json.loads((d / "run.json").read_text())["scorer_identities"] == {"judge": judge}
-    assert f"`judge`: judge http, model m, endpoint {home.url}/v1, api chat" in (d / "report.md").read_text()
+    md = (d / "report.md").read_text()
+    assert f"`judge`: judge http, model m, endpoint {home.url}/v1, api chat" in md
+    assert "judge: pairwise judge verdict" in md  # the win rates' legend names the judge (none without one)
 
 
 def test_a_run_judged_over_http_is_not_judged_again_by_another_judge_in_silence(

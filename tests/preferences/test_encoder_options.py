@@ -76,7 +76,7 @@ def test_the_cli_says_it_in_one_line_and_exits_2(tmp_path, capsys):
     code, err = _cli(tmp_path, capsys, "{ nn = 1 }")
     assert code == 2
     assert err == (
-        "personajudge: error: encoder_options: unknown option(s) for the exemplar encoder: nn; "
+        "personajudge: error: encoder_options: unknown option(s) for the exemplar encoder: nn (did you mean n?); "
         "known: stop, n, instruction\n"
     )
     code, err = _cli(tmp_path, capsys, "{ n = 1 }")  # the control: a known option runs
@@ -126,7 +126,10 @@ def test_a_third_party_encoder_without_options_gets_them_unchecked(plugin):
 
 
 def test_a_third_party_encoder_that_declares_options_gets_them_checked(plugin):
-    with pytest.raises(ConfigError, match=r"unknown option\(s\) for the declared encoder: styl; known: stop, style"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown option\(s\) for the declared encoder: styl \(did you mean style\?\); known: stop, style",
+    ):
         run("declared", {"styl": "x"})
     assert Recorder.seen == []  # refused before anything was rendered
     run("declared", {"style": "x"})

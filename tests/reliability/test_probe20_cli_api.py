@@ -128,3 +128,24 @@ def test_a_plugin_encoders_check_views_is_called_and_guarded(monkeypatch):
         check_encoder_views(Picky(), view, None)
     assert seen == [[["concise"]]]
     check_encoder_views(object(), view, None)  # no check_views: nothing to check
+
+
+# -- 4: a folder given to the llama-cpp backend ------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("files", "hint"),
+    [
+        (["config.json", "model.safetensors"], "(it holds config.json, a transformers model: add --backend hf)"),
+        (["b.gguf", "a.gguf"], "(this folder holds a.gguf, b.gguf: give its path)"),
+        ([], "needs a .gguf file"),
+    ],
+    ids=["hf-folder", "gguf-folder", "empty"],
+)
+def test_a_folder_as_the_gguf_model_says_what_it_holds(tmp_path, capsys, files, hint):
+    """``--model FOLDER`` without ``--backend hf`` said only "is a directory"; the folder's contents say
+    what the user meant."""
+    pytest.importorskip("llama_cpp")
+    for name in files:
+        (tmp_path / name).write_text("{}")
+    code, _, err = run_main(["generate", "hi", "--model", str(tmp_path), "--prefer", "concise", "-q"], capsys)
+    one_line(code, err, f"model path {tmp_path} is a directory; the llama-cpp backend needs a .gguf file")
+    assert err.rstrip("\n").endswith(hint), err
