@@ -758,6 +758,23 @@ class PersonaJudge:
             resolved = build_views(defs, groups, preference_library()) if groups else [[]]
         return resolve_encoder(cfg.encoder, self.backend.tokenizer, resolved).name
 
+    def view_lengths(
+        self,
+        prompt: Prompt,
+        *,
+        preferences: PreferenceSpec | Sequence[PreferenceSpec] | None = None,
+        views: Sequence[Sequence[PreferenceSpec]] | None = None,
+        method: str | None = None,
+        **decoding: Any,
+    ) -> list[int]:
+        """Tokens in each view's prompt as :meth:`generate` would build it for these arguments (the
+        method's planned views, the encoder, the chat template), with nothing generated: each must stay
+        below the backend's ``context_length``. A view's instructions and few-shot exemplars count, so on
+        a small context a preference can leave no room even for a short question; ``serve`` checks its
+        default preferences this way at start-up."""
+        cfg, meth, user_views = self._prepare(preferences, views, method, decoding)
+        return [len(c) for c in self.encode_views(prompt, cfg, meth, user_views)]
+
     def encode_views(self, prompt: Prompt, cfg: RunConfig, method, views: list[list[Preference]]) -> list[list[int]]:
         """Token contexts of the views ``method`` prompts for the user's ``views``; special-token text in
         the user's strings (``<eos>`` in a message) is encoded as text, the template's markers as tokens."""

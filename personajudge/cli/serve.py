@@ -129,6 +129,30 @@ def _api_key(args: argparse.Namespace) -> str | None:
     return check_api_key(args.api_key or os.environ.get("PERSONAJUDGE_API_KEY") or None)
 
 
+#: the shortest question a client might send: the server's default views must fit it with room to answer
+_PROBE_PROMPT = "Hi?"
+
+
+def _warn_if_defaults_do_not_fit(srv: Any, context_length: int) -> None:
+    """A warning before "serving" when the default preferences' views leave no room even for a short
+    question (a base model's exemplars on a small --n-ctx): every request that relies on them would be a
+    400, while requests that send lighter preferences still run, so the server starts."""
+    with warnings.catch_warnings():  # the defaults' own warnings were given as they were resolved
+        warnings.simplefilter("ignore")
+        try:
+            lengths = srv.default_view_lengths(_PROBE_PROMPT)
+        except PersonaJudgeError:
+            return  # a request with the defaults says what is wrong, as generate would
+    if max(lengths) >= context_length:
+        warnings.warn(
+            f"the default preferences' views are {max(lengths)} tokens for the question {_PROBE_PROMPT!r}, and the "
+            f"model's context holds {context_length}: requests that use them will be refused (use a lighter "
+            "--encoder, such as plain, or a larger --n-ctx)",
+            PersonaJudgeWarning,
+            stacklevel=2,
+        )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _require_serve_extra()
     _check_limits(args)
@@ -155,6 +179,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             default_preferences=prefs,
             reserve=False,  # here, below: a backend that cannot open a session fails before "serving"
         )
+        _warn_if_defaults_do_not_fit(app.state.server, pj.backend.context_length)
         engine = pj.engine
         asked = args.max_batch * app.state.server.default_views()
         slots = engine.reserve(asked)

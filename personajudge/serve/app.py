@@ -151,6 +151,12 @@ def _config_error(message: str, fields: dict[str, str]) -> tuple[str | None, str
     return (found[0], body) if found else (None, message)
 
 
+def _over_http(message: str) -> str:
+    """A too-long prompt's advice for a client (:func:`http_wording` has put its flags in the request's
+    words): ``--show-prompt`` is no option of a request, and ``--n-ctx`` is the server's to raise."""
+    return message.replace(" (--show-prompt shows each view)", "").replace("(--n-ctx", "(the server's --n-ctx")
+
+
 class APIError(Exception):
     """An error response in OpenAI's shape."""
 
@@ -219,7 +225,7 @@ def map_error(
     if isinstance(err, PromptTokenError):  # a token the model has no embedding for: the prompt's, not a length
         return APIError(400, msg, param=prompt_field, code="invalid_value")
     if isinstance(err, ContextLengthError):
-        return APIError(400, msg, param=prompt_field, code="context_length_exceeded")
+        return APIError(400, _over_http(msg), param=prompt_field, code="context_length_exceeded")
     if isinstance(err, PreferenceError):  # an unknown name, or an invalid value (an empty view, an empty name)
         code = "unknown_preference" if isinstance(err, UnknownPreferenceError) else "invalid_value"
         return APIError(400, msg, param=preference_field, code=code)
@@ -341,6 +347,15 @@ class Server:
         the app's lifespan ends."""
         return self.shutting_down or bool(self.engine.stats()["closing"])
 
+    def _defaults(self) -> list[Any] | None:
+        """The ``preferences`` a request that sends neither ``preferences`` nor ``views`` is run with: next
+        to configured views only the definitions (the views decide), else the default preferences."""
+        return self.definitions if self.pj.config.views else self.default_preferences
+
+    def default_view_lengths(self, prompt: str) -> list[int]:
+        """Each view's prompt length for ``prompt`` sent with the server's defaults."""
+        return self.pj.view_lengths(prompt, preferences=self._defaults())
+
     def default_views(self) -> int:
         """Views one request with the configured defaults prompts (sizes the session)."""
         cfg = self.pj.config
@@ -422,8 +437,7 @@ class Server:
         elif views is not None and self.definitions:
             prefs = self.definitions  # the names a preferences file defines or adjusts
         elif prefs is None and views is None and self.default_preferences is not None:
-            # next to configured views only the definitions: the views decide
-            prefs = self.definitions if self.pj.config.views else self.default_preferences
+            prefs = self._defaults()
         kw: dict[str, Any] = {
             "preferences": prefs,
             "views": views,

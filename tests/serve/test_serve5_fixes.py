@@ -234,3 +234,40 @@ def test_empty_preferences_drop_the_servers_default_preferences_as_in_python():
             bare = c.post(base + "/v1/chat/completions", json=BODY)
     assert _text(empty) == (expected.text, 1)
     assert _text(bare)[1] == 2  # the defaults, for a request that sends neither field
+
+
+# ---------------------------------------------------------------- defaults that cannot fit (an audit of the hf flow)
+
+
+def test_defaults_that_leave_no_room_are_named_in_a_warning_before_serving(serve_once):
+    """``serve --prefer ... --n-ctx`` too small for the default views' instructions said "serving" and then
+    refused every request that used the defaults; the start-up now says so, and still serves (a request
+    with lighter preferences runs)."""
+    err = serve_once(["127.0.0.1"], "--n-ctx", "16")
+    warned = [line for line in err.splitlines() if "the default preferences' views are" in line]
+    assert len(warned) == 1, err
+    assert "tokens for the question 'Hi?', and the model's context holds 16" in warned[0]
+    assert err.index(warned[0]) < err.index("personajudge: serving")
+    assert "the default preferences' views are" not in serve_once(["127.0.0.1"])  # control: they fit
+
+
+def test_view_lengths_are_the_prompt_tokens_generate_uses():
+    with PersonaJudge({"backend": {"name": "toy"}}) as pj:
+        for prefs in (PREFS, ["concise"], ["a preference in plain words"]):
+            assert (
+                pj.view_lengths("Where is the ship?", preferences=prefs)
+                == pj.generate("Where is the ship?", preferences=prefs, max_new_tokens=2).stats.prompt_tokens
+            )
+
+
+def test_a_too_long_prompt_over_http_gives_the_requests_words_not_flags():
+    """The 400 for a view too long named ``--show-prompt`` (no request option) and ``--encoder plain``."""
+    with PersonaJudge({"backend": {"name": "toy", "n_ctx": 40}, "encoder": "exemplar"}) as pj:
+        with in_process_server(pj) as base:
+            body = {**BODY, "preferences": PREFS, "messages": [{"role": "user", "content": "Hi?"}]}
+            r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "context_length_exceeded" and "--show-prompt" not in err["message"], err
+    assert '"encoder": "plain" or "encoder": "instruction"' in err["message"], err
+    assert "--encoder" not in err["message"] and "(the server's --n-ctx)" in err["message"], err
