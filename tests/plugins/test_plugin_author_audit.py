@@ -18,7 +18,7 @@ import warnings
 
 import numpy as np
 import pytest
-from plugin_modules import hook_module
+from plugin_modules import hook_module, registering
 from serve_helpers import running_server
 
 import personajudge as pj
@@ -26,7 +26,7 @@ from personajudge.backends.toy import ToyBackend, ToySession, ToyTokenizer
 from personajudge.core import contract
 from personajudge.core.errors import PersonaJudgeWarning, PluginError, TooManyViewsError
 from personajudge.engine import Engine
-from personajudge.plugins import PluginWarning, manager, register_plugin, registry, unregister_plugin
+from personajudge.plugins import PluginWarning, manager, register_plugin, registry
 from personajudge.preferences import EncoderOptions
 
 PREFS = ["concise", "humor"]
@@ -40,18 +40,9 @@ def _plugin(**hooks):
 
 @pytest.fixture
 def registered():
-    """Register plugins for one test (warnings recorded); unregister them all after it."""
-    done = []
-
-    def reg(**hooks):
-        plugin = _plugin(**hooks)
-        register_plugin(plugin)
-        done.append(plugin)
-        return plugin
-
-    yield reg
-    for plugin in done:
-        unregister_plugin(plugin)
+    """Register plugins for one test; unregister them all after it."""
+    with registering("audit_plugin") as reg:
+        yield reg
 
 
 def _kind_warnings(kind):

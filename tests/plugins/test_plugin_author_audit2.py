@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from cli_lines import one_line, run_main
-from plugin_modules import hook_module
+from plugin_modules import registering
 
 import personajudge as pj
 from personajudge.backends.toy import ToyBackend, ToySession, ToyTokenizer
@@ -23,17 +23,9 @@ PREFS = ["concise", "humor"]
 
 @pytest.fixture
 def registered():
-    done = []
-
-    def reg(**hooks):
-        plugin = hook_module("audit2_plugin", **hooks)
-        register_plugin(plugin)
-        done.append(plugin)
-        return plugin
-
-    yield reg
-    for plugin in done:
-        unregister_plugin(plugin)
+    """Register plugins for one test; unregister them all after it."""
+    with registering("audit2_plugin") as reg:
+        yield reg
 
 
 def _backend(name, **attrs):
