@@ -220,7 +220,7 @@ def check_model_file(path: str | os.PathLike[str]) -> Path:
             "(or leave it out to use the embedded Gemma 3 270M)"
         )
     if kind == "dir":
-        ggufs = sorted(x.name for x in p.glob("*.gguf"))[:3]
+        ggufs = sorted(x.name for x in p.iterdir() if x.name.lower().endswith(".gguf"))[:3]
         hint = (
             f" (this folder holds {', '.join(ggufs)}: give its path)"
             if ggufs

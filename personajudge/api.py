@@ -71,13 +71,16 @@ def make_method(cfg: RunConfig):
     """An instance of the configured method with its options. Options its signature does not take are a
     ``ConfigError`` in the config's words; anything the constructor itself raises, a ``TypeError`` of
     its own code included, is a ``PluginError`` naming a third-party method (:func:`guarded`), since
-    the options were right. Without a signature to check, a ``TypeError`` counts as a wrong option."""
+    the options were right. Without a signature that says (none, or one taking ``**kwargs``), a
+    ``TypeError`` counts as a wrong option."""
     cls = get_method(cfg.method)
     options = cfg.method_options
     try:
         sig: inspect.Signature | None = inspect.signature(cls)
     except (TypeError, ValueError):  # a builtin or C class: no signature to bind the options to
         sig = None
+    if sig is not None and any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in sig.parameters.values()):
+        sig = None  # (**kwargs), or a metaclass's (*a, **k): binding proves nothing about the options
     if sig is not None:
         try:
             sig.bind(**options)
@@ -86,7 +89,7 @@ def make_method(cfg: RunConfig):
             takes = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
             unknown = sorted(set(options) - set(takes))
             why = str(err)
-            if unknown and not any(p.kind is p.VAR_KEYWORD for p in params):
+            if unknown:
                 why = f"unknown option(s) {', '.join(unknown)}; " + (
                     f"its options are {', '.join(takes)}" if takes else "it takes none"
                 )

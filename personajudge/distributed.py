@@ -132,7 +132,9 @@ class RayOptions:
                 raise ConfigError(f"{flag} must have at most 4 decimals (Ray's resource unit is 0.0001), got {value!r}")
         if self.max_restarts < 0:
             raise ConfigError("max_restarts must be 0 or more")
-        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+        if self.threads is not None and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or not 1 <= self.threads <= MAX_THREADS
+        ):
             raise ConfigError(f"threads must be between 1 and {MAX_THREADS}, got {self.threads!r}")
         scheme, sep, _ = (self.address or "").partition("://")
         if sep and scheme != "ray":
@@ -837,13 +839,16 @@ class ReplicaPool:
         try:
             self._close()
         finally:
-            if self._sigterm is not None:  # after ray.shutdown(): Ray's handler is back only as it ends
-                self._sigterm.close()
-                self._sigterm = None
             if self._stdout is not None:
                 if sys.stdout is self._stdout:
                     sys.stdout = self._stdout.stream
                 self._stdout = None
+            if self._sigterm is not None:  # after ray.shutdown(): Ray's handler is back only as it ends
+                sigterm, self._sigterm = self._sigterm, None
+                # signal.signal works on the main thread only: a pool closed from another thread leaves
+                # the handlers as they are (the process is ending, or the main thread goes on with Ray's)
+                with contextlib.suppress(ValueError):
+                    sigterm.close()
 
     def _close(self) -> None:
         if not self.actors and not self._started_ray:

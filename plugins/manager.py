@@ -457,19 +457,21 @@ def _check_plugin_object(plugin: Any, what: str) -> None:
 def _reloaded(pm: pluggy.PluginManager, plugin: Any) -> bool:
     """Whether ``plugin``'s hook functions are no longer those registered: ``importlib.reload`` of a
     plugin module keeps the module object (so it is "already registered") but replaces its functions,
-    and pluggy would go on calling the old ones, with the old classes, in silence."""
+    and pluggy would go on calling the old ones, with the old classes, in silence. Compared as sets of
+    functions (a method is bound anew at each lookup: what it binds counts), so a hook implemented under
+    another attribute name (``@hookimpl(specname=...)``) is no change."""
+
+    def func(f: Any) -> Any:
+        return getattr(f, "__func__", f)
+
     registered = {
-        caller.name: impl.function
+        func(impl.function)
         for caller in pm.get_hookcallers(plugin) or []
         for impl in caller.get_hookimpls()
         if impl.plugin is plugin
     }
-    now = {n for n in dir(plugin) if pm.parse_hookimpl_opts(plugin, n) is not None}
-
-    def same(a: Any, b: Any) -> bool:  # a method is bound anew at each lookup: compare what it binds
-        return getattr(a, "__func__", a) is getattr(b, "__func__", b)
-
-    return set(registered) != now or not all(same(getattr(plugin, n, None), fn) for n, fn in registered.items())
+    now = {func(getattr(plugin, n)) for n in dir(plugin) if pm.parse_hookimpl_opts(plugin, n) is not None}
+    return registered != now
 
 
 def register_plugin(plugin: Any, name: str | None = None) -> None:
@@ -490,15 +492,19 @@ def register_plugin(plugin: Any, name: str | None = None) -> None:
         if pm.is_registered(plugin):
             current = pm.get_name(plugin)
             if name is None or name == current:
-                if _reloaded(pm, plugin):  # importlib.reload: the same module object, new functions
-                    pm.unregister(plugin)
-                    pm.register(plugin, name=current)
-                    _warn_unknown_hooks(pm, plugin, _source(pm, plugin))
-                    _registries.clear()
-                return
-            raise PluginError(
-                f"{_label(plugin)} is already registered as '{current}'; unregister it first to register it as '{name}'"
-            )
+                if not _reloaded(pm, plugin):
+                    return
+                # importlib.reload: the same module object, new functions. Registered afresh, through the
+                # checks below; if the new code is refused, the plugin is left unregistered (its old
+                # functions are gone from the module) and the registries forget it.
+                pm.unregister(plugin)
+                _registries.clear()
+                name = current
+            else:
+                raise PluginError(
+                    f"{_label(plugin)} is already registered as '{current}'; unregister it first to register it as "
+                    f"'{name}'"
+                )
         key = name if name is not None else pm.get_canonical_name(plugin)
         other = pm.get_plugin(key)
         if other is not None:

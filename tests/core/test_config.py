@@ -97,6 +97,8 @@ def test_preference_objects_in_the_config_are_their_tables():
     assert cfg.preferences == [table, "humor"] and cfg.views == [[table], ["humor"]]
     assert given == [pirate, "humor"]  # the caller's list is left as it was
     base = {"backend": {"name": "toy"}, "encoder": "exemplar", "decoding": {"max_new_tokens": 6, "seed": 3}}
-    with_object = pj.PersonaJudge({**base, "preferences": [pirate, "humor"]}).generate("hi")
-    with_table = pj.PersonaJudge({**base, "preferences": [table, "humor"]}).generate("hi")
+    with pj.PersonaJudge({**base, "preferences": [pirate, "humor"]}) as m:
+        with_object = m.generate("hi")
+    with pj.PersonaJudge({**base, "preferences": [table, "humor"]}) as m:
+        with_table = m.generate("hi")
     assert with_object.tokens == with_table.tokens and with_object.settings == with_table.settings

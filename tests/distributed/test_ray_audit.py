@@ -131,7 +131,7 @@ def test_a_replica_with_more_cpus_than_ggml_threads_runs_512_threads():
     assert opts.replica_threads == 512
     assert replica_config({"backend": {"name": "llama-cpp"}}, opts.replica_threads).backend.threads == 512
     assert RayOptions(cpus_per_replica=600, threads=8).replica_threads == 8  # an explicit count is kept
-    for bad in (0, 513):
+    for bad in (0, 513, True, 2.5):
         with pytest.raises(ConfigError, match=f"threads must be between 1 and 512, got {bad}"):
             RayOptions(threads=bad)
 
