@@ -31,7 +31,14 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 from .arrays import array_namespace
-from .errors import ContextLengthError, PersonaJudgeWarning, PluginError, SessionError, TooManyViewsError
+from .errors import (
+    ContextLengthError,
+    PersonaJudgeError,
+    PersonaJudgeWarning,
+    PluginError,
+    SessionError,
+    TooManyViewsError,
+)
 
 if TYPE_CHECKING:
     from .config import BackendConfig
@@ -148,6 +155,8 @@ def _probe_encode_decode(tok: Any, where: str) -> None:
     request with a traceback from the core, not the plugin."""
     try:
         ids = tok.encode(_PROBE, add_bos=False)
+    except PersonaJudgeError:  # a typed refusal says what is wrong itself (a closed backend's SessionError)
+        raise
     except Exception as err:
         raise PluginError(f"{where}.encode({_PROBE!r}, add_bos=False) raised {type(err).__name__}: {err}") from err
     # ids past the vocabulary are the prompt's error, named with the token when a request holds one (a
@@ -161,6 +170,8 @@ def _probe_encode_decode(tok: Any, where: str) -> None:
         )
     try:
         text = tok.decode([int(t) for t in ids])
+    except PersonaJudgeError:
+        raise
     except Exception as err:
         raise PluginError(f"{where}.decode(encode({_PROBE!r})) raised {type(err).__name__}: {err}") from err
     if not isinstance(text, str):
