@@ -426,3 +426,18 @@ def test_a_preference_name_with_a_comma_is_refused_when_it_registers(registered,
         names = registry("preference").names()
     assert name not in names and "pirate-speak" in names
     assert any(f"the preference name {name!r}, which holds a comma" in str(w.message) for w in caught)
+
+
+def test_a_typed_refusal_of_the_tokenizer_passes_through_the_probe(registered):
+    """A tokenizer that refuses with a typed error (a closed backend's SessionError) says what is wrong
+    itself: the probe lets it through instead of wrapping it as the plugin's bug."""
+    from personajudge.core.errors import SessionError
+
+    class Closed(ToyTokenizer):
+        def encode(self, text, *, add_bos=True, special=True):
+            raise SessionError("this backend is closed")
+
+    cls = _backend("audit2-closed", tokenizer=Closed)
+    registered(register_backends=lambda register: register(cls))
+    with pytest.raises(SessionError, match="^this backend is closed$"):
+        pj.PersonaJudge({"backend": {"name": "audit2-closed"}})
