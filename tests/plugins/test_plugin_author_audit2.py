@@ -350,44 +350,42 @@ def test_a_reload_whose_new_code_is_refused_leaves_no_stale_registration(tmp_pat
         sys.modules.pop("audit2_reload_bad", None)
 
 
+def _registered_twice_is_unchanged(plugin, name):
+    """Register ``plugin`` twice under ``name``: the second time must leave its hook implementations as they were."""
+    from personajudge.plugins import get_plugin_manager
+
+    register_plugin(plugin, name=name)
+    try:
+        pm = get_plugin_manager()
+        before = [c.get_hookimpls() for c in pm.get_hookcallers(plugin)]
+        register_plugin(plugin, name=name)
+        assert [c.get_hookimpls() for c in pm.get_hookcallers(plugin)] == before
+    finally:
+        unregister_plugin(plugin)
+
+
 def test_a_hook_under_another_attribute_name_is_no_reload(recwarn):
     """``@hookimpl(specname=...)``: the attribute's name is not the hook's; registering twice changes nothing."""
-    from personajudge.plugins import get_plugin_manager, hookimpl
+    from personajudge.plugins import hookimpl
 
     class P:
         @hookimpl(specname="register_preferences")
         def my_preferences(self, register):
             pass
 
-    p = P()
-    register_plugin(p, name="audit2-specname")
-    try:
-        pm = get_plugin_manager()
-        before = [c.get_hookimpls() for c in pm.get_hookcallers(p)]
-        register_plugin(p, name="audit2-specname")
-        assert [c.get_hookimpls() for c in pm.get_hookcallers(p)] == before
-    finally:
-        unregister_plugin(p)
+    _registered_twice_is_unchanged(P(), "audit2-specname")
 
 
 def test_registering_a_class_plugin_instance_twice_keeps_it_registered_once(recwarn):
     """Negative control: an object's hook methods are bound anew at each lookup, which is no change."""
-    from personajudge.plugins import get_plugin_manager, hookimpl
+    from personajudge.plugins import hookimpl
 
     class P:
         @hookimpl
         def register_preferences(self, register):
             pass
 
-    p = P()
-    register_plugin(p, name="audit2-twice")
-    try:
-        pm = get_plugin_manager()
-        before = [c.get_hookimpls() for c in pm.get_hookcallers(p)]
-        register_plugin(p, name="audit2-twice")
-        assert [c.get_hookimpls() for c in pm.get_hookcallers(p)] == before
-    finally:
-        unregister_plugin(p)
+    _registered_twice_is_unchanged(P(), "audit2-twice")
 
 
 def test_an_unknown_name_under_a_plugin_selection_says_the_selection_may_be_why(monkeypatch):
