@@ -423,6 +423,16 @@ def _judge_window(
 MAX_IDLE_OPS = 10_000
 
 
+#: The most operations in a row a loop may yield without committing a token, where its driver sees
+#: the request's emitter (the engine). :data:`MAX_IDLE_OPS` does not see a loop that feeds a token and
+#: rolls it back for ever (``Forward``, ``Truncate``, ``Forward``, ...): each forward is progress to it,
+#: yet nothing is ever written. A built-in loop commits a token every few ops -- at most one draft
+#: window's forwards, its verification and two rollbacks (a test runs each with this set to 16) -- and
+#: a plugin's search may explore thousands of branches per token, so the bound is high: at a
+#: millisecond a forward, a loop that never commits is stopped within a few minutes, not never.
+MAX_OPS_PER_TOKEN = 100_000
+
+
 def makes_progress(op: Op) -> bool:
     """Whether ``op`` counts as progress for :data:`MAX_IDLE_OPS`: a ``Forward`` with a call."""
     return isinstance(op, Forward) and bool(op.calls)
@@ -434,6 +444,15 @@ def spinning(who: str, ops: int, op: Op) -> str:
         f"{who} yielded {ops} operations in a row without feeding a token or committing one (the last: "
         f"{op!r:.60}); each step of a loop must make progress: a Forward feeds tokens, a Truncate only "
         "rolls back what forwards fed"
+    )
+
+
+def uncommitted(who: str, ops: int) -> str:
+    """The message for a loop (``who``'s) stopped by :data:`MAX_OPS_PER_TOKEN` after ``ops`` ops."""
+    return (
+        f"{who} yielded {ops} operations in a row without committing a token (feeding tokens and rolling "
+        "them back is no progress); each token of the answer must come within "
+        f"{MAX_OPS_PER_TOKEN} operations (personajudge.core.decoding.MAX_OPS_PER_TOKEN)"
     )
 
 

@@ -73,6 +73,7 @@ from personajudge.core.decoding import (
     op_problem,
     run_timed,
     spinning,
+    uncommitted,
 )
 from personajudge.core.errors import (
     ConfigError,
@@ -262,11 +263,12 @@ def _checked_ops(method: Any, name: str, loop: Loop, req: DecodeRequest, vocab_s
     ``IndexError`` out of the batched step, which failed every request in it; a bad token id or
     truncate length was the session's error, naming a slot the author never used. A loop that makes
     no progress -- no token fed, none committed -- for :data:`~personajudge.core.decoding.MAX_IDLE_OPS`
-    ops in a row is stopped: it would spin for ever. And a loop that ends before its emitter did is an
+    ops in a row is stopped: it would spin for ever; so is one that commits no token for
+    :data:`~personajudge.core.decoding.MAX_OPS_PER_TOKEN` ops (it feeds tokens and rolls them back). And a loop that ends before its emitter did is an
     error: its result would have said ``length`` (:func:`result_of`) of an answer cut short for no
     reason the user could see. Ended by a cancel or the engine's close (``close()``, a
     ``GeneratorExit`` at the ``yield``), it never reaches that check. Each is a :func:`_loop_fault`."""
-    forwards, idle, committed = 0, 0, len(req.emitter.tokens)
+    forwards, idle, since_commit, committed = 0, 0, 0, len(req.emitter.tokens)
     n_views = len(req.contexts)
     # this project's loops are trusted with their ops (a slip is a bug here, its IndexError a traceback):
     # the per-op check, about a microsecond, is for third-party loops only
@@ -286,10 +288,13 @@ def _checked_ops(method: Any, name: str, loop: Loop, req: DecodeRequest, vocab_s
             problem = op_problem(op, n_views, vocab_size) if plugin else None
             if problem is not None:
                 raise _loop_fault(method, name, f".loop yielded {problem}")
-            if makes_progress(op) or len(req.emitter.tokens) != committed:
-                idle, committed = 0, len(req.emitter.tokens)
+            if len(req.emitter.tokens) != committed:
+                idle, since_commit, committed = 0, 0, len(req.emitter.tokens)
             else:
-                idle += 1
+                since_commit += 1
+                if since_commit > decoding.MAX_OPS_PER_TOKEN:
+                    raise _loop_fault(method, name, "." + uncommitted("loop", since_commit))
+                idle = 0 if makes_progress(op) else idle + 1
                 if idle > decoding.MAX_IDLE_OPS:
                     raise _loop_fault(method, name, "." + spinning("loop", idle, op))
             forwards += isinstance(op, Forward)

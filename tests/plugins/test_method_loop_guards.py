@@ -120,6 +120,15 @@ def _forwards_nothing_forever(req):
         yield Forward([])
 
 
+def _feeds_and_rolls_back_forever(req):
+    """Each Forward is progress to the idle bound, but the Truncate after it undoes it: no token is ever committed."""
+    yield from _feed(req)
+    n = len(req.contexts[0])
+    while True:
+        yield Forward([pj.ForwardCall(0, [5], 1)])
+        yield Truncate(0, n)
+
+
 def _plain_to_the_end(req):
     """A correct loop: the plain sampler's, ended by the emitter."""
     yield from decoding.plain_loop(req)
@@ -255,6 +264,20 @@ def test_a_loop_that_never_makes_progress_is_stopped(method, low_bound, body):
 
 
 @pytest.mark.timeout(30)
+def test_a_loop_that_feeds_and_rolls_back_for_ever_is_stopped(method, monkeypatch):
+    """Before the per-token bound this spun for ever: every other op is a forward, so the idle bound never
+    fired. It is stopped after ``MAX_OPS_PER_TOKEN`` ops without a committed token, and the engine goes on."""
+    monkeypatch.setattr(decoding, "MAX_OPS_PER_TOKEN", LOW_BOUND)
+    name = method("guard-spin-rollback", _feeds_and_rolls_back_forever)
+    with pj.PersonaJudge(TOY) as m:
+        with pytest.raises(PluginError) as err:
+            m.generate("hi", method=name, **RUN)
+        _one_plugin_error(err, name, rf"\.loop yielded {LOW_BOUND + 1} operations in a row without committing a token")
+        assert f"within {LOW_BOUND} operations" in str(err.value)
+        assert len(m.generate("hi", **{**RUN, "max_new_tokens": 4}).tokens) == 4
+
+
+@pytest.mark.timeout(30)
 def test_drive_stops_a_loop_that_never_makes_progress(low_bound):
     """A method's own ``decode`` drives its loop through ``drive``: the same bound, naming the loop."""
     backend = ToyBackend()
@@ -304,10 +327,12 @@ BUILTINS = [
 @pytest.mark.parametrize("name,kw", BUILTINS, ids=[f"{n}-{'-'.join(k.values()) or 'default'}" for n, k in BUILTINS])
 def test_builtin_methods_end_as_before_with_the_tightest_idle_bound(monkeypatch, batched, name, kw):
     """At the length limit, exactly; and at the context's end, with "context". The idle bound at 2:
-    no built-in loop yields more than two ops in a row without feeding or committing a token. (With
+    no built-in loop yields more than two ops in a row without feeding or committing a token; and
+    none yields more than 16 without committing one (``lam=3``: a window's forwards, its check, two rollbacks). (With
     ``PERSONAJUDGE_BATCHED=1`` persona-judge's interleaved schedule runs in the batched judge, which
     yields no loop ops, so there only the ends are checked.)"""
     monkeypatch.setattr(decoding, "MAX_IDLE_OPS", 2)
+    monkeypatch.setattr(decoding, "MAX_OPS_PER_TOKEN", 16)
     monkeypatch.setenv("PERSONAJUDGE_BATCHED", batched)
     prefs = [] if name == "base" else PREFS
     with pj.PersonaJudge(TOY) as m:
