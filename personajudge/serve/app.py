@@ -422,6 +422,16 @@ class Server:
         for i, group in enumerate(views or []):  # the Python API reads [[]] as no views; a request means one
             if not group:
                 raise APIError(400, f"view {i + 1} is empty", param="views", code="invalid_value")
+        if views and prefs:
+            # Python warns and goes on (IGNORED_NEXT_TO_VIEWS), but a client never sees a warning: the
+            # request's names would be dropped with a line in the server's log only
+            raise APIError(
+                400,
+                "preferences and views were both given; the views decide, so the preferences would be ignored: "
+                "put every preference into a view, or send only preferences (one view each)",
+                param="preferences",
+                code="invalid_value",
+            )
         if prefs == [] and not no_views and self.pj.config.views:
             # "preferences": [] drops the preferences and leaves the configured views, as preferences=[]
             # does in the Python API; a preferences file's definitions go along, the names those views use

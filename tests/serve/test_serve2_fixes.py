@@ -124,6 +124,32 @@ def test_the_default_views_and_a_requests_views_are_unchanged(base, local):
     )
 
 
+@pytest.mark.parametrize("path,body", [(CHAT_PATH, CHAT), (COMPLETION_PATH, COMPLETION)], ids=["chat", "completion"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_preferences_next_to_views_are_a_400_not_silently_dropped(base, local, path, body, stream):
+    """Python warns that names given next to views are ignored; over HTTP the request's ``preferences``
+    were dropped with only a line in the server's log. Now a 400 naming ``preferences``, before any
+    stream opens; ``"preferences": []`` next to views is no conflict and runs the views."""
+    both = {**body, "preferences": ["formal"], "views": [["concise"], ["humor"]], "stream": stream}
+    err = _error(_post(base, path, both, status=400))
+    assert (err["param"], err["code"], err["type"]) == ("preferences", "invalid_value", "invalid_request_error")
+    assert err["message"].startswith("preferences and views were both given; the views decide"), err
+    assert "\n" not in err["message"]
+    client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="preferences and views were both given"):
+        client.chat.completions.create(
+            model="persona-judge",
+            messages=CHAT["messages"],
+            max_tokens=4,
+            extra_body={"preferences": "formal", "views": [["expert"]]},
+        )
+    ok = _post(base, path, {**body, "preferences": [], "views": [["formal"]]}).json()
+    assert (
+        ok["persona_judge"]["prompt_tokens"]
+        == local.generate(PROMPT, views=[["formal"]], seed=1, max_new_tokens=8).stats.prompt_tokens
+    )
+
+
 def test_a_requests_preferences_over_views_in_a_config_file(tmp_path, local):
     """``views`` in ``--config`` are defaults too (the audit's cfg4.toml)."""
     cfg = tmp_path / "cfg.toml"
