@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import numbers
+import operator
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -216,6 +217,18 @@ def _takes_special(fn: Any) -> bool:
     )
 
 
+def as_index(value: Any) -> int | None:
+    """``value`` as a Python int when it is an integer (``operator.index``: a Python or numpy integer,
+    not a bool), else None. A view number or truncate length a loop computed with numpy
+    (``np.argmax``, ``arr.size``) is as good as an int, in the session and in the engine alike."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 class ForwardCall(NamedTuple):
     """One view's part of a forward: append ``tokens`` to ``view``, return ``n_logits`` rows."""
 
@@ -304,11 +317,12 @@ class Session(ABC):
         """Forget everything in ``view`` after the first ``length`` tokens (a no-op past the end)."""
         self._check_open()
         v = self._check_view(view)
-        if isinstance(length, bool) or not isinstance(length, int) or length < 0:
-            raise SessionError(f"truncate length must be a non-negative integer, got {length!r}")
-        if length < self._lengths[v]:
-            self._truncate(v, length)
-            self._lengths[v] = length
+        n = as_index(length)
+        if n is None or n < 0:
+            raise SessionError(f"truncate length must be a non-negative integer, got {length!r:.20}")
+        if n < self._lengths[v]:
+            self._truncate(v, n)
+            self._lengths[v] = n
 
     def length(self, view: int) -> int:
         """Number of tokens ``view`` holds."""
@@ -420,9 +434,10 @@ class Session(ABC):
             raise SessionError("this session is closed; open a new one with backend.open(n_views)")
 
     def _check_view(self, view: int) -> int:
-        if isinstance(view, bool) or not isinstance(view, int) or not 0 <= view < self.n_views:
-            raise SessionError(f"view {view!r} is out of range; the session has views 0..{self.n_views - 1}")
-        return view
+        v = as_index(view)
+        if v is None or not 0 <= v < self.n_views:
+            raise SessionError(f"view {view!r:.20} is out of range; the session has views 0..{self.n_views - 1}")
+        return v
 
     def _check_calls(self, calls: Sequence[Any]) -> list[ForwardCall]:
         self._check_open()
@@ -445,14 +460,15 @@ class Session(ABC):
                     f"token ids must be in 0..{self.vocab_size - 1}; view {v} got "
                     f"{min(toks) if min(toks) < 0 else max(toks)}"
                 )
-            if isinstance(n_logits, bool) or not isinstance(n_logits, int) or not 0 <= n_logits <= len(toks):
-                raise SessionError(f"n_logits must be in 0..{len(toks)} for {len(toks)} token(s), got {n_logits!r}")
+            n = as_index(n_logits)
+            if n is None or not 0 <= n <= len(toks):
+                raise SessionError(f"n_logits must be in 0..{len(toks)} for {len(toks)} token(s), got {n_logits!r:.20}")
             if self._lengths[v] + len(toks) > self.context_length:
                 raise ContextLengthError(
                     f"view {v} would hold {self._lengths[v] + len(toks)} tokens but the context holds "
                     f"{self.context_length} per view; shorten the prompt or raise the context size (--n-ctx)"
                 )
-            out.append(ForwardCall(v, toks, n_logits))
+            out.append(ForwardCall(v, toks, n))
         return out
 
 

@@ -29,7 +29,6 @@ of the full window.
 from __future__ import annotations
 
 import dataclasses
-import operator
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from array_api_compat import array_namespace
 
 from .acceptance import Dist, draft_and_judge, judge_draft, sample_dist, verify_window
 from .arrays import like
-from .contract import ForwardCall, Session
+from .contract import ForwardCall, Session, as_index
 from .errors import ContextLengthError, PluginError, PromptTokenError, SessionError, one_each
 from .result import Stats
 from .scheduler import RoleScheduler
@@ -456,16 +455,6 @@ def uncommitted(who: str, ops: int) -> str:
     )
 
 
-def _index(value: Any) -> int | None:
-    """``value`` as a list index (a Python or numpy integer, not a bool), or None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
 def _id_range(tokens: Any) -> tuple[int, int] | None:
     """The smallest and largest id of ``tokens`` when they are a list, tuple or array of numbers (None
     otherwise, or when empty: the session says what is wrong with those). Never iterates anything else,
@@ -492,10 +481,10 @@ def op_problem(op: Op, n_views: int, vocab_size: int | None = None) -> str | Non
     last = n_views - 1
     if isinstance(op, Truncate):
         shown = f"Truncate({op.view!r:.20}, {op.length!r:.20})"
-        v = _index(op.view)
+        v = as_index(op.view)
         if v is None or not 0 <= v < n_views:
             return f"{shown} for view {op.view!r:.20}, but the request has {n_views} views (0..{last})"
-        if isinstance(op.length, bool) or not isinstance(op.length, int) or op.length < 0:
+        if (n := as_index(op.length)) is None or n < 0:
             return f"{shown}; a truncate length is an int >= 0 (how many of the view's tokens to keep)"
         return None
     for call in op.calls:
@@ -503,7 +492,7 @@ def op_problem(op: Op, n_views: int, vocab_size: int | None = None) -> str | Non
             view, tokens, _ = call
         except (TypeError, ValueError):
             return f"a Forward with the call {call!r:.60}; each call is a ForwardCall(view, tokens, n_logits)"
-        v = _index(view)
+        v = as_index(view)
         if v is None or not 0 <= v < n_views:
             return f"a Forward for view {view!r:.20}, but the request has {n_views} views (0..{last})"
         ids = _id_range(tokens) if vocab_size is not None else None
@@ -607,7 +596,7 @@ class RowGroup(Protocol):
 def _slot(slots: Sequence[int], view: Any) -> int:
     """The session view (slot) of a request's ``view``: ``slots[view]``, refused as the session refuses a
     view it lacks -- a list would take view -1 for the request's last view, and say ``IndexError``."""
-    v = _index(view)
+    v = as_index(view)
     if v is None or not 0 <= v < len(slots):
         raise SessionError(f"view {view!r:.20} is out of range; the request has views 0..{len(slots) - 1}")
     return slots[v]

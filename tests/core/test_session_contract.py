@@ -129,3 +129,24 @@ def test_a_closed_toy_backend_refuses_sessions_and_requests():
     with PersonaJudge({"backend": {"name": "toy"}, "encoder": "plain"}, backend=backend) as pj:
         with pytest.raises(SessionError, match="closed"):
             pj.generate("hi", preferences=["concise", "humor"], max_new_tokens=4, seed=0)
+
+
+def test_numpy_integers_are_integers_and_bools_are_not():
+    """View numbers, ``n_logits`` and truncate lengths a caller computed with numpy are read as ints (they
+    were refused: ``view np.int64(0) is out of range``); a bool is still no number, as in the engine."""
+    b = ToyBackend()
+    ids = b.tokenizer.encode("hello")
+    with b.open(2) as s, b.open(2) as t:
+        want = s.forward(1, ids, 2)
+        got = t.forward(np.int64(1), [np.int32(i) for i in ids], np.int64(2))
+        assert np.array_equal(np.asarray(want), np.asarray(got))
+        t.truncate(np.int64(1), np.int64(2))
+        assert t.length(np.int64(1)) == 2 and type(t.length(1)) is int
+        for bad_view in (True, 1.0, "1", np.float64(1.0), np.int64(2), -1):
+            with pytest.raises(SessionError, match="is out of range; the session has views 0..1"):
+                t.truncate(bad_view, 0)
+        for bad_length in (True, 1.5, np.int64(-1)):
+            with pytest.raises(SessionError, match="truncate length must be a non-negative integer"):
+                t.truncate(0, bad_length)
+        with pytest.raises(SessionError, match=r"n_logits must be in 0\.\.1 for 1 token\(s\), got True"):
+            t.forward(0, [1], True)

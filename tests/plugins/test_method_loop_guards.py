@@ -16,6 +16,7 @@ The built-in methods must meet none of these guards: they are run here with the 
 
 import re
 
+import numpy as np
 import pytest
 from cli_lines import one_line, run_main
 from plugin_modules import hook_module
@@ -202,6 +203,42 @@ def test_the_step_driver_fails_only_the_request_whose_op_names_a_view_it_lacks()
         assert list(failed) == ["bad"] and isinstance(failed["bad"], SessionError), failed
         assert "view 7 is out of range; the request has views 0..1" in str(failed["bad"])
         assert driver.step() == (["good"], {})
+
+
+def _numpy_ops(loop):
+    """``loop``'s ops with every view number, token id, ``n_logits`` and truncate length a numpy int."""
+    value = None
+    try:
+        while True:
+            op = loop.send(value)
+            if isinstance(op, Truncate):
+                op = Truncate(np.int64(op.view), np.int64(op.length))
+            else:
+                op = Forward(
+                    [pj.ForwardCall(np.int64(v), [np.int64(t) for t in ts], np.int64(n)) for v, ts, n in op.calls]
+                )
+            value = yield op
+    except StopIteration:
+        return
+
+
+@pytest.mark.parametrize("own_decode", [False, True], ids=["loop", "decode-drive"])
+def test_numpy_integers_in_ops_are_integers_in_the_engine_and_in_drive(method, monkeypatch, own_decode):
+    """A loop that computes its view numbers or lengths with numpy (``np.argmax``, ``arr.size``): the engine
+    took a numpy view but refused a numpy truncate length, and the session (``drive``, a method's own
+    ``decode``) refused both. Now both read them as ints: the windowed schedule (which truncates) with every
+    number a numpy int gives exactly the built-in's answer."""
+    monkeypatch.setenv("PERSONAJUDGE_BATCHED", "0")
+    extra = (
+        {"batchable": False, "decode": lambda self, session, req: drive(session, self.loop(req))} if own_decode else {}
+    )
+    name = method(f"guard-numpy-{own_decode}", lambda req: _numpy_ops(decoding.persona_judge_loop(req)), **extra)
+    run = {**RUN, "max_new_tokens": 24, "schedule": "windowed", "lam": 3}
+    with pj.PersonaJudge(TOY) as m:
+        want = m.generate("hi", **run)
+        got = m.generate("hi", method=name, **run)
+    assert want.stats.acceptance_rate < 1  # rollbacks happened: the truncates ran
+    assert (got.tokens, got.finish_reason) == (want.tokens, want.finish_reason)
 
 
 # --- 2. a loop that ends before its answer did -----------------------------------------------------------------
