@@ -10,6 +10,7 @@ distribution being sampled, unlike Persona-judge's exact acceptance rule.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,10 +31,15 @@ def log_softmax(logits: Any) -> Any:
 def normalize_weights(weights: Sequence[float], n: int) -> list[float]:
     if len(weights) != n:
         raise ConfigError(f"method_options.weights: got {len(weights)} weights for {n} views")
+    if not all(math.isfinite(w) for w in weights):
+        raise ConfigError("method_options.weights: weights must be finite numbers")
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ConfigError("method_options.weights: weights must be >= 0 with a positive sum")
-    total = float(sum(weights))
-    return [w / total for w in weights]
+    # scaled by the largest first: two weights of 1e308 sum to inf, and w / inf made every weight 0
+    top = float(max(weights))
+    scaled = [w / top for w in weights]
+    total = sum(scaled)
+    return [w / total for w in scaled]
 
 
 def mod_loop(req: DecodeRequest, weights: Sequence[float]) -> Loop:
