@@ -125,8 +125,10 @@ def _off_host(addresses: list[str]) -> list[str]:
 
 
 def _api_key(args: argparse.Namespace) -> str | None:
-    """``--api-key``, else ``PERSONAJUDGE_API_KEY``, else None; refused in one line when no client could send it."""
-    return check_api_key(args.api_key or os.environ.get("PERSONAJUDGE_API_KEY") or None)
+    """``--api-key``, else ``PERSONAJUDGE_API_KEY``, else None; refused in one line when no client could send
+    it, or when it is empty (given, but to nothing)."""
+    key = args.api_key if args.api_key is not None else os.environ.get("PERSONAJUDGE_API_KEY")
+    return check_api_key(key)
 
 
 #: the shortest question a client might send: the server's default views must fit it with room to answer

@@ -255,12 +255,20 @@ def map_error(
 
 
 def check_api_key(key: str | None) -> str | None:
-    """``key`` when a client can send it (None: no key), else a :class:`ConfigError` that never shows it.
+    """``key`` when a client can send it (None: no key), else a :class:`ConfigError` that never shows it
+    (an empty key too: it is what an unset variable gives, never a choice to serve without one).
 
     A client sends the key in ``Authorization: Bearer <key>``: a header carries no line break or other
     control character, Starlette reads its bytes as Latin-1 (so a non-ASCII key never compares equal
     to what arrives), and the token is compared stripped. A key outside printable ASCII, or with
     spaces around it, would start a server that answers every request 401."""
+    if key == "":
+        # ``--api-key "$KEY"`` with KEY unset, or ``PERSONAJUDGE_API_KEY=${KEY}`` in a compose file: an empty
+        # key read as "no key" served every client unauthenticated, without a word
+        raise ConfigError(
+            "the API key (--api-key or PERSONAJUDGE_API_KEY) is empty (an unset variable?): give a key, or "
+            "leave out the flag and unset the variable to serve without one"
+        )
     if key is not None and not (key.isascii() and key.isprintable() and key == key.strip()):
         raise ConfigError(
             "the API key (--api-key or PERSONAJUDGE_API_KEY) must be printable ASCII without surrounding "
@@ -292,7 +300,7 @@ class Server:
         self.definitions = [p for p in default_preferences or () if isinstance(p, Preference)]
         self.engine = pj.engine
         self.model_name = model_name
-        self.api_key = check_api_key(api_key or None)
+        self.api_key = check_api_key(api_key)
         self.max_tokens_limit = max_tokens_limit
         self.request_timeout = request_timeout
         self.max_views = max_views

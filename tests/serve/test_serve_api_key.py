@@ -65,3 +65,17 @@ def test_a_printable_key_with_punctuation_still_authenticates():
             assert ok.status_code == 200, ok.text
             bad = httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": "Bearer other"}, timeout=30)
             assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_an_empty_key_is_refused_not_read_as_no_key(monkeypatch, capsys, no_model):
+    """``--api-key "$KEY"`` with KEY unset served every client without a key, silently on loopback; an
+    empty ``--api-key`` also fell through to ``PERSONAJUDGE_API_KEY``. Both are one line and exit 2 now."""
+    monkeypatch.setenv("PERSONAJUDGE_API_KEY", "from-the-environment")
+    code, _, err = run_main(["serve", "--backend", "toy", "--port", "0", "--api-key", ""], capsys)
+    one_line(code, err, "is empty (an unset variable?)")
+    monkeypatch.setenv("PERSONAJUDGE_API_KEY", "")
+    code, _, err = run_main(["serve", "--backend", "toy", "--port", "0"], capsys)
+    one_line(code, err, "is empty (an unset variable?)")
+    with PersonaJudge({"backend": {"name": "toy"}}, backend=ToyBackend()) as pj:
+        with pytest.raises(ConfigError, match="is empty"):
+            create_app(pj, api_key="", reserve=False)
