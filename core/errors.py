@@ -9,6 +9,8 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import copy
+import difflib
+import os
 from collections.abc import Sequence
 
 
@@ -28,16 +30,37 @@ class TooManyViewsError(ConfigError):
     the server names the field the views came from (``views`` or ``preferences``)."""
 
 
+#: the environment variable that selects the third-party plugins to load (``none``, or ``a,b``); read
+#: by the plugin manager, named here so that every "unknown name" error can point at it
+ENV_SELECT = "PERSONAJUDGE_PLUGINS"
+
+
+def selection_hint() -> str:
+    """`` (PERSONAJUDGE_PLUGINS='x' loads only the plugins it names)`` when the variable is set (else ""):
+    the likeliest reason a plugin's name, or a name a plugin registers, is missing."""
+    select = os.environ.get(ENV_SELECT)
+    return f" ({ENV_SELECT}={select!r} loads only the plugins it names)" if select is not None else ""
+
+
 class UnknownPluginError(PersonaJudgeError, KeyError):
     """A backend, encoder, method or scorer name is not registered."""
 
     def __init__(self, kind: str, name: str, registered: list[str], hint: str = ""):
         self.kind, self.name, self.registered = kind, name, sorted(registered)
         names = ", ".join(self.registered) or "(none)"
-        super().__init__(f"unknown {kind} '{name}'; registered {kind}s: {names}{hint}")
+        super().__init__(f"unknown {kind} '{name}'{_did_you_mean(name, self.registered)}; registered {kind}s: {names}{hint}")
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
         return self.args[0]
+
+
+def _did_you_mean(name: str, registered: Sequence[str]) -> str:
+    """`` (did you mean llama-cpp?)`` for ``llama_cpp`` (the Python package's spelling), ``Persona-Judge`` or
+    a typo: ``-``, ``_`` and case first, then the closest spelling."""
+    norm = {n.replace("_", "-").lower(): n for n in registered}
+    same = norm.get(str(name).strip().replace("_", "-").lower())
+    close = [same] if same is not None else difflib.get_close_matches(str(name), list(registered), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 class PluginError(PersonaJudgeError):

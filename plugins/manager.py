@@ -57,7 +57,14 @@ import pluggy
 
 from personajudge.core.config import BackendConfig
 from personajudge.core.contract import Backend, Session, Tokenizer, check_backend
-from personajudge.core.errors import PersonaJudgeError, PersonaJudgeWarning, PluginError, UnknownPluginError
+from personajudge.core.errors import (
+    ENV_SELECT,
+    PersonaJudgeError,
+    PersonaJudgeWarning,
+    PluginError,
+    UnknownPluginError,
+    selection_hint,
+)
 from personajudge.preferences import Encoder, EncoderOptions, Preference, auto_encoder_name, encoder_options, lookup
 from personajudge.preferences.encoders import UserText, checked_render
 
@@ -74,7 +81,6 @@ DEFAULT_PLUGINS = (
     "personajudge.evaluation.scorers.pairwise_judge",
 )
 
-ENV_SELECT = "PERSONAJUDGE_PLUGINS"
 BUILTIN_ORIGIN = "persona-judge (built-in)"
 
 _lock = threading.RLock()
@@ -136,9 +142,7 @@ class Registry(Mapping[str, Any]):
         try:
             return self._items[name]
         except KeyError:
-            select = os.environ.get(ENV_SELECT)  # the likeliest reason a plugin's name is missing
-            hint = f" ({ENV_SELECT}={select!r} loads only the plugins it names)" if select is not None else ""
-            raise UnknownPluginError(self.kind, name, list(self._items), hint) from None
+            raise UnknownPluginError(self.kind, name, list(self._items), selection_hint()) from None
 
     def __getitem__(self, name: str) -> Any:
         return self._items[name]
@@ -321,7 +325,7 @@ def _norm(name: str) -> str:
 
 
 def _wanted(select: str) -> set[str]:
-    return {s.strip() for s in select.split(",") if s.strip()} - {"none"}
+    return {s.strip() for s in select.split(",") if s.strip() and s.strip().lower() != "none"}
 
 
 def _selected(ep: importlib.metadata.EntryPoint, select: str | None) -> bool:
@@ -371,6 +375,13 @@ def _warn_unknown_hooks(pm: pluggy.PluginManager, plugin: Any, src: PluginSource
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
     select = os.environ.get(ENV_SELECT)
     eps = list(importlib.metadata.entry_points(group=hookspecs.PROJECT))
+    if select is not None and not select.strip(" ,"):
+        # PERSONAJUDGE_PLUGINS=${X} with X unset: it names nothing, so no plugin loads; say so, since
+        # every name a plugin registers then fails as unknown
+        _warn(
+            f"{ENV_SELECT} is set but names no plugin, so no third-party plugin is loaded (unset it to load "
+            "them all; set it to none to load none without this warning)"
+        )
     if select is not None:
         available = {ep.name for ep in eps} | {ep.dist.name for ep in eps if ep.dist is not None}
         known = {_norm(a) for a in available}

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from personajudge.core.config import validation_message
-from personajudge.core.errors import PreferenceError, UnknownPreferenceError
+from personajudge.core.errors import PreferenceError, UnknownPreferenceError, selection_hint
 from personajudge.core.files import read_text
 
 from .model import Example, Preference
@@ -272,7 +272,7 @@ def resolve(
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise UnknownPreferenceError(
             f"unknown preference '{text}'{hint} (list them with `personajudge preferences`; "
-            "a description with spaces is used as free text)"
+            f"a description with spaces is used as free text){selection_hint()}"
         )
     err = _not_a_description(text, lib)
     if err is not None:
@@ -374,7 +374,7 @@ def _from_table(item: dict[str, Any], where: str, source: str, library: Library 
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise UnknownPreferenceError(
             f"{where}: '{name.strip()}' is no preference name{hint} (a table without a description adjusts "
-            "a named preference; a new one needs a description)"
+            f"a named preference; a new one needs a description){selection_hint()}"
         )
     try:
         if known is not None:  # a library preference, adjusted

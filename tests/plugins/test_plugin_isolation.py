@@ -144,3 +144,17 @@ def test_personajudge_plugins_selects_third_party_plugins(site, select, present)
     assert names & {"shout"} == present
     assert {"plain", "chat-turn"} <= names  # built-ins are always there
     assert ("pj-broken" in proc.stderr) == ("pj-broken" in select)
+
+
+def test_an_empty_selection_says_it_loads_nothing_and_none_is_any_case(site):
+    """``PERSONAJUDGE_PLUGINS=${X}`` with X unset loaded no plugin without a word (every name a plugin
+    registers then "unknown"); ``NONE`` was warned about as a plugin name no distribution provides."""
+    empty = run(site, "plugins", "--json", select=" , ")
+    assert empty.returncode == 0, empty.stderr
+    (warning,) = [ln for ln in empty.stderr.splitlines() if "warning" in ln]
+    assert "PERSONAJUDGE_PLUGINS is set but names no plugin, so no third-party plugin is loaded" in warning
+    assert "shout" not in {r["name"] for r in json.loads(empty.stdout)["encoder"]}
+    for spelling in ("NONE", "None"):
+        off = run(site, "plugins", "--json", select=spelling)
+        assert off.returncode == 0 and off.stderr == "", off.stderr
+        assert "shout" not in {r["name"] for r in json.loads(off.stdout)["encoder"]}

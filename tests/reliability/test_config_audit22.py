@@ -9,6 +9,7 @@ from cli_lines import one_line, run_main
 
 import personajudge as pj
 from personajudge.core.errors import ConfigError
+from personajudge.preferences import resolve
 
 TOY = {"backend": {"name": "toy"}, "encoder": "plain"}
 PREFS = ["concise", "humor"]
@@ -45,3 +46,45 @@ def test_non_finite_mod_weights_are_still_refused():
     with pytest.raises(ConfigError, match="weights"):
         with pj.PersonaJudge({**TOY, "method": "mod", "method_options": {"weights": [float("inf"), 1]}}) as m:
             m.generate("hi", preferences=PREFS)
+
+
+# ---------------------------------------------------------------- F4, F11: what an unknown name's error says
+
+
+def test_an_unknown_preference_names_the_plugin_selection_as_a_likely_cause(monkeypatch):
+    """Unknown backends, encoders and methods named ``PERSONAJUDGE_PLUGINS`` when it was set; an unknown
+    preference (a plugin's, left out by the selection) did not."""
+    monkeypatch.setenv("PERSONAJUDGE_PLUGINS", "none")
+    with pytest.raises(
+        pj.UnknownPreferenceError, match=r"unknown preference 'pirat'.*\(PERSONAJUDGE_PLUGINS='none' loads"
+    ):
+        resolve("pirat")
+    with pytest.raises(pj.PreferenceError, match=r"'pirat' is no preference name.*PERSONAJUDGE_PLUGINS='none'"):
+        resolve({"name": "pirat"})
+    monkeypatch.delenv("PERSONAJUDGE_PLUGINS")
+    with pytest.raises(pj.UnknownPreferenceError) as err:
+        resolve("pirat")
+    assert "PERSONAJUDGE_PLUGINS" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "flag,given,meant",
+    [
+        ("--backend", "llama_cpp", "llama-cpp"),
+        ("--method", "persona_judge", "persona-judge"),
+        ("--method", "Persona-Judge", "persona-judge"),
+        ("--encoder", "chat_turn", "chat-turn"),
+        ("--encoder", "plian", "plain"),
+    ],
+)
+def test_an_unknown_plugin_name_gets_a_did_you_mean(capsys, flag, given, meant):
+    """``llama_cpp`` is the Python package's own spelling of the backend; keys and preferences had a
+    did-you-mean, plugin names had only the list."""
+    code, _, err = run_main(["generate", "hi", "--backend", "toy", flag, given, "--max-new-tokens", "2"], capsys)
+    one_line(code, err, f"unknown {flag[2:]} '{given}' (did you mean {meant}?); registered {flag[2:]}s: ")
+
+
+def test_no_did_you_mean_for_a_name_like_none():
+    with pytest.raises(pj.UnknownPluginError) as err:
+        pj.PersonaJudge({"backend": {"name": "nope"}})
+    assert "did you mean" not in str(err.value)
