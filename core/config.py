@@ -310,6 +310,11 @@ def validation_message(err: Exception, prefix: str | None = None) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         got = e.get("input")
         shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r:.60})"
+        if e["type"] == "string_type" and isinstance(got, int | float) and not isinstance(got, bool):
+            # ``--backend-option revision=1234567`` (VALUE is JSON) or ``revision = 1234567`` in TOML: a commit
+            # or tag of digits reads as a number
+            key, text = e["loc"][-1] if e["loc"] else "KEY", f"{got!r:.40}"
+            shown += f'; to give it as text, quote it: {key}=\'"{text}"\' on the command line, "{text}" in a file'
         parts.append(f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}")  # a whole-model rule names no field
     return "; ".join(parts)
 

@@ -48,7 +48,9 @@ class UnknownPluginError(PersonaJudgeError, KeyError):
     def __init__(self, kind: str, name: str, registered: list[str], hint: str = ""):
         self.kind, self.name, self.registered = kind, name, sorted(registered)
         names = ", ".join(self.registered) or "(none)"
-        super().__init__(f"unknown {kind} '{name}'{_did_you_mean(name, self.registered)}; registered {kind}s: {names}{hint}")
+        super().__init__(
+            f"unknown {kind} '{name}'{_did_you_mean(name, self.registered)}; registered {kind}s: {names}{hint}"
+        )
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
         return self.args[0]

@@ -88,3 +88,30 @@ def test_no_did_you_mean_for_a_name_like_none():
     with pytest.raises(pj.UnknownPluginError) as err:
         pj.PersonaJudge({"backend": {"name": "nope"}})
     assert "did you mean" not in str(err.value)
+
+
+# ---------------------------------------------------------------- F5: a number where an option takes text
+
+
+@pytest.mark.parametrize("value,text", [("1234567", "1234567"), ("1.0", "1.0")])
+def test_a_number_for_a_text_option_says_how_to_quote_it(tmp_path, capsys, value, text):
+    """``--backend-option`` parses VALUE as JSON, so an all-digit commit or tag is a number, refused as "Input
+    should be a valid string" with no word on how to pass it as text."""
+    argv = ["generate", "hi", "--backend", "hf", "--model", str(tmp_path), "--backend-option", f"revision={value}"]
+    code, _, err = run_main(argv, capsys)
+    one_line(
+        code,
+        err,
+        f"""backend.options.revision: Input should be a valid string (got {text}); to give it as text, quote it: revision='"{text}"' on the command line""",
+    )
+    quoted = [*argv[:-1], f'revision="{value}"']
+    code, _, err = run_main(quoted, capsys)  # taken: the run goes on to the (empty) model folder
+    assert code == 2 and f"backend.options.revision='{text}' picks a hub revision" in err, err
+    assert "valid string" not in err and err.strip().endswith("is it a transformers model folder?"), err
+
+
+def test_a_bool_for_a_text_option_gets_no_quoting_hint(tmp_path, capsys):
+    argv = ["generate", "hi", "--backend", "hf", "--model", str(tmp_path), "--backend-option", "revision=true"]
+    code, _, err = run_main(argv, capsys)
+    one_line(code, err, "backend.options.revision: Input should be a valid string (got True)")
+    assert "quote" not in err
