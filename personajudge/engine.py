@@ -78,6 +78,7 @@ from personajudge.core.decoding import (
 from personajudge.core.errors import (
     ConfigError,
     PersonaJudgeError,
+    PersonaJudgeWarning,
     PluginError,
     SessionError,
     TooManyViewsError,
@@ -252,6 +253,29 @@ def _resume(loop: Loop, value: Any) -> Any:
         return loop.send(value)
     except StopIteration:
         return _DONE
+
+
+#: the spellings of ``PERSONAJUDGE_BATCHED`` (case aside), and what each means
+_SWITCH = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _batched_from_environment() -> bool:
+    """``PERSONAJUDGE_BATCHED``: on unless ``0``/``false``/``no``/``off``. Anything else (``flase``,
+    ``disable``) left it on without a word, so the user's A/B comparison compared nothing: it is named
+    in a warning, and batching stays on. Unset or empty: on."""
+    raw = os.environ.get("PERSONAJUDGE_BATCHED", "").strip()
+    if not raw:
+        return True
+    on = _SWITCH.get(raw.lower())
+    if on is None:
+        warnings.warn(
+            f"PERSONAJUDGE_BATCHED={raw!r:.40} is none of 1, 0, true, false, yes, no, on, off: batched "
+            "acceptance stays on",
+            PersonaJudgeWarning,
+            stacklevel=2,
+        )
+        return True
+    return on
 
 
 def _checked_ops(method: Any, name: str, loop: Loop, req: DecodeRequest, vocab_size: int | None = None) -> Loop:
@@ -596,12 +620,7 @@ class Engine:
         self.max_queue = max_queue
         self.on_step = on_step
         self.on_finish = on_finish
-        self.batched = batched and os.environ.get("PERSONAJUDGE_BATCHED", "1").strip().lower() not in (
-            "0",
-            "false",
-            "no",
-            "off",
-        )
+        self.batched = batched and _batched_from_environment()
         self._cv = threading.Condition()
         self._queue: deque[Job] = deque()
         self._active: dict[int, Job] = {}

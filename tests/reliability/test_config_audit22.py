@@ -115,3 +115,25 @@ def test_a_bool_for_a_text_option_gets_no_quoting_hint(tmp_path, capsys):
     code, _, err = run_main(argv, capsys)
     one_line(code, err, "backend.options.revision: Input should be a valid string (got True)")
     assert "quote" not in err
+
+
+# ---------------------------------------------------------------- F6: PERSONAJUDGE_BATCHED
+
+
+@pytest.mark.parametrize(
+    "value,batched", [("0", False), ("OFF", False), (" no ", False), ("1", True), ("on", True), ("", True)]
+)
+def test_batched_switch_values(monkeypatch, recwarn, value, batched):
+    monkeypatch.setenv("PERSONAJUDGE_BATCHED", value)
+    with pj.PersonaJudge(TOY) as m:
+        assert m.engine.batched is batched
+    assert not [w for w in recwarn if "PERSONAJUDGE_BATCHED" in str(w.message)]
+
+
+@pytest.mark.parametrize("value", ["flase", "disable", "0 # off"])
+def test_an_unknown_batched_switch_is_named_in_a_warning_and_stays_on(monkeypatch, value):
+    """Any value but the four "off" spellings silently meant on, so a user's A/B comparison compared nothing."""
+    monkeypatch.setenv("PERSONAJUDGE_BATCHED", value)
+    with pj.PersonaJudge(TOY) as m:
+        with pytest.warns(pj.PersonaJudgeWarning, match=rf"PERSONAJUDGE_BATCHED='{value}' is none of 1, 0, true"):
+            assert m.engine.batched is True
