@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import stat
@@ -57,8 +58,13 @@ def read_bytes(
     (then None): read in one place, so that no reader of a user's file crashes where another refuses."""
     p = Path(path)
     try:
-        with open(p, "rb") as f:
+        with _open_for_reading(p) as f:
             data = f.read(max_bytes + 1)
+    except _NoWriter:
+        raise error(
+            f"cannot read {what} {p}: it is a named pipe (FIFO) that nothing writes to; start its writer first, "
+            "or give a regular file"
+        ) from None
     except ValueError:  # open() refuses a path with a NUL byte in it
         raise error(f"cannot read {what} {str(p)!r}: a path holds no NUL byte") from None
     except FileNotFoundError:
@@ -70,6 +76,54 @@ def read_bytes(
     if len(data) > max_bytes:
         raise error(f"{what} {p} is larger than {max_bytes >> 20} MiB; split it")
     return data
+
+
+class _NoWriter(Exception):
+    """A FIFO without a writer: reading it would wait for one for ever."""
+
+
+def _open_for_reading(p: Path) -> IO[bytes]:
+    """``open(p, "rb")``, except that a named pipe nothing writes to is :class:`_NoWriter`, not a wait
+    for ever: the open does not wait (``O_NONBLOCK``), and a first non-blocking read tells a pipe with a
+    writer (data, or ``EAGAIN``: the writer has written nothing yet) from one without (end of file). Shell
+    process substitution (``--config <(...)``) is a pipe with a writer, and keeps working."""
+    if fcntl is None:
+        return open(p, "rb")
+    fd = os.open(p, os.O_RDONLY | _NONBLOCK | _CLOEXEC)
+    try:
+        first = b""
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            try:
+                first = os.read(fd, 1 << 16)
+            except BlockingIOError:  # a writer, with nothing written yet
+                pass
+            else:
+                if not first:
+                    raise _NoWriter
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_NONBLOCK)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    return _Prefixed(first, f) if first else f
+
+
+class _Prefixed(io.BufferedIOBase):
+    """A binary file whose first bytes were read already (:func:`_open_for_reading`'s probe of a pipe)."""
+
+    def __init__(self, first: bytes, f: IO[bytes]):
+        self._first, self._f = first, f
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is None or n < 0:
+            out, self._first = self._first + self._f.read(), b""
+            return out
+        head, self._first = self._first[:n], self._first[n:]
+        return head + (self._f.read(n - len(head)) if len(head) < n else b"")
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
 
 
 def path_problem(value: str, kind: Literal["file", "dir"] = "file") -> str | None:

@@ -4,11 +4,16 @@ checked against the behaviour it asked for; every test here fails on the code be
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+
 import pytest
 from cli_lines import one_line, run_main
 
 import personajudge as pj
 from personajudge.core.errors import ConfigError
+from personajudge.core.files import read_text
 from personajudge.preferences import resolve
 
 TOY = {"backend": {"name": "toy"}, "encoder": "plain"}
@@ -137,3 +142,40 @@ def test_an_unknown_batched_switch_is_named_in_a_warning_and_stays_on(monkeypatc
     with pj.PersonaJudge(TOY) as m:
         with pytest.warns(pj.PersonaJudgeWarning, match=rf"PERSONAJUDGE_BATCHED='{value}' is none of 1, 0, true"):
             assert m.engine.batched is True
+
+
+# ---------------------------------------------------------------- F7: a named pipe nothing writes to
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("flag,what", [("--config", "config file"), ("--preferences-file", "preferences file")])
+def test_a_fifo_without_a_writer_is_refused_not_waited_on(tmp_path, capsys, flag, what):
+    """``open()`` of a FIFO waits for a writer: the command hung for ever. Model files and outputs were
+    already refused that way; the readers of configs, preferences files and prompt sets now are too."""
+    fifo = tmp_path / "cfg.toml"
+    os.mkfifo(fifo)
+    code, _, err = run_main(["generate", "hi", "--backend", "toy", flag, str(fifo)], capsys)
+    one_line(code, err, f"cannot read {what} {fifo}: it is a named pipe (FIFO) that nothing writes to")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("late", [False, True], ids=["written", "writer-waits"])
+def test_a_pipe_with_a_writer_is_read_whole(late):
+    """Process substitution (``--config <(...)``): a pipe whose writer has written and closed, or holds it
+    open and writes later (the first read finds nothing yet, and must wait, not refuse)."""
+    text = "encoder = 'plain'\n" + "# padding\n" * 20000  # more than one pipe buffer
+    r, w = os.pipe()
+
+    def write():
+        if late:
+            time.sleep(0.3)
+        with os.fdopen(w, "w") as f:
+            f.write(text)
+
+    t = threading.Thread(target=write)
+    t.start()
+    try:
+        assert read_text(f"/dev/fd/{r}", "config file", ConfigError) == text
+    finally:
+        t.join()
+        os.close(r)
