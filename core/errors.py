@@ -103,6 +103,32 @@ class ContextLengthError(PersonaJudgeError, ValueError):
         return self if self.row is None else type(self)(f"{where[self.row]}: {self.reason}")
 
 
+def in_row(err: PersonaJudgeError, row: int) -> PersonaJudgeError:
+    """``err``, raised for one prompt of a batch call, as ``prompts[row]: <message>`` with ``.row`` and
+    ``.reason`` (the message alone), as :class:`ContextLengthError` marks its own: "the prompt is empty"
+    did not say which of a thousand prompts was. A copy of the same type (see :func:`one_each`)."""
+    if isinstance(err, ContextLengthError):
+        return type(err)(str(err), row=row)
+    c = _copied(err)
+    c.args = (f"prompts[{row}]: {err}", *err.args[1:])
+    c.row, c.reason = row, str(err)  # type: ignore[attr-defined]
+    return c  # type: ignore[return-value]
+
+
+def located(err: BaseException, where: Sequence[str]) -> BaseException:
+    """``err`` marked by :func:`in_row` with its row named by ``where[row]`` (a JSONL file's ``path:line``)
+    instead of its index; any other error as it is."""
+    row, reason = getattr(err, "row", None), getattr(err, "reason", None)
+    if not isinstance(row, int) or not isinstance(reason, str) or not 0 <= row < len(where):
+        return err
+    if isinstance(err, ContextLengthError):
+        return err.located(where)
+    c = _copied(err)
+    c.args = (f"{where[row]}: {reason}", *c.args[1:])
+    c.row = None  # type: ignore[attr-defined]
+    return c
+
+
 class PromptTokenError(ContextLengthError):
     """A prompt encodes to a token id the model has no embedding row for (a tokenizer with added
     tokens, the model's embeddings not resized). A :class:`ContextLengthError` because it is the

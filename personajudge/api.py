@@ -19,7 +19,7 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping, Sequence
 from types import FrameType
 from typing import Any
 
@@ -29,7 +29,13 @@ from pydantic import ValidationError
 from personajudge.core.config import BackendConfig, DecodingConfig, RunConfig, build_config, check_seed_span
 from personajudge.core.contract import Backend, check_backend
 from personajudge.core.decoding import DecodeRequest, check_contexts
-from personajudge.core.errors import ConfigError, ContextLengthError, NumericalError, PersonaJudgeWarning
+from personajudge.core.errors import (
+    ConfigError,
+    NumericalError,
+    PersonaJudgeError,
+    PersonaJudgeWarning,
+    in_row,
+)
 from personajudge.core.result import GenerationResult, Stats
 from personajudge.core.stopping import Emitter
 from personajudge.core.transforms import SamplingParams
@@ -1017,13 +1023,14 @@ class PersonaJudge:
                     base, len(prompts), f"decoding.seed {base} with {len(prompts)} prompts", hint=SEED_PER_ROW
                 )
             given = [base + i if base is not None else fresh_seed() for i in range(len(prompts))]
-        contexts = [self.encode_views(p, cfg, meth, pref_views) for p in prompts]
-        # every row before any is queued: one too long costs no decoding
-        for i, (c, p) in enumerate(zip(contexts, prompts)):
+        # every row before any is queued: one too long, or one that cannot be encoded, costs no decoding
+        contexts = []
+        for i, p in enumerate(prompts):
             try:
-                self._check_prompt(c, p)
-            except ContextLengthError as err:
-                raise type(err)(str(err), row=i) from None
+                contexts.append(self.encode_views(p, cfg, meth, pref_views))
+                self._check_prompt(contexts[-1], p)
+            except PersonaJudgeError as err:
+                raise in_row(err, i) from None
         reqs = [self._request(c, cfg, s) for c, s in zip(contexts, given)]
         finish = functools.partial(_attach_settings, self.settings(cfg, pref_views, meth))
         # each job runs its own loop; the method object only plans
@@ -1135,12 +1142,15 @@ def generate(prompt: Prompt, *, config: RunConfig | dict[str, Any] | None = None
         return pj.generate(prompt, **kwargs)
 
 
-def stream(prompt: Prompt, *, config: RunConfig | dict[str, Any] | None = None, **kwargs: Any) -> Iterator[str]:
-    """One-shot streaming: load the configured backend, yield text as it is committed, free it."""
+def stream(
+    prompt: Prompt, *, config: RunConfig | dict[str, Any] | None = None, **kwargs: Any
+) -> Generator[str, None, GenerationResult]:
+    """One-shot streaming: load the configured backend, yield text as it is committed, free it. The
+    finished :class:`GenerationResult` is the generator's return value, as :meth:`PersonaJudge.stream`'s."""
     cfg = _as_config(config)
     _check_call(cfg, kwargs)
     with PersonaJudge(cfg) as pj:
-        yield from pj.stream(prompt, **kwargs)
+        return (yield from pj.stream(prompt, **kwargs))
 
 
 def _check_call(cfg: RunConfig, kwargs: dict[str, Any]) -> None:

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from personajudge.core.config import MAX_SEED, RunConfig, check_seed_span
-from personajudge.core.errors import ConfigError, ContextLengthError, NumericalError, PersonaJudgeError
+from personajudge.core.errors import ConfigError, NumericalError, PersonaJudgeError, located
 from personajudge.core.files import (
     JsonlAppendFile,
     OutputError,
@@ -268,11 +268,12 @@ def local_executor(pj: Any, preferences: Sequence[Any] | None = None) -> Executo
         for c in chunks:
             try:
                 results = pj.generate_batch(c.prompts, preferences=preferences, seeds=c.seeds)
-            except ContextLengthError as err:  # raised before the chunk decodes: name the line
-                raise err.located(c.where) from None
             except Exception as err:  # rows that failed alone (err.rows): the others finished
                 rows = rows_failed_alone(err, len(c.records))
                 if rows is None:
+                    # one row's error raised before the chunk decodes (too long, not encodable): name its line
+                    if (named := located(err, c.where)) is not err:
+                        raise named from None
                     raise
                 if not isinstance(err, NumericalError):  # a row's own bug: its chunk is written, then the run stops
                     yield c, executor_results(rows)

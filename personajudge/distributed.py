@@ -77,6 +77,7 @@ from personajudge.core.errors import (
     NumericalError,
     PersonaJudgeError,
     PersonaJudgeWarning,
+    located,
 )
 from personajudge.core.files import discard_fresh_files, os_error_text
 from personajudge.core.processes import terminate_as_exit
@@ -395,6 +396,10 @@ class Replica:
             if rows is None:
                 raise
             return rows, True
+        except PersonaJudgeError as err:  # one row's, before the chunk decoded (``prompts[i]``): name its line
+            if task.where is not None and (named := located(err, task.where)) is not err:
+                raise named from None
+            raise
 
     def _one(self, prompt: Any, seed: int, task: Task) -> Any:
         assert self.pj is not None  # as in _generate

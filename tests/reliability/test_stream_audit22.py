@@ -1,0 +1,63 @@
+"""Findings of the streaming and interruption audit of session 22 (a helper using the API and the CLI as a
+user would), each checked against the behaviour it asked for; every test here fails on the code before
+its fix.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import personajudge as pj
+from personajudge.core.errors import ConfigError, ContextLengthError, in_row, located
+
+TOY = {"backend": {"name": "toy"}, "encoder": "plain"}
+RUN = {"preferences": ["concise", "humor"], "max_new_tokens": 8, "seed": 1}
+
+
+def _drain(gen):
+    chunks = []
+    try:
+        while True:
+            chunks.append(next(gen))
+    except StopIteration as stop:
+        return chunks, stop.value
+
+
+def test_the_one_shot_stream_returns_the_result_as_the_method_does():
+    """``PersonaJudge.stream`` returns the finished ``GenerationResult``; the one-shot ``pj.stream`` dropped it
+    (``yield from`` without ``return``)."""
+    with pj.PersonaJudge(TOY) as m:
+        want_chunks, want = _drain(m.stream("hi", **RUN))
+    chunks, got = _drain(pj.stream("hi", config=TOY, **RUN))
+    assert isinstance(got, pj.GenerationResult)
+    assert chunks == want_chunks and "".join(chunks) == got.text == want.text
+    assert got.tokens == want.tokens and got.stats.seed == 1
+
+
+@pytest.mark.parametrize(
+    "bad,error,reason",
+    [
+        ("   ", ConfigError, "the prompt is empty"),
+        ([], ConfigError, "a conversation must be a non-empty list"),
+    ],
+)
+def test_generate_batch_names_the_prompt_that_cannot_be_encoded(bad, error, reason):
+    """ "the prompt is empty" did not say which of the prompts it was (a prompt too long already said
+    ``prompts[i]``, with ``.row``)."""
+    prompts = ["ok one", "ok two", "ok three", bad, "ok five"]
+    with pj.PersonaJudge(TOY) as m, pytest.raises(error) as err:
+        m.generate_batch(prompts, **RUN)
+    assert str(err.value).startswith(f"prompts[3]: {reason}"), err.value
+    assert err.value.row == 3 and err.value.reason.startswith(reason)
+
+
+def test_a_marked_error_is_located_by_its_file_line_and_others_are_left_alone():
+    where = ["in.jsonl:1", "in.jsonl:4", "in.jsonl:9"]
+    marked = in_row(ConfigError("the prompt is empty"), 2)
+    assert str(marked) == "prompts[2]: the prompt is empty" and type(marked) is ConfigError
+    named = located(marked, where)
+    assert str(named) == "in.jsonl:9: the prompt is empty" and type(named) is ConfigError
+    long = located(in_row(ContextLengthError("too long"), 1), where)
+    assert str(long) == "in.jsonl:4: too long" and type(long) is ContextLengthError
+    plain = ConfigError("no row")
+    assert located(plain, where) is plain
