@@ -490,7 +490,8 @@ class Job:
 
     def events(self) -> Iterator[Event]:
         """The job's events in the caller's thread, up to and including the final one (read again
-        after the end: the final one alone)."""
+        after the end: the final one alone). Several threads may wait on one job's result; its text
+        events go to whichever reads first, the final event to each."""
         if self._queue is None:  # checked before the first next(): a plain function returning the generator
             raise ConfigError("this job delivers its events to asyncio (Job.for_asyncio): read them with aevents()")
         return self._events()
@@ -505,6 +506,9 @@ class Job:
             ev = self._queue.get()
             if ev[0] in ("done", "error"):
                 self._took_final()
+                # passed on: another thread blocked in result() on this job (as on a Future) waited for
+                # ever, the one final event taken by the first; a later reader uses _final()
+                self._queue.put(ev)
             yield ev
             if ev[0] in ("done", "error"):
                 return
@@ -533,6 +537,7 @@ class Job:
             ev = await aq.get()
             if ev[0] in ("done", "error"):
                 self._took_final()
+                aq.put_nowait(ev)  # for another task waiting on this job, as in _events
             yield ev
             if ev[0] in ("done", "error"):
                 return

@@ -5,6 +5,9 @@ its fix.
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import pytest
 
 import personajudge as pj
@@ -61,3 +64,44 @@ def test_a_marked_error_is_located_by_its_file_line_and_others_are_left_alone():
     assert str(long) == "in.jsonl:4: too long" and type(long) is ContextLengthError
     plain = ConfigError("no row")
     assert located(plain, where) is plain
+
+
+@pytest.mark.timeout(60)
+def test_two_threads_waiting_on_one_job_both_get_its_result():
+    """As on a ``concurrent.futures.Future``: the second thread blocked in ``job.result()`` waited for ever
+    (the first took the one final event from the job's queue), even after the model was closed."""
+    with pj.PersonaJudge(TOY) as m:
+        want = m.generate("hello", **{**RUN, "max_new_tokens": 200})
+        job = m.submit("hello", **{**RUN, "max_new_tokens": 200})
+        got, gate = {}, threading.Barrier(3)
+
+        def wait(name):
+            gate.wait()
+            got[name] = job.result().tokens
+
+        threads = [threading.Thread(target=wait, args=(n,), daemon=True) for n in "AB"]
+        for t in threads:
+            t.start()
+        gate.wait()
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads), "a waiter is still blocked"
+        assert got == {"A": want.tokens, "B": want.tokens}
+        assert job.result().tokens == want.tokens  # and a reader after the end
+
+
+@pytest.mark.timeout(60)
+def test_two_tasks_waiting_on_one_asyncio_job_both_get_its_result():
+    async def main():
+        with pj.PersonaJudge(TOY) as m:
+            job = m.submit("hello", loop=asyncio.get_running_loop(), **{**RUN, "max_new_tokens": 50})
+
+            async def last():
+                async for ev in job.aevents():
+                    final = ev
+                return final
+
+            a, b = await asyncio.wait_for(asyncio.gather(last(), last()), 30)
+            assert a[0] == b[0] == "done" and a[1].tokens == b[1].tokens and len(a[1].tokens) == 50
+
+    asyncio.run(main())
