@@ -126,6 +126,26 @@ class _Prefixed(io.BufferedIOBase):
         super().close()
 
 
+def write_whole(stream: Any, text: str) -> None:
+    """All of ``text`` to ``stream`` (standard output), flushed.
+
+    Through the stream's file descriptor, ``os.write`` in a loop that takes each partial count: when a
+    signal interrupts a large write to a pipe part-way (its reader is slow; a Ctrl-C held by
+    :func:`~personajudge.core.processes.whole_lines`), CPython's buffered writer reports the write done
+    and drops the rest (measured: 64 KiB of 200 KiB reached the pipe). A stream without a descriptor
+    (a test's capture) is written as usual."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both an OSError and a ValueError
+        stream.write(text)
+        stream.flush()
+        return
+    stream.flush()  # what the stream holds goes first
+    data = memoryview(text.encode(getattr(stream, "encoding", None) or "utf-8"))
+    while data:
+        data = data[os.write(fd, data) :]
+
+
 def path_problem(value: str, kind: Literal["file", "dir"] = "file") -> str | None:
     """Why ``value``, a path the user typed, cannot name the ``kind`` it is given for; None when it can.
 

@@ -20,7 +20,7 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from threading import Thread, current_thread, main_thread
-from typing import IO
+from typing import IO, Any
 
 #: ``prctl`` option: the signal a process gets when its parent (the thread that started it) dies
 PR_SET_PDEATHSIG = 1
@@ -70,6 +70,33 @@ def terminate_as_exit() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def whole_lines() -> Iterator[None]:
+    """A Ctrl-C (SIGINT) during the block is held until it ends, then handed to the handler that was in
+    place (Python's, or the CLI's): a write of whole lines to a pipe that blocks (its reader is slow)
+    would otherwise stop part-way and leave a half line that no JSONL reader takes. A second Ctrl-C
+    goes to that handler at once (a reader that never reads must not hold the process). Only in the
+    main thread, where Python runs signal handlers, and only over a Python handler (not one ignored)."""
+    previous = signal.getsignal(signal.SIGINT) if current_thread() is main_thread() else None
+    if not callable(previous):
+        yield
+        return
+    held: list[tuple[int, Any]] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if held:
+            previous(signum, frame)
+        held.append((signum, frame))
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        previous(*held[0])
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 60.0) -> int:

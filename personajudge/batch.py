@@ -79,7 +79,9 @@ from personajudge.core.files import (
     read_text,
     silence_stdout,
     unmark_fresh,
+    write_whole,
 )
+from personajudge.core.processes import whole_lines
 from personajudge.preferences import normalize_conversation
 
 from .api import executor_results, fresh_seed, rows_failed_alone
@@ -536,8 +538,9 @@ class JsonlBatch:
             row.pop("fp", None)
             lines.append(stdout_json(row) + "\n")
         try:
-            sys.stdout.write("".join(lines))
-            sys.stdout.flush()
+            with whole_lines():  # a Ctrl-C lands between chunks, never inside a line
+                write_whole(sys.stdout, "".join(lines))
+                self.written += len(lines)
         except BrokenPipeError:
             silence_stdout()
             raise OutputError(
@@ -549,7 +552,6 @@ class JsonlBatch:
                 f"could not write to standard output ({os_error_text(err)}) after {self.written} of "
                 f"{len(self.records)} results; the rest are lost: --output FILE keeps them resumably"
             ) from None
-        self.written += len(lines)
         for row in rows:
             self.done[str(row["id"])] = row
 
@@ -604,7 +606,7 @@ class JsonlBatch:
         except OutputError as err:  # disk full, pipe closed: one line that says what is kept
             bar.close()
             self._count_on_disk()
-            kept = self._kept_message()
+            kept = self._kept_message() if self.partial is not None else ""  # stdout: err says how many
             raise (OutputError(f"{err}; {kept}") if kept else err) from None
         except BaseException:  # Ctrl-C, a model error, a bug: say what is kept, then let it through
             bar.close()
@@ -636,7 +638,11 @@ class JsonlBatch:
                     self.written += 1
 
     def _kept_message(self) -> str:
-        if self.partial is None or not self.done:
+        if self.partial is None:  # standard output: nothing is kept to resume from, but say what got out
+            return (
+                f"{self.written} of {len(self.records)} results were written to standard output" if self.written else ""
+            )
+        if not self.done:
             return ""
         return (
             f"{len(self.done)} of {len(self.records)} results are kept in {self.partial}: "

@@ -6,7 +6,15 @@ its fix.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import json
+import signal
+import struct
+import subprocess
+import sys
+import termios
 import threading
+import time
 
 import pytest
 
@@ -105,3 +113,38 @@ def test_two_tasks_waiting_on_one_asyncio_job_both_get_its_result():
             assert a[0] == b[0] == "done" and a[1].tokens == b[1].tokens and len(a[1].tokens) == 50
 
     asyncio.run(main())
+
+
+def _pipe_bytes(fd):
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="FIONREAD on a pipe, /proc/PID/wchan")
+def test_ctrl_c_while_a_batch_writes_to_a_full_pipe_leaves_whole_lines(tmp_path):
+    """A batch to standard output whose reader is slow: the Ctrl-C landed inside the blocked write of a chunk,
+    and CPython's buffered writer dropped the rest of it, leaving a half line (and the count said nothing).
+    Now the interrupt waits for the chunk's lines, which all get out, and the last line says how many."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"prompt number {i}"}) + "\n" for i in range(60)))
+    argv = ["generate", "--input", str(src), "--backend", "toy", "--prefer", "concise", "--prefer", "humor"]
+    argv += ["--max-new-tokens", "500", "--seed", "7", "--batch-size", "8"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "personajudge", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path
+    )
+    wchan = f"/proc/{proc.pid}/wchan"
+    deadline = time.monotonic() + 60
+    try:  # until the writer waits in its write to the full pipe (not while it decodes the next chunk)
+        while not (_pipe_bytes(proc.stdout.fileno()) > 0 and open(wchan).read().strip().endswith("pipe_write")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the batch never filled the pipe"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)  # the interrupt is held while the write waits for the reader
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    lines = out.decode().split("\n")
+    assert proc.returncode == 130 and lines[-1] == "", (proc.returncode, out[-200:])
+    rows = [json.loads(line) for line in lines[:-1]]  # each a whole row
+    assert [r["id"] for r in rows] == list(range(1, len(rows) + 1)) and 0 < len(rows) < 60  # ids: line numbers
+    assert f"personajudge: {len(rows)} of 60 results were written to standard output\n" in err.decode(), err
