@@ -397,8 +397,10 @@ def build_config(data: dict[str, Any] | None = None, **overrides: Any) -> RunCon
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config file into a plain dict (validated by :func:`build_config`)."""
-    p = Path(check_path(path, "config file", ConfigError))  # Path("") is ".", which would be read as a folder
+    """Read a TOML config file into a plain dict (validated by :func:`build_config`). A leading ``~`` is the
+    home folder, as in a model path (``--config=~/run.toml`` reaches us unexpanded by the shell)."""
+    # Path("") is ".", which would be read as a folder
+    p = Path(check_path(path, "config file", ConfigError)).expanduser()
     text = read_text(p, "config file", ConfigError)
     try:
         return tomllib.loads(text)

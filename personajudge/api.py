@@ -15,6 +15,7 @@ import difflib
 import functools
 import inspect
 import numbers
+import os
 import sys
 import threading
 import warnings
@@ -26,7 +27,14 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from personajudge.core.config import BackendConfig, DecodingConfig, RunConfig, build_config, check_seed_span
+from personajudge.core.config import (
+    BackendConfig,
+    DecodingConfig,
+    RunConfig,
+    build_config,
+    check_seed_span,
+    load_config_file,
+)
 from personajudge.core.contract import Backend, check_backend
 from personajudge.core.decoding import DecodeRequest, check_contexts
 from personajudge.core.errors import (
@@ -118,11 +126,15 @@ def make_method(cfg: RunConfig):
 
 
 def _as_config(config: Any) -> RunConfig:
+    """A config: a :class:`RunConfig`, a mapping, or the path of a TOML file as ``--config`` takes it
+    (``PersonaJudge("run.toml")``; the README's config examples are files)."""
     if isinstance(config, RunConfig):
         return config
     if config is None or isinstance(config, Mapping):
         return build_config(dict(config or {}))
-    raise ConfigError(f"config must be a mapping or RunConfig, got {type(config).__name__}")
+    if isinstance(config, str | os.PathLike):
+        return build_config(load_config_file(config))
+    raise ConfigError(f"config must be a mapping, a RunConfig or a TOML file's path, got {type(config).__name__}")
 
 
 def _count(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
@@ -617,7 +629,7 @@ class PersonaJudge:
 
     def __init__(
         self,
-        config: RunConfig | dict[str, Any] | None = None,
+        config: RunConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
         *,
         backend: Backend | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
@@ -1130,7 +1142,9 @@ class PersonaJudge:
             job.cancel()  # an exception in on_text (or KeyboardInterrupt) stops the request
 
 
-def generate(prompt: Prompt, *, config: RunConfig | dict[str, Any] | None = None, **kwargs: Any) -> GenerationResult:
+def generate(
+    prompt: Prompt, *, config: RunConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None, **kwargs: Any
+) -> GenerationResult:
     """One-shot helper: load the configured backend, generate, free it.
 
     To generate more than once, keep a :class:`PersonaJudge`: loading the
@@ -1143,7 +1157,7 @@ def generate(prompt: Prompt, *, config: RunConfig | dict[str, Any] | None = None
 
 
 def stream(
-    prompt: Prompt, *, config: RunConfig | dict[str, Any] | None = None, **kwargs: Any
+    prompt: Prompt, *, config: RunConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None, **kwargs: Any
 ) -> Generator[str, None, GenerationResult]:
     """One-shot streaming: load the configured backend, yield text as it is committed, free it. The
     finished :class:`GenerationResult` is the generator's return value, as :meth:`PersonaJudge.stream`'s."""

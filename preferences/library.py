@@ -296,7 +296,7 @@ def load_file(path: str | Path, library: Library | None = None) -> list[Preferen
     file is the list itself or, so that one layout serves every format, an
     object with the list under ``preferences``.
     """
-    p = Path(path)
+    p = Path(path).expanduser()  # ``~``, as in a config or a model path
     text = read_text(p, "preferences file", PreferenceError)  # a binary file: one line naming the byte
     suffix = p.suffix.lower()
     try:

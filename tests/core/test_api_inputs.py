@@ -25,8 +25,13 @@ def model():
 
 BAD = [
     # (label, call, error type, fragment of the message that names the argument)
-    ("config list", lambda m: pj.PersonaJudge([1]), pj.ConfigError, "config must be a mapping or RunConfig, got list"),
-    ("config str", lambda m: pj.PersonaJudge("toy"), pj.ConfigError, "config must be a mapping or RunConfig, got str"),
+    (
+        "config list",
+        lambda m: pj.PersonaJudge([1]),
+        pj.ConfigError,
+        "config must be a mapping, a RunConfig or a TOML file's path, got list",
+    ),
+    ("config str", lambda m: pj.PersonaJudge("toy"), pj.ConfigError, "config file not found: toy"),
     ("one-shot config", lambda m: pj.generate("hi", config=3), pj.ConfigError, "config must be a mapping"),
     ("build_config list", lambda m: pj.build_config([1]), pj.ConfigError, "config must be a mapping"),
     ("max_batch 0", lambda m: pj.PersonaJudge(TOY, max_batch=0), pj.ConfigError, "max_batch must be an integer >= 1"),

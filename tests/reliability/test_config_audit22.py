@@ -4,6 +4,7 @@ checked against the behaviour it asked for; every test here fails on the code be
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -179,3 +180,35 @@ def test_a_pipe_with_a_writer_is_read_whole(late):
     finally:
         t.join()
         os.close(r)
+
+
+# ---------------------------------------------------------------- F8, F9: a config's path
+
+
+def test_the_api_takes_a_config_files_path_as_the_cli_does(tmp_path, monkeypatch):
+    """``PersonaJudge("run.toml")`` was "config must be a mapping or RunConfig, got str", with no word of
+    ``load_config_file``; the README's configs are files."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('encoder = "plain"\n[backend]\nname = "toy"\n[decoding]\nmax_new_tokens = 5\nseed = 3\n')
+    with pj.PersonaJudge(pj.load_config_file(cfg)) as m:
+        want = m.generate("hi", preferences=PREFS)
+    for given in (cfg, str(cfg)):
+        with pj.PersonaJudge(given) as m:
+            got = m.generate("hi", preferences=PREFS)
+        assert got.tokens == want.tokens and len(got.tokens) == 5
+    assert pj.generate("hi", config=cfg, preferences=PREFS).tokens == want.tokens
+    monkeypatch.setenv("HOME", str(tmp_path))  # ``~``, as a model path already takes it
+    with pj.PersonaJudge("~/run.toml") as m:
+        assert m.generate("hi", preferences=PREFS).tokens == want.tokens
+
+
+def test_a_tilde_in_config_and_preferences_file_flags_is_the_home_folder(tmp_path, monkeypatch, capsys):
+    """``--config=~/run.toml`` reaches the program unexpanded (the shell expands only a word that starts
+    with ``~``): "config file not found: ~/run.toml", while ``--model ~/...`` was expanded."""
+    (tmp_path / "run.toml").write_text('encoder = "plain"\n[decoding]\nmax_new_tokens = 4\n')
+    (tmp_path / "p.toml").write_text('[[preferences]]\nname = "pirate"\ndescription = "Talk like a pirate"\n')
+    monkeypatch.setenv("HOME", str(tmp_path))
+    argv = ["generate", "hi", "--backend", "toy", "--config=~/run.toml", "--preferences-file=~/p.toml", "--json"]
+    code, out, err = run_main([*argv, "--seed", "1"], capsys)
+    assert code == 0, err
+    assert len(json.loads(out)["tokens"]) == 4
