@@ -21,6 +21,8 @@ before it is ever used:
   What the cheap check cannot see is a change made with the system clock set
   back, or by writing the disk below the file system; on Windows ``st_ctime`` is
   the creation time, so there only size and mtime are compared;
+- a build that was killed (SIGTERM, ``kill -9``, a closed terminal) leaves its temporary file, about
+  250 MB; the next call removes it. A live build holds a lock on its file, so none is removed under it;
 - ``default_model_path(verify=True)`` ignores the sidecar and re-hashes (the
   llama.cpp backend does this, and rebuilds, when loading the cached file
   fails).
@@ -31,6 +33,7 @@ else ``~/.cache/personajudge``; the model goes into its ``models/`` folder.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -38,6 +41,11 @@ import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locks, no sweep of dead builds' files
+    fcntl = None  # type: ignore[assignment]
 
 from personajudge.core.errors import BackendUnavailableError, ModelLoadError
 
@@ -154,8 +162,9 @@ def _build(pkg: ModuleType, target: Path, expected: str) -> None:
         file=sys.stderr,
         flush=True,
     )
-    fd, tmp_name = tempfile.mkstemp(prefix="." + target.name + ".", suffix=".partial", dir=target.parent)
-    os.close(fd)
+    fd, tmp_name = tempfile.mkstemp(prefix="." + target.name + ".", suffix=_PARTIAL, dir=target.parent)
+    if fcntl is not None:  # held while building: a sweep (another process) leaves this file alone
+        fcntl.flock(fd, fcntl.LOCK_EX)
     tmp = Path(tmp_name)
     try:
         try:
@@ -176,7 +185,37 @@ def _build(pkg: ModuleType, target: Path, expected: str) -> None:
         os.replace(tmp, target)
     finally:
         _unlink(tmp)
+        os.close(fd)
     _write_sidecar(target, expected)
+
+
+_PARTIAL = ".partial"
+
+
+def _sweep_partials(target: Path) -> None:
+    """Remove the temporary files of builds that died (``kill``, SIGTERM, a closed terminal: no ``finally``
+    ran), about 250 MB each, which nothing else would ever remove. A live build holds an exclusive
+    ``flock`` on its file (the lock dies with its process, even after ``kill -9``), so a file whose lock
+    can be taken is a dead build's. Without ``fcntl`` (not POSIX) nothing is swept."""
+    if fcntl is None:
+        return
+    try:
+        stale = list(target.parent.glob(f".{glob.escape(target.name)}.*{_PARTIAL}"))
+    except OSError:
+        return
+    for p in stale:
+        try:
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a build in progress
+            continue
+        else:
+            _unlink(p)
+        finally:
+            os.close(fd)
 
 
 def default_model_path(*, verify: bool = False) -> Path:
@@ -189,6 +228,7 @@ def default_model_path(*, verify: bool = False) -> Path:
     expected = str(pkg.EXPECTED_SHA256)
     target = model_file()
     try:
+        _sweep_partials(target)
         if is_valid(target, expected, verify=verify):
             return target
         _build(pkg, target, expected)

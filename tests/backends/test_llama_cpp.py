@@ -34,6 +34,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -709,3 +710,58 @@ def test_reference_and_cached_loops_sample_the_same_law(backend):
     assert p_value(cached, ref) > 1e-3
     swapped = law(preferences=["humor", "concise"])
     assert p_value(cached, swapped) < 1e-3  # the check has the power to see the judge's view
+
+
+@pytest.mark.skipif(embedded.fcntl is None, reason="flock")
+def test_a_killed_builds_partial_file_is_swept_and_a_live_ones_is_kept(fake_cache):
+    """A build killed by SIGTERM, a closed terminal or ``kill -9`` (no ``finally``) left a hidden 250 MB
+    ``.partial`` file in the cache for good. The next call removes those whose lock no live build holds."""
+    import fcntl
+
+    pkg, _ = fake_cache
+    models = embedded.cache_dir() / "models"
+    models.mkdir(parents=True)
+    dead = models / f".{pkg.MODEL_NAME}.deadbeef.partial"
+    dead.write_bytes(b"half a model")
+    live = models / f".{pkg.MODEL_NAME}.inflight.partial"
+    live.write_bytes(b"being built")
+    other = models / ".another-model.gguf.x.partial"  # not ours to remove
+    other.write_bytes(b"x")
+    held = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another open file description: as another process's build
+        path = embedded.default_model_path()
+        assert path.read_bytes() == pkg.CONTENT
+        assert not dead.exists() and live.exists() and other.exists()
+    finally:
+        os.close(held)
+    embedded.default_model_path()  # the lock is gone with its holder: swept, though the model is cached
+    assert not live.exists() and other.exists() and pkg.calls == 1
+
+
+def test_a_killed_build_in_a_subprocess_leaves_a_file_the_next_call_sweeps(fake_cache, tmp_path):
+    """End to end: a build that SIGKILL stops part-way (its lock dies with it)."""
+    pkg, _ = fake_cache
+    code = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.path[:0] = {sys.path!r}
+        from personajudge.backends import embedded
+
+        class Stuck:
+            MODEL_NAME = {pkg.MODEL_NAME!r}
+            EXPECTED_SHA256 = "0" * 64
+            def assemble(self, output_path, overwrite=False):
+                open(output_path, "wb").write(b"part of a model")
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        embedded._package = lambda: Stuck()
+        embedded.default_model_path()
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert proc.returncode == -9, proc.stderr
+    models = embedded.cache_dir() / "models"
+    assert [p.name.endswith(".partial") for p in models.iterdir()] == [True]
+    embedded.default_model_path()
+    assert sorted(p.name for p in models.iterdir()) == sorted([pkg.MODEL_NAME, pkg.MODEL_NAME + ".verified.json"])
