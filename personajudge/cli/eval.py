@@ -36,6 +36,7 @@ from personajudge.evaluation.spec import (
     diff,
     resume_command,
 )
+from personajudge.evaluation.store import RUN_FILE
 
 from .options import (
     add_run_options,
@@ -63,7 +64,9 @@ def _int_list(flag: str, text: str) -> list[int]:
 def parse_scorers(text: str, options: list[str]):
     """``length,rm=reward-model`` + ``rm.model=PATH`` -> ScorerSpecs."""
     specs: list[ScorerSpec] = []
-    if text.strip().lower() not in ("", "none"):
+    if not text.replace(",", "").strip():  # `--scorers "$S"` with S unset: no scores, without a word
+        raise EvalError(f"--scorers names no scorer ({text!r}); give scorer names, or none to score nothing")
+    if text.strip().lower() != "none":
         for item in text.split(","):
             item = item.strip()
             if not item:
@@ -188,7 +191,7 @@ def spec_from_args(args: argparse.Namespace):
             methods=methods,
             baseline=baseline,
             experiments=experiments,
-            lambdas=_int_list("--lambdas", args.lambdas) if args.lambdas else [],
+            lambdas=_int_list("--lambdas", args.lambdas) if args.lambdas is not None else [],
             seeds=[seed + i for i in range(args.samples)],
             scorers=parse_scorers(args.scorers, args.scorer_option),
             dimensions=[parse_dimension(d) for d in args.dimension],
@@ -242,11 +245,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             argv=reproduce_command(spec, args.run_dir),
         )
     except KeyboardInterrupt:
-        print(
-            f"personajudge: interrupted; finished rows are saved in {args.run_dir}: run the same command "
-            f"(or `personajudge eval --resume --run-dir {args.run_dir}`) to continue",
-            file=sys.stderr,
-        )
+        if (Path(args.run_dir) / RUN_FILE).exists():  # a run stopped before its first row leaves none
+            print(
+                f"personajudge: interrupted; finished rows are saved in {args.run_dir}: run the same command "
+                f"(or `personajudge eval --resume --run-dir {args.run_dir}`) to continue",
+                file=sys.stderr,
+            )
         raise
     print(
         f"personajudge: {res.generated} generated, {res.reused} reused, {res.failed} failed, "

@@ -26,6 +26,7 @@ finished rows are skipped, a torn last line is dropped, nothing is duplicated.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import math
 import numbers
@@ -403,6 +404,17 @@ class Runner:
                 break
         return record
 
+    def _discard_if_empty(self) -> None:
+        """A new run that stops before its first row (a mistyped ``--model``, a Ctrl-C while the model loads)
+        leaves no ``run.json``, as a batch leaves no partial file: its record would make the corrected
+        command "a different configuration", refused without ``--force``. A run with any row is kept."""
+        files = [self.run_dir / n for n in (GENERATIONS, SCORES)]
+        if any(p.exists() and p.stat().st_size for p in files):
+            return
+        for p in (*files, self.run_dir / RUN_FILE):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
     def _write_run_file(self, record: dict[str, Any]) -> None:
         record = dict(record)
         record.update(
@@ -771,6 +783,7 @@ class Runner:
         make_run_dir(self.run_dir)
         result = RunResult(self.run_dir)
         with RunLock(self.run_dir):
+            fresh = not (self.run_dir / RUN_FILE).exists()
             record = self._check_run_file()
             jobs = plan_generations(self.spec, self.prompts)
             record["planned_generations"] = len(jobs)
@@ -790,6 +803,10 @@ class Runner:
                         record["model"] = model
                         self._write_run_file(record)
                     self.score(gens, scores, jobs, result)
+            except BaseException:
+                if fresh:
+                    self._discard_if_empty()
+                raise
             finally:
                 for mpj in self._method_pjs.values():
                     mpj.close(keep_backend=True)
