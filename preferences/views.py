@@ -30,6 +30,15 @@ def with_definitions(library: Library | None, preferences: Sequence[PreferenceSp
     base = _builtin_library() if library is None else library
     if not defs:
         return base
+    by_name = _by_name(defs)
+    merged = {k: v for k, v in base.items() if v.name.lower() not in by_name}
+    merged.update((p.name, p) for p in by_name.values())
+    return merged
+
+
+def _by_name(defs: Sequence[Preference]) -> dict[str, Preference]:
+    """``defs`` by lower-case name; two of one name (in any case) that prompt differently are a
+    :class:`PreferenceError`: a name could then mean either."""
     by_name: dict[str, Preference] = {}
     for p in defs:
         other = by_name.setdefault(p.name.lower(), p)
@@ -39,9 +48,7 @@ def with_definitions(library: Library | None, preferences: Sequence[PreferenceSp
                 f"two preferences are named {named} and prompt differently (names match in any case): "
                 "a view's name could mean either; give each its own name"
             )
-    merged = {k: v for k, v in base.items() if v.name.lower() not in by_name}
-    merged.update((p.name, p) for p in by_name.values())
-    return merged
+    return by_name
 
 
 def named_by(specs: Sequence[PreferenceSpec], definitions: Sequence[Preference]) -> list[PreferenceSpec]:
@@ -97,6 +104,7 @@ def build_views(
     preferences file's entry (see :func:`~personajudge.preferences.resolve`).
     """
     lib = with_definitions(library, preferences)
+    defined = [p for p in preferences if isinstance(p, Preference)]
     if views:
         out = []
         for i, group in enumerate(views):
@@ -105,9 +113,14 @@ def build_views(
                 items.extend(view_names(g, lib) if isinstance(g, str) else [g])
             if not items:
                 raise PreferenceError(f"view {i + 1} is empty")
-            out.append([resolve(x, lib, where=f"views[{i}][{j}]") for j, x in enumerate(items)])
+            view = [resolve(x, lib, where=f"views[{i}][{j}]") for j, x in enumerate(items)]
+            defined += [r for x, r in zip(items, view) if isinstance(x, Mapping)]
+            out.append(view)
+        # a table defines a preference as a Preference object (a file's entry) does: one name, one meaning
+        _by_name(defined)
         return out
     prefs = [resolve(p, lib, where=f"preferences[{i}]") for i, p in enumerate(preferences)]
+    _by_name([*defined, *(r for x, r in zip(preferences, prefs) if isinstance(x, Mapping))])
     return [[p] for p in prefs] or [[]]
 
 

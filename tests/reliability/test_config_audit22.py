@@ -212,3 +212,32 @@ def test_a_tilde_in_config_and_preferences_file_flags_is_the_home_folder(tmp_pat
     code, out, err = run_main([*argv, "--seed", "1"], capsys)
     assert code == 0, err
     assert len(json.loads(out)["tokens"]) == 4
+
+
+# ---------------------------------------------------------------- F3: two tables of one name
+
+
+PIRATE = {"name": "pirate", "description": "Talk like a pirate"}
+ROBOT = {"name": "Pirate", "description": "Talk like a robot"}  # names match in any case
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        {"preferences": [PIRATE, ROBOT]},
+        {"views": [[PIRATE], [ROBOT, "concise"]]},
+        {"preferences": [pj.Preference(**PIRATE)], "views": [["pirate"], [ROBOT]]},
+    ],
+    ids=["preferences", "views", "object-and-table"],
+)
+def test_two_tables_of_one_name_that_prompt_differently_are_refused_as_two_objects_are(where):
+    """Two ``Preference`` objects (or two entries of a preferences file) of one name were refused; the same
+    two as tables (a config's ``preferences``, a call's) ran, each view's label then naming either."""
+    with pj.PersonaJudge(TOY) as m, pytest.raises(pj.PreferenceError, match="two preferences are named"):
+        m.generate("hi", max_new_tokens=2, **where)
+
+
+def test_the_same_table_twice_is_one_preference():
+    with pj.PersonaJudge(TOY) as m:
+        out = m.generate("hi", views=[[PIRATE], [dict(PIRATE), "concise"]], max_new_tokens=3, seed=1)
+    assert len(out.tokens) == 3

@@ -17,6 +17,7 @@ import threading
 import time
 
 import pytest
+from cli_lines import one_line, run_main
 
 import personajudge as pj
 from personajudge.core.errors import ConfigError, ContextLengthError, in_row, located
@@ -148,3 +149,63 @@ def test_ctrl_c_while_a_batch_writes_to_a_full_pipe_leaves_whole_lines(tmp_path)
     rows = [json.loads(line) for line in lines[:-1]]  # each a whole row
     assert [r["id"] for r in rows] == list(range(1, len(rows) + 1)) and 0 < len(rows) < 60  # ids: line numbers
     assert f"personajudge: {len(rows)} of 60 results were written to standard output\n" in err.decode(), err
+
+
+# ---------------------------------------------------------------- an eval that stops before its first row
+
+
+EVAL = ["eval", "--limit", "1", "--max-new-tokens", "4", "--scorers", "length", "--no-progress", "--no-report"]
+
+
+def test_an_eval_that_fails_before_its_first_row_leaves_no_run_record(tmp_path, capsys):
+    """A mistyped ``--model`` left ``run.json`` behind, and the corrected command was then "a different
+    configuration", refused without ``--force`` (and told to "rerun the original command")."""
+    pytest.importorskip("llama_cpp")
+    run_dir = tmp_path / "run"
+    bad = [*EVAL, "--backend", "llama-cpp", "--model", str(tmp_path / "nosuch.gguf"), "--run-dir", str(run_dir)]
+    code, _, err = run_main(bad, capsys)
+    one_line(code, err, "model file not found")
+    assert not (run_dir / "run.json").exists() and not (run_dir / "generations.jsonl").exists()
+    code, out, err = run_main([*EVAL, "--backend", "toy", "--run-dir", str(run_dir)], capsys)
+    assert code == 0 and "4 generated, 0 reused, 0 failed" in err, err
+
+
+def test_a_ctrl_c_before_the_first_row_says_nothing_is_saved(tmp_path, capsys, monkeypatch):
+    from personajudge.evaluation import runner
+
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.Runner, "generate", interrupted)
+    run_dir = tmp_path / "run"
+    code, _, err = run_main([*EVAL, "--backend", "toy", "--run-dir", str(run_dir)], capsys)
+    assert code == 130 and err == "personajudge: interrupted\n", err
+    assert not (run_dir / "run.json").exists()
+
+
+def test_a_run_with_rows_keeps_its_record_when_it_stops(tmp_path, capsys, monkeypatch):
+    """Control: once a row is in (here: generated, then a Ctrl-C while scoring), the record stays, the
+    message says so, and the same command resumes with the rows reused."""
+    from personajudge.evaluation import runner
+
+    real = runner.Runner.score
+
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.Runner, "score", interrupted)
+    run_dir = tmp_path / "run"
+    code, _, err = run_main([*EVAL, "--backend", "toy", "--run-dir", str(run_dir)], capsys)
+    assert code == 130 and "finished rows are saved in" in err and (run_dir / "run.json").exists(), err
+    monkeypatch.setattr(runner.Runner, "score", real)
+    code, _, err = run_main([*EVAL, "--backend", "toy", "--run-dir", str(run_dir)], capsys)
+    assert code == 0 and "0 generated, 4 reused" in err, err
+
+
+@pytest.mark.parametrize("flag,value", [("--lambdas", ""), ("--scorers", ""), ("--scorers", " , ")])
+def test_an_empty_sweep_or_scorer_list_is_refused_as_other_empty_lists_are(tmp_path, capsys, flag, value):
+    """``--lambdas ""`` ran with no sweep and ``--scorers ""`` with no scores, while ``--methods ""`` and
+    ``--lambdas ,`` were errors: an unset shell variable slipped through."""
+    code, _, err = run_main([*EVAL, "--backend", "toy", "--run-dir", str(tmp_path / "r"), flag, value], capsys)
+    one_line(code, err, flag)
+    assert not (tmp_path / "r" / "run.json").exists()
