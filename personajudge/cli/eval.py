@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 from personajudge.batch import writes_unicode
 from personajudge.core.config import RunConfig, check_seed_span, load_config_file, validation_message
 from personajudge.core.errors import PersonaJudgeError
+from personajudge.core.processes import terminate_as_exit
 from personajudge.evaluation.dimensions import parse_dimension
 from personajudge.evaluation.errors import EvalError
 from personajudge.evaluation.report import write_report
@@ -235,19 +236,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         spec = spec_from_args(args)
     ray_opts = ray_options_from_args(args)
     try:
-        res = run_eval(
-            spec,
-            args.run_dir,
-            force=args.force,
-            progress=not args.no_progress,
-            report=not args.no_report,
-            ray=ray_opts,
-            argv=reproduce_command(spec, args.run_dir),
-        )
-    except KeyboardInterrupt:
+        with terminate_as_exit():  # `kill PID`: exit 143, and the run's rows are kept as after a Ctrl-C
+            res = run_eval(
+                spec,
+                args.run_dir,
+                force=args.force,
+                progress=not args.no_progress,
+                report=not args.no_report,
+                ray=ray_opts,
+                argv=reproduce_command(spec, args.run_dir),
+            )
+    except (KeyboardInterrupt, SystemExit) as err:
         if (Path(args.run_dir) / RUN_FILE).exists():  # a run stopped before its first row leaves none
+            how = "interrupted" if isinstance(err, KeyboardInterrupt) else "stopped"
             print(
-                f"personajudge: interrupted; finished rows are saved in {args.run_dir}: run the same command "
+                f"personajudge: {how}; finished rows are saved in {args.run_dir}: run the same command "
                 f"(or `personajudge eval --resume --run-dir {args.run_dir}`) to continue",
                 file=sys.stderr,
             )

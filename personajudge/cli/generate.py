@@ -10,6 +10,7 @@ from personajudge.api import PersonaJudge, _check_call
 from personajudge.batch import JsonlBatch, local_executor, read_records, stdout_json
 from personajudge.core.errors import ConfigError, PersonaJudgeError, PersonaJudgeWarning
 from personajudge.core.files import OutputError, check_text, read_stream
+from personajudge.core.processes import terminate_as_exit
 from personajudge.distributed import ReplicaPool
 
 from .options import add_run_options, config_from_args, file_path_arg
@@ -65,7 +66,8 @@ def _generate_jsonl(args: argparse.Namespace) -> int:
     )
     with job:  # output paths and the partial file are checked before any model loads
         if ray_opts is None:
-            with PersonaJudge(cfg) as pj:
+            # `kill PID`: exit 143 after the one line that says which rows are kept, as a --ray run does
+            with terminate_as_exit(), PersonaJudge(cfg) as pj:
                 job.run(local_executor(pj, prefs))
         else:
             with ReplicaPool(cfg, ray_opts, quiet=args.quiet) as pool:

@@ -209,3 +209,36 @@ def test_an_empty_sweep_or_scorer_list_is_refused_as_other_empty_lists_are(tmp_p
     code, _, err = run_main([*EVAL, "--backend", "toy", "--run-dir", str(tmp_path / "r"), flag, value], capsys)
     one_line(code, err, flag)
     assert not (tmp_path / "r" / "run.json").exists()
+
+
+def _wait_for(predicate, proc, what, seconds=60):
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_during_a_batch_says_what_is_kept_and_the_rerun_resumes(tmp_path):
+    """``kill PID`` of a local batch ended it with status 143 and not a word (a ``--ray`` run said how many rows
+    its partial file keeps). Now the same line, and the same resume."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"prompt number {i}"}) + "\n" for i in range(60)))
+    argv = [sys.executable, "-m", "personajudge", "generate", "--input", str(src), "--output", str(out)]
+    argv += ["--backend", "toy", "--prefer", "concise", "--prefer", "humor", "--max-new-tokens", "300"]
+    argv += ["--seed", "7", "--batch-size", "4", "--quiet"]
+    partial = tmp_path / "out.jsonl.partial"
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    try:
+        _wait_for(lambda: partial.exists() and partial.read_text().count("\n") > 2, proc, "no chunk was written")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    kept = sum(1 for line in partial.read_text().splitlines() if '"id"' in line)
+    assert proc.returncode == 143, err
+    assert f"{kept} of 60 results are kept in {partial}" in err.decode(), err
+    again = subprocess.run(argv, capture_output=True, timeout=120, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == list(range(1, 61))
