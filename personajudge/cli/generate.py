@@ -36,6 +36,13 @@ def _generate_jsonl(args: argparse.Namespace) -> int:
     """
     if args.prompt is not None:
         raise PersonaJudgeError("give either a prompt or --input FILE.jsonl, not both")
+    if args.output in (None, "-"):  # refused, as they are without --input: they would silently do nothing
+        for flag, given, why in (
+            ("--overwrite", args.overwrite, "standard output replaces no file"),
+            ("--force", args.force, "standard output keeps no partial file to resume"),
+        ):
+            if given:
+                raise PersonaJudgeError(f"{flag} needs --output FILE ({why})")
     batch_size = DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
     if batch_size < 1:
         raise PersonaJudgeError("--batch-size must be at least 1")

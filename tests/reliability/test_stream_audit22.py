@@ -242,3 +242,14 @@ def test_sigterm_during_a_batch_says_what_is_kept_and_the_rerun_resumes(tmp_path
     again = subprocess.run(argv, capture_output=True, timeout=120, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == list(range(1, 61))
+
+
+@pytest.mark.parametrize("output", [[], ["--output", "-"]], ids=["no-output", "dash"])
+@pytest.mark.parametrize("flag", ["--force", "--overwrite"])
+def test_force_and_overwrite_to_standard_output_are_refused(tmp_path, capsys, output, flag):
+    """They did nothing there without a word, as they would for one prompt (which refuses them)."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "hi"}\n')
+    code, out, err = run_main(["generate", "--input", str(src), "--backend", "toy", *output, flag], capsys)
+    one_line(code, err, f"{flag} needs --output FILE")
+    assert out == ""
