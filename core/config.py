@@ -112,6 +112,10 @@ class _Model(BaseModel, metaclass=TypedErrors):
                 # and its lax number takes the string "5" as 5: a seed given as text would run, reported as
                 # the number, while the server (strict) and the CLI (argparse's int) refuse it
                 raise ValueError(f"{f.alias or name} must be a number, got {value!r}")
+            if isinstance(value, float) and f.annotation in (int, int | None):
+                # and its lax int takes 4.0 as 4: a seed of 1.0 ran where a batch row's, an option's and a
+                # request's are refused (1e20, beyond an int's digits, was "unable to parse input string")
+                raise ValueError(f"{f.alias or name} must be an integer, got {value!r}")
             if isinstance(value, numbers.Integral) and not isinstance(value, int) and f.annotation in (int, int | None):
                 # a numpy integer (rng.integers(2**63) as a seed): pydantic's lax int goes through a
                 # float, which rounds above 2**53 (another seed, reported as given) or refuses a uint64

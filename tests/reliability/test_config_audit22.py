@@ -241,3 +241,29 @@ def test_the_same_table_twice_is_one_preference():
     with pj.PersonaJudge(TOY) as m:
         out = m.generate("hi", views=[[PIRATE], [dict(PIRATE), "concise"]], max_new_tokens=3, seed=1)
     assert len(out.tokens) == 3
+
+
+# ---------------------------------------------------------------- F10: 1.0 where an integer is due
+
+
+@pytest.mark.parametrize(
+    "data,field",
+    [
+        ({"decoding": {"seed": 1.0}}, "seed"),
+        ({"decoding": {"max_new_tokens": 4.0}}, "max_new_tokens"),
+        ({"decoding": {"seed": 1e20}}, "seed"),
+        ({"backend": {"name": "toy", "n_ctx": 512.0}}, "n_ctx"),
+    ],
+)
+def test_a_float_where_an_integer_is_due_is_refused_as_elsewhere(data, field):
+    """pydantic's lax int took 1.0 as 1, while a batch row's seed, an option's integer and a request's
+    ``max_tokens`` refuse it; 1e20 was "unable to parse input string"."""
+    with pytest.raises(ConfigError, match=rf"{field} must be an integer, got "):
+        pj.build_config(data)
+
+
+def test_a_float_per_call_keyword_is_refused_and_an_integer_still_runs():
+    with pj.PersonaJudge(TOY) as m:
+        with pytest.raises(ConfigError, match="max_new_tokens must be an integer, got 4.0"):
+            m.generate("hi", preferences=PREFS, max_new_tokens=4.0)
+        assert len(m.generate("hi", preferences=PREFS, max_new_tokens=4, seed=1).tokens) == 4
