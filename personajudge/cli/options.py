@@ -227,6 +227,40 @@ def _name_flags(message: str, given: set[str]) -> str:
 _LOC = re.compile(r"(^|; )([A-Za-z_]\w*(?:\.\w+)*): ")
 
 
+#: a flag that replaces a name the config file gives, and where the file keeps the options of that name
+_NAMED_TABLES = (
+    ("--method", "method", (), "method", "method_options", "--method-option"),
+    ("--encoder", "encoder", (), "encoder", "encoder_options", None),
+    ("--backend", "backend", ("backend",), "name", "options", "--backend-option"),
+)
+
+
+def _leave_out_tables_of_replaced_names(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    """A config file written for ``method = "mod"`` run with ``--method prompt``: its ``method_options`` are
+    mod's, and the run failed on an option it never typed ("unknown option(s) weights"), so one config could
+    not serve a comparison. When a flag replaces the method, encoder or backend the file names, the file's
+    options for it are left out, with one warning; the flag's own options (``--method-option``) stay."""
+    for flag, dest, parents, key, table, option_flag in _NAMED_TABLES:
+        given = getattr(args, dest, None)
+        where: Any = data
+        for part in parents:
+            where = where.get(part) if isinstance(where, dict) else None
+        if given is None or not isinstance(where, dict):
+            continue
+        named, options = where.get(key), where.get(table)
+        if not isinstance(named, str) or named == given or not isinstance(options, dict) or not options:
+            continue
+        where.pop(table)
+        field = ".".join([*parents, table])
+        extra = f"; give {option_flag} for {given}'s" if option_flag else ""
+        warnings.warn(
+            f"{flag} {given} replaces the config file's {'.'.join([*parents, key])} '{named}': its {field} "
+            f"({', '.join(map(str, options))}) are {named}'s and are left out{extra}",
+            PersonaJudgeWarning,
+            stacklevel=3,
+        )
+
+
 def config_from_args(args: argparse.Namespace):
     """File config (if any) overridden by the flags that were given.
 
@@ -244,6 +278,7 @@ def config_from_args(args: argparse.Namespace):
     file is reported).
     """
     data = load_config_file(args.config) if args.config is not None else {}  # --config '' is a mistake
+    _leave_out_tables_of_replaced_names(args, data)
     if args.backend_option:
         backend = data.get("backend", {})
         if not isinstance(backend, dict) or not isinstance(backend.get("options", {}), dict):

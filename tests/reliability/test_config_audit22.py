@@ -267,3 +267,58 @@ def test_a_float_per_call_keyword_is_refused_and_an_integer_still_runs():
         with pytest.raises(ConfigError, match="max_new_tokens must be an integer, got 4.0"):
             m.generate("hi", preferences=PREFS, max_new_tokens=4.0)
         assert len(m.generate("hi", preferences=PREFS, max_new_tokens=4, seed=1).tokens) == 4
+
+
+# ---------------------------------------------------------------- F12: a flag that replaces the file's name
+
+MOD_TOML = """method = "mod"
+preferences = ["concise", "humor"]
+method_options = { weights = [0.7, 0.3] }
+encoder = "exemplar"
+encoder_options = { n = 1 }
+[backend]
+name = "toy"
+options = { view_strength = 0.5 }
+"""
+
+
+@pytest.mark.parametrize(
+    "flags,warned",
+    [
+        (
+            ["--method", "prompt"],
+            "--method prompt replaces the config file's method 'mod': its method_options (weights)",
+        ),
+        (
+            ["--encoder", "plain"],
+            "--encoder plain replaces the config file's encoder 'exemplar': its encoder_options (n)",
+        ),
+        (
+            ["--backend", "llama-cpp"],
+            "--backend llama-cpp replaces the config file's backend.name 'toy': its backend.options",
+        ),
+    ],
+)
+def test_a_flag_that_replaces_the_files_name_leaves_its_options_out(tmp_path, capsys, monkeypatch, flags, warned):
+    """``--config mod.toml --method prompt`` failed on ``weights``, an option the user never typed: one config
+    could not serve a comparison of methods. Now the file's table for the replaced name is left out, with a
+    warning; the run goes on (to the model: the llama-cpp case stops there, with a missing model)."""
+    cfg = tmp_path / "mod.toml"
+    cfg.write_text(MOD_TOML)
+    monkeypatch.chdir(tmp_path)
+    extra = ["--model", "nosuch.gguf"] if "llama-cpp" in flags else []
+    code, _, err = run_main(["generate", "hi", "--config", str(cfg), *flags, *extra, "--max-new-tokens", "3"], capsys)
+    (line,) = [ln for ln in err.splitlines() if "replaces the config file's" in ln]
+    assert line.startswith("personajudge: warning: ") and warned in line, err
+    assert "unknown option" not in err
+    assert code == (2 if extra else 0), err
+
+
+def test_the_flags_own_options_for_the_new_name_are_kept(tmp_path, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('method = "persona-judge"\nmethod_options = {}\npreferences = ["concise", "humor"]\n')
+    argv = ["generate", "hi", "--config", str(cfg), "--backend", "toy", "--method", "mod"]
+    code, _, err = run_main([*argv, "--method-option", "weights=[1,0]", "--max-new-tokens", "3"], capsys)
+    assert code == 0 and "replaces" not in err, err  # an empty table: nothing to leave out
+    code, _, err = run_main([*argv, "--method-option", "weights=[1]", "--max-new-tokens", "3"], capsys)
+    one_line(code, err, "weights")  # the flag's options still reach the method
