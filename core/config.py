@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import numbers
+import os
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -400,7 +401,7 @@ def build_config(data: dict[str, Any] | None = None, **overrides: Any) -> RunCon
         raise ConfigError(_format_validation_error(err)) from None
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a TOML config file into a plain dict (validated by :func:`build_config`). A leading ``~`` is the
     home folder, as in a model path (``--config=~/run.toml`` reaches us unexpanded by the shell)."""
     # Path("") is ".", which would be read as a folder

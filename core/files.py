@@ -82,7 +82,7 @@ class _NoWriter(Exception):
     """A FIFO without a writer: reading it would wait for one for ever."""
 
 
-def _open_for_reading(p: Path) -> IO[bytes]:
+def _open_for_reading(p: Path) -> Any:
     """``open(p, "rb")``, except that a named pipe nothing writes to is :class:`_NoWriter`, not a wait
     for ever: the open does not wait (``O_NONBLOCK``), and a first non-blocking read tells a pipe with a
     writer (data, or ``EAGAIN``: the writer has written nothing yet) from one without (end of file). Shell
