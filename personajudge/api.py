@@ -700,8 +700,8 @@ class PersonaJudge:
         ignores preferences, such as ``base``), each preference as the value that resolves back to it
         in the registry alone (:func:`~personajudge.preferences.reported`: a registered one by name, a
         free-text one by its text, one a file or the caller defined or adjusted as its full table, which
-        ``RunConfig.views`` accepts); the encoder ``auto`` resolved to and its
-        ``encoder_options``; the ``system`` message; and the decoding parameters, with the role
+        ``RunConfig.views`` accepts); the encoder ``auto`` resolved to, its ``encoder_options`` and
+        the stop strings its format adds (``encoder_stop``); the ``system`` message; and the decoding parameters, with the role
         schedule the method runs (its own unless ``roles`` overrides it) and the repetition guard in
         force. ``method``: the method instance (default: made from ``cfg``).
         """
@@ -719,6 +719,10 @@ class PersonaJudge:
             "views": [[reported(p, lib) for p in v] for v in used],
             "encoder": encoder.name,
             "encoder_options": copy.deepcopy(cfg.encoder_options),
+            # the stop strings the encoder's format adds to decoding.stop, which holds the run's own: the
+            # merged list in decoding.stop could pass the config's limits (16 strings, 256 characters) and
+            # a config rebuilt from it was refused; the encoder adds these again to the same effect
+            "encoder_stop": [x for x in self.stop_strings(cfg) if x not in d.stop],
             "system": cfg.system,
             "decoding": {
                 "temperature": d.temperature,
@@ -728,7 +732,7 @@ class PersonaJudge:
                 "max_new_tokens": d.max_new_tokens,
                 "roles": d.roles if d.roles is not None else getattr(meth, "roles", None),
                 "schedule": d.schedule,
-                "stop": self.stop_strings(cfg),
+                "stop": list(d.stop),
                 "repeat_lines": self._repeat_lines(cfg),
                 "seed": d.seed,
             },

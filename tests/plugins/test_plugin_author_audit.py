@@ -91,7 +91,7 @@ def test_a_a_list_of_stop_strings_is_used_whole(registered):
     registered(register_encoders=lambda register: register(StopWordEncoder))
     with _toy_pj() as m:
         res = _run(m, encoder="audit-stopword")
-    assert res.settings["decoding"]["stop"] == ["user:"]
+    assert res.settings["encoder_stop"] == ["user:"] and res.settings["decoding"]["stop"] == []
 
 
 # --- B. the tokenizer's eos_token_ids, checked when the backend loads ---------------------------------------
@@ -438,7 +438,7 @@ def test_i_stop_false_drops_a_plugin_encoders_stop_strings(registered, enc):
         dropped = m.generate(
             "hi there", preferences=PREFS, max_new_tokens=40, seed=1, encoder=enc.name, encoder_options={"stop": False}
         )
-    assert kept.settings["decoding"]["stop"] == ["e"] and dropped.settings["decoding"]["stop"] == []
+    assert kept.settings["encoder_stop"] == ["e"] and dropped.settings["encoder_stop"] == []
     # 'e' is a common letter of the toy model: with the stop string the run ends early, without it at 40
     assert kept.finish_reason == "stop" and (dropped.finish_reason, len(dropped.tokens)) == ("length", 40)
 

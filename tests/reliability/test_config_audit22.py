@@ -11,6 +11,7 @@ import time
 
 import pytest
 from cli_lines import one_line, run_main
+from replay import config_from_settings
 
 import personajudge as pj
 from personajudge.core.errors import ConfigError
@@ -322,3 +323,22 @@ def test_the_flags_own_options_for_the_new_name_are_kept(tmp_path, capsys):
     assert code == 0 and "replaces" not in err, err  # an empty table: nothing to leave out
     code, _, err = run_main([*argv, "--method-option", "weights=[1]", "--max-new-tokens", "3"], capsys)
     one_line(code, err, "weights")  # the flag's options still reach the method
+
+
+# ---------------------------------------------------------------- README audit: a run repeated from its settings
+
+
+def test_a_run_with_sixteen_stop_strings_is_repeated_from_its_settings():
+    """``settings.decoding.stop`` held the run's stop strings and the encoder's: with 16 of the run's own
+    and the exemplar encoder's 3, a config rebuilt from the settings was refused (at most 16). Now
+    ``decoding.stop`` is the run's own and ``encoder_stop`` the encoder's, which it adds again."""
+    stops = [f"zz{i}qq" for i in range(16)]  # never generated: the run goes to max_new_tokens
+    run = {**TOY, "encoder": "exemplar", "decoding": {"stop": stops, "max_new_tokens": 12, "seed": 5}}
+    with pj.PersonaJudge(run) as m:
+        first = m.generate("hi", preferences=PREFS)
+    s = first.settings
+    assert s["decoding"]["stop"] == stops and s["encoder_stop"] and not set(s["encoder_stop"]) & set(stops)
+    rebuilt = config_from_settings(s)
+    with pj.PersonaJudge(rebuilt) as m:
+        again = m.generate("hi")
+    assert again.tokens == first.tokens and again.settings == s
