@@ -17,6 +17,7 @@ import threading
 import time
 
 import pytest
+from bounded import sigint_as_at_a_terminal
 from cli_lines import one_line, run_main
 
 import personajudge as pj
@@ -131,7 +132,11 @@ def test_ctrl_c_while_a_batch_writes_to_a_full_pipe_leaves_whole_lines(tmp_path)
     argv = ["generate", "--input", str(src), "--backend", "toy", "--prefer", "concise", "--prefer", "humor"]
     argv += ["--max-new-tokens", "500", "--seed", "7", "--batch-size", "8"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "personajudge", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path
+        [sys.executable, "-m", "personajudge", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        preexec_fn=sigint_as_at_a_terminal,  # a CI runner's background shell ignores SIGINT
     )
     wchan = f"/proc/{proc.pid}/wchan"
     deadline = time.monotonic() + 60
