@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import json
 import os
 import stat
@@ -58,8 +57,9 @@ def read_bytes(
     (then None): read in one place, so that no reader of a user's file crashes where another refuses."""
     p = Path(path)
     try:
-        with _open_for_reading(p) as f:
-            data = f.read(max_bytes + 1)
+        first, f = _open_for_reading(p)
+        with f:
+            data = first[: max_bytes + 1] + f.read(max(0, max_bytes + 1 - len(first)))
     except _NoWriter:
         raise error(
             f"cannot read {what} {p}: it is a named pipe (FIFO) that nothing writes to; start its writer first, "
@@ -82,13 +82,14 @@ class _NoWriter(Exception):
     """A FIFO without a writer: reading it would wait for one for ever."""
 
 
-def _open_for_reading(p: Path) -> Any:
-    """``open(p, "rb")``, except that a named pipe nothing writes to is :class:`_NoWriter`, not a wait
-    for ever: the open does not wait (``O_NONBLOCK``), and a first non-blocking read tells a pipe with a
-    writer (data, or ``EAGAIN``: the writer has written nothing yet) from one without (end of file). Shell
-    process substitution (``--config <(...)``) is a pipe with a writer, and keeps working."""
+def _open_for_reading(p: Path) -> tuple[bytes, IO[bytes]]:
+    """``open(p, "rb")`` and the bytes already read from it, except that a named pipe nothing writes to is
+    :class:`_NoWriter`, not a wait for ever: the open does not wait (``O_NONBLOCK``), and a first
+    non-blocking read tells a pipe with a writer (data, or ``EAGAIN``: the writer has written nothing yet)
+    from one without (end of file). Shell process substitution (``--config <(...)``) is a pipe with a
+    writer, and keeps working."""
     if fcntl is None:
-        return open(p, "rb")
+        return b"", open(p, "rb")
     fd = os.open(p, os.O_RDONLY | _NONBLOCK | _CLOEXEC)
     try:
         first = b""
@@ -100,30 +101,11 @@ def _open_for_reading(p: Path) -> Any:
             else:
                 if not first:
                     raise _NoWriter
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_NONBLOCK)
-        f = os.fdopen(fd, "rb")
+        os.set_blocking(fd, True)
+        return first, os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
-    return _Prefixed(first, f) if first else f
-
-
-class _Prefixed(io.BufferedIOBase):
-    """A binary file whose first bytes were read already (:func:`_open_for_reading`'s probe of a pipe)."""
-
-    def __init__(self, first: bytes, f: IO[bytes]):
-        self._first, self._f = first, f
-
-    def read(self, n: int | None = -1) -> bytes:
-        if n is None or n < 0:
-            out, self._first = self._first + self._f.read(), b""
-            return out
-        head, self._first = self._first[:n], self._first[n:]
-        return head + (self._f.read(n - len(head)) if len(head) < n else b"")
-
-    def close(self) -> None:
-        self._f.close()
-        super().close()
 
 
 def write_whole(stream: Any, text: str) -> None:
